@@ -1,0 +1,132 @@
+"""The daemon's configuration: one typed place, loaded from one TOML file.
+
+Every key has a documented default (``python -m runtime config --defaults``
+prints them as TOML). An invalid value raises :class:`ConfigError` naming the
+key and the reason, e.g. ``scan.overlap: Input should be less than 0.5``.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class ConfigError(ValueError):
+    """A configuration file or value is invalid; the message names the key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ControlConfig(_Section):
+    """ZeroMQ endpoints. Defaults bind locally only (ipc); remote binds need CURVE keys."""
+
+    command_endpoint: str = Field("ipc://{runtime_dir}/control.sock", description="ROUTER socket for requests")
+    event_endpoint: str = Field("ipc://{runtime_dir}/events.sock", description="PUB socket for events")
+
+
+class DriverConfig(_Section):
+    """Which camera/stage driver the acquisition worker opens: ``module:callable`` returning a Driver."""
+
+    factory: str = Field("hw_sim.replay:open_replay_driver", pattern=r"^[\w.]+:\w+$")
+    options: dict[str, Any] = Field(default_factory=dict, description="keyword arguments for the factory")
+
+
+class ScanConfig(_Section):
+    overlap: float = Field(0.10, ge=0.0, lt=0.5, description="overlap between neighbouring fields (fraction)")
+    ring_slots: int = Field(8, ge=2, le=256, description="shared-memory tile slots between workers")
+
+
+class FocusConfig(_Section):
+    """Contrast-sweep autofocus (the baseline strategy)."""
+
+    strategy: Literal["contrast_sweep"] = "contrast_sweep"
+    sweep_half_range_um: float = Field(3.0, gt=0.0, le=50.0, description="sweep +- this around the predicted z")
+    sweep_steps: int = Field(9, ge=3, le=101, description="captures per sweep")
+    metric: Literal["normalized_variance", "brenner", "tenengrad"] = "normalized_variance"
+    start_z_um: float = Field(0.0, description="z of the first field's sweep centre")
+
+
+class MosaicConfig(_Section):
+    chunk: int = Field(512, ge=64, le=4096, description="Zarr chunk edge (px); equal to the output tile")
+    compressor: Literal["none", "zstd", "lz4"] = Field("zstd", description="Zarr chunk codec for the mosaic")
+
+
+class WriterConfig(_Section):
+    """Pyramidal OME-TIFF output."""
+
+    tile: int = Field(512, ge=16, le=4096, multiple_of=16)
+    compression: Literal["jpeg", "deflate", "zstd", "none"] = "jpeg"
+    jpeg_quality: int = Field(90, ge=1, le=100)
+    min_level_size: int = Field(1024, ge=16, description="stop the pyramid once a level fits in this (px)")
+    max_workers: int = Field(2, ge=1, le=64, description="tile-compression threads (tifffile maxworkers)")
+    buffer_mib: int = Field(16, ge=1, le=1024, description="tifffile buffersize (MiB); RAM is about 2x this")
+
+
+class DaemonConfig(_Section):
+    data_root: Path = Field(Path("/var/lib/wsi-runtime"), description="scans are written under here only")
+    runtime_dir: Path = Field(Path("/run/wsi-runtime"), description="sockets and pid files")
+    heartbeat_timeout_s: float = Field(10.0, gt=0.0, description="a worker silent this long counts as hung")
+
+
+class RuntimeConfig(_Section):
+    daemon: DaemonConfig = DaemonConfig()
+    control: ControlConfig = ControlConfig()
+    driver: DriverConfig = DriverConfig()
+    scan: ScanConfig = ScanConfig()
+    focus: FocusConfig = FocusConfig()
+    mosaic: MosaicConfig = MosaicConfig()
+    writer: WriterConfig = WriterConfig()
+
+    def endpoint(self, which: Literal["command", "event"]) -> str:
+        raw = self.control.command_endpoint if which == "command" else self.control.event_endpoint
+        return raw.format(runtime_dir=self.daemon.runtime_dir)
+
+
+def _describe(err: ValidationError) -> str:
+    parts = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        parts.append(f"{key}: {e['msg']}" + (f" (got {e['input']!r})" if e["type"] != "missing" else ""))
+    return "; ".join(parts)
+
+
+def config_from_dict(data: dict[str, Any]) -> RuntimeConfig:
+    """Validate a parsed config mapping; raise ConfigError naming each bad key."""
+    try:
+        return RuntimeConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(f"invalid configuration: {_describe(err)}") from None
+
+
+def load_config(path: Path | None) -> RuntimeConfig:
+    """Load a TOML config file (None: all defaults)."""
+    if path is None:
+        return RuntimeConfig()
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as err:
+        raise ConfigError(f"cannot read config file {path}: {err.strerror}") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"config file {path} is not valid TOML: {err}") from None
+    try:
+        return config_from_dict(data)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+
+
+def with_overrides(cfg: RuntimeConfig, overrides: dict[str, Any]) -> RuntimeConfig:
+    """A copy of ``cfg`` with nested overrides ({"focus": {"sweep_steps": 5}}) validated."""
+    merged = cfg.model_dump()
+    for section, values in overrides.items():
+        if isinstance(values, dict) and isinstance(merged.get(section), dict):
+            merged[section] = {**merged[section], **values}
+        else:
+            merged[section] = values
+    return config_from_dict(merged)

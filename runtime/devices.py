@@ -1,0 +1,103 @@
+"""The driver boundary: what the runtime needs from a camera and a stage.
+
+A real scanner implements these protocols over its vendor SDK; ``hw_sim.replay``
+implements them over a recording. Coordinates are stage coordinates in
+micrometres; ``x``/``y`` name the centre of the camera's field of view.
+Commanded positions are not actual positions: a stage misses by a few µm,
+which is why stitching must measure real offsets.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+import numpy.typing as npt
+
+RGBImage = npt.NDArray[np.uint8]
+"""A camera frame: shape (height, width, 3), RGB, uint8."""
+
+
+class DriverError(RuntimeError):
+    """A device refused a command or failed (bad position, lost connection, ...)."""
+
+
+@dataclass(frozen=True)
+class StagePosition:
+    """A commanded or reported stage position (µm)."""
+
+    x_um: float
+    y_um: float
+    z_um: float
+
+
+@dataclass(frozen=True)
+class ScanArea:
+    """A rectangle on the slide in stage coordinates (µm): top-left corner and size."""
+
+    x_um: float
+    y_um: float
+    width_um: float
+    height_um: float
+
+    def __post_init__(self) -> None:
+        if not (self.width_um > 0 and self.height_um > 0):
+            raise ValueError(f"scan area must have a positive size, got {self.width_um} x {self.height_um} µm")
+
+
+@runtime_checkable
+class Stage(Protocol):
+    """An XYZ stage. Moves block until the stage has settled."""
+
+    def move_xy(self, x_um: float, y_um: float) -> None: ...
+
+    def move_z(self, z_um: float) -> None: ...
+
+    def position(self) -> StagePosition:
+        """The last commanded position (what the controller believes)."""
+        ...
+
+
+@runtime_checkable
+class Camera(Protocol):
+    """A colour camera behind the objective."""
+
+    @property
+    def frame_shape(self) -> tuple[int, int]:
+        """(height, width) of a frame in pixels."""
+        ...
+
+    @property
+    def pixel_size_um(self) -> float:
+        """Size of one pixel in the sample plane (µm)."""
+        ...
+
+    def snap(self) -> RGBImage:
+        """Expose and read one frame at the stage's current position."""
+        ...
+
+
+@runtime_checkable
+class Driver(Protocol):
+    """A camera and a stage that belong together, opened and closed as one."""
+
+    @property
+    def camera(self) -> Camera: ...
+
+    @property
+    def stage(self) -> Stage: ...
+
+    def default_scan_area(self) -> ScanArea | None:
+        """The area to scan when a request names none (a recording's area, or None)."""
+        ...
+
+    def close(self) -> None: ...
+
+
+@runtime_checkable
+class SimulatedClock(Protocol):
+    """Optional: drivers that model time (the replay driver) report the scan time a real
+    scanner would have needed, move + settle + exposure, independent of replay speed."""
+
+    def simulated_time_s(self) -> float: ...
