@@ -54,6 +54,7 @@ class FocusConfig(_Section):
 class MosaicConfig(_Section):
     chunk: int = Field(512, ge=64, le=4096, description="Zarr chunk edge (px); equal to the output tile")
     compressor: Literal["none", "zstd", "lz4"] = Field("zstd", description="Zarr chunk codec for the mosaic")
+    keep_after_export: bool = Field(False, description="keep mosaic.zarr after the OME-TIFF is written")
 
 
 class WriterConfig(_Section):

@@ -1,0 +1,155 @@
+"""The replay driver: the runtime's Camera and Stage over a recording.
+
+The stage remembers the commanded position; the camera returns the recorded
+field nearest to it, at the commanded z: the recorded plane, or a linear
+blend of the two planes around it (an approximation of the optics between
+planes; exact on the planes). Recorded fields were imaged at the stage's
+*actual* position, so the stage error a real scanner has is in the pixels.
+
+A timing model (trapezoidal XY moves, settle, z moves, exposure) accumulates
+the scan time a real scanner would need, while replay itself runs as fast as
+the pipeline can.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+
+from hw_sim.recording import Recording, Timing
+from runtime.devices import DriverError, RGBImage, ScanArea, StagePosition
+
+
+def trapezoid_move_s(distance_um: float, speed_um_s: float, accel_um_s2: float) -> float:
+    """Time of a point-to-point move with bounded speed and acceleration."""
+    d = abs(distance_um)
+    if d == 0:
+        return 0.0
+    if d < speed_um_s**2 / accel_um_s2:  # never reaches full speed
+        return 2.0 * math.sqrt(d / accel_um_s2)
+    return d / speed_um_s + speed_um_s / accel_um_s2
+
+
+class SimClock:
+    def __init__(self) -> None:
+        self.t = 0.0
+
+
+class ReplayStage:
+    def __init__(self, recording: Recording, clock: SimClock) -> None:
+        self._rec = recording
+        self._timing: Timing = recording.meta.timing
+        self._clock = clock
+        self._pos = StagePosition(float(recording.stage_xy_um[0, 0]), float(recording.stage_xy_um[0, 1]), 0.0)
+        m = recording.meta
+        # A commanded position must be within a quarter field of a recorded one.
+        self._tol_um = 0.25 * min(m.field_width_um, m.field_height_um)
+
+    def move_xy(self, x_um: float, y_um: float) -> None:
+        t = self._timing
+        tx = trapezoid_move_s(x_um - self._pos.x_um, t.stage_speed_um_s, t.stage_accel_um_s2)
+        ty = trapezoid_move_s(y_um - self._pos.y_um, t.stage_speed_um_s, t.stage_accel_um_s2)
+        if tx or ty:
+            self._clock.t += max(tx, ty) + t.settle_s
+        self._pos = StagePosition(x_um, y_um, self._pos.z_um)
+
+    def move_z(self, z_um: float) -> None:
+        t = self._timing
+        dz = abs(z_um - self._pos.z_um)
+        if dz:
+            self._clock.t += dz / t.z_speed_um_s + t.z_settle_s
+        self._pos = StagePosition(self._pos.x_um, self._pos.y_um, z_um)
+
+    def position(self) -> StagePosition:
+        return self._pos
+
+    def field_index(self) -> int:
+        """The recorded field at the commanded position (DriverError if none is near)."""
+        d = np.hypot(self._rec.stage_xy_um[:, 0] - self._pos.x_um, self._rec.stage_xy_um[:, 1] - self._pos.y_um)
+        i = int(np.argmin(d))
+        if d[i] > self._tol_um:
+            raise DriverError(
+                f"no recorded field near x={self._pos.x_um:.1f} y={self._pos.y_um:.1f} µm "
+                f"(nearest is {d[i]:.1f} µm away); scan the recording's own grid"
+            )
+        return i
+
+
+class ReplayCamera:
+    def __init__(self, recording: Recording, stage: ReplayStage, clock: SimClock) -> None:
+        self._rec = recording
+        self._stage = stage
+        self._clock = clock
+        self._cache_field = -1
+        self._cache: dict[int, npt.NDArray[np.uint8]] = {}
+        self.clamped_snaps = 0
+
+    @property
+    def frame_shape(self) -> tuple[int, int]:
+        return (self._rec.meta.tile_height, self._rec.meta.tile_width)
+
+    @property
+    def pixel_size_um(self) -> float:
+        return self._rec.meta.pixel_size_um
+
+    def _plane(self, field: int, k: int) -> npt.NDArray[np.uint8]:
+        if field != self._cache_field:  # a sweep revisits the planes of one field
+            self._cache_field, self._cache = field, {}
+        if k not in self._cache:
+            self._cache[k] = self._rec.plane(field, k)
+        return self._cache[k]
+
+    def snap(self) -> RGBImage:
+        self._clock.t += self._rec.meta.timing.exposure_s
+        field = self._stage.field_index()
+        zs = self._rec.z_um[field]
+        z = self._stage.position().z_um
+        if z <= zs[0] or z >= zs[-1]:
+            # Outside the recorded stack the nearest end plane stands in; counted,
+            # because a focus strategy that asks for it learns nothing new.
+            self.clamped_snaps += 1
+            return self._plane(field, 0 if z <= zs[0] else len(zs) - 1).copy()
+        k = int(np.searchsorted(zs, z)) - 1
+        w = float((z - zs[k]) / (zs[k + 1] - zs[k]))
+        if w < 1e-6:
+            return self._plane(field, k).copy()
+        a = self._plane(field, k).astype(np.float32)
+        b = self._plane(field, k + 1).astype(np.float32)
+        return np.clip(a + (b - a) * w + 0.5, 0, 255).astype(np.uint8)
+
+
+class ReplayDriver:
+    """Camera + stage over one recording; also a SimulatedClock."""
+
+    def __init__(self, recording: Recording) -> None:
+        self.recording = recording
+        self._clock = SimClock()
+        self._stage = ReplayStage(recording, self._clock)
+        self._camera = ReplayCamera(recording, self._stage, self._clock)
+
+    @property
+    def camera(self) -> ReplayCamera:
+        return self._camera
+
+    @property
+    def stage(self) -> ReplayStage:
+        return self._stage
+
+    def default_scan_area(self) -> ScanArea | None:
+        return self.recording.meta.area
+
+    def simulated_time_s(self) -> float:
+        return self._clock.t
+
+    def close(self) -> None:
+        pass
+
+
+def open_replay_driver(recording: str | None = None) -> ReplayDriver:
+    """The driver factory named in the default configuration (``driver.options.recording``)."""
+    if not recording:
+        raise DriverError("the replay driver needs driver.options.recording (or start_scan's 'recording')")
+    return ReplayDriver(Recording.open(Path(recording)))

@@ -1,0 +1,77 @@
+"""``python -m runtime``: the daemon, its control client, mosaic export and config tools."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from runtime.config import ConfigError, RuntimeConfig, load_config
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return repr(v)
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{k} = {_toml_value(x)}" for k, x in v.items()) + "}"
+    return json.dumps(str(v), ensure_ascii=False)
+
+
+def defaults_as_toml() -> str:
+    """Every key with its default and its description, as a TOML file."""
+    cfg = RuntimeConfig()
+    lines = ["# wsi-runtime configuration: every key, with its default.", ""]
+    for section_name, section_field in RuntimeConfig.model_fields.items():
+        section = getattr(cfg, section_name)
+        doc = (type(section).__doc__ or "").strip().splitlines()
+        lines.append(f"[{section_name}]" + (f"  # {doc[0]}" if doc else ""))
+        for key, info in type(section).model_fields.items():
+            comment = f"  # {info.description}" if info.description else ""
+            lines.append(f"{key} = {_toml_value(getattr(section, key))}{comment}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from runtime.client import add_ctl_parser, run_ctl
+    from runtime.export_cli import add_export_parser, run_export
+
+    p = argparse.ArgumentParser(prog="python -m runtime", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    d = sub.add_parser("daemon", help="run the scanner daemon (systemd's ExecStart)")
+    d.add_argument("--config", type=Path, default=None, help="TOML config file (defaults if omitted)")
+    d.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    c = sub.add_parser("config", help="print the default config, or check a config file")
+    c.add_argument("--check", type=Path, default=None, help="validate this file and print it resolved")
+    add_ctl_parser(sub)
+    add_export_parser(sub)
+    args = p.parse_args(argv)
+    try:
+        if args.cmd == "daemon":
+            from runtime.daemon import run_daemon
+
+            run_daemon(load_config(args.config), args.log_level)
+            return 0
+        if args.cmd == "config":
+            if args.check is None:
+                print(defaults_as_toml())
+            else:
+                print(json.dumps(load_config(args.check).model_dump(mode="json"), indent=2))
+            return 0
+        if args.cmd == "ctl":
+            return run_ctl(args)
+        if args.cmd == "export":
+            return run_export(args)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    p.error(f"unknown command {args.cmd}")
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

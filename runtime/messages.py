@@ -1,0 +1,114 @@
+"""Small messages between worker processes and the supervisor.
+
+They travel through ``multiprocessing`` queues inside one machine (pixels do
+not: they stay in the shared-memory ring and only the slot id travels).
+Everything here is a frozen dataclass of plain values.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from dataclasses import dataclass
+from multiprocessing.queues import Queue
+from typing import Any
+
+from runtime.scan_plan import FieldPlan, GridPlan
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+@dataclass(frozen=True)
+class FieldRecord:
+    """What acquisition did at one field."""
+
+    index: int
+    row: int
+    col: int
+    x_um: float  # commanded
+    y_um: float  # commanded
+    z_um: float  # chosen focus
+    captures: int
+    focus_method: str
+
+
+@dataclass(frozen=True)
+class TileReady:
+    """A captured in-focus frame waiting in ring slot ``slot``."""
+
+    slot: int
+    field: FieldRecord
+    plan: FieldPlan
+
+
+@dataclass(frozen=True)
+class ScanPrepared:
+    """Acquisition opened the devices and planned the scan."""
+
+    plan: GridPlan
+    frame_shape: tuple[int, int]
+    pixel_size_um: float
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    worker: str
+    time: float
+
+
+@dataclass(frozen=True)
+class FieldDone:
+    record: FieldRecord
+
+
+@dataclass(frozen=True)
+class AcquisitionDone:
+    fields: int
+    cancelled: bool
+    simulated_time_s: float | None
+    peak_rss: int
+
+
+@dataclass(frozen=True)
+class MosaicDone:
+    path: str
+    shape: tuple[int, int]
+    complete: bool
+    peak_rss: int
+
+
+@dataclass(frozen=True)
+class WriterDone:
+    path: str | None
+    levels: tuple[tuple[int, int], ...]
+    seconds: float
+    peak_rss: int
+
+
+@dataclass(frozen=True)
+class WorkerFailed:
+    worker: str
+    message: str
+
+
+class HeartbeatSender:
+    """Rate-limited heartbeats from a worker's main loop (at most one per ``interval_s``).
+
+    Beats come from the loop that does the work, not a side thread, so a
+    worker stuck in its loop stops beating and the supervisor notices.
+    """
+
+    def __init__(self, worker: str, events: Queue[Any], interval_s: float = 0.5) -> None:
+        self.worker = worker
+        self._events = events
+        self._interval = interval_s
+        self._last = 0.0
+
+    def beat(self) -> None:
+        now = time.monotonic()
+        if now - self._last >= self._interval:
+            self._last = now
+            self._events.put(Heartbeat(self.worker, time.time()))

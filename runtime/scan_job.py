@@ -1,0 +1,293 @@
+"""One scan: the worker processes, the shared-memory ring and the queues between them.
+
+The supervisor owns a ScanJob while a scan runs. The job spawns the workers
+(``spawn`` context: a CUDA context does not survive ``fork``), owns the
+ring, turns worker messages into state and events, and on every exit path --
+completion, cancel, a worker crash or hang -- stops the workers and unlinks
+the ring. The Zarr mosaic of a scan that did not complete is kept.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import multiprocessing as mp
+import queue
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from multiprocessing.context import SpawnProcess
+from pathlib import Path
+from typing import Any
+
+from runtime.accumulator import MosaicGeometry
+from runtime.acquisition import AcquisitionJob, acquisition_main
+from runtime.config import RuntimeConfig
+from runtime.devices import ScanArea
+from runtime.focus import ContrastSweep
+from runtime.messages import (
+    AcquisitionDone,
+    FieldDone,
+    FieldRecord,
+    Heartbeat,
+    MosaicDone,
+    ScanPrepared,
+    WorkerFailed,
+    WriterDone,
+    peak_rss_bytes,
+)
+from runtime.shm import SlotRing
+from runtime.state import FinishReason
+from runtime.stitcher import StitchJob, stitcher_main
+from runtime.writer import WriteJob, writer_main
+
+Publish = Callable[[str, dict[str, Any]], None]
+SLIDE_NAME = "slide.ome.tif"
+REPORT_NAME = "report.json"
+MOSAIC_NAME = "mosaic.zarr"
+
+
+class ScanJob:
+    def __init__(
+        self,
+        cfg: RuntimeConfig,
+        scan_id: str,
+        output_dir: Path,
+        area: ScanArea | None,
+        driver_options: dict[str, Any],
+        publish: Publish,
+    ) -> None:
+        self.cfg = cfg
+        self.scan_id = scan_id
+        self.output_dir = output_dir
+        self.publish = publish
+        self.started = time.time()
+        self._t0 = time.monotonic()
+        self.ctx = mp.get_context("spawn")
+        self.events: mp.Queue[Any] = self.ctx.Queue()
+        self.tiles: mp.Queue[Any] = self.ctx.Queue()
+        self.free_slots: mp.Queue[int] = self.ctx.Queue()
+        self.to_acquisition: mp.Queue[Any] = self.ctx.Queue()
+        self.to_writer: mp.Queue[Any] = self.ctx.Queue()
+        self.cancel_event = self.ctx.Event()
+        self.ring: SlotRing | None = None
+        self.procs: dict[str, SpawnProcess] = {}
+        self.heartbeats: dict[str, float] = {}
+        self.records: list[FieldRecord] = []
+        self.fields_total = 0
+        self.peak_rss: dict[str, int] = {}
+        self.simulated_time_s: float | None = None
+        self.levels: tuple[tuple[int, int], ...] = ()
+        self.slide_path: str | None = None
+        self.mosaic_complete = False
+        self.finish_reason: FinishReason | None = None
+        self.error: str | None = None
+        self.cancelled = False
+        self._writing = False
+
+        output_dir.mkdir(parents=True, exist_ok=True)
+        focus = cfg.focus
+        job = AcquisitionJob(
+            driver_factory=cfg.driver.factory,
+            driver_options={**cfg.driver.options, **driver_options},
+            area=area,
+            overlap=cfg.scan.overlap,
+            sweep=ContrastSweep(focus.sweep_half_range_um, focus.sweep_steps, focus.metric),
+            start_z_um=focus.start_z_um,
+        )
+        self._spawn(
+            "acquisition",
+            acquisition_main,
+            (job, self.to_acquisition, self.free_slots, self.tiles, self.events, self.cancel_event),
+        )
+
+    # -- processes ---------------------------------------------------------------------------
+    def _spawn(self, name: str, target: Callable[..., None], args: tuple[Any, ...]) -> None:
+        proc = self.ctx.Process(target=target, args=args, name=f"wsi-{name}", daemon=True)
+        proc.start()
+        self.procs[name] = proc
+        self.heartbeats[name] = time.monotonic()
+
+    @property
+    def pids(self) -> dict[str, int]:
+        return {n: p.pid for n, p in self.procs.items() if p.pid is not None}
+
+    @property
+    def writing(self) -> bool:
+        return self._writing
+
+    @property
+    def mosaic_path(self) -> Path:
+        return self.output_dir / MOSAIC_NAME
+
+    def _on_prepared(self, msg: ScanPrepared) -> None:
+        h, w = msg.frame_shape
+        self.fields_total = len(msg.plan.fields)
+        self.ring = SlotRing(self.cfg.scan.ring_slots, h, w)
+        for i in range(self.ring.spec.slots):
+            self.free_slots.put(i)
+        geometry = MosaicGeometry(msg.plan, h, w, msg.pixel_size_um)
+        m = self.cfg.mosaic
+        stitch = StitchJob(
+            geometry, self.ring.spec, str(self.mosaic_path), m.chunk, m.compressor, self.cfg.writer.min_level_size
+        )
+        self._spawn("stitcher", stitcher_main, (stitch, self.tiles, self.free_slots, self.to_writer, self.events))
+        write = WriteJob(str(self.output_dir / SLIDE_NAME), self.cfg.writer)
+        self._spawn("writer", writer_main, (write, self.to_writer, self.events))
+        self.to_acquisition.put(self.ring.spec)
+        self.publish(
+            "scan_started",
+            {
+                "scan_id": self.scan_id,
+                "fields": self.fields_total,
+                "rows": msg.plan.rows,
+                "cols": msg.plan.cols,
+                "mosaic_shape": list(geometry.shape),
+                "pixel_size_um": msg.pixel_size_um,
+            },
+        )
+
+    # -- message pump ------------------------------------------------------------------------
+    def pump(self, max_messages: int = 1000) -> None:
+        """Handle pending worker messages, then check the workers are alive and beating."""
+        for _ in range(max_messages):
+            try:
+                msg = self.events.get_nowait()
+            except queue.Empty:
+                break
+            self._handle(msg)
+        if self.finish_reason is None:
+            self._check_workers()
+
+    def _handle(self, msg: Any) -> None:
+        if isinstance(msg, Heartbeat):
+            self.heartbeats[msg.worker] = time.monotonic()
+        elif isinstance(msg, ScanPrepared):
+            self._on_prepared(msg)
+        elif isinstance(msg, FieldDone):
+            self.records.append(msg.record)
+            r = msg.record
+            self.publish(
+                "field_done",
+                {"index": r.index, "done": len(self.records), "total": self.fields_total, "row": r.row,
+                 "col": r.col, "z_um": r.z_um, "captures": r.captures},
+            )
+        elif isinstance(msg, AcquisitionDone):
+            self.peak_rss["acquisition"] = msg.peak_rss
+            self.simulated_time_s = msg.simulated_time_s
+        elif isinstance(msg, MosaicDone):
+            self.peak_rss["stitcher"] = msg.peak_rss
+            self.mosaic_complete = msg.complete
+            self._writing = msg.complete
+        elif isinstance(msg, WriterDone):
+            self.peak_rss["writer"] = msg.peak_rss
+            self.levels = msg.levels
+            self.slide_path = msg.path
+            self._writing = False
+            if self.cancelled or not self.mosaic_complete:
+                self._finish(FinishReason.CANCELLED)
+            else:
+                self._finish(FinishReason.COMPLETED)
+        elif isinstance(msg, WorkerFailed):
+            self._fail(f"{msg.worker} failed: {msg.message}")
+
+    def _check_workers(self) -> None:
+        now = time.monotonic()
+        for name, proc in self.procs.items():
+            if proc.exitcode not in (None, 0):
+                self._fail(f"{name} worker exited with code {proc.exitcode}")
+                return
+            if proc.exitcode is None and now - self.heartbeats[name] > self.cfg.daemon.heartbeat_timeout_s:
+                self._fail(f"{name} worker sent no heartbeat for {self.cfg.daemon.heartbeat_timeout_s:.0f} s")
+                return
+
+    def heartbeats_fresh(self) -> bool:
+        now = time.monotonic()
+        limit = self.cfg.daemon.heartbeat_timeout_s
+        return all(
+            p.exitcode is not None or now - self.heartbeats[n] <= limit for n, p in self.procs.items()
+        )
+
+    # -- ending ------------------------------------------------------------------------------
+    def cancel(self) -> None:
+        self.cancelled = True
+        self.cancel_event.set()
+
+    def _fail(self, error: str) -> None:
+        if self.finish_reason is not None:
+            return
+        self.error = error
+        self._finish(FinishReason.FAILED)
+
+    def _finish(self, reason: FinishReason) -> None:
+        self.finish_reason = reason
+        self.cancel_event.set()
+        self.stop_workers(grace_s=5.0 if reason is not FinishReason.FAILED else 1.0)
+        self._release_ring()
+        if reason is FinishReason.COMPLETED and not self.cfg.mosaic.keep_after_export:
+            shutil.rmtree(self.mosaic_path, ignore_errors=True)
+        self.write_report()
+
+    def stop_workers(self, grace_s: float) -> None:
+        """Join workers; terminate, then kill, those that do not exit in time."""
+        deadline = time.monotonic() + grace_s
+        for proc in self.procs.values():
+            proc.join(max(0.0, deadline - time.monotonic()))
+        for proc in self.procs.values():
+            if proc.is_alive():
+                proc.terminate()
+                proc.join(2.0)
+            if proc.is_alive():
+                proc.kill()
+                proc.join(2.0)
+        for q in (self.events, self.tiles, self.free_slots, self.to_acquisition, self.to_writer):
+            q.cancel_join_thread()
+            q.close()
+
+    def _release_ring(self) -> None:
+        if self.ring is not None:
+            self.ring.unlink()
+            self.ring = None
+
+    def abort(self, error: str) -> None:
+        """Daemon shutdown or an unexpected supervisor error: stop now, keep the Zarr."""
+        self.cancel()
+        self._fail(error)
+
+    # -- report ------------------------------------------------------------------------------
+    def report(self) -> dict[str, Any]:
+        captures = sum(r.captures for r in self.records)
+        rss = {"supervisor": peak_rss_bytes(), **self.peak_rss}
+        mosaic = str(self.mosaic_path) if self.mosaic_path.exists() else None
+        return {
+            "scan_id": self.scan_id,
+            "finish_reason": self.finish_reason.value if self.finish_reason else None,
+            "error": self.error,
+            "slide": self.slide_path,
+            "mosaic": mosaic,
+            "levels": [list(lv) for lv in self.levels],
+            "fields_total": self.fields_total,
+            "fields_done": len(self.records),
+            "captures_total": captures,
+            "captures_per_field": captures / len(self.records) if self.records else None,
+            "simulated_scan_time_s": self.simulated_time_s,
+            "wall_time_s": time.monotonic() - self._t0,
+            "started_at": self.started,
+            "peak_rss_bytes": rss,
+            "peak_rss_mib": {k: round(v / 2**20, 1) for k, v in rss.items()},
+            "fields": [asdict(r) for r in sorted(self.records, key=lambda r: r.index)],
+        }
+
+    def write_report(self) -> Path:
+        path = self.output_dir / REPORT_NAME
+        tmp = path.with_suffix(".json.partial")
+        tmp.write_text(json.dumps(self.report(), indent=2))
+        tmp.replace(path)
+        return path
+
+    def close(self) -> None:
+        """Last resort on every path: no worker and no segment outlives the job."""
+        with contextlib.suppress(Exception):
+            self.stop_workers(grace_s=0.0)
+        self._release_ring()

@@ -1,0 +1,74 @@
+"""The stitching worker: takes tiles out of the ring, accumulates them into the Zarr mosaic.
+
+It gives each slot back as soon as the tile is pasted, so acquisition is
+never held up by more than one paste.
+"""
+
+from __future__ import annotations
+
+import queue
+import traceback
+from dataclasses import dataclass
+from multiprocessing.queues import Queue
+from pathlib import Path
+from typing import Any
+
+from runtime.accumulator import DequeAccumulator, MosaicGeometry
+from runtime.messages import HeartbeatSender, MosaicDone, TileReady, WorkerFailed, peak_rss_bytes
+from runtime.mosaic import MosaicStore
+from runtime.shm import AttachedRing, RingSpec
+
+
+@dataclass(frozen=True)
+class StitchJob:
+    geometry: MosaicGeometry
+    ring: RingSpec
+    mosaic_path: str
+    chunk: int
+    compressor: str
+    min_level_size: int
+
+
+def stitcher_main(
+    job: StitchJob, tiles: Queue[Any], free_slots: Queue[int], to_writer: Queue[Any], events: Queue[Any]
+) -> None:
+    """Process entry point (spawned). Ends on the acquisition's END_OF_SCAN marker."""
+    hb = HeartbeatSender("stitcher", events)
+    ring: AttachedRing | None = None
+    try:
+        ring = AttachedRing(job.ring)
+        h, w = job.geometry.shape
+        store = MosaicStore.create(
+            Path(job.mosaic_path),
+            h,
+            w,
+            chunk=job.chunk,
+            pixel_size_um=job.geometry.pixel_size_um,
+            compressor=job.compressor,
+            min_level_size=job.min_level_size,
+        )
+        acc = DequeAccumulator(job.geometry, store)
+        while True:
+            hb.beat()
+            try:
+                msg = tiles.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            if msg is None:
+                break
+            assert isinstance(msg, TileReady)
+            acc.add(msg.plan, ring.slot(msg.slot))
+            free_slots.put(msg.slot)
+        complete = acc.finish()
+        if complete:
+            store.finish()
+        done = MosaicDone(job.mosaic_path, (h, w), complete, peak_rss_bytes())
+        to_writer.put(done)
+        events.put(done)
+    except Exception as err:
+        events.put(WorkerFailed("stitcher", f"{type(err).__name__}: {err}\n{traceback.format_exc()}"))
+        to_writer.put(None)
+        raise SystemExit(1) from None
+    finally:
+        if ring is not None:
+            ring.close()
