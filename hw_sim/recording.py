@@ -1,0 +1,533 @@
+"""The recording format: what a scanner records, and what ``hw_sim`` replays.
+
+A recording is a Zarr v3 group holding, for every field of a serpentine scan,
+a z-stack of camera frames taken around a coarse focus estimate, with the
+commanded stage positions and the z of every plane. Replaying it lets the
+runtime autofocus (choose a plane or interpolate), stitch (the commanded
+positions are wrong by a few µm, as on real hardware) and time the scan
+without a scanner. Synthetic recordings also carry the truth (actual field
+positions, true focus z, the slide's spec) so results can be scored.
+
+The full specification, for vendors producing recordings from real hardware,
+is ``hw_sim/RECORDING_FORMAT.md``. This module is its reference reader and
+writer: :meth:`Recording.open` validates everything that is cheap to check
+up front and fails with a :class:`RecordingError` naming the array or key;
+:meth:`Recording.plane` checks each frame as it is read (missing, truncated or
+undecodable chunks) because a recording is too big to verify on open.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import zarr
+from zarr.codecs import ZstdCodec
+
+from runtime.devices import ScanArea
+
+FORMAT = "wsi-recording"
+FORMAT_VERSION = 1
+
+F64 = npt.NDArray[np.float64]
+I32 = npt.NDArray[np.int32]
+U8 = npt.NDArray[np.uint8]
+
+
+class RecordingError(ValueError):
+    """A recording is missing, malformed or corrupt; the message names the array, key, field or plane."""
+
+
+@dataclass(frozen=True)
+class Timing:
+    """How long a real scanner takes to move, settle and expose (defaults: a typical 40x WSI scanner)."""
+
+    stage_speed_um_s: float = 50_000.0
+    stage_accel_um_s2: float = 500_000.0
+    settle_s: float = 0.030
+    z_speed_um_s: float = 2_000.0
+    z_settle_s: float = 0.005
+    exposure_s: float = 0.002
+
+    def to_dict(self) -> dict[str, float]:
+        return {k: float(v) for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Timing:
+        """Strict: every key present, a finite number, speeds > 0 and times >= 0 (exposure > 0)."""
+        if not isinstance(d, dict):
+            raise RecordingError(f"timing: expected an object, got {type(d).__name__}")
+        unknown = set(d) - {f.name for f in fields(cls)}
+        if unknown:
+            raise RecordingError(f"timing: unknown keys {sorted(unknown)}")
+        kw = {}
+        for f in fields(cls):
+            v = _number(d, f.name, "timing")
+            strict = f.name.endswith(("_um_s", "_um_s2")) or f.name == "exposure_s"
+            if v < 0 or (strict and v == 0):
+                raise RecordingError(f"timing.{f.name}: must be {'> 0' if strict else '>= 0'}, got {v}")
+            kw[f.name] = v
+        return cls(**kw)
+
+
+@dataclass(frozen=True)
+class RecordingMeta:
+    """The recording's attributes, plus ``n_fields``/``n_z`` from the ``stacks`` shape."""
+
+    pixel_size_um: float
+    tile_height: int
+    tile_width: int
+    n_fields: int
+    n_z: int
+    rows: int
+    cols: int
+    overlap: float
+    area: ScanArea
+    field_width_um: float
+    field_height_um: float
+    optics: dict[str, Any]
+    camera: dict[str, Any]
+    timing: Timing
+    slide: dict[str, Any] | None = None
+
+    @property
+    def step_x_um(self) -> float:
+        """Commanded distance between neighbouring columns (µm)."""
+        return self.field_width_um * (1.0 - self.overlap)
+
+    @property
+    def step_y_um(self) -> float:
+        return self.field_height_um * (1.0 - self.overlap)
+
+    def to_attrs(self) -> dict[str, Any]:
+        """The group attributes (JSON) that describe this recording."""
+        a = self.area
+        return {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "pixel_size_um": float(self.pixel_size_um),
+            "tile_height": int(self.tile_height),
+            "tile_width": int(self.tile_width),
+            "grid": {
+                "rows": int(self.rows),
+                "cols": int(self.cols),
+                "overlap": float(self.overlap),
+                "area": {"x_um": a.x_um, "y_um": a.y_um, "width_um": a.width_um, "height_um": a.height_um},
+                "field_width_um": float(self.field_width_um),
+                "field_height_um": float(self.field_height_um),
+            },
+            "optics": dict(self.optics),
+            "camera": dict(self.camera),
+            "timing": self.timing.to_dict(),
+            "slide": None if self.slide is None else dict(self.slide),
+        }
+
+
+# --------------------------------------------------------------------------- attribute parsing
+
+
+def _number(d: dict[str, Any], key: str, where: str) -> float:
+    if key not in d:
+        raise RecordingError(f"{where}.{key}: missing")
+    v = d[key]
+    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+        raise RecordingError(f"{where}.{key}: expected a finite number, got {v!r}")
+    return float(v)
+
+
+def _integer(d: dict[str, Any], key: str, where: str, minimum: int = 1) -> int:
+    if key not in d:
+        raise RecordingError(f"{where}.{key}: missing")
+    v = d[key]
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise RecordingError(f"{where}.{key}: expected an integer, got {v!r}")
+    if v < minimum:
+        raise RecordingError(f"{where}.{key}: must be >= {minimum}, got {v}")
+    return v
+
+
+def _object(d: dict[str, Any], key: str, where: str) -> dict[str, Any]:
+    if key not in d:
+        raise RecordingError(f"{where}.{key}: missing")
+    v = d[key]
+    if not isinstance(v, dict):
+        raise RecordingError(f"{where}.{key}: expected an object, got {type(v).__name__}")
+    return v
+
+
+def _parse_attrs(attrs: dict[str, Any], n_fields: int, n_z: int) -> RecordingMeta:
+    w = "attrs"
+    fmt = attrs.get("format")
+    if fmt != FORMAT:
+        raise RecordingError(f"attrs.format: expected {FORMAT!r}, got {fmt!r} (not a recording?)")
+    version = attrs.get("format_version")
+    if version != FORMAT_VERSION:
+        raise RecordingError(f"attrs.format_version: this reader supports {FORMAT_VERSION}, got {version!r}")
+    px = _number(attrs, "pixel_size_um", w)
+    if px <= 0:
+        raise RecordingError(f"attrs.pixel_size_um: must be > 0, got {px}")
+    th = _integer(attrs, "tile_height", w)
+    tw = _integer(attrs, "tile_width", w)
+    grid = _object(attrs, "grid", w)
+    g = "attrs.grid"
+    rows = _integer(grid, "rows", g)
+    cols = _integer(grid, "cols", g)
+    overlap = _number(grid, "overlap", g)
+    if not 0.0 <= overlap < 0.5:
+        raise RecordingError(f"attrs.grid.overlap: must be in [0, 0.5), got {overlap}")
+    area_d = _object(grid, "area", g)
+    try:
+        area = ScanArea(
+            *(_number(area_d, k, "attrs.grid.area") for k in ("x_um", "y_um", "width_um", "height_um"))
+        )
+    except ValueError as err:
+        raise RecordingError(f"attrs.grid.area: {err}") from err
+    fw = _number(grid, "field_width_um", g)
+    fh = _number(grid, "field_height_um", g)
+    for key, val, px_count in (("field_width_um", fw, tw), ("field_height_um", fh, th)):
+        expect = px_count * px
+        if abs(val - expect) > 1e-6 * max(1.0, expect):
+            raise RecordingError(
+                f"attrs.grid.{key}: {val} µm is inconsistent with {px_count} px x {px} µm/px = {expect} µm"
+            )
+    if n_fields > rows * cols:
+        raise RecordingError(
+            f"stacks: {n_fields} fields but attrs.grid has only {rows} x {cols} = {rows * cols}"
+        )
+    optics = _object(attrs, "optics", w)
+    camera = _object(attrs, "camera", w)
+    timing = Timing.from_dict(_object(attrs, "timing", w))
+    slide = attrs.get("slide")
+    if slide is not None and not isinstance(slide, dict):
+        raise RecordingError(f"attrs.slide: expected an object or null, got {type(slide).__name__}")
+    return RecordingMeta(
+        pixel_size_um=px,
+        tile_height=th,
+        tile_width=tw,
+        n_fields=n_fields,
+        n_z=n_z,
+        rows=rows,
+        cols=cols,
+        overlap=overlap,
+        area=area,
+        field_width_um=fw,
+        field_height_um=fh,
+        optics=optics,
+        camera=camera,
+        timing=timing,
+        slide=slide,
+    )
+
+
+# --------------------------------------------------------------------------- arrays
+
+
+def _array(group: zarr.Group, name: str, where: str = "") -> zarr.Array:
+    label = f"{where}{name}"
+    try:
+        node = group[name]
+    except KeyError:
+        raise RecordingError(f"array '{label}': missing") from None
+    except Exception as err:  # corrupt zarr.json and the like
+        raise RecordingError(f"array '{label}': cannot be opened ({err})") from err
+    if not isinstance(node, zarr.Array):
+        raise RecordingError(f"'{label}': expected an array, found a group")
+    return node
+
+
+def _check(arr: zarr.Array, label: str, dtype: str, shape: tuple[int, ...]) -> None:
+    if arr.dtype != np.dtype(dtype):
+        raise RecordingError(f"array '{label}': dtype {arr.dtype}, expected {dtype}")
+    if tuple(arr.shape) != shape:
+        raise RecordingError(f"array '{label}': shape {tuple(arr.shape)}, expected {shape}")
+
+
+def _load(arr: zarr.Array, label: str) -> npt.NDArray[Any]:
+    try:
+        data = np.asarray(arr[...])
+    except Exception as err:
+        raise RecordingError(f"array '{label}': cannot be read ({err})") from err
+    data.setflags(write=False)
+    return data
+
+
+def _finite(data: npt.NDArray[Any], label: str) -> None:
+    bad = ~np.isfinite(data)
+    if bad.any():
+        first = np.argwhere(bad)[0]
+        raise RecordingError(
+            f"array '{label}': non-finite value at index {tuple(int(i) for i in first)} (field not written?)"
+        )
+
+
+class Recording:
+    """A validated, opened recording. Frames are read lazily with :meth:`plane`."""
+
+    def __init__(
+        self,
+        path: Path,
+        meta: RecordingMeta,
+        stacks: zarr.Array,
+        z_um: F64,
+        stage_xy_um: F64,
+        grid_rc: I32,
+        truth_actual_xy_um: F64 | None,
+        truth_focus_z_um: F64 | None,
+    ) -> None:
+        self.path = path
+        self._meta = meta
+        self._stacks = stacks
+        self._z_um = z_um
+        self._stage_xy_um = stage_xy_um
+        self._grid_rc = grid_rc
+        self._truth_xy = truth_actual_xy_um
+        self._truth_z = truth_focus_z_um
+        self._by_rc = {(int(r), int(c)): i for i, (r, c) in enumerate(grid_rc)}
+
+    @classmethod
+    def open(cls, path: Path | str) -> Recording:
+        """Open and validate; raises :class:`RecordingError` naming what is wrong."""
+        path = Path(path)
+        if not (path / "zarr.json").is_file():
+            raise RecordingError(f"{path}: not a recording (no zarr.json; expected a Zarr v3 group folder)")
+        try:
+            group = zarr.open_group(path, mode="r")
+        except Exception as err:
+            raise RecordingError(f"{path}: cannot open as a Zarr v3 group ({err})") from err
+        if group.metadata.zarr_format != 3:
+            raise RecordingError(f"{path}: Zarr format {group.metadata.zarr_format}, expected 3")
+
+        stacks = _array(group, "stacks")
+        if stacks.ndim != 5 or stacks.shape[4] != 3:
+            raise RecordingError(
+                f"array 'stacks': shape {tuple(stacks.shape)}, expected (n_fields, n_z, H, W, 3)"
+            )
+        n_fields, n_z = int(stacks.shape[0]), int(stacks.shape[1])
+        if n_fields < 1 or n_z < 1:
+            raise RecordingError(f"array 'stacks': shape {tuple(stacks.shape)} has no fields or no planes")
+        meta = _parse_attrs(dict(group.attrs), n_fields, n_z)
+        h, w = meta.tile_height, meta.tile_width
+        _check(stacks, "stacks", "uint8", (n_fields, n_z, h, w, 3))
+        if tuple(stacks.chunks) != (1, 1, h, w, 3):
+            raise RecordingError(
+                f"array 'stacks': chunks {tuple(stacks.chunks)}, expected (1, 1, {h}, {w}, 3)"
+            )
+
+        z_arr = _array(group, "z_um")
+        _check(z_arr, "z_um", "float64", (n_fields, n_z))
+        z_um = _load(z_arr, "z_um")
+        _finite(z_um, "z_um")
+        if n_z > 1 and not (np.diff(z_um, axis=1) > 0).all():
+            f = int(np.argwhere(~(np.diff(z_um, axis=1) > 0))[0][0])
+            raise RecordingError(f"array 'z_um': planes of field {f} are not in strictly increasing z")
+
+        xy_arr = _array(group, "stage_xy_um")
+        _check(xy_arr, "stage_xy_um", "float64", (n_fields, 2))
+        stage_xy = _load(xy_arr, "stage_xy_um")
+        _finite(stage_xy, "stage_xy_um")
+
+        rc_arr = _array(group, "grid_rc")
+        _check(rc_arr, "grid_rc", "int32", (n_fields, 2))
+        grid_rc = _load(rc_arr, "grid_rc")
+        bad = (
+            (grid_rc[:, 0] < 0)
+            | (grid_rc[:, 0] >= meta.rows)
+            | (grid_rc[:, 1] < 0)
+            | (grid_rc[:, 1] >= meta.cols)
+        )
+        if bad.any():
+            f = int(np.flatnonzero(bad)[0])
+            raise RecordingError(
+                f"array 'grid_rc': field {f} at {tuple(int(v) for v in grid_rc[f])} is outside the "
+                f"{meta.rows} x {meta.cols} grid"
+            )
+        if len({(int(r), int(c)) for r, c in grid_rc}) != n_fields:
+            raise RecordingError("array 'grid_rc': two fields share a (row, col)")
+
+        truth_xy = truth_z = None
+        if "truth" in group:
+            truth = group["truth"]
+            if not isinstance(truth, zarr.Group):
+                raise RecordingError("'truth': expected a group")
+            a = _array(truth, "actual_xy_um", "truth/")
+            _check(a, "truth/actual_xy_um", "float64", (n_fields, 2))
+            truth_xy = _load(a, "truth/actual_xy_um")
+            _finite(truth_xy, "truth/actual_xy_um")
+            z = _array(truth, "focus_z_um", "truth/")
+            _check(z, "truth/focus_z_um", "float64", (n_fields,))
+            truth_z = _load(z, "truth/focus_z_um")
+            _finite(truth_z, "truth/focus_z_um")
+        return cls(path, meta, stacks, z_um, stage_xy, grid_rc, truth_xy, truth_z)
+
+    # ---- metadata
+
+    @property
+    def meta(self) -> RecordingMeta:
+        return self._meta
+
+    @property
+    def stage_xy_um(self) -> F64:
+        """(n_fields, 2) commanded field centres (x, y) in µm, read-only."""
+        return self._stage_xy_um
+
+    @property
+    def grid_rc(self) -> I32:
+        """(n_fields, 2) grid (row, col) of each field, read-only."""
+        return self._grid_rc
+
+    @property
+    def z_um(self) -> F64:
+        """(n_fields, n_z) stage z of each plane in µm, strictly increasing per field, read-only."""
+        return self._z_um
+
+    @property
+    def truth_actual_xy_um(self) -> F64 | None:
+        """(n_fields, 2) actual field centres (µm), or None for recordings without truth."""
+        return self._truth_xy
+
+    @property
+    def truth_focus_z_um(self) -> F64 | None:
+        """(n_fields,) true in-focus z per field (µm), or None for recordings without truth."""
+        return self._truth_z
+
+    def field_index(self, row: int, col: int) -> int | None:
+        """The field recorded at grid (row, col), or None if that grid cell was not recorded."""
+        return self._by_rc.get((row, col))
+
+    # ---- pixels
+
+    def plane(self, field: int, k: int) -> U8:
+        """Frame ``k`` of ``field``: uint8 (H, W, 3). Raises RecordingError if it is missing or corrupt."""
+        m = self._meta
+        if not 0 <= field < m.n_fields:
+            raise RecordingError(f"field {field}: out of range (recording has {m.n_fields} fields)")
+        if not 0 <= k < m.n_z:
+            raise RecordingError(f"field {field} plane {k}: out of range (recording has {m.n_z} planes)")
+        key = self._stacks.metadata.encode_chunk_key((field, k, 0, 0, 0))
+        chunk = self.path / "stacks" / key
+        # Zarr reads a missing chunk as the fill value: a silent black frame. Check the file instead.
+        if not chunk.is_file():
+            raise RecordingError(f"field {field} plane {k}: frame missing (no chunk file stacks/{key})")
+        try:
+            data = np.asarray(self._stacks[field, k])
+        except Exception as err:
+            raise RecordingError(
+                f"field {field} plane {k}: frame corrupt or truncated (stacks/{key}: {err})"
+            ) from err
+        if data.shape != (m.tile_height, m.tile_width, 3):
+            raise RecordingError(f"field {field} plane {k}: decoded shape {data.shape}")
+        return data
+
+
+# --------------------------------------------------------------------------- writing
+
+
+class RecordingWriter:
+    """Creates a recording and writes it one field at a time.
+
+    Small arrays are pre-filled with NaN / -1, so a field that was never
+    written makes :meth:`Recording.open` fail instead of reading as zeros.
+    """
+
+    def __init__(self, path: Path | str, meta: RecordingMeta, with_truth: bool = False) -> None:
+        self.path = Path(path)
+        self.meta = meta
+        if self.path.exists():
+            raise RecordingError(f"{self.path}: already exists")
+        n, nz, h, w = meta.n_fields, meta.n_z, meta.tile_height, meta.tile_width
+        group = zarr.open_group(self.path, mode="w-", zarr_format=3)
+        group.attrs.update(meta.to_attrs())
+        rows = min(n, 1024)
+        self._stacks = group.create_array(
+            name="stacks",
+            shape=(n, nz, h, w, 3),
+            chunks=(1, 1, h, w, 3),
+            dtype="uint8",
+            compressors=ZstdCodec(level=3, checksum=True),
+            fill_value=0,
+        )
+        self._z = group.create_array(
+            name="z_um", shape=(n, nz), chunks=(rows, nz), dtype="float64", fill_value=float("nan")
+        )
+        self._xy = group.create_array(
+            name="stage_xy_um", shape=(n, 2), chunks=(rows, 2), dtype="float64", fill_value=float("nan")
+        )
+        self._rc = group.create_array(
+            name="grid_rc", shape=(n, 2), chunks=(rows, 2), dtype="int32", fill_value=-1
+        )
+        self._truth: tuple[zarr.Array, zarr.Array] | None = None
+        if with_truth:
+            t = group.create_group("truth")
+            self._truth = (
+                t.create_array(
+                    name="actual_xy_um",
+                    shape=(n, 2),
+                    chunks=(rows, 2),
+                    dtype="float64",
+                    fill_value=float("nan"),
+                ),
+                t.create_array(
+                    name="focus_z_um", shape=(n,), chunks=(rows,), dtype="float64", fill_value=float("nan")
+                ),
+            )
+
+    def write_field(
+        self,
+        field: int,
+        stack: U8,
+        z_um: npt.ArrayLike,
+        stage_xy_um: tuple[float, float],
+        grid_rc: tuple[int, int],
+        actual_xy_um: tuple[float, float] | None = None,
+        focus_z_um: float | None = None,
+    ) -> None:
+        """Write one field's z-stack (n_z, H, W, 3) uint8, its plane z's and positions."""
+        m = self.meta
+        if not 0 <= field < m.n_fields:
+            raise ValueError(f"field {field} out of range (n_fields={m.n_fields})")
+        expect = (m.n_z, m.tile_height, m.tile_width, 3)
+        if stack.shape != expect or stack.dtype != np.uint8:
+            raise ValueError(f"stack must be uint8 {expect}, got {stack.dtype} {stack.shape}")
+        for k in range(m.n_z):
+            self._stacks[field, k] = stack[k]
+        self.write_positions(field, z_um, stage_xy_um, grid_rc, actual_xy_um, focus_z_um)
+
+    def write_plane(self, field: int, k: int, frame: U8) -> None:
+        """Write a single frame, for writers that produce planes one at a time."""
+        m = self.meta
+        if not (0 <= field < m.n_fields and 0 <= k < m.n_z):
+            raise ValueError(f"field {field} plane {k} out of range ({m.n_fields} fields, {m.n_z} planes)")
+        if frame.shape != (m.tile_height, m.tile_width, 3) or frame.dtype != np.uint8:
+            raise ValueError(
+                f"frame must be uint8 ({m.tile_height}, {m.tile_width}, 3), got {frame.dtype} {frame.shape}"
+            )
+        self._stacks[field, k] = frame
+
+    def write_positions(
+        self,
+        field: int,
+        z_um: npt.ArrayLike,
+        stage_xy_um: tuple[float, float],
+        grid_rc: tuple[int, int],
+        actual_xy_um: tuple[float, float] | None = None,
+        focus_z_um: float | None = None,
+    ) -> None:
+        """Write one field's plane z's and positions (the pixels go through :meth:`write_plane`)."""
+        m = self.meta
+        if not 0 <= field < m.n_fields:
+            raise ValueError(f"field {field} out of range (n_fields={m.n_fields})")
+        z = np.asarray(z_um, np.float64)
+        if z.shape != (m.n_z,):
+            raise ValueError(f"z_um must have {m.n_z} values, got shape {z.shape}")
+        self._z[field] = z
+        self._xy[field] = np.asarray(stage_xy_um, np.float64)
+        self._rc[field] = np.asarray(grid_rc, np.int32)
+        if self._truth is not None:
+            if actual_xy_um is None or focus_z_um is None:
+                raise ValueError("this recording has a truth group: pass actual_xy_um and focus_z_um")
+            self._truth[0][field] = np.asarray(actual_xy_um, np.float64)
+            self._truth[1][field] = float(focus_z_um)

@@ -1,0 +1,169 @@
+"""Synthesise a recording: scan a synthetic slide the way a real scanner would.
+
+For every field of a serpentine plan the simulated scanner commands the stage
+to the field centre, lands a few µm off (stage error), and records a z-stack
+around a *coarse* focus estimate (a focus map is never exact, so the true focus
+is not at the centre plane). Each plane is the slide's transmittance at the
+actual position, imaged through the optics at that plane's defocus, then
+exposed by the camera with noise. The truth (actual positions, true focus z,
+the slide spec) is stored alongside, so the runtime's stitching and focus can be
+scored against it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from hw_sim.optics import CameraParams, Optics, OpticsParams
+from hw_sim.recording import FORMAT, RecordingMeta, RecordingWriter, Timing
+from hw_sim.slide import SlideSpec, SyntheticSlide
+from runtime.devices import ScanArea
+from runtime.scan_plan import GridPlan, serpentine_plan
+
+# The scanned area's top-left corner on the stage (µm). Deliberately not (0, 0), and x != y,
+# so that code which drops the origin or swaps axes fails visibly.
+AREA_ORIGIN_UM = (1000.0, 750.0)
+
+
+@dataclass(frozen=True)
+class SynthParams:
+    """What to synthesise. ``coarse_focus_error_um``: half-range of the uniform error of the
+    stack centre (the coarse focus estimate) around the true focus."""
+
+    fields_x: int = 4
+    fields_y: int = 3
+    seed: int = 0
+    tile: int = 512
+    pixel_size_um: float = 0.25
+    overlap: float = 0.10
+    z_planes: int = 13
+    z_step_um: float = 0.5
+    stage_error_um: float = 2.0
+    coarse_focus_error_um: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.fields_x < 1 or self.fields_y < 1:
+            raise ValueError(f"need at least 1 x 1 fields, got {self.fields_x} x {self.fields_y}")
+        if self.tile < 16:
+            raise ValueError(f"tile must be >= 16 px, got {self.tile}")
+        if self.pixel_size_um <= 0 or self.z_step_um <= 0 or self.z_planes < 1:
+            raise ValueError("pixel_size_um and z_step_um must be positive and z_planes >= 1")
+        if self.stage_error_um < 0 or self.coarse_focus_error_um < 0:
+            raise ValueError("stage_error_um and coarse_focus_error_um must be >= 0")
+
+
+def grid_for(params: SynthParams) -> GridPlan:
+    """The serpentine plan over an area that exactly covers fields_x x fields_y fields."""
+    field = params.tile * params.pixel_size_um
+    step = field * (1.0 - params.overlap)
+    width = field + (params.fields_x - 1) * step
+    height = field + (params.fields_y - 1) * step
+    for shrink in (0.0, 1e-6, 1e-3):
+        # An exact cover can round to one field too many in the planner's ceil(); a hair less cannot.
+        area = ScanArea(AREA_ORIGIN_UM[0], AREA_ORIGIN_UM[1], width - shrink, height - shrink)
+        plan = serpentine_plan(area, field, field, params.overlap)
+        if (plan.cols, plan.rows) == (params.fields_x, params.fields_y):
+            return plan
+    raise ValueError(f"cannot lay out {params.fields_x} x {params.fields_y} fields (planner disagrees)")
+
+
+def _prepare_out(out: Path, overwrite: bool) -> None:
+    if not out.exists():
+        return
+    if not overwrite:
+        raise FileExistsError(f"{out} already exists; pass overwrite=True (--force) to replace it")
+    # Only ever delete something that is a recording: --force on a wrong path must not wipe it.
+    marker = out / "zarr.json"
+    if out.is_dir() and marker.is_file() and f'"{FORMAT}"' in marker.read_text(errors="replace"):
+        shutil.rmtree(out)
+    elif out.is_dir() and not any(out.iterdir()):
+        out.rmdir()
+    else:
+        raise FileExistsError(f"{out} exists and is not a recording; refusing to overwrite it")
+
+
+def synthesize(out: Path, params: SynthParams, overwrite: bool = False, progress: bool = False) -> Path:
+    """Write a synthetic recording to ``out`` (a folder) and return its path.
+
+    Written under a temporary name and renamed when complete, so a folder named
+    ``out`` is always a whole recording.
+    """
+    out = Path(out)
+    _prepare_out(out, overwrite)
+    plan = grid_for(params)
+    px, tile = params.pixel_size_um, params.tile
+    area = plan.area
+    slide = SyntheticSlide(
+        SlideSpec(
+            seed=params.seed,
+            origin_x_um=area.x_um,
+            origin_y_um=area.y_um,
+            width_um=area.width_um,
+            height_um=area.height_um,
+        )
+    )
+    half_stack = (params.z_planes - 1) / 2 * params.z_step_um
+    optics_params = OpticsParams(max_defocus_um=max(6.0, half_stack + params.coarse_focus_error_um + 1.0))
+    camera = CameraParams()
+    optics = Optics(optics_params, px, (tile, tile), camera)
+    m = optics.margin_px
+    n = len(plan.fields)
+    meta = RecordingMeta(
+        pixel_size_um=px,
+        tile_height=tile,
+        tile_width=tile,
+        n_fields=n,
+        n_z=params.z_planes,
+        rows=plan.rows,
+        cols=plan.cols,
+        overlap=params.overlap,
+        area=area,
+        field_width_um=plan.field_width_um,
+        field_height_um=plan.field_height_um,
+        optics=optics_params.to_dict(),
+        camera=camera.to_dict(),
+        timing=Timing(),
+        slide=slide.spec.to_dict(),
+    )
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    writer = RecordingWriter(tmp, meta, with_truth=True)
+    rng = np.random.default_rng([params.seed, 0x57A6E])
+    offsets = np.arange(params.z_planes) - (params.z_planes - 1) / 2
+    try:
+        with tqdm(total=n * params.z_planes, unit="frame", desc="synth", disable=not progress) as bar:
+            for f in plan.fields:
+                err = np.clip(rng.normal(0.0, 1.0, 2), -3.0, 3.0) * params.stage_error_um
+                ax, ay = f.x_um + float(err[0]), f.y_um + float(err[1])
+                focus = slide.focus_z_um(ax, ay)
+                # The coarse focus map was measured near the commanded position, with an error.
+                coarse = (
+                    slide.focus_z_um(f.x_um, f.y_um)
+                    + float(rng.uniform(-1.0, 1.0)) * params.coarse_focus_error_um
+                )
+                z = coarse + offsets * params.z_step_um
+                # Render once at the ACTUAL position (what the camera really sees), with the PSF margin.
+                x0 = ax - tile * px / 2 - m * px
+                y0 = ay - tile * px / 2 - m * px
+                obj = optics.prepare(slide.transmittance(x0, y0, tile + 2 * m, tile + 2 * m, px))
+                noise = np.random.default_rng([params.seed, f.index, 0xCA3])
+                for k in range(params.z_planes):
+                    # One defocus per frame, at the field centre: the focal surface varies by only
+                    # ~0.1-0.3 µm (less than half a depth of field) across a field.
+                    frame = optics.camera_capture(optics.image(obj, float(z[k]) - focus), noise)
+                    writer.write_plane(f.index, k, frame)
+                    bar.update(1)
+                writer.write_positions(f.index, z, (f.x_um, f.y_um), (f.row, f.col), (ax, ay), focus)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
