@@ -152,13 +152,14 @@ class ScanJob:
     def pump(self, max_messages: int = 1000) -> None:
         """Handle pending worker messages, then check the workers are alive and beating."""
         for _ in range(max_messages):
+            if self.finish_reason is not None:  # queues are closed once the job has ended
+                return
             try:
                 msg = self.events.get_nowait()
             except queue.Empty:
                 break
             self._handle(msg)
-        if self.finish_reason is None:
-            self._check_workers()
+        self._check_workers()
 
     def _handle(self, msg: Any) -> None:
         if isinstance(msg, Heartbeat):
@@ -193,6 +194,8 @@ class ScanJob:
             self._fail(f"{msg.worker} failed: {msg.message}")
 
     def _check_workers(self) -> None:
+        if self.finish_reason is not None:
+            return
         now = time.monotonic()
         for name, proc in self.procs.items():
             if proc.exitcode not in (None, 0):
