@@ -47,6 +47,9 @@ _MASK64 = (1 << 64) - 1
 # Purposes ("salts") keep the hash streams of different features independent.
 _S_LAYOUT, _S_EDGE, _S_HOLE, _S_CELL, _S_WARP, _S_FIBW, _S_FIBF = 1, 2, 3, 4, 5, 6, 7
 _S_EOS, _S_CHROM, _S_NUC, _S_FOCUS = 8, 9, 10, 11
+_S_ART, _S_ARTN = 12, 13
+
+ARTIFACT_KINDS = ("ink", "bubble", "dust", "fold")
 
 # Nuclei: blocks of _BLOCK_UM with _SLOTS candidates each (max density ~ 1 nucleus per 33 µm²).
 _BLOCK_UM = 10.0
@@ -81,6 +84,7 @@ class SlideSpec:
     tilt_y_um_per_mm: float = -0.25
     warp_um: float = 1.5
     warp_period_um: float = 6000.0
+    artifacts: int = 0  # pen-ink strokes, air bubbles, dust clusters and tissue folds (see _artifact_layout)
 
     def __post_init__(self) -> None:
         if not (self.width_um > 0 and self.height_um > 0):
@@ -95,6 +99,8 @@ class SlideSpec:
                 raise ValueError(f"{name} must be 3 non-negative optical densities, got {v}")
         if self.warp_period_um <= 0:
             raise ValueError(f"warp_period_um must be positive, got {self.warp_period_um}")
+        if self.artifacts < 0:
+            raise ValueError(f"artifacts must be >= 0, got {self.artifacts}")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -263,6 +269,90 @@ def _layout(spec: SlideSpec) -> list[_Piece]:
     return pieces
 
 
+# --------------------------------------------------------------------------- artifacts
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """Something on the slide that is not tissue, or tissue that is damaged.
+
+    ``ink``: a marker-pen stroke (a capsule of half-width ``width``) on the cover glass;
+    ``bubble``: an air bubble in the mountant (a dark refractive rim of radius ``radius``);
+    ``dust``: a cluster of opaque specks within ``radius``; ``fold``: a band of tissue
+    folded over itself (twice the stain) of half-width ``width`` along a segment.
+    """
+
+    kind: str
+    cx: float
+    cy: float
+    length: float  # segment length (ink, fold); 0 for round artifacts
+    width: float  # half-width (ink, fold) or rim width (bubble)
+    radius: float  # bubble / dust cluster radius
+    cos: float
+    sin: float
+    index: int
+
+    @property
+    def reach(self) -> float:
+        """Radius beyond which the artifact leaves no trace."""
+        if self.kind in ("ink", "fold"):
+            return self.length / 2 + self.width + 10.0
+        return self.radius + 15.0
+
+
+# Per-channel optical density of unit pen ink (R, G, B): blue, green and black markers.
+_INK_COLOURS = ((0.95, 0.55, 0.12), (0.85, 0.22, 0.75), (0.9, 0.85, 0.8))
+
+
+def _artifact_layout(spec: SlideSpec, pieces: list[_Piece]) -> list[Artifact]:
+    """``spec.artifacts`` artifacts, the kinds in turn (so a handful shows every kind), placed by hash."""
+    key = _key(spec.seed, _S_ART)
+    out = []
+    start = int(_hash_scalar(key, 0, 99) * len(ARTIFACT_KINDS))
+    for i in range(spec.artifacts):
+        kind = ARTIFACT_KINDS[(start + i) % len(ARTIFACT_KINDS)]
+        u = [_hash_scalar(key, i, k) for k in range(6)]
+        theta = u[2] * math.pi
+        cx = spec.origin_x_um + u[0] * spec.width_um
+        cy = spec.origin_y_um + u[1] * spec.height_um
+        if kind == "fold" and pieces:
+            # Folds happen in tissue: near the middle of a piece.
+            p = pieces[int(u[5] * len(pieces)) % len(pieces)]
+            cx = p.cx + (u[0] - 0.5) * p.a * 0.6
+            cy = p.cy + (u[1] - 0.5) * p.b * 0.6
+            out.append(Artifact(kind, cx, cy, min(p.a, p.b) * (0.6 + 0.6 * u[3]), 15 + 45 * u[4], 0.0,
+                                math.cos(theta), math.sin(theta), i))
+        elif kind == "ink":
+            out.append(Artifact(kind, cx, cy, 600 + 1400 * u[3], 60 + 140 * u[4], 0.0,
+                                math.cos(theta), math.sin(theta), i))
+        elif kind == "bubble":
+            out.append(Artifact(kind, cx, cy, 0.0, 2.0 + 3.0 * u[4], 40 + 210 * u[3], 1.0, 0.0, i))
+        else:  # dust
+            out.append(Artifact(kind, cx, cy, 0.0, 0.0, 30 + 90 * u[3], 1.0, 0.0, i))
+    return out
+
+
+def _segment_distance(a: Artifact, xs: F64, ys: F64) -> F32:
+    dx = xs[None, :] - a.cx
+    dy = ys[:, None] - a.cy
+    along = np.abs(dx * a.cos + dy * a.sin)
+    across = dy * a.cos - dx * a.sin
+    d = np.sqrt(np.maximum(along - a.length / 2, 0.0) ** 2 + across * across)
+    return d.astype(np.float32)
+
+
+def _dust_specks(a: Artifact, spec_seed: int) -> tuple[F64, F64, F64, F64]:
+    """Speck centres, radii and optical densities of one dust cluster."""
+    key = _key(spec_seed, _S_ARTN) + a.index * 7919
+    n = 6 + int(_hash_scalar(key, 0, 1) * 20)
+    i = np.arange(n, dtype=np.int64)
+    ang = _hash01(key, i, np.full(n, 1)) * 2 * math.pi
+    rad = np.sqrt(_hash01(key, i, np.full(n, 2))) * a.radius
+    r = 1.5 + 6.5 * _hash01(key, i, np.full(n, 3)) ** 2
+    od = 0.9 + 1.1 * _hash01(key, i, np.full(n, 4))
+    return a.cx + rad * np.cos(ang), a.cy + rad * np.sin(ang), r, od
+
+
 # --------------------------------------------------------------------------- the slide
 
 
@@ -284,6 +374,7 @@ class SyntheticSlide:
         f = [_hash_scalar(self._k["focus"], i) for i in range(4)]
         self._focus_phase = [2 * math.pi * v for v in f[:3]]
         self._focus_dir = math.pi * f[3]
+        self.artifacts = _artifact_layout(spec, self._pieces)
 
     # ---- layers shared by pixels and nucleus centres
 
@@ -330,6 +421,80 @@ class SyntheticSlide:
     def _holes_pts(self, x: F64, y: F64) -> F64:
         return _smoothstep(0.64, 0.72, _fbm_pts(self._k["hole"], x, y, 45.0, 2))
 
+    # ---- artifacts
+
+    def _artifact_layers(self, xs: F64, ys: F64) -> tuple[F32 | None, F32 | None, F32]:
+        """Over the grid ys x xs: a gain on the tissue density (folds double it, bubbles wash it
+        out; or None), extra optical density per channel (h, w, 3, or None), and the artifact
+        coverage mask in [0, 1]."""
+        h, w = ys.size, xs.size
+        fold: F32 | None = None
+        extra: F32 | None = None
+        mask = np.zeros((h, w), np.float32)
+        for a in self.artifacts:
+            c0, c1 = np.searchsorted(xs, [a.cx - a.reach, a.cx + a.reach])
+            r0, r1 = np.searchsorted(ys, [a.cy - a.reach, a.cy + a.reach])
+            if c0 >= c1 or r0 >= r1:
+                continue
+            sx, sy = xs[c0:c1], ys[r0:r1]
+            win = (slice(r0, r1), slice(c0, c1))
+            if a.kind in ("ink", "fold"):
+                d = _segment_distance(a, sx, sy)
+                m = _smoothstep(a.width + 3.0, a.width - 3.0, d).astype(np.float32)
+                if a.kind == "fold":
+                    fold = np.ones((h, w), np.float32) if fold is None else fold
+                    fold[win] *= np.float32(1.0) + m
+                    # Label only where there is tissue to fold.
+                    m = m * (self._piece_mask_grid(sx, sy) > 0.5)
+                else:
+                    extra = np.zeros((h, w, 3), np.float32) if extra is None else extra
+                    fbm = _fbm_grid(self._k["art"] + a.index, sx, sy, 25.0, 2)
+                    texture = np.float32(0.7) + np.float32(0.6) * fbm
+                    colour = _INK_COLOURS[a.index % len(_INK_COLOURS)]
+                    strength = np.float32(0.5 + 0.7 * _hash_scalar(self._k["art"], a.index, 17))
+                    for c in range(3):
+                        extra[win][..., c] += m * texture * strength * np.float32(colour[c])
+            elif a.kind == "bubble":
+                dx = sx[None, :] - a.cx
+                dy = sy[:, None] - a.cy
+                d = np.sqrt(dx * dx + dy * dy).astype(np.float32)
+                rim = np.float32(0.75) * np.exp(-(((d - a.radius) / a.width) ** 2))
+                rim += np.float32(0.15) * np.exp(-(((d - 0.85 * a.radius) / a.width) ** 2))
+                m = _smoothstep(a.radius + a.width, a.radius - a.width, d).astype(np.float32)
+                extra = np.zeros((h, w, 3), np.float32) if extra is None else extra
+                # Inside an air bubble the tissue lacks mountant: hazy, washed-out stain.
+                extra[win] += (rim + np.float32(0.08) * m).astype(np.float32)[..., None]
+                fold = np.ones((h, w), np.float32) if fold is None else fold
+                fold[win] *= np.float32(1.0) - np.float32(0.5) * m
+            else:  # dust
+                px_, py_, pr, pod = _dust_specks(a, self.spec.seed)
+                m = np.zeros((sy.size, sx.size), np.float32)
+                speck_od = np.zeros((sy.size, sx.size), np.float32)
+                for x, y, r, od in zip(px_, py_, pr, pod, strict=True):
+                    d = np.sqrt((sx[None, :] - x) ** 2 + (sy[:, None] - y) ** 2).astype(np.float32)
+                    s = _smoothstep(r + 0.6, r - 0.6, d).astype(np.float32)
+                    np.maximum(m, s, out=m)
+                    np.maximum(speck_od, s * np.float32(od), out=speck_od)
+                extra = np.zeros((h, w, 3), np.float32) if extra is None else extra
+                for c, tint in enumerate((1.0, 1.05, 1.15)):  # brownish grey
+                    extra[win][..., c] += speck_od * np.float32(tint)
+            np.maximum(mask[win], m, out=mask[win])
+        return fold, extra, mask
+
+    def artifact_fraction(
+        self, x0_um: float, y0_um: float, height_px: int, width_px: int, pixel_size_um: float
+    ) -> float:
+        """Fraction of the region covered by artifacts (coverage > 0.5), sampled every ~1 µm
+        (dust specks are a few µm across)."""
+        if not self.artifacts:
+            return 0.0
+        step = max(pixel_size_um, 1.0)
+        nx = max(1, round(width_px * pixel_size_um / step))
+        ny = max(1, round(height_px * pixel_size_um / step))
+        xs = x0_um + (np.arange(nx, dtype=np.float64) + 0.5) * (width_px * pixel_size_um / nx)
+        ys = y0_um + (np.arange(ny, dtype=np.float64) + 0.5) * (height_px * pixel_size_um / ny)
+        return float((self._artifact_layers(xs, ys)[2] > 0.5).mean())
+
     # ---- public API
 
     def transmittance(
@@ -342,10 +507,13 @@ class SyntheticSlide:
         xs = x0_um + (np.arange(width_px, dtype=np.float64) + 0.5) * px
         ys = y0_um + (np.arange(height_px, dtype=np.float64) + 0.5) * px
         density = self._piece_mask_grid(xs, ys)
+        fold, extra, _ = self._artifact_layers(xs, ys) if self.artifacts else (None, None, None)
         od_h = np.zeros((height_px, width_px), np.float32)
         od_e = np.zeros((height_px, width_px), np.float32)
         if density.any():
             density *= np.float32(1.0) - self._holes_grid(xs, ys)
+            if fold is not None:  # a fold is a second layer of the same tissue: twice the stain
+                density *= fold
             od_e = self._eosin(xs, ys, density)
             nuclei = self._nuclei_canvas(x0_um, y0_um, height_px, width_px, px)
             chrom = _fbm_grid(self._k["chrom"], xs, ys, 0.9, 2)
@@ -358,6 +526,8 @@ class SyntheticSlide:
         ln10 = np.float32(math.log(10.0))
         for c in range(3):
             od = od_h * self._h[c] + od_e * self._e[c] + np.float32(self.spec.glass_od)
+            if extra is not None:
+                od = od + extra[..., c]
             np.exp(-ln10 * od, out=out[..., c])
         return out
 
@@ -493,4 +663,5 @@ _SALTS = {
     "chrom": _S_CHROM,
     "nuc": _S_NUC,
     "focus": _S_FOCUS,
+    "art": _S_ARTN,
 }
