@@ -1,0 +1,432 @@
+"""The control-plane wire protocol: JSON requests, replies and events.
+
+Everything on the wire is UTF-8 JSON (never pickle: a pickle from the network
+is remote code execution). One request or reply is one ZeroMQ frame.
+
+Request::
+
+    {"id": "4f1c...", "command": "start_scan", "params": {"output_name": "slide-42"}}
+
+``id`` is a string or an integer chosen by the client and echoed in the reply,
+so a client can tell a late reply to an earlier request from the one it is
+waiting for. ``params`` may be omitted when a command takes none.
+
+Replies::
+
+    {"id": "4f1c...", "ok": true, "result": {...}}
+    {"id": "4f1c...", "ok": false, "error": {"code": "busy", "message": "a scan is already running"}}
+
+``id`` is ``null`` in an error reply when the request was too broken to read
+an id from. Error codes are in :data:`ERROR_CODES`.
+
+Events (PUB socket) are two frames: the event name (so subscribers can filter
+by ZeroMQ topic prefix) and the JSON body::
+
+    {"seq": 17, "event": "field_done", "time": 1718000000.123, "data": {...}}
+
+``seq`` increases by one per published event for the life of the daemon
+process; it restarts at 1 when the daemon restarts. A subscriber that sees a
+jump has missed events (PUB drops them for slow subscribers) and should
+re-read the state with ``status``.
+
+Retried requests: clients retry when a reply is late (Lazy Pirate), so a
+daemon can receive the same request twice. Requests for commands in
+:data:`NON_IDEMPOTENT` whose id is a *string* are treated as unique tokens:
+the control server answers an identical repeat from a short reply cache
+instead of running it again (a retried ``start_scan`` must not answer
+"busy" because its first copy already started the scan). Integer ids are
+usually per-connection counters that restart at 1, so they are never
+deduplicated.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final, Literal, get_args
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+MAX_REQUEST_BYTES: Final = 64 * 1024
+"""Largest request accepted. Commands are small; a bigger payload is a bug or abuse."""
+
+MAX_ID_CHARS: Final = 128
+
+ErrorCode = Literal["malformed", "unknown_command", "invalid_params", "busy", "not_running", "internal"]
+ERROR_CODES: Final[tuple[str, ...]] = get_args(ErrorCode)
+
+EVENT_NAMES: Final[tuple[str, ...]] = (
+    "state",  # run state changed: {"state": "idle"|"scanning"|..., "previous": ...}
+    "scan_started",  # {"output": path, "fields": total, "region": {...}}
+    "field_done",  # progress: {"index": i, "total": n, "x_um", "y_um", "z_um", ...}
+    "scan_finished",  # {"reason": "completed"|"cancelled", "output": path}
+    "scan_failed",  # {"message": ..., "output": path or null}
+    "error",  # a problem outside a scan (worker died, driver lost): {"message": ..., ...}
+)
+
+NON_IDEMPOTENT: Final[frozenset[str]] = frozenset({"start_scan", "cancel", "shutdown"})
+
+RequestId = str | int
+
+
+class RequestError(Exception):
+    """A request cannot be served; ``code`` is one of :data:`ERROR_CODES`.
+
+    Command handlers raise this (e.g. ``RequestError("busy", "a scan is
+    already running")``); the control server turns it into an error reply.
+    """
+
+    def __init__(self, code: str, message: str) -> None:
+        if code not in ERROR_CODES:
+            raise ValueError(f"unknown error code {code!r}; expected one of {', '.join(ERROR_CODES)}")
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+class ProtocolError(RequestError):
+    """A request could not be parsed or validated; carries the id if one could be read."""
+
+    def __init__(self, code: str, message: str, request_id: RequestId | None = None) -> None:
+        super().__init__(code, message)
+        self.request_id = request_id
+
+
+# --------------------------------------------------------------------------- params
+
+
+class _Params(BaseModel):
+    # strict: "10" is not a number on this wire; a UI sending strings has a bug worth seeing.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
+
+
+class PingParams(_Params):
+    pass
+
+
+class StatusParams(_Params):
+    pass
+
+
+class CancelParams(_Params):
+    pass
+
+
+class ShutdownParams(_Params):
+    pass
+
+
+class Region(_Params):
+    """A stage rectangle in micrometres: top-left corner and size."""
+
+    x_um: float
+    y_um: float
+    width_um: float = Field(gt=0.0)
+    height_um: float = Field(gt=0.0)
+
+
+class FocusOverrides(_Params):
+    """Per-scan overrides of the ``[focus]`` config section; omitted keys keep the config value."""
+
+    strategy: Literal["contrast_sweep"] | None = None
+    sweep_half_range_um: float | None = Field(None, gt=0.0, le=50.0)
+    sweep_steps: int | None = Field(None, ge=3, le=101)
+    metric: Literal["normalized_variance", "brenner", "tenengrad"] | None = None
+
+
+_OUTPUT_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
+class StartScanParams(_Params):
+    """``start_scan``: every field optional; the daemon fills in config defaults."""
+
+    recording: str | None = Field(
+        None, min_length=1, max_length=4096, description="replay drivers: recording path under the data root"
+    )
+    region: Region | None = None
+    output_name: str | None = Field(None, description="folder name under the data root for this scan")
+    focus: FocusOverrides | None = None
+
+    @field_validator("recording")
+    @classmethod
+    def _no_nul(cls, value: str | None) -> str | None:
+        if value is not None and "\x00" in value:
+            raise ValueError("must not contain NUL characters")
+        return value
+
+    @field_validator("output_name")
+    @classmethod
+    def _plain_name(cls, value: str | None) -> str | None:
+        # The name becomes a directory under the data root: anything that could
+        # climb out of it or hide (leading dot, "..") is refused outright rather
+        # than sanitised, so the operator sees exactly what they asked for.
+        if value is None:
+            return value
+        if not _OUTPUT_NAME.fullmatch(value) or value.startswith(".") or ".." in value:
+            raise ValueError(
+                "must be a plain folder name: 1-64 characters of A-Z a-z 0-9 . _ -, "
+                f"not starting with '.' and without '..' (got {value!r})"
+            )
+        return value
+
+
+COMMANDS: Final[Mapping[str, type[_Params]]] = {
+    "ping": PingParams,
+    "status": StatusParams,
+    "start_scan": StartScanParams,
+    "cancel": CancelParams,
+    "shutdown": ShutdownParams,
+}
+
+
+@dataclass(frozen=True)
+class Request:
+    """A parsed, validated request."""
+
+    id: RequestId
+    command: str
+    params: BaseModel
+
+    def params_dict(self) -> dict[str, Any]:
+        """Params as plain JSON-able data, omitted optional fields left out (not ``None``)."""
+        return self.params.model_dump(mode="json", exclude_none=True)
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # {"id": 1, "id": 2}: which one did the sender mean? Refuse rather than guess.
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"duplicate key {key!r}")
+        out[key] = value
+    return out
+
+
+def _loads(raw: bytes) -> Any:
+    return json.loads(
+        raw.decode("utf-8"), parse_constant=_reject_constant, object_pairs_hook=_no_duplicate_keys
+    )
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    return {
+        dict: "object",
+        list: "array",
+        str: "string",
+        bool: "boolean",
+        int: "number",
+        float: "number",
+    }.get(type(value), type(value).__name__)
+
+
+def describe_validation_error(err: ValidationError) -> str:
+    """One line per problem, each naming the parameter: ``region.width_um: Input should be ...``."""
+    parts = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "params"
+        if e["type"] == "extra_forbidden":
+            parts.append(f"{key}: unknown parameter")
+        elif e["type"] == "missing":
+            parts.append(f"{key}: required")
+        elif e["type"] == "value_error":
+            parts.append(f"{key}: {e['ctx']['error']}")
+        else:
+            parts.append(f"{key}: {e['msg']} (got {e['input']!r})")
+    return "; ".join(parts)
+
+
+def parse_request(raw: bytes) -> Request:
+    """Parse and validate one request frame; raise :class:`ProtocolError` naming the problem."""
+    if len(raw) > MAX_REQUEST_BYTES:
+        raise ProtocolError("malformed", f"request is {len(raw)} bytes; the limit is {MAX_REQUEST_BYTES}")
+    try:
+        doc = _loads(raw)
+    except UnicodeDecodeError as err:
+        raise ProtocolError(
+            "malformed", f"request is not UTF-8 text: {err.reason} at byte {err.start}"
+        ) from None
+    except ValueError as err:  # json.JSONDecodeError is a ValueError, as are the hooks' errors
+        raise ProtocolError("malformed", f"request is not valid JSON: {err}") from None
+    if not isinstance(doc, dict):
+        raise ProtocolError("malformed", f"request must be a JSON object, got {_json_type(doc)}")
+    if "id" not in doc:
+        raise ProtocolError("malformed", "request has no 'id'")
+    request_id = doc["id"]
+    if isinstance(request_id, bool) or not isinstance(request_id, str | int):
+        raise ProtocolError("malformed", f"'id' must be a string or an integer, got {_json_type(request_id)}")
+    if isinstance(request_id, str) and not 1 <= len(request_id) <= MAX_ID_CHARS:
+        raise ProtocolError("malformed", f"'id' must be 1-{MAX_ID_CHARS} characters, got {len(request_id)}")
+    extra = sorted(set(doc) - {"id", "command", "params"})
+    if extra:
+        raise ProtocolError(
+            "malformed", f"unexpected key(s) {', '.join(map(repr, extra))} in request", request_id
+        )
+    command = doc.get("command")
+    if not isinstance(command, str):
+        raise ProtocolError("malformed", f"'command' must be a string, got {_json_type(command)}", request_id)
+    model = COMMANDS.get(command)
+    if model is None:
+        known = ", ".join(sorted(COMMANDS))
+        raise ProtocolError(
+            "unknown_command", f"unknown command {command[:64]!r}; known: {known}", request_id
+        )
+    params = doc.get("params", {})
+    if not isinstance(params, dict):
+        raise ProtocolError(
+            "invalid_params",
+            f"{command}: 'params' must be a JSON object, got {_json_type(params)}",
+            request_id,
+        )
+    try:
+        validated = model.model_validate(params)
+    except ValidationError as err:
+        raise ProtocolError(
+            "invalid_params", f"{command}: {describe_validation_error(err)}", request_id
+        ) from None
+    return Request(id=request_id, command=command, params=validated)
+
+
+def request_id_of(raw: bytes) -> RequestId | None:
+    """Best-effort id of a request frame that may be invalid (for logging and caching)."""
+    try:
+        doc = _loads(raw)
+    except ValueError:
+        return None
+    rid = doc.get("id") if isinstance(doc, dict) else None
+    return rid if isinstance(rid, str | int) and not isinstance(rid, bool) else None
+
+
+# --------------------------------------------------------------------------- encoding
+
+
+def _json_default(value: Any) -> Any:
+    # Paths are the common non-JSON value in results (output folders), numpy
+    # scalars the common one in measurements; anything else unknown is a bug
+    # and fails loudly rather than being str()-ed.
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, tuple | set | frozenset):
+        return list(value)
+    if hasattr(value, "dtype") and hasattr(value, "item") and getattr(value, "ndim", None) == 0:
+        return value.item()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def _finite(doc: Any) -> Any:
+    if hasattr(doc, "dtype") and hasattr(doc, "item") and getattr(doc, "ndim", None) == 0:
+        doc = doc.item()
+    if isinstance(doc, float):
+        return doc if math.isfinite(doc) else None
+    if isinstance(doc, dict):
+        return {k: _finite(v) for k, v in doc.items()}
+    if isinstance(doc, list | tuple):
+        return [_finite(v) for v in doc]
+    return doc
+
+
+def dumps(doc: Any) -> bytes:
+    """Compact UTF-8 JSON. NaN/Infinity become null.
+
+    They are not JSON (other parsers reject them), and a failed focus fit
+    reporting NaN must not turn a progress event or a status reply into an
+    error: null is the honest "no value".
+    """
+    try:
+        text = json.dumps(doc, separators=(",", ":"), allow_nan=False, default=_json_default)
+    except ValueError:
+        text = json.dumps(_finite(doc), separators=(",", ":"), allow_nan=False, default=_json_default)
+    return text.encode("utf-8")
+
+
+def encode_request(request_id: RequestId, command: str, params: Mapping[str, Any] | None = None) -> bytes:
+    """A request frame (clients use this; the daemon never sends requests)."""
+    return dumps({"id": request_id, "command": command, "params": dict(params or {})})
+
+
+def encode_reply(request_id: RequestId, result: Mapping[str, Any]) -> bytes:
+    """A success reply. Raises TypeError/ValueError if ``result`` is not JSON-able."""
+    return dumps({"id": request_id, "ok": True, "result": dict(result)})
+
+
+def encode_error(request_id: RequestId | None, code: str, message: str) -> bytes:
+    """An error reply; ``request_id`` is None when the request's id could not be read."""
+    if code not in ERROR_CODES:
+        raise ValueError(f"unknown error code {code!r}")
+    return dumps({"id": request_id, "ok": False, "error": {"code": code, "message": message}})
+
+
+def decode_reply(raw: bytes) -> dict[str, Any]:
+    """Parse a reply frame and check its shape; raise ProtocolError("malformed", ...) otherwise."""
+    try:
+        doc = _loads(raw)
+    except ValueError as err:
+        raise ProtocolError("malformed", f"reply is not valid JSON: {err}") from None
+    if not isinstance(doc, dict) or "id" not in doc or not isinstance(doc.get("ok"), bool):
+        raise ProtocolError("malformed", f"reply is not a protocol reply: {raw[:200]!r}")
+    if doc["ok"] and not isinstance(doc.get("result"), dict):
+        raise ProtocolError("malformed", "reply has ok=true but no 'result' object")
+    if not doc["ok"]:
+        error = doc.get("error")
+        if not isinstance(error, dict) or not isinstance(error.get("code"), str):
+            raise ProtocolError("malformed", "reply has ok=false but no 'error' object with a 'code'")
+        error.setdefault("message", "")
+    return doc
+
+
+def encode_event(seq: int, event: str, data: Mapping[str, Any], time_s: float | None = None) -> list[bytes]:
+    """The two frames of an event: topic (event name) and JSON body."""
+    if event not in EVENT_NAMES:
+        raise ValueError(f"unknown event {event!r}; expected one of {', '.join(EVENT_NAMES)}")
+    body = {"seq": seq, "event": event, "time": time.time() if time_s is None else time_s, "data": dict(data)}
+    return [event.encode("ascii"), dumps(body)]
+
+
+def decode_event(frames: list[bytes]) -> dict[str, Any]:
+    """Parse an event (two frames, or one JSON frame); raise ProtocolError("malformed", ...) otherwise."""
+    if not 1 <= len(frames) <= 2:
+        raise ProtocolError("malformed", f"event has {len(frames)} frames, expected 2")
+    try:
+        doc = _loads(frames[-1])
+    except ValueError as err:
+        raise ProtocolError("malformed", f"event is not valid JSON: {err}") from None
+    if (
+        not isinstance(doc, dict)
+        or not isinstance(doc.get("seq"), int)
+        or not isinstance(doc.get("event"), str)
+        or not isinstance(doc.get("data"), dict)
+    ):
+        raise ProtocolError("malformed", f"event is not a protocol event: {frames[-1][:200]!r}")
+    return doc
+
+
+# --------------------------------------------------------------------------- paths
+
+
+def resolve_under(root: Path, value: str, param: str) -> Path:
+    """Resolve a path parameter against ``root`` and refuse anything outside it.
+
+    Relative paths are taken relative to ``root``; absolute ones must already
+    lie inside it. Symlinks are resolved first, so a link pointing out of the
+    data root is refused too. Raises ``RequestError("invalid_params", ...)``
+    naming the parameter.
+    """
+    root_resolved = Path(root).resolve()
+    candidate = (root_resolved / value).resolve()
+    if not candidate.is_relative_to(root_resolved):
+        raise RequestError("invalid_params", f"{param}: {value!r} is outside the data root {root_resolved}")
+    return candidate
