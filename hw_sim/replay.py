@@ -14,6 +14,7 @@ the pipeline can.
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 
 import numpy as np
@@ -34,8 +35,17 @@ def trapezoid_move_s(distance_um: float, speed_um_s: float, accel_um_s2: float) 
 
 
 class SimClock:
-    def __init__(self) -> None:
+    """Simulated scanner time. With ``pace > 0`` replay also *waits* pace x the modelled
+    time, so a UI or a test sees a scan progress at (a multiple of) scanner speed."""
+
+    def __init__(self, pace: float = 0.0) -> None:
         self.t = 0.0
+        self.pace = pace
+
+    def advance(self, seconds: float) -> None:
+        self.t += seconds
+        if self.pace > 0:
+            time.sleep(seconds * self.pace)
 
 
 class ReplayStage:
@@ -53,14 +63,14 @@ class ReplayStage:
         tx = trapezoid_move_s(x_um - self._pos.x_um, t.stage_speed_um_s, t.stage_accel_um_s2)
         ty = trapezoid_move_s(y_um - self._pos.y_um, t.stage_speed_um_s, t.stage_accel_um_s2)
         if tx or ty:
-            self._clock.t += max(tx, ty) + t.settle_s
+            self._clock.advance(max(tx, ty) + t.settle_s)
         self._pos = StagePosition(x_um, y_um, self._pos.z_um)
 
     def move_z(self, z_um: float) -> None:
         t = self._timing
         dz = abs(z_um - self._pos.z_um)
         if dz:
-            self._clock.t += dz / t.z_speed_um_s + t.z_settle_s
+            self._clock.advance(dz / t.z_speed_um_s + t.z_settle_s)
         self._pos = StagePosition(self._pos.x_um, self._pos.y_um, z_um)
 
     def position(self) -> StagePosition:
@@ -103,7 +113,7 @@ class ReplayCamera:
         return self._cache[k]
 
     def snap(self) -> RGBImage:
-        self._clock.t += self._rec.meta.timing.exposure_s
+        self._clock.advance(self._rec.meta.timing.exposure_s)
         field = self._stage.field_index()
         zs = self._rec.z_um[field]
         z = self._stage.position().z_um
@@ -124,9 +134,9 @@ class ReplayCamera:
 class ReplayDriver:
     """Camera + stage over one recording; also a SimulatedClock."""
 
-    def __init__(self, recording: Recording) -> None:
+    def __init__(self, recording: Recording, pace: float = 0.0) -> None:
         self.recording = recording
-        self._clock = SimClock()
+        self._clock = SimClock(pace)
         self._stage = ReplayStage(recording, self._clock)
         self._camera = ReplayCamera(recording, self._stage, self._clock)
 
@@ -148,8 +158,14 @@ class ReplayDriver:
         pass
 
 
-def open_replay_driver(recording: str | None = None) -> ReplayDriver:
-    """The driver factory named in the default configuration (``driver.options.recording``)."""
+def open_replay_driver(recording: str | None = None, pace: float = 0.0) -> ReplayDriver:
+    """The driver factory named in the default configuration.
+
+    ``driver.options``: ``recording`` (path; start_scan's ``recording`` overrides it) and
+    ``pace`` (0: as fast as possible; 1: real scanner speed by the timing model).
+    """
     if not recording:
         raise DriverError("the replay driver needs driver.options.recording (or start_scan's 'recording')")
-    return ReplayDriver(Recording.open(Path(recording)))
+    if pace < 0:
+        raise DriverError(f"driver.options.pace must be >= 0, got {pace}")
+    return ReplayDriver(Recording.open(Path(recording)), pace=pace)

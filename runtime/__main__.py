@@ -25,7 +25,7 @@ def defaults_as_toml() -> str:
     """Every key with its default and its description, as a TOML file."""
     cfg = RuntimeConfig()
     lines = ["# wsi-runtime configuration: every key, with its default.", ""]
-    for section_name, section_field in RuntimeConfig.model_fields.items():
+    for section_name in RuntimeConfig.model_fields:
         section = getattr(cfg, section_name)
         doc = (type(section).__doc__ or "").strip().splitlines()
         lines.append(f"[{section_name}]" + (f"  # {doc[0]}" if doc else ""))

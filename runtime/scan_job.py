@@ -213,8 +213,11 @@ class ScanJob:
         )
 
     # -- ending ------------------------------------------------------------------------------
-    def cancel(self) -> None:
+    def cancel(self, why: str | None = None) -> None:
+        """Stop after the current field; the captured tiles still reach the mosaic."""
         self.cancelled = True
+        if why and self.error is None:
+            self.error = why
         self.cancel_event.set()
 
     def _fail(self, error: str) -> None:
@@ -226,7 +229,13 @@ class ScanJob:
     def _finish(self, reason: FinishReason) -> None:
         self.finish_reason = reason
         self.cancel_event.set()
-        self.stop_workers(grace_s=5.0 if reason is not FinishReason.FAILED else 1.0)
+        if reason is FinishReason.FAILED:
+            # A worker died or hung. Whatever was captured is still in the ring
+            # and the tile queue: end the stream so the stitcher flushes it into
+            # the Zarr mosaic (nothing captured is lost), and release the writer.
+            self.tiles.put(None)
+            self.to_writer.put(None)
+        self.stop_workers(grace_s=10.0)
         self._release_ring()
         if reason is FinishReason.COMPLETED and not self.cfg.mosaic.keep_after_export:
             shutil.rmtree(self.mosaic_path, ignore_errors=True)
@@ -254,7 +263,7 @@ class ScanJob:
             self.ring = None
 
     def abort(self, error: str) -> None:
-        """Daemon shutdown or an unexpected supervisor error: stop now, keep the Zarr."""
+        """An unexpected supervisor error, or a stop that could not wait: end now, keep the Zarr."""
         self.cancel()
         self._fail(error)
 

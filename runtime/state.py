@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 
-class RunState(str, enum.Enum):
+class RunState(enum.StrEnum):
     IDLE = "idle"
     STARTING = "starting"
     SCANNING = "scanning"
@@ -22,7 +22,7 @@ class RunState(str, enum.Enum):
     STOPPING = "stopping"
 
 
-class FinishReason(str, enum.Enum):
+class FinishReason(enum.StrEnum):
     COMPLETED = "completed"
     CANCELLED = "cancelled"
     FAILED = "failed"

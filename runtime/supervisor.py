@@ -155,6 +155,23 @@ class Supervisor:
             sdnotify.watchdog()
             self._last_watchdog = now
 
+    def _stop_running_scan(self, grace_s: float = 30.0) -> None:
+        """On SIGTERM: cancel, let the workers flush what was captured into the mosaic, then exit.
+
+        ``grace_s`` must stay below the unit's TimeoutStopSec.
+        """
+        assert self.job is not None
+        sdnotify.stopping()
+        self._set(state=RunState.STOPPING)
+        self.job.cancel("daemon stopped during the scan")
+        deadline = time.monotonic() + grace_s
+        while self.job is not None and time.monotonic() < deadline:
+            time.sleep(0.05)
+            self._tick_job()
+        if self.job is not None:
+            self.job.abort("daemon stopped during the scan; workers did not finish in time")
+            self._tick_job()
+
     def run(self) -> None:
         """Serve until shutdown is requested or a signal arrives."""
         removed = remove_stale_segments()
@@ -173,10 +190,7 @@ class Supervisor:
                 self._tick_job()
                 self._watchdog()
             if self.job is not None:
-                sdnotify.stopping()
-                self._set(state=RunState.STOPPING)
-                self.job.abort("daemon stopped during the scan")
-                self._tick_job()
+                self._stop_running_scan()
         finally:
             if self.job is not None:
                 self.job.close()

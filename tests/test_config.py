@@ -43,5 +43,5 @@ def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
 def test_overrides_are_validated() -> None:
     cfg = with_overrides(load_config(None), {"focus": {"sweep_steps": 5}})
     assert cfg.focus.sweep_steps == 5 and cfg.focus.sweep_half_range_um == 3.0
-    with pytest.raises(ConfigError, match="focus.sweep_steps"):
+    with pytest.raises(ConfigError, match=r"focus\.sweep_steps"):
         with_overrides(cfg, {"focus": {"sweep_steps": 1}})

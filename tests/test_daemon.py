@@ -1,0 +1,211 @@
+"""The daemon as the scanner UI sees it: real sockets, real worker processes, bad input, failures."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import zmq
+
+from runtime import shm
+from runtime.client import ControlClient, EventSubscriber, RequestFailed
+from runtime.config import RuntimeConfig
+from runtime.daemon import start_daemon_process
+from tests.conftest import daemon_config
+
+
+def _segments_of(proc: Any) -> list[str]:
+    """Shared-memory segments the daemon process created that still exist."""
+    return shm.segments_of(proc.pid)
+
+
+def _wait_idle(client: ControlClient, timeout_s: float = 60) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        st = client.request("status")
+        if st["state"] == "idle" and st["last_finish"]:
+            return st
+        time.sleep(0.1)
+    raise AssertionError(f"daemon not idle after {timeout_s} s: {st}")
+
+
+def _wait_for(client: ControlClient, cond: Callable[[dict[str, Any]], bool], timeout_s: float = 60) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        st = client.request("status")
+        if cond(st):
+            return st
+        time.sleep(0.05)
+    raise AssertionError(f"condition not reached: {st}")
+
+
+def _raw_request(endpoint: str, payload: bytes) -> dict[str, Any]:
+    sock = zmq.Context.instance().socket(zmq.REQ)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RCVTIMEO, 5000)
+    sock.connect(endpoint)
+    try:
+        sock.send(payload)
+        return json.loads(sock.recv())
+    finally:
+        sock.close()
+
+
+def test_malformed_requests_get_errors_and_daemon_keeps_serving(daemon: tuple[RuntimeConfig, ControlClient]) -> None:
+    cfg, client = daemon
+    ep = cfg.endpoint("command")
+    assert _raw_request(ep, b"\xff not json")["error"]["code"] == "malformed"
+    assert _raw_request(ep, b"[1, 2]")["error"]["code"] == "malformed"
+    reply = _raw_request(ep, json.dumps({"id": 7, "command": "make_coffee"}).encode())
+    assert reply["id"] == 7 and reply["error"]["code"] == "unknown_command"
+    assert "make_coffee" in reply["error"]["message"]
+    reply = _raw_request(ep, json.dumps({"id": 8, "command": "start_scan", "params": {"output_name": "../x"}}).encode())
+    assert reply["error"]["code"] == "invalid_params" and "output_name" in reply["error"]["message"]
+    with pytest.raises(RequestFailed) as err:
+        client.request("start_scan", recording="/etc/passwd")
+    assert err.value.code == "invalid_params" and "outside the data root" in str(err.value)
+    with pytest.raises(RequestFailed) as err:
+        client.request("cancel")
+    assert err.value.code == "not_running"
+    assert client.request("ping")["pong"] is True
+
+
+def test_scan_publishes_events_in_sequence(daemon: tuple[RuntimeConfig, ControlClient]) -> None:
+    cfg, client = daemon
+    events = EventSubscriber(cfg.endpoint("event"))
+    time.sleep(0.3)  # subscription reaches the PUB socket
+    try:
+        client.request("start_scan", output_name="evented")
+        with pytest.raises(RequestFailed) as err:
+            client.request("start_scan", output_name="second")
+        assert err.value.code == "busy"
+        seen: list[dict[str, Any]] = []
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            ev = events.recv(timeout_s=1.0)
+            if ev is None:
+                continue
+            seen.append(ev)
+            if ev["event"] == "scan_finished":
+                break
+        names = [e["event"] for e in seen]
+        assert names[-1] == "scan_finished" and seen[-1]["data"]["reason"] == "completed"
+        assert "scan_started" in names and names.count("field_done") == 9
+        seqs = [e["seq"] for e in seen]
+        assert seqs == sorted(seqs) and events.missed == 0
+        assert Path(seen[-1]["data"]["slide"]).is_file()
+    finally:
+        events.close()
+
+
+def test_cancel_keeps_what_was_captured(tmp_path: Path, small_recording: Path) -> None:
+    runtime_dir = Path("/tmp") / f"wsirt-cancel-{os.getpid()}"
+    cfg = daemon_config(
+        tmp_path / "data", runtime_dir, None, driver={"options": {"recording": str(small_recording), "pace": 4.0}}
+    )
+    proc = start_daemon_process(cfg)
+    client = ControlClient(cfg.endpoint("command"), timeout_s=2.0, retries=15)
+    try:
+        client.request("start_scan", output_name="cut")
+        _wait_for(client, lambda st: st["fields_done"] >= 2)
+        client.request("cancel")
+        st = _wait_idle(client)
+        assert st["last_finish"] == "cancelled"
+        report = json.loads((tmp_path / "data" / "cut" / "report.json").read_text())
+        assert report["finish_reason"] == "cancelled"
+        assert 2 <= report["fields_done"] < 9
+        assert report["mosaic"] and Path(report["mosaic"]).is_dir()  # kept for export/resume
+        assert not (tmp_path / "data" / "cut" / "slide.ome.tif").exists()
+        # The daemon serves the next scan.
+        client.request("start_scan", output_name="again")
+        assert _wait_idle(client)["last_finish"] == "completed"
+    finally:
+        client.request("shutdown")
+        proc.join(30)
+        client.close()
+    assert proc.exitcode == 0
+    assert _segments_of(proc) == []
+
+
+def test_worker_crash_fails_the_scan_not_the_daemon(tmp_path: Path, small_recording: Path) -> None:
+    runtime_dir = Path("/tmp") / f"wsirt-crash-{os.getpid()}"
+    cfg = daemon_config(
+        tmp_path / "data", runtime_dir, None, driver={"options": {"recording": str(small_recording), "pace": 4.0}}
+    )
+    proc = start_daemon_process(cfg)
+    client = ControlClient(cfg.endpoint("command"), timeout_s=2.0, retries=15)
+    try:
+        client.request("start_scan", output_name="crash")
+        st = _wait_for(client, lambda st: st["fields_done"] >= 1 and "stitcher" in st["workers"])
+        os.kill(st["workers"]["acquisition"], signal.SIGKILL)
+        st = _wait_idle(client)
+        assert st["last_finish"] == "failed" and "acquisition" in st["last_error"]
+        report = json.loads((tmp_path / "data" / "crash" / "report.json").read_text())
+        assert report["finish_reason"] == "failed" and report["fields_done"] >= 1
+        # The tiles captured before the crash were flushed into the kept mosaic.
+        assert Path(report["mosaic"]).is_dir()
+        assert _segments_of(proc) == []
+        assert client.request("ping")["pong"] is True
+    finally:
+        client.request("shutdown")
+        proc.join(30)
+        client.close()
+    assert proc.exitcode == 0
+
+
+def test_sigterm_stops_a_scan_cleanly(tmp_path: Path, small_recording: Path) -> None:
+    runtime_dir = Path("/tmp") / f"wsirt-term-{os.getpid()}"
+    cfg = daemon_config(
+        tmp_path / "data", runtime_dir, None, driver={"options": {"recording": str(small_recording), "pace": 4.0}}
+    )
+    proc = start_daemon_process(cfg)
+    client = ControlClient(cfg.endpoint("command"), timeout_s=2.0, retries=15)
+    try:
+        client.request("start_scan", output_name="term")
+        st = _wait_for(client, lambda st: st["fields_done"] >= 1)
+        workers = list(st["workers"].values())
+        assert proc.pid is not None
+        os.kill(proc.pid, signal.SIGTERM)
+        proc.join(60)
+    finally:
+        client.close()
+    assert proc.exitcode == 0
+    assert _segments_of(proc) == []
+    for pid in workers:  # no orphaned worker
+        assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
+    report = json.loads((tmp_path / "data" / "term" / "report.json").read_text())
+    assert report["finish_reason"] == "cancelled" and "daemon stopped" in report["error"]
+    assert report["fields_done"] >= 1 and Path(report["mosaic"]).is_dir()
+
+
+def test_corrupt_recording_fails_scan_with_named_error(tmp_path: Path, small_recording: Path) -> None:
+    import shutil
+
+    data = tmp_path / "data"
+    rec = data / "broken.zarr"
+    shutil.copytree(small_recording, rec)
+    chunks = [p for p in (rec / "stacks" / "c" / "0").rglob("*") if p.is_file()]
+    assert chunks, "recording layout changed: no chunk files for field 0"
+    for chunk in chunks:  # every plane of the first field truncated
+        chunk.write_bytes(chunk.read_bytes()[:100])
+    runtime_dir = Path("/tmp") / f"wsirt-corrupt-{os.getpid()}"
+    cfg = daemon_config(data, runtime_dir, None)
+    proc = start_daemon_process(cfg)
+    client = ControlClient(cfg.endpoint("command"), timeout_s=2.0, retries=15)
+    try:
+        client.request("start_scan", recording="broken.zarr", output_name="bad")
+        st = _wait_idle(client)
+        assert st["last_finish"] == "failed"
+        assert "field" in st["last_error"] and "plane" in st["last_error"], st["last_error"]
+        assert client.request("ping")["pong"] is True
+    finally:
+        client.request("shutdown")
+        proc.join(30)
+        client.close()
+    assert proc.exitcode == 0
