@@ -1,0 +1,107 @@
+"""``python -m export <command>``: train the scan-path models on hw_sim data and export them.
+
+  python -m export data --kind autofocus|classifier [--split train ...]   render and cache data
+  python -m export train-autofocus  [--data DIR] [--seed 0] [--out out/models/autofocus.pt]
+  python -m export train-classifier [--data DIR] [--seed 0] [--out out/models/classifier.pt]
+  python -m export onnx CHECKPOINT --out FOLDER                          model.onnx + model.json
+
+The committed models in ``runtime/models/`` were made with ``python -m export all``
+(the exact commands are recorded in each ``model.json`` under ``training``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+DEFAULT_DATA = Path("out/export-data")
+MODELS_DIR = Path(__file__).resolve().parent.parent / "runtime" / "models"
+
+
+def _samples(kind: str, data_dir: Path, seed: int, n: int = 64) -> np.ndarray:
+    """Real held-out inputs for the parity check (plus the data's own extremes)."""
+    from export.train import _data
+
+    d = _data(kind, "heldout", data_dir, seed, workers=2)
+    rng = np.random.default_rng(seed)
+    idx = rng.choice(len(d["x"]), min(n, len(d["x"])), replace=False)
+    return np.asarray(d["x"][np.sort(idx)], np.float32)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m export", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    for name in ("train-autofocus", "train-classifier"):
+        t = sub.add_parser(name)
+        t.add_argument("--data", type=Path, default=DEFAULT_DATA, help="dataset cache folder")
+        t.add_argument("--seed", type=int, default=0)
+        t.add_argument("--epochs", type=int, default=None)
+        t.add_argument("--workers", type=int, default=2, help="processes rendering data")
+        t.add_argument("--out", type=Path, default=None)
+    d = sub.add_parser("data", help="render and cache a dataset split")
+    d.add_argument("--kind", choices=["autofocus", "classifier"], required=True)
+    d.add_argument("--split", choices=["train", "val", "heldout"], action="append")
+    d.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--workers", type=int, default=2)
+    o = sub.add_parser("onnx", help="export a checkpoint to a model folder (parity-checked)")
+    o.add_argument("checkpoint", type=Path)
+    o.add_argument("--out", type=Path, required=True, help="model folder to write")
+    o.add_argument("--data", type=Path, default=DEFAULT_DATA, help="held-out samples for the parity check")
+    o.add_argument("--seed", type=int, default=0)
+    o.add_argument("--atol", type=float, default=1e-3)
+    a = sub.add_parser("all", help="train both models and export them into runtime/models/")
+    a.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    a.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+
+    from export import train
+
+    if args.cmd == "data":
+        for split in args.split or ["train", "val", "heldout"]:
+            x = train._data(args.kind, split, args.data, args.seed, args.workers)
+            print(f"{args.kind} {split}: {x['x'].shape}")
+        return 0
+    if args.cmd == "train-autofocus":
+        out = args.out or Path(f"out/models/autofocus-seed{args.seed}.pt")
+        kw = {"epochs": args.epochs} if args.epochs else {}
+        r = train.train_autofocus(args.data, out, args.seed, workers=args.workers, **kw)
+        print(json.dumps(r["heldout_metrics"], indent=2))
+        print(f"checkpoint: {out}")
+        return 0
+    if args.cmd == "train-classifier":
+        out = args.out or Path(f"out/models/classifier-seed{args.seed}.pt")
+        kw = {"epochs": args.epochs} if args.epochs else {}
+        r = train.train_classifier(args.data, out, args.seed, workers=args.workers, **kw)
+        print(json.dumps(r["heldout_metrics"], indent=2))
+        print(f"checkpoint: {out}")
+        return 0
+    if args.cmd == "onnx":
+        import torch
+
+        from export.onnx_export import export_checkpoint
+
+        arch = torch.load(args.checkpoint, map_location="cpu", weights_only=False)["arch"]
+        kind = "autofocus" if arch == "AutofocusNet" else "classifier"
+        meta = export_checkpoint(args.checkpoint, args.out, _samples(kind, args.data, args.seed), args.atol)
+        print(f"wrote {args.out}/model.onnx (sha256 {meta['onnx_sha256'][:12]}...), parity {meta['parity']}")
+        return 0
+    if args.cmd == "all":
+        for kind in ("autofocus", "classifier"):
+            ckpt = Path(f"out/models/{kind}-seed{args.seed}.pt")
+            fn = train.train_autofocus if kind == "autofocus" else train.train_classifier
+            fn(args.data, ckpt, args.seed)
+            main(
+                ["onnx", str(ckpt), "--out", str(MODELS_DIR / kind), "--data", str(args.data), "--seed", str(args.seed)]
+            )
+        return 0
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

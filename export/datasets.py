@@ -1,0 +1,297 @@
+"""Training, validation and held-out data rendered with ``hw_sim`` (no recordings needed).
+
+Every sample is a synthetic slide region imaged through the pupil-function
+optics at a known defocus and exposed by the noisy camera, with randomised
+tissue (slide seed, position), stain strength and hue, illumination, white
+balance, vignetting, noise and the objective's aberrations (spherical
+aberration, axial colour). The split decides the random streams: slide seeds
+of different splits come from disjoint ranges and optics parameters from
+independent generators, so nothing in ``heldout`` was seen in ``train``.
+
+Work is split by *optics configuration*: a PSF/OTF costs ~0.25 s at ±10 µm,
+so each worker images many fields through one objective at a pool of defocus
+values, instead of computing a PSF per sample.
+"""
+
+from __future__ import annotations
+
+import math
+import multiprocessing as mp
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from hw_sim.optics import CameraParams, Optics, OpticsParams
+from hw_sim.slide import RUIFROK_E, RUIFROK_H, SlideSpec, SyntheticSlide
+from runtime.preprocess import AutofocusPreprocess, ClassifierPreprocess
+
+PIXEL_SIZE_UM = 0.25  # 40x scanner camera pixel in the sample plane
+TILE = 256
+SPLITS = ("train", "val", "heldout")
+# Slide seeds per split live in disjoint ranges; optics parameters come from per-split generators.
+_SEED_BASE = {"train": 1_000_000, "val": 2_000_000, "heldout": 3_000_000}
+_SPLIT_SALT = {"train": 11, "val": 22, "heldout": 33}
+CLASSES = ("background", "tissue", "artifact")
+TISSUE_MIN = 0.05  # a tile with >= 5% tissue is tissue (worth focusing and writing in full)
+ARTIFACT_MIN = 0.02  # >= 2% covered by an artifact: flag it
+
+
+def _rng(split: str, seed: int, *more: int) -> np.random.Generator:
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    return np.random.default_rng([seed, _SPLIT_SALT[split], *more])
+
+
+def random_optics(rng: np.random.Generator, max_defocus_um: float) -> OpticsParams:
+    """A 40x/0.95 dry objective with realistic residual aberrations."""
+    return OpticsParams(
+        spherical_waves=float(rng.uniform(0.04, 0.12)),
+        chromatic_shift_um=(float(rng.uniform(0.05, 0.25)), 0.0, float(-rng.uniform(0.1, 0.3))),
+        max_defocus_um=max_defocus_um,
+    )
+
+
+def random_camera(rng: np.random.Generator) -> CameraParams:
+    return CameraParams(
+        full_well_e=float(rng.uniform(5000, 20000)),
+        read_noise_e=float(rng.uniform(2, 8)),
+        illumination=float(rng.uniform(0.8, 0.99)),
+        vignetting=float(rng.uniform(0.03, 0.2)),
+        channel_gain=tuple(float(g) for g in rng.uniform(0.92, 1.06, 3)),  # type: ignore[arg-type]
+    )
+
+
+def _jitter(v: tuple[float, float, float], rng: np.random.Generator, amount: float) -> tuple[float, float, float]:
+    a = np.asarray(v) * rng.uniform(1 - amount, 1 + amount, 3)
+    return (float(a[0]), float(a[1]), float(a[2]))
+
+
+def random_slide(rng: np.random.Generator, seed: int, artifacts: int = 0) -> SlideSpec:
+    """Stain strength and hue (stain vectors) vary between labs and batches."""
+    return SlideSpec(
+        seed=seed,
+        width_um=4000.0,
+        height_um=3000.0,
+        pieces=int(rng.integers(2, 7)),
+        h_strength=float(rng.uniform(0.55, 1.45)),
+        e_strength=float(rng.uniform(0.55, 1.45)),
+        h_vector=_jitter(RUIFROK_H, rng, 0.2),
+        e_vector=_jitter(RUIFROK_E, rng, 0.2),
+        glass_od=float(rng.uniform(0.0, 0.06)),
+        artifacts=artifacts,
+    )
+
+
+def _tissue_position(slide: SyntheticSlide, rng: np.random.Generator, p_anywhere: float) -> tuple[float, float]:
+    s = slide.spec
+    if rng.random() < p_anywhere:
+        return s.origin_x_um + rng.uniform(0, s.width_um), s.origin_y_um + rng.uniform(0, s.height_um)
+    p = slide._pieces[int(rng.integers(len(slide._pieces)))]
+    return p.cx + rng.uniform(-0.8, 0.8) * p.a, p.cy + rng.uniform(-0.8, 0.8) * p.b
+
+
+@dataclass(frozen=True)
+class AutofocusJob:
+    split: str
+    seed: int
+    config: int  # optics configuration index within the split
+    fields: int
+    z_per_field: int
+    max_defocus_um: float = 10.0
+    tile: int = TILE
+
+
+def render_autofocus_config(job: AutofocusJob) -> dict[str, Any]:
+    """One objective, ``fields`` slide regions, ``z_per_field`` defocus values each."""
+    rng = _rng(job.split, job.seed, job.config)
+    pre = AutofocusPreprocess()
+    # The PSF box must hold the largest defocus plus the chromatic shift.
+    optics_params = random_optics(rng, job.max_defocus_um + 0.5)
+    optics = Optics(optics_params, PIXEL_SIZE_UM, (job.tile, job.tile))
+    m, px, t = optics.margin_px, PIXEL_SIZE_UM, job.tile
+    # A pool of defocus values (one OTF each), half spread over the whole range and half
+    # near focus, where the closed loop needs its precision.
+    n_pool = max(8, job.z_per_field * 4)
+    pool = np.concatenate(
+        [rng.uniform(-job.max_defocus_um, job.max_defocus_um, n_pool // 2), rng.uniform(-2.0, 2.0, n_pool // 2)]
+    )
+    fields = []
+    for f in range(job.fields):
+        seed = _SEED_BASE[job.split] + job.seed * 10_000 + job.config * 500 + f
+        slide = SyntheticSlide(random_slide(rng, seed))
+        cx, cy = _tissue_position(slide, rng, p_anywhere=0.15)
+        x0, y0 = cx - t * px / 2, cy - t * px / 2
+        obj = optics.prepare(slide.transmittance(x0 - m * px, y0 - m * px, t + 2 * m, t + 2 * m, px))
+        zs = rng.choice(len(pool), job.z_per_field, replace=False)
+        fields.append((slide, x0, y0, obj, zs))
+    by_z: dict[int, list[int]] = {}
+    for fi, (_, _, _, _, zs) in enumerate(fields):
+        for k in zs:
+            by_z.setdefault(int(k), []).append(fi)
+    xs: list[npt.NDArray[np.float16]] = []
+    defocus: list[float] = []
+    content: list[float] = []
+    field_ids: list[int] = []
+    for k, fis in sorted(by_z.items()):  # z-major: each OTF is computed once
+        for fi in fis:
+            slide, x0, y0, obj, _ = fields[fi]
+            optics.camera = random_camera(rng)
+            frame = optics.camera_capture(optics.image(obj, float(pool[k])), rng)
+            inp, pos = pre.inputs_at(frame)
+            for i, (_, _, y, x) in enumerate(pos):
+                frac = slide.tissue_fraction(x0 + x * px, y0 + y * px, pre.crop, pre.crop, px)
+                xs.append(inp[i].astype(np.float16))
+                defocus.append(float(pool[k]))
+                content.append(1.0 if frac >= 0.3 else 0.0)
+                field_ids.append(job.config * 10_000 + fi)
+    return {
+        "x": np.stack(xs),
+        "defocus_um": np.asarray(defocus, np.float32),
+        "content": np.asarray(content, np.float32),
+        "field": np.asarray(field_ids, np.int64),
+        "optics": optics_params.to_dict(),
+    }
+
+
+@dataclass(frozen=True)
+class ClassifierJob:
+    split: str
+    seed: int
+    config: int
+    slides: int
+    tiles_per_slide: int
+    tile: int = TILE
+
+
+def tile_label(slide: SyntheticSlide, x0: float, y0: float, size_px: int, px: float) -> tuple[int, float, float]:
+    """(class index, tissue fraction, artifact fraction) of a tile region."""
+    art = slide.artifact_fraction(x0, y0, size_px, size_px, px)
+    tis = slide.tissue_fraction(x0, y0, size_px, size_px, px)
+    if art >= ARTIFACT_MIN:
+        return 2, tis, art
+    return (1 if tis >= TISSUE_MIN else 0), tis, art
+
+
+def render_classifier_config(job: ClassifierJob) -> dict[str, Any]:
+    """Slides with artifacts; tiles near artifacts, near tissue and anywhere; focus within ±1.5 µm."""
+    rng = _rng(job.split, job.seed, 1000 + job.config)
+    optics_params = random_optics(rng, 2.0)
+    optics = Optics(optics_params, PIXEL_SIZE_UM, (job.tile, job.tile))
+    pre = ClassifierPreprocess()
+    m, px, t = optics.margin_px, PIXEL_SIZE_UM, job.tile
+    pool = rng.uniform(-1.5, 1.5, 6)
+    xs, labels, tissue, artifact, raw = [], [], [], [], []
+    for s in range(job.slides):
+        seed = _SEED_BASE[job.split] + 500_000 + job.seed * 10_000 + job.config * 500 + s
+        slide = SyntheticSlide(random_slide(rng, seed, artifacts=int(rng.integers(4, 12))))
+        for _ in range(job.tiles_per_slide):
+            u = rng.random()
+            if u < 0.35 and slide.artifacts:
+                a = slide.artifacts[int(rng.integers(len(slide.artifacts)))]
+                r = min(a.reach, 300.0)
+                cx, cy = a.cx + rng.uniform(-r, r), a.cy + rng.uniform(-r, r)
+            else:
+                cx, cy = _tissue_position(slide, rng, p_anywhere=0.5)
+            x0, y0 = cx - t * px / 2, cy - t * px / 2
+            obj = optics.prepare(slide.transmittance(x0 - m * px, y0 - m * px, t + 2 * m, t + 2 * m, px))
+            optics.camera = random_camera(rng)
+            frame = optics.camera_capture(optics.image(obj, float(pool[int(rng.integers(len(pool)))])), rng)
+            label, tis, art = tile_label(slide, x0, y0, t, px)
+            xs.append(pre.inputs(frame, px)[0].astype(np.float16))
+            raw.append(frame[::2, ::2].copy())  # for the classical baseline (HSV saturation)
+            labels.append(label)
+            tissue.append(tis)
+            artifact.append(art)
+    return {
+        "x": np.stack(xs),
+        "label": np.asarray(labels, np.int64),
+        "tissue_fraction": np.asarray(tissue, np.float32),
+        "artifact_fraction": np.asarray(artifact, np.float32),
+        "raw": np.stack(raw),
+        "optics": optics_params.to_dict(),
+    }
+
+
+def _merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key in parts[0]:
+        if key == "optics":
+            out["optics"] = [p["optics"] for p in parts]
+        else:
+            out[key] = np.concatenate([p[key] for p in parts])
+    return out
+
+
+def _run(fn: Any, jobs: list[Any], workers: int) -> dict[str, Any]:
+    if workers <= 1:
+        return _merge([fn(j) for j in jobs])
+    with mp.get_context("spawn").Pool(workers) as pool:
+        return _merge(pool.map(fn, jobs, chunksize=1))
+
+
+@dataclass(frozen=True)
+class AutofocusDataSpec:
+    configs: int
+    fields: int
+    z_per_field: int
+    max_defocus_um: float = 10.0
+
+
+@dataclass(frozen=True)
+class ClassifierDataSpec:
+    configs: int
+    slides: int
+    tiles_per_slide: int
+
+
+AUTOFOCUS_DATA = {
+    "train": AutofocusDataSpec(configs=12, fields=64, z_per_field=6),
+    "val": AutofocusDataSpec(configs=2, fields=24, z_per_field=5),
+    "heldout": AutofocusDataSpec(configs=3, fields=24, z_per_field=6),
+}
+CLASSIFIER_DATA = {
+    "train": ClassifierDataSpec(configs=8, slides=12, tiles_per_slide=30),
+    "val": ClassifierDataSpec(configs=2, slides=6, tiles_per_slide=25),
+    "heldout": ClassifierDataSpec(configs=3, slides=8, tiles_per_slide=25),
+}
+
+
+def autofocus_data(split: str, seed: int, workers: int = 2, scale: float = 1.0) -> dict[str, Any]:
+    spec = AUTOFOCUS_DATA[split]
+    fields = max(2, math.ceil(spec.fields * scale))
+    jobs = [AutofocusJob(split, seed, c, fields, spec.z_per_field, spec.max_defocus_um) for c in range(spec.configs)]
+    return _run(render_autofocus_config, jobs, workers)
+
+
+def classifier_data(split: str, seed: int, workers: int = 2, scale: float = 1.0) -> dict[str, Any]:
+    spec = CLASSIFIER_DATA[split]
+    jobs = [
+        ClassifierJob(split, seed, c, max(1, math.ceil(spec.slides * scale)), spec.tiles_per_slide)
+        for c in range(spec.configs)
+    ]
+    return _run(render_classifier_config, jobs, workers)
+
+
+def cached(path: Path, make: Any) -> dict[str, Any]:
+    """Load ``path`` (.npz) or make the data and save it there; optics metadata kept as JSON."""
+    import json
+
+    if path.exists():
+        with np.load(path, allow_pickle=False) as z:
+            d: dict[str, Any] = {k: z[k] for k in z.files if k != "optics_json"}
+            d["optics"] = json.loads(str(z["optics_json"]))
+        return d
+    d = make()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arrays = {k: v for k, v in d.items() if k != "optics"}
+    tmp = path.with_suffix(".partial.npz")
+    np.savez(tmp, optics_json=np.asarray(json.dumps(d["optics"])), **arrays)
+    tmp.replace(path)
+    return d
+
+
+def with_scale(spec: AutofocusDataSpec, scale: float) -> AutofocusDataSpec:
+    return replace(spec, fields=max(2, math.ceil(spec.fields * scale)))

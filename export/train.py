@@ -1,0 +1,269 @@
+"""Training loops for the autofocus regressor and the tile classifier (CPU, reproducible by seed).
+
+Data come from :mod:`export.datasets` (rendered once, cached as .npz under
+``--data``). Accuracy figures are computed on the ``heldout`` split: slide
+seeds and objectives never used for training or model selection.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from export.datasets import AUTOFOCUS_DATA, CLASSES, CLASSIFIER_DATA, autofocus_data, cached, classifier_data
+from export.models import AutofocusNet, TileClassifier, count_macs
+
+HALF_DOF_UM = 0.35
+
+
+def seed_everything(seed: int, threads: int = 2) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Flips and transposes: the optics are rotationally symmetric, the tissue has no orientation.
+    (The Fourier channel transforms the same way, up to a one-pixel shift of the DC term.)"""
+    if torch.rand(1, generator=g).item() < 0.5:
+        x = x.flip(3)
+    if torch.rand(1, generator=g).item() < 0.5:
+        x = x.flip(2)
+    if torch.rand(1, generator=g).item() < 0.5:
+        x = x.transpose(2, 3)
+    return x
+
+
+def _data(kind: str, split: str, data_dir: Path, seed: int, workers: int) -> dict[str, Any]:
+    fn = autofocus_data if kind == "autofocus" else classifier_data
+    return cached(data_dir / f"{kind}-{split}-seed{seed}.npz", lambda: fn(split, seed, workers=workers))
+
+
+# --------------------------------------------------------------------------- autofocus
+
+
+def predict_autofocus(model: nn.Module, x: np.ndarray, batch: int = 512) -> tuple[np.ndarray, np.ndarray]:
+    model.eval()
+    d, c = [], []
+    with torch.no_grad():
+        for i in range(0, len(x), batch):
+            a, b = model(torch.from_numpy(np.asarray(x[i : i + batch], np.float32)))
+            d.append(a.numpy())
+            c.append(torch.sigmoid(b).numpy())
+    return np.concatenate(d), np.concatenate(c)
+
+
+def aggregate_tiles(
+    defocus_true: np.ndarray, field: np.ndarray, pred: np.ndarray, content_p: np.ndarray
+) -> dict[str, np.ndarray]:
+    """Per tile (crops of one capture share field id and defocus): median prediction over the
+    crops the model calls content; tiles with no such crop abstain (NaN)."""
+    keys = np.stack([field.astype(np.float64), defocus_true.astype(np.float64)], 1)
+    uniq, inv = np.unique(keys, axis=0, return_inverse=True)
+    inv = inv.ravel()
+    out_pred = np.full(len(uniq), np.nan)
+    for t in range(len(uniq)):
+        sel = (inv == t) & (content_p > 0.5)
+        if sel.any():
+            out_pred[t] = float(np.median(pred[sel]))
+    return {"true": uniq[:, 1], "pred": out_pred}
+
+
+def autofocus_metrics(true: np.ndarray, pred: np.ndarray, max_abs_um: float = 10.0) -> dict[str, float]:
+    ok = np.isfinite(pred) & (np.abs(true) <= max_abs_um)
+    err = np.abs(pred[ok] - true[ok])
+    big = ok & (np.abs(true) >= 1.0)
+    near = ok & (np.abs(true) <= 2.0)
+    return {
+        "tiles": int(ok.sum()),
+        "abstained": int((~np.isfinite(pred) & (np.abs(true) <= max_abs_um)).sum()),
+        "mae_um": float(err.mean()),
+        "median_abs_error_um": float(np.median(err)),
+        "within_half_dof": float(np.mean(err <= HALF_DOF_UM)),
+        "mae_near_focus_um": float(np.abs(pred[near] - true[near]).mean()) if near.any() else float("nan"),
+        "sign_accuracy_abs_ge_1um": float(np.mean(np.sign(pred[big]) == np.sign(true[big]))) if big.any() else 0.0,
+    }
+
+
+def train_autofocus(
+    data_dir: Path, out: Path, seed: int = 0, epochs: int = 14, batch: int = 128, lr: float = 3e-3, workers: int = 2
+) -> dict[str, Any]:
+    seed_everything(seed)
+    t0 = time.time()
+    train = _data("autofocus", "train", data_dir, seed, workers)
+    val = _data("autofocus", "val", data_dir, seed, workers)
+    held = _data("autofocus", "heldout", data_dir, seed, workers)
+    data_s = time.time() - t0
+    model = AutofocusNet()
+    x = torch.from_numpy(train["x"])  # float16, converted per batch
+    d = torch.from_numpy(train["defocus_um"])
+    c = torch.from_numpy(train["content"])
+    n = len(x)
+    steps = epochs * (n // batch)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15)
+    g = torch.Generator().manual_seed(seed)
+    bce = nn.BCEWithLogitsLoss()
+    t1 = time.time()
+    history = []
+    for epoch in range(epochs):
+        model.train()
+        perm = torch.randperm(n, generator=g)
+        total = 0.0
+        for i in range(n // batch):
+            idx = perm[i * batch : (i + 1) * batch]
+            xb = _augment(x[idx].float(), g)
+            pd, pc = model(xb)
+            cb = c[idx]
+            # Defocus is only learnable where there is something to see: glass crops train the
+            # content head only. Smooth L1 in µm: robust at ±10 µm, L1-like (MAE) beyond 0.2 µm.
+            reg = (nn.functional.smooth_l1_loss(pd, d[idx], beta=0.2, reduction="none") * cb).sum() / cb.sum().clamp(
+                min=1
+            )
+            loss = reg + 0.5 * bce(pc, cb)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += float(loss)
+        vp, vc = predict_autofocus(model, val["x"])
+        vt = aggregate_tiles(val["defocus_um"], val["field"], vp, vc)
+        vm = autofocus_metrics(vt["true"], vt["pred"])
+        history.append({"epoch": epoch, "loss": total / (n // batch), **{f"val_{k}": v for k, v in vm.items()}})
+        print(json.dumps(history[-1]), flush=True)
+    train_s = time.time() - t1
+    hp, hc = predict_autofocus(model, held["x"])
+    ht = aggregate_tiles(held["defocus_um"], held["field"], hp, hc)
+    metrics = autofocus_metrics(ht["true"], ht["pred"])
+    content_acc = float(np.mean((hc > 0.5) == (held["content"] > 0.5)))
+    result = {
+        "kind": "autofocus",
+        "seed": seed,
+        "epochs": epochs,
+        "batch": batch,
+        "lr": lr,
+        "train_samples": n,
+        "data": {s: vars(AUTOFOCUS_DATA[s]) for s in AUTOFOCUS_DATA},
+        "heldout_optics": held["optics"],
+        "heldout_metrics": {**metrics, "content_crop_accuracy": content_acc},
+        "history": history,
+        "data_seconds": round(data_s, 1),
+        "train_seconds": round(train_s, 1),
+        "macs_per_crop": count_macs(model, (7, 64, 64)),
+        "machine": f"{platform.machine()} {platform.processor() or ''} threads={torch.get_num_threads()}".strip(),
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": model.state_dict(), "arch": "AutofocusNet", "result": result}, out)
+    return result
+
+
+# --------------------------------------------------------------------------- classifier
+
+
+def predict_classifier(model: nn.Module, x: np.ndarray, batch: int = 512) -> np.ndarray:
+    model.eval()
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(x), batch):
+            logits, _ = model(torch.from_numpy(np.asarray(x[i : i + batch], np.float32)))
+            out.append(torch.softmax(logits, 1).numpy())
+    return np.concatenate(out)
+
+
+def classification_report(true: np.ndarray, pred: np.ndarray, classes: tuple[str, ...] = CLASSES) -> dict[str, Any]:
+    per: dict[str, Any] = {}
+    for k, name in enumerate(classes):
+        tp = int(np.sum((pred == k) & (true == k)))
+        fp = int(np.sum((pred == k) & (true != k)))
+        fn = int(np.sum((pred != k) & (true == k)))
+        p = tp / (tp + fp) if tp + fp else 0.0
+        r = tp / (tp + fn) if tp + fn else 0.0
+        per[name] = {
+            "precision": p,
+            "recall": r,
+            "f1": 2 * p * r / (p + r) if p + r else 0.0,
+            "support": int(np.sum(true == k)),
+        }
+    return {"accuracy": float(np.mean(pred == true)), "per_class": per}
+
+
+def tissue_vs_glass_f1(true: np.ndarray, pred: np.ndarray) -> float:
+    """Tissue (or artifact on tissue) vs glass, on tiles whose truth is background or tissue."""
+    sel = true != 2
+    t, p = true[sel] == 1, pred[sel] == 1
+    tp, fp, fn = np.sum(t & p), np.sum(~t & p), np.sum(t & ~p)
+    return float(2 * tp / (2 * tp + fp + fn)) if tp else 0.0
+
+
+def train_classifier(
+    data_dir: Path, out: Path, seed: int = 0, epochs: int = 30, batch: int = 64, lr: float = 3e-3, workers: int = 2
+) -> dict[str, Any]:
+    seed_everything(seed)
+    t0 = time.time()
+    train = _data("classifier", "train", data_dir, seed, workers)
+    val = _data("classifier", "val", data_dir, seed, workers)
+    held = _data("classifier", "heldout", data_dir, seed, workers)
+    data_s = time.time() - t0
+    model = TileClassifier()
+    x = torch.from_numpy(train["x"])
+    y = torch.from_numpy(train["label"])
+    n = len(x)
+    # Classes are unbalanced (artifacts are rare): weight the loss by inverse frequency.
+    freq = np.bincount(train["label"], minlength=len(CLASSES)).astype(np.float64)
+    weight = torch.tensor(freq.sum() / np.maximum(freq, 1) / len(CLASSES), dtype=torch.float32)
+    steps = epochs * (n // batch)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15)
+    g = torch.Generator().manual_seed(seed)
+    ce = nn.CrossEntropyLoss(weight=weight)
+    t1 = time.time()
+    history = []
+    for epoch in range(epochs):
+        model.train()
+        perm = torch.randperm(n, generator=g)
+        total = 0.0
+        for i in range(n // batch):
+            idx = perm[i * batch : (i + 1) * batch]
+            logits, _ = model(_augment(x[idx].float(), g))
+            loss = ce(logits, y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += float(loss)
+        vp = predict_classifier(model, val["x"]).argmax(1)
+        history.append(
+            {"epoch": epoch, "loss": total / (n // batch), "val_accuracy": float(np.mean(vp == val["label"]))}
+        )
+        print(json.dumps(history[-1]), flush=True)
+    train_s = time.time() - t1
+    hp = predict_classifier(model, held["x"]).argmax(1)
+    rep = classification_report(held["label"], hp)
+    result = {
+        "kind": "classifier",
+        "seed": seed,
+        "epochs": epochs,
+        "batch": batch,
+        "lr": lr,
+        "train_samples": n,
+        "data": {s: vars(CLASSIFIER_DATA[s]) for s in CLASSIFIER_DATA},
+        "heldout_optics": held["optics"],
+        "heldout_metrics": {**rep, "tissue_vs_glass_f1": tissue_vs_glass_f1(held["label"], hp)},
+        "history": history,
+        "data_seconds": round(data_s, 1),
+        "train_seconds": round(train_s, 1),
+        "macs_per_window": count_macs(model, (3, 64, 64)),
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": model.state_dict(), "arch": "TileClassifier", "result": result}, out)
+    return result
