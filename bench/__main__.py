@@ -1,0 +1,40 @@
+"""``python -m bench <name> [options]``: run one benchmark.
+
+Each bench is a module exposing ``DESCRIPTION``, ``add_arguments(parser)`` and
+``run(args) -> int``; register it in :data:`BENCHES`. Modules are imported
+only when chosen, so one bench's dependencies never slow down another.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+BENCHES = {
+    "writer": "bench.writer",
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="bench", metavar="BENCH", required=True)
+    # Only the chosen bench is imported; the others are listed by name.
+    chosen = argv[0] if argv and argv[0] in BENCHES else None
+    for name, module_name in BENCHES.items():
+        if name == chosen:
+            module = importlib.import_module(module_name)
+            p = sub.add_parser(name, help=module.DESCRIPTION, description=module.DESCRIPTION)
+            module.add_arguments(p)
+            p.set_defaults(_run=module.run)
+        else:
+            sub.add_parser(name, help=f"see python -m bench {name} --help")
+    args = parser.parse_args(argv)
+    rc: int = args._run(args)
+    return rc
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
