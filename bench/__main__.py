@@ -14,6 +14,8 @@ from collections.abc import Sequence
 
 BENCHES = {
     "writer": "bench.writer",
+    "autofocus": "bench.autofocus",
+    "classifier": "bench.classifier",
 }
 
 

@@ -1,6 +1,6 @@
 """The acquisition worker: drives stage and camera along the scan plan.
 
-For each field: move, focus (contrast sweep for now), capture the in-focus
+For each field: move, focus (contrast sweep or single shot: runtime/field_focus.py), capture the in-focus
 frame into a free shared-memory slot, hand the slot to the stitcher. It
 stops after the current field when asked to cancel.
 """
@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import queue
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing.queues import Queue
 from multiprocessing.synchronize import Event
 from typing import Any
 
+from runtime.autofocus import SingleShotFocus
 from runtime.devices import DriverError, ScanArea, SimulatedClock
 from runtime.drivers import open_driver
+from runtime.field_focus import FieldFocuser, ModelSettings
 from runtime.focus import ContrastSweep
 from runtime.messages import (
     AcquisitionDone,
@@ -42,6 +44,9 @@ class AcquisitionJob:
     overlap: float
     sweep: ContrastSweep
     start_z_um: float
+    strategy: str = "contrast_sweep"  # or "single_shot" (runtime/field_focus.py)
+    single_shot: SingleShotFocus = field(default_factory=SingleShotFocus)
+    models: ModelSettings | None = None
 
 
 def _wait_for_ring(to_acquisition: Queue[Any], cancel: Event, hb: HeartbeatSender) -> RingSpec | None:
@@ -99,15 +104,14 @@ def acquisition_main(
             events.put(AcquisitionDone(0, True, None, peak_rss_bytes()))
             return
         ring = AttachedRing(spec)
-        predicted_z = job.start_z_um
+        focuser = FieldFocuser(job.strategy, job.sweep, job.single_shot, job.start_z_um, job.models, camera, stage)
         for plan in grid.fields:
             if cancel.is_set():
                 break
             hb.beat()
             stage.move_xy(plan.x_um, plan.y_um)
-            result = job.sweep.focus(camera, stage, predicted_z, should_stop=cancel.is_set)
-            stage.move_z(result.z_um)
-            frame = camera.snap()
+            result = focuser.focus_field(plan, cancel.is_set)
+            frame = result.frame
             slot = _take_slot(free_slots, cancel, hb)
             if slot is None:
                 break
@@ -119,14 +123,15 @@ def acquisition_main(
                 x_um=plan.x_um,
                 y_um=plan.y_um,
                 z_um=result.z_um,
-                captures=result.captures + 1,
-                focus_method="contrast_sweep",
+                captures=result.captures,
+                focus_method=result.method,
+                predicted_defocus_um=result.predicted_defocus_um,
+                tile_class=result.tile_class,
+                artifact=result.artifact,
             )
             tiles.put(TileReady(slot, record, plan))
             events.put(FieldDone(record))
             done += 1
-            # The next field is close by: its focus is near this one's.
-            predicted_z = result.z_um
         sim = driver.simulated_time_s() if isinstance(driver, SimulatedClock) else None
         events.put(AcquisitionDone(done, cancel.is_set(), sim, peak_rss_bytes()))
     except Exception as err:  # report, then exit non-zero; the supervisor cleans up

@@ -42,13 +42,33 @@ class ScanConfig(_Section):
 
 
 class FocusConfig(_Section):
-    """Contrast-sweep autofocus (the baseline strategy)."""
+    """Focus strategy: single-shot deep-learning autofocus, or the contrast sweep (baseline, fallback)."""
 
-    strategy: Literal["contrast_sweep"] = "contrast_sweep"
+    strategy: Literal["contrast_sweep", "single_shot"] = Field(
+        "contrast_sweep", description="contrast_sweep (N captures per field) or single_shot (model, ~1 capture)"
+    )
+    tolerance_um: float = Field(
+        0.25, gt=0.0, le=5.0, description="single_shot: accept a frame whose estimated defocus is within this"
+    )
+    max_moves: int = Field(3, ge=0, le=10, description="single_shot: at most this many corrective z moves per field")
     sweep_half_range_um: float = Field(3.0, gt=0.0, le=50.0, description="sweep +- this around the predicted z")
     sweep_steps: int = Field(9, ge=3, le=101, description="captures per sweep")
     metric: Literal["normalized_variance", "brenner", "tenengrad"] = "normalized_variance"
     start_z_um: float = Field(0.0, description="z of the first field's sweep centre")
+
+
+class ModelsConfig(_Section):
+    """Scan-path models (model folders: model.onnx + model.json) and the inference backend."""
+
+    autofocus_dir: Path | None = Field(None, description="autofocus model folder (default: the committed model)")
+    classifier_dir: Path | None = Field(None, description="tile classifier model folder (default: committed)")
+    backend: Literal["auto", "tensorrt", "ort_cuda", "ort_cpu"] = Field(
+        "auto", description="auto: the first of tensorrt, ort_cuda, ort_cpu that is installed and works"
+    )
+    engine_cache_dir: Path = Field(
+        Path("/var/cache/wsi-runtime/engines"), description="TensorRT engines, keyed by ONNX/TensorRT/GPU/precision"
+    )
+    classify: bool = Field(True, description="single_shot: classify fields (background is not focused)")
 
 
 class MosaicConfig(_Section):
@@ -80,6 +100,7 @@ class RuntimeConfig(_Section):
     driver: DriverConfig = DriverConfig()
     scan: ScanConfig = ScanConfig()
     focus: FocusConfig = FocusConfig()
+    models: ModelsConfig = ModelsConfig()
     mosaic: MosaicConfig = MosaicConfig()
     writer: WriterConfig = WriterConfig()
 

@@ -33,6 +33,9 @@ class FieldRecord:
     z_um: float  # chosen focus
     captures: int
     focus_method: str
+    predicted_defocus_um: float | None = None  # single_shot: the model's estimate at the surface's z
+    tile_class: str | None = None  # background / tissue / artifact (when the classifier ran)
+    artifact: bool = False  # flagged for the report: ink, bubble, dust or fold on this field
 
 
 @dataclass(frozen=True)

@@ -134,7 +134,7 @@ class Region(_Params):
 class FocusOverrides(_Params):
     """Per-scan overrides of the ``[focus]`` config section; omitted keys keep the config value."""
 
-    strategy: Literal["contrast_sweep"] | None = None
+    strategy: Literal["contrast_sweep", "single_shot"] | None = None
     sweep_half_range_um: float | None = Field(None, gt=0.0, le=50.0)
     sweep_steps: int | None = Field(None, ge=3, le=101)
     metric: Literal["normalized_variance", "brenner", "tenengrad"] | None = None

@@ -23,8 +23,10 @@ from typing import Any
 
 from runtime.accumulator import MosaicGeometry
 from runtime.acquisition import AcquisitionJob, acquisition_main
+from runtime.autofocus import SingleShotFocus
 from runtime.config import RuntimeConfig
 from runtime.devices import ScanArea
+from runtime.field_focus import model_settings
 from runtime.focus import ContrastSweep
 from runtime.messages import (
     AcquisitionDone,
@@ -95,6 +97,9 @@ class ScanJob:
             overlap=cfg.scan.overlap,
             sweep=ContrastSweep(focus.sweep_half_range_um, focus.sweep_steps, focus.metric),
             start_z_um=focus.start_z_um,
+            strategy=focus.strategy,
+            single_shot=SingleShotFocus(focus.tolerance_um, focus.max_moves),
+            models=model_settings(cfg.models),
         )
         self._spawn(
             "acquisition",

@@ -1,0 +1,279 @@
+"""Single-shot autofocus vs the contrast sweep, on held-out synthetic recordings.
+
+The recordings are synthesised here (cached under ``--data``) from slide seeds
+and objectives the model never saw in training: z-stacks of 41 planes, 0.5 µm
+apart, around a coarse focus, so every field is recorded over about ±10 µm of
+defocus. Three measurements on the same fields:
+
+1. The model alone: every recorded plane within ±10 µm of the true focus of a
+   tissue field, one estimate each: MAE, share within ±0.35 µm (half the depth
+   of field at 40x/0.95), sign accuracy for |defocus| >= 1 µm.
+2. The scan path: each field focused by ``FieldFocuser`` through the replay
+   driver (the daemon's own code), single_shot vs contrast_sweep: final focus
+   error against the truth, captures per field.
+3. Inference time per tile for every backend that runs here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench.report import Column, emit
+
+DESCRIPTION = "single-shot autofocus vs contrast sweep on held-out recordings (accuracy, captures, ms/tile)"
+HALF_DOF_UM = 0.35
+# Held-out objectives and slide seeds: outside every range export/datasets.py draws from for training.
+HELDOUT = (
+    {"seed": 7_000_001, "spherical_waves": 0.095, "chromatic_shift_um": (0.12, 0.0, -0.24)},
+    {"seed": 7_000_002, "spherical_waves": 0.055, "chromatic_shift_um": (0.21, 0.0, -0.13)},
+    {"seed": 7_000_003, "spherical_waves": 0.075, "chromatic_shift_um": (0.17, 0.0, -0.28)},
+)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", type=Path, default=Path("out/bench-data"), help="recording cache folder")
+    p.add_argument("--recordings", type=int, default=2, choices=range(1, len(HELDOUT) + 1))
+    p.add_argument("--fields", type=int, nargs=2, default=(4, 3), metavar=("X", "Y"))
+    p.add_argument("--tile", type=int, default=512)
+    p.add_argument("--model", type=Path, default=None, help="autofocus model folder (default: committed)")
+    p.add_argument("--json", action="store_true", help="one JSON object instead of tables")
+
+
+def _recordings(args: argparse.Namespace) -> list[Path]:
+    from hw_sim.synth import SynthParams, synthesize
+
+    out = []
+    for h in HELDOUT[: args.recordings]:
+        params = SynthParams(
+            fields_x=args.fields[0],
+            fields_y=args.fields[1],
+            seed=int(h["seed"]),  # type: ignore[call-overload]
+            tile=args.tile,
+            z_planes=41,
+            z_step_um=0.5,
+            coarse_focus_error_um=1.0,
+            spherical_waves=float(h["spherical_waves"]),  # type: ignore[arg-type]
+            chromatic_shift_um=h["chromatic_shift_um"],  # type: ignore[arg-type]
+        )
+        path = args.data / f"af-heldout-{h['seed']}-{args.fields[0]}x{args.fields[1]}-{args.tile}.zarr"
+        if not (path / "zarr.json").exists():
+            synthesize(path, params, overwrite=True, progress=not args.json)
+        out.append(path)
+    return out
+
+
+def _tissue_fields(rec: Any) -> np.ndarray:
+    """Fields whose actual area holds >= 5% tissue (the truth; glass has no focus to find)."""
+    from hw_sim.slide import SlideSpec, SyntheticSlide
+
+    slide = SyntheticSlide(SlideSpec.from_dict(rec.meta.slide))
+    m = rec.meta
+    xy = rec.truth_actual_xy_um
+    w, h = m.tile_width * m.pixel_size_um, m.tile_height * m.pixel_size_um
+    fractions = [
+        slide.tissue_fraction(x - w / 2, y - h / 2, m.tile_height, m.tile_width, m.pixel_size_um) for x, y in xy
+    ]
+    return np.asarray(fractions) >= 0.05
+
+
+def model_accuracy(recs: list[Any], model: Any) -> dict[str, Any]:
+    true, pred = [], []
+    for rec in recs:
+        tissue = _tissue_fields(rec)
+        focus = rec.truth_focus_z_um
+        for f in np.flatnonzero(tissue):
+            for k, z in enumerate(rec.z_um[f]):
+                d = float(z - focus[f])
+                if abs(d) > 10.0:
+                    continue
+                est = model.estimate(rec.plane(int(f), k))
+                true.append(d)
+                pred.append(np.nan if est.defocus_um is None else est.defocus_um)
+    t, p = np.asarray(true), np.asarray(pred)
+    ok = np.isfinite(p)
+    err = np.abs(p[ok] - t[ok])
+    big = ok & (np.abs(t) >= 1.0)
+    return {
+        "planes": len(t),
+        "abstained": int((~ok).sum()),
+        "mae_um": float(err.mean()),
+        "within_half_dof": float(np.mean(err <= HALF_DOF_UM)),
+        "mae_abs_defocus_le_2um": float(np.abs(p[ok] - t[ok])[np.abs(t[ok]) <= 2].mean()),
+        "sign_accuracy_abs_ge_1um": float(np.mean(np.sign(p[big]) == np.sign(t[big]))),
+    }
+
+
+def scan_path(paths: list[Path], strategy: str, model_dir: Path | None) -> dict[str, Any]:
+    from hw_sim.recording import Recording
+    from hw_sim.replay import ReplayDriver
+    from runtime.autofocus import SingleShotFocus
+    from runtime.field_focus import FieldFocuser, ModelSettings
+    from runtime.focus import ContrastSweep
+    from runtime.scan_plan import serpentine_plan
+
+    errors, captures, tissue_caps, clamped = [], [], [], 0
+    classes: dict[str, int] = {}
+    t0 = time.perf_counter()
+    for path in paths:
+        rec = Recording.open(path)
+        drv = ReplayDriver(rec)
+        m = rec.meta
+        settings = ModelSettings(autofocus_dir=str(model_dir) if model_dir else None, backend="ort_cpu")
+        focuser = FieldFocuser(strategy, ContrastSweep(), SingleShotFocus(), 0.0, settings, drv.camera, drv.stage)
+        grid = serpentine_plan(m.area, m.field_width_um, m.field_height_um, m.overlap)
+        tissue = _tissue_fields(rec)
+        truth = rec.truth_focus_z_um
+        assert truth is not None, f"{path} has no truth"
+        for plan in grid.fields:
+            drv.stage.move_xy(plan.x_um, plan.y_um)
+            r = focuser.focus_field(plan, lambda: False)
+            f = drv.stage.field_index()
+            captures.append(r.captures)
+            if r.tile_class:
+                classes[r.tile_class] = classes.get(r.tile_class, 0) + 1
+            if tissue[f]:
+                errors.append(abs(r.z_um - float(truth[f])))
+                tissue_caps.append(r.captures)
+        clamped += drv.camera.clamped_snaps
+    e = np.asarray(errors)
+    return {
+        "strategy": strategy,
+        "fields": len(captures),
+        "tissue_fields": len(e),
+        "mae_um": float(e.mean()),
+        "max_abs_error_um": float(e.max()),
+        "within_half_dof": float(np.mean(e <= HALF_DOF_UM)),
+        "captures_per_field": float(np.mean(captures)),
+        "captures_per_tissue_field": float(np.mean(tissue_caps)),
+        "clamped_snaps": clamped,
+        "classes": classes,
+        "wall_s": time.perf_counter() - t0,
+    }
+
+
+def backend_timing(model_dir: Path | None, tile: np.ndarray) -> list[dict[str, Any]]:
+    from runtime.inference import BACKENDS, installed_backends, select_backend
+    from runtime.models import default_model_dir, load_model_folder
+
+    folder = load_model_folder(model_dir or default_model_dir("autofocus"), "autofocus")
+    pre = folder.autofocus_preprocess()
+    t = time.perf_counter()
+    for _ in range(5):
+        x = pre.inputs(tile)
+    pre_ms = (time.perf_counter() - t) / 5 * 1000
+    rows: list[dict[str, Any]] = []
+    inst = installed_backends()
+    for name in BACKENDS:
+        if inst[name] is not None:
+            rows.append({"backend": name, "status": inst[name]})
+            continue
+        try:
+            b = select_backend(folder, name).backend
+        except Exception as err:
+            rows.append({"backend": name, "status": f"failed: {err}"})
+            continue
+        b.run(x)  # warm-up
+        n = 20
+        t = time.perf_counter()
+        for _ in range(n):
+            b.run(x)
+        ms = (time.perf_counter() - t) / n * 1000
+        rows.append(
+            {
+                "backend": name,
+                "status": "ok",
+                "crops_per_tile": len(x),
+                "infer_ms_per_tile": ms,
+                "preprocess_ms_per_tile": pre_ms,
+            }
+        )
+        b.close()
+    return rows
+
+
+def run(args: argparse.Namespace) -> int:
+    from hw_sim.recording import Recording
+    from runtime.autofocus import load_models
+
+    paths = _recordings(args)
+    recs = [Recording.open(p) for p in paths]
+    af, _, _ = load_models(args.model, None, "ort_cpu")
+    acc = model_accuracy(recs, af)
+    single = scan_path(paths, "single_shot", args.model)
+    sweep = scan_path(paths, "contrast_sweep", args.model)
+    timing = backend_timing(args.model, recs[0].plane(0, 20))
+    meta = af.folder.meta
+    result = {
+        "recordings": [str(p) for p in paths],
+        "model": {
+            "path": str(af.folder.path),
+            "onnx_sha256": af.folder.sha256,
+            "macs_per_crop": meta.get("training", {}).get("macs_per_crop"),
+        },
+        "single_shot_estimate": acc,
+        "scan_path": [single, sweep],
+        "inference": timing,
+        "targets": {"mae_um": 0.25, "within_half_dof": 0.95, "captures_per_field": 1.2},
+    }
+    rows = [
+        {
+            "what": "model estimate, every plane |z|<=10",
+            "n": acc["planes"],
+            "mae": acc["mae_um"],
+            "within": 100 * acc["within_half_dof"],
+            "sign": 100 * acc["sign_accuracy_abs_ge_1um"],
+        },
+    ]
+    for s in (single, sweep):
+        rows.append(
+            {
+                "what": f"scan path: {s['strategy']}",
+                "n": s["tissue_fields"],
+                "mae": s["mae_um"],
+                "within": 100 * s["within_half_dof"],
+                "caps": s["captures_per_field"],
+                "caps_t": s["captures_per_tissue_field"],
+            }
+        )
+    cols = [
+        Column("what", ""),
+        Column("n", "n"),
+        Column("mae", "MAE µm", ".3f"),
+        Column("within", "% ±0.35 µm", ".1f"),
+        Column("sign", "sign % (|z|>=1)", ".1f"),
+        Column("caps", "captures/field", ".2f"),
+        Column("caps_t", "captures/tissue field", ".2f"),
+    ]
+    notes = (
+        [""]
+        + [
+            f"inference {r['backend']}: "
+            + (
+                f"{r['infer_ms_per_tile']:.2f} ms/tile ({r['crops_per_tile']} crops) "
+                f"+ preprocessing {r['preprocess_ms_per_tile']:.2f} ms"
+                if r["status"] == "ok"
+                else r["status"]
+            )
+            for r in timing
+        ]
+        + [
+            f"abstained (no content) on {acc['abstained']} of {acc['planes']} tissue planes; "
+            f"MAE for |z|<=2 µm: {acc['mae_abs_defocus_le_2um']:.3f} µm; "
+            f"replay clamps (z outside the recorded stack): single {single['clamped_snaps']}, "
+            f"sweep {sweep['clamped_snaps']}"
+        ]
+    )
+    emit(
+        result,
+        rows,
+        cols,
+        as_json=args.json,
+        title="autofocus on held-out recordings " + ", ".join(p.name for p in paths),
+        notes=notes,
+    )
+    return 0
