@@ -213,7 +213,7 @@ class _ChunkFiles:
 class MosaicStore:
     """A mosaic on disk. Make one with :meth:`create`, reopen with :meth:`open`."""
 
-    def __init__(self, group: zarr.Group, path: Path) -> None:
+    def __init__(self, group: zarr.Group, path: Path, io_workers: int = 2) -> None:
         # Use create()/open(); this only wires up an already validated group.
         self._group = group
         self.path = path
@@ -225,7 +225,7 @@ class MosaicStore:
         self._arrays: list[Any] = [group[str(k)] for k in range(len(self._shapes))]
         self._builder: PyramidBuilder | None = None
         self._files = [_ChunkFiles.for_array(a, self._chunk) for a in self._arrays]
-        self._io_workers = 2
+        self._io_workers = max(1, io_workers)  # threads encoding + writing a band's chunks
         self._pool: ThreadPoolExecutor | None = None
         self._scratch = threading.local()
 
@@ -244,8 +244,12 @@ class MosaicStore:
         min_level_size: int = 1024,
         attrs: dict[str, Any] | None = None,
         overwrite: bool = False,
+        io_workers: int = 2,
     ) -> MosaicStore:
-        """Create an empty mosaic of ``height`` x ``width`` RGB pixels with all its levels."""
+        """Create an empty mosaic of ``height`` x ``width`` RGB pixels with all its levels.
+
+        ``io_workers`` threads compress and write the chunks of each band.
+        """
         if chunk < 16 or chunk % 2:
             raise ValueError(f"chunk must be an even number >= 16, got {chunk}")
         if not (math.isfinite(pixel_size_um) and pixel_size_um > 0):
@@ -283,10 +287,10 @@ class MosaicStore:
                 "attrs": dict(attrs or {}),
             }
         )
-        return cls(group, path)
+        return cls(group, path, io_workers)
 
     @classmethod
-    def open(cls, path: str | Path) -> MosaicStore:
+    def open(cls, path: str | Path, *, io_workers: int = 2) -> MosaicStore:
         """Open an existing mosaic; :class:`MosaicError` if it is not one or is inconsistent."""
         path = Path(path)
         if not (path / "zarr.json").is_file():
@@ -326,7 +330,19 @@ class MosaicStore:
                 )
             if not 0 <= rows[k] <= h:
                 raise MosaicError(f"{path}: rows_written[{k}]={rows[k]} outside 0..{h}")
-        return cls(group, path)
+        return cls(group, path, io_workers)
+
+    def close(self) -> None:
+        """Stop the I/O threads (the store stays readable and writable; they restart on demand)."""
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
+
+    def __enter__(self) -> MosaicStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     # ----------------------------------------------------------------- properties
 
