@@ -31,7 +31,11 @@ def defaults_as_toml() -> str:
         lines.append(f"[{section_name}]" + (f"  # {doc[0]}" if doc else ""))
         for key, info in type(section).model_fields.items():
             comment = f"  # {info.description}" if info.description else ""
-            lines.append(f"{key} = {_toml_value(getattr(section, key))}{comment}")
+            value = getattr(section, key)
+            if value is None:  # TOML has no null: leave the key out, shown commented
+                lines.append(f"# {key} ={comment or '  # unset'}")
+            else:
+                lines.append(f"{key} = {_toml_value(value)}{comment}")
         lines.append("")
     return "\n".join(lines)
 
