@@ -13,7 +13,6 @@ import logging
 import os
 import signal
 import time
-from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -21,7 +20,7 @@ from runtime import sdnotify
 from runtime.config import RuntimeConfig
 from runtime.control import ControlServer
 from runtime.devices import ScanArea
-from runtime.protocol import RequestError
+from runtime.protocol import RequestError, resolve_under
 from runtime.scan_job import ScanJob
 from runtime.shm import remove_stale_segments
 from runtime.state import FinishReason, RunState, ScanStatus
@@ -78,24 +77,17 @@ class Supervisor:
             d["workers"] = self.job.pids
         return d
 
-    def _resolve_inside_root(self, value: str, what: str) -> Path:
-        root = self.cfg.daemon.data_root.resolve()
-        path = (root / value).resolve()
-        if path != root and root not in path.parents:
-            raise RequestError("invalid_params", f"{what} {value!r} is outside the data root {root}")
-        return path
-
     def _start_scan(self, params: dict[str, Any]) -> dict[str, Any]:
         if self.job is not None:
             raise RequestError("busy", f"scan {self.job.scan_id} is still {self.status.state.value}")
         scan_id = time.strftime("scan-%Y%m%d-%H%M%S")
         name = params.get("output_name") or scan_id
-        output_dir = self._resolve_inside_root(name, "output_name")
+        output_dir = resolve_under(self.cfg.daemon.data_root, name, "output_name")
         if (output_dir / "report.json").exists():
             raise RequestError("invalid_params", f"output_name {name!r} already holds a scan")
         driver_options: dict[str, Any] = {}
         if params.get("recording"):
-            rec = self._resolve_inside_root(str(params["recording"]), "recording")
+            rec = resolve_under(self.cfg.daemon.data_root, str(params["recording"]), "recording")
             if not rec.exists():
                 raise RequestError("invalid_params", f"recording {rec} does not exist")
             driver_options["recording"] = str(rec)
