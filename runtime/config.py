@@ -77,15 +77,34 @@ class MosaicConfig(_Section):
     keep_after_export: bool = Field(False, description="keep mosaic.zarr after the OME-TIFF is written")
 
 
+class StitchConfig(_Section):
+    """Online stitching: registration of each tile against its neighbours, position solve, blending."""
+
+    register: bool = Field(True, description="register tiles (false: place them at commanded positions)")
+    stage_sigma_um: float = Field(2.5, gt=0.0, le=100.0, description="stage repeatability, 1 sigma (prior weight)")
+    max_stage_error_um: float = Field(
+        10.0, gt=0.0, le=500.0, description="largest error of one stage move (search range, band margin)"
+    )
+    lag_tiles: int = Field(0, ge=0, le=10000, description="later tiles a tile waits for before it is final")
+    flatfield: bool = Field(True, description="estimate the vignetting from the tiles and correct it")
+    flatfield_warmup_tiles: int = Field(
+        16, ge=0, le=1000, description="tiles held at most while the flat-field is estimated (once per scan)"
+    )
+    min_ncc: float = Field(0.3, ge=0.0, le=1.0, description="reject pairs whose aligned overlaps correlate less")
+
+
 class WriterConfig(_Section):
     """Pyramidal OME-TIFF output."""
 
     tile: int = Field(512, ge=16, le=4096, multiple_of=16)
     compression: Literal["jpeg", "deflate", "zstd", "none"] = "jpeg"
     jpeg_quality: int = Field(90, ge=1, le=100)
+    jpeg_subsampling: Literal["2x2", "2x1", "4x1", "1x1"] = Field(
+        "2x2", description="JPEG chroma subsampling (YCbCr); 1x1 keeps full colour resolution"
+    )
     min_level_size: int = Field(1024, ge=16, description="stop the pyramid once a level fits in this (px)")
-    max_workers: int = Field(2, ge=1, le=64, description="tile-compression threads (tifffile maxworkers)")
-    buffer_mib: int = Field(16, ge=1, le=1024, description="tifffile buffersize (MiB); RAM is about 2x this")
+    max_workers: int = Field(2, ge=1, le=64, description="tile read + compress threads")
+    buffer_mib: int = Field(16, ge=1, le=1024, description="tiles in flight (MiB of raw tiles)")
 
 
 class DaemonConfig(_Section):
@@ -102,6 +121,7 @@ class RuntimeConfig(_Section):
     focus: FocusConfig = FocusConfig()
     models: ModelsConfig = ModelsConfig()
     mosaic: MosaicConfig = MosaicConfig()
+    stitch: StitchConfig = StitchConfig()
     writer: WriterConfig = WriterConfig()
 
     def endpoint(self, which: Literal["command", "event"]) -> str:

@@ -36,8 +36,8 @@ def add_export_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--subsampling",
         choices=sorted(_SUBSAMPLING),
-        default="2x2",
-        help="JPEG chroma subsampling (2x2 like libvips/Aperio; 1x1 keeps full colour resolution)",
+        default=None,
+        help="JPEG chroma subsampling (default: the config's, 2x2 like Aperio; 1x1 keeps full colour resolution)",
     )
     p.add_argument("--tile", type=int, default=None, help="tile edge in px (default: the mosaic's chunk)")
     p.add_argument("--max-workers", type=int, default=None, help="tile read+compress threads")
@@ -104,7 +104,7 @@ def run_export(args: argparse.Namespace) -> int:
             tile=args.tile or mosaic.chunk,
             compression=args.compression or w.compression,
             jpeg_quality=args.quality if args.quality is not None else w.jpeg_quality,
-            subsampling=_SUBSAMPLING[args.subsampling],
+            subsampling=_SUBSAMPLING[args.subsampling or w.jpeg_subsampling],
             max_workers=args.max_workers or w.max_workers,
             buffer_mib=args.buffer_mib or w.buffer_mib,
             progress=None if args.quiet or not sys.stderr.isatty() else _Progress(),

@@ -76,11 +76,21 @@ class AcquisitionDone:
 
 
 @dataclass(frozen=True)
+class MosaicRows:
+    """Rows [0, rows) of mosaic level ``level`` are final on disk (stitcher -> writer, per band)."""
+
+    path: str
+    level: int
+    rows: int
+
+
+@dataclass(frozen=True)
 class MosaicDone:
     path: str
     shape: tuple[int, int]
     complete: bool
     peak_rss: int
+    stitch: dict[str, Any] | None = None  # DequeAccumulator.summary(): pairs, timings, positions
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,7 @@ import os
 import shutil
 import threading
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal
@@ -46,7 +47,7 @@ from zarr.codecs import BloscCodec, BloscShuffle, BytesCodec, ZstdCodec
 
 from runtime.pyramid import PyramidBuilder, downsample2x, level_shapes
 
-__all__ = ["FORMAT", "Compressor", "MosaicError", "MosaicStore"]
+__all__ = ["FORMAT", "Compressor", "MosaicError", "MosaicStore", "RowsFinal"]
 
 FORMAT = "wsi-runtime-mosaic"
 VERSION = 1
@@ -54,6 +55,9 @@ VERSION = 1
 _codecs_rt: Any = imagecodecs
 FILL = 255  # unwritten pixels: white, as glass
 Compressor = Literal["zstd", "lz4", "none"]
+# (level, rows): rows [0, rows) of the level are final and on disk. Lets a
+# consumer (the OME-TIFF writer) work on the pyramid while it is being built.
+RowsFinal = Callable[[int, int], None]
 
 
 class MosaicError(ValueError):
@@ -213,7 +217,9 @@ class _ChunkFiles:
 class MosaicStore:
     """A mosaic on disk. Make one with :meth:`create`, reopen with :meth:`open`."""
 
-    def __init__(self, group: zarr.Group, path: Path, io_workers: int = 2) -> None:
+    def __init__(
+        self, group: zarr.Group, path: Path, io_workers: int = 2, on_rows: RowsFinal | None = None
+    ) -> None:
         # Use create()/open(); this only wires up an already validated group.
         self._group = group
         self.path = path
@@ -228,6 +234,8 @@ class MosaicStore:
         self._io_workers = max(1, io_workers)  # threads encoding + writing a band's chunks
         self._pool: ThreadPoolExecutor | None = None
         self._scratch = threading.local()
+        self._on_rows = on_rows
+        self._previewing = False  # finish(partial=True) is writing preview rows: not final
 
     # ----------------------------------------------------------------- create/open
 
@@ -245,10 +253,15 @@ class MosaicStore:
         attrs: dict[str, Any] | None = None,
         overwrite: bool = False,
         io_workers: int = 2,
+        on_rows: RowsFinal | None = None,
     ) -> MosaicStore:
         """Create an empty mosaic of ``height`` x ``width`` RGB pixels with all its levels.
 
         ``io_workers`` threads compress and write the chunks of each band.
+        ``on_rows(level, rows)`` is called (in the writing thread) each time
+        more rows of a level are final on disk -- level 0 per band, the lower
+        levels as the pyramid completes their bands -- never for the previews
+        of ``finish(partial=True)``.
         """
         if chunk < 16 or chunk % 2:
             raise ValueError(f"chunk must be an even number >= 16, got {chunk}")
@@ -287,11 +300,14 @@ class MosaicStore:
                 "attrs": dict(attrs or {}),
             }
         )
-        return cls(group, path, io_workers)
+        return cls(group, path, io_workers, on_rows)
 
     @classmethod
-    def open(cls, path: str | Path, *, io_workers: int = 2) -> MosaicStore:
-        """Open an existing mosaic; :class:`MosaicError` if it is not one or is inconsistent."""
+    def open(cls, path: str | Path, *, io_workers: int = 2, on_rows: RowsFinal | None = None) -> MosaicStore:
+        """Open an existing mosaic; :class:`MosaicError` if it is not one or is inconsistent.
+
+        ``on_rows`` as for :meth:`create` (for a resumed scan).
+        """
         path = Path(path)
         if not (path / "zarr.json").is_file():
             raise MosaicError(f"{path}: not a Zarr v3 group (no zarr.json)")
@@ -330,7 +346,7 @@ class MosaicStore:
                 )
             if not 0 <= rows[k] <= h:
                 raise MosaicError(f"{path}: rows_written[{k}]={rows[k]} outside 0..{h}")
-        return cls(group, path, io_workers)
+        return cls(group, path, io_workers, on_rows)
 
     def close(self) -> None:
         """Stop the I/O threads (the store stays readable and writable; they restart on demand)."""
@@ -406,6 +422,23 @@ class MosaicStore:
         is filled and a view of it returned (on the direct path), so a
         caller looping over chunks can reuse one buffer.
         """
+        data = self.read_chunk_if_stored(k, i, j, out=out)
+        if data is None:
+            c = self._chunk
+            h, w = self._shapes[k]
+            ch, cw = min(c, h - i * c), min(c, w - j * c)
+            if out is None:
+                return np.full((ch, cw, 3), FILL, dtype=np.uint8)
+            out[:ch, :cw] = FILL
+            return out[:ch, :cw]
+        return data
+
+    def read_chunk_if_stored(self, k: int, i: int, j: int, *, out: np.ndarray | None = None) -> np.ndarray | None:
+        """Like :meth:`read_chunk`, but None for a chunk that is not stored (all fill, e.g. glass).
+
+        Lets a reader skip decoding (and re-encoding) blank chunks. On a
+        layout read through Zarr (not ``create``'s) it never returns None.
+        """
         c = self._chunk
         h, w = self._shapes[k]
         y, x = i * c, j * c
@@ -417,10 +450,7 @@ class MosaicStore:
             return np.asarray(self._arrays[k][y : y + ch, x : x + cw])
         data = files.read(i, j, out)
         if data is None:
-            if out is None:
-                return np.full((ch, cw, 3), FILL, dtype=np.uint8)
-            out[:ch, :cw] = FILL
-            data = out
+            return None
         # Edge chunks are stored at full chunk size: cut them to the level.
         return data[:ch, :cw]
 
@@ -466,7 +496,11 @@ class MosaicStore:
                 f"mosaic has {self._rows[0]} of {h} rows; pass partial=True to build the pyramid from what was written"
             )
         builder = self._ensure_builder()
-        builder.flush()
+        self._previewing = True
+        try:
+            builder.flush()
+        finally:
+            self._previewing = False
         if self._rows[0] == h:
             if self._rows != [s[0] for s in self._shapes]:
                 raise RuntimeError(f"pyramid incomplete after the last band: rows {self._rows}")
@@ -523,6 +557,8 @@ class MosaicStore:
         self._rows[k] = rows
         # Written after the data it covers: a crash leaves rows_written conservative.
         self._group.attrs["rows_written"] = list(self._rows)
+        if self._on_rows is not None and not self._previewing:
+            self._on_rows(k, rows)
 
     def _emit(self, k: int, y0: int, rows: np.ndarray) -> None:
         self._write_rows(k, y0, rows)

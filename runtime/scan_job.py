@@ -21,7 +21,7 @@ from multiprocessing.context import SpawnProcess
 from pathlib import Path
 from typing import Any
 
-from runtime.accumulator import MosaicGeometry
+from runtime.accumulator import MosaicGeometry, StitchParams
 from runtime.acquisition import AcquisitionJob, acquisition_main
 from runtime.autofocus import SingleShotFocus
 from runtime.config import RuntimeConfig
@@ -83,6 +83,9 @@ class ScanJob:
         self.levels: tuple[tuple[int, int], ...] = ()
         self.slide_path: str | None = None
         self.mosaic_complete = False
+        self.stitch: dict[str, Any] | None = None  # the stitcher's summary (positions, pairs, timings)
+        self._mosaic_done = False
+        self._writer_done: WriterDone | None = None  # arrived before MosaicDone (see _handle)
         self.finish_reason: FinishReason | None = None
         self.error: str | None = None
         self.cancelled = False
@@ -135,7 +138,13 @@ class ScanJob:
         geometry = MosaicGeometry(msg.plan, h, w, msg.pixel_size_um)
         m = self.cfg.mosaic
         stitch = StitchJob(
-            geometry, self.ring.spec, str(self.mosaic_path), m.chunk, m.compressor, self.cfg.writer.min_level_size
+            geometry,
+            self.ring.spec,
+            str(self.mosaic_path),
+            m.chunk,
+            m.compressor,
+            self.cfg.writer.min_level_size,
+            StitchParams(**self.cfg.stitch.model_dump()),
         )
         self._spawn("stitcher", stitcher_main, (stitch, self.tiles, self.free_slots, self.to_writer, self.events))
         write = WriteJob(str(self.output_dir / SLIDE_NAME), self.cfg.writer)
@@ -184,8 +193,17 @@ class ScanJob:
             self.simulated_time_s = msg.simulated_time_s
         elif isinstance(msg, MosaicDone):
             self.peak_rss["stitcher"] = msg.peak_rss
+            self.stitch = msg.stitch
             self.mosaic_complete = msg.complete
             self._writing = msg.complete
+            self._mosaic_done = True
+            if self._writer_done is not None:
+                self._handle(self._writer_done)
+        elif isinstance(msg, WriterDone) and not self._mosaic_done:
+            # The writer streams during the scan and may finish within moments of
+            # MosaicDone; its message can overtake the stitcher's on the events
+            # queue (two processes, two feeder threads). Finish once both are in.
+            self._writer_done = msg
         elif isinstance(msg, WriterDone):
             self.peak_rss["writer"] = msg.peak_rss
             self.levels = msg.levels
@@ -294,6 +312,7 @@ class ScanJob:
             "peak_rss_bytes": rss,
             "peak_rss_mib": {k: round(v / 2**20, 1) for k, v in rss.items()},
             "fields": [asdict(r) for r in sorted(self.records, key=lambda r: r.index)],
+            "stitch": self.stitch,
         }
 
     def write_report(self) -> Path:

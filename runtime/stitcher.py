@@ -13,8 +13,8 @@ from multiprocessing.queues import Queue
 from pathlib import Path
 from typing import Any
 
-from runtime.accumulator import DequeAccumulator, MosaicGeometry
-from runtime.messages import HeartbeatSender, MosaicDone, TileReady, WorkerFailed, peak_rss_bytes
+from runtime.accumulator import DequeAccumulator, MosaicGeometry, StitchParams
+from runtime.messages import HeartbeatSender, MosaicDone, MosaicRows, TileReady, WorkerFailed, peak_rss_bytes
 from runtime.mosaic import MosaicStore
 from runtime.shm import AttachedRing, RingSpec
 
@@ -27,6 +27,7 @@ class StitchJob:
     chunk: int
     compressor: str
     min_level_size: int
+    params: StitchParams = StitchParams()
 
 
 def stitcher_main(
@@ -46,8 +47,10 @@ def stitcher_main(
             pixel_size_um=job.geometry.pixel_size_um,
             compressor=job.compressor,
             min_level_size=job.min_level_size,
+            # The writer streams the OME-TIFF from the rows that become final (see runtime.writer).
+            on_rows=lambda level, rows: to_writer.put(MosaicRows(job.mosaic_path, level, rows)),
         )
-        acc = DequeAccumulator(job.geometry, store)
+        acc = DequeAccumulator(job.geometry, store, job.params)
         while True:
             hb.beat()
             try:
@@ -62,7 +65,7 @@ def stitcher_main(
         complete = acc.finish()
         if complete:
             store.finish()
-        done = MosaicDone(job.mosaic_path, (h, w), complete, peak_rss_bytes())
+        done = MosaicDone(job.mosaic_path, (h, w), complete, peak_rss_bytes(), acc.summary())
         to_writer.put(done)
         events.put(done)
     except Exception as err:

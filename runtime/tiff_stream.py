@@ -1,0 +1,253 @@
+"""A BigTIFF writer that takes tiles of any page, in any order, and writes the IFDs last.
+
+Why not tifffile: ``TiffWriter.write`` writes one page at a time, and each
+page from a tile iterator consumed strictly in order; page k must be finished
+before page k+1 starts. A slide's pyramid does not become final in that order:
+while the scan moves down, a level-1 band is final after every second level-0
+band, a level-2 band after every fourth, and so on. With tifffile the writer
+would have to either hold the lower levels until level 0 is done (memory
+growing with the slide) or encode them only after the last tile -- a third of
+level 0's pixels again, several seconds on 2 cores for a 1-gigapixel slide,
+all of it between the last tile and a usable file.
+
+TIFF itself does not care about the order: a reader finds every tile through
+the page's TileOffsets/TileByteCounts, so tiles may sit anywhere in the file.
+This writer appends each encoded tile at the end of the file as soon as it is
+ready, remembers where it went (8 + 4 bytes per tile, so a 4-gigapixel pyramid
+needs ~260 KiB of bookkeeping), and once every tile of every page is in,
+writes the IFDs after the tile data and points the header at the first one.
+Until then the header's first-IFD offset is 0: a half-written file is not a
+valid TIFF, and it lives under a temporary name anyway.
+
+Layout: the main IFD is ``pages[0]``; ``pages[1:]`` are its SubIFDs (the
+OME-TIFF pyramid layout). The tags mirror, tag for tag, what tifffile writes
+for the same page (see ``tests/test_tiff_stream.py``), so tifffile, Bio-Formats
+and OpenSlide read these files like tifffile's own.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+
+__all__ = ["TiffPage", "TiffStreamWriter"]
+
+# TIFF field types used here.
+_ASCII, _SHORT, _LONG, _RATIONAL, _LONG8, _IFD8 = 2, 3, 4, 5, 16, 18
+_TYPE_FMT = {_ASCII: "B", _SHORT: "H", _LONG: "I", _RATIONAL: "I", _LONG8: "Q", _IFD8: "Q"}
+_TYPE_SIZE = {_ASCII: 1, _SHORT: 2, _LONG: 4, _RATIONAL: 8, _LONG8: 8, _IFD8: 8}
+
+COMPRESSION_NONE, COMPRESSION_JPEG, COMPRESSION_DEFLATE, COMPRESSION_ZSTD = 1, 7, 8, 50000
+PHOTOMETRIC_RGB, PHOTOMETRIC_YCBCR = 2, 6
+_RESUNIT_CENTIMETER = 3
+# YCbCr JPEG: full-range reference black/white, as tifffile (and libtiff) write them.
+_REFERENCE_BLACK_WHITE = (0, 1, 255, 1, 128, 1, 255, 1, 128, 1, 255, 1)
+
+
+def rational(value: float) -> tuple[int, int]:
+    """(numerator, denominator) of ``value``, both within uint32 -- tifffile's ``rational``."""
+    if value == 0:
+        return 0, 1
+    f = Fraction(value)
+    f = f.limit_denominator(min(4294967295, int(4294967295 / abs(f))))
+    return f.numerator, f.denominator
+
+
+@dataclass(frozen=True)
+class TiffPage:
+    """One tiled, interleaved 8-bit RGB image of the file (one pyramid level)."""
+
+    height: int
+    width: int
+    tile: int
+    compression: int  # TIFF Compression tag value
+    photometric: int = PHOTOMETRIC_RGB
+    subsampling: tuple[int, int] | None = None  # YCbCrSubSampling (JPEG/YCbCr only)
+    predictor: int | None = None  # Predictor tag (2: horizontal) for lossless codecs
+    pixels_per_cm: float | None = None  # X/YResolution with ResolutionUnit centimetre
+    subfiletype: int = 0  # NewSubfileType; 1 = reduced-resolution image
+    description: str | None = None  # ImageDescription (OME-XML on the first page)
+    software: str | None = None
+
+    @property
+    def tiles_down(self) -> int:
+        return -(-self.height // self.tile)
+
+    @property
+    def tiles_across(self) -> int:
+        return -(-self.width // self.tile)
+
+    @property
+    def n_tiles(self) -> int:
+        return self.tiles_down * self.tiles_across
+
+
+def _entry_tags(page: TiffPage) -> list[tuple[int, int, Sequence[int] | bytes]]:
+    """(tag, type, values) of every tag but TileOffsets/TileByteCounts/SubIFDs, as tifffile writes them."""
+    tags: list[tuple[int, int, Sequence[int] | bytes]] = []
+    if page.subfiletype:
+        tags.append((254, _LONG, [page.subfiletype]))
+    tags += [
+        (256, _LONG, [page.width]),
+        (257, _LONG, [page.height]),
+        (258, _SHORT, [8, 8, 8]),
+        (259, _SHORT, [page.compression]),
+        (262, _SHORT, [page.photometric]),
+    ]
+    if page.description is not None:
+        tags.append((270, _ASCII, page.description.encode("utf-8") + b"\0"))
+    tags += [(277, _SHORT, [3])]
+    if page.pixels_per_cm is not None:
+        res = rational(page.pixels_per_cm)
+        tags += [(282, _RATIONAL, res), (283, _RATIONAL, res)]
+    tags += [(284, _SHORT, [1])]  # PlanarConfiguration: contiguous (interleaved RGB)
+    if page.pixels_per_cm is not None:
+        tags.append((296, _SHORT, [_RESUNIT_CENTIMETER]))
+    if page.software is not None:
+        tags.append((305, _ASCII, page.software.encode("ascii") + b"\0"))
+    if page.predictor is not None:
+        tags.append((317, _SHORT, [page.predictor]))
+    tags += [(322, _LONG, [page.tile]), (323, _LONG, [page.tile])]
+    if page.photometric == PHOTOMETRIC_YCBCR:
+        tags.append((530, _SHORT, list(page.subsampling or (2, 2))))
+        tags.append((532, _RATIONAL, _REFERENCE_BLACK_WHITE))
+    return tags
+
+
+class TiffStreamWriter:
+    """Write ``pages`` (main IFD + SubIFDs) to ``path``, tile by tile in any order.
+
+    Not thread-safe: one thread calls :meth:`write_tile` (encoding happens
+    elsewhere, in parallel). :meth:`close` raises if a tile is missing, so a
+    file with holes is never finished.
+    """
+
+    def __init__(self, path: str | Path, pages: Sequence[TiffPage], *, buffer_bytes: int = 1 << 20) -> None:
+        if not pages:
+            raise ValueError("need at least one page")
+        for p in pages:
+            if p.tile < 16 or p.tile % 16:
+                raise ValueError(f"tile must be a multiple of 16 (TIFF rule), got {p.tile}")
+            if p.height < 1 or p.width < 1:
+                raise ValueError(f"empty page {p.height} x {p.width}")
+        self.path = Path(path)
+        self.pages = list(pages)
+        # -1 = not written yet (0 would be a legal-looking offset to a reader).
+        self._offsets = [np.full(p.n_tiles, -1, dtype=np.int64) for p in self.pages]
+        self._counts = [np.zeros(p.n_tiles, dtype=np.int64) for p in self.pages]
+        self._missing = sum(p.n_tiles for p in self.pages)
+        self._f: BinaryIO | None = open(self.path, "wb", buffering=buffer_bytes)  # noqa: SIM115 (closed in close/abort)
+        # BigTIFF header: byte order, version 43, offset size 8, reserved 0, first IFD (patched in close()).
+        self._f.write(b"II" + struct.pack("<HHHQ", 43, 8, 0, 0))
+        self._pos = 16
+
+    @property
+    def tiles_missing(self) -> int:
+        return self._missing
+
+    def write_tile(self, page: int, row: int, col: int, data: bytes | bytearray | memoryview) -> None:
+        """Append the encoded tile (row, col) of ``page``; each tile exactly once."""
+        if self._f is None:
+            raise ValueError("writer is closed")
+        p = self.pages[page]
+        if not (0 <= row < p.tiles_down and 0 <= col < p.tiles_across):
+            raise IndexError(f"tile ({row}, {col}) outside page {page} ({p.tiles_down} x {p.tiles_across} tiles)")
+        idx = row * p.tiles_across + col
+        if self._offsets[page][idx] >= 0:
+            raise ValueError(f"tile ({row}, {col}) of page {page} written twice")
+        n = len(data) if not isinstance(data, memoryview) else data.nbytes
+        if not 0 < n < 2**32:
+            raise ValueError(f"tile ({row}, {col}) of page {page} has {n} bytes")
+        self._f.write(data)
+        self._offsets[page][idx] = self._pos
+        self._counts[page][idx] = n
+        self._pos += n
+        self._missing -= 1
+
+    def close(self) -> int:
+        """Write every IFD, point the header at the first; returns the file size."""
+        if self._f is None:
+            raise ValueError("writer is closed")
+        if self._missing:
+            raise ValueError(f"{self._missing} tiles were never written; the TIFF would have holes")
+        f = self._f
+        # SubIFDs first: the main IFD's SubIFDs tag needs their offsets.
+        sub_offsets = [self._write_ifd(k, []) for k in range(1, len(self.pages))]
+        extra = [(330, _IFD8, sub_offsets)] if sub_offsets else []
+        first = self._write_ifd(0, extra)
+        f.seek(8)
+        f.write(struct.pack("<Q", first))
+        f.close()
+        self._f = None
+        return self._pos
+
+    def abort(self) -> None:
+        """Close without finishing (the caller removes the file)."""
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+
+    def __enter__(self) -> TiffStreamWriter:
+        return self
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        if exc_type is not None:
+            self.abort()
+        elif self._f is not None:
+            self.close()
+
+    # ------------------------------------------------------------------ internals
+
+    def _append(self, data: bytes) -> int:
+        assert self._f is not None
+        pos = self._pos
+        self._f.write(data)
+        self._pos += len(data)
+        return pos
+
+    def _align(self) -> None:
+        # TIFF wants IFDs and out-of-line values on word boundaries; 8 keeps LONG8 arrays aligned too.
+        pad = -self._pos % 8
+        if pad:
+            self._append(b"\0" * pad)
+
+    def _write_ifd(self, k: int, extra: Sequence[tuple[int, int, Sequence[int] | bytes]]) -> int:
+        """Write page k's out-of-line values, then its IFD; return the IFD's offset."""
+        counts = self._counts[k]
+        count_type = _LONG if int(counts.max()) < 2**32 else _LONG8
+        tags = [
+            *_entry_tags(self.pages[k]),
+            (324, _LONG8, self._offsets[k].astype("<u8").tobytes()),
+            (325, count_type, counts.astype("<u4" if count_type == _LONG else "<u8").tobytes()),
+            *extra,
+        ]
+        tags.sort(key=lambda t: t[0])  # TIFF requires ascending tag order
+        entries = []
+        for tag, typ, values in tags:
+            raw, count = _pack(typ, values)
+            if len(raw) <= 8:
+                field = raw.ljust(8, b"\0")
+            else:
+                self._align()
+                field = struct.pack("<Q", self._append(raw))
+            entries.append(struct.pack("<HHQ", tag, typ, count) + field)
+        self._align()
+        ifd = struct.pack("<Q", len(entries)) + b"".join(entries) + struct.pack("<Q", 0)
+        return self._append(ifd)
+
+
+def _pack(typ: int, values: Sequence[int] | bytes) -> tuple[bytes, int]:
+    """Little-endian bytes of a tag's values and the TIFF count (RATIONAL counts pairs)."""
+    size = _TYPE_SIZE[typ]
+    if isinstance(values, bytes):
+        # Pre-packed arrays (ASCII text, tile offsets/counts).
+        return values, len(values) // size
+    raw = struct.pack(f"<{len(values)}{_TYPE_FMT[typ]}", *values)
+    return raw, len(raw) // size
+
