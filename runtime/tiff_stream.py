@@ -220,11 +220,11 @@ class TiffStreamWriter:
     def _write_ifd(self, k: int, extra: Sequence[tuple[int, int, Sequence[int] | bytes]]) -> int:
         """Write page k's out-of-line values, then its IFD; return the IFD's offset."""
         counts = self._counts[k]
-        count_type = _LONG if int(counts.max()) < 2**32 else _LONG8
+        count_type = _bytecount_type(self.pages[k], int(counts.max()))
         tags = [
             *_entry_tags(self.pages[k]),
             (324, _LONG8, self._offsets[k].astype("<u8").tobytes()),
-            (325, count_type, counts.astype("<u4" if count_type == _LONG else "<u8").tobytes()),
+            (325, count_type, counts.astype(_NUMPY_TYPE[count_type]).tobytes()),
             *extra,
         ]
         tags.sort(key=lambda t: t[0])  # TIFF requires ascending tag order
@@ -240,6 +240,18 @@ class TiffStreamWriter:
         self._align()
         ifd = struct.pack("<Q", len(entries)) + b"".join(entries) + struct.pack("<Q", 0)
         return self._append(ifd)
+
+
+_NUMPY_TYPE = {_SHORT: "<u2", _LONG: "<u4", _LONG8: "<u8"}
+
+
+def _bytecount_type(page: TiffPage, largest: int) -> int:
+    """TileByteCounts' type by tifffile's rule (from the raw tile size, x10 if compressed), widened if needed."""
+    if page.n_tiles == 1:
+        return _LONG8
+    estimate = page.tile * page.tile * 3 * (10 if page.compression != COMPRESSION_NONE else 1)
+    size = max(estimate, largest)
+    return _SHORT if size < 2**16 else _LONG if size < 2**32 else _LONG8
 
 
 def _pack(typ: int, values: Sequence[int] | bytes) -> tuple[bytes, int]:
