@@ -17,7 +17,19 @@ from runtime.scan_plan import FieldPlan, GridPlan
 
 
 def peak_rss_bytes() -> int:
-    """This process's peak resident set size (Linux reports ru_maxrss in KiB)."""
+    """This process's peak resident set size.
+
+    Reads VmHWM, the high-water mark of this process image: ``ru_maxrss`` is
+    not used because Linux carries it across fork+exec, so a worker spawned by
+    a large parent would report the parent's peak.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
