@@ -135,7 +135,7 @@ def train_autofocus(
             loss.backward()
             opt.step()
             sched.step()
-            total += float(loss)
+            total += float(loss.detach())
         vp, vc = predict_autofocus(model, val["x"])
         vt = aggregate_tiles(val["defocus_um"], val["field"], vp, vc)
         vm = autofocus_metrics(vt["true"], vt["pred"])
@@ -240,7 +240,7 @@ def train_classifier(
             loss.backward()
             opt.step()
             sched.step()
-            total += float(loss)
+            total += float(loss.detach())
         vp = predict_classifier(model, val["x"]).argmax(1)
         history.append(
             {"epoch": epoch, "loss": total / (n // batch), "val_accuracy": float(np.mean(vp == val["label"]))}

@@ -21,6 +21,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--z-planes", type=int, default=13, help="planes per field z-stack")
     s.add_argument("--z-step", type=float, default=0.5, help="µm between planes")
     s.add_argument("--stage-error", type=float, default=2.0, help="stage positioning error, 1 sigma (µm)")
+    s.add_argument("--artifacts", type=int, default=0, help="pen ink, bubbles, dust, folds on the slide")
     s.add_argument("--force", action="store_true", help="overwrite an existing recording")
 
     t = sub.add_parser("truth", help="render the in-focus ground truth of a synthetic recording's area")
@@ -56,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
                 z_planes=args.z_planes,
                 z_step_um=args.z_step,
                 stage_error_um=args.stage_error,
+                artifacts=args.artifacts,
             )
             synthesize(args.out, params, overwrite=args.force, progress=True)
             print(f"recording: {args.out}")
