@@ -12,12 +12,15 @@ scored against it.
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import cv2
 import numpy as np
+import numpy.typing as npt
 from tqdm import tqdm
 
 from hw_sim.optics import CameraParams, Optics, OpticsParams
@@ -51,6 +54,14 @@ class SynthParams:
     spherical_waves: float = 0.08
     chromatic_shift_um: tuple[float, float, float] = (0.15, 0.0, -0.2)
     artifacts: int = 0
+    # Imperfections a stitcher must survive (defaults: none). camera_rotation_deg: the camera is
+    # turned against the stage axes (a camera pixel offset (u, v) from the frame centre sees the slide
+    # at R(angle) (u, v) * pixel_size, x right, y down). stage_scale_error: the stage travels
+    # (1 + s) times every commanded distance (measured from the scanned area's centre). tissue_extent:
+    # tissue only lies in this fraction of the area's width and height (top-left); the rest is glass.
+    camera_rotation_deg: float = 0.0
+    stage_scale_error: float = 0.0
+    tissue_extent: float = 1.0
 
     def __post_init__(self) -> None:
         if self.fields_x < 1 or self.fields_y < 1:
@@ -61,6 +72,10 @@ class SynthParams:
             raise ValueError("pixel_size_um and z_step_um must be positive and z_planes >= 1")
         if self.stage_error_um < 0 or self.coarse_focus_error_um < 0:
             raise ValueError("stage_error_um and coarse_focus_error_um must be >= 0")
+        if not abs(self.camera_rotation_deg) <= 45 or not abs(self.stage_scale_error) < 0.5:
+            raise ValueError("camera_rotation_deg must be within +-45 and stage_scale_error within +-0.5")
+        if not 0 < self.tissue_extent <= 1:
+            raise ValueError(f"tissue_extent must be in (0, 1], got {self.tissue_extent}")
 
 
 def grid_for(params: SynthParams) -> GridPlan:
@@ -76,6 +91,24 @@ def grid_for(params: SynthParams) -> GridPlan:
         if (plan.cols, plan.rows) == (params.fields_x, params.fields_y):
             return plan
     raise ValueError(f"cannot lay out {params.fields_x} x {params.fields_y} fields (planner disagrees)")
+
+
+def _field_transmittance(
+    slide: SyntheticSlide, cx_um: float, cy_um: float, size: int, px: float, rotation_deg: float
+) -> npt.NDArray[np.float32]:
+    """The (size, size) transmittance a camera centred on (cx, cy) sees, turned by ``rotation_deg``."""
+    if rotation_deg == 0.0:
+        return slide.transmittance(cx_um - size * px / 2, cy_um - size * px / 2, size, size, px)
+    th = math.radians(rotation_deg)
+    cos, sin = math.cos(th), math.sin(th)
+    # Render an axis-aligned square that contains the turned field, then resample it: the slide
+    # model renders axis-aligned pixel grids only.
+    big = math.ceil(size * (abs(cos) + abs(sin))) + 8
+    src = slide.transmittance(cx_um - big * px / 2, cy_um - big * px / 2, big, big, px)
+    cs, cd = (big - 1) / 2, (size - 1) / 2
+    m = np.array([[cos, -sin, cs - cos * cd + sin * cd], [sin, cos, cs - sin * cd - cos * cd]])
+    out = cv2.warpAffine(src, m, (size, size), flags=cv2.INTER_CUBIC | cv2.WARP_INVERSE_MAP)
+    return np.clip(out, 0.0, 1.0).astype(np.float32)
 
 
 def _prepare_out(out: Path, overwrite: bool) -> None:
@@ -109,8 +142,8 @@ def synthesize(out: Path, params: SynthParams, overwrite: bool = False, progress
             seed=params.seed,
             origin_x_um=area.x_um,
             origin_y_um=area.y_um,
-            width_um=area.width_um,
-            height_um=area.height_um,
+            width_um=area.width_um * params.tissue_extent,
+            height_um=area.height_um * params.tissue_extent,
             artifacts=params.artifacts,
         )
     )
@@ -147,12 +180,14 @@ def synthesize(out: Path, params: SynthParams, overwrite: bool = False, progress
     out.parent.mkdir(parents=True, exist_ok=True)
     writer = RecordingWriter(tmp, meta, with_truth=True)
     rng = np.random.default_rng([params.seed, 0x57A6E])
+    centre_x, centre_y = area.x_um + area.width_um / 2, area.y_um + area.height_um / 2
     offsets = np.arange(params.z_planes) - (params.z_planes - 1) / 2
     try:
         with tqdm(total=n * params.z_planes, unit="frame", desc="synth", disable=not progress) as bar:
             for f in plan.fields:
                 err = np.clip(rng.normal(0.0, 1.0, 2), -3.0, 3.0) * params.stage_error_um
-                ax, ay = f.x_um + float(err[0]), f.y_um + float(err[1])
+                ax = f.x_um + float(err[0]) + params.stage_scale_error * (f.x_um - centre_x)
+                ay = f.y_um + float(err[1]) + params.stage_scale_error * (f.y_um - centre_y)
                 focus = slide.focus_z_um(ax, ay)
                 # The coarse focus map was measured near the commanded position, with an error.
                 coarse = (
@@ -161,9 +196,7 @@ def synthesize(out: Path, params: SynthParams, overwrite: bool = False, progress
                 )
                 z = coarse + offsets * params.z_step_um
                 # Render once at the ACTUAL position (what the camera really sees), with the PSF margin.
-                x0 = ax - tile * px / 2 - m * px
-                y0 = ay - tile * px / 2 - m * px
-                obj = optics.prepare(slide.transmittance(x0, y0, tile + 2 * m, tile + 2 * m, px))
+                obj = optics.prepare(_field_transmittance(slide, ax, ay, tile + 2 * m, px, params.camera_rotation_deg))
                 noise = np.random.default_rng([params.seed, f.index, 0xCA3])
                 for k in range(params.z_planes):
                     # One defocus per frame, at the field centre: the focal surface varies by only

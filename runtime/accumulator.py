@@ -1,34 +1,60 @@
 """The deque accumulator: turns a serpentine stream of tiles into final mosaic bands.
 
-Tiles are placed at their commanded stage positions (registration against
-neighbours is a later step). Each mosaic pixel is taken from the tile whose
-centre is nearest along each axis: a cut in the middle of every overlap, which
-hides the stage error better than letting the last tile overwrite.
+Per tile, as it arrives (``add``):
 
-Memory: the accumulator holds a deque of ``chunk``-row bands, full mosaic
-width, only from the first row not yet final down to the bottom of the scan
-row being captured -- bounded by the row width and the tile height, not by
-the slide. When a scan row completes, every band above the next row's owned
-range is final: it is popped from the left of the deque and written to Zarr
-as whole chunks (no read-modify-write), which also feeds the pyramid.
+1. **Register** it against the neighbours already captured -- the previous
+   tile in its row and the tile above -- on their overlap strips
+   (``runtime.registration``), starting from where the stage model predicts.
+2. **Solve** positions (``runtime.positions``): the tiles not yet final are the
+   unknowns of a small weighted least-squares system over the measured links
+   and the stage prior; final tiles are constants.
+3. **Finalise and blend** the oldest tiles once ``lag_tiles`` later tiles have
+   arrived (0: at once): flat-field corrected (``runtime.flatfield``), moved
+   to their subpixel position and feathered over what is already in the band
+   (``runtime.blending``).
+4. **Flush** every band above the highest row any tile still to come could
+   reach (its predicted top minus the stage's largest error) to the Zarr
+   store, which also builds the pyramid.
+
+What it holds: the bands from the first non-final mosaic row to the bottom of
+the last blended tile (about a tile height plus the stage error plus a chunk,
+full mosaic width); for registration, grey overlap strips only -- the
+trailing strip of the previous tile and the bottom strips of the previous
+row's tiles, each dropped as soon as its neighbour has used it; and the tiles
+waiting for ``lag_tiles`` or for the flat-field warm-up (at most
+``flatfield_warmup_tiles``, once, at the start). Memory is bounded by the row
+width and the tile size, not by the slide.
+
+The mosaic keeps the commanded grid's extent (``MosaicGeometry.shape``);
+tiles moved by their stage error are clipped to it, and pixels no tile
+covers stay white (glass).
 """
 
 from __future__ import annotations
 
 import math
-from collections import deque
-from dataclasses import dataclass
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
+from runtime.blending import composite, feather_alpha, subpixel_shift
+from runtime.flatfield import FlatField, FlatFieldEstimator
 from runtime.mosaic import MosaicStore
+from runtime.positions import Link, PositionSolver
+from runtime.registration import RegistrationParams, register_pair, texture, to_grey
 from runtime.scan_plan import FieldPlan, GridPlan
+
+U8 = npt.NDArray[np.uint8]
+Key = tuple[int, int]
 
 
 @dataclass(frozen=True)
 class MosaicGeometry:
-    """Where each field's pixels go in the mosaic (level 0, pixels)."""
+    """Where each field's pixels go in the mosaic (level 0, pixels), by the commanded grid."""
 
     plan: GridPlan
     tile_height: int
@@ -47,98 +73,387 @@ class MosaicGeometry:
             round((self.plan.cols - 1) * sx) + self.tile_width,
         )
 
-    def top_left(self, field: FieldPlan) -> tuple[int, int]:
-        """Mosaic pixel of the tile's top-left corner at its commanded position."""
+    @property
+    def overlap_px(self) -> tuple[int, int]:
+        """Nominal overlap of neighbouring tiles (rows, columns)."""
+        sy, sx = self.step_px
+        return (max(0, math.ceil(self.tile_height - sy)), max(0, math.ceil(self.tile_width - sx)))
+
+    def commanded_top_left(self, field: FieldPlan) -> tuple[float, float]:
+        """Mosaic (y, x) of the tile's top-left corner at its commanded position (unrounded)."""
         ox, oy = self.plan.origin_um
         x = (field.x_um - self.plan.field_width_um / 2 - ox) / self.pixel_size_um
         y = (field.y_um - self.plan.field_height_um / 2 - oy) / self.pixel_size_um
+        return (y, x)
+
+    def top_left(self, field: FieldPlan) -> tuple[int, int]:
+        """Mosaic pixel of the tile's top-left corner at its commanded position."""
+        y, x = self.commanded_top_left(field)
         return (round(y), round(x))
 
-    def _owned(self, index: int, count: int, step: float, tile: int, total: int) -> tuple[int, int]:
-        start = round(index * step)
-        lo = 0 if index == 0 else (start + round((index - 1) * step) + tile) // 2
-        hi = total if index == count - 1 else (round((index + 1) * step) + start + tile) // 2
-        return lo, hi
 
-    def owned_rows(self, row: int) -> tuple[int, int]:
-        """Mosaic rows [lo, hi) that scan row ``row`` provides (cut mid-overlap)."""
-        return self._owned(row, self.plan.rows, self.step_px[0], self.tile_height, self.shape[0])
+@dataclass(frozen=True)
+class StitchParams:
+    """Online stitching settings (``[stitch]`` in the config).
 
-    def owned_cols(self, col: int) -> tuple[int, int]:
-        return self._owned(col, self.plan.cols, self.step_px[1], self.tile_width, self.shape[1])
+    ``stage_sigma_um``: the stage's repeatability (1 sigma), the weight of the
+    prior. ``max_stage_error_um``: the largest error one move makes; twice it
+    bounds the registration search between two tiles, once it the margin
+    before a band is final. ``lag_tiles``: later tiles a tile waits for before
+    its position is final and it is blended (0: final on arrival).
+    """
+
+    stage_sigma_um: float = 2.5
+    max_stage_error_um: float = 10.0
+    lag_tiles: int = 0
+    registration: bool = True
+    flatfield: bool = True
+    flatfield_warmup_tiles: int = 16
+    min_ncc: float = 0.3
+
+    def __post_init__(self) -> None:
+        if self.stage_sigma_um <= 0 or self.max_stage_error_um <= 0:
+            raise ValueError("stage_sigma_um and max_stage_error_um must be positive")
+        if self.lag_tiles < 0 or self.flatfield_warmup_tiles < 0:
+            raise ValueError("lag_tiles and flatfield_warmup_tiles must be >= 0")
+
+
+@dataclass
+class _Strip:
+    grey: U8
+    oy: int  # the strip's origin in its tile's frame
+    ox: int
+
+
+@dataclass
+class _Band:
+    y: int
+    pixels: U8
+    covered: npt.NDArray[np.bool_]
+
+
+@dataclass
+class StitchStats:
+    """What the accumulator did, for the scan report and the bench."""
+
+    pairs: Counter[str] = field(default_factory=Counter)
+    ncc: list[float] = field(default_factory=list)
+    register_s: float = 0.0
+    solve_s: float = 0.0
+    blend_s: float = 0.0
+    flatfield_s: float = 0.0
+    tiles: int = 0
+    clipped_rows: int = 0
+    peak_bands: int = 0
+    peak_held_bytes: int = 0
 
 
 class DequeAccumulator:
     """Receives tiles in acquisition order; writes final bands to the mosaic store."""
 
-    def __init__(self, geometry: MosaicGeometry, store: MosaicStore) -> None:
+    def __init__(self, geometry: MosaicGeometry, store: MosaicStore, params: StitchParams | None = None) -> None:
         self.geometry = geometry
         self.store = store
+        self.params = params or StitchParams()
         self.chunk = store.chunk
-        height, self.width = geometry.shape
-        self.height = height
-        self._bands: deque[npt.NDArray[np.uint8]] = deque()
-        self._first_band_y = 0  # mosaic row of self._bands[0]
-        self._row_counts = [0] * geometry.plan.rows
-        self._next_row_to_close = 0
-        self.peak_bands = 0
+        self.height, self.width = geometry.shape
+        px = geometry.pixel_size_um
+        self._margin = math.ceil(self.params.max_stage_error_um / px) + 2
+        self.solver = PositionSolver(self.params.stage_sigma_um / px)
+        ov_y, ov_x = geometry.overlap_px
+        # Two moves can err in opposite directions: neighbours differ by up to twice the error.
+        search = 2 * self.params.max_stage_error_um / px
+        self._reg = RegistrationParams(search_px=max(search, 2.0), min_ncc=self.params.min_ncc)
+        self._strip_x = min(geometry.tile_width, ov_x + math.ceil(self._reg.search_px) + 8)
+        self._strip_y = min(geometry.tile_height, ov_y + math.ceil(self._reg.search_px) + 8)
+        th, tw = geometry.tile_height, geometry.tile_width
+        self._ff_est = FlatFieldEstimator(th, tw) if self.params.flatfield else None
+        self._flat: FlatField | None = None if self.params.flatfield else FlatField.identity(th, tw)
+        self._bands: deque[_Band] = deque()
+        self._first_band_y = 0  # mosaic row of the first band not yet written
+        self._pending: list[tuple[Key, FieldPlan, U8, int]] = []  # (key, field, tile, arrival number)
+        self._trailing: dict[Key, _Strip] = {}
+        self._bottom: dict[Key, _Strip] = {}
+        self._content: dict[Key, tuple[bool, bool]] = {}  # trailing / bottom strip has texture
+        self._placed: dict[Key, tuple[int, int]] = {}  # integer top-left of blended tiles (recent rows)
+        plan = geometry.plan
+        self._fields = {(f.row, f.col): f for f in plan.fields}
+        self._arrived: set[Key] = set()
+        # Tiles held at most (beyond the flat-field warm-up): ungrounded tiles wait for a later
+        # neighbour to tie them in, at most about a row (the serpentine's next row is below).
+        self._max_pending = max(self.params.lag_tiles + 1, plan.cols + 1)
+        self._blended_per_row = [0] * plan.rows
+        self._next_index = 0  # plan index of the next field expected (for the flush bound)
+        self.stats = StitchStats()
 
-    def _band_for(self, y: int) -> npt.NDArray[np.uint8]:
+    # ------------------------------------------------------------------ public
+
+    @property
+    def peak_bands(self) -> int:
+        return self.stats.peak_bands
+
+    @property
+    def flatfield(self) -> FlatField | None:
+        return self._flat
+
+    def add(self, field: FieldPlan, tile: U8) -> None:
+        """Register, solve, blend what is final, write what is final."""
+        key = (field.row, field.col)
+        if key in self._arrived:
+            raise ValueError(f"field {key} arrived twice")
+        if tile.shape[:2] != (self.geometry.tile_height, self.geometry.tile_width):
+            raise ValueError(f"tile is {tile.shape}, expected {(self.geometry.tile_height, self.geometry.tile_width)}")
+        self._arrived.add(key)
+        self._next_index = max(self._next_index, field.index + 1)
+        self.stats.tiles += 1
+        arrival = self.stats.tiles
+        t0 = time.perf_counter()
+        self.solver.add_tile(key, self.geometry.commanded_top_left(field))
+        if self.params.registration:
+            self._register(key, to_grey(tile))
+        t1 = time.perf_counter()
+        self.solver.solve()
+        t2 = time.perf_counter()
+        self.stats.register_s += t1 - t0
+        self.stats.solve_s += t2 - t1
+        # The ring slot is handed back after add(): keep a copy while the tile waits.
+        self._pending.append((key, field, np.array(tile, copy=True), arrival))
+        if self._flat is None and self._ff_est is not None:
+            self._ff_est.add(tile)
+            if self._ff_est.ready or self._ff_est.tiles >= self.params.flatfield_warmup_tiles:
+                self._flat = self._ff_est.estimate()
+            self.stats.flatfield_s += time.perf_counter() - t2
+        self._advance(finishing=False)
+        self._note_memory()
+
+    def finish(self) -> bool:
+        """Blend and flush everything left. Returns True if every field arrived (the mosaic is complete)."""
+        if self._flat is None:
+            assert self._ff_est is not None
+            self._flat = self._ff_est.estimate()
+        self._advance(finishing=True)
+        complete = len(self._arrived) == len(self._fields)
+        # Complete or cancelled, nothing captured is lost: every band goes out
+        # (a cancelled scan keeps its partial bottom band too).
+        while self._bands:
+            self._write(self._bands.popleft())
+        return complete
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-able figures: pair outcomes, timings, the stage model, the flat-field, positions."""
+        s = self.stats
+        model = self.solver.model
+        n = max(s.tiles, 1)
+        positions = []
+        for key in sorted(self._arrived, key=lambda k: self._fields[k].index):
+            f = self._fields[key]
+            y, x = self.solver.position(key)
+            cy, cx = self.geometry.commanded_top_left(f)
+            positions.append(
+                {
+                    "index": f.index,
+                    "row": f.row,
+                    "col": f.col,
+                    "y_px": round(y, 4),
+                    "x_px": round(x, 4),
+                    "dy_px": round(y - cy, 4),
+                    "dx_px": round(x - cx, 4),
+                    "registered": self.solver.linked(key),
+                }
+            )
+        ff = self._flat
+        return {
+            "pairs": dict(s.pairs),
+            "ncc_median": float(np.median(s.ncc)) if s.ncc else None,
+            "register_ms_per_tile": 1000 * s.register_s / n,
+            "solve_ms_per_tile": 1000 * s.solve_s / n,
+            "blend_ms_per_tile": 1000 * s.blend_s / n,
+            "flatfield_source": ff.source if ff else None,
+            "stage_rotation_deg": model.rotation_deg,
+            "stage_scale": list(model.scale),
+            "clipped_rows": s.clipped_rows,
+            "peak_bands": s.peak_bands,
+            "peak_held_mib": round(s.peak_held_bytes / 2**20, 1),
+            "positions": positions,
+        }
+
+    @staticmethod
+    def bands_bound(geometry: MosaicGeometry, chunk: int, max_stage_error_px: float = 0.0) -> int:
+        """The most bands the deque can hold at once: a tile's height, the stage margin, alignment."""
+        return math.ceil((geometry.tile_height + 2 * max_stage_error_px + 4) / chunk) + 2
+
+    # ------------------------------------------------------------------ registration
+
+    def _previous_in_row(self, key: Key) -> Key:
+        r, c = key
+        return (r, c - 1) if r % 2 == 0 else (r, c + 1)
+
+    def _next_in_row(self, key: Key) -> Key:
+        r, c = key
+        return (r, c + 1) if r % 2 == 0 else (r, c - 1)
+
+    def _register(self, key: Key, grey: U8) -> None:
+        for nb, strips in ((self._previous_in_row(key), self._trailing), ((key[0] - 1, key[1]), self._bottom)):
+            strip = strips.pop(nb, None)
+            if strip is None:
+                continue
+            py, px = self.solver.predicted_displacement(nb, key)
+            m = register_pair(strip.grey, grey, (py - strip.oy, px - strip.ox), self._reg)
+            self.stats.pairs[m.reason] += 1
+            if m.accepted:
+                self.stats.ncc.append(m.ncc)
+                self.solver.add_link(Link(nb, key, (m.shift[0] + strip.oy, m.shift[1] + strip.ox), m.sigma))
+        # Keep only the strips later neighbours will need, and whether they show anything.
+        th, tw = grey.shape
+        nxt = self._next_in_row(key)
+        trailing = bottom = False
+        if nxt in self._fields:
+            if nxt[1] > key[1]:
+                strip = _Strip(grey[:, tw - self._strip_x :].copy(), 0, tw - self._strip_x)
+            else:
+                strip = _Strip(grey[:, : self._strip_x].copy(), 0, 0)
+            self._trailing[key] = strip
+            trailing = texture(strip.grey) >= self._reg.min_texture
+        if (key[0] + 1, key[1]) in self._fields:
+            self._bottom[key] = _Strip(grey[th - self._strip_y :].copy(), th - self._strip_y, 0)
+            bottom = texture(self._bottom[key].grey) >= self._reg.min_texture
+        self._content[key] = (trailing, bottom)
+
+    # ------------------------------------------------------------------ blending
+
+    def _expects_link(self, key: Key) -> bool:
+        """Whether a neighbour still to come could register against this tile's content."""
+        trailing, bottom = self._content.get(key, (False, False))
+        later = []
+        if trailing:
+            later.append(self._next_in_row(key))
+        if bottom:
+            later.append((key[0] + 1, key[1]))
+        return any(k in self._fields and k not in self._arrived for k in later)
+
+    def _may_fix(self, key: Key, arrival: int, finishing: bool) -> bool:
+        if finishing:
+            return True
+        if self.stats.tiles - arrival < self.params.lag_tiles:
+            return False
+        # Tied by registration to pixels already blended: final now. Not tied, but no later
+        # neighbour can tie it (glass, or its neighbours came and went): final on what is known.
+        return self.solver.grounded(key) or not self._expects_link(key)
+
+    def _advance(self, finishing: bool) -> None:
+        """Finalise and blend the waiting tiles that may be; flush final bands."""
+        while self._pending and self._flat is not None:
+            self.solver.solve()
+            ready = [e for e in self._pending if self._may_fix(e[0], e[3], finishing)]
+            if not ready and len(self._pending) > self._max_pending:
+                ready = [self._pending[0]]  # memory cap: the oldest goes on what is known
+            if not ready:
+                break
+            for entry in ready:
+                self._pending.remove(entry)
+                key, field, tile, _ = entry
+                self.solver.fix([key])
+                self._blend(key, field, tile)
+        self._flush(self._final_y())
+
+    def _blend(self, key: Key, field: FieldPlan, tile: U8) -> None:
+        assert self._flat is not None
+        t0 = time.perf_counter()
+        y, x = self.solver.position(key)
+        iy, ix = math.floor(y + 0.5), math.floor(x + 0.5)  # fraction in [-0.5, 0.5): the least resampling
+        th, tw = tile.shape[:2]
+        moved = subpixel_shift(self._flat.correct(tile), y - iy, x - ix)
+        alpha = feather_alpha(th, tw, **self._earlier_edges(key, iy, ix, th, tw))
+        # Clip to the mosaic, and to rows not yet written (never reached with a sane stage margin).
+        y0, y1 = max(iy, self._first_band_y, 0), min(iy + th, self.height)
+        x0, x1 = max(ix, 0), min(ix + tw, self.width)
+        self.stats.clipped_rows += max(0, min(self._first_band_y, iy + th) - max(iy, 0))
+        y = y0
+        while y < y1 and x0 < x1:
+            band = self._band_for(y)
+            y_end = min(y1, band.y + band.pixels.shape[0])
+            by, ty = slice(y - band.y, y_end - band.y), slice(y - iy, y_end - iy)
+            bx, tx = slice(x0, x1), slice(x0 - ix, x1 - ix)
+            composite(band.pixels[by, bx], band.covered[by, bx], moved[ty, tx], alpha[ty, tx])
+            y = y_end
+        self._placed[key] = (iy, ix)
+        # Ramps need the placements of the rows next to any tile still to be blended.
+        oldest = min([e[0][0] for e in self._pending] + [key[0]])
+        for old in [k for k in self._placed if k[0] < oldest - 1]:
+            del self._placed[old]
+        self._blended_per_row[key[0]] += 1
+        self.stats.blend_s += time.perf_counter() - t0
+
+    def _earlier_edges(self, key: Key, iy: int, ix: int, th: int, tw: int) -> dict[str, float]:
+        """Where earlier (already blended) neighbours end inside this tile, for its feather ramps."""
+        edges: dict[str, float] = {}
+        r, c = key
+        for side, nb in (("left", (r, c - 1)), ("right", (r, c + 1))):
+            p = self._placed.get(nb)
+            if p is not None and abs(p[0] - iy) < th and abs(p[1] - ix) < tw:
+                edges[side] = float(p[1] + tw - ix) if side == "left" else float(p[1] - ix)
+        above, below = [], []
+        for k, p in self._placed.items():
+            if abs(k[0] - r) == 1 and abs(k[1] - c) <= 1 and p[1] < ix + tw and p[1] + tw > ix:
+                if k[0] < r and p[0] < iy:
+                    above.append(p[0] + th - iy)
+                elif k[0] > r and p[0] > iy:
+                    below.append(p[0] - iy)
+        # Alpha must reach 1 before any earlier tile ends (where coverage changes).
+        if above:
+            edges["top"] = float(min(above))
+        if below:
+            edges["bottom"] = float(max(below))
+        return edges
+
+    # ------------------------------------------------------------------ bands
+
+    def _band_for(self, y: int) -> _Band:
         idx = (y - self._first_band_y) // self.chunk
         if idx < 0:
-            raise ValueError(f"mosaic row {y} was already written; tiles arrived out of order")
+            raise ValueError(f"mosaic row {y} was already written")
         while len(self._bands) <= idx:
             band_y = self._first_band_y + len(self._bands) * self.chunk
             h = min(self.chunk, self.height - band_y)
-            # Glass is bright: unfilled pixels (none in a complete grid) stay white.
-            self._bands.append(np.full((h, self.width, 3), 255, dtype=np.uint8))
-        self.peak_bands = max(self.peak_bands, len(self._bands))
+            # Glass is bright: pixels no tile covers stay white.
+            self._bands.append(
+                _Band(band_y, np.full((h, self.width, 3), 255, np.uint8), np.zeros((h, self.width), bool))
+            )
+        self.stats.peak_bands = max(self.stats.peak_bands, len(self._bands))
         return self._bands[idx]
 
-    def add(self, field: FieldPlan, tile: npt.NDArray[np.uint8]) -> None:
-        """Paste the tile's owned region; close scan rows that became complete."""
-        g = self.geometry
-        ty, tx = g.top_left(field)
-        y0, y1 = g.owned_rows(field.row)
-        x0, x1 = g.owned_cols(field.col)
-        y = y0
-        while y < y1:
-            band = self._band_for(y)
-            band_y = self._first_band_y + ((y - self._first_band_y) // self.chunk) * self.chunk
-            y_end = min(y1, band_y + band.shape[0])
-            band[y - band_y : y_end - band_y, x0:x1] = tile[y - ty : y_end - ty, x0 - tx : x1 - tx]
-            y = y_end
-        self._row_counts[field.row] += 1
-        self._close_complete_rows()
+    def _final_y(self) -> int:
+        """Mosaic rows above this are final: no tile still to come can reach them."""
+        top = self.height
+        model = self.solver.model
+        for key, _, _, _ in self._pending:
+            top = min(top, math.floor(self.solver.position(key)[0]) - self._margin)
+        # Tiles not yet captured: the rest of this scan row and the next one bound all later rows.
+        upcoming = self.geometry.plan.fields[self._next_index :]
+        rows_seen = 0
+        last_row = -1
+        for f in upcoming:
+            if f.row != last_row:
+                rows_seen += 1
+                last_row = f.row
+                if rows_seen > 2:
+                    break
+            top = min(top, math.floor(model.predict(self.geometry.commanded_top_left(f))[0]) - self._margin)
+        return max(top, 0)
 
-    def _close_complete_rows(self) -> None:
-        plan = self.geometry.plan
-        while self._next_row_to_close < plan.rows and self._row_counts[self._next_row_to_close] == plan.cols:
-            _, final_y = self.geometry.owned_rows(self._next_row_to_close)
-            self._next_row_to_close += 1
-            self._flush_below(final_y)
+    def _flush(self, final_y: int) -> None:
+        while self._bands and self._bands[0].y + self._bands[0].pixels.shape[0] <= final_y:
+            self._write(self._bands.popleft())
 
-    def _flush_below(self, final_y: int) -> None:
-        while self._bands and self._first_band_y + self._bands[0].shape[0] <= final_y:
-            band = self._bands.popleft()
-            self.store.write_band(self._first_band_y, band)
-            self._first_band_y += band.shape[0]
+    def _write(self, band: _Band) -> None:
+        if band.y != self._first_band_y:
+            raise RuntimeError(f"band at {band.y}, expected {self._first_band_y}")
+        self.store.write_band(band.y, band.pixels)
+        self._first_band_y = band.y + band.pixels.shape[0]
 
-    def finish(self) -> bool:
-        """Flush what is left. Returns True if every field arrived (the mosaic is complete)."""
-        complete = self._next_row_to_close == self.geometry.plan.rows
-        if complete:
-            self._flush_below(self.height)
-        else:
-            # A cancelled scan: keep every captured row that is final, and the
-            # partial band too, so nothing captured is lost.
-            while self._bands:
-                band = self._bands.popleft()
-                self.store.write_band(self._first_band_y, band)
-                self._first_band_y += band.shape[0]
-        return complete
-
-    @staticmethod
-    def bands_bound(geometry: MosaicGeometry, chunk: int) -> int:
-        """The most bands the deque can hold at once: a tile's height plus alignment slack."""
-        return math.ceil(geometry.tile_height / chunk) + 2
+    def _note_memory(self) -> None:
+        held = sum(b.pixels.nbytes + b.covered.nbytes for b in self._bands)
+        held += sum(s.grey.nbytes for s in self._trailing.values())
+        held += sum(s.grey.nbytes for s in self._bottom.values())
+        held += sum(e[2].nbytes for e in self._pending)
+        self.stats.peak_held_bytes = max(self.stats.peak_held_bytes, held)

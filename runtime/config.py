@@ -80,7 +80,7 @@ class MosaicConfig(_Section):
 class StitchConfig(_Section):
     """Online stitching: registration of each tile against its neighbours, position solve, blending."""
 
-    register: bool = Field(True, description="register tiles (false: place them at commanded positions)")
+    registration: bool = Field(True, description="register tiles (false: place them at commanded positions)")
     stage_sigma_um: float = Field(2.5, gt=0.0, le=100.0, description="stage repeatability, 1 sigma (prior weight)")
     max_stage_error_um: float = Field(
         10.0, gt=0.0, le=500.0, description="largest error of one stage move (search range, band margin)"

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import queue
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing.queues import Queue
 from pathlib import Path
 from typing import Any
@@ -27,7 +27,7 @@ class StitchJob:
     chunk: int
     compressor: str
     min_level_size: int
-    params: StitchParams = StitchParams()
+    params: StitchParams = field(default_factory=StitchParams)
 
 
 def stitcher_main(
