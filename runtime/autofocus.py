@@ -204,17 +204,25 @@ class SingleShotFocus:
             captures = 1
         else:
             frame, captures = first_frame, 0
-        est = model.estimate(frame)
-        first = est.defocus_um
-        d = est.defocus_um
+        d = model.estimate(frame).defocus_um
+        first = d
+        best = (z, frame, d)  # the capture with the smallest |estimate| so far
         for _ in range(self.max_moves):
             if d is None or abs(d) <= self.tolerance_um or should_stop():
                 break
-            z = z - float(np.clip(d, -self.max_step_um, self.max_step_um))
-            stage.move_z(z)
-            frame = camera.snap()
+            z_new = z - float(np.clip(d, -self.max_step_um, self.max_step_um))
+            stage.move_z(z_new)
+            frame_new = camera.snap()
             captures += 1
-            d = model.estimate(frame).defocus_um
+            d_new = model.estimate(frame_new).defocus_um
+            # A correct model shrinks |d| by far more than this at every move. If it does not,
+            # the estimate is not to be trusted here (pen ink, a fold, a bubble rim, or a stack
+            # edge): stop and keep the best capture rather than walk z away.
+            if d_new is None or abs(d_new) > 0.8 * abs(d):
+                break
+            z, frame, d = z_new, frame_new, d_new
+            best = (z, frame, d)
+        z, frame, d = best
         converged = d is not None and abs(d) <= self.tolerance_um
         # The residual estimate refines the focus point the surface learns (not the frame we keep).
         focus = z - d if d is not None and abs(d) <= 1.0 else None

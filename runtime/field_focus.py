@@ -11,7 +11,8 @@ z, move to the peak, capture.
 background (glass) field is kept as it is (1 capture, surface z, no focus
 estimate); otherwise the single-shot loop of :mod:`runtime.autofocus`
 refines z only when the model's estimate is outside tolerance. Accepted
-points feed the surface. Artifact fields are focused like tissue (there may
+points feed the surface. When the estimates do not converge (each move must
+shrink the estimate), the contrast sweep takes over for that field. Artifact fields are focused like tissue (there may
 be tissue under the dust) and flagged in the report.
 
 Inference placement: the models run in this (acquisition) process on the
@@ -109,7 +110,27 @@ class FieldFocuser:
             # Glass: nothing to focus on; keep the surface's z and do not teach the surface.
             return FocusedField(z0, 1, first, "single_shot:background", None, tc.label, tc.probabilities)
         r = self.single_shot.focus(self.autofocus, self.camera, self.stage, z0, should_stop, first_frame=first)
-        if r.focus_estimate_um is not None:
+        if r.final_defocus_um is not None and not r.converged and not should_stop():
+            # The model sees content but its estimates did not converge (ink, folds, bubbles,
+            # or a field unlike its training data): fall back to the contrast sweep around the
+            # best capture, so a hard field costs captures, not focus.
+            sw = self.sweep.focus(self.camera, self.stage, r.z_um, should_stop=should_stop)
+            self.stage.move_z(sw.z_um)
+            frame = self.camera.snap()
+            return FocusedField(
+                sw.z_um,
+                r.captures + 1 + sw.captures + 1,
+                frame,
+                "single_shot:sweep_fallback",
+                r.predicted_defocus_um,
+                tc.label if tc else None,
+                tc.probabilities if tc else None,
+                tc is not None and tc.label == "artifact",
+            )
+        artifact = tc is not None and tc.label == "artifact"
+        # Artifact fields are focused, but do not teach the surface: ink or a bubble rim can fool
+        # the estimate, and one bad point would mislead every neighbouring field.
+        if r.focus_estimate_um is not None and r.converged and not artifact:
             self.surface.add(plan.x_um, plan.y_um, r.focus_estimate_um)
         method = "single_shot" if r.predicted_defocus_um is not None else "single_shot:no_content"
         return FocusedField(
@@ -120,7 +141,7 @@ class FieldFocuser:
             r.predicted_defocus_um,
             tc.label if tc else None,
             tc.probabilities if tc else None,
-            tc is not None and tc.label == "artifact",
+            artifact,
         )
 
 
