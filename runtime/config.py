@@ -60,13 +60,13 @@ class FocusConfig(_Section):
 class ModelsConfig(_Section):
     """Scan-path models (model folders: model.onnx + model.json) and the inference backend."""
 
-    autofocus_dir: Path | None = Field(None, description="autofocus model folder (default: the committed model)")
-    classifier_dir: Path | None = Field(None, description="tile classifier model folder (default: committed)")
+    autofocus_dir: str = Field("builtin", description="autofocus model folder, or 'builtin': the committed one")
+    classifier_dir: str = Field("builtin", description="tile classifier model folder, or 'builtin'")
     backend: Literal["auto", "tensorrt", "ort_cuda", "ort_cpu"] = Field(
         "auto", description="auto: the first of tensorrt, ort_cuda, ort_cpu that is installed and works"
     )
     engine_cache_dir: Path = Field(
-        Path("/var/cache/wsi-runtime/engines"), description="TensorRT engines, keyed by ONNX/TensorRT/GPU/precision"
+        Path("/var/lib/wsi-runtime/engines"), description="TensorRT engines, keyed by ONNX/TensorRT/GPU/precision"
     )
     classify: bool = Field(True, description="single_shot: classify fields (background is not focused)")
 

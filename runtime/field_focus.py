@@ -148,8 +148,8 @@ class FieldFocuser:
 def model_settings(cfg: ModelsConfig) -> ModelSettings:
     """The ``[models]`` config section as plain values for the spawned worker."""
     return ModelSettings(
-        autofocus_dir=str(cfg.autofocus_dir) if cfg.autofocus_dir else None,
-        classifier_dir=str(cfg.classifier_dir) if cfg.classifier_dir else None,
+        autofocus_dir=None if cfg.autofocus_dir == "builtin" else cfg.autofocus_dir,
+        classifier_dir=None if cfg.classifier_dir == "builtin" else cfg.classifier_dir,
         backend=cfg.backend,
         engine_cache_dir=str(cfg.engine_cache_dir),
         classify=cfg.classify,
