@@ -14,8 +14,10 @@ from collections.abc import Sequence
 
 BENCHES = {
     "writer": "bench.writer",
+    "e2e": "bench.e2e",
     "autofocus": "bench.autofocus",
     "classifier": "bench.classifier",
+    "stitch": "bench.stitch",
 }
 
 

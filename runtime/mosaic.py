@@ -454,6 +454,29 @@ class MosaicStore:
         # Edge chunks are stored at full chunk size: cut them to the level.
         return data[:ch, :cw]
 
+    def prefetch(self, k: int, i: int, j: int) -> None:
+        """Ask the kernel to start reading chunk (i, j) of level k into the page cache; returns at once.
+
+        A mosaic is thousands of small chunk files: the kernel's read-ahead
+        works within a file, so a cold reader would wait for the disk on
+        every chunk. Hinting a few chunks ahead overlaps that wait with
+        decoding and encoding. A no-op for chunks not stored or not in
+        ``create``'s layout, and where posix_fadvise does not exist.
+        """
+        files = self._files[k]
+        if files is None or not hasattr(os, "posix_fadvise"):
+            return
+        try:
+            fd = os.open(files.path(i, j), os.O_RDONLY)
+        except OSError:
+            return
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
     def scratch_buffer(self) -> np.ndarray:
         """A (chunk, chunk, 3) uint8 buffer owned by the calling thread, for ``read_chunk(out=...)``."""
         buf: np.ndarray | None = getattr(self._scratch, "buf", None)

@@ -350,6 +350,8 @@ class OmeTiffStream:
             head = self._queue[0]
             k, row, col = head
             key = (k, row, col)
+            if self._direct:
+                self.mosaic.prefetch(k, row, col)  # an export of a cold mosaic: don't wait on each file
             self._inflight.append((key, self._pool.submit(self._encode_tile, k, row, col)))
             head[2] += 1
             if head[2] * self.tile >= self.shapes[k][1]:
@@ -511,6 +513,21 @@ class _PyramidFromLevel0:
             for j in range(across):
                 yield from visit(self.n - 1, i, j)
 
+    def _prefetched(self, order: Iterator[tuple[int, int]], ahead: int = 8) -> Iterator[tuple[int, int]]:
+        """``order``, hinting the level-0 chunks of the level-1 tile ``ahead`` places on to the kernel.
+
+        At 4 gigapixels the mosaic outgrows the page cache: without the hint
+        each job waits for its four chunk files from disk in turn.
+        """
+        window: deque[tuple[int, int]] = deque()
+        for ij in order:
+            for ci, cj in self._children(1, *ij):
+                self.mosaic.prefetch(0, ci, cj)
+            window.append(ij)
+            if len(window) > ahead:
+                yield window.popleft()
+        yield from window
+
     # -- per-thread buffers
     def _buf(self, name: str) -> np.ndarray:
         buf: np.ndarray | None = getattr(self._local, name, None)
@@ -579,7 +596,7 @@ class _PyramidFromLevel0:
                     partial(self._level0_tile, i, j) for i in range(down) for j in range(across)
                 )
             else:
-                jobs = (partial(self._level1_tile, i, j) for i, j in self._level1_order())
+                jobs = (partial(self._level1_tile, i, j) for i, j in self._prefetched(self._level1_order()))
             try:
                 for job in jobs:
                     inflight.append(pool.submit(job))
