@@ -17,7 +17,7 @@ from types import FrameType
 from typing import Any
 
 from runtime import sdnotify
-from runtime.config import RuntimeConfig
+from runtime.config import ConfigError, RuntimeConfig, with_overrides
 from runtime.control import ControlServer
 from runtime.devices import ScanArea
 from runtime.protocol import RequestError, resolve_under
@@ -93,7 +93,13 @@ class Supervisor:
             driver_options["recording"] = str(rec)
         region = params.get("region")
         area = ScanArea(**region) if region else None
-        self.job = ScanJob(self.cfg, scan_id, output_dir, area, driver_options, self._publish)
+        cfg = self.cfg
+        if params.get("focus"):  # per-scan focus overrides, validated like the config file
+            try:
+                cfg = with_overrides(cfg, {"focus": params["focus"]})
+            except ConfigError as err:
+                raise RequestError("invalid_params", f"focus: {err}") from None
+        self.job = ScanJob(cfg, scan_id, output_dir, area, driver_options, self._publish)
         self._set(
             state=RunState.SCANNING,
             scan_id=scan_id,

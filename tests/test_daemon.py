@@ -209,3 +209,16 @@ def test_corrupt_recording_fails_scan_with_named_error(tmp_path: Path, small_rec
         proc.join(30)
         client.close()
     assert proc.exitcode == 0
+
+
+def test_per_scan_focus_strategy_override(daemon: tuple[RuntimeConfig, ControlClient]) -> None:
+    cfg, client = daemon
+    with pytest.raises(RequestFailed) as err:
+        client.request("start_scan", output_name="bad-focus", focus={"sweep_steps": 1})
+    assert err.value.code == "invalid_params" and "sweep_steps" in str(err.value)
+    client.request("start_scan", output_name="single", focus={"strategy": "single_shot"})
+    assert _wait_idle(client)["last_finish"] == "completed"
+    report = json.loads((cfg.daemon.data_root / "single" / "report.json").read_text())
+    methods = {f["focus_method"] for f in report["fields"]}
+    assert all(m.startswith("single_shot") for m in methods), methods
+    assert report["captures_per_field"] < 5  # the sweep takes 10
