@@ -219,14 +219,14 @@ def run(a: argparse.Namespace) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     synth_s: float | None = None
     recording = a.recording
+    out = workdir / f"scan-{int(time.time())}"
+    config = workdir / "e2e.toml"
     try:
         if recording is None:
             recording = workdir / "recording.zarr"
             if not a.json:
                 print(f"synthesising {a.fields[0]} x {a.fields[1]} fields of {a.tile} px ...", flush=True)
             synth_s = _synthesise(recording, a)
-        out = workdir / f"scan-{int(time.time())}"
-        config = workdir / "e2e.toml"
         # The sweep is pointless on a one-plane recording: keep it to the minimum captures.
         # Keep the mosaic so the slide can be compared with what it was written from.
         config.write_text(
@@ -263,10 +263,14 @@ def run(a: argparse.Namespace) -> int:
             "host": {"cpus": os.cpu_count(), "python": platform.python_version(), "machine": platform.machine()},
         }
     finally:
-        if not a.keep:
-            shutil.rmtree(workdir / "recording.zarr" if not own else workdir, ignore_errors=True)
-            for d in workdir.glob("scan-*") if not own and workdir.exists() else []:
-                shutil.rmtree(d, ignore_errors=True)
+        if not a.keep and own:
+            shutil.rmtree(workdir, ignore_errors=True)
+        elif not a.keep:
+            # Only what this run made: a recording given with --recording is never touched.
+            if a.recording is None:
+                shutil.rmtree(workdir / "recording.zarr", ignore_errors=True)
+            shutil.rmtree(out, ignore_errors=True)
+            config.unlink(missing_ok=True)
     rss = ", ".join(f"{k} {v:.0f}" for k, v in result["peak_rss_mib"].items())
     row = {
         "mpx": mpx,
