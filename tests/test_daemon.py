@@ -122,6 +122,8 @@ def test_cancel_keeps_what_was_captured(tmp_path: Path, small_recording: Path) -
         assert 2 <= report["fields_done"] < 9
         assert report["mosaic"] and Path(report["mosaic"]).is_dir()  # kept for export/resume
         assert not (tmp_path / "data" / "cut" / "slide.ome.tif").exists()
+        # The writer streamed part of the slide during the scan; the cancel removed it.
+        assert not list((tmp_path / "data" / "cut").glob("*.partial"))
         # The daemon serves the next scan.
         client.request("start_scan", output_name="again")
         assert _wait_idle(client)["last_finish"] == "completed"
