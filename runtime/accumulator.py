@@ -109,7 +109,7 @@ class StitchParams:
     registration: bool = True
     flatfield: bool = True
     flatfield_warmup_tiles: int = 16
-    min_ncc: float = 0.3
+    min_ncc: float = 0.5
 
     def __post_init__(self) -> None:
         if self.stage_sigma_um <= 0 or self.max_stage_error_um <= 0:

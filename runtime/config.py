@@ -90,7 +90,7 @@ class StitchConfig(_Section):
     flatfield_warmup_tiles: int = Field(
         16, ge=0, le=1000, description="tiles held at most while the flat-field is estimated (once per scan)"
     )
-    min_ncc: float = Field(0.3, ge=0.0, le=1.0, description="reject pairs whose aligned overlaps correlate less")
+    min_ncc: float = Field(0.5, ge=0.0, le=1.0, description="reject pairs whose aligned overlaps correlate less")
 
 
 class WriterConfig(_Section):

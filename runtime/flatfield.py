@@ -7,11 +7,14 @@ from the data, never read from a calibration the runtime does not have:
 
 * **Glass blocks** see the lamp through the slide only, so their brightness
   *is* the profile (times the illumination). Each tile is cut into a grid of
-  blocks; a block is glass when it is flat (coefficient of variation near the
-  shot-noise level) and bright (near the brightest flat blocks seen).
-  Per block position the median of glass samples, per channel, is fitted
-  with a smooth surface (a 2-D quadratic: vignetting is a low-order radial
-  fall-off, and the fit fills block positions that never saw glass).
+  blocks; flat blocks (coefficient of variation near the shot-noise level)
+  are kept, and a flat block is glass when it is bright (near the brightest
+  flat blocks seen) and neutral (the colour of the brightest ones: pale,
+  smooth eosin can be as flat and nearly as bright, but it is pink). Per
+  block position the median of glass samples, per channel, is fitted with a
+  smooth surface (a 2-D quadratic: vignetting is a low-order radial fall-off,
+  and the fit fills block positions that never saw glass), robustly: blocks
+  far off the first fit are dropped and it is fitted again.
 * **Fallback, no glass:** the per-position median over tiles of each
   tile's block means divided by the tile's mean; tissue content varies from
   tile to tile, the optics' fall-off does not, so the median keeps the
@@ -78,20 +81,22 @@ class FlatFieldEstimator:
         blocks: int = 16,
         max_cv: float = 0.03,
         bright: float = 0.8,
+        max_chroma: float = 0.03,
         coverage: float = 0.5,
-        max_samples: int = 32,
+        max_samples: int = 48,
     ) -> None:
         self.height, self.width = int(height), int(width)
         self.by = max(2, min(blocks, self.height // 8))
         self.bx = max(2, min(blocks, self.width // 8))
         self.max_cv = max_cv
         self.bright = bright
+        self.max_chroma = max_chroma
         self.coverage = coverage
         self.max_samples = max_samples
-        # Per block position, the glass samples (RGB means) seen so far: a bounded ring.
-        self._glass = np.zeros((self.by, self.bx, max_samples, 3), np.float32)
-        self._glass_n = np.zeros((self.by, self.bx), np.int64)
-        self._flat_peak = 0.0  # brightest flat block seen (grey): the glass level
+        # Per block position, the flat blocks (RGB means) seen so far: a bounded ring. Which of
+        # them are glass is decided when estimating, against everything seen by then.
+        self._flat = np.zeros((self.by, self.bx, max_samples, 3), np.float32)
+        self._flat_n = np.zeros((self.by, self.bx), np.int64)
         # Per tile (by, bx, 3) block means / tile mean, for the fallback; the latest few suffice.
         self._relative: deque[F32] = deque(maxlen=64)
         self.tiles = 0
@@ -110,30 +115,45 @@ class FlatFieldEstimator:
         if tile.shape[:2] != (self.height, self.width):
             raise ValueError(f"tile is {tile.shape[:2]}, expected {(self.height, self.width)}")
         means, cv = self._block_stats(tile)
-        grey = means.mean(axis=2)
-        flat = cv <= self.max_cv
-        if flat.any():
-            self._flat_peak = max(self._flat_peak, float(np.percentile(grey[flat], 90)))
-        glass = flat & (grey >= self.bright * self._flat_peak)
-        for i, j in zip(*np.nonzero(glass), strict=True):
-            slot = self._glass_n[i, j] % self.max_samples
-            self._glass[i, j, slot] = means[i, j]
-            self._glass_n[i, j] += 1
+        for i, j in zip(*np.nonzero(cv <= self.max_cv), strict=True):
+            slot = self._flat_n[i, j] % self.max_samples
+            self._flat[i, j, slot] = means[i, j]
+            self._flat_n[i, j] += 1
         tile_mean = np.maximum(means.reshape(-1, 3).mean(axis=0), 1.0)
         self._relative.append((means / tile_mean).astype(np.float32))
         self.tiles += 1
 
+    def _glass(self) -> tuple[F64, npt.NDArray[np.int64]]:
+        """Per block position: the median glass sample (RGB) and how many glass samples there are."""
+        n = np.minimum(self._flat_n, self.max_samples)
+        valid = np.arange(self.max_samples)[None, None, :] < n[..., None]
+        samples = self._flat.astype(np.float64)
+        grey = samples.mean(axis=3)
+        med = np.zeros((self.by, self.bx, 3))
+        if not valid.any():
+            return med, np.zeros_like(n)
+        top = float(np.percentile(grey[valid], 98))
+        bright = valid & (grey >= self.bright * top)
+        chroma = samples / np.maximum(grey, 1.0)[..., None]
+        brightest = valid & (grey >= 0.95 * top)
+        ref = np.median(chroma[brightest], axis=0)
+        glass = bright & (np.abs(chroma - ref).max(axis=3) <= self.max_chroma)
+        count = glass.sum(axis=2)
+        for i, j in zip(*np.nonzero(count), strict=True):
+            med[i, j] = np.median(samples[i, j][glass[i, j]], axis=0)
+        return med, count
+
     @property
     def glass_coverage(self) -> float:
         """Share of block positions that have seen glass."""
-        return float((self._glass_n > 0).mean())
+        return float((self._glass()[1] > 0).mean())
 
     @property
     def ready(self) -> bool:
         """Enough glass, spread over the frame, for the glass estimate."""
-        if self.glass_coverage < self.coverage:
+        seen = self._glass()[1] > 0
+        if float(seen.mean()) < self.coverage:
             return False
-        seen = self._glass_n > 0
         hy, hx = self.by // 2, self.bx // 2
         quadrants = (seen[:hy, :hx], seen[:hy, hx:], seen[hy:, :hx], seen[hy:, hx:])
         return all(q.any() for q in quadrants)
@@ -154,7 +174,16 @@ class FlatFieldEstimator:
         coefs = []
         for ch in range(3):
             v = values[..., ch].reshape(-1)
-            coef, *_ = np.linalg.lstsq(design[use] * w[use, None], v[use] * w[use], rcond=None)
+            keep = use.copy()
+            for _ in range(3):
+                coef, *_ = np.linalg.lstsq(design[keep] * w[keep, None], v[keep] * w[keep], rcond=None)
+                # Robust: blocks far off the surface (tissue that passed as glass) are dropped.
+                rel = np.abs(v - design @ coef) / max(float(np.median(v[use])), 1e-6)
+                mad = float(np.median(rel[keep])) * 1.4826
+                kept = use & (rel <= max(3 * mad, 0.01))
+                if kept.sum() < 6 or (kept == keep).all():
+                    break
+                keep = kept
             surface = full @ coef
             peak = float(surface.max())
             if not math.isfinite(peak) or peak <= 0:
@@ -168,10 +197,7 @@ class FlatFieldEstimator:
     def estimate(self) -> FlatField:
         """The best profile from what was seen: glass if ready, else the median fallback."""
         if self.ready:
-            n = np.minimum(self._glass_n, self.max_samples)
-            med = np.zeros((self.by, self.bx, 3))
-            for i, j in zip(*np.nonzero(n), strict=True):
-                med[i, j] = np.median(self._glass[i, j, : n[i, j]], axis=0)
+            med, n = self._glass()
             gain, coefs = self._fit(med, n.astype(np.float64))
             return FlatField(gain, "glass", coefs)
         if len(self._relative) >= 3:

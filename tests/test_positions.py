@@ -1,0 +1,165 @@
+"""The position solver: weighted least squares with loop closure, the stage model, final tiles."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from runtime.positions import Link, PositionSolver, StageModel
+
+STEP = 900.0
+
+
+def _grid(rows: int, cols: int) -> list[tuple[int, int]]:
+    """Serpentine order."""
+    return [(r, c) for r in range(rows) for c in (range(cols) if r % 2 == 0 else range(cols - 1, -1, -1))]
+
+
+def _batch(truth: dict, links: list[Link], prior: dict, sigma_prior: float) -> dict:
+    """The full weighted least-squares solution, dense, as a reference."""
+    keys = sorted(truth)
+    idx = {k: i for i, k in enumerate(keys)}
+    n = len(keys)
+    out = {}
+    sol = np.empty((n, 2))
+    for axis in range(2):
+        rows, rhs, w = [], [], []
+        for k in keys:
+            e = np.zeros(n)
+            e[idx[k]] = 1
+            rows.append(e)
+            rhs.append(prior[k][axis])
+            w.append(1 / sigma_prior)
+        for lk in links:
+            e = np.zeros(n)
+            e[idx[lk.b]], e[idx[lk.a]] = 1, -1
+            rows.append(e)
+            rhs.append(lk.shift[axis])
+            w.append(1 / lk.sigma[axis])
+        a = np.array(rows) * np.array(w)[:, None]
+        sol[:, axis] = np.linalg.lstsq(a, np.array(rhs) * np.array(w), rcond=None)[0]
+    for k in keys:
+        out[k] = tuple(sol[idx[k]])
+    return out
+
+
+def test_window_equals_batch_least_squares_and_closes_loops() -> None:
+    """With every tile pending, the window solve is the batch WLS; an inconsistent loop is shared out."""
+    rng = np.random.default_rng(0)
+    keys = _grid(3, 3)
+    cmd = {k: (k[0] * STEP, k[1] * STEP) for k in keys}
+    truth = {k: (cmd[k][0] + rng.normal(0, 10), cmd[k][1] + rng.normal(0, 10)) for k in keys}
+    links = []
+    for r, c in keys:
+        for nb in ((r, c + 1), (r + 1, c)):
+            if nb in truth:
+                d = np.subtract(truth[nb], truth[(r, c)]) + rng.normal(0, 0.05, 2)
+                links.append(Link((r, c), nb, (float(d[0]), float(d[1])), (0.05, 0.05)))
+    # One pair measured 1 px off: loop closure must spread it, not hand it down a path.
+    bad = links[0]
+    links[0] = Link(bad.a, bad.b, (bad.shift[0] + 1.0, bad.shift[1]), bad.sigma)
+    solver = PositionSolver(10.0)
+    for k in keys:
+        solver.add_tile(k, cmd[k])
+    for lk in links:
+        solver.add_link(lk)
+    solver.solve()
+    ref = _batch(truth, links, cmd, 10.0)
+    for k in keys:
+        assert solver.position(k) == pytest.approx(ref[k], abs=1e-6)
+    # The bad pair's 1 px error is shared by the loops through it: it is fit to much less than 1 px.
+    d = np.subtract(solver.position(bad.b), solver.position(bad.a))[0] - (bad.shift[0] + 1.0)
+    assert 0.3 < abs(d) < 0.8
+
+
+def test_final_tiles_do_not_move_and_new_tiles_follow_them() -> None:
+    solver = PositionSolver(10.0)
+    solver.add_tile("a", (0.0, 0.0))
+    solver.add_tile("b", (0.0, STEP))
+    solver.add_link(Link("a", "b", (3.0, STEP + 5.0), (0.01, 0.01)))
+    solver.solve()
+    solver.fix(["a"])
+    pa = solver.position("a")
+    solver.add_tile("c", (0.0, 2 * STEP))
+    solver.add_link(Link("b", "c", (-1.0, STEP - 2.0), (0.01, 0.01)))
+    solver.solve()
+    assert solver.position("a") == pa
+    assert solver.position("c")[1] == pytest.approx(pa[1] + 2 * STEP + 3.0, abs=1e-3)
+    assert solver.position("c")[0] == pytest.approx(pa[0] + 2.0, abs=1e-3)
+
+
+def test_link_to_a_tile_fixed_on_its_prior_weighs_like_a_prior() -> None:
+    """A glass tile finalised where the stage said must not drag a registered tile off its chain."""
+    solver = PositionSolver(10.0)
+    for k, c in (("origin", (0.0, 0.0)), ("left", (STEP, 0.0)), ("glass", (0.0, STEP))):
+        solver.add_tile(k, c)
+    solver.add_link(Link("origin", "left", (STEP + 1.0, 0.0), (0.01, 0.01)))
+    solver.solve()
+    solver.fix(["origin", "left", "glass"])  # 'left' is registered, 'glass' sits on its prior
+    solver.add_tile("new", (STEP, STEP))
+    # Registered to 'left' it is 7 px right of commanded; registered to 'glass', 12 px further.
+    pl, pg = solver.position("left"), solver.position("glass")
+    solver.add_link(Link("left", "new", (0.0, STEP + 7.0 - pl[1]), (0.01, 0.01)))
+    solver.add_link(Link("glass", "new", (STEP - pg[0] + pl[0], STEP + 19.0 - pg[1]), (0.01, 0.01)))
+    solver.solve()
+    assert solver.position("new")[1] == pytest.approx(STEP + 7.0, abs=0.05)
+
+
+def test_groundedness_follows_links_to_final_tiles() -> None:
+    solver = PositionSolver(10.0)
+    for k in ("a", "b", "c"):
+        solver.add_tile(k, (0.0, 0.0))
+    solver.add_link(Link("a", "b", (0.0, 1.0), (0.1, 0.1)))
+    assert not solver.grounded("a") and not solver.grounded("b")
+    solver.solve()
+    solver.fix(["a"])
+    assert solver.grounded("b") and not solver.grounded("c")
+    solver.add_link(Link("b", "c", (0.0, 1.0), (0.1, 0.1)))
+    assert solver.grounded("c")
+
+
+def test_unregistered_tile_sits_on_the_stage_model() -> None:
+    solver = PositionSolver(10.0)
+    solver.add_tile("lonely", (100.0, 200.0))
+    solver.solve()
+    assert solver.position("lonely") == pytest.approx((100.0, 200.0))
+
+
+@pytest.mark.parametrize(("angle", "scale"), [(0.3, 1.0), (-0.4, 0.996), (0.0, 1.003)])
+def test_stage_model_recovers_rotation_and_scale(angle: float, scale: float) -> None:
+    """Registered positions of a rotated camera / mis-scaled stage, with 10 px stage noise."""
+    rng = np.random.default_rng(1)
+    th = math.radians(angle)
+    a = scale * np.array([[math.cos(th), -math.sin(th)], [math.sin(th), math.cos(th)]])
+    model = StageModel(10.0)
+    for r in range(6):
+        for c in range(8):
+            cmd = np.array([r * STEP, c * STEP])
+            pos = a @ cmd + np.array([5.0, -3.0]) + rng.normal(0, 10, 2)
+            model.add((float(cmd[0]), float(cmd[1])), (float(pos[0]), float(pos[1])))
+    assert model.rotation_deg == pytest.approx(angle, abs=0.05)
+    assert model.scale[1] == pytest.approx(scale, abs=0.0015)
+    # The prediction error at the far corner is the stage noise, not the model's.
+    far = np.array([5 * STEP, 7 * STEP])
+    assert np.hypot(*(np.array(model.predict((far[0], far[1]))) - (a @ far + [5.0, -3.0]))) < 15
+
+
+def test_stage_model_is_the_identity_until_told_otherwise() -> None:
+    model = StageModel(10.0)
+    assert model.predict((10.0, 20.0)) == pytest.approx((10.0, 20.0))
+    assert model.rotation_deg == 0.0 and model.scale == (1.0, 1.0)
+
+
+def test_errors() -> None:
+    with pytest.raises(ValueError):
+        PositionSolver(0.0)
+    solver = PositionSolver(1.0)
+    solver.add_tile("a", (0.0, 0.0))
+    with pytest.raises(ValueError):
+        solver.add_tile("a", (0.0, 0.0))
+    with pytest.raises(KeyError):
+        solver.add_link(Link("a", "nope", (0.0, 0.0), (1.0, 1.0)))
+    with pytest.raises(KeyError):
+        solver.fix(["nope"])

@@ -1,0 +1,133 @@
+"""Pairwise registration on simulator pairs: known subpixel shifts, noise, glass, wrong neighbours."""
+
+from __future__ import annotations
+
+import numpy as np
+import numpy.typing as npt
+import pytest
+
+from hw_sim.optics import CameraParams, Optics, OpticsParams
+from hw_sim.slide import SlideSpec, SyntheticSlide
+from runtime.registration import RegistrationParams, register_pair, texture, to_grey
+
+PX = 0.25
+TILE = 256
+STEP = 0.9 * TILE  # 10 % overlap
+U8 = npt.NDArray[np.uint8]
+
+
+class Scope:
+    """Renders camera frames of one slide at any (fractional) stage position."""
+
+    def __init__(self, seed: int = 4) -> None:
+        # One tissue piece filling the middle of a 1.5 mm square; far outside it is glass.
+        self.slide = SyntheticSlide(SlideSpec(seed=seed, width_um=1500.0, height_um=1500.0, pieces=1))
+        self.optics = Optics(OpticsParams(max_defocus_um=1.0), PX, (TILE, TILE), CameraParams())
+
+    def frame(self, x_um: float, y_um: float, noise_seed: int) -> U8:
+        """The frame whose top-left pixel corner is at (x_um, y_um)."""
+        m = self.optics.margin_px
+        t = self.slide.transmittance(x_um - m * PX, y_um - m * PX, TILE + 2 * m, TILE + 2 * m, PX)
+        return self.optics.camera_capture(self.optics.image(t, 0.0), np.random.default_rng(noise_seed))
+
+
+@pytest.fixture(scope="module")
+def scope() -> Scope:
+    return Scope()
+
+
+def _pair(
+    scope: Scope, x_um: float, y_um: float, shift_px: tuple[float, float], seed: int
+) -> tuple[U8, U8]:
+    """Grey frames a (at x, y) and b (at a + shift), shift (dy, dx) in pixels."""
+    a = scope.frame(x_um, y_um, 2 * seed)
+    b = scope.frame(x_um + shift_px[1] * PX, y_um + shift_px[0] * PX, 2 * seed + 1)
+    return to_grey(a), to_grey(b)
+
+
+CASES = [
+    # (dy, dx) of b relative to a: a right neighbour and a lower neighbour, with stage errors.
+    (0.37, STEP - 6.81),
+    (-8.52, STEP + 11.26),
+    (STEP + 4.73, -2.49),
+    (STEP - 13.08, 9.61),
+]
+
+
+@pytest.mark.parametrize("shift", CASES)
+def test_known_subpixel_shifts(scope: Scope, shift: tuple[float, float]) -> None:
+    a, b = _pair(scope, 600.0, 650.0, shift, seed=CASES.index(shift))
+    nominal = (STEP if shift[0] > STEP / 2 else 0.0, STEP if shift[1] > STEP / 2 else 0.0)
+    m = register_pair(a, b, nominal, RegistrationParams(search_px=40))
+    assert m.accepted, m
+    assert m.reason == "ok" and m.ncc > 0.9
+    # Measured 0.001-0.004 px; phase correlation's own peak is ~0.1 px off.
+    assert abs(m.shift[0] - shift[0]) < 0.02 and abs(m.shift[1] - shift[1]) < 0.02, (m.shift, shift)
+    assert max(m.sigma) < 0.05
+
+
+def test_a_strip_registers_in_its_own_frame(scope: Scope) -> None:
+    shift = (3.3, STEP + 7.7)
+    a, b = _pair(scope, 620.0, 640.0, shift, seed=11)
+    x0 = TILE - 90
+    m = register_pair(a[:, x0:], b, (0.0, STEP - x0), RegistrationParams(search_px=40))
+    assert m.accepted
+    assert m.shift[1] + x0 == pytest.approx(shift[1], abs=0.02)
+    assert m.shift[0] == pytest.approx(shift[0], abs=0.02)
+
+
+def test_noise_costs_precision_not_correctness(scope: Scope) -> None:
+    shift = (-2.6, STEP + 5.4)
+    a, b = _pair(scope, 610.0, 660.0, shift, seed=5)
+    rng = np.random.default_rng(0)
+    # Four times the camera's own noise (~20 DN of texture against 8 DN of noise).
+    noisy = [np.clip(x + rng.normal(0, 8.0, x.shape), 0, 255).astype(np.uint8) for x in (a, b)]
+    clean = register_pair(a, b, (0.0, STEP), RegistrationParams(search_px=40))
+    m = register_pair(noisy[0], noisy[1], (0.0, STEP), RegistrationParams(search_px=40))
+    assert m.accepted
+    # Measured 0.07 px (clean: 0.003 px).
+    assert abs(m.shift[0] - shift[0]) < 0.1 and abs(m.shift[1] - shift[1]) < 0.1
+    # The precision estimate follows the noise: it is what weights the pair in the solve.
+    assert max(m.sigma) > 1.5 * max(clean.sigma)
+    assert m.ncc < clean.ncc
+
+
+def test_glass_overlap_is_rejected(scope: Scope) -> None:
+    a, b = _pair(scope, 5000.0, 5000.0, (1.0, STEP + 3.0), seed=7)  # far outside the tissue
+    assert texture(a) < 1.1 and texture(b) < 1.1
+    m = register_pair(a, b, (0.0, STEP), RegistrationParams(search_px=40))
+    assert not m.accepted and m.reason == "blank"
+    # The pair falls back on the prediction: the shift reported is the prior's.
+    assert m.shift == (0.0, STEP)
+
+
+def test_unrelated_tiles_are_rejected(scope: Scope) -> None:
+    """Tissue on both sides, but not the same tissue (a wrong neighbour): the match is not believed."""
+    a = to_grey(scope.frame(600.0, 650.0, 1))
+    b = to_grey(scope.frame(700.0, 500.0, 2))
+    m = register_pair(a, b, (0.0, STEP), RegistrationParams(search_px=40))
+    assert not m.accepted and m.reason in ("low_ncc", "unstable"), m
+
+
+def test_shift_beyond_the_search_is_not_found(scope: Scope) -> None:
+    shift = (0.0, STEP - 30.0)
+    a, b = _pair(scope, 600.0, 650.0, shift, seed=9)
+    m = register_pair(a, b, (0.0, STEP), RegistrationParams(search_px=10))
+    # Searching +-10 px cannot reach -30 px: whatever is found there is not the tissue's match.
+    assert not m.accepted or abs(m.shift[1] - shift[1]) < 0.05
+
+
+def test_thin_overlap_still_registers(scope: Scope) -> None:
+    """The stage moved the neighbour away: 12 px of the nominal 26 px overlap remain."""
+    shift = (5.0, TILE - 12.0 + 0.3)
+    a, b = _pair(scope, 600.0, 650.0, shift, seed=13)
+    m = register_pair(a, b, (0.0, STEP), RegistrationParams(search_px=40))
+    assert m.accepted, m
+    assert abs(m.shift[1] - shift[1]) < 0.05 and abs(m.shift[0] - shift[0]) < 0.05
+
+
+def test_params_validate() -> None:
+    with pytest.raises(ValueError):
+        RegistrationParams(highpass_px=4)
+    with pytest.raises(ValueError):
+        RegistrationParams(min_overlap_px=2)
