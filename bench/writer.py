@@ -251,12 +251,12 @@ def _child_vips_input(a: argparse.Namespace) -> dict[str, Any]:
             for j in range(-(-w // t)):
                 yield np.ascontiguousarray(store.read_chunk(0, i, j))
 
-    compression: Any = None if a.vips_input == "none" else ("zstd", 1)
+    codec: dict[str, Any] = {} if a.vips_input == "none" else {"compression": "zstd", "compressionargs": {"level": 1}}
     # metadata=None: no tifffile JSON description, which libvips would copy into its output.
     with tifffile.TiffWriter(a.out, bigtiff=True) as tif:
         tif.write(
             tiles(), shape=(h, w, 3), dtype=np.uint8, tile=(t, t), photometric="rgb",
-            compression=compression, metadata=None, maxworkers=2,
+            metadata=None, maxworkers=2, **codec,
         )  # fmt: skip
     return {"bytes": Path(a.out).stat().st_size}
 

@@ -105,6 +105,7 @@ class WriterConfig(_Section):
     min_level_size: int = Field(1024, ge=16, description="stop the pyramid once a level fits in this (px)")
     max_workers: int = Field(2, ge=1, le=64, description="tile read + compress threads")
     buffer_mib: int = Field(16, ge=1, le=1024, description="tiles in flight (MiB of raw tiles)")
+    ome_zarr: bool = Field(False, description="also write the pyramid as OME-Zarr (NGFF 0.4): slide.ome.zarr")
 
 
 class DaemonConfig(_Section):

@@ -42,6 +42,7 @@ def add_export_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tile", type=int, default=None, help="tile edge in px (default: the mosaic's chunk)")
     p.add_argument("--max-workers", type=int, default=None, help="tile read+compress threads")
     p.add_argument("--buffer-mib", type=int, default=None, help="encoded tiles in flight (MiB)")
+    p.add_argument("--ome-zarr", type=Path, default=None, metavar="OUT.ome.zarr", help="also write OME-Zarr (NGFF 0.4)")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
 
@@ -108,6 +109,7 @@ def run_export(args: argparse.Namespace) -> int:
             max_workers=args.max_workers or w.max_workers,
             buffer_mib=args.buffer_mib or w.buffer_mib,
             progress=None if args.quiet or not sys.stderr.isatty() else _Progress(),
+            ngff_out=args.ome_zarr,
         )
     except (ValueError, OSError) as err:
         print(f"export: {err}", file=sys.stderr)

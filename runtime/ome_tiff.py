@@ -57,6 +57,7 @@ import numpy as np
 import tifffile
 
 from runtime.mosaic import FILL, MosaicStore
+from runtime.ngff import NgffWriter
 from runtime.pyramid import downsample2x
 from runtime.tiff_stream import (
     COMPRESSION_DEFLATE,
@@ -213,7 +214,9 @@ class OmeTiffStream:
     (any level, any order between levels; rows only grow), :meth:`pump` now
     and then to write finished tiles without waiting, and :meth:`finish` once
     every level is final. :meth:`abort` (or any error) removes the partial
-    file. ``progress(done, total)`` is called per tile written.
+    file. ``progress(done, total)`` is called per tile written. With
+    ``ngff_out``, each tile read is also written to an OME-Zarr (NGFF 0.4)
+    pyramid there (:mod:`runtime.ngff`), finished and renamed with the TIFF.
     """
 
     def __init__(
@@ -228,6 +231,7 @@ class OmeTiffStream:
         max_workers: int = 2,
         buffer_mib: int = 16,
         progress: Progress | None = None,
+        ngff_out: str | Path | None = None,
     ) -> None:
         _check_options(compression, tile, jpeg_quality, subsampling)
         if max_workers < 1 or buffer_mib < 1:
@@ -259,9 +263,13 @@ class OmeTiffStream:
         self._window = max(2 * max_workers, buffer_mib * 2**20 // (tile * tile * 3))
         self._pool: ThreadPoolExecutor | None = None
         self._tiff: TiffStreamWriter | None = None
+        self._ngff: NgffWriter | None = None
         try:
             self._pool = ThreadPoolExecutor(max_workers, thread_name_prefix="ome-tiff")
             self._tiff = TiffStreamWriter(self.tmp, pages)
+            if ngff_out is not None:
+                name = self.out.name.split(".")[0]
+                self._ngff = NgffWriter(ngff_out, self.shapes, tile, mosaic.pixel_size_um, name)
         except BaseException:
             self.abort()
             raise
@@ -308,6 +316,8 @@ class OmeTiffStream:
             assert self._tiff is not None
             self._tiff.close()
             os.replace(self.tmp, self.out)
+            if self._ngff is not None:
+                self._ngff.finish()
         except BaseException:
             self.abort()
             raise
@@ -329,6 +339,8 @@ class OmeTiffStream:
         if self._tiff is not None:
             self._tiff.abort()
         self.tmp.unlink(missing_ok=True)
+        if self._ngff is not None:
+            self._ngff.abort()
 
     def __enter__(self) -> OmeTiffStream:
         return self
@@ -390,6 +402,8 @@ class OmeTiffStream:
                 return self._blank_tile()
         else:
             data = np.asarray(self.mosaic.level(k)[y : y + t, x : x + t])
+        if self._ngff is not None:
+            self._ngff.write_tile(k, row, col, data)
         data = _padded(data, self._buffer())
         return self._encode(data)
 
@@ -405,6 +419,7 @@ def write_ome_tiff(
     max_workers: int = 2,
     buffer_mib: int = 16,
     progress: Progress | None = None,
+    ngff_out: str | Path | None = None,
 ) -> OmeTiffSummary:
     """Write ``mosaic`` (every level it has) as a pyramidal OME-TIFF at ``out``.
 
@@ -412,7 +427,8 @@ def write_ome_tiff(
     ``MosaicStore.finish(partial=True)``) mosaic: an :class:`OmeTiffStream`
     with every row of every level final from the start. ``out`` only appears
     once the file is complete; on any error the temporary file is removed
-    and the error propagates.
+    and the error propagates. ``ngff_out``: also write the pyramid as
+    OME-Zarr (NGFF 0.4) there (see :mod:`runtime.ngff`).
     """
     _check_options(compression, tile, jpeg_quality, subsampling)
     if not mosaic.pyramid_current:
@@ -430,6 +446,7 @@ def write_ome_tiff(
         max_workers=max_workers,
         buffer_mib=buffer_mib,
         progress=progress,
+        ngff_out=ngff_out,
     ) as stream:
         for k, (h, _) in enumerate(mosaic.level_shapes):
             stream.rows_final(k, h)

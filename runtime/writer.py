@@ -48,7 +48,14 @@ def open_stream(job: WriteJob, mosaic_path: str, hb: HeartbeatSender) -> OmeTiff
         max_workers=s.max_workers,
         buffer_mib=s.buffer_mib,
         progress=lambda done, total: hb.beat(),
+        ngff_out=ngff_path(Path(job.out_path)) if s.ome_zarr else None,
     )
+
+
+def ngff_path(out: Path) -> Path:
+    """``slide.ome.tif`` -> ``slide.ome.zarr`` (beside it)."""
+    stem = out.name.removesuffix(".tif").removesuffix(".tiff").removesuffix(".ome")
+    return out.with_name(stem + ".ome.zarr")
 
 
 def writer_main(job: WriteJob, from_stitcher: Queue[Any], events: Queue[Any]) -> None:

@@ -257,3 +257,28 @@ def test_pyramid_from_level0_equals_reference(tmp_path: Path, h: int, w: int, ch
         assert len(levels) == store.n_levels
         for k, lvl in enumerate(levels):
             assert np.array_equal(lvl.asarray(), expected[k]), f"level {k}"
+
+
+def test_ome_zarr_beside_the_tiff(tmp_path: Path) -> None:
+    """The optional OME-NGFF 0.4 copy: metadata viewers need, and every level's pixels (c, y, x)."""
+    import zarr
+
+    img = smooth_image(700, 500, seed=10)
+    img[:256] = 255  # a blank band: its chunks are not stored, and must read as white
+    store = make_mosaic(tmp_path / "m.zarr", img, chunk=128, min_level_size=100)
+    out, ngff = tmp_path / "slide.ome.tif", tmp_path / "slide.ome.zarr"
+    write_ome_tiff(store, out, compression="zstd", tile=128, ngff_out=ngff)
+    assert ngff.is_dir() and not (tmp_path / "slide.ome.zarr.partial").exists()
+    group = zarr.open_group(str(ngff), mode="r", zarr_format=2)
+    (ms,) = group.attrs["multiscales"]
+    assert ms["version"] == "0.4" and [a["name"] for a in ms["axes"]] == ["c", "y", "x"]
+    assert [d["path"] for d in ms["datasets"]] == [str(k) for k in range(store.n_levels)]
+    for k, d in enumerate(ms["datasets"]):
+        (scale,) = d["coordinateTransformations"]
+        assert scale["scale"] == [1.0, PIXEL_UM * 2**k, PIXEL_UM * 2**k]
+    assert [c["color"] for c in group.attrs["omero"]["channels"]] == ["FF0000", "00FF00", "0000FF"]
+    for k in range(store.n_levels):
+        arr = group[str(k)]
+        assert arr.chunks == (3, 128, 128)
+        assert np.array_equal(np.asarray(arr[:]).transpose(1, 2, 0), store.level(k)[:]), f"level {k}"
+    assert not (ngff / "0" / "0" / "0" / "0").exists(), "blank tiles are not stored"
