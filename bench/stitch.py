@@ -85,6 +85,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--scenarios", nargs="+", default=list(SCENARIOS), choices=list(SCENARIOS), help="default: all"
     )
     p.add_argument("--lag", type=int, default=0, help="stitch lag_tiles for ours (default 0)")
+    p.add_argument(
+        "--repeat", type=int, default=1, help="run each stitcher this often and report its fastest run (default 1)"
+    )
     p.add_argument("--no-ashlar", action="store_true", help="skip ASHLAR")
     p.add_argument("--e2e", action="store_true", help="also replay one z-stack scan through the daemon (PSNR)")
     p.add_argument("--e2e-fields", type=int, nargs=2, default=(5, 4), metavar=("NX", "NY"))
@@ -263,7 +266,7 @@ def _ashlar(rec: Any, greys: list[Any], a: argparse.Namespace) -> dict[str, Any]
         ]
     )
 
-    class Meta(areg.Metadata):
+    class Meta(areg.Metadata):  # an in-memory tile set: no Bio-Formats file
         @property
         def _num_images(self) -> int:
             return len(greys)
@@ -296,12 +299,23 @@ def _ashlar(rec: Any, greys: list[Any], a: argparse.Namespace) -> dict[str, Any]
     aligner = areg.EdgeAligner(
         Reader(), channel=0, max_shift=6 * a.stage_error_um, filter_sigma=0.0, do_make_thumbnail=False
     )
+    # EdgeAligner.run() step by step (its thumbnail is off), to split off the error threshold:
+    # ~1000 registrations of random non-overlapping strips that calibrate its rejection.
     t0 = time.perf_counter()
-    aligner.run()
-    dt = time.perf_counter() - t0
-    est = {(int(r), int(c)): (float(aligner.positions[i][0]), float(aligner.positions[i][1])) for i, (r, c) in
-           enumerate(rec.grid_rc)}
-    return {"positions": est, "align_ms_per_tile": 1000 * dt / len(greys)}
+    aligner.check_overlaps()
+    aligner.compute_threshold()
+    t1 = time.perf_counter()
+    aligner.register_all()
+    aligner.build_spanning_tree()
+    aligner.calculate_positions()
+    aligner.fit_model()
+    t2 = time.perf_counter()
+    n = len(greys)
+    est = {
+        (int(r), int(c)): (float(aligner.positions[i][0]), float(aligner.positions[i][1]))
+        for i, (r, c) in enumerate(rec.grid_rc)
+    }
+    return {"positions": est, "align_ms_per_tile": 1000 * (t2 - t0) / n, "pairs_ms_per_tile": 1000 * (t2 - t1) / n}
 
 
 # --------------------------------------------------------------------- end to end
@@ -401,7 +415,7 @@ def run(a: argparse.Namespace) -> int:
                 tiles = [rec.plane(i, 0) for i in range(rec.meta.n_fields)]
                 truth = _truth(rec, sc.rotation_deg)
                 row: dict[str, Any] = {"scenario": name, "seed": seed, "tiles": rec.meta.n_fields}
-                ours = _ours(rec, tiles, workdir, a)
+                ours = _fastest([_ours(rec, tiles, workdir, a) for _ in range(a.repeat)])
                 err = _errors(ours.pop("positions"), truth)
                 row.update({"evaluated": err.pop("evaluated")})
                 row.update({f"ours_{k}": v for k, v in err.items()})
@@ -409,7 +423,7 @@ def run(a: argparse.Namespace) -> int:
                 if not a.no_ashlar:
                     greys = [to_grey(t) for t in tiles]
                     try:
-                        ash = _ashlar(rec, greys, a)
+                        ash = _fastest([_ashlar(rec, greys, a) for _ in range(a.repeat)])
                     except Exception as e:  # report why, keep our figures
                         row["ashlar_error"] = f"{type(e).__name__}: {e}"
                     else:
@@ -431,10 +445,12 @@ def run(a: argparse.Namespace) -> int:
         Column("ours_seam_rms_px", "seam", ".3f"),
         Column("ours_align_ms_per_tile", "align ms/t", ".0f"),
         Column("ours_total_ms_per_tile", "total ms/t", ".0f"),
+        Column("ours_peak_held_mib", "held MiB", ".0f"),
         Column("ashlar_rmse_px", "ASHLAR RMSE", ".3f"),
         Column("ashlar_max_px", "max", ".3f"),
         Column("ashlar_seam_rms_px", "seam", ".3f"),
         Column("ashlar_align_ms_per_tile", "ms/t", ".0f"),
+        Column("ashlar_pairs_ms_per_tile", "w/o thr", ".0f"),
         Column("ours_rotation_deg", "rot est", ".3f"),
         Column("ours_scale_x", "scale x est", ".4f"),
     ]
@@ -446,11 +462,13 @@ def run(a: argparse.Namespace) -> int:
         "",
         f"{nx} x {ny} fields of {a.tile} px, 0.25 µm/px, 10 % overlap, stage error sigma {a.stage_error_um} µm "
         f"({a.stage_error_um / 0.25:.0f} px, clipped at 3 sigma); machine: {platform.machine()}, "
-        f"{_cpus()} cpus.",
+        f"{_cpus()} cpus; times: fastest of {a.repeat} run(s).",
         "Position error: solved minus true top-left (camera frame), Euclidean px, after removing the mean offset "
         "over the evaluated tiles (tiles linked by overlaps holding tissue, per the simulator).",
         "seam: error of neighbours' relative positions. align: registration + solve per tile (ours: online, as each "
-        "tile arrives); total: with flat-field, blending and Zarr writes. ASHLAR: EdgeAligner.run() per tile.",
+        "tile arrives); total: with flat-field, blending and Zarr writes; held: the accumulator's peak (bands, "
+        "strips, waiting tiles). ASHLAR: EdgeAligner.run() per tile (no thumbnail); w/o thr: without its error "
+        "threshold calibration (compute_threshold).",
     ]
     for r in rows:
         if "ashlar_error" in r:
@@ -466,6 +484,18 @@ def run(a: argparse.Namespace) -> int:
     emit(result, rows, columns, as_json=a.json, title="Stitching: position error vs truth, ours vs ASHLAR",
          notes=notes)
     return 0
+
+
+def _fastest(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The first run's results with each time replaced by its minimum over the runs.
+
+    The machine is shared: the fastest run is the one least disturbed.
+    """
+    out = dict(runs[0])
+    for key in out:
+        if key.endswith("_ms_per_tile"):
+            out[key] = min(r[key] for r in runs)
+    return out
 
 
 def _cpus() -> int:

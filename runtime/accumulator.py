@@ -8,9 +8,17 @@ Per tile, as it arrives (``add``):
 2. **Solve** positions (``runtime.positions``): the tiles not yet final are the
    unknowns of a small weighted least-squares system over the measured links
    and the stage prior; final tiles are constants.
-3. **Finalise and blend** the oldest tiles once ``lag_tiles`` later tiles have
-   arrived (0: at once): flat-field corrected (``runtime.flatfield``), moved
-   to their subpixel position and feathered over what is already in the band
+3. **Finalise and blend** every tile whose position cannot usefully change
+   any more (after ``lag_tiles`` later tiles; 0: at once): a tile that
+   registration ties to tiles already blended (*grounded*), or one no later
+   neighbour could register against (glass, or its neighbours came and
+   went). A tile with content but no accepted link to the mosaic yet -- the
+   first tiles of a scan, tissue beyond glass, overlaps too thin to match --
+   waits for its later neighbours (the next in the row, the one below), at
+   most about a row of tiles: finalising it on the stage prior would leave a
+   seam of the stage error's size once a neighbour ties it in. Final tiles are
+   flat-field corrected (``runtime.flatfield``), moved to their subpixel
+   position and feathered over what is already in the band
    (``runtime.blending``).
 4. **Flush** every band above the highest row any tile still to come could
    reach (its predicted top minus the stage's largest error) to the Zarr
@@ -21,9 +29,11 @@ the last blended tile (about a tile height plus the stage error plus a chunk,
 full mosaic width); for registration, grey overlap strips only -- the
 trailing strip of the previous tile and the bottom strips of the previous
 row's tiles, each dropped as soon as its neighbour has used it; and the tiles
-waiting for ``lag_tiles`` or for the flat-field warm-up (at most
-``flatfield_warmup_tiles``, once, at the start). Memory is bounded by the row
-width and the tile size, not by the slide.
+that wait: for ``lag_tiles``, for the flat-field warm-up (at most
+``flatfield_warmup_tiles``, once, at the start) or for a neighbour to ground
+them (at most ``cols + 1``; in a typical scan only at its start and where
+tissue begins after glass). Memory is bounded by the row width and the tile
+size, not by the slide.
 
 The mosaic keeps the commanded grid's extent (``MosaicGeometry.shape``);
 tiles moved by their stage error are clipped to it, and pixels no tile
@@ -429,10 +439,11 @@ class DequeAccumulator:
         for key, _, _, _ in self._pending:
             top = min(top, math.floor(self.solver.position(key)[0]) - self._margin)
         # Tiles not yet captured: the rest of this scan row and the next one bound all later rows.
-        upcoming = self.geometry.plan.fields[self._next_index :]
+        fields = self.geometry.plan.fields
         rows_seen = 0
         last_row = -1
-        for f in upcoming:
+        for n in range(self._next_index, len(fields)):
+            f = fields[n]
             if f.row != last_row:
                 rows_seen += 1
                 last_row = f.row

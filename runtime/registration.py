@@ -8,10 +8,15 @@ prediction than the stage can err).
 
 Two steps:
 
-1. **Coarse, integer:** phase correlation of the two windows that the
-   prediction says overlap, high-passed (vignetting and stain gradients are
-   smooth and would otherwise dominate) and Hann-windowed, searched only
-   within ``search_px`` of the prediction.
+1. **Coarse, integer:** the normalised cross-correlation of the two images
+   over their shared pixels only, for every displacement within
+   ``search_px`` of the prediction (masked NCC, computed with FFTs at half
+   resolution for big windows, then re-scored at full resolution around the
+   best peaks). Both windows are the predicted overlap widened by the search
+   range and high-passed (vignetting and stain gradients are smooth and would
+   otherwise dominate). Phase correlation was tried first: when the stage
+   error leaves a thin true overlap inside wide windows its peak shrinks with
+   the shared area and lost to noise peaks.
 2. **Fine, subpixel:** Lucas-Kanade (Gauss-Newton on the squared difference)
    on the exact overlap at the integer shift, each image moved by half the
    shift in opposite directions so both are interpolated alike. Interpolation
@@ -123,18 +128,20 @@ def highpass(img: npt.NDArray[np.generic], size: int) -> F32:
     return f - cv2.stackBlur(f, (k, k))
 
 
-def texture(img: npt.NDArray[np.generic], size: int = 41) -> float:
+def texture(img: npt.NDArray[np.generic], size: int = 41, high: F32 | None = None) -> float:
     """High-passed standard deviation over the pixel noise: ~1 for glass, >3 for tissue.
 
     The noise is estimated from differences of horizontally adjacent pixels
     (for white noise E|d| = 2 sigma / sqrt(pi)); texture inflates that
-    estimate too, which only makes the test conservative.
+    estimate too, which only makes the test conservative. ``high``: the
+    image's :func:`highpass`, if the caller has it already.
     """
     f = img.astype(np.float32)
-    if f.size < 16:
+    if f.size < 16 or f.shape[1] < 2:
         return 0.0
     noise = float(np.abs(np.diff(f, axis=1)).mean()) * math.sqrt(math.pi) / 2
-    return float(highpass(f, size).std()) / max(noise, 0.25)
+    hp = highpass(f, size) if high is None else high
+    return float(hp.std()) / max(noise, 0.25)
 
 
 def _reject(reason: str, predicted: tuple[float, float], ncc: float = 0.0) -> PairMeasurement:
@@ -152,6 +159,19 @@ def _overlap(
     return slice(y0, y1), slice(x0, x1), slice(y0 - dy, y1 - dy), slice(x0 - dx, x1 - dx)
 
 
+Bounds = tuple[npt.NDArray[np.integer], npt.NDArray[np.integer]]
+
+
+def _window_sums(img: npt.NDArray[np.floating], rows: Bounds, cols: Bounds) -> F64:
+    """Sums of img over the rectangles rows[0][i]:rows[1][i] x cols[0][j]:cols[1][j], for every (i, j)."""
+    ii = np.zeros((img.shape[0] + 1, img.shape[1] + 1))
+    ii[1:, 1:] = np.cumsum(np.cumsum(img, axis=0, dtype=np.float64), axis=1)
+    y0, y1 = rows
+    x0, x1 = cols
+    out: F64 = ii[np.ix_(y1, x1)] - ii[np.ix_(y0, x1)] - ii[np.ix_(y1, x0)] + ii[np.ix_(y0, x0)]
+    return out
+
+
 def _masked_ncc(wa: F32, wb: F32, lo: tuple[int, int], hi: tuple[int, int], min_count: float) -> F64:
     """Normalised cross-correlation over the overlap only, for every r in [lo, hi] (Padfield 2012).
 
@@ -160,30 +180,29 @@ def _masked_ncc(wa: F32, wb: F32, lo: tuple[int, int], hi: tuple[int, int], min_
     (a large stage error, a thin overlap) scores as well as a central one --
     phase correlation's peak shrinks with the shared area and was lost among
     noise peaks in such cases. Displacements sharing fewer than ``min_count``
-    pixels score -1. Linear (zero-padded) correlation: no cyclic aliasing.
+    pixels score -1. The cross term is one zero-padded FFT correlation (no
+    cyclic aliasing); the overlaps are rectangles, so their sums and sums of
+    squares come from integral images.
     """
     ha, wa_ = wa.shape
     hb, wb_ = wb.shape
     shape = (sfft.next_fast_len(ha + hb), sfft.next_fast_len(wa_ + wb_, True))
-
-    def spec(x: npt.NDArray[np.floating]) -> npt.NDArray[np.complexfloating]:
-        return sfft.rfft2(x, s=shape)
-
-    fa, fa2, fma = spec(wa), spec(wa * wa), spec(np.ones_like(wa))
-    fb, fb2, fmb = spec(wb), spec(wb * wb), spec(np.ones_like(wb))
-    ys = np.arange(lo[0], hi[0] + 1) % shape[0]
-    xs = np.arange(lo[1], hi[1] + 1) % shape[1]
-
-    def corr(x: npt.NDArray[np.complexfloating], y: npt.NDArray[np.complexfloating]) -> F64:
-        full = sfft.irfft2(x * np.conj(y), s=shape)
-        return np.asarray(full[np.ix_(ys, xs)], dtype=np.float64)
-
-    n = np.rint(corr(fma, fmb))
-    sa, sb = corr(fa, fmb), corr(fma, fb)
+    ys = np.arange(lo[0], hi[0] + 1)
+    xs = np.arange(lo[1], hi[1] + 1)
+    cross = sfft.irfft2(sfft.rfft2(wa, s=shape) * np.conj(sfft.rfft2(wb, s=shape)), s=shape)
+    sab = np.asarray(cross[np.ix_(ys % shape[0], xs % shape[1])], dtype=np.float64)
+    # The overlap at r: rows [max(0, ry), min(ha, ry + hb)) of wa, the same rows minus ry of wb.
+    ay = (np.clip(ys, 0, ha), np.clip(ys + hb, 0, ha))
+    ax = (np.clip(xs, 0, wa_), np.clip(xs + wb_, 0, wa_))
+    by = (ay[0] - ys, ay[1] - ys)
+    bx = (ax[0] - xs, ax[1] - xs)
+    n = np.outer(np.maximum(ay[1] - ay[0], 0), np.maximum(ax[1] - ax[0], 0)).astype(np.float64)
+    sa = _window_sums(wa, ay, ax)
+    sb = _window_sums(wb, by, bx)
     safe = np.maximum(n, 1.0)
-    num = corr(fa, fb) - sa * sb / safe
-    va = corr(fa2, fmb) - sa * sa / safe
-    vb = corr(fma, fb2) - sb * sb / safe
+    num = sab - sa * sb / safe
+    va = _window_sums(wa * wa, ay, ax) - sa * sa / safe
+    vb = _window_sums(wb * wb, by, bx) - sb * sb / safe
     den = np.sqrt(np.maximum(va, 0.0) * np.maximum(vb, 0.0))
     ok = (n >= min_count) & (den > 1e-6 * safe)
     out = np.full(n.shape, -1.0)
@@ -333,10 +352,10 @@ def register_pair(
     bx = (max(ix, ov[1].start - s_), min(ix + wb_, ov[1].stop + s_))
     raw_a = a[ay[0] : ay[1], ax[0] : ax[1]]
     raw_b = b[by[0] - iy : by[1] - iy, bx[0] - ix : bx[1] - ix]
-    if min(texture(raw_a, p.highpass_px), texture(raw_b, p.highpass_px)) < p.min_texture:
-        return _reject("blank", pred)  # glass on one side at least: nothing to match
     win_a = highpass(raw_a, p.highpass_px)
     win_b = highpass(raw_b, p.highpass_px)
+    if min(texture(raw_a, p.highpass_px, win_a), texture(raw_b, p.highpass_px, win_b)) < p.min_texture:
+        return _reject("blank", pred)  # glass on one side at least: nothing to match
     # b's origin d = (iy, ix) + r - (b window origin - a window origin); keep |d - predicted| within
     # the search and the overlap at least min_overlap_px.
     base = (by[0] - ay[0], bx[0] - ax[0])
