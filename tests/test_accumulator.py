@@ -164,6 +164,18 @@ def test_without_registration_tiles_sit_at_commanded_positions(recordings: dict[
         assert abs(p["dy_px"]) < 1e-6 and abs(p["dx_px"]) < 1e-6
 
 
+def test_lag_holds_tiles_but_places_them_alike(recordings: dict[str, Path], tmp_path: Path) -> None:
+    """With lag_tiles a tile waits for later links too: same consistency, more held."""
+    params = StitchParams(stage_sigma_um=2.0, max_stage_error_um=6.0, lag_tiles=5)
+    rec, acc, _, complete = _stitch(recordings["base"], tmp_path, params)
+    assert complete
+    e = np.array(list(_offsets(rec, acc).values()))
+    assert len(e) >= rec.meta.n_fields - 2
+    assert np.hypot(*(e - e.mean(axis=0)).T).max() < 0.1
+    tile_bytes = rec.meta.tile_height * rec.meta.tile_width * 3
+    assert acc.stats.peak_held_bytes > 5 * tile_bytes
+
+
 def test_tiles_must_arrive_once_and_whole(recordings: dict[str, Path], tmp_path: Path) -> None:
     rec = Recording.open(recordings["base"])
     plan = grid_for(_params_of(rec))
