@@ -284,8 +284,12 @@ def _child_main(argv: Sequence[str]) -> int:
     return 0
 
 
-def _measure(cmd: list[str], env: dict[str, str] | None = None) -> tuple[str, float, float, float]:
-    """Run ``cmd``; (stdout, wall s, psutil-sampled peak RSS MiB, kernel ru_maxrss MiB) of that child alone."""
+def _measure(cmd: list[str], env: dict[str, str] | None = None) -> tuple[str, float, float, float, float]:
+    """Run ``cmd``; (stdout, wall s, psutil-sampled peak RSS MiB, kernel ru_maxrss MiB, CPU s) of that child alone.
+
+    CPU seconds (user + system, all threads) are the figure that other load on
+    the machine does not distort; wall time is what a user waits.
+    """
     import psutil
 
     t0 = time.perf_counter()
@@ -315,12 +319,12 @@ def _measure(cmd: list[str], env: dict[str, str] | None = None) -> tuple[str, fl
     if proc.returncode != 0:
         raise RuntimeError(f"bench child {' '.join(cmd)} failed with exit code {proc.returncode}")
     # ru_maxrss is KiB on Linux.
-    return out, wall, max(samples, default=0) / MIB, usage.ru_maxrss / 1024
+    return out, wall, max(samples, default=0) / MIB, usage.ru_maxrss / 1024, usage.ru_utime + usage.ru_stime
 
 
 def _run_child(role: str, args: list[str]) -> dict[str, Any]:
     """Run one measured child of ours; add the parent's RSS samples and the kernel's ru_maxrss."""
-    out, _, sampled, ru = _measure([sys.executable, "-m", "bench.writer", role, *args])
+    out, _, sampled, ru, cpu = _measure([sys.executable, "-m", "bench.writer", role, *args])
     lines = out.strip().splitlines()
     if not lines:
         raise RuntimeError(f"bench child {role} printed no result")
@@ -328,6 +332,7 @@ def _run_child(role: str, args: list[str]) -> dict[str, Any]:
     result["sampled_peak_rss_mib"] = sampled
     # The clear_refs resets may lower ru_maxrss to the last phase's peak; VmHWM per phase is the exact figure.
     result["ru_maxrss_mib"] = ru
+    result["cpu_seconds"] = cpu  # the whole child (imports and setup included)
     return result
 
 
@@ -361,12 +366,13 @@ def _run_vips(src: Path, dst: Path, a: argparse.Namespace) -> dict[str, Any]:
     cmd += ["--pyramid", "--subifd", "--bigtiff", "--compression", a.compression]
     if a.compression == "jpeg":
         cmd += ["--Q", str(a.quality)]
-    _, wall, sampled, ru = _measure(cmd)
+    _, wall, sampled, ru, cpu = _measure(cmd)
     version = subprocess.run([exe, "--version"], capture_output=True, text=True).stdout.strip()
     return {
         "command": " ".join(cmd),
         "version": version,
         "seconds": wall,
+        "cpu_seconds": cpu,
         "peak_rss_mib": max(ru, sampled),
         "sampled_peak_rss_mib": sampled,
         "ru_maxrss_mib": ru,
@@ -500,6 +506,7 @@ def _one_size(size: int, a: argparse.Namespace, workdir: Path) -> dict[str, Any]
         f"--mosaic-compressor={a.mosaic_compressor}",
         f"--vips-input={a.vips_input}",
     ]
+    load_before = os.getloadavg()[0]
     progress = (lambda msg: None) if a.json else (lambda msg: print(f"  {size}: {msg}", file=sys.stderr, flush=True))
     vips: dict[str, Any] | None = None
     try:
@@ -546,6 +553,7 @@ def _one_size(size: int, a: argparse.Namespace, workdir: Path) -> dict[str, Any]
             "baseline_rss_mib": child["baseline_rss_mib"],
             "sampled_peak_rss_mib": child["sampled_peak_rss_mib"],
             "ru_maxrss_mib": child["ru_maxrss_mib"],
+            "cpu_seconds": child["cpu_seconds"],
         }
 
     result: dict[str, Any] = {
@@ -559,12 +567,16 @@ def _one_size(size: int, a: argparse.Namespace, workdir: Path) -> dict[str, Any]
         "writer": {**summary(writer, "writer"), "jpeg": ours_facts.get("jpeg"), "psnr_db": ours_psnr},
         "vips": vips,
         "cold_cache": bool(a.cold and cold),
+        # Other processes on the machine slow wall times (not CPU seconds): the 1-minute load around the run.
+        "load_avg_1min": [load_before, os.getloadavg()[0]],
         "peak_per_phase_exact": bool(ingest["peak_resettable"] and writer["peak_resettable"]),
     }
     if vips is not None:
         vips["mpx_per_s"] = mpx / vips["seconds"]
         # Throughput ratio: > 1 means our writer is faster than libvips on the same pixels.
         result["throughput_vs_vips"] = vips["seconds"] / result["writer"]["seconds"]
+        # The same from CPU seconds: what the machine's other load does not change.
+        result["cpu_vs_vips"] = vips["cpu_seconds"] / result["writer"]["cpu_seconds"]
         if vips["levels"] != writer["levels"]:
             result["levels_note"] = f"libvips wrote levels {vips['levels']}, we wrote {writer['levels']}"
     return result
@@ -584,6 +596,9 @@ COLUMNS = [
     Column("vips_mpx", "vips Mpx/s", ".0f"),
     Column("vips_peak", "vips MiB", ".0f"),
     Column("ratio", "ours/vips thrpt", ".2f"),
+    Column("writer_cpu", "ours CPU s", ".1f"),
+    Column("vips_cpu", "vips CPU s", ".1f"),
+    Column("cpu_ratio", "ours/vips CPU", ".2f"),
     Column("tiff_mib", "ours TIFF MiB", ".0f"),
     Column("vips_mib", "vips TIFF MiB", ".0f"),
     Column("psnr", "ours dB", ".1f"),
@@ -607,6 +622,9 @@ def _row(r: dict[str, Any]) -> dict[str, Any]:
         "vips_mpx": v.get("mpx_per_s"),
         "vips_peak": v.get("peak_rss_mib"),
         "ratio": r.get("throughput_vs_vips"),
+        "writer_cpu": w["cpu_seconds"],
+        "vips_cpu": v.get("cpu_seconds"),
+        "cpu_ratio": r.get("cpu_vs_vips"),
         "tiff_mib": r["tiff_bytes"] / MIB,
         "vips_mib": v["tiff_bytes"] / MIB if v else None,
         "psnr": w.get("psnr_db"),
@@ -670,7 +688,8 @@ def run(a: argparse.Namespace) -> int:
     cfg = result["config"]
     notes = [
         "ours = OME-TIFF pyramid from level 0 alone (libvips' job); from-pyr = from the Zarr pyramid (daemon writer).",
-        "ours/vips thrpt = vips s / ours s (> 1: we are faster). MiB = peak RSS of that process alone.",
+        "ours/vips thrpt = vips s / ours s (> 1: we are faster); ours/vips CPU = vips CPU s / ours CPU s "
+        "(user + system of the whole process; unaffected by other load). MiB = peak RSS of that process alone.",
         "dB = PSNR of 24 sampled level-0 tiles against the mosaic (equal settings -> similar values).",
         "page cache: "
         + ("dropped before each timed child (inputs read from disk)" if a.cold else "warm (inputs just written)"),
@@ -683,6 +702,8 @@ def run(a: argparse.Namespace) -> int:
             notes.append(f"libvips: {v['version']}; its JPEG: {v.get('jpeg')}; ours: {results[0]['writer']['jpeg']}")
             notes.append(f"libvips input: {a.vips_input} tiled TIFF of level 0; ours: the {a.mosaic_compressor} Zarr")
     notes += [r["levels_note"] for r in results if "levels_note" in r]
+    loads = ", ".join(f"{r['size']}: {r['load_avg_1min'][0]:.1f} -> {r['load_avg_1min'][1]:.1f}" for r in results)
+    notes.append(f"1-min load average before -> after each size (other processes slow wall times): {loads}")
     emit(
         result,
         [_row(r) for r in results],
