@@ -1,12 +1,21 @@
 """The acquisition worker: drives stage and camera along the scan plan.
 
-For each field: move, focus (contrast sweep or single shot: runtime/field_focus.py), capture the in-focus
-frame into a free shared-memory slot, hand the slot to the stitcher. It
-stops after the current field when asked to cancel.
+For each field: move, focus (contrast sweep or single shot: runtime/field_focus.py), and hand
+the ring slot holding the kept frame to the stitcher. It stops after the current field when
+asked to cancel.
+
+Frames are captured straight into slots of the tile ring (:class:`RingFrames`), so the
+inference worker reads a focus capture by slot id and the kept one goes to the stitcher
+without another copy. One ring for both, not a second focus ring: the stitcher hands every
+slot back after pasting it and never waits for acquisition, and the focus loop holds at most
+two slots at once (the best capture so far and the newest), so with ``scan.ring_slots >= 2``
+waiting for a slot always ends; a separate ring would cost a copy per field and a second
+segment to own and clean up, and buy nothing while the stitcher keeps up.
 """
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import traceback
 from dataclasses import dataclass, field
@@ -15,10 +24,11 @@ from multiprocessing.synchronize import Event
 from typing import Any
 
 from runtime.autofocus import SingleShotFocus
-from runtime.devices import DriverError, ScanArea, SimulatedClock
+from runtime.devices import Camera, DriverError, ScanArea, SimulatedClock
 from runtime.drivers import open_driver
-from runtime.field_focus import FieldFocuser, ModelSettings
+from runtime.field_focus import Capture, FieldFocuser, FocusModels, ModelSettings, WorkerModels
 from runtime.focus import ContrastSweep
+from runtime.inference_worker import InferenceChannel, InferenceStopped
 from runtime.messages import (
     AcquisitionDone,
     FieldDone,
@@ -47,6 +57,36 @@ class AcquisitionJob:
     strategy: str = "contrast_sweep"  # or "single_shot" (runtime/field_focus.py)
     single_shot: SingleShotFocus = field(default_factory=SingleShotFocus)
     models: ModelSettings | None = None
+    inference_worker: bool = False  # single_shot: the models are served by the inference worker process
+
+
+class _Stopped(Exception):
+    """Cancelled while waiting for a free slot."""
+
+
+class RingFrames:
+    """Captures into free slots of the tile ring (runtime.field_focus.Frames)."""
+
+    def __init__(
+        self, camera: Camera, ring: AttachedRing, free_slots: Queue[int], cancel: Event, hb: HeartbeatSender
+    ) -> None:
+        self.camera = camera
+        self.ring = ring
+        self.free_slots = free_slots
+        self.cancel = cancel
+        self.hb = hb
+
+    def snap(self) -> Capture:
+        slot = _take_slot(self.free_slots, self.cancel, self.hb)
+        if slot is None:
+            raise _Stopped
+        view = self.ring.slot(slot)
+        view[...] = self.camera.snap()
+        return Capture(view, slot)
+
+    def release(self, capture: Capture) -> None:
+        if capture.slot is not None:
+            self.free_slots.put(capture.slot)
 
 
 def _wait_for_ring(to_acquisition: Queue[Any], cancel: Event, hb: HeartbeatSender) -> RingSpec | None:
@@ -62,6 +102,10 @@ def _wait_for_ring(to_acquisition: Queue[Any], cancel: Event, hb: HeartbeatSende
 
 def _take_slot(free_slots: Queue[int], cancel: Event, hb: HeartbeatSender) -> int | None:
     """Wait for a free slot (the stitcher gives them back); None if cancelled meanwhile."""
+    try:  # a free slot is used even after a cancel: the field being focused still completes
+        return free_slots.get_nowait()
+    except queue.Empty:
+        pass
     while not cancel.is_set():
         hb.beat()
         try:
@@ -78,12 +122,15 @@ def acquisition_main(
     tiles: Queue[Any],
     events: Queue[Any],
     cancel: Event,
+    to_inference: Queue[Any] | None = None,
+    inference_replies: Queue[Any] | None = None,
 ) -> None:
     """Process entry point (spawned).
 
     The worker owns the devices, so it is the one that learns the frame shape
     and plans the scan; it reports the plan and waits for the supervisor to
-    size and create the shared-memory ring before capturing.
+    size and create the shared-memory ring before capturing. With the inference
+    worker (``job.inference_worker``) it also waits for that worker's models.
     """
     hb = HeartbeatSender("acquisition", events)
     ring: AttachedRing | None = None
@@ -104,18 +151,33 @@ def acquisition_main(
             events.put(AcquisitionDone(0, True, None, peak_rss_bytes()))
             return
         ring = AttachedRing(spec)
-        focuser = FieldFocuser(job.strategy, job.sweep, job.single_shot, job.start_z_um, job.models, camera, stage)
+        models: ModelSettings | FocusModels | None = job.models
+        if job.strategy == "single_shot" and job.inference_worker:
+            if to_inference is None or inference_replies is None:
+                raise ValueError("job.inference_worker is set but no inference queues were given")
+            # Nothing to deliver once this process ends: do not wait on a dead worker's pipe.
+            to_inference.cancel_join_thread()
+            channel = InferenceChannel(to_inference, inference_replies, idle=hb.beat, stopping=cancel.is_set)
+            # Unbounded here: the scan job bounds the start with models.worker_start_timeout_s.
+            # InferenceStopped comes only once cancel is set, and then the field loop ends at once.
+            with contextlib.suppress(InferenceStopped):
+                channel.wait_ready()
+            models = WorkerModels(channel, px, job.models.classify if job.models else True)
+        frames = RingFrames(camera, ring, free_slots, cancel, hb)
+        focuser = FieldFocuser(job.strategy, job.sweep, job.single_shot, job.start_z_um, models, camera, stage, frames)
         for plan in grid.fields:
             if cancel.is_set():
                 break
             hb.beat()
             stage.move_xy(plan.x_um, plan.y_um)
-            result = focuser.focus_field(plan, cancel.is_set)
-            frame = result.frame
-            slot = _take_slot(free_slots, cancel, hb)
-            if slot is None:
+            try:
+                result = focuser.focus_field(plan, cancel.is_set)
+            except (_Stopped, InferenceStopped):
+                # The scan is ending mid-field (a cancel while no slot was free, or a failed
+                # inference worker that the scan job has already reported): drop this field.
                 break
-            ring.slot(slot)[...] = frame
+            slot = result.frame.slot
+            assert slot is not None  # RingFrames captures into the ring
             record = FieldRecord(
                 index=plan.index,
                 row=plan.row,
@@ -129,6 +191,8 @@ def acquisition_main(
                 tile_class=result.tile_class,
                 artifact=result.artifact,
             )
+            # The slot belongs to the stitcher now; drop this process's view of it.
+            del result
             tiles.put(TileReady(slot, record, plan))
             events.put(FieldDone(record))
             done += 1

@@ -19,11 +19,12 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Generic, TypeVar
 
 import numpy as np
 import numpy.typing as npt
 
-from runtime.devices import Camera, RGBImage, Stage
+from runtime.devices import RGBImage
 from runtime.inference import Backend, Preference, select_backend
 from runtime.models import ModelFolder, default_model_dir, load_model_folder
 
@@ -168,11 +169,14 @@ class FocusSurface:
 # --------------------------------------------------------------------------- the strategy
 
 
+F = TypeVar("F")  # a captured frame as the caller holds it: an array, or a ring slot handle
+
+
 @dataclass(frozen=True)
-class SingleShotResult:
+class SingleShotResult(Generic[F]):
     z_um: float  # where the kept frame was captured
     captures: int
-    frame: RGBImage
+    frame: F
     predicted_defocus_um: float | None  # the first estimate (at the surface's z)
     final_defocus_um: float | None  # the estimate for the kept frame
     focus_estimate_um: float | None  # z - final defocus, when the estimate is trusted
@@ -189,41 +193,40 @@ class SingleShotFocus:
 
     def focus(
         self,
-        model: AutofocusModel,
-        camera: Camera,
-        stage: Stage,
+        estimate: Callable[[F], float | None],
+        capture_at: Callable[[float], F],
+        release: Callable[[F], None],
         start_z_um: float,
+        first: F,
         should_stop: Callable[[], bool] = lambda: False,
-        first_frame: RGBImage | None = None,
-    ) -> SingleShotResult:
-        """``first_frame``: a frame already captured at ``start_z_um`` (by the caller, to classify it)."""
-        z = start_z_um
-        if first_frame is None:
-            stage.move_z(z)
-            frame = camera.snap()
-            captures = 1
-        else:
-            frame, captures = first_frame, 0
-        d = model.estimate(frame).defocus_um
-        first = d
-        best = (z, frame, d)  # the capture with the smallest |estimate| so far
+    ) -> SingleShotResult[F]:
+        """``first``: the frame already captured at ``start_z_um`` (the caller classified it).
+
+        ``capture_at(z)`` moves the stage to z and captures; ``estimate`` is the model's signed
+        defocus (None: no content). Frames are handles the caller may have to give back
+        (ring slots): every frame but the returned one is passed to ``release``, so at most two
+        are held at any time.
+        """
+        z, frame = start_z_um, first
+        captures = 0
+        d = estimate(frame)
+        first_estimate = d
         for _ in range(self.max_moves):
             if d is None or abs(d) <= self.tolerance_um or should_stop():
                 break
             z_new = z - float(np.clip(d, -self.max_step_um, self.max_step_um))
-            stage.move_z(z_new)
-            frame_new = camera.snap()
+            frame_new = capture_at(z_new)
             captures += 1
-            d_new = model.estimate(frame_new).defocus_um
+            d_new = estimate(frame_new)
             # A correct model shrinks |d| by far more than this at every move. If it does not,
             # the estimate is not to be trusted here (pen ink, a fold, a bubble rim, or a stack
             # edge): stop and keep the best capture rather than walk z away.
             if d_new is None or abs(d_new) > 0.8 * abs(d):
+                release(frame_new)
                 break
+            release(frame)
             z, frame, d = z_new, frame_new, d_new
-            best = (z, frame, d)
-        z, frame, d = best
         converged = d is not None and abs(d) <= self.tolerance_um
         # The residual estimate refines the focus point the surface learns (not the frame we keep).
         focus = z - d if d is not None and abs(d) <= 1.0 else None
-        return SingleShotResult(z, captures, frame, first, d, focus, converged)
+        return SingleShotResult(z, captures, frame, first_estimate, d, focus, converged)

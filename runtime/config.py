@@ -69,6 +69,17 @@ class ModelsConfig(_Section):
         Path("/var/lib/wsi-runtime/engines"), description="TensorRT engines, keyed by ONNX/TensorRT/GPU/precision"
     )
     classify: bool = Field(True, description="single_shot: classify fields (background is not focused)")
+    worker: Literal["process", "in_acquisition"] = Field(
+        "process",
+        description="process: an inference worker process owns the GPU (tiles by ring slot); "
+        "in_acquisition: the models run inside the acquisition worker",
+    )
+    worker_start_timeout_s: float = Field(
+        600.0,
+        gt=0.0,
+        description="inference worker: time allowed to load the models before its first heartbeat "
+        "(a first TensorRT engine build is one long native call)",
+    )
 
 
 class MosaicConfig(_Section):

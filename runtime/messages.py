@@ -119,6 +119,24 @@ class WorkerFailed:
     message: str
 
 
+@dataclass(frozen=True)
+class InferenceReady:
+    """The inference worker loaded its models (from now on the normal heartbeat timeout applies)."""
+
+    backend: str
+    refused: dict[str, str]
+    load_s: float
+
+
+@dataclass(frozen=True)
+class InferenceDone:
+    """The inference worker stopped: what it served, and its peak RSS."""
+
+    backend: str
+    stats: dict[str, Any]
+    peak_rss: int
+
+
 class HeartbeatSender:
     """Rate-limited heartbeats from a worker's main loop (at most one per ``interval_s``).
 

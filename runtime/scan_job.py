@@ -1,10 +1,12 @@
 """One scan: the worker processes, the shared-memory ring and the queues between them.
 
 The supervisor owns a ScanJob while a scan runs. The job spawns the workers
-(``spawn`` context: a CUDA context does not survive ``fork``), owns the
-ring, turns worker messages into state and events, and on every exit path --
-completion, cancel, a worker crash or hang -- stops the workers and unlinks
-the ring. The Zarr mosaic of a scan that did not complete is kept.
+(``spawn`` context: a CUDA context does not survive ``fork``) -- acquisition,
+stitcher, writer, and for ``single_shot`` focus the inference worker that owns
+the models -- owns the ring, turns worker messages into state and events, and
+on every exit path -- completion, cancel, a worker crash or hang -- stops the
+workers and unlinks the ring. The Zarr mosaic of a scan that did not complete
+is kept.
 """
 
 from __future__ import annotations
@@ -26,13 +28,17 @@ from runtime.acquisition import AcquisitionJob, acquisition_main
 from runtime.autofocus import SingleShotFocus
 from runtime.config import RuntimeConfig
 from runtime.devices import ScanArea
-from runtime.field_focus import model_settings
+from runtime.field_focus import model_settings, worker_settings
 from runtime.focus import ContrastSweep
+from runtime.inference_worker import STOP as INFERENCE_STOP
+from runtime.inference_worker import inference_main
 from runtime.messages import (
     AcquisitionDone,
     FieldDone,
     FieldRecord,
     Heartbeat,
+    InferenceDone,
+    InferenceReady,
     MosaicDone,
     ScanPrepared,
     WorkerFailed,
@@ -90,6 +96,13 @@ class ScanJob:
         self.error: str | None = None
         self.cancelled = False
         self._writing = False
+        # single_shot with models.worker = "process": an inference worker owns the models (and the
+        # GPU); acquisition sends it ring slot ids. The queues exist either way (one code path).
+        self.uses_inference = cfg.focus.strategy == "single_shot" and cfg.models.worker == "process"
+        self.to_inference: mp.Queue[Any] = self.ctx.Queue()
+        self.inference_replies: mp.Queue[Any] = self.ctx.Queue()
+        self.inference: dict[str, Any] = {}  # backend, load time, what it served (for the report)
+        self._loading: set[str] = set()  # workers still loading models: start timeout, not heartbeat timeout
 
         output_dir.mkdir(parents=True, exist_ok=True)
         focus = cfg.focus
@@ -103,11 +116,33 @@ class ScanJob:
             strategy=focus.strategy,
             single_shot=SingleShotFocus(focus.tolerance_um, focus.max_moves),
             models=model_settings(cfg.models),
+            inference_worker=self.uses_inference,
         )
+        if self.uses_inference:
+            # Spawned first so that model loading (minutes for a first TensorRT engine build)
+            # overlaps opening the devices; it gets the ring, like acquisition, in _on_prepared.
+            self._spawn(
+                "inference",
+                inference_main,
+                (worker_settings(cfg.models), self.to_inference, self.inference_replies, self.events),
+            )
+            self._loading.add("inference")
+            self.inference = {"worker": "process"}
+        elif cfg.focus.strategy == "single_shot":
+            self.inference = {"worker": "in_acquisition"}
         self._spawn(
             "acquisition",
             acquisition_main,
-            (job, self.to_acquisition, self.free_slots, self.tiles, self.events, self.cancel_event),
+            (
+                job,
+                self.to_acquisition,
+                self.free_slots,
+                self.tiles,
+                self.events,
+                self.cancel_event,
+                self.to_inference,
+                self.inference_replies,
+            ),
         )
 
     # -- processes ---------------------------------------------------------------------------
@@ -150,6 +185,8 @@ class ScanJob:
         write = WriteJob(str(self.output_dir / SLIDE_NAME), self.cfg.writer)
         self._spawn("writer", writer_main, (write, self.to_writer, self.events))
         self.to_acquisition.put(self.ring.spec)
+        if self.uses_inference:
+            self.to_inference.put(self.ring.spec)
         self.publish(
             "scan_started",
             {
@@ -191,6 +228,13 @@ class ScanJob:
         elif isinstance(msg, AcquisitionDone):
             self.peak_rss["acquisition"] = msg.peak_rss
             self.simulated_time_s = msg.simulated_time_s
+            self._stop_inference()  # its only client is done: free the GPU while the mosaic finishes
+        elif isinstance(msg, InferenceReady):
+            self._loading.discard("inference")
+            self.heartbeats["inference"] = time.monotonic()
+            self.inference.update(backend=msg.backend, load_s=round(msg.load_s, 3), refused=msg.refused)
+        elif isinstance(msg, InferenceDone):
+            self._on_inference_done(msg)
         elif isinstance(msg, MosaicDone):
             self.peak_rss["stitcher"] = msg.peak_rss
             self.stitch = msg.stitch
@@ -216,6 +260,13 @@ class ScanJob:
         elif isinstance(msg, WorkerFailed):
             self._fail(f"{msg.worker} failed: {msg.message}")
 
+    def _heartbeat_limit(self, name: str) -> float:
+        # Loading models cannot beat (a TensorRT engine build is one native call that can take
+        # minutes on a new device): until the worker reports ready, the start timeout applies.
+        if name in self._loading:
+            return self.cfg.models.worker_start_timeout_s
+        return self.cfg.daemon.heartbeat_timeout_s
+
     def _check_workers(self) -> None:
         if self.finish_reason is not None:
             return
@@ -224,16 +275,26 @@ class ScanJob:
             if proc.exitcode not in (None, 0):
                 self._fail(f"{name} worker exited with code {proc.exitcode}")
                 return
-            if proc.exitcode is None and now - self.heartbeats[name] > self.cfg.daemon.heartbeat_timeout_s:
-                self._fail(f"{name} worker sent no heartbeat for {self.cfg.daemon.heartbeat_timeout_s:.0f} s")
+            limit = self._heartbeat_limit(name)
+            if proc.exitcode is None and now - self.heartbeats[name] > limit:
+                what = "did not load its models" if name in self._loading else "sent no heartbeat"
+                self._fail(f"{name} worker {what} for {limit:.0f} s")
                 return
 
     def heartbeats_fresh(self) -> bool:
         now = time.monotonic()
-        limit = self.cfg.daemon.heartbeat_timeout_s
         return all(
-            p.exitcode is not None or now - self.heartbeats[n] <= limit for n, p in self.procs.items()
+            p.exitcode is not None or now - self.heartbeats[n] <= self._heartbeat_limit(n)
+            for n, p in self.procs.items()
         )
+
+    def _stop_inference(self) -> None:
+        if "inference" in self.procs:
+            self.to_inference.put(INFERENCE_STOP)
+
+    def _on_inference_done(self, msg: InferenceDone) -> None:
+        self.peak_rss["inference"] = msg.peak_rss
+        self.inference.update(msg.stats)
 
     # -- ending ------------------------------------------------------------------------------
     def cancel(self, why: str | None = None) -> None:
@@ -258,6 +319,7 @@ class ScanJob:
             # the Zarr mosaic (nothing captured is lost), and release the writer.
             self.tiles.put(None)
             self.to_writer.put(None)
+        self._stop_inference()
         self.stop_workers(grace_s=10.0)
         self._release_ring()
         if reason is FinishReason.COMPLETED and not self.cfg.mosaic.keep_after_export:
@@ -276,9 +338,20 @@ class ScanJob:
             if proc.is_alive():
                 proc.kill()
                 proc.join(2.0)
-        for q in (self.events, self.tiles, self.free_slots, self.to_acquisition, self.to_writer):
+        self._drain_late_stats()
+        queues = (self.events, self.tiles, self.free_slots, self.to_acquisition, self.to_writer)
+        for q in (*queues, self.to_inference, self.inference_replies):
             q.cancel_join_thread()
             q.close()
+
+    def _drain_late_stats(self) -> None:
+        """The inference worker stops when acquisition ends and its last message can still be
+        queued behind the writer's when the job ends: keep its figures for the report."""
+        with contextlib.suppress(queue.Empty, ValueError, OSError):  # empty, or already closed
+            while True:
+                msg = self.events.get_nowait()
+                if isinstance(msg, InferenceDone):
+                    self._on_inference_done(msg)
 
     def _release_ring(self) -> None:
         if self.ring is not None:
@@ -312,6 +385,7 @@ class ScanJob:
             "peak_rss_bytes": rss,
             "peak_rss_mib": {k: round(v / 2**20, 1) for k, v in rss.items()},
             "fields": [asdict(r) for r in sorted(self.records, key=lambda r: r.index)],
+            "inference": self.inference or None,
             "stitch": self.stitch,
         }
 

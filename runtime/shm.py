@@ -95,9 +95,12 @@ class AttachedRing:
         return self._array[index]
 
     def close(self) -> None:
-        # Views must be dropped before the map can close.
+        # Views must be dropped before the map can close. A slot view that is still referenced
+        # (a capture in a traceback on a worker's failure path) keeps the map open until it is
+        # collected or the process exits; the segment itself is the supervisor's to unlink.
         del self._array
-        self._map.close()
+        with contextlib.suppress(BufferError):
+            self._map.close()
 
 
 def _pid_alive(pid: int) -> bool:

@@ -224,3 +224,87 @@ def test_per_scan_focus_strategy_override(daemon: tuple[RuntimeConfig, ControlCl
     methods = {f["focus_method"] for f in report["fields"]}
     assert all(m.startswith("single_shot") for m in methods), methods
     assert report["captures_per_field"] < 5  # the sweep takes 10
+
+
+@pytest.mark.parametrize("worker", ["process", "in_acquisition"])
+def test_single_shot_scan_through_the_inference_worker(tmp_path: Path, small_recording: Path, worker: str) -> None:
+    runtime_dir = Path("/tmp") / f"wsirt-inf-{worker[:4]}-{os.getpid()}"
+    cfg = daemon_config(
+        tmp_path / "data",
+        runtime_dir,
+        None,
+        driver={"options": {"recording": str(small_recording), "pace": 2.0}},
+        focus={"strategy": "single_shot"},
+        models={"backend": "ort_cpu", "worker": worker},
+        scan={"ring_slots": 2},  # the focus loop and the stitcher share the fewest slots allowed
+    )
+    proc = start_daemon_process(cfg)
+    client = ControlClient(cfg.endpoint("command"), timeout_s=2.0, retries=15)
+    try:
+        client.request("start_scan", output_name="ss")
+        st = _wait_for(client, lambda st: st["fields_done"] >= 1)
+        # The worker is the scan job's, listed with the others (only in "process" mode).
+        assert ("inference" in st["workers"]) == (worker == "process"), st["workers"]
+        assert _wait_idle(client)["last_finish"] == "completed"
+        report = json.loads((tmp_path / "data" / "ss" / "report.json").read_text())
+    finally:
+        client.request("shutdown")
+        proc.join(30)
+        client.close()
+    assert proc.exitcode == 0
+    assert _segments_of(proc) == []
+    fields = report["fields"]
+    assert len(fields) == 9 and all(f["focus_method"].startswith("single_shot") for f in fields)
+    assert all(f["tile_class"] in ("background", "tissue", "artifact") for f in fields)
+    assert any(f["predicted_defocus_um"] is not None for f in fields)
+    assert report["captures_per_field"] < 5  # the sweep takes 10
+    inf = report["inference"]
+    assert inf["worker"] == worker
+    if worker == "process":
+        assert inf["backend"] == "ort_cpu"
+        # Every tissue field asked for at least one estimate, every field for one classification.
+        assert inf["autofocus_requests"] >= sum(f["predicted_defocus_um"] is not None for f in fields)
+        assert inf["classify_requests"] == 9
+        assert report["peak_rss_mib"]["inference"] > 0
+    else:
+        assert "inference" not in report["peak_rss_mib"]
+
+
+def test_inference_worker_crash_fails_the_scan_not_the_daemon(tmp_path: Path, small_recording: Path) -> None:
+    runtime_dir = Path("/tmp") / f"wsirt-infcrash-{os.getpid()}"
+    cfg = daemon_config(
+        tmp_path / "data",
+        runtime_dir,
+        None,
+        driver={"options": {"recording": str(small_recording), "pace": 4.0}},
+        focus={"strategy": "single_shot"},
+        models={"backend": "ort_cpu"},
+    )
+    proc = start_daemon_process(cfg)
+    client = ControlClient(cfg.endpoint("command"), timeout_s=2.0, retries=15)
+    try:
+        client.request("start_scan", output_name="infcrash")
+        st = _wait_for(client, lambda st: st["fields_done"] >= 1 and "stitcher" in st["workers"])
+        workers = dict(st["workers"])
+        os.kill(workers["inference"], signal.SIGKILL)
+        st = _wait_idle(client)
+        assert st["last_finish"] == "failed" and "inference" in st["last_error"], st["last_error"]
+        report = json.loads((tmp_path / "data" / "infcrash" / "report.json").read_text())
+        assert report["finish_reason"] == "failed" and "inference" in report["error"]
+        assert 1 <= report["fields_done"] < 9
+        assert Path(report["mosaic"]).is_dir()  # what was captured is kept
+        assert _segments_of(proc) == []
+        for pid in workers.values():  # every worker of the failed scan is gone, not just the dead one
+            assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
+        assert client.request("ping")["pong"] is True
+        # The daemon serves the next scan (the contrast sweep needs no models).
+        client.request("start_scan", output_name="after", focus={"strategy": "contrast_sweep"})
+        st = _wait_for(client, lambda st: st["fields_done"] >= 1)
+        client.request("cancel")
+        assert _wait_idle(client)["last_finish"] == "cancelled"
+    finally:
+        client.request("shutdown")
+        proc.join(30)
+        client.close()
+    assert proc.exitcode == 0
+    assert _segments_of(proc) == []

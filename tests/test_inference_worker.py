@@ -2,11 +2,25 @@
 
 from __future__ import annotations
 
+import contextlib
+import multiprocessing as mp
+import queue
 import time
+from multiprocessing.queues import Queue
+from typing import Any
 
 import numpy as np
+import pytest
 
-from runtime.inference_worker import InferenceClient, WorkerSettings
+from runtime.inference_worker import (
+    STOP,
+    InferenceChannel,
+    InferenceClient,
+    InferenceStopped,
+    WorkerSettings,
+    inference_main,
+)
+from runtime.messages import Heartbeat, InferenceDone, InferenceReady
 from runtime.shm import AttachedRing, SlotRing
 from tests.test_models import _render
 
@@ -39,3 +53,85 @@ def test_worker_answers_autofocus_first_and_batches_classification() -> None:
             client.close()
         view.close()
         ring.unlink()
+
+
+def test_urgent_classify_skips_the_batch_window_and_takes_the_queue_along() -> None:
+    ring = SlotRing(8, 256, 256)
+    view = AttachedRing(ring.spec)
+    client = None
+    try:
+        for i in range(6):
+            view.slot(i)[...] = np.full((256, 256, 3), 240, np.uint8)
+        client = InferenceClient(WorkerSettings(backend="ort_cpu", batch_window_s=2.0), ring.spec)
+        queued = {client.classify_async(i, 0.25) for i in range(5)}
+        t = time.monotonic()
+        reply = client.classify(5, 0.25)  # what the focus loop does on a field's first frame
+        latency = time.monotonic() - t
+        assert reply.label == "background"
+        assert latency < 1.5, f"the urgent request waited for the batch window ({latency:.2f} s)"
+        # The five queued requests went along in the same backend call instead of waiting.
+        assert reply.batch == 6
+        got = client.results(wait_for=queued)
+        assert set(got) == queued and {r.batch for r in got.values()} == {6}
+    finally:
+        if client is not None:
+            client.close()
+        view.close()
+        ring.unlink()
+
+
+def test_worker_beats_and_reports_to_the_scan_job_queue() -> None:
+    """In the daemon the worker reports on the scan job's events queue like the other workers."""
+    ring = SlotRing(2, 256, 256)
+    view = AttachedRing(ring.spec)
+    ctx = mp.get_context("spawn")
+    requests: Queue[Any] = ctx.Queue()
+    replies: Queue[Any] = ctx.Queue()
+    events: Queue[Any] = ctx.Queue()
+    proc = ctx.Process(target=inference_main, args=(WorkerSettings(backend="ort_cpu"), requests, replies, events))
+    proc.start()
+    try:
+        view.slot(0)[...] = _render(1.0)
+        channel = InferenceChannel(requests, replies)
+        first = events.get(timeout=60)  # models are loaded before the ring exists (overlap with device start)
+        assert isinstance(first, InferenceReady) and first.backend == "ort_cpu" and first.load_s > 0
+        requests.put(ring.spec)
+        assert channel.wait_ready(60).backend == "ort_cpu"
+        assert channel.estimate(0).defocus_um is not None
+        time.sleep(1.2)  # idle: it keeps beating
+        requests.put(STOP)
+        proc.join(30)
+        assert proc.exitcode == 0
+        seen: list[Any] = []
+        with contextlib.suppress(queue.Empty):
+            while True:
+                seen.append(events.get(timeout=1))
+        beats = [m for m in seen if isinstance(m, Heartbeat)]
+        assert len(beats) >= 2 and {b.worker for b in beats} == {"inference"}
+        done = [m for m in seen if isinstance(m, InferenceDone)]
+        assert len(done) == 1 and done[0].stats["autofocus_requests"] == 1 and done[0].peak_rss > 50 * 2**20
+    finally:
+        if proc.is_alive():
+            proc.kill()
+            proc.join(5)
+        for q in (requests, replies, events):
+            q.cancel_join_thread()
+            q.close()
+        view.close()
+        ring.unlink()
+
+
+def test_a_dead_worker_does_not_block_a_stopping_caller() -> None:
+    """The acquisition side of a killed worker: once the scan stops, the wait ends after the grace."""
+    ctx = mp.get_context("spawn")
+    requests: Queue[Any] = ctx.Queue()
+    replies: Queue[Any] = ctx.Queue()
+    stop_at = time.monotonic() + 0.5
+    channel = InferenceChannel(requests, replies, stopping=lambda: time.monotonic() > stop_at, stop_grace_s=0.5)
+    t = time.monotonic()
+    with pytest.raises(InferenceStopped):
+        channel.estimate(0)  # nobody is there to answer
+    assert time.monotonic() - t < 3.0
+    for q in (requests, replies):
+        q.cancel_join_thread()
+        q.close()

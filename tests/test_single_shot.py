@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,8 @@ from hw_sim.slide import SlideSpec, SyntheticSlide
 from hw_sim.synth import SynthParams, synthesize
 from runtime.autofocus import SingleShotFocus
 from runtime.config import ConfigError, config_from_dict
-from runtime.field_focus import FieldFocuser, ModelSettings
+from runtime.devices import Camera
+from runtime.field_focus import Capture, FieldFocuser, LocalFrames, ModelSettings
 from runtime.focus import ContrastSweep
 from runtime.scan_plan import serpentine_plan
 
@@ -72,6 +74,56 @@ def test_single_shot_converges_with_fewer_captures_than_the_sweep(recording: Pat
     # two; the rest are predicted by the focus surface and mostly accepted at once.
     assert np.mean(captures) < 2.5 < np.mean(sweep_captures), (captures, sweep_captures)
     assert all(c in ("tissue", "artifact", "background") for c in classes)
+
+
+class _SlotFrames(LocalFrames):
+    """Captures numbered like ring slots, tracking which the focus loop still holds."""
+
+    def __init__(self, camera: Camera) -> None:
+        super().__init__(camera)
+        self._ids = itertools.count()
+        self.held: set[int] = set()
+        self.most_held = 0
+
+    def snap(self) -> Capture:
+        c = Capture(self.camera.snap(), next(self._ids))
+        assert c.slot is not None
+        self.held.add(c.slot)
+        self.most_held = max(self.most_held, len(self.held))
+        return c
+
+    def release(self, capture: Capture) -> None:
+        assert capture.slot is not None
+        self.held.remove(capture.slot)  # KeyError: released twice, or never captured
+
+
+def test_focus_loop_holds_at_most_two_slots_and_keeps_one(recording: Path) -> None:
+    """The daemon captures focus frames into tile-ring slots that the stitcher also needs: the loop
+    must give back every capture but the kept one, and never hold more than two (no deadlock with
+    ``scan.ring_slots >= 2``)."""
+    rec = Recording.open(recording)
+    drv = ReplayDriver(rec)
+    frames = _SlotFrames(drv.camera)
+    focuser = FieldFocuser(
+        "single_shot",
+        ContrastSweep(),
+        SingleShotFocus(),
+        0.0,
+        ModelSettings(backend="ort_cpu"),
+        drv.camera,
+        drv.stage,
+        frames,
+    )
+    m = rec.meta
+    captures = []
+    for plan in serpentine_plan(m.area, m.field_width_um, m.field_height_um, m.overlap).fields:
+        drv.stage.move_xy(plan.x_um, plan.y_um)
+        r = focuser.focus_field(plan, lambda: False)
+        assert frames.held == {r.frame.slot}, (frames.held, r.frame.slot)
+        frames.release(r.frame)  # the stitcher's part
+        captures.append(r.captures)
+    assert max(captures) >= 2, "no field needed a move: the test proves nothing"
+    assert frames.most_held == 2
 
 
 def test_focus_strategy_is_configurable() -> None:
