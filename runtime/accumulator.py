@@ -195,6 +195,8 @@ class DequeAccumulator:
         self._blended_per_row = [0] * plan.rows
         self._next_index = 0  # plan index of the next field expected (for the flush bound)
         self.stats = StitchStats()
+        # Set to a list to record every pair (a, b, outcome, shift in a's tile frame): for benches.
+        self.pair_log: list[tuple[Key, Key, str, tuple[float, float]]] | None = None
 
     # ------------------------------------------------------------------ public
 
@@ -310,6 +312,8 @@ class DequeAccumulator:
             py, px = self.solver.predicted_displacement(nb, key)
             m = register_pair(strip.grey, grey, (py - strip.oy, px - strip.ox), self._reg)
             self.stats.pairs[m.reason] += 1
+            if self.pair_log is not None:
+                self.pair_log.append((nb, key, m.reason, (m.shift[0] + strip.oy, m.shift[1] + strip.ox)))
             if m.accepted:
                 self.stats.ncc.append(m.ncc)
                 self.solver.add_link(Link(nb, key, (m.shift[0] + strip.oy, m.shift[1] + strip.ox), m.sigma))

@@ -63,6 +63,8 @@ class RegistrationParams:
     tissue edge: at NCC ~0.3 such a match was measured 0.5 px off while
     claiming 0.03 px, so 0.5 (shared signal as strong as the noise) is the
     default.
+    ``retry_below_ncc``: a fit correlating less is also started from the
+    neighbouring pixels, and the best-correlating fit kept.
     ``min_texture``: windows whose :func:`texture` is below this (glass reads
     ~1.0, tissue > 3) are not searched at all.
     ``sigma_floor_px``: added in quadrature to the estimated precision, so that
@@ -76,6 +78,7 @@ class RegistrationParams:
     highpass_px: int = 41
     sigma_floor_px: float = 0.01
     min_texture: float = 1.1
+    retry_below_ncc: float = 0.9
     candidates: int = 3
     max_iterations: int = 10
     border_px: int = 3
@@ -265,14 +268,20 @@ def _coarse(
     if not scored:
         return (0, 0), -1.0
     best_score, best = max(scored)
-    centre = best
-    for dy in range(-f + 1, f):
-        for dx in range(-f + 1, f):
-            r = (centre[0] + dy, centre[1] + dx)
-            if (dy or dx) and lo[0] <= r[0] <= hi[0] and lo[1] <= r[1] <= hi[1]:
-                score = _overlap_ncc(wa, wb, r)
-                if score > best_score:
-                    best_score, best = score, r
+    # Climb the full-resolution NCC from there to its local maximum: the half-resolution peak
+    # can be a coarse pixel (two fine ones) off, beyond what the subpixel step recovers.
+    for _ in range(4 * f):
+        step_best = best
+        for dy in (-1, 0, 1):
+            for dx in (-1, 0, 1):
+                r = (best[0] + dy, best[1] + dx)
+                if (dy or dx) and lo[0] <= r[0] <= hi[0] and lo[1] <= r[1] <= hi[1]:
+                    score = _overlap_ncc(wa, wb, r)
+                    if score > best_score:
+                        best_score, step_best = score, r
+        if step_best == best:
+            break
+        best = step_best
     return best, best_score
 
 
@@ -323,6 +332,33 @@ def _fine(oa: F32, ob: F32, params: RegistrationParams) -> tuple[F64, F64, float
     return s, sigma, ncc
 
 
+def _refine(
+    a: npt.NDArray[np.generic], b: npt.NDArray[np.generic], start: tuple[int, int], p: RegistrationParams
+) -> tuple[tuple[float, float], tuple[float, float], float] | str:
+    """LK from an integer start: (shift, sigma, ncc), or why not."""
+    dy, dx = start
+    for _ in range(2):
+        ov = _overlap(a.shape, b.shape, dy, dx)
+        if ov is None or min(ov[0].stop - ov[0].start, ov[1].stop - ov[1].start) < p.min_overlap_px:
+            return "no_overlap"
+        oa = highpass(a[ov[0], ov[1]], p.highpass_px)
+        ob = highpass(b[ov[2], ov[3]], p.highpass_px)
+        if min(oa.shape) < 2 * p.border_px + 4:
+            return "no_overlap"
+        if float(oa.std()) < 1e-3 or float(ob.std()) < 1e-3:
+            return "blank"
+        s, sigma, ncc = _fine(oa, ob, p)
+        if not np.all(np.isfinite(s)):
+            return "blank"
+        # LK is good to about a pixel: re-centre (once) only when the integer start was clearly
+        # a pixel off, not for a fraction near 0.5 that would just flip sides.
+        step = np.where(np.abs(s) > 0.75, np.round(s), 0).astype(int)
+        if not step.any():
+            return (dy + float(s[0]), dx + float(s[1])), (float(sigma[0]), float(sigma[1])), ncc
+        dy, dx = dy + int(step[0]), dx + int(step[1])
+    return "unstable"
+
+
 def register_pair(
     a: npt.NDArray[np.generic],
     b: npt.NDArray[np.generic],
@@ -367,28 +403,18 @@ def register_pair(
         return _reject("no_overlap", pred)
     (ry, rx), _ = _coarse(win_a, win_b, lo, hi, p.min_overlap_px, p.candidates)
     dy, dx = iy + ry - base[0], ix + rx - base[1]
-    for _ in range(2):
-        ov = _overlap(a.shape, b.shape, dy, dx)
-        if ov is None or min(ov[0].stop - ov[0].start, ov[1].stop - ov[1].start) < p.min_overlap_px:
-            return _reject("no_overlap", pred)
-        oa = highpass(a[ov[0], ov[1]], p.highpass_px)
-        ob = highpass(b[ov[2], ov[3]], p.highpass_px)
-        if min(oa.shape) < 2 * p.border_px + 4:
-            return _reject("no_overlap", pred)
-        if float(oa.std()) < 1e-3 or float(ob.std()) < 1e-3:
-            return _reject("blank", pred)
-        s, sigma, ncc = _fine(oa, ob, p)
-        if not np.all(np.isfinite(s)):
-            return _reject("blank", pred, ncc)
-        step = np.round(s).astype(int)
-        if not step.any():
-            break
-        # The integer peak was a pixel off (or the content is ambiguous): re-centre once.
-        dy, dx = dy + int(step[0]), dx + int(step[1])
-    else:
-        return _reject("unstable", pred, ncc)
-    shift = (dy + float(s[0]), dx + float(s[1]))
-    sig = (math.hypot(float(sigma[0]), p.sigma_floor_px), math.hypot(float(sigma[1]), p.sigma_floor_px))
+    fit = _refine(a, b, (dy, dx), p)
+    if fit == "unstable" or (not isinstance(fit, str) and fit[2] < p.retry_below_ncc):
+        # A middling match: LK may have settled in a neighbouring local minimum (thin or
+        # smooth overlaps). Start it from the neighbouring pixels too; keep the best fit.
+        for ny, nx in ((1, 0), (-1, 0), (0, 1), (0, -1)):
+            other = _refine(a, b, (dy + ny, dx + nx), p)
+            if not isinstance(other, str) and (isinstance(fit, str) or other[2] > fit[2]):
+                fit = other
+    if isinstance(fit, str):
+        return _reject(fit, pred)
+    shift, sigma, ncc = fit
+    sig = (math.hypot(sigma[0], p.sigma_floor_px), math.hypot(sigma[1], p.sigma_floor_px))
     if ncc < p.min_ncc:
         return PairMeasurement(shift, sig, ncc, False, "low_ncc", pred)
     if abs(shift[0] - pred[0]) > p.search_px or abs(shift[1] - pred[1]) > p.search_px:
