@@ -52,6 +52,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fields", type=int, nargs=2, default=(36, 36), metavar=("NX", "NY"), help="default 36 36")
     p.add_argument("--tile", type=int, default=1024, help="camera frame edge for the synthesis (px)")
     p.add_argument("--seed", type=int, default=11)
+    p.add_argument(
+        "--stage-error", type=float, default=2.0, help="synthesis: stage positioning error, 1 sigma (µm); 0 = exact"
+    )
     p.add_argument("--workdir", type=Path, help="where the recording (if made) and the scan go (default: temp)")
     p.add_argument("--keep", action="store_true", help="keep the scan output (and a synthesised recording)")
     p.add_argument("--samples", type=int, default=48, help="random windows for the PSNR against truth")
@@ -66,7 +69,13 @@ def _synthesise(path: Path, a: argparse.Namespace) -> float:
     # One plane at the true focus (coarse focus error 0): every field is in focus,
     # and the replay's cost per capture is a copy, not the simulator's optics.
     params = SynthParams(
-        fields_x=a.fields[0], fields_y=a.fields[1], seed=a.seed, tile=a.tile, z_planes=1, coarse_focus_error_um=0.0
+        fields_x=a.fields[0],
+        fields_y=a.fields[1],
+        seed=a.seed,
+        tile=a.tile,
+        z_planes=1,
+        coarse_focus_error_um=0.0,
+        stage_error_um=a.stage_error,
     )
     synthesize(path, params, overwrite=True, progress=not a.json)
     return time.perf_counter() - t0
