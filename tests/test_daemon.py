@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,32 @@ from tests.conftest import daemon_config
 def _segments_of(proc: Any) -> list[str]:
     """Shared-memory segments the daemon process created that still exist."""
     return shm.segments_of(proc.pid)
+
+
+@contextlib.contextmanager
+def live_daemon(
+    tmp_path: Path, tag: str, recording: Path | None, **sections: Any
+) -> Iterator[tuple[Any, ControlClient]]:
+    """A daemon child process with its own config; on exit it is shut down (unless a test
+    already stopped it) and must have exited cleanly, leaving no shared memory behind."""
+    runtime_dir = Path("/tmp") / f"wsirt-{tag}-{os.getpid()}"  # ipc paths must stay short
+    cfg = daemon_config(tmp_path / "data", runtime_dir, recording, **sections)
+    proc = start_daemon_process(cfg)
+    client = ControlClient(cfg.endpoint("command"), timeout_s=2.0, retries=15)
+    try:
+        yield proc, client
+    finally:
+        if proc.is_alive():
+            client.request("shutdown")
+        proc.join(60)
+        client.close()
+    assert proc.exitcode == 0
+    assert _segments_of(proc) == []
+
+
+def _paced(recording: Path, pace: float = 4.0) -> dict[str, Any]:
+    """Replay at a multiple of scanner speed, so a test can act mid-scan."""
+    return {"options": {"recording": str(recording), "pace": pace}}
 
 
 def _wait_idle(client: ControlClient, timeout_s: float = 60) -> dict[str, Any]:
@@ -105,13 +132,7 @@ def test_scan_publishes_events_in_sequence(daemon: tuple[RuntimeConfig, ControlC
 
 
 def test_cancel_keeps_what_was_captured(tmp_path: Path, small_recording: Path) -> None:
-    runtime_dir = Path("/tmp") / f"wsirt-cancel-{os.getpid()}"
-    cfg = daemon_config(
-        tmp_path / "data", runtime_dir, None, driver={"options": {"recording": str(small_recording), "pace": 4.0}}
-    )
-    proc = start_daemon_process(cfg)
-    client = ControlClient(cfg.endpoint("command"), timeout_s=2.0, retries=15)
-    try:
+    with live_daemon(tmp_path, "cancel", None, driver=_paced(small_recording)) as (_, client):
         client.request("start_scan", output_name="cut")
         _wait_for(client, lambda st: st["fields_done"] >= 2)
         client.request("cancel")
@@ -127,22 +148,10 @@ def test_cancel_keeps_what_was_captured(tmp_path: Path, small_recording: Path) -
         # The daemon serves the next scan.
         client.request("start_scan", output_name="again")
         assert _wait_idle(client)["last_finish"] == "completed"
-    finally:
-        client.request("shutdown")
-        proc.join(30)
-        client.close()
-    assert proc.exitcode == 0
-    assert _segments_of(proc) == []
 
 
 def test_worker_crash_fails_the_scan_not_the_daemon(tmp_path: Path, small_recording: Path) -> None:
-    runtime_dir = Path("/tmp") / f"wsirt-crash-{os.getpid()}"
-    cfg = daemon_config(
-        tmp_path / "data", runtime_dir, None, driver={"options": {"recording": str(small_recording), "pace": 4.0}}
-    )
-    proc = start_daemon_process(cfg)
-    client = ControlClient(cfg.endpoint("command"), timeout_s=2.0, retries=15)
-    try:
+    with live_daemon(tmp_path, "crash", None, driver=_paced(small_recording)) as (proc, client):
         client.request("start_scan", output_name="crash")
         st = _wait_for(client, lambda st: st["fields_done"] >= 1 and "stitcher" in st["workers"])
         os.kill(st["workers"]["acquisition"], signal.SIGKILL)
@@ -154,31 +163,16 @@ def test_worker_crash_fails_the_scan_not_the_daemon(tmp_path: Path, small_record
         assert Path(report["mosaic"]).is_dir()
         assert _segments_of(proc) == []
         assert client.request("ping")["pong"] is True
-    finally:
-        client.request("shutdown")
-        proc.join(30)
-        client.close()
-    assert proc.exitcode == 0
 
 
 def test_sigterm_stops_a_scan_cleanly(tmp_path: Path, small_recording: Path) -> None:
-    runtime_dir = Path("/tmp") / f"wsirt-term-{os.getpid()}"
-    cfg = daemon_config(
-        tmp_path / "data", runtime_dir, None, driver={"options": {"recording": str(small_recording), "pace": 4.0}}
-    )
-    proc = start_daemon_process(cfg)
-    client = ControlClient(cfg.endpoint("command"), timeout_s=2.0, retries=15)
-    try:
+    with live_daemon(tmp_path, "term", None, driver=_paced(small_recording)) as (proc, client):
         client.request("start_scan", output_name="term")
         st = _wait_for(client, lambda st: st["fields_done"] >= 1)
         workers = list(st["workers"].values())
         assert proc.pid is not None
         os.kill(proc.pid, signal.SIGTERM)
         proc.join(60)
-    finally:
-        client.close()
-    assert proc.exitcode == 0
-    assert _segments_of(proc) == []
     for pid in workers:  # no orphaned worker
         assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
     report = json.loads((tmp_path / "data" / "term" / "report.json").read_text())
@@ -196,21 +190,12 @@ def test_corrupt_recording_fails_scan_with_named_error(tmp_path: Path, small_rec
     assert chunks, "recording layout changed: no chunk files for field 0"
     for chunk in chunks:  # every plane of the first field truncated
         chunk.write_bytes(chunk.read_bytes()[:100])
-    runtime_dir = Path("/tmp") / f"wsirt-corrupt-{os.getpid()}"
-    cfg = daemon_config(data, runtime_dir, None)
-    proc = start_daemon_process(cfg)
-    client = ControlClient(cfg.endpoint("command"), timeout_s=2.0, retries=15)
-    try:
+    with live_daemon(tmp_path, "corrupt", None) as (_, client):
         client.request("start_scan", recording="broken.zarr", output_name="bad")
         st = _wait_idle(client)
         assert st["last_finish"] == "failed"
         assert "field" in st["last_error"] and "plane" in st["last_error"], st["last_error"]
         assert client.request("ping")["pong"] is True
-    finally:
-        client.request("shutdown")
-        proc.join(30)
-        client.close()
-    assert proc.exitcode == 0
 
 
 def test_per_scan_focus_strategy_override(daemon: tuple[RuntimeConfig, ControlClient]) -> None:
@@ -228,31 +213,21 @@ def test_per_scan_focus_strategy_override(daemon: tuple[RuntimeConfig, ControlCl
 
 @pytest.mark.parametrize("worker", ["process", "in_acquisition"])
 def test_single_shot_scan_through_the_inference_worker(tmp_path: Path, small_recording: Path, worker: str) -> None:
-    runtime_dir = Path("/tmp") / f"wsirt-inf-{worker[:4]}-{os.getpid()}"
-    cfg = daemon_config(
-        tmp_path / "data",
-        runtime_dir,
+    with live_daemon(
+        tmp_path,
+        f"inf-{worker[:4]}",
         None,
-        driver={"options": {"recording": str(small_recording), "pace": 2.0}},
+        driver=_paced(small_recording, 2.0),
         focus={"strategy": "single_shot"},
         models={"backend": "ort_cpu", "worker": worker},
         scan={"ring_slots": 2},  # the focus loop and the stitcher share the fewest slots allowed
-    )
-    proc = start_daemon_process(cfg)
-    client = ControlClient(cfg.endpoint("command"), timeout_s=2.0, retries=15)
-    try:
+    ) as (_, client):
         client.request("start_scan", output_name="ss")
         st = _wait_for(client, lambda st: st["fields_done"] >= 1)
         # The worker is the scan job's, listed with the others (only in "process" mode).
         assert ("inference" in st["workers"]) == (worker == "process"), st["workers"]
         assert _wait_idle(client)["last_finish"] == "completed"
         report = json.loads((tmp_path / "data" / "ss" / "report.json").read_text())
-    finally:
-        client.request("shutdown")
-        proc.join(30)
-        client.close()
-    assert proc.exitcode == 0
-    assert _segments_of(proc) == []
     fields = report["fields"]
     assert len(fields) == 9 and all(f["focus_method"].startswith("single_shot") for f in fields)
     assert all(f["tile_class"] in ("background", "tissue", "artifact") for f in fields)
@@ -271,18 +246,14 @@ def test_single_shot_scan_through_the_inference_worker(tmp_path: Path, small_rec
 
 
 def test_inference_worker_crash_fails_the_scan_not_the_daemon(tmp_path: Path, small_recording: Path) -> None:
-    runtime_dir = Path("/tmp") / f"wsirt-infcrash-{os.getpid()}"
-    cfg = daemon_config(
-        tmp_path / "data",
-        runtime_dir,
+    with live_daemon(
+        tmp_path,
+        "infcrash",
         None,
-        driver={"options": {"recording": str(small_recording), "pace": 4.0}},
+        driver=_paced(small_recording),
         focus={"strategy": "single_shot"},
         models={"backend": "ort_cpu"},
-    )
-    proc = start_daemon_process(cfg)
-    client = ControlClient(cfg.endpoint("command"), timeout_s=2.0, retries=15)
-    try:
+    ) as (proc, client):
         client.request("start_scan", output_name="infcrash")
         st = _wait_for(client, lambda st: st["fields_done"] >= 1 and "stitcher" in st["workers"])
         workers = dict(st["workers"])
@@ -302,9 +273,3 @@ def test_inference_worker_crash_fails_the_scan_not_the_daemon(tmp_path: Path, sm
         st = _wait_for(client, lambda st: st["fields_done"] >= 1)
         client.request("cancel")
         assert _wait_idle(client)["last_finish"] == "cancelled"
-    finally:
-        client.request("shutdown")
-        proc.join(30)
-        client.close()
-    assert proc.exitcode == 0
-    assert _segments_of(proc) == []
