@@ -16,6 +16,7 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -43,9 +44,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         t.add_argument("--epochs", type=int, default=None)
         t.add_argument("--workers", type=int, default=2, help="processes rendering data")
         t.add_argument("--out", type=Path, default=None)
+        if name == "train-autofocus":
+            t.add_argument("--lr", type=float, default=None)
+            t.add_argument("--init", type=Path, default=None, help="fine-tune from this checkpoint")
+            t.add_argument("--far", action="store_true", help="add the far-from-focus training set (train_far)")
     d = sub.add_parser("data", help="render and cache a dataset split")
     d.add_argument("--kind", choices=["autofocus", "classifier"], required=True)
-    d.add_argument("--split", choices=["train", "val", "heldout"], action="append")
+    d.add_argument("--split", choices=["train", "train_far", "val", "heldout"], action="append")
     d.add_argument("--data", type=Path, default=DEFAULT_DATA)
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--workers", type=int, default=2)
@@ -69,8 +74,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.cmd == "train-autofocus":
         out = args.out or Path(f"out/models/autofocus-seed{args.seed}.pt")
-        kw = {"epochs": args.epochs} if args.epochs else {}
-        r = train.train_autofocus(args.data, out, args.seed, workers=args.workers, **kw)
+        kw: dict[str, Any] = {"epochs": args.epochs} if args.epochs else {}
+        if args.lr:
+            kw["lr"] = args.lr
+        r = train.train_autofocus(args.data, out, args.seed, workers=args.workers, init=args.init, far=args.far, **kw)
         print(json.dumps(r["heldout_metrics"], indent=2))
         print(f"checkpoint: {out}")
         return 0

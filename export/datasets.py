@@ -102,6 +102,7 @@ class AutofocusJob:
     z_per_field: int
     max_defocus_um: float = 10.0
     tile: int = TILE
+    min_abs_defocus_um: float = 0.0  # > 0: the whole pool is far from focus (|z| in [min, max])
 
 
 def render_autofocus_config(job: AutofocusJob) -> dict[str, Any]:
@@ -115,9 +116,15 @@ def render_autofocus_config(job: AutofocusJob) -> dict[str, Any]:
     # A pool of defocus values (one OTF each), half spread over the whole range and half
     # near focus, where the closed loop needs its precision.
     n_pool = max(8, job.z_per_field * 4)
-    pool = np.concatenate(
-        [rng.uniform(-job.max_defocus_um, job.max_defocus_um, n_pool // 2), rng.uniform(-2.0, 2.0, n_pool // 2)]
-    )
+    if job.min_abs_defocus_um > 0:
+        # The far-from-focus set: the mixed pool has few values beyond ~8 µm, where the blur is
+        # widest and the model least sure (sign errors below -8 µm).
+        signs = np.where(np.arange(n_pool) % 2 == 0, 1.0, -1.0)
+        pool = signs * rng.uniform(job.min_abs_defocus_um, job.max_defocus_um, n_pool)
+    else:
+        pool = np.concatenate(
+            [rng.uniform(-job.max_defocus_um, job.max_defocus_um, n_pool // 2), rng.uniform(-2.0, 2.0, n_pool // 2)]
+        )
     fields = []
     for f in range(job.fields):
         seed = _SEED_BASE[job.split] + job.seed * 10_000 + job.config * 500 + f
@@ -238,6 +245,8 @@ class AutofocusDataSpec:
     fields: int
     z_per_field: int
     max_defocus_um: float = 10.0
+    min_abs_defocus_um: float = 0.0
+    config_offset: int = 0  # optics/slide streams of another split's configs start here
 
 
 @dataclass(frozen=True)
@@ -251,6 +260,10 @@ AUTOFOCUS_DATA = {
     "train": AutofocusDataSpec(configs=12, fields=64, z_per_field=6),
     "val": AutofocusDataSpec(configs=2, fields=24, z_per_field=5),
     "heldout": AutofocusDataSpec(configs=3, fields=24, z_per_field=6),
+    # Extra training data far from focus (train streams, configs 100+: new objectives and slides).
+    "train_far": AutofocusDataSpec(
+        configs=10, fields=48, z_per_field=6, max_defocus_um=10.5, min_abs_defocus_um=4.0, config_offset=100
+    ),
 }
 CLASSIFIER_DATA = {
     "train": ClassifierDataSpec(configs=8, slides=12, tiles_per_slide=30),
@@ -262,7 +275,19 @@ CLASSIFIER_DATA = {
 def autofocus_data(split: str, seed: int, workers: int = 2, scale: float = 1.0) -> dict[str, Any]:
     spec = AUTOFOCUS_DATA[split]
     fields = max(2, math.ceil(spec.fields * scale))
-    jobs = [AutofocusJob(split, seed, c, fields, spec.z_per_field, spec.max_defocus_um) for c in range(spec.configs)]
+    rng_split = "train" if split == "train_far" else split
+    jobs = [
+        AutofocusJob(
+            rng_split,
+            seed,
+            spec.config_offset + c,
+            fields,
+            spec.z_per_field,
+            spec.max_defocus_um,
+            min_abs_defocus_um=spec.min_abs_defocus_um,
+        )
+        for c in range(spec.configs)
+    ]
     return _run(render_autofocus_config, jobs, workers)
 
 

@@ -177,6 +177,17 @@ def check_parity(
     return {"samples": len(x), "atol": atol, "max_abs_diff": worst}
 
 
+def _extra_args(result: dict[str, Any], ckpt_path: Path) -> str:
+    """The options beyond seed and epochs that the checkpoint was trained with."""
+    init = result.get("init")
+    if not init:
+        return ""
+    args = f" --lr {result['lr']} --init out/models/{init['checkpoint']}"
+    if "train_far" in result.get("train_splits", []):
+        args += " --far"
+    return args + f" --out out/models/{Path(ckpt_path).name}"
+
+
 def export_checkpoint(ckpt_path: Path, out_dir: Path, samples: np.ndarray, atol: float = 1e-3) -> dict[str, Any]:
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
     spec = _spec(ckpt["arch"])
@@ -187,8 +198,14 @@ def export_checkpoint(ckpt_path: Path, out_dir: Path, samples: np.ndarray, atol:
     training["final_epoch"] = result["history"][-1] if result.get("history") else None
     training["checkpoint"] = Path(ckpt_path).name
     kind = "autofocus" if ckpt["arch"] == "AutofocusNet" else "classifier"
-    training["commands"] = [
-        f"python -m export train-{kind} --seed {result['seed']} --epochs {result['epochs']}",
+    commands = []
+    init = result.get("init")
+    if init:  # fine-tuned: the checkpoint it started from is trained first
+        commands.append(f"python -m export train-{kind} --seed {init['seed']} --epochs {init['epochs']}")
+    commands += [
+        f"python -m export train-{kind} --seed {result['seed']} --epochs {result['epochs']}"
+        + _extra_args(result, ckpt_path),
         f"python -m export onnx {Path(ckpt_path).as_posix()} --out runtime/models/{kind} --seed {result['seed']}",
     ]
+    training["commands"] = commands
     return export_model(model, spec, out_dir, samples, result["heldout_metrics"], training, atol)

@@ -96,15 +96,35 @@ def autofocus_metrics(true: np.ndarray, pred: np.ndarray, max_abs_um: float = 10
 
 
 def train_autofocus(
-    data_dir: Path, out: Path, seed: int = 0, epochs: int = 14, batch: int = 128, lr: float = 3e-3, workers: int = 2
+    data_dir: Path,
+    out: Path,
+    seed: int = 0,
+    epochs: int = 14,
+    batch: int = 128,
+    lr: float = 3e-3,
+    workers: int = 2,
+    init: Path | None = None,
+    far: bool = False,
 ) -> dict[str, Any]:
+    """``init``: fine-tune from this checkpoint; ``far``: add the far-from-focus set (``train_far``)."""
     seed_everything(seed)
     t0 = time.time()
     train = _data("autofocus", "train", data_dir, seed, workers)
+    splits = ["train"]
+    if far:
+        extra = _data("autofocus", "train_far", data_dir, seed, workers)
+        train = {k: np.concatenate([train[k], extra[k]]) for k in ("x", "defocus_um", "content")}
+        splits.append("train_far")
     val = _data("autofocus", "val", data_dir, seed, workers)
     held = _data("autofocus", "heldout", data_dir, seed, workers)
     data_s = time.time() - t0
     model = AutofocusNet()
+    init_result: dict[str, Any] | None = None
+    if init is not None:
+        ckpt = torch.load(init, map_location="cpu", weights_only=False)
+        model.load_state_dict(ckpt["state_dict"])
+        init_result = {k: ckpt["result"][k] for k in ("seed", "epochs", "lr", "train_samples", "train_seconds")}
+        init_result["checkpoint"] = Path(init).name
     x = torch.from_numpy(train["x"])  # float16, converted per batch
     d = torch.from_numpy(train["defocus_um"])
     c = torch.from_numpy(train["content"])
@@ -153,6 +173,8 @@ def train_autofocus(
         "batch": batch,
         "lr": lr,
         "train_samples": n,
+        "train_splits": splits,
+        "init": init_result,
         "data": {s: vars(AUTOFOCUS_DATA[s]) for s in AUTOFOCUS_DATA},
         "heldout_optics": held["optics"],
         "heldout_metrics": {**metrics, "content_crop_accuracy": content_acc},
