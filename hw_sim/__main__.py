@@ -22,6 +22,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--z-step", type=float, default=0.5, help="µm between planes")
     s.add_argument("--stage-error", type=float, default=2.0, help="stage positioning error, 1 sigma (µm)")
     s.add_argument("--artifacts", type=int, default=0, help="pen ink, bubbles, dust, folds on the slide")
+    s.add_argument("--camera-rotation", type=float, default=0.0, help="camera rotated vs the stage axes (degrees)")
+    s.add_argument("--stage-scale-error", type=float, default=0.0, help="stage travels (1 + s) x commanded")
+    s.add_argument("--tissue-extent", type=float, default=1.0, help="tissue only in this top-left fraction")
     s.add_argument("--force", action="store_true", help="overwrite an existing recording")
 
     t = sub.add_parser("truth", help="render the in-focus ground truth of a synthetic recording's area")
@@ -58,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
                 z_step_um=args.z_step,
                 stage_error_um=args.stage_error,
                 artifacts=args.artifacts,
+                camera_rotation_deg=args.camera_rotation,
+                stage_scale_error=args.stage_scale_error,
+                tissue_extent=args.tissue_extent,
             )
             synthesize(args.out, params, overwrite=args.force, progress=True)
             print(f"recording: {args.out}")

@@ -45,6 +45,7 @@ from runtime.messages import (
     WriterDone,
     peak_rss_bytes,
 )
+from runtime.ome_tiff import partial_path
 from runtime.shm import SlotRing
 from runtime.state import FinishReason
 from runtime.stitcher import StitchJob, stitcher_main
@@ -322,6 +323,10 @@ class ScanJob:
         self._stop_inference()
         self.stop_workers(grace_s=10.0)
         self._release_ring()
+        if reason is not FinishReason.COMPLETED:
+            # A writer that was killed cannot remove its own partial slide; the
+            # kept mosaic is what an export (python -m runtime export) starts from.
+            partial_path(self.output_dir / SLIDE_NAME).unlink(missing_ok=True)
         if reason is FinishReason.COMPLETED and not self.cfg.mosaic.keep_after_export:
             shutil.rmtree(self.mosaic_path, ignore_errors=True)
         self.write_report()

@@ -150,17 +150,31 @@ def test_cancel_keeps_what_was_captured(tmp_path: Path, small_recording: Path) -
         assert _wait_idle(client)["last_finish"] == "completed"
 
 
-def test_worker_crash_fails_the_scan_not_the_daemon(tmp_path: Path, small_recording: Path) -> None:
-    with live_daemon(tmp_path, "crash", None, driver=_paced(small_recording)) as (proc, client):
+@pytest.mark.parametrize("victim", ["acquisition", "writer"])
+def test_worker_crash_fails_the_scan_not_the_daemon(tmp_path: Path, small_recording: Path, victim: str) -> None:
+    # Small chunks and tiles: mosaic bands become final, and stream into the slide, early in the scan.
+    small_tiles = {"mosaic": {"chunk": 128}, "writer": {"tile": 128}}
+    with live_daemon(
+        tmp_path, f"crash-{victim[:3]}", None, driver=_paced(small_recording), **small_tiles
+    ) as (proc, client):
         client.request("start_scan", output_name="crash")
-        st = _wait_for(client, lambda st: st["fields_done"] >= 1 and "stitcher" in st["workers"])
-        os.kill(st["workers"]["acquisition"], signal.SIGKILL)
+        partial = tmp_path / "data" / "crash" / "slide.ome.tif.partial"
+        st = _wait_for(
+            client,
+            lambda st: st["fields_done"] >= 1
+            and "stitcher" in st["workers"]
+            and (victim == "acquisition" or partial.exists()),  # the writer has streamed part of the slide
+        )
+        os.kill(st["workers"][victim], signal.SIGKILL)
         st = _wait_idle(client)
-        assert st["last_finish"] == "failed" and "acquisition" in st["last_error"]
+        assert st["last_finish"] == "failed" and victim in st["last_error"]
         report = json.loads((tmp_path / "data" / "crash" / "report.json").read_text())
         assert report["finish_reason"] == "failed" and report["fields_done"] >= 1
         # The tiles captured before the crash were flushed into the kept mosaic.
         assert Path(report["mosaic"]).is_dir()
+        # No half-written slide is left: the kept mosaic is what an export starts from.
+        assert not list((tmp_path / "data" / "crash").glob("*.partial"))
+        assert not (tmp_path / "data" / "crash" / "slide.ome.tif").exists()
         assert _segments_of(proc) == []
         assert client.request("ping")["pong"] is True
 
