@@ -22,7 +22,7 @@ from tqdm import tqdm
 from hw_sim.recording import Recording
 from runtime.client import ControlClient, EventSubscriber
 from runtime.config import RuntimeConfig, load_config, with_overrides
-from runtime.daemon import start_daemon_process
+from runtime.daemon import start_daemon_process, stop_daemon_process
 
 HALF_DOF_UM = 0.35  # half the depth of field at 40x / 0.95 NA
 
@@ -76,13 +76,7 @@ def run_replay(
         try:
             report = _drive_scan(cfg, out, len(rec.stage_xy_um), progress, timeout_s, daemon.is_alive)
         finally:
-            try:
-                ControlClient(cfg.endpoint("command"), timeout_s=1.0, retries=1).request("shutdown")
-            except Exception:
-                daemon.terminate()
-            daemon.join(30)
-            if daemon.is_alive():
-                daemon.kill()
+            stop_daemon_process(daemon, cfg)
     report = add_truth(report, rec)
     (out / "report.json").write_text(json.dumps(report, indent=2))
     _print_summary(out, report)

@@ -22,3 +22,21 @@ def start_daemon_process(cfg: RuntimeConfig, log_level: str = "WARNING") -> Spaw
     proc = mp.get_context("spawn").Process(target=run_daemon, args=(cfg, log_level), name="wsi-supervisor")
     proc.start()
     return proc
+
+
+def stop_daemon_process(proc: SpawnProcess, cfg: RuntimeConfig, timeout_s: float = 30.0) -> int | None:
+    """Ask the daemon to shut down over its socket (it finishes cleanly); escalate to SIGTERM,
+    then SIGKILL, if it does not answer or exit in time. Returns its exit code."""
+    from runtime.client import ControlClient  # late: keeps this module light for systemd's start
+
+    if proc.is_alive():
+        try:
+            with ControlClient(cfg.endpoint("command"), timeout_s=2.0, retries=1) as client:
+                client.request("shutdown")
+        except Exception:
+            proc.terminate()
+    proc.join(timeout_s)
+    if proc.is_alive():
+        proc.kill()
+        proc.join(5)
+    return proc.exitcode

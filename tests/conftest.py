@@ -10,7 +10,7 @@ import pytest
 from hw_sim.synth import SynthParams, synthesize
 from runtime.client import ControlClient
 from runtime.config import RuntimeConfig, with_overrides
-from runtime.daemon import start_daemon_process
+from runtime.daemon import start_daemon_process, stop_daemon_process
 
 SMALL = SynthParams(fields_x=3, fields_y=3, seed=5, tile=256, z_planes=9, z_step_um=0.5)
 
@@ -42,13 +42,6 @@ def daemon(tmp_path: Path, small_recording: Path) -> Iterator[tuple[RuntimeConfi
         client.request("ping")
         yield cfg, client
     finally:
-        try:
-            ControlClient(cfg.endpoint("command"), timeout_s=2.0, retries=1).request("shutdown")
-        except Exception:
-            proc.terminate()
-        proc.join(30)
-        if proc.is_alive():
-            proc.kill()
-            proc.join(5)
         client.close()
-        assert proc.exitcode == 0, f"daemon exited with {proc.exitcode}"
+        exitcode = stop_daemon_process(proc, cfg)
+        assert exitcode == 0, f"daemon exited with {exitcode}"

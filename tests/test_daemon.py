@@ -17,7 +17,7 @@ import zmq
 from runtime import shm
 from runtime.client import ControlClient, EventSubscriber, RequestFailed
 from runtime.config import RuntimeConfig
-from runtime.daemon import start_daemon_process
+from runtime.daemon import start_daemon_process, stop_daemon_process
 from tests.conftest import daemon_config
 
 
@@ -39,10 +39,8 @@ def live_daemon(
     try:
         yield proc, client
     finally:
-        if proc.is_alive():
-            client.request("shutdown")
-        proc.join(60)
         client.close()
+        stop_daemon_process(proc, cfg, timeout_s=60)
     assert proc.exitcode == 0
     assert _segments_of(proc) == []
 
