@@ -11,7 +11,12 @@ defocus. Three measurements on the same fields:
 2. The scan path: each field focused by ``FieldFocuser`` through the replay
    driver (the daemon's own code), single_shot vs contrast_sweep: final focus
    error against the truth, captures per field.
-3. Inference time per tile for every backend that runs here.
+3. Cold start: the scan path's single-shot loop (capture, estimate, move;
+   sweep fallback) started on each tissue field from a focus guess 0, ±1, ...,
+   ±10 µm off, as on the first field of a scan or after the focus surface is
+   lost: final error and captures by starting defocus, next to the contrast
+   sweep started from the same guesses.
+4. Inference time per tile for every backend that runs here.
 """
 
 from __future__ import annotations
@@ -161,6 +166,69 @@ def scan_path(paths: list[Path], strategy: str, model_dir: Path | None) -> dict[
     }
 
 
+COLD_STARTS_UM = tuple(float(d) for d in range(-10, 11))
+
+
+def cold_start(paths: list[Path], strategy: str, model_dir: Path | None) -> dict[str, Any]:
+    """Every tissue field focused from every start guess in ``COLD_STARTS_UM`` (truth + offset)."""
+    from hw_sim.recording import Recording
+    from hw_sim.replay import ReplayDriver
+    from runtime.autofocus import FocusSurface, SingleShotFocus
+    from runtime.field_focus import FieldFocuser, ModelSettings
+    from runtime.focus import ContrastSweep
+    from runtime.scan_plan import serpentine_plan
+
+    starts, errors, captures, fallbacks = [], [], [], 0
+    t0 = time.perf_counter()
+    for path in paths:
+        rec = Recording.open(path)
+        drv = ReplayDriver(rec)
+        m = rec.meta
+        settings = ModelSettings(autofocus_dir=str(model_dir) if model_dir else None, backend="ort_cpu")
+        grid = serpentine_plan(m.area, m.field_width_um, m.field_height_um, m.overlap)
+        tissue = _tissue_fields(rec)
+        truth = rec.truth_focus_z_um
+        assert truth is not None, f"{path} has no truth"
+        focuser: FieldFocuser | None = None
+        for plan in grid.fields:
+            drv.stage.move_xy(plan.x_um, plan.y_um)
+            f = drv.stage.field_index()
+            if not tissue[f]:
+                continue
+            for d0 in COLD_STARTS_UM:
+                z0 = float(truth[f]) + d0
+                if focuser is None or strategy == "contrast_sweep":  # the sweep starts where the last field ended
+                    focuser = FieldFocuser(
+                        strategy, ContrastSweep(), SingleShotFocus(), z0, settings, drv.camera, drv.stage
+                    )
+                focuser.surface = FocusSurface(z0)  # no points: the first field's guess is z0
+                r = focuser.focus_field(plan, lambda: False)
+                starts.append(d0)
+                errors.append(abs(r.z_um - float(truth[f])))
+                captures.append(r.captures)
+                fallbacks += r.method.endswith("sweep_fallback")
+    d, e, c = np.abs(np.asarray(starts)), np.asarray(errors), np.asarray(captures, np.float64)
+    bins = ((0, 2), (2, 5), (5, 8), (8, 10.01))
+    return {
+        "strategy": strategy,
+        "focus_runs": len(e),
+        "starts_um": list(COLD_STARTS_UM),
+        "mae_um": float(e.mean()),
+        "within_half_dof": float(np.mean(e <= HALF_DOF_UM)),
+        "captures_per_field": float(c.mean()),
+        "sweep_fallbacks": fallbacks,
+        "by_abs_start_um": {
+            f"{lo}-{hi}": {
+                "mae_um": float(e[(d >= lo) & (d < hi)].mean()),
+                "within_half_dof": float(np.mean(e[(d >= lo) & (d < hi)] <= HALF_DOF_UM)),
+                "captures": float(c[(d >= lo) & (d < hi)].mean()),
+            }
+            for lo, hi in bins
+        },
+        "wall_s": time.perf_counter() - t0,
+    }
+
+
 def backend_timing(model_dir: Path | None, tile: np.ndarray) -> list[dict[str, Any]]:
     from runtime.inference import BACKENDS, installed_backends, select_backend
     from runtime.models import default_model_dir, load_model_folder
@@ -211,6 +279,7 @@ def run(args: argparse.Namespace) -> int:
     acc = model_accuracy(recs, af)
     single = scan_path(paths, "single_shot", args.model)
     sweep = scan_path(paths, "contrast_sweep", args.model)
+    cold = [cold_start(paths, "single_shot", args.model), cold_start(paths, "contrast_sweep", args.model)]
     timing = backend_timing(args.model, recs[0].plane(0, 20))
     meta = af.folder.meta
     result = {
@@ -222,6 +291,7 @@ def run(args: argparse.Namespace) -> int:
         },
         "single_shot_estimate": acc,
         "scan_path": [single, sweep],
+        "cold_start": cold,
         "inference": timing,
         "targets": {"mae_um": 0.25, "within_half_dof": 0.95, "captures_per_field": 1.2},
     }
@@ -243,6 +313,17 @@ def run(args: argparse.Namespace) -> int:
                 "within": 100 * s["within_half_dof"],
                 "caps": s["captures_per_field"],
                 "caps_t": s["captures_per_tissue_field"],
+            }
+        )
+    for s in cold:
+        rows.append(
+            {
+                "what": f"cold start ±10 µm: {s['strategy']}",
+                "n": s["focus_runs"],
+                "mae": s["mae_um"],
+                "within": 100 * s["within_half_dof"],
+                "caps": s["captures_per_field"],
+                "caps_t": s["captures_per_field"],
             }
         )
     cols = [
@@ -273,6 +354,15 @@ def run(args: argparse.Namespace) -> int:
             + "; "
             f"replay clamps (z outside the recorded stack): single {single['clamped_snaps']}, "
             f"sweep {sweep['clamped_snaps']}"
+        ]
+        + [
+            f"cold start {s['strategy']} by |start defocus| (µm): "
+            + ", ".join(
+                f"{k}: MAE {v['mae_um']:.2f}, {100 * v['within_half_dof']:.0f}% within, {v['captures']:.1f} captures"
+                for k, v in s["by_abs_start_um"].items()
+            )
+            + f"; sweep fallbacks {s['sweep_fallbacks']}"
+            for s in cold
         ]
     )
     emit(

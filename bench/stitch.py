@@ -81,9 +81,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tile", type=int, default=1024, help="camera frame edge (px), default 1024")
     p.add_argument("--stage-error-um", type=float, default=2.5, help="stage error sigma (µm), default 2.5 = 10 px")
     p.add_argument("--seeds", type=int, nargs="+", default=[1], help="slide seeds (one scan per seed and scenario)")
-    p.add_argument(
-        "--scenarios", nargs="+", default=list(SCENARIOS), choices=list(SCENARIOS), help="default: all"
-    )
+    p.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=list(SCENARIOS), help="default: all")
     p.add_argument("--lag", type=int, default=0, help="stitch lag_tiles for ours (default 0)")
     p.add_argument(
         "--repeat", type=int, default=1, help="run each stitcher this often and report its fastest run (default 1)"
@@ -242,9 +240,7 @@ def _ours(rec: Any, tiles: list[Any], workdir: Path, a: argparse.Namespace) -> d
     h, w = geometry.shape
     path = workdir / "ours-mosaic.zarr"
     store = MosaicStore.create(path, h, w, pixel_size_um=m.pixel_size_um, overwrite=True)
-    params = StitchParams(
-        stage_sigma_um=a.stage_error_um, max_stage_error_um=3 * a.stage_error_um, lag_tiles=a.lag
-    )
+    params = StitchParams(stage_sigma_um=a.stage_error_um, max_stage_error_um=3 * a.stage_error_um, lag_tiles=a.lag)
     acc = DequeAccumulator(geometry, store, params)
     acc.pair_log = []
     t0 = time.perf_counter()
@@ -350,14 +346,22 @@ def _e2e(workdir: Path, a: argparse.Namespace) -> dict[str, Any]:
     nx, ny = a.e2e_fields
     rec_path = workdir / f"e2e-{nx}x{ny}-t{a.tile}.zarr"
     if not rec_path.exists():
-        synthesize(rec_path, SynthParams(fields_x=nx, fields_y=ny, tile=a.tile, seed=7, z_planes=9, z_step_um=0.5,
-                                         stage_error_um=a.stage_error_um))
+        synthesize(
+            rec_path,
+            SynthParams(
+                fields_x=nx,
+                fields_y=ny,
+                tile=a.tile,
+                seed=7,
+                z_planes=9,
+                z_step_um=0.5,
+                stage_error_um=a.stage_error_um,
+            ),
+        )
     out = workdir / "e2e-scan"
     shutil.rmtree(out, ignore_errors=True)
     config = workdir / "e2e.toml"
-    config.write_text(
-        f"[stitch]\nstage_sigma_um = {a.stage_error_um}\nmax_stage_error_um = {3 * a.stage_error_um}\n"
-    )
+    config.write_text(f"[stitch]\nstage_sigma_um = {a.stage_error_um}\nmax_stage_error_um = {3 * a.stage_error_um}\n")
     t0 = time.perf_counter()
     report = run_replay(rec_path, out, config_path=config, progress=False)
     wall = time.perf_counter() - t0
@@ -505,8 +509,7 @@ def run(a: argparse.Namespace) -> int:
             f"{e2e['global_offset_px'][0]:+.2f}, {e2e['global_offset_px'][1]:+.2f} px."
         )
     result = {"rows": rows, "e2e": e2e, "fields": list(a.fields), "tile": a.tile}
-    emit(result, rows, columns, as_json=a.json, title="Stitching: position error vs truth, ours vs ASHLAR",
-         notes=notes)
+    emit(result, rows, columns, as_json=a.json, title="Stitching: position error vs truth, ours vs ASHLAR", notes=notes)
     return 0
 
 

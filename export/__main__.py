@@ -24,11 +24,11 @@ DEFAULT_DATA = Path("out/export-data")
 MODELS_DIR = Path(__file__).resolve().parent.parent / "runtime" / "models"
 
 
-def _samples(kind: str, data_dir: Path, seed: int, n: int = 64) -> np.ndarray:
+def _samples(kind: str, data_dir: Path, seed: int, n: int = 64, wide: int = 0) -> np.ndarray:
     """Real held-out inputs for the parity check (plus the data's own extremes)."""
     from export.train import _data
 
-    d = _data(kind, "heldout", data_dir, seed, workers=2)
+    d = _data(kind, "heldout", data_dir, seed, workers=2, wide=wide)
     rng = np.random.default_rng(seed)
     idx = rng.choice(len(d["x"]), min(n, len(d["x"])), replace=False)
     return np.asarray(d["x"][np.sort(idx)], np.float32)
@@ -48,12 +48,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             t.add_argument("--lr", type=float, default=None)
             t.add_argument("--init", type=Path, default=None, help="fine-tune from this checkpoint")
             t.add_argument("--far", action="store_true", help="add the far-from-focus training set (train_far)")
+            t.add_argument("--wide", type=int, default=0, help="v2 model: wide context window in px (e.g. 512)")
+        else:
+            t.add_argument("--hard", action="store_true", help="add the faint-stain / tinted-glass set (train_hard)")
     d = sub.add_parser("data", help="render and cache a dataset split")
     d.add_argument("--kind", choices=["autofocus", "classifier"], required=True)
-    d.add_argument("--split", choices=["train", "train_far", "val", "heldout"], action="append")
+    d.add_argument(
+        "--split", choices=["train", "train_far", "train_hard", "val", "heldout", "heldout_hard"], action="append"
+    )
     d.add_argument("--data", type=Path, default=DEFAULT_DATA)
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--workers", type=int, default=2)
+    d.add_argument("--wide", type=int, default=0, help="autofocus v2 data (wide context window in px)")
     o = sub.add_parser("onnx", help="export a checkpoint to a model folder (parity-checked)")
     o.add_argument("checkpoint", type=Path)
     o.add_argument("--out", type=Path, required=True, help="model folder to write")
@@ -69,7 +75,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if args.cmd == "data":
         for split in args.split or ["train", "val", "heldout"]:
-            x = train._data(args.kind, split, args.data, args.seed, args.workers)
+            x = train._data(args.kind, split, args.data, args.seed, args.workers, args.wide)
             print(f"{args.kind} {split}: {x['x'].shape}")
         return 0
     if args.cmd == "train-autofocus":
@@ -77,14 +83,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         kw: dict[str, Any] = {"epochs": args.epochs} if args.epochs else {}
         if args.lr:
             kw["lr"] = args.lr
-        r = train.train_autofocus(args.data, out, args.seed, workers=args.workers, init=args.init, far=args.far, **kw)
+        r = train.train_autofocus(
+            args.data, out, args.seed, workers=args.workers, init=args.init, far=args.far, wide=args.wide, **kw
+        )
         print(json.dumps(r["heldout_metrics"], indent=2))
         print(f"checkpoint: {out}")
         return 0
     if args.cmd == "train-classifier":
         out = args.out or Path(f"out/models/classifier-seed{args.seed}.pt")
         kw = {"epochs": args.epochs} if args.epochs else {}
-        r = train.train_classifier(args.data, out, args.seed, workers=args.workers, **kw)
+        r = train.train_classifier(args.data, out, args.seed, workers=args.workers, hard=args.hard, **kw)
         print(json.dumps(r["heldout_metrics"], indent=2))
         print(f"checkpoint: {out}")
         return 0
@@ -93,9 +101,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         from export.onnx_export import export_checkpoint
 
-        arch = torch.load(args.checkpoint, map_location="cpu", weights_only=False)["arch"]
-        kind = "autofocus" if arch == "AutofocusNet" else "classifier"
-        meta = export_checkpoint(args.checkpoint, args.out, _samples(kind, args.data, args.seed), args.atol)
+        ckpt = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
+        kind = "autofocus" if ckpt["arch"] == "AutofocusNet" else "classifier"
+        wide = int(ckpt.get("preprocess", {}).get("wide", 0))
+        meta = export_checkpoint(args.checkpoint, args.out, _samples(kind, args.data, args.seed, wide=wide), args.atol)
         print(f"wrote {args.out}/model.onnx (sha256 {meta['onnx_sha256'][:12]}...), parity {meta['parity']}")
         return 0
     if args.cmd == "all":

@@ -54,13 +54,16 @@ def random_optics(rng: np.random.Generator, max_defocus_um: float) -> OpticsPara
     )
 
 
-def random_camera(rng: np.random.Generator) -> CameraParams:
+def random_camera(rng: np.random.Generator, hard: bool = False) -> CameraParams:
+    """``hard``: white balance off by up to ~12% per channel (a lamp ageing, a skipped calibration),
+    which tints the glass. The draws are the same either way, so existing data stay reproducible."""
+    lo, hi = (0.86, 1.12) if hard else (0.92, 1.06)
     return CameraParams(
         full_well_e=float(rng.uniform(5000, 20000)),
         read_noise_e=float(rng.uniform(2, 8)),
         illumination=float(rng.uniform(0.8, 0.99)),
         vignetting=float(rng.uniform(0.03, 0.2)),
-        channel_gain=tuple(float(g) for g in rng.uniform(0.92, 1.06, 3)),  # type: ignore[arg-type]
+        channel_gain=tuple(float(g) for g in rng.uniform(lo, hi, 3)),  # type: ignore[arg-type]
     )
 
 
@@ -69,15 +72,18 @@ def _jitter(v: tuple[float, float, float], rng: np.random.Generator, amount: flo
     return (float(a[0]), float(a[1]), float(a[2]))
 
 
-def random_slide(rng: np.random.Generator, seed: int, artifacts: int = 0) -> SlideSpec:
-    """Stain strength and hue (stain vectors) vary between labs and batches."""
+def random_slide(rng: np.random.Generator, seed: int, artifacts: int = 0, hard: bool = False) -> SlideSpec:
+    """Stain strength and hue (stain vectors) vary between labs and batches. ``hard``: faint
+    staining as well (under-stained, faded or thin sections: 0.15-1.0 of the usual optical density),
+    the case in which a saturation threshold loses pale tissue to the glass."""
+    lo, hi = (0.15, 1.0) if hard else (0.55, 1.45)
     return SlideSpec(
         seed=seed,
         width_um=4000.0,
         height_um=3000.0,
         pieces=int(rng.integers(2, 7)),
-        h_strength=float(rng.uniform(0.55, 1.45)),
-        e_strength=float(rng.uniform(0.55, 1.45)),
+        h_strength=float(rng.uniform(lo, hi)),
+        e_strength=float(rng.uniform(lo, hi)),
         h_vector=_jitter(RUIFROK_H, rng, 0.2),
         e_vector=_jitter(RUIFROK_E, rng, 0.2),
         glass_od=float(rng.uniform(0.0, 0.06)),
@@ -103,12 +109,14 @@ class AutofocusJob:
     max_defocus_um: float = 10.0
     tile: int = TILE
     min_abs_defocus_um: float = 0.0  # > 0: the whole pool is far from focus (|z| in [min, max])
+    wide: int = 0  # AutofocusPreprocess.wide: 0 renders v1 inputs, > 0 v2 inputs with the wide window
+    crops_per_tile: int = 0  # > 0: keep this many of a tile's crops (drawn at random) to bound training cost
 
 
 def render_autofocus_config(job: AutofocusJob) -> dict[str, Any]:
     """One objective, ``fields`` slide regions, ``z_per_field`` defocus values each."""
     rng = _rng(job.split, job.seed, job.config)
-    pre = AutofocusPreprocess()
+    pre = AutofocusPreprocess(wide=job.wide)
     # The PSF box must hold the largest defocus plus the chromatic shift.
     optics_params = random_optics(rng, job.max_defocus_um + 0.5)
     optics = Optics(optics_params, PIXEL_SIZE_UM, (job.tile, job.tile))
@@ -148,7 +156,11 @@ def render_autofocus_config(job: AutofocusJob) -> dict[str, Any]:
             optics.camera = random_camera(rng)
             frame = optics.camera_capture(optics.image(obj, float(pool[k])), rng)
             inp, pos = pre.inputs_at(frame)
-            for i, (_, _, y, x) in enumerate(pos):
+            keep: list[int] | range = range(len(pos))
+            if 0 < job.crops_per_tile < len(pos):
+                keep = sorted(int(i) for i in rng.choice(len(pos), job.crops_per_tile, replace=False))
+            for i in keep:
+                y, x = pos[i][2], pos[i][3]
                 frac = slide.tissue_fraction(x0 + x * px, y0 + y * px, pre.crop, pre.crop, px)
                 xs.append(inp[i].astype(np.float16))
                 defocus.append(float(pool[k]))
@@ -171,6 +183,7 @@ class ClassifierJob:
     slides: int
     tiles_per_slide: int
     tile: int = TILE
+    hard: bool = False  # faint stain and tinted glass (random_slide / random_camera ``hard``)
 
 
 def tile_label(slide: SyntheticSlide, x0: float, y0: float, size_px: int, px: float) -> tuple[int, float, float]:
@@ -193,7 +206,7 @@ def render_classifier_config(job: ClassifierJob) -> dict[str, Any]:
     xs, labels, tissue, artifact, raw = [], [], [], [], []
     for s in range(job.slides):
         seed = _SEED_BASE[job.split] + 500_000 + job.seed * 10_000 + job.config * 500 + s
-        slide = SyntheticSlide(random_slide(rng, seed, artifacts=int(rng.integers(4, 12))))
+        slide = SyntheticSlide(random_slide(rng, seed, artifacts=int(rng.integers(4, 12)), hard=job.hard))
         for _ in range(job.tiles_per_slide):
             u = rng.random()
             if u < 0.35 and slide.artifacts:
@@ -204,7 +217,7 @@ def render_classifier_config(job: ClassifierJob) -> dict[str, Any]:
                 cx, cy = _tissue_position(slide, rng, p_anywhere=0.5)
             x0, y0 = cx - t * px / 2, cy - t * px / 2
             obj = optics.prepare(slide.transmittance(x0 - m * px, y0 - m * px, t + 2 * m, t + 2 * m, px))
-            optics.camera = random_camera(rng)
+            optics.camera = random_camera(rng, hard=job.hard)
             frame = optics.camera_capture(optics.image(obj, float(pool[int(rng.integers(len(pool)))])), rng)
             label, tis, art = tile_label(slide, x0, y0, t, px)
             xs.append(pre.inputs(frame, px)[0].astype(np.float16))
@@ -247,6 +260,14 @@ class AutofocusDataSpec:
     max_defocus_um: float = 10.0
     min_abs_defocus_um: float = 0.0
     config_offset: int = 0  # optics/slide streams of another split's configs start here
+    tile: int = TILE
+    crops_per_tile: int = 0  # 0: every crop the preprocessing cuts
+
+
+# The v2 model's data: 512-px tiles (a whole 40x camera field, so the wide window sees real
+# blur, not mirror padding), 8 of the 16 crops per tile kept for training to bound its cost.
+V2_WIDE = 512
+V2_TILE = 512
 
 
 @dataclass(frozen=True)
@@ -254,6 +275,8 @@ class ClassifierDataSpec:
     configs: int
     slides: int
     tiles_per_slide: int
+    hard: bool = False
+    config_offset: int = 0
 
 
 AUTOFOCUS_DATA = {
@@ -265,15 +288,35 @@ AUTOFOCUS_DATA = {
         configs=10, fields=48, z_per_field=6, max_defocus_um=10.5, min_abs_defocus_um=4.0, config_offset=100
     ),
 }
+AUTOFOCUS_V2_DATA = {
+    "train": AutofocusDataSpec(configs=12, fields=40, z_per_field=6, tile=V2_TILE, crops_per_tile=8),
+    "val": AutofocusDataSpec(configs=2, fields=16, z_per_field=5, tile=V2_TILE),
+    "heldout": AutofocusDataSpec(configs=3, fields=16, z_per_field=6, tile=V2_TILE),
+    "train_far": AutofocusDataSpec(
+        configs=10,
+        fields=30,
+        z_per_field=6,
+        max_defocus_um=10.5,
+        min_abs_defocus_um=4.0,
+        config_offset=100,
+        tile=V2_TILE,
+        crops_per_tile=8,
+    ),
+}
 CLASSIFIER_DATA = {
     "train": ClassifierDataSpec(configs=8, slides=12, tiles_per_slide=30),
     "val": ClassifierDataSpec(configs=2, slides=6, tiles_per_slide=25),
     "heldout": ClassifierDataSpec(configs=3, slides=8, tiles_per_slide=25),
+    # Faint stain and tinted glass (configs 100+ of the train / heldout streams: new slides and
+    # objectives), where a saturation threshold is known to fail.
+    "train_hard": ClassifierDataSpec(configs=6, slides=12, tiles_per_slide=30, hard=True, config_offset=100),
+    "heldout_hard": ClassifierDataSpec(configs=3, slides=8, tiles_per_slide=25, hard=True, config_offset=100),
 }
 
 
-def autofocus_data(split: str, seed: int, workers: int = 2, scale: float = 1.0) -> dict[str, Any]:
-    spec = AUTOFOCUS_DATA[split]
+def autofocus_data(split: str, seed: int, workers: int = 2, scale: float = 1.0, wide: int = 0) -> dict[str, Any]:
+    """``wide`` = 0: the v1 model's data (``AUTOFOCUS_DATA``); > 0: the v2 model's (``AUTOFOCUS_V2_DATA``)."""
+    spec = (AUTOFOCUS_V2_DATA if wide else AUTOFOCUS_DATA)[split]
     fields = max(2, math.ceil(spec.fields * scale))
     rng_split = "train" if split == "train_far" else split
     jobs = [
@@ -284,7 +327,10 @@ def autofocus_data(split: str, seed: int, workers: int = 2, scale: float = 1.0) 
             fields,
             spec.z_per_field,
             spec.max_defocus_um,
+            tile=spec.tile,
             min_abs_defocus_um=spec.min_abs_defocus_um,
+            wide=wide,
+            crops_per_tile=spec.crops_per_tile,
         )
         for c in range(spec.configs)
     ]
@@ -293,8 +339,16 @@ def autofocus_data(split: str, seed: int, workers: int = 2, scale: float = 1.0) 
 
 def classifier_data(split: str, seed: int, workers: int = 2, scale: float = 1.0) -> dict[str, Any]:
     spec = CLASSIFIER_DATA[split]
+    rng_split = split.removesuffix("_hard")
     jobs = [
-        ClassifierJob(split, seed, c, max(1, math.ceil(spec.slides * scale)), spec.tiles_per_slide)
+        ClassifierJob(
+            rng_split,
+            seed,
+            spec.config_offset + c,
+            max(1, math.ceil(spec.slides * scale)),
+            spec.tiles_per_slide,
+            hard=spec.hard,
+        )
         for c in range(spec.configs)
     ]
     return _run(render_classifier_config, jobs, workers)

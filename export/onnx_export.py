@@ -40,12 +40,13 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def _spec(arch: str) -> dict[str, Any]:
+def _spec(arch: str, preprocess: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``preprocess``: the checkpoint's own preprocessing (v2 models record theirs); default v1."""
     if arch == "AutofocusNet":
-        pre = AutofocusPreprocess()
+        pre = AutofocusPreprocess.from_dict(preprocess) if preprocess else AutofocusPreprocess()
         return {
             "task": "autofocus",
-            "model": AutofocusNet(),
+            "model": AutofocusNet(in_ch=pre.input_shape[0]),
             "preprocess": pre.to_dict(),
             "input_shape": list(pre.input_shape),
             "outputs": [
@@ -180,17 +181,19 @@ def check_parity(
 def _extra_args(result: dict[str, Any], ckpt_path: Path) -> str:
     """The options beyond seed and epochs that the checkpoint was trained with."""
     init = result.get("init")
-    if not init:
-        return ""
-    args = f" --lr {result['lr']} --init out/models/{init['checkpoint']}"
+    args = f" --lr {result['lr']} --init out/models/{init['checkpoint']}" if init else ""
     if "train_far" in result.get("train_splits", []):
         args += " --far"
-    return args + f" --out out/models/{Path(ckpt_path).name}"
+    if "train_hard" in result.get("train_splits", []):
+        args += " --hard"
+    if result.get("wide"):
+        args += f" --wide {result['wide']}"
+    return args + f" --out out/models/{Path(ckpt_path).name}" if args else ""
 
 
 def export_checkpoint(ckpt_path: Path, out_dir: Path, samples: np.ndarray, atol: float = 1e-3) -> dict[str, Any]:
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-    spec = _spec(ckpt["arch"])
+    spec = _spec(ckpt["arch"], ckpt.get("preprocess"))
     model = spec["model"]
     model.load_state_dict(ckpt["state_dict"])
     result = ckpt["result"]

@@ -18,8 +18,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from export.datasets import AUTOFOCUS_DATA, CLASSES, CLASSIFIER_DATA, autofocus_data, cached, classifier_data
+from export.datasets import (
+    AUTOFOCUS_DATA,
+    AUTOFOCUS_V2_DATA,
+    CLASSES,
+    CLASSIFIER_DATA,
+    autofocus_data,
+    cached,
+    classifier_data,
+)
 from export.models import AutofocusNet, TileClassifier, count_macs
+from runtime.preprocess import AutofocusPreprocess
 
 HALF_DOF_UM = 0.35
 
@@ -44,9 +53,14 @@ def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return x
 
 
-def _data(kind: str, split: str, data_dir: Path, seed: int, workers: int) -> dict[str, Any]:
-    fn = autofocus_data if kind == "autofocus" else classifier_data
-    return cached(data_dir / f"{kind}-{split}-seed{seed}.npz", lambda: fn(split, seed, workers=workers))
+def _data(kind: str, split: str, data_dir: Path, seed: int, workers: int, wide: int = 0) -> dict[str, Any]:
+    """``wide`` > 0: the autofocus v2 data (512-px tiles, inputs with the wide window)."""
+    if kind == "autofocus":
+        name = f"autofocus_v2w{wide}" if wide else "autofocus"
+        return cached(
+            data_dir / f"{name}-{split}-seed{seed}.npz", lambda: autofocus_data(split, seed, workers=workers, wide=wide)
+        )
+    return cached(data_dir / f"{kind}-{split}-seed{seed}.npz", lambda: classifier_data(split, seed, workers=workers))
 
 
 # --------------------------------------------------------------------------- autofocus
@@ -105,20 +119,23 @@ def train_autofocus(
     workers: int = 2,
     init: Path | None = None,
     far: bool = False,
+    wide: int = 0,
 ) -> dict[str, Any]:
-    """``init``: fine-tune from this checkpoint; ``far``: add the far-from-focus set (``train_far``)."""
+    """``init``: fine-tune from this checkpoint; ``far``: add the far-from-focus set (``train_far``);
+    ``wide`` > 0: the v2 model (``autofocus_v2`` input with a ``wide``-px window, 512-px tiles)."""
     seed_everything(seed)
     t0 = time.time()
-    train = _data("autofocus", "train", data_dir, seed, workers)
+    pre = AutofocusPreprocess(wide=wide)
+    train = _data("autofocus", "train", data_dir, seed, workers, wide)
     splits = ["train"]
     if far:
-        extra = _data("autofocus", "train_far", data_dir, seed, workers)
+        extra = _data("autofocus", "train_far", data_dir, seed, workers, wide)
         train = {k: np.concatenate([train[k], extra[k]]) for k in ("x", "defocus_um", "content")}
         splits.append("train_far")
-    val = _data("autofocus", "val", data_dir, seed, workers)
-    held = _data("autofocus", "heldout", data_dir, seed, workers)
+    val = _data("autofocus", "val", data_dir, seed, workers, wide)
+    held = _data("autofocus", "heldout", data_dir, seed, workers, wide)
     data_s = time.time() - t0
-    model = AutofocusNet()
+    model = AutofocusNet(in_ch=pre.input_shape[0])
     init_result: dict[str, Any] | None = None
     if init is not None:
         ckpt = torch.load(init, map_location="cpu", weights_only=False)
@@ -174,18 +191,21 @@ def train_autofocus(
         "lr": lr,
         "train_samples": n,
         "train_splits": splits,
+        "wide": wide,
         "init": init_result,
-        "data": {s: vars(AUTOFOCUS_DATA[s]) for s in AUTOFOCUS_DATA},
+        "data": {s: vars(spec) for s, spec in (AUTOFOCUS_V2_DATA if wide else AUTOFOCUS_DATA).items()},
         "heldout_optics": held["optics"],
         "heldout_metrics": {**metrics, "content_crop_accuracy": content_acc},
         "history": history,
         "data_seconds": round(data_s, 1),
         "train_seconds": round(train_s, 1),
-        "macs_per_crop": count_macs(model, (7, 64, 64)),
+        "macs_per_crop": count_macs(model, pre.input_shape),
         "machine": f"{platform.machine()} {platform.processor() or ''} threads={torch.get_num_threads()}".strip(),
     }
     out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"state_dict": model.state_dict(), "arch": "AutofocusNet", "result": result}, out)
+    torch.save(
+        {"state_dict": model.state_dict(), "arch": "AutofocusNet", "preprocess": pre.to_dict(), "result": result}, out
+    )
     return result
 
 
@@ -228,13 +248,28 @@ def tissue_vs_glass_f1(true: np.ndarray, pred: np.ndarray) -> float:
 
 
 def train_classifier(
-    data_dir: Path, out: Path, seed: int = 0, epochs: int = 30, batch: int = 64, lr: float = 3e-3, workers: int = 2
+    data_dir: Path,
+    out: Path,
+    seed: int = 0,
+    epochs: int = 30,
+    batch: int = 64,
+    lr: float = 3e-3,
+    workers: int = 2,
+    hard: bool = False,
 ) -> dict[str, Any]:
+    """``hard``: add the faint-stain / tinted-glass training set (``train_hard``); the held-out
+    metrics then cover ``heldout_hard`` as well."""
     seed_everything(seed)
     t0 = time.time()
     train = _data("classifier", "train", data_dir, seed, workers)
+    splits = ["train"]
+    if hard:
+        extra = _data("classifier", "train_hard", data_dir, seed, workers)
+        train = {k: np.concatenate([train[k], extra[k]]) for k in ("x", "label")}
+        splits.append("train_hard")
     val = _data("classifier", "val", data_dir, seed, workers)
     held = _data("classifier", "heldout", data_dir, seed, workers)
+    held_hard = _data("classifier", "heldout_hard", data_dir, seed, workers) if hard else None
     data_s = time.time() - t0
     model = TileClassifier()
     x = torch.from_numpy(train["x"])
@@ -280,12 +315,17 @@ def train_classifier(
         "train_samples": n,
         "data": {s: vars(CLASSIFIER_DATA[s]) for s in CLASSIFIER_DATA},
         "heldout_optics": held["optics"],
+        "train_splits": splits,
         "heldout_metrics": {**rep, "tissue_vs_glass_f1": tissue_vs_glass_f1(held["label"], hp)},
         "history": history,
         "data_seconds": round(data_s, 1),
         "train_seconds": round(train_s, 1),
         "macs_per_window": count_macs(model, (3, 64, 64)),
     }
+    if held_hard is not None:
+        hh = predict_classifier(model, held_hard["x"]).argmax(1)
+        rep_h = classification_report(held_hard["label"], hh)
+        result["heldout_hard_metrics"] = {**rep_h, "tissue_vs_glass_f1": tissue_vs_glass_f1(held_hard["label"], hh)}
     out.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"state_dict": model.state_dict(), "arch": "TileClassifier", "result": result}, out)
     return result

@@ -50,9 +50,7 @@ def subpixel_shift(tile: F32, fy: float, fx: float) -> F32:
     """
     if abs(fy) < 1e-4 and abs(fx) < 1e-4:
         return tile
-    out = cv2.sepFilter2D(
-        tile, cv2.CV_32F, lanczos_kernel(-fx), lanczos_kernel(-fy), borderType=cv2.BORDER_REPLICATE
-    )
+    out = cv2.sepFilter2D(tile, cv2.CV_32F, lanczos_kernel(-fx), lanczos_kernel(-fy), borderType=cv2.BORDER_REPLICATE)
     return np.asarray(out, dtype=np.float32)
 
 

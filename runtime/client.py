@@ -113,9 +113,7 @@ class ControlClient:
         if reply["id"] is not None and reply["id"] != request_id:
             # Cannot happen with a fresh REQ socket per try; if it does, the
             # peer is not speaking this protocol and its answer is not ours.
-            raise RequestFailed(
-                "malformed", f"reply id {reply['id']!r} does not match request id {request_id!r}"
-            )
+            raise RequestFailed("malformed", f"reply id {reply['id']!r} does not match request id {request_id!r}")
         if not reply["ok"]:
             raise RequestFailed(reply["error"]["code"], str(reply["error"]["message"]))
         result: dict[str, Any] = reply["result"]

@@ -257,9 +257,7 @@ class ControlServer:
         split = delimiter + 1 if delimiter is not None else 1
         envelope, body = frames[:split], frames[split:]
         if len(body) != 1:
-            self._send(
-                envelope, encode_error(None, "malformed", f"expected 1 payload frame, got {len(body)}")
-            )
+            self._send(envelope, encode_error(None, "malformed", f"expected 1 payload frame, got {len(body)}"))
             return
         self._send(envelope, self._answer(body[0]))
 

@@ -26,8 +26,6 @@ def open_driver(factory: str, options: dict[str, Any]) -> Driver:
         driver = make(**options)
     except TypeError as err:
         raise DriverError(f"driver.options do not fit {factory}: {err}") from None
-    if not isinstance(driver, Driver) or not isinstance(driver.camera, Camera) or not isinstance(
-        driver.stage, Stage
-    ):
+    if not isinstance(driver, Driver) or not isinstance(driver.camera, Camera) or not isinstance(driver.stage, Stage):
         raise DriverError(f"driver.factory {factory!r} did not return a Driver with a Camera and a Stage")
     return driver

@@ -217,9 +217,7 @@ class _ChunkFiles:
 class MosaicStore:
     """A mosaic on disk. Make one with :meth:`create`, reopen with :meth:`open`."""
 
-    def __init__(
-        self, group: zarr.Group, path: Path, io_workers: int = 2, on_rows: RowsFinal | None = None
-    ) -> None:
+    def __init__(self, group: zarr.Group, path: Path, io_workers: int = 2, on_rows: RowsFinal | None = None) -> None:
         # Use create()/open(); this only wires up an already validated group.
         self._group = group
         self.path = path

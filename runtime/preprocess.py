@@ -14,7 +14,15 @@ Autofocus input (per crop, 7 x S x S, float32):
   3-5  the same for the ``context``-px window around it, area-downsampled to S px:
        large defocus blurs beyond an S-px crop, the context still shows it;
   6    log magnitude of the crop's Fourier transform (Hann-windowed grey,
-       fftshifted, standardised): Jiang et al. 2018 found a Fourier channel helps.
+       fftshifted, standardised): Jiang et al. 2018 found a Fourier channel helps;
+  7-9  (``autofocus_v2`` only) the same contrast image for the ``wide``-px window
+       centred on the context window, area-downsampled to S px. At 8-10 µm the
+       blur disc of a 0.95 NA objective is ~55 µm (220 px) across: wider than
+       the 256-px context, so the shape of the disc's edge -- which spherical
+       aberration makes different above and below focus, i.e. the sign -- is
+       only seen whole in a wider window. A tile narrower than ``wide`` is
+       mirror-padded (the PSF is radially symmetric, so the mirrored blur looks
+       like blur), which is a fallback, not what the model was trained on.
 A tile gives ``crops_per_window`` crops in each ``context`` window, the crops
 with the most contrast, so tissue wins over glass on partly covered fields.
 
@@ -63,6 +71,7 @@ class AutofocusPreprocess:
     crop: int = 64
     context: int = 256
     crops_per_window: int = 4
+    wide: int = 0  # 0: autofocus_v1 (7 channels); > 0: autofocus_v2 with the wide window (10 channels)
 
     @property
     def downsample(self) -> int:
@@ -71,25 +80,39 @@ class AutofocusPreprocess:
     def __post_init__(self) -> None:
         if self.context % self.crop != 0 or self.crops_per_window < 1:
             raise ValueError(f"context {self.context} must be a multiple of crop {self.crop}; crops_per_window >= 1")
+        if self.wide and self.wide < self.context:
+            raise ValueError(f"wide window {self.wide} px must be 0 (none) or at least the context {self.context} px")
+
+    @property
+    def kind(self) -> str:
+        return "autofocus_v2" if self.wide else "autofocus_v1"
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "kind": "autofocus_v1",
+        d: dict[str, Any] = {
+            "kind": self.kind,
             "crop": self.crop,
             "context": self.context,
             "crops_per_window": self.crops_per_window,
             "contrast_gain": CONTRAST_GAIN,
         }
+        if self.wide:
+            d["wide"] = self.wide
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> AutofocusPreprocess:
-        if d.get("kind") != "autofocus_v1":
-            raise PreprocessError(f"unsupported autofocus preprocessing {d.get('kind')!r} (expected 'autofocus_v1')")
-        return cls(int(d["crop"]), int(d["context"]), int(d["crops_per_window"]))
+        kind = d.get("kind")
+        if kind == "autofocus_v1":
+            return cls(int(d["crop"]), int(d["context"]), int(d["crops_per_window"]))
+        if kind == "autofocus_v2":
+            return cls(int(d["crop"]), int(d["context"]), int(d["crops_per_window"]), int(d["wide"]))
+        raise PreprocessError(
+            f"unsupported autofocus preprocessing {kind!r} (expected 'autofocus_v1' or 'autofocus_v2')"
+        )
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
-        return (7, self.crop, self.crop)
+        return (10 if self.wide else 7, self.crop, self.crop)
 
     def crop_positions(self, gray: F32) -> list[tuple[int, int, int, int]]:
         """(window y, window x, crop y, crop x) top-left corners, absolute in the tile."""
@@ -130,9 +153,11 @@ class AutofocusPreprocess:
         gray = img.mean(axis=2)
         s, c = self.crop, self.context
         positions = self.crop_positions(gray)
-        out = np.empty((len(positions), 7, s, s), np.float32)
+        out = np.empty((len(positions), *self.input_shape), np.float32)
         hann = np.outer(np.hanning(s), np.hanning(s)).astype(np.float32)
         contexts: dict[tuple[int, int], F32] = {}
+        wides: dict[tuple[int, int], F32] = {}
+        padded = self._padded(img)
         for i, (wy, wx, y, x) in enumerate(positions):
             crop = img[y : y + s, x : x + s]
             out[i, 0:3] = _contrast(crop).transpose(2, 0, 1)
@@ -141,11 +166,41 @@ class AutofocusPreprocess:
                 small = np.asarray(cv2.resize(win, (s, s), interpolation=cv2.INTER_AREA), np.float32)
                 contexts[(wy, wx)] = _contrast(small).transpose(2, 0, 1)
             out[i, 3:6] = contexts[(wy, wx)]
+            if self.wide:
+                if (wy, wx) not in wides:
+                    wides[(wy, wx)] = self._wide_window(padded, img.shape[:2], wy, wx)
+                out[i, 7:10] = wides[(wy, wx)]
             g = crop.mean(axis=2)
             g = (g / max(float(g.mean()), 1e-3) - 1.0) * hann
             mag = np.log1p(np.abs(np.fft.fftshift(np.fft.fft2(g))) * np.float32(s))
             out[i, 6] = (mag - mag.mean()) / (float(mag.std()) + 1e-3)
         return out, positions
+
+    def _padded(self, img: F32) -> F32:
+        """The tile, mirror-padded on each axis where it is narrower than the wide window."""
+        if not self.wide:
+            return img
+        h, w = img.shape[:2]
+        py, px = max(0, self.wide - h), max(0, self.wide - w)
+        if not (py or px):
+            return img
+        return np.asarray(
+            cv2.copyMakeBorder(img, py // 2, py - py // 2, px // 2, px - px // 2, cv2.BORDER_REFLECT_101), np.float32
+        )
+
+    def _wide_window(self, padded: F32, tile_shape: tuple[int, ...], wy: int, wx: int) -> F32:
+        """Contrast image of the wide window centred on context window (wy, wx), kept inside the
+        (padded) tile, downsampled to crop size: (3, crop, crop)."""
+        h, w = tile_shape[:2]
+        ph, pw = padded.shape[:2]
+        oy, ox = (ph - h) // 2, (pw - w) // 2  # where the tile sits in the padded image
+        half_c, wd = self.context // 2, self.wide
+        y = min(max(oy + wy + half_c - wd // 2, 0), ph - wd)
+        x = min(max(ox + wx + half_c - wd // 2, 0), pw - wd)
+        win = padded[y : y + wd, x : x + wd]
+        s = self.crop
+        small = np.asarray(cv2.resize(win, (s, s), interpolation=cv2.INTER_AREA), np.float32)
+        return _contrast(small).transpose(2, 0, 1)
 
 
 def _contrast(x: F32) -> F32:

@@ -216,9 +216,7 @@ def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 
 def _loads(raw: bytes) -> Any:
-    return json.loads(
-        raw.decode("utf-8"), parse_constant=_reject_constant, object_pairs_hook=_no_duplicate_keys
-    )
+    return json.loads(raw.decode("utf-8"), parse_constant=_reject_constant, object_pairs_hook=_no_duplicate_keys)
 
 
 def _json_type(value: Any) -> str:
@@ -257,9 +255,7 @@ def parse_request(raw: bytes) -> Request:
     try:
         doc = _loads(raw)
     except UnicodeDecodeError as err:
-        raise ProtocolError(
-            "malformed", f"request is not UTF-8 text: {err.reason} at byte {err.start}"
-        ) from None
+        raise ProtocolError("malformed", f"request is not UTF-8 text: {err.reason} at byte {err.start}") from None
     except ValueError as err:  # json.JSONDecodeError is a ValueError, as are the hooks' errors
         raise ProtocolError("malformed", f"request is not valid JSON: {err}") from None
     if not isinstance(doc, dict):
@@ -273,18 +269,14 @@ def parse_request(raw: bytes) -> Request:
         raise ProtocolError("malformed", f"'id' must be 1-{MAX_ID_CHARS} characters, got {len(request_id)}")
     extra = sorted(set(doc) - {"id", "command", "params"})
     if extra:
-        raise ProtocolError(
-            "malformed", f"unexpected key(s) {', '.join(map(repr, extra))} in request", request_id
-        )
+        raise ProtocolError("malformed", f"unexpected key(s) {', '.join(map(repr, extra))} in request", request_id)
     command = doc.get("command")
     if not isinstance(command, str):
         raise ProtocolError("malformed", f"'command' must be a string, got {_json_type(command)}", request_id)
     model = COMMANDS.get(command)
     if model is None:
         known = ", ".join(sorted(COMMANDS))
-        raise ProtocolError(
-            "unknown_command", f"unknown command {command[:64]!r}; known: {known}", request_id
-        )
+        raise ProtocolError("unknown_command", f"unknown command {command[:64]!r}; known: {known}", request_id)
     params = doc.get("params", {})
     if not isinstance(params, dict):
         raise ProtocolError(
@@ -295,9 +287,7 @@ def parse_request(raw: bytes) -> Request:
     try:
         validated = model.model_validate(params)
     except ValidationError as err:
-        raise ProtocolError(
-            "invalid_params", f"{command}: {describe_validation_error(err)}", request_id
-        ) from None
+        raise ProtocolError("invalid_params", f"{command}: {describe_validation_error(err)}", request_id) from None
     return Request(id=request_id, command=command, params=validated)
 
 

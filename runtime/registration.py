@@ -297,9 +297,7 @@ def _bspline_kernel(t: float) -> F32:
 
 def _shift_coeffs(coeffs: F32, sy: float, sx: float) -> F32:
     """Samples at p + (sy, sx) of the cubic spline whose coefficients are ``coeffs``."""
-    out = cv2.sepFilter2D(
-        coeffs, cv2.CV_32F, _bspline_kernel(sx), _bspline_kernel(sy), borderType=cv2.BORDER_REFLECT
-    )
+    out = cv2.sepFilter2D(coeffs, cv2.CV_32F, _bspline_kernel(sx), _bspline_kernel(sy), borderType=cv2.BORDER_REFLECT)
     return np.asarray(out, dtype=np.float32)
 
 

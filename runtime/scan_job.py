@@ -223,8 +223,15 @@ class ScanJob:
             r = msg.record
             self.publish(
                 "field_done",
-                {"index": r.index, "done": len(self.records), "total": self.fields_total, "row": r.row,
-                 "col": r.col, "z_um": r.z_um, "captures": r.captures},
+                {
+                    "index": r.index,
+                    "done": len(self.records),
+                    "total": self.fields_total,
+                    "row": r.row,
+                    "col": r.col,
+                    "z_um": r.z_um,
+                    "captures": r.captures,
+                },
             )
         elif isinstance(msg, AcquisitionDone):
             self.peak_rss["acquisition"] = msg.peak_rss

@@ -44,9 +44,7 @@ def _count(extent_um: float, field_um: float, step_um: float) -> int:
     return 1 + math.ceil((extent_um - field_um) / step_um - 1e-9)
 
 
-def serpentine_plan(
-    area: ScanArea, field_width_um: float, field_height_um: float, overlap: float = 0.1
-) -> GridPlan:
+def serpentine_plan(area: ScanArea, field_width_um: float, field_height_um: float, overlap: float = 0.1) -> GridPlan:
     """Cover ``area`` with fields overlapping by ``overlap`` (a fraction of the field).
 
     Rows run left-to-right, then right-to-left (serpentine), which halves the

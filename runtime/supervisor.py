@@ -138,8 +138,13 @@ class Supervisor:
             self._publish("scan_failed", {"scan_id": job.scan_id, "error": job.error, "report": report})
         self._publish(
             "scan_finished",
-            {"scan_id": job.scan_id, "reason": reason.value, "slide": job.slide_path, "report": report,
-             "mosaic": str(job.mosaic_path) if job.mosaic_path.exists() else None},
+            {
+                "scan_id": job.scan_id,
+                "reason": reason.value,
+                "slide": job.slide_path,
+                "report": report,
+                "mosaic": str(job.mosaic_path) if job.mosaic_path.exists() else None,
+            },
         )
         self._set(state=RunState.IDLE, last_finish=reason, last_error=job.error, last_output=job.slide_path)
 

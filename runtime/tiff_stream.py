@@ -262,4 +262,3 @@ def _pack(typ: int, values: Sequence[int] | bytes) -> tuple[bytes, int]:
         return values, len(values) // size
     raw = struct.pack(f"<{len(values)}{_TYPE_FMT[typ]}", *values)
     return raw, len(raw) // size
-
