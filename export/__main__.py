@@ -49,12 +49,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             t.add_argument("--init", type=Path, default=None, help="fine-tune from this checkpoint")
             t.add_argument("--far", action="store_true", help="add the far-from-focus training set (train_far)")
             t.add_argument("--wide", type=int, default=0, help="v2 model: wide context window in px (e.g. 512)")
+            t.add_argument("--edge", action="store_true", help="v2: add |defocus| 7-12.5 µm (train_edge)")
+            t.add_argument("--small", action="store_true", help="v2: add 256-px frames (train_small)")
         else:
             t.add_argument("--hard", action="store_true", help="add the faint-stain / tinted-glass set (train_hard)")
     d = sub.add_parser("data", help="render and cache a dataset split")
     d.add_argument("--kind", choices=["autofocus", "classifier"], required=True)
     d.add_argument(
-        "--split", choices=["train", "train_far", "train_hard", "val", "heldout", "heldout_hard"], action="append"
+        "--split",
+        choices=["train", "train_far", "train_edge", "train_small", "train_hard", "val", "heldout", "heldout_hard"],
+        action="append",
     )
     d.add_argument("--data", type=Path, default=DEFAULT_DATA)
     d.add_argument("--seed", type=int, default=0)
@@ -83,9 +87,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         kw: dict[str, Any] = {"epochs": args.epochs} if args.epochs else {}
         if args.lr:
             kw["lr"] = args.lr
-        r = train.train_autofocus(
-            args.data, out, args.seed, workers=args.workers, init=args.init, far=args.far, wide=args.wide, **kw
-        )
+        kw.update(init=args.init, far=args.far, wide=args.wide, edge=args.edge, small=args.small)
+        r = train.train_autofocus(args.data, out, args.seed, workers=args.workers, **kw)
         print(json.dumps(r["heldout_metrics"], indent=2))
         print(f"checkpoint: {out}")
         return 0

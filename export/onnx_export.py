@@ -184,6 +184,10 @@ def _extra_args(result: dict[str, Any], ckpt_path: Path) -> str:
     args = f" --lr {result['lr']} --init out/models/{init['checkpoint']}" if init else ""
     if "train_far" in result.get("train_splits", []):
         args += " --far"
+    if "train_edge" in result.get("train_splits", []):
+        args += " --edge"
+    if "train_small" in result.get("train_splits", []):
+        args += " --small"
     if "train_hard" in result.get("train_splits", []):
         args += " --hard"
     if result.get("wide"):
@@ -204,7 +208,10 @@ def export_checkpoint(ckpt_path: Path, out_dir: Path, samples: np.ndarray, atol:
     commands = []
     init = result.get("init")
     if init:  # fine-tuned: the checkpoint it started from is trained first
-        commands.append(f"python -m export train-{kind} --seed {init['seed']} --epochs {init['epochs']}")
+        commands.append(
+            f"python -m export train-{kind} --seed {init['seed']} --epochs {init['epochs']}"
+            + _extra_args({**init, "init": None}, Path(init["checkpoint"]))
+        )
     commands += [
         f"python -m export train-{kind} --seed {result['seed']} --epochs {result['epochs']}"
         + _extra_args(result, ckpt_path),

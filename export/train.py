@@ -120,9 +120,13 @@ def train_autofocus(
     init: Path | None = None,
     far: bool = False,
     wide: int = 0,
+    edge: bool = False,
+    small: bool = False,
 ) -> dict[str, Any]:
     """``init``: fine-tune from this checkpoint; ``far``: add the far-from-focus set (``train_far``);
-    ``wide`` > 0: the v2 model (``autofocus_v2`` input with a ``wide``-px window, 512-px tiles)."""
+    ``wide`` > 0: the v2 model (``autofocus_v2`` input with a ``wide``-px window, 512-px tiles);
+    ``edge`` (v2 only): add ``train_edge``, |defocus| 7-12.5 µm, past the range the model is used on;
+    ``small`` (v2 only): add ``train_small``, 256-px frames (wide window mirror-padded)."""
     seed_everything(seed)
     t0 = time.time()
     pre = AutofocusPreprocess(wide=wide)
@@ -132,6 +136,14 @@ def train_autofocus(
         extra = _data("autofocus", "train_far", data_dir, seed, workers, wide)
         train = {k: np.concatenate([train[k], extra[k]]) for k in ("x", "defocus_um", "content")}
         splits.append("train_far")
+    for split, wanted in (("train_edge", edge), ("train_small", small)):
+        if not wanted:
+            continue
+        if not wide:
+            raise ValueError(f"the {split} set exists for the v2 model only (give wide)")
+        extra = _data("autofocus", split, data_dir, seed, workers, wide)
+        train = {k: np.concatenate([train[k], extra[k]]) for k in ("x", "defocus_um", "content")}
+        splits.append(split)
     val = _data("autofocus", "val", data_dir, seed, workers, wide)
     held = _data("autofocus", "heldout", data_dir, seed, workers, wide)
     data_s = time.time() - t0
@@ -141,6 +153,7 @@ def train_autofocus(
         ckpt = torch.load(init, map_location="cpu", weights_only=False)
         model.load_state_dict(ckpt["state_dict"])
         init_result = {k: ckpt["result"][k] for k in ("seed", "epochs", "lr", "train_samples", "train_seconds")}
+        init_result.update({k: ckpt["result"][k] for k in ("train_splits", "wide") if k in ckpt["result"]})
         init_result["checkpoint"] = Path(init).name
     x = torch.from_numpy(train["x"])  # float16, converted per batch
     d = torch.from_numpy(train["defocus_um"])
