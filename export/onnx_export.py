@@ -215,7 +215,7 @@ def export_checkpoint(ckpt_path: Path, out_dir: Path, samples: np.ndarray, atol:
     commands += [
         f"python -m export train-{kind} --seed {result['seed']} --epochs {result['epochs']}"
         + _extra_args(result, ckpt_path),
-        f"python -m export onnx {Path(ckpt_path).as_posix()} --out runtime/models/{kind} --seed {result['seed']}",
+        f"python -m export onnx {Path(ckpt_path).as_posix()} --out {Path(out_dir).as_posix()} --seed {result['seed']}",
     ]
     training["commands"] = commands
     return export_model(model, spec, out_dir, samples, result["heldout_metrics"], training, atol)

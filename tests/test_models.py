@@ -34,13 +34,28 @@ def test_committed_models_load_validate_and_run(task: str) -> None:
     assert all(v.shape[0] == 3 for v in out.values())
 
 
-def _render(defocus_um: float, seed: int = 11, tile: int = 256) -> np.ndarray:
+V2_DIR = default_model_dir("autofocus").parent / "autofocus_v2"
+
+
+def test_committed_autofocus_v2_folder_loads_and_tells_far_defocus_sign() -> None:
+    """The wide-window model (for frames of 512 px and more): its own folder, validated like the
+    default; on a 512 px render it gets the sign and roughly the size of large defocus."""
+    folder = load_model_folder(V2_DIR, "autofocus")
+    assert folder.meta["preprocess"]["kind"] == "autofocus_v2" and folder.input_shape == (10, 64, 64)
+    model = AutofocusModel(folder, OrtBackend(folder, cuda=False))
+    for d in (-8.0, -3.0, -1.0, 1.0, 3.0, 8.0):
+        est = model.estimate(_render(d, tile=512, max_defocus_um=9.0))
+        assert est.defocus_um is not None
+        assert abs(est.defocus_um - d) < 0.15 * abs(d) + 0.5, (d, est)
+
+
+def _render(defocus_um: float, seed: int = 11, tile: int = 256, max_defocus_um: float = 6.0) -> np.ndarray:
     from hw_sim.optics import Optics, OpticsParams
     from hw_sim.slide import SlideSpec, SyntheticSlide
 
     slide = SyntheticSlide(SlideSpec(seed=seed, width_um=2000, height_um=1500, pieces=1))
     p = slide._pieces[0]
-    optics = Optics(OpticsParams(spherical_waves=0.09, max_defocus_um=6.0), 0.25, (tile, tile))
+    optics = Optics(OpticsParams(spherical_waves=0.09, max_defocus_um=max_defocus_um), 0.25, (tile, tile))
     m = optics.margin_px
     x0, y0 = p.cx - tile * 0.125 - m * 0.25, p.cy - tile * 0.125 - m * 0.25
     obj = optics.prepare(slide.transmittance(x0, y0, tile + 2 * m, tile + 2 * m, 0.25))
