@@ -63,6 +63,11 @@ def _data(kind: str, split: str, data_dir: Path, seed: int, workers: int, wide: 
     return cached(data_dir / f"{kind}-{split}-seed{seed}.npz", lambda: classifier_data(split, seed, workers=workers))
 
 
+def _concat(a: dict[str, Any], b: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
+    """A training set with another split's samples appended (the keys training reads)."""
+    return {k: np.concatenate([a[k], b[k]]) for k in keys}
+
+
 # --------------------------------------------------------------------------- autofocus
 
 
@@ -132,18 +137,13 @@ def train_autofocus(
     pre = AutofocusPreprocess(wide=wide)
     train = _data("autofocus", "train", data_dir, seed, workers, wide)
     splits = ["train"]
-    if far:
-        extra = _data("autofocus", "train_far", data_dir, seed, workers, wide)
-        train = {k: np.concatenate([train[k], extra[k]]) for k in ("x", "defocus_um", "content")}
-        splits.append("train_far")
-    for split, wanted in (("train_edge", edge), ("train_small", small)):
-        if not wanted:
-            continue
-        if not wide:
-            raise ValueError(f"the {split} set exists for the v2 model only (give wide)")
-        extra = _data("autofocus", split, data_dir, seed, workers, wide)
-        train = {k: np.concatenate([train[k], extra[k]]) for k in ("x", "defocus_um", "content")}
-        splits.append(split)
+    if (edge or small) and not wide:
+        raise ValueError("the train_edge and train_small sets exist for the v2 model only (give wide)")
+    for split, wanted in (("train_far", far), ("train_edge", edge), ("train_small", small)):
+        if wanted:
+            extra = _data("autofocus", split, data_dir, seed, workers, wide)
+            train = _concat(train, extra, ("x", "defocus_um", "content"))
+            splits.append(split)
     val = _data("autofocus", "val", data_dir, seed, workers, wide)
     held = _data("autofocus", "heldout", data_dir, seed, workers, wide)
     data_s = time.time() - t0
@@ -278,7 +278,7 @@ def train_classifier(
     splits = ["train"]
     if hard:
         extra = _data("classifier", "train_hard", data_dir, seed, workers)
-        train = {k: np.concatenate([train[k], extra[k]]) for k in ("x", "label")}
+        train = _concat(train, extra, ("x", "label"))
         splits.append("train_hard")
     val = _data("classifier", "val", data_dir, seed, workers)
     held = _data("classifier", "heldout", data_dir, seed, workers)
