@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -118,28 +119,49 @@ def model_accuracy(recs: list[Any], model: Any) -> dict[str, Any]:
     }
 
 
-def scan_path(paths: list[Path], strategy: str, model_dir: Path | None) -> dict[str, Any]:
+@dataclass(frozen=True)
+class _Replay:
+    """One held-out recording behind the replay driver, with what the scan-path scores need."""
+
+    driver: Any  # hw_sim.replay.ReplayDriver
+    settings: Any  # runtime.field_focus.ModelSettings
+    grid: Any  # runtime.scan_plan.GridPlan
+    tissue: np.ndarray  # per field: holds >= 5% tissue
+    truth: np.ndarray  # per field: true focus z (µm)
+
+
+def _replay(path: Path, model_dir: Path | None) -> _Replay:
     from hw_sim.recording import Recording
     from hw_sim.replay import ReplayDriver
-    from runtime.autofocus import SingleShotFocus
-    from runtime.field_focus import FieldFocuser, ModelSettings
-    from runtime.focus import ContrastSweep
+    from runtime.field_focus import ModelSettings
     from runtime.scan_plan import serpentine_plan
+
+    rec = Recording.open(path)
+    m = rec.meta
+    truth = rec.truth_focus_z_um
+    assert truth is not None, f"{path} has no truth"
+    return _Replay(
+        driver=ReplayDriver(rec),
+        settings=ModelSettings(autofocus_dir=str(model_dir) if model_dir else None, backend="ort_cpu"),
+        grid=serpentine_plan(m.area, m.field_width_um, m.field_height_um, m.overlap),
+        tissue=_tissue_fields(rec),
+        truth=truth,
+    )
+
+
+def scan_path(paths: list[Path], strategy: str, model_dir: Path | None) -> dict[str, Any]:
+    from runtime.autofocus import SingleShotFocus
+    from runtime.field_focus import FieldFocuser
+    from runtime.focus import ContrastSweep
 
     errors, captures, tissue_caps, clamped = [], [], [], 0
     classes: dict[str, int] = {}
     t0 = time.perf_counter()
     for path in paths:
-        rec = Recording.open(path)
-        drv = ReplayDriver(rec)
-        m = rec.meta
-        settings = ModelSettings(autofocus_dir=str(model_dir) if model_dir else None, backend="ort_cpu")
-        focuser = FieldFocuser(strategy, ContrastSweep(), SingleShotFocus(), 0.0, settings, drv.camera, drv.stage)
-        grid = serpentine_plan(m.area, m.field_width_um, m.field_height_um, m.overlap)
-        tissue = _tissue_fields(rec)
-        truth = rec.truth_focus_z_um
-        assert truth is not None, f"{path} has no truth"
-        for plan in grid.fields:
+        rp = _replay(path, model_dir)
+        drv, tissue, truth = rp.driver, rp.tissue, rp.truth
+        focuser = FieldFocuser(strategy, ContrastSweep(), SingleShotFocus(), 0.0, rp.settings, drv.camera, drv.stage)
+        for plan in rp.grid.fields:
             drv.stage.move_xy(plan.x_um, plan.y_um)
             r = focuser.focus_field(plan, lambda: False)
             f = drv.stage.field_index()
@@ -171,26 +193,17 @@ COLD_STARTS_UM = tuple(float(d) for d in range(-10, 11))
 
 def cold_start(paths: list[Path], strategy: str, model_dir: Path | None) -> dict[str, Any]:
     """Every tissue field focused from every start guess in ``COLD_STARTS_UM`` (truth + offset)."""
-    from hw_sim.recording import Recording
-    from hw_sim.replay import ReplayDriver
     from runtime.autofocus import FocusSurface, SingleShotFocus
-    from runtime.field_focus import FieldFocuser, ModelSettings
+    from runtime.field_focus import FieldFocuser
     from runtime.focus import ContrastSweep
-    from runtime.scan_plan import serpentine_plan
 
     starts, errors, captures, fallbacks = [], [], [], 0
     t0 = time.perf_counter()
     for path in paths:
-        rec = Recording.open(path)
-        drv = ReplayDriver(rec)
-        m = rec.meta
-        settings = ModelSettings(autofocus_dir=str(model_dir) if model_dir else None, backend="ort_cpu")
-        grid = serpentine_plan(m.area, m.field_width_um, m.field_height_um, m.overlap)
-        tissue = _tissue_fields(rec)
-        truth = rec.truth_focus_z_um
-        assert truth is not None, f"{path} has no truth"
+        rp = _replay(path, model_dir)
+        drv, tissue, truth = rp.driver, rp.tissue, rp.truth
         focuser: FieldFocuser | None = None
-        for plan in grid.fields:
+        for plan in rp.grid.fields:
             drv.stage.move_xy(plan.x_um, plan.y_um)
             f = drv.stage.field_index()
             if not tissue[f]:
@@ -199,7 +212,7 @@ def cold_start(paths: list[Path], strategy: str, model_dir: Path | None) -> dict
                 z0 = float(truth[f]) + d0
                 if focuser is None or strategy == "contrast_sweep":  # the sweep starts where the last field ended
                     focuser = FieldFocuser(
-                        strategy, ContrastSweep(), SingleShotFocus(), z0, settings, drv.camera, drv.stage
+                        strategy, ContrastSweep(), SingleShotFocus(), z0, rp.settings, drv.camera, drv.stage
                     )
                 focuser.surface = FocusSurface(z0)  # no points: the first field's guess is z0
                 r = focuser.focus_field(plan, lambda: False)

@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from export.datasets import EXTRA_TRAIN_SPLITS
+
 DEFAULT_DATA = Path("out/export-data")
 MODELS_DIR = Path(__file__).resolve().parent.parent / "runtime" / "models"
 
@@ -51,13 +53,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             t.add_argument("--wide", type=int, default=0, help="v2 model: wide context window in px (e.g. 512)")
             t.add_argument("--edge", action="store_true", help="v2: add |defocus| 7-12.5 µm (train_edge)")
             t.add_argument("--small", action="store_true", help="v2: add 256-px frames (train_small)")
+            t.add_argument("--optics", action="store_true", help="v2: add 64 more objectives (train_optics)")
         else:
             t.add_argument("--hard", action="store_true", help="add the faint-stain / tinted-glass set (train_hard)")
     d = sub.add_parser("data", help="render and cache a dataset split")
     d.add_argument("--kind", choices=["autofocus", "classifier"], required=True)
     d.add_argument(
         "--split",
-        choices=["train", "train_far", "train_edge", "train_small", "train_hard", "val", "heldout", "heldout_hard"],
+        choices=["train", *EXTRA_TRAIN_SPLITS, "val", "heldout", "heldout_hard"],
         action="append",
     )
     d.add_argument("--data", type=Path, default=DEFAULT_DATA)
@@ -87,7 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         kw: dict[str, Any] = {"epochs": args.epochs} if args.epochs else {}
         if args.lr:
             kw["lr"] = args.lr
-        kw.update(init=args.init, far=args.far, wide=args.wide, edge=args.edge, small=args.small)
+        kw.update(init=args.init, far=args.far, wide=args.wide, edge=args.edge, small=args.small, optics=args.optics)
         r = train.train_autofocus(args.data, out, args.seed, workers=args.workers, **kw)
         print(json.dumps(r["heldout_metrics"], indent=2))
         print(f"checkpoint: {out}")

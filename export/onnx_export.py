@@ -21,6 +21,7 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
+from export.datasets import EXTRA_TRAIN_SPLITS
 from export.models import AutofocusNet, TileClassifier
 from runtime.preprocess import AutofocusPreprocess, ClassifierPreprocess
 
@@ -182,14 +183,9 @@ def _extra_args(result: dict[str, Any], ckpt_path: Path) -> str:
     """The options beyond seed and epochs that the checkpoint was trained with."""
     init = result.get("init")
     args = f" --lr {result['lr']} --init out/models/{init['checkpoint']}" if init else ""
-    if "train_far" in result.get("train_splits", []):
-        args += " --far"
-    if "train_edge" in result.get("train_splits", []):
-        args += " --edge"
-    if "train_small" in result.get("train_splits", []):
-        args += " --small"
-    if "train_hard" in result.get("train_splits", []):
-        args += " --hard"
+    for split in result.get("train_splits", []):
+        if split in EXTRA_TRAIN_SPLITS:
+            args += f" --{EXTRA_TRAIN_SPLITS[split]}"
     if result.get("wide"):
         args += f" --wide {result['wide']}"
     return args + f" --out out/models/{Path(ckpt_path).name}" if args else ""

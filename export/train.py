@@ -127,19 +127,22 @@ def train_autofocus(
     wide: int = 0,
     edge: bool = False,
     small: bool = False,
+    optics: bool = False,
 ) -> dict[str, Any]:
     """``init``: fine-tune from this checkpoint; ``far``: add the far-from-focus set (``train_far``);
     ``wide`` > 0: the v2 model (``autofocus_v2`` input with a ``wide``-px window, 512-px tiles);
     ``edge`` (v2 only): add ``train_edge``, |defocus| 7-12.5 µm, past the range the model is used on;
-    ``small`` (v2 only): add ``train_small``, 256-px frames (wide window mirror-padded)."""
+    ``small`` (v2 only): add ``train_small``, 256-px frames (wide window mirror-padded);
+    ``optics`` (v2 only): add ``train_optics``, 64 more objectives (aberration draws), |defocus| 2-12.5 µm."""
     seed_everything(seed)
     t0 = time.time()
     pre = AutofocusPreprocess(wide=wide)
     train = _data("autofocus", "train", data_dir, seed, workers, wide)
     splits = ["train"]
-    if (edge or small) and not wide:
-        raise ValueError("the train_edge and train_small sets exist for the v2 model only (give wide)")
-    for split, wanted in (("train_far", far), ("train_edge", edge), ("train_small", small)):
+    if (edge or small or optics) and not wide:
+        raise ValueError("the train_edge, train_small and train_optics sets exist for the v2 model only (give wide)")
+    extras = (("train_far", far), ("train_edge", edge), ("train_small", small), ("train_optics", optics))
+    for split, wanted in extras:
         if wanted:
             extra = _data("autofocus", split, data_dir, seed, workers, wide)
             train = _concat(train, extra, ("x", "defocus_um", "content"))
