@@ -26,7 +26,7 @@ import numpy.typing as npt
 
 from runtime.devices import RGBImage
 from runtime.inference import Backend, Preference, select_backend
-from runtime.models import ModelFolder, default_model_dir, load_model_folder
+from runtime.models import ModelFolder, builtin_autofocus_dir, default_model_dir, load_model_folder
 
 CLASSES = ("background", "tissue", "artifact")
 
@@ -52,6 +52,10 @@ class AutofocusModel:
         self.backend = backend
         self.pre = folder.autofocus_preprocess()
         self.min_content_crops = min_content_crops
+
+    def describe(self) -> str:
+        """Which model this is, for reports: folder name and ONNX sha256 prefix."""
+        return f"{self.folder.path.name} ({self.folder.sha256[:12]})"
 
     def estimate(self, tile: RGBImage) -> DefocusEstimate:
         out = self.backend.run(self.pre.inputs(tile))
@@ -113,9 +117,11 @@ def load_models(
     classifier_dir: Path | None = None,
     backend: Preference = "auto",
     cache_dir: Path | None = None,
+    frame_shape: tuple[int, int] | None = None,
 ) -> tuple[AutofocusModel, TileClassifierModel | None, dict[str, str]]:
-    """Both models on the best (or the forced) backend; returns what each backend choice refused."""
-    af_folder = load_model_folder(autofocus_dir or default_model_dir("autofocus"), "autofocus")
+    """Both models on the best (or the forced) backend; returns what each backend choice refused.
+    ``autofocus_dir`` None: the committed model that fits the camera's ``frame_shape``."""
+    af_folder = load_model_folder(autofocus_dir or builtin_autofocus_dir(frame_shape), "autofocus")
     sel = select_backend(af_folder, backend, cache_dir)
     refused = {f"autofocus.{k}": v for k, v in sel.refused.items()}
     af = AutofocusModel(af_folder, sel.backend)

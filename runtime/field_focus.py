@@ -108,19 +108,21 @@ class FocusModels(Protocol):
 class LocalModels:
     """The models loaded into this process (``models.worker = "in_acquisition"``, tests, bench)."""
 
-    def __init__(self, m: ModelSettings, pixel_size_um: float) -> None:
+    def __init__(self, m: ModelSettings, pixel_size_um: float, frame_shape: tuple[int, int] | None = None) -> None:
         self.autofocus: AutofocusModel
         self.autofocus, cls, refused = load_models(
             Path(m.autofocus_dir) if m.autofocus_dir else None,
             Path(m.classifier_dir) if m.classifier_dir else None,
             m.backend,  # type: ignore[arg-type]  # validated by the config's Literal
             Path(m.engine_cache_dir) if m.engine_cache_dir else None,
+            frame_shape,
         )
         self.classifier: TileClassifierModel | None = cls if m.classify else None
         self.pixel_size_um = pixel_size_um
         self.notes: dict[str, Any] = {
             "worker": "in_acquisition",
             "backend": self.autofocus.backend.name,
+            "autofocus_model": self.autofocus.describe(),
             "refused": refused,
         }
 
@@ -196,7 +198,7 @@ class FieldFocuser:
         self.models: FocusModels | None = None
         if strategy == "single_shot":
             if models is None or isinstance(models, ModelSettings):
-                self.models = LocalModels(models or ModelSettings(), camera.pixel_size_um)
+                self.models = LocalModels(models or ModelSettings(), camera.pixel_size_um, camera.frame_shape)
             else:
                 self.models = models
 

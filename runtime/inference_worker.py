@@ -136,7 +136,7 @@ def _orphaned(parent: int) -> bool:
 
 
 def _wait_for_ring(requests: Queue[Any], hb: HeartbeatSender | None, parent: int) -> RingSpec | None:
-    """The scan job sends the ring once acquisition knows the frame shape (models load meanwhile)."""
+    """The scan job sends the ring once acquisition knows the frame shape."""
     while not _orphaned(parent):
         if hb is not None:
             hb.beat()
@@ -165,18 +165,22 @@ def inference_main(
     attached: AttachedRing | None = None
     stats = _Stats()
     try:
+        # The ring first: its slot shape is the camera's frame, which picks the builtin autofocus
+        # model (v2 needs 512 px frames). Loading after it costs the scan start the load time
+        # (ONNX Runtime: well under a second; TensorRT: the engine is cached on disk).
+        spec = _wait_for_ring(requests, hb, parent)
+        if spec is None:
+            return
         t0 = time.monotonic()
         af, cls, refused = load_models(
             Path(settings.autofocus_dir) if settings.autofocus_dir else None,
             Path(settings.classifier_dir) if settings.classifier_dir else None,
             settings.backend,  # type: ignore[arg-type]
             Path(settings.engine_cache_dir) if settings.engine_cache_dir else None,
+            (spec.height, spec.width),
         )
         if events is not None:
-            events.put(InferenceReady(af.backend.name, refused, time.monotonic() - t0))
-        spec = _wait_for_ring(requests, hb, parent)
-        if spec is None:
-            return
+            events.put(InferenceReady(af.backend.name, refused, time.monotonic() - t0, af.describe()))
         attached = AttachedRing(spec)
         replies.put(WorkerReady(af.backend.name, refused))
         pending: list[ClassifyRequest] = []

@@ -126,6 +126,7 @@ class InferenceReady:
     backend: str
     refused: dict[str, str]
     load_s: float
+    autofocus_model: str = ""  # folder and ONNX sha256 prefix (the builtin choice depends on the frame)
 
 
 @dataclass(frozen=True)

@@ -60,6 +60,24 @@ def default_model_dir(task: str) -> Path:
     return MODELS_DIR / task
 
 
+# The committed autofocus models, best first: the builtin choice is the first whose input fits
+# the camera's frame. v2's wide window needs 512 px; on smaller frames it is mirror-padded and
+# noisier near focus than v1 (bench autofocus, "centre 256 px" row), so v1 serves those.
+BUILTIN_AUTOFOCUS = ("autofocus_v2", "autofocus")
+
+
+def builtin_autofocus_dir(frame_shape: tuple[int, int] | None) -> Path:
+    """The committed autofocus model for a camera with frames of ``frame_shape`` (h, w) px;
+    None (frame unknown): the v1 folder, which works on any frame of at least 256 px."""
+    if frame_shape is None:
+        return default_model_dir("autofocus")
+    for name in BUILTIN_AUTOFOCUS:
+        pre = AutofocusPreprocess.from_dict(json.loads((MODELS_DIR / name / "model.json").read_text())["preprocess"])
+        if min(frame_shape) >= max(pre.wide, pre.context):
+            return MODELS_DIR / name
+    return default_model_dir("autofocus")
+
+
 def _key(meta: dict[str, Any], key: str, kind: type | tuple[type, ...], where: Path) -> Any:
     if key not in meta:
         raise ModelFolderError(f"{where}: missing key {key!r}")

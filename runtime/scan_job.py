@@ -240,7 +240,12 @@ class ScanJob:
         elif isinstance(msg, InferenceReady):
             self._loading.discard("inference")
             self.heartbeats["inference"] = time.monotonic()
-            self.inference.update(backend=msg.backend, load_s=round(msg.load_s, 3), refused=msg.refused)
+            self.inference.update(
+                backend=msg.backend,
+                load_s=round(msg.load_s, 3),
+                refused=msg.refused,
+                autofocus_model=msg.autofocus_model,
+            )
         elif isinstance(msg, InferenceDone):
             self._on_inference_done(msg)
         elif isinstance(msg, MosaicDone):

@@ -249,6 +249,7 @@ def test_single_shot_scan_through_the_inference_worker(tmp_path: Path, small_rec
     assert inf["worker"] == worker
     if worker == "process":
         assert inf["backend"] == "ort_cpu"
+        assert inf["autofocus_model"].startswith("autofocus ("), inf  # the builtin choice for 256 px frames
         # Every tissue field asked for at least one estimate, every field for one classification.
         assert inf["autofocus_requests"] >= sum(f["predicted_defocus_um"] is not None for f in fields)
         assert inf["classify_requests"] == 9

@@ -93,9 +93,12 @@ def test_worker_beats_and_reports_to_the_scan_job_queue() -> None:
     try:
         view.slot(0)[...] = _render(1.0)
         channel = InferenceChannel(requests, replies)
-        first = events.get(timeout=60)  # models are loaded before the ring exists (overlap with device start)
-        assert isinstance(first, InferenceReady) and first.backend == "ort_cpu" and first.load_s > 0
-        requests.put(ring.spec)
+        requests.put(ring.spec)  # models load once the ring says the frame size (it picks the builtin model)
+        early: list[Any] = []
+        while not isinstance(ready := events.get(timeout=60), InferenceReady):
+            early.append(ready)
+        assert ready.backend == "ort_cpu" and ready.load_s > 0
+        assert ready.autofocus_model.startswith("autofocus ("), ready.autofocus_model  # 256 px frames: v1
         assert channel.wait_ready(60).backend == "ort_cpu"
         assert channel.estimate(0).defocus_um is not None
         time.sleep(1.2)  # idle: it keeps beating
@@ -106,7 +109,7 @@ def test_worker_beats_and_reports_to_the_scan_job_queue() -> None:
         with contextlib.suppress(queue.Empty):
             while True:
                 seen.append(events.get(timeout=1))
-        beats = [m for m in seen if isinstance(m, Heartbeat)]
+        beats = [m for m in early + seen if isinstance(m, Heartbeat)]
         assert len(beats) >= 2 and {b.worker for b in beats} == {"inference"}
         done = [m for m in seen if isinstance(m, InferenceDone)]
         assert len(done) == 1 and done[0].stats["autofocus_requests"] == 1 and done[0].peak_rss > 50 * 2**20

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from runtime.autofocus import AutofocusModel, FocusSurface, TileClassifierModel
+from runtime.autofocus import AutofocusModel, FocusSurface, TileClassifierModel, load_models
 from runtime.inference import (
     EngineCache,
     EngineKey,
@@ -18,7 +18,7 @@ from runtime.inference import (
     OrtBackend,
     select_backend,
 )
-from runtime.models import ModelFolderError, default_model_dir, load_model_folder
+from runtime.models import ModelFolderError, builtin_autofocus_dir, default_model_dir, load_model_folder
 
 # ---------------------------------------------------------------------------- committed models
 
@@ -60,6 +60,18 @@ def _render(defocus_um: float, seed: int = 11, tile: int = 256, max_defocus_um: 
     x0, y0 = p.cx - tile * 0.125 - m * 0.25, p.cy - tile * 0.125 - m * 0.25
     obj = optics.prepare(slide.transmittance(x0, y0, tile + 2 * m, tile + 2 * m, 0.25))
     return optics.camera_capture(optics.image(obj, defocus_um), np.random.default_rng(seed))
+
+
+def test_builtin_autofocus_follows_the_camera_frame() -> None:
+    """v2 needs 512 px for its wide window; smaller (or unknown) frames get v1."""
+    assert builtin_autofocus_dir((512, 512)) == V2_DIR
+    assert builtin_autofocus_dir((2048, 1536)) == V2_DIR
+    assert builtin_autofocus_dir((256, 256)) == default_model_dir("autofocus")
+    assert builtin_autofocus_dir((256, 1024)) == default_model_dir("autofocus")  # the short side decides
+    assert builtin_autofocus_dir(None) == default_model_dir("autofocus")
+    af, _, _ = load_models(None, None, "ort_cpu", frame_shape=(512, 640))
+    assert af.folder.path == V2_DIR and af.describe().startswith("autofocus_v2 (")
+    assert load_models(Path(default_model_dir("autofocus")), None, "ort_cpu", frame_shape=(512, 512))[0].pre.wide == 0
 
 
 def test_committed_autofocus_estimates_signed_defocus() -> None:
