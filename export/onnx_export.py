@@ -7,7 +7,6 @@ a folder that is written is a folder whose ONNX computes what was trained.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import platform
 import shutil
@@ -23,6 +22,7 @@ from torch import nn
 
 from export.datasets import EXTRA_TRAIN_SPLITS
 from export.models import AutofocusNet, TileClassifier
+from runtime.models import sha256_file
 from runtime.preprocess import AutofocusPreprocess, ClassifierPreprocess
 
 OPSET = 17
@@ -31,14 +31,6 @@ PIXEL_SIZE_UM = 0.25
 
 class ParityError(RuntimeError):
     """torch and ONNX Runtime disagree beyond the tolerance."""
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _spec(arch: str, preprocess: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from export.datasets import (
     AUTOFOCUS_V2_DATA,
     CLASSES,
     CLASSIFIER_DATA,
+    EXTRA_TRAIN_SPLITS,
     autofocus_data,
     cached,
     classifier_data,
@@ -141,9 +142,9 @@ def train_autofocus(
     splits = ["train"]
     if (edge or small or optics) and not wide:
         raise ValueError("the train_edge, train_small and train_optics sets exist for the v2 model only (give wide)")
-    extras = (("train_far", far), ("train_edge", edge), ("train_small", small), ("train_optics", optics))
-    for split, wanted in extras:
-        if wanted:
+    wanted = {"far": far, "edge": edge, "small": small, "optics": optics}
+    for split, flag in EXTRA_TRAIN_SPLITS.items():  # a fixed order: the same flags give the same data
+        if wanted.get(flag):
             extra = _data("autofocus", split, data_dir, seed, workers, wide)
             train = _concat(train, extra, ("x", "defocus_um", "content"))
             splits.append(split)

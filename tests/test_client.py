@@ -87,14 +87,20 @@ def test_bad_client_settings() -> None:
         ControlClient("ipc:///nowhere", timeout_s=0)
 
 
-def test_lazy_pirate_retries_with_the_same_request(sock_dir: Path) -> None:
-    """A server that drops the first request: the client's second try (new socket) gets the answer."""
-    endpoint = f"ipc://{sock_dir}/flaky.sock"
-    seen: list[bytes] = []
+def _bound_router(endpoint: str) -> zmq.Socket[bytes]:
+    """A ROUTER standing in for the daemon's control socket (a hand-written server per test)."""
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
     router = ctx.socket(zmq.ROUTER)
     router.setsockopt(zmq.LINGER, 0)
     router.bind(endpoint)
+    return router
+
+
+def test_lazy_pirate_retries_with_the_same_request(sock_dir: Path) -> None:
+    """A server that drops the first request: the client's second try (new socket) gets the answer."""
+    endpoint = f"ipc://{sock_dir}/flaky.sock"
+    seen: list[bytes] = []
+    router = _bound_router(endpoint)
 
     def serve(stop: threading.Event) -> None:
         while not stop.is_set():
@@ -120,10 +126,7 @@ def test_lazy_pirate_retries_with_the_same_request(sock_dir: Path) -> None:
 
 def test_reply_with_another_id_is_refused(sock_dir: Path) -> None:
     endpoint = f"ipc://{sock_dir}/liar.sock"
-    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
-    router = ctx.socket(zmq.ROUTER)
-    router.setsockopt(zmq.LINGER, 0)
-    router.bind(endpoint)
+    router = _bound_router(endpoint)
 
     def serve(stop: threading.Event) -> None:
         while not stop.is_set():
