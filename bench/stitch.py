@@ -375,8 +375,8 @@ def _e2e(workdir: Path, a: argparse.Namespace) -> dict[str, Any]:
     shifts = []
     for p in report["stitch"]["positions"]:
         i = rec.field_index(p["row"], p["col"])
-        ty = (rec.truth_actual_xy_um[i, 1] - m.field_height_um / 2 - m.area.y_um) / px
-        tx = (rec.truth_actual_xy_um[i, 0] - m.field_width_um / 2 - m.area.x_um) / px
+        assert i is not None, p  # the report lists only recorded fields
+        ty, tx = rec.true_top_left_px(i)
         if p["registered"]:
             shifts.append((p["y_px"] - ty, p["x_px"] - tx))
     gy, gx = np.mean(shifts, axis=0) if shifts else (0.0, 0.0)

@@ -394,6 +394,18 @@ class Recording:
         """(n_fields,) true in-focus z per field (µm), or None for recordings without truth."""
         return self._truth_z
 
+    def true_top_left_px(self, field: int) -> tuple[float, float]:
+        """(y, x) of the field's actual top-left corner in mosaic pixels (origin: the scan area's
+        corner): what stitching should have solved. Raises RecordingError without truth."""
+        m, xy = self._meta, self._truth_xy
+        if xy is None:
+            raise RecordingError("this recording has no truth (truth_actual_xy_um)")
+        px = m.pixel_size_um
+        return (
+            float((xy[field, 1] - m.field_height_um / 2 - m.area.y_um) / px),
+            float((xy[field, 0] - m.field_width_um / 2 - m.area.x_um) / px),
+        )
+
     def field_index(self, row: int, col: int) -> int | None:
         """The field recorded at grid (row, col), or None if that grid cell was not recorded."""
         return self._by_rc.get((row, col))
