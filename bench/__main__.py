@@ -12,6 +12,8 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+from runtime.errors import run_cli
+
 BENCHES = {
     "writer": "bench.writer",
     "e2e": "bench.e2e",
@@ -41,4 +43,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_cli(main))

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from export.datasets import EXTRA_TRAIN_SPLITS
+from runtime.errors import run_cli
 
 DEFAULT_DATA = Path("out/export-data")
 MODELS_DIR = Path(__file__).resolve().parent.parent / "runtime" / "models"
@@ -126,4 +127,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from runtime.errors import run_cli
+
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m hw_sim", description=__doc__)
@@ -90,4 +92,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

@@ -23,6 +23,7 @@ from hw_sim.recording import Recording
 from runtime.client import ControlClient, EventSubscriber
 from runtime.config import RuntimeConfig, load_config, with_overrides
 from runtime.daemon import start_daemon_process, stop_daemon_process
+from runtime.paths import check_output_folder, write_file_exclusive
 
 HALF_DOF_UM = 0.35  # half the depth of field at 40x / 0.95 NA
 
@@ -64,11 +65,14 @@ def add_truth(report: dict[str, Any], rec: Recording) -> dict[str, Any]:
 def run_replay(
     recording: Path, out: Path, config_path: Path | None = None, progress: bool = True, timeout_s: float = 3600
 ) -> dict[str, Any]:
-    """Scan ``recording`` into ``out/slide.ome.tif`` + ``out/report.json``; return the report."""
+    """Scan ``recording`` into ``out/slide.ome.tif`` + ``out/report.json``; return the report.
+
+    ``out`` must not exist yet or be an empty folder (the daemon writes scans only there); it
+    becomes a folder under the daemon's data root, ``out``'s parent.
+    """
     rec = Recording.open(recording)  # fail early, with the recording's own error message
     out = out.resolve()
-    if (out / "report.json").exists():
-        raise ValueError(f"{out} already holds a scan (report.json exists); choose another --out")
+    check_output_folder(out, "--out")  # the daemon refuses the same; say so before starting it
     base = load_config(config_path)
     with tempfile.TemporaryDirectory(prefix="wsi-rt-") as runtime_dir:
         cfg = _replay_config(base, recording.resolve(), out, Path(runtime_dir))
@@ -78,7 +82,8 @@ def run_replay(
         finally:
             stop_daemon_process(daemon, cfg)
     report = add_truth(report, rec)
-    (out / "report.json").write_text(json.dumps(report, indent=2))
+    # Rewritten like the daemon wrote it: a new partial file, never through a link, renamed in place.
+    write_file_exclusive(out, "report.json", json.dumps(report, indent=2).encode("utf-8"))
     _print_summary(out, report)
     return report
 
@@ -142,7 +147,12 @@ def _print_summary(out: Path, report: dict[str, Any]) -> None:
 
 
 def run_demo(out: Path, fields: tuple[int, int] = (4, 3), seed: int = 0) -> dict[str, Any]:
-    """The README's main job: synthesise a small slide, scan it, print where the results are."""
+    """The README's main job: synthesise a small slide, scan it, print where the results are.
+
+    ``out`` is the daemon's data root: the recording is ``out/recording.zarr`` and the scan
+    goes to its own folder, ``out/scan/`` (the daemon writes a scan only into a new or empty
+    folder, never into the recording's).
+    """
     from hw_sim.synth import SynthParams, synthesize
 
     out.mkdir(parents=True, exist_ok=True)

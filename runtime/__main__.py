@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from runtime.config import ConfigError, RuntimeConfig, load_config
+from runtime.errors import run_cli
 
 
 def _toml_value(v: Any) -> str:
@@ -40,6 +41,21 @@ def defaults_as_toml() -> str:
     return "\n".join(lines)
 
 
+def sweep(cfg: RuntimeConfig) -> int:
+    """Unlink the shared-memory segments and the semaphores of daemons that no longer run (a live
+    daemon's are left alone). What the daemon does at start, for systemd's ExecStopPost."""
+    from runtime.lifetime import remove_stale_semaphores
+    from runtime.shm import remove_stale_segments
+
+    for what, names in (
+        ("shared memory", remove_stale_segments()),
+        ("semaphores", remove_stale_semaphores(cfg.daemon.runtime_dir)),
+    ):
+        if names:
+            print(f"removed stale {what}: {', '.join(names)}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from runtime.client import add_ctl_parser, run_ctl
     from runtime.export_cli import add_export_parser, run_export
@@ -51,6 +67,11 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     c = sub.add_parser("config", help="print the default config, or check a config file")
     c.add_argument("--check", type=Path, default=None, help="validate this file and print it resolved")
+    w = sub.add_parser(
+        "sweep",
+        help="remove what a killed daemon left: shared memory, semaphores (systemd's ExecStopPost)",
+    )
+    w.add_argument("--config", type=Path, default=None, help="TOML config file (defaults if omitted)")
     add_ctl_parser(sub)
     add_export_parser(sub)
     args = p.parse_args(argv)
@@ -66,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 print(json.dumps(load_config(args.check).model_dump(mode="json"), indent=2))
             return 0
+        if args.cmd == "sweep":
+            return sweep(load_config(args.config))
         if args.cmd == "ctl":
             return run_ctl(args)
         if args.cmd == "export":
@@ -78,4 +101,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

@@ -16,8 +16,8 @@ segment to own and clean up, and buy nothing while the stitcher keeps up.
 from __future__ import annotations
 
 import contextlib
+import logging
 import queue
-import traceback
 from dataclasses import dataclass, field
 from multiprocessing.queues import Queue
 from multiprocessing.synchronize import Event
@@ -26,9 +26,11 @@ from typing import Any
 from runtime.autofocus import SingleShotFocus
 from runtime.devices import Camera, DriverError, ScanArea, SimulatedClock
 from runtime.drivers import open_driver
+from runtime.errors import log_failure
 from runtime.field_focus import Capture, FieldFocuser, FocusModels, ModelSettings, WorkerModels
 from runtime.focus import ContrastSweep
 from runtime.inference_worker import InferenceChannel, InferenceStopped
+from runtime.lifetime import bind_to_parent
 from runtime.messages import (
     AcquisitionDone,
     FieldDone,
@@ -39,8 +41,10 @@ from runtime.messages import (
     WorkerFailed,
     peak_rss_bytes,
 )
-from runtime.scan_plan import serpentine_plan
+from runtime.scan_plan import MAX_FIELDS, serpentine_plan
 from runtime.shm import AttachedRing, RingSpec
+
+log = logging.getLogger("wsi.acquisition")
 
 END_OF_SCAN = None
 """Put on the tile queue after the last tile."""
@@ -58,6 +62,7 @@ class AcquisitionJob:
     single_shot: SingleShotFocus = field(default_factory=SingleShotFocus)
     models: ModelSettings | None = None
     inference_worker: bool = False  # single_shot: the models are served by the inference worker process
+    max_fields: int = MAX_FIELDS  # refuse plans larger than this (config: scan.max_fields)
 
 
 class _Stopped(Exception):
@@ -132,6 +137,7 @@ def acquisition_main(
     size and create the shared-memory ring before capturing. With the inference
     worker (``job.inference_worker``) it also waits for that worker's models.
     """
+    bind_to_parent()  # die with the supervisor (runtime/lifetime.py)
     hb = HeartbeatSender("acquisition", events)
     ring: AttachedRing | None = None
     done = 0
@@ -144,7 +150,7 @@ def acquisition_main(
             raise DriverError("no scan region given and the driver has no default scan area")
         h, w = camera.frame_shape
         px = camera.pixel_size_um
-        grid = serpentine_plan(area, w * px, h * px, job.overlap)
+        grid = serpentine_plan(area, w * px, h * px, job.overlap, max_fields=job.max_fields)
         events.put(ScanPrepared(grid, (h, w), px))
         spec = _wait_for_ring(to_acquisition, cancel, hb)
         if spec is None:
@@ -199,7 +205,7 @@ def acquisition_main(
         sim = driver.simulated_time_s() if isinstance(driver, SimulatedClock) else None
         events.put(AcquisitionDone(done, cancel.is_set(), sim, peak_rss_bytes()))
     except Exception as err:  # report, then exit non-zero; the supervisor cleans up
-        events.put(WorkerFailed("acquisition", f"{type(err).__name__}: {err}\n{traceback.format_exc()}"))
+        events.put(WorkerFailed("acquisition", log_failure(log, "acquisition worker failed", err)))
         raise SystemExit(1) from None
     finally:
         tiles.put(END_OF_SCAN)

@@ -11,7 +11,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 
 class ConfigError(ValueError):
@@ -28,6 +28,17 @@ class ControlConfig(_Section):
     command_endpoint: str = Field("ipc://{runtime_dir}/control.sock", description="ROUTER socket for requests")
     event_endpoint: str = Field("ipc://{runtime_dir}/events.sock", description="PUB socket for events")
 
+    @field_validator("command_endpoint", "event_endpoint")
+    @classmethod
+    def _supported_transport(cls, value: str) -> str:
+        # ipc (local, file permissions) and tcp (loopback only until CURVE keys exist) are
+        # what the control server knows how to secure; anything else is refused here, by name,
+        # rather than failing obscurely at bind time.
+        transport = value.split("://", 1)[0] if "://" in value else ""
+        if transport not in ("ipc", "tcp"):
+            raise ValueError(f"unsupported transport {transport or value!r}; use ipc://PATH or tcp://127.0.0.1:PORT")
+        return value
+
 
 class DriverConfig(_Section):
     """Which camera/stage driver the acquisition worker opens: ``module:callable`` returning a Driver."""
@@ -39,6 +50,7 @@ class DriverConfig(_Section):
 class ScanConfig(_Section):
     overlap: float = Field(0.10, ge=0.0, lt=0.5, description="overlap between neighbouring fields (fraction)")
     ring_slots: int = Field(8, ge=2, le=256, description="shared-memory tile slots between workers")
+    max_fields: int = Field(100_000, ge=1, le=10_000_000, description="refuse a scan whose plan has more fields")
 
 
 class FocusConfig(_Section):
@@ -138,7 +150,8 @@ class RuntimeConfig(_Section):
 
     def endpoint(self, which: Literal["command", "event"]) -> str:
         raw = self.control.command_endpoint if which == "command" else self.control.event_endpoint
-        return raw.format(runtime_dir=self.daemon.runtime_dir)
+        # Only the one placeholder is substituted: str.format would choke on any other brace.
+        return raw.replace("{runtime_dir}", str(self.daemon.runtime_dir))
 
 
 def _describe(err: ValidationError) -> str:

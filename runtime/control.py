@@ -18,6 +18,8 @@ without the empty delimiter), and drop replies for clients that have gone.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import errno
 import logging
 import os
@@ -26,17 +28,20 @@ import stat
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Final
 
 import zmq
 
+from runtime.errors import describe
 from runtime.protocol import (
     MAX_REQUEST_BYTES,
     NON_IDEMPOTENT,
     ProtocolError,
     RequestError,
+    RequestId,
     encode_error,
     encode_event,
     encode_reply,
@@ -48,13 +53,59 @@ log = logging.getLogger(__name__)
 
 Handler = Callable[[str, dict[str, Any]], Mapping[str, Any]]
 
-# Frames this big are dropped by libzmq (the peer is disconnected) before we
-# ever see them; between MAX_REQUEST_BYTES and this the client gets a clear
-# "too big" error instead.
-_MAX_FRAME_BYTES: Final = 4 * MAX_REQUEST_BYTES
+# Bounds on what one client message may hold. libzmq enforces the frame size
+# (ZMQ_MAXMSGSIZE: a bigger frame disconnects the peer before we see it); the
+# frame count and the total are ours, checked as the frames are read.
+MAX_FRAME_BYTES: Final = 2 * MAX_REQUEST_BYTES
+"""Largest frame libzmq accepts; between MAX_REQUEST_BYTES and this the client gets a clear error."""
+MAX_FRAMES: Final = 8
+"""Frames in one message: the identity ROUTER adds, envelope frames, a delimiter, the payload."""
+MAX_MESSAGE_BYTES: Final = MAX_FRAME_BYTES + 4096
+"""All frames of one message together (the payload plus routing identities of up to 255 bytes)."""
+# libzmq hands over a multipart message only once all of it has arrived: a
+# message of a million empty frames is read (and dropped) in slices of this
+# many frames per call, so the main loop keeps beating the watchdog meanwhile.
+_DISCARD_PER_CALL: Final = 20_000
+# After dropping a message at least this big (or of at least _DISCARD_PER_CALL
+# frames), give the freed heap back to the OS.
+_TRIM_AFTER_BYTES: Final = 1 << 20
 # sockaddr_un.sun_path is 108 bytes including the terminating NUL on Linux.
 _MAX_IPC_PATH: Final = 107
 _MAX_BATCH: Final = 256
+
+
+def _release_freed_memory() -> None:
+    """Return freed heap to the OS (glibc ``malloc_trim``; a no-op elsewhere).
+
+    libzmq buffers a whole multipart message in its I/O thread before we can see any of it;
+    after a hostile 100 MB message is dropped, glibc would otherwise keep the pages mapped and
+    the daemon's RSS would stay at its peak.
+    """
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+@dataclass
+class _Oversized:
+    """A message being dropped because it broke a bound; answered once its last frame is read."""
+
+    envelope: list[bytes]
+    reason: str
+    frames: int
+    nbytes: int
+
+
+@dataclass
+class ServerCounters:
+    """What the server has seen since it started (for ``status``, logs and the fuzz bench)."""
+
+    messages: int = 0  # read off the socket, whole or not
+    replies: int = 0  # sent back, errors included
+    errors: int = 0  # error replies
+    dropped: int = 0  # messages broken beyond answering, or that broke a bound
 
 
 def _ipc_path(endpoint: str) -> Path | None:
@@ -175,6 +226,8 @@ class ControlServer:
         self._cache = _ReplyCache(dedup_s)
         self._seq = 0
         self._closed = False
+        self._oversized: _Oversized | None = None
+        self.counters = ServerCounters()
         self.command_endpoint = command_endpoint
         self.event_endpoint = event_endpoint
         self._sockets: list[tuple[zmq.Socket[bytes], str]] = []
@@ -197,7 +250,7 @@ class ControlServer:
         # LINGER 0: on close, undelivered replies/events are dropped instead of
         # holding the process (and systemd's stop timeout) hostage.
         sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.MAXMSGSIZE, _MAX_FRAME_BYTES)
+        sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)
         try:
             sock.bind(endpoint)
         except zmq.ZMQError as err:
@@ -235,20 +288,91 @@ class ControlServer:
         return self.handle_pending()
 
     def handle_pending(self) -> int:
-        """Answer every request already queued, without waiting; return how many.
+        """Answer every request already queued, without waiting; return how many were read.
 
         Bounded per call so a flood of requests cannot starve the caller's loop
-        (watchdog pings, worker supervision).
+        (watchdog pings, worker supervision). Nothing a client sends escapes
+        from here: a failure while reading or answering one message is logged
+        and that message dropped.
         """
         handled = 0
         while handled < _MAX_BATCH:
+            if self._oversized is not None and not self._discard_rest():
+                break  # more of the oversized message next call
             try:
-                frames = self._router.recv_multipart(zmq.NOBLOCK)
+                frames = self._recv_message()
             except zmq.Again:
                 break
+            except zmq.ZMQError as err:  # EINTR and friends: try again on the next poll
+                log.warning("control: receive failed: %s", err)
+                break
             handled += 1
-            self._serve(frames)
+            self.counters.messages += 1
+            if frames is None:
+                continue  # oversized: answered once its last frame is read
+            try:
+                self._serve(frames)
+            except Exception:
+                self.counters.dropped += 1
+                log.exception("control: dropped a request that could not be answered")
         return handled
+
+    def _recv_message(self) -> list[bytes] | None:
+        """Read one message, frame by frame, keeping at most MAX_FRAMES / MAX_MESSAGE_BYTES.
+
+        Returns the frames, or None when the message broke a bound (the rest of it is then
+        discarded by :meth:`_discard_rest` and the client told which bound).
+        """
+        first = self._router.recv(zmq.NOBLOCK)
+        frames = [first]
+        nbytes = len(first)
+        while self._router.getsockopt(zmq.RCVMORE):
+            if len(frames) >= MAX_FRAMES:
+                reason = f"message has more than {MAX_FRAMES} frames; the limit is {MAX_FRAMES}"
+            elif nbytes > MAX_MESSAGE_BYTES:
+                reason = f"message is more than {MAX_MESSAGE_BYTES} bytes; the limit is {MAX_MESSAGE_BYTES}"
+            else:
+                frame = self._router.recv(zmq.NOBLOCK)
+                frames.append(frame)
+                nbytes += len(frame)
+                continue
+            self._oversized = _Oversized(self._reply_envelope(frames), reason, len(frames), nbytes)
+            self._discard_rest()
+            return None
+        if nbytes > MAX_MESSAGE_BYTES:
+            reason = f"message is {nbytes} bytes; the limit is {MAX_MESSAGE_BYTES}"
+            self._oversized = _Oversized(self._reply_envelope(frames), reason, len(frames), nbytes)
+            self._discard_rest()
+            return None
+        return frames
+
+    @staticmethod
+    def _reply_envelope(frames: list[bytes]) -> list[bytes]:
+        # The identity, and the delimiter when the client sent one right after it (REQ).
+        return frames[:2] if len(frames) > 1 and frames[1] == b"" else frames[:1]
+
+    def _discard_rest(self) -> bool:
+        """Read and drop up to _DISCARD_PER_CALL more frames of the oversized message.
+
+        Returns True once its last frame is gone (and the client has its error reply).
+        """
+        big = self._oversized
+        assert big is not None
+        for _ in range(_DISCARD_PER_CALL):
+            if not self._router.getsockopt(zmq.RCVMORE):
+                break
+            frame = self._router.recv(zmq.NOBLOCK, copy=False)
+            big.frames += 1
+            big.nbytes += len(frame)
+        else:
+            return False
+        self._oversized = None
+        self.counters.dropped += 1
+        log.warning("control: dropped a message of %d frames, %d bytes: %s", big.frames, big.nbytes, big.reason)
+        self._send(big.envelope, self._error(None, "malformed", big.reason))
+        if big.nbytes >= _TRIM_AFTER_BYTES or big.frames >= _DISCARD_PER_CALL:  # libzmq: ~64 B per frame
+            _release_freed_memory()
+        return True
 
     def _serve(self, frames: list[bytes]) -> None:
         # Envelope: the identity ROUTER prepended, then (REQ, or a polite
@@ -257,7 +381,7 @@ class ControlServer:
         split = delimiter + 1 if delimiter is not None else 1
         envelope, body = frames[:split], frames[split:]
         if len(body) != 1:
-            self._send(envelope, encode_error(None, "malformed", f"expected 1 payload frame, got {len(body)}"))
+            self._send(envelope, self._error(None, "malformed", f"expected 1 payload frame, got {len(body)}"))
             return
         self._send(envelope, self._answer(body[0]))
 
@@ -265,8 +389,8 @@ class ControlServer:
         try:
             request = parse_request(payload)
         except ProtocolError as err:
-            log.warning("control: rejected request (%s): %s", err.code, err.message)
-            return encode_error(err.request_id, err.code, err.message)
+            log.info("control: rejected request (%s): %s", err.code, err.message)
+            return self._error(err.request_id, err.code, err.message)
         dedup = request.command in NON_IDEMPOTENT and isinstance(request.id, str)
         if dedup:
             cached = self._cache.get(payload)
@@ -287,18 +411,26 @@ class ControlServer:
             return encode_reply(request_id, result)
         except RequestError as err:
             log.info("control: %s id=%r refused (%s): %s", command, request_id, err.code, err.message)
-            return encode_error(request_id, err.code, err.message)
+            return self._error(request_id, err.code, err.message)
         except Exception as err:
             # The control plane must outlive a buggy handler: report, keep serving.
+            # The traceback goes to the log, never to the client.
             log.exception("control: handler failed on %s id=%r", command, request_id)
-            return encode_error(request_id, "internal", f"{command} failed: {type(err).__name__}: {err}")
+            return self._error(request_id, "internal", f"{command} failed: {describe(err)}")
+
+    def _error(self, request_id: RequestId | None, code: str, message: str) -> bytes:
+        self.counters.errors += 1
+        return encode_error(request_id, code, message)
 
     def _send(self, envelope: list[bytes], reply: bytes) -> None:
+        self.counters.replies += 1
         try:
             self._router.send_multipart([*envelope, reply], zmq.NOBLOCK)
         except zmq.Again:
             # The client's pipe is full or it has gone; it will time out and retry.
             log.warning("control: dropped a reply for %r (peer not reading)", request_id_of(reply))
+        except zmq.ZMQError as err:  # e.g. EHOSTUNREACH with ROUTER_MANDATORY: the peer has gone
+            log.warning("control: could not send a reply for %r: %s", request_id_of(reply), err)
 
     # ------------------------------------------------------------------ events
 

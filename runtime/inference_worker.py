@@ -32,11 +32,10 @@ additionally starts and owns a worker (tests and benchmarks, outside the daemon)
 from __future__ import annotations
 
 import itertools
+import logging
 import multiprocessing as mp
-import os
 import queue
 import time
-import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.context import SpawnProcess
@@ -45,8 +44,12 @@ from pathlib import Path
 from typing import Any
 
 from runtime.autofocus import load_models
+from runtime.errors import log_failure
+from runtime.lifetime import bind_to_parent, orphaned
 from runtime.messages import HeartbeatSender, InferenceDone, InferenceReady, WorkerFailed, peak_rss_bytes
 from runtime.shm import AttachedRing, RingSpec
+
+log = logging.getLogger("wsi.inference")
 
 
 @dataclass(frozen=True)
@@ -130,14 +133,9 @@ class _Stats:
         }
 
 
-def _orphaned(parent: int) -> bool:
-    # A SIGKILLed daemon cannot stop its workers; this one holds the GPU, so it notices by itself.
-    return os.getppid() != parent
-
-
-def _wait_for_ring(requests: Queue[Any], hb: HeartbeatSender | None, parent: int) -> RingSpec | None:
+def _wait_for_ring(requests: Queue[Any], hb: HeartbeatSender | None, parent: int | None) -> RingSpec | None:
     """The scan job sends the ring once acquisition knows the frame shape."""
-    while not _orphaned(parent):
+    while not orphaned(parent):
         if hb is not None:
             hb.beat()
         try:
@@ -160,8 +158,11 @@ def inference_main(
     one client. ``events``: the scan job's queue (heartbeats, ready, done, failure); None when
     an :class:`InferenceClient` owns the worker outside the daemon.
     """
+    # A SIGKILLed daemon (or client) cannot stop its workers; this one holds the GPU. Beside the
+    # parent-death signal, the loops check for a lost parent themselves: an InferenceClient's
+    # worker sends no heartbeats, whose check would otherwise notice (runtime/lifetime.py).
+    parent = bind_to_parent()
     hb = HeartbeatSender("inference", events) if events is not None else None
-    parent = os.getppid()
     attached: AttachedRing | None = None
     stats = _Stats()
     try:
@@ -189,7 +190,7 @@ def inference_main(
         while running:
             if hb is not None:
                 hb.beat()
-            if _orphaned(parent):
+            if orphaned(parent):
                 break
             timeout = max(0.0, deadline - time.monotonic()) if pending else 0.2
             try:
@@ -238,7 +239,7 @@ def inference_main(
         if events is not None:
             events.put(InferenceDone(af.backend.name, stats.as_dict(), peak_rss_bytes()))
     except Exception as err:
-        message = f"{type(err).__name__}: {err}\n{traceback.format_exc()}"
+        message = log_failure(log, "inference worker failed", err)
         replies.put(WorkerError(message))
         if events is not None:
             events.put(WorkerFailed("inference", message))

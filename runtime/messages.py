@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from multiprocessing.queues import Queue
 from typing import Any
 
+from runtime import lifetime
 from runtime.scan_plan import FieldPlan, GridPlan
 
 
@@ -143,6 +144,11 @@ class HeartbeatSender:
 
     Beats come from the loop that does the work, not a side thread, so a
     worker stuck in its loop stops beating and the supervisor notices.
+
+    Each beat it sends also checks that the process that spawned this worker
+    (recorded at construction) is still its parent, and raises ``SystemExit``
+    if not: a worker whose loop runs outlives a SIGKILLed supervisor by about one
+    interval, also where there is no parent-death signal (:mod:`runtime.lifetime`).
     """
 
     def __init__(self, worker: str, events: Queue[Any], interval_s: float = 0.5) -> None:
@@ -150,9 +156,11 @@ class HeartbeatSender:
         self._events = events
         self._interval = interval_s
         self._last = 0.0
+        self._parent = lifetime.parent_pid()
 
     def beat(self) -> None:
         now = time.monotonic()
         if now - self._last >= self._interval:
             self._last = now
+            lifetime.exit_if_orphaned(self._parent)
             self._events.put(Heartbeat(self.worker, time.time()))

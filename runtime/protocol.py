@@ -53,10 +53,24 @@ from typing import Any, Final, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-MAX_REQUEST_BYTES: Final = 64 * 1024
-"""Largest request accepted. Commands are small; a bigger payload is a bug or abuse."""
+MAX_REQUEST_BYTES: Final = 16 * 1024
+"""Largest request accepted. Commands are small (a full ``start_scan`` is well under 5 KiB); a
+bigger payload is a bug or abuse."""
 
 MAX_ID_CHARS: Final = 128
+
+MAX_JSON_DEPTH: Final = 16
+"""Deepest nesting of arrays and objects accepted in a request (``start_scan`` needs 3).
+
+``json.loads`` recurses once per level: a 2 KB request of ``[[[[...`` raises ``RecursionError``,
+which is caught like any other parse error; shallower but still absurd nesting is refused after
+parsing."""
+
+MAX_STAGE_UM: Final = 1_000_000.0
+"""Stage coordinates (x, y) accepted in a request: within +-1 m of the stage origin."""
+
+MAX_REGION_UM: Final = 100_000.0
+"""Largest region side accepted (100 mm: a 2 x 3 inch slide is 76 x 51 mm)."""
 
 ErrorCode = Literal["malformed", "unknown_command", "invalid_params", "busy", "not_running", "internal"]
 ERROR_CODES: Final[tuple[str, ...]] = get_args(ErrorCode)
@@ -125,10 +139,10 @@ class ShutdownParams(_Params):
 class Region(_Params):
     """A stage rectangle in micrometres: top-left corner and size."""
 
-    x_um: float
-    y_um: float
-    width_um: float = Field(gt=0.0)
-    height_um: float = Field(gt=0.0)
+    x_um: float = Field(ge=-MAX_STAGE_UM, le=MAX_STAGE_UM)
+    y_um: float = Field(ge=-MAX_STAGE_UM, le=MAX_STAGE_UM)
+    width_um: float = Field(gt=0.0, le=MAX_REGION_UM)
+    height_um: float = Field(gt=0.0, le=MAX_REGION_UM)
 
 
 class FocusOverrides(_Params):
@@ -215,6 +229,23 @@ def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def json_depth(doc: Any) -> int:
+    """How deeply arrays and objects nest in a parsed JSON document (a scalar is 0).
+
+    Iterative, so it is safe on whatever ``json.loads`` managed to build.
+    """
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(doc, 0)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, dict):
+            value = list(value.values())
+        if isinstance(value, list):
+            deepest = max(deepest, depth + 1)
+            stack.extend((v, depth + 1) for v in value)
+    return deepest
+
+
 def _loads(raw: bytes) -> Any:
     return json.loads(raw.decode("utf-8"), parse_constant=_reject_constant, object_pairs_hook=_no_duplicate_keys)
 
@@ -258,6 +289,11 @@ def parse_request(raw: bytes) -> Request:
         raise ProtocolError("malformed", f"request is not UTF-8 text: {err.reason} at byte {err.start}") from None
     except ValueError as err:  # json.JSONDecodeError is a ValueError, as are the hooks' errors
         raise ProtocolError("malformed", f"request is not valid JSON: {err}") from None
+    except RecursionError:  # json.loads recurses once per level (C stack guarded by the interpreter)
+        raise ProtocolError("malformed", f"request nests too deeply; the limit is {MAX_JSON_DEPTH}") from None
+    depth = json_depth(doc)
+    if depth > MAX_JSON_DEPTH:
+        raise ProtocolError("malformed", f"request nests {depth} levels deep; the limit is {MAX_JSON_DEPTH}")
     if not isinstance(doc, dict):
         raise ProtocolError("malformed", f"request must be a JSON object, got {_json_type(doc)}")
     if "id" not in doc:
@@ -295,7 +331,7 @@ def request_id_of(raw: bytes) -> RequestId | None:
     """Best-effort id of a request frame that may be invalid (for logging and caching)."""
     try:
         doc = _loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
     rid = doc.get("id") if isinstance(doc, dict) else None
     return rid if isinstance(rid, str | int) and not isinstance(rid, bool) else None
@@ -413,10 +449,12 @@ def resolve_under(root: Path, value: str, param: str) -> Path:
     Relative paths are taken relative to ``root``; absolute ones must already
     lie inside it. Symlinks are resolved first, so a link pointing out of the
     data root is refused too. Raises ``RequestError("invalid_params", ...)``
-    naming the parameter.
+    naming the parameter. The path rules live in :mod:`runtime.paths` (this
+    is :func:`runtime.paths.resolve_under` with the protocol's error).
     """
-    root_resolved = Path(root).resolve()
-    candidate = (root_resolved / value).resolve()
-    if not candidate.is_relative_to(root_resolved):
-        raise RequestError("invalid_params", f"{param}: {value!r} is outside the data root {root_resolved}")
-    return candidate
+    from runtime import paths  # the one tie between the wire format and the path rules
+
+    try:
+        return paths.resolve_under(root, value, param)
+    except paths.UnsafePath as err:
+        raise RequestError("invalid_params", str(err)) from None

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import multiprocessing as mp
 import queue
 import shutil
@@ -28,10 +29,12 @@ from runtime.acquisition import AcquisitionJob, acquisition_main
 from runtime.autofocus import SingleShotFocus
 from runtime.config import RuntimeConfig
 from runtime.devices import ScanArea
+from runtime.errors import one_line
 from runtime.field_focus import model_settings, worker_settings
 from runtime.focus import ContrastSweep
 from runtime.inference_worker import STOP as INFERENCE_STOP
 from runtime.inference_worker import inference_main
+from runtime.lifetime import record_semaphores, semaphore_names
 from runtime.messages import (
     AcquisitionDone,
     FieldDone,
@@ -46,10 +49,13 @@ from runtime.messages import (
     peak_rss_bytes,
 )
 from runtime.ome_tiff import partial_path
+from runtime.paths import folder_identity, write_file_exclusive
 from runtime.shm import SlotRing
 from runtime.state import FinishReason
 from runtime.stitcher import StitchJob, stitcher_main
 from runtime.writer import WriteJob, writer_main
+
+log = logging.getLogger("wsi.scan_job")
 
 Publish = Callable[[str, dict[str, Any]], None]
 SLIDE_NAME = "slide.ome.tif"
@@ -104,8 +110,11 @@ class ScanJob:
         self.inference_replies: mp.Queue[Any] = self.ctx.Queue()
         self.inference: dict[str, Any] = {}  # backend, load time, what it served (for the report)
         self._loading: set[str] = set()  # workers still loading models: start timeout, not heartbeat timeout
+        self._record_semaphores()
 
-        output_dir.mkdir(parents=True, exist_ok=True)
+        # The supervisor made (or claimed) the folder (runtime.paths.make_output_folder); remember
+        # which one, so the report is never written into a folder swapped in for it.
+        self._output_id = folder_identity(output_dir)
         focus = cfg.focus
         job = AcquisitionJob(
             driver_factory=cfg.driver.factory,
@@ -118,6 +127,7 @@ class ScanJob:
             single_shot=SingleShotFocus(focus.tolerance_um, focus.max_moves),
             models=model_settings(cfg.models),
             inference_worker=self.uses_inference,
+            max_fields=cfg.scan.max_fields,
         )
         if self.uses_inference:
             # Spawned first so that model loading (minutes for a first TensorRT engine build)
@@ -147,6 +157,16 @@ class ScanJob:
         )
 
     # -- processes ---------------------------------------------------------------------------
+    def _record_semaphores(self) -> None:
+        """Name this job's POSIX semaphores (inside the queues and the event) in the supervisor's
+        registry, so that they are swept if the whole daemon is SIGKILLed (runtime/lifetime.py)."""
+        queues = (self.events, self.tiles, self.free_slots, self.to_acquisition, self.to_writer)
+        objs = (*queues, self.to_inference, self.inference_replies, self.cancel_event)
+        try:
+            record_semaphores(self.cfg.daemon.runtime_dir, semaphore_names(*objs))
+        except OSError as err:  # not worth failing a scan over: RemoveIPC= and a reboot still clean up
+            log.warning("could not record the scan's semaphores: %s", err)
+
     def _spawn(self, name: str, target: Callable[..., None], args: tuple[Any, ...]) -> None:
         proc = self.ctx.Process(target=target, args=args, name=f"wsi-{name}", daemon=True)
         proc.start()
@@ -271,7 +291,7 @@ class ScanJob:
             else:
                 self._finish(FinishReason.COMPLETED)
         elif isinstance(msg, WorkerFailed):
-            self._fail(f"{msg.worker} failed: {msg.message}")
+            self._fail(f"{msg.worker} failed: {one_line(msg.message)}")
 
     def _heartbeat_limit(self, name: str) -> float:
         # Loading models cannot beat (a TensorRT engine build is one native call that can take
@@ -286,6 +306,10 @@ class ScanJob:
         now = time.monotonic()
         for name, proc in self.procs.items():
             if proc.exitcode not in (None, 0):
+                # A worker that failed put its WorkerFailed (the reason) on the queue before
+                # exiting; it may sit behind messages not yet handled. Read them first, so the
+                # scan fails with the reason rather than with the bare exit code.
+                self._drain_events()
                 self._fail(f"{name} worker exited with code {proc.exitcode}")
                 return
             limit = self._heartbeat_limit(name)
@@ -293,6 +317,11 @@ class ScanJob:
                 what = "did not load its models" if name in self._loading else "sent no heartbeat"
                 self._fail(f"{name} worker {what} for {limit:.0f} s")
                 return
+
+    def _drain_events(self) -> None:
+        with contextlib.suppress(queue.Empty, ValueError, OSError):
+            while self.finish_reason is None:
+                self._handle(self.events.get(timeout=0.05))
 
     def heartbeats_fresh(self) -> bool:
         now = time.monotonic()
@@ -407,11 +436,9 @@ class ScanJob:
         }
 
     def write_report(self) -> Path:
-        path = self.output_dir / REPORT_NAME
-        tmp = path.with_suffix(".json.partial")
-        tmp.write_text(json.dumps(self.report(), indent=2))
-        tmp.replace(path)
-        return path
+        """``report.json`` via ``report.json.partial``, created exclusively, never through a link."""
+        data = json.dumps(self.report(), indent=2).encode("utf-8")
+        return write_file_exclusive(self.output_dir, REPORT_NAME, data, folder_id=self._output_id)
 
     def close(self) -> None:
         """Last resort on every path: no worker and no segment outlives the job."""

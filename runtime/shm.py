@@ -103,7 +103,8 @@ class AttachedRing:
             self._map.close()
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Does a process ``pid`` exist (one of another user's counts)?"""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -123,7 +124,7 @@ def remove_stale_segments() -> list[str]:
             pid = int(path.name[len(PREFIX) :].split("_", 1)[0])
         except ValueError:
             continue
-        if pid != os.getpid() and not _pid_alive(pid):
+        if pid != os.getpid() and not pid_alive(pid):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
                 removed.append(path.name)

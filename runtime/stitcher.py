@@ -6,17 +6,21 @@ never held up by more than one paste.
 
 from __future__ import annotations
 
+import logging
 import queue
-import traceback
 from dataclasses import dataclass, field
 from multiprocessing.queues import Queue
 from pathlib import Path
 from typing import Any
 
 from runtime.accumulator import DequeAccumulator, MosaicGeometry, StitchParams
+from runtime.errors import log_failure
+from runtime.lifetime import bind_to_parent
 from runtime.messages import HeartbeatSender, MosaicDone, MosaicRows, TileReady, WorkerFailed, peak_rss_bytes
 from runtime.mosaic import MosaicStore
 from runtime.shm import AttachedRing, RingSpec
+
+log = logging.getLogger("wsi.stitcher")
 
 
 @dataclass(frozen=True)
@@ -34,6 +38,7 @@ def stitcher_main(
     job: StitchJob, tiles: Queue[Any], free_slots: Queue[int], to_writer: Queue[Any], events: Queue[Any]
 ) -> None:
     """Process entry point (spawned). Ends on the acquisition's END_OF_SCAN marker."""
+    bind_to_parent()  # die with the supervisor (runtime/lifetime.py)
     hb = HeartbeatSender("stitcher", events)
     ring: AttachedRing | None = None
     try:
@@ -69,7 +74,7 @@ def stitcher_main(
         to_writer.put(done)
         events.put(done)
     except Exception as err:
-        events.put(WorkerFailed("stitcher", f"{type(err).__name__}: {err}\n{traceback.format_exc()}"))
+        events.put(WorkerFailed("stitcher", log_failure(log, "stitcher worker failed", err)))
         to_writer.put(None)
         raise SystemExit(1) from None
     finally:

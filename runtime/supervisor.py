@@ -8,24 +8,37 @@ SIGTERM/SIGINT stop a running scan cleanly (its Zarr is kept) and exit.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
 import signal
 import time
+from collections.abc import Iterator
 from types import FrameType
 from typing import Any
 
-from runtime import sdnotify
+from runtime import paths, sdnotify
 from runtime.config import ConfigError, RuntimeConfig, with_overrides
 from runtime.control import ControlServer
 from runtime.devices import ScanArea
-from runtime.protocol import RequestError, resolve_under
+from runtime.errors import log_failure
+from runtime.lifetime import forget_semaphores, remove_stale_semaphores
+from runtime.protocol import RequestError
 from runtime.scan_job import ScanJob
 from runtime.shm import remove_stale_segments
 from runtime.state import FinishReason, RunState, ScanStatus
 
 log = logging.getLogger("wsi.supervisor")
+
+
+@contextlib.contextmanager
+def _refused_as_invalid() -> Iterator[None]:
+    """A path that would leave the data root (or write through a link) is a bad parameter."""
+    try:
+        yield
+    except paths.UnsafePath as err:
+        raise RequestError("invalid_params", str(err)) from None
 
 
 class Supervisor:
@@ -81,15 +94,19 @@ class Supervisor:
         if self.job is not None:
             raise RequestError("busy", f"scan {self.job.scan_id} is still {self.status.state.value}")
         scan_id = time.strftime("scan-%Y%m%d-%H%M%S")
+        root = self.cfg.daemon.data_root
         name = params.get("output_name") or scan_id
-        output_dir = resolve_under(self.cfg.daemon.data_root, name, "output_name")
-        if (output_dir / "report.json").exists():
-            raise RequestError("invalid_params", f"output_name {name!r} already holds a scan")
+        with _refused_as_invalid():
+            # Looked at first (a refused name should not wait for a recording's walk), made last.
+            paths.check_output_folder(paths.output_folder(root, name, "output_name"), "output_name")
         driver_options: dict[str, Any] = {}
         if params.get("recording"):
-            rec = resolve_under(self.cfg.daemon.data_root, str(params["recording"]), "recording")
-            if not rec.exists():
-                raise RequestError("invalid_params", f"recording {rec} does not exist")
+            with _refused_as_invalid():
+                rec = paths.resolve_under(root, str(params["recording"]), "recording")
+                if not rec.exists():
+                    raise RequestError("invalid_params", f"recording {rec} does not exist")
+                # Every file the replay driver could open, links followed, must be in the data root too.
+                paths.check_tree_within(rec, root, "recording")
             driver_options["recording"] = str(rec)
         region = params.get("region")
         area = ScanArea(**region) if region else None
@@ -99,6 +116,8 @@ class Supervisor:
                 cfg = with_overrides(cfg, {"focus": params["focus"]})
             except ConfigError as err:
                 raise RequestError("invalid_params", f"focus: {err}") from None
+        with _refused_as_invalid():
+            output_dir = paths.make_output_folder(root, name, "output_name")
         self.job = ScanJob(cfg, scan_id, output_dir, area, driver_options, self._publish)
         self._set(
             state=RunState.SCANNING,
@@ -124,8 +143,7 @@ class Supervisor:
         try:
             job.pump()
         except Exception as err:  # a supervisor bug must not leave workers or segments behind
-            log.exception("scan job error")
-            job.abort(f"supervisor error: {err}")
+            job.abort(f"supervisor error: {log_failure(log, 'scan job error', err)}")
         if job.finish_reason is None:
             if job.writing and self.status.state is RunState.SCANNING:
                 self._set(state=RunState.WRITING)
@@ -175,6 +193,19 @@ class Supervisor:
             self.job.abort("daemon stopped during the scan; workers did not finish in time")
             self._tick_job()
 
+    def _serve_once(self) -> None:
+        """One turn of the main loop. Nothing raised in it ends the daemon: the control server
+        already answers every request it can read, so what arrives here is a supervisor bug;
+        it is logged and the loop goes on (a pause keeps a persistent fault from spinning)."""
+        assert self.server is not None
+        try:
+            self.server.poll(50)
+            self._tick_job()
+            self._watchdog()
+        except Exception as err:
+            log_failure(log, "main loop error (serving on)", err)
+            time.sleep(0.05)
+
     def run(self) -> None:
         """Serve until shutdown is requested or a signal arrives."""
         removed = remove_stale_segments()
@@ -182,6 +213,9 @@ class Supervisor:
             log.warning("removed stale shared memory left by a dead daemon: %s", ", ".join(removed))
         self.cfg.daemon.data_root.mkdir(parents=True, exist_ok=True)
         self.cfg.daemon.runtime_dir.mkdir(parents=True, exist_ok=True)
+        removed = remove_stale_semaphores(self.cfg.daemon.runtime_dir)
+        if removed:
+            log.warning("removed stale semaphores left by a dead daemon: %s", ", ".join(removed))
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
         self.server = ControlServer(self.cfg.endpoint("command"), self.cfg.endpoint("event"), self.handle)
@@ -189,9 +223,7 @@ class Supervisor:
             sdnotify.ready()
             sdnotify.status("idle")
             while not self._stop:
-                self.server.poll(50)
-                self._tick_job()
-                self._watchdog()
+                self._serve_once()
             if self.job is not None:
                 self._stop_running_scan()
         finally:
@@ -199,3 +231,6 @@ class Supervisor:
                 self.job.close()
             self.server.close()
             self.server = None
+            # Clean exit: the scan job's semaphores go with this process (multiprocessing unlinks
+            # them at exit), so the record kept for a SIGKILL goes now.
+            forget_semaphores(self.cfg.daemon.runtime_dir)

@@ -27,6 +27,7 @@ and OpenSlide read these files like tifffile's own.
 
 from __future__ import annotations
 
+import os
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -35,6 +36,8 @@ from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
+
+from runtime.paths import create_exclusive
 
 __all__ = ["TiffPage", "TiffStreamWriter"]
 
@@ -142,7 +145,14 @@ class TiffStreamWriter:
         self._offsets = [np.full(p.n_tiles, -1, dtype=np.int64) for p in self.pages]
         self._counts = [np.zeros(p.n_tiles, dtype=np.int64) for p in self.pages]
         self._missing = sum(p.n_tiles for p in self.pages)
-        self._f: BinaryIO | None = open(self.path, "wb", buffering=buffer_bytes)  # noqa: SIM115 (closed in close/abort)
+        # A new file, never through a link: a stale one at ``path`` (a crashed writer's partial
+        # file, or a link someone planted) is unlinked first, which removes the link, not its target.
+        fd = create_exclusive(self.path, replace_stale=True)
+        try:
+            self._f: BinaryIO | None = os.fdopen(fd, "wb", buffering=buffer_bytes)
+        except BaseException:
+            os.close(fd)
+            raise
         # BigTIFF header: byte order, version 43, offset size 8, reserved 0, first IFD (patched in close()).
         self._f.write(b"II" + struct.pack("<HHHQ", 43, 8, 0, 0))
         self._pos = 16

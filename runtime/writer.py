@@ -14,17 +14,21 @@ removes the partial file and keeps the Zarr mosaic for a later export.
 
 from __future__ import annotations
 
+import logging
 import queue
-import traceback
 from dataclasses import dataclass
 from multiprocessing.queues import Queue
 from pathlib import Path
 from typing import Any
 
 from runtime.config import WriterConfig
+from runtime.errors import log_failure
+from runtime.lifetime import bind_to_parent
 from runtime.messages import HeartbeatSender, MosaicDone, MosaicRows, WorkerFailed, WriterDone, peak_rss_bytes
 from runtime.mosaic import MosaicStore
 from runtime.ome_tiff import OmeTiffStream
+
+log = logging.getLogger("wsi.writer")
 
 _SUBSAMPLING = {"2x2": (2, 2), "2x1": (2, 1), "4x1": (4, 1), "1x1": (1, 1)}
 
@@ -60,6 +64,7 @@ def ngff_path(out: Path) -> Path:
 
 def writer_main(job: WriteJob, from_stitcher: Queue[Any], events: Queue[Any]) -> None:
     """Process entry point (spawned). Streams the slide as the mosaic grows, finishes on MosaicDone."""
+    bind_to_parent()  # die with the supervisor (runtime/lifetime.py)
     hb = HeartbeatSender("writer", events)
     stream: OmeTiffStream | None = None
     try:
@@ -100,5 +105,5 @@ def writer_main(job: WriteJob, from_stitcher: Queue[Any], events: Queue[Any]) ->
     except Exception as err:
         if stream is not None:
             stream.abort()
-        events.put(WorkerFailed("writer", f"{type(err).__name__}: {err}\n{traceback.format_exc()}"))
+        events.put(WorkerFailed("writer", log_failure(log, "writer worker failed", err)))
         raise SystemExit(1) from None

@@ -22,7 +22,7 @@ import zmq
 
 from runtime.client import ControlClient, EventSubscriber, RequestFailed
 from runtime.control import ControlServer
-from runtime.protocol import RequestError, decode_reply, encode_request
+from runtime.protocol import MAX_REQUEST_BYTES, RequestError, decode_reply, encode_request
 
 
 @pytest.fixture
@@ -205,10 +205,10 @@ def test_array_oversize_and_multiframe_requests(sock_dir: Path) -> None:
         doc = decode_reply(raw_exchange(st.cmd, [b"[1, 2]"], zmq.REQ)[-1])
         assert doc["error"]["code"] == "malformed"
         assert "JSON object, got array" in doc["error"]["message"]
-        big = encode_request(2, "ping", {"pad": "x" * 70_000})
+        big = encode_request(2, "ping", {"pad": "x" * 20_000})
         doc = decode_reply(raw_exchange(st.cmd, [big])[-1])
         assert doc["error"]["code"] == "malformed"
-        assert "the limit is 65536" in doc["error"]["message"]
+        assert f"the limit is {MAX_REQUEST_BYTES}" in doc["error"]["message"]
         doc = decode_reply(raw_exchange(st.cmd, [b"", b"{}", b"{}"])[-1])
         assert doc["error"]["code"] == "malformed"
         assert "expected 1 payload frame, got 2" in doc["error"]["message"]
