@@ -138,8 +138,8 @@ class _Replay:
     """One held-out recording behind the replay driver, with what the scan-path scores need."""
 
     driver: Any  # hw_sim.replay.ReplayDriver
-    settings: Any  # runtime.field_focus.ModelSettings
-    grid: Any  # runtime.scan_plan.GridPlan
+    settings: Any  # runtime.focus.field.ModelSettings
+    grid: Any  # runtime.devices.scan_plan.GridPlan
     tissue: np.ndarray  # per field: holds >= 5% tissue
     truth: np.ndarray  # per field: true focus z (µm)
 
@@ -147,8 +147,8 @@ class _Replay:
 def _replay(path: Path, model_dir: Path | None) -> _Replay:
     from hw_sim.recording import Recording
     from hw_sim.replay import ReplayDriver
-    from runtime.field_focus import ModelSettings
-    from runtime.scan_plan import serpentine_plan
+    from runtime.devices.scan_plan import serpentine_plan
+    from runtime.focus.field import ModelSettings
 
     rec = Recording.open(path)
     m = rec.meta
@@ -164,9 +164,9 @@ def _replay(path: Path, model_dir: Path | None) -> _Replay:
 
 
 def scan_path(paths: list[Path], strategy: str, model_dir: Path | None) -> dict[str, Any]:
-    from runtime.autofocus import SingleShotFocus
-    from runtime.field_focus import FieldFocuser
-    from runtime.focus import ContrastSweep
+    from runtime.focus.field import FieldFocuser
+    from runtime.focus.single_shot import SingleShotFocus
+    from runtime.focus.sweep import ContrastSweep
 
     errors, captures, tissue_caps, clamped = [], [], [], 0
     classes: dict[str, int] = {}
@@ -207,9 +207,9 @@ COLD_STARTS_UM = tuple(float(d) for d in range(-10, 11))
 
 def cold_start(paths: list[Path], strategy: str, model_dir: Path | None) -> dict[str, Any]:
     """Every tissue field focused from every start guess in ``COLD_STARTS_UM`` (truth + offset)."""
-    from runtime.autofocus import FocusSurface, SingleShotFocus
-    from runtime.field_focus import FieldFocuser
-    from runtime.focus import ContrastSweep
+    from runtime.focus.field import FieldFocuser
+    from runtime.focus.single_shot import FocusSurface, SingleShotFocus
+    from runtime.focus.sweep import ContrastSweep
 
     starts, errors, captures, fallbacks = [], [], [], 0
     t0 = time.perf_counter()
@@ -257,8 +257,8 @@ def cold_start(paths: list[Path], strategy: str, model_dir: Path | None) -> dict
 
 
 def backend_timing(model_dir: Path | None, tile: np.ndarray) -> list[dict[str, Any]]:
-    from runtime.inference import BACKENDS, installed_backends, select_backend
-    from runtime.models import default_model_dir, load_model_folder
+    from runtime.ml.backends import BACKENDS, installed_backends, select_backend
+    from runtime.ml.model_folder import default_model_dir, load_model_folder
 
     folder = load_model_folder(model_dir or default_model_dir("autofocus"), "autofocus")
     pre = folder.autofocus_preprocess()
@@ -298,8 +298,8 @@ def backend_timing(model_dir: Path | None, tile: np.ndarray) -> list[dict[str, A
 
 def run(args: argparse.Namespace) -> int:
     from hw_sim.recording import Recording
-    from runtime.autofocus import load_models
-    from runtime.models import builtin_autofocus_dir
+    from runtime.focus.single_shot import load_models
+    from runtime.ml.model_folder import builtin_autofocus_dir
 
     paths = _recordings(args)
     recs = [Recording.open(p) for p in paths]

@@ -85,9 +85,9 @@ def _scan(recording: Path, out: Path, config: Path) -> dict[str, Any]:
     """Replay ``recording`` through a daemon child; returns the report plus event arrival times."""
     from hw_sim.recording import Recording
     from hw_sim.replay_job import _replay_config, add_truth
-    from runtime.client import ControlClient, EventSubscriber
     from runtime.config import load_config
-    from runtime.daemon import start_daemon_process
+    from runtime.control.client import ControlClient, EventSubscriber
+    from runtime.daemon.process import start_daemon_process
 
     rec = Recording.open(recording)
     with tempfile.TemporaryDirectory(prefix="wsi-e2e-") as runtime_dir:
@@ -149,7 +149,7 @@ def _quality(recording: Path, slide: Path, mosaic: Path | None, samples: int, se
 
     from hw_sim.recording import Recording
     from hw_sim.truth import TruthRenderer
-    from runtime.mosaic import MosaicStore
+    from runtime.output.mosaic_store import MosaicStore
 
     rec = Recording.open(recording)
     renderer = TruthRenderer(rec.meta, tile=WINDOW)

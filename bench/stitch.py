@@ -5,7 +5,7 @@ plane per field, so both stitchers get the same, sharp tiles; the stage
 misses every commanded position by a clipped normal error), then:
 
 ``ours``
-    The runtime's online stitcher (``runtime.accumulator.DequeAccumulator``),
+    The runtime's online stitcher (``runtime.stitching.accumulator.DequeAccumulator``),
     fed tile by tile in scan order as the daemon's stitcher worker does:
     registration against the neighbours already captured, the incremental
     position solve, flat-field, blending and the Zarr mosaic with its
@@ -224,9 +224,9 @@ def _errors(est: dict[tuple[int, int], tuple[float, float]], truth: Truth) -> di
 
 
 def _ours(rec: Any, tiles: list[Any], workdir: Path, a: argparse.Namespace) -> dict[str, Any]:
-    from runtime.accumulator import DequeAccumulator, MosaicGeometry, StitchParams
-    from runtime.mosaic import MosaicStore
-    from runtime.scan_plan import FieldPlan, GridPlan
+    from runtime.devices.scan_plan import FieldPlan, GridPlan
+    from runtime.output.mosaic_store import MosaicStore
+    from runtime.stitching.accumulator import DequeAccumulator, MosaicGeometry, StitchParams
 
     m = rec.meta
     fields = []
@@ -421,7 +421,7 @@ def _e2e(workdir: Path, a: argparse.Namespace) -> dict[str, Any]:
 
 def run(a: argparse.Namespace) -> int:
     from hw_sim.recording import Recording
-    from runtime.registration import to_grey
+    from runtime.stitching.registration import to_grey
 
     tmp = None
     if a.workdir is None:

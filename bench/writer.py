@@ -177,7 +177,7 @@ def _phase(meter: PeakMeter, fn: Any) -> dict[str, float]:
 
 
 def _child_ingest(a: argparse.Namespace) -> dict[str, Any]:
-    from runtime.mosaic import MosaicStore
+    from runtime.output.mosaic_store import MosaicStore
 
     meter = PeakMeter()
     startup_peak, baseline = meter.peak_mib(), meter.rss_mib()
@@ -209,8 +209,8 @@ def _child_ingest(a: argparse.Namespace) -> dict[str, Any]:
 
 def _child_write(a: argparse.Namespace) -> dict[str, Any]:
     """``tiff`` (from the Zarr pyramid) or ``writer`` (from level 0 alone)."""
-    from runtime.mosaic import MosaicStore
-    from runtime.ome_tiff import write_ome_tiff, write_ome_tiff_from_level0
+    from runtime.output.mosaic_store import MosaicStore
+    from runtime.output.ome_tiff import write_ome_tiff, write_ome_tiff_from_level0
 
     meter = PeakMeter()
     startup_peak, baseline = meter.peak_mib(), meter.rss_mib()
@@ -245,7 +245,7 @@ def _child_vips_input(a: argparse.Namespace) -> dict[str, Any]:
     """Level 0 of the mosaic as a plain tiled TIFF for libvips (not timed: it is the input)."""
     import tifffile
 
-    from runtime.mosaic import MosaicStore
+    from runtime.output.mosaic_store import MosaicStore
 
     store = MosaicStore.open(a.mosaic)
     h, w = store.shape
@@ -416,7 +416,7 @@ def _sample_psnr(mosaic: Path, tiff: Path, n: int = 24, seed: int = 0) -> float:
     """PSNR (dB) of ``n`` random level-0 tiles of ``tiff`` against the mosaic's pixels."""
     import tifffile
 
-    from runtime.mosaic import MosaicStore
+    from runtime.output.mosaic_store import MosaicStore
 
     store = MosaicStore.open(mosaic)
     h, w = store.shape

@@ -5,7 +5,7 @@
   python -m export train-classifier [--data DIR] [--seed 0] [--out out/models/classifier.pt]
   python -m export onnx CHECKPOINT --out FOLDER                          model.onnx + model.json
 
-The committed models in ``runtime/models/`` were made with ``python -m export all``
+The committed models in ``runtime/ml/builtin/`` were made with ``python -m export all``
 (the exact commands are recorded in each ``model.json`` under ``training``).
 """
 
@@ -22,9 +22,9 @@ import numpy as np
 
 from export.datasets import EXTRA_TRAIN_SPLITS
 from runtime.errors import run_cli
+from runtime.ml.model_folder import MODELS_DIR
 
 DEFAULT_DATA = Path("out/export-data")
-MODELS_DIR = Path(__file__).resolve().parent.parent / "runtime" / "models"
 
 
 def _samples(kind: str, data_dir: Path, seed: int, n: int = 64, wide: int = 0) -> np.ndarray:
@@ -74,7 +74,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     o.add_argument("--data", type=Path, default=DEFAULT_DATA, help="held-out samples for the parity check")
     o.add_argument("--seed", type=int, default=0)
     o.add_argument("--atol", type=float, default=1e-3)
-    a = sub.add_parser("all", help="train both models and export them into runtime/models/")
+    a = sub.add_parser("all", help="train both models and export them into runtime/ml/builtin/")
     a.add_argument("--data", type=Path, default=DEFAULT_DATA)
     a.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)

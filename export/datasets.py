@@ -26,7 +26,7 @@ import numpy.typing as npt
 
 from hw_sim.optics import CameraParams, Optics, OpticsParams
 from hw_sim.slide import RUIFROK_E, RUIFROK_H, SlideSpec, SyntheticSlide
-from runtime.preprocess import AutofocusPreprocess, ClassifierPreprocess
+from runtime.ml.preprocess import AutofocusPreprocess, ClassifierPreprocess
 
 PIXEL_SIZE_UM = 0.25  # 40x scanner camera pixel in the sample plane
 TILE = 256

@@ -22,8 +22,8 @@ from torch import nn
 
 from export.datasets import EXTRA_TRAIN_SPLITS
 from export.models import AutofocusNet, TileClassifier
-from runtime.models import sha256_file
-from runtime.preprocess import AutofocusPreprocess, ClassifierPreprocess
+from runtime.ml.model_folder import sha256_file
+from runtime.ml.preprocess import AutofocusPreprocess, ClassifierPreprocess
 
 OPSET = 17
 PIXEL_SIZE_UM = 0.25

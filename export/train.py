@@ -29,7 +29,7 @@ from export.datasets import (
     classifier_data,
 )
 from export.models import AutofocusNet, TileClassifier, count_macs
-from runtime.preprocess import AutofocusPreprocess
+from runtime.ml.preprocess import AutofocusPreprocess
 
 HALF_DOF_UM = 0.35
 

@@ -28,7 +28,7 @@ import numpy.typing as npt
 import zarr
 from zarr.codecs import ZstdCodec
 
-from runtime.devices import ScanArea
+from runtime.devices.protocols import ScanArea
 
 FORMAT = "wsi-recording"
 FORMAT_VERSION = 1

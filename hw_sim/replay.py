@@ -21,7 +21,7 @@ import numpy as np
 import numpy.typing as npt
 
 from hw_sim.recording import Recording, Timing
-from runtime.devices import DriverError, RGBImage, ScanArea, StagePosition
+from runtime.devices.protocols import DriverError, RGBImage, ScanArea, StagePosition
 
 
 def trapezoid_move_s(distance_um: float, speed_um_s: float, accel_um_s2: float) -> float:

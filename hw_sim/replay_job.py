@@ -20,9 +20,9 @@ import numpy as np
 from tqdm import tqdm
 
 from hw_sim.recording import Recording
-from runtime.client import ControlClient, EventSubscriber
 from runtime.config import RuntimeConfig, load_config, with_overrides
-from runtime.daemon import start_daemon_process, stop_daemon_process
+from runtime.control.client import ControlClient, EventSubscriber
+from runtime.daemon.process import start_daemon_process, stop_daemon_process
 from runtime.paths import check_output_folder, write_file_exclusive
 
 HALF_DOF_UM = 0.35  # half the depth of field at 40x / 0.95 NA

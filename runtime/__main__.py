@@ -44,8 +44,8 @@ def defaults_as_toml() -> str:
 def sweep(cfg: RuntimeConfig) -> int:
     """Unlink the shared-memory segments and the semaphores of daemons that no longer run (a live
     daemon's are left alone). What the daemon does at start, for systemd's ExecStopPost."""
-    from runtime.lifetime import remove_stale_semaphores
-    from runtime.shm import remove_stale_segments
+    from runtime.ipc.lifetime import remove_stale_semaphores
+    from runtime.ipc.ring import remove_stale_segments
 
     for what, names in (
         ("shared memory", remove_stale_segments()),
@@ -57,8 +57,8 @@ def sweep(cfg: RuntimeConfig) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from runtime.client import add_ctl_parser, run_ctl
-    from runtime.export_cli import add_export_parser, run_export
+    from runtime.control.client import add_ctl_parser, run_ctl
+    from runtime.output.cli import add_export_parser, run_export
 
     p = argparse.ArgumentParser(prog="python -m runtime", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         if args.cmd == "daemon":
-            from runtime.daemon import run_daemon
+            from runtime.daemon.process import run_daemon
 
             run_daemon(load_config(args.config), args.log_level)
             return 0

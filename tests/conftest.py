@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from hw_sim.synth import SynthParams, synthesize
-from runtime.client import ControlClient
 from runtime.config import RuntimeConfig, with_overrides
-from runtime.daemon import start_daemon_process, stop_daemon_process
+from runtime.control.client import ControlClient
+from runtime.daemon.process import start_daemon_process, stop_daemon_process
 
 SMALL = SynthParams(fields_x=3, fields_y=3, seed=5, tile=256, z_planes=9, z_step_um=0.5)
 

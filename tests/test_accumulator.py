@@ -12,8 +12,8 @@ import pytest
 from hw_sim.recording import Recording
 from hw_sim.synth import SynthParams, grid_for, synthesize
 from hw_sim.truth import TILE, TruthRenderer
-from runtime.accumulator import DequeAccumulator, MosaicGeometry, StitchParams
-from runtime.mosaic import MosaicStore
+from runtime.output.mosaic_store import MosaicStore
+from runtime.stitching.accumulator import DequeAccumulator, MosaicGeometry, StitchParams
 
 # One in-focus plane per field: these tests are about stitching, not focus.
 BASE = SynthParams(fields_x=4, fields_y=3, tile=256, seed=3, z_planes=1, coarse_focus_error_um=0.0, overlap=0.15)

@@ -7,8 +7,8 @@ import pytest
 
 from hw_sim.optics import CameraParams, Optics, OpticsParams
 from hw_sim.slide import SlideSpec, SyntheticSlide
-from runtime.blending import composite, feather_alpha, lanczos_kernel, ramp, subpixel_shift
-from runtime.flatfield import FlatField, FlatFieldEstimator
+from runtime.stitching.blending import composite, feather_alpha, lanczos_kernel, ramp, subpixel_shift
+from runtime.stitching.flatfield import FlatField, FlatFieldEstimator
 
 
 def _smooth_image(n: int, seed: int = 0, amplitude: float = 40.0) -> np.ndarray:

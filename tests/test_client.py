@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 import zmq
 
-from runtime.client import ControlClient, DaemonUnavailable, EventSubscriber, RequestFailed, main
-from runtime.control import ControlServer
-from runtime.protocol import RequestError, encode_event, encode_reply
+from runtime.control.client import ControlClient, DaemonUnavailable, EventSubscriber, RequestFailed, main
+from runtime.control.protocol import RequestError, encode_event, encode_reply
+from runtime.control.server import ControlServer
 
 
 @pytest.fixture

@@ -20,9 +20,9 @@ from typing import Any
 import pytest
 import zmq
 
-from runtime.client import ControlClient, EventSubscriber, RequestFailed
-from runtime.control import ControlServer
-from runtime.protocol import MAX_REQUEST_BYTES, RequestError, decode_reply, encode_request
+from runtime.control.client import ControlClient, EventSubscriber, RequestFailed
+from runtime.control.protocol import MAX_REQUEST_BYTES, RequestError, decode_reply, encode_request
+from runtime.control.server import ControlServer
 
 
 @pytest.fixture
@@ -146,7 +146,7 @@ def test_handler_errors_become_error_replies_and_serving_continues(
     sock_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     rec = Recorder()
-    caplog.set_level(logging.INFO, logger="runtime.control")
+    caplog.set_level(logging.INFO, logger="runtime.control.server")
     with serving(sock_dir, rec) as st, ControlClient(st.cmd) as client:
         with pytest.raises(RequestFailed) as info:
             client.request("cancel")

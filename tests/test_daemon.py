@@ -14,10 +14,10 @@ from typing import Any
 import pytest
 import zmq
 
-from runtime import shm
-from runtime.client import ControlClient, EventSubscriber, RequestFailed
 from runtime.config import RuntimeConfig
-from runtime.daemon import start_daemon_process, stop_daemon_process
+from runtime.control.client import ControlClient, EventSubscriber, RequestFailed
+from runtime.daemon.process import start_daemon_process, stop_daemon_process
+from runtime.ipc import ring as shm
 from tests.conftest import daemon_config
 
 

@@ -18,8 +18,9 @@ from typing import Any
 import pytest
 
 from hw_sim.replay_job import run_demo, run_replay
-from runtime.client import ControlClient, RequestFailed
-from runtime.daemon import start_daemon_process, stop_daemon_process
+from runtime.control.client import ControlClient, RequestFailed
+from runtime.daemon.process import start_daemon_process, stop_daemon_process
+from runtime.output.tiff_stream import COMPRESSION_NONE, TiffPage, TiffStreamWriter
 from runtime.paths import (
     UnsafePath,
     check_output_folder,
@@ -31,7 +32,6 @@ from runtime.paths import (
     resolve_under,
     write_file_exclusive,
 )
-from runtime.tiff_stream import COMPRESSION_NONE, TiffPage, TiffStreamWriter
 from tests.conftest import daemon_config
 from tests.test_daemon import _wait_idle
 

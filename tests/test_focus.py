@@ -2,8 +2,8 @@ import cv2
 import numpy as np
 import pytest
 
-from runtime.devices import StagePosition
-from runtime.focus import ContrastSweep, parabolic_peak, sharpness
+from runtime.devices.protocols import StagePosition
+from runtime.focus.sweep import ContrastSweep, parabolic_peak, sharpness
 
 
 def _texture(seed: int = 0) -> np.ndarray:

@@ -22,9 +22,9 @@ import psutil
 import pytest
 import zmq
 
-from runtime.client import ControlClient, EventSubscriber
-from runtime.control import MAX_FRAME_BYTES, MAX_FRAMES
-from runtime.protocol import MAX_JSON_DEPTH, MAX_REGION_UM, MAX_REQUEST_BYTES, decode_reply
+from runtime.control.client import ControlClient, EventSubscriber
+from runtime.control.protocol import MAX_JSON_DEPTH, MAX_REGION_UM, MAX_REQUEST_BYTES, decode_reply
+from runtime.control.server import MAX_FRAME_BYTES, MAX_FRAMES
 from tests.test_daemon import live_daemon
 
 

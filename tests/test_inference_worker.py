@@ -12,7 +12,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from runtime.inference_worker import (
+from runtime.ipc.messages import Heartbeat, InferenceDone, InferenceReady
+from runtime.ipc.ring import AttachedRing, SlotRing
+from runtime.workers.inference import (
     STOP,
     InferenceChannel,
     InferenceClient,
@@ -20,8 +22,6 @@ from runtime.inference_worker import (
     WorkerSettings,
     inference_main,
 )
-from runtime.messages import Heartbeat, InferenceDone, InferenceReady
-from runtime.shm import AttachedRing, SlotRing
 from tests.test_models import _render
 
 

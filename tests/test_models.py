@@ -10,15 +10,15 @@ from typing import Any
 import numpy as np
 import pytest
 
-from runtime.autofocus import AutofocusModel, FocusSurface, TileClassifierModel, load_models
-from runtime.inference import (
+from runtime.focus.single_shot import AutofocusModel, FocusSurface, TileClassifierModel, load_models
+from runtime.ml.backends import (
     EngineCache,
     EngineKey,
     InferenceError,
     OrtBackend,
     select_backend,
 )
-from runtime.models import ModelFolderError, builtin_autofocus_dir, default_model_dir, load_model_folder
+from runtime.ml.model_folder import ModelFolderError, builtin_autofocus_dir, default_model_dir, load_model_folder
 
 # ---------------------------------------------------------------------------- committed models
 

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import tifffile
 
-from runtime.mosaic import FILL, MosaicStore
-from runtime.ome_tiff import partial_path, tile_encoder, write_ome_tiff
+from runtime.output.mosaic_store import FILL, MosaicStore
+from runtime.output.ome_tiff import partial_path, tile_encoder, write_ome_tiff
 from tests import bioformats
 
 PIXEL_UM = 0.25
@@ -198,7 +198,7 @@ def test_export_cli_on_interrupted_scan(tmp_path: Path) -> None:
         store.write_band(y, img[y : y + 128])
     del store
     out = tmp_path / "slide.ome.tif"
-    cmd = [sys.executable, "-m", "runtime.export_cli", str(path), str(out), "--compression", "zstd"]
+    cmd = [sys.executable, "-m", "runtime.output.cli", str(path), str(out), "--compression", "zstd"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "interrupted scan (512 of 900 rows)" in proc.stderr

@@ -20,12 +20,13 @@ from typing import Any
 import psutil
 import pytest
 
-from runtime import lifetime, shm
 from runtime.__main__ import main as runtime_main
-from runtime.client import ControlClient
 from runtime.config import RuntimeConfig
-from runtime.daemon import start_daemon_process, stop_daemon_process
-from runtime.messages import HeartbeatSender
+from runtime.control.client import ControlClient
+from runtime.daemon.process import start_daemon_process, stop_daemon_process
+from runtime.ipc import lifetime
+from runtime.ipc import ring as shm
+from runtime.ipc.messages import HeartbeatSender
 from tests.conftest import daemon_config
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="POSIX semaphores in /dev/shm, prctl")

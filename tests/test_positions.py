@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from runtime.positions import Link, PositionSolver, StageModel
+from runtime.stitching.positions import Link, PositionSolver, StageModel
 
 STEP = 900.0
 

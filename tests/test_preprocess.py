@@ -1,4 +1,4 @@
-"""Model input preprocessing (runtime/preprocess.py): the v1 and v2 autofocus inputs."""
+"""Model input preprocessing (runtime/ml/preprocess.py): the v1 and v2 autofocus inputs."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import cv2
 import numpy as np
 import pytest
 
-from runtime.preprocess import AutofocusPreprocess, PreprocessError
+from runtime.ml.preprocess import AutofocusPreprocess, PreprocessError
 
 
 def _tile(n: int, seed: int = 0) -> np.ndarray:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from runtime.protocol import (
+from runtime.control.protocol import (
     COMMANDS,
     ERROR_CODES,
     EVENT_NAMES,

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import zarr
 
-from runtime.mosaic import FILL, MosaicError, MosaicStore
-from runtime.pyramid import PyramidBuilder, downsample2x, level_shapes
+from runtime.output.mosaic_store import FILL, MosaicError, MosaicStore
+from runtime.output.pyramid import PyramidBuilder, downsample2x, level_shapes
 
 
 def reference_half(img: np.ndarray) -> np.ndarray:

@@ -16,7 +16,7 @@ import zarr
 from hw_sim.recording import Recording, RecordingError, RecordingMeta, RecordingWriter, Timing
 from hw_sim.synth import AREA_ORIGIN_UM, SynthParams, grid_for, synthesize
 from hw_sim.truth import TruthRenderer, mosaic_shape, write_truth
-from runtime.devices import ScanArea
+from runtime.devices.protocols import ScanArea
 
 PARAMS = SynthParams(fields_x=2, fields_y=2, seed=1, tile=128, z_planes=5, z_step_um=0.5)
 

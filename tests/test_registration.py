@@ -8,7 +8,7 @@ import pytest
 
 from hw_sim.optics import CameraParams, Optics, OpticsParams
 from hw_sim.slide import SlideSpec, SyntheticSlide
-from runtime.registration import RegistrationParams, register_pair, texture, to_grey
+from runtime.stitching.registration import RegistrationParams, register_pair, texture, to_grey
 
 PX = 0.25
 TILE = 256

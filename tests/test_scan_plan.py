@@ -1,7 +1,7 @@
 import pytest
 
-from runtime.devices import ScanArea
-from runtime.scan_plan import serpentine_plan
+from runtime.devices.protocols import ScanArea
+from runtime.devices.scan_plan import serpentine_plan
 
 
 def test_serpentine_covers_area_in_snake_order() -> None:

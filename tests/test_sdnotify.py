@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from runtime import sdnotify
+from runtime.daemon import sdnotify
 
 
 @pytest.fixture

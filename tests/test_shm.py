@@ -3,8 +3,8 @@ import os
 
 import numpy as np
 
-from runtime import shm
-from runtime.shm import AttachedRing, RingSpec, SlotRing, remove_stale_segments, segments_of
+from runtime.ipc import ring as shm
+from runtime.ipc.ring import AttachedRing, RingSpec, SlotRing, remove_stale_segments, segments_of
 
 
 def _child_writes(spec: RingSpec, slot: int, value: int) -> None:

@@ -12,12 +12,12 @@ from hw_sim.recording import Recording
 from hw_sim.replay import ReplayDriver
 from hw_sim.slide import SlideSpec, SyntheticSlide
 from hw_sim.synth import SynthParams, synthesize
-from runtime.autofocus import SingleShotFocus
 from runtime.config import ConfigError, config_from_dict
-from runtime.devices import Camera
-from runtime.field_focus import Capture, FieldFocuser, LocalFrames, ModelSettings
-from runtime.focus import ContrastSweep
-from runtime.scan_plan import serpentine_plan
+from runtime.devices.protocols import Camera
+from runtime.devices.scan_plan import serpentine_plan
+from runtime.focus.field import Capture, FieldFocuser, LocalFrames, ModelSettings
+from runtime.focus.single_shot import SingleShotFocus
+from runtime.focus.sweep import ContrastSweep
 
 # Objective and slide seed outside the training draws; planes cover about ±4.5 µm around the
 # coarse focus (which is itself up to 1 µm off).

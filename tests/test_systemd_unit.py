@@ -38,7 +38,7 @@ def test_unit_service_settings() -> None:
     assert int(svc["TimeoutStopSec"]) >= 60  # room to close the slide file
     assert svc["ExecStart"] == f"{VENV_PYTHON} -m runtime daemon --config /etc/wsi-runtime/runtime.toml"
     assert "wsirt_" in svc["ExecStopPost"]
-    # Stale segments and semaphores of a SIGKILLed daemon (runtime/lifetime.py), then the find as a fallback.
+    # Stale segments and semaphores of a SIGKILLed daemon (runtime/ipc/lifetime.py), then the find as a fallback.
     sweep = f"-{VENV_PYTHON} -m runtime sweep --config /etc/wsi-runtime/runtime.toml ; "
     assert svc["ExecStopPost"].startswith(sweep)
     assert svc["RuntimeDirectory"] == svc["StateDirectory"] == "wsi-runtime"

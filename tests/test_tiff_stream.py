@@ -16,9 +16,15 @@ import numpy as np
 import pytest
 import tifffile
 
-from runtime.mosaic import MosaicStore
-from runtime.ome_tiff import OmeTiffStream, partial_path, tile_encoder, write_ome_tiff, write_ome_tiff_from_level0
-from runtime.tiff_stream import COMPRESSION_NONE, TiffPage, TiffStreamWriter
+from runtime.output.mosaic_store import MosaicStore
+from runtime.output.ome_tiff import (
+    OmeTiffStream,
+    partial_path,
+    tile_encoder,
+    write_ome_tiff,
+    write_ome_tiff_from_level0,
+)
+from runtime.output.tiff_stream import COMPRESSION_NONE, TiffPage, TiffStreamWriter
 from tests import bioformats
 from tests.test_ome_tiff import PIXEL_UM, make_mosaic, smooth_image
 

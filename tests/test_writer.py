@@ -13,10 +13,10 @@ import numpy as np
 import tifffile
 
 from runtime.config import WriterConfig
-from runtime.messages import Heartbeat, MosaicDone, MosaicRows, WriterDone
-from runtime.mosaic import MosaicStore
-from runtime.ome_tiff import partial_path
-from runtime.writer import WriteJob, writer_main
+from runtime.ipc.messages import Heartbeat, MosaicDone, MosaicRows, WriterDone
+from runtime.output.mosaic_store import MosaicStore
+from runtime.output.ome_tiff import partial_path
+from runtime.workers.writer import WriteJob, writer_main
 from tests.test_ome_tiff import PIXEL_UM, smooth_image
 from tests.test_tiff_stream import reference_pyramid
 

@@ -1,0 +1,447 @@
+"""One scan: the worker processes, the shared-memory ring and the queues between them.
+
+The supervisor owns a ScanJob while a scan runs. The job spawns the workers
+(``spawn`` context: a CUDA context does not survive ``fork``) -- acquisition,
+stitcher, writer, and for ``single_shot`` focus the inference worker that owns
+the models -- owns the ring, turns worker messages into state and events, and
+on every exit path -- completion, cancel, a worker crash or hang -- stops the
+workers and unlinks the ring. The Zarr mosaic of a scan that did not complete
+is kept.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import multiprocessing as mp
+import queue
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from multiprocessing.context import SpawnProcess
+from pathlib import Path
+from typing import Any
+
+from runtime.config import RuntimeConfig
+from runtime.daemon.state import FinishReason
+from runtime.devices.protocols import ScanArea
+from runtime.errors import one_line
+from runtime.focus.field import model_settings, worker_settings
+from runtime.focus.single_shot import SingleShotFocus
+from runtime.focus.sweep import ContrastSweep
+from runtime.ipc.lifetime import record_semaphores, semaphore_names
+from runtime.ipc.messages import (
+    AcquisitionDone,
+    FieldDone,
+    FieldRecord,
+    Heartbeat,
+    InferenceDone,
+    InferenceReady,
+    MosaicDone,
+    ScanPrepared,
+    WorkerFailed,
+    WriterDone,
+    peak_rss_bytes,
+)
+from runtime.ipc.ring import SlotRing
+from runtime.output.ome_tiff import partial_path
+from runtime.paths import folder_identity, write_file_exclusive
+from runtime.stitching.accumulator import MosaicGeometry, StitchParams
+from runtime.workers.acquisition import AcquisitionJob, acquisition_main
+from runtime.workers.inference import STOP as INFERENCE_STOP
+from runtime.workers.inference import inference_main
+from runtime.workers.stitcher import StitchJob, stitcher_main
+from runtime.workers.writer import WriteJob, writer_main
+
+log = logging.getLogger("wsi.scan_job")
+
+Publish = Callable[[str, dict[str, Any]], None]
+SLIDE_NAME = "slide.ome.tif"
+REPORT_NAME = "report.json"
+MOSAIC_NAME = "mosaic.zarr"
+
+
+class ScanJob:
+    def __init__(
+        self,
+        cfg: RuntimeConfig,
+        scan_id: str,
+        output_dir: Path,
+        area: ScanArea | None,
+        driver_options: dict[str, Any],
+        publish: Publish,
+    ) -> None:
+        self.cfg = cfg
+        self.scan_id = scan_id
+        self.output_dir = output_dir
+        self.publish = publish
+        self.started = time.time()
+        self._t0 = time.monotonic()
+        self.ctx = mp.get_context("spawn")
+        self.events: mp.Queue[Any] = self.ctx.Queue()
+        self.tiles: mp.Queue[Any] = self.ctx.Queue()
+        self.free_slots: mp.Queue[int] = self.ctx.Queue()
+        self.to_acquisition: mp.Queue[Any] = self.ctx.Queue()
+        self.to_writer: mp.Queue[Any] = self.ctx.Queue()
+        self.cancel_event = self.ctx.Event()
+        self.ring: SlotRing | None = None
+        self.procs: dict[str, SpawnProcess] = {}
+        self.heartbeats: dict[str, float] = {}
+        self.records: list[FieldRecord] = []
+        self.fields_total = 0
+        self.peak_rss: dict[str, int] = {}
+        self.simulated_time_s: float | None = None
+        self.levels: tuple[tuple[int, int], ...] = ()
+        self.slide_path: str | None = None
+        self.mosaic_complete = False
+        self.stitch: dict[str, Any] | None = None  # the stitcher's summary (positions, pairs, timings)
+        self._mosaic_done = False
+        self._writer_done: WriterDone | None = None  # arrived before MosaicDone (see _handle)
+        self.finish_reason: FinishReason | None = None
+        self.error: str | None = None
+        self.cancelled = False
+        self._writing = False
+        # single_shot with models.worker = "process": an inference worker owns the models (and the
+        # GPU); acquisition sends it ring slot ids. The queues exist either way (one code path).
+        self.uses_inference = cfg.focus.strategy == "single_shot" and cfg.models.worker == "process"
+        self.to_inference: mp.Queue[Any] = self.ctx.Queue()
+        self.inference_replies: mp.Queue[Any] = self.ctx.Queue()
+        self.inference: dict[str, Any] = {}  # backend, load time, what it served (for the report)
+        self._loading: set[str] = set()  # workers still loading models: start timeout, not heartbeat timeout
+        self._record_semaphores()
+
+        # The supervisor made (or claimed) the folder (runtime.paths.make_output_folder); remember
+        # which one, so the report is never written into a folder swapped in for it.
+        self._output_id = folder_identity(output_dir)
+        focus = cfg.focus
+        job = AcquisitionJob(
+            driver_factory=cfg.driver.factory,
+            driver_options={**cfg.driver.options, **driver_options},
+            area=area,
+            overlap=cfg.scan.overlap,
+            sweep=ContrastSweep(focus.sweep_half_range_um, focus.sweep_steps, focus.metric),
+            start_z_um=focus.start_z_um,
+            strategy=focus.strategy,
+            single_shot=SingleShotFocus(focus.tolerance_um, focus.max_moves),
+            models=model_settings(cfg.models),
+            inference_worker=self.uses_inference,
+            max_fields=cfg.scan.max_fields,
+        )
+        if self.uses_inference:
+            # Spawned first so that model loading (minutes for a first TensorRT engine build)
+            # overlaps opening the devices; it gets the ring, like acquisition, in _on_prepared.
+            self._spawn(
+                "inference",
+                inference_main,
+                (worker_settings(cfg.models), self.to_inference, self.inference_replies, self.events),
+            )
+            self._loading.add("inference")
+            self.inference = {"worker": "process"}
+        elif cfg.focus.strategy == "single_shot":
+            self.inference = {"worker": "in_acquisition"}
+        self._spawn(
+            "acquisition",
+            acquisition_main,
+            (
+                job,
+                self.to_acquisition,
+                self.free_slots,
+                self.tiles,
+                self.events,
+                self.cancel_event,
+                self.to_inference,
+                self.inference_replies,
+            ),
+        )
+
+    # -- processes ---------------------------------------------------------------------------
+    def _record_semaphores(self) -> None:
+        """Name this job's POSIX semaphores (inside the queues and the event) in the supervisor's
+        registry, so that they are swept if the whole daemon is SIGKILLed (runtime/ipc/lifetime.py)."""
+        queues = (self.events, self.tiles, self.free_slots, self.to_acquisition, self.to_writer)
+        objs = (*queues, self.to_inference, self.inference_replies, self.cancel_event)
+        try:
+            record_semaphores(self.cfg.daemon.runtime_dir, semaphore_names(*objs))
+        except OSError as err:  # not worth failing a scan over: RemoveIPC= and a reboot still clean up
+            log.warning("could not record the scan's semaphores: %s", err)
+
+    def _spawn(self, name: str, target: Callable[..., None], args: tuple[Any, ...]) -> None:
+        proc = self.ctx.Process(target=target, args=args, name=f"wsi-{name}", daemon=True)
+        proc.start()
+        self.procs[name] = proc
+        self.heartbeats[name] = time.monotonic()
+
+    @property
+    def pids(self) -> dict[str, int]:
+        return {n: p.pid for n, p in self.procs.items() if p.pid is not None}
+
+    @property
+    def writing(self) -> bool:
+        return self._writing
+
+    @property
+    def mosaic_path(self) -> Path:
+        return self.output_dir / MOSAIC_NAME
+
+    def _on_prepared(self, msg: ScanPrepared) -> None:
+        h, w = msg.frame_shape
+        self.fields_total = len(msg.plan.fields)
+        self.ring = SlotRing(self.cfg.scan.ring_slots, h, w)
+        for i in range(self.ring.spec.slots):
+            self.free_slots.put(i)
+        geometry = MosaicGeometry(msg.plan, h, w, msg.pixel_size_um)
+        m = self.cfg.mosaic
+        stitch = StitchJob(
+            geometry,
+            self.ring.spec,
+            str(self.mosaic_path),
+            m.chunk,
+            m.compressor,
+            self.cfg.writer.min_level_size,
+            StitchParams(**self.cfg.stitch.model_dump()),
+        )
+        self._spawn("stitcher", stitcher_main, (stitch, self.tiles, self.free_slots, self.to_writer, self.events))
+        write = WriteJob(str(self.output_dir / SLIDE_NAME), self.cfg.writer)
+        self._spawn("writer", writer_main, (write, self.to_writer, self.events))
+        self.to_acquisition.put(self.ring.spec)
+        if self.uses_inference:
+            self.to_inference.put(self.ring.spec)
+        self.publish(
+            "scan_started",
+            {
+                "scan_id": self.scan_id,
+                "fields": self.fields_total,
+                "rows": msg.plan.rows,
+                "cols": msg.plan.cols,
+                "mosaic_shape": list(geometry.shape),
+                "pixel_size_um": msg.pixel_size_um,
+            },
+        )
+
+    # -- message pump ------------------------------------------------------------------------
+    def pump(self, max_messages: int = 1000) -> None:
+        """Handle pending worker messages, then check the workers are alive and beating."""
+        for _ in range(max_messages):
+            if self.finish_reason is not None:  # queues are closed once the job has ended
+                return
+            try:
+                msg = self.events.get_nowait()
+            except queue.Empty:
+                break
+            self._handle(msg)
+        self._check_workers()
+
+    def _handle(self, msg: Any) -> None:
+        if isinstance(msg, Heartbeat):
+            self.heartbeats[msg.worker] = time.monotonic()
+        elif isinstance(msg, ScanPrepared):
+            self._on_prepared(msg)
+        elif isinstance(msg, FieldDone):
+            self.records.append(msg.record)
+            r = msg.record
+            self.publish(
+                "field_done",
+                {
+                    "index": r.index,
+                    "done": len(self.records),
+                    "total": self.fields_total,
+                    "row": r.row,
+                    "col": r.col,
+                    "z_um": r.z_um,
+                    "captures": r.captures,
+                },
+            )
+        elif isinstance(msg, AcquisitionDone):
+            self.peak_rss["acquisition"] = msg.peak_rss
+            self.simulated_time_s = msg.simulated_time_s
+            self._stop_inference()  # its only client is done: free the GPU while the mosaic finishes
+        elif isinstance(msg, InferenceReady):
+            self._loading.discard("inference")
+            self.heartbeats["inference"] = time.monotonic()
+            self.inference.update(
+                backend=msg.backend,
+                load_s=round(msg.load_s, 3),
+                refused=msg.refused,
+                autofocus_model=msg.autofocus_model,
+            )
+        elif isinstance(msg, InferenceDone):
+            self._on_inference_done(msg)
+        elif isinstance(msg, MosaicDone):
+            self.peak_rss["stitcher"] = msg.peak_rss
+            self.stitch = msg.stitch
+            self.mosaic_complete = msg.complete
+            self._writing = msg.complete
+            self._mosaic_done = True
+            if self._writer_done is not None:
+                self._handle(self._writer_done)
+        elif isinstance(msg, WriterDone) and not self._mosaic_done:
+            # The writer streams during the scan and may finish within moments of
+            # MosaicDone; its message can overtake the stitcher's on the events
+            # queue (two processes, two feeder threads). Finish once both are in.
+            self._writer_done = msg
+        elif isinstance(msg, WriterDone):
+            self.peak_rss["writer"] = msg.peak_rss
+            self.levels = msg.levels
+            self.slide_path = msg.path
+            self._writing = False
+            if self.cancelled or not self.mosaic_complete:
+                self._finish(FinishReason.CANCELLED)
+            else:
+                self._finish(FinishReason.COMPLETED)
+        elif isinstance(msg, WorkerFailed):
+            self._fail(f"{msg.worker} failed: {one_line(msg.message)}")
+
+    def _heartbeat_limit(self, name: str) -> float:
+        # Loading models cannot beat (a TensorRT engine build is one native call that can take
+        # minutes on a new device): until the worker reports ready, the start timeout applies.
+        if name in self._loading:
+            return self.cfg.models.worker_start_timeout_s
+        return self.cfg.daemon.heartbeat_timeout_s
+
+    def _check_workers(self) -> None:
+        if self.finish_reason is not None:
+            return
+        now = time.monotonic()
+        for name, proc in self.procs.items():
+            if proc.exitcode not in (None, 0):
+                # A worker that failed put its WorkerFailed (the reason) on the queue before
+                # exiting; it may sit behind messages not yet handled. Read them first, so the
+                # scan fails with the reason rather than with the bare exit code.
+                self._drain_events()
+                self._fail(f"{name} worker exited with code {proc.exitcode}")
+                return
+            limit = self._heartbeat_limit(name)
+            if proc.exitcode is None and now - self.heartbeats[name] > limit:
+                what = "did not load its models" if name in self._loading else "sent no heartbeat"
+                self._fail(f"{name} worker {what} for {limit:.0f} s")
+                return
+
+    def _drain_events(self) -> None:
+        with contextlib.suppress(queue.Empty, ValueError, OSError):
+            while self.finish_reason is None:
+                self._handle(self.events.get(timeout=0.05))
+
+    def heartbeats_fresh(self) -> bool:
+        now = time.monotonic()
+        return all(
+            p.exitcode is not None or now - self.heartbeats[n] <= self._heartbeat_limit(n)
+            for n, p in self.procs.items()
+        )
+
+    def _stop_inference(self) -> None:
+        if "inference" in self.procs:
+            self.to_inference.put(INFERENCE_STOP)
+
+    def _on_inference_done(self, msg: InferenceDone) -> None:
+        self.peak_rss["inference"] = msg.peak_rss
+        self.inference.update(msg.stats)
+
+    # -- ending ------------------------------------------------------------------------------
+    def cancel(self, why: str | None = None) -> None:
+        """Stop after the current field; the captured tiles still reach the mosaic."""
+        self.cancelled = True
+        if why and self.error is None:
+            self.error = why
+        self.cancel_event.set()
+
+    def _fail(self, error: str) -> None:
+        if self.finish_reason is not None:
+            return
+        self.error = error
+        self._finish(FinishReason.FAILED)
+
+    def _finish(self, reason: FinishReason) -> None:
+        self.finish_reason = reason
+        self.cancel_event.set()
+        if reason is FinishReason.FAILED:
+            # A worker died or hung. Whatever was captured is still in the ring
+            # and the tile queue: end the stream so the stitcher flushes it into
+            # the Zarr mosaic (nothing captured is lost), and release the writer.
+            self.tiles.put(None)
+            self.to_writer.put(None)
+        self._stop_inference()
+        self.stop_workers(grace_s=10.0)
+        self._release_ring()
+        if reason is not FinishReason.COMPLETED:
+            # A writer that was killed cannot remove its own partial slide; the
+            # kept mosaic is what an export (python -m runtime export) starts from.
+            partial_path(self.output_dir / SLIDE_NAME).unlink(missing_ok=True)
+        if reason is FinishReason.COMPLETED and not self.cfg.mosaic.keep_after_export:
+            shutil.rmtree(self.mosaic_path, ignore_errors=True)
+        self.write_report()
+
+    def stop_workers(self, grace_s: float) -> None:
+        """Join workers; terminate, then kill, those that do not exit in time."""
+        deadline = time.monotonic() + grace_s
+        for proc in self.procs.values():
+            proc.join(max(0.0, deadline - time.monotonic()))
+        for proc in self.procs.values():
+            if proc.is_alive():
+                proc.terminate()
+                proc.join(2.0)
+            if proc.is_alive():
+                proc.kill()
+                proc.join(2.0)
+        self._drain_late_stats()
+        queues = (self.events, self.tiles, self.free_slots, self.to_acquisition, self.to_writer)
+        for q in (*queues, self.to_inference, self.inference_replies):
+            q.cancel_join_thread()
+            q.close()
+
+    def _drain_late_stats(self) -> None:
+        """The inference worker stops when acquisition ends and its last message can still be
+        queued behind the writer's when the job ends: keep its figures for the report."""
+        with contextlib.suppress(queue.Empty, ValueError, OSError):  # empty, or already closed
+            while True:
+                msg = self.events.get_nowait()
+                if isinstance(msg, InferenceDone):
+                    self._on_inference_done(msg)
+
+    def _release_ring(self) -> None:
+        if self.ring is not None:
+            self.ring.unlink()
+            self.ring = None
+
+    def abort(self, error: str) -> None:
+        """An unexpected supervisor error, or a stop that could not wait: end now, keep the Zarr."""
+        self.cancel()
+        self._fail(error)
+
+    # -- report ------------------------------------------------------------------------------
+    def report(self) -> dict[str, Any]:
+        captures = sum(r.captures for r in self.records)
+        rss = {"supervisor": peak_rss_bytes(), **self.peak_rss}
+        mosaic = str(self.mosaic_path) if self.mosaic_path.exists() else None
+        return {
+            "scan_id": self.scan_id,
+            "finish_reason": self.finish_reason.value if self.finish_reason else None,
+            "error": self.error,
+            "slide": self.slide_path,
+            "mosaic": mosaic,
+            "levels": [list(lv) for lv in self.levels],
+            "fields_total": self.fields_total,
+            "fields_done": len(self.records),
+            "captures_total": captures,
+            "captures_per_field": captures / len(self.records) if self.records else None,
+            "simulated_scan_time_s": self.simulated_time_s,
+            "wall_time_s": time.monotonic() - self._t0,
+            "started_at": self.started,
+            "peak_rss_bytes": rss,
+            "peak_rss_mib": {k: round(v / 2**20, 1) for k, v in rss.items()},
+            "fields": [asdict(r) for r in sorted(self.records, key=lambda r: r.index)],
+            "inference": self.inference or None,
+            "stitch": self.stitch,
+        }
+
+    def write_report(self) -> Path:
+        """``report.json`` via ``report.json.partial``, created exclusively, never through a link."""
+        data = json.dumps(self.report(), indent=2).encode("utf-8")
+        return write_file_exclusive(self.output_dir, REPORT_NAME, data, folder_id=self._output_id)
+
+    def close(self) -> None:
+        """Last resort on every path: no worker and no segment outlives the job."""
+        with contextlib.suppress(Exception):
+            self.stop_workers(grace_s=0.0)
+        self._release_ring()

@@ -1,0 +1,237 @@
+"""The daemon's main process: control plane, scan lifecycle, systemd integration.
+
+One loop, no threads: poll the ZeroMQ command socket, pump the running scan's
+worker messages, publish events, and tell systemd we are alive -- but only
+while every worker's heartbeat is fresh, so a hung worker leads to a restart.
+SIGTERM/SIGINT stop a running scan cleanly (its Zarr is kept) and exit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import signal
+import time
+from collections.abc import Iterator
+from types import FrameType
+from typing import Any
+
+from runtime import paths
+from runtime.config import ConfigError, RuntimeConfig, with_overrides
+from runtime.control.protocol import RequestError
+from runtime.control.server import ControlServer
+from runtime.daemon import sdnotify
+from runtime.daemon.scan_job import ScanJob
+from runtime.daemon.state import FinishReason, RunState, ScanStatus
+from runtime.devices.protocols import ScanArea
+from runtime.errors import log_failure
+from runtime.ipc.lifetime import forget_semaphores, remove_stale_semaphores
+from runtime.ipc.ring import remove_stale_segments
+
+log = logging.getLogger("wsi.supervisor")
+
+
+@contextlib.contextmanager
+def _refused_as_invalid() -> Iterator[None]:
+    """A path that would leave the data root (or write through a link) is a bad parameter."""
+    try:
+        yield
+    except paths.UnsafePath as err:
+        raise RequestError("invalid_params", str(err)) from None
+
+
+class Supervisor:
+    def __init__(self, cfg: RuntimeConfig) -> None:
+        self.cfg = cfg
+        self.job: ScanJob | None = None
+        self.status = ScanStatus()
+        self._stop = False
+        self._last_watchdog = 0.0
+        self._watchdog_interval = sdnotify.watchdog_interval_s()
+        self.server: ControlServer | None = None
+
+    # -- state -------------------------------------------------------------------------------
+    def _set(self, **changes: Any) -> None:
+        old = self.status.state
+        self.status = dataclasses.replace(self.status, **changes)
+        if self.status.state is not old:
+            self._publish("state", {"state": self.status.state.value})
+            sdnotify.status(f"{self.status.state.value} {self.status.scan_id or ''}".strip())
+
+    def _publish(self, event: str, data: dict[str, Any]) -> None:
+        if self.server is not None:
+            self.server.publish(event, data)
+
+    # -- requests ----------------------------------------------------------------------------
+    def handle(self, command: str, params: dict[str, Any]) -> dict[str, Any]:
+        if command == "ping":
+            return {"pong": True, "pid": os.getpid(), "state": self.status.state.value}
+        if command == "status":
+            return self._status_dict()
+        if command == "start_scan":
+            return self._start_scan(params)
+        if command == "cancel":
+            if self.job is None or self.job.finish_reason is not None:
+                raise RequestError("not_running", "no scan is running")
+            self.job.cancel()
+            self._set(state=RunState.CANCELLING)
+            return {"scan_id": self.job.scan_id, "cancelling": True}
+        if command == "shutdown":
+            self.request_stop()
+            return {"stopping": True}
+        raise RequestError("unknown_command", f"unknown command {command!r}")
+
+    def _status_dict(self) -> dict[str, Any]:
+        d = self.status.to_dict()
+        if self.job is not None:
+            d["fields_total"] = self.job.fields_total
+            d["fields_done"] = len(self.job.records)
+            d["workers"] = self.job.pids
+        return d
+
+    def _start_scan(self, params: dict[str, Any]) -> dict[str, Any]:
+        if self.job is not None:
+            raise RequestError("busy", f"scan {self.job.scan_id} is still {self.status.state.value}")
+        scan_id = time.strftime("scan-%Y%m%d-%H%M%S")
+        root = self.cfg.daemon.data_root
+        name = params.get("output_name") or scan_id
+        with _refused_as_invalid():
+            # Looked at first (a refused name should not wait for a recording's walk), made last.
+            paths.check_output_folder(paths.output_folder(root, name, "output_name"), "output_name")
+        driver_options: dict[str, Any] = {}
+        if params.get("recording"):
+            with _refused_as_invalid():
+                rec = paths.resolve_under(root, str(params["recording"]), "recording")
+                if not rec.exists():
+                    raise RequestError("invalid_params", f"recording {rec} does not exist")
+                # Every file the replay driver could open, links followed, must be in the data root too.
+                paths.check_tree_within(rec, root, "recording")
+            driver_options["recording"] = str(rec)
+        region = params.get("region")
+        area = ScanArea(**region) if region else None
+        cfg = self.cfg
+        if params.get("focus"):  # per-scan focus overrides, validated like the config file
+            try:
+                cfg = with_overrides(cfg, {"focus": params["focus"]})
+            except ConfigError as err:
+                raise RequestError("invalid_params", f"focus: {err}") from None
+        with _refused_as_invalid():
+            output_dir = paths.make_output_folder(root, name, "output_name")
+        self.job = ScanJob(cfg, scan_id, output_dir, area, driver_options, self._publish)
+        self._set(
+            state=RunState.SCANNING,
+            scan_id=scan_id,
+            output_dir=str(output_dir),
+            fields_total=0,
+            fields_done=0,
+        )
+        return {"scan_id": scan_id, "output_dir": str(output_dir)}
+
+    # -- the loop ----------------------------------------------------------------------------
+    def request_stop(self, *_: object) -> None:
+        self._stop = True
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        log.info("signal %d: stopping", signum)
+        self.request_stop()
+
+    def _tick_job(self) -> None:
+        job = self.job
+        if job is None:
+            return
+        try:
+            job.pump()
+        except Exception as err:  # a supervisor bug must not leave workers or segments behind
+            job.abort(f"supervisor error: {log_failure(log, 'scan job error', err)}")
+        if job.finish_reason is None:
+            if job.writing and self.status.state is RunState.SCANNING:
+                self._set(state=RunState.WRITING)
+            return
+        job.close()
+        self.job = None
+        reason = job.finish_reason
+        report = str(job.output_dir / "report.json")
+        if reason is FinishReason.FAILED:
+            self._publish("scan_failed", {"scan_id": job.scan_id, "error": job.error, "report": report})
+        self._publish(
+            "scan_finished",
+            {
+                "scan_id": job.scan_id,
+                "reason": reason.value,
+                "slide": job.slide_path,
+                "report": report,
+                "mosaic": str(job.mosaic_path) if job.mosaic_path.exists() else None,
+            },
+        )
+        self._set(state=RunState.IDLE, last_finish=reason, last_error=job.error, last_output=job.slide_path)
+
+    def _watchdog(self) -> None:
+        if self._watchdog_interval is None:
+            return
+        now = time.monotonic()
+        if now - self._last_watchdog < self._watchdog_interval / 2:
+            return
+        if self.job is None or self.job.heartbeats_fresh():
+            sdnotify.watchdog()
+            self._last_watchdog = now
+
+    def _stop_running_scan(self, grace_s: float = 30.0) -> None:
+        """On SIGTERM: cancel, let the workers flush what was captured into the mosaic, then exit.
+
+        ``grace_s`` must stay below the unit's TimeoutStopSec.
+        """
+        assert self.job is not None
+        sdnotify.stopping()
+        self._set(state=RunState.STOPPING)
+        self.job.cancel("daemon stopped during the scan")
+        deadline = time.monotonic() + grace_s
+        while self.job is not None and time.monotonic() < deadline:
+            time.sleep(0.05)
+            self._tick_job()
+        if self.job is not None:
+            self.job.abort("daemon stopped during the scan; workers did not finish in time")
+            self._tick_job()
+
+    def _serve_once(self) -> None:
+        """One turn of the main loop. Nothing raised in it ends the daemon: the control server
+        already answers every request it can read, so what arrives here is a supervisor bug;
+        it is logged and the loop goes on (a pause keeps a persistent fault from spinning)."""
+        assert self.server is not None
+        try:
+            self.server.poll(50)
+            self._tick_job()
+            self._watchdog()
+        except Exception as err:
+            log_failure(log, "main loop error (serving on)", err)
+            time.sleep(0.05)
+
+    def run(self) -> None:
+        """Serve until shutdown is requested or a signal arrives."""
+        removed = remove_stale_segments()
+        if removed:
+            log.warning("removed stale shared memory left by a dead daemon: %s", ", ".join(removed))
+        self.cfg.daemon.data_root.mkdir(parents=True, exist_ok=True)
+        self.cfg.daemon.runtime_dir.mkdir(parents=True, exist_ok=True)
+        removed = remove_stale_semaphores(self.cfg.daemon.runtime_dir)
+        if removed:
+            log.warning("removed stale semaphores left by a dead daemon: %s", ", ".join(removed))
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+        self.server = ControlServer(self.cfg.endpoint("command"), self.cfg.endpoint("event"), self.handle)
+        try:
+            sdnotify.ready()
+            sdnotify.status("idle")
+            while not self._stop:
+                self._serve_once()
+            if self.job is not None:
+                self._stop_running_scan()
+        finally:
+            if self.job is not None:
+                self.job.close()
+            self.server.close()
+            self.server = None
+            # Clean exit: the scan job's semaphores go with this process (multiprocessing unlinks
+            # them at exit), so the record kept for a SIGKILL goes now.
+            forget_semaphores(self.cfg.daemon.runtime_dir)

@@ -1,0 +1,280 @@
+"""Per-field focus on the scan path: the chosen strategy, the focus surface and the classifier.
+
+The acquisition worker calls :meth:`FieldFocuser.focus_field` once per field
+and gets back the frame to keep plus what the report needs (z, captures,
+predicted defocus, class). Strategies:
+
+``contrast_sweep`` (baseline, model-free): sweep around the previous field's
+z, move to the peak, capture.
+
+``single_shot``: capture at the focus surface's z, classify the frame; a
+background (glass) field is kept as it is (1 capture, surface z, no focus
+estimate); otherwise the single-shot loop of :mod:`runtime.focus.single_shot`
+refines z only when the model's estimate is outside tolerance. Accepted
+points feed the surface. When the estimates do not converge (each move must
+shrink the estimate), the contrast sweep takes over for that field. Artifact fields are focused like tissue (there may
+be tissue under the dust) and flagged in the report.
+
+Inference placement (``[models] worker``): ``process`` (default): the models
+run in the inference worker process (``runtime/workers/inference.py``), which
+owns the GPU; frames are captured into ring slots and only slot ids travel
+(:class:`WorkerModels`). ``in_acquisition``: the models run in the acquisition
+process (:class:`LocalModels`): no extra process and no queue round trip, at
+the price of a CUDA context and the backend's memory inside the process that
+drives the devices. Tests and ``bench autofocus`` use the in-process path with
+:class:`LocalFrames` (no ring, no daemon).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from runtime.config import ModelsConfig
+from runtime.devices.protocols import Camera, RGBImage, Stage
+from runtime.devices.scan_plan import FieldPlan
+from runtime.focus.single_shot import (
+    AutofocusModel,
+    FocusSurface,
+    SingleShotFocus,
+    TileClass,
+    TileClassifierModel,
+    load_models,
+)
+from runtime.focus.sweep import ContrastSweep
+from runtime.workers.inference import InferenceChannel, WorkerSettings
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """Where the models are and how to run them (picklable: it crosses into the spawned worker)."""
+
+    autofocus_dir: str | None = None  # None: the committed runtime/ml/builtin/autofocus
+    classifier_dir: str | None = None
+    backend: str = "auto"
+    engine_cache_dir: str | None = None
+    classify: bool = True
+
+
+@dataclass(frozen=True)
+class Capture:
+    """A captured frame: its pixels, and the ring slot they are in (None: a private array)."""
+
+    pixels: RGBImage
+    slot: int | None = None
+
+
+class Frames(Protocol):
+    """Where captures go. In the daemon: tile-ring slots (the kept one goes to the stitcher)."""
+
+    def snap(self) -> Capture:
+        """Capture at the stage's current position."""
+        ...
+
+    def release(self, capture: Capture) -> None:
+        """The capture is not kept (its slot can be reused)."""
+        ...
+
+
+class LocalFrames:
+    """Captures as plain arrays (tests, benchmarks: no ring)."""
+
+    def __init__(self, camera: Camera) -> None:
+        self.camera = camera
+
+    def snap(self) -> Capture:
+        return Capture(self.camera.snap())
+
+    def release(self, capture: Capture) -> None:
+        pass
+
+
+class FocusModels(Protocol):
+    """The models as the focus loop sees them."""
+
+    notes: dict[str, Any]
+
+    def estimate(self, capture: Capture) -> float | None:
+        """Signed defocus in µm (stage z minus focus z); None: not enough content."""
+        ...
+
+    def classify(self, capture: Capture) -> TileClass | None:
+        """None when classification is off or there is no classifier."""
+        ...
+
+
+class LocalModels:
+    """The models loaded into this process (``models.worker = "in_acquisition"``, tests, bench)."""
+
+    def __init__(self, m: ModelSettings, pixel_size_um: float, frame_shape: tuple[int, int] | None = None) -> None:
+        self.autofocus: AutofocusModel
+        self.autofocus, cls, refused = load_models(
+            Path(m.autofocus_dir) if m.autofocus_dir else None,
+            Path(m.classifier_dir) if m.classifier_dir else None,
+            m.backend,  # type: ignore[arg-type]  # validated by the config's Literal
+            Path(m.engine_cache_dir) if m.engine_cache_dir else None,
+            frame_shape,
+        )
+        self.classifier: TileClassifierModel | None = cls if m.classify else None
+        self.pixel_size_um = pixel_size_um
+        self.notes: dict[str, Any] = {
+            "worker": "in_acquisition",
+            "backend": self.autofocus.backend.name,
+            "autofocus_model": self.autofocus.describe(),
+            "refused": refused,
+        }
+
+    def estimate(self, capture: Capture) -> float | None:
+        return self.autofocus.estimate(capture.pixels).defocus_um
+
+    def classify(self, capture: Capture) -> TileClass | None:
+        return self.classifier.classify(capture.pixels, self.pixel_size_um) if self.classifier else None
+
+
+class WorkerModels:
+    """The models in the inference worker process: requests name the capture's ring slot."""
+
+    def __init__(self, channel: InferenceChannel, pixel_size_um: float, classify: bool) -> None:
+        self.channel = channel
+        self.pixel_size_um = pixel_size_um
+        self.classify_enabled = classify
+        self.notes: dict[str, Any] = {"worker": "process", "backend": channel.backend, "refused": channel.refused}
+
+    @staticmethod
+    def _slot(capture: Capture) -> int:
+        if capture.slot is None:
+            raise ValueError("the inference worker reads ring slots: capture into the ring first")
+        return capture.slot
+
+    def estimate(self, capture: Capture) -> float | None:
+        return self.channel.estimate(self._slot(capture)).defocus_um
+
+    def classify(self, capture: Capture) -> TileClass | None:
+        if not self.classify_enabled:
+            return None
+        r = self.channel.classify(self._slot(capture), self.pixel_size_um)
+        return TileClass(r.label, r.probabilities, r.embedding)
+
+
+@dataclass(frozen=True)
+class FocusedField:
+    z_um: float
+    captures: int
+    frame: Capture
+    method: str
+    predicted_defocus_um: float | None = None
+    tile_class: str | None = None
+    class_probabilities: tuple[float, float, float] | None = None
+    artifact: bool = False
+
+
+class FieldFocuser:
+    def __init__(
+        self,
+        strategy: str,
+        sweep: ContrastSweep,
+        single_shot: SingleShotFocus,
+        start_z_um: float,
+        models: ModelSettings | FocusModels | None,
+        camera: Camera,
+        stage: Stage,
+        frames: Frames | None = None,
+    ) -> None:
+        """``models``: settings to load the models in this process, or models served elsewhere
+        (:class:`WorkerModels`); used only by ``single_shot``. ``frames``: where captures go
+        (default: private arrays)."""
+        if strategy not in ("contrast_sweep", "single_shot"):
+            raise ValueError(f"unknown focus strategy {strategy!r}")
+        self.strategy = strategy
+        self.sweep = sweep
+        self.single_shot = single_shot
+        self.camera = camera
+        self.stage = stage
+        self.frames: Frames = frames or LocalFrames(camera)
+        self.surface = FocusSurface(start_z_um)
+        self._last_z = start_z_um
+        self.models: FocusModels | None = None
+        if strategy == "single_shot":
+            if models is None or isinstance(models, ModelSettings):
+                self.models = LocalModels(models or ModelSettings(), camera.pixel_size_um, camera.frame_shape)
+            else:
+                self.models = models
+
+    @property
+    def backend_notes(self) -> dict[str, Any]:
+        return self.models.notes if self.models is not None else {}
+
+    def _capture_at(self, z_um: float) -> Capture:
+        self.stage.move_z(z_um)
+        return self.frames.snap()
+
+    def focus_field(self, plan: FieldPlan, should_stop: Callable[[], bool]) -> FocusedField:
+        if self.strategy == "contrast_sweep":
+            result = self.sweep.focus(self.camera, self.stage, self._last_z, should_stop=should_stop)
+            frame = self._capture_at(result.z_um)
+            # The next field is close by: its focus is near this one's.
+            self._last_z = result.z_um
+            return FocusedField(result.z_um, result.captures + 1, frame, "contrast_sweep")
+        models = self.models
+        assert models is not None
+        z0 = self.surface.predict(plan.x_um, plan.y_um)
+        first = self._capture_at(z0)
+        # On the critical path (it decides whether the field is focused at all): one request,
+        # answered at once.
+        tc = models.classify(first)
+        if tc is not None and tc.label == "background":
+            # Glass: nothing to focus on; keep the surface's z and do not teach the surface.
+            return FocusedField(z0, 1, first, "single_shot:background", None, tc.label, tc.probabilities)
+        r = self.single_shot.focus(models.estimate, self._capture_at, self.frames.release, z0, first, should_stop)
+        if r.final_defocus_um is not None and not r.converged and not should_stop():
+            # The model sees content but its estimates did not converge (ink, folds, bubbles,
+            # or a field unlike its training data): fall back to the contrast sweep around the
+            # best capture, so a hard field costs captures, not focus.
+            self.frames.release(r.frame)
+            sw = self.sweep.focus(self.camera, self.stage, r.z_um, should_stop=should_stop)
+            frame = self._capture_at(sw.z_um)
+            return FocusedField(
+                sw.z_um,
+                r.captures + 1 + sw.captures + 1,
+                frame,
+                "single_shot:sweep_fallback",
+                r.predicted_defocus_um,
+                tc.label if tc else None,
+                tc.probabilities if tc else None,
+                tc is not None and tc.label == "artifact",
+            )
+        artifact = tc is not None and tc.label == "artifact"
+        # Artifact fields are focused, but do not teach the surface: ink or a bubble rim can fool
+        # the estimate, and one bad point would mislead every neighbouring field.
+        if r.focus_estimate_um is not None and r.converged and not artifact:
+            self.surface.add(plan.x_um, plan.y_um, r.focus_estimate_um)
+        method = "single_shot" if r.predicted_defocus_um is not None else "single_shot:no_content"
+        return FocusedField(
+            r.z_um,
+            r.captures + 1,  # the first frame was captured here, outside the loop
+            r.frame,
+            method,
+            r.predicted_defocus_um,
+            tc.label if tc else None,
+            tc.probabilities if tc else None,
+            artifact,
+        )
+
+
+def model_settings(cfg: ModelsConfig) -> ModelSettings:
+    """The ``[models]`` config section as plain values for the spawned worker."""
+    return ModelSettings(
+        autofocus_dir=None if cfg.autofocus_dir == "builtin" else cfg.autofocus_dir,
+        classifier_dir=None if cfg.classifier_dir == "builtin" else cfg.classifier_dir,
+        backend=cfg.backend,
+        engine_cache_dir=str(cfg.engine_cache_dir),
+        classify=cfg.classify,
+    )
+
+
+def worker_settings(cfg: ModelsConfig) -> WorkerSettings:
+    """The ``[models]`` config section for the inference worker process."""
+    m = model_settings(cfg)
+    return WorkerSettings(m.autofocus_dir, m.classifier_dir, m.backend, m.engine_cache_dir)

@@ -1,0 +1,166 @@
+"""Small messages between worker processes and the supervisor.
+
+They travel through ``multiprocessing`` queues inside one machine (pixels do
+not: they stay in the shared-memory ring and only the slot id travels).
+Everything here is a frozen dataclass of plain values.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from dataclasses import dataclass
+from multiprocessing.queues import Queue
+from typing import Any
+
+from runtime.devices.scan_plan import FieldPlan, GridPlan
+from runtime.ipc import lifetime
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size.
+
+    Reads VmHWM, the high-water mark of this process image: ``ru_maxrss`` is
+    not used because Linux carries it across fork+exec, so a worker spawned by
+    a large parent would report the parent's peak.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+@dataclass(frozen=True)
+class FieldRecord:
+    """What acquisition did at one field."""
+
+    index: int
+    row: int
+    col: int
+    x_um: float  # commanded
+    y_um: float  # commanded
+    z_um: float  # chosen focus
+    captures: int
+    focus_method: str
+    predicted_defocus_um: float | None = None  # single_shot: the model's estimate at the surface's z
+    tile_class: str | None = None  # background / tissue / artifact (when the classifier ran)
+    artifact: bool = False  # flagged for the report: ink, bubble, dust or fold on this field
+
+
+@dataclass(frozen=True)
+class TileReady:
+    """A captured in-focus frame waiting in ring slot ``slot``."""
+
+    slot: int
+    field: FieldRecord
+    plan: FieldPlan
+
+
+@dataclass(frozen=True)
+class ScanPrepared:
+    """Acquisition opened the devices and planned the scan."""
+
+    plan: GridPlan
+    frame_shape: tuple[int, int]
+    pixel_size_um: float
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    worker: str
+    time: float
+
+
+@dataclass(frozen=True)
+class FieldDone:
+    record: FieldRecord
+
+
+@dataclass(frozen=True)
+class AcquisitionDone:
+    fields: int
+    cancelled: bool
+    simulated_time_s: float | None
+    peak_rss: int
+
+
+@dataclass(frozen=True)
+class MosaicRows:
+    """Rows [0, rows) of mosaic level ``level`` are final on disk (stitcher -> writer, per band)."""
+
+    path: str
+    level: int
+    rows: int
+
+
+@dataclass(frozen=True)
+class MosaicDone:
+    path: str
+    shape: tuple[int, int]
+    complete: bool
+    peak_rss: int
+    stitch: dict[str, Any] | None = None  # DequeAccumulator.summary(): pairs, timings, positions
+
+
+@dataclass(frozen=True)
+class WriterDone:
+    path: str | None
+    levels: tuple[tuple[int, int], ...]
+    seconds: float
+    peak_rss: int
+
+
+@dataclass(frozen=True)
+class WorkerFailed:
+    worker: str
+    message: str
+
+
+@dataclass(frozen=True)
+class InferenceReady:
+    """The inference worker loaded its models (from now on the normal heartbeat timeout applies)."""
+
+    backend: str
+    refused: dict[str, str]
+    load_s: float
+    autofocus_model: str = ""  # folder and ONNX sha256 prefix (the builtin choice depends on the frame)
+
+
+@dataclass(frozen=True)
+class InferenceDone:
+    """The inference worker stopped: what it served, and its peak RSS."""
+
+    backend: str
+    stats: dict[str, Any]
+    peak_rss: int
+
+
+class HeartbeatSender:
+    """Rate-limited heartbeats from a worker's main loop (at most one per ``interval_s``).
+
+    Beats come from the loop that does the work, not a side thread, so a
+    worker stuck in its loop stops beating and the supervisor notices.
+
+    Each beat it sends also checks that the process that spawned this worker
+    (recorded at construction) is still its parent, and raises ``SystemExit``
+    if not: a worker whose loop runs outlives a SIGKILLed supervisor by about one
+    interval, also where there is no parent-death signal (:mod:`runtime.ipc.lifetime`).
+    """
+
+    def __init__(self, worker: str, events: Queue[Any], interval_s: float = 0.5) -> None:
+        self.worker = worker
+        self._events = events
+        self._interval = interval_s
+        self._last = 0.0
+        self._parent = lifetime.parent_pid()
+
+    def beat(self) -> None:
+        now = time.monotonic()
+        if now - self._last >= self._interval:
+            self._last = now
+            lifetime.exit_if_orphaned(self._parent)
+            self._events.put(Heartbeat(self.worker, time.time()))

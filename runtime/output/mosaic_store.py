@@ -1,0 +1,632 @@
+"""The working mosaic: a Zarr v3 group on disk holding level 0 and its 2x pyramid.
+
+Layout (one directory)::
+
+    mosaic.zarr/            group; attrs below
+        0/                  (h, w, 3) uint8, chunks (chunk, chunk, 3)
+        1/                  (ceil(h/2), ceil(w/2), 3)
+        ...                 down to the first level with max(h, w) <= min_level_size
+
+Group attributes: ``format``/``version`` (so :meth:`MosaicStore.open` can
+refuse foreign groups), ``pixel_size_um`` (level 0), ``chunk``, ``levels``
+(list of ``[h, w]``), ``min_level_size``, ``complete``, ``rows_written`` (per
+level: rows on disk that are valid for the level-0 rows written so far) and
+``attrs``, a free dict for callers (scan id, objective, ...).
+
+Level 0 arrives as full-width bands of ``chunk`` rows, top to bottom (the
+stitcher finalises rows in that order). Each band is written as whole chunks
+and fed to a :class:`~runtime.output.pyramid.PyramidBuilder`, so lower levels are
+built while scanning and memory stays at a few bands x width.
+
+An interrupted scan leaves a valid store: ``rows_written`` is only advanced
+after the data it covers is on disk. :meth:`MosaicStore.open` on such a store
+can continue with :meth:`write_band` (the builder's buffers are rebuilt from
+disk, < 2 chunk rows per level) or :meth:`finish` with ``partial=True`` to
+make the lower levels reflect what was scanned, e.g. before an export.
+Unscanned pixels read as the fill value 255 (white, like glass in brightfield,
+and like the accumulator's unfilled pixels); chunks that are entirely fill are
+not stored at all (Zarr's default), which saves the disk for blank glass.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import threading
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Literal
+
+import imagecodecs
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec, BloscShuffle, BytesCodec, ZstdCodec
+
+from runtime.output.pyramid import PyramidBuilder, downsample2x, level_shapes
+
+__all__ = ["FORMAT", "Compressor", "MosaicError", "MosaicStore", "RowsFinal"]
+
+FORMAT = "wsi-runtime-mosaic"
+VERSION = 1
+# imagecodecs' stubs only admit bytes, but its codecs take any buffer (numpy arrays).
+_codecs_rt: Any = imagecodecs
+FILL = 255  # unwritten pixels: white, as glass
+Compressor = Literal["zstd", "lz4", "none"]
+# (level, rows): rows [0, rows) of the level are final and on disk. Lets a
+# consumer (the OME-TIFF writer) work on the pyramid while it is being built.
+RowsFinal = Callable[[int, int], None]
+
+
+class MosaicError(ValueError):
+    """The directory is not a mosaic this code can use, or its attributes are inconsistent."""
+
+
+def _codecs(compressor: str) -> list[Any] | None:
+    # The mosaic is a working copy, rewritten once and read once or twice:
+    # zstd level 1 is ~2x faster to write than the default level 3 and within
+    # a few percent of its size on image data; lz4 is faster still, larger.
+    if compressor == "zstd":
+        return [ZstdCodec(level=1)]
+    if compressor == "lz4":
+        # typesize 1 (uint8): byte shuffling would be a no-op, so don't pay for it.
+        return [BloscCodec(cname="lz4", clevel=5, shuffle=BloscShuffle.noshuffle, typesize=1)]
+    if compressor == "none":
+        return None
+    raise ValueError(f"compressor must be one of zstd, lz4, none; got {compressor!r}")
+
+
+def _attrs(group: zarr.Group) -> dict[str, Any]:
+    # Typed as Any: the values are JSON whose shape open() validates.
+    return dict(group.attrs.asdict())
+
+
+class _ChunkFiles:
+    """Whole-chunk file I/O for the layout :meth:`MosaicStore.create` makes.
+
+    Zarr's sync API spends about 0.5 ms per call in its asyncio machinery
+    and funnels every chunk through one event loop; for 512 px chunks that
+    is as much as decoding them, and it dominated both scanning and export
+    (a chunk write through Zarr took ~4-7 ms here, direct ~1.5 ms). For a
+    local store with the codec chains ``create`` writes
+    (bytes, then zstd, blosc or nothing), this reads and writes exactly what
+    Zarr would: the file named by the array's chunk key encoding, holding
+    the codec's frame of the full-size C-order chunk (edge chunks padded with
+    the fill value); all-fill chunks are not stored (Zarr's
+    ``write_empty_chunks=False``). Other layouts fall back to Zarr.
+    """
+
+    def __init__(self, arr: Any, chunk: int, codec: str, level: int) -> None:
+        self.arr = arr
+        self.chunk = chunk
+        self.dir = Path(arr.store.root) / arr.path
+        self.codec = codec  # "zstd", "lz4" (blosc) or "none"
+        self.level = level
+        self._made_dirs: set[Path] = set()
+        self._local = threading.local()
+
+    @classmethod
+    def for_array(cls, arr: Any, chunk: int) -> _ChunkFiles | None:
+        if not isinstance(arr.store, zarr.storage.LocalStore) or arr.filters:
+            return None
+        codecs = list(arr.metadata.codecs)
+        if not codecs or not isinstance(codecs[0], BytesCodec) or len(codecs) > 2:
+            return None
+        if len(codecs) == 1:
+            return cls(arr, chunk, "none", 0)
+        c = codecs[1]
+        if isinstance(c, ZstdCodec) and not c.checksum:
+            return cls(arr, chunk, "zstd", c.level)
+        if isinstance(c, BloscCodec) and c.shuffle == BloscShuffle.noshuffle and c.cname.value == "lz4":
+            return cls(arr, chunk, "lz4", c.clevel)
+        return None
+
+    def path(self, i: int, j: int) -> Path:
+        return self.dir / self.arr.metadata.encode_chunk_key((i, j, 0))
+
+    def _scratch(self, name: str, size: int) -> bytearray:
+        """A per-thread byte buffer of at least ``size`` bytes, reused across chunks.
+
+        Allocating and freeing ~0.5-1 MiB per chunk makes glibc map and unmap
+        (or trim) memory each time: page faults cost as much as the decoding.
+        """
+        buf: bytearray | None = getattr(self._local, name, None)
+        if buf is None or len(buf) < size:
+            buf = bytearray(size)
+            setattr(self._local, name, buf)
+        return buf
+
+    def read(self, i: int, j: int, out: np.ndarray | None = None) -> np.ndarray | None:
+        """The full-size chunk, or None if it is not stored (all fill).
+
+        ``out`` (C-contiguous, chunk x chunk x 3 uint8) receives the pixels;
+        reusing it avoids a fresh allocation per chunk (see ``_scratch``).
+        """
+        c = self.chunk
+        if out is None:
+            out = np.empty((c, c, 3), dtype=np.uint8)
+        flat = out.reshape(-1)  # a view, or an error if out is not contiguous
+        try:
+            f = open(self.path(i, j), "rb", buffering=0)  # noqa: SIM115 (closed below)
+        except FileNotFoundError:
+            return None
+        with f:
+            size = os.fstat(f.fileno()).st_size
+            if self.codec == "none":
+                n = f.readinto(flat.data) if size == flat.size else size
+            else:
+                raw = memoryview(self._scratch("raw", size))[:size]
+                if f.readinto(raw) != size:
+                    raise MosaicError(f"{self.dir}: chunk ({i}, {j}) changed while being read")
+                # imagecodecs, not numcodecs: it releases the GIL, so chunks decode in parallel.
+                if self.codec == "zstd":
+                    n = len(_codecs_rt.zstd_decode(raw, out=flat))
+                else:
+                    n = len(_codecs_rt.blosc_decode(raw, out=flat, numthreads=1))
+        if n != c * c * 3:
+            raise MosaicError(f"{self.dir}: chunk ({i}, {j}) holds {n} bytes, expected {c * c * 3}")
+        return out
+
+    def write(self, i: int, j: int, data: np.ndarray) -> None:
+        """Store chunk (i, j) from ``data`` (the chunk's pixels inside the level)."""
+        c = self.chunk
+        path = self.path(i, j)
+        if bool((data == FILL).all()):
+            path.unlink(missing_ok=True)
+            return
+        if data.shape[:2] != (c, c) or not data.flags.c_contiguous:
+            full = np.frombuffer(self._scratch("full", c * c * 3), dtype=np.uint8, count=c * c * 3)
+            full = full.reshape(c, c, 3)
+            if data.shape[:2] != (c, c):
+                full[...] = FILL
+            full[: data.shape[0], : data.shape[1]] = data
+            data = full
+        payload: Any
+        # Worst-case compressed size: the raw size plus the codecs' small headers.
+        bound = c * c * 3 + 4096
+        if self.codec == "zstd":
+            payload = _codecs_rt.zstd_encode(data, level=self.level, out=self._scratch("enc", bound))
+        elif self.codec == "lz4":
+            payload = _codecs_rt.blosc_encode(
+                data,
+                level=self.level,
+                compressor="lz4",
+                shuffle=0,
+                typesize=1,
+                numthreads=1,
+                out=self._scratch("enc", bound),
+            )
+        else:
+            payload = data
+        if path.parent not in self._made_dirs:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._made_dirs.add(path.parent)
+        # Write-then-rename like Zarr: a reader never sees half a chunk.
+        tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.partial")
+        try:
+            with open(tmp, "wb", buffering=0) as f:
+                f.write(payload)
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+
+class MosaicStore:
+    """A mosaic on disk. Make one with :meth:`create`, reopen with :meth:`open`."""
+
+    def __init__(self, group: zarr.Group, path: Path, io_workers: int = 2, on_rows: RowsFinal | None = None) -> None:
+        # Use create()/open(); this only wires up an already validated group.
+        self._group = group
+        self.path = path
+        attrs = _attrs(group)
+        self._chunk = int(attrs["chunk"])
+        self._shapes = [(int(h), int(w)) for h, w in attrs["levels"]]
+        self._rows = [int(r) for r in attrs["rows_written"]]
+        self._complete = bool(attrs["complete"])
+        self._arrays: list[Any] = [group[str(k)] for k in range(len(self._shapes))]
+        self._builder: PyramidBuilder | None = None
+        self._files = [_ChunkFiles.for_array(a, self._chunk) for a in self._arrays]
+        self._io_workers = max(1, io_workers)  # threads encoding + writing a band's chunks
+        self._pool: ThreadPoolExecutor | None = None
+        self._scratch = threading.local()
+        self._on_rows = on_rows
+        self._previewing = False  # finish(partial=True) is writing preview rows: not final
+
+    # ----------------------------------------------------------------- create/open
+
+    @classmethod
+    def create(
+        cls,
+        path: str | Path,
+        height: int,
+        width: int,
+        *,
+        chunk: int = 512,
+        pixel_size_um: float,
+        compressor: Compressor | str = "zstd",
+        min_level_size: int = 1024,
+        attrs: dict[str, Any] | None = None,
+        overwrite: bool = False,
+        io_workers: int = 2,
+        on_rows: RowsFinal | None = None,
+    ) -> MosaicStore:
+        """Create an empty mosaic of ``height`` x ``width`` RGB pixels with all its levels.
+
+        ``io_workers`` threads compress and write the chunks of each band.
+        ``on_rows(level, rows)`` is called (in the writing thread) each time
+        more rows of a level are final on disk -- level 0 per band, the lower
+        levels as the pyramid completes their bands -- never for the previews
+        of ``finish(partial=True)``.
+        """
+        if chunk < 16 or chunk % 2:
+            raise ValueError(f"chunk must be an even number >= 16, got {chunk}")
+        if not (math.isfinite(pixel_size_um) and pixel_size_um > 0):
+            raise ValueError(f"pixel_size_um must be > 0, got {pixel_size_um}")
+        shapes = level_shapes(height, width, min_level_size)
+        codecs = _codecs(compressor)
+        path = Path(path)
+        if path.exists() and not overwrite:
+            raise FileExistsError(f"{path} exists (pass overwrite=True to replace it)")
+        if path.exists():
+            shutil.rmtree(path)
+        group = zarr.open_group(zarr.storage.LocalStore(path), mode="w-", zarr_format=3)
+        for k, (h, w) in enumerate(shapes):
+            group.create_array(
+                str(k),
+                shape=(h, w, 3),
+                chunks=(chunk, chunk, 3),
+                dtype="uint8",
+                compressors=codecs,
+                fill_value=FILL,
+                dimension_names=("y", "x", "c"),
+            )
+        # Attributes last: a group with attrs is a fully created mosaic.
+        group.attrs.update(
+            {
+                "format": FORMAT,
+                "version": VERSION,
+                "pixel_size_um": float(pixel_size_um),
+                "chunk": chunk,
+                "levels": [[h, w] for h, w in shapes],
+                "min_level_size": min_level_size,
+                "compressor": compressor,
+                "complete": False,
+                "rows_written": [0] * len(shapes),
+                "attrs": dict(attrs or {}),
+            }
+        )
+        return cls(group, path, io_workers, on_rows)
+
+    @classmethod
+    def open(cls, path: str | Path, *, io_workers: int = 2, on_rows: RowsFinal | None = None) -> MosaicStore:
+        """Open an existing mosaic; :class:`MosaicError` if it is not one or is inconsistent.
+
+        ``on_rows`` as for :meth:`create` (for a resumed scan).
+        """
+        path = Path(path)
+        if not (path / "zarr.json").is_file():
+            raise MosaicError(f"{path}: not a Zarr v3 group (no zarr.json)")
+        try:
+            group = zarr.open_group(zarr.storage.LocalStore(path), mode="r+", zarr_format=3)
+        except Exception as err:  # zarr raises several types for a broken group
+            raise MosaicError(f"{path}: cannot open as a Zarr v3 group: {err}") from err
+        a = _attrs(group)
+        if a.get("format") != FORMAT:
+            raise MosaicError(f"{path}: not a {FORMAT} group (format={a.get('format')!r})")
+        if a.get("version") != VERSION:
+            raise MosaicError(f"{path}: unsupported mosaic version {a.get('version')!r}")
+        try:
+            chunk = int(a["chunk"])
+            shapes = [(int(h), int(w)) for h, w in a["levels"]]
+            rows = [int(r) for r in a["rows_written"]]
+            pixel = float(a["pixel_size_um"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise MosaicError(f"{path}: missing or malformed attribute: {err}") from err
+        if not shapes or len(rows) != len(shapes) or not pixel > 0:
+            raise MosaicError(f"{path}: inconsistent levels/rows_written/pixel_size_um attributes")
+        expected = level_shapes(shapes[0][0], shapes[0][1], max(shapes[-1]))
+        if shapes != expected[: len(shapes)] or len(expected) != len(shapes):
+            raise MosaicError(f"{path}: level shapes {shapes} are not a 2x pyramid")
+        for k, (h, w) in enumerate(shapes):
+            try:
+                arr = group[str(k)]
+            except KeyError:
+                raise MosaicError(f"{path}: level {k} array missing") from None
+            if not isinstance(arr, zarr.Array):
+                raise MosaicError(f"{path}: level {k} is not an array")
+            if arr.shape != (h, w, 3) or arr.dtype != np.uint8 or arr.chunks != (chunk, chunk, 3):
+                raise MosaicError(
+                    f"{path}: level {k} is {arr.shape} {arr.dtype} chunks {arr.chunks}, "
+                    f"expected {(h, w, 3)} uint8 chunks {(chunk, chunk, 3)}"
+                )
+            if not 0 <= rows[k] <= h:
+                raise MosaicError(f"{path}: rows_written[{k}]={rows[k]} outside 0..{h}")
+        return cls(group, path, io_workers, on_rows)
+
+    def close(self) -> None:
+        """Stop the I/O threads (the store stays readable and writable; they restart on demand)."""
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
+
+    def __enter__(self) -> MosaicStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ----------------------------------------------------------------- properties
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(height, width) of level 0 in pixels (the arrays have a third axis of 3 samples)."""
+        return self._shapes[0]
+
+    @property
+    def level_shapes(self) -> list[tuple[int, int]]:
+        return list(self._shapes)
+
+    @property
+    def n_levels(self) -> int:
+        return len(self._shapes)
+
+    @property
+    def chunk(self) -> int:
+        return self._chunk
+
+    @property
+    def pixel_size_um(self) -> float:
+        return float(_attrs(self._group)["pixel_size_um"])
+
+    @property
+    def complete(self) -> bool:
+        """All level-0 rows were written and every level was built from them."""
+        return self._complete
+
+    @property
+    def rows_written(self) -> int:
+        """Level-0 rows on disk (the next :meth:`write_band` starts here)."""
+        return self._rows[0]
+
+    @property
+    def pyramid_current(self) -> bool:
+        """Every lower level reflects all level-0 rows written so far (safe to export)."""
+        return all(self._rows[k] == -(-self._rows[0] // 2**k) for k in range(1, self.n_levels))
+
+    @property
+    def attrs(self) -> dict[str, Any]:
+        """A copy of the callers' free attribute dict; change it with :meth:`update_attrs`."""
+        return dict(_attrs(self._group).get("attrs", {}))
+
+    def update_attrs(self, values: dict[str, Any]) -> None:
+        """Merge ``values`` (JSON-serialisable) into the free attribute dict."""
+        self._group.attrs["attrs"] = {**self.attrs, **values}
+
+    def level(self, k: int) -> Any:
+        """The zarr.Array of level k ((h, w, 3) uint8)."""
+        if not 0 <= k < self.n_levels:
+            raise IndexError(f"level {k} out of range 0..{self.n_levels - 1}")
+        return self._arrays[k]
+
+    def read_chunk(self, k: int, i: int, j: int, *, out: np.ndarray | None = None) -> np.ndarray:
+        """Chunk (i, j) of level k, clipped to the level: (<= chunk, <= chunk, 3) uint8.
+
+        Reads the chunk file and decodes it directly when the layout is the
+        one :meth:`create` makes (see ``_ChunkFiles``); anything else goes
+        through Zarr. ``out``, a C-contiguous (chunk, chunk, 3) uint8 buffer,
+        is filled and a view of it returned (on the direct path), so a
+        caller looping over chunks can reuse one buffer.
+        """
+        data = self.read_chunk_if_stored(k, i, j, out=out)
+        if data is None:
+            c = self._chunk
+            h, w = self._shapes[k]
+            ch, cw = min(c, h - i * c), min(c, w - j * c)
+            if out is None:
+                return np.full((ch, cw, 3), FILL, dtype=np.uint8)
+            out[:ch, :cw] = FILL
+            return out[:ch, :cw]
+        return data
+
+    def read_chunk_if_stored(self, k: int, i: int, j: int, *, out: np.ndarray | None = None) -> np.ndarray | None:
+        """Like :meth:`read_chunk`, but None for a chunk that is not stored (all fill, e.g. glass).
+
+        Lets a reader skip decoding (and re-encoding) blank chunks. On a
+        layout read through Zarr (not ``create``'s) it never returns None.
+        """
+        c = self._chunk
+        h, w = self._shapes[k]
+        y, x = i * c, j * c
+        if not (0 <= y < h and 0 <= x < w):
+            raise IndexError(f"chunk ({i}, {j}) outside level {k} ({h} x {w})")
+        ch, cw = min(c, h - y), min(c, w - x)
+        files = self._files[k]
+        if files is None:
+            return np.asarray(self._arrays[k][y : y + ch, x : x + cw])
+        data = files.read(i, j, out)
+        if data is None:
+            return None
+        # Edge chunks are stored at full chunk size: cut them to the level.
+        return data[:ch, :cw]
+
+    def prefetch(self, k: int, i: int, j: int) -> None:
+        """Ask the kernel to start reading chunk (i, j) of level k into the page cache; returns at once.
+
+        A mosaic is thousands of small chunk files: the kernel's read-ahead
+        works within a file, so a cold reader would wait for the disk on
+        every chunk. Hinting a few chunks ahead overlaps that wait with
+        decoding and encoding. A no-op for chunks not stored or not in
+        ``create``'s layout, and where posix_fadvise does not exist.
+        """
+        files = self._files[k]
+        if files is None or not hasattr(os, "posix_fadvise"):
+            return
+        try:
+            fd = os.open(files.path(i, j), os.O_RDONLY)
+        except OSError:
+            return
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
+    def scratch_buffer(self) -> np.ndarray:
+        """A (chunk, chunk, 3) uint8 buffer owned by the calling thread, for ``read_chunk(out=...)``."""
+        buf: np.ndarray | None = getattr(self._scratch, "buf", None)
+        if buf is None:
+            buf = self._scratch.buf = np.empty((self._chunk, self._chunk, 3), dtype=np.uint8)
+        return buf
+
+    # ----------------------------------------------------------------- writing
+
+    def write_band(self, y0: int, band: np.ndarray) -> None:
+        """Write level-0 rows [y0, y0 + chunk) (or the bottom remainder) and extend the pyramid."""
+        h, w = self._shapes[0]
+        if self._complete:
+            raise ValueError("mosaic is complete; no more bands")
+        if y0 != self._rows[0]:
+            raise ValueError(f"bands must arrive top to bottom: expected y0={self._rows[0]}, got {y0}")
+        n = min(self._chunk, h - y0)
+        if band.shape != (n, w, 3) or band.dtype != np.uint8:
+            raise ValueError(f"band at y0={y0} must be ({n}, {w}, 3) uint8, got {band.shape} {band.dtype}")
+        builder = self._ensure_builder()
+        # y0 is chunk-aligned and the band spans full chunk rows: whole
+        # chunks, no read-modify-write.
+        self._write_rows(0, y0, band)
+        self._set_rows(0, y0 + n)
+        builder.push(band)
+
+    def finish(self, *, partial: bool = False) -> None:
+        """Complete the pyramid and mark the mosaic complete.
+
+        With ``partial=True`` on a mosaic whose level 0 is not fully written
+        (an interrupted scan), build the lower levels from the rows written so
+        far instead of failing; ``complete`` stays False and scanning can
+        still continue later.
+        """
+        if self._complete:
+            return
+        h = self._shapes[0][0]
+        if self._rows[0] < h and not partial:
+            raise ValueError(
+                f"mosaic has {self._rows[0]} of {h} rows; pass partial=True to build the pyramid from what was written"
+            )
+        builder = self._ensure_builder()
+        self._previewing = True
+        try:
+            builder.flush()
+        finally:
+            self._previewing = False
+        if self._rows[0] == h:
+            if self._rows != [s[0] for s in self._shapes]:
+                raise RuntimeError(f"pyramid incomplete after the last band: rows {self._rows}")
+            self._complete = True
+            self._group.attrs["complete"] = True
+
+    def rebuild_levels(self, *, max_workers: int = 2) -> None:
+        """Recompute every lower level from level 0 as it is on disk, chunk by chunk.
+
+        For a level 0 written or modified outside :meth:`write_band`. Works
+        level by level, one output chunk (four input chunks) per task, so
+        memory does not depend on the mosaic size. Does not change
+        ``complete``; it sets every level's rows as derived from all of level 0.
+        """
+        self._builder = None
+        c = self._chunk
+        with ThreadPoolExecutor(max(1, max_workers)) as pool:
+            for k in range(1, self.n_levels):
+                hk, wk = self._shapes[k]
+                # One chunk row at a time: bounds the queue (and memory) to a row of tasks.
+                for i in range(-(-hk // c)):
+                    list(pool.map(lambda ij, k=k: self._rebuild_chunk(k, *ij), [(i, j) for j in range(-(-wk // c))]))
+        # Lower levels now derive from all of level 0 as stored; rows below
+        # rows_written[0] are fill, so report the rows derived from written ones.
+        for k in range(1, self.n_levels):
+            self._rows[k] = -(-self._rows[0] // 2**k)
+        self._group.attrs["rows_written"] = list(self._rows)
+
+    # ----------------------------------------------------------------- internals
+
+    def _rebuild_chunk(self, k: int, i: int, j: int) -> None:
+        """Chunk (i, j) of level k from the (up to) four chunks of level k-1 above it."""
+        c, half = self._chunk, self._chunk // 2
+        h_in, w_in = self._shapes[k - 1]
+        hk, wk = self._shapes[k]
+        y, x = i * c, j * c
+        out = np.empty((min(c, hk - y), min(c, wk - x), 3), dtype=np.uint8)
+        # Each source chunk fills one quadrant: no assembled 2c x 2c copy.
+        # Chunks are even-sized except at the level's last row/column, where
+        # downsample2x's edge replication is exactly what the whole level needs.
+        for di in range(2):
+            for dj in range(2):
+                si, sj = 2 * i + di, 2 * j + dj
+                if si * c < h_in and sj * c < w_in:
+                    q = downsample2x(self.read_chunk(k - 1, si, sj, out=self.scratch_buffer()))
+                    out[di * half : di * half + q.shape[0], dj * half : dj * half + q.shape[1]] = q
+        files = self._files[k]
+        if files is None:
+            self._arrays[k][y : y + out.shape[0], x : x + out.shape[1]] = out
+        else:
+            files.write(i, j, out)
+
+    def _set_rows(self, k: int, rows: int) -> None:
+        self._rows[k] = rows
+        # Written after the data it covers: a crash leaves rows_written conservative.
+        self._group.attrs["rows_written"] = list(self._rows)
+        if self._on_rows is not None and not self._previewing:
+            self._on_rows(k, rows)
+
+    def _emit(self, k: int, y0: int, rows: np.ndarray) -> None:
+        self._write_rows(k, y0, rows)
+        self._set_rows(k, y0 + rows.shape[0])
+
+    def _write_rows(self, k: int, y0: int, rows: np.ndarray) -> None:
+        """Write full-width rows of level k; whole chunks go straight to their files, in parallel."""
+        c = self._chunk
+        h, w = self._shapes[k]
+        n = rows.shape[0]
+        files = self._files[k]
+        if files is None or y0 % c or (n % c and y0 + n != h):
+            # Not whole chunk rows (a preview from finish(partial=True)) or not our layout.
+            self._arrays[k][y0 : y0 + n] = rows
+            return
+        jobs = [
+            (y // c, j, rows[y - y0 : y - y0 + c, j * c : (j + 1) * c])
+            for y in range(y0, y0 + n, c)
+            for j in range(-(-w // c))
+        ]
+        if self._io_workers <= 1 or len(jobs) == 1:
+            for i, j, data in jobs:
+                files.write(i, j, data)
+            return
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self._io_workers, thread_name_prefix="mosaic-io")
+        # list(): wait for every chunk (and re-raise the first error) before returning.
+        list(self._pool.map(lambda job: files.write(*job), jobs))
+
+    def _ensure_builder(self) -> PyramidBuilder:
+        """The pyramid builder, restored from disk for a reopened store."""
+        if self._builder is not None:
+            return self._builder
+        c = self._chunk
+        # Rows of each level known final: level 0's written rows; level k's can
+        # only be derived from final rows of level k-1 (rows_written may be
+        # ahead after a partial finish, or lag after a crash).
+        starts = [self._rows[0]]
+        for k in range(1, self.n_levels):
+            starts.append(min(self._rows[k], starts[-1] // 2) // c * c)
+        builder = PyramidBuilder(self._shapes, c, self._emit, start_rows=starts[1:])
+        # Refill each level's buffer from the rows of the level above that it
+        # had consumed but not yet emitted (< 2 chunks normally). Deepest level
+        # first, so that a band re-emitted during the refill cascades into an
+        # already restored level.
+        for k in range(self.n_levels - 1, 0, -1):
+            for y in range(2 * starts[k], starts[k - 1], c):
+                builder.push_level(k, np.asarray(self._arrays[k - 1][y : min(y + c, starts[k - 1])]))
+        self._builder = builder
+        return builder
