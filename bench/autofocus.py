@@ -208,7 +208,8 @@ COLD_STARTS_UM = tuple(float(d) for d in range(-10, 11))
 def cold_start(paths: list[Path], strategy: str, model_dir: Path | None) -> dict[str, Any]:
     """Every tissue field focused from every start guess in ``COLD_STARTS_UM`` (truth + offset)."""
     from runtime.focus.field import FieldFocuser
-    from runtime.focus.single_shot import FocusSurface, SingleShotFocus
+    from runtime.focus.single_shot import SingleShotFocus
+    from runtime.focus.surface import FocusSurface
     from runtime.focus.sweep import ContrastSweep
 
     starts, errors, captures, fallbacks = [], [], [], 0
@@ -298,8 +299,8 @@ def backend_timing(model_dir: Path | None, tile: np.ndarray) -> list[dict[str, A
 
 def run(args: argparse.Namespace) -> int:
     from hw_sim.recording import Recording
-    from runtime.focus.single_shot import load_models
     from runtime.ml.model_folder import builtin_autofocus_dir
+    from runtime.ml.tasks import load_models
 
     paths = _recordings(args)
     recs = [Recording.open(p) for p in paths]

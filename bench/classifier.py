@@ -88,9 +88,9 @@ SETS = {
 
 def run(args: argparse.Namespace) -> int:
     from export.datasets import cached, classifier_data
-    from runtime.focus.single_shot import TileClassifierModel
     from runtime.ml.backends import select_backend
     from runtime.ml.model_folder import default_model_dir, load_model_folder
+    from runtime.ml.tasks import TileClassifierModel
 
     folder = load_model_folder(args.model or default_model_dir("classifier"), "classifier")
     model = TileClassifierModel(folder, select_backend(folder, "ort_cpu").backend)

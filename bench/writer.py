@@ -209,8 +209,9 @@ def _child_ingest(a: argparse.Namespace) -> dict[str, Any]:
 
 def _child_write(a: argparse.Namespace) -> dict[str, Any]:
     """``tiff`` (from the Zarr pyramid) or ``writer`` (from level 0 alone)."""
+    from bench.level0_writer import write_ome_tiff_from_level0
     from runtime.output.mosaic_store import MosaicStore
-    from runtime.output.ome_tiff import write_ome_tiff, write_ome_tiff_from_level0
+    from runtime.output.ome_tiff import write_ome_tiff
 
     meter = PeakMeter()
     startup_peak, baseline = meter.peak_mib(), meter.rss_mib()

@@ -12,16 +12,10 @@ from typing import Any
 import numpy as np
 import pytest
 
+from runtime.ipc.inference_channel import STOP, InferenceChannel, InferenceStopped
 from runtime.ipc.messages import Heartbeat, InferenceDone, InferenceReady
 from runtime.ipc.ring import AttachedRing, SlotRing
-from runtime.workers.inference import (
-    STOP,
-    InferenceChannel,
-    InferenceClient,
-    InferenceStopped,
-    WorkerSettings,
-    inference_main,
-)
+from runtime.workers.inference import InferenceClient, WorkerSettings, inference_main
 from tests.test_models import _render
 
 

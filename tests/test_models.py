@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from runtime.focus.single_shot import AutofocusModel, FocusSurface, TileClassifierModel, load_models
+from runtime.focus.surface import FocusSurface
 from runtime.ml.backends import (
     EngineCache,
     EngineKey,
@@ -19,6 +19,7 @@ from runtime.ml.backends import (
     select_backend,
 )
 from runtime.ml.model_folder import ModelFolderError, builtin_autofocus_dir, default_model_dir, load_model_folder
+from runtime.ml.tasks import AutofocusModel, TileClassifierModel, load_models
 
 # ---------------------------------------------------------------------------- committed models
 

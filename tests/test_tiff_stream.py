@@ -16,13 +16,13 @@ import numpy as np
 import pytest
 import tifffile
 
+from bench.level0_writer import write_ome_tiff_from_level0
 from runtime.output.mosaic_store import MosaicStore
 from runtime.output.ome_tiff import (
     OmeTiffStream,
     partial_path,
     tile_encoder,
     write_ome_tiff,
-    write_ome_tiff_from_level0,
 )
 from runtime.output.tiff_stream import COMPRESSION_NONE, TiffPage, TiffStreamWriter
 from tests import bioformats

@@ -31,6 +31,7 @@ from runtime.errors import one_line
 from runtime.focus.field import model_settings, worker_settings
 from runtime.focus.single_shot import SingleShotFocus
 from runtime.focus.sweep import ContrastSweep
+from runtime.ipc.inference_channel import STOP as INFERENCE_STOP
 from runtime.ipc.lifetime import record_semaphores, semaphore_names
 from runtime.ipc.messages import (
     AcquisitionDone,
@@ -50,7 +51,6 @@ from runtime.output.ome_tiff import partial_path
 from runtime.paths import folder_identity, write_file_exclusive
 from runtime.stitching.accumulator import MosaicGeometry, StitchParams
 from runtime.workers.acquisition import AcquisitionJob, acquisition_main
-from runtime.workers.inference import STOP as INFERENCE_STOP
 from runtime.workers.inference import inference_main
 from runtime.workers.stitcher import StitchJob, stitcher_main
 from runtime.workers.writer import WriteJob, writer_main

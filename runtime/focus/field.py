@@ -35,16 +35,12 @@ from typing import Any, Protocol
 from runtime.config import ModelsConfig
 from runtime.devices.protocols import Camera, RGBImage, Stage
 from runtime.devices.scan_plan import FieldPlan
-from runtime.focus.single_shot import (
-    AutofocusModel,
-    FocusSurface,
-    SingleShotFocus,
-    TileClass,
-    TileClassifierModel,
-    load_models,
-)
+from runtime.focus.single_shot import SingleShotFocus
+from runtime.focus.surface import FocusSurface
 from runtime.focus.sweep import ContrastSweep
-from runtime.workers.inference import InferenceChannel, WorkerSettings
+from runtime.ipc.inference_channel import InferenceChannel
+from runtime.ml.tasks import AutofocusModel, TileClass, TileClassifierModel, load_models
+from runtime.workers.inference import WorkerSettings
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ from runtime.errors import log_failure
 from runtime.focus.field import Capture, FieldFocuser, FocusModels, ModelSettings, WorkerModels
 from runtime.focus.single_shot import SingleShotFocus
 from runtime.focus.sweep import ContrastSweep
+from runtime.ipc.inference_channel import InferenceChannel, InferenceStopped
 from runtime.ipc.lifetime import bind_to_parent
 from runtime.ipc.messages import (
     AcquisitionDone,
@@ -42,7 +43,6 @@ from runtime.ipc.messages import (
     peak_rss_bytes,
 )
 from runtime.ipc.ring import AttachedRing, RingSpec
-from runtime.workers.inference import InferenceChannel, InferenceStopped
 
 log = logging.getLogger("wsi.acquisition")
 
