@@ -138,7 +138,7 @@ class _Replay:
     """One held-out recording behind the replay driver, with what the scan-path scores need."""
 
     driver: Any  # hw_sim.replay.ReplayDriver
-    settings: Any  # runtime.focus.field.ModelSettings
+    settings: Any  # runtime.config.ModelsConfig
     grid: Any  # runtime.devices.scan_plan.GridPlan
     tissue: np.ndarray  # per field: holds >= 5% tissue
     truth: np.ndarray  # per field: true focus z (µm)
@@ -147,8 +147,8 @@ class _Replay:
 def _replay(path: Path, model_dir: Path | None) -> _Replay:
     from hw_sim.recording import Recording
     from hw_sim.replay import ReplayDriver
+    from runtime.config import ModelsConfig
     from runtime.devices.scan_plan import serpentine_plan
-    from runtime.focus.field import ModelSettings
 
     rec = Recording.open(path)
     m = rec.meta
@@ -156,7 +156,7 @@ def _replay(path: Path, model_dir: Path | None) -> _Replay:
     assert truth is not None, f"{path} has no truth"
     return _Replay(
         driver=ReplayDriver(rec),
-        settings=ModelSettings(autofocus_dir=str(model_dir) if model_dir else None, backend="ort_cpu"),
+        settings=ModelsConfig(autofocus_dir=str(model_dir) if model_dir else "builtin", backend="ort_cpu"),
         grid=serpentine_plan(m.area, m.field_width_um, m.field_height_um, m.overlap),
         tissue=_tissue_fields(rec),
         truth=truth,
@@ -164,9 +164,8 @@ def _replay(path: Path, model_dir: Path | None) -> _Replay:
 
 
 def scan_path(paths: list[Path], strategy: str, model_dir: Path | None) -> dict[str, Any]:
+    from runtime.config import FocusConfig
     from runtime.focus.field import FieldFocuser
-    from runtime.focus.single_shot import SingleShotFocus
-    from runtime.focus.sweep import ContrastSweep
 
     errors, captures, tissue_caps, clamped = [], [], [], 0
     classes: dict[str, int] = {}
@@ -174,7 +173,7 @@ def scan_path(paths: list[Path], strategy: str, model_dir: Path | None) -> dict[
     for path in paths:
         rp = _replay(path, model_dir)
         drv, tissue, truth = rp.driver, rp.tissue, rp.truth
-        focuser = FieldFocuser(strategy, ContrastSweep(), SingleShotFocus(), 0.0, rp.settings, drv.camera, drv.stage)
+        focuser = FieldFocuser(FocusConfig(strategy=strategy), rp.settings, drv.camera, drv.stage)
         for plan in rp.grid.fields:
             drv.stage.move_xy(plan.x_um, plan.y_um)
             r = focuser.focus_field(plan, lambda: False)
@@ -207,10 +206,9 @@ COLD_STARTS_UM = tuple(float(d) for d in range(-10, 11))
 
 def cold_start(paths: list[Path], strategy: str, model_dir: Path | None) -> dict[str, Any]:
     """Every tissue field focused from every start guess in ``COLD_STARTS_UM`` (truth + offset)."""
+    from runtime.config import FocusConfig
     from runtime.focus.field import FieldFocuser
-    from runtime.focus.single_shot import SingleShotFocus
     from runtime.focus.surface import FocusSurface
-    from runtime.focus.sweep import ContrastSweep
 
     starts, errors, captures, fallbacks = [], [], [], 0
     t0 = time.perf_counter()
@@ -226,9 +224,8 @@ def cold_start(paths: list[Path], strategy: str, model_dir: Path | None) -> dict
             for d0 in COLD_STARTS_UM:
                 z0 = float(truth[f]) + d0
                 if focuser is None or strategy == "contrast_sweep":  # the sweep starts where the last field ended
-                    focuser = FieldFocuser(
-                        strategy, ContrastSweep(), SingleShotFocus(), z0, rp.settings, drv.camera, drv.stage
-                    )
+                    focus = FocusConfig(strategy=strategy, start_z_um=z0)
+                    focuser = FieldFocuser(focus, rp.settings, drv.camera, drv.stage)
                 focuser.surface = FocusSurface(z0)  # no points: the first field's guess is z0
                 r = focuser.focus_field(plan, lambda: False)
                 starts.append(d0)

@@ -55,7 +55,7 @@ def otsu_saturation(raw: np.ndarray, min_fraction: float = 0.05) -> np.ndarray:
     """1 where a tile is tissue by the classical rule, else 0."""
     sat = np.stack([cv2.cvtColor(t, cv2.COLOR_RGB2HSV)[..., 1] for t in raw])
     thr, _ = cv2.threshold(sat.reshape(-1, 1), 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
-    return ((sat > thr).mean(axis=(1, 2)) >= min_fraction).astype(np.int64)
+    return np.asarray((sat > thr).mean(axis=(1, 2)) >= min_fraction, dtype=np.int64)
 
 
 def evaluate(model: Any, data: dict[str, Any]) -> dict[str, Any]:

@@ -48,12 +48,15 @@ import tempfile
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
 
 from bench.report import Column, emit
+
+if TYPE_CHECKING:
+    from hw_sim.recording import Recording
 
 DESCRIPTION = "online stitching: position error vs truth and time per tile, side by side with ASHLAR"
 F64 = npt.NDArray[np.float64]
@@ -224,9 +227,10 @@ def _errors(est: dict[tuple[int, int], tuple[float, float]], truth: Truth) -> di
 
 
 def _ours(rec: Any, tiles: list[Any], workdir: Path, a: argparse.Namespace) -> dict[str, Any]:
+    from runtime.config import StitchConfig
     from runtime.devices.scan_plan import FieldPlan, GridPlan
     from runtime.output.mosaic_store import MosaicStore
-    from runtime.stitching.accumulator import DequeAccumulator, MosaicGeometry, StitchParams
+    from runtime.stitching.accumulator import DequeAccumulator, MosaicGeometry
 
     m = rec.meta
     fields = []
@@ -240,7 +244,7 @@ def _ours(rec: Any, tiles: list[Any], workdir: Path, a: argparse.Namespace) -> d
     h, w = geometry.shape
     path = workdir / "ours-mosaic.zarr"
     store = MosaicStore.create(path, h, w, pixel_size_um=m.pixel_size_um, overwrite=True)
-    params = StitchParams(stage_sigma_um=a.stage_error_um, max_stage_error_um=3 * a.stage_error_um, lag_tiles=a.lag)
+    params = StitchConfig(stage_sigma_um=a.stage_error_um, max_stage_error_um=3 * a.stage_error_um, lag_tiles=a.lag)
     acc = DequeAccumulator(geometry, store, params)
     acc.pair_log = []
     t0 = time.perf_counter()
@@ -267,7 +271,7 @@ def _ours(rec: Any, tiles: list[Any], workdir: Path, a: argparse.Namespace) -> d
     }
 
 
-def _ashlar(rec: Any, greys: list[Any], a: argparse.Namespace) -> dict[str, Any]:
+def _ashlar(rec: Recording, greys: list[Any], a: argparse.Namespace) -> dict[str, Any]:
     import ashlar.reg as areg  # starts a JVM (Bio-Formats) on import: not timed
 
     m = rec.meta
@@ -282,7 +286,8 @@ def _ashlar(rec: Any, greys: list[Any], a: argparse.Namespace) -> dict[str, Any]
         ]
     )
 
-    class Meta(areg.Metadata):  # an in-memory tile set: no Bio-Formats file
+    # ashlar ships no type information, so its classes are Any to mypy: subclassing them is unavoidable.
+    class Meta(areg.Metadata):  # type: ignore[misc]  # an in-memory tile set: no Bio-Formats file
         @property
         def _num_images(self) -> int:
             return len(greys)
@@ -305,7 +310,7 @@ def _ashlar(rec: Any, greys: list[Any], a: argparse.Namespace) -> dict[str, Any]
         def tile_size(self, i: int) -> Any:
             return np.array([m.tile_height, m.tile_width])
 
-    class Reader(areg.Reader):
+    class Reader(areg.Reader):  # type: ignore[misc]  # untyped ashlar (see Meta)
         def __init__(self) -> None:
             self.metadata = Meta()
 

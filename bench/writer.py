@@ -94,7 +94,7 @@ def texture_block(rows: int, cols: int, seed: int = 0) -> np.ndarray:
     img = glass * (1 - tissue) + pink * tissue
     img = img * (1 - nuclei) + purple * nuclei
     img += rng.normal(0, 3.0, img.shape).astype(np.float32)
-    return np.clip(img, 0, 255).astype(np.uint8)
+    return np.asarray(np.clip(img, 0, 255).astype(np.uint8))
 
 
 class SyntheticSlide:
@@ -394,7 +394,7 @@ def _tiff_facts(path: Path) -> dict[str, Any]:
         page = tif.pages[0]
         assert isinstance(page, tifffile.TiffPage)
         facts: dict[str, Any] = {"levels": [list(lvl.shape[:2]) for lvl in tif.series[0].levels]}
-        if page.compression == 7:
+        if page.compression == tifffile.COMPRESSION.JPEG:
             tif.filehandle.seek(page.dataoffsets[0])
             head = tif.filehandle.read(min(page.databytecounts[0], 4096))
             facts["jpeg"] = f"{tifffile.PHOTOMETRIC(page.photometric).name} {_jpeg_sampling(head)}"
@@ -513,7 +513,11 @@ def _one_size(size: int, a: argparse.Namespace, workdir: Path) -> dict[str, Any]
         f"--vips-input={a.vips_input}",
     ]
     load_before = os.getloadavg()[0]
-    progress = (lambda msg: None) if a.json else (lambda msg: print(f"  {size}: {msg}", file=sys.stderr, flush=True))
+
+    def progress(msg: str) -> None:
+        if not a.json:
+            print(f"  {size}: {msg}", file=sys.stderr, flush=True)
+
     vips: dict[str, Any] | None = None
     try:
         progress("ingest (synthetic bands -> Zarr mosaic + pyramid)")

@@ -309,7 +309,8 @@ class Optics:
         if dark.any():
             noisy[dark] = rng.poisson(electrons[dark]) + rng.normal(0.0, cam.read_noise_e, int(dark.sum()))
         dn = noisy * np.float32(255.0 / cam.full_well_e)
-        return np.clip(np.rint(dn), 0, 255).astype(np.uint8)
+        clipped: F32 = np.clip(np.rint(dn), 0, 255)
+        return clipped.astype(np.uint8)
 
     @staticmethod
     def _vignette(h: int, w: int, strength: float) -> F32:

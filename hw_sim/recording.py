@@ -226,7 +226,7 @@ def _parse_attrs(attrs: dict[str, Any], n_fields: int, n_z: int) -> RecordingMet
 # --------------------------------------------------------------------------- arrays
 
 
-def _array(group: zarr.Group, name: str, where: str = "") -> zarr.Array:
+def _array(group: zarr.Group, name: str, where: str = "") -> zarr.Array[Any]:
     label = f"{where}{name}"
     try:
         node = group[name]
@@ -239,14 +239,14 @@ def _array(group: zarr.Group, name: str, where: str = "") -> zarr.Array:
     return node
 
 
-def _check(arr: zarr.Array, label: str, dtype: str, shape: tuple[int, ...]) -> None:
+def _check(arr: zarr.Array[Any], label: str, dtype: str, shape: tuple[int, ...]) -> None:
     if arr.dtype != np.dtype(dtype):
         raise RecordingError(f"array '{label}': dtype {arr.dtype}, expected {dtype}")
     if tuple(arr.shape) != shape:
         raise RecordingError(f"array '{label}': shape {tuple(arr.shape)}, expected {shape}")
 
 
-def _load(arr: zarr.Array, label: str) -> npt.NDArray[Any]:
+def _load(arr: zarr.Array[Any], label: str) -> npt.NDArray[Any]:
     try:
         data = np.asarray(arr[...])
     except Exception as err:
@@ -271,7 +271,7 @@ class Recording:
         self,
         path: Path,
         meta: RecordingMeta,
-        stacks: zarr.Array,
+        stacks: zarr.Array[Any],
         z_um: F64,
         stage_xy_um: F64,
         grid_rc: I32,
@@ -471,7 +471,7 @@ class RecordingWriter:
         self._rc = group.create_array(
             name="grid_rc", shape=(n, 2), chunks=(rows, 2), dtype="int32", fill_value=-1
         )
-        self._truth: tuple[zarr.Array, zarr.Array] | None = None
+        self._truth: tuple[zarr.Array[Any], zarr.Array[Any]] | None = None
         if with_truth:
             t = group.create_group("truth")
             self._truth = (

@@ -150,7 +150,7 @@ def _hash_scalar(key: int, i: int, j: int = 0) -> float:
 
 
 def _smooth(t: npt.NDArray[Any]) -> npt.NDArray[Any]:
-    return t * t * (3.0 - 2.0 * t)
+    return np.asarray(t * t * (3.0 - 2.0 * t))
 
 
 def _smoothstep(e0: float, e1: float, x: npt.NDArray[Any]) -> npt.NDArray[Any]:
@@ -180,7 +180,8 @@ def _noise_grid(key: int, xs: F64, ys: F64, scale: float) -> F32:
         key, np.arange(x_lo, x_lo + nx, dtype=np.int64)[None, :], np.arange(y_lo, y_lo + ny)[:, None]
     ).astype(np.float32)
     rows = lat[:, jx] * (1.0 - sx) + lat[:, jx + 1] * sx  # (ny, w)
-    return rows[jy] * (1.0 - sy)[:, None] + rows[jy + 1] * sy[:, None]
+    grid: F32 = rows[jy] * (1.0 - sy)[:, None] + rows[jy + 1] * sy[:, None]
+    return grid
 
 
 def _noise_pts(key: int, x: F64, y: F64, scale: float) -> F64:
@@ -587,7 +588,7 @@ class SyntheticSlide:
             + np.float32(0.10) * var
             + np.float32(0.45) * np.sqrt(fib) * breaks * (np.float32(1.0) - np.float32(0.4) * cell)
         )
-        return (e * density).astype(np.float32)
+        return np.asarray(e * density, dtype=np.float32)
 
     def _nuclei_canvas(self, x0: float, y0: float, h: int, w: int, px: float) -> F32:
         """Sum of nucleus profiles (hematoxylin amount) over the region."""

@@ -12,8 +12,9 @@ import pytest
 from hw_sim.recording import Recording
 from hw_sim.synth import SynthParams, grid_for, synthesize
 from hw_sim.truth import TILE, TruthRenderer
+from runtime.config import StitchConfig
 from runtime.output.mosaic_store import MosaicStore
-from runtime.stitching.accumulator import DequeAccumulator, MosaicGeometry, StitchParams
+from runtime.stitching.accumulator import DequeAccumulator, MosaicGeometry
 
 # One in-focus plane per field: these tests are about stitching, not focus.
 BASE = SynthParams(fields_x=4, fields_y=3, tile=256, seed=3, z_planes=1, coarse_focus_error_um=0.0, overlap=0.15)
@@ -32,7 +33,7 @@ def recordings(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def _stitch(
-    path: Path, tmp: Path, params: StitchParams | None = None, stop_after: int | None = None
+    path: Path, tmp: Path, params: StitchConfig | None = None, stop_after: int | None = None
 ) -> tuple[Recording, DequeAccumulator, MosaicStore, bool]:
     rec = Recording.open(path)
     m = rec.meta
@@ -40,7 +41,7 @@ def _stitch(
     geometry = MosaicGeometry(plan, m.tile_height, m.tile_width, m.pixel_size_um)
     h, w = geometry.shape
     store = MosaicStore.create(tmp / "mosaic.zarr", h, w, chunk=128, pixel_size_um=m.pixel_size_um, min_level_size=64)
-    acc = DequeAccumulator(geometry, store, params or StitchParams(stage_sigma_um=2.0, max_stage_error_um=6.0))
+    acc = DequeAccumulator(geometry, store, params or StitchConfig(stage_sigma_um=2.0, max_stage_error_um=6.0))
     for n, f in enumerate(plan.fields):
         if stop_after is not None and n == stop_after:
             break
@@ -121,7 +122,7 @@ def test_memory_is_bounded_by_a_tile_height(recordings: dict[str, Path], tmp_pat
 
 
 def test_rotated_camera_and_scaled_stage(recordings: dict[str, Path], tmp_path: Path) -> None:
-    rec, acc, _, _ = _stitch(recordings["rotated"], tmp_path, StitchParams(stage_sigma_um=0.5, max_stage_error_um=2.0))
+    rec, acc, _, _ = _stitch(recordings["rotated"], tmp_path, StitchConfig(stage_sigma_um=0.5, max_stage_error_um=2.0))
     off = _offsets(rec, acc, rotation_deg=0.5)
     e = np.array(list(off.values()))
     # In the camera's frame the tiles are a pure translation apart: registration is exact.
@@ -156,7 +157,7 @@ def test_cancelled_scan_keeps_what_was_captured(recordings: dict[str, Path], tmp
 
 
 def test_without_registration_tiles_sit_at_commanded_positions(recordings: dict[str, Path], tmp_path: Path) -> None:
-    params = StitchParams(registration=False, flatfield=False)
+    params = StitchConfig(registration=False, flatfield=False)
     _, acc, _, complete = _stitch(recordings["base"], tmp_path, params)
     assert complete
     for p in acc.summary()["positions"]:
@@ -166,7 +167,7 @@ def test_without_registration_tiles_sit_at_commanded_positions(recordings: dict[
 
 def test_lag_holds_tiles_but_places_them_alike(recordings: dict[str, Path], tmp_path: Path) -> None:
     """With lag_tiles a tile waits for later links too: same consistency, more held."""
-    params = StitchParams(stage_sigma_um=2.0, max_stage_error_um=6.0, lag_tiles=5)
+    params = StitchConfig(stage_sigma_um=2.0, max_stage_error_um=6.0, lag_tiles=5)
     rec, acc, _, complete = _stitch(recordings["base"], tmp_path, params)
     assert complete
     e = np.array(list(_offsets(rec, acc).values()))
@@ -190,4 +191,4 @@ def test_tiles_must_arrive_once_and_whole(recordings: dict[str, Path], tmp_path:
     with pytest.raises(ValueError, match="expected"):
         acc.add(plan.fields[1], tile[:100])
     with pytest.raises(ValueError):
-        StitchParams(stage_sigma_um=0.0)
+        StitchConfig(stage_sigma_um=0.0)

@@ -15,7 +15,8 @@ import pytest
 import zmq
 
 from runtime.control.client import ControlClient, DaemonUnavailable, EventSubscriber, RequestFailed, main
-from runtime.control.protocol import RequestError, encode_event, encode_reply
+from runtime.control.events import StateEvent
+from runtime.control.protocol import RequestError, RequestParams, encode_event, encode_reply
 from runtime.control.server import ControlServer
 
 
@@ -40,7 +41,7 @@ def in_thread(target: Callable[[threading.Event], None]) -> Callable[[], None]:
 
 
 def control_server(
-    cmd: str, evt: str, handler: Callable[[str, dict[str, Any]], Any], publish_every_s: float | None = None
+    cmd: str, evt: str, handler: Callable[[RequestParams], Any], publish_every_s: float | None = None
 ) -> Callable[[], None]:
     ready = threading.Event()
 
@@ -51,7 +52,7 @@ def control_server(
             while not stop.is_set():
                 server.poll(10)
                 if publish_every_s is not None and time.monotonic() - last > publish_every_s:
-                    server.publish("state", {"state": "idle"})
+                    server.publish(StateEvent(state="idle"))
                     last = time.monotonic()
 
     finish = in_thread(run)
@@ -59,10 +60,11 @@ def control_server(
     return finish
 
 
-def handler(command: str, params: dict[str, Any]) -> dict[str, Any]:
-    if command == "cancel":
+def handler(params: RequestParams) -> dict[str, Any]:
+    """Echoes the command and its params (as JSON, omitted ones left out)."""
+    if params.COMMAND == "cancel":
         raise RequestError("not_running", "no scan is running")
-    return {"command": command, "params": params}
+    return {"command": params.COMMAND, "params": params.model_dump(mode="json", exclude_none=True)}
 
 
 # ----------------------------------------------------------------------------- ControlClient

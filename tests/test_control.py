@@ -21,7 +21,9 @@ import pytest
 import zmq
 
 from runtime.control.client import ControlClient, EventSubscriber, RequestFailed
-from runtime.control.protocol import MAX_REQUEST_BYTES, RequestError, decode_reply, encode_request
+from runtime.control.events import FieldDoneEvent, StateEvent
+from runtime.control.protocol import MAX_REQUEST_BYTES, RequestError, RequestParams, decode_reply, encode_request
+from runtime.control.replies import PingResult
 from runtime.control.server import ControlServer
 
 
@@ -35,13 +37,14 @@ def sock_dir() -> Iterator[Path]:
 
 
 class Recorder:
-    """A handler that records calls and can be told to fail."""
+    """A handler that records calls (command, params as JSON) and can be told to fail."""
 
     def __init__(self) -> None:
         self.calls: list[tuple[str, dict[str, Any]]] = []
 
-    def __call__(self, command: str, params: dict[str, Any]) -> Any:
-        self.calls.append((command, params))
+    def __call__(self, params: RequestParams) -> Any:
+        command = params.COMMAND
+        self.calls.append((command, params.model_dump(mode="json", exclude_none=True)))
         if command == "ping":
             return {"pong": True}
         if command == "cancel":
@@ -50,13 +53,13 @@ class Recorder:
             raise RuntimeError("boom")
         if command == "status":
             return ["not", "a", "dict"]
-        return {"echo": params, "n": len(self.calls)}
+        return {"echo": params.model_dump(mode="json", exclude_none=True), "n": len(self.calls)}
 
 
 class ServerThread:
     """Runs a ControlServer in its own thread; ZeroMQ sockets stay in the thread that made them."""
 
-    def __init__(self, cmd: str, evt: str, handler: Callable[[str, dict[str, Any]], Any]) -> None:
+    def __init__(self, cmd: str, evt: str, handler: Callable[[RequestParams], Any]) -> None:
         self.cmd, self.evt = cmd, evt
         self._handler = handler
         self._jobs: queue.Queue[tuple[Callable[[ControlServer], Any], queue.Queue[Any]]] = queue.Queue()
@@ -96,7 +99,7 @@ class ServerThread:
 
 
 @contextmanager
-def serving(sock_dir: Path, handler: Callable[[str, dict[str, Any]], Any]) -> Iterator[ServerThread]:
+def serving(sock_dir: Path, handler: Callable[[RequestParams], Any]) -> Iterator[ServerThread]:
     with ServerThread(
         f"ipc://{sock_dir}/run/control.sock", f"ipc://{sock_dir}/run/events.sock", handler
     ) as st:
@@ -158,9 +161,21 @@ def test_handler_errors_become_error_replies_and_serving_continues(
         with pytest.raises(RequestFailed) as info:
             client.request("status")  # handler returns a list
         assert info.value.code == "internal"
-        assert "expected a dict" in info.value.message
+        assert "expected StatusResult or a dict" in info.value.message
         assert client.request("ping") == {"pong": True}  # still serving
     assert any(r.levelno == logging.ERROR and "shutdown" in r.getMessage() for r in caplog.records)
+
+
+def test_result_model_of_the_wrong_command_is_an_internal_error(sock_dir: Path) -> None:
+    def handler(params: RequestParams) -> PingResult:
+        return PingResult(pong=True, pid=1, state="idle")
+
+    with serving(sock_dir, handler) as st, ControlClient(st.cmd) as client:
+        assert client.request("ping") == {"pong": True, "pid": 1, "state": "idle"}
+        with pytest.raises(RequestFailed) as info:
+            client.request("status")
+        assert info.value.code == "internal"
+        assert "handler returned PingResult for 'status', expected StatusResult" in info.value.message
 
 
 def test_invalid_requests_never_reach_the_handler(sock_dir: Path) -> None:
@@ -244,12 +259,12 @@ def test_events_have_increasing_sequence_numbers(sock_dir: Path) -> None:
         deadline = time.monotonic() + 5
         first = None
         while first is None and time.monotonic() < deadline:
-            st.call(lambda s: s.publish("state", {"state": "idle"}))
+            st.call(lambda s: s.publish(StateEvent(state="idle")))
             first = sub.recv(0.05)
         assert first is not None
         while sub.recv(0.1) is not None:  # drain the rest of the slow-joiner loop's events
             pass
-        seqs = st.call(lambda s: [s.publish("field_done", {"index": i, "total": 3}) for i in range(3)])
+        seqs = st.call(lambda s: [s.publish(_field_done(i, 3)) for i in range(3)])
         got = [sub.recv(2) for _ in range(3)]
         assert all(e is not None and e["event"] == "field_done" and e["time"] > 1e9 for e in got)
         assert [e["seq"] for e in got if e] == seqs
@@ -260,19 +275,23 @@ def test_events_have_increasing_sequence_numbers(sock_dir: Path) -> None:
         assert st.call(lambda s: s.last_seq) == seqs[-1]
 
 
-def test_unknown_event_is_refused_without_using_a_number(sock_dir: Path) -> None:
+def _field_done(index: int, total: int) -> FieldDoneEvent:
+    return FieldDoneEvent(index=index, done=index + 1, total=total, row=0, col=index, z_um=0.0, captures=1)
+
+
+def test_untyped_event_is_refused_without_using_a_number(sock_dir: Path) -> None:
     with serving(sock_dir, Recorder()) as st:
-        n = st.call(lambda s: s.publish("state", {"state": "idle"}))
+        n = st.call(lambda s: s.publish(StateEvent(state="idle")))
 
         def bad(s: ControlServer) -> str:
             try:
-                s.publish("scan_exploded", {})
-            except ValueError as err:
+                s.publish({"state": "idle"})  # type: ignore[arg-type]
+            except TypeError as err:
                 return str(err)
             return "no error"
 
-        assert "unknown event 'scan_exploded'" in st.call(bad)
-        assert st.call(lambda s: s.publish("state", {"state": "idle"})) == n + 1
+        assert "publish takes an event model" in st.call(bad)
+        assert st.call(lambda s: s.publish(StateEvent(state="idle"))) == n + 1
 
 
 # ----------------------------------------------------------------------------- binding

@@ -12,10 +12,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-from runtime.ipc.inference_channel import STOP, InferenceChannel, InferenceStopped
-from runtime.ipc.messages import Heartbeat, InferenceDone, InferenceReady
+from runtime.config import ModelsConfig
+from runtime.ipc.inference_channel import InferenceChannel, InferenceStopped
+from runtime.ipc.messages import EndOfStream, Heartbeat, InferenceDone, InferenceReady
 from runtime.ipc.ring import AttachedRing, SlotRing
-from runtime.workers.inference import InferenceClient, WorkerSettings, inference_main
+from runtime.workers.inference import Batching, InferenceClient, inference_main
 from tests.test_models import _render
 
 
@@ -30,7 +31,7 @@ def test_worker_answers_autofocus_first_and_batches_classification() -> None:
         view.slot(6)[...] = _render(2.0)
         # A long batch window makes the scheduling visible: classify requests wait for it,
         # an autofocus request sent after them must not.
-        client = InferenceClient(WorkerSettings(backend="ort_cpu", batch_window_s=1.0), ring.spec)
+        client = InferenceClient(ModelsConfig(backend="ort_cpu"), ring.spec, batching=Batching(window_s=1.0))
         assert client.backend == "ort_cpu"
         ids = {client.classify_async(i, 0.25) for i in range(6)}
         t = time.monotonic()
@@ -56,7 +57,7 @@ def test_urgent_classify_skips_the_batch_window_and_takes_the_queue_along() -> N
     try:
         for i in range(6):
             view.slot(i)[...] = np.full((256, 256, 3), 240, np.uint8)
-        client = InferenceClient(WorkerSettings(backend="ort_cpu", batch_window_s=2.0), ring.spec)
+        client = InferenceClient(ModelsConfig(backend="ort_cpu"), ring.spec, batching=Batching(window_s=2.0))
         queued = {client.classify_async(i, 0.25) for i in range(5)}
         t = time.monotonic()
         reply = client.classify(5, 0.25)  # what the focus loop does on a field's first frame
@@ -82,7 +83,7 @@ def test_worker_beats_and_reports_to_the_scan_job_queue() -> None:
     requests: Queue[Any] = ctx.Queue()
     replies: Queue[Any] = ctx.Queue()
     events: Queue[Any] = ctx.Queue()
-    proc = ctx.Process(target=inference_main, args=(WorkerSettings(backend="ort_cpu"), requests, replies, events))
+    proc = ctx.Process(target=inference_main, args=(ModelsConfig(backend="ort_cpu"), requests, replies, events))
     proc.start()
     try:
         view.slot(0)[...] = _render(1.0)
@@ -96,7 +97,7 @@ def test_worker_beats_and_reports_to_the_scan_job_queue() -> None:
         assert channel.wait_ready(60).backend == "ort_cpu"
         assert channel.estimate(0).defocus_um is not None
         time.sleep(1.2)  # idle: it keeps beating
-        requests.put(STOP)
+        requests.put(EndOfStream("the test is done"))
         proc.join(30)
         assert proc.exitcode == 0
         seen: list[Any] = []

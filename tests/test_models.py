@@ -271,6 +271,36 @@ def test_engine_cache_refuses_an_empty_engine(tmp_path: Path) -> None:
     assert not EngineCache(tmp_path).path(_key()).exists()
 
 
+def test_engine_cache_never_follows_planted_links(tmp_path: Path) -> None:
+    """The cache lives in the data root: a planted link must neither be loaded nor written through."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    victim = outside / "victim.bin"
+    victim.write_bytes(b"precious")
+    cache_dir = tmp_path / "engines"
+    cache_dir.mkdir()
+    k = _key()
+    cache = EngineCache(cache_dir)
+    # An engine file that is a link to a file outside: refused, the target untouched.
+    cache.path(k).symlink_to(victim)
+    cache.path(k).with_suffix(".json").write_text(json.dumps(k.as_dict()))
+    with pytest.raises(InferenceError, match="cannot read cached engine"):
+        cache.get_or_build(k, lambda: b"engine")
+    assert victim.read_bytes() == b"precious"
+    # A stale .partial planted as a link is replaced, never written through.
+    cache.path(k).unlink()
+    partial = cache_dir / (cache.path(k).name + ".partial")
+    partial.symlink_to(victim)
+    assert cache.get_or_build(k, lambda: b"engine") == (b"engine", True)
+    assert victim.read_bytes() == b"precious" and not cache.path(k).is_symlink()
+    # The cache folder itself a link: refused.
+    linked = tmp_path / "linked-engines"
+    linked.symlink_to(outside, target_is_directory=True)
+    with pytest.raises(InferenceError, match="is a link"):
+        EngineCache(linked).get_or_build(k, lambda: b"engine")
+    assert sorted(p.name for p in outside.iterdir()) == ["victim.bin"]
+
+
 # ---------------------------------------------------------------------------- focus surface
 
 

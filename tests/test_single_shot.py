@@ -12,12 +12,10 @@ from hw_sim.recording import Recording
 from hw_sim.replay import ReplayDriver
 from hw_sim.slide import SlideSpec, SyntheticSlide
 from hw_sim.synth import SynthParams, synthesize
-from runtime.config import ConfigError, config_from_dict
+from runtime.config import ConfigError, FocusConfig, ModelsConfig, config_from_dict
 from runtime.devices.protocols import Camera
 from runtime.devices.scan_plan import serpentine_plan
-from runtime.focus.field import Capture, FieldFocuser, LocalFrames, ModelSettings
-from runtime.focus.single_shot import SingleShotFocus
-from runtime.focus.sweep import ContrastSweep
+from runtime.focus.field import Capture, FieldFocuser, LocalFrames
 
 # Objective and slide seed outside the training draws; planes cover about ±4.5 µm around the
 # coarse focus (which is itself up to 1 µm off).
@@ -43,9 +41,7 @@ def _scan(path: Path, strategy: str) -> tuple[list[float], list[int], list[str |
     drv = ReplayDriver(rec)
     m = rec.meta
     slide = SyntheticSlide(SlideSpec.from_dict(rec.meta.slide or {}))
-    focuser = FieldFocuser(
-        strategy, ContrastSweep(), SingleShotFocus(), 0.0, ModelSettings(backend="ort_cpu"), drv.camera, drv.stage
-    )
+    focuser = FieldFocuser(FocusConfig(strategy=strategy), ModelsConfig(backend="ort_cpu"), drv.camera, drv.stage)
     errors, captures, classes = [], [], []
     grid = serpentine_plan(m.area, m.field_width_um, m.field_height_um, m.overlap)
     truth_xy = rec.truth_actual_xy_um
@@ -105,14 +101,7 @@ def test_focus_loop_holds_at_most_two_slots_and_keeps_one(recording: Path) -> No
     drv = ReplayDriver(rec)
     frames = _SlotFrames(drv.camera)
     focuser = FieldFocuser(
-        "single_shot",
-        ContrastSweep(),
-        SingleShotFocus(),
-        0.0,
-        ModelSettings(backend="ort_cpu"),
-        drv.camera,
-        drv.stage,
-        frames,
+        FocusConfig(strategy="single_shot"), ModelsConfig(backend="ort_cpu"), drv.camera, drv.stage, frames
     )
     m = rec.meta
     captures = []

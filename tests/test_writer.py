@@ -13,10 +13,10 @@ import numpy as np
 import tifffile
 
 from runtime.config import WriterConfig
-from runtime.ipc.messages import Heartbeat, MosaicDone, MosaicRows, WriterDone
+from runtime.ipc.messages import EndOfStream, Heartbeat, MosaicDone, MosaicRows, WriterDone
 from runtime.output.mosaic_store import MosaicStore
 from runtime.output.ome_tiff import partial_path
-from runtime.workers.writer import WriteJob, writer_main
+from runtime.workers.writer import writer_main
 from tests.test_ome_tiff import PIXEL_UM, smooth_image
 from tests.test_tiff_stream import reference_pyramid
 
@@ -40,8 +40,8 @@ def _run_writer(
         on_rows=lambda level, rows: to_writer.put(MosaicRows(str(path), level, rows)),
     )
     out = tmp_path / "slide.ome.tif"
-    job = WriteJob(str(out), WriterConfig(tile=chunk, compression="zstd", max_workers=2, buffer_mib=1))
-    t = threading.Thread(target=writer_main, args=(job, to_writer, events), daemon=True)
+    cfg = WriterConfig(tile=chunk, compression="zstd", max_workers=2, buffer_mib=1)
+    t = threading.Thread(target=writer_main, args=(str(out), cfg, to_writer, events), daemon=True)
     t.start()
     bands = range(0, h, chunk) if stop_after_bands is None else range(0, stop_after_bands * chunk, chunk)
     for y in bands:
@@ -85,15 +85,15 @@ def test_cancelled_scan_removes_the_partial_file(tmp_path: Path) -> None:
 
 
 def test_no_news_is_not_an_error(tmp_path: Path) -> None:
-    """A writer told nothing keeps beating until told to stop (None: the stitcher failed)."""
+    """A writer told nothing keeps beating until its stream ends (EndOfStream: the stitcher failed)."""
     ctx = mp.get_context("spawn")
     to_writer: Any = ctx.Queue()
     events: Any = ctx.Queue()
-    job = WriteJob(str(tmp_path / "slide.ome.tif"), WriterConfig())
-    t = threading.Thread(target=writer_main, args=(job, to_writer, events), daemon=True)
+    out = str(tmp_path / "slide.ome.tif")
+    t = threading.Thread(target=writer_main, args=(out, WriterConfig(), to_writer, events), daemon=True)
     t.start()
     assert isinstance(events.get(timeout=5), Heartbeat)
-    to_writer.put(None)
+    to_writer.put(EndOfStream("the stitcher failed"))
     t.join(10)
     msgs = []
     while True:

@@ -29,6 +29,12 @@ process; it restarts at 1 when the daemon restarts. A subscriber that sees a
 jump has missed events (PUB drops them for slow subscribers) and should
 re-read the state with ``status``.
 
+The typed definitions of every message are the contract: the params models
+here (:data:`COMMANDS`), the result models in :mod:`runtime.control.replies`,
+the event payload models in :mod:`runtime.control.events`. The JSON Schema
+committed under ``runtime/control/schema/`` is generated from them
+(``python -m runtime.control.json_schema``; a test fails when the two disagree).
+
 Retried requests: clients retry when a reply is late (Lazy Pirate), so a
 daemon can receive the same request twice. Requests for commands in
 :data:`NON_IDEMPOTENT` whose id is a *string* are treated as unique tokens:
@@ -49,9 +55,11 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, Literal, get_args
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Final, Literal, TypeAlias, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, create_model, field_validator
+
+from runtime.config import FocusConfig
 
 MAX_REQUEST_BYTES: Final = 16 * 1024
 """Largest request accepted. Commands are small (a full ``start_scan`` is well under 5 KiB); a
@@ -76,17 +84,22 @@ ErrorCode = Literal["malformed", "unknown_command", "invalid_params", "busy", "n
 ERROR_CODES: Final[tuple[str, ...]] = get_args(ErrorCode)
 
 EVENT_NAMES: Final[tuple[str, ...]] = (
-    "state",  # run state changed: {"state": "idle"|"scanning"|..., "previous": ...}
-    "scan_started",  # {"output": path, "fields": total, "region": {...}}
-    "field_done",  # progress: {"index": i, "total": n, "x_um", "y_um", "z_um", ...}
-    "scan_finished",  # {"reason": "completed"|"cancelled", "output": path}
-    "scan_failed",  # {"message": ..., "output": path or null}
-    "error",  # a problem outside a scan (worker died, driver lost): {"message": ..., ...}
+    # The payload models are in runtime.control.events (one per name, same order).
+    "state",  # run state changed: {"state": "idle"|"scanning"|"writing"|"cancelling"|"stopping"|...}
+    "scan_started",  # planned: {"scan_id", "fields", "rows", "cols", "mosaic_shape": [h, w], "pixel_size_um"}
+    "field_done",  # progress: {"index", "done", "total", "row", "col", "z_um" (null if not finite), "captures"}
+    "scan_finished",  # every scan's last event: {"scan_id", "reason": "completed"|"cancelled"|"failed",
+    #                   "slide": path or null, "report": path, "mosaic": path or null}
+    "scan_failed",  # before scan_finished when a scan fails: {"scan_id", "error", "report": path}
+    "error",  # reserved, not published yet: a problem outside a scan: {"message"}
 )
 
 NON_IDEMPOTENT: Final[frozenset[str]] = frozenset({"start_scan", "cancel", "shutdown"})
 
 RequestId = str | int
+
+WireRequestId: TypeAlias = Annotated[str, StringConstraints(min_length=1, max_length=MAX_ID_CHARS)] | int
+"""A request id as the schema describes it (:func:`parse_request` checks the same by hand, with clearer errors)."""
 
 
 class RequestError(Exception):
@@ -121,19 +134,19 @@ class _Params(BaseModel):
 
 
 class PingParams(_Params):
-    pass
+    COMMAND: ClassVar[str] = "ping"
 
 
 class StatusParams(_Params):
-    pass
+    COMMAND: ClassVar[str] = "status"
 
 
 class CancelParams(_Params):
-    pass
+    COMMAND: ClassVar[str] = "cancel"
 
 
 class ShutdownParams(_Params):
-    pass
+    COMMAND: ClassVar[str] = "shutdown"
 
 
 class Region(_Params):
@@ -145,26 +158,59 @@ class Region(_Params):
     height_um: float = Field(gt=0.0, le=MAX_REGION_UM)
 
 
-class FocusOverrides(_Params):
-    """Per-scan overrides of the ``[focus]`` config section; omitted keys keep the config value."""
+FOCUS_OVERRIDES: Final[tuple[str, ...]] = ("strategy", "sweep_half_range_um", "sweep_steps", "metric")
+"""The ``[focus]`` keys a ``start_scan`` may override (each keeps its type and bounds from FocusConfig)."""
 
-    strategy: Literal["contrast_sweep", "single_shot"] | None = None
-    sweep_half_range_um: float | None = Field(None, gt=0.0, le=50.0)
-    sweep_steps: int | None = Field(None, ge=3, le=101)
-    metric: Literal["normalized_variance", "brenner", "tenengrad"] | None = None
+
+def optional_overrides(config: type[BaseModel], names: tuple[str, ...], model_name: str, doc: str) -> type[_Params]:
+    """A params model of ``config``'s fields ``names``, each optional (None: keep the config value).
+
+    Types, bounds and descriptions are taken from ``config``'s field definitions, so the
+    wire's limits cannot drift from the config file's; the model is strict like all params.
+    """
+    fields: dict[str, Any] = {}
+    for name in names:
+        info = config.model_fields[name]
+        kind: Any = Annotated[(info.annotation, *info.metadata)] if info.metadata else info.annotation
+        fields[name] = (kind | None, Field(None, description=info.description))
+    return create_model(model_name, __base__=_Params, __doc__=doc, __module__=__name__, **fields)
+
+
+if TYPE_CHECKING:
+    # The checker sees a params model; the fields are FocusConfig's (read them there).
+    FocusOverrides: TypeAlias = _Params
+else:
+    FocusOverrides = optional_overrides(
+        FocusConfig,
+        FOCUS_OVERRIDES,
+        "FocusOverrides",
+        "Per-scan overrides of the ``[focus]`` config section; omitted keys keep the config value.",
+    )
 
 
 _OUTPUT_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+# The same rule for the schema (the validator below gives the clearer error).
+_OUTPUT_NAME_PATTERN = r"^(?!\.)(?!.*\.\.)[A-Za-z0-9._-]{1,64}$"
 
 
 class StartScanParams(_Params):
     """``start_scan``: every field optional; the daemon fills in config defaults."""
 
+    COMMAND: ClassVar[str] = "start_scan"
+
     recording: str | None = Field(
-        None, min_length=1, max_length=4096, description="replay drivers: recording path under the data root"
+        None,
+        min_length=1,
+        max_length=4096,
+        description="replay drivers: recording path under the data root",
+        json_schema_extra={"pattern": "^[^\\u0000]*$"},
     )
     region: Region | None = None
-    output_name: str | None = Field(None, description="folder name under the data root for this scan")
+    output_name: str | None = Field(
+        None,
+        description="folder name under the data root for this scan (default: the scan id)",
+        json_schema_extra={"pattern": _OUTPUT_NAME_PATTERN},
+    )
     focus: FocusOverrides | None = None
 
     @field_validator("recording")
@@ -190,12 +236,11 @@ class StartScanParams(_Params):
         return value
 
 
-COMMANDS: Final[Mapping[str, type[_Params]]] = {
-    "ping": PingParams,
-    "status": StatusParams,
-    "start_scan": StartScanParams,
-    "cancel": CancelParams,
-    "shutdown": ShutdownParams,
+RequestParams: TypeAlias = PingParams | StatusParams | StartScanParams | CancelParams | ShutdownParams
+"""What a command handler receives: the params model tells which command it is."""
+
+COMMANDS: Final[Mapping[str, type[RequestParams]]] = {
+    model.COMMAND: model for model in (PingParams, StatusParams, StartScanParams, CancelParams, ShutdownParams)
 }
 
 
@@ -205,7 +250,7 @@ class Request:
 
     id: RequestId
     command: str
-    params: BaseModel
+    params: RequestParams
 
     def params_dict(self) -> dict[str, Any]:
         """Params as plain JSON-able data, omitted optional fields left out (not ``None``)."""
@@ -384,9 +429,13 @@ def encode_request(request_id: RequestId, command: str, params: Mapping[str, Any
     return dumps({"id": request_id, "command": command, "params": dict(params or {})})
 
 
-def encode_reply(request_id: RequestId, result: Mapping[str, Any]) -> bytes:
-    """A success reply. Raises TypeError/ValueError if ``result`` is not JSON-able."""
-    return dumps({"id": request_id, "ok": True, "result": dict(result)})
+def encode_reply(request_id: RequestId, result: BaseModel | Mapping[str, Any]) -> bytes:
+    """A success reply: a result model (:mod:`runtime.control.replies`) or a plain mapping.
+
+    Raises TypeError/ValueError if ``result`` is not JSON-able.
+    """
+    doc = result.model_dump(mode="json") if isinstance(result, BaseModel) else dict(result)
+    return dumps({"id": request_id, "ok": True, "result": doc})
 
 
 def encode_error(request_id: RequestId | None, code: str, message: str) -> bytes:

@@ -3,9 +3,10 @@
 The supervisor owns one :class:`ControlServer` and calls :meth:`ControlServer.poll`
 from its main loop (or registers :attr:`ControlServer.command_socket` in its own
 ``zmq.Poller`` and calls :meth:`ControlServer.handle_pending`). Requests are
-answered synchronously by a handler ``handler(command, params) -> result``;
-handlers must be quick (start work, don't do it), because while one runs no
-other request is read.
+answered synchronously by a handler ``handler(params) -> result`` (the
+validated params model in, the command's result model out); handlers must
+be quick (start work, don't do it), because while one runs no other request
+is read.
 
 ZeroMQ sockets are not thread-safe: create, poll, publish and close from one
 thread.
@@ -31,27 +32,35 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Final
+from typing import Final
 
 import zmq
+from pydantic import BaseModel
 
+from runtime.control.events import Event, EventPayload
 from runtime.control.protocol import (
     MAX_REQUEST_BYTES,
     NON_IDEMPOTENT,
     ProtocolError,
+    Request,
     RequestError,
     RequestId,
+    RequestParams,
     encode_error,
     encode_event,
     encode_reply,
     parse_request,
     request_id_of,
 )
+from runtime.control.replies import RESULTS
 from runtime.errors import describe
 
 log = logging.getLogger(__name__)
 
-Handler = Callable[[str, dict[str, Any]], Mapping[str, Any]]
+Handler = Callable[[RequestParams], BaseModel | Mapping[str, object]]
+"""``handler(params) -> result``: the params model says which command it is (match on its type);
+the result is the command's model from :mod:`runtime.control.replies` (a plain mapping is sent as
+it is, unchecked: for test doubles)."""
 
 # Bounds on what one client message may hold. libzmq enforces the frame size
 # (ZMQ_MAXMSGSIZE: a bigger frame disconnects the peer before we see it); the
@@ -192,11 +201,13 @@ class _ReplyCache:
 class ControlServer:
     """ROUTER (requests) + PUB (events) sockets serving a command handler.
 
-    ``handler(command, params)`` gets a validated command name and its params
-    as a plain dict (omitted optional params absent) and returns the result
-    mapping. It raises :class:`~runtime.control.protocol.RequestError` for expected
-    refusals ("busy", "not_running", "invalid_params"); any other exception is
-    logged and answered with an "internal" error, and the server keeps serving.
+    ``handler(params)`` gets the validated params model of the request
+    (:data:`~runtime.control.protocol.RequestParams`: its type is the command)
+    and returns the command's result model (:data:`~runtime.control.replies.RESULTS`;
+    a model of another type is answered with an "internal" error). It raises
+    :class:`~runtime.control.protocol.RequestError` for expected refusals
+    ("busy", "not_running", "invalid_params"); any other exception is logged
+    and answered with an "internal" error, and the server keeps serving.
     """
 
     def __init__(
@@ -397,17 +408,20 @@ class ControlServer:
             if cached is not None:
                 log.info("control: repeated %s id=%r answered from cache", request.command, request.id)
                 return cached
-        reply = self._call(request.id, request.command, request.params_dict())
+        reply = self._call(request)
         if dedup:
             self._cache.put(payload, reply)
         return reply
 
-    def _call(self, request_id: str | int, command: str, params: dict[str, Any]) -> bytes:
-        log.debug("control: %s id=%r params=%r", command, request_id, params)
+    def _call(self, request: Request) -> bytes:
+        request_id, command = request.id, request.command
+        log.debug("control: %s id=%r params=%r", command, request_id, request.params)
         try:
-            result = self._handler(command, params)
-            if not isinstance(result, Mapping):
-                raise TypeError(f"handler returned {type(result).__name__} for {command!r}, expected a dict")
+            result = self._handler(request.params)
+            expected = RESULTS[command]
+            if not isinstance(result, expected if isinstance(result, BaseModel) else Mapping):
+                what = f"{type(result).__name__} for {command!r}, expected {expected.__name__} or a dict"
+                raise TypeError(f"handler returned {what}")
             return encode_reply(request_id, result)
         except RequestError as err:
             log.info("control: %s id=%r refused (%s): %s", command, request_id, err.code, err.message)
@@ -434,15 +448,18 @@ class ControlServer:
 
     # ------------------------------------------------------------------ events
 
-    def publish(self, event: str, data: Mapping[str, Any]) -> int:
-        """Publish an event (one of EVENT_NAMES); return its sequence number (1, 2, ...).
+    def publish(self, event: Event) -> int:
+        """Publish a typed event (:mod:`runtime.control.events`); return its sequence number (1, 2, ...).
 
         Never blocks: PUB drops events for subscribers that fall behind, which
         they detect as a gap in ``seq``.
         """
         if self._closed:
             raise RuntimeError("ControlServer is closed")
-        frames = encode_event(self._seq + 1, event, data)  # validates before the number is used
+        if not isinstance(event, EventPayload):
+            raise TypeError(f"publish takes an event model (runtime.control.events), got {type(event).__name__}")
+        name, data = event.name_and_data()
+        frames = encode_event(self._seq + 1, name, data)  # checked before the number is used
         self._seq += 1
         self._pub.send_multipart(frames, zmq.NOBLOCK)
         return self._seq

@@ -22,19 +22,20 @@ from collections.abc import Callable
 from dataclasses import asdict
 from multiprocessing.context import SpawnProcess
 from pathlib import Path
-from typing import Any
+from typing import Any, assert_never
 
 from runtime.config import RuntimeConfig
+from runtime.control.events import FieldDoneEvent, ScanStartedEvent
 from runtime.daemon.state import FinishReason
 from runtime.devices.protocols import ScanArea
 from runtime.errors import one_line
-from runtime.focus.field import model_settings, worker_settings
-from runtime.focus.single_shot import SingleShotFocus
-from runtime.focus.sweep import ContrastSweep
-from runtime.ipc.inference_channel import STOP as INFERENCE_STOP
+from runtime.ipc.inference_channel import ReplyQueue, RequestQueue
 from runtime.ipc.lifetime import record_semaphores, semaphore_names
 from runtime.ipc.messages import (
     AcquisitionDone,
+    ControlQueue,
+    EndOfStream,
+    EventQueue,
     FieldDone,
     FieldRecord,
     Heartbeat,
@@ -42,18 +43,22 @@ from runtime.ipc.messages import (
     InferenceReady,
     MosaicDone,
     ScanPrepared,
+    SlotQueue,
+    TileQueue,
+    WorkerEvent,
     WorkerFailed,
     WriterDone,
+    WriterQueue,
     peak_rss_bytes,
 )
 from runtime.ipc.ring import SlotRing
 from runtime.output.ome_tiff import partial_path
 from runtime.paths import folder_identity, write_file_exclusive
-from runtime.stitching.accumulator import MosaicGeometry, StitchParams
+from runtime.stitching.accumulator import MosaicGeometry
 from runtime.workers.acquisition import AcquisitionJob, acquisition_main
 from runtime.workers.inference import inference_main
 from runtime.workers.stitcher import StitchJob, stitcher_main
-from runtime.workers.writer import WriteJob, writer_main
+from runtime.workers.writer import writer_main
 
 log = logging.getLogger("wsi.scan_job")
 
@@ -80,11 +85,12 @@ class ScanJob:
         self.started = time.time()
         self._t0 = time.monotonic()
         self.ctx = mp.get_context("spawn")
-        self.events: mp.Queue[Any] = self.ctx.Queue()
-        self.tiles: mp.Queue[Any] = self.ctx.Queue()
-        self.free_slots: mp.Queue[int] = self.ctx.Queue()
-        self.to_acquisition: mp.Queue[Any] = self.ctx.Queue()
-        self.to_writer: mp.Queue[Any] = self.ctx.Queue()
+        # One message union per queue (runtime/ipc/messages.py, runtime/ipc/inference_channel.py).
+        self.events: EventQueue = self.ctx.Queue()
+        self.tiles: TileQueue = self.ctx.Queue()
+        self.free_slots: SlotQueue = self.ctx.Queue()
+        self.to_acquisition: ControlQueue = self.ctx.Queue()
+        self.to_writer: WriterQueue = self.ctx.Queue()
         self.cancel_event = self.ctx.Event()
         self.ring: SlotRing | None = None
         self.procs: dict[str, SpawnProcess] = {}
@@ -106,8 +112,8 @@ class ScanJob:
         # single_shot with models.worker = "process": an inference worker owns the models (and the
         # GPU); acquisition sends it ring slot ids. The queues exist either way (one code path).
         self.uses_inference = cfg.focus.strategy == "single_shot" and cfg.models.worker == "process"
-        self.to_inference: mp.Queue[Any] = self.ctx.Queue()
-        self.inference_replies: mp.Queue[Any] = self.ctx.Queue()
+        self.to_inference: RequestQueue = self.ctx.Queue()
+        self.inference_replies: ReplyQueue = self.ctx.Queue()
         self.inference: dict[str, Any] = {}  # backend, load time, what it served (for the report)
         self._loading: set[str] = set()  # workers still loading models: start timeout, not heartbeat timeout
         self._record_semaphores()
@@ -115,27 +121,15 @@ class ScanJob:
         # The supervisor made (or claimed) the folder (runtime.paths.make_output_folder); remember
         # which one, so the report is never written into a folder swapped in for it.
         self._output_id = folder_identity(output_dir)
-        focus = cfg.focus
-        job = AcquisitionJob(
-            driver_factory=cfg.driver.factory,
-            driver_options={**cfg.driver.options, **driver_options},
-            area=area,
-            overlap=cfg.scan.overlap,
-            sweep=ContrastSweep(focus.sweep_half_range_um, focus.sweep_steps, focus.metric),
-            start_z_um=focus.start_z_um,
-            strategy=focus.strategy,
-            single_shot=SingleShotFocus(focus.tolerance_um, focus.max_moves),
-            models=model_settings(cfg.models),
-            inference_worker=self.uses_inference,
-            max_fields=cfg.scan.max_fields,
-        )
+        # Workers get the config sections themselves (frozen, picklable) beside what is per scan.
+        job = AcquisitionJob(area=area, driver_options=driver_options)
         if self.uses_inference:
             # Spawned first so that model loading (minutes for a first TensorRT engine build)
             # overlaps opening the devices; it gets the ring, like acquisition, in _on_prepared.
             self._spawn(
                 "inference",
                 inference_main,
-                (worker_settings(cfg.models), self.to_inference, self.inference_replies, self.events),
+                (cfg.models, self.to_inference, self.inference_replies, self.events),
             )
             self._loading.add("inference")
             self.inference = {"worker": "process"}
@@ -146,6 +140,10 @@ class ScanJob:
             acquisition_main,
             (
                 job,
+                cfg.driver,
+                cfg.scan,
+                cfg.focus,
+                cfg.models,
                 self.to_acquisition,
                 self.free_slots,
                 self.tiles,
@@ -192,32 +190,35 @@ class ScanJob:
         for i in range(self.ring.spec.slots):
             self.free_slots.put(i)
         geometry = MosaicGeometry(msg.plan, h, w, msg.pixel_size_um)
-        m = self.cfg.mosaic
-        stitch = StitchJob(
-            geometry,
-            self.ring.spec,
-            str(self.mosaic_path),
-            m.chunk,
-            m.compressor,
-            self.cfg.writer.min_level_size,
-            StitchParams(**self.cfg.stitch.model_dump()),
+        cfg = self.cfg
+        self._spawn(
+            "stitcher",
+            stitcher_main,
+            (
+                StitchJob(geometry, self.ring.spec, str(self.mosaic_path)),
+                cfg.mosaic,
+                cfg.stitch,
+                cfg.writer,
+                self.tiles,
+                self.free_slots,
+                self.to_writer,
+                self.events,
+            ),
         )
-        self._spawn("stitcher", stitcher_main, (stitch, self.tiles, self.free_slots, self.to_writer, self.events))
-        write = WriteJob(str(self.output_dir / SLIDE_NAME), self.cfg.writer)
-        self._spawn("writer", writer_main, (write, self.to_writer, self.events))
+        slide = str(self.output_dir / SLIDE_NAME)
+        self._spawn("writer", writer_main, (slide, cfg.writer, self.to_writer, self.events))
         self.to_acquisition.put(self.ring.spec)
         if self.uses_inference:
             self.to_inference.put(self.ring.spec)
         self.publish(
-            "scan_started",
-            {
-                "scan_id": self.scan_id,
-                "fields": self.fields_total,
-                "rows": msg.plan.rows,
-                "cols": msg.plan.cols,
-                "mosaic_shape": list(geometry.shape),
-                "pixel_size_um": msg.pixel_size_um,
-            },
+            *ScanStartedEvent(
+                scan_id=self.scan_id,
+                fields=self.fields_total,
+                rows=msg.plan.rows,
+                cols=msg.plan.cols,
+                mosaic_shape=geometry.shape,
+                pixel_size_um=msg.pixel_size_um,
+            ).name_and_data()
         )
 
     # -- message pump ------------------------------------------------------------------------
@@ -233,65 +234,68 @@ class ScanJob:
             self._handle(msg)
         self._check_workers()
 
-    def _handle(self, msg: Any) -> None:
-        if isinstance(msg, Heartbeat):
-            self.heartbeats[msg.worker] = time.monotonic()
-        elif isinstance(msg, ScanPrepared):
-            self._on_prepared(msg)
-        elif isinstance(msg, FieldDone):
-            self.records.append(msg.record)
-            r = msg.record
-            self.publish(
-                "field_done",
-                {
-                    "index": r.index,
-                    "done": len(self.records),
-                    "total": self.fields_total,
-                    "row": r.row,
-                    "col": r.col,
-                    "z_um": r.z_um,
-                    "captures": r.captures,
-                },
-            )
-        elif isinstance(msg, AcquisitionDone):
-            self.peak_rss["acquisition"] = msg.peak_rss
-            self.simulated_time_s = msg.simulated_time_s
-            self._stop_inference()  # its only client is done: free the GPU while the mosaic finishes
-        elif isinstance(msg, InferenceReady):
-            self._loading.discard("inference")
-            self.heartbeats["inference"] = time.monotonic()
-            self.inference.update(
-                backend=msg.backend,
-                load_s=round(msg.load_s, 3),
-                refused=msg.refused,
-                autofocus_model=msg.autofocus_model,
-            )
-        elif isinstance(msg, InferenceDone):
-            self._on_inference_done(msg)
-        elif isinstance(msg, MosaicDone):
-            self.peak_rss["stitcher"] = msg.peak_rss
-            self.stitch = msg.stitch
-            self.mosaic_complete = msg.complete
-            self._writing = msg.complete
-            self._mosaic_done = True
-            if self._writer_done is not None:
-                self._handle(self._writer_done)
-        elif isinstance(msg, WriterDone) and not self._mosaic_done:
-            # The writer streams during the scan and may finish within moments of
-            # MosaicDone; its message can overtake the stitcher's on the events
-            # queue (two processes, two feeder threads). Finish once both are in.
-            self._writer_done = msg
-        elif isinstance(msg, WriterDone):
-            self.peak_rss["writer"] = msg.peak_rss
-            self.levels = msg.levels
-            self.slide_path = msg.path
-            self._writing = False
-            if self.cancelled or not self.mosaic_complete:
-                self._finish(FinishReason.CANCELLED)
-            else:
-                self._finish(FinishReason.COMPLETED)
-        elif isinstance(msg, WorkerFailed):
-            self._fail(f"{msg.worker} failed: {one_line(msg.message)}")
+    def _handle(self, msg: WorkerEvent) -> None:
+        """Turn one worker message into job state and events; mypy checks every kind is handled."""
+        match msg:
+            case Heartbeat():
+                self.heartbeats[msg.worker] = time.monotonic()
+            case ScanPrepared():
+                self._on_prepared(msg)
+            case FieldDone():
+                self.records.append(msg.record)
+                r = msg.record
+                self.publish(
+                    *FieldDoneEvent(
+                        index=r.index,
+                        done=len(self.records),
+                        total=self.fields_total,
+                        row=r.row,
+                        col=r.col,
+                        z_um=r.z_um,
+                        captures=r.captures,
+                    ).name_and_data()
+                )
+            case AcquisitionDone():
+                self.peak_rss["acquisition"] = msg.peak_rss
+                self.simulated_time_s = msg.simulated_time_s
+                self._stop_inference()  # its only client is done: free the GPU while the mosaic finishes
+            case InferenceReady():
+                self._loading.discard("inference")
+                self.heartbeats["inference"] = time.monotonic()
+                self.inference.update(
+                    backend=msg.backend,
+                    load_s=round(msg.load_s, 3),
+                    refused=msg.refused,
+                    autofocus_model=msg.autofocus_model,
+                )
+            case InferenceDone():
+                self._on_inference_done(msg)
+            case MosaicDone():
+                self.peak_rss["stitcher"] = msg.peak_rss
+                self.stitch = msg.stitch
+                self.mosaic_complete = msg.complete
+                self._writing = msg.complete
+                self._mosaic_done = True
+                if self._writer_done is not None:
+                    self._handle(self._writer_done)
+            case WriterDone() if not self._mosaic_done:
+                # The writer streams during the scan and may finish within moments of
+                # MosaicDone; its message can overtake the stitcher's on the events
+                # queue (two processes, two feeder threads). Finish once both are in.
+                self._writer_done = msg
+            case WriterDone():
+                self.peak_rss["writer"] = msg.peak_rss
+                self.levels = msg.levels
+                self.slide_path = msg.path
+                self._writing = False
+                if self.cancelled or not self.mosaic_complete:
+                    self._finish(FinishReason.CANCELLED)
+                else:
+                    self._finish(FinishReason.COMPLETED)
+            case WorkerFailed():
+                self._fail(f"{msg.worker} failed: {one_line(msg.message)}")
+            case _:
+                assert_never(msg)
 
     def _heartbeat_limit(self, name: str) -> float:
         # Loading models cannot beat (a TensorRT engine build is one native call that can take
@@ -332,7 +336,7 @@ class ScanJob:
 
     def _stop_inference(self) -> None:
         if "inference" in self.procs:
-            self.to_inference.put(INFERENCE_STOP)
+            self.to_inference.put(EndOfStream("acquisition is done, or the scan ended"))
 
     def _on_inference_done(self, msg: InferenceDone) -> None:
         self.peak_rss["inference"] = msg.peak_rss
@@ -359,8 +363,8 @@ class ScanJob:
             # A worker died or hung. Whatever was captured is still in the ring
             # and the tile queue: end the stream so the stitcher flushes it into
             # the Zarr mosaic (nothing captured is lost), and release the writer.
-            self.tiles.put(None)
-            self.to_writer.put(None)
+            self.tiles.put(EndOfStream("the scan failed"))
+            self.to_writer.put(EndOfStream("the scan failed"))
         self._stop_inference()
         self.stop_workers(grace_s=10.0)
         self._release_ring()

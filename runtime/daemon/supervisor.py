@@ -16,11 +16,28 @@ import signal
 import time
 from collections.abc import Iterator
 from types import FrameType
-from typing import Any
+from typing import Any, assert_never
 
 from runtime import paths
 from runtime.config import ConfigError, RuntimeConfig, with_overrides
-from runtime.control.protocol import RequestError
+from runtime.control.events import Event, ScanFailedEvent, ScanFinishedEvent, StateEvent, event_from_data
+from runtime.control.protocol import (
+    CancelParams,
+    PingParams,
+    RequestError,
+    RequestParams,
+    ShutdownParams,
+    StartScanParams,
+    StatusParams,
+)
+from runtime.control.replies import (
+    CancelResult,
+    PingResult,
+    Result,
+    ShutdownResult,
+    StartScanResult,
+    StatusResult,
+)
 from runtime.control.server import ControlServer
 from runtime.daemon import sdnotify
 from runtime.daemon.scan_job import ScanJob
@@ -57,69 +74,78 @@ class Supervisor:
         old = self.status.state
         self.status = dataclasses.replace(self.status, **changes)
         if self.status.state is not old:
-            self._publish("state", {"state": self.status.state.value})
+            self._publish(StateEvent(state=self.status.state.value))
             sdnotify.status(f"{self.status.state.value} {self.status.scan_id or ''}".strip())
 
-    def _publish(self, event: str, data: dict[str, Any]) -> None:
+    def _publish(self, event: Event) -> None:
         if self.server is not None:
-            self.server.publish(event, data)
+            self.server.publish(event)
+
+    def _publish_from_job(self, name: str, data: dict[str, Any]) -> None:
+        """The scan job's ``publish(name, data)``: the data is checked against the event's model
+        (a mismatch raises here, in tests, instead of reaching clients) and published typed."""
+        self._publish(event_from_data(name, data))
 
     # -- requests ----------------------------------------------------------------------------
-    def handle(self, command: str, params: dict[str, Any]) -> dict[str, Any]:
-        if command == "ping":
-            return {"pong": True, "pid": os.getpid(), "state": self.status.state.value}
-        if command == "status":
-            return self._status_dict()
-        if command == "start_scan":
-            return self._start_scan(params)
-        if command == "cancel":
-            if self.job is None or self.job.finish_reason is not None:
-                raise RequestError("not_running", "no scan is running")
-            self.job.cancel()
-            self._set(state=RunState.CANCELLING)
-            return {"scan_id": self.job.scan_id, "cancelling": True}
-        if command == "shutdown":
-            self.request_stop()
-            return {"stopping": True}
-        raise RequestError("unknown_command", f"unknown command {command!r}")
+    def handle(self, params: RequestParams) -> Result:
+        """The control server's handler: the params model's type is the command."""
+        match params:
+            case PingParams():
+                return PingResult(pong=True, pid=os.getpid(), state=self.status.state.value)
+            case StatusParams():
+                return self._status_result()
+            case StartScanParams():
+                return self._start_scan(params)
+            case CancelParams():
+                if self.job is None or self.job.finish_reason is not None:
+                    raise RequestError("not_running", "no scan is running")
+                self.job.cancel()
+                self._set(state=RunState.CANCELLING)
+                return CancelResult(scan_id=self.job.scan_id, cancelling=True)
+            case ShutdownParams():
+                self.request_stop()
+                return ShutdownResult(stopping=True)
+            case _:
+                assert_never(params)
 
-    def _status_dict(self) -> dict[str, Any]:
+    def _status_result(self) -> StatusResult:
         d = self.status.to_dict()
         if self.job is not None:
             d["fields_total"] = self.job.fields_total
             d["fields_done"] = len(self.job.records)
             d["workers"] = self.job.pids
-        return d
+        return StatusResult.model_validate(d)
 
-    def _start_scan(self, params: dict[str, Any]) -> dict[str, Any]:
+    def _start_scan(self, params: StartScanParams) -> StartScanResult:
         if self.job is not None:
             raise RequestError("busy", f"scan {self.job.scan_id} is still {self.status.state.value}")
         scan_id = time.strftime("scan-%Y%m%d-%H%M%S")
         root = self.cfg.daemon.data_root
-        name = params.get("output_name") or scan_id
+        name = params.output_name or scan_id
         with _refused_as_invalid():
             # Looked at first (a refused name should not wait for a recording's walk), made last.
             paths.check_output_folder(paths.output_folder(root, name, "output_name"), "output_name")
         driver_options: dict[str, Any] = {}
-        if params.get("recording"):
+        if params.recording:
             with _refused_as_invalid():
-                rec = paths.resolve_under(root, str(params["recording"]), "recording")
+                rec = paths.resolve_under(root, params.recording, "recording")
                 if not rec.exists():
                     raise RequestError("invalid_params", f"recording {rec} does not exist")
                 # Every file the replay driver could open, links followed, must be in the data root too.
                 paths.check_tree_within(rec, root, "recording")
             driver_options["recording"] = str(rec)
-        region = params.get("region")
-        area = ScanArea(**region) if region else None
+        region = params.region
+        area = ScanArea(**region.model_dump()) if region else None
         cfg = self.cfg
-        if params.get("focus"):  # per-scan focus overrides, validated like the config file
+        focus = params.focus.model_dump(exclude_none=True) if params.focus else {}
+        if focus:  # per-scan focus overrides, validated like the config file
             try:
-                cfg = with_overrides(cfg, {"focus": params["focus"]})
+                cfg = with_overrides(cfg, {"focus": focus})
             except ConfigError as err:
                 raise RequestError("invalid_params", f"focus: {err}") from None
         with _refused_as_invalid():
             output_dir = paths.make_output_folder(root, name, "output_name")
-        self.job = ScanJob(cfg, scan_id, output_dir, area, driver_options, self._publish)
+        self.job = ScanJob(cfg, scan_id, output_dir, area, driver_options, self._publish_from_job)
         self._set(
             state=RunState.SCANNING,
             scan_id=scan_id,
@@ -127,7 +153,7 @@ class Supervisor:
             fields_total=0,
             fields_done=0,
         )
-        return {"scan_id": scan_id, "output_dir": str(output_dir)}
+        return StartScanResult(scan_id=scan_id, output_dir=str(output_dir))
 
     # -- the loop ----------------------------------------------------------------------------
     def request_stop(self, *_: object) -> None:
@@ -154,16 +180,16 @@ class Supervisor:
         reason = job.finish_reason
         report = str(job.output_dir / "report.json")
         if reason is FinishReason.FAILED:
-            self._publish("scan_failed", {"scan_id": job.scan_id, "error": job.error, "report": report})
+            # A failed job always has its error (ScanJob._fail); the fallback keeps the event valid.
+            self._publish(ScanFailedEvent(scan_id=job.scan_id, error=job.error or "scan failed", report=report))
         self._publish(
-            "scan_finished",
-            {
-                "scan_id": job.scan_id,
-                "reason": reason.value,
-                "slide": job.slide_path,
-                "report": report,
-                "mosaic": str(job.mosaic_path) if job.mosaic_path.exists() else None,
-            },
+            ScanFinishedEvent(
+                scan_id=job.scan_id,
+                reason=reason.value,
+                slide=job.slide_path,
+                report=report,
+                mosaic=str(job.mosaic_path) if job.mosaic_path.exists() else None,
+            )
         )
         self._set(state=RunState.IDLE, last_finish=reason, last_error=job.error, last_output=job.slide_path)
 

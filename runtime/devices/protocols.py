@@ -5,6 +5,11 @@ implements them over a recording. Coordinates are stage coordinates in
 micrometres; ``x``/``y`` name the centre of the camera's field of view.
 Commanded positions are not actual positions: a stage misses by a few µm,
 which is why stitching must measure real offsets.
+
+A device that refuses a command or fails raises :class:`DriverError` with a
+one-line message. ``runtime.devices.testing.DriverTests`` is a pytest suite
+that checks an implementation against these contracts (see README, "Writing a
+driver").
 """
 
 from __future__ import annotations
@@ -50,12 +55,16 @@ class ScanArea:
 class Stage(Protocol):
     """An XYZ stage. Moves block until the stage has settled."""
 
-    def move_xy(self, x_um: float, y_um: float) -> None: ...
+    def move_xy(self, x_um: float, y_um: float) -> None:
+        """Move to (x, y); z stays. DriverError if the stage refuses (outside its travel, ...)."""
+        ...
 
-    def move_z(self, z_um: float) -> None: ...
+    def move_z(self, z_um: float) -> None:
+        """Move to z; x and y stay. DriverError if the stage refuses."""
+        ...
 
     def position(self) -> StagePosition:
-        """The last commanded position (what the controller believes)."""
+        """The last commanded position (what the controller believes), not an encoder read-back."""
         ...
 
 
@@ -65,16 +74,21 @@ class Camera(Protocol):
 
     @property
     def frame_shape(self) -> tuple[int, int]:
-        """(height, width) of a frame in pixels."""
+        """(height, width) of a frame in pixels; fixed while the driver is open."""
         ...
 
     @property
     def pixel_size_um(self) -> float:
-        """Size of one pixel in the sample plane (µm)."""
+        """Size of one pixel in the sample plane (µm), > 0; fixed while the driver is open."""
         ...
 
     def snap(self) -> RGBImage:
-        """Expose and read one frame at the stage's current position."""
+        """Expose and read one frame at the stage's current position (the stage does not move).
+
+        A C-contiguous ``frame_shape + (3,)`` uint8 array that the caller owns: a later
+        snap must not change it (the focus loop keeps its best capture while it takes
+        the next). DriverError when no frame can be taken there.
+        """
         ...
 
 
@@ -92,7 +106,10 @@ class Driver(Protocol):
         """The area to scan when a request names none (a recording's area, or None)."""
         ...
 
-    def close(self) -> None: ...
+    def close(self) -> None:
+        """Release the devices. Called when the scan ends, also after a DriverError; a second
+        call does nothing."""
+        ...
 
 
 @runtime_checkable
@@ -100,4 +117,6 @@ class SimulatedClock(Protocol):
     """Optional: drivers that model time (the replay driver) report the scan time a real
     scanner would have needed, move + settle + exposure, independent of replay speed."""
 
-    def simulated_time_s(self) -> float: ...
+    def simulated_time_s(self) -> float:
+        """Simulated seconds since the driver was opened: >= 0, never decreasing."""
+        ...

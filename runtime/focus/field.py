@@ -23,35 +23,26 @@ process (:class:`LocalModels`): no extra process and no queue round trip, at
 the price of a CUDA context and the backend's memory inside the process that
 drives the devices. Tests and ``bench autofocus`` use the in-process path with
 :class:`LocalFrames` (no ring, no daemon).
+
+Settings come as the config sections themselves (:class:`~runtime.config.FocusConfig`,
+:class:`~runtime.config.ModelsConfig`: frozen and picklable, so they cross into the spawned
+acquisition worker as they are), not as copies of their values.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Protocol
 
-from runtime.config import ModelsConfig
+from runtime.config import FocusConfig, ModelsConfig
 from runtime.devices.protocols import Camera, RGBImage, Stage
 from runtime.devices.scan_plan import FieldPlan
 from runtime.focus.single_shot import SingleShotFocus
 from runtime.focus.surface import FocusSurface
 from runtime.focus.sweep import ContrastSweep
 from runtime.ipc.inference_channel import InferenceChannel
-from runtime.ml.tasks import AutofocusModel, TileClass, TileClassifierModel, load_models
-from runtime.workers.inference import WorkerSettings
-
-
-@dataclass(frozen=True)
-class ModelSettings:
-    """Where the models are and how to run them (picklable: it crosses into the spawned worker)."""
-
-    autofocus_dir: str | None = None  # None: the committed runtime/ml/builtin/autofocus
-    classifier_dir: str | None = None
-    backend: str = "auto"
-    engine_cache_dir: str | None = None
-    classify: bool = True
+from runtime.ml.tasks import AutofocusModel, TileClass, TileClassifierModel, load_configured_models
 
 
 @dataclass(frozen=True)
@@ -104,15 +95,9 @@ class FocusModels(Protocol):
 class LocalModels:
     """The models loaded into this process (``models.worker = "in_acquisition"``, tests, bench)."""
 
-    def __init__(self, m: ModelSettings, pixel_size_um: float, frame_shape: tuple[int, int] | None = None) -> None:
+    def __init__(self, m: ModelsConfig, pixel_size_um: float, frame_shape: tuple[int, int] | None = None) -> None:
         self.autofocus: AutofocusModel
-        self.autofocus, cls, refused = load_models(
-            Path(m.autofocus_dir) if m.autofocus_dir else None,
-            Path(m.classifier_dir) if m.classifier_dir else None,
-            m.backend,  # type: ignore[arg-type]  # validated by the config's Literal
-            Path(m.engine_cache_dir) if m.engine_cache_dir else None,
-            frame_shape,
-        )
+        self.autofocus, cls, refused = load_configured_models(m, frame_shape)
         self.classifier: TileClassifierModel | None = cls if m.classify else None
         self.pixel_size_um = pixel_size_um
         self.notes: dict[str, Any] = {
@@ -169,32 +154,28 @@ class FocusedField:
 class FieldFocuser:
     def __init__(
         self,
-        strategy: str,
-        sweep: ContrastSweep,
-        single_shot: SingleShotFocus,
-        start_z_um: float,
-        models: ModelSettings | FocusModels | None,
+        focus: FocusConfig,
+        models: ModelsConfig | FocusModels | None,
         camera: Camera,
         stage: Stage,
         frames: Frames | None = None,
     ) -> None:
-        """``models``: settings to load the models in this process, or models served elsewhere
-        (:class:`WorkerModels`); used only by ``single_shot``. ``frames``: where captures go
-        (default: private arrays)."""
-        if strategy not in ("contrast_sweep", "single_shot"):
-            raise ValueError(f"unknown focus strategy {strategy!r}")
-        self.strategy = strategy
-        self.sweep = sweep
-        self.single_shot = single_shot
+        """``focus``: the strategy and its parameters (``[focus]``). ``models``: the ``[models]``
+        section to load the models in this process (None: its defaults), or models served
+        elsewhere (:class:`WorkerModels`); used only by ``single_shot``. ``frames``: where
+        captures go (default: private arrays)."""
+        self.strategy = focus.strategy
+        self.sweep = ContrastSweep(focus.sweep_half_range_um, focus.sweep_steps, focus.metric)
+        self.single_shot = SingleShotFocus(focus.tolerance_um, focus.max_moves)
         self.camera = camera
         self.stage = stage
         self.frames: Frames = frames or LocalFrames(camera)
-        self.surface = FocusSurface(start_z_um)
-        self._last_z = start_z_um
+        self.surface = FocusSurface(focus.start_z_um)
+        self._last_z = focus.start_z_um
         self.models: FocusModels | None = None
-        if strategy == "single_shot":
-            if models is None or isinstance(models, ModelSettings):
-                self.models = LocalModels(models or ModelSettings(), camera.pixel_size_um, camera.frame_shape)
+        if self.strategy == "single_shot":
+            if models is None or isinstance(models, ModelsConfig):
+                self.models = LocalModels(models or ModelsConfig(), camera.pixel_size_um, camera.frame_shape)
             else:
                 self.models = models
 
@@ -257,20 +238,3 @@ class FieldFocuser:
             tc.probabilities if tc else None,
             artifact,
         )
-
-
-def model_settings(cfg: ModelsConfig) -> ModelSettings:
-    """The ``[models]`` config section as plain values for the spawned worker."""
-    return ModelSettings(
-        autofocus_dir=None if cfg.autofocus_dir == "builtin" else cfg.autofocus_dir,
-        classifier_dir=None if cfg.classifier_dir == "builtin" else cfg.classifier_dir,
-        backend=cfg.backend,
-        engine_cache_dir=str(cfg.engine_cache_dir),
-        classify=cfg.classify,
-    )
-
-
-def worker_settings(cfg: ModelsConfig) -> WorkerSettings:
-    """The ``[models]`` config section for the inference worker process."""
-    m = model_settings(cfg)
-    return WorkerSettings(m.autofocus_dir, m.classifier_dir, m.backend, m.engine_cache_dir)

@@ -3,6 +3,11 @@
 Requests carry a ring slot id, never pixels (the tile is already in the shared-memory
 ring). The acquisition worker holds an :class:`InferenceChannel`; the inference worker
 (:mod:`runtime.workers.inference`) answers on the replies queue.
+
+The requests queue carries :data:`InferenceRequest`: the ring first (:class:`RingSpec`: the
+worker loads its models once it knows the frame size), then autofocus and classify requests,
+then :class:`~runtime.ipc.messages.EndOfStream`. The replies queue carries
+:data:`InferenceReply`: :class:`WorkerReady` once, then the answers, or :class:`WorkerError`.
 """
 
 from __future__ import annotations
@@ -13,7 +18,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.queues import Queue
-from typing import Any
+from typing import TypeAlias, assert_never
+
+from runtime.ipc.messages import EndOfStream
+from runtime.ipc.ring import RingSpec
 
 
 @dataclass(frozen=True)
@@ -58,10 +66,20 @@ class WorkerReady:
 
 @dataclass(frozen=True)
 class WorkerError:
+    """On the replies queue: the worker failed (its one-line reason); nothing follows."""
+
     message: str
 
 
-STOP = None
+InferenceRequest: TypeAlias = RingSpec | AutofocusRequest | ClassifyRequest | EndOfStream
+"""Caller (or scan job) -> inference worker."""
+
+InferenceReply: TypeAlias = WorkerReady | AutofocusReply | ClassifyReply | WorkerError
+"""Inference worker -> its one caller."""
+
+# Quoted: multiprocessing.queues.Queue is not subscriptable at run time before Python 3.12.
+RequestQueue: TypeAlias = "Queue[InferenceRequest]"
+ReplyQueue: TypeAlias = "Queue[InferenceReply]"
 
 
 class InferenceStopped(RuntimeError):
@@ -81,8 +99,8 @@ class InferenceChannel:
 
     def __init__(
         self,
-        requests: Queue[Any],
-        replies: Queue[Any],
+        requests: RequestQueue,
+        replies: ReplyQueue,
         idle: Callable[[], None] = lambda: None,
         stopping: Callable[[], bool] = lambda: False,
         alive: Callable[[], str | None] | None = None,
@@ -101,7 +119,8 @@ class InferenceChannel:
         self.backend: str | None = None
         self.refused: dict[str, str] = {}
 
-    def _get(self, timeout_s: float | None) -> Any:
+    def _get(self, timeout_s: float | None) -> InferenceReply:
+        """The next reply, waiting at most ``timeout_s`` (see the class for ``idle``/``stopping``)."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         stop_seen: float | None = None
         while True:
@@ -119,14 +138,27 @@ class InferenceChannel:
                 if deadline is not None and now > deadline:
                     raise TimeoutError(f"no reply from the inference worker within {timeout_s:.0f} s") from None
                 continue
-            if isinstance(msg, WorkerError):
-                raise RuntimeError(f"inference worker failed: {msg.message}")
             return msg
+
+    def _receive(self, timeout_s: float | None) -> WorkerReady | AutofocusReply | None:
+        """Handle the next reply: a classification is kept for :meth:`classify`/:meth:`results`
+        (None is returned), a worker error is raised, the others are returned to the caller."""
+        msg = self._get(timeout_s)
+        match msg:
+            case ClassifyReply():
+                self._classified[msg.request_id] = msg
+                return None
+            case WorkerError():
+                raise RuntimeError(f"inference worker failed: {msg.message}")
+            case WorkerReady() | AutofocusReply():
+                return msg
+            case _:
+                assert_never(msg)
 
     def wait_ready(self, timeout_s: float | None = None) -> WorkerReady:
         """Block until the worker has loaded its models and attached the ring (None: no limit here;
         the scan job bounds the start-up with ``models.worker_start_timeout_s``)."""
-        msg = self._get(timeout_s)
+        msg = self._receive(timeout_s)
         if not isinstance(msg, WorkerReady):
             raise RuntimeError(f"inference worker did not start: {msg}")
         self.backend, self.refused = msg.backend, msg.refused
@@ -136,10 +168,8 @@ class InferenceChannel:
         rid = next(self._ids)
         self._requests.put(AutofocusRequest(rid, slot))
         while True:
-            msg = self._get(self.reply_timeout_s)
-            if isinstance(msg, ClassifyReply):
-                self._classified[msg.request_id] = msg
-            elif isinstance(msg, AutofocusReply) and msg.request_id == rid:
+            msg = self._receive(self.reply_timeout_s)
+            if isinstance(msg, AutofocusReply) and msg.request_id == rid:
                 return msg
 
     def classify(self, slot: int, pixel_size_um: float) -> ClassifyReply:
@@ -161,6 +191,4 @@ class InferenceChannel:
 
     def _wait_classified(self, ids: set[int]) -> None:
         while not ids <= self._classified.keys():
-            msg = self._get(self.reply_timeout_s)
-            if isinstance(msg, ClassifyReply):
-                self._classified[msg.request_id] = msg
+            self._receive(self.reply_timeout_s)  # classifications are kept, anything else is not awaited

@@ -1,8 +1,22 @@
-"""Small messages between worker processes and the supervisor.
+"""Small messages between worker processes and the supervisor, and the queues that carry them.
 
 They travel through ``multiprocessing`` queues inside one machine (pixels do
 not: they stay in the shared-memory ring and only the slot id travels).
 Everything here is a frozen dataclass of plain values.
+
+Each queue carries one union of message types, named below with the queue's
+alias (``EventQueue = Queue[WorkerEvent]`` ...), so that mypy checks what is
+put on a queue and, with ``match`` and ``assert_never`` in the receiving loop,
+that every kind of message is handled. A stream that ends says so with
+:class:`EndOfStream`, one sentinel type for every queue, not ``None``.
+
+* ``events`` (every worker -> scan job): :data:`WorkerEvent`
+* ``tiles`` (acquisition -> stitcher): :data:`TileMessage`
+* ``to_writer`` (stitcher -> writer): :data:`WriterMessage`
+* ``to_acquisition`` (scan job -> acquisition): :data:`AcquisitionControl`
+* ``free_slots`` (scan job, stitcher, acquisition's focus loop -> acquisition): ring slot ids
+
+The inference worker's two queues are in :mod:`runtime.ipc.inference_channel`.
 """
 
 from __future__ import annotations
@@ -11,10 +25,11 @@ import resource
 import time
 from dataclasses import dataclass
 from multiprocessing.queues import Queue
-from typing import Any
+from typing import Any, TypeAlias
 
 from runtime.devices.scan_plan import FieldPlan, GridPlan
 from runtime.ipc import lifetime
+from runtime.ipc.ring import RingSpec
 
 
 def peak_rss_bytes() -> int:
@@ -139,6 +154,51 @@ class InferenceDone:
     peak_rss: int
 
 
+@dataclass(frozen=True)
+class EndOfStream:
+    """The last message on a stream queue (tiles, to_writer, the inference requests): nothing follows.
+
+    One type for every queue instead of ``None``: the type checker sees it in each queue's
+    union, and ``reason`` says in the log who ended the stream and why.
+    """
+
+    reason: str
+
+
+WorkerEvent: TypeAlias = (
+    Heartbeat
+    | ScanPrepared
+    | FieldDone
+    | AcquisitionDone
+    | InferenceReady
+    | InferenceDone
+    | MosaicDone
+    | WriterDone
+    | WorkerFailed
+)
+"""What the workers tell the scan job (the events queue)."""
+
+TileMessage: TypeAlias = TileReady | EndOfStream
+"""Acquisition -> stitcher: each kept frame's slot, then the end (after the last field, a cancel or
+a failure; the scan job ends the stream itself when a worker fails)."""
+
+WriterMessage: TypeAlias = MosaicRows | MosaicDone | EndOfStream
+"""Stitcher -> writer: rows that became final, then MosaicDone (or the end without one: the
+stitcher failed, or the scan job gave up on it)."""
+
+AcquisitionControl: TypeAlias = RingSpec
+"""Scan job -> acquisition: the ring, once the scan job has created it for the planned frame size
+(acquisition is stopped through the cancel event, not this queue)."""
+
+# multiprocessing.queues.Queue is generic only to the type checker (not subscriptable at run time
+# before Python 3.12), hence the quotes.
+EventQueue: TypeAlias = "Queue[WorkerEvent]"
+TileQueue: TypeAlias = "Queue[TileMessage]"
+WriterQueue: TypeAlias = "Queue[WriterMessage]"
+ControlQueue: TypeAlias = "Queue[AcquisitionControl]"
+SlotQueue: TypeAlias = "Queue[int]"
+
+
 class HeartbeatSender:
     """Rate-limited heartbeats from a worker's main loop (at most one per ``interval_s``).
 
@@ -151,7 +211,7 @@ class HeartbeatSender:
     interval, also where there is no parent-death signal (:mod:`runtime.ipc.lifetime`).
     """
 
-    def __init__(self, worker: str, events: Queue[Any], interval_s: float = 0.5) -> None:
+    def __init__(self, worker: str, events: EventQueue, interval_s: float = 0.5) -> None:
         self.worker = worker
         self._events = events
         self._interval = interval_s

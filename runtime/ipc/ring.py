@@ -92,7 +92,7 @@ class AttachedRing:
 
     def slot(self, index: int) -> npt.NDArray[np.uint8]:
         """A writable (height, width, 3) view of one slot."""
-        return self._array[index]
+        return self._array[index, ...]
 
     def close(self) -> None:
         # Views must be dropped before the map can close. A slot view that is still referenced

@@ -32,6 +32,7 @@ import numpy as np
 import numpy.typing as npt
 
 from runtime.ml.model_folder import ModelFolder
+from runtime.paths import write_file_exclusive
 
 F32 = npt.NDArray[np.float32]
 BackendName = Literal["tensorrt", "ort_cuda", "ort_cpu"]
@@ -119,17 +120,29 @@ class EngineKey:
 
 
 class EngineCache:
-    """Serialized engines on disk, one file per key (plus a JSON sidecar that records the key)."""
+    """Serialized engines on disk, one file per key (plus a JSON sidecar that records the key).
+
+    The cache sits in the data root by default, where a local user might plant links: a
+    deserialized engine is code the GPU runs, so the folder must be a real folder (not a
+    link) and every file is opened without following links and written through
+    :func:`runtime.paths.write_file_exclusive` (a ``.partial`` then a rename).
+    """
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
+
+    def _check_root(self) -> None:
+        if self.root.is_symlink() or (self.root.exists() and not self.root.is_dir()):
+            raise InferenceError(f"engine cache {self.root} is a link or not a folder; refusing to use it")
 
     def path(self, key: EngineKey) -> Path:
         return self.root / key.filename()
 
     def get_or_build(self, key: EngineKey, build: Callable[[], bytes]) -> tuple[bytes, bool]:
         """The engine bytes for ``key`` and whether they were built now (False: from the cache)."""
+        self._check_root()
         self.root.mkdir(parents=True, exist_ok=True)
+        self._check_root()
         path = self.path(key)
         with _locked(path.with_suffix(".lock")):
             cached = self._read(path, key)
@@ -138,29 +151,35 @@ class EngineCache:
             blob = build()
             if not blob:
                 raise InferenceError(f"TensorRT produced an empty engine for {key.as_dict()}")
-            tmp = path.with_suffix(f".partial-{os.getpid()}")
-            tmp.write_bytes(blob)
-            tmp.replace(path)
-            path.with_suffix(".json").write_text(json.dumps(key.as_dict(), indent=2))
+            write_file_exclusive(self.root, path.name, blob)
+            sidecar = json.dumps(key.as_dict(), indent=2).encode()
+            write_file_exclusive(self.root, path.with_suffix(".json").name, sidecar)
             return blob, True
 
     @staticmethod
     def _read(path: Path, key: EngineKey) -> bytes | None:
         side = path.with_suffix(".json")
-        if not (path.is_file() and side.is_file()):
-            return None
         try:
-            if json.loads(side.read_text()) != key.as_dict():  # a digest-prefix collision or a stray file
+            if json.loads(_read_nofollow(side)) != key.as_dict():  # a digest-prefix collision or a stray file
                 return None
-        except json.JSONDecodeError:
+            blob = _read_nofollow(path)
+        except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
             return None
-        blob = path.read_bytes()
+        except OSError as err:  # ELOOP: a link planted where an engine should be
+            raise InferenceError(f"cannot read cached engine {path}: {err.strerror}") from None
         return blob or None
+
+
+def _read_nofollow(path: Path) -> bytes:
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as f:
+        return f.read()
 
 
 @contextlib.contextmanager
 def _locked(path: Path) -> Iterator[None]:
-    with open(path, "a+") as f:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "r+b") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
             yield

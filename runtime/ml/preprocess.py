@@ -204,7 +204,7 @@ class AutofocusPreprocess:
 
 
 def _contrast(x: F32) -> F32:
-    mean = x.reshape(-1, 3).mean(axis=0)
+    mean: F32 = x.reshape(-1, 3).mean(axis=0)  # (3,): per-channel mean
     return ((x / np.maximum(mean, 1e-3) - 1.0) * np.float32(CONTRAST_GAIN)).astype(np.float32)
 
 

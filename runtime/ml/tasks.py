@@ -5,7 +5,8 @@ Each wraps a model folder (:mod:`runtime.ml.model_folder`) on an inference backe
 share (:mod:`runtime.ml.preprocess`): :class:`AutofocusModel` turns a frame into a
 signed defocus estimate (or an abstention: too little content), and
 :class:`TileClassifierModel` a tile into background / tissue / artifact plus an
-embedding. :func:`load_models` loads both on the best available backend.
+embedding. :func:`load_models` loads both on the best available backend
+(:func:`load_configured_models`: as the ``[models]`` config section says).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
+from runtime.config import ModelsConfig
 from runtime.devices.protocols import RGBImage
 from runtime.ml.backends import Backend, Preference, select_backend
 from runtime.ml.model_folder import ModelFolder, builtin_autofocus_dir, default_model_dir, load_model_folder
@@ -126,3 +128,18 @@ def load_models(
         refused.update({f"classifier.{k}": v for k, v in csel.refused.items()})
         cls = TileClassifierModel(c_folder, csel.backend)
     return af, cls, refused
+
+
+def _folder(configured: str) -> Path | None:
+    """A model folder from the config: None for ``"builtin"`` (the committed one) or empty."""
+    return None if configured in ("", "builtin") else Path(configured)
+
+
+def load_configured_models(
+    cfg: ModelsConfig, frame_shape: tuple[int, int] | None = None
+) -> tuple[AutofocusModel, TileClassifierModel | None, dict[str, str]]:
+    """:func:`load_models` as the ``[models]`` section says: the one place that reads its folders,
+    backend and engine cache, for the inference worker and for models loaded in acquisition."""
+    return load_models(
+        _folder(cfg.autofocus_dir), _folder(cfg.classifier_dir), cfg.backend, cfg.engine_cache_dir, frame_shape
+    )

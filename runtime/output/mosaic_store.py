@@ -100,8 +100,9 @@ class _ChunkFiles:
 
     def __init__(self, arr: Any, chunk: int, codec: str, level: int) -> None:
         self.arr = arr
+        self._chunk_key: Callable[[tuple[int, ...]], str] = arr.metadata.encode_chunk_key
         self.chunk = chunk
-        self.dir = Path(arr.store.root) / arr.path
+        self.dir = Path(arr.store.root, arr.path)
         self.codec = codec  # "zstd", "lz4" (blosc) or "none"
         self.level = level
         self._made_dirs: set[Path] = set()
@@ -124,7 +125,7 @@ class _ChunkFiles:
         return None
 
     def path(self, i: int, j: int) -> Path:
-        return self.dir / self.arr.metadata.encode_chunk_key((i, j, 0))
+        return self.dir / self._chunk_key((i, j, 0))
 
     def _scratch(self, name: str, size: int) -> bytearray:
         """A per-thread byte buffer of at least ``size`` bytes, reused across chunks.

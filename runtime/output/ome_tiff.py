@@ -54,19 +54,11 @@ from typing import Any, Literal
 
 import numpy as np
 import tifffile
+from tifffile import COMPRESSION, FILETYPE, PHOTOMETRIC, PREDICTOR
 
 from runtime.output.mosaic_store import FILL, MosaicStore
 from runtime.output.ome_zarr import NgffWriter
-from runtime.output.tiff_stream import (
-    COMPRESSION_DEFLATE,
-    COMPRESSION_JPEG,
-    COMPRESSION_NONE,
-    COMPRESSION_ZSTD,
-    PHOTOMETRIC_RGB,
-    PHOTOMETRIC_YCBCR,
-    TiffPage,
-    TiffStreamWriter,
-)
+from runtime.output.tiff_stream import TiffPage, TiffStreamWriter
 
 __all__ = [
     "Compression",
@@ -82,13 +74,12 @@ Compression = Literal["jpeg", "deflate", "zstd", "none"]
 Progress = Callable[[int, int], None]
 
 # TIFF Compression tag values; "deflate" is the Adobe variant (8) every reader knows.
-_TIFF_COMPRESSION: dict[str, int] = {
-    "jpeg": COMPRESSION_JPEG,
-    "deflate": COMPRESSION_DEFLATE,
-    "zstd": COMPRESSION_ZSTD,
-    "none": COMPRESSION_NONE,
+_TIFF_COMPRESSION: dict[str, COMPRESSION] = {
+    "jpeg": COMPRESSION.JPEG,
+    "deflate": COMPRESSION.ADOBE_DEFLATE,
+    "zstd": COMPRESSION.ZSTD,
+    "none": COMPRESSION.NONE,
 }
-_HORIZONTAL_PREDICTOR = 2
 SOFTWARE = "wsi-edge-runtime"
 SUBSAMPLINGS = ((1, 1), (2, 1), (2, 2), (4, 1))
 
@@ -124,7 +115,7 @@ def tile_encoder(
         args = {"level": jpeg_quality, "subsampling": tuple(subsampling), "colorspace": "RGB"}
         args["outcolorspace"] = "YCBCR"
         return lambda t: encode(t, **args)
-    predict: Any = tifffile.TIFF.PREDICTORS[_HORIZONTAL_PREDICTOR]
+    predict: Any = tifffile.TIFF.PREDICTORS[PREDICTOR.HORIZONTAL]
     # axis -2: along x for interleaved (contiguous-sample) tiles, as tifffile does.
     return lambda t: encode(predict(t, axis=-2))
 
@@ -173,12 +164,12 @@ def pyramid_pages(
             width=w,
             tile=tile,
             compression=_TIFF_COMPRESSION[compression],
-            photometric=PHOTOMETRIC_YCBCR if jpeg else PHOTOMETRIC_RGB,
+            photometric=PHOTOMETRIC.YCBCR if jpeg else PHOTOMETRIC.RGB,
             subsampling=(subsampling[0], subsampling[1]) if jpeg else None,
-            predictor=_HORIZONTAL_PREDICTOR if compression in ("deflate", "zstd") else None,
+            predictor=PREDICTOR.HORIZONTAL if compression in ("deflate", "zstd") else None,
             # Pixels per cm at this level; a level-k pixel spans 2**k level-0 pixels.
             pixels_per_cm=1e4 / (pixel_size_um * 2**k),
-            subfiletype=1 if k else 0,
+            subfiletype=FILETYPE.REDUCEDIMAGE if k else FILETYPE.UNDEFINED,
             description=ome_xml(name, h, w, pixel_size_um) if k == 0 else None,
             software=SOFTWARE,
         )

@@ -36,19 +36,66 @@ from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
+from tifffile import COMPRESSION, DATATYPE, FILETYPE, PHOTOMETRIC, PLANARCONFIG, PREDICTOR, RESUNIT, TIFF
 
 from runtime.paths import create_exclusive
 
 __all__ = ["TiffPage", "TiffStreamWriter"]
 
-# TIFF field types used here.
-_ASCII, _SHORT, _LONG, _RATIONAL, _LONG8, _IFD8 = 2, 3, 4, 5, 16, 18
-_TYPE_FMT = {_ASCII: "B", _SHORT: "H", _LONG: "I", _RATIONAL: "I", _LONG8: "Q", _IFD8: "Q"}
-_TYPE_SIZE = {_ASCII: 1, _SHORT: 2, _LONG: 4, _RATIONAL: 8, _LONG8: 8, _IFD8: 8}
+# Codes and enumerated values come from tifffile (TIFF.TAGS, DATATYPE, COMPRESSION, ...), the
+# library whose output these files mirror; only the struct layout of each field type is ours.
+_TYPE_FMT = {
+    DATATYPE.ASCII: "B",
+    DATATYPE.SHORT: "H",
+    DATATYPE.LONG: "I",
+    DATATYPE.RATIONAL: "I",
+    DATATYPE.LONG8: "Q",
+    DATATYPE.IFD8: "Q",
+}
+_TYPE_SIZE = {
+    DATATYPE.ASCII: 1,
+    DATATYPE.SHORT: 2,
+    DATATYPE.LONG: 4,
+    DATATYPE.RATIONAL: 8,
+    DATATYPE.LONG8: 8,
+    DATATYPE.IFD8: 8,
+}
 
-COMPRESSION_NONE, COMPRESSION_JPEG, COMPRESSION_DEFLATE, COMPRESSION_ZSTD = 1, 7, 8, 50000
-PHOTOMETRIC_RGB, PHOTOMETRIC_YCBCR = 2, 6
-_RESUNIT_CENTIMETER = 3
+
+def _tag(name: str) -> int:
+    """The code of TIFF tag ``name`` in tifffile's registry (``TIFF.TAGS`` maps names to codes)."""
+    code = TIFF.TAGS[name]
+    if not isinstance(code, int):
+        raise KeyError(name)
+    return code
+
+
+_NEW_SUBFILE_TYPE = _tag("NewSubfileType")
+_IMAGE_WIDTH = _tag("ImageWidth")
+_IMAGE_LENGTH = _tag("ImageLength")
+_BITS_PER_SAMPLE = _tag("BitsPerSample")
+_COMPRESSION = _tag("Compression")
+_PHOTOMETRIC = _tag("PhotometricInterpretation")
+_IMAGE_DESCRIPTION = _tag("ImageDescription")
+_SAMPLES_PER_PIXEL = _tag("SamplesPerPixel")
+_X_RESOLUTION = _tag("XResolution")
+_Y_RESOLUTION = _tag("YResolution")
+_PLANAR_CONFIGURATION = _tag("PlanarConfiguration")
+_RESOLUTION_UNIT = _tag("ResolutionUnit")
+_SOFTWARE = _tag("Software")
+_PREDICTOR = _tag("Predictor")
+_TILE_WIDTH = _tag("TileWidth")
+_TILE_LENGTH = _tag("TileLength")
+_TILE_OFFSETS = _tag("TileOffsets")
+_TILE_BYTE_COUNTS = _tag("TileByteCounts")
+_SUB_IFDS = _tag("SubIFDs")
+_YCBCR_SUBSAMPLING = _tag("YCbCrSubSampling")
+_REFERENCE_BLACK_WHITE_TAG = _tag("ReferenceBlackWhite")
+
+# Names older callers import from here: the tifffile enum members themselves.
+COMPRESSION_NONE, COMPRESSION_JPEG = COMPRESSION.NONE, COMPRESSION.JPEG
+COMPRESSION_DEFLATE, COMPRESSION_ZSTD = COMPRESSION.ADOBE_DEFLATE, COMPRESSION.ZSTD
+PHOTOMETRIC_RGB, PHOTOMETRIC_YCBCR = PHOTOMETRIC.RGB, PHOTOMETRIC.YCBCR
 # YCbCr JPEG: full-range reference black/white, as tifffile (and libtiff) write them.
 _REFERENCE_BLACK_WHITE = (0, 1, 255, 1, 128, 1, 255, 1, 128, 1, 255, 1)
 
@@ -69,12 +116,12 @@ class TiffPage:
     height: int
     width: int
     tile: int
-    compression: int  # TIFF Compression tag value
-    photometric: int = PHOTOMETRIC_RGB
+    compression: COMPRESSION  # TIFF Compression tag value
+    photometric: PHOTOMETRIC = PHOTOMETRIC.RGB
     subsampling: tuple[int, int] | None = None  # YCbCrSubSampling (JPEG/YCbCr only)
-    predictor: int | None = None  # Predictor tag (2: horizontal) for lossless codecs
+    predictor: PREDICTOR | None = None  # Predictor tag (HORIZONTAL) for lossless codecs
     pixels_per_cm: float | None = None  # X/YResolution with ResolutionUnit centimetre
-    subfiletype: int = 0  # NewSubfileType; 1 = reduced-resolution image
+    subfiletype: FILETYPE = FILETYPE.UNDEFINED  # NewSubfileType (0: full resolution; REDUCEDIMAGE: lower levels)
     description: str | None = None  # ImageDescription (OME-XML on the first page)
     software: str | None = None
 
@@ -91,35 +138,40 @@ class TiffPage:
         return self.tiles_down * self.tiles_across
 
 
-def _entry_tags(page: TiffPage) -> list[tuple[int, int, Sequence[int] | bytes]]:
+_Tag = tuple[int, DATATYPE, Sequence[int] | bytes]
+"""(tag code, field type, values) of one IFD entry."""
+
+
+def _entry_tags(page: TiffPage) -> list[_Tag]:
     """(tag, type, values) of every tag but TileOffsets/TileByteCounts/SubIFDs, as tifffile writes them."""
-    tags: list[tuple[int, int, Sequence[int] | bytes]] = []
+    tags: list[_Tag] = []
     if page.subfiletype:
-        tags.append((254, _LONG, [page.subfiletype]))
+        tags.append((_NEW_SUBFILE_TYPE, DATATYPE.LONG, [page.subfiletype]))
     tags += [
-        (256, _LONG, [page.width]),
-        (257, _LONG, [page.height]),
-        (258, _SHORT, [8, 8, 8]),
-        (259, _SHORT, [page.compression]),
-        (262, _SHORT, [page.photometric]),
+        (_IMAGE_WIDTH, DATATYPE.LONG, [page.width]),
+        (_IMAGE_LENGTH, DATATYPE.LONG, [page.height]),
+        (_BITS_PER_SAMPLE, DATATYPE.SHORT, [8, 8, 8]),
+        (_COMPRESSION, DATATYPE.SHORT, [page.compression]),
+        (_PHOTOMETRIC, DATATYPE.SHORT, [page.photometric]),
     ]
     if page.description is not None:
-        tags.append((270, _ASCII, page.description.encode("utf-8") + b"\0"))
-    tags += [(277, _SHORT, [3])]
+        tags.append((_IMAGE_DESCRIPTION, DATATYPE.ASCII, page.description.encode("utf-8") + b"\0"))
+    tags += [(_SAMPLES_PER_PIXEL, DATATYPE.SHORT, [3])]
     if page.pixels_per_cm is not None:
         res = rational(page.pixels_per_cm)
-        tags += [(282, _RATIONAL, res), (283, _RATIONAL, res)]
-    tags += [(284, _SHORT, [1])]  # PlanarConfiguration: contiguous (interleaved RGB)
+        tags += [(_X_RESOLUTION, DATATYPE.RATIONAL, res), (_Y_RESOLUTION, DATATYPE.RATIONAL, res)]
+    # Contiguous: interleaved RGB.
+    tags += [(_PLANAR_CONFIGURATION, DATATYPE.SHORT, [PLANARCONFIG.CONTIG])]
     if page.pixels_per_cm is not None:
-        tags.append((296, _SHORT, [_RESUNIT_CENTIMETER]))
+        tags.append((_RESOLUTION_UNIT, DATATYPE.SHORT, [RESUNIT.CENTIMETER]))
     if page.software is not None:
-        tags.append((305, _ASCII, page.software.encode("ascii") + b"\0"))
+        tags.append((_SOFTWARE, DATATYPE.ASCII, page.software.encode("ascii") + b"\0"))
     if page.predictor is not None:
-        tags.append((317, _SHORT, [page.predictor]))
-    tags += [(322, _LONG, [page.tile]), (323, _LONG, [page.tile])]
-    if page.photometric == PHOTOMETRIC_YCBCR:
-        tags.append((530, _SHORT, list(page.subsampling or (2, 2))))
-        tags.append((532, _RATIONAL, _REFERENCE_BLACK_WHITE))
+        tags.append((_PREDICTOR, DATATYPE.SHORT, [page.predictor]))
+    tags += [(_TILE_WIDTH, DATATYPE.LONG, [page.tile]), (_TILE_LENGTH, DATATYPE.LONG, [page.tile])]
+    if page.photometric == PHOTOMETRIC.YCBCR:
+        tags.append((_YCBCR_SUBSAMPLING, DATATYPE.SHORT, list(page.subsampling or (2, 2))))
+        tags.append((_REFERENCE_BLACK_WHITE_TAG, DATATYPE.RATIONAL, _REFERENCE_BLACK_WHITE))
     return tags
 
 
@@ -189,7 +241,7 @@ class TiffStreamWriter:
         f = self._f
         # SubIFDs first: the main IFD's SubIFDs tag needs their offsets.
         sub_offsets = [self._write_ifd(k, []) for k in range(1, len(self.pages))]
-        extra = [(330, _IFD8, sub_offsets)] if sub_offsets else []
+        extra: list[_Tag] = [(_SUB_IFDS, DATATYPE.IFD8, sub_offsets)] if sub_offsets else []
         first = self._write_ifd(0, extra)
         f.seek(8)
         f.write(struct.pack("<Q", first))
@@ -227,14 +279,14 @@ class TiffStreamWriter:
         if pad:
             self._append(b"\0" * pad)
 
-    def _write_ifd(self, k: int, extra: Sequence[tuple[int, int, Sequence[int] | bytes]]) -> int:
+    def _write_ifd(self, k: int, extra: Sequence[_Tag]) -> int:
         """Write page k's out-of-line values, then its IFD; return the IFD's offset."""
         counts = self._counts[k]
         count_type = _bytecount_type(self.pages[k], int(counts.max()))
         tags = [
             *_entry_tags(self.pages[k]),
-            (324, _LONG8, self._offsets[k].astype("<u8").tobytes()),
-            (325, count_type, counts.astype(_NUMPY_TYPE[count_type]).tobytes()),
+            (_TILE_OFFSETS, DATATYPE.LONG8, self._offsets[k].astype("<u8").tobytes()),
+            (_TILE_BYTE_COUNTS, count_type, counts.astype(_NUMPY_TYPE[count_type]).tobytes()),
             *extra,
         ]
         tags.sort(key=lambda t: t[0])  # TIFF requires ascending tag order
@@ -252,19 +304,19 @@ class TiffStreamWriter:
         return self._append(ifd)
 
 
-_NUMPY_TYPE = {_SHORT: "<u2", _LONG: "<u4", _LONG8: "<u8"}
+_NUMPY_TYPE = {DATATYPE.SHORT: "<u2", DATATYPE.LONG: "<u4", DATATYPE.LONG8: "<u8"}
 
 
-def _bytecount_type(page: TiffPage, largest: int) -> int:
+def _bytecount_type(page: TiffPage, largest: int) -> DATATYPE:
     """TileByteCounts' type by tifffile's rule (from the raw tile size, x10 if compressed), widened if needed."""
     if page.n_tiles == 1:
-        return _LONG8
-    estimate = page.tile * page.tile * 3 * (10 if page.compression != COMPRESSION_NONE else 1)
+        return DATATYPE.LONG8
+    estimate = page.tile * page.tile * 3 * (10 if page.compression != COMPRESSION.NONE else 1)
     size = max(estimate, largest)
-    return _SHORT if size < 2**16 else _LONG if size < 2**32 else _LONG8
+    return DATATYPE.SHORT if size < 2**16 else DATATYPE.LONG if size < 2**32 else DATATYPE.LONG8
 
 
-def _pack(typ: int, values: Sequence[int] | bytes) -> tuple[bytes, int]:
+def _pack(typ: DATATYPE, values: Sequence[int] | bytes) -> tuple[bytes, int]:
     """Little-endian bytes of a tag's values and the TIFF count (RATIONAL counts pairs)."""
     size = _TYPE_SIZE[typ]
     if isinstance(values, bytes):

@@ -51,6 +51,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from runtime.config import StitchConfig
 from runtime.devices.scan_plan import FieldPlan, GridPlan
 from runtime.output.mosaic_store import MosaicStore
 from runtime.stitching.blending import composite, feather_alpha, subpixel_shift
@@ -102,32 +103,6 @@ class MosaicGeometry:
         return (round(y), round(x))
 
 
-@dataclass(frozen=True)
-class StitchParams:
-    """Online stitching settings (``[stitch]`` in the config).
-
-    ``stage_sigma_um``: the stage's repeatability (1 sigma), the weight of the
-    prior. ``max_stage_error_um``: the largest error one move makes; twice it
-    bounds the registration search between two tiles, once it the margin
-    before a band is final. ``lag_tiles``: later tiles a tile waits for before
-    its position is final and it is blended (0: final on arrival).
-    """
-
-    stage_sigma_um: float = 2.5
-    max_stage_error_um: float = 10.0
-    lag_tiles: int = 0
-    registration: bool = True
-    flatfield: bool = True
-    flatfield_warmup_tiles: int = 16
-    min_ncc: float = 0.5
-
-    def __post_init__(self) -> None:
-        if self.stage_sigma_um <= 0 or self.max_stage_error_um <= 0:
-            raise ValueError("stage_sigma_um and max_stage_error_um must be positive")
-        if self.lag_tiles < 0 or self.flatfield_warmup_tiles < 0:
-            raise ValueError("lag_tiles and flatfield_warmup_tiles must be >= 0")
-
-
 @dataclass
 class _Strip:
     grey: U8
@@ -161,10 +136,14 @@ class StitchStats:
 class DequeAccumulator:
     """Receives tiles in acquisition order; writes final bands to the mosaic store."""
 
-    def __init__(self, geometry: MosaicGeometry, store: MosaicStore, params: StitchParams | None = None) -> None:
+    def __init__(self, geometry: MosaicGeometry, store: MosaicStore, params: StitchConfig | None = None) -> None:
+        """``params``: the ``[stitch]`` config section (validated there; None: its defaults).
+        ``stage_sigma_um`` weighs the stage prior; ``max_stage_error_um``, twice, bounds the
+        registration search between two tiles and, once, the margin before a band is final;
+        ``lag_tiles``: later tiles a tile waits for before it is final (0: final on arrival)."""
         self.geometry = geometry
         self.store = store
-        self.params = params or StitchParams()
+        self.params = params or StitchConfig()
         self.chunk = store.chunk
         self.height, self.width = geometry.shape
         px = geometry.pixel_size_um

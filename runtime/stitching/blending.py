@@ -40,7 +40,7 @@ def lanczos_kernel(t: float, a: int = LANCZOS_A) -> F32:
     x = np.arange(-a, a + 1, dtype=np.float64) - t
     w = np.sinc(x) * np.sinc(x / a)
     w[np.abs(x) >= a] = 0.0
-    return (w / w.sum()).astype(np.float32)
+    return (w / float(w.sum())).astype(np.float32)
 
 
 def subpixel_shift(tile: F32, fy: float, fx: float) -> F32:
@@ -63,7 +63,7 @@ def ramp(n: int, start: float, end: float) -> F32:
     x = np.arange(n, dtype=np.float32) + np.float32(0.5)
     if math.isclose(start, end):
         return (x >= end).astype(np.float32) if end >= start else (x <= end).astype(np.float32)
-    return np.clip((x - np.float32(start)) / np.float32(end - start), 0.0, 1.0).astype(np.float32)
+    return np.asarray(np.clip((x - np.float32(start)) / np.float32(end - start), 0.0, 1.0), dtype=np.float32)
 
 
 def feather_alpha(

@@ -130,7 +130,7 @@ def highpass(img: npt.NDArray[np.generic], size: int) -> F32:
     f = img.astype(np.float32)
     k = min(size, 2 * (min(f.shape) // 2) - 1)
     if k < 3:
-        return f - f.mean()
+        return f - np.float32(f.mean())
     return f - cv2.stackBlur(f, (k, k))
 
 

@@ -26,7 +26,9 @@ instead of the heartbeat timeout. A hung build is still bounded by that, which
 a heartbeat thread beating through the build would not be.
 
 :class:`~runtime.ipc.inference_channel.InferenceChannel` is the caller's side of the queues; :class:`InferenceClient`
-additionally starts and owns a worker (tests and benchmarks, outside the daemon).
+additionally starts and owns a worker (tests and benchmarks, outside the daemon). The worker's
+settings are the ``[models]`` config section itself; only the batching policy (not a config key)
+comes beside it.
 """
 
 from __future__ import annotations
@@ -37,37 +39,37 @@ import queue
 import time
 from dataclasses import dataclass
 from multiprocessing.context import SpawnProcess
-from multiprocessing.queues import Queue
-from pathlib import Path
-from typing import Any
+from typing import Any, assert_never
 
-from runtime.errors import log_failure
+from runtime.config import ModelsConfig
 from runtime.ipc.inference_channel import (
-    STOP,
     AutofocusReply,
     AutofocusRequest,
     ClassifyReply,
     ClassifyRequest,
     InferenceChannel,
+    InferenceRequest,
+    ReplyQueue,
+    RequestQueue,
     WorkerError,
     WorkerReady,
 )
-from runtime.ipc.lifetime import bind_to_parent, orphaned
-from runtime.ipc.messages import HeartbeatSender, InferenceDone, InferenceReady, WorkerFailed, peak_rss_bytes
-from runtime.ipc.ring import AttachedRing, RingSpec
-from runtime.ml.tasks import load_models
+from runtime.ipc.messages import EndOfStream, EventQueue, InferenceDone, InferenceReady, peak_rss_bytes
+from runtime.ipc.ring import RingSpec
+from runtime.ml.tasks import load_configured_models
+from runtime.workers.skeleton import POLL_S, WorkerContext, run_worker
 
 log = logging.getLogger("wsi.inference")
 
 
 @dataclass(frozen=True)
-class WorkerSettings:
-    autofocus_dir: str | None = None
-    classifier_dir: str | None = None
-    backend: str = "auto"
-    engine_cache_dir: str | None = None
+class Batching:
+    """How classify requests are batched: at most ``max_batch`` tiles per backend call, a request
+    waiting at most ``window_s`` for company. Not a config key: the defaults suit the scan path
+    (one request in flight), and tests widen the window to make the scheduling visible."""
+
     max_batch: int = 16
-    batch_window_s: float = 0.005
+    window_s: float = 0.005
 
 
 @dataclass
@@ -89,66 +91,52 @@ class _Stats:
         }
 
 
-def _wait_for_ring(requests: Queue[Any], hb: HeartbeatSender | None, parent: int | None) -> RingSpec | None:
-    """The scan job sends the ring once acquisition knows the frame shape."""
-    while not orphaned(parent):
-        if hb is not None:
-            hb.beat()
-        try:
-            msg = requests.get(timeout=0.2)
-        except queue.Empty:
-            continue
-        if isinstance(msg, RingSpec):
-            return msg
-        if msg is STOP:
-            return None
-    return None
-
-
 def inference_main(
-    settings: WorkerSettings, requests: Queue[Any], replies: Queue[Any], events: Queue[Any] | None = None
+    models: ModelsConfig,
+    requests: RequestQueue,
+    replies: ReplyQueue,
+    events: EventQueue | None = None,
+    batching: Batching | None = None,
 ) -> None:
     """Process entry point (spawned).
 
-    ``requests``: a :class:`RingSpec` first, then requests, then ``STOP``. ``replies``: to the
-    one client. ``events``: the scan job's queue (heartbeats, ready, done, failure); None when
-    an :class:`InferenceClient` owns the worker outside the daemon.
+    ``requests``: a :class:`RingSpec` first, then requests, then :class:`EndOfStream`.
+    ``replies``: to the one client. ``events``: the scan job's queue (heartbeats, ready, done,
+    failure); None when an :class:`InferenceClient` owns the worker outside the daemon.
     """
-    # A SIGKILLed daemon (or client) cannot stop its workers; this one holds the GPU. Beside the
-    # parent-death signal, the loops check for a lost parent themselves: an InferenceClient's
-    # worker sends no heartbeats, whose check would otherwise notice (runtime/ipc/lifetime.py).
-    parent = bind_to_parent()
-    hb = HeartbeatSender("inference", events) if events is not None else None
-    attached: AttachedRing | None = None
-    stats = _Stats()
-    try:
+    policy = batching or Batching()
+
+    def body(worker: WorkerContext) -> None:
+        # Replies matter only to a client that is still waiting; a client that is gone must not
+        # keep this process from exiting (a queue's feeder thread flushes on exit).
+        worker.on_exit(replies.cancel_join_thread)
+        worker.on_failure(lambda message: replies.put(WorkerError(message)))
         # The ring first: its slot shape is the camera's frame, which picks the builtin autofocus
         # model (v2 needs 512 px frames). Loading after it costs the scan start the load time
         # (ONNX Runtime: well under a second; TensorRT: the engine is cached on disk).
-        spec = _wait_for_ring(requests, hb, parent)
+        spec = worker.wait_for_ring(requests, stopping=lambda: False)
         if spec is None:
             return
         t0 = time.monotonic()
-        af, cls, refused = load_models(
-            Path(settings.autofocus_dir) if settings.autofocus_dir else None,
-            Path(settings.classifier_dir) if settings.classifier_dir else None,
-            settings.backend,  # type: ignore[arg-type]
-            Path(settings.engine_cache_dir) if settings.engine_cache_dir else None,
-            (spec.height, spec.width),
-        )
+        af, cls, refused = load_configured_models(models, (spec.height, spec.width))
         if events is not None:
             events.put(InferenceReady(af.backend.name, refused, time.monotonic() - t0, af.describe()))
-        attached = AttachedRing(spec)
+        ring = worker.attach(spec)
         replies.put(WorkerReady(af.backend.name, refused))
+        stats = _Stats()
         pending: list[ClassifyRequest] = []
         deadline = 0.0
         running = True
         while running:
-            if hb is not None:
-                hb.beat()
-            if orphaned(parent):
+            worker.beat()
+            # A SIGKILLed daemon (or client) cannot stop its workers, and this one holds the GPU.
+            # Beside the parent-death signal, check for a lost parent here: an InferenceClient's
+            # worker sends no heartbeats, whose check would otherwise notice (and wait_for_ring
+            # checks too).
+            if worker.orphaned():
                 break
-            timeout = max(0.0, deadline - time.monotonic()) if pending else 0.2
+            timeout = max(0.0, deadline - time.monotonic()) if pending else POLL_S
+            msgs: list[InferenceRequest]
             try:
                 msgs = [requests.get(timeout=timeout)]
             except queue.Empty:
@@ -159,65 +147,65 @@ def inference_main(
                 except queue.Empty:
                     break
             for m in msgs:
-                if m is STOP:
-                    running = False
-                elif isinstance(m, AutofocusRequest):
-                    t = time.perf_counter()
-                    est = af.estimate(attached.slot(m.slot))
-                    dt = time.perf_counter() - t
-                    stats.autofocus_requests += 1
-                    stats.autofocus_seconds += dt
-                    replies.put(AutofocusReply(m.request_id, est.defocus_um, est.content_crops, est.crops, dt))
-                elif isinstance(m, ClassifyRequest):
-                    if not pending:
-                        deadline = time.monotonic() + settings.batch_window_s
-                    pending.append(m)
+                match m:
+                    case EndOfStream():
+                        running = False
+                    case AutofocusRequest():
+                        t = time.perf_counter()
+                        est = af.estimate(ring.slot(m.slot))
+                        dt = time.perf_counter() - t
+                        stats.autofocus_requests += 1
+                        stats.autofocus_seconds += dt
+                        replies.put(AutofocusReply(m.request_id, est.defocus_um, est.content_crops, est.crops, dt))
+                    case ClassifyRequest():
+                        if not pending:
+                            deadline = time.monotonic() + policy.window_s
+                        pending.append(m)
+                    case RingSpec():
+                        log.warning("ignored a second ring %s: the worker serves %s", m.name, spec.name)
+                    case _:
+                        assert_never(m)
             if pending and cls is None:
                 raise RuntimeError("classify requested but no classifier model is loaded")
             urgent = any(r.urgent for r in pending)
             while (
                 pending
                 and cls is not None
-                and (urgent or len(pending) >= settings.max_batch or time.monotonic() >= deadline or not running)
+                and (urgent or len(pending) >= policy.max_batch or time.monotonic() >= deadline or not running)
             ):
-                batch, pending = pending[: settings.max_batch], pending[settings.max_batch :]
+                batch, pending = pending[: policy.max_batch], pending[policy.max_batch :]
                 stats.classify_requests += len(batch)
                 # Tiles of one batch share the pixel size in practice (one camera); group anyway.
                 for px in sorted({r.pixel_size_um for r in batch}):
                     group = [r for r in batch if r.pixel_size_um == px]
-                    out = cls.classify_batch([attached.slot(r.slot) for r in group], px)
+                    out = cls.classify_batch([ring.slot(r.slot) for r in group], px)
                     stats.classify_batches += 1
                     stats.largest_batch = max(stats.largest_batch, len(group))
                     for r, tc in zip(group, out, strict=True):
                         replies.put(ClassifyReply(r.request_id, tc.label, tc.probabilities, tc.embedding, len(group)))
                 urgent = any(r.urgent for r in pending)
-                deadline = time.monotonic() + settings.batch_window_s
+                deadline = time.monotonic() + policy.window_s
         if events is not None:
             events.put(InferenceDone(af.backend.name, stats.as_dict(), peak_rss_bytes()))
-    except Exception as err:
-        message = log_failure(log, "inference worker failed", err)
-        replies.put(WorkerError(message))
-        if events is not None:
-            events.put(WorkerFailed("inference", message))
-        raise SystemExit(1) from None
-    finally:
-        # Replies matter only to a client that is still waiting; a client that is gone must not
-        # keep this process from exiting (a queue's feeder thread flushes on exit).
-        replies.cancel_join_thread()
-        if attached is not None:
-            attached.close()
+
+    run_worker("inference", events, body)
 
 
 class InferenceClient(InferenceChannel):
     """Starts a worker of its own and talks to it (outside the daemon). Tiles must already be in
     ``ring`` slots when they are asked about."""
 
-    def __init__(self, settings: WorkerSettings, ring: RingSpec, start_timeout_s: float = 120.0) -> None:
+    def __init__(
+        self, models: ModelsConfig, ring: RingSpec, start_timeout_s: float = 120.0, batching: Batching | None = None
+    ) -> None:
         ctx = mp.get_context("spawn")
-        requests: Queue[Any] = ctx.Queue()
-        replies: Queue[Any] = ctx.Queue()
+        requests: RequestQueue = ctx.Queue()
+        replies: ReplyQueue = ctx.Queue()
         self.proc: SpawnProcess = ctx.Process(
-            target=inference_main, args=(settings, requests, replies, None), name="wsi-inference", daemon=True
+            target=inference_main,
+            args=(models, requests, replies, None, batching),
+            name="wsi-inference",
+            daemon=True,
         )
         super().__init__(requests, replies, alive=self._exit_reason)
         self.proc.start()
@@ -228,7 +216,7 @@ class InferenceClient(InferenceChannel):
         return None if self.proc.is_alive() else f"exited with code {self.proc.exitcode}"
 
     def close(self) -> None:
-        self._requests.put(STOP)
+        self._requests.put(EndOfStream("the client closed"))
         self.proc.join(10)
         if self.proc.is_alive():
             self.proc.terminate()

@@ -9,6 +9,7 @@ stitched almost the whole file, lower levels included, is already written;
 :class:`~runtime.ipc.messages.MosaicDone` then only leaves the last bands and the
 IFDs. Memory is bounded by the tiles in flight, not by the slide. The file
 appears under its final name only when complete; a cancelled or failed scan
+(:class:`~runtime.ipc.messages.EndOfStream`, or a MosaicDone that is not complete)
 removes the partial file and keeps the Zarr mosaic for a later export.
 """
 
@@ -16,43 +17,42 @@ from __future__ import annotations
 
 import logging
 import queue
-from dataclasses import dataclass
-from multiprocessing.queues import Queue
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import assert_never
 
 from runtime.config import WriterConfig
-from runtime.errors import log_failure
-from runtime.ipc.lifetime import bind_to_parent
-from runtime.ipc.messages import HeartbeatSender, MosaicDone, MosaicRows, WorkerFailed, WriterDone, peak_rss_bytes
+from runtime.ipc.messages import (
+    EndOfStream,
+    EventQueue,
+    MosaicDone,
+    MosaicRows,
+    WriterDone,
+    WriterQueue,
+    peak_rss_bytes,
+)
 from runtime.output.mosaic_store import MosaicStore
 from runtime.output.ome_tiff import OmeTiffStream
+from runtime.workers.skeleton import POLL_S, WorkerContext, run_worker
 
 log = logging.getLogger("wsi.writer")
 
 _SUBSAMPLING = {"2x2": (2, 2), "2x1": (2, 1), "4x1": (4, 1), "1x1": (1, 1)}
 
 
-@dataclass(frozen=True)
-class WriteJob:
-    out_path: str
-    settings: WriterConfig
-
-
-def open_stream(job: WriteJob, mosaic_path: str, hb: HeartbeatSender) -> OmeTiffStream:
+def open_stream(cfg: WriterConfig, out_path: str, mosaic_path: str, beat: Callable[[], None]) -> OmeTiffStream:
     """The OME-TIFF stream for the mosaic at ``mosaic_path`` (which the stitcher has created)."""
-    s = job.settings
     return OmeTiffStream(
         MosaicStore.open(Path(mosaic_path)),
-        Path(job.out_path),
-        tile=s.tile,
-        compression=s.compression,
-        jpeg_quality=s.jpeg_quality,
-        subsampling=_SUBSAMPLING[s.jpeg_subsampling],
-        max_workers=s.max_workers,
-        buffer_mib=s.buffer_mib,
-        progress=lambda done, total: hb.beat(),
-        ngff_out=ngff_path(Path(job.out_path)) if s.ome_zarr else None,
+        Path(out_path),
+        tile=cfg.tile,
+        compression=cfg.compression,
+        jpeg_quality=cfg.jpeg_quality,
+        subsampling=_SUBSAMPLING[cfg.jpeg_subsampling],
+        max_workers=cfg.max_workers,
+        buffer_mib=cfg.buffer_mib,
+        progress=lambda done, total: beat(),
+        ngff_out=ngff_path(Path(out_path)) if cfg.ome_zarr else None,
     )
 
 
@@ -62,14 +62,23 @@ def ngff_path(out: Path) -> Path:
     return out.with_name(stem + ".ome.zarr")
 
 
-def writer_main(job: WriteJob, from_stitcher: Queue[Any], events: Queue[Any]) -> None:
-    """Process entry point (spawned). Streams the slide as the mosaic grows, finishes on MosaicDone."""
-    bind_to_parent()  # die with the supervisor (runtime/ipc/lifetime.py)
-    hb = HeartbeatSender("writer", events)
-    stream: OmeTiffStream | None = None
-    try:
+def writer_main(out_path: str, cfg: WriterConfig, from_stitcher: WriterQueue, events: EventQueue) -> None:
+    """Process entry point (spawned). Streams the slide as the mosaic grows, finishes on MosaicDone.
+
+    ``out_path``: this scan's slide. An incomplete MosaicDone or an :class:`EndOfStream` (the
+    stitcher failed, or the scan job ended the scan) aborts the file: the Zarr mosaic is kept.
+    """
+
+    def body(worker: WorkerContext) -> None:
+        stream: OmeTiffStream | None = None
+
+        def abort() -> None:
+            if stream is not None:
+                stream.abort()
+
+        worker.on_failure(lambda _: abort())
         while True:
-            hb.beat()
+            worker.beat()
             if stream is not None and stream.busy:
                 # Tiles are being encoded: write those done, then look for news without waiting.
                 stream.pump(wait_s=0.02)
@@ -79,31 +88,32 @@ def writer_main(job: WriteJob, from_stitcher: Queue[Any], events: Queue[Any]) ->
                     continue
             else:
                 try:
-                    msg = from_stitcher.get(timeout=0.2)
+                    msg = from_stitcher.get(timeout=POLL_S)
                 except queue.Empty:
                     continue
-            if isinstance(msg, MosaicRows):
-                if stream is None:
-                    stream = open_stream(job, msg.path, hb)
-                stream.rows_final(msg.level, msg.rows)
-                continue
-            break
-        if not isinstance(msg, MosaicDone) or not msg.complete:
-            # Cancelled or failed upstream: the Zarr mosaic is kept for a later export.
-            if stream is not None:
-                stream.abort()
-            events.put(WriterDone(None, (), 0.0, peak_rss_bytes()))
-            return
-        if stream is None:  # no band was ever announced (a mosaic finished elsewhere)
-            stream = open_stream(job, msg.path, hb)
-        # Every level is final now: queues whatever was not announced (nothing, normally).
-        for k, (h, _) in enumerate(stream.shapes):
-            stream.rows_final(k, h)
-        summary = stream.finish()
-        levels = tuple((int(h), int(w)) for h, w in summary.levels)
-        events.put(WriterDone(str(summary.path), levels, summary.seconds, peak_rss_bytes()))
-    except Exception as err:
-        if stream is not None:
-            stream.abort()
-        events.put(WorkerFailed("writer", log_failure(log, "writer worker failed", err)))
-        raise SystemExit(1) from None
+            match msg:
+                case MosaicRows():
+                    if stream is None:
+                        stream = open_stream(cfg, out_path, msg.path, worker.beat)
+                    stream.rows_final(msg.level, msg.rows)
+                case MosaicDone(complete=True):
+                    if stream is None:  # no band was ever announced (a mosaic finished elsewhere)
+                        stream = open_stream(cfg, out_path, msg.path, worker.beat)
+                    # Every level is final now: queues whatever was not announced (nothing, normally).
+                    for k, (h, _) in enumerate(stream.shapes):
+                        stream.rows_final(k, h)
+                    summary = stream.finish()
+                    levels = tuple((int(h), int(w)) for h, w in summary.levels)
+                    events.put(WriterDone(str(summary.path), levels, summary.seconds, peak_rss_bytes()))
+                    return
+                case MosaicDone() | EndOfStream():
+                    # Cancelled or failed upstream: the Zarr mosaic is kept for a later export.
+                    if isinstance(msg, EndOfStream):
+                        log.debug("stream ended without a mosaic: %s", msg.reason)
+                    abort()
+                    events.put(WriterDone(None, (), 0.0, peak_rss_bytes()))
+                    return
+                case _:
+                    assert_never(msg)
+
+    run_worker("writer", events, body)

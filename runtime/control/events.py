@@ -1,0 +1,121 @@
+"""The payloads of the daemon's events (the ``data`` of an event body), one model per event name.
+
+The daemon publishes these models, never bare dicts: :meth:`ControlServer.publish
+<runtime.control.server.ControlServer.publish>` takes one, so a payload that does not match its
+model fails where it is built (in tests), not at a client. The JSON Schema of each event
+(``runtime/control/schema/event-<name>.json``) is generated from these models.
+
+The wire's enumerations (run states, finish reasons) are spelled out here as ``Literal`` types: the
+control layer does not import the daemon's enums (:mod:`runtime.daemon.state`); a test checks that
+the two agree.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, ClassVar, Final, Literal, TypeAlias
+
+from pydantic import BaseModel, ConfigDict, Field
+
+RunStateName: TypeAlias = Literal["idle", "starting", "scanning", "writing", "cancelling", "stopping"]
+"""The daemon's run state on the wire (``runtime.daemon.state.RunState`` values)."""
+
+FinishReasonName: TypeAlias = Literal["completed", "cancelled", "failed"]
+"""How a scan ended on the wire (``runtime.daemon.state.FinishReason`` values)."""
+
+
+class EventPayload(BaseModel):
+    """Base of the event payloads; ``EVENT`` is the event's name (its ZeroMQ topic)."""
+
+    # Not strict: the daemon builds these from its own values (enum members, numpy scalars).
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    EVENT: ClassVar[str]
+
+    def name_and_data(self) -> tuple[str, dict[str, Any]]:
+        """The event name and the payload as JSON-able data: what a ``publish(name, data)`` callable takes."""
+        return self.EVENT, self.model_dump(mode="json")
+
+
+class StateEvent(EventPayload):
+    """The run state changed (also published for every transition of a scan)."""
+
+    EVENT: ClassVar[str] = "state"
+
+    state: RunStateName
+
+
+class ScanStartedEvent(EventPayload):
+    """Acquisition opened the devices and planned the scan; field_done events follow."""
+
+    EVENT: ClassVar[str] = "scan_started"
+
+    scan_id: str
+    fields: int = Field(ge=0, description="fields planned")
+    rows: int = Field(ge=0, description="rows of the field grid")
+    cols: int = Field(ge=0, description="columns of the field grid")
+    mosaic_shape: tuple[int, int] = Field(description="mosaic size in pixels: [height, width]")
+    pixel_size_um: float = Field(gt=0.0, description="micrometres per pixel")
+
+
+class FieldDoneEvent(EventPayload):
+    """One field was captured (progress)."""
+
+    EVENT: ClassVar[str] = "field_done"
+
+    index: int = Field(ge=0, description="the field's index in the plan")
+    done: int = Field(ge=1, description="fields captured so far in this scan")
+    total: int = Field(ge=0, description="fields planned")
+    row: int = Field(ge=0)
+    col: int = Field(ge=0)
+    z_um: float | None = Field(description="chosen focus z; null when not a finite number")
+    captures: int = Field(ge=0, description="frames captured for this field (focus included)")
+
+
+class ScanFinishedEvent(EventPayload):
+    """Every scan's last event, whatever the ending (a failure also sends scan_failed first)."""
+
+    EVENT: ClassVar[str] = "scan_finished"
+
+    scan_id: str
+    reason: FinishReasonName
+    slide: str | None = Field(description="the OME-TIFF; null when none was written")
+    report: str = Field(description="the scan's report.json")
+    mosaic: str | None = Field(description="the Zarr mosaic, when it was kept (cancelled, failed, or configured)")
+
+
+class ScanFailedEvent(EventPayload):
+    """A scan failed (a worker died or hung, a device failed); scan_finished follows."""
+
+    EVENT: ClassVar[str] = "scan_failed"
+
+    scan_id: str
+    error: str = Field(description="what went wrong, one line")
+    report: str = Field(description="the scan's report.json")
+
+
+class ErrorEvent(EventPayload):
+    """A problem outside a scan. Reserved: the daemon does not publish it yet."""
+
+    EVENT: ClassVar[str] = "error"
+
+    message: str
+
+
+Event: TypeAlias = StateEvent | ScanStartedEvent | FieldDoneEvent | ScanFinishedEvent | ScanFailedEvent | ErrorEvent
+"""Every event the daemon may publish."""
+
+EVENTS: Final[Mapping[str, type[Event]]] = {
+    model.EVENT: model
+    for model in (StateEvent, ScanStartedEvent, FieldDoneEvent, ScanFinishedEvent, ScanFailedEvent, ErrorEvent)
+}
+"""Event name -> payload model, in the order of :data:`runtime.control.protocol.EVENT_NAMES`."""
+
+
+def event_from_data(name: str, data: Mapping[str, Any]) -> Event:
+    """The typed event for a ``(name, data)`` pair; ValueError (pydantic's ValidationError is one)
+    when the name is unknown or the data does not match the event's model."""
+    model = EVENTS.get(name)
+    if model is None:
+        raise ValueError(f"unknown event {name!r}; expected one of {', '.join(EVENTS)}")
+    return model.model_validate(data)
