@@ -17,7 +17,7 @@ from typing import Any, ClassVar, Final, Literal, TypeAlias
 
 from pydantic import BaseModel, ConfigDict, Field
 
-RunStateName: TypeAlias = Literal["idle", "starting", "scanning", "writing", "cancelling", "stopping"]
+RunStateName: TypeAlias = Literal["idle", "scanning", "writing", "cancelling", "stopping"]
 """The daemon's run state on the wire (``runtime.daemon.state.RunState`` values)."""
 
 FinishReasonName: TypeAlias = Literal["completed", "cancelled", "failed"]

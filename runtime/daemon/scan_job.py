@@ -3,10 +3,46 @@
 The supervisor owns a ScanJob while a scan runs. The job spawns the workers
 (``spawn`` context: a CUDA context does not survive ``fork``) -- acquisition,
 stitcher, writer, and for ``single_shot`` focus the inference worker that owns
-the models -- owns the ring, turns worker messages into state and events, and
+the models -- owns the ring, turns worker messages into its phase and events, and
 on every exit path -- completion, cancel, a worker crash or hang -- stops the
 workers and unlinks the ring. The Zarr mosaic of a scan that did not complete
 is kept.
+
+The job's phase (:class:`~runtime.daemon.state.ScanPhase`) moves only along
+:data:`~runtime.daemon.state.TRANSITIONS`; the supervisor's run state is derived
+from it::
+
+    ```mermaid
+    stateDiagram-v2
+        [*] --> STARTING: start_scan (workers spawned)
+        STARTING --> ACQUIRING: ScanPrepared (plan, ring; stitcher and writer spawned)
+        ACQUIRING --> FLUSHING: AcquisitionDone
+        ACQUIRING --> WRITING: MosaicDone(complete) overtook AcquisitionDone
+        FLUSHING --> WRITING: MosaicDone(complete)
+        STARTING --> CANCELLING: cancel
+        ACQUIRING --> CANCELLING: cancel
+        FLUSHING --> CANCELLING: cancel
+        WRITING --> CANCELLING: cancel
+        WRITING --> DONE: WriterDone (completed)
+        FLUSHING --> DONE: WriterDone after an incomplete mosaic (cancelled)
+        CANCELLING --> DONE: WriterDone (cancelled)
+        STARTING --> DONE: worker failed / hung (failed)
+        ACQUIRING --> DONE: worker failed / hung (failed)
+        FLUSHING --> DONE: worker failed / hung (failed)
+        WRITING --> DONE: worker failed / hung (failed)
+        CANCELLING --> DONE: worker failed / hung (failed)
+        DONE --> [*]: report written, workers stopped, ring unlinked
+    ```
+
+One tile, camera to file (the message type at each hop): the acquisition worker
+captures into a free ring slot (slot ids arrive on ``free_slots``), focuses it (with
+the inference worker over :mod:`runtime.ipc.inference_channel` for ``single_shot``),
+and sends ``TileReady(slot, FieldRecord, FieldPlan)`` on ``tiles`` and ``FieldDone``
+on ``events``; the stitcher registers and blends it into the Zarr mosaic, returns
+the slot on ``free_slots`` and announces each final band as ``MosaicRows`` on
+``to_writer``; the writer appends the band's tiles to ``slide.ome.tif.partial``.
+``EndOfStream`` ends ``tiles`` (after the last field) and ``to_writer``;
+``MosaicDone`` and ``WriterDone`` on ``events`` finish the job.
 """
 
 from __future__ import annotations
@@ -25,8 +61,8 @@ from pathlib import Path
 from typing import Any, assert_never
 
 from runtime.config import RuntimeConfig
-from runtime.control.events import FieldDoneEvent, ScanStartedEvent
-from runtime.daemon.state import FinishReason
+from runtime.control.events import Event, FieldDoneEvent, ScanStartedEvent
+from runtime.daemon.state import FinishReason, ScanPhase, check_transition
 from runtime.devices.protocols import ScanArea
 from runtime.errors import one_line
 from runtime.ipc.inference_channel import ReplyQueue, RequestQueue
@@ -62,7 +98,7 @@ from runtime.workers.writer import writer_main
 
 log = logging.getLogger("wsi.scan_job")
 
-Publish = Callable[[str, dict[str, Any]], None]
+Publish = Callable[[Event], None]
 SLIDE_NAME = "slide.ome.tif"
 REPORT_NAME = "report.json"
 MOSAIC_NAME = "mosaic.zarr"
@@ -101,14 +137,11 @@ class ScanJob:
         self.simulated_time_s: float | None = None
         self.levels: tuple[tuple[int, int], ...] = ()
         self.slide_path: str | None = None
-        self.mosaic_complete = False
-        self.stitch: dict[str, Any] | None = None  # the stitcher's summary (positions, pairs, timings)
-        self._mosaic_done = False
-        self._writer_done: WriterDone | None = None  # arrived before MosaicDone (see _handle)
-        self.finish_reason: FinishReason | None = None
+        self.phase = ScanPhase.STARTING
+        self.mosaic: MosaicDone | None = None  # the stitcher's last word (complete?, summary)
+        self._early_writer_done: WriterDone | None = None  # arrived before MosaicDone (see _handle)
+        self.finish_reason: FinishReason | None = None  # set with ScanPhase.DONE
         self.error: str | None = None
-        self.cancelled = False
-        self._writing = False
         # single_shot with models.worker = "process": an inference worker owns the models (and the
         # GPU); acquisition sends it ring slot ids. The queues exist either way (one code path).
         self.uses_inference = cfg.focus.strategy == "single_shot" and cfg.models.worker == "process"
@@ -175,9 +208,17 @@ class ScanJob:
     def pids(self) -> dict[str, int]:
         return {n: p.pid for n, p in self.procs.items() if p.pid is not None}
 
+    def _to(self, phase: ScanPhase) -> None:
+        self.phase = check_transition(self.phase, phase)
+
     @property
-    def writing(self) -> bool:
-        return self._writing
+    def done(self) -> bool:
+        return self.phase is ScanPhase.DONE
+
+    @property
+    def stitch(self) -> dict[str, Any] | None:
+        """The stitcher's summary (positions, pairs, timings), once the mosaic is finished."""
+        return self.mosaic.stitch if self.mosaic is not None else None
 
     @property
     def mosaic_path(self) -> Path:
@@ -185,6 +226,8 @@ class ScanJob:
 
     def _on_prepared(self, msg: ScanPrepared) -> None:
         h, w = msg.frame_shape
+        if self.phase is ScanPhase.STARTING:  # (a cancel may have come first: it stays cancelling,
+            self._to(ScanPhase.ACQUIRING)  # and the stitcher and writer still flush what there is)
         self.fields_total = len(msg.plan.fields)
         self.ring = SlotRing(self.cfg.scan.ring_slots, h, w)
         for i in range(self.ring.spec.slots):
@@ -211,21 +254,21 @@ class ScanJob:
         if self.uses_inference:
             self.to_inference.put(self.ring.spec)
         self.publish(
-            *ScanStartedEvent(
+            ScanStartedEvent(
                 scan_id=self.scan_id,
                 fields=self.fields_total,
                 rows=msg.plan.rows,
                 cols=msg.plan.cols,
                 mosaic_shape=geometry.shape,
                 pixel_size_um=msg.pixel_size_um,
-            ).name_and_data()
+            )
         )
 
     # -- message pump ------------------------------------------------------------------------
     def pump(self, max_messages: int = 1000) -> None:
         """Handle pending worker messages, then check the workers are alive and beating."""
         for _ in range(max_messages):
-            if self.finish_reason is not None:  # queues are closed once the job has ended
+            if self.done:  # queues are closed once the job has ended
                 return
             try:
                 msg = self.events.get_nowait()
@@ -245,7 +288,7 @@ class ScanJob:
                 self.records.append(msg.record)
                 r = msg.record
                 self.publish(
-                    *FieldDoneEvent(
+                    FieldDoneEvent(
                         index=r.index,
                         done=len(self.records),
                         total=self.fields_total,
@@ -253,12 +296,14 @@ class ScanJob:
                         col=r.col,
                         z_um=r.z_um,
                         captures=r.captures,
-                    ).name_and_data()
+                    )
                 )
             case AcquisitionDone():
                 self.peak_rss["acquisition"] = msg.peak_rss
                 self.simulated_time_s = msg.simulated_time_s
                 self._stop_inference()  # its only client is done: free the GPU while the mosaic finishes
+                if self.phase is ScanPhase.ACQUIRING:
+                    self._to(ScanPhase.FLUSHING)
             case InferenceReady():
                 self._loading.discard("inference")
                 self.heartbeats["inference"] = time.monotonic()
@@ -272,26 +317,22 @@ class ScanJob:
                 self._on_inference_done(msg)
             case MosaicDone():
                 self.peak_rss["stitcher"] = msg.peak_rss
-                self.stitch = msg.stitch
-                self.mosaic_complete = msg.complete
-                self._writing = msg.complete
-                self._mosaic_done = True
-                if self._writer_done is not None:
-                    self._handle(self._writer_done)
-            case WriterDone() if not self._mosaic_done:
+                self.mosaic = msg
+                if msg.complete and self.phase in (ScanPhase.ACQUIRING, ScanPhase.FLUSHING):
+                    self._to(ScanPhase.WRITING)
+                if self._early_writer_done is not None:
+                    self._handle(self._early_writer_done)
+            case WriterDone() if self.mosaic is None:
                 # The writer streams during the scan and may finish within moments of
                 # MosaicDone; its message can overtake the stitcher's on the events
                 # queue (two processes, two feeder threads). Finish once both are in.
-                self._writer_done = msg
+                self._early_writer_done = msg
             case WriterDone():
                 self.peak_rss["writer"] = msg.peak_rss
                 self.levels = msg.levels
                 self.slide_path = msg.path
-                self._writing = False
-                if self.cancelled or not self.mosaic_complete:
-                    self._finish(FinishReason.CANCELLED)
-                else:
-                    self._finish(FinishReason.COMPLETED)
+                completed = self.phase is ScanPhase.WRITING and self.mosaic is not None and self.mosaic.complete
+                self._finish(FinishReason.COMPLETED if completed else FinishReason.CANCELLED)
             case WorkerFailed():
                 self._fail(f"{msg.worker} failed: {one_line(msg.message)}")
             case _:
@@ -305,7 +346,7 @@ class ScanJob:
         return self.cfg.daemon.heartbeat_timeout_s
 
     def _check_workers(self) -> None:
-        if self.finish_reason is not None:
+        if self.done:
             return
         now = time.monotonic()
         for name, proc in self.procs.items():
@@ -324,7 +365,7 @@ class ScanJob:
 
     def _drain_events(self) -> None:
         with contextlib.suppress(queue.Empty, ValueError, OSError):
-            while self.finish_reason is None:
+            while not self.done:
                 self._handle(self.events.get(timeout=0.05))
 
     def heartbeats_fresh(self) -> bool:
@@ -345,18 +386,21 @@ class ScanJob:
     # -- ending ------------------------------------------------------------------------------
     def cancel(self, why: str | None = None) -> None:
         """Stop after the current field; the captured tiles still reach the mosaic."""
-        self.cancelled = True
+        if self.phase in (ScanPhase.CANCELLING, ScanPhase.DONE):
+            return
+        self._to(ScanPhase.CANCELLING)
         if why and self.error is None:
             self.error = why
         self.cancel_event.set()
 
     def _fail(self, error: str) -> None:
-        if self.finish_reason is not None:
+        if self.done:
             return
         self.error = error
         self._finish(FinishReason.FAILED)
 
     def _finish(self, reason: FinishReason) -> None:
+        self._to(ScanPhase.DONE)
         self.finish_reason = reason
         self.cancel_event.set()
         if reason is FinishReason.FAILED:
@@ -410,7 +454,6 @@ class ScanJob:
 
     def abort(self, error: str) -> None:
         """An unexpected supervisor error, or a stop that could not wait: end now, keep the Zarr."""
-        self.cancel()
         self._fail(error)
 
     # -- report ------------------------------------------------------------------------------
@@ -421,6 +464,7 @@ class ScanJob:
         return {
             "scan_id": self.scan_id,
             "finish_reason": self.finish_reason.value if self.finish_reason else None,
+            "phase": self.phase.value,
             "error": self.error,
             "slide": self.slide_path,
             "mosaic": mosaic,

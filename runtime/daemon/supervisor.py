@@ -20,7 +20,7 @@ from typing import Any, assert_never
 
 from runtime import paths
 from runtime.config import ConfigError, RuntimeConfig, with_overrides
-from runtime.control.events import Event, ScanFailedEvent, ScanFinishedEvent, StateEvent, event_from_data
+from runtime.control.events import Event, ScanFailedEvent, ScanFinishedEvent, StateEvent
 from runtime.control.protocol import (
     CancelParams,
     PingParams,
@@ -41,7 +41,7 @@ from runtime.control.replies import (
 from runtime.control.server import ControlServer
 from runtime.daemon import sdnotify
 from runtime.daemon.scan_job import ScanJob
-from runtime.daemon.state import FinishReason, RunState, ScanStatus
+from runtime.daemon.state import FinishReason, ScanStatus, run_state
 from runtime.devices.protocols import ScanArea
 from runtime.errors import log_failure
 from runtime.ipc.lifetime import forget_semaphores, remove_stale_semaphores
@@ -65,14 +65,18 @@ class Supervisor:
         self.job: ScanJob | None = None
         self.status = ScanStatus()
         self._stop = False
+        self._stopping_scan = False  # SIGTERM/shutdown while a scan runs: the run state says "stopping"
         self._last_watchdog = 0.0
         self._watchdog_interval = sdnotify.watchdog_interval_s()
         self.server: ControlServer | None = None
 
     # -- state -------------------------------------------------------------------------------
     def _set(self, **changes: Any) -> None:
+        """Replace the status snapshot; the run state is always derived from the job's phase."""
         old = self.status.state
-        self.status = dataclasses.replace(self.status, **changes)
+        phase = self.job.phase if self.job is not None else None
+        state = run_state(phase, stopping=self._stopping_scan)
+        self.status = dataclasses.replace(self.status, **changes, state=state)
         if self.status.state is not old:
             self._publish(StateEvent(state=self.status.state.value))
             sdnotify.status(f"{self.status.state.value} {self.status.scan_id or ''}".strip())
@@ -80,11 +84,6 @@ class Supervisor:
     def _publish(self, event: Event) -> None:
         if self.server is not None:
             self.server.publish(event)
-
-    def _publish_from_job(self, name: str, data: dict[str, Any]) -> None:
-        """The scan job's ``publish(name, data)``: the data is checked against the event's model
-        (a mismatch raises here, in tests, instead of reaching clients) and published typed."""
-        self._publish(event_from_data(name, data))
 
     # -- requests ----------------------------------------------------------------------------
     def handle(self, params: RequestParams) -> Result:
@@ -97,10 +96,10 @@ class Supervisor:
             case StartScanParams():
                 return self._start_scan(params)
             case CancelParams():
-                if self.job is None or self.job.finish_reason is not None:
+                if self.job is None or self.job.done:
                     raise RequestError("not_running", "no scan is running")
                 self.job.cancel()
-                self._set(state=RunState.CANCELLING)
+                self._set()
                 return CancelResult(scan_id=self.job.scan_id, cancelling=True)
             case ShutdownParams():
                 self.request_stop()
@@ -145,9 +144,8 @@ class Supervisor:
                 raise RequestError("invalid_params", f"focus: {err}") from None
         with _refused_as_invalid():
             output_dir = paths.make_output_folder(root, name, "output_name")
-        self.job = ScanJob(cfg, scan_id, output_dir, area, driver_options, self._publish_from_job)
+        self.job = ScanJob(cfg, scan_id, output_dir, area, driver_options, self._publish)
         self._set(
-            state=RunState.SCANNING,
             scan_id=scan_id,
             output_dir=str(output_dir),
             fields_total=0,
@@ -171,13 +169,13 @@ class Supervisor:
             job.pump()
         except Exception as err:  # a supervisor bug must not leave workers or segments behind
             job.abort(f"supervisor error: {log_failure(log, 'scan job error', err)}")
-        if job.finish_reason is None:
-            if job.writing and self.status.state is RunState.SCANNING:
-                self._set(state=RunState.WRITING)
+        if not job.done:
+            self._set()  # the phase may have moved (writing)
             return
         job.close()
         self.job = None
         reason = job.finish_reason
+        assert reason is not None  # set with ScanPhase.DONE
         report = str(job.output_dir / "report.json")
         if reason is FinishReason.FAILED:
             # A failed job always has its error (ScanJob._fail); the fallback keeps the event valid.
@@ -191,7 +189,7 @@ class Supervisor:
                 mosaic=str(job.mosaic_path) if job.mosaic_path.exists() else None,
             )
         )
-        self._set(state=RunState.IDLE, last_finish=reason, last_error=job.error, last_output=job.slide_path)
+        self._set(last_finish=reason, last_error=job.error, last_output=job.slide_path)
 
     def _watchdog(self) -> None:
         if self._watchdog_interval is None:
@@ -210,8 +208,9 @@ class Supervisor:
         """
         assert self.job is not None
         sdnotify.stopping()
-        self._set(state=RunState.STOPPING)
+        self._stopping_scan = True
         self.job.cancel("daemon stopped during the scan")
+        self._set()
         deadline = time.monotonic() + grace_s
         while self.job is not None and time.monotonic() < deadline:
             time.sleep(0.05)
