@@ -145,9 +145,9 @@ class _Replay:
 
 
 def _replay(path: Path, model_dir: Path | None) -> _Replay:
-    from hw_sim.recording import Recording
     from hw_sim.replay import ReplayDriver
     from runtime.config import ModelsConfig
+    from runtime.devices.recording import Recording
     from runtime.devices.scan_plan import serpentine_plan
 
     rec = Recording.open(path)
@@ -295,7 +295,7 @@ def backend_timing(model_dir: Path | None, tile: np.ndarray) -> list[dict[str, A
 
 
 def run(args: argparse.Namespace) -> int:
-    from hw_sim.recording import Recording
+    from runtime.devices.recording import Recording
     from runtime.ml.model_folder import builtin_autofocus_dir
     from runtime.ml.tasks import load_models
 

@@ -83,11 +83,11 @@ def _synthesise(path: Path, a: argparse.Namespace) -> float:
 
 def _scan(recording: Path, out: Path, config: Path) -> dict[str, Any]:
     """Replay ``recording`` through a daemon child; returns the report plus event arrival times."""
-    from hw_sim.recording import Recording
     from hw_sim.replay_job import _replay_config, add_truth
     from runtime.config import load_config
     from runtime.control.client import ControlClient, EventSubscriber
     from runtime.daemon.process import start_daemon_process
+    from runtime.devices.recording import Recording
 
     rec = Recording.open(recording)
     with tempfile.TemporaryDirectory(prefix="wsi-e2e-") as runtime_dir:
@@ -147,8 +147,8 @@ def _quality(recording: Path, slide: Path, mosaic: Path | None, samples: int, se
     import cv2
     import tifffile
 
-    from hw_sim.recording import Recording
     from hw_sim.truth import TruthRenderer
+    from runtime.devices.recording import Recording
     from runtime.output.mosaic_store import MosaicStore
 
     rec = Recording.open(recording)

@@ -56,7 +56,7 @@ import numpy.typing as npt
 from bench.report import Column, emit
 
 if TYPE_CHECKING:
-    from hw_sim.recording import Recording
+    from runtime.devices.recording import Recording
 
 DESCRIPTION = "online stitching: position error vs truth and time per tile, side by side with ASHLAR"
 F64 = npt.NDArray[np.float64]
@@ -343,10 +343,10 @@ def _ashlar(rec: Recording, greys: list[Any], a: argparse.Namespace) -> dict[str
 
 
 def _e2e(workdir: Path, a: argparse.Namespace) -> dict[str, Any]:
-    from hw_sim.recording import Recording
     from hw_sim.replay_job import HALF_DOF_UM, run_replay
     from hw_sim.synth import SynthParams, synthesize
     from hw_sim.truth import TILE, TruthRenderer
+    from runtime.devices.recording import Recording
 
     nx, ny = a.e2e_fields
     rec_path = workdir / f"e2e-{nx}x{ny}-t{a.tile}.zarr"
@@ -425,7 +425,7 @@ def _e2e(workdir: Path, a: argparse.Namespace) -> dict[str, Any]:
 
 
 def run(a: argparse.Namespace) -> int:
-    from hw_sim.recording import Recording
+    from runtime.devices.recording import Recording
     from runtime.stitching.registration import to_grey
 
     tmp = None

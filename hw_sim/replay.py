@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from hw_sim.recording import Recording, Timing
 from runtime.devices.protocols import DriverError, RGBImage, ScanArea, StagePosition
+from runtime.devices.recording import Recording, Timing
 
 
 def trapezoid_move_s(distance_um: float, speed_um_s: float, accel_um_s2: float) -> float:

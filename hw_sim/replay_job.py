@@ -19,10 +19,10 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from hw_sim.recording import Recording
 from runtime.config import RuntimeConfig, load_config, with_overrides
 from runtime.control.client import ControlClient, EventSubscriber
 from runtime.daemon.process import start_daemon_process, stop_daemon_process
+from runtime.devices.recording import Recording
 from runtime.paths import check_output_folder, write_file_exclusive
 
 HALF_DOF_UM = 0.35  # half the depth of field at 40x / 0.95 NA

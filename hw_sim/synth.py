@@ -24,9 +24,9 @@ import scipy.ndimage as ndi
 from tqdm import tqdm
 
 from hw_sim.optics import CameraParams, Optics, OpticsParams
-from hw_sim.recording import FORMAT, RecordingMeta, RecordingWriter, Timing
 from hw_sim.slide import SlideSpec, SyntheticSlide
 from runtime.devices.protocols import ScanArea
+from runtime.devices.recording import FORMAT, RecordingMeta, RecordingWriter, Timing
 from runtime.devices.scan_plan import GridPlan, serpentine_plan
 
 # The scanned area's top-left corner on the stage (µm). Deliberately not (0, 0), and x != y,

@@ -24,8 +24,8 @@ import numpy.typing as npt
 import tifffile
 
 from hw_sim.optics import CameraParams, Optics, OpticsParams
-from hw_sim.recording import Recording, RecordingError, RecordingMeta
 from hw_sim.slide import SlideSpec, SyntheticSlide
+from runtime.devices.recording import Recording, RecordingError, RecordingMeta
 
 TILE = 512
 

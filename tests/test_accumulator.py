@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hw_sim.recording import Recording
 from hw_sim.synth import SynthParams, grid_for, synthesize
 from hw_sim.truth import TILE, TruthRenderer
 from runtime.config import StitchConfig
+from runtime.devices.recording import Recording
 from runtime.output.mosaic_store import MosaicStore
 from runtime.stitching.accumulator import DequeAccumulator, MosaicGeometry
 

@@ -20,7 +20,10 @@ Function-level imports count too: a late import is still a dependency.
 from __future__ import annotations
 
 import ast
+import importlib
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -124,3 +127,49 @@ def test_the_layering_test_can_fail() -> None:
         fake.unlink()
     assert sorted(_layer(t) for t in targets) == ["base", "daemon", "workers"]
     assert {_layer(t) for t in targets} - ALLOWED["focus"] == {"workers", "daemon"}
+
+
+SUBPACKAGES = sorted(p.parent.name for p in RUNTIME.glob("*/__init__.py"))
+
+
+def _init_imports(package: str) -> set[str]:
+    """The names a subpackage's ``__init__`` imports from runtime modules (eagerly or under ``TYPE_CHECKING``)."""
+    tree = ast.parse((RUNTIME / package / "__init__.py").read_text(encoding="utf-8"))
+    return {
+        alias.asname or alias.name
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("runtime.")
+        for alias in node.names
+    }
+
+
+@pytest.mark.parametrize("package", SUBPACKAGES)
+def test_subpackage_exports_resolve(package: str) -> None:
+    """Every name in a subpackage's ``__all__`` resolves, whether re-exported eagerly or lazily (PEP 562),
+    and the ``__init__`` imports exactly those names, so type checkers and IDEs see each one."""
+    pkg = importlib.import_module(f"runtime.{package}")
+    exported = list(pkg.__all__)
+    assert exported, f"runtime.{package} exports nothing"
+    assert len(set(exported)) == len(exported), f"duplicates in runtime.{package}.__all__"
+    missing = [name for name in exported if not hasattr(pkg, name)]
+    assert not missing, f"runtime.{package}.__all__ names that do not resolve: {missing}"
+    assert _init_imports(package) == set(exported), f"runtime.{package}: imports and __all__ disagree"
+    lazy = getattr(pkg, "_MODULES", None)
+    if lazy is not None:
+        assert {n for names in lazy.values() for n in names} == set(exported), f"runtime.{package}: _MODULES"
+
+
+@pytest.mark.parametrize("worker", ["stitcher", "writer"])
+def test_stitcher_and_writer_do_not_load_the_inference_stack(worker: str) -> None:
+    """A worker process imports its own module, and with it every package ``__init__`` on the way:
+    none of them may drag in the inference stack or the other workers."""
+    others = [f"runtime.workers.{w}" for w in ("acquisition", "inference", "stitcher", "writer") if w != worker]
+    code = (
+        "import sys\n"
+        f"import runtime.workers.{worker}\n"
+        f"forbidden = ('onnxruntime', 'torch', 'tensorrt', *{others!r})\n"
+        "print(sorted(m for m in sys.modules if m in forbidden or m.split('.')[0] in forbidden))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "[]", f"importing runtime.workers.{worker} loaded {proc.stdout.strip()}"

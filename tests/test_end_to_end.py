@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import tifffile
 
-from hw_sim.recording import Recording
 from hw_sim.replay_job import run_replay
 from hw_sim.truth import TILE, TruthRenderer
+from runtime.devices.recording import Recording
 from tests import bioformats
 
 

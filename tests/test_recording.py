@@ -13,10 +13,10 @@ import pytest
 import tifffile
 import zarr
 
-from hw_sim.recording import Recording, RecordingError, RecordingMeta, RecordingWriter, Timing
 from hw_sim.synth import AREA_ORIGIN_UM, SynthParams, grid_for, synthesize
 from hw_sim.truth import TruthRenderer, mosaic_shape, write_truth
 from runtime.devices.protocols import ScanArea
+from runtime.devices.recording import Recording, RecordingError, RecordingMeta, RecordingWriter, Timing
 
 PARAMS = SynthParams(fields_x=2, fields_y=2, seed=1, tile=128, z_planes=5, z_step_um=0.5)
 

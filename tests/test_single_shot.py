@@ -8,12 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hw_sim.recording import Recording
 from hw_sim.replay import ReplayDriver
 from hw_sim.slide import SlideSpec, SyntheticSlide
 from hw_sim.synth import SynthParams, synthesize
 from runtime.config import ConfigError, FocusConfig, ModelsConfig, config_from_dict
 from runtime.devices.protocols import Camera
+from runtime.devices.recording import Recording
 from runtime.devices.scan_plan import serpentine_plan
 from runtime.focus.field import Capture, FieldFocuser, LocalFrames
 

@@ -1,0 +1,84 @@
+"""The daemon: the main process that owns the control server and, per scan, the worker processes.
+
+Modules:
+
+* ``supervisor``: ``Supervisor``, the main process: control plane, scan lifecycle, systemd integration;
+* ``scan_job``: ``ScanJob``, one scan: the worker processes, the shared-memory ring, the queues;
+* ``state``: the scan job's phases (``ScanPhase``, ``TRANSITIONS``, ``check_transition``), the run
+  state derived from them (``RunState``, ``run_state``), ``FinishReason`` and ``ScanStatus``;
+* ``sdnotify``: the systemd notify protocol without libsystemd (used as a module:
+  ``from runtime.daemon import sdnotify``; its functions are not re-exported);
+* ``process``: ``run_daemon`` in this process (systemd's ExecStart), or ``start_daemon_process`` /
+  ``stop_daemon_process`` in a child (hw_sim, tests, bench).
+
+May import: every layer below (base, devices, ml, output, stitching, ipc, focus, workers, control).
+
+Re-exports are lazy (PEP 562 ``__getattr__`` imports a name's module on its first access; type
+checkers and IDEs read the imports under ``TYPE_CHECKING``): ``supervisor`` and ``scan_job`` import
+every worker and the control server, while ``process`` (starting a daemon) and ``state`` need
+none of it; ``process`` imports the supervisor only in the daemon's own process.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from runtime.daemon.process import run_daemon, start_daemon_process, stop_daemon_process
+    from runtime.daemon.scan_job import ScanJob
+    from runtime.daemon.state import (
+        TRANSITIONS,
+        FinishReason,
+        IllegalTransition,
+        RunState,
+        ScanPhase,
+        ScanStatus,
+        check_transition,
+        run_state,
+    )
+    from runtime.daemon.supervisor import Supervisor
+else:
+    _MODULES = {  # module -> the names it gives this package
+        "process": ("run_daemon", "start_daemon_process", "stop_daemon_process"),
+        "scan_job": ("ScanJob",),
+        "state": (
+            "TRANSITIONS",
+            "FinishReason",
+            "IllegalTransition",
+            "RunState",
+            "ScanPhase",
+            "ScanStatus",
+            "check_transition",
+            "run_state",
+        ),
+        "supervisor": ("Supervisor",),
+    }
+
+    def __getattr__(name: str) -> object:
+        for module, names in _MODULES.items():
+            if name in names:
+                value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+                globals()[name] = value  # later lookups find it without this function
+                return value
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+    def __dir__() -> list[str]:
+        return sorted({*globals(), *__all__})
+
+
+__all__ = [
+    "TRANSITIONS",
+    "FinishReason",
+    "IllegalTransition",
+    "RunState",
+    "ScanJob",
+    "ScanPhase",
+    "ScanStatus",
+    "Supervisor",
+    "check_transition",
+    "run_daemon",
+    "run_state",
+    "start_daemon_process",
+    "stop_daemon_process",
+]

@@ -1,0 +1,105 @@
+"""Files on disk: the working Zarr mosaic and its pyramid, and the pyramidal OME-TIFF made from it.
+
+Modules:
+
+* ``mosaic_store``: ``MosaicStore``, the working mosaic, a Zarr v3 group of level 0 and its 2x
+  pyramid, written in full-width bands (``FILL``, ``MosaicError``);
+* ``chunk_files``: whole-chunk file I/O beside Zarr, for ``MosaicStore`` only (not re-exported);
+* ``pyramid``: ``PyramidBuilder``, the streaming 2x area-averaging pyramid (``downsample2x``,
+  ``level_shapes``);
+* ``tiff_stream``: ``TiffStreamWriter``, a BigTIFF writer taking tiles of any page in any order
+  (``TiffPage``);
+* ``ome_tiff``: ``OmeTiffStream``, the pyramidal OME-TIFF streamed while the mosaic grows, and
+  ``write_ome_tiff`` from a finished one (``partial_path``, and the pieces ``bench`` reuses);
+* ``ome_zarr``: ``NgffWriter``, the OME-NGFF copy written beside the OME-TIFF;
+* ``cli``: ``python -m runtime export`` (``add_export_parser``, ``run_export``).
+
+May import: the base modules only.
+
+Re-exports are lazy (PEP 562 ``__getattr__`` imports a name's module on its first access; type
+checkers and IDEs read the imports under ``TYPE_CHECKING``): the stitcher worker needs only
+``mosaic_store``, and eager re-exports would load the TIFF and NGFF writers (tifffile, numcodecs)
+into it; and ``cli`` also runs as ``python -m runtime.output.cli``, which an eager package import
+would load twice (runpy's RuntimeWarning).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from runtime.output.cli import add_export_parser, run_export
+    from runtime.output.mosaic_store import FILL, MosaicError, MosaicStore
+    from runtime.output.ome_tiff import (
+        Compression,
+        OmeTiffStream,
+        OmeTiffSummary,
+        Progress,
+        check_options,
+        pad_tile,
+        partial_path,
+        pyramid_pages,
+        tile_encoder,
+        write_ome_tiff,
+    )
+    from runtime.output.ome_zarr import NgffWriter
+    from runtime.output.pyramid import PyramidBuilder, downsample2x, level_shapes
+    from runtime.output.tiff_stream import COMPRESSION_NONE, TiffPage, TiffStreamWriter
+else:
+    _MODULES = {  # module -> the names it gives this package
+        "cli": ("add_export_parser", "run_export"),
+        "mosaic_store": ("FILL", "MosaicError", "MosaicStore"),
+        "ome_tiff": (
+            "Compression",
+            "OmeTiffStream",
+            "OmeTiffSummary",
+            "Progress",
+            "check_options",
+            "pad_tile",
+            "partial_path",
+            "pyramid_pages",
+            "tile_encoder",
+            "write_ome_tiff",
+        ),
+        "ome_zarr": ("NgffWriter",),
+        "pyramid": ("PyramidBuilder", "downsample2x", "level_shapes"),
+        "tiff_stream": ("COMPRESSION_NONE", "TiffPage", "TiffStreamWriter"),
+    }
+
+    def __getattr__(name: str) -> object:
+        for module, names in _MODULES.items():
+            if name in names:
+                value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+                globals()[name] = value  # later lookups find it without this function
+                return value
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+    def __dir__() -> list[str]:
+        return sorted({*globals(), *__all__})
+
+
+__all__ = [
+    "COMPRESSION_NONE",
+    "FILL",
+    "Compression",
+    "MosaicError",
+    "MosaicStore",
+    "NgffWriter",
+    "OmeTiffStream",
+    "OmeTiffSummary",
+    "Progress",
+    "PyramidBuilder",
+    "TiffPage",
+    "TiffStreamWriter",
+    "add_export_parser",
+    "check_options",
+    "downsample2x",
+    "level_shapes",
+    "pad_tile",
+    "partial_path",
+    "pyramid_pages",
+    "run_export",
+    "tile_encoder",
+    "write_ome_tiff",
+]

@@ -9,7 +9,7 @@ without a scanner. Synthetic recordings also carry the truth (actual field
 positions, true focus z, the slide's spec) so results can be scored.
 
 The full specification, for vendors producing recordings from real hardware,
-is ``hw_sim/RECORDING_FORMAT.md``. This module is its reference reader and
+is ``runtime/devices/RECORDING_FORMAT.md``. This module is its reference reader and
 writer: :meth:`Recording.open` validates everything that is cheap to check
 up front and fails with a :class:`RecordingError` naming the array or key;
 :meth:`Recording.plane` checks each frame as it is read (missing, truncated or
