@@ -41,6 +41,10 @@ HELDOUT = (
 )
 
 
+OBJECTIVE_PRESETS = ("training", "flipped", "apochromat", "strong")  # hw_sim.synth.OBJECTIVES
+OBJECTIVE_SEED = 7_000_011  # a held-out slide seed for the objective matrix
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", type=Path, default=Path("out/bench-data"), help="recording cache folder")
     p.add_argument("--recordings", type=int, default=2, choices=range(1, len(HELDOUT) + 1))
@@ -50,6 +54,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--model", type=Path, default=None, help="autofocus model folder (default: the builtin choice for --tile)"
     )
     p.add_argument("--json", action="store_true", help="one JSON object instead of tables")
+    p.add_argument(
+        "--objectives",
+        nargs="+",
+        default=None,
+        choices=("heldout", *OBJECTIVE_PRESETS),
+        help="instead of the default report: per objective (hw_sim.synth.OBJECTIVES presets; heldout: the "
+        "default held-out recordings), the model alone, its sign confidence, and the scan path "
+        "(single_shot with the two-shot sign loop vs the contrast sweep)",
+    )
+    p.add_argument(
+        "--contents",
+        nargs="+",
+        default=["synthetic"],
+        help="with --objectives: tissue looks to cross with the objectives (hw_sim.content: synthetic, "
+        "ihc = real colon tissue, brick, gravel, grass, file:PATH); the models trained on synthetic only",
+    )
 
 
 def _recordings(args: argparse.Namespace) -> list[Path]:
@@ -294,7 +314,170 @@ def backend_timing(model_dir: Path | None, tile: np.ndarray) -> list[dict[str, A
     return rows
 
 
+def _objective_recording(args: argparse.Namespace, name: str, content: str = "synthetic") -> Path:
+    from hw_sim.synth import SynthParams, objective_params, synthesize
+
+    params = SynthParams(
+        fields_x=args.fields[0],
+        fields_y=args.fields[1],
+        seed=OBJECTIVE_SEED,
+        tile=args.tile,
+        z_planes=41,
+        z_step_um=0.5,
+        coarse_focus_error_um=1.0,
+        content=content,
+        **objective_params(name),  # type: ignore[arg-type]
+    )
+    look = "" if content == "synthetic" else "-" + "".join(c if c.isalnum() else "_" for c in content)
+    name_part = f"af-objective-{name}{look}-{OBJECTIVE_SEED}-{args.fields[0]}x{args.fields[1]}-{args.tile}.zarr"
+    path: Path = args.data / name_part
+    if not (path / "zarr.json").exists():
+        synthesize(path, params, overwrite=True, progress=not args.json)
+    return path
+
+
+def sign_confidence(recs: list[Any], model: Any, max_abs_um: float = 8.0) -> dict[str, Any]:
+    """The model alone over |z| <= ``max_abs_um`` of every tissue field, with its sign confidence:
+    how often it says "sign uncertain" where its sign is right and where it is wrong (|z| >= 1)."""
+    true, pred, unsure = [], [], []
+    for rec in recs:
+        focus = rec.truth_focus_z_um
+        for f in np.flatnonzero(_tissue_fields(rec)):
+            for k, z in enumerate(rec.z_um[f]):
+                d = float(z - focus[f])
+                if abs(d) > max_abs_um:
+                    continue
+                est = model.estimate(rec.plane(int(f), k))
+                true.append(d)
+                pred.append(np.nan if est.defocus_um is None else est.defocus_um)
+                unsure.append(est.sign_uncertain)
+    t, p, u = np.asarray(true), np.asarray(pred), np.asarray(unsure, bool)
+    ok = np.isfinite(p)
+    big = ok & (np.abs(t) >= 1.0)
+    right = big & (np.sign(p) == np.sign(t))
+    wrong = big & ~right
+    return {
+        "planes": len(t),
+        "abstained": int((~ok).sum()),
+        "mae_um": float(np.abs(p[ok] - t[ok]).mean()),
+        "sign_accuracy_abs_ge_1um": float(right.sum() / max(1, big.sum())),
+        "sign_right_planes": int(right.sum()),
+        "sign_wrong_planes": int(wrong.sum()),
+        "uncertain_where_right": float(u[right].mean()) if right.any() else None,
+        "uncertain_where_wrong": float(u[wrong].mean()) if wrong.any() else None,
+        # Sign accuracy over the planes the model is sure of.
+        "sign_accuracy_when_sure": float(right[~u].sum() / max(1, big[~u].sum())),
+    }
+
+
+def _resolutions(paths: list[Path], model_dir: Path | None) -> dict[str, Any]:
+    """The scan path with single_shot, counting how each field's sign was resolved."""
+    from runtime.config import FocusConfig
+    from runtime.focus.field import FieldFocuser
+
+    counts: dict[str, int] = {}
+    flipped = 0
+    errors, caps, tissue_caps = [], [], []
+    for path in paths:
+        rp = _replay(path, model_dir)
+        drv = rp.driver
+        focuser = FieldFocuser(FocusConfig(strategy="single_shot"), rp.settings, drv.camera, drv.stage)
+        for plan in rp.grid.fields:
+            drv.stage.move_xy(plan.x_um, plan.y_um)
+            r = focuser.focus_field(plan, lambda: False)
+            f = drv.stage.field_index()
+            key = str(r.sign_resolution)
+            counts[key] = counts.get(key, 0) + 1
+            flipped += r.sign_flipped
+            caps.append(r.captures)
+            if rp.tissue[f]:
+                errors.append(abs(r.z_um - float(rp.truth[f])))
+                tissue_caps.append(r.captures)
+    e = np.asarray(errors)
+    return {
+        "strategy": "single_shot",
+        "tissue_fields": len(e),
+        "mae_um": float(e.mean()),
+        "within_half_dof": float(np.mean(e <= HALF_DOF_UM)),
+        "captures_per_field": float(np.mean(caps)),
+        "captures_per_tissue_field": float(np.mean(tissue_caps)),
+        "sign_resolution": counts,
+        "fields_with_flipped_convention": flipped,
+    }
+
+
+def run_objectives(args: argparse.Namespace) -> int:
+    from runtime.devices.recording import Recording
+    from runtime.ml.model_folder import builtin_autofocus_dir
+    from runtime.ml.tasks import load_models
+
+    model_dir: Path = args.model or builtin_autofocus_dir((args.tile, args.tile))
+    af, _, _ = load_models(model_dir, None, "ort_cpu")
+    cells: list[dict[str, Any]] = []
+    rows: list[dict[str, Any]] = []
+    matrix = [(o, c) for c in args.contents for o in args.objectives if not (o == "heldout" and c != "synthetic")]
+    for name, content in matrix:
+        paths = _recordings(args) if name == "heldout" else [_objective_recording(args, name, content)]
+        recs = [Recording.open(p) for p in paths]
+        alone = sign_confidence(recs, af)
+        single = _resolutions(paths, model_dir)
+        sweep = scan_path(paths, "contrast_sweep", model_dir)
+        cells.append(
+            {
+                "objective": name,
+                "content": content,
+                "optics": [r.meta.optics for r in recs],
+                "recordings": [str(p) for p in paths],
+                "model_alone": alone,
+                "scan_path": [single, sweep],
+            }
+        )
+        uw, ur = alone["uncertain_where_wrong"], alone["uncertain_where_right"]
+        rows.append(
+            {
+                "cell": name if content == "synthetic" else f"{name} / {content}",
+                "mae": alone["mae_um"],
+                "sign": 100 * alone["sign_accuracy_abs_ge_1um"],
+                "unsure_r": None if ur is None else 100 * ur,
+                "unsure_w": None if uw is None else 100 * uw,
+                "n": single["tissue_fields"],
+                "ss_within": 100 * single["within_half_dof"],
+                "ss_caps": single["captures_per_field"],
+                "sw_within": 100 * sweep["within_half_dof"],
+                "sw_caps": sweep["captures_per_field"],
+                "how": " ".join(f"{k}:{v}" for k, v in sorted(single["sign_resolution"].items()))
+                + (
+                    f" flipped:{single['fields_with_flipped_convention']}"
+                    if single["fields_with_flipped_convention"]
+                    else ""
+                ),
+            }
+        )
+    cols = [
+        Column("cell", "objective / content"),
+        Column("mae", "model MAE µm |z|<=8", ".3f"),
+        Column("sign", "sign % |z|>=1", ".1f"),
+        Column("unsure_r", "unsure % where right", ".1f"),
+        Column("unsure_w", "unsure % where wrong", ".1f"),
+        Column("n", "tissue fields"),
+        Column("ss_within", "single_shot % ±0.35", ".1f"),
+        Column("ss_caps", "single_shot captures/field", ".2f"),
+        Column("sw_within", "sweep % ±0.35", ".1f"),
+        Column("sw_caps", "sweep captures/field", ".2f"),
+        Column("how", "sign resolved (fields)"),
+    ]
+    result = {
+        "model": {"path": str(af.folder.path), "onnx_sha256": af.folder.sha256},
+        "cells": cells,
+        "targets": {"within_half_dof": 0.95, "captures_per_field": 2.0},
+    }
+    emit(result, rows, cols, as_json=args.json, title="autofocus per objective (no calibration)", notes=[])
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
+    if getattr(args, "objectives", None):
+        return run_objectives(args)
     from runtime.devices.recording import Recording
     from runtime.ml.model_folder import builtin_autofocus_dir
     from runtime.ml.tasks import load_models

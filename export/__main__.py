@@ -4,6 +4,8 @@
   python -m export train-autofocus  [--data DIR] [--seed 0] [--out out/models/autofocus.pt]
   python -m export train-classifier [--data DIR] [--seed 0] [--out out/models/classifier.pt]
   python -m export onnx CHECKPOINT --out FOLDER                          model.onnx + model.json
+  python -m export calibrate REC [REC ...] --init MODEL_DIR --out MODEL_DIR   fine-tune autofocus on
+                                           an instrument's own z-stacks (self-labelled)
 
 The committed models in ``runtime/ml/builtin/`` were made with ``python -m export all``
 (the exact commands are recorded in each ``model.json`` under ``training``).
@@ -74,6 +76,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     o.add_argument("--data", type=Path, default=DEFAULT_DATA, help="held-out samples for the parity check")
     o.add_argument("--seed", type=int, default=0)
     o.add_argument("--atol", type=float, default=1e-3)
+    c = sub.add_parser("calibrate", help="fine-tune the autofocus model on recorded z-stacks (labels from the stacks)")
+    c.add_argument("recordings", type=Path, nargs="+", metavar="REC", help="recordings (wsi-recording folders)")
+    c.add_argument("--init", required=True, help="autofocus model folder to start from, or 'builtin'")
+    c.add_argument("--out", type=Path, required=True, help="model folder to write")
+    c.add_argument("--epochs", type=int, default=None, help="fine-tuning epochs (default: calibrate's)")
+    c.add_argument("--lr", type=float, default=None)
+    c.add_argument("--crops", type=int, default=None, help="crops per training plane (0: all)")
+    c.add_argument("--holdout", type=float, default=None, help="fraction of the labelled fields held out")
+    c.add_argument("--near-weight", type=float, default=None, help="extra loss weight of planes near focus")
+    c.add_argument("--seed", type=int, default=0)
     a = sub.add_parser("all", help="train both models and export them into runtime/ml/builtin/")
     a.add_argument("--data", type=Path, default=DEFAULT_DATA)
     a.add_argument("--seed", type=int, default=0)
@@ -113,6 +125,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         wide = int(ckpt.get("preprocess", {}).get("wide", 0))
         meta = export_checkpoint(args.checkpoint, args.out, _samples(kind, args.data, args.seed, wide=wide), args.atol)
         print(f"wrote {args.out}/model.onnx (sha256 {meta['onnx_sha256'][:12]}...), parity {meta['parity']}")
+        return 0
+    if args.cmd == "calibrate":
+        import shlex
+
+        from export.calibrate import calibrate
+
+        kw = {
+            k: getattr(args, k)
+            for k in ("epochs", "lr", "crops", "holdout", "near_weight")
+            if getattr(args, k) is not None
+        }
+        cmd = "python -m export " + " ".join(shlex.quote(str(a)) for a in (argv if argv is not None else sys.argv[1:]))
+        cal = calibrate(args.recordings, args.init, args.out, seed=args.seed, command=cmd, **kw)
+        print(json.dumps({k: cal[k] for k in ("fields_labelled", "fields_skipped", "seconds")}))
+        print(
+            json.dumps(
+                {"heldout_before": cal["heldout_metrics_before"], "heldout_after": cal["heldout_metrics_after"]},
+                indent=2,
+            )
+        )
+        print(f"wrote {args.out}/model.onnx + model.json")
         return 0
     if args.cmd == "all":
         for kind in ("autofocus", "classifier"):

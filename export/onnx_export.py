@@ -91,8 +91,10 @@ def export_model(
     metrics: dict[str, Any],
     training: dict[str, Any],
     atol: float = 1e-3,
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Write ``out_dir/model.onnx`` and ``out_dir/model.json`` (replacing the folder atomically)."""
+    """Write ``out_dir/model.onnx`` and ``out_dir/model.json`` (replacing the folder atomically).
+    ``extra``: more top-level keys for ``model.json`` (e.g. ``calibration``)."""
     model.eval()
     out_names = [o["name"] for o in spec["outputs"]]
     tmp = out_dir.parent / f".{out_dir.name}.partial"
@@ -138,6 +140,7 @@ def export_model(
             "numpy": np.__version__,
             "platform": platform.platform(),
         },
+        **(extra or {}),
     }
     (tmp / "model.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     if out_dir.exists():

@@ -73,6 +73,7 @@ def _concat(a: dict[str, Any], b: dict[str, Any], keys: tuple[str, ...]) -> dict
 
 
 def predict_autofocus(model: nn.Module, x: np.ndarray, batch: int = 512) -> tuple[np.ndarray, np.ndarray]:
+    """(defocus µm, content probability) per crop, in eval mode."""
     model.eval()
     d, c = [], []
     with torch.no_grad():
@@ -80,6 +81,8 @@ def predict_autofocus(model: nn.Module, x: np.ndarray, batch: int = 512) -> tupl
             a, b = model(torch.from_numpy(np.asarray(x[i : i + batch], np.float32)))
             d.append(a.numpy())
             c.append(torch.sigmoid(b).numpy())
+    if not d:
+        return np.zeros(0, np.float32), np.zeros(0, np.float32)
     return np.concatenate(d), np.concatenate(c)
 
 

@@ -27,6 +27,27 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--camera-rotation", type=float, default=0.0, help="camera rotated vs the stage axes (degrees)")
     s.add_argument("--stage-scale-error", type=float, default=0.0, help="stage travels (1 + s) x commanded")
     s.add_argument("--tissue-extent", type=float, default=1.0, help="tissue only in this top-left fraction")
+    s.add_argument(
+        "--objective",
+        default="training",
+        choices=("training", "flipped", "apochromat", "strong"),
+        help="objective preset (hw_sim.synth.OBJECTIVES): spherical aberration and axial colour",
+    )
+    s.add_argument("--spherical-waves", type=float, default=None, help="spherical aberration (RMS waves, either sign)")
+    s.add_argument(
+        "--chromatic-shift",
+        type=float,
+        nargs=3,
+        default=None,
+        metavar=("R", "G", "B"),
+        help="axial colour: best-focus z of each channel (µm, either sign)",
+    )
+    s.add_argument(
+        "--content",
+        default="synthetic",
+        help="tissue look: synthetic (procedural H&E), ihc (real colon tissue), brick, gravel, grass, file:PATH",
+    )
+    s.add_argument("--content-px-um", type=float, default=0.0, help="µm per content image pixel (0: its default)")
     s.add_argument("--force", action="store_true", help="overwrite an existing recording")
 
     t = sub.add_parser("truth", help="render the in-focus ground truth of a synthetic recording's area")
@@ -50,8 +71,15 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.cmd == "synth":
-            from hw_sim.synth import SynthParams, synthesize
+            from hw_sim.synth import SynthParams, objective_params, synthesize
 
+            objective = objective_params(args.objective)
+            if args.spherical_waves is not None or args.chromatic_shift is not None:
+                objective["objective"] = "custom"
+            if args.spherical_waves is not None:
+                objective["spherical_waves"] = args.spherical_waves
+            if args.chromatic_shift is not None:
+                objective["chromatic_shift_um"] = tuple(args.chromatic_shift)
             params = SynthParams(
                 fields_x=args.fields[0],
                 fields_y=args.fields[1],
@@ -66,6 +94,9 @@ def main(argv: list[str] | None = None) -> int:
                 camera_rotation_deg=args.camera_rotation,
                 stage_scale_error=args.stage_scale_error,
                 tissue_extent=args.tissue_extent,
+                content=args.content,
+                content_px_um=args.content_px_um,
+                **objective,  # type: ignore[arg-type]
             )
             synthesize(args.out, params, overwrite=args.force, progress=True)
             print(f"recording: {args.out}")

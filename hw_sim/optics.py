@@ -67,6 +67,8 @@ class OpticsParams:
     spherical_waves: float = 0.08
     chromatic_shift_um: tuple[float, float, float] = (0.15, 0.0, -0.2)
     max_defocus_um: float = 6.0
+    # Which objective this is, for the record: a preset of hw_sim.synth.OBJECTIVES, "custom", or "".
+    objective: str = ""
 
     def __post_init__(self) -> None:
         if not 0 < self.na < self.immersion_n:

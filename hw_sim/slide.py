@@ -85,6 +85,11 @@ class SlideSpec:
     warp_um: float = 1.5
     warp_period_um: float = 6000.0
     artifacts: int = 0  # pen-ink strokes, air bubbles, dust clusters and tissue folds (see _artifact_layout)
+    # What the stained tissue looks like: "synthetic" (the procedural H&E below) or an image
+    # (hw_sim.content: "ihc", "brick", ..., "file:PATH") at content_px_um µm per image pixel
+    # (0: the content's default). hw_sim.content.make_slide builds the right slide.
+    content: str = "synthetic"
+    content_px_um: float = 0.0
 
     def __post_init__(self) -> None:
         if not (self.width_um > 0 and self.height_um > 0):

@@ -23,6 +23,7 @@ import numpy.typing as npt
 import scipy.ndimage as ndi
 from tqdm import tqdm
 
+from hw_sim.content import make_slide
 from hw_sim.optics import CameraParams, Optics, OpticsParams
 from hw_sim.slide import SlideSpec, SyntheticSlide
 from runtime.devices.protocols import ScanArea
@@ -32,6 +33,27 @@ from runtime.devices.scan_plan import GridPlan, serpentine_plan
 # The scanned area's top-left corner on the stage (µm). Deliberately not (0, 0), and x != y,
 # so that code which drops the origin or swaps axes fails visibly.
 AREA_ORIGIN_UM = (1000.0, 750.0)
+
+
+# Objectives, as (spherical aberration in RMS waves, axial colour: best-focus z of R, G, B in µm).
+# "training": inside the range the committed models were trained on (export/datasets.py draws
+# 0.04..0.12 waves, red behind and blue in front); "flipped": the same with the opposite sign (the
+# image at +z is then the training objective's image at -z); "apochromat": near aberration-free;
+# "strong": well beyond the training range.
+OBJECTIVES: dict[str, tuple[float, tuple[float, float, float]]] = {
+    "training": (0.08, (0.15, 0.0, -0.2)),
+    "flipped": (-0.08, (-0.15, 0.0, 0.2)),
+    "apochromat": (0.005, (0.02, 0.0, -0.02)),
+    "strong": (0.25, (0.5, 0.0, -0.6)),
+}
+
+
+def objective_params(name: str) -> dict[str, object]:
+    """SynthParams keywords of an objective preset (``OBJECTIVES``)."""
+    if name not in OBJECTIVES:
+        raise ValueError(f"unknown objective {name!r}; one of {', '.join(OBJECTIVES)}")
+    sph, chrom = OBJECTIVES[name]
+    return {"spherical_waves": sph, "chromatic_shift_um": chrom, "objective": name}
 
 
 @dataclass(frozen=True)
@@ -53,6 +75,8 @@ class SynthParams:
     # benchmark recordings use values the models were never trained on.
     spherical_waves: float = 0.08
     chromatic_shift_um: tuple[float, float, float] = (0.15, 0.0, -0.2)
+    # The objective's name in the recording's optics metadata (a preset of OBJECTIVES or "custom").
+    objective: str = "custom"
     artifacts: int = 0
     # Imperfections a stitcher must survive (defaults: none). camera_rotation_deg: the camera is
     # turned against the stage axes (a camera pixel offset (u, v) from the frame centre sees the slide
@@ -62,6 +86,11 @@ class SynthParams:
     camera_rotation_deg: float = 0.0
     stage_scale_error: float = 0.0
     tissue_extent: float = 1.0
+    # What the tissue looks like (hw_sim.content): "synthetic" H&E, or content the models never
+    # trained on ("ihc": real colon tissue, "brick"/"gravel"/"grass": textures, "file:PATH") at
+    # content_px_um µm per image pixel (0: the content's default).
+    content: str = "synthetic"
+    content_px_um: float = 0.0
 
     def __post_init__(self) -> None:
         if self.fields_x < 1 or self.fields_y < 1:
@@ -142,7 +171,7 @@ def synthesize(out: Path, params: SynthParams, overwrite: bool = False, progress
     plan = grid_for(params)
     px, tile = params.pixel_size_um, params.tile
     area = plan.area
-    slide = SyntheticSlide(
+    slide = make_slide(
         SlideSpec(
             seed=params.seed,
             origin_x_um=area.x_um,
@@ -150,12 +179,15 @@ def synthesize(out: Path, params: SynthParams, overwrite: bool = False, progress
             width_um=area.width_um * params.tissue_extent,
             height_um=area.height_um * params.tissue_extent,
             artifacts=params.artifacts,
+            content=params.content,
+            content_px_um=params.content_px_um,
         )
     )
     half_stack = (params.z_planes - 1) / 2 * params.z_step_um
     optics_params = OpticsParams(
         spherical_waves=params.spherical_waves,
         chromatic_shift_um=params.chromatic_shift_um,
+        objective=params.objective,
         max_defocus_um=max(6.0, half_stack + params.coarse_focus_error_um + 1.0),
     )
     camera = CameraParams()

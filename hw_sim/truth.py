@@ -23,8 +23,9 @@ import numpy as np
 import numpy.typing as npt
 import tifffile
 
+from hw_sim.content import make_slide
 from hw_sim.optics import CameraParams, Optics, OpticsParams
-from hw_sim.slide import SlideSpec, SyntheticSlide
+from hw_sim.slide import SlideSpec
 from runtime.devices.recording import Recording, RecordingError, RecordingMeta
 
 TILE = 512
@@ -54,7 +55,7 @@ class TruthRenderer:
         except (TypeError, ValueError) as err:
             raise RecordingError(f"attrs.slide/optics/camera: cannot rebuild the simulation ({err})") from err
         self.meta = meta
-        self.slide = SyntheticSlide(spec)
+        self.slide = make_slide(spec)
         # In focus only: a small PSF box (and margin) is enough.
         self.optics = Optics(replace(optics_params, max_defocus_um=0.5), meta.pixel_size_um, (tile, tile))
         self.tile = tile

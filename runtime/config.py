@@ -74,6 +74,12 @@ class ModelsConfig(_Section):
 
     autofocus_dir: str = Field("builtin", description="autofocus model folder, or 'builtin': the committed one")
     classifier_dir: str = Field("builtin", description="tile classifier model folder, or 'builtin'")
+    allowed_dirs: tuple[Path, ...] = Field(
+        (),
+        max_length=64,
+        description="absolute folders under which a start_scan request may name a model folder "
+        "(besides 'builtin' and folders under daemon.data_root); a model is code-like input",
+    )
     backend: Literal["auto", "tensorrt", "ort_cuda", "ort_cpu"] = Field(
         "auto", description="auto: the first of tensorrt, ort_cuda, ort_cpu that is installed and works"
     )
@@ -129,6 +135,11 @@ class WriterConfig(_Section):
     max_workers: int = Field(2, ge=1, le=64, description="tile read + compress threads")
     buffer_mib: int = Field(16, ge=1, le=1024, description="tiles in flight (MiB of raw tiles)")
     ome_zarr: bool = Field(False, description="also write the pyramid as OME-Zarr (NGFF 0.4): slide.ome.zarr")
+    openslide_levels: bool = Field(
+        True,
+        description="also chain the lower levels as top-level IFDs (same tiles, ~380 bytes per level) so "
+        "OpenSlide sees every level; false: the strict OME-TIFF layout (levels only as SubIFDs)",
+    )
 
 
 class DaemonConfig(_Section):

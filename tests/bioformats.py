@@ -140,6 +140,30 @@ def bioformats_summary(path: Path) -> tuple[int, float]:
     return _resolutions(path, text), _physical_size_x(path, text)
 
 
+def bioformats_pyramid(path: Path) -> tuple[int, int, float]:
+    """(series count, resolutions of series 0, PhysicalSizeX in µm), unflattened, from one run.
+
+    Unflattened, a pyramid is one series with N resolutions; an extra top-level
+    image Bio-Formats took for a plane or an image of its own would show as a
+    second series.
+    """
+    text = image_info(path, "-omexml")
+    m = re.search(r"^Series count = (\d+)", text, re.M)
+    if m is None:
+        raise BioFormatsError(f"no 'Series count' in Bio-Formats output for {path}:\n{text[-4000:]}")
+    return int(m.group(1)), _resolutions(path, text), _physical_size_x(path, text)
+
+
+def bioformats_level_sizes(path: Path) -> list[tuple[int, int]]:
+    """(width, height) of each resolution, full first: ImageInfo flattened (one series per resolution)."""
+    text = _run_tool("loci.formats.tools.ImageInfo", "-nopix", str(path))
+    widths = [int(v) for v in re.findall(r"^\s*Width = (\d+)", text, re.M)]
+    heights = [int(v) for v in re.findall(r"^\s*Height = (\d+)", text, re.M)]
+    if not widths or len(widths) != len(heights):
+        raise BioFormatsError(f"no Width/Height per series in Bio-Formats output for {path}:\n{text[-4000:]}")
+    return list(zip(widths, heights, strict=True))
+
+
 def _resolutions(path: Path, text: str) -> int:
     m = re.search(r"^\s*Resolutions\s*=\s*(\d+)", text, re.M)
     if m is None:

@@ -9,13 +9,15 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import openslide
 import pytest
 import tifffile
+import tiffslide
 
 from hw_sim.replay_job import run_replay
 from hw_sim.truth import TILE, TruthRenderer
 from runtime.devices.recording import Recording
-from tests import bioformats
+from tests import bioformats, slide_readers
 
 
 def _psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -132,3 +134,38 @@ def test_bioformats_reads_the_pyramid(scanned: tuple[Path, dict]) -> None:
     text = bioformats.image_info(out / "slide.ome.tif", "-nopix", "-noflat")
     resolutions = int(re.search(r"Resolutions\s*=\s*(\d+)", text).group(1))  # type: ignore[union-attr]
     assert resolutions == len(report["levels"])
+
+
+@pytest.mark.parametrize("reader", sorted(slide_readers.READERS))
+def test_every_reader_sees_every_level(scanned: tuple[Path, dict], small_recording: Path, reader: str) -> None:
+    """The daemon's slide in each reader the field uses: level count, every level's size, the pixel size.
+
+    OpenSlide reads only the top-level IFD chain, Bio-Formats/tifffile/tiffslide the
+    OME-XML and SubIFDs, libvips both: one file must serve all (``writer.openslide_levels``).
+    """
+    out, report = scanned
+    (h, w), *_ = report["levels"]
+    sizes = slide_readers.expected_sizes(h, w, len(report["levels"]))
+    assert [(lw, lh) for lh, lw in report["levels"]] == sizes
+    assert len(sizes) >= 3
+    mpp = Recording.open(small_recording).meta.pixel_size_um
+    slide_readers.READERS[reader](out / "slide.ome.tif", sizes, mpp)
+
+
+def test_readers_decode_the_same_pixels(scanned: tuple[Path, dict], small_recording: Path) -> None:
+    """OpenSlide's levels are the OME-TIFF's own tiles (not a copy): every level decodes alike in every reader."""
+    out, report = scanned
+    slide = out / "slide.ome.tif"
+    with (
+        openslide.OpenSlide(str(slide)) as osl,
+        tiffslide.TiffSlide(str(slide)) as tsl,
+        tifffile.TiffFile(slide) as tif,
+    ):
+        levels = tif.series[0].levels
+        assert osl.level_count == tsl.level_count == len(levels) == len(report["levels"])
+        for k, lvl in enumerate(levels):
+            ref = lvl.asarray()
+            size = osl.level_dimensions[k]
+            for name, reader in (("openslide", osl), ("tiffslide", tsl)):
+                got = np.asarray(reader.read_region((0, 0), k, size).convert("RGB"))
+                assert np.array_equal(got, ref), f"{name} level {k}"

@@ -9,12 +9,13 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import numpy as np
+import openslide
 import pytest
 import tifffile
 
 from runtime.output.mosaic_store import FILL, MosaicStore
 from runtime.output.ome_tiff import partial_path, tile_encoder, write_ome_tiff
-from tests import bioformats
+from tests import bioformats, slide_readers
 
 PIXEL_UM = 0.25
 OME_NS = "{http://www.openmicroscopy.org/Schemas/OME/2016-06}"
@@ -71,7 +72,8 @@ def test_pyramid_structure_follows_ome_tiff_spec(
     assert summary.bytes == out.stat().st_size > 0
     with tifffile.TiffFile(out) as tif:
         assert tif.is_bigtiff and tif.is_ome
-        assert len(tif.pages) == 1, "sub-resolutions must be SubIFDs, not top-level IFDs"
+        # Sub-resolutions are SubIFDs (OME-TIFF), chained again as top-level IFDs for OpenSlide.
+        assert len(tif.pages) == 4
         base = tif.pages[0]
         assert isinstance(base, tifffile.TiffPage)
         assert base.subifds is not None and len(base.subifds) == 3
@@ -96,6 +98,87 @@ def test_pyramid_structure_follows_ome_tiff_spec(
     assert float(pixels.get("PhysicalSizeY", "nan")) == PIXEL_UM
     assert pixels.get("PhysicalSizeXUnit") == "µm" and pixels.get("PhysicalSizeYUnit") == "µm"
     assert (pixels.get("SizeX"), pixels.get("SizeY"), pixels.get("Interleaved")) == ("1500", "1100", "true")
+
+
+@pytest.mark.parametrize("compression", ["jpeg", "zstd"])
+def test_openslide_levels_reuse_the_subifds_tiles(
+    tmp_path: Path, mosaic: tuple[MosaicStore, np.ndarray], compression: str
+) -> None:
+    """The top-level chain repeats each SubIFD entry for entry: same tiles, same tags; only IFD bytes are added."""
+    store, _ = mosaic
+    (tmp_path / "on").mkdir()
+    (tmp_path / "off").mkdir()
+    on, off = tmp_path / "on" / "slide.ome.tif", tmp_path / "off" / "slide.ome.tif"
+    write_ome_tiff(store, on, compression=compression, tile=256)  # type: ignore[arg-type]
+    write_ome_tiff(store, off, compression=compression, tile=256, openslide_levels=False)  # type: ignore[arg-type]
+    with tifffile.TiffFile(on) as tif:
+        top = list(tif.pages)
+        assert len(top) == store.n_levels == 4
+        base = top[0]
+        assert isinstance(base, tifffile.TiffPage) and base.subifds is not None
+        assert list(base.subifds) == sorted(base.subifds)
+        for k, lvl in enumerate(tif.series[0].levels[1:], start=1):
+            chained, sub = top[k], lvl.keyframe
+            assert isinstance(chained, tifffile.TiffPage) and isinstance(sub, tifffile.TiffPage)
+            assert chained.offset != sub.offset, "two IFDs: the SubIFD keeps NextIFD = 0"
+            assert chained.dataoffsets == sub.dataoffsets and chained.databytecounts == sub.databytecounts
+            assert {t.code: t.value for t in chained.tags.values()} == {t.code: t.value for t in sub.tags.values()}
+            assert chained.subfiletype == tifffile.FILETYPE.REDUCEDIMAGE
+    with tifffile.TiffFile(off) as tif:
+        assert len(tif.pages) == 1 and tif.series[0].levels[3].shape == (138, 188, 3)
+    extra = on.stat().st_size - off.stat().st_size
+    # One IFD per lower level (entries + NextIFD), nothing else: no tile is stored twice.
+    assert 0 < extra <= 3 * 400, extra
+
+
+def test_strict_ome_layout_hides_the_levels_from_openslide(
+    tmp_path: Path, mosaic: tuple[MosaicStore, np.ndarray]
+) -> None:
+    """Why the chain exists: without it OpenSlide (generic-tiff) sees level 0 only; the OME readers see all."""
+    store, _ = mosaic
+    out = tmp_path / "slide.ome.tif"
+    write_ome_tiff(store, out, tile=256, openslide_levels=False)
+    sizes = slide_readers.expected_sizes(1100, 1500, store.n_levels)
+    with openslide.OpenSlide(str(out)) as slide:
+        assert slide.level_dimensions == ((1500, 1100),)
+        assert float(slide.properties[openslide.PROPERTY_NAME_MPP_X]) == pytest.approx(PIXEL_UM)
+    slide_readers.check_tiffslide(out, sizes, PIXEL_UM)
+    slide_readers.check_tifffile(out, sizes, PIXEL_UM)
+
+
+@pytest.mark.parametrize("compression", ["jpeg", "deflate", "zstd", "none"])
+def test_openslide_reads_every_level_and_codec(
+    tmp_path: Path, mosaic: tuple[MosaicStore, np.ndarray], compression: str
+) -> None:
+    """OpenSlide 4 on each codec the writer offers: every level, its size, mpp; lossless levels exact."""
+    store, _ = mosaic
+    out = tmp_path / "slide.ome.tif"
+    write_ome_tiff(store, out, compression=compression, tile=256)  # type: ignore[arg-type]
+    sizes = slide_readers.expected_sizes(1100, 1500, store.n_levels)
+    slide_readers.check_openslide(out, sizes, PIXEL_UM)
+    with openslide.OpenSlide(str(out)) as slide:
+        for k in range(store.n_levels):
+            got = np.asarray(slide.read_region((0, 0), k, slide.level_dimensions[k]).convert("RGB"))
+            if compression == "jpeg":
+                assert np.abs(got.astype(np.int16) - store.level(k)[:]).mean() < 2.0, f"level {k}"
+            else:
+                assert np.array_equal(got, store.level(k)[:]), f"level {k}"
+
+
+@pytest.mark.parametrize("reader", sorted(slide_readers.READERS))
+def test_every_reader_on_an_odd_sized_pyramid(
+    tmp_path: Path, mosaic: tuple[MosaicStore, np.ndarray], reader: str
+) -> None:
+    """Each reader: 4 levels with sizes rounded up (1500 x 1100 ... 188 x 138), 0.25 µm at level 0."""
+    store, _ = mosaic
+    out = tmp_path / "slide.ome.tif"
+    write_ome_tiff(store, out, tile=256)
+    sizes = slide_readers.expected_sizes(1100, 1500, store.n_levels)
+    assert sizes == [(1500, 1100), (750, 550), (375, 275), (188, 138)]
+    slide_readers.READERS[reader](out, sizes, PIXEL_UM)
+    if reader == "pyvips":
+        # libvips also pages through the top-level chain: the same levels again.
+        assert slide_readers.pyvips_pages(out) == sizes
 
 
 @pytest.mark.parametrize("compression", ["none", "zstd", "deflate"])
@@ -210,6 +293,19 @@ def test_export_cli_on_interrupted_scan(tmp_path: Path) -> None:
     assert not (levels[2][:128] == FILL).all()
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert again.returncode == 1 and "exists" in again.stderr
+
+
+def test_export_cli_openslide_levels_switch(tmp_path: Path, mosaic: tuple[MosaicStore, np.ndarray]) -> None:
+    """``--no-openslide-levels`` writes the strict OME-TIFF layout; the default chains the levels."""
+    from runtime.output.cli import main
+
+    store, _ = mosaic
+    on, off = tmp_path / "on.ome.tif", tmp_path / "off.ome.tif"
+    assert main([str(store.path), str(on), "--quiet", "--compression", "none"]) == 0
+    assert main([str(store.path), str(off), "--quiet", "--compression", "none", "--no-openslide-levels"]) == 0
+    with tifffile.TiffFile(on) as a, tifffile.TiffFile(off) as b:
+        assert (len(a.pages), len(b.pages)) == (store.n_levels, 1)
+        assert len(a.series[0].levels) == len(b.series[0].levels) == store.n_levels
 
 
 @pytest.mark.skipif(bioformats.java() is None, reason="java is not installed")

@@ -76,10 +76,10 @@ def tifffile_reference(store: MosaicStore, out: Path, compression: str, tile: in
 
 
 def page_summary(path: Path) -> list[tuple[dict[int, Any], list[bytes]]]:
-    """Per level: tag values by code (minus what legitimately differs) and the raw tile bytes."""
+    """Per level (the SubIFDs): tag values by code (minus what legitimately differs) and the raw tile bytes."""
     out = []
     with tifffile.TiffFile(path) as tif:
-        assert tif.is_bigtiff and len(tif.pages) == 1
+        assert tif.is_bigtiff
         for lvl in tif.series[0].levels:
             page = lvl.keyframe
             tags: dict[int, Any] = {}
@@ -112,6 +112,21 @@ def test_same_tags_and_tiles_as_tifffile(tmp_path: Path, compression: str) -> No
     for k, ((tags_a, tiles_a), (tags_b, tiles_b)) in enumerate(zip(a, b, strict=True)):
         assert tags_a == tags_b, f"level {k}: tags differ"
         assert tiles_a == tiles_b, f"level {k}: tile bytes differ"
+    # tifffile's file has one top-level IFD; ours chains the SubIFDs after it too (for OpenSlide).
+    with tifffile.TiffFile(ours) as tif, tifffile.TiffFile(ref) as tref:
+        top = list(tif.pages)  # TiffPages, before the series turn them into TiffFrames
+        assert (len(top), len(tref.pages)) == (store.n_levels, 1)
+        for k in range(1, store.n_levels):
+            page, sub = top[k], tif.series[0].levels[k].keyframe
+            assert isinstance(page, tifffile.TiffPage)
+            assert {t.code: t.value for t in page.tags.values()} == {t.code: t.value for t in sub.tags.values()}
+    # And without the chain, the very layout tifffile writes.
+    strict = tmp_path / "ours" / "strict" / "slide.ome.tif"
+    strict.parent.mkdir()
+    write_ome_tiff(store, strict, compression=compression, tile=256, openslide_levels=False)  # type: ignore[arg-type]
+    with tifffile.TiffFile(strict) as tif:
+        assert len(tif.pages) == 1
+    assert page_summary(strict) == b
 
 
 def reference_pyramid(img: np.ndarray, n: int) -> list[np.ndarray]:
@@ -195,6 +210,36 @@ def test_tiff_writer_refuses_holes_and_duplicates(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="8 tiles were never written"):
         w.close()
     w.abort()
+
+
+def test_tiff_writer_chains_levels_sharing_their_tiles(tmp_path: Path) -> None:
+    """``chain_levels``: main IFD -> level 1 -> level 2 as top-level IFDs, each also a SubIFD, tiles stored once."""
+    rng = np.random.default_rng(1)
+    pages = [TiffPage(height=64 >> k, width=96 >> k, tile=16, compression=COMPRESSION_NONE) for k in range(3)]
+    imgs = [rng.integers(0, 255, (p.height, p.width, 3), dtype=np.uint8) for p in pages]
+    out = tmp_path / "x.tif"
+    with TiffStreamWriter(out, pages, chain_levels=True) as w:
+        for k, (p, img) in enumerate(zip(pages, imgs, strict=True)):
+            for r in range(p.tiles_down):
+                for c in range(p.tiles_across):
+                    w.write_tile(k, r, c, img[r * 16 : r * 16 + 16, c * 16 : c * 16 + 16].tobytes())
+    pixel_bytes = sum(img.nbytes for img in imgs)
+    with tifffile.TiffFile(out) as tif:
+        top = list(tif.pages)
+        assert len(top) == 3
+        base = top[0]
+        assert isinstance(base, tifffile.TiffPage) and base.subifds is not None and len(base.subifds) == 2
+        for k in range(3):
+            page = top[k]
+            assert isinstance(page, tifffile.TiffPage)
+            assert np.array_equal(page.asarray(), imgs[k]), f"top-level page {k}"
+            if k:
+                tif.filehandle.seek(base.subifds[k - 1])
+                sub = tifffile.TiffPage(tif, index=k)
+                assert np.array_equal(sub.asarray(), imgs[k]), f"SubIFD {k}"
+                assert page.dataoffsets == sub.dataoffsets and page.offset != sub.offset
+        assert max(top[2].dataoffsets) < pixel_bytes + 16, "tiles first, IFDs after"
+    assert out.stat().st_size < pixel_bytes + 4096
 
 
 def test_tiff_writer_any_order_single_page(tmp_path: Path) -> None:

@@ -265,8 +265,14 @@ def test_replies_and_events_of_replayed_scans_match_the_committed_schema(tmp_pat
         assert events[-1]["data"]["reason"] == "failed"
         _events_until(sub, events, "state")  # back to idle
         assert events[-1]["data"]["state"] == "idle"
-
         assert ask("status")["last_finish"] == "failed"
+
+        # 4. z-stacks recorded at two fields (record_zstacks): the same events, job "zstacks"
+        ask("record_zstacks", {"output_name": "stacks", "z_half_range_um": 0.5, "max_fields": 2})
+        _events_until(sub, events, "scan_finished")
+        assert events[-1]["data"]["reason"] == "completed" and events[-1]["data"]["job"] == "zstacks"
+        _events_until(sub, events, "state")  # back to idle
+        assert ask("status")["job"] == "zstacks"
         assert ask("shutdown")["stopping"] is True
         proc.join(60)
         assert proc.exitcode == 0
@@ -274,7 +280,7 @@ def test_replies_and_events_of_replayed_scans_match_the_committed_schema(tmp_pat
 
     names = [e["event"] for e in events]
     assert {"state", "scan_started", "field_done", "scan_finished", "scan_failed"} <= set(names), names
-    assert names.count("scan_finished") == 3 and names.count("scan_failed") == 1
+    assert names.count("scan_finished") == 4 and names.count("scan_failed") == 1
     assert {e["data"]["state"] for e in events if e["event"] == "state"} >= {"scanning", "cancelling", "idle"}
     for event in events:
         validator(f"event-{event['event']}.json").validate(event)

@@ -16,8 +16,8 @@ from runtime.config import WriterConfig
 from runtime.ipc.messages import EndOfStream, Heartbeat, MosaicDone, MosaicRows, WriterDone
 from runtime.output.mosaic_store import MosaicStore
 from runtime.output.ome_tiff import partial_path
-from runtime.workers.writer import writer_main
-from tests.test_ome_tiff import PIXEL_UM, smooth_image
+from runtime.workers.writer import open_stream, writer_main
+from tests.test_ome_tiff import PIXEL_UM, make_mosaic, smooth_image
 from tests.test_tiff_stream import reference_pyramid
 
 
@@ -73,8 +73,25 @@ def test_complete_scan_gives_the_whole_pyramid(tmp_path: Path) -> None:
     assert not partial_path(out).exists()
     expected = reference_pyramid(img, store.n_levels)
     with tifffile.TiffFile(out) as tif:
+        # writer.openslide_levels (default): the lower levels are top-level IFDs too, for OpenSlide.
+        assert len(tif.pages) == len(tif.series[0].levels) == store.n_levels
         for k, lvl in enumerate(tif.series[0].levels):
             assert np.array_equal(lvl.asarray(), expected[k]), f"level {k}"
+
+
+def test_openslide_levels_switch(tmp_path: Path) -> None:
+    """``writer.openslide_levels = false``: the strict OME-TIFF layout (one top-level IFD)."""
+    store = make_mosaic(tmp_path / "m.zarr", smooth_image(300, 200, seed=11), chunk=64, min_level_size=60)
+    for on in (True, False):
+        out = tmp_path / f"{on}.ome.tif"
+        cfg = WriterConfig(tile=64, compression="none", openslide_levels=on)
+        stream = open_stream(cfg, str(out), str(store.path), lambda: None)
+        for k, (h, _) in enumerate(store.level_shapes):
+            stream.rows_final(k, h)
+        stream.finish()
+        with tifffile.TiffFile(out) as tif:
+            assert len(tif.pages) == (store.n_levels if on else 1)
+            assert len(tif.series[0].levels) == store.n_levels == 4
 
 
 def test_cancelled_scan_removes_the_partial_file(tmp_path: Path) -> None:

@@ -221,7 +221,9 @@ def add_ctl_parser(
 
     Usage: ``ctl [--config FILE | --endpoint E --events E] [--timeout S] [--retries N] ACTION``
     with ACTION one of ``ping``, ``status``, ``start-scan [--recording R] [--region X Y W H]
-    [--name N]``, ``cancel``, ``shutdown``, ``events [--count N] [--wait S]``.
+    [--name N] [--autofocus-model DIR]``, ``record-zstacks [--recording R] [--region X Y W H]
+    [--z-center Z] [--z-range HALF] [--z-step S] [--fields N] --output N``, ``cancel``,
+    ``shutdown``, ``events [--count N] [--wait S]``.
     The chosen action is in ``args.ctl_action``; pass the namespace to :func:`run_ctl`.
     """
     ctl = subparsers.add_parser(
@@ -239,11 +241,26 @@ def add_ctl_parser(
     actions.add_parser("ping", help="check that the daemon answers")
     actions.add_parser("status", help="print the daemon's state")
     start = actions.add_parser("start-scan", help="start a scan")
-    start.add_argument("--recording", help="recording to replay (path under the data root)")
-    start.add_argument(
-        "--region", nargs=4, type=float, metavar=("X", "Y", "W", "H"), help="stage region in micrometres"
+    record = actions.add_parser(
+        "record-zstacks", help="record a z-stack at each field of a region (or at --fields of them) as a recording"
     )
-    start.add_argument("--name", dest="output_name", help="output folder name under the data root")
+    for job in (start, record):
+        job.add_argument("--recording", help="recording to replay (path under the data root)")
+        job.add_argument(
+            "--region", nargs=4, type=float, metavar=("X", "Y", "W", "H"), help="stage region in micrometres"
+        )
+        job.add_argument("--name", "--output", dest="output_name", help="output folder name under the data root")
+    start.add_argument(
+        "--autofocus-model",
+        help="autofocus model folder for this scan: under the data root, in the config's models.allowed_dirs, "
+        "or 'builtin'",
+    )
+    record.add_argument(
+        "--z-center", type=float, help="centre plane's z in µm (default: the config's focus.start_z_um)"
+    )
+    record.add_argument("--z-range", type=float, help="planes from centre - Z to centre + Z µm (default 10)")
+    record.add_argument("--z-step", type=float, help="µm between planes (default 0.5)")
+    record.add_argument("--fields", type=int, help="record only N fields, spread evenly over the plan")
     actions.add_parser("cancel", help="cancel the running scan")
     actions.add_parser("shutdown", help="stop the daemon")
     events = actions.add_parser("events", help="print events as JSON lines")
@@ -290,11 +307,17 @@ def run_ctl(args: argparse.Namespace, endpoints: tuple[str, str] | None = None) 
     if action == "events":
         return _run_events(event_ep, args.count, args.wait)
     params: dict[str, Any] = {}
-    if action == "start-scan":
+    if action in ("start-scan", "record-zstacks"):
         params = {"recording": args.recording, "output_name": args.output_name}
         if args.region is not None:
             x, y, w, h = args.region
             params["region"] = {"x_um": x, "y_um": y, "width_um": w, "height_um": h}
+    if action == "start-scan" and args.autofocus_model is not None:
+        params["models"] = {"autofocus_dir": args.autofocus_model}
+    if action == "record-zstacks":
+        params.update(
+            z_center_um=args.z_center, z_half_range_um=args.z_range, z_step_um=args.z_step, max_fields=args.fields
+        )
     try:
         with ControlClient(command_ep, timeout_s=args.timeout, retries=args.retries) as client:
             result = client.request(action.replace("-", "_"), **params)

@@ -24,6 +24,13 @@ FinishReasonName: TypeAlias = Literal["completed", "cancelled", "failed"]
 """How a scan ended on the wire (``runtime.daemon.state.FinishReason`` values)."""
 
 
+JobKind: TypeAlias = Literal["scan", "zstacks"]
+"""Which kind of job an event or status is about: a scan (``start_scan``) or z-stacks (``record_zstacks``)."""
+
+_SCAN: JobKind = "scan"
+_JOB = Field(_SCAN, description="the job: scan (start_scan) or zstacks (record_zstacks)")
+
+
 class EventPayload(BaseModel):
     """Base of the event payloads; ``EVENT`` is the event's name (its ZeroMQ topic)."""
 
@@ -56,6 +63,7 @@ class ScanStartedEvent(EventPayload):
     cols: int = Field(ge=0, description="columns of the field grid")
     mosaic_shape: tuple[int, int] = Field(description="mosaic size in pixels: [height, width]")
     pixel_size_um: float = Field(gt=0.0, description="micrometres per pixel")
+    job: JobKind = _JOB
 
 
 class FieldDoneEvent(EventPayload):
@@ -70,10 +78,11 @@ class FieldDoneEvent(EventPayload):
     col: int = Field(ge=0)
     z_um: float | None = Field(description="chosen focus z; null when not a finite number")
     captures: int = Field(ge=0, description="frames captured for this field (focus included)")
+    job: JobKind = _JOB
 
 
 class ScanFinishedEvent(EventPayload):
-    """Every scan's last event, whatever the ending (a failure also sends scan_failed first)."""
+    """Every job's last event, whatever the ending (a failure also sends scan_failed first)."""
 
     EVENT: ClassVar[str] = "scan_finished"
 
@@ -82,16 +91,19 @@ class ScanFinishedEvent(EventPayload):
     slide: str | None = Field(description="the OME-TIFF; null when none was written")
     report: str = Field(description="the scan's report.json")
     mosaic: str | None = Field(description="the Zarr mosaic, when it was kept (cancelled, failed, or configured)")
+    recording: str | None = Field(None, description="zstacks: the recording (recording.zarr), when one was written")
+    job: JobKind = _JOB
 
 
 class ScanFailedEvent(EventPayload):
-    """A scan failed (a worker died or hung, a device failed); scan_finished follows."""
+    """A job failed (a worker died or hung, a device failed); scan_finished follows."""
 
     EVENT: ClassVar[str] = "scan_failed"
 
     scan_id: str
     error: str = Field(description="what went wrong, one line")
     report: str = Field(description="the scan's report.json")
+    job: JobKind = _JOB
 
 
 class ErrorEvent(EventPayload):

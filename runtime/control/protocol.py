@@ -57,7 +57,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Final, Literal, TypeAlias, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, create_model, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
+)
 
 from runtime.config import FocusConfig
 
@@ -80,21 +89,35 @@ MAX_STAGE_UM: Final = 1_000_000.0
 MAX_REGION_UM: Final = 100_000.0
 """Largest region side accepted (100 mm: a 2 x 3 inch slide is 76 x 51 mm)."""
 
+MAX_Z_UM: Final = 100_000.0
+"""Stage z accepted in a request (a z-stack's centre): within +-100 mm of the stage's zero."""
+
+MAX_ZSTACK_PLANES: Final = 201
+"""Most planes of one z-stack (``record_zstacks``): +-10 µm at 0.1 µm is 201."""
+
+DEFAULT_Z_HALF_RANGE_UM: Final = 10.0
+DEFAULT_Z_STEP_UM: Final = 0.5
+"""``record_zstacks`` defaults: 41 planes over +-10 µm (what calibration and the benchmarks use)."""
+
+MAX_ZSTACK_FIELDS: Final = 10_000
+"""Most fields ``record_zstacks`` may pick with ``max_fields`` (calibration needs about 8)."""
+
 ErrorCode = Literal["malformed", "unknown_command", "invalid_params", "busy", "not_running", "internal"]
 ERROR_CODES: Final[tuple[str, ...]] = get_args(ErrorCode)
 
 EVENT_NAMES: Final[tuple[str, ...]] = (
     # The payload models are in runtime.control.events (one per name, same order).
     "state",  # run state changed: {"state": "idle"|"scanning"|"writing"|"cancelling"|"stopping"|...}
-    "scan_started",  # planned: {"scan_id", "fields", "rows", "cols", "mosaic_shape": [h, w], "pixel_size_um"}
-    "field_done",  # progress: {"index", "done", "total", "row", "col", "z_um" (null if not finite), "captures"}
-    "scan_finished",  # every scan's last event: {"scan_id", "reason": "completed"|"cancelled"|"failed",
-    #                   "slide": path or null, "report": path, "mosaic": path or null}
-    "scan_failed",  # before scan_finished when a scan fails: {"scan_id", "error", "report": path}
+    # The scan_* and field_done events serve every job: "job" says which ("scan" or "zstacks").
+    "scan_started",  # planned: {"scan_id", "job", "fields", "rows", "cols", "mosaic_shape": [h, w], "pixel_size_um"}
+    "field_done",  # progress: {"index", "done", "total", "row", "col", "z_um" (null if not finite), "captures", "job"}
+    "scan_finished",  # every job's last event: {"scan_id", "reason": "completed"|"cancelled"|"failed",
+    #                   "slide": path or null, "report": path, "mosaic": path or null, "recording", "job"}
+    "scan_failed",  # before scan_finished when a job fails: {"scan_id", "error", "report": path, "job"}
     "error",  # reserved, not published yet: a problem outside a scan: {"message"}
 )
 
-NON_IDEMPOTENT: Final[frozenset[str]] = frozenset({"start_scan", "cancel", "shutdown"})
+NON_IDEMPOTENT: Final[frozenset[str]] = frozenset({"start_scan", "record_zstacks", "cancel", "shutdown"})
 
 RequestId = str | int
 
@@ -193,32 +216,43 @@ _OUTPUT_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _OUTPUT_NAME_PATTERN = r"^(?!\.)(?!.*\.\.)[A-Za-z0-9._-]{1,64}$"
 
 
-class StartScanParams(_Params):
-    """``start_scan``: every field optional; the daemon fills in config defaults."""
+_PATH_FIELD: Final[dict[str, Any]] = {
+    "min_length": 1,
+    "max_length": 4096,
+    "json_schema_extra": {"pattern": "^[^\\u0000]*$"},
+}
+"""The bounds of a path parameter (its rules under the data root are applied by the daemon)."""
 
-    COMMAND: ClassVar[str] = "start_scan"
 
-    recording: str | None = Field(
-        None,
-        min_length=1,
-        max_length=4096,
-        description="replay drivers: recording path under the data root",
-        json_schema_extra={"pattern": "^[^\\u0000]*$"},
+def _no_nul(value: str | None) -> str | None:
+    if value is not None and "\x00" in value:
+        raise ValueError("must not contain NUL characters")
+    return value
+
+
+class ModelOverrides(_Params):
+    """Per-scan model folders: ``"builtin"``, a folder under the data root, or an absolute path in one of
+    the config's ``models.allowed_dirs`` (checked by the daemon; then validated like the config file)."""
+
+    autofocus_dir: str | None = Field(
+        None, description="autofocus model folder (model.onnx + model.json) for this scan", **_PATH_FIELD
     )
+
+    _paths = field_validator("autofocus_dir")(_no_nul)
+
+
+class JobParams(_Params):
+    """What every job on the scanner takes: where (driver, region) and the output folder."""
+
+    recording: str | None = Field(None, description="replay drivers: recording path under the data root", **_PATH_FIELD)
     region: Region | None = None
     output_name: str | None = Field(
         None,
-        description="folder name under the data root for this scan (default: the scan id)",
+        description="folder name under the data root for this job (default: the job id)",
         json_schema_extra={"pattern": _OUTPUT_NAME_PATTERN},
     )
-    focus: FocusOverrides | None = None
 
-    @field_validator("recording")
-    @classmethod
-    def _no_nul(cls, value: str | None) -> str | None:
-        if value is not None and "\x00" in value:
-            raise ValueError("must not contain NUL characters")
-        return value
+    _paths = field_validator("recording")(_no_nul)
 
     @field_validator("output_name")
     @classmethod
@@ -236,11 +270,65 @@ class StartScanParams(_Params):
         return value
 
 
-RequestParams: TypeAlias = PingParams | StatusParams | StartScanParams | CancelParams | ShutdownParams
+class StartScanParams(JobParams):
+    """``start_scan``: every field optional; the daemon fills in config defaults."""
+
+    COMMAND: ClassVar[str] = "start_scan"
+
+    focus: FocusOverrides | None = None
+    models: ModelOverrides | None = None
+
+
+class RecordZstacksParams(JobParams):
+    """``record_zstacks``: a z-stack at each field of the region's plan (or at ``max_fields`` of them,
+    spread evenly), written as a recording (``recording.zarr``, no truth) with ``report.json``."""
+
+    COMMAND: ClassVar[str] = "record_zstacks"
+
+    z_center_um: float | None = Field(
+        None, ge=-MAX_Z_UM, le=MAX_Z_UM, description="centre plane's stage z (default: the config's focus.start_z_um)"
+    )
+    z_half_range_um: float | None = Field(
+        None, ge=0.0, le=1000.0, description="planes from centre - this to centre + this (default 10 µm)"
+    )
+    z_step_um: float | None = Field(None, gt=0.0, le=100.0, description="distance between planes (default 0.5 µm)")
+    max_fields: int | None = Field(
+        None, ge=1, le=MAX_ZSTACK_FIELDS, description="record only this many fields, spread evenly over the plan"
+    )
+
+    @property
+    def step_um(self) -> float:
+        return DEFAULT_Z_STEP_UM if self.z_step_um is None else self.z_step_um
+
+    @property
+    def planes(self) -> int:
+        """Planes per stack: the centre and every whole step within the half range on each side."""
+        half = DEFAULT_Z_HALF_RANGE_UM if self.z_half_range_um is None else self.z_half_range_um
+        return 2 * math.floor(half / self.step_um + 1e-9) + 1
+
+    @model_validator(mode="after")
+    def _few_enough_planes(self) -> RecordZstacksParams:
+        if self.planes > MAX_ZSTACK_PLANES:
+            raise ValueError(
+                f"z_half_range_um / z_step_um gives {self.planes} planes per stack; the limit is "
+                f"{MAX_ZSTACK_PLANES} (MAX_ZSTACK_PLANES)"
+            )
+        return self
+
+    def plane_offsets_um(self) -> tuple[float, ...]:
+        """Each plane's z relative to the centre, increasing."""
+        half = self.planes // 2
+        return tuple((k - half) * self.step_um for k in range(self.planes))
+
+
+RequestParams: TypeAlias = (
+    PingParams | StatusParams | StartScanParams | RecordZstacksParams | CancelParams | ShutdownParams
+)
 """What a command handler receives: the params model tells which command it is."""
 
 COMMANDS: Final[Mapping[str, type[RequestParams]]] = {
-    model.COMMAND: model for model in (PingParams, StatusParams, StartScanParams, CancelParams, ShutdownParams)
+    model.COMMAND: model
+    for model in (PingParams, StatusParams, StartScanParams, RecordZstacksParams, CancelParams, ShutdownParams)
 }
 
 

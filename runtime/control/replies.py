@@ -14,7 +14,7 @@ from typing import Final, Literal, TypeAlias
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from runtime.control.events import FinishReasonName, RunStateName
+from runtime.control.events import FinishReasonName, JobKind, RunStateName
 from runtime.control.protocol import ErrorCode, WireRequestId
 
 
@@ -36,18 +36,21 @@ class StatusResult(_Result):
     the previous scan."""
 
     state: RunStateName
+    job: JobKind | None = Field(description="what the running (or last started) job is: a scan or z-stacks")
     scan_id: str | None = Field(description="the running (or last started) scan")
     output_dir: str | None = Field(description="the running (or last started) scan's folder")
     fields_total: int = Field(ge=0)
     fields_done: int = Field(ge=0)
     last_finish: FinishReasonName | None
     last_error: str | None
-    last_output: str | None = Field(description="the last scan's OME-TIFF, when one was written")
+    last_output: str | None = Field(
+        description="the last job's output: a scan's OME-TIFF, or the z-stacks' recording, when one was written"
+    )
     workers: dict[str, int] = Field(description="worker name -> pid, while a scan runs")
 
 
 class StartScanResult(_Result):
-    """``start_scan``: the scan was started (progress comes as events)."""
+    """``start_scan`` and ``record_zstacks``: the job was started (progress comes as events)."""
 
     scan_id: str
     output_dir: str
@@ -73,6 +76,7 @@ RESULTS: Final[Mapping[str, type[Result]]] = {
     "ping": PingResult,
     "status": StatusResult,
     "start_scan": StartScanResult,
+    "record_zstacks": StartScanResult,
     "cancel": CancelResult,
     "shutdown": ShutdownResult,
 }

@@ -3,7 +3,10 @@
 Modules:
 
 * ``supervisor``: ``Supervisor``, the main process: control plane, scan lifecycle, systemd integration;
+* ``job``: ``WorkerJob``, what every job shares: worker processes, heartbeats, phases, cancel, the report;
 * ``scan_job``: ``ScanJob``, one scan: the worker processes, the shared-memory ring, the queues;
+* ``zstack_job``: ``ZstackJob``, one ``record_zstacks``: the recorder worker, writing a recording;
+* ``model_request``: ``requested_model_dir``, where a model folder named in a request may be;
 * ``state``: the scan job's phases (``ScanPhase``, ``TRANSITIONS``, ``check_transition``), the run
   state derived from them (``RunState``, ``run_state``), ``FinishReason`` and ``ScanStatus``;
 * ``sdnotify``: the systemd notify protocol without libsystemd (used as a module:
@@ -25,6 +28,8 @@ import importlib
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from runtime.daemon.job import WorkerJob
+    from runtime.daemon.model_request import requested_model_dir
     from runtime.daemon.process import run_daemon, start_daemon_process, stop_daemon_process
     from runtime.daemon.scan_job import ScanJob
     from runtime.daemon.state import (
@@ -38,8 +43,11 @@ if TYPE_CHECKING:
         run_state,
     )
     from runtime.daemon.supervisor import Supervisor
+    from runtime.daemon.zstack_job import ZstackJob
 else:
     _MODULES = {  # module -> the names it gives this package
+        "job": ("WorkerJob",),
+        "model_request": ("requested_model_dir",),
         "process": ("run_daemon", "start_daemon_process", "stop_daemon_process"),
         "scan_job": ("ScanJob",),
         "state": (
@@ -53,6 +61,7 @@ else:
             "run_state",
         ),
         "supervisor": ("Supervisor",),
+        "zstack_job": ("ZstackJob",),
     }
 
     def __getattr__(name: str) -> object:
@@ -76,7 +85,10 @@ __all__ = [
     "ScanPhase",
     "ScanStatus",
     "Supervisor",
+    "WorkerJob",
+    "ZstackJob",
     "check_transition",
+    "requested_model_dir",
     "run_daemon",
     "run_state",
     "start_daemon_process",

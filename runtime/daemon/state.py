@@ -2,6 +2,9 @@
 
 A scan job (:class:`~runtime.daemon.scan_job.ScanJob`) is in one :class:`ScanPhase` at a
 time and moves only along :data:`TRANSITIONS` (see the diagram in ScanJob's docstring).
+A z-stack recording job (:class:`~runtime.daemon.zstack_job.ZstackJob`) uses the same phases and
+table, a subset of it: STARTING -> ACQUIRING -> DONE, with CANCELLING on a cancel; it has no
+mosaic to flush and no slide to write (its worker writes the recording as it goes).
 The supervisor does not keep a state of its own beside it: its :class:`RunState` (what
 ``status`` and the ``state`` event report) is :func:`run_state` of the job's phase, or
 ``idle`` without a job, or ``stopping`` while the daemon shuts down. A late subscriber
@@ -87,6 +90,7 @@ class ScanStatus:
     """A snapshot; never mutated, replaced on every change."""
 
     state: RunState = RunState.IDLE
+    job: str | None = None  # "scan" or "zstacks" (the job's KIND)
     scan_id: str | None = None
     output_dir: str | None = None
     fields_total: int = 0

@@ -14,7 +14,9 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
 from types import FrameType
 from typing import Any, assert_never
 
@@ -23,7 +25,9 @@ from runtime.config import ConfigError, RuntimeConfig, with_overrides
 from runtime.control.events import Event, ScanFailedEvent, ScanFinishedEvent, StateEvent
 from runtime.control.protocol import (
     CancelParams,
+    JobParams,
     PingParams,
+    RecordZstacksParams,
     RequestError,
     RequestParams,
     ShutdownParams,
@@ -40,12 +44,16 @@ from runtime.control.replies import (
 )
 from runtime.control.server import ControlServer
 from runtime.daemon import sdnotify
+from runtime.daemon.job import REPORT_NAME, WorkerJob
+from runtime.daemon.model_request import requested_model_dir
 from runtime.daemon.scan_job import ScanJob
 from runtime.daemon.state import FinishReason, ScanStatus, run_state
+from runtime.daemon.zstack_job import ZstackJob
 from runtime.devices.protocols import ScanArea
 from runtime.errors import log_failure
 from runtime.ipc.lifetime import forget_semaphores, remove_stale_semaphores
 from runtime.ipc.ring import remove_stale_segments
+from runtime.workers.recorder import ZstackRecordJob
 
 log = logging.getLogger("wsi.supervisor")
 
@@ -59,10 +67,20 @@ def _refused_as_invalid() -> Iterator[None]:
         raise RequestError("invalid_params", str(err)) from None
 
 
+@dataclass(frozen=True)
+class _Prepared:
+    """A job request checked by :meth:`Supervisor._prepare`: its id, folder name, region, driver options."""
+
+    scan_id: str
+    name: str
+    area: ScanArea | None
+    driver_options: dict[str, Any]
+
+
 class Supervisor:
     def __init__(self, cfg: RuntimeConfig) -> None:
         self.cfg = cfg
-        self.job: ScanJob | None = None
+        self.job: WorkerJob | None = None
         self.status = ScanStatus()
         self._stop = False
         self._stopping_scan = False  # SIGTERM/shutdown while a scan runs: the run state says "stopping"
@@ -95,9 +113,11 @@ class Supervisor:
                 return self._status_result()
             case StartScanParams():
                 return self._start_scan(params)
+            case RecordZstacksParams():
+                return self._record_zstacks(params)
             case CancelParams():
                 if self.job is None or self.job.done:
-                    raise RequestError("not_running", "no scan is running")
+                    raise RequestError("not_running", "no scan or z-stack recording is running")
                 self.job.cancel()
                 self._set()
                 return CancelResult(scan_id=self.job.scan_id, cancelling=True)
@@ -115,10 +135,13 @@ class Supervisor:
             d["workers"] = self.job.pids
         return StatusResult.model_validate(d)
 
-    def _start_scan(self, params: StartScanParams) -> StartScanResult:
+    def _prepare(self, params: JobParams, kind: str) -> _Prepared:
+        """What every job request needs, checked in order: not busy, a usable output folder name, the
+        recording (replay drivers) inside the data root, the region. The folder is made last
+        (:meth:`_start`), once the job-specific checks have passed too."""
         if self.job is not None:
-            raise RequestError("busy", f"scan {self.job.scan_id} is still {self.status.state.value}")
-        scan_id = time.strftime("scan-%Y%m%d-%H%M%S")
+            raise RequestError("busy", f"{self.job.KIND} job {self.job.scan_id} is still {self.status.state.value}")
+        scan_id = time.strftime(f"{kind}-%Y%m%d-%H%M%S")
         root = self.cfg.daemon.data_root
         name = params.output_name or scan_id
         with _refused_as_invalid():
@@ -135,23 +158,55 @@ class Supervisor:
             driver_options["recording"] = str(rec)
         region = params.region
         area = ScanArea(**region.model_dump()) if region else None
-        cfg = self.cfg
+        return _Prepared(scan_id, name, area, driver_options)
+
+    def _start(self, prepared: _Prepared, make_job: Callable[[Path], WorkerJob]) -> StartScanResult:
+        with _refused_as_invalid():
+            output_dir = paths.make_output_folder(self.cfg.daemon.data_root, prepared.name, "output_name")
+        self.job = make_job(output_dir)
+        self._set(
+            job=self.job.KIND, scan_id=prepared.scan_id, output_dir=str(output_dir), fields_total=0, fields_done=0
+        )
+        return StartScanResult(scan_id=prepared.scan_id, output_dir=str(output_dir))
+
+    def _start_scan(self, params: StartScanParams) -> StartScanResult:
+        prep = self._prepare(params, "scan")
+        overrides: dict[str, Any] = {}
         focus = params.focus.model_dump(exclude_none=True) if params.focus else {}
         if focus:  # per-scan focus overrides, validated like the config file
+            overrides["focus"] = focus
+        if params.models is not None and params.models.autofocus_dir is not None:
+            with _refused_as_invalid():
+                overrides["models"] = {"autofocus_dir": requested_model_dir(self.cfg, params.models.autofocus_dir)}
+        cfg = self.cfg
+        for section, values in overrides.items():
             try:
-                cfg = with_overrides(cfg, {"focus": focus})
+                cfg = with_overrides(cfg, {section: values})
             except ConfigError as err:
-                raise RequestError("invalid_params", f"focus: {err}") from None
-        with _refused_as_invalid():
-            output_dir = paths.make_output_folder(root, name, "output_name")
-        self.job = ScanJob(cfg, scan_id, output_dir, area, driver_options, self._publish)
-        self._set(
-            scan_id=scan_id,
-            output_dir=str(output_dir),
-            fields_total=0,
-            fields_done=0,
+                raise RequestError("invalid_params", f"{section}: {err}") from None
+        return self._start(
+            prep, lambda out: ScanJob(cfg, prep.scan_id, out, prep.area, prep.driver_options, self._publish)
         )
-        return StartScanResult(scan_id=scan_id, output_dir=str(output_dir))
+
+    def _record_zstacks(self, params: RecordZstacksParams) -> StartScanResult:
+        prep = self._prepare(params, "zstacks")
+        z_center = self.cfg.focus.start_z_um if params.z_center_um is None else params.z_center_um
+        return self._start(
+            prep,
+            lambda out: ZstackJob(
+                self.cfg,
+                prep.scan_id,
+                ZstackRecordJob(
+                    output_dir=str(out),
+                    z_center_um=z_center,
+                    offsets_um=params.plane_offsets_um(),
+                    area=prep.area,
+                    max_fields=params.max_fields,
+                    driver_options=prep.driver_options,
+                ),
+                self._publish,
+            ),
+        )
 
     # -- the loop ----------------------------------------------------------------------------
     def request_stop(self, *_: object) -> None:
@@ -176,20 +231,15 @@ class Supervisor:
         self.job = None
         reason = job.finish_reason
         assert reason is not None  # set with ScanPhase.DONE
-        report = str(job.output_dir / "report.json")
+        report = str(job.output_dir / REPORT_NAME)
         if reason is FinishReason.FAILED:
-            # A failed job always has its error (ScanJob._fail); the fallback keeps the event valid.
-            self._publish(ScanFailedEvent(scan_id=job.scan_id, error=job.error or "scan failed", report=report))
+            # A failed job always has its error (WorkerJob._fail); the fallback keeps the event valid.
+            error = job.error or f"{job.KIND} job failed"
+            self._publish(ScanFailedEvent(scan_id=job.scan_id, error=error, report=report, job=job.KIND))
         self._publish(
-            ScanFinishedEvent(
-                scan_id=job.scan_id,
-                reason=reason.value,
-                slide=job.slide_path,
-                report=report,
-                mosaic=str(job.mosaic_path) if job.mosaic_path.exists() else None,
-            )
+            ScanFinishedEvent(scan_id=job.scan_id, reason=reason.value, report=report, job=job.KIND, **job.outputs())
         )
-        self._set(last_finish=reason, last_error=job.error, last_output=job.slide_path)
+        self._set(last_finish=reason, last_error=job.error, last_output=job.output)
 
     def _watchdog(self) -> None:
         if self._watchdog_interval is None:

@@ -19,7 +19,7 @@ undecodable chunks) because a recording is too big to verify on open.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -518,6 +518,21 @@ class RecordingWriter:
                 f"frame must be uint8 ({m.tile_height}, {m.tile_width}, 3), got {frame.dtype} {frame.shape}"
             )
         self._stacks[field, k] = frame
+
+    def truncate(self, n_fields: int) -> None:
+        """Keep only fields ``[0, n_fields)``: a recording cut short (a cancelled scan) whose first
+        ``n_fields`` fields were written. The grid in the attributes stays; ``n_fields`` shrinks."""
+        m = self.meta
+        if not 1 <= n_fields <= m.n_fields:
+            raise ValueError(f"cannot truncate {m.n_fields} fields to {n_fields}")
+        self._stacks.resize((n_fields, m.n_z, m.tile_height, m.tile_width, 3))
+        self._z.resize((n_fields, m.n_z))
+        self._xy.resize((n_fields, 2))
+        self._rc.resize((n_fields, 2))
+        if self._truth is not None:
+            self._truth[0].resize((n_fields, 2))
+            self._truth[1].resize((n_fields,))
+        self.meta = replace(m, n_fields=n_fields)
 
     def write_positions(
         self,

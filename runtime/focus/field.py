@@ -38,11 +38,11 @@ from typing import Any, Protocol
 from runtime.config import FocusConfig, ModelsConfig
 from runtime.devices.protocols import Camera, RGBImage, Stage
 from runtime.devices.scan_plan import FieldPlan
-from runtime.focus.single_shot import SingleShotFocus
+from runtime.focus.single_shot import SignConvention, SingleShotFocus
 from runtime.focus.surface import FocusSurface
 from runtime.focus.sweep import ContrastSweep
 from runtime.ipc.inference_channel import InferenceChannel
-from runtime.ml.tasks import AutofocusModel, TileClass, TileClassifierModel, load_configured_models
+from runtime.ml.tasks import AutofocusModel, DefocusEstimate, TileClass, TileClassifierModel, load_configured_models
 
 
 @dataclass(frozen=True)
@@ -83,8 +83,9 @@ class FocusModels(Protocol):
 
     notes: dict[str, Any]
 
-    def estimate(self, capture: Capture) -> float | None:
-        """Signed defocus in µm (stage z minus focus z); None: not enough content."""
+    def estimate(self, capture: Capture) -> DefocusEstimate:
+        """Signed defocus in µm (stage z minus focus z; ``defocus_um`` None: not enough content)
+        and whether the model is sure of its sign."""
         ...
 
     def classify(self, capture: Capture) -> TileClass | None:
@@ -107,8 +108,8 @@ class LocalModels:
             "refused": refused,
         }
 
-    def estimate(self, capture: Capture) -> float | None:
-        return self.autofocus.estimate(capture.pixels).defocus_um
+    def estimate(self, capture: Capture) -> DefocusEstimate:
+        return self.autofocus.estimate(capture.pixels)
 
     def classify(self, capture: Capture) -> TileClass | None:
         return self.classifier.classify(capture.pixels, self.pixel_size_um) if self.classifier else None
@@ -129,8 +130,9 @@ class WorkerModels:
             raise ValueError("the inference worker reads ring slots: capture into the ring first")
         return capture.slot
 
-    def estimate(self, capture: Capture) -> float | None:
-        return self.channel.estimate(self._slot(capture)).defocus_um
+    def estimate(self, capture: Capture) -> DefocusEstimate:
+        r = self.channel.estimate(self._slot(capture))
+        return DefocusEstimate(r.defocus_um, r.content_crops, r.crops, r.sign_agreement, r.spread_um)
 
     def classify(self, capture: Capture) -> TileClass | None:
         if not self.classify_enabled:
@@ -149,6 +151,11 @@ class FocusedField:
     tile_class: str | None = None
     class_probabilities: tuple[float, float, float] | None = None
     artifact: bool = False
+    # How the side of focus was decided: "model", "second_shot" (the two-shot test), "sweep"
+    # (the contrast sweep); None: nothing to focus on. sign_flipped: the scan's learnt sign
+    # convention was flipped when this field was focused.
+    sign_resolution: str | None = None
+    sign_flipped: bool = False
 
 
 class FieldFocuser:
@@ -171,6 +178,8 @@ class FieldFocuser:
         self.stage = stage
         self.frames: Frames = frames or LocalFrames(camera)
         self.surface = FocusSurface(focus.start_z_um)
+        # The instrument's sign convention, learnt over the scan (runtime.focus.single_shot).
+        self.sign_convention = SignConvention()
         self._last_z = focus.start_z_um
         self.models: FocusModels | None = None
         if self.strategy == "single_shot":
@@ -193,7 +202,7 @@ class FieldFocuser:
             frame = self._capture_at(result.z_um)
             # The next field is close by: its focus is near this one's.
             self._last_z = result.z_um
-            return FocusedField(result.z_um, result.captures + 1, frame, "contrast_sweep")
+            return FocusedField(result.z_um, result.captures + 1, frame, "contrast_sweep", sign_resolution="sweep")
         models = self.models
         assert models is not None
         z0 = self.surface.predict(plan.x_um, plan.y_um)
@@ -204,7 +213,9 @@ class FieldFocuser:
         if tc is not None and tc.label == "background":
             # Glass: nothing to focus on; keep the surface's z and do not teach the surface.
             return FocusedField(z0, 1, first, "single_shot:background", None, tc.label, tc.probabilities)
-        r = self.single_shot.focus(models.estimate, self._capture_at, self.frames.release, z0, first, should_stop)
+        r = self.single_shot.focus(
+            models.estimate, self._capture_at, self.frames.release, z0, first, should_stop, self.sign_convention
+        )
         if r.final_defocus_um is not None and not r.converged and not should_stop():
             # The model sees content but its estimates did not converge (ink, folds, bubbles,
             # or a field unlike its training data): fall back to the contrast sweep around the
@@ -221,6 +232,8 @@ class FieldFocuser:
                 tc.label if tc else None,
                 tc.probabilities if tc else None,
                 tc is not None and tc.label == "artifact",
+                "sweep",
+                r.sign_flipped,
             )
         artifact = tc is not None and tc.label == "artifact"
         # Artifact fields are focused, but do not teach the surface: ink or a bubble rim can fool
@@ -237,4 +250,6 @@ class FieldFocuser:
             tc.label if tc else None,
             tc.probabilities if tc else None,
             artifact,
+            r.sign_resolution,
+            r.sign_flipped,
         )

@@ -7,6 +7,32 @@ estimate is outside the tolerance move to ``z - defocus`` and capture again
 model's content head, or the classifier's "background") get no focus
 estimate; they keep the surface's z and are never added to it.
 
+**The sign.** With a pupil of defocus plus spherical aberration, the image at +z
+through aberration +a is the mirror of the image at -z through -a: one frame
+cannot tell the side of focus without knowing the objective, and a model
+trained on one family of objectives reads another family's defocus with the
+wrong sign. Every move is therefore also a two-shot test (Dastidar 2019): the
+move is a known offset ``delta`` from the first frame, and the focus the first
+estimate implies, f = z - s * e1 for a sign s in {+1, -1}, must also explain the
+*magnitude* of the second estimate, |e2| ~ |s * e1 + delta| (magnitudes only:
+they do not depend on the objective's sign). When s = +1 fits (the second
+estimate shrank), the model's sign stands ("model"); when s = -1 fits, the
+focus lies on the other side and the loop goes there ("second_shot"); when
+neither fits, the loop stops and the caller falls back to the contrast sweep.
+The model also says when it is not sure of the sign (its crops disagree:
+:attr:`runtime.ml.tasks.DefocusEstimate.sign_uncertain`); such a field is
+resolved the same way but does not teach the convention.
+
+**The instrument's convention** (:class:`SignConvention`, one per scan): an
+objective whose aberrations have the opposite sign flips every estimate. Each
+field where the model was sure of its sign (and |e1| >= ``LEARN_MIN_UM``, so
+that the two hypotheses are far apart) is a vote: the two-shot test agreed or
+disagreed. A score counts disagreements minus agreements, floored at 0; when it
+reaches ``flip_after`` (3: three more disagreements than agreements in a row of
+sure fields, which a model right 90% of the time essentially never produces by
+chance) the convention flips and every later estimate is negated, and the score
+restarts. The same rule flips it back, so a wrong flip is undone.
+
 The surface (:mod:`runtime.focus.surface`) predicts where to start; the model
 (:class:`runtime.ml.tasks.AutofocusModel`) estimates from the captured frame.
 """
@@ -15,11 +41,74 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 import numpy as np
 
 F = TypeVar("F")  # a captured frame as the caller holds it: an array, or a ring slot handle
+
+# Only first estimates at least this far from focus vote on the convention: below it the two
+# sign hypotheses predict second estimates too close together for the model's noise.
+LEARN_MIN_UM = 0.3
+# The model reads no further than this (its training range): predicted magnitudes are capped here.
+SATURATION_UM = 10.0
+
+
+class Estimated(Protocol):
+    """What the estimator may return besides a bare float: the defocus and whether the model is
+    unsure of its sign (:class:`runtime.ml.tasks.DefocusEstimate` is one)."""
+
+    @property
+    def defocus_um(self) -> float | None: ...
+
+    @property
+    def sign_uncertain(self) -> bool: ...
+
+
+Estimate = float | None | Estimated
+
+
+def _read(e: Estimate) -> tuple[float | None, bool]:
+    if e is None or isinstance(e, (float, int)):
+        return (None if e is None else float(e)), False
+    return e.defocus_um, bool(e.sign_uncertain)
+
+
+def resolve_sign(e1: float, delta_um: float, m2: float) -> int | None:
+    """The sign s in {+1, -1} with focus f = z - s * e1 that best explains ``m2``, the magnitude of
+    the estimate at z + ``delta_um``; None when neither hypothesis fits or they cannot be told apart.
+
+    Under s the second frame's defocus is s * e1 + delta; magnitudes beyond the model's range
+    (``SATURATION_UM``) read as saturated."""
+    preds = {s: min(abs(s * e1 + delta_um), SATURATION_UM) for s in (1, -1)}
+    resid = {s: abs(m2 - p) for s, p in preds.items()}
+    best = min(resid, key=lambda s: resid[s])
+    other = -best
+    fit_tol = max(0.6, 0.3 * preds[best])
+    if resid[best] > fit_tol or resid[other] - resid[best] < 0.3:
+        return None
+    return best
+
+
+@dataclass
+class SignConvention:
+    """The instrument's sign convention, learnt over a scan (see the module docstring)."""
+
+    flip_after: int = 3
+    sign: int = 1  # multiplies every model estimate
+    score: int = 0  # disagreements minus agreements, floored at 0
+    flips: int = 0
+
+    @property
+    def flipped(self) -> bool:
+        return self.sign < 0
+
+    def observe(self, agreed: bool) -> None:
+        self.score = max(0, self.score + (-1 if agreed else 1))
+        if self.score >= self.flip_after:
+            self.sign = -self.sign
+            self.flips += 1
+            self.score = 0
 
 
 @dataclass(frozen=True)
@@ -27,15 +116,21 @@ class SingleShotResult(Generic[F]):
     z_um: float  # where the kept frame was captured
     captures: int
     frame: F
-    predicted_defocus_um: float | None  # the first estimate (at the surface's z)
+    predicted_defocus_um: float | None  # the first estimate (at the surface's z), convention applied
     final_defocus_um: float | None  # the estimate for the kept frame
     focus_estimate_um: float | None  # z - final defocus, when the estimate is trusted
     converged: bool
+    # How the sign was decided: "model" (the model's sign held, or no move was needed),
+    # "second_shot" (the two-shot test found the other side); None: no content.
+    sign_resolution: str | None = None
+    sign_flipped: bool = False  # the learnt convention was flipped for this field
+    sign_uncertain: bool = False  # the model said it was not sure of the first estimate's sign
 
 
 @dataclass(frozen=True)
 class SingleShotFocus:
-    """Capture, estimate, move only when outside ``tolerance_um``; at most ``max_moves`` moves."""
+    """Capture, estimate, move only when outside ``tolerance_um``; at most ``max_moves`` moves
+    (one more when a move served to find the sign)."""
 
     tolerance_um: float = 0.25
     max_moves: int = 3
@@ -43,40 +138,74 @@ class SingleShotFocus:
 
     def focus(
         self,
-        estimate: Callable[[F], float | None],
+        estimate: Callable[[F], Estimate],
         capture_at: Callable[[float], F],
         release: Callable[[F], None],
         start_z_um: float,
         first: F,
         should_stop: Callable[[], bool] = lambda: False,
+        convention: SignConvention | None = None,
     ) -> SingleShotResult[F]:
         """``first``: the frame already captured at ``start_z_um`` (the caller classified it).
 
         ``capture_at(z)`` moves the stage to z and captures; ``estimate`` is the model's signed
-        defocus (None: no content). Frames are handles the caller may have to give back
-        (ring slots): every frame but the returned one is passed to ``release``, so at most two
-        are held at any time.
+        defocus (None: no content), a float or an :class:`Estimated`. Frames are handles the
+        caller may have to give back (ring slots): every frame but the returned one is passed to
+        ``release``, so at most two are held at any time. ``convention``: the scan's learnt sign
+        convention (None: the model's sign, nothing learnt).
         """
+        conv = convention if convention is not None else SignConvention(flip_after=1 << 30)
+        flipped = conv.flipped
+        field_sign = conv.sign  # this field's sign: the convention, until a second shot says otherwise
+
+        def est(frame: F) -> tuple[float | None, bool]:
+            d, unsure = _read(estimate(frame))
+            return (None if d is None else field_sign * d), unsure
+
         z, frame = start_z_um, first
         captures = 0
-        d = estimate(frame)
-        first_estimate = d
-        for _ in range(self.max_moves):
+        d, unsure = est(frame)
+        first_estimate, first_unsure = d, unsure
+        resolution: str | None = None if d is None else "model"
+        voted = False
+        moves, budget = 0, self.max_moves
+        while moves < budget:
             if d is None or abs(d) <= self.tolerance_um or should_stop():
                 break
-            z_new = z - float(np.clip(d, -self.max_step_um, self.max_step_um))
+            step = float(np.clip(d, -self.max_step_um, self.max_step_um))
+            z_new = z - step
             frame_new = capture_at(z_new)
             captures += 1
-            d_new = estimate(frame_new)
-            # A correct model shrinks |d| by far more than this at every move. If it does not,
-            # the estimate is not to be trusted here (pen ink, a fold, a bubble rim, or a stack
-            # edge): stop and keep the best capture rather than walk z away.
-            if d_new is None or abs(d_new) > 0.8 * abs(d):
-                release(frame_new)
+            moves += 1
+            d_new, _ = est(frame_new)
+            # A correct model shrinks |d| by far more than this at every move.
+            if d_new is not None and abs(d_new) <= 0.8 * abs(d):
+                if moves == 1 and not first_unsure and abs(d) >= LEARN_MIN_UM and not voted:
+                    conv.observe(True)
+                    voted = True
+                release(frame)
+                z, frame, d = z_new, frame_new, d_new
+                continue
+            # The move did not shrink the estimate. Two shots, a known offset apart: which side of
+            # focus explains both magnitudes? Only once per field.
+            s = resolve_sign(d, -step, abs(d_new)) if d_new is not None and resolution == "model" else None
+            release(frame_new)
+            if s != -1:
+                # Neither side fits (pen ink, a fold, a bubble rim, a stack edge, a field unlike
+                # the training data): keep the best capture rather than walk z away.
                 break
-            release(frame)
-            z, frame, d = z_new, frame_new, d_new
+            if moves == 1 and not first_unsure and abs(d) >= LEARN_MIN_UM and not voted:
+                conv.observe(False)
+                voted = True
+            # The focus is on the other side of the first frame: this field's estimates read
+            # with the other sign, and the move that found it does not count against the loop.
+            resolution = "second_shot"
+            field_sign = -field_sign
+            d = -d
+            budget += 1
         converged = d is not None and abs(d) <= self.tolerance_um
         # The residual estimate refines the focus point the surface learns (not the frame we keep).
         focus = z - d if d is not None and abs(d) <= 1.0 else None
-        return SingleShotResult(z, captures, frame, first_estimate, d, focus, converged)
+        return SingleShotResult(
+            z, captures, frame, first_estimate, d, focus, converged, resolution, flipped, first_unsure
+        )

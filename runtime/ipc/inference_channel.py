@@ -45,6 +45,8 @@ class AutofocusReply:
     content_crops: int
     crops: int
     seconds: float
+    sign_agreement: float = 1.0  # share of content crops with the median's sign
+    spread_um: float = 0.0  # the content crops' median absolute deviation
 
 
 @dataclass(frozen=True)

@@ -30,11 +30,29 @@ def _sigmoid(x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
     return (1.0 / (1.0 + np.exp(-x))).astype(np.float32)
 
 
+# A tile's sign is "uncertain" when fewer than this share of its content crops agree with the
+# median's sign, or when the median is within SIGN_SPREAD_RATIO crop spreads (MAD) of zero. Calibrated
+# on the held-out bench recordings (``python -m bench autofocus --sign``): see the README.
+SIGN_AGREEMENT_MIN = 0.8
+SIGN_SPREAD_RATIO = 1.0
+
+
 @dataclass(frozen=True)
 class DefocusEstimate:
     defocus_um: float | None  # None: abstained (not enough content)
     content_crops: int
     crops: int
+    # The share of content crops whose estimate has the median's sign (1.0: all agree).
+    sign_agreement: float = 1.0
+    # The content crops' spread around the median (median absolute deviation, µm).
+    spread_um: float = 0.0
+
+    @property
+    def sign_uncertain(self) -> bool:
+        """The crops do not agree on the sign: one frame cannot tell which side of focus it is."""
+        if self.defocus_um is None:
+            return False
+        return self.sign_agreement < SIGN_AGREEMENT_MIN or abs(self.defocus_um) < SIGN_SPREAD_RATIO * self.spread_um
 
 
 class AutofocusModel:
@@ -60,7 +78,11 @@ class AutofocusModel:
         # A quarter of the crops, and at least two: one lucky crop on a speck is not a focus target.
         if n < max(self.min_content_crops, math.ceil(0.25 * len(d))):
             return DefocusEstimate(None, n, len(d))
-        return DefocusEstimate(float(np.median(d[content])), n, len(d))
+        dc = d[content]
+        med = float(np.median(dc))
+        agree = float(np.mean(np.sign(dc) == np.sign(med))) if med != 0.0 else 0.5
+        spread = float(np.median(np.abs(dc - med)))
+        return DefocusEstimate(med, n, len(d), agree, spread)
 
 
 @dataclass(frozen=True)

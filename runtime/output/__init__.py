@@ -11,6 +11,7 @@ Modules:
   (``TiffPage``);
 * ``ome_tiff``: ``OmeTiffStream``, the pyramidal OME-TIFF streamed while the mosaic grows, and
   ``write_ome_tiff`` from a finished one (``partial_path``, and the pieces ``bench`` reuses);
+  its lower levels are SubIFDs and, by default, top-level IFDs too, so OpenSlide reads them;
 * ``ome_zarr``: ``NgffWriter``, the OME-NGFF copy written beside the OME-TIFF;
 * ``cli``: ``python -m runtime export`` (``add_export_parser``, ``run_export``).
 

@@ -43,6 +43,13 @@ def add_export_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-workers", type=int, default=None, help="tile read+compress threads")
     p.add_argument("--buffer-mib", type=int, default=None, help="encoded tiles in flight (MiB)")
     p.add_argument("--ome-zarr", type=Path, default=None, metavar="OUT.ome.zarr", help="also write OME-Zarr (NGFF 0.4)")
+    p.add_argument(
+        "--openslide-levels",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also chain the lower levels as top-level IFDs so OpenSlide sees them (default: the config's, on); "
+        "--no-openslide-levels writes the strict OME-TIFF layout",
+    )
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
 
@@ -110,6 +117,7 @@ def run_export(args: argparse.Namespace) -> int:
             buffer_mib=args.buffer_mib or w.buffer_mib,
             progress=None if args.quiet or not sys.stderr.isatty() else _Progress(),
             ngff_out=args.ome_zarr,
+            openslide_levels=w.openslide_levels if args.openslide_levels is None else args.openslide_levels,
         )
     except (ValueError, OSError) as err:
         print(f"export: {err}", file=sys.stderr)

@@ -3,9 +3,16 @@
 The file follows the OME-TIFF pyramid rules (what Bio-Formats/QuPath read):
 
 - BigTIFF, tiled ``tile`` x ``tile``, RGB interleaved (PlanarConfiguration 1);
-- the full resolution is the only top-level IFD; the lower levels are its
-  SubIFDs, largest to smallest, each with NewSubFileType = 1 (reduced image),
-  integer factor 2 between levels (sizes rounded up, as the mosaic has them);
+- the full resolution is the first top-level IFD (the only one the OME-XML
+  names); the lower levels are its SubIFDs, largest to smallest, each with
+  NewSubFileType = 1 (reduced image), integer factor 2 between levels (sizes
+  rounded up, as the mosaic has them);
+- ``openslide_levels`` (default): the same lower levels are also chained as
+  top-level IFDs after the first, pointing at the same tiles -- the layout
+  OpenSlide's generic-tiff driver reads (it never follows SubIFDs). One file
+  then opens at every level in Bio-Formats, OpenSlide, tiffslide, tifffile
+  and libvips; the extra IFDs cost ~380 bytes per level, no pixels. Off: the
+  strict OME-TIFF layout, a single top-level IFD;
 - OME-XML in the first IFD with PhysicalSizeX/Y in µm (made by tifffile's
   ``OmeXml``, as tifffile would write it); the TIFF resolution tags say the
   same per level (pixels per cm).
@@ -205,6 +212,8 @@ class OmeTiffStream:
     file. ``progress(done, total)`` is called per tile written. With
     ``ngff_out``, each tile read is also written to an OME-Zarr (NGFF 0.4)
     pyramid there (:mod:`runtime.output.ome_zarr`), finished and renamed with the TIFF.
+    ``openslide_levels``: also chain the lower levels as top-level IFDs, so
+    OpenSlide sees them (see the module docstring).
     """
 
     def __init__(
@@ -220,6 +229,7 @@ class OmeTiffStream:
         buffer_mib: int = 16,
         progress: Progress | None = None,
         ngff_out: str | Path | None = None,
+        openslide_levels: bool = True,
     ) -> None:
         check_options(compression, tile, jpeg_quality, subsampling)
         if max_workers < 1 or buffer_mib < 1:
@@ -254,7 +264,7 @@ class OmeTiffStream:
         self._ngff: NgffWriter | None = None
         try:
             self._pool = ThreadPoolExecutor(max_workers, thread_name_prefix="ome-tiff")
-            self._tiff = TiffStreamWriter(self.tmp, pages)
+            self._tiff = TiffStreamWriter(self.tmp, pages, chain_levels=openslide_levels)
             if ngff_out is not None:
                 name = self.out.name.split(".")[0]
                 self._ngff = NgffWriter(ngff_out, self.shapes, tile, mosaic.pixel_size_um, name)
@@ -408,6 +418,7 @@ def write_ome_tiff(
     buffer_mib: int = 16,
     progress: Progress | None = None,
     ngff_out: str | Path | None = None,
+    openslide_levels: bool = True,
 ) -> OmeTiffSummary:
     """Write ``mosaic`` (every level it has) as a pyramidal OME-TIFF at ``out``.
 
@@ -417,6 +428,7 @@ def write_ome_tiff(
     once the file is complete; on any error the temporary file is removed
     and the error propagates. ``ngff_out``: also write the pyramid as
     OME-Zarr (NGFF 0.4) there (see :mod:`runtime.output.ome_zarr`).
+    ``openslide_levels``: as for :class:`OmeTiffStream`.
     """
     check_options(compression, tile, jpeg_quality, subsampling)
     if not mosaic.pyramid_current:
@@ -435,6 +447,7 @@ def write_ome_tiff(
         buffer_mib=buffer_mib,
         progress=progress,
         ngff_out=ngff_out,
+        openslide_levels=openslide_levels,
     ) as stream:
         for k, (h, _) in enumerate(mosaic.level_shapes):
             stream.rows_final(k, h)

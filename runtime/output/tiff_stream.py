@@ -23,6 +23,16 @@ Layout: the main IFD is ``pages[0]``; ``pages[1:]`` are its SubIFDs (the
 OME-TIFF pyramid layout). The tags mirror, tag for tag, what tifffile writes
 for the same page (see ``tests/test_tiff_stream.py``), so tifffile, Bio-Formats
 and OpenSlide read these files like tifffile's own.
+
+With ``chain_levels``, ``pages[1:]`` are *also* chained after the main IFD as
+top-level IFDs (NextIFD), each a second IFD with the very same entries as its
+SubIFD -- same TileOffsets/TileByteCounts arrays, written once and pointed at
+twice -- so readers that follow only the top-level chain (OpenSlide's
+generic-tiff driver: openslide/openslide#344) see every level too. The pixels
+are stored once; the copies cost one IFD per level (~380 bytes). OME-TIFF
+readers map planes through the OME-XML's TiffData (IFD 0 only) and take the
+levels from SubIFDs, so they ignore the chain (measured: README, "Which file
+for which tool").
 """
 
 from __future__ import annotations
@@ -178,12 +188,17 @@ def _entry_tags(page: TiffPage) -> list[_Tag]:
 class TiffStreamWriter:
     """Write ``pages`` (main IFD + SubIFDs) to ``path``, tile by tile in any order.
 
+    ``chain_levels``: also chain the SubIFDs as top-level IFDs after the main one
+    (same entries, same tile bytes; see the module docstring).
+
     Not thread-safe: one thread calls :meth:`write_tile` (encoding happens
     elsewhere, in parallel). :meth:`close` raises if a tile is missing, so a
     file with holes is never finished.
     """
 
-    def __init__(self, path: str | Path, pages: Sequence[TiffPage], *, buffer_bytes: int = 1 << 20) -> None:
+    def __init__(
+        self, path: str | Path, pages: Sequence[TiffPage], *, chain_levels: bool = False, buffer_bytes: int = 1 << 20
+    ) -> None:
         if not pages:
             raise ValueError("need at least one page")
         for p in pages:
@@ -193,6 +208,7 @@ class TiffStreamWriter:
                 raise ValueError(f"empty page {p.height} x {p.width}")
         self.path = Path(path)
         self.pages = list(pages)
+        self.chain_levels = chain_levels
         # -1 = not written yet (0 would be a legal-looking offset to a reader).
         self._offsets = [np.full(p.n_tiles, -1, dtype=np.int64) for p in self.pages]
         self._counts = [np.zeros(p.n_tiles, dtype=np.int64) for p in self.pages]
@@ -240,9 +256,16 @@ class TiffStreamWriter:
             raise ValueError(f"{self._missing} tiles were never written; the TIFF would have holes")
         f = self._f
         # SubIFDs first: the main IFD's SubIFDs tag needs their offsets.
-        sub_offsets = [self._write_ifd(k, []) for k in range(1, len(self.pages))]
+        subs = [self._ifd_entries(k, []) for k in range(1, len(self.pages))]
+        sub_offsets = [self._write_entries(e, 0) for e in subs]
+        # Chained copies, smallest level first so each knows the offset of the next: the same
+        # entries (out-of-line values, tile offsets included, written once), only NextIFD differs.
+        nxt = 0
+        if self.chain_levels:
+            for entries in reversed(subs):
+                nxt = self._write_entries(entries, nxt)
         extra: list[_Tag] = [(_SUB_IFDS, DATATYPE.IFD8, sub_offsets)] if sub_offsets else []
-        first = self._write_ifd(0, extra)
+        first = self._write_entries(self._ifd_entries(0, extra), nxt)
         f.seek(8)
         f.write(struct.pack("<Q", first))
         f.close()
@@ -279,8 +302,8 @@ class TiffStreamWriter:
         if pad:
             self._append(b"\0" * pad)
 
-    def _write_ifd(self, k: int, extra: Sequence[_Tag]) -> int:
-        """Write page k's out-of-line values, then its IFD; return the IFD's offset."""
+    def _ifd_entries(self, k: int, extra: Sequence[_Tag]) -> bytes:
+        """Write page k's out-of-line values; return its IFD's entries (count and fields, no NextIFD)."""
         counts = self._counts[k]
         count_type = _bytecount_type(self.pages[k], int(counts.max()))
         tags = [
@@ -299,9 +322,12 @@ class TiffStreamWriter:
                 self._align()
                 field = struct.pack("<Q", self._append(raw))
             entries.append(struct.pack("<HHQ", tag, typ, count) + field)
+        return struct.pack("<Q", len(entries)) + b"".join(entries)
+
+    def _write_entries(self, entries: bytes, next_ifd: int) -> int:
+        """Write one IFD (``entries`` from :meth:`_ifd_entries`, then NextIFD); return its offset."""
         self._align()
-        ifd = struct.pack("<Q", len(entries)) + b"".join(entries) + struct.pack("<Q", 0)
-        return self._append(ifd)
+        return self._append(entries + struct.pack("<Q", next_ifd))
 
 
 _NUMPY_TYPE = {DATATYPE.SHORT: "<u2", DATATYPE.LONG: "<u4", DATATYPE.LONG8: "<u8"}

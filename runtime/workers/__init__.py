@@ -10,7 +10,10 @@ Modules:
   (``Batching``: how classify requests are batched; ``InferenceClient``: a worker of its own and
   the channel to it, outside the daemon);
 * ``stitcher``: ``stitcher_main`` (``StitchJob``), takes tiles out of the ring into the Zarr mosaic;
-* ``writer``: ``writer_main``, streams the pyramidal OME-TIFF while the mosaic grows.
+* ``writer``: ``writer_main``, streams the pyramidal OME-TIFF while the mosaic grows;
+* ``recorder``: ``recorder_main`` (``ZstackRecordJob``), records a z-stack at each chosen field into
+  a recording (``record_zstacks``; instead of the four above);
+* ``planning``: ``open_and_plan``, opens the configured driver in a worker and plans the region.
 
 May import: the base modules, ``runtime.devices``, ``runtime.ml``, ``runtime.output``,
 ``runtime.stitching``, ``runtime.ipc`` and ``runtime.focus``; never ``runtime.control`` or
@@ -31,6 +34,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from runtime.workers.acquisition import AcquisitionJob, acquisition_main
     from runtime.workers.inference import Batching, InferenceClient, inference_main
+    from runtime.workers.planning import open_and_plan
+    from runtime.workers.recorder import ZstackRecordJob, recorder_main
     from runtime.workers.skeleton import WorkerContext, run_worker
     from runtime.workers.stitcher import StitchJob, stitcher_main
     from runtime.workers.writer import writer_main
@@ -38,6 +43,8 @@ else:
     _MODULES = {  # module -> the names it gives this package
         "acquisition": ("AcquisitionJob", "acquisition_main"),
         "inference": ("Batching", "InferenceClient", "inference_main"),
+        "planning": ("open_and_plan",),
+        "recorder": ("ZstackRecordJob", "recorder_main"),
         "skeleton": ("WorkerContext", "run_worker"),
         "stitcher": ("StitchJob", "stitcher_main"),
         "writer": ("writer_main",),
@@ -61,8 +68,11 @@ __all__ = [
     "InferenceClient",
     "StitchJob",
     "WorkerContext",
+    "ZstackRecordJob",
     "acquisition_main",
     "inference_main",
+    "open_and_plan",
+    "recorder_main",
     "run_worker",
     "stitcher_main",
     "writer_main",

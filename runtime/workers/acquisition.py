@@ -177,6 +177,8 @@ def acquisition_main(
                 predicted_defocus_um=result.predicted_defocus_um,
                 tile_class=result.tile_class,
                 artifact=result.artifact,
+                sign_resolution=result.sign_resolution,
+                sign_flipped=result.sign_flipped,
             )
             # The slot belongs to the stitcher now; drop this process's view of it.
             del result

@@ -156,7 +156,17 @@ def inference_main(
                         dt = time.perf_counter() - t
                         stats.autofocus_requests += 1
                         stats.autofocus_seconds += dt
-                        replies.put(AutofocusReply(m.request_id, est.defocus_um, est.content_crops, est.crops, dt))
+                        replies.put(
+                            AutofocusReply(
+                                m.request_id,
+                                est.defocus_um,
+                                est.content_crops,
+                                est.crops,
+                                dt,
+                                est.sign_agreement,
+                                est.spread_um,
+                            )
+                        )
                     case ClassifyRequest():
                         if not pending:
                             deadline = time.monotonic() + policy.window_s

@@ -53,6 +53,7 @@ def open_stream(cfg: WriterConfig, out_path: str, mosaic_path: str, beat: Callab
         buffer_mib=cfg.buffer_mib,
         progress=lambda done, total: beat(),
         ngff_out=ngff_path(Path(out_path)) if cfg.ome_zarr else None,
+        openslide_levels=cfg.openslide_levels,
     )
 
 

@@ -1,0 +1,421 @@
+"""Self-labelled calibration: fine-tune the autofocus model on an instrument's own z-stacks.
+
+``python -m export calibrate REC [REC ...] --init MODEL_DIR --out MODEL_DIR``
+
+1. **Labels** each recorded field's in-focus z from its own z-stack
+   (:mod:`runtime.focus.stack_labels`: per-region sharpness curves, robust peak
+   fits, median over regions). Fields without content, with the peak outside
+   the stack, with two comparable peaks or with disagreeing regions are
+   skipped and counted. The recordings' ``truth`` arrays are never read here.
+2. **Recovers** the init model's weights from its ONNX (a model folder holds no
+   torch checkpoint): the exporter folded each BatchNorm into its convolution,
+   so the convolutions take the folded weights and biases and the BatchNorms
+   become identities; the recovered torch model is checked against ONNX
+   Runtime before anything else happens.
+3. **Splits by field** (never by plane): ``holdout`` of the labelled fields are
+   held out for the before/after metrics.
+4. **Re-scales the defocus output** with a least-squares line through the init
+   model's tile estimates against the labels on the training fields (folded
+   into the last layer): the cheap fix of the sign convention. An objective
+   whose spherical aberration and axial colour have the opposite sign mirrors
+   the images above and below focus, so the init model reads every plane with
+   the wrong sign; the slope comes out negative and flips it.
+5. **Fine-tunes** every layer on crops of the training fields' planes
+   (the same preprocessing as training and inference,
+   :class:`runtime.ml.preprocess.AutofocusPreprocess`), target = plane z minus
+   the field's label (stage z minus in-focus z, the model's convention), planes
+   near focus weighted up (``near_weight``: the closed loop's last capture is
+   judged there); the content head is kept where the init model had it (its
+   own probabilities are the targets).
+6. **Exports** a normal model folder (:func:`export.onnx_export.export_model`,
+   parity-checked) whose ``model.json`` names the recordings and fields, the
+   label method, the held-out metrics before and after, and the init model's
+   sha256.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from onnx import numpy_helper
+from torch import nn
+
+from export.models import AutofocusNet
+from export.onnx_export import _spec, export_model
+from export.train import _augment, autofocus_metrics, seed_everything
+from export.train import predict_autofocus as predict
+from runtime.devices.recording import Recording
+from runtime.focus.stack_labels import FieldLabel, LabelParams, label_stack
+from runtime.ml.model_folder import ModelFolder, builtin_autofocus_dir, load_model_folder
+from runtime.ml.preprocess import AutofocusPreprocess
+
+MAE_RANGE_UM = 8.0  # metrics: MAE over |z| <= 8 µm, sign accuracy at 1 <= |z| <= 8 µm
+
+
+class CalibrationError(ValueError):
+    """Calibration cannot run: no usable fields, a model that cannot be recovered, ..."""
+
+
+# --------------------------------------------------------------------------- weight recovery
+
+
+def recover_autofocus(folder: ModelFolder) -> AutofocusNet:
+    """The torch :class:`AutofocusNet` whose eval-mode outputs are the folder's ONNX outputs.
+
+    The exported graph is Conv(+bias)/ReLU x 7, Flatten, Gemm/ReLU/Gemm: each Conv holds its
+    BatchNorm folded in. The convolutions (in graph order) get those weights, each BatchNorm
+    becomes the identity (mean 0, var 1 - eps, scale 1) with the folded bias as its shift,
+    and the two Linear layers are matched by initializer name (``head.1``, ``head.3``).
+    """
+    model_proto = onnx.load(str(folder.onnx_path))
+    inits = {t.name: numpy_helper.to_array(t) for t in model_proto.graph.initializer}
+    model = AutofocusNet(in_ch=folder.input_shape[0])
+    convs = [n for n in model_proto.graph.node if n.op_type == "Conv"]
+    blocks = list(model.features)
+    if len(convs) != len(blocks):
+        raise CalibrationError(f"{folder.onnx_path}: {len(convs)} Conv nodes, AutofocusNet has {len(blocks)} blocks")
+    with torch.no_grad():
+        for node, block in zip(convs, blocks, strict=True):
+            assert isinstance(block, nn.Sequential)
+            conv, bn = block[0], block[1]
+            assert isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d)
+            assert bn.running_mean is not None and bn.running_var is not None
+            w = inits[node.input[1]]
+            b = inits[node.input[2]] if len(node.input) > 2 else np.zeros(w.shape[0], np.float32)
+            if tuple(w.shape) != tuple(conv.weight.shape):
+                raise CalibrationError(f"{folder.onnx_path}: Conv {node.name} weight {w.shape} != {conv.weight.shape}")
+            conv.weight.copy_(torch.from_numpy(np.array(w)))
+            bn.weight.fill_(1.0)
+            bn.bias.copy_(torch.from_numpy(np.array(b)))
+            bn.running_mean.zero_()
+            bn.running_var.fill_(1.0 - bn.eps)
+        for name in ("head.1", "head.3"):
+            lin = model.get_submodule(name)
+            assert isinstance(lin, nn.Linear)
+            for p in ("weight", "bias"):
+                key = f"{name}.{p}"
+                if key not in inits or inits[key].shape != tuple(getattr(lin, p).shape):
+                    raise CalibrationError(f"{folder.onnx_path}: initializer {key!r} missing or of the wrong shape")
+                getattr(lin, p).copy_(torch.from_numpy(np.array(inits[key])))
+    model.eval()
+    return model
+
+
+def recovery_error(model: nn.Module, folder: ModelFolder, x: np.ndarray) -> dict[str, float]:
+    """Max abs difference per output between the recovered torch model and ONNX Runtime on ``x``."""
+    sess = ort.InferenceSession(str(folder.onnx_path), providers=["CPUExecutionProvider"])
+    x32 = np.asarray(x, np.float32)
+    got = sess.run(["defocus_um", "content_logit"], {folder.input_name: x32})
+    model.eval()
+    with torch.no_grad():
+        ref = [t.numpy() for t in model(torch.from_numpy(x32))]
+    return {n: float(np.max(np.abs(r - o))) for n, r, o in zip(("defocus_um", "content_logit"), ref, got, strict=True)}
+
+
+# --------------------------------------------------------------------------- data
+
+
+@dataclass
+class FieldData:
+    """One labelled field's planes as model inputs: ``x`` (crops, C, S, S) float16, per crop the
+    plane's target defocus and the plane index (a tile is one plane)."""
+
+    rec: int
+    field: int
+    label: FieldLabel
+    x: np.ndarray
+    y: np.ndarray
+    plane: np.ndarray
+
+
+def label_recordings(recs: Sequence[Recording], params: LabelParams) -> list[tuple[int, FieldLabel]]:
+    """Every field of every recording, labelled from its own stack (truth is never read)."""
+    out = []
+    for r, rec in enumerate(recs):
+        for f in range(rec.meta.n_fields):
+            frames = [rec.plane(f, k) for k in range(rec.meta.n_z)]
+            out.append((r, label_stack(f, rec.z_um[f], frames, params)))
+    return out
+
+
+def field_inputs(
+    rec: Recording,
+    r: int,
+    label: FieldLabel,
+    pre: AutofocusPreprocess,
+    max_abs_um: float,
+    crops: int,
+    rng: np.random.Generator,
+) -> FieldData:
+    """Model inputs of the field's planes within ``max_abs_um`` of its label; ``crops`` > 0 keeps
+    that many crops per plane (drawn at random), 0 every crop the preprocessing cuts."""
+    assert label.focus_z_um is not None
+    xs, ys, planes = [], [], []
+    for k in range(rec.meta.n_z):
+        y = float(rec.z_um[label.field, k]) - label.focus_z_um
+        if abs(y) > max_abs_um:
+            continue
+        inp = pre.inputs(rec.plane(label.field, k))
+        if 0 < crops < len(inp):
+            inp = inp[np.sort(rng.choice(len(inp), crops, replace=False))]
+        xs.append(inp.astype(np.float16))
+        ys.append(np.full(len(inp), y, np.float32))
+        planes.append(np.full(len(inp), k, np.int64))
+    if not xs:
+        return FieldData(r, label.field, label, np.zeros((0, *pre.input_shape), np.float16), np.zeros(0), np.zeros(0))
+    return FieldData(r, label.field, label, np.concatenate(xs), np.concatenate(ys), np.concatenate(planes))
+
+
+# --------------------------------------------------------------------------- prediction and metrics
+
+
+def tile_estimates(
+    fields: Sequence[FieldData], pred: np.ndarray, content: np.ndarray, min_content_crops: int = 2
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per plane (a tile): (true defocus, estimate) with the runtime's rule
+    (:class:`runtime.ml.tasks.AutofocusModel`): the median over content crops, NaN (abstained)
+    when fewer than a quarter of the crops, and fewer than ``min_content_crops``, are content."""
+    true, est = [], []
+    i = 0
+    for fd in fields:
+        n = len(fd.x)
+        p, c, pl = pred[i : i + n], content[i : i + n], fd.plane
+        for k in np.unique(pl):
+            sel = pl == k
+            ok = sel & (c > 0.5)
+            true.append(float(fd.y[sel][0]))
+            need = max(min_content_crops, math.ceil(0.25 * int(sel.sum())))
+            est.append(float(np.median(p[ok])) if int(ok.sum()) >= need else float("nan"))
+        i += n
+    return np.asarray(true), np.asarray(est)
+
+
+def metrics(true: np.ndarray, est: np.ndarray) -> dict[str, float]:
+    """MAE over |z| <= 8 µm and sign accuracy at |z| >= 1 µm (within 8 µm), per tile."""
+    if not len(true) or not np.isfinite(est).any():
+        return {"tiles": 0}
+    m = autofocus_metrics(true, est, max_abs_um=MAE_RANGE_UM)
+    return {"max_abs_um": MAE_RANGE_UM, **m}
+
+
+# --------------------------------------------------------------------------- training
+
+
+def _fold_affine(model: AutofocusNet, slope: float, offset: float) -> None:
+    """defocus <- slope * defocus + offset, folded into the last Linear layer's defocus row."""
+    lin = model.head[3]
+    assert isinstance(lin, nn.Linear)
+    with torch.no_grad():
+        lin.weight[0] *= slope
+        lin.bias[0] = lin.bias[0] * slope + offset
+
+
+def _freeze_bn(model: nn.Module) -> None:
+    """BatchNorm keeps its (identity) statistics: a few fields' batches would be poor estimates."""
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.eval()
+
+
+def fine_tune(
+    model: AutofocusNet,
+    x: np.ndarray,
+    y: np.ndarray,
+    content_target: np.ndarray,
+    epochs: int,
+    lr: float,
+    seed: int,
+    batch: int = 64,
+    near_weight: float = 0.0,
+) -> list[dict[str, float]]:
+    xt = torch.from_numpy(x)
+    yt = torch.from_numpy(y.astype(np.float32))
+    ct = torch.from_numpy(content_target.astype(np.float32))
+    # Content crops train the defocus head; planes near focus weigh more (the closed loop's last
+    # capture is judged there: a field-specific offset of 0.3 µm near focus costs a sweep).
+    mask = (ct > 0.5).float() * (1.0 + near_weight * torch.exp(-0.5 * yt * yt))
+    n = len(xt)
+    per_epoch = max(1, n // batch)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * per_epoch, pct_start=0.2)
+    g = torch.Generator().manual_seed(seed)
+    bce = nn.BCEWithLogitsLoss()
+    history = []
+    for epoch in range(epochs):
+        model.train()
+        _freeze_bn(model)
+        perm = torch.randperm(n, generator=g)
+        total = 0.0
+        for i in range(per_epoch):
+            idx = perm[i * batch : (i + 1) * batch]
+            pd, pc = model(_augment(xt[idx].float(), g))
+            mb = mask[idx]
+            reg = (nn.functional.smooth_l1_loss(pd, yt[idx], beta=0.2, reduction="none") * mb).sum() / mb.sum().clamp(
+                min=1
+            )
+            loss = reg + 0.5 * bce(pc, ct[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += float(loss.detach())
+        history.append({"epoch": epoch, "loss": total / per_epoch})
+        print(json.dumps(history[-1]), flush=True)
+    model.eval()
+    return history
+
+
+# --------------------------------------------------------------------------- the command
+
+
+def _split(n: int, holdout: float, seed: int) -> tuple[list[int], list[int]]:
+    """Field indices (into the labelled list) for training and held out; at least one of each
+    when there are two or more fields."""
+    order = np.random.default_rng([seed, 0xCA1]).permutation(n)
+    k = 0 if n < 2 or holdout <= 0 else min(n - 1, max(1, round(holdout * n)))
+    return sorted(int(i) for i in order[k:]), sorted(int(i) for i in order[:k])
+
+
+def calibrate(
+    recordings: Sequence[Path],
+    init: Path | str,
+    out: Path,
+    epochs: int = 8,
+    lr: float = 5e-4,
+    crops: int = 8,
+    holdout: float = 0.25,
+    max_abs_um: float = 12.0,
+    seed: int = 0,
+    near_weight: float = 3.0,
+    label_params: LabelParams | None = None,
+    command: str | None = None,
+) -> dict[str, Any]:
+    """Label, fine-tune and export (see the module docstring). Returns the ``calibration`` record
+    written to ``out/model.json``."""
+    t0 = time.time()
+    seed_everything(seed)
+    lp = label_params or LabelParams()
+    recs = [Recording.open(p) for p in recordings]
+    if not recs:
+        raise CalibrationError("no recordings given")
+    if str(init) == "builtin":
+        m0 = recs[0].meta
+        init = builtin_autofocus_dir((m0.tile_height, m0.tile_width))
+    folder = load_model_folder(init, task="autofocus")
+    pre = folder.autofocus_preprocess()
+    model = recover_autofocus(folder)
+
+    labels = label_recordings(recs, lp)
+    t_label = time.time() - t0
+    usable = [(r, lab) for r, lab in labels if lab.focus_z_um is not None]
+    skipped: dict[str, int] = {}
+    for _, lab in labels:
+        if lab.focus_z_um is None:
+            skipped[lab.status] = skipped.get(lab.status, 0) + 1
+    print(f"labelled {len(usable)} of {len(labels)} fields ({t_label:.1f} s); skipped {skipped}", flush=True)
+    if not usable:
+        raise CalibrationError(f"no field has a usable sharpness peak (skipped: {skipped})")
+    train_i, held_i = _split(len(usable), holdout, seed)
+    rng = np.random.default_rng([seed, 0xDA7A])
+    train_f = [
+        field_inputs(recs[usable[i][0]], usable[i][0], usable[i][1], pre, max_abs_um, crops, rng) for i in train_i
+    ]
+    held_f = [field_inputs(recs[usable[i][0]], usable[i][0], usable[i][1], pre, max_abs_um, 0, rng) for i in held_i]
+    train_f = [f for f in train_f if len(f.x)]
+    held_f = [f for f in held_f if len(f.x)]
+    if not train_f:
+        raise CalibrationError("no training field has planes within the model's range")
+    x = np.concatenate([f.x for f in train_f])
+    y = np.concatenate([f.y for f in train_f])
+    hx = np.concatenate([f.x for f in held_f]) if held_f else np.zeros((0, *pre.input_shape), np.float16)
+    t_data = time.time() - t0 - t_label
+    print(f"inputs: {len(x)} training crops, {len(hx)} held-out crops ({t_data:.1f} s)", flush=True)
+
+    # The recovered model must be the init model, or nothing below means anything.
+    probe = np.asarray((hx if len(hx) else x)[:64], np.float32)
+    rec_err = recovery_error(model, folder, probe)
+    if max(rec_err.values()) > 1e-3:
+        raise CalibrationError(f"recovered torch model differs from {folder.onnx_path}: {rec_err}")
+
+    hp0, hc0 = predict(model, hx)
+    before = metrics(*tile_estimates(held_f, hp0, hc0)) if held_f else {}
+    tp0, tc0 = predict(model, x)
+    # Sign convention and scale: least squares through the training fields' tile estimates.
+    tt, te = tile_estimates(train_f, tp0, tc0, min_content_crops=1)
+    ok = np.isfinite(te) & (np.abs(tt) <= MAE_RANGE_UM)
+    slope, offset = 1.0, 0.0
+    if ok.sum() >= 3 and float(np.var(te[ok])) > 1e-6:
+        slope, offset = (float(v) for v in np.polyfit(te[ok], tt[ok], 1))
+        _fold_affine(model, slope, offset)
+    print(f"output line: defocus <- {slope:.3f} * defocus + {offset:.3f}", flush=True)
+    t1 = time.time()
+    history = fine_tune(model, x, y, tc0, epochs, lr, seed, near_weight=near_weight) if epochs > 0 else []
+    t_train = time.time() - t1
+    hp1, hc1 = predict(model, hx)
+    after = metrics(*tile_estimates(held_f, hp1, hc1)) if held_f else {}
+    print(json.dumps({"heldout_before": before, "heldout_after": after}), flush=True)
+
+    def _fields(sel: Sequence[FieldData]) -> list[dict[str, Any]]:
+        return [{"recording": str(recordings[f.rec]), "field": f.field} for f in sel]
+
+    calibration: dict[str, Any] = {
+        "init_model": {"path": str(folder.path), "onnx_sha256": folder.sha256, "recovery_max_abs_diff": rec_err},
+        "recordings": [
+            {
+                "path": str(p),
+                "fields": [lab.field for r, lab in usable if r == i],
+                "skipped": {str(lab.field): lab.status for r, lab in labels if r == i and lab.focus_z_um is None},
+            }
+            for i, p in enumerate(recordings)
+        ],
+        "label_method": {
+            "name": "stack_sharpness_peak",
+            "module": "runtime.focus.stack_labels",
+            "description": "per-region sharpness curves over the z-stack; Gaussian fit of each region's main "
+            "peak (flat, edge and two-peaked curves rejected); the field's focus is the median over regions",
+            "params": lp.to_dict(),
+        },
+        "labels": [{"recording": r, **lab.to_dict()} for r, lab in labels],
+        "fields_labelled": len(usable),
+        "fields_skipped": skipped,
+        "train_fields": _fields(train_f),
+        "heldout_fields": _fields(held_f),
+        "heldout_metrics_before": before,
+        "heldout_metrics_after": after,
+        "output_line": {"slope": slope, "offset": offset},
+        "train_crops": len(x),
+        "crops_per_plane": crops,
+        "max_abs_defocus_um": max_abs_um,
+        "epochs": epochs,
+        "lr": lr,
+        "near_focus_weight": near_weight,
+        "seed": seed,
+        "history": history,
+        "seconds": {"labels": round(t_label, 1), "inputs": round(t_data, 1), "train": round(t_train, 1)},
+    }
+    spec = _spec("AutofocusNet", pre.to_dict())
+    spec["model"] = model
+    samples = np.asarray(
+        (hx if len(hx) else x)[np.sort(rng.choice(len(hx) or len(x), min(64, len(hx) or len(x)), replace=False))],
+        np.float32,
+    )
+    training = {
+        "kind": "autofocus_calibration",
+        "commands": [command] if command else [],
+        "init": calibration["init_model"],
+        "machine": f"{platform.machine()} threads={torch.get_num_threads()}",
+    }
+    calibration["seconds"]["total"] = round(time.time() - t0, 1)
+    export_model(model, spec, out, samples, after, training, extra={"calibration": calibration})
+    return calibration

@@ -1,0 +1,184 @@
+"""Self-labelled calibration: stack labels against the simulator's truth, weight recovery from
+ONNX, and a tiny calibration whose model folder loads and runs a scan in the daemon."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from hw_sim.synth import SynthParams, synthesize
+from runtime.devices.recording import Recording
+from runtime.focus.stack_labels import LabelParams, fit_peak, label_stack
+from runtime.ml.model_folder import MODELS_DIR, load_model_folder
+
+# An objective outside the committed models' training range (opposite-sign aberrations), fields
+# far apart (stage error) so each sees other tissue, and tissue only in part of the area: the
+# stacks cover about ±5 µm around a coarse focus that is up to 1 µm off.
+PARAMS = SynthParams(
+    fields_x=3,
+    fields_y=2,
+    seed=41,
+    tile=256,
+    z_planes=21,
+    z_step_um=0.5,
+    stage_error_um=20.0,
+    spherical_waves=-0.08,
+    chromatic_shift_um=(-0.15, 0.0, 0.2),
+)
+
+
+@pytest.fixture(scope="module")
+def recording(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return synthesize(tmp_path_factory.mktemp("cal") / "rec.zarr", PARAMS)
+
+
+def _stack(rec: Recording, f: int) -> list[np.ndarray]:
+    return [rec.plane(f, k) for k in range(rec.meta.n_z)]
+
+
+# --------------------------------------------------------------------------- labels
+
+
+def test_stack_labels_match_the_truth(recording: Path) -> None:
+    rec = Recording.open(recording)
+    truth = rec.truth_focus_z_um
+    assert truth is not None
+    errors = []
+    for f in range(rec.meta.n_fields):
+        lab = label_stack(f, rec.z_um[f], _stack(rec, f))
+        if lab.focus_z_um is not None:
+            errors.append(lab.focus_z_um - float(truth[f]))
+            assert lab.status == "ok" and lab.regions_used >= 2
+    assert len(errors) >= 4, errors  # the test slide puts tissue under most fields
+    assert np.max(np.abs(errors)) <= 0.15, errors
+
+
+def test_flat_and_noise_only_stacks_are_skipped(recording: Path) -> None:
+    rec = Recording.open(recording)
+    z = rec.z_um[0]
+    rng = np.random.default_rng(0)
+    glass = [np.clip(rng.normal(235, 3, (256, 256, 3)), 0, 255).astype(np.uint8) for _ in z]
+    assert label_stack(0, z, glass).status == "no_content"
+    # Tissue that never comes into focus: every plane is the same (out-of-focus) frame plus noise.
+    frame = rec.plane(0, 0).astype(np.float32)
+    flat = [np.clip(frame + rng.normal(0, 4, frame.shape), 0, 255).astype(np.uint8) for _ in z]
+    lab = label_stack(0, z, flat)
+    assert lab.focus_z_um is None and lab.status == "no_content", lab
+
+
+def _gauss(z: np.ndarray, mu: float, sigma: float = 0.8, height: float = 10.0) -> np.ndarray:
+    return 1.0 + height * np.exp(-0.5 * ((z - mu) / sigma) ** 2)
+
+
+def test_peak_fit_survives_noise_edges_and_two_peaks() -> None:
+    z = np.arange(41) * 0.5 - 10.0
+    rng = np.random.default_rng(3)
+    for mu in (-3.3, 0.12, 4.71):
+        noisy = _gauss(z, mu) * (1 + rng.normal(0, 0.03, z.shape))
+        fit = fit_peak(z, noisy)
+        assert fit.status == "ok" and fit.z_um is not None and abs(fit.z_um - mu) < 0.1, (mu, fit)
+    assert fit_peak(z, 1.0 + rng.normal(0, 0.02, z.shape)).status == "flat"
+    assert fit_peak(z, _gauss(z, 10.6)).status == "edge"  # focus beyond the last plane
+    assert fit_peak(z, _gauss(z, -10.4)).status == "edge"
+    # Two comparable peaks (dust on the cover glass above the tissue): ambiguous, no label.
+    assert fit_peak(z, _gauss(z, -4.0) + _gauss(z, 3.0, height=9.0) - 1).status == "ambiguous"
+    # A dominant peak and a small one: the dominant one, not a blend.
+    two = fit_peak(z, _gauss(z, -4.0) + _gauss(z, 3.0, height=3.0) - 1)
+    assert two.status == "ok" and two.z_um is not None and abs(two.z_um + 4.0) < 0.1, two
+    assert fit_peak(z[:4], _gauss(z[:4], -9.0)).status == "too_few_planes"
+
+
+def test_field_label_is_robust_to_one_bad_region() -> None:
+    from runtime.focus.stack_labels import label_curves
+
+    z = np.arange(25) * 0.5 - 6.0
+    curves = np.stack([_gauss(z, 1.0 + d) for d in (0.0, 0.05, -0.05, 0.02)] + [_gauss(z, -4.0)], axis=1)
+    lab = label_curves(0, z, curves, LabelParams())
+    assert lab.status == "ok" and lab.focus_z_um is not None and abs(lab.focus_z_um - 1.0) < 0.06, lab
+
+
+# --------------------------------------------------------------------------- weight recovery
+
+
+@pytest.mark.parametrize("name", ["autofocus", "autofocus_v2"])
+def test_recovered_weights_reproduce_the_onnx_model(recording: Path, name: str) -> None:
+    pytest.importorskip("torch")
+    from export.calibrate import recover_autofocus, recovery_error
+
+    folder = load_model_folder(MODELS_DIR / name, "autofocus")
+    model = recover_autofocus(folder)
+    rec = Recording.open(recording)
+    pre = folder.autofocus_preprocess()
+    x = np.concatenate([pre.inputs(rec.plane(f, k)) for f in (0, 3) for k in (0, 10, 20)])
+    err = recovery_error(model, folder, x)
+    assert max(err.values()) < 1e-4, err
+
+
+# --------------------------------------------------------------------------- calibration end to end
+
+
+def test_tiny_calibration_loads_and_runs_in_the_daemon(
+    recording: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("torch")
+    from export.__main__ import main
+
+    # The calibration path must never read the truth.
+    def _no_truth(self: Recording) -> None:
+        raise AssertionError("calibration read the recording's truth")
+
+    monkeypatch.setattr(Recording, "truth_focus_z_um", property(_no_truth))
+    monkeypatch.setattr(Recording, "truth_actual_xy_um", property(_no_truth))
+    out = tmp_path / "af-cal"
+    rc = main(
+        [
+            "calibrate",
+            str(recording),
+            "--init",
+            str(MODELS_DIR / "autofocus"),
+            "--out",
+            str(out),
+            "--epochs",
+            "1",
+            "--crops",
+            "2",
+            "--holdout",
+            "0.3",
+        ]
+    )
+    assert rc == 0
+    monkeypatch.undo()
+    folder = load_model_folder(out, "autofocus")
+    meta = folder.meta
+    cal = meta["calibration"]
+    init = load_model_folder(MODELS_DIR / "autofocus", "autofocus")
+    assert cal["init_model"]["onnx_sha256"] == init.sha256
+    assert cal["recordings"][0]["path"] == str(recording) and cal["recordings"][0]["fields"]
+    assert cal["label_method"]["name"] == "stack_sharpness_peak"
+    assert cal["heldout_fields"] and cal["train_fields"]
+    held = {(h["recording"], h["field"]) for h in cal["heldout_fields"]}
+    assert not held & {(t["recording"], t["field"]) for t in cal["train_fields"]}  # split by field
+    for key in ("heldout_metrics_before", "heldout_metrics_after"):
+        assert {"mae_um", "sign_accuracy_abs_ge_1um"} <= set(cal[key]), cal[key]
+    assert meta["parity"]["max_abs_diff"]["defocus_um"] <= meta["parity"]["atol"]
+    assert meta["preprocess"] == init.meta["preprocess"]
+    assert meta["training"]["commands"][0].startswith("python -m export calibrate ")
+
+    from tests.test_daemon import _wait_idle, live_daemon
+
+    with live_daemon(
+        tmp_path,
+        "cal",
+        recording,
+        focus={"strategy": "single_shot"},
+        models={"backend": "ort_cpu", "autofocus_dir": str(out)},
+    ) as (_, client):
+        client.request("start_scan", output_name="calibrated")
+        assert _wait_idle(client)["last_finish"] == "completed"
+    report = json.loads((tmp_path / "data" / "calibrated" / "report.json").read_text())
+    assert len(report["fields"]) == PARAMS.fields_x * PARAMS.fields_y
+    assert all(f["focus_method"].startswith("single_shot") for f in report["fields"])
+    assert report["inference"]["autofocus_model"].startswith("af-cal ("), report["inference"]

@@ -1,0 +1,73 @@
+"""Content the models never trained on: real images and textures under the simulator's optics."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from hw_sim.content import PACKAGED, ContentError, ImageSlide, _mirror, load_content
+from hw_sim.slide import SlideSpec, SyntheticSlide
+
+SPEC = SlideSpec(seed=1, origin_x_um=0.0, origin_y_um=0.0, width_um=600.0, height_um=600.0)
+
+
+@pytest.mark.parametrize("name", sorted(PACKAGED))
+def test_packaged_content_loads_without_a_download(name: str) -> None:
+    image = load_content(name)
+    assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3
+    assert image.shape[0] >= 256 and image.shape[1] >= 256
+    assert image.std() > 10  # a real picture, not a blank
+
+
+def test_image_slide_shows_the_image_in_tissue_and_glass_elsewhere() -> None:
+    image = load_content("ihc")
+    slide, plain = ImageSlide(SPEC, image, 0.5), SyntheticSlide(SPEC)
+    t = slide.transmittance(100.0, 100.0, 256, 256, 0.25)
+    p = plain.transmittance(100.0, 100.0, 256, 256, 0.25)
+    assert t.shape == (256, 256, 3) and t.dtype == np.float32
+    assert t.min() > 0.0 and t.max() <= 1.0
+    # Same layout and focus surface as the procedural slide, other pixels inside tissue.
+    assert slide.focus_z_um(300.0, 300.0) == plain.focus_z_um(300.0, 300.0)
+    assert slide.tissue_fraction(100.0, 100.0, 256, 256, 0.25) == plain.tissue_fraction(100.0, 100.0, 256, 256, 0.25)
+    glass = np.isclose(p, 10.0 ** -SPEC.glass_od, atol=1e-4).all(axis=2)
+    assert np.allclose(t[glass], p[glass], atol=1e-4)
+    assert np.abs(t[~glass] - p[~glass]).mean() > 0.05
+    # The image's brown (DAB) and blue (haematoxylin) show through: red/blue differ by place.
+    ratio = t[~glass][:, 0] / t[~glass][:, 2]
+    assert ratio.min() < 0.9 < 1.1 < ratio.max()
+
+
+def test_mirror_tiling_is_continuous() -> None:
+    coords = np.array([-1.0, 0.0, 5.0, 9.0, 10.0, 17.0, 18.0, 19.0])
+    assert list(_mirror(coords, 10)) == [1.0, 0.0, 5.0, 9.0, 8.0, 1.0, 0.0, 1.0]
+
+
+def test_any_image_file_and_clear_errors(tmp_path: Path) -> None:
+    path = tmp_path / "tex.png"
+    rgb = np.zeros((32, 48, 3), np.uint8)
+    rgb[..., 0] = 200  # red, so a BGR/RGB swap would show
+    cv2.imwrite(str(path), rgb[..., ::-1])
+    loaded = load_content(f"file:{path}")
+    assert loaded.shape == (32, 48, 3) and loaded[..., 0].min() == 200 and loaded[..., 2].max() == 0
+    with pytest.raises(ContentError, match="unknown content 'nope'"):
+        load_content("nope")
+    with pytest.raises(ContentError, match="cannot read an image"):
+        load_content(f"file:{tmp_path / 'missing.png'}")
+    with pytest.raises(ContentError, match="image_px_um must be positive"):
+        ImageSlide(SPEC, rgb, 0.0)
+
+
+def test_synth_records_the_content_and_truth_rebuilds_it(tmp_path: Path) -> None:
+    from hw_sim.synth import SynthParams, synthesize
+    from hw_sim.truth import TruthRenderer
+    from runtime.devices.recording import Recording
+
+    params = SynthParams(fields_x=1, fields_y=1, tile=96, z_planes=3, content="ihc", content_px_um=0.4)
+    rec = Recording.open(synthesize(tmp_path / "ihc.zarr", params))
+    assert rec.meta.slide is not None
+    assert rec.meta.slide["content"] == "ihc" and rec.meta.slide["content_px_um"] == 0.4
+    renderer = TruthRenderer(rec.meta)
+    assert isinstance(renderer.slide, ImageSlide) and renderer.slide.image_px_um == 0.4
