@@ -18,6 +18,7 @@ BENCHES = {
     "writer": "bench.writer",
     "e2e": "bench.e2e",
     "autofocus": "bench.autofocus",
+    "calibration": "bench.calibration",
     "classifier": "bench.classifier",
     "stitch": "bench.stitch",
 }

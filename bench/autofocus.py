@@ -314,13 +314,15 @@ def backend_timing(model_dir: Path | None, tile: np.ndarray) -> list[dict[str, A
     return rows
 
 
-def _objective_recording(args: argparse.Namespace, name: str, content: str = "synthetic") -> Path:
+def _objective_recording(
+    args: argparse.Namespace, name: str, content: str = "synthetic", seed: int = OBJECTIVE_SEED
+) -> Path:
     from hw_sim.synth import SynthParams, objective_params, synthesize
 
     params = SynthParams(
         fields_x=args.fields[0],
         fields_y=args.fields[1],
-        seed=OBJECTIVE_SEED,
+        seed=seed,
         tile=args.tile,
         z_planes=41,
         z_step_um=0.5,
@@ -329,7 +331,7 @@ def _objective_recording(args: argparse.Namespace, name: str, content: str = "sy
         **objective_params(name),  # type: ignore[arg-type]
     )
     look = "" if content == "synthetic" else "-" + "".join(c if c.isalnum() else "_" for c in content)
-    name_part = f"af-objective-{name}{look}-{OBJECTIVE_SEED}-{args.fields[0]}x{args.fields[1]}-{args.tile}.zarr"
+    name_part = f"af-objective-{name}{look}-{seed}-{args.fields[0]}x{args.fields[1]}-{args.tile}.zarr"
     path: Path = args.data / name_part
     if not (path / "zarr.json").exists():
         synthesize(path, params, overwrite=True, progress=not args.json)
