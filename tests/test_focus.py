@@ -66,3 +66,48 @@ def test_contrast_sweep_converges_near_focus() -> None:
     result = ContrastSweep(half_range_um=3.0, steps=13).focus(_BlurCamera(stage), stage, 0.0)
     assert result.captures == 13
     assert abs(result.z_um - 0.7) < 0.3
+
+
+def test_sweep_found_focus_only_for_an_interior_peak() -> None:
+    from runtime.focus.field import sweep_found_focus
+    from runtime.focus.sweep import FocusResult
+
+    assert sweep_found_focus(FocusResult(0.5, 5, (1.0, 2.0, 3.0, 2.0, 1.0)))
+    assert not sweep_found_focus(FocusResult(2.0, 5, (1.0, 2.0, 3.0, 4.0, 5.0)))  # focus beyond the end
+    assert not sweep_found_focus(FocusResult(0.0, 5, (5.0, 4.0, 3.0, 2.0, 1.0)))
+    assert not sweep_found_focus(FocusResult(0.0, 5, (1.0, 1.0, 1.01, 1.0, 1.0)))  # flat: glass or noise
+    assert not sweep_found_focus(FocusResult(0.0, 2, (1.0, 2.0)))
+
+
+class _UnreadableModels:
+    """A model that sees content but cannot read it: each estimate says 'move 3 µm down'."""
+
+    def __init__(self) -> None:
+        self.notes: dict[str, object] = {}
+
+    def estimate(self, capture: object) -> object:
+        from runtime.ml.tasks import DefocusEstimate
+
+        return DefocusEstimate(defocus_um=3.0, content_crops=4, crops=4)
+
+    def classify(self, capture: object) -> object:
+        return None
+
+
+def test_a_sweep_fallback_teaches_the_focus_surface() -> None:
+    """Content the model cannot read: the field falls back to the sweep, whose measured focus
+    then predicts the next field (before, fallback fields never taught the surface)."""
+    from runtime.config import FocusConfig
+    from runtime.devices.scan_plan import FieldPlan
+    from runtime.focus.field import FieldFocuser
+
+    stage = _BlurStage()
+    focuser = FieldFocuser(
+        FocusConfig(strategy="single_shot", sweep_half_range_um=3.0, sweep_steps=13),
+        _UnreadableModels(),  # type: ignore[arg-type]
+        _BlurCamera(stage),
+        stage,
+    )
+    done = focuser.focus_field(FieldPlan(0, 0, 0, 100.0, 100.0), lambda: False)
+    assert done.method == "single_shot:sweep_fallback" and abs(done.z_um - 0.7) < 0.3
+    assert focuser.surface.points and abs(focuser.surface.predict(120.0, 100.0) - done.z_um) < 1e-9

@@ -12,7 +12,8 @@ background (glass) field is kept as it is (1 capture, surface z, no focus
 estimate); otherwise the single-shot loop of :mod:`runtime.focus.single_shot`
 refines z only when the model's estimate is outside tolerance. Accepted
 points feed the surface. When the estimates do not converge (each move must
-shrink the estimate), the contrast sweep takes over for that field. Artifact fields are focused like tissue (there may
+shrink the estimate), the contrast sweep takes over for that field, and a sweep
+whose peak lies inside its range feeds the surface too. Artifact fields are focused like tissue (there may
 be tissue under the dust) and flagged in the report.
 
 Inference placement (``[models] worker``): ``process`` (default): the models
@@ -40,7 +41,7 @@ from runtime.devices.protocols import Camera, RGBImage, Stage
 from runtime.devices.scan_plan import FieldPlan
 from runtime.focus.single_shot import SignConvention, SingleShotFocus
 from runtime.focus.surface import FocusSurface
-from runtime.focus.sweep import ContrastSweep
+from runtime.focus.sweep import ContrastSweep, FocusResult
 from runtime.ipc.inference_channel import InferenceChannel
 from runtime.ml.tasks import AutofocusModel, DefocusEstimate, TileClass, TileClassifierModel, load_configured_models
 
@@ -158,6 +159,19 @@ class FocusedField:
     sign_flipped: bool = False
 
 
+def sweep_found_focus(result: FocusResult, min_rise: float = 1.05) -> bool:
+    """True when a sweep's sharpness peak is inside its range and stands above both ends.
+
+    A peak on the first or last plane means focus lies beyond the sweep (or nothing is there):
+    then the sweep's z is a bound, not a measurement, and must not teach the focus surface.
+    """
+    scores = result.scores
+    if len(scores) < 3:
+        return False
+    k = max(range(len(scores)), key=scores.__getitem__)
+    return 0 < k < len(scores) - 1 and scores[k] > min_rise * max(min(scores[0], scores[-1]), 1e-12)
+
+
 class FieldFocuser:
     def __init__(
         self,
@@ -223,6 +237,11 @@ class FieldFocuser:
             self.frames.release(r.frame)
             sw = self.sweep.focus(self.camera, self.stage, r.z_um, should_stop=should_stop)
             frame = self._capture_at(sw.z_um)
+            if sweep_found_focus(sw) and not (tc is not None and tc.label == "artifact"):
+                # A peak inside the sweep is a measured focus (what the baseline scanner trusts):
+                # it teaches the surface, so the next fields start near focus even where the
+                # model cannot read this content.
+                self.surface.add(plan.x_um, plan.y_um, sw.z_um)
             return FocusedField(
                 sw.z_um,
                 r.captures + 1 + sw.captures + 1,
