@@ -2,7 +2,7 @@
 
 Read bottom-up (README, "What is where"):
 
-    base        config, errors, paths          settings and rules every layer shares
+    base        config, errors, paths, lazy    settings and rules every layer shares
     devices     Camera/Stage/Driver, scan plan the hardware boundary
     ml          backends, model folders, tasks inference on frames (devices' image types)
     output      mosaic store, pyramid, TIFF    files on disk
@@ -30,7 +30,7 @@ import pytest
 
 RUNTIME = Path(__file__).resolve().parent.parent / "runtime"
 
-BASE = frozenset({"config", "errors", "paths"})
+BASE = frozenset({"config", "errors", "paths", "lazy"})
 ALLOWED: dict[str, frozenset[str]] = {
     "base": frozenset({"base"}),
     "devices": frozenset({"base"}),
@@ -133,12 +133,15 @@ SUBPACKAGES = sorted(p.parent.name for p in RUNTIME.glob("*/__init__.py"))
 
 
 def _init_imports(package: str) -> set[str]:
-    """The names a subpackage's ``__init__`` imports from runtime modules (eagerly or under ``TYPE_CHECKING``)."""
+    """The names a subpackage's ``__init__`` imports from runtime modules (eagerly or under ``TYPE_CHECKING``),
+    other than the lazy re-export helper itself (``runtime.lazy``)."""
     tree = ast.parse((RUNTIME / package / "__init__.py").read_text(encoding="utf-8"))
     return {
         alias.asname or alias.name
         for node in ast.walk(tree)
-        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("runtime.")
+        if isinstance(node, ast.ImportFrom)
+        and (node.module or "").startswith("runtime.")
+        and node.module != "runtime.lazy"
         for alias in node.names
     }
 

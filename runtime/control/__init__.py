@@ -23,7 +23,6 @@ checkers and IDEs read the imports under ``TYPE_CHECKING``): the clients (``ctl`
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -90,6 +89,8 @@ if TYPE_CHECKING:
     )
     from runtime.control.server import MAX_FRAME_BYTES, MAX_FRAMES, ControlServer
 else:
+    from runtime.lazy import lazy_exports
+
     _MODULES = {  # module -> the names it gives this package
         "client": (
             "ControlClient",
@@ -155,16 +156,7 @@ else:
         "server": ("MAX_FRAME_BYTES", "MAX_FRAMES", "ControlServer"),
     }
 
-    def __getattr__(name: str) -> object:
-        for module, names in _MODULES.items():
-            if name in names:
-                value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-                globals()[name] = value  # later lookups find it without this function
-                return value
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-    def __dir__() -> list[str]:
-        return sorted({*globals(), *__all__})
+    __getattr__, __dir__ = lazy_exports(__name__, _MODULES, globals())
 
 
 __all__ = [

@@ -24,7 +24,6 @@ none of it; ``process`` imports the supervisor only in the daemon's own process.
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -45,6 +44,8 @@ if TYPE_CHECKING:
     from runtime.daemon.supervisor import Supervisor
     from runtime.daemon.zstack_job import ZstackJob
 else:
+    from runtime.lazy import lazy_exports
+
     _MODULES = {  # module -> the names it gives this package
         "job": ("WorkerJob",),
         "model_request": ("requested_model_dir",),
@@ -64,16 +65,7 @@ else:
         "zstack_job": ("ZstackJob",),
     }
 
-    def __getattr__(name: str) -> object:
-        for module, names in _MODULES.items():
-            if name in names:
-                value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-                globals()[name] = value  # later lookups find it without this function
-                return value
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-    def __dir__() -> list[str]:
-        return sorted({*globals(), *__all__})
+    __getattr__, __dir__ = lazy_exports(__name__, _MODULES, globals())
 
 
 __all__ = [

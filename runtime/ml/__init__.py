@@ -23,7 +23,6 @@ ONNX Runtime and TensorRT themselves are imported only when a backend is made.
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -49,6 +48,8 @@ if TYPE_CHECKING:
     from runtime.ml.preprocess import AutofocusPreprocess, ClassifierPreprocess, PreprocessError
     from runtime.ml.tasks import AutofocusModel, TileClass, TileClassifierModel, load_configured_models, load_models
 else:
+    from runtime.lazy import lazy_exports
+
     _MODULES = {  # module -> the names it gives this package
         "backends": (
             "BACKENDS",
@@ -73,16 +74,7 @@ else:
         "tasks": ("AutofocusModel", "TileClass", "TileClassifierModel", "load_configured_models", "load_models"),
     }
 
-    def __getattr__(name: str) -> object:
-        for module, names in _MODULES.items():
-            if name in names:
-                value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-                globals()[name] = value  # later lookups find it without this function
-                return value
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-    def __dir__() -> list[str]:
-        return sorted({*globals(), *__all__})
+    __getattr__, __dir__ = lazy_exports(__name__, _MODULES, globals())
 
 
 __all__ = [

@@ -26,7 +26,6 @@ would load twice (runpy's RuntimeWarning).
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -48,6 +47,8 @@ if TYPE_CHECKING:
     from runtime.output.pyramid import PyramidBuilder, downsample2x, level_shapes
     from runtime.output.tiff_stream import COMPRESSION_NONE, TiffPage, TiffStreamWriter
 else:
+    from runtime.lazy import lazy_exports
+
     _MODULES = {  # module -> the names it gives this package
         "cli": ("add_export_parser", "run_export"),
         "mosaic_store": ("FILL", "MosaicError", "MosaicStore"),
@@ -68,16 +69,7 @@ else:
         "tiff_stream": ("COMPRESSION_NONE", "TiffPage", "TiffStreamWriter"),
     }
 
-    def __getattr__(name: str) -> object:
-        for module, names in _MODULES.items():
-            if name in names:
-                value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-                globals()[name] = value  # later lookups find it without this function
-                return value
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-    def __dir__() -> list[str]:
-        return sorted({*globals(), *__all__})
+    __getattr__, __dir__ = lazy_exports(__name__, _MODULES, globals())
 
 
 __all__ = [

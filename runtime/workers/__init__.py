@@ -28,7 +28,6 @@ model stack, ``runtime.ml``, into the stitcher and the writer).
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -40,6 +39,8 @@ if TYPE_CHECKING:
     from runtime.workers.stitcher import StitchJob, stitcher_main
     from runtime.workers.writer import writer_main
 else:
+    from runtime.lazy import lazy_exports
+
     _MODULES = {  # module -> the names it gives this package
         "acquisition": ("AcquisitionJob", "acquisition_main"),
         "inference": ("Batching", "InferenceClient", "inference_main"),
@@ -50,16 +51,7 @@ else:
         "writer": ("writer_main",),
     }
 
-    def __getattr__(name: str) -> object:
-        for module, names in _MODULES.items():
-            if name in names:
-                value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-                globals()[name] = value  # later lookups find it without this function
-                return value
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-    def __dir__() -> list[str]:
-        return sorted({*globals(), *__all__})
+    __getattr__, __dir__ = lazy_exports(__name__, _MODULES, globals())
 
 
 __all__ = [

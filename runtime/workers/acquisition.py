@@ -23,9 +23,7 @@ from multiprocessing.synchronize import Event
 from typing import Any
 
 from runtime.config import DriverConfig, FocusConfig, ModelsConfig, ScanConfig
-from runtime.devices.loading import open_driver
-from runtime.devices.protocols import Camera, DriverError, ScanArea, SimulatedClock
-from runtime.devices.scan_plan import serpentine_plan
+from runtime.devices.protocols import Camera, ScanArea, SimulatedClock
 from runtime.focus.field import Capture, FieldFocuser, FocusModels, WorkerModels
 from runtime.ipc.inference_channel import InferenceChannel, InferenceStopped, ReplyQueue, RequestQueue
 from runtime.ipc.messages import (
@@ -42,6 +40,7 @@ from runtime.ipc.messages import (
     peak_rss_bytes,
 )
 from runtime.ipc.ring import AttachedRing
+from runtime.workers.planning import open_and_plan
 from runtime.workers.skeleton import POLL_S, WorkerContext, run_worker
 
 
@@ -122,15 +121,10 @@ def acquisition_main(
 
     def body(worker: WorkerContext) -> None:
         worker.on_exit(lambda: tiles.put(EndOfStream("acquisition ended")))
-        drv = open_driver(driver.factory, {**driver.options, **job.driver_options})
-        worker.on_exit(drv.close)
+        drv, grid = open_and_plan(worker, driver, job.driver_options, job.area, scan)
         camera, stage = drv.camera, drv.stage
-        area = job.area or drv.default_scan_area()
-        if area is None:
-            raise DriverError("no scan region given and the driver has no default scan area")
         h, w = camera.frame_shape
         px = camera.pixel_size_um
-        grid = serpentine_plan(area, w * px, h * px, scan.overlap, max_fields=scan.max_fields)
         events.put(ScanPrepared(grid, (h, w), px))
         spec = worker.wait_for_ring(to_acquisition, cancel.is_set)
         if spec is None:
