@@ -122,6 +122,9 @@ class StitchConfig(_Section):
     min_ncc: float = Field(0.5, ge=0.0, le=1.0, description="reject pairs whose aligned overlaps correlate less")
 
 
+_DICOM_TEXT = r"^[^\\\x00-\x1f\x7f]*$"
+
+
 class WriterConfig(_Section):
     """Pyramidal OME-TIFF output."""
 
@@ -139,6 +142,22 @@ class WriterConfig(_Section):
         True,
         description="also chain the lower levels as top-level IFDs (same tiles, ~380 bytes per level) so "
         "OpenSlide sees every level; false: the strict OME-TIFF layout (levels only as SubIFDs)",
+    )
+    # DICOM WSI: off by default -- the same JPEG bytes again on disk (no encoding cost, twice the space).
+    dicom: bool = Field(
+        False, description="also write DICOM WSI (Supplement 145) from the same tiles: slide.dicom/, a file per level"
+    )
+    # The identifiers' DICOM limits (PS3.5 6.2: LO/PN 64, SH 16 characters, no backslash or control
+    # characters; a UID is digits and dots); empty: an anonymous slide, UIDs generated.
+    dicom_patient_name: str = Field("", max_length=64, pattern=_DICOM_TEXT, description="DICOM PN, e.g. Doe^Jane")
+    dicom_patient_id: str = Field("", max_length=64, pattern=_DICOM_TEXT)
+    dicom_accession_number: str = Field("", max_length=16, pattern=_DICOM_TEXT)
+    dicom_study_id: str = Field("", max_length=16, pattern=_DICOM_TEXT)
+    dicom_study_uid: str = Field(
+        "", max_length=64, pattern=r"^((0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))+)?$", description="empty: a new study"
+    )
+    dicom_slide_id: str = Field(
+        "", max_length=64, pattern=_DICOM_TEXT, description="the slide's (container) ID, e.g. its barcode"
     )
 
 

@@ -5,7 +5,8 @@ it derives, the pixel size it reports, and the pixels of the smallest level
 (compared across readers). Each ``check_*`` asserts the reader agrees with the
 expected pyramid and returns what it saw, so a test can print or compare it.
 
-OpenSlide (``openslide-python`` + the ``openslide-bin`` wheel) and tiffslide
+OpenSlide (``openslide-python`` + the ``openslide-bin`` wheel), tiffslide,
+wsidicom (DICOM WSI; OpenSlide 4 reads that too) and ome-zarr (the NGFF copy)
 are in the ``test`` extra and imported unconditionally: a missing one fails
 loudly. pyvips needs the system's libvips (``apt-get install libvips42``);
 without it :func:`pyvips_or_skip` skips with the reason.
@@ -23,6 +24,9 @@ import openslide
 import pytest
 import tifffile
 import tiffslide
+from ome_zarr.io import parse_url
+from ome_zarr.reader import Reader as NgffReader
+from wsidicom import WsiDicom
 
 from tests import bioformats
 
@@ -49,11 +53,12 @@ def _check(name: str, seen: Seen, sizes: list[tuple[int, int]], mpp: float | Non
     return seen
 
 
-def check_openslide(path: Path, sizes: list[tuple[int, int]], mpp: float) -> Seen:
-    """OpenSlide 4 (generic-tiff): every level in the top-level IFD chain, ``openslide.mpp-x/y``."""
+def check_openslide(path: Path, sizes: list[tuple[int, int]], mpp: float, vendor: str = "generic-tiff") -> Seen:
+    """OpenSlide 4: every level, ``openslide.mpp-x/y``. ``generic-tiff``: the levels in the top-level IFD
+    chain; ``dicom``: ``path`` is one file of a DICOM WSI series, the others beside it."""
     with openslide.OpenSlide(str(path)) as slide:
         props = slide.properties
-        assert props[openslide.PROPERTY_NAME_VENDOR] == "generic-tiff"
+        assert props[openslide.PROPERTY_NAME_VENDOR] == vendor
         dims = [(int(w), int(h)) for w, h in slide.level_dimensions]
         # OpenSlide derives each downsample from the level's size: the mean of the two axes' ratios.
         for (w, h), ds in zip(dims, slide.level_downsamples, strict=True):
@@ -63,6 +68,38 @@ def check_openslide(path: Path, sizes: list[tuple[int, int]], mpp: float) -> See
         smallest = np.asarray(slide.read_region((0, 0), k, slide.level_dimensions[k]).convert("RGB"))
         seen = Seen(dims, float(props[openslide.PROPERTY_NAME_MPP_X]), smallest)
     return _check("openslide", seen, sizes, mpp)
+
+
+def check_wsidicom(folder: Path, sizes: list[tuple[int, int]], mpp: float) -> Seen:
+    """wsidicom: the DICOM WSI series in ``folder``, each level's size and pixel spacing (µm)."""
+    with WsiDicom.open(folder) as slide:
+        levels = slide.levels
+        dims = [(lvl.size.width, lvl.size.height) for lvl in levels]
+        for k, lvl in enumerate(levels):
+            assert lvl.mpp is not None, f"wsidicom level {k}: no pixel spacing"
+            assert (lvl.mpp.width, lvl.mpp.height) == pytest.approx((mpp * 2**k, mpp * 2**k)), f"level {k} mpp"
+        last = levels[-1]
+        smallest = np.asarray(slide.read_region((0, 0), last.level, last.size.to_tuple()).convert("RGB"))
+        seen = Seen(dims, levels[0].mpp.width if levels[0].mpp else None, smallest)
+    return _check("wsidicom", seen, sizes, mpp)
+
+
+def check_ome_zarr(path: Path, sizes: list[tuple[int, int]], mpp: float) -> Seen:
+    """ome-zarr-py's reader: one multiscales image, axes c/y/x in micrometres, each level's shape and scale."""
+    nodes = list(NgffReader(parse_url(str(path)))())
+    assert nodes, f"ome-zarr found no image in {path}"
+    image = nodes[0]
+    axes = [(a["name"], a.get("unit")) for a in image.metadata["axes"]]
+    assert axes == [("c", None), ("y", "micrometer"), ("x", "micrometer")], axes
+    dims, scales = [], []
+    for k, (data, transforms) in enumerate(zip(image.data, image.metadata["coordinateTransformations"], strict=True)):
+        assert data.shape[0] == 3 and data.dtype == np.uint8, f"ome-zarr level {k}: {data.shape} {data.dtype}"
+        dims.append((int(data.shape[2]), int(data.shape[1])))
+        (scale,) = [t["scale"] for t in transforms if t["type"] == "scale"]
+        assert scale[1:] == pytest.approx([mpp * 2**k] * 2), f"ome-zarr level {k} scale {scale}"
+        scales.append(float(scale[2]))
+    smallest = np.asarray(image.data[-1]).transpose(1, 2, 0)
+    return _check("ome-zarr", Seen(dims, scales[0], smallest), sizes, mpp)
 
 
 def check_tiffslide(path: Path, sizes: list[tuple[int, int]], mpp: float) -> Seen:

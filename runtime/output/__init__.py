@@ -13,6 +13,8 @@ Modules:
   ``write_ome_tiff`` from a finished one (``partial_path``, and the pieces ``bench`` reuses);
   its lower levels are SubIFDs and, by default, top-level IFDs too, so OpenSlide reads them;
 * ``ome_zarr``: ``NgffWriter``, the OME-NGFF copy written beside the OME-TIFF;
+* ``dicom_wsi``: ``DicomWsiWriter``, the DICOM WSI series (a file per level) written from the
+  OME-TIFF's tiles (``DicomIdentifiers``);
 * ``cli``: ``python -m runtime export`` (``add_export_parser``, ``run_export``).
 
 May import: the base modules only.
@@ -30,6 +32,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from runtime.output.cli import add_export_parser, run_export
+    from runtime.output.dicom_wsi import DicomIdentifiers, DicomWsiWriter
     from runtime.output.mosaic_store import FILL, MosaicError, MosaicStore
     from runtime.output.ome_tiff import (
         Compression,
@@ -51,6 +54,7 @@ else:
 
     _MODULES = {  # module -> the names it gives this package
         "cli": ("add_export_parser", "run_export"),
+        "dicom_wsi": ("DicomIdentifiers", "DicomWsiWriter"),
         "mosaic_store": ("FILL", "MosaicError", "MosaicStore"),
         "ome_tiff": (
             "Compression",
@@ -76,6 +80,8 @@ __all__ = [
     "COMPRESSION_NONE",
     "FILL",
     "Compression",
+    "DicomIdentifiers",
+    "DicomWsiWriter",
     "MosaicError",
     "MosaicStore",
     "NgffWriter",

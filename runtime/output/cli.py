@@ -1,5 +1,8 @@
 """``python -m runtime export MOSAIC_ZARR OUT.ome.tif``: write a mosaic as a pyramidal OME-TIFF.
 
+``--ome-zarr OUT.ome.zarr`` adds the NGFF copy, ``--dicom DIR`` a DICOM WSI series (from the same
+tiles; the identifiers from ``--patient-id`` etc. or the config's ``writer.dicom_*``, else anonymous).
+
 Works on an interrupted scan too: its lower levels are first brought up to
 date with the rows that were scanned (``MosaicStore.finish(partial=True)``,
 which updates the working mosaic in place; a resumed scan still continues
@@ -18,13 +21,22 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from runtime.config import ConfigError, load_config
+from runtime.config import ConfigError, load_config, with_overrides
+from runtime.output.dicom_wsi import DicomIdentifiers
 from runtime.output.mosaic_store import MosaicError, MosaicStore
 from runtime.output.ome_tiff import write_ome_tiff
 
 __all__ = ["add_export_arguments", "add_export_parser", "main", "run_export"]
 
 _SUBSAMPLING = {"2x2": (2, 2), "2x1": (2, 1), "4x1": (4, 1), "1x1": (1, 1)}
+_DICOM_FLAGS = (
+    ("patient-name", "dicom_patient_name", "patient's name, e.g. Doe^Jane"),
+    ("patient-id", "dicom_patient_id", "patient ID"),
+    ("accession-number", "dicom_accession_number", "accession number"),
+    ("study-id", "dicom_study_id", "study ID"),
+    ("study-uid", "dicom_study_uid", "study instance UID (default: a new one)"),
+    ("slide-id", "dicom_slide_id", "the slide's (container) ID, e.g. its barcode"),
+)
 
 
 def add_export_arguments(p: argparse.ArgumentParser) -> None:
@@ -43,6 +55,17 @@ def add_export_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-workers", type=int, default=None, help="tile read+compress threads")
     p.add_argument("--buffer-mib", type=int, default=None, help="encoded tiles in flight (MiB)")
     p.add_argument("--ome-zarr", type=Path, default=None, metavar="OUT.ome.zarr", help="also write OME-Zarr (NGFF 0.4)")
+    p.add_argument(
+        "--dicom",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="also write DICOM WSI (Supplement 145) into the new folder DIR, a file per level, from the same tiles "
+        "(JPEG: the very bytes); for PACS and wsidicom",
+    )
+    # The DICOM identifiers; each overrides the config's writer.dicom_* key and is validated as that key.
+    for flag, key, what in _DICOM_FLAGS:
+        p.add_argument(f"--{flag}", dest=key, default=None, help=f"DICOM: {what} (default: the config's, empty)")
     p.add_argument(
         "--openslide-levels",
         action=argparse.BooleanOptionalAction,
@@ -82,14 +105,17 @@ class _Progress:
 def run_export(args: argparse.Namespace) -> int:
     """Run the export described by ``args`` (from :func:`add_export_parser`); 0 on success."""
     try:
-        w = load_config(getattr(args, "config", None)).writer
+        cfg = load_config(getattr(args, "config", None))
+        ids = {key: getattr(args, key) for _, key, _ in _DICOM_FLAGS if getattr(args, key, None) is not None}
+        w = with_overrides(cfg, {"writer": ids}).writer if ids else cfg.writer
     except ConfigError as err:
         print(f"export: {err}", file=sys.stderr)
         return 2
     out: Path = args.out
-    if out.exists() and not args.force:
-        print(f"export: {out} exists (use --force to replace it)", file=sys.stderr)
-        return 1
+    for path in (out, args.dicom):
+        if path is not None and path.exists() and not args.force:
+            print(f"export: {path} exists (use --force to replace it)", file=sys.stderr)
+            return 1
     try:
         mosaic = MosaicStore.open(args.mosaic)
     except (MosaicError, OSError) as err:
@@ -118,6 +144,8 @@ def run_export(args: argparse.Namespace) -> int:
             progress=None if args.quiet or not sys.stderr.isatty() else _Progress(),
             ngff_out=args.ome_zarr,
             openslide_levels=w.openslide_levels if args.openslide_levels is None else args.openslide_levels,
+            dicom_out=args.dicom,
+            dicom_ids=DicomIdentifiers.from_config(w),
         )
     except (ValueError, OSError) as err:
         print(f"export: {err}", file=sys.stderr)
@@ -127,6 +155,8 @@ def run_export(args: argparse.Namespace) -> int:
         f"{summary.path}: {summary.bytes / 2**20:.1f} MiB, {len(summary.levels)} levels ({levels}), "
         f"{time.perf_counter() - t0:.1f} s"
     )
+    if args.dicom is not None:
+        print(f"{args.dicom}: DICOM WSI, {len(summary.levels)} files")
     return 0
 
 

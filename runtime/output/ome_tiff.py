@@ -63,6 +63,7 @@ import numpy as np
 import tifffile
 from tifffile import COMPRESSION, FILETYPE, PHOTOMETRIC, PREDICTOR
 
+from runtime.output.dicom_wsi import DicomIdentifiers, DicomWsiWriter
 from runtime.output.mosaic_store import FILL, MosaicStore
 from runtime.output.ome_zarr import NgffWriter
 from runtime.output.tiff_stream import TiffPage, TiffStreamWriter
@@ -212,6 +213,9 @@ class OmeTiffStream:
     file. ``progress(done, total)`` is called per tile written. With
     ``ngff_out``, each tile read is also written to an OME-Zarr (NGFF 0.4)
     pyramid there (:mod:`runtime.output.ome_zarr`), finished and renamed with the TIFF.
+    With ``dicom_out``, each tile written is also a frame of a DICOM WSI series there
+    (:mod:`runtime.output.dicom_wsi`: the JPEG bytes themselves; lossless codecs get a JPEG 2000
+    frame encoded beside the TIFF's), identified by ``dicom_ids`` (default: anonymous).
     ``openslide_levels``: also chain the lower levels as top-level IFDs, so
     OpenSlide sees them (see the module docstring).
     """
@@ -230,6 +234,8 @@ class OmeTiffStream:
         progress: Progress | None = None,
         ngff_out: str | Path | None = None,
         openslide_levels: bool = True,
+        dicom_out: str | Path | None = None,
+        dicom_ids: DicomIdentifiers | None = None,
     ) -> None:
         check_options(compression, tile, jpeg_quality, subsampling)
         if max_workers < 1 or buffer_mib < 1:
@@ -244,7 +250,7 @@ class OmeTiffStream:
         self._encode = tile_encoder(compression, jpeg_quality=jpeg_quality, subsampling=subsampling)
         self._direct = tile == mosaic.chunk  # a tile is a chunk: read its file straight into a buffer
         self._local = threading.local()
-        self._blank: bytes | None = None
+        self._blank: tuple[bytes, bytes | None] | None = None
         self._blank_lock = threading.Lock()
         pages = pyramid_pages(
             self.shapes, tile, compression, subsampling, mosaic.pixel_size_um, self.out.name.split(".")[0]
@@ -256,18 +262,33 @@ class OmeTiffStream:
         # Tile rows ready to encode, oldest first: (level, tile row, next column). A band
         # is one entry however wide, so a backlog costs nothing while the scan outruns us.
         self._queue: deque[list[int]] = deque()
-        self._inflight: deque[tuple[tuple[int, int, int], Future[bytes]]] = deque()
+        # Each tile's TIFF bytes, and its DICOM frame where that is not the same bytes.
+        self._inflight: deque[tuple[tuple[int, int, int], Future[tuple[bytes, bytes | None]]]] = deque()
         # Encoded tiles are at most a raw tile's size (JPEG ~1/10 of it): bounded by buffer_mib.
         self._window = max(2 * max_workers, buffer_mib * 2**20 // (tile * tile * 3))
         self._pool: ThreadPoolExecutor | None = None
         self._tiff: TiffStreamWriter | None = None
         self._ngff: NgffWriter | None = None
+        self._dicom: DicomWsiWriter | None = None
+        self._dicom_encode: Callable[[np.ndarray], bytes] | None = None
         try:
             self._pool = ThreadPoolExecutor(max_workers, thread_name_prefix="ome-tiff")
             self._tiff = TiffStreamWriter(self.tmp, pages, chain_levels=openslide_levels)
             if ngff_out is not None:
                 name = self.out.name.split(".")[0]
                 self._ngff = NgffWriter(ngff_out, self.shapes, tile, mosaic.pixel_size_um, name)
+            if dicom_out is not None:
+                self._dicom = DicomWsiWriter(
+                    dicom_out,
+                    self.shapes,
+                    tile,
+                    mosaic.pixel_size_um,
+                    codec=compression,
+                    subsampling=subsampling,
+                    ids=dicom_ids,
+                    name=self.out.name.split(".")[0],
+                )
+                self._dicom_encode = self._dicom.frame_encoder
         except BaseException:
             self.abort()
             raise
@@ -316,6 +337,8 @@ class OmeTiffStream:
             os.replace(self.tmp, self.out)
             if self._ngff is not None:
                 self._ngff.finish()
+            if self._dicom is not None:
+                self._dicom.finish()
         except BaseException:
             self.abort()
             raise
@@ -339,6 +362,8 @@ class OmeTiffStream:
         self.tmp.unlink(missing_ok=True)
         if self._ngff is not None:
             self._ngff.abort()
+        if self._dicom is not None:
+            self._dicom.abort()
 
     def __enter__(self) -> OmeTiffStream:
         return self
@@ -370,8 +395,10 @@ class OmeTiffStream:
     def _write_head(self) -> None:
         assert self._tiff is not None
         key, fut = self._inflight.popleft()
-        data = fut.result()  # re-raises an encoder's error here, in the caller's thread
+        data, frame = fut.result()  # re-raises an encoder's error here, in the caller's thread
         self._tiff.write_tile(*key, data)
+        if self._dicom is not None:
+            self._dicom.write_tile(*key, data if frame is None else frame)
         self.written += 1
         self._submit()
         if self._progress is not None:
@@ -383,13 +410,17 @@ class OmeTiffStream:
             buf = self._local.buf = np.empty((self.tile, self.tile, 3), dtype=np.uint8)
         return buf
 
-    def _blank_tile(self) -> bytes:
+    def _blank_tile(self) -> tuple[bytes, bytes | None]:
         with self._blank_lock:
             if self._blank is None:
-                self._blank = self._encode(np.full((self.tile, self.tile, 3), FILL, dtype=np.uint8))
+                self._blank = self._encode_both(np.full((self.tile, self.tile, 3), FILL, dtype=np.uint8))
             return self._blank
 
-    def _encode_tile(self, k: int, row: int, col: int) -> bytes:
+    def _encode_both(self, data: np.ndarray) -> tuple[bytes, bytes | None]:
+        """The TIFF tile, and the DICOM frame when it needs its own encoding (else None: the same bytes)."""
+        return self._encode(data), None if self._dicom_encode is None else self._dicom_encode(data)
+
+    def _encode_tile(self, k: int, row: int, col: int) -> tuple[bytes, bytes | None]:
         """Read tile (row, col) of level k from the mosaic and encode it (in a pool thread)."""
         t = self.tile
         y, x = row * t, col * t
@@ -403,7 +434,7 @@ class OmeTiffStream:
         if self._ngff is not None:
             self._ngff.write_tile(k, row, col, data)
         data = pad_tile(data, self._buffer())
-        return self._encode(data)
+        return self._encode_both(data)
 
 
 def write_ome_tiff(
@@ -419,6 +450,8 @@ def write_ome_tiff(
     progress: Progress | None = None,
     ngff_out: str | Path | None = None,
     openslide_levels: bool = True,
+    dicom_out: str | Path | None = None,
+    dicom_ids: DicomIdentifiers | None = None,
 ) -> OmeTiffSummary:
     """Write ``mosaic`` (every level it has) as a pyramidal OME-TIFF at ``out``.
 
@@ -428,7 +461,7 @@ def write_ome_tiff(
     once the file is complete; on any error the temporary file is removed
     and the error propagates. ``ngff_out``: also write the pyramid as
     OME-Zarr (NGFF 0.4) there (see :mod:`runtime.output.ome_zarr`).
-    ``openslide_levels``: as for :class:`OmeTiffStream`.
+    ``openslide_levels``, ``dicom_out``, ``dicom_ids``: as for :class:`OmeTiffStream`.
     """
     check_options(compression, tile, jpeg_quality, subsampling)
     if not mosaic.pyramid_current:
@@ -448,6 +481,8 @@ def write_ome_tiff(
         progress=progress,
         ngff_out=ngff_out,
         openslide_levels=openslide_levels,
+        dicom_out=dicom_out,
+        dicom_ids=dicom_ids,
     ) as stream:
         for k, (h, _) in enumerate(mosaic.level_shapes):
             stream.rows_final(k, h)

@@ -31,6 +31,7 @@ from runtime.ipc.messages import (
     WriterQueue,
     peak_rss_bytes,
 )
+from runtime.output.dicom_wsi import DicomIdentifiers
 from runtime.output.mosaic_store import MosaicStore
 from runtime.output.ome_tiff import OmeTiffStream
 from runtime.workers.skeleton import POLL_S, WorkerContext, run_worker
@@ -54,13 +55,23 @@ def open_stream(cfg: WriterConfig, out_path: str, mosaic_path: str, beat: Callab
         progress=lambda done, total: beat(),
         ngff_out=ngff_path(Path(out_path)) if cfg.ome_zarr else None,
         openslide_levels=cfg.openslide_levels,
+        dicom_out=dicom_path(Path(out_path)) if cfg.dicom else None,
+        dicom_ids=DicomIdentifiers.from_config(cfg),
     )
+
+
+def _stem(out: Path) -> str:
+    return out.name.removesuffix(".tif").removesuffix(".tiff").removesuffix(".ome")
 
 
 def ngff_path(out: Path) -> Path:
     """``slide.ome.tif`` -> ``slide.ome.zarr`` (beside it)."""
-    stem = out.name.removesuffix(".tif").removesuffix(".tiff").removesuffix(".ome")
-    return out.with_name(stem + ".ome.zarr")
+    return out.with_name(_stem(out) + ".ome.zarr")
+
+
+def dicom_path(out: Path) -> Path:
+    """``slide.ome.tif`` -> ``slide.dicom`` (a folder beside it: a file per level)."""
+    return out.with_name(_stem(out) + ".dicom")
 
 
 def writer_main(out_path: str, cfg: WriterConfig, from_stitcher: WriterQueue, events: EventQueue) -> None:
