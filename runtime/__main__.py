@@ -60,6 +60,7 @@ def sweep(cfg: RuntimeConfig) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     from runtime.control.client import add_ctl_parser, run_ctl
+    from runtime.fleet.cli import add_batch_parser, run_batch_command
     from runtime.output.cli import add_export_parser, run_export
 
     p = argparse.ArgumentParser(prog="python -m runtime", description=__doc__)
@@ -76,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     w.add_argument("--config", type=Path, default=None, help="TOML config file (defaults if omitted)")
     add_ctl_parser(sub)
     add_export_parser(sub)
+    add_batch_parser(sub)
     args = p.parse_args(argv)
     try:
         if args.cmd == "daemon":
@@ -95,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_ctl(args)
         if args.cmd == "export":
             return run_export(args)
+        if args.cmd == "batch":
+            return run_batch_command(args)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -161,6 +161,24 @@ class WriterConfig(_Section):
     )
 
 
+class FleetConfig(_Section):
+    """``python -m runtime batch``: the LocalCluster it starts when no ``--scheduler`` is given."""
+
+    workers: int = Field(2, ge=1, le=256, description="worker processes (one slide at a time each, by default)")
+    threads_per_worker: int = Field(
+        1, ge=1, le=64, description="slides one worker runs at once (each slide has its own writer threads)"
+    )
+    memory_limit_mib: int = Field(
+        4096, ge=0, description="per worker: paused at 80%, restarted at 95% (0: system memory / workers)"
+    )
+    processes: bool = Field(True, description="workers in processes (false: threads of the batch command)")
+    replay_driver: str = Field(
+        "hw_sim.replay:open_replay_driver",
+        pattern=r"^[\w.]+:\w+$",
+        description="driver that replays a recording for batch restitch (module:callable, option 'recording')",
+    )
+
+
 class DaemonConfig(_Section):
     data_root: Path = Field(Path("/var/lib/wsi-runtime"), description="scans are written under here only")
     runtime_dir: Path = Field(Path("/run/wsi-runtime"), description="sockets and pid files")
@@ -177,6 +195,7 @@ class RuntimeConfig(_Section):
     mosaic: MosaicConfig = MosaicConfig()
     stitch: StitchConfig = StitchConfig()
     writer: WriterConfig = WriterConfig()
+    fleet: FleetConfig = FleetConfig()
 
     def endpoint(self, which: Literal["command", "event"]) -> str:
         raw = self.control.command_endpoint if which == "command" else self.control.event_endpoint

@@ -12,6 +12,7 @@ Read bottom-up (README, "What is where"):
     workers     the four worker processes      glue the layers above into processes
     control     wire protocol, server, client  the socket; knows nothing of workers
     daemon      supervisor, scan job, state    owns processes and the control server
+    fleet       batch over many slides (dask)  focus + stitching + output per slide, no daemon
     __main__    the command line               may use anything
 
 Function-level imports count too: a late import is still a dependency.
@@ -42,6 +43,8 @@ ALLOWED: dict[str, frozenset[str]] = {
     "workers": frozenset({"base", "devices", "ml", "output", "stitching", "ipc", "focus"}),
     "control": frozenset({"base"}),
     "daemon": frozenset({"base", "devices", "ml", "output", "stitching", "ipc", "focus", "workers", "control"}),
+    # A batch runs the scan's components in one process per slide: no workers, no daemon.
+    "fleet": frozenset({"base", "devices", "ml", "output", "stitching", "ipc", "focus"}),
 }
 ALLOWED["__main__"] = frozenset(ALLOWED) | {"daemon"}  # the command line may use every layer
 
