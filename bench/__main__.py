@@ -1,7 +1,8 @@
 """``python -m bench <name> [options]``: run one benchmark.
 
 Each bench is a module exposing ``DESCRIPTION``, ``add_arguments(parser)`` and
-``run(args) -> int``; register it in :data:`BENCHES`. Modules are imported
+``run(args) -> int``; register it in :data:`BENCHES`. Every bench also takes ``--plot DIR``:
+the tables it prints are drawn as PNG charts there (:mod:`bench.plots`). Modules are imported
 only when chosen, so one bench's dependencies never slow down another.
 """
 
@@ -11,7 +12,9 @@ import argparse
 import importlib
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
+from bench import plots
 from runtime.errors import run_cli
 
 BENCHES = {
@@ -21,6 +24,7 @@ BENCHES = {
     "calibration": "bench.calibration",
     "classifier": "bench.classifier",
     "stitch": "bench.stitch",
+    "batch": "bench.batch",
 }
 
 
@@ -35,11 +39,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             module = importlib.import_module(module_name)
             p = sub.add_parser(name, help=module.DESCRIPTION, description=module.DESCRIPTION)
             module.add_arguments(p)
+            p.add_argument("--plot", type=Path, default=None, metavar="DIR", help="also draw its figures as PNG charts")
             p.set_defaults(_run=module.run)
         else:
             sub.add_parser(name, help=f"see python -m bench {name} --help")
     args = parser.parse_args(argv)
+    if args.plot is not None:
+        try:
+            plots.start(args.plot, args.bench)
+        except plots.PlotError as err:
+            parser.error(str(err))
     rc: int = args._run(args)
+    for chart in plots.written():  # stderr: --json keeps stdout one JSON object
+        print(f"chart: {chart}", file=sys.stderr)
     return rc
 
 

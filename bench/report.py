@@ -12,6 +12,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, TextIO
 
+from bench import plots
+
 
 @dataclass(frozen=True)
 class Column:
@@ -45,7 +47,9 @@ def emit(
     notes: Sequence[str] = (),
     stream: TextIO | None = None,
 ) -> None:
-    """Print ``result`` as one JSON object, or ``title``, the table and ``notes``."""
+    """Print ``result`` as one JSON object, or ``title``, the table and ``notes``; with ``--plot``,
+    draw the table's figures too (:mod:`bench.plots`)."""
+    plots.from_table(rows, columns, title)
     out = stream or sys.stdout
     if as_json:
         json.dump(result, out, indent=None, sort_keys=False)

@@ -145,9 +145,12 @@ class BatchOutcome:
         return sum(r.status == status for r in self.results)
 
 
-def run_batch(client: Client, tasks: Sequence[SlideTask], *, progress: bool = True) -> BatchOutcome:
-    """Submit one task per slide and collect the results as they come (a bar, and one line per
-    failure); every slide gets a result, whatever happens to the others."""
+def run_batch(
+    client: Client, tasks: Sequence[SlideTask], *, progress: bool = True, quiet: bool = False
+) -> BatchOutcome:
+    """Submit one task per slide and collect the results as they come (a bar unless not ``progress``,
+    one line per failure on stderr unless ``quiet``); every slide gets a result, whatever happens
+    to the others."""
     from distributed import as_completed
 
     # Keys unique per run: dask would otherwise hand back a result it still holds for the same key.
@@ -156,7 +159,7 @@ def run_batch(client: Client, tasks: Sequence[SlideTask], *, progress: bool = Tr
     futures = {client.submit(run_slide, task, key=f"slide-{task.name}-{run}", pure=False): task for task in tasks}
     results: dict[str, SlideResult] = {}
     job = tasks[0].job if tasks else "batch"
-    with tqdm(total=len(tasks), unit="slide", desc=job, disable=not progress) as bar:
+    with tqdm(total=len(tasks), unit="slide", desc=job, disable=not progress or quiet) as bar:
         for future in as_completed(futures):  # type: ignore[no-untyped-call]
             task = futures[future]
             try:
@@ -164,7 +167,7 @@ def run_batch(client: Client, tasks: Sequence[SlideTask], *, progress: bool = Tr
             except Exception as err:  # run_slide never raises: the worker itself died (memory limit, a crash)
                 result = SlideResult(task.name, str(task.source), "failed", error=f"its worker died: {describe(err)}")
             results[task.name] = result
-            if result.status == "failed":
+            if result.status == "failed" and not quiet:
                 bar.write(f"{result.name}: failed: {result.error}", file=sys.stderr)
             bar.update(1)
     return BatchOutcome([results[t.name] for t in tasks], time.perf_counter() - t0)
