@@ -12,6 +12,10 @@ on its own (wall time, exact peak RSS):
     What the daemon's writer does: ``write_ome_tiff`` from the Zarr mosaic
     with its pyramid already built (during a scan the same work is spread
     over the scan; see ``bench e2e`` for that).
+``tiff`` + each of ``--formats`` (``dicom``, ``ome-zarr``)
+    The same job writing that format too, from the same stream (the daemon's
+    ``writer.dicom`` / ``writer.ome_zarr``): its cost is the difference to
+    ``tiff``, reported as the ratio of the two (wall and CPU) and both peaks.
 ``writer``
     The same job as libvips: the whole OME-TIFF pyramid from level 0 alone
     (the parent deletes the lower levels ingest built and syncs),
@@ -63,6 +67,7 @@ import numpy as np
 from bench.report import Column, emit
 
 DESCRIPTION = "pyramid + OME-TIFF writer: wall time, throughput and peak RSS per mosaic size"
+EXTRA_FORMATS = ("dicom", "ome-zarr")
 MIB = 2**20
 TEXTURE_PERIOD = 4096  # px: the synthetic texture repeats horizontally with this period
 
@@ -217,6 +222,8 @@ def _child_write(a: argparse.Namespace) -> dict[str, Any]:
     startup_peak, baseline = meter.peak_mib(), meter.rss_mib()
     store = MosaicStore.open(a.mosaic)
     summary: list[Any] = []
+    out = Path(a.out)
+    extra = out.with_name(out.name + (".dicom" if a.also == "dicom" else ".ome.zarr")) if a.also else None
     options: dict[str, Any] = {
         "compression": a.compression,
         "jpeg_quality": a.quality,
@@ -227,7 +234,8 @@ def _child_write(a: argparse.Namespace) -> dict[str, Any]:
 
     def write() -> None:
         if a.role == "tiff":
-            summary.append(write_ome_tiff(store, Path(a.out), tile=a.tile, **options))
+            dicom, ngff = (extra, None) if a.also == "dicom" else (None, extra)
+            summary.append(write_ome_tiff(store, out, tile=a.tile, dicom_out=dicom, ngff_out=ngff, **options))
         else:
             summary.append(write_ome_tiff_from_level0(store, Path(a.out), **options))
 
@@ -238,6 +246,7 @@ def _child_write(a: argparse.Namespace) -> dict[str, Any]:
         "startup_peak_rss_mib": startup_peak,
         "levels": [list(s) for s in summary[0].levels],
         "tiff_bytes": summary[0].bytes,
+        "extra_bytes": sum(f.stat().st_size for f in extra.rglob("*") if f.is_file()) if extra else None,
         "peak_resettable": meter.resettable,
     }
 
@@ -278,6 +287,7 @@ def _child_main(argv: Sequence[str]) -> int:
     p.add_argument("--compression", required=True)
     p.add_argument("--mosaic-compressor", required=True)
     p.add_argument("--vips-input", required=True)
+    p.add_argument("--also", choices=["", *EXTRA_FORMATS], default="")
     a = p.parse_args(argv)
     if a.role == "ingest":
         result = _child_ingest(a)
@@ -479,6 +489,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--no-vips", action="store_true", help="skip the libvips comparison")
     p.add_argument(
+        "--formats",
+        nargs="+",
+        choices=["ome-tiff", *EXTRA_FORMATS],
+        default=["ome-tiff"],
+        help="outputs of the from-pyr writer to measure: ome-tiff alone, and the OME-TIFF with each other "
+        "format written from the same stream (e.g. --formats ome-tiff dicom)",
+    )
+    p.add_argument(
         "--cold",
         action="store_true",
         help="drop the page cache before each timed child (needs root): inputs are read from disk, "
@@ -527,6 +545,15 @@ def _one_size(size: int, a: argparse.Namespace, workdir: Path) -> dict[str, Any]
         cold = a.cold and drop_page_cache()
         tiff = _run_child("tiff", [*common, f"--out={tiff_out}"])
         tiff_out.unlink()
+        extras = {}
+        for fmt in (f for f in a.formats if f != "ome-tiff"):
+            os.sync()
+            progress(f"tiff + {fmt} (the same stream writing {fmt} too)")
+            cold = a.cold and drop_page_cache() and cold
+            extra_out = d / f"from-pyramid-{fmt}.ome.tif"
+            extras[fmt] = _run_child("tiff", [*common, f"--out={extra_out}", f"--also={fmt}"])
+            for f in d.glob("from-pyramid-*"):
+                shutil.rmtree(f) if f.is_dir() else f.unlink()
         # The next writer starts from a level-0-only mosaic: drop the levels ingest built.
         for k in range(1, len(ingest["levels"])):
             shutil.rmtree(mosaic / str(k) / "c", ignore_errors=True)
@@ -575,6 +602,16 @@ def _one_size(size: int, a: argparse.Namespace, workdir: Path) -> dict[str, Any]
         "tiff_bytes": writer["tiff_bytes"],
         "ingest": summary(ingest, "ingest"),
         "tiff": {**summary(tiff, "tiff"), "tiff_bytes": tiff["tiff_bytes"]},
+        # Each extra format: the from-pyr job writing it too; ratios > 1: what it adds to the OME-TIFF's cost.
+        "formats": {
+            fmt: {
+                **summary(child, "tiff"),
+                "bytes": child["extra_bytes"],
+                "wall_vs_tiff": child["phases"]["tiff"]["seconds"] / tiff["phases"]["tiff"]["seconds"],
+                "cpu_vs_tiff": child["phases"]["tiff"]["cpu_seconds"] / tiff["phases"]["tiff"]["cpu_seconds"],
+            }
+            for fmt, child in extras.items()
+        },
         "writer": {**summary(writer, "writer"), "jpeg": ours_facts.get("jpeg"), "psnr_db": ours_psnr},
         "vips": vips,
         "cold_cache": bool(a.cold and cold),
@@ -643,6 +680,26 @@ def _row(r: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _format_columns(formats: Sequence[str]) -> list[Column]:
+    cols = []
+    for fmt in formats:
+        cols += [
+            Column(f"{fmt}_s", f"+{fmt} s", ".2f"),
+            Column(f"{fmt}_peak", f"+{fmt} MiB", ".0f"),
+            Column(f"{fmt}_wall", f"+{fmt}/from-pyr wall", ".2f"),
+            Column(f"{fmt}_cpu", f"+{fmt}/from-pyr CPU", ".2f"),
+        ]
+    return cols
+
+
+def _format_row(r: dict[str, Any]) -> dict[str, Any]:
+    row: dict[str, Any] = {}
+    for fmt, f in r["formats"].items():
+        row |= {f"{fmt}_s": f["seconds"], f"{fmt}_peak": f["peak_rss_mib"]}
+        row |= {f"{fmt}_wall": f["wall_vs_tiff"], f"{fmt}_cpu": f["cpu_vs_tiff"]}
+    return row
+
+
 def run(a: argparse.Namespace) -> int:
     import tifffile
     import zarr
@@ -683,6 +740,7 @@ def run(a: argparse.Namespace) -> int:
             "buffer_mib": a.buffer_mib,
             "min_level_size": a.min_level_size,
             "vips_input": a.vips_input,
+            "formats": a.formats,
         },
         "host": {
             "cpus": os.cpu_count(),
@@ -716,10 +774,16 @@ def run(a: argparse.Namespace) -> int:
     notes += [r["levels_note"] for r in results if "levels_note" in r]
     loads = ", ".join(f"{r['size']}: {r['load_avg_1min'][0]:.1f} -> {r['load_avg_1min'][1]:.1f}" for r in results)
     notes.append(f"1-min load average before -> after each size (other processes slow wall times): {loads}")
+    extra_formats = [f for f in a.formats if f != "ome-tiff"]
+    if extra_formats:
+        notes.append(
+            "+FMT = from-pyr writing FMT too from the same tiles; +FMT/from-pyr = its wall and CPU seconds "
+            "over from-pyr's alone (1.0: free)."
+        )
     emit(
         result,
-        [_row(r) for r in results],
-        COLUMNS,
+        [_row(r) | _format_row(r) for r in results],
+        COLUMNS + _format_columns(extra_formats),
         as_json=a.json,
         title=(
             f"writer bench: {cfg['compression']} q{cfg['jpeg_quality']} subsampling {cfg['jpeg_subsampling']}, "

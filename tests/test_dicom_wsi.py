@@ -3,8 +3,10 @@ OpenSlide 4 at every level with its pixel spacing; and the NGFF copy opened by o
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +17,7 @@ from pydicom.encaps import generate_frames
 from wsidicom import WsiDicom
 
 from runtime.config import WriterConfig
-from runtime.output import cli
+from runtime.output import cli, dicom_wsi
 from runtime.output.dicom_wsi import SOP_CLASS_UID, DicomWsiWriter, level_file_name
 from runtime.output.mosaic_store import MosaicStore
 from runtime.output.ome_tiff import pad_tile, tile_encoder, write_ome_tiff
@@ -45,7 +47,7 @@ def jpeg_slide(tmp_path_factory: pytest.TempPathFactory, mosaic: tuple[MosaicSto
 
 @pytest.fixture(scope="module")
 def lossless_slide(tmp_path_factory: pytest.TempPathFactory, mosaic: tuple[MosaicStore, np.ndarray]) -> Path:
-    """The same with zstd tiles: the DICOM frames are JPEG 2000 lossless."""
+    """The same with zstd tiles: the DICOM frames are native (uncompressed) RGB."""
     store, _ = mosaic
     out = tmp_path_factory.mktemp("zstd")
     write_ome_tiff(store, out / "slide.ome.tif", tile=256, compression="zstd", dicom_out=out / "slide.dicom")
@@ -99,15 +101,10 @@ def test_frames_are_the_tiffs_jpeg_tiles_byte_for_byte(jpeg_slide: Path) -> None
                 assert frames[i] in (tile, tile + b"\0"), f"level {k} tile {i}"
 
 
-def test_dciodvfy_finds_no_errors(
-    jpeg_slide: Path, lossless_slide: Path, mosaic: tuple[MosaicStore, np.ndarray]
-) -> None:
-    """Debian's dicom3tools validator, on every level of a JPEG and of a lossless (JPEG 2000) series."""
+def run_dciodvfy(files: list[Path]) -> None:
+    """Debian's dicom3tools validator on each file: no error; warnings only the DICOMDIR ones."""
     if shutil.which("dciodvfy") is None:
         pytest.skip("dciodvfy is not installed (Debian: apt-get install dicom3tools)")
-    store, _ = mosaic
-    files = dicom_files(jpeg_slide / "slide.dicom") + dicom_files(lossless_slide / "slide.dicom")
-    assert len(files) == 2 * store.n_levels
     for f in files:
         proc = subprocess.run(["dciodvfy", str(f)], capture_output=True, text=True, timeout=60)
         lines = (proc.stdout + proc.stderr).splitlines()
@@ -118,6 +115,16 @@ def test_dciodvfy_finds_no_errors(
         # (a media index, not the image) would need.
         warnings = [line for line in lines if line.startswith("Warning")]
         assert all("needed to build DICOMDIR" in w for w in warnings), f"{f}: {warnings}"
+
+
+def test_dciodvfy_finds_no_errors(
+    jpeg_slide: Path, lossless_slide: Path, mosaic: tuple[MosaicStore, np.ndarray]
+) -> None:
+    """Every level of the JPEG series and of the native (lossless) one; JPEG 2000: in its own test."""
+    store, _ = mosaic
+    files = dicom_files(jpeg_slide / "slide.dicom") + dicom_files(lossless_slide / "slide.dicom")
+    assert len(files) == 2 * store.n_levels
+    run_dciodvfy(files)
 
 
 def test_series_identifiers(jpeg_slide: Path) -> None:
@@ -136,12 +143,22 @@ def test_series_identifiers(jpeg_slide: Path) -> None:
         assert ds.ImageType[2] == "VOLUME" and float(ds.LossyImageCompressionRatio) > 1
 
 
-def test_lossless_codecs_give_exact_jpeg2000_frames(
-    lossless_slide: Path, mosaic: tuple[MosaicStore, np.ndarray]
+@pytest.mark.parametrize("frames", ["native", "jpeg2000"])
+def test_lossless_codecs_give_exact_frames(
+    lossless_slide: Path,
+    tmp_path: Path,
+    mosaic: tuple[MosaicStore, np.ndarray],
+    frames: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """deflate/zstd/none have no DICOM frame form: JPEG 2000 lossless, bit-exact in both readers."""
+    """zstd/deflate have no DICOM frame form: native RGB frames, or lossless JPEG 2000 once level 0 is
+    past native Pixel Data's 4 GiB (the limit lowered here): bit-exact in both readers."""
     store, img = mosaic
     folder = lossless_slide / "slide.dicom"
+    if frames == "jpeg2000":
+        monkeypatch.setattr(dicom_wsi, "_NATIVE_LIMIT", 0)
+        folder = tmp_path / "slide.dicom"
+        write_ome_tiff(store, tmp_path / "slide.ome.tif", tile=256, compression="deflate", dicom_out=folder)
     seen = slide_readers.check_wsidicom(folder, sizes(store), PIXEL_UM)
     with WsiDicom.open(folder) as dcm:
         np.testing.assert_array_equal(np.asarray(dcm.read_region((0, 0), 0, (W, H)).convert("RGB")), img)
@@ -149,7 +166,10 @@ def test_lossless_codecs_give_exact_jpeg2000_frames(
     by_openslide = slide_readers.check_openslide(folder / level_file_name(0), sizes(store), PIXEL_UM, vendor="dicom")
     np.testing.assert_array_equal(by_openslide.smallest, seen.smallest)
     ds = pydicom.dcmread(folder / level_file_name(0), stop_before_pixels=True)
-    assert ds.file_meta.TransferSyntaxUID == pydicom.uid.JPEG2000Lossless and ds.LossyImageCompression == "00"
+    syntax = pydicom.uid.ExplicitVRLittleEndian if frames == "native" else pydicom.uid.JPEG2000Lossless
+    assert ds.file_meta.TransferSyntaxUID == syntax and ds.LossyImageCompression == "00"
+    if frames == "jpeg2000" and shutil.which("dciodvfy"):
+        run_dciodvfy(dicom_files(folder))
 
 
 def test_extended_offset_table_reads_the_same(tmp_path: Path, mosaic: tuple[MosaicStore, np.ndarray]) -> None:
@@ -223,3 +243,19 @@ def test_export_command_writes_dicom(
     assert cli.main([*argv, "--force", "--study-uid", "1.02"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("export: invalid configuration: writer.dicom_study_uid") and err.count("\n") == 1
+
+
+def test_writer_bench_measures_dicom_beside_the_ome_tiff(tmp_path: Path) -> None:
+    """``python -m bench writer --formats ome-tiff dicom``: the from-pyr job again with DICOM, and the ratios."""
+    cmd = [sys.executable, "-m", "bench", "writer", "--size", "1024", "--json", "--no-vips", "--workdir", str(tmp_path)]
+    proc = subprocess.run([*cmd, "--formats", "ome-tiff", "dicom"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout)
+    assert result["config"]["formats"] == ["ome-tiff", "dicom"]
+    (r,) = result["results"]
+    tiff, dicom = r["tiff"], r["formats"]["dicom"]
+    assert dicom["seconds"] > 0 and dicom["peak_rss_mib"] > 0 and dicom["cpu_seconds"] > 0
+    assert dicom["wall_vs_tiff"] == pytest.approx(dicom["seconds"] / tiff["seconds"])
+    assert dicom["cpu_vs_tiff"] == pytest.approx(dicom["cpu_seconds"] / tiff["cpu_seconds"])
+    # JPEG frames are the TIFF's tiles: the series holds about the TIFF's bytes (plus headers and ICC profiles).
+    assert tiff["tiff_bytes"] * 0.9 < dicom["bytes"] < tiff["tiff_bytes"] * 1.2

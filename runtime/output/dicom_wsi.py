@@ -12,11 +12,12 @@ hands every encoded tile to :meth:`DicomWsiWriter.write_tile` as it appends it
 to the TIFF. A JPEG tile of the TIFF is a complete baseline JPEG stream (YCbCr,
 its own tables), which is exactly a frame of DICOM's JPEG Baseline transfer
 syntax: the bytes are copied, never decoded or encoded again. The TIFF's
-lossless codecs (deflate, zstd, none) have no DICOM transfer syntax whose frames
-they could be (DICOM has no per-frame deflate or zstd, and native pixel data
-is limited to 4 GiB per instance), so then each frame is also encoded as
-lossless JPEG 2000 (:attr:`DicomWsiWriter.frame_encoder`, run on the TIFF
-writer's encoder threads), which OpenSlide and wsidicom both decode.
+lossless codecs (deflate, zstd) have no DICOM counterpart (DICOM has no
+per-frame deflate or zstd), so the frames are then native, uncompressed RGB
+(the raw tile: ``none``'s tile bytes themselves) as long as level 0 fits the
+4 GiB of one Pixel Data element, and beyond that lossless JPEG 2000, encoded on
+the TIFF writer's encoder threads (:attr:`DicomWsiWriter.frame_encoder`) at
+about 13x the cost of the zstd TIFF itself. OpenSlide and wsidicom read all three.
 
 **Why pydicom and not highdicom or wsidicom for writing.** The file is
 streamed: a level's frames arrive while the scan moves down, and nothing but
@@ -76,6 +77,8 @@ __all__ = ["SOP_CLASS_UID", "DicomIdentifiers", "DicomWsiWriter", "level_file_na
 SOP_CLASS_UID = "1.2.840.10008.5.1.4.1.1.77.1.6"  # VL Whole Slide Microscopy Image Storage
 JPEG_BASELINE = "1.2.840.10008.1.2.4.50"
 JPEG2000_LOSSLESS = "1.2.840.10008.1.2.4.90"
+EXPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2.1"  # native (uncompressed) frames
+_NATIVE_LIMIT = 2**32 - 2  # an element's length is 32 bits, 0xFFFFFFFF meaning "undefined"
 MANUFACTURER = "wsi-edge-runtime"
 OffsetTable = Literal["auto", "basic", "extended"]
 
@@ -161,8 +164,10 @@ class DicomWsiWriter:
     """A DICOM WSI series of ``shapes`` (full resolution first) at the folder ``out``, frame by frame.
 
     ``codec``: the TIFF's tile codec. ``"jpeg"``: :meth:`write_tile` takes the TIFF's JPEG tiles as
-    they are (``subsampling`` says their chroma subsampling); any other: :attr:`frame_encoder` turns a
-    raw (tile, tile, 3) tile into a lossless JPEG 2000 frame, which :meth:`write_tile` then takes.
+    they are (``subsampling`` says their chroma subsampling). The lossless ones: native (uncompressed
+    RGB) frames while level 0 fits one element (4 GiB: about 37000 x 37000 px), else lossless JPEG
+    2000; :attr:`frame_encoder` makes a frame of a raw (tile, tile, 3) tile, or is None where the
+    TIFF's tile bytes are the frame (``"jpeg"``, and ``"none"`` with native frames).
     Frames of one level must come in row-major order (levels may interleave). :meth:`finish` renames
     ``OUT.partial`` to ``out`` once every level is complete; :meth:`abort` removes it.
     """
@@ -188,14 +193,22 @@ class DicomWsiWriter:
         self.tmp = self.path.with_name(self.path.name + ".partial")
         self.shapes = [(int(h), int(w)) for h, w in shapes]
         self.tile = tile
+        self.codec = codec
         self.jpeg = codec == "jpeg"
-        self.transfer_syntax = JPEG_BASELINE if self.jpeg else JPEG2000_LOSSLESS
+        # Lossless: native frames cost nothing but disk (3 bytes a pixel); lossless JPEG 2000, the one
+        # compressed lossless syntax OpenSlide 4 also decodes, made the zstd export 12.7x as costly
+        # (bench writer, 16384 px: 135 vs 10.7 CPU s), so it is kept for levels too large to be native.
+        h0, w0 = self.shapes[0]
+        self.native = not self.jpeg and -(-h0 // tile) * -(-w0 // tile) * tile * tile * 3 <= _NATIVE_LIMIT
         # JPEG: the TIFF's YCbCr JPEG; YBR_FULL_422 is what DICOM calls a subsampled one (PS3.5 8.2.1).
         # JPEG 2000 lossless with the reversible colour transform (imagecodecs applies it to RGB): YBR_RCT.
         if self.jpeg:
+            self.transfer_syntax = JPEG_BASELINE
             self.photometric = "YBR_FULL" if tuple(subsampling) == (1, 1) else "YBR_FULL_422"
+        elif self.native:
+            self.transfer_syntax, self.photometric = EXPLICIT_VR_LITTLE_ENDIAN, "RGB"
         else:
-            self.photometric = "YBR_RCT"
+            self.transfer_syntax, self.photometric = JPEG2000_LOSSLESS, "YBR_RCT"
         self._levels: list[_Level] = []
         ids = ids or DicomIdentifiers()
         now = datetime.datetime.now()
@@ -214,8 +227,10 @@ class DicomWsiWriter:
     @property
     def frame_encoder(self) -> Callable[[np.ndarray], bytes] | None:
         """None: :meth:`write_tile` takes the TIFF's tiles as they are; else what makes a frame of a raw tile."""
-        if self.jpeg:
+        if self.jpeg or (self.native and self.codec == "none"):
             return None
+        if self.native:
+            return lambda t: t.tobytes()
         codecs: Any = imagecodecs  # the stubs type the codec's keywords loosely
         return lambda t: bytes(codecs.jpeg2k_encode(t, level=0, codecformat="J2K", reversible=True))
 
@@ -229,6 +244,12 @@ class DicomWsiWriter:
                 f"DICOM level {k}: frames must come in row-major order; "
                 f"expected {divmod(index, cols)}, got {(row, col)}"
             )
+        if self.native:
+            if len(data) != self.tile * self.tile * 3:
+                raise ValueError(f"DICOM level {k}: a native frame is {self.tile}x{self.tile}x3 bytes, got {len(data)}")
+            lvl.offsets.append(0)  # only counted: native frames sit at fixed places
+            lvl.f.write(data)
+            return
         pad = len(data) & 1  # item values have even length: a trailing zero byte (PS3.5 A.4)
         lvl.offsets.append(lvl.f.tell() - lvl.first_frame)
         lvl.lengths.append(len(data) + pad)
@@ -244,6 +265,9 @@ class DicomWsiWriter:
             if short:
                 raise ValueError(f"DICOM levels {short} are missing frames")
             for k, lvl in enumerate(self._levels):
+                if self.native:
+                    lvl.f.close()
+                    continue
                 lvl.f.write(struct.pack("<HHI", 0xFFFE, _SEQUENCE_DELIMITER, 0))
                 lvl.f.seek(lvl.table_pos)
                 if lvl.extended:
@@ -297,6 +321,10 @@ class DicomWsiWriter:
             pydicom.dcmwrite(header, ds, enforce_file_format=True)
             f.write(header.getbuffer())
             ratio_pos = header.getvalue().index(_RATIO_ELEMENT) + len(_RATIO_ELEMENT) - 16 if self.jpeg else None
+            if self.native:
+                # Pixel Data of defined length (every frame's bytes, known now), the frames follow as they come.
+                f.write(_explicit_header(0x7FE0, 0x0010, b"OB", n_frames * t * t * 3))
+                return _Level(f, n_frames, False, 0, f.tell(), None)
             if extended:
                 # Extended Offset Table and its Lengths (OV, 8 bytes per frame), filled in by finish();
                 # the Basic Offset Table is then empty (PS3.5 A.4).
