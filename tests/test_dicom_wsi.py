@@ -127,6 +127,22 @@ def test_dciodvfy_finds_no_errors(
     run_dciodvfy(files)
 
 
+@pytest.mark.parametrize("subsampling", [(1, 1), (2, 1), (4, 1)])
+def test_every_jpeg_subsampling_opens_as_the_tiff_does(
+    tmp_path: Path, mosaic: tuple[MosaicStore, np.ndarray], subsampling: tuple[int, int]
+) -> None:
+    """YBR_FULL_422 for every JPEG (the WSI IOD has no other YCbCr value for it): readers follow the
+    stream's own sampling factors, so OpenSlide decodes the DICOM as it decodes the TIFF."""
+    store, _ = mosaic
+    folder = tmp_path / "slide.dicom"
+    write_ome_tiff(store, tmp_path / "slide.ome.tif", tile=256, subsampling=subsampling, dicom_out=folder)
+    seen = slide_readers.check_openslide(folder / level_file_name(0), sizes(store), PIXEL_UM, vendor="dicom")
+    tiff = slide_readers.check_openslide(tmp_path / "slide.ome.tif", sizes(store), PIXEL_UM)
+    np.testing.assert_array_equal(seen.smallest, tiff.smallest)
+    if shutil.which("dciodvfy"):
+        run_dciodvfy(dicom_files(folder))
+
+
 def test_series_identifiers(jpeg_slide: Path) -> None:
     """Anonymous by default: empty patient, generated UIDs; one study, series and frame of reference."""
     datasets = [pydicom.dcmread(f, stop_before_pixels=True) for f in dicom_files(jpeg_slide / "slide.dicom")]

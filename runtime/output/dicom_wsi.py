@@ -164,7 +164,7 @@ class DicomWsiWriter:
     """A DICOM WSI series of ``shapes`` (full resolution first) at the folder ``out``, frame by frame.
 
     ``codec``: the TIFF's tile codec. ``"jpeg"``: :meth:`write_tile` takes the TIFF's JPEG tiles as
-    they are (``subsampling`` says their chroma subsampling). The lossless ones: native (uncompressed
+    they are, whatever their chroma subsampling. The lossless ones: native (uncompressed
     RGB) frames while level 0 fits one element (4 GiB: about 37000 x 37000 px), else lossless JPEG
     2000; :attr:`frame_encoder` makes a frame of a raw (tile, tile, 3) tile, or is None where the
     TIFF's tile bytes are the frame (``"jpeg"``, and ``"none"`` with native frames).
@@ -180,7 +180,6 @@ class DicomWsiWriter:
         pixel_size_um: float,
         *,
         codec: str = "jpeg",
-        subsampling: tuple[int, int] = (2, 2),
         ids: DicomIdentifiers | None = None,
         name: str = "slide",
         offset_table: OffsetTable = "auto",
@@ -200,11 +199,14 @@ class DicomWsiWriter:
         # (bench writer, 16384 px: 135 vs 10.7 CPU s), so it is kept for levels too large to be native.
         h0, w0 = self.shapes[0]
         self.native = not self.jpeg and -(-h0 // tile) * -(-w0 // tile) * tile * tile * 3 <= _NATIVE_LIMIT
-        # JPEG: the TIFF's YCbCr JPEG; YBR_FULL_422 is what DICOM calls a subsampled one (PS3.5 8.2.1).
+        # JPEG: the TIFF's YCbCr JPEG. YBR_FULL_422 whatever the subsampling: the only YCbCr value the
+        # WSI IOD admits for JPEG (dciodvfy refuses YBR_FULL, and OpenSlide 4 will not open it); readers
+        # take the sampling factors from the JPEG stream itself (4:4:4 and 4:1:1 checked in OpenSlide
+        # and wsidicom).
         # JPEG 2000 lossless with the reversible colour transform (imagecodecs applies it to RGB): YBR_RCT.
         if self.jpeg:
             self.transfer_syntax = JPEG_BASELINE
-            self.photometric = "YBR_FULL" if tuple(subsampling) == (1, 1) else "YBR_FULL_422"
+            self.photometric = "YBR_FULL_422"
         elif self.native:
             self.transfer_syntax, self.photometric = EXPLICIT_VR_LITTLE_ENDIAN, "RGB"
         else:

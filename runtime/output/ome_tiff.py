@@ -284,7 +284,6 @@ class OmeTiffStream:
                     tile,
                     mosaic.pixel_size_um,
                     codec=compression,
-                    subsampling=subsampling,
                     ids=dicom_ids,
                     name=self.out.name.split(".")[0],
                 )
