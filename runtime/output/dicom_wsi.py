@@ -25,22 +25,23 @@ streamed: a level's frames arrive while the scan moves down, and nothing but
 takes a level's whole pixel matrix (or all its frames) in memory; wsidicom
 writes by pulling frames from a finished source image, and needs Python >= 3.11
 plus dicomweb-client, fsspec, marshmallow and Pillow. pydicom (pure Python,
-Python >= 3.10, no compiled dependency: it installs as is on a Jetson's
-JetPack Python) builds and writes each file's data set here; the encapsulated
+Python >= 3.10, no compiled dependency: nothing stands in the way on a Jetson's
+Python, though it was not installed on one here) builds and writes each file's data set here; the encapsulated
 Pixel Data that follows it (one item per frame, the offset table filled in at
 the end) is a few lines of the standard's byte layout (PS3.5 A.4), as
 :mod:`runtime.output.tiff_stream` is for TIFF. wsidicom and OpenSlide read
 the result in the tests, and Debian's ``dciodvfy`` validates it.
 
-**Offsets.** A Basic Offset Table (32-bit offsets) is reserved and filled in
-when the level is complete; a level whose frames could pass 4 GiB (at 1.25 raw
-tiles per frame: more than 4369 frames of 512 px) gets an Extended Offset Table
+**Offsets** (of compressed frames; native ones sit at fixed places). A Basic
+Offset Table (32-bit offsets) is reserved and filled in when the level is
+complete; a level whose frames could pass 4 GiB (at 1.25 raw tiles per frame:
+more than 4369 frames of 512 px) gets an Extended Offset Table
 (64-bit) instead, as the standard provides for large instances. (Debian's
 ``dciodvfy`` of 2022 does not know the OV VR of the extended table: such files
 read in wsidicom and OpenSlide, but that validator misreads them.)
 
 **Identifiers.** :class:`DicomIdentifiers`: patient name and ID, accession
-number, study UID, slide (container) ID, from the ``writer.dicom_*`` config
+number, study ID and UID, slide (container) ID, from the ``writer.dicom_*`` config
 keys or the export's flags; left empty they stay empty (type 2 attributes:
 an anonymous slide), and every UID not given is generated.
 
@@ -416,7 +417,9 @@ def _common_dataset(
     h0, w0 = shape0
     ds.ImagedVolumeWidth = w0 * pixel_size_um / 1000  # FL, mm
     ds.ImagedVolumeHeight = h0 * pixel_size_um / 1000
-    ds.ImagedVolumeDepth = 0.001  # one focal plane; the section's thickness is not known to the scanner
+    # Required (type 1C, dciodvfy checks it, and SliceThickness below), but the section's thickness is
+    # not known to the scanner: 1 µm stands for one focal plane; no reader tried uses it.
+    ds.ImagedVolumeDepth = 0.001
     origin = Dataset()
     origin.XOffsetInSlideCoordinateSystem = 0.0
     origin.YOffsetInSlideCoordinateSystem = 0.0
