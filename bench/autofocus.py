@@ -53,6 +53,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model", type=Path, default=None, help="autofocus model folder (default: the builtin choice for --tile)"
     )
+    p.add_argument(
+        "--classifier",
+        type=Path,
+        default=None,
+        help="tile classifier model folder for the scan path (default: builtin)",
+    )
     p.add_argument("--json", action="store_true", help="one JSON object instead of tables")
     p.add_argument(
         "--objectives",
@@ -164,7 +170,7 @@ class _Replay:
     truth: np.ndarray  # per field: true focus z (µm)
 
 
-def _replay(path: Path, model_dir: Path | None) -> _Replay:
+def _replay(path: Path, model_dir: Path | None, classifier_dir: Path | None = None) -> _Replay:
     from hw_sim.replay import ReplayDriver
     from runtime.config import ModelsConfig
     from runtime.devices.recording import Recording
@@ -176,14 +182,20 @@ def _replay(path: Path, model_dir: Path | None) -> _Replay:
     assert truth is not None, f"{path} has no truth"
     return _Replay(
         driver=ReplayDriver(rec),
-        settings=ModelsConfig(autofocus_dir=str(model_dir) if model_dir else "builtin", backend="ort_cpu"),
+        settings=ModelsConfig(
+            autofocus_dir=str(model_dir) if model_dir else "builtin",
+            classifier_dir=str(classifier_dir) if classifier_dir else "builtin",
+            backend="ort_cpu",
+        ),
         grid=serpentine_plan(m.area, m.field_width_um, m.field_height_um, m.overlap),
         tissue=_tissue_fields(rec),
         truth=truth,
     )
 
 
-def scan_path(paths: list[Path], strategy: str, model_dir: Path | None) -> dict[str, Any]:
+def scan_path(
+    paths: list[Path], strategy: str, model_dir: Path | None, classifier_dir: Path | None = None
+) -> dict[str, Any]:
     from runtime.config import FocusConfig
     from runtime.focus.field import FieldFocuser
 
@@ -191,7 +203,7 @@ def scan_path(paths: list[Path], strategy: str, model_dir: Path | None) -> dict[
     classes: dict[str, int] = {}
     t0 = time.perf_counter()
     for path in paths:
-        rp = _replay(path, model_dir)
+        rp = _replay(path, model_dir, classifier_dir)
         drv, tissue, truth = rp.driver, rp.tissue, rp.truth
         focuser = FieldFocuser(FocusConfig(strategy=strategy), rp.settings, drv.camera, drv.stage)
         for plan in rp.grid.fields:
@@ -224,7 +236,9 @@ def scan_path(paths: list[Path], strategy: str, model_dir: Path | None) -> dict[
 COLD_STARTS_UM = tuple(float(d) for d in range(-10, 11))
 
 
-def cold_start(paths: list[Path], strategy: str, model_dir: Path | None) -> dict[str, Any]:
+def cold_start(
+    paths: list[Path], strategy: str, model_dir: Path | None, classifier_dir: Path | None = None
+) -> dict[str, Any]:
     """Every tissue field focused from every start guess in ``COLD_STARTS_UM`` (truth + offset)."""
     from runtime.config import FocusConfig
     from runtime.focus.field import FieldFocuser
@@ -233,7 +247,7 @@ def cold_start(paths: list[Path], strategy: str, model_dir: Path | None) -> dict
     starts, errors, captures, fallbacks = [], [], [], 0
     t0 = time.perf_counter()
     for path in paths:
-        rp = _replay(path, model_dir)
+        rp = _replay(path, model_dir, classifier_dir)
         drv, tissue, truth = rp.driver, rp.tissue, rp.truth
         focuser: FieldFocuser | None = None
         for plan in rp.grid.fields:
@@ -372,7 +386,7 @@ def sign_confidence(recs: list[Any], model: Any, max_abs_um: float = 8.0) -> dic
     }
 
 
-def _resolutions(paths: list[Path], model_dir: Path | None) -> dict[str, Any]:
+def _resolutions(paths: list[Path], model_dir: Path | None, classifier_dir: Path | None = None) -> dict[str, Any]:
     """The scan path with single_shot, counting how each field's sign was resolved."""
     from runtime.config import FocusConfig
     from runtime.focus.field import FieldFocuser
@@ -381,7 +395,7 @@ def _resolutions(paths: list[Path], model_dir: Path | None) -> dict[str, Any]:
     flipped = 0
     errors, caps, tissue_caps = [], [], []
     for path in paths:
-        rp = _replay(path, model_dir)
+        rp = _replay(path, model_dir, classifier_dir)
         drv = rp.driver
         focuser = FieldFocuser(FocusConfig(strategy="single_shot"), rp.settings, drv.camera, drv.stage)
         for plan in rp.grid.fields:
@@ -422,8 +436,8 @@ def run_objectives(args: argparse.Namespace) -> int:
         paths = _recordings(args) if name == "heldout" else [_objective_recording(args, name, content)]
         recs = [Recording.open(p) for p in paths]
         alone = sign_confidence(recs, af)
-        single = _resolutions(paths, model_dir)
-        sweep = scan_path(paths, "contrast_sweep", model_dir)
+        single = _resolutions(paths, model_dir, args.classifier)
+        sweep = scan_path(paths, "contrast_sweep", model_dir, args.classifier)
         cells.append(
             {
                 "objective": name,
@@ -491,9 +505,12 @@ def run(args: argparse.Namespace) -> int:
     af, _, _ = load_models(model_dir, None, "ort_cpu")
     acc = model_accuracy(recs, af)
     acc_small = model_accuracy(recs, af, SMALL_FRAME)
-    single = scan_path(paths, "single_shot", model_dir)
-    sweep = scan_path(paths, "contrast_sweep", model_dir)
-    cold = [cold_start(paths, "single_shot", model_dir), cold_start(paths, "contrast_sweep", model_dir)]
+    single = scan_path(paths, "single_shot", model_dir, args.classifier)
+    sweep = scan_path(paths, "contrast_sweep", model_dir, args.classifier)
+    cold = [
+        cold_start(paths, "single_shot", model_dir, args.classifier),
+        cold_start(paths, "contrast_sweep", model_dir, args.classifier),
+    ]
     timing = backend_timing(model_dir, recs[0].plane(0, 20))
     meta = af.folder.meta
     result = {

@@ -49,6 +49,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         t.add_argument("--epochs", type=int, default=None)
         t.add_argument("--workers", type=int, default=2, help="processes rendering data")
         t.add_argument("--out", type=Path, default=None)
+        t.add_argument("--device", default="cpu", help="torch device to train on (cpu, cuda)")
+        t.add_argument(
+            "--content",
+            action="store_true",
+            help="add train_content: stains, textures, photographs and (autofocus) objectives of every "
+            "family; the autofocus model gains the magnitude head",
+        )
         if name == "train-autofocus":
             t.add_argument("--lr", type=float, default=None)
             t.add_argument("--init", type=Path, default=None, help="fine-tune from this checkpoint")
@@ -63,7 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     d.add_argument("--kind", choices=["autofocus", "classifier"], required=True)
     d.add_argument(
         "--split",
-        choices=["train", *EXTRA_TRAIN_SPLITS, "val", "heldout", "heldout_hard"],
+        choices=["train", *EXTRA_TRAIN_SPLITS, "val", "heldout", "heldout_hard", "heldout_content"],
         action="append",
     )
     d.add_argument("--data", type=Path, default=DEFAULT_DATA)
@@ -104,6 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.lr:
             kw["lr"] = args.lr
         kw.update(init=args.init, far=args.far, wide=args.wide, edge=args.edge, small=args.small, optics=args.optics)
+        kw.update(content=args.content, device=args.device)
         r = train.train_autofocus(args.data, out, args.seed, workers=args.workers, **kw)
         print(json.dumps(r["heldout_metrics"], indent=2))
         print(f"checkpoint: {out}")
@@ -111,6 +119,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.cmd == "train-classifier":
         out = args.out or Path(f"out/models/classifier-seed{args.seed}.pt")
         kw = {"epochs": args.epochs} if args.epochs else {}
+        kw.update(content=args.content, device=args.device)
         r = train.train_classifier(args.data, out, args.seed, workers=args.workers, hard=args.hard, **kw)
         print(json.dumps(r["heldout_metrics"], indent=2))
         print(f"checkpoint: {out}")

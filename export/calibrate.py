@@ -53,8 +53,7 @@ from torch import nn
 
 from export.models import AutofocusNet
 from export.onnx_export import _spec, export_model
-from export.train import _augment, autofocus_metrics, seed_everything
-from export.train import predict_autofocus as predict
+from export.train import _augment, autofocus_metrics, predict_autofocus_all, seed_everything
 from runtime.devices.recording import Recording
 from runtime.focus.stack_labels import FieldLabel, LabelParams, label_stack
 from runtime.ml.model_folder import ModelFolder, builtin_autofocus_dir, load_model_folder
@@ -80,7 +79,7 @@ def recover_autofocus(folder: ModelFolder) -> AutofocusNet:
     """
     model_proto = onnx.load(str(folder.onnx_path))
     inits = {t.name: numpy_helper.to_array(t) for t in model_proto.graph.initializer}
-    model = AutofocusNet(in_ch=folder.input_shape[0])
+    model = AutofocusNet(in_ch=folder.input_shape[0], magnitude="abs_defocus_um" in folder.output_names)
     convs = [n for n in model_proto.graph.node if n.op_type == "Conv"]
     blocks = list(model.features)
     if len(convs) != len(blocks):
@@ -116,11 +115,22 @@ def recovery_error(model: nn.Module, folder: ModelFolder, x: np.ndarray) -> dict
     """Max abs difference per output between the recovered torch model and ONNX Runtime on ``x``."""
     sess = ort.InferenceSession(str(folder.onnx_path), providers=["CPUExecutionProvider"])
     x32 = np.asarray(x, np.float32)
-    got = sess.run(["defocus_um", "content_logit"], {folder.input_name: x32})
+    names = list(folder.output_names)  # the graph's outputs, in AutofocusNet's order
+    got = sess.run(names, {folder.input_name: x32})
     model.eval()
     with torch.no_grad():
         ref = [t.numpy() for t in model(torch.from_numpy(x32))]
-    return {n: float(np.max(np.abs(r - o))) for n, r, o in zip(("defocus_um", "content_logit"), ref, got, strict=True)}
+    return {n: float(np.max(np.abs(r - o))) for n, r, o in zip(names, ref, got, strict=True)}
+
+
+def predict(model: AutofocusNet, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(defocus µm, content probability) per crop as the runtime reads them: with a magnitude
+    head, its size with the signed head's sign (``runtime.ml.tasks.AutofocusModel``)."""
+    p = predict_autofocus_all(model, x)
+    d = p["defocus"]
+    if len(p["magnitude"]):
+        d = np.copysign(np.abs(p["magnitude"]), d)
+    return d, p["content"]
 
 
 # --------------------------------------------------------------------------- data
@@ -259,12 +269,16 @@ def fine_tune(
         total = 0.0
         for i in range(per_epoch):
             idx = perm[i * batch : (i + 1) * batch]
-            pd, pc = model(_augment(xt[idx].float(), g))
+            out = model(_augment(xt[idx].float(), g))
+            pd, pc = out[0], out[1]
             mb = mask[idx]
             reg = (nn.functional.smooth_l1_loss(pd, yt[idx], beta=0.2, reduction="none") * mb).sum() / mb.sum().clamp(
                 min=1
             )
             loss = reg + 0.5 * bce(pc, ct[idx])
+            if len(out) > 2:  # the magnitude head learns |defocus| on the same crops
+                mag = nn.functional.smooth_l1_loss(out[2], yt[idx].abs(), beta=0.2, reduction="none") * mb
+                loss = loss + mag.sum() / mb.sum().clamp(min=1)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -404,7 +418,7 @@ def calibrate(
         "history": history,
         "seconds": {"labels": round(t_label, 1), "inputs": round(t_data, 1), "train": round(t_train, 1)},
     }
-    spec = _spec("AutofocusNet", pre.to_dict())
+    spec = _spec("AutofocusNet", pre.to_dict(), magnitude=model.magnitude)
     spec["model"] = model
     samples = np.asarray(
         (hx if len(hx) else x)[np.sort(rng.choice(len(hx) or len(x), min(64, len(hx) or len(x)), replace=False))],

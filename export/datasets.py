@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from export.content_mix import random_content_slide, random_objective
 from hw_sim.optics import CameraParams, Optics, OpticsParams
 from hw_sim.slide import RUIFROK_E, RUIFROK_H, SlideSpec, SyntheticSlide
 from runtime.ml.preprocess import AutofocusPreprocess, ClassifierPreprocess
@@ -39,6 +40,7 @@ EXTRA_TRAIN_SPLITS = {
     "train_small": "small",
     "train_optics": "optics",
     "train_hard": "hard",
+    "train_content": "content",
 }
 # Slide seeds per split live in disjoint ranges; optics parameters come from per-split generators.
 _SEED_BASE = {"train": 1_000_000, "val": 2_000_000, "heldout": 3_000_000}
@@ -81,20 +83,35 @@ def _jitter(v: tuple[float, float, float], rng: np.random.Generator, amount: flo
     return (float(a[0]), float(a[1]), float(a[2]))
 
 
-def random_slide(rng: np.random.Generator, seed: int, artifacts: int = 0, hard: bool = False) -> SlideSpec:
+Stains = tuple[tuple[float, float, float], tuple[float, float, float]]
+
+
+def random_slide(
+    rng: np.random.Generator,
+    seed: int,
+    artifacts: int = 0,
+    hard: bool = False,
+    stains: Stains | None = None,
+    strength: tuple[float, float] = (0.55, 1.45),
+) -> SlideSpec:
     """Stain strength and hue (stain vectors) vary between labs and batches. ``hard``: faint
     staining as well (under-stained, faded or thin sections: 0.15-1.0 of the usual optical density),
-    the case in which a saturation threshold loses pale tissue to the glass."""
-    lo, hi = (0.15, 1.0) if hard else (0.55, 1.45)
+    the case in which a saturation threshold loses pale tissue to the glass. ``stains``: these two
+    stain vectors instead of jittered H&E (``export.content_mix``); ``strength``: the range of each
+    stain's optical-density scale when not ``hard``."""
+    lo, hi = (0.15, 1.0) if hard else strength
+    pieces = int(rng.integers(2, 7))
+    h_strength, e_strength = float(rng.uniform(lo, hi)), float(rng.uniform(lo, hi))
+    h, e = stains if stains is not None else (_jitter(RUIFROK_H, rng, 0.2), _jitter(RUIFROK_E, rng, 0.2))
     return SlideSpec(
         seed=seed,
         width_um=4000.0,
         height_um=3000.0,
-        pieces=int(rng.integers(2, 7)),
-        h_strength=float(rng.uniform(lo, hi)),
-        e_strength=float(rng.uniform(lo, hi)),
-        h_vector=_jitter(RUIFROK_H, rng, 0.2),
-        e_vector=_jitter(RUIFROK_E, rng, 0.2),
+        pieces=pieces,
+        h_strength=h_strength,
+        e_strength=e_strength,
+        h_vector=h,
+        e_vector=e,
         glass_od=float(rng.uniform(0.0, 0.06)),
         artifacts=artifacts,
     )
@@ -121,6 +138,10 @@ class AutofocusJob:
     wide: int = 0  # AutofocusPreprocess.wide: 0 renders v1 inputs, > 0 v2 inputs with the wide window
     crops_per_tile: int = 0  # > 0: keep this many of a tile's crops (drawn at random) to bound training cost
     input_tile: int = 0  # > 0: the model sees only the centre input_tile px of each frame (a smaller camera)
+    # Wider content (export.content_mix): the objective from any family (either aberration sign,
+    # apochromat, strong), camera pixel +-10% around the nominal, each field's content a procedural
+    # slide in a random stain, a texture or a photograph, white balance off by up to ~12%.
+    content_mix: bool = False
 
 
 def render_autofocus_config(job: AutofocusJob) -> dict[str, Any]:
@@ -128,9 +149,16 @@ def render_autofocus_config(job: AutofocusJob) -> dict[str, Any]:
     rng = _rng(job.split, job.seed, job.config)
     pre = AutofocusPreprocess(wide=job.wide)
     # The PSF box must hold the largest defocus plus the chromatic shift.
-    optics_params = random_optics(rng, job.max_defocus_um + 0.5)
-    optics = Optics(optics_params, PIXEL_SIZE_UM, (job.tile, job.tile))
-    m, px, t = optics.margin_px, PIXEL_SIZE_UM, job.tile
+    px = PIXEL_SIZE_UM
+    sign_known = True
+    if job.content_mix:
+        objective = random_objective(rng, job.max_defocus_um + 0.7)
+        optics_params, sign_known = objective.params, objective.sign_known
+        px = PIXEL_SIZE_UM * float(rng.uniform(0.9, 1.1))
+    else:
+        optics_params = random_optics(rng, job.max_defocus_um + 0.5)
+    optics = Optics(optics_params, px, (job.tile, job.tile))
+    m, t = optics.margin_px, job.tile
     # A pool of defocus values (one OTF each), half spread over the whole range and half
     # near focus, where the closed loop needs its precision.
     n_pool = max(8, job.z_per_field * 4)
@@ -146,7 +174,10 @@ def render_autofocus_config(job: AutofocusJob) -> dict[str, Any]:
     fields = []
     for f in range(job.fields):
         seed = _SEED_BASE[job.split] + job.seed * 10_000 + job.config * 500 + f
-        slide = SyntheticSlide(random_slide(rng, seed))
+        if job.content_mix:
+            slide, _ = random_content_slide(rng, seed)
+        else:
+            slide = SyntheticSlide(random_slide(rng, seed))
         cx, cy = _tissue_position(slide, rng, p_anywhere=0.15)
         x0, y0 = cx - t * px / 2, cy - t * px / 2
         obj = optics.prepare(slide.transmittance(x0 - m * px, y0 - m * px, t + 2 * m, t + 2 * m, px))
@@ -163,7 +194,7 @@ def render_autofocus_config(job: AutofocusJob) -> dict[str, Any]:
     for k, fis in sorted(by_z.items()):  # z-major: each OTF is computed once
         for fi in fis:
             slide, x0, y0, obj, _ = fields[fi]
-            optics.camera = random_camera(rng)
+            optics.camera = random_camera(rng, hard=job.content_mix)
             frame = optics.camera_capture(optics.image(obj, float(pool[k])), rng)
             off = 0
             if 0 < job.input_tile < job.tile:
@@ -185,7 +216,10 @@ def render_autofocus_config(job: AutofocusJob) -> dict[str, Any]:
         "defocus_um": np.asarray(defocus, np.float32),
         "content": np.asarray(content, np.float32),
         "field": np.asarray(field_ids, np.int64),
-        "optics": optics_params.to_dict(),
+        # 1: the objective follows the training sign convention, so the signed head may learn
+        # this sample; 0: only the magnitude head may (flipped or symmetric objectives).
+        "sign_known": np.full(len(defocus), 1.0 if sign_known else 0.0, np.float32),
+        "optics": {**optics_params.to_dict(), "pixel_size_um": px},
     }
 
 
@@ -198,6 +232,9 @@ class ClassifierJob:
     tiles_per_slide: int
     tile: int = TILE
     hard: bool = False  # faint stain and tinted glass (random_slide / random_camera ``hard``)
+    # Wider content (export.content_mix): any objective family, pixel +-10%, each slide's tissue
+    # procedural in a random stain, a texture or a photograph (artifacts drawn over it alike).
+    content_mix: bool = False
 
 
 def tile_label(slide: SyntheticSlide, x0: float, y0: float, size_px: int, px: float) -> tuple[int, float, float]:
@@ -212,15 +249,24 @@ def tile_label(slide: SyntheticSlide, x0: float, y0: float, size_px: int, px: fl
 def render_classifier_config(job: ClassifierJob) -> dict[str, Any]:
     """Slides with artifacts; tiles near artifacts, near tissue and anywhere; focus within ±1.5 µm."""
     rng = _rng(job.split, job.seed, 1000 + job.config)
-    optics_params = random_optics(rng, 2.0)
-    optics = Optics(optics_params, PIXEL_SIZE_UM, (job.tile, job.tile))
+    px = PIXEL_SIZE_UM
+    if job.content_mix:
+        optics_params = random_objective(rng, 2.7).params
+        px = PIXEL_SIZE_UM * float(rng.uniform(0.9, 1.1))
+    else:
+        optics_params = random_optics(rng, 2.0)
+    optics = Optics(optics_params, px, (job.tile, job.tile))
     pre = ClassifierPreprocess()
-    m, px, t = optics.margin_px, PIXEL_SIZE_UM, job.tile
+    m, t = optics.margin_px, job.tile
     pool = rng.uniform(-1.5, 1.5, 6)
     xs, labels, tissue, artifact, raw = [], [], [], [], []
     for s in range(job.slides):
         seed = _SEED_BASE[job.split] + 500_000 + job.seed * 10_000 + job.config * 500 + s
-        slide = SyntheticSlide(random_slide(rng, seed, artifacts=int(rng.integers(4, 12)), hard=job.hard))
+        n_art = int(rng.integers(4, 12))
+        if job.content_mix:
+            slide, _ = random_content_slide(rng, seed, hard=job.hard, artifacts=n_art)
+        else:
+            slide = SyntheticSlide(random_slide(rng, seed, artifacts=n_art, hard=job.hard))
         for _ in range(job.tiles_per_slide):
             u = rng.random()
             if u < 0.35 and slide.artifacts:
@@ -231,7 +277,7 @@ def render_classifier_config(job: ClassifierJob) -> dict[str, Any]:
                 cx, cy = _tissue_position(slide, rng, p_anywhere=0.5)
             x0, y0 = cx - t * px / 2, cy - t * px / 2
             obj = optics.prepare(slide.transmittance(x0 - m * px, y0 - m * px, t + 2 * m, t + 2 * m, px))
-            optics.camera = random_camera(rng, hard=job.hard)
+            optics.camera = random_camera(rng, hard=job.hard or job.content_mix)
             frame = optics.camera_capture(optics.image(obj, float(pool[int(rng.integers(len(pool)))])), rng)
             label, tis, art = tile_label(slide, x0, y0, t, px)
             xs.append(pre.inputs(frame, px)[0].astype(np.float16))
@@ -277,6 +323,7 @@ class AutofocusDataSpec:
     tile: int = TILE
     crops_per_tile: int = 0  # 0: every crop the preprocessing cuts
     input_tile: int = 0  # > 0: inputs cut from the centre input_tile px of each frame
+    content_mix: bool = False  # export.content_mix: any objective family, stains, textures, photos
 
 
 # The v2 model's data: 512-px tiles (a whole 40x camera field, so the wide window sees real
@@ -292,6 +339,7 @@ class ClassifierDataSpec:
     tiles_per_slide: int
     hard: bool = False
     config_offset: int = 0
+    content_mix: bool = False
 
 
 AUTOFOCUS_DATA = {
@@ -348,6 +396,22 @@ AUTOFOCUS_V2_DATA = {
     "train_small": AutofocusDataSpec(
         configs=6, fields=60, z_per_field=6, config_offset=300, tile=V2_TILE, input_tile=256
     ),
+    # Wider content (configs 600+, export.content_mix): 96 objectives of every family, fields of
+    # procedural tissue in random stains, textures and photographs at random sampling. The
+    # magnitude head learns every sample, the signed head the training-sign objectives only.
+    "train_content": AutofocusDataSpec(
+        configs=96,
+        fields=16,
+        z_per_field=6,
+        max_defocus_um=12.0,
+        config_offset=600,
+        tile=V2_TILE,
+        crops_per_tile=8,
+        content_mix=True,
+    ),
+    "heldout_content": AutofocusDataSpec(
+        configs=8, fields=8, z_per_field=6, max_defocus_um=10.0, config_offset=600, tile=V2_TILE, content_mix=True
+    ),
 }
 CLASSIFIER_DATA = {
     "train": ClassifierDataSpec(configs=8, slides=12, tiles_per_slide=30),
@@ -357,6 +421,10 @@ CLASSIFIER_DATA = {
     # objectives), where a saturation threshold is known to fail.
     "train_hard": ClassifierDataSpec(configs=6, slides=12, tiles_per_slide=30, hard=True, config_offset=100),
     "heldout_hard": ClassifierDataSpec(configs=3, slides=8, tiles_per_slide=25, hard=True, config_offset=100),
+    # Wider content (configs 200+, export.content_mix): tissue in random stains, textures and
+    # photographs under any objective, with the same procedural artifacts drawn over it.
+    "train_content": ClassifierDataSpec(configs=16, slides=12, tiles_per_slide=30, config_offset=200, content_mix=True),
+    "heldout_content": ClassifierDataSpec(configs=3, slides=8, tiles_per_slide=25, config_offset=200, content_mix=True),
 }
 
 
@@ -364,7 +432,7 @@ def autofocus_data(split: str, seed: int, workers: int = 2, scale: float = 1.0, 
     """``wide`` = 0: the v1 model's data (``AUTOFOCUS_DATA``); > 0: the v2 model's (``AUTOFOCUS_V2_DATA``)."""
     spec = (AUTOFOCUS_V2_DATA if wide else AUTOFOCUS_DATA)[split]
     fields = max(2, math.ceil(spec.fields * scale))
-    rng_split = "train" if split.startswith("train") else split
+    rng_split = "train" if split.startswith("train") else split.removesuffix("_content")
     jobs = [
         AutofocusJob(
             rng_split,
@@ -378,6 +446,7 @@ def autofocus_data(split: str, seed: int, workers: int = 2, scale: float = 1.0, 
             wide=wide,
             crops_per_tile=spec.crops_per_tile,
             input_tile=spec.input_tile,
+            content_mix=spec.content_mix,
         )
         for c in range(spec.configs)
     ]
@@ -386,7 +455,7 @@ def autofocus_data(split: str, seed: int, workers: int = 2, scale: float = 1.0, 
 
 def classifier_data(split: str, seed: int, workers: int = 2, scale: float = 1.0) -> dict[str, Any]:
     spec = CLASSIFIER_DATA[split]
-    rng_split = split.removesuffix("_hard")
+    rng_split = split.removesuffix("_hard").removesuffix("_content")
     jobs = [
         ClassifierJob(
             rng_split,
@@ -395,6 +464,7 @@ def classifier_data(split: str, seed: int, workers: int = 2, scale: float = 1.0)
             max(1, math.ceil(spec.slides * scale)),
             spec.tiles_per_slide,
             hard=spec.hard,
+            content_mix=spec.content_mix,
         )
         for c in range(spec.configs)
     ]

@@ -19,11 +19,14 @@ class AutofocusNet(nn.Module):
     """Per crop (7 x 64 x 64): signed defocus (µm) and a content logit.
 
     Outputs ``defocus_um`` (N,) and ``content_logit`` (N,): the runtime takes the
-    median defocus over the crops whose content probability exceeds 0.5.
+    median defocus over the crops whose content probability exceeds 0.5. With
+    ``magnitude``, a third output ``abs_defocus_um`` (N,): |defocus| learnt on objectives of
+    every kind, including those whose sign no single frame tells (flipped, aberration-free).
     """
 
-    def __init__(self, in_ch: int = 7, width: int = 16) -> None:
+    def __init__(self, in_ch: int = 7, width: int = 16, magnitude: bool = False) -> None:
         super().__init__()
+        self.magnitude = magnitude
         w = width
         self.features = nn.Sequential(
             _block(in_ch, w, 2),  # 32
@@ -34,10 +37,15 @@ class AutofocusNet(nn.Module):
             _block(4 * w, 4 * w, 1),
             _block(4 * w, 4 * w, 2),  # 4
         )
-        self.head = nn.Sequential(nn.Flatten(), nn.Linear(4 * w * 16, 128), nn.ReLU(inplace=True), nn.Linear(128, 2))
+        outputs = 3 if magnitude else 2
+        self.head = nn.Sequential(
+            nn.Flatten(), nn.Linear(4 * w * 16, 128), nn.ReLU(inplace=True), nn.Linear(128, outputs)
+        )
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         y = self.head(self.features(x))
+        if self.magnitude:
+            return y[:, 0], y[:, 1], y[:, 2]
         return y[:, 0], y[:, 1]
 
 

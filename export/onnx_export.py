@@ -33,29 +33,41 @@ class ParityError(RuntimeError):
     """torch and ONNX Runtime disagree beyond the tolerance."""
 
 
-def _spec(arch: str, preprocess: dict[str, Any] | None = None) -> dict[str, Any]:
-    """``preprocess``: the checkpoint's own preprocessing (v2 models record theirs); default v1."""
+def _spec(arch: str, preprocess: dict[str, Any] | None = None, magnitude: bool = False) -> dict[str, Any]:
+    """``preprocess``: the checkpoint's own preprocessing (v2 models record theirs); default v1.
+    ``magnitude``: the autofocus model has the ``abs_defocus_um`` head."""
     if arch == "AutofocusNet":
         pre = AutofocusPreprocess.from_dict(preprocess) if preprocess else AutofocusPreprocess()
-        return {
-            "task": "autofocus",
-            "model": AutofocusNet(in_ch=pre.input_shape[0]),
-            "preprocess": pre.to_dict(),
-            "input_shape": list(pre.input_shape),
-            "outputs": [
+        outputs = [
+            {
+                "name": "defocus_um",
+                "shape": ["batch"],
+                "unit": "µm",
+                "meaning": "signed defocus of the crop: stage z minus in-focus z (move to z - defocus)",
+            },
+            {
+                "name": "content_logit",
+                "shape": ["batch"],
+                "unit": "logit",
+                "meaning": "the crop has enough tissue to focus on (sigmoid > 0.5)",
+            },
+        ]
+        if magnitude:
+            outputs.append(
                 {
-                    "name": "defocus_um",
+                    "name": "abs_defocus_um",
                     "shape": ["batch"],
                     "unit": "µm",
-                    "meaning": "signed defocus of the crop: stage z minus in-focus z (move to z - defocus)",
-                },
-                {
-                    "name": "content_logit",
-                    "shape": ["batch"],
-                    "unit": "logit",
-                    "meaning": "the crop has enough tissue to focus on (sigmoid > 0.5)",
-                },
-            ],
+                    "meaning": "|defocus| of the crop, learnt on objectives of either aberration sign "
+                    "and aberration-free ones (the sign comes from defocus_um or the loop's second shot)",
+                }
+            )
+        return {
+            "task": "autofocus",
+            "model": AutofocusNet(in_ch=pre.input_shape[0], magnitude=magnitude),
+            "preprocess": pre.to_dict(),
+            "input_shape": list(pre.input_shape),
+            "outputs": outputs,
         }
     if arch == "TileClassifier":
         pre_c = ClassifierPreprocess()
@@ -188,7 +200,7 @@ def _extra_args(result: dict[str, Any], ckpt_path: Path) -> str:
 
 def export_checkpoint(ckpt_path: Path, out_dir: Path, samples: np.ndarray, atol: float = 1e-3) -> dict[str, Any]:
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-    spec = _spec(ckpt["arch"], ckpt.get("preprocess"))
+    spec = _spec(ckpt["arch"], ckpt.get("preprocess"), bool(ckpt.get("magnitude", False)))
     model = spec["model"]
     model.load_state_dict(ckpt["state_dict"])
     result = ckpt["result"]

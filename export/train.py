@@ -72,18 +72,29 @@ def _concat(a: dict[str, Any], b: dict[str, Any], keys: tuple[str, ...]) -> dict
 # --------------------------------------------------------------------------- autofocus
 
 
-def predict_autofocus(model: nn.Module, x: np.ndarray, batch: int = 512) -> tuple[np.ndarray, np.ndarray]:
-    """(defocus µm, content probability) per crop, in eval mode."""
+def predict_autofocus_all(
+    model: nn.Module, x: np.ndarray, batch: int = 512, device: str = "cpu"
+) -> dict[str, np.ndarray]:
+    """Per crop, in eval mode: ``defocus`` (µm), ``content`` (probability) and, for a model with
+    the magnitude head, ``magnitude`` (|defocus| µm)."""
     model.eval()
-    d, c = [], []
+    outs: dict[str, list[np.ndarray]] = {"defocus": [], "content": [], "magnitude": []}
     with torch.no_grad():
         for i in range(0, len(x), batch):
-            a, b = model(torch.from_numpy(np.asarray(x[i : i + batch], np.float32)))
-            d.append(a.numpy())
-            c.append(torch.sigmoid(b).numpy())
-    if not d:
-        return np.zeros(0, np.float32), np.zeros(0, np.float32)
-    return np.concatenate(d), np.concatenate(c)
+            y = model(torch.from_numpy(np.asarray(x[i : i + batch], np.float32)).to(device))
+            outs["defocus"].append(y[0].float().cpu().numpy())
+            outs["content"].append(torch.sigmoid(y[1]).float().cpu().numpy())
+            if len(y) > 2:
+                outs["magnitude"].append(y[2].float().cpu().numpy())
+    return {k: np.concatenate(v) if v else np.zeros(0, np.float32) for k, v in outs.items()}
+
+
+def predict_autofocus(
+    model: nn.Module, x: np.ndarray, batch: int = 512, device: str = "cpu"
+) -> tuple[np.ndarray, np.ndarray]:
+    """(defocus µm, content probability) per crop, in eval mode."""
+    p = predict_autofocus_all(model, x, batch, device)
+    return p["defocus"], p["content"]
 
 
 def aggregate_tiles(
@@ -118,6 +129,52 @@ def autofocus_metrics(true: np.ndarray, pred: np.ndarray, max_abs_um: float = 10
     }
 
 
+def magnitude_metrics(true: np.ndarray, magnitude: np.ndarray, max_abs_um: float = 10.0) -> dict[str, float]:
+    """The magnitude head per tile against |true defocus|."""
+    ok = np.isfinite(magnitude) & (np.abs(true) <= max_abs_um)
+    err = np.abs(np.abs(magnitude[ok]) - np.abs(true[ok]))
+    return {
+        "tiles": int(ok.sum()),
+        "mae_um": float(err.mean()) if ok.any() else float("nan"),
+        "within_half_dof": float(np.mean(err <= HALF_DOF_UM)) if ok.any() else 0.0,
+    }
+
+
+def content_heldout_metrics(model: nn.Module, held: dict[str, Any], device: str = "cpu") -> dict[str, Any]:
+    """Held-out wider content (``heldout_content``): the signed estimate on objectives of the
+    training sign, the magnitude on every objective."""
+    p = predict_autofocus_all(model, held["x"], device=device)
+    sk = held["sign_known"] > 0.5
+    out: dict[str, Any] = {}
+    t = aggregate_tiles(held["defocus_um"][sk], held["field"][sk], p["defocus"][sk], p["content"][sk])
+    out["signed_training_sign_objectives"] = autofocus_metrics(t["true"], t["pred"])
+    if len(p["magnitude"]):
+        for name, sel in (("all", np.ones_like(sk)), ("unknown_sign_objectives", ~sk)):
+            if sel.any():
+                m = aggregate_tiles(held["defocus_um"][sel], held["field"][sel], p["magnitude"][sel], p["content"][sel])
+                out[f"magnitude_{name}"] = magnitude_metrics(m["true"], m["pred"])
+    return out
+
+
+def _sign_known(d: dict[str, Any]) -> dict[str, Any]:
+    """Data rendered before the objective families existed: every objective had the training sign."""
+    if "sign_known" not in d:
+        d = {**d, "sign_known": np.ones(len(d["defocus_um"]), np.float32)}
+    return d
+
+
+def _load_init(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load a checkpoint's weights; a two-output head fills the first rows of a three-output one
+    (the magnitude row keeps its fresh initialisation)."""
+    own = model.state_dict()
+    for key, value in state.items():
+        if key in own and own[key].shape != value.shape and key.startswith("head.3"):
+            merged = own[key].clone()
+            merged[: value.shape[0]] = value
+            state = {**state, key: merged}
+    model.load_state_dict(state)
+
+
 def train_autofocus(
     data_dir: Path,
     out: Path,
@@ -132,39 +189,49 @@ def train_autofocus(
     edge: bool = False,
     small: bool = False,
     optics: bool = False,
+    content: bool = False,
+    device: str = "cpu",
 ) -> dict[str, Any]:
     """``init``: fine-tune from this checkpoint; ``far``: add the far-from-focus set (``train_far``);
     ``wide`` > 0: the v2 model (``autofocus_v2`` input with a ``wide``-px window, 512-px tiles);
     ``edge`` (v2 only): add ``train_edge``, |defocus| 7-12.5 µm, past the range the model is used on;
     ``small`` (v2 only): add ``train_small``, 256-px frames (wide window mirror-padded);
-    ``optics`` (v2 only): add ``train_optics``, 64 more objectives (aberration draws), |defocus| 2-12.5 µm."""
+    ``optics`` (v2 only): add ``train_optics``, 64 more objectives (aberration draws), |defocus| 2-12.5 µm;
+    ``content`` (v2 only): add ``train_content`` (export.content_mix: stains, textures, photographs,
+    objectives of every family) and the magnitude head; ``device``: a torch device ("cuda" trains
+    on a GPU; the data are rendered on the CPU either way)."""
     seed_everything(seed)
     t0 = time.time()
     pre = AutofocusPreprocess(wide=wide)
-    train = _data("autofocus", "train", data_dir, seed, workers, wide)
+    train = _sign_known(_data("autofocus", "train", data_dir, seed, workers, wide))
     splits = ["train"]
-    if (edge or small or optics) and not wide:
-        raise ValueError("the train_edge, train_small and train_optics sets exist for the v2 model only (give wide)")
-    wanted = {"far": far, "edge": edge, "small": small, "optics": optics}
+    if (edge or small or optics or content) and not wide:
+        raise ValueError(
+            "the train_edge, train_small, train_optics and train_content sets exist for the v2 model only (give wide)"
+        )
+    wanted = {"far": far, "edge": edge, "small": small, "optics": optics, "content": content}
     for split, flag in EXTRA_TRAIN_SPLITS.items():  # a fixed order: the same flags give the same data
         if wanted.get(flag):
-            extra = _data("autofocus", split, data_dir, seed, workers, wide)
-            train = _concat(train, extra, ("x", "defocus_um", "content"))
+            extra = _sign_known(_data("autofocus", split, data_dir, seed, workers, wide))
+            train = _concat(train, extra, ("x", "defocus_um", "content", "sign_known"))
             splits.append(split)
     val = _data("autofocus", "val", data_dir, seed, workers, wide)
     held = _data("autofocus", "heldout", data_dir, seed, workers, wide)
+    held_content = _data("autofocus", "heldout_content", data_dir, seed, workers, wide) if content else None
     data_s = time.time() - t0
-    model = AutofocusNet(in_ch=pre.input_shape[0])
+    model = AutofocusNet(in_ch=pre.input_shape[0], magnitude=content)
     init_result: dict[str, Any] | None = None
     if init is not None:
         ckpt = torch.load(init, map_location="cpu", weights_only=False)
-        model.load_state_dict(ckpt["state_dict"])
+        _load_init(model, ckpt["state_dict"])
         init_result = {k: ckpt["result"][k] for k in ("seed", "epochs", "lr", "train_samples", "train_seconds")}
         init_result.update({k: ckpt["result"][k] for k in ("train_splits", "wide") if k in ckpt["result"]})
         init_result["checkpoint"] = Path(init).name
-    x = torch.from_numpy(train["x"])  # float16, converted per batch
-    d = torch.from_numpy(train["defocus_um"])
-    c = torch.from_numpy(train["content"])
+    model.to(device)
+    x = torch.from_numpy(train["x"]).to(device)  # float16, converted per batch
+    d = torch.from_numpy(train["defocus_um"]).to(device)
+    c = torch.from_numpy(train["content"]).to(device)
+    sk = torch.from_numpy(train["sign_known"]).to(device)
     n = len(x)
     steps = epochs * (n // batch)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
@@ -178,31 +245,38 @@ def train_autofocus(
         perm = torch.randperm(n, generator=g)
         total = 0.0
         for i in range(n // batch):
-            idx = perm[i * batch : (i + 1) * batch]
+            idx = perm[i * batch : (i + 1) * batch].to(device)
             xb = _augment(x[idx].float(), g)
-            pd, pc = model(xb)
-            cb = c[idx]
+            y = model(xb)
+            pd, pc = y[0], y[1]
+            cb, db = c[idx], d[idx]
             # Defocus is only learnable where there is something to see: glass crops train the
             # content head only. Smooth L1 in µm: robust at ±10 µm, L1-like (MAE) beyond 0.2 µm.
-            reg = (nn.functional.smooth_l1_loss(pd, d[idx], beta=0.2, reduction="none") * cb).sum() / cb.sum().clamp(
-                min=1
-            )
+            # The signed head learns objectives of the training sign only (no frame tells the sign
+            # of the others); the magnitude head learns them all.
+            ms = cb * sk[idx]
+            reg = (nn.functional.smooth_l1_loss(pd, db, beta=0.2, reduction="none") * ms).sum() / ms.sum().clamp(min=1)
             loss = reg + 0.5 * bce(pc, cb)
+            if len(y) > 2:
+                mag = nn.functional.smooth_l1_loss(y[2], db.abs(), beta=0.2, reduction="none") * cb
+                loss = loss + mag.sum() / cb.sum().clamp(min=1)
             opt.zero_grad()
             loss.backward()
             opt.step()
             sched.step()
             total += float(loss.detach())
-        vp, vc = predict_autofocus(model, val["x"])
+        vp, vc = predict_autofocus(model, val["x"], device=device)
         vt = aggregate_tiles(val["defocus_um"], val["field"], vp, vc)
         vm = autofocus_metrics(vt["true"], vt["pred"])
         history.append({"epoch": epoch, "loss": total / (n // batch), **{f"val_{k}": v for k, v in vm.items()}})
         print(json.dumps(history[-1]), flush=True)
     train_s = time.time() - t1
-    hp, hc = predict_autofocus(model, held["x"])
+    hp, hc = predict_autofocus(model, held["x"], device=device)
     ht = aggregate_tiles(held["defocus_um"], held["field"], hp, hc)
-    metrics = autofocus_metrics(ht["true"], ht["pred"])
+    metrics: dict[str, Any] = dict(autofocus_metrics(ht["true"], ht["pred"]))
     content_acc = float(np.mean((hc > 0.5) == (held["content"] > 0.5)))
+    if held_content is not None:
+        metrics["heldout_content"] = content_heldout_metrics(model, held_content, device)
     result = {
         "kind": "autofocus",
         "seed": seed,
@@ -219,12 +293,21 @@ def train_autofocus(
         "history": history,
         "data_seconds": round(data_s, 1),
         "train_seconds": round(train_s, 1),
-        "macs_per_crop": count_macs(model, pre.input_shape),
-        "machine": f"{platform.machine()} {platform.processor() or ''} threads={torch.get_num_threads()}".strip(),
+        "macs_per_crop": count_macs(model.cpu(), pre.input_shape),
+        "machine": f"{platform.machine()} {platform.processor() or ''} threads={torch.get_num_threads()}".strip()
+        + (f" {torch.cuda.get_device_name()}" if device.startswith("cuda") else ""),
+        "magnitude_head": content,
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     torch.save(
-        {"state_dict": model.state_dict(), "arch": "AutofocusNet", "preprocess": pre.to_dict(), "result": result}, out
+        {
+            "state_dict": model.state_dict(),
+            "arch": "AutofocusNet",
+            "preprocess": pre.to_dict(),
+            "magnitude": content,
+            "result": result,
+        },
+        out,
     )
     return result
 
@@ -232,13 +315,13 @@ def train_autofocus(
 # --------------------------------------------------------------------------- classifier
 
 
-def predict_classifier(model: nn.Module, x: np.ndarray, batch: int = 512) -> np.ndarray:
+def predict_classifier(model: nn.Module, x: np.ndarray, batch: int = 512, device: str = "cpu") -> np.ndarray:
     model.eval()
     out = []
     with torch.no_grad():
         for i in range(0, len(x), batch):
-            logits, _ = model(torch.from_numpy(np.asarray(x[i : i + batch], np.float32)))
-            out.append(torch.softmax(logits, 1).numpy())
+            logits, _ = model(torch.from_numpy(np.asarray(x[i : i + batch], np.float32)).to(device))
+            out.append(torch.softmax(logits, 1).float().cpu().numpy())
     return np.concatenate(out)
 
 
@@ -276,28 +359,37 @@ def train_classifier(
     lr: float = 3e-3,
     workers: int = 2,
     hard: bool = False,
+    content: bool = False,
+    device: str = "cpu",
 ) -> dict[str, Any]:
     """``hard``: add the faint-stain / tinted-glass training set (``train_hard``); the held-out
-    metrics then cover ``heldout_hard`` as well."""
+    metrics then cover ``heldout_hard`` as well. ``content``: add ``train_content`` (tissue in
+    random stains, textures and photographs, export.content_mix) and report ``heldout_content``.
+    ``device``: a torch device ("cuda" trains on a GPU)."""
     seed_everything(seed)
     t0 = time.time()
     train = _data("classifier", "train", data_dir, seed, workers)
     splits = ["train"]
-    if hard:
-        extra = _data("classifier", "train_hard", data_dir, seed, workers)
-        train = _concat(train, extra, ("x", "label"))
-        splits.append("train_hard")
+    for split, flag in (("train_hard", hard), ("train_content", content)):
+        if flag:
+            extra = _data("classifier", split, data_dir, seed, workers)
+            train = _concat(train, extra, ("x", "label"))
+            splits.append(split)
     val = _data("classifier", "val", data_dir, seed, workers)
     held = _data("classifier", "heldout", data_dir, seed, workers)
-    held_hard = _data("classifier", "heldout_hard", data_dir, seed, workers) if hard else None
+    held_extra = {
+        name: _data("classifier", name, data_dir, seed, workers)
+        for name, flag in (("heldout_hard", hard), ("heldout_content", content))
+        if flag
+    }
     data_s = time.time() - t0
-    model = TileClassifier()
-    x = torch.from_numpy(train["x"])
-    y = torch.from_numpy(train["label"])
+    model = TileClassifier().to(device)
+    x = torch.from_numpy(train["x"]).to(device)
+    y = torch.from_numpy(train["label"]).to(device)
     n = len(x)
     # Classes are unbalanced (artifacts are rare): weight the loss by inverse frequency.
     freq = np.bincount(train["label"], minlength=len(CLASSES)).astype(np.float64)
-    weight = torch.tensor(freq.sum() / np.maximum(freq, 1) / len(CLASSES), dtype=torch.float32)
+    weight = torch.tensor(freq.sum() / np.maximum(freq, 1) / len(CLASSES), dtype=torch.float32, device=device)
     steps = epochs * (n // batch)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15)
@@ -310,7 +402,7 @@ def train_classifier(
         perm = torch.randperm(n, generator=g)
         total = 0.0
         for i in range(n // batch):
-            idx = perm[i * batch : (i + 1) * batch]
+            idx = perm[i * batch : (i + 1) * batch].to(device)
             logits, _ = model(_augment(x[idx].float(), g))
             loss = ce(logits, y[idx])
             opt.zero_grad()
@@ -318,13 +410,13 @@ def train_classifier(
             opt.step()
             sched.step()
             total += float(loss.detach())
-        vp = predict_classifier(model, val["x"]).argmax(1)
+        vp = predict_classifier(model, val["x"], device=device).argmax(1)
         history.append(
             {"epoch": epoch, "loss": total / (n // batch), "val_accuracy": float(np.mean(vp == val["label"]))}
         )
         print(json.dumps(history[-1]), flush=True)
     train_s = time.time() - t1
-    hp = predict_classifier(model, held["x"]).argmax(1)
+    hp = predict_classifier(model, held["x"], device=device).argmax(1)
     rep = classification_report(held["label"], hp)
     result = {
         "kind": "classifier",
@@ -340,12 +432,14 @@ def train_classifier(
         "history": history,
         "data_seconds": round(data_s, 1),
         "train_seconds": round(train_s, 1),
-        "macs_per_window": count_macs(model, (3, 64, 64)),
+        "macs_per_window": count_macs(model.cpu(), (3, 64, 64)),
     }
-    if held_hard is not None:
-        hh = predict_classifier(model, held_hard["x"]).argmax(1)
-        rep_h = classification_report(held_hard["label"], hh)
-        result["heldout_hard_metrics"] = {**rep_h, "tissue_vs_glass_f1": tissue_vs_glass_f1(held_hard["label"], hh)}
+    model.to(device)
+    for name, h in held_extra.items():
+        hh = predict_classifier(model, h["x"], device=device).argmax(1)
+        rep_h = classification_report(h["label"], hh)
+        result[f"{name}_metrics"] = {**rep_h, "tissue_vs_glass_f1": tissue_vs_glass_f1(h["label"], hh)}
+    model.cpu()
     out.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"state_dict": model.state_dict(), "arch": "TileClassifier", "result": result}, out)
     return result

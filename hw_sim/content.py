@@ -63,9 +63,7 @@ def load_content(name: str) -> U8:
     try:
         import skimage.data  # the package ships these files; nothing is downloaded
     except ImportError:
-        raise ContentError(
-            f"content {name!r} needs scikit-image (pip install -e '.[bench]' or '.[export]')"
-        ) from None
+        raise ContentError(f"content {name!r} needs scikit-image (pip install -e '.[bench]' or '.[export]')") from None
     path = Path(skimage.data.__file__).parent / PACKAGED[name]
     image = cv2.imread(str(path), cv2.IMREAD_COLOR)
     if image is None:
@@ -108,10 +106,9 @@ class ImageSlide(SyntheticSlide):
         self._trans = np.clip(image.astype(np.float32) / np.maximum(white, 1.0), 0.003, 1.0)
         self.image_px_um = float(image_px_um)
 
-    def transmittance(
-        self, x0_um: float, y0_um: float, height_px: int, width_px: int, pixel_size_um: float
-    ) -> F32:
-        procedural = super().transmittance(x0_um, y0_um, height_px, width_px, pixel_size_um)
+    def transmittance(self, x0_um: float, y0_um: float, height_px: int, width_px: int, pixel_size_um: float) -> F32:
+        if height_px <= 0 or width_px <= 0 or pixel_size_um <= 0:
+            raise ValueError(f"bad region {height_px}x{width_px} px at {pixel_size_um} µm/px")
         px = float(pixel_size_um)
         xs = x0_um + (np.arange(width_px, dtype=np.float64) + 0.5) * px
         ys = y0_um + (np.arange(height_px, dtype=np.float64) + 0.5) * px
@@ -120,9 +117,18 @@ class ImageSlide(SyntheticSlide):
         map_x = np.broadcast_to(_mirror((xs - self.spec.origin_x_um) / self.image_px_um, w)[None, :], shape)
         map_y = np.broadcast_to(_mirror((ys - self.spec.origin_y_um) / self.image_px_um, h)[:, None], shape)
         content = cv2.remap(self._trans, np.ascontiguousarray(map_x), np.ascontiguousarray(map_y), cv2.INTER_LINEAR)
-        # Where the procedural slide has tissue, show the image; keep glass (and artifacts drawn on
-        # glass) elsewhere. The tissue mask is where the procedural stain darkened the glass.
-        glass = np.float32(10.0 ** -self.spec.glass_od)
-        tissue = np.clip((glass - procedural.min(axis=2)) / np.float32(0.05), 0.0, 1.0)[..., None]
-        out: F32 = (tissue * content * glass + (1.0 - tissue) * procedural).astype(np.float32)
+        # The procedural slide's tissue mask (pieces minus holes) decides where the image shows;
+        # its artifacts are drawn over it as on the procedural slide: a fold or a bubble scales
+        # the content's optical density (content ** gain), ink and bubble rims add density.
+        density = self._piece_mask_grid(xs, ys)
+        if density.any():
+            density *= np.float32(1.0) - self._holes_grid(xs, ys)
+        fold, extra, _ = self._artifact_layers(xs, ys) if self.artifacts else (None, None, None)
+        if fold is not None:
+            content = np.power(content, fold[..., None])
+        d = density[..., None]
+        glass = np.float32(10.0**-self.spec.glass_od)
+        out: F32 = (glass * (d * content + (np.float32(1.0) - d))).astype(np.float32)
+        if extra is not None:
+            out *= np.power(np.float32(10.0), -extra)
         return out

@@ -37,7 +37,7 @@ def calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, dict[str, Any]]]:
     return seen
 
 
-AUTOFOCUS_FLAGS = ("far", "edge", "small", "optics")
+AUTOFOCUS_FLAGS = ("far", "edge", "small", "optics", "content")
 
 
 @pytest.mark.parametrize("flag", AUTOFOCUS_FLAGS)
@@ -53,6 +53,13 @@ def test_hard_flag_reaches_classifier_training(calls: list[tuple[str, dict[str, 
     assert cli.main(["train-classifier", "--hard", "--epochs", "2"]) == 0
     ((name, kw),) = calls
     assert name == "classifier" and kw["hard"] is True and kw["epochs"] == 2
+    assert kw["content"] is False and kw["device"] == "cpu"
+
+
+def test_content_flag_and_device_reach_classifier_training(calls: list[tuple[str, dict[str, Any]]]) -> None:
+    assert cli.main(["train-classifier", "--content", "--device", "cuda"]) == 0
+    ((name, kw),) = calls
+    assert name == "classifier" and kw["content"] is True and kw["device"] == "cuda" and kw["hard"] is False
 
 
 def test_every_extra_split_has_a_flag_on_its_training_command() -> None:

@@ -133,7 +133,7 @@ class WorkerModels:
 
     def estimate(self, capture: Capture) -> DefocusEstimate:
         r = self.channel.estimate(self._slot(capture))
-        return DefocusEstimate(r.defocus_um, r.content_crops, r.crops, r.sign_agreement, r.spread_um)
+        return DefocusEstimate(r.defocus_um, r.content_crops, r.crops, r.sign_agreement, r.spread_um, r.signed_um)
 
     def classify(self, capture: Capture) -> TileClass | None:
         if not self.classify_enabled:

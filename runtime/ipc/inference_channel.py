@@ -47,6 +47,7 @@ class AutofocusReply:
     seconds: float
     sign_agreement: float = 1.0  # share of content crops with the median's sign
     spread_um: float = 0.0  # the content crops' median absolute deviation
+    signed_um: float | None = None  # a model with a magnitude head: the signed head's median
 
 
 @dataclass(frozen=True)

@@ -46,13 +46,17 @@ class DefocusEstimate:
     sign_agreement: float = 1.0
     # The content crops' spread around the median (median absolute deviation, µm).
     spread_um: float = 0.0
+    # A model with a magnitude head: the signed head's own median (defocus_um then has the
+    # magnitude head's size and this one's sign). None: defocus_um is the signed head's median.
+    signed_um: float | None = None
 
     @property
     def sign_uncertain(self) -> bool:
         """The crops do not agree on the sign: one frame cannot tell which side of focus it is."""
         if self.defocus_um is None:
             return False
-        return self.sign_agreement < SIGN_AGREEMENT_MIN or abs(self.defocus_um) < SIGN_SPREAD_RATIO * self.spread_um
+        signed = self.defocus_um if self.signed_um is None else self.signed_um
+        return self.sign_agreement < SIGN_AGREEMENT_MIN or abs(signed) < SIGN_SPREAD_RATIO * self.spread_um
 
 
 class AutofocusModel:
@@ -82,7 +86,13 @@ class AutofocusModel:
         med = float(np.median(dc))
         agree = float(np.mean(np.sign(dc) == np.sign(med))) if med != 0.0 else 0.5
         spread = float(np.median(np.abs(dc - med)))
-        return DefocusEstimate(med, n, len(d), agree, spread)
+        if "abs_defocus_um" not in out:
+            return DefocusEstimate(med, n, len(d), agree, spread)
+        # The magnitude head learnt objectives of every kind (either aberration sign, aberration
+        # free), the signed head only those of the training sign: size from the one, sign from the
+        # other; the loop's two-shot test checks the sign (runtime.focus.single_shot).
+        mag = float(np.median(np.abs(out["abs_defocus_um"].reshape(-1)[content])))
+        return DefocusEstimate(math.copysign(mag, med), n, len(d), agree, spread, signed_um=med)
 
 
 @dataclass(frozen=True)

@@ -165,6 +165,7 @@ def inference_main(
                                 dt,
                                 est.sign_agreement,
                                 est.spread_um,
+                                est.signed_um,
                             )
                         )
                     case ClassifyRequest():

@@ -1,0 +1,310 @@
+"""Training content beyond the simulator's look: stains, textures, photographs, objectives.
+
+Models trained only on :class:`hw_sim.slide.SyntheticSlide` learn what *that* H&E looks like in
+focus, and read real tissue (softer, other stains, other structures) as defocused (issue 11:
+MAE 4-7 µm on real IHC tissue). This module randomises what the optics image, so that the one
+thing every training sample shares is the blur of the objective:
+
+* **stains**: pairs of stain optical-density vectors from scikit-image's stain-separation
+  matrices (``skimage.color.rgb_from_*``: H&E, H-DAB, Feulgen/light green, Giemsa, fast red/fast
+  blue, methyl green/DAB, H-AEC, aniline blue/orange, methyl blue/ponceau, alcian blue/H, H-PAS),
+  jittered, applied to the procedural tissue or to any content below;
+* **procedural textures** (:func:`random_texture`): fractal noise of random spectral slope,
+  blobs of random size and density (nuclei of any scale, with chromatin), oriented fibres and
+  cell-like boundaries, mixed into two stain channels;
+* **photographs** that ship in scikit-image's wheel (:data:`TRAIN_IMAGES`), as colour
+  transmittance or recoloured through a random stain pair, at a random sampling;
+* **objectives** (:func:`random_objective`) of either aberration sign, near aberration-free and
+  strongly aberrated, for the magnitude head, and camera pixel sizes around the nominal.
+
+Every content is sampled at a random scale (µm per content pixel), so its intrinsic sharpness
+varies independently of the defocus: the model cannot take "soft" for "out of focus".
+
+Held out, never used here: :data:`hw_sim.content.PACKAGED` (the real IHC tissue ``ihc`` and the
+CC0 textures ``brick``, ``gravel``, ``grass``) -- the benchmarks score unseen content with them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final, Literal, TypeVar
+
+import cv2
+import numpy as np
+import numpy.typing as npt
+
+from hw_sim.content import PACKAGED, ImageSlide
+from hw_sim.optics import OpticsParams
+from hw_sim.slide import SlideSpec, SyntheticSlide
+
+F32 = npt.NDArray[np.float32]
+U8 = npt.NDArray[np.uint8]
+T = TypeVar("T")
+
+TRAIN_IMAGES: Final[tuple[str, ...]] = (
+    "astronaut.png",
+    "coffee.png",
+    "chelsea.png",
+    "rocket.jpg",
+    "motorcycle_left.png",
+    "hubble_deep_field.jpg",
+    "retina.jpg",
+    "camera.png",
+    "coins.png",
+    "moon.png",
+    "text.png",
+    "page.png",
+    "cell.png",
+    "microaneurysms.png",
+    "horse.png",
+)
+"""Images in scikit-image's ``skimage/data`` folder (shipped in the wheel; scikit-image's own
+licence notes list them as public domain, CC0 or with the photographer's permission for use in
+scikit-image). None is tissue: they teach the model that content is arbitrary."""
+
+_HELD_OUT_FILES = frozenset(PACKAGED.values())
+assert not _HELD_OUT_FILES & set(TRAIN_IMAGES), "a benchmark's held-out content is in the training images"
+
+STAIN_MATRICES: Final[tuple[str, ...]] = (
+    "hed",
+    "hdx",
+    "fgx",
+    "bex",
+    "rbd",
+    "gdx",
+    "hax",
+    "bro",
+    "bpx",
+    "ahx",
+    "hpx",
+)
+"""``skimage.color.rgb_from_<name>``: rows are stain OD vectors (R, G, B); the first two are used."""
+
+ObjectiveFamily = Literal["training", "strong", "flipped", "apochromat"]
+# The signed head learns the training convention only (the sign of an image depends on the sign of
+# the objective's aberrations, which one frame cannot tell apart: README, two-shot test); the
+# magnitude head learns every family.
+SIGN_KNOWN: Final[dict[ObjectiveFamily, bool]] = {
+    "training": True,
+    "strong": True,
+    "flipped": False,
+    "apochromat": False,
+}
+_FAMILY_P: Final[tuple[tuple[ObjectiveFamily, float], ...]] = (
+    ("training", 0.45),
+    ("strong", 0.15),
+    ("flipped", 0.2),
+    ("apochromat", 0.2),
+)
+
+
+def _pick(rng: np.random.Generator, table: tuple[tuple[T, float], ...]) -> T:
+    """One name of ``table`` ((name, probability), ...) drawn with one uniform number."""
+    u, acc = rng.random(), 0.0
+    for name, p in table:
+        acc += p
+        if u < acc:
+            return name
+    return table[0][0]
+
+
+@dataclass(frozen=True)
+class Objective:
+    family: ObjectiveFamily
+    params: OpticsParams
+
+    @property
+    def sign_known(self) -> bool:
+        return SIGN_KNOWN[self.family]
+
+
+def random_objective(rng: np.random.Generator, max_defocus_um: float) -> Objective:
+    """A 40x/0.95 objective from one of four families.
+
+    training: spherical 0.04-0.12 waves, red behind and blue in front (the committed models' range);
+    strong: 0.12-0.3 waves, axial colour up to 0.6 µm, same sign; flipped: the training range with
+    both signs reversed; apochromat: |spherical| <= 0.02 waves, |axial colour| <= 0.06 µm, either sign.
+    """
+    family = _pick(rng, _FAMILY_P)
+    if family in ("training", "flipped"):
+        sa = float(rng.uniform(0.04, 0.12))
+        red, blue = float(rng.uniform(0.05, 0.25)), float(-rng.uniform(0.1, 0.3))
+    elif family == "strong":
+        sa = float(rng.uniform(0.12, 0.3))
+        red, blue = float(rng.uniform(0.15, 0.5)), float(-rng.uniform(0.2, 0.6))
+    else:
+        sa = float(rng.uniform(-0.02, 0.02))
+        red, blue = float(rng.uniform(-0.06, 0.06)), float(rng.uniform(-0.06, 0.06))
+    if family == "flipped":
+        sa, red, blue = -sa, -red, -blue
+    params = OpticsParams(
+        spherical_waves=sa,
+        chromatic_shift_um=(red, 0.0, blue),
+        max_defocus_um=max_defocus_um,
+        objective=f"mix:{family}",
+    )
+    return Objective(family, params)
+
+
+def random_stain_pair(rng: np.random.Generator, jitter: float = 0.2) -> tuple[F32, F32]:
+    """Two unit OD vectors (R, G, B) of a real stain combination, each jittered by up to ``jitter``."""
+    import skimage.color
+
+    name = STAIN_MATRICES[int(rng.integers(len(STAIN_MATRICES)))]
+    m = np.asarray(getattr(skimage.color, f"rgb_from_{name}"), np.float64)
+    out = []
+    for row in m[:2]:
+        v = np.clip(row * rng.uniform(1 - jitter, 1 + jitter, 3), 0.01, None)
+        out.append((v / np.linalg.norm(v)).astype(np.float32))
+    if rng.random() < 0.5:
+        out.reverse()
+    return out[0], out[1]
+
+
+def random_slide_spec(rng: np.random.Generator, seed: int, hard: bool = False, artifacts: int = 0) -> SlideSpec:
+    """A procedural slide in a random real stain pair (``export.datasets.random_slide``)."""
+    from export.datasets import random_slide  # datasets imports this module
+
+    h, e = random_stain_pair(rng)
+    stains = ((float(h[0]), float(h[1]), float(h[2])), (float(e[0]), float(e[1]), float(e[2])))
+    return random_slide(rng, seed, artifacts, hard, stains=stains, strength=(0.5, 1.5))
+
+
+# --------------------------------------------------------------------------- textures
+
+
+def _spectral_noise(rng: np.random.Generator, size: int, slope: float, aniso: float = 1.0, angle: float = 0.0) -> F32:
+    """Gaussian noise with a 1/f^slope power spectrum (optionally stretched along ``angle``), in [0, 1]."""
+    fy = np.fft.fftfreq(size)[:, None]
+    fx = np.fft.rfftfreq(size)[None, :]
+    c, s = math.cos(angle), math.sin(angle)
+    u, v = fx * c + fy * s, (-fx * s + fy * c) * aniso
+    f = np.sqrt(u * u + v * v)
+    f[0, 0] = 1.0
+    amp = f ** (-slope / 2)
+    amp[0, 0] = 0.0
+    spec = amp * (rng.standard_normal(amp.shape) + 1j * rng.standard_normal(amp.shape))
+    n = np.fft.irfft2(spec, s=(size, size)).astype(np.float32)
+    lo, hi = np.percentile(n, (1, 99))
+    out: F32 = np.clip((n - lo) / max(float(hi - lo), 1e-6), 0.0, 1.0).astype(np.float32)
+    return out
+
+
+def _blobs(rng: np.random.Generator, size: int) -> F32:
+    """Nucleus-like dark ellipses of one random size class and density, with chromatin texture."""
+    canvas = np.zeros((size, size), np.float32)
+    radius = float(rng.uniform(2.0, 24.0))
+    density = float(rng.uniform(0.05, 0.6))  # covered fraction, roughly
+    n = int(density * size * size / (math.pi * radius * radius))
+    for _ in range(min(n, 4000)):
+        cx, cy = rng.uniform(0, size, 2)
+        a = radius * rng.uniform(0.6, 1.4)
+        b = a * rng.uniform(0.5, 1.0)
+        cv2.ellipse(
+            canvas,
+            (int(cx), int(cy)),
+            (max(1, int(a)), max(1, int(b))),
+            float(rng.uniform(0, 180)),
+            0,
+            360,
+            float(rng.uniform(0.4, 1.0)),
+            -1,
+        )
+    if rng.random() < 0.5:  # a soft edge for some, hard for others
+        canvas = np.asarray(cv2.GaussianBlur(canvas, (0, 0), float(rng.uniform(0.5, 2.0))), np.float32)
+    chrom = _spectral_noise(rng, size, float(rng.uniform(0.5, 2.0)))
+    return np.asarray(canvas * (0.5 + chrom), np.float32)
+
+
+def _cells(rng: np.random.Generator, size: int) -> F32:
+    """Cell-membrane-like boundaries: the edges of a random Voronoi partition."""
+    n = int(rng.integers(20, 400))
+    pts = rng.uniform(0, size, (n, 2)).astype(np.float32)
+    subdiv = cv2.Subdiv2D((0, 0, size, size))
+    for p in pts:
+        subdiv.insert((float(p[0]), float(p[1])))
+    facets, _ = subdiv.getVoronoiFacetList([])
+    canvas = np.zeros((size, size), np.float32)
+    width = int(rng.integers(1, 4))
+    for f in facets:
+        cv2.polylines(canvas, [np.asarray(f, np.int32)], True, 1.0, width)
+    return canvas
+
+
+def random_texture(rng: np.random.Generator, size: int = 768) -> U8:
+    """A random two-stain RGB image (uint8, white glass = 255): textures mixed into stain channels."""
+    layers = [_spectral_noise(rng, size, float(rng.uniform(1.0, 3.5)))]
+    kinds = rng.permutation(4)[: int(rng.integers(1, 4))]
+    for k in kinds:
+        if k == 0:
+            layers.append(_blobs(rng, size))
+        elif k == 1:
+            ang = float(rng.uniform(0, math.pi))
+            layers.append(_spectral_noise(rng, size, float(rng.uniform(1.5, 3.0)), float(rng.uniform(3, 12)), ang))
+        elif k == 2:
+            layers.append(_cells(rng, size))
+        else:
+            t = _spectral_noise(rng, size, float(rng.uniform(1.5, 3.5)))
+            sharp = float(rng.uniform(4, 30))
+            layers.append((1.0 / (1.0 + np.exp(-sharp * (t - rng.uniform(0.3, 0.7))))).astype(np.float32))
+    s1, s2 = random_stain_pair(rng)
+    w = rng.uniform(0.2, 1.5, (len(layers), 2)).astype(np.float32)
+    w[rng.random((len(layers), 2)) < 0.35] = 0.0
+    od1 = sum((w[i, 0] * layers[i] for i in range(len(layers))), np.zeros((size, size), np.float32))
+    od2 = sum((w[i, 1] * layers[i] for i in range(len(layers))), np.zeros((size, size), np.float32))
+    return _stained(od1, od2, s1, s2)
+
+
+def _stained(od1: F32, od2: F32, s1: F32, s2: F32) -> U8:
+    od = od1[..., None] * s1 + od2[..., None] * s2
+    return np.clip(255.0 * 10.0 ** (-od), 1, 255).astype(np.uint8)
+
+
+def _packaged_image(name: str) -> U8:
+    import skimage.data
+
+    path = Path(skimage.data.__file__).parent / name
+    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if image is None:
+        raise FileNotFoundError(f"{path} is missing from this scikit-image install")
+    return np.ascontiguousarray(image[..., ::-1])
+
+
+def random_photo(rng: np.random.Generator) -> U8:
+    """A packaged photograph: as colour transmittance, or its luminance and a blurred or
+    edge-filtered copy recoloured through a random stain pair."""
+    image = _packaged_image(TRAIN_IMAGES[int(rng.integers(len(TRAIN_IMAGES)))])
+    if rng.random() < 0.4:
+        return image if rng.random() < 0.5 else np.ascontiguousarray(image[..., rng.permutation(3)])
+    gray = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY).astype(np.float32) / 255.0
+    if rng.random() < 0.5:
+        gray = 1.0 - gray
+    od1 = gray * np.float32(rng.uniform(0.3, 1.5))
+    other = cv2.GaussianBlur(gray, (0, 0), float(rng.uniform(2, 12)))
+    od2 = np.abs(gray - other) * np.float32(rng.uniform(0.5, 4.0))
+    s1, s2 = random_stain_pair(rng)
+    return _stained(od1.astype(np.float32), od2.astype(np.float32), s1, s2)
+
+
+ContentKind = Literal["synthetic", "texture", "photo"]
+_CONTENT_P: Final[tuple[tuple[ContentKind, float], ...]] = (("synthetic", 0.4), ("texture", 0.35), ("photo", 0.25))
+
+
+def random_content_slide(
+    rng: np.random.Generator, seed: int, hard: bool = False, artifacts: int = 0
+) -> tuple[SyntheticSlide, ContentKind]:
+    """A slide whose tissue is procedural H&E in a random stain, a texture or a photograph.
+
+    The layout (tissue pieces, glass, focus surface) is the procedural slide's, so tissue
+    fractions (the content labels) mean the same for every kind.
+    """
+    spec = random_slide_spec(rng, seed, hard=hard, artifacts=artifacts)
+    kind = _pick(rng, _CONTENT_P)
+    if kind == "synthetic":
+        return SyntheticSlide(spec), kind
+    image = random_texture(rng) if kind == "texture" else random_photo(rng)
+    # µm per content pixel: from finer than the camera (aliased detail) to 4x coarser (soft content).
+    px = float(math.exp(rng.uniform(math.log(0.15), math.log(1.0))))
+    return ImageSlide(spec, image, px), kind
