@@ -25,6 +25,7 @@ BENCHES = {
     "classifier": "bench.classifier",
     "stitch": "bench.stitch",
     "batch": "bench.batch",
+    "resume": "bench.resume",
 }
 
 

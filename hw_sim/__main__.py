@@ -59,6 +59,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--out", type=Path, required=True, help="output folder")
     r.add_argument("--config", type=Path, default=None, help="runtime TOML config (defaults if omitted)")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    r.add_argument("--resume", action="store_true", help="continue the interrupted scan in --out (its journal)")
 
     d = sub.add_parser("demo", help="synthesise a small slide and scan it (the README's main job)")
     d.add_argument("--out", type=Path, default=Path("out/demo"))
@@ -108,7 +109,9 @@ def main(argv: list[str] | None = None) -> int:
         elif args.cmd == "replay":
             from hw_sim.replay_job import run_replay
 
-            run_replay(args.recording, args.out, config_path=args.config, progress=not args.no_progress)
+            run_replay(
+                args.recording, args.out, config_path=args.config, progress=not args.no_progress, resume=args.resume
+            )
         elif args.cmd == "demo":
             from hw_sim.replay_job import run_demo
 

@@ -23,6 +23,7 @@ from runtime.config import RuntimeConfig, load_config, with_overrides
 from runtime.control.client import ControlClient, EventSubscriber
 from runtime.daemon.process import start_daemon_process, stop_daemon_process
 from runtime.devices.recording import Recording
+from runtime.output.journal import JOURNAL_NAME, JournalError, read_journal
 from runtime.paths import check_output_folder, write_file_exclusive
 
 HALF_DOF_UM = 0.35  # half the depth of field at 40x / 0.95 NA
@@ -63,22 +64,30 @@ def add_truth(report: dict[str, Any], rec: Recording) -> dict[str, Any]:
 
 
 def run_replay(
-    recording: Path, out: Path, config_path: Path | None = None, progress: bool = True, timeout_s: float = 3600
+    recording: Path,
+    out: Path,
+    config_path: Path | None = None,
+    progress: bool = True,
+    timeout_s: float = 3600,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """Scan ``recording`` into ``out/slide.ome.tif`` + ``out/report.json``; return the report.
 
     ``out`` must not exist yet or be an empty folder (the daemon writes scans only there); it
-    becomes a folder under the daemon's data root, ``out``'s parent.
+    becomes a folder under the daemon's data root, ``out``'s parent. ``resume``: ``out`` holds an
+    interrupted scan of this recording (its ``journal.jsonl``): continue it instead.
     """
     rec = Recording.open(recording)  # fail early, with the recording's own error message
     out = out.resolve()
-    check_output_folder(out, "--out")  # the daemon refuses the same; say so before starting it
+    resume_id = _interrupted_scan_id(out) if resume else None
+    if resume_id is None:
+        check_output_folder(out, "--out")  # the daemon refuses the same; say so before starting it
     base = load_config(config_path)
     with tempfile.TemporaryDirectory(prefix="wsi-rt-") as runtime_dir:
         cfg = _replay_config(base, recording.resolve(), out, Path(runtime_dir))
         daemon = start_daemon_process(cfg)
         try:
-            report = _drive_scan(cfg, out, len(rec.stage_xy_um), progress, timeout_s, daemon.is_alive)
+            report = _drive_scan(cfg, out, len(rec.stage_xy_um), progress, timeout_s, daemon.is_alive, resume_id)
         finally:
             stop_daemon_process(daemon, cfg)
     report = add_truth(report, rec)
@@ -88,15 +97,36 @@ def run_replay(
     return report
 
 
+def _interrupted_scan_id(out: Path) -> str:
+    """The id of the interrupted scan in ``out`` (``--resume``); ValueError naming what is wrong."""
+    try:
+        state = read_journal(out / JOURNAL_NAME)
+    except JournalError as err:
+        raise ValueError(f"--resume: {out} holds no resumable scan: {err}") from None
+    if state.completed:
+        raise ValueError(f"--resume: the scan in {out} is complete already")
+    assert state.scan_id is not None
+    return state.scan_id
+
+
 def _drive_scan(
-    cfg: RuntimeConfig, out: Path, n_fields: int, progress: bool, timeout_s: float, alive: Any
+    cfg: RuntimeConfig,
+    out: Path,
+    n_fields: int,
+    progress: bool,
+    timeout_s: float,
+    alive: Any,
+    resume_id: str | None = None,
 ) -> dict[str, Any]:
     client = ControlClient(cfg.endpoint("command"), timeout_s=2.0, retries=15)
     events = EventSubscriber(cfg.endpoint("event"))
     try:
         client.request("ping")  # waits (with retries) until the daemon serves
         time.sleep(0.2)  # let the subscription reach the PUB socket (ZeroMQ slow joiner)
-        started = client.request("start_scan", output_name=out.name)
+        if resume_id is not None:
+            started = client.request("start_scan", resume=resume_id)
+        else:
+            started = client.request("start_scan", output_name=out.name)
         scan_id = started["scan_id"]
         bar = tqdm(total=n_fields, unit="field", desc="scanning", disable=not progress)
         deadline = time.monotonic() + timeout_s

@@ -89,7 +89,7 @@ class ScanFinishedEvent(EventPayload):
     scan_id: str
     reason: FinishReasonName
     slide: str | None = Field(description="the OME-TIFF; null when none was written")
-    report: str = Field(description="the scan's report.json")
+    report: str | None = Field(description="the scan's report.json; null when it could not be written (disk full)")
     mosaic: str | None = Field(description="the Zarr mosaic, when it was kept (cancelled, failed, or configured)")
     recording: str | None = Field(None, description="zstacks: the recording (recording.zarr), when one was written")
     job: JobKind = _JOB
@@ -102,7 +102,7 @@ class ScanFailedEvent(EventPayload):
 
     scan_id: str
     error: str = Field(description="what went wrong, one line")
-    report: str = Field(description="the scan's report.json")
+    report: str | None = Field(description="the scan's report.json; null when it could not be written (disk full)")
     job: JobKind = _JOB
 
 

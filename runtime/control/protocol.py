@@ -277,6 +277,28 @@ class StartScanParams(JobParams):
 
     focus: FocusOverrides | None = None
     models: ModelOverrides | None = None
+    resume: str | None = Field(
+        None,
+        description="continue this interrupted scan (a scan_id from status.interrupted) with the parameters "
+        "it was started with; no other parameter may be given",
+        json_schema_extra={"pattern": _OUTPUT_NAME_PATTERN},
+    )
+
+    @field_validator("resume")
+    @classmethod
+    def _plain_scan_id(cls, value: str | None) -> str | None:
+        if value is not None and (not _OUTPUT_NAME.fullmatch(value) or value.startswith(".") or ".." in value):
+            raise ValueError(f"must be a scan id as status.interrupted lists it (got {value!r})")
+        return value
+
+    @model_validator(mode="after")
+    def _resume_alone(self) -> StartScanParams:
+        if self.resume is not None:
+            names = ("recording", "region", "output_name", "focus", "models")
+            others = [k for k in names if getattr(self, k) is not None]
+            if others:
+                raise ValueError(f"resume continues the scan with its journaled parameters; remove {', '.join(others)}")
+        return self
 
 
 class RecordZstacksParams(JobParams):

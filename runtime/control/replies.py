@@ -31,6 +31,16 @@ class PingResult(_Result):
     state: RunStateName
 
 
+class InterruptedScanInfo(_Result):
+    """One interrupted scan, from its journal (runtime/output/journal.py)."""
+
+    scan_id: str
+    output_dir: str
+    fields_durable: int = Field(ge=0, description="fields journaled: in the mosaic or kept on disk, never recaptured")
+    fields_total: int = Field(ge=0)
+    reason: str = Field(description="why it stopped, one line")
+
+
 class StatusResult(_Result):
     """``status``: the current picture (what a late subscriber reads first); ``last_*`` describe
     the previous scan."""
@@ -47,6 +57,11 @@ class StatusResult(_Result):
         description="the last job's output: a scan's OME-TIFF, or the z-stacks' recording, when one was written"
     )
     workers: dict[str, int] = Field(description="worker name -> pid, while a scan runs")
+    interrupted: list[InterruptedScanInfo] = Field(
+        default_factory=list,
+        description="scans in the data root that did not complete and can be resumed "
+        '(start_scan {"resume": scan_id}), oldest id first',
+    )
 
 
 class StartScanResult(_Result):

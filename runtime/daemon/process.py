@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing as mp
+import time
+from collections.abc import Iterator
 from multiprocessing.context import SpawnProcess
+from typing import TYPE_CHECKING, Any
 
 from runtime.config import RuntimeConfig
+
+if TYPE_CHECKING:
+    from runtime.control.client import ControlClient
 
 
 def run_daemon(cfg: RuntimeConfig, log_level: str = "INFO") -> None:
@@ -40,3 +47,32 @@ def stop_daemon_process(proc: SpawnProcess, cfg: RuntimeConfig, timeout_s: float
         proc.kill()
         proc.join(5)
     return proc.exitcode
+
+
+@contextlib.contextmanager
+def daemon_running(cfg: RuntimeConfig, retries: int = 15) -> Iterator[tuple[SpawnProcess, ControlClient]]:
+    """A daemon child process and a client that has reached it (ping); the daemon is shut down
+    afterwards unless it is gone already (a caller may kill it)."""
+    from runtime.control.client import ControlClient
+
+    proc = start_daemon_process(cfg)
+    client = ControlClient(cfg.endpoint("command"), timeout_s=2.0, retries=retries)
+    try:
+        client.request("ping")
+        yield proc, client
+    finally:
+        client.close()
+        if proc.is_alive():
+            stop_daemon_process(proc, cfg)
+
+
+def wait_finished(client: ControlClient, scan_id: str, timeout_s: float = 120.0) -> dict[str, Any]:
+    """Poll ``status`` until job ``scan_id`` has finished; returns that status (``last_finish`` ...)."""
+    deadline = time.monotonic() + timeout_s
+    st: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        st = client.request("status")
+        if st["state"] == "idle" and st["scan_id"] == scan_id and st["last_finish"]:
+            return st
+        time.sleep(0.05)
+    raise TimeoutError(f"job {scan_id} did not finish within {timeout_s:.0f} s: {st}")

@@ -43,12 +43,24 @@ the slot on ``free_slots`` and announces each final band as ``MosaicRows`` on
 ``to_writer``; the writer appends the band's tiles to ``slide.ome.tif.partial``.
 ``EndOfStream`` ends ``tiles`` (after the last field) and ``to_writer``;
 ``MosaicDone`` and ``WriterDone`` on ``events`` finish the job.
+
+The scan journal (:mod:`runtime.output.journal`, ``journal.jsonl`` beside the mosaic) is
+created here once the plan is known (its header: the request, the plan, the models), with
+the ``INCOMPLETE`` marker; the stitcher appends each field as it makes it durable; the job
+appends ``stopped`` or ``completed`` at the end (a completed scan loses the marker). A job
+made with ``resume`` (the journal read back) continues that scan in its folder: acquisition
+starts after the journaled fields with the journaled focus state, the stitcher replays the
+journal. Before the first field, the job estimates the disk the scan needs (mosaic, slide,
+spill) and fails with ``disk full`` when the data root cannot hold it; an ENOSPC in any
+worker later fails the scan the same way, resumable once space is freed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
+import math
 import queue
 import shutil
 import time
@@ -68,6 +80,7 @@ from runtime.ipc.messages import (
     ControlQueue,
     EndOfStream,
     FieldDone,
+    FieldRecord,
     Heartbeat,
     InferenceDone,
     InferenceReady,
@@ -81,9 +94,10 @@ from runtime.ipc.messages import (
     WriterQueue,
 )
 from runtime.ipc.ring import SlotRing
+from runtime.output.journal import JOURNAL_NAME, JournalState, ScanJournal, mark_complete
 from runtime.output.ome_tiff import partial_path
 from runtime.stitching.accumulator import MosaicGeometry
-from runtime.workers.acquisition import AcquisitionJob, acquisition_main
+from runtime.workers.acquisition import AcquisitionJob, AcquisitionResume, acquisition_main
 from runtime.workers.inference import inference_main
 from runtime.workers.stitcher import StitchJob, stitcher_main
 from runtime.workers.writer import writer_main
@@ -92,6 +106,31 @@ log = logging.getLogger("wsi.scan_job")
 
 SLIDE_NAME = "slide.ome.tif"
 MOSAIC_NAME = "mosaic.zarr"
+
+# The disk a scan needs, as fractions of its raw pixels (level 0, RGB) times 4/3 (the pyramid).
+# Conservative: the mosaic is zstd level 1 (tissue compresses about 1.5-3x, glass chunks are
+# not stored at all), a JPEG slide about 1/10 of raw at quality 90, a lossless one about half.
+MOSAIC_FRACTION = 0.6
+SLIDE_FRACTION = {"jpeg": 0.12}
+LOSSLESS_SLIDE_FRACTION = 0.6
+DISK_MARGIN_BYTES = 8 * 2**20
+
+
+def disk_needed(cfg: RuntimeConfig, geometry: MosaicGeometry, done_fraction: float = 0.0) -> dict[str, int]:
+    """Bytes a scan still needs on the data root: ``mosaic``, ``slide``, ``spill``, ``total``."""
+    h, w = geometry.shape
+    raw = h * w * 3 * 4 / 3
+    mosaic = raw * MOSAIC_FRACTION * (1.0 - done_fraction)
+    slide = raw * SLIDE_FRACTION.get(cfg.writer.compression, LOSSLESS_SLIDE_FRACTION)
+    # The spill holds the tiles whose rows are not written yet: about a scan row and a half.
+    spill = (geometry.plan.cols * 2 + 2) * geometry.tile_height * geometry.tile_width * 3
+    parts = {"mosaic": math.ceil(mosaic), "slide": math.ceil(slide), "spill": spill}
+    parts["total"] = sum(parts.values()) + DISK_MARGIN_BYTES
+    return parts
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2**20:.1f} MiB"
 
 
 class ScanJob(WorkerJob):
@@ -105,8 +144,16 @@ class ScanJob(WorkerJob):
         area: ScanArea | None,
         driver_options: dict[str, Any],
         publish: Publish,
+        request: dict[str, Any] | None = None,
+        resume: JournalState | None = None,
     ) -> None:
+        """``request``: the start_scan parameters (journaled, so that a resume repeats them).
+        ``resume``: the journal of the interrupted scan in ``output_dir`` to continue."""
         super().__init__(cfg, scan_id, output_dir, publish)
+        self.request = request or {}
+        self.resumed = resume
+        self.journal: ScanJournal | None = None
+        self.report_written = True
         # One message union per queue (runtime/ipc/messages.py, runtime/ipc/inference_channel.py).
         self.tiles: TileQueue = self.ctx.Queue()
         self.free_slots: SlotQueue = self.ctx.Queue()
@@ -127,7 +174,7 @@ class ScanJob(WorkerJob):
         self._record_semaphores()
 
         # Workers get the config sections themselves (frozen, picklable) beside what is per scan.
-        job = AcquisitionJob(area=area, driver_options=driver_options)
+        job = AcquisitionJob(area=area, driver_options=driver_options, resume=self._acquisition_resume())
         if self.uses_inference:
             # Spawned first so that model loading (minutes for a first TensorRT engine build)
             # overlaps opening the devices; it gets the ring, like acquisition, in _on_prepared.
@@ -159,6 +206,82 @@ class ScanJob(WorkerJob):
             ),
         )
 
+    def _acquisition_resume(self) -> AcquisitionResume | None:
+        """Where acquisition starts again, and with which focus state (from the journal)."""
+        state = self.resumed
+        if state is None:
+            return None
+        surface: list[tuple[float, float, float]] = []
+        last_z: float | None = None
+        sign = (1, 0, 0)
+        for n, entry in enumerate(state.fields):
+            if entry.index != n:
+                raise ValueError(f"journal: field {entry.index} at position {n}; fields must be a prefix of the plan")
+            rec = dict(entry.record)
+            rec["z_um"] = math.nan if rec.get("z_um") is None else rec["z_um"]
+            self.records.append(FieldRecord(**rec))
+            surface += [(float(p[0]), float(p[1]), float(p[2])) for p in entry.focus.get("surface", [])]
+            if entry.focus.get("last_z_um") is not None:
+                last_z = float(entry.focus["last_z_um"])
+            if "sign" in entry.focus:
+                sg = entry.focus["sign"]
+                sign = (int(sg[0]), int(sg[1]), int(sg[2]))
+        return AcquisitionResume(len(state.fields), last_z, tuple(surface), sign, state.fields_total)
+
+    @property
+    def journal_path(self) -> Path:
+        return self.output_dir / JOURNAL_NAME
+
+    def _journal_header(self, msg: ScanPrepared) -> dict[str, Any]:
+        cfg = self.cfg
+        return {
+            "scan_id": self.scan_id,
+            "started_at": self.started,
+            "request": self.request,
+            "fields": len(msg.plan.fields),
+            "rows": msg.plan.rows,
+            "cols": msg.plan.cols,
+            "frame_shape": list(msg.frame_shape),
+            "pixel_size_um": msg.pixel_size_um,
+            "models": {
+                "autofocus_dir": str(cfg.models.autofocus_dir),
+                "classifier_dir": str(cfg.models.classifier_dir),
+                "backend": cfg.models.backend,
+            },
+            "config": {
+                "focus": cfg.focus.model_dump(mode="json"),
+                "stitch": cfg.stitch.model_dump(mode="json"),
+                "mosaic": cfg.mosaic.model_dump(mode="json"),
+            },
+        }
+
+    def _check_resumable(self, msg: ScanPrepared) -> None:
+        state = self.resumed
+        assert state is not None and state.header is not None
+        hd = state.header
+        now = (len(msg.plan.fields), msg.plan.rows, msg.plan.cols, list(msg.frame_shape))
+        was = (hd["fields"], hd["rows"], hd["cols"], list(hd["frame_shape"]))
+        if now != was:
+            raise ValueError(
+                f"cannot resume {self.scan_id}: the journal's plan is fields/rows/cols/frame {was}, "
+                f"the devices now plan {now}"
+            )
+
+    def _preflight(self, geometry: MosaicGeometry) -> str | None:
+        """None when the data root can hold what the scan still needs; else the error."""
+        done = len(self.records) / max(1, len(geometry.plan.fields))
+        need = disk_needed(self.cfg, geometry, done)
+        try:
+            free = shutil.disk_usage(self.output_dir).free
+        except OSError as err:
+            return f"disk: cannot read the free space of {self.output_dir}: {err.strerror or err}"
+        if free >= need["total"]:
+            return None
+        return (
+            f"disk full: the scan needs about {_mib(need['total'])} (mosaic {_mib(need['mosaic'])}, "
+            f"slide {_mib(need['slide'])}, spill {_mib(need['spill'])}), the data root has {_mib(free)} free"
+        )
+
     # -- processes ---------------------------------------------------------------------------
     def _queues(self) -> tuple[JobQueue, ...]:
         queues = (self.events, self.tiles, self.free_slots, self.to_acquisition, self.to_writer)
@@ -175,18 +298,44 @@ class ScanJob(WorkerJob):
 
     def _on_prepared(self, msg: ScanPrepared) -> None:
         h, w = msg.frame_shape
+        geometry = MosaicGeometry(msg.plan, h, w, msg.pixel_size_um)
+        self.fields_total = len(msg.plan.fields)
+        try:
+            if self.resumed is not None:
+                self._check_resumable(msg)
+        except ValueError as err:
+            self._fail(str(err))
+            return
+        refused = self._preflight(geometry)
+        if refused is not None:
+            self._fail(refused)
+            return
+        try:
+            if self.resumed is None:
+                self.journal = ScanJournal.create(self.output_dir, self._journal_header(msg))
+            else:
+                self.journal = ScanJournal.open(self.output_dir)
+                self.journal.append("resumed", at=time.time(), fields=len(self.resumed.fields))
+        except OSError as err:
+            self._fail(f"{'disk full: ' if _enospc(err) else ''}cannot write the scan journal: {err}")
+            return
         if self.phase is ScanPhase.STARTING:  # (a cancel may have come first: it stays cancelling,
             self._to(ScanPhase.ACQUIRING)  # and the stitcher and writer still flush what there is)
         self.ring = SlotRing(self.cfg.scan.ring_slots, h, w)
         for i in range(self.ring.spec.slots):
             self.free_slots.put(i)
-        geometry = MosaicGeometry(msg.plan, h, w, msg.pixel_size_um)
         cfg = self.cfg
         self._spawn(
             "stitcher",
             stitcher_main,
             (
-                StitchJob(geometry, self.ring.spec, str(self.mosaic_path)),
+                StitchJob(
+                    geometry,
+                    self.ring.spec,
+                    str(self.mosaic_path),
+                    folder=str(self.output_dir),
+                    resume=self.resumed is not None,
+                ),
                 cfg.mosaic,
                 cfg.stitch,
                 cfg.writer,
@@ -272,6 +421,12 @@ class ScanJob(WorkerJob):
         self.inference.update(msg.stats)
 
     # -- ending ------------------------------------------------------------------------------
+    def _fail(self, error: str) -> None:
+        # An ENOSPC anywhere (the skeleton says "disk full") fails the scan as "disk full".
+        if "disk full" in error and not error.startswith("disk full"):
+            error = f"disk full: {error}"
+        super()._fail(error)
+
     def _finish(self, reason: FinishReason) -> None:
         self._to(ScanPhase.DONE)
         self.finish_reason = reason
@@ -289,9 +444,33 @@ class ScanJob(WorkerJob):
             # A writer that was killed cannot remove its own partial slide; the
             # kept mosaic is what an export (python -m runtime export) starts from.
             partial_path(self.output_dir / SLIDE_NAME).unlink(missing_ok=True)
+        self._close_journal(reason)
         if reason is FinishReason.COMPLETED and not self.cfg.mosaic.keep_after_export:
             shutil.rmtree(self.mosaic_path, ignore_errors=True)
-        self.write_report()
+            self.journal_path.unlink(missing_ok=True)  # it describes the mosaic: both go
+        try:
+            self.write_report()
+        except OSError as err:
+            # A full disk must not keep the failure from being told (the event says no report).
+            self.report_written = False
+            log.error("could not write the report of %s: %s", self.scan_id, err)
+
+    def _close_journal(self, reason: FinishReason) -> None:
+        """``completed`` (and the INCOMPLETE marker and spill go), or ``stopped`` with the reason."""
+        journal = self.journal
+        if journal is None:
+            return
+        try:
+            if reason is FinishReason.COMPLETED:
+                journal.append("completed", at=time.time())
+                mark_complete(self.output_dir)
+            else:
+                journal.append("stopped", reason=reason.value, error=self.error, at=time.time())
+        except OSError as err:  # disk full: the journal stays as it was (a resume reads it the same)
+            log.error("could not close the journal of %s: %s", self.scan_id, err)
+        finally:
+            journal.close()
+            self.journal = None
 
     def _after_workers_stopped(self) -> None:
         self._drain_late_stats()
@@ -323,8 +502,17 @@ class ScanJob(WorkerJob):
             "fields": [asdict(r) for r in sorted(self.records, key=lambda r: r.index)],
             "inference": self.inference or None,
             "stitch": self.stitch,
+            # An incomplete scan says so (its folder also carries INCOMPLETE): resume it or export it.
+            "complete": self.finish_reason is FinishReason.COMPLETED,
+            "resumable": self.finish_reason is not FinishReason.COMPLETED and self.journal_path.exists(),
+            "journal": str(self.journal_path) if self.journal_path.exists() else None,
+            "resumed": 0 if self.resumed is None else self.resumed.resumes + 1,
         }
 
     def outputs(self) -> dict[str, str | None]:
         mosaic = str(self.mosaic_path) if self.mosaic_path.exists() else None
         return {"slide": self.slide_path, "mosaic": mosaic, "recording": None}
+
+
+def _enospc(err: OSError) -> bool:
+    return err.errno == errno.ENOSPC

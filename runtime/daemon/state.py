@@ -99,9 +99,12 @@ class ScanStatus:
     last_error: str | None = None
     last_output: str | None = None
     workers: dict[str, int] = field(default_factory=dict)  # name -> pid
+    # Scans in the data root that can be resumed (runtime.output.journal.InterruptedScan.to_json()).
+    interrupted: tuple[dict[str, Any], ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
+        d["interrupted"] = [dict(x) for x in self.interrupted]
         d["state"] = self.state.value
         d["last_finish"] = self.last_finish.value if self.last_finish else None
         return d

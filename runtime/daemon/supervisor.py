@@ -36,6 +36,7 @@ from runtime.control.protocol import (
 )
 from runtime.control.replies import (
     CancelResult,
+    InterruptedScanInfo,
     PingResult,
     Result,
     ShutdownResult,
@@ -53,6 +54,7 @@ from runtime.devices.protocols import ScanArea
 from runtime.errors import log_failure
 from runtime.ipc.lifetime import forget_semaphores, remove_stale_semaphores
 from runtime.ipc.ring import remove_stale_segments
+from runtime.output.journal import JOURNAL_NAME, InterruptedScan, JournalError, find_interrupted, read_journal
 from runtime.workers.recorder import ZstackRecordJob
 
 log = logging.getLogger("wsi.supervisor")
@@ -87,6 +89,7 @@ class Supervisor:
         self._last_watchdog = 0.0
         self._watchdog_interval = sdnotify.watchdog_interval_s()
         self.server: ControlServer | None = None
+        self.interrupted: list[InterruptedScan] = []  # scans that can be resumed (refreshed when a job ends)
 
     # -- state -------------------------------------------------------------------------------
     def _set(self, **changes: Any) -> None:
@@ -133,20 +136,32 @@ class Supervisor:
             d["fields_total"] = self.job.fields_total
             d["fields_done"] = len(self.job.records)
             d["workers"] = self.job.pids
+        running = self.job.scan_id if self.job is not None else None
+        d["interrupted"] = [InterruptedScanInfo.model_validate(s) for s in d["interrupted"] if s["scan_id"] != running]
         return StatusResult.model_validate(d)
 
-    def _prepare(self, params: JobParams, kind: str) -> _Prepared:
+    def refresh_interrupted(self) -> None:
+        """Read the data root's journals again: which scans did not complete (status lists them)."""
+        found, problems = find_interrupted(self.cfg.daemon.data_root)
+        for problem in problems:
+            log.warning("unreadable scan journal: %s", problem)
+        self.interrupted = found
+        self._set(interrupted=tuple(s.to_json() for s in found))
+
+    def _prepare(self, params: JobParams, kind: str, resume_id: str | None = None) -> _Prepared:
         """What every job request needs, checked in order: not busy, a usable output folder name, the
         recording (replay drivers) inside the data root, the region. The folder is made last
-        (:meth:`_start`), once the job-specific checks have passed too."""
+        (:meth:`_start`), once the job-specific checks have passed too. ``resume_id``: a resumed
+        scan's id (its folder exists)."""
         if self.job is not None:
             raise RequestError("busy", f"{self.job.KIND} job {self.job.scan_id} is still {self.status.state.value}")
-        scan_id = time.strftime(f"{kind}-%Y%m%d-%H%M%S")
+        scan_id = resume_id or time.strftime(f"{kind}-%Y%m%d-%H%M%S")
         root = self.cfg.daemon.data_root
         name = params.output_name or scan_id
-        with _refused_as_invalid():
-            # Looked at first (a refused name should not wait for a recording's walk), made last.
-            paths.check_output_folder(paths.output_folder(root, name, "output_name"), "output_name")
+        if resume_id is None:
+            with _refused_as_invalid():
+                # Looked at first (a refused name should not wait for a recording's walk), made last.
+                paths.check_output_folder(paths.output_folder(root, name, "output_name"), "output_name")
         driver_options: dict[str, Any] = {}
         if params.recording:
             with _refused_as_invalid():
@@ -170,7 +185,50 @@ class Supervisor:
         return StartScanResult(scan_id=prepared.scan_id, output_dir=str(output_dir))
 
     def _start_scan(self, params: StartScanParams) -> StartScanResult:
+        if params.resume is not None:
+            return self._resume_scan(params.resume)
         prep = self._prepare(params, "scan")
+        cfg = self._scan_config(params)
+        request = params.model_dump(mode="json", exclude_none=True)
+        return self._start(
+            prep, lambda out: ScanJob(cfg, prep.scan_id, out, prep.area, prep.driver_options, self._publish, request)
+        )
+
+    def _resume_scan(self, scan_id: str) -> StartScanResult:
+        """``start_scan {"resume": scan_id}``: continue an interrupted scan in its folder, with the
+        parameters its journal recorded."""
+        if self.job is not None:
+            raise RequestError("busy", f"{self.job.KIND} job {self.job.scan_id} is still {self.status.state.value}")
+        self.refresh_interrupted()
+        match = [s for s in self.interrupted if s.scan_id == scan_id]
+        if not match:
+            raise RequestError(
+                "invalid_params", f"resume: no interrupted scan {scan_id!r} in the data root (status lists them)"
+            )
+        folder = Path(match[0].output_dir)
+        with _refused_as_invalid():
+            # The folder must still be a plain folder under the data root (no link swapped in).
+            folder = paths.resolve_under(self.cfg.daemon.data_root, folder.name, "resume")
+        try:
+            state = read_journal(folder / JOURNAL_NAME)
+            assert state.header is not None  # read_journal refuses a journal without one
+            original = StartScanParams.model_validate(state.header.get("request") or {})
+        except (JournalError, ValueError) as err:
+            raise RequestError("invalid_params", f"resume {scan_id}: {err}") from None
+        prep = self._prepare(original, "scan", resume_id=scan_id)
+        cfg = self._scan_config(original)
+        request = original.model_dump(mode="json", exclude_none=True)
+        try:
+            self.job = ScanJob(
+                cfg, scan_id, folder, prep.area, prep.driver_options, self._publish, request, resume=state
+            )
+        except ValueError as err:
+            raise RequestError("invalid_params", f"resume {scan_id}: {err}") from None
+        self._set(job=self.job.KIND, scan_id=scan_id, output_dir=str(folder), fields_total=0, fields_done=0)
+        return StartScanResult(scan_id=scan_id, output_dir=str(folder))
+
+    def _scan_config(self, params: StartScanParams) -> RuntimeConfig:
+        """The config with the request's per-scan overrides, validated like the config file."""
         overrides: dict[str, Any] = {}
         focus = params.focus.model_dump(exclude_none=True) if params.focus else {}
         if focus:  # per-scan focus overrides, validated like the config file
@@ -184,9 +242,7 @@ class Supervisor:
                 cfg = with_overrides(cfg, {section: values})
             except ConfigError as err:
                 raise RequestError("invalid_params", f"{section}: {err}") from None
-        return self._start(
-            prep, lambda out: ScanJob(cfg, prep.scan_id, out, prep.area, prep.driver_options, self._publish)
-        )
+        return cfg
 
     def _record_zstacks(self, params: RecordZstacksParams) -> StartScanResult:
         prep = self._prepare(params, "zstacks")
@@ -231,7 +287,9 @@ class Supervisor:
         self.job = None
         reason = job.finish_reason
         assert reason is not None  # set with ScanPhase.DONE
-        report = str(job.output_dir / REPORT_NAME)
+        report: str | None = str(job.output_dir / REPORT_NAME)
+        if isinstance(job, ScanJob) and not job.report_written:
+            report = None
         if reason is FinishReason.FAILED:
             # A failed job always has its error (WorkerJob._fail); the fallback keeps the event valid.
             error = job.error or f"{job.KIND} job failed"
@@ -239,7 +297,15 @@ class Supervisor:
         self._publish(
             ScanFinishedEvent(scan_id=job.scan_id, reason=reason.value, report=report, job=job.KIND, **job.outputs())
         )
-        self._set(last_finish=reason, last_error=job.error, last_output=job.output)
+        self._set(
+            last_finish=reason,
+            last_error=job.error,
+            last_output=job.output,
+            fields_total=job.fields_total,
+            fields_done=len(job.records),
+        )
+        if isinstance(job, ScanJob):
+            self.refresh_interrupted()
 
     def _watchdog(self) -> None:
         if self._watchdog_interval is None:
@@ -292,6 +358,10 @@ class Supervisor:
         removed = remove_stale_semaphores(self.cfg.daemon.runtime_dir)
         if removed:
             log.warning("removed stale semaphores left by a dead daemon: %s", ", ".join(removed))
+        self.refresh_interrupted()
+        if self.interrupted:
+            ids = [s.scan_id for s in self.interrupted]
+            log.warning("interrupted scans (resume with start_scan resume=<id>): %s", ids)
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
         self.server = ControlServer(self.cfg.endpoint("command"), self.cfg.endpoint("event"), self.handle)

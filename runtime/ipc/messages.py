@@ -72,12 +72,24 @@ class FieldRecord:
 
 
 @dataclass(frozen=True)
+class FocusState:
+    """The acquisition's focus state after a field, for the scan journal (a resumed scan starts
+    from it): the last focus z, the focus-surface points this field added (x, y, z µm), the learnt
+    sign convention (sign, score, flips)."""
+
+    last_z_um: float
+    surface: tuple[tuple[float, float, float], ...] = ()
+    sign: tuple[int, int, int] = (1, 0, 0)
+
+
+@dataclass(frozen=True)
 class TileReady:
     """A captured in-focus frame waiting in ring slot ``slot``."""
 
     slot: int
     field: FieldRecord
     plan: FieldPlan
+    focus: FocusState | None = None
 
 
 @dataclass(frozen=True)

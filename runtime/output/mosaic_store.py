@@ -252,6 +252,55 @@ class MosaicStore:
         """Level-0 rows on disk (the next :meth:`write_band` starts here)."""
         return self._rows[0]
 
+    def rewind(self, rows: int) -> None:
+        """Forget level-0 rows from ``rows`` on, and the lower levels' rows derived from them: a
+        resumed scan writes them again (an interrupted scan's last flush wrote rows that were not
+        final). ``rows`` must be a band boundary."""
+        h = self._shapes[0][0]
+        if not 0 <= rows <= self._rows[0] or (rows % self._chunk and rows != h):
+            raise ValueError(f"cannot rewind to row {rows}: {self._rows[0]} rows written, chunk {self._chunk}")
+        if rows == self._rows[0]:
+            return
+        self._builder = None
+        self._rows[0] = rows
+        for k in range(1, self.n_levels):
+            self._rows[k] = min(self._rows[k], rows // 2**k)
+        self._complete = False
+        self._group.attrs["rows_written"] = list(self._rows)
+        self._group.attrs["complete"] = self._complete
+
+    def level_rows_written(self, k: int) -> int:
+        """Rows of level ``k`` on disk and final."""
+        return self._rows[k]
+
+    def sync_rows(self, k: int, y0: int, y1: int) -> None:
+        """fsync the chunk files of level ``k`` rows [y0, y1) and the group's attributes: a journal
+        may then say these rows are on disk (runtime/output/journal.py). Chunks of blank glass
+        are not stored and need nothing."""
+        files = self._files[k]
+        c = self._chunk
+        paths: list[Path] = [self.path / "zarr.json"]
+        if files is not None:
+            w = self._shapes[k][1]
+            paths += [files.path(i, j) for i in range(y0 // c, -(-y1 // c)) for j in range(-(-w // c))]
+        dirs: set[Path] = set()
+        for p in paths:
+            try:
+                fd = os.open(p, os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                continue
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            dirs.add(p.parent)
+        for d in dirs:
+            fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
     @property
     def pyramid_current(self) -> bool:
         """Every lower level reflects all level-0 rows written so far (safe to export)."""

@@ -46,7 +46,7 @@ import math
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -101,6 +101,35 @@ class MosaicGeometry:
         """Mosaic pixel of the tile's top-left corner at its commanded position."""
         y, x = self.commanded_top_left(field)
         return (round(y), round(x))
+
+
+class AccumulatorObserver(Protocol):
+    """What a scan journal needs to hear from the accumulator (runtime/output/journal.py)."""
+
+    def registered(
+        self, field: FieldPlan, links: list[Link], pairs: list[str], ncc: list[float], content: tuple[bool, bool]
+    ) -> None:
+        """The field's pair measurements on arrival (before the solve)."""
+
+    def flatfield_ready(self, arrival: int, flat: FlatField) -> None:
+        """The flat-field became known at this arrival (1-based)."""
+
+    def placed(self, field: FieldPlan, y: float, x: float, iy: int, ix: int) -> None:
+        """The field is final at (y, x) and blended with its top-left at (iy, ix)."""
+
+
+@dataclass(frozen=True)
+class Replay:
+    """A field's journaled arrival, replayed on resume instead of registering it again: the links it
+    measured, whether its strips have texture, and (at the arrival where it became known) the
+    flat-field. Its tile may be gone (None in :meth:`DequeAccumulator.add`) once its rows are in
+    the mosaic."""
+
+    links: tuple[Link, ...]
+    content: tuple[bool, bool]
+    pairs: tuple[str, ...] = ()
+    ncc: tuple[float, ...] = ()
+    flat: FlatField | None = None
 
 
 @dataclass
@@ -160,7 +189,8 @@ class DequeAccumulator:
         self._flat: FlatField | None = None if self.params.flatfield else FlatField.identity(th, tw)
         self._bands: deque[_Band] = deque()
         self._first_band_y = 0  # mosaic row of the first band not yet written
-        self._pending: list[tuple[Key, FieldPlan, U8, int]] = []  # (key, field, tile, arrival number)
+        # (key, field, tile, arrival number); a replayed field whose rows are all written has no tile
+        self._pending: list[tuple[Key, FieldPlan, U8 | None, int]] = []
         self._trailing: dict[Key, _Strip] = {}
         self._bottom: dict[Key, _Strip] = {}
         self._content: dict[Key, tuple[bool, bool]] = {}  # trailing / bottom strip has texture
@@ -176,6 +206,10 @@ class DequeAccumulator:
         self.stats = StitchStats()
         # Set to a list to record every pair (a, b, outcome, shift in a's tile frame): for benches.
         self.pair_log: list[tuple[Key, Key, str, tuple[float, float]]] | None = None
+        self.observer: AccumulatorObserver | None = None
+        self._arrival_links: list[Link] | None = None  # the links of the tile being added (for the observer)
+        self._arrival_pairs: list[str] = []
+        self._arrival_ncc: list[float] = []
 
     # ------------------------------------------------------------------ public
 
@@ -187,12 +221,28 @@ class DequeAccumulator:
     def flatfield(self) -> FlatField | None:
         return self._flat
 
-    def add(self, field: FieldPlan, tile: U8) -> None:
-        """Register, solve, blend what is final, write what is final."""
+    @property
+    def all_arrived(self) -> bool:
+        """Every field of the plan has been added (finish() then completes the mosaic)."""
+        return len(self._arrived) == len(self._fields)
+
+    def resume_at(self, rows_written: int) -> None:
+        """Before replaying a journal: the mosaic's rows ``[0, rows_written)`` are on disk already."""
+        if self.stats.tiles:
+            raise RuntimeError("resume_at() must come before the first tile")
+        self._first_band_y = rows_written
+
+    def add(self, field: FieldPlan, tile: U8 | None, replay: Replay | None = None) -> None:
+        """Register, solve, blend what is final, write what is final.
+
+        ``replay``: the field's journaled arrival (a resumed scan): its links are used instead of
+        registering again, and ``tile`` may be None when every row it covers is in the mosaic."""
         key = (field.row, field.col)
         if key in self._arrived:
             raise ValueError(f"field {key} arrived twice")
-        if tile.shape[:2] != (self.geometry.tile_height, self.geometry.tile_width):
+        if tile is None and replay is None:
+            raise ValueError(f"field {key} has no pixels")
+        if tile is not None and tile.shape[:2] != (self.geometry.tile_height, self.geometry.tile_width):
             raise ValueError(f"tile is {tile.shape}, expected {(self.geometry.tile_height, self.geometry.tile_width)}")
         self._arrived.add(key)
         self._next_index = max(self._next_index, field.index + 1)
@@ -200,22 +250,60 @@ class DequeAccumulator:
         arrival = self.stats.tiles
         t0 = time.perf_counter()
         self.solver.add_tile(key, self.geometry.commanded_top_left(field))
-        if self.params.registration:
+        if replay is not None:
+            self._replay_links(key, replay, None if tile is None else to_grey(tile))
+        elif self.params.registration:
+            assert tile is not None
+            self._arrival_links, self._arrival_pairs, self._arrival_ncc = [], [], []
             self._register(key, to_grey(tile))
+            if self.observer is not None:
+                content = self._content.get(key, (False, False))
+                self.observer.registered(field, self._arrival_links, self._arrival_pairs, self._arrival_ncc, content)
+            self._arrival_links = None
+        elif self.observer is not None:
+            self.observer.registered(field, [], [], [], (False, False))
         t1 = time.perf_counter()
         self.solver.solve()
         t2 = time.perf_counter()
         self.stats.register_s += t1 - t0
         self.stats.solve_s += t2 - t1
         # The ring slot is handed back after add(): keep a copy while the tile waits.
-        self._pending.append((key, field, np.array(tile, copy=True), arrival))
-        if self._flat is None and self._ff_est is not None:
+        self._pending.append((key, field, None if tile is None else np.array(tile, copy=True), arrival))
+        if self._flat is None and replay is not None and replay.flat is not None:
+            self._flat = replay.flat
+        elif self._flat is None and self._ff_est is not None:
+            if tile is None:
+                raise ValueError(f"field {key}: the flat-field is not known yet and the tile is gone")
             self._ff_est.add(tile)
             if self._ff_est.ready or self._ff_est.tiles >= self.params.flatfield_warmup_tiles:
                 self._flat = self._ff_est.estimate()
+                if self.observer is not None:
+                    self.observer.flatfield_ready(arrival, self._flat)
             self.stats.flatfield_s += time.perf_counter() - t2
         self._advance(finishing=False)
         self._note_memory()
+
+    def _replay_links(self, key: Key, replay: Replay, grey: U8 | None) -> None:
+        """A journaled arrival: its links, content and pair outcomes, and its strips if it has pixels."""
+        # The strips its neighbours left for it were used when it first arrived.
+        self._trailing.pop(self._previous_in_row(key), None)
+        self._bottom.pop((key[0] - 1, key[1]), None)
+        for link in replay.links:
+            self.solver.add_link(link)
+        self.stats.pairs.update(replay.pairs)
+        self.stats.ncc.extend(replay.ncc)
+        self._content[key] = replay.content
+        if grey is None:
+            return
+        th, tw = grey.shape
+        nxt = self._next_in_row(key)
+        if nxt in self._fields:
+            if nxt[1] > key[1]:
+                self._trailing[key] = _Strip(grey[:, tw - self._strip_x :].copy(), 0, tw - self._strip_x)
+            else:
+                self._trailing[key] = _Strip(grey[:, : self._strip_x].copy(), 0, 0)
+        if (key[0] + 1, key[1]) in self._fields:
+            self._bottom[key] = _Strip(grey[th - self._strip_y :].copy(), th - self._strip_y, 0)
 
     def finish(self) -> bool:
         """Blend and flush everything left. Returns True if every field arrived (the mosaic is complete)."""
@@ -291,11 +379,17 @@ class DequeAccumulator:
             py, px = self.solver.predicted_displacement(nb, key)
             m = register_pair(strip.grey, grey, (py - strip.oy, px - strip.ox), self._reg)
             self.stats.pairs[m.reason] += 1
+            if self._arrival_links is not None:
+                self._arrival_pairs.append(m.reason)
             if self.pair_log is not None:
                 self.pair_log.append((nb, key, m.reason, (m.shift[0] + strip.oy, m.shift[1] + strip.ox)))
             if m.accepted:
                 self.stats.ncc.append(m.ncc)
-                self.solver.add_link(Link(nb, key, (m.shift[0] + strip.oy, m.shift[1] + strip.ox), m.sigma))
+                link = Link(nb, key, (m.shift[0] + strip.oy, m.shift[1] + strip.ox), m.sigma)
+                self.solver.add_link(link)
+                if self._arrival_links is not None:
+                    self._arrival_links.append(link)
+                    self._arrival_ncc.append(m.ncc)
         # Keep only the strips later neighbours will need, and whether they show anything.
         th, tw = grey.shape
         nxt = self._next_in_row(key)
@@ -349,19 +443,30 @@ class DequeAccumulator:
                 self._blend(key, field, tile)
         self._flush(self._final_y())
 
-    def _blend(self, key: Key, field: FieldPlan, tile: U8) -> None:
+    def _blend(self, key: Key, field: FieldPlan, tile: U8 | None) -> None:
         assert self._flat is not None
         t0 = time.perf_counter()
         y, x = self.solver.position(key)
         iy, ix = math.floor(y + 0.5), math.floor(x + 0.5)  # fraction in [-0.5, 0.5): the least resampling
-        th, tw = tile.shape[:2]
-        moved = subpixel_shift(self._flat.correct(tile), y - iy, x - ix)
-        alpha = feather_alpha(th, tw, **self._earlier_edges(key, iy, ix, th, tw))
+        fy, fx = y - iy, x - ix
+        th, tw = self.geometry.tile_height, self.geometry.tile_width
         # Clip to the mosaic, and to rows not yet written (never reached with a sane stage margin).
         y0, y1 = max(iy, self._first_band_y, 0), min(iy + th, self.height)
         x0, x1 = max(ix, 0), min(ix + tw, self.width)
-        self.stats.clipped_rows += max(0, min(self._first_band_y, iy + th) - max(iy, 0))
+        if self.observer is not None:
+            self.observer.placed(field, y, x, iy, ix)
+        if tile is None:
+            # A replayed field whose pixels are all in the mosaic already (runtime/output/journal.py).
+            if y0 < y1 and x0 < x1:
+                raise ValueError(f"field {key} covers mosaic rows {y0}..{y1} not yet written, but its tile is gone")
+            y1 = y0
+        else:
+            self.stats.clipped_rows += max(0, min(self._first_band_y, iy + th) - max(iy, 0))
         y = y0
+        if y < y1 and x0 < x1:
+            assert tile is not None
+            moved = subpixel_shift(self._flat.correct(tile), fy, fx)
+            alpha = feather_alpha(th, tw, **self._earlier_edges(key, iy, ix, th, tw))
         while y < y1 and x0 < x1:
             band = self._band_for(y)
             y_end = min(y1, band.y + band.pixels.shape[0])
@@ -449,5 +554,5 @@ class DequeAccumulator:
         held = sum(b.pixels.nbytes + b.covered.nbytes for b in self._bands)
         held += sum(s.grey.nbytes for s in self._trailing.values())
         held += sum(s.grey.nbytes for s in self._bottom.values())
-        held += sum(e[2].nbytes for e in self._pending)
+        held += sum(e[2].nbytes for e in self._pending if e[2] is not None)
         self.stats.peak_held_bytes = max(self.stats.peak_held_bytes, held)

@@ -33,6 +33,7 @@ from runtime.ipc.messages import (
     EventQueue,
     FieldDone,
     FieldRecord,
+    FocusState,
     ScanPrepared,
     SlotQueue,
     TileQueue,
@@ -50,6 +51,19 @@ class AcquisitionJob:
 
     area: ScanArea | None  # None: the driver's default area
     driver_options: dict[str, Any] = field(default_factory=dict)  # the request's, over [driver] options
+    resume: AcquisitionResume | None = None  # a resumed scan: what the journal says was captured
+
+
+@dataclass(frozen=True)
+class AcquisitionResume:
+    """Where a resumed scan starts: the first ``captured`` fields of the plan are in the journal,
+    and the focus state they left (runtime/output/journal.py)."""
+
+    captured: int
+    last_z_um: float | None = None
+    surface: tuple[tuple[float, float, float], ...] = ()
+    sign: tuple[int, int, int] = (1, 0, 0)
+    fields: int = 0  # the journaled plan's size, checked against this plan
 
 
 class _Stopped(Exception):
@@ -145,12 +159,16 @@ def acquisition_main(
             field_models = WorkerModels(channel, px, models.classify)
         frames = RingFrames(camera, ring, free_slots, cancel, worker.beat)
         focuser = FieldFocuser(focus, field_models, camera, stage, frames)
+        start = 0
+        if job.resume is not None:
+            start = _restore(focuser, job.resume, len(grid.fields))
         done = 0
-        for plan in grid.fields:
+        for plan in grid.fields[start:]:
             if cancel.is_set():
                 break
             worker.beat()
             stage.move_xy(plan.x_um, plan.y_um)
+            known = len(focuser.surface.points)
             try:
                 result = focuser.focus_field(plan, cancel.is_set)
             except (_Stopped, InferenceStopped):
@@ -176,10 +194,31 @@ def acquisition_main(
             )
             # The slot belongs to the stitcher now; drop this process's view of it.
             del result
-            tiles.put(TileReady(slot, record, plan))
+            sc = focuser.sign_convention
+            state = FocusState(
+                float(focuser._last_z),
+                tuple((float(x), float(y), float(z)) for x, y, z in focuser.surface.points[known:]),
+                (sc.sign, sc.score, sc.flips),
+            )
+            tiles.put(TileReady(slot, record, plan, state))
             events.put(FieldDone(record))
             done += 1
         sim = drv.simulated_time_s() if isinstance(drv, SimulatedClock) else None
         events.put(AcquisitionDone(done, cancel.is_set(), sim, peak_rss_bytes()))
 
     run_worker("acquisition", events, body)
+
+
+def _restore(focuser: FieldFocuser, resume: AcquisitionResume, fields: int) -> int:
+    """Put the journaled focus state back; returns the first plan position to capture."""
+    if resume.fields != fields or not 0 <= resume.captured <= fields:
+        raise ValueError(
+            f"the journal is of a {resume.fields}-field scan, this plan has {fields} fields: "
+            "the recording, region or driver changed since the scan was interrupted"
+        )
+    focuser.surface.points = list(resume.surface)
+    if resume.last_z_um is not None:
+        focuser._last_z = resume.last_z_um
+    sc = focuser.sign_convention
+    sc.sign, sc.score, sc.flips = resume.sign
+    return resume.captured

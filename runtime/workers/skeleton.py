@@ -25,6 +25,7 @@ A worker main is therefore only its arguments and ``run_worker(name, events, bod
 
 from __future__ import annotations
 
+import errno
 import logging
 import queue
 from collections.abc import Callable
@@ -110,6 +111,8 @@ class WorkerContext:
 
     def _failed(self, err: Exception) -> None:
         message = log_failure(self._log, f"{self.name} worker failed", err)
+        if disk_full(err):
+            message = f"disk full: {message}"
         if self.events is not None:
             self.events.put(WorkerFailed(self.name, message))
         for callback in self._on_failure:
@@ -132,6 +135,18 @@ class WorkerContext:
             self.ring = None
         if first is not None:
             raise first
+
+
+def disk_full(err: BaseException) -> bool:
+    """Whether ``err`` is, or was raised while handling or because of, an ENOSPC (or EDQUOT)."""
+    seen: set[int] = set()
+    e: BaseException | None = err
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def run_worker(name: str, events: EventQueue | None, body: Callable[[WorkerContext], None]) -> None:

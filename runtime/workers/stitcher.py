@@ -7,17 +7,29 @@ they are written; after the acquisition's :class:`~runtime.ipc.messages.EndOfStr
 the mosaic is finished and :class:`~runtime.ipc.messages.MosaicDone` goes to the
 writer and the scan job. If this worker fails, the writer's stream is ended
 without a MosaicDone (the writer then keeps no slide).
+
+It also keeps the scan journal (runtime/output/journal.py): each tile goes to the spill
+(``tiles/``) before anything else, then its ``field`` record (capture, focus, the pair
+measurements) is appended; final positions (``placed``) and the mosaic rows on disk
+(``written``) follow, and a tile's spill file goes once its rows are written. A resumed
+scan (``StitchJob.resume``) reopens the mosaic, replays the journal into the accumulator --
+the journaled links, flat-field and positions, the spilled tiles' pixels -- so that its state
+is the one the interrupted scan had, announces the rows already on disk to the writer and
+carries on with the tiles acquisition captures next.
 """
 
 from __future__ import annotations
 
 import logging
 import queue
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import assert_never
 
+import numpy as np
+
 from runtime.config import MosaicConfig, StitchConfig, WriterConfig
+from runtime.devices.scan_plan import FieldPlan
 from runtime.ipc.messages import (
     EndOfStream,
     EventQueue,
@@ -30,8 +42,23 @@ from runtime.ipc.messages import (
     peak_rss_bytes,
 )
 from runtime.ipc.ring import RingSpec
+from runtime.output.journal import (
+    FLATFIELD_NAME,
+    JOURNAL_NAME,
+    FieldEntry,
+    JournalError,
+    JournalState,
+    LinkEntry,
+    ScanJournal,
+    TileSpill,
+    load_arrays,
+    read_journal,
+    save_arrays,
+)
 from runtime.output.mosaic_store import MosaicStore
-from runtime.stitching.accumulator import DequeAccumulator, MosaicGeometry
+from runtime.stitching.accumulator import DequeAccumulator, MosaicGeometry, Replay
+from runtime.stitching.flatfield import FlatField
+from runtime.stitching.positions import Link
 from runtime.workers.skeleton import POLL_S, WorkerContext, run_worker
 
 log = logging.getLogger("wsi.stitcher")
@@ -44,6 +71,141 @@ class StitchJob:
     geometry: MosaicGeometry
     ring: RingSpec
     mosaic_path: str
+    folder: str = ""  # the scan's folder: journal, spill (empty: no journal, e.g. a bench)
+    resume: bool = False  # continue the journaled scan in ``folder``
+
+
+class JournalObserver:
+    """Writes what the accumulator decides into the scan journal, and drops spilled tiles whose
+    mosaic rows are on disk. While a journal is replayed it checks instead of writing."""
+
+    def __init__(self, journal: ScanJournal, folder: Path, geometry: MosaicGeometry, store: MosaicStore) -> None:
+        self.journal = journal
+        self.folder = folder
+        self.spill = TileSpill(folder)
+        self.geometry = geometry
+        self.store = store
+        self.current: TileReady | None = None  # the tile being added
+        self.replaying: JournalState | None = None
+        self.flatfield_journaled = False
+        # An incomplete stream's finish() blends what waits on what is known and writes every band
+        # (for an export): not what the scan would have done, so none of it is journaled, and a
+        # resume rewinds the mosaic to the journal's rows.
+        self.frozen = False
+        self._bottoms: dict[int, int] = {}  # placed fields still spilled: index -> mosaic row below the tile
+        self._rows = 0
+
+    def registered(
+        self, field: FieldPlan, links: list[Link], pairs: list[str], ncc: list[float], content: tuple[bool, bool]
+    ) -> None:
+        msg = self.current
+        if msg is None or msg.plan.index != field.index:
+            raise RuntimeError(f"field {field.index} registered without its capture")
+        focus = msg.focus
+        entry = FieldEntry(
+            index=field.index,
+            row=field.row,
+            col=field.col,
+            record=_json_record(asdict(msg.field)),
+            focus={}
+            if focus is None
+            else {"last_z_um": focus.last_z_um, "surface": [list(p) for p in focus.surface], "sign": list(focus.sign)},
+            links=tuple(
+                LinkEntry(_key(lk.a), _key(lk.b), (float(lk.shift[0]), float(lk.shift[1])), lk.sigma) for lk in links
+            ),
+            pairs=tuple(pairs),
+            ncc=tuple(float(v) for v in ncc),
+            content=content,
+        )
+        self.journal.append("field", **entry.to_json())
+
+    def flatfield_ready(self, arrival: int, flat: FlatField) -> None:
+        if self.flatfield_journaled or self.frozen:
+            return
+        save_arrays(
+            self.folder,
+            FLATFIELD_NAME,
+            gain=flat.gain,
+            source=np.array(flat.source),
+            coefficients=np.array(flat.coefficients, dtype=np.float64),
+        )
+        self.journal.append("flatfield", after=arrival)
+        self.flatfield_journaled = True
+
+    def placed(self, field: FieldPlan, y: float, x: float, iy: int, ix: int) -> None:
+        if self.frozen:
+            return
+        state = self.replaying
+        if state is not None and field.index in state.placements:
+            p = state.placements[field.index]
+            if abs(p.y - y) > 1e-6 or abs(p.x - x) > 1e-6 or (p.iy, p.ix) != (iy, ix):
+                raise JournalError(
+                    f"replaying the journal placed field {field.index} at ({y:.4f}, {x:.4f}), "
+                    f"the scan had placed it at ({p.y:.4f}, {p.x:.4f})"
+                )
+        else:
+            self.journal.append("placed", index=field.index, y=y, x=x, iy=iy, ix=ix)
+        self._bottoms[field.index] = iy + self.geometry.tile_height
+        self._drop_durable()
+
+    def rows(self, level: int, rows: int) -> None:
+        """The store's rows callback: level-0 rows [0, rows) are on disk."""
+        if level != 0 or rows <= self._rows or self.frozen:
+            return
+        self.store.sync_rows(0, self._rows, rows)
+        self.journal.append("written", rows=rows)
+        self._rows = rows
+        self._drop_durable()
+
+    def start(self, rows: int) -> None:
+        self._rows = rows
+
+    def _drop_durable(self) -> None:
+        for index in [i for i, b in self._bottoms.items() if b <= self._rows]:
+            self.spill.drop(index)
+            del self._bottoms[index]
+
+
+def _key(k: object) -> tuple[int, int]:
+    assert isinstance(k, tuple) and len(k) == 2
+    return (int(k[0]), int(k[1]))
+
+
+def _json_record(d: dict[str, object]) -> dict[str, object]:
+    """A FieldRecord as JSON (a non-finite z becomes null)."""
+    out: dict[str, object] = {}
+    for k, v in d.items():
+        if isinstance(v, float) and not np.isfinite(v):
+            v = None
+        elif isinstance(v, tuple):
+            v = list(v)
+        out[k] = v
+    return out
+
+
+def replay_journal(
+    acc: DequeAccumulator, state: JournalState, observer: JournalObserver, fields: dict[int, FieldPlan]
+) -> None:
+    """Bring a fresh accumulator (``resume_at`` already called) to the journaled scan's state."""
+    flat: FlatField | None = None
+    if state.flatfield_after is not None:
+        arrays = load_arrays(observer.folder, FLATFIELD_NAME)
+        coeffs = tuple(tuple(float(c) for c in row) for row in arrays["coefficients"])
+        flat = FlatField(np.asarray(arrays["gain"], np.float32), str(arrays["source"]), coeffs)
+        observer.flatfield_journaled = True
+    observer.replaying = state
+    try:
+        for n, entry in enumerate(state.fields, start=1):
+            plan = fields.get(entry.index)
+            if plan is None or (plan.row, plan.col) != (entry.row, entry.col):
+                where = f"{entry.index} ({entry.row}, {entry.col})"
+                raise JournalError(f"journaled field {where} is not in this scan's plan")
+            tile = observer.spill.load(entry.index)
+            links = tuple(Link(lk.a, lk.b, lk.shift, lk.sigma) for lk in entry.links)
+            replay = Replay(links, entry.content, entry.pairs, entry.ncc, flat if n == state.flatfield_after else None)
+            acc.add(plan, tile, replay)
+    finally:
+        observer.replaying = None
 
 
 def stitcher_main(
@@ -65,18 +227,49 @@ def stitcher_main(
         worker.on_failure(lambda _: to_writer.put(EndOfStream("the stitcher failed")))
         ring = worker.attach(job.ring)
         h, w = job.geometry.shape
-        store = MosaicStore.create(
-            Path(job.mosaic_path),
-            h,
-            w,
-            chunk=mosaic.chunk,
-            pixel_size_um=job.geometry.pixel_size_um,
-            compressor=mosaic.compressor,
-            min_level_size=writer.min_level_size,
+        observer: JournalObserver | None = None
+
+        def on_rows(level: int, rows: int) -> None:
+            if observer is not None:
+                observer.rows(level, rows)  # durable first: the journal says what the writer may read
             # The writer streams the OME-TIFF from the rows that become final (see runtime.workers.writer).
-            on_rows=lambda level, rows: to_writer.put(MosaicRows(job.mosaic_path, level, rows)),
-        )
+            to_writer.put(MosaicRows(job.mosaic_path, level, rows))
+
+        state: JournalState | None = None
+        if job.resume:
+            state = read_journal(Path(job.folder) / JOURNAL_NAME)
+            store = MosaicStore.open(Path(job.mosaic_path), on_rows=on_rows)
+            if store.shape != (h, w):
+                raise JournalError(f"the mosaic is {store.shape}, this scan's plan makes {(h, w)}")
+            # Rows written after the journal's last "written" (a cancel's or failure's flush) are rewritten.
+            store.rewind(min(state.rows_written, store.rows_written))
+        else:
+            store = MosaicStore.create(
+                Path(job.mosaic_path),
+                h,
+                w,
+                chunk=mosaic.chunk,
+                pixel_size_um=job.geometry.pixel_size_um,
+                compressor=mosaic.compressor,
+                min_level_size=writer.min_level_size,
+                on_rows=on_rows,
+            )
         acc = DequeAccumulator(job.geometry, store, stitch)
+        if job.folder:
+            journal = ScanJournal.open(job.folder)
+            worker.on_exit(journal.close)
+            observer = JournalObserver(journal, Path(job.folder), job.geometry, store)
+            acc.observer = observer
+        if state is not None:
+            assert observer is not None
+            rows = store.rows_written
+            observer.start(rows)
+            acc.resume_at(rows)
+            replay_journal(acc, state, observer, {f.index: f for f in job.geometry.plan.fields})
+            # What is on disk already, for the writer (it writes the slide from the start).
+            for level in range(store.n_levels):
+                to_writer.put(MosaicRows(job.mosaic_path, level, store.level_rows_written(level)))
+            log.info("resumed: %d fields replayed, mosaic rows %d on disk", len(state.fields), rows)
         while True:
             worker.beat()
             try:
@@ -85,13 +278,19 @@ def stitcher_main(
                 continue
             match msg:
                 case TileReady():
-                    acc.add(msg.plan, ring.slot(msg.slot))
+                    tile = ring.slot(msg.slot)
+                    if observer is not None:
+                        observer.spill.save(msg.plan.index, tile)  # durable before it is journaled
+                        observer.current = msg
+                    acc.add(msg.plan, tile)
                     free_slots.put(msg.slot)
                 case EndOfStream():
                     log.debug("tile stream ended: %s", msg.reason)
                     break
                 case _:
                     assert_never(msg)
+        if observer is not None and not acc.all_arrived:
+            observer.frozen = True
         complete = acc.finish()
         if complete:
             store.finish()

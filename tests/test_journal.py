@@ -1,0 +1,115 @@
+"""The scan journal's file format: append-only, fsynced lines, a torn last line tolerated, anything
+else malformed refused with the line named; the spill and the INCOMPLETE marker."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pydantic import ValidationError
+
+from runtime.control.protocol import StartScanParams
+from runtime.output.journal import (
+    INCOMPLETE_NAME,
+    JOURNAL_NAME,
+    FieldEntry,
+    JournalError,
+    LinkEntry,
+    ScanJournal,
+    TileSpill,
+    find_interrupted,
+    mark_complete,
+    read_journal,
+)
+
+HEADER = {"scan_id": "scan-1", "request": {"output_name": "s"}, "fields": 4, "rows": 2, "cols": 2}
+
+
+def _field(i: int) -> FieldEntry:
+    link = LinkEntry((0, 0), (0, 1), (0.5, 230.25), (0.01, 0.01))
+    focus = {"last_z_um": 1.5}
+    return FieldEntry(i, i // 2, i % 2, {"z_um": 1.5}, focus, (link,), ("accepted",), (0.9,), (True, False))
+
+
+def test_records_round_trip_and_status(tmp_path: Path) -> None:
+    folder = tmp_path / "s"
+    folder.mkdir()
+    with ScanJournal.create(folder, HEADER) as j:
+        for i in range(3):
+            j.append("field", **_field(i).to_json())
+        j.append("placed", index=0, y=0.25, x=-0.5, iy=0, ix=0)
+        j.append("written", rows=64)
+        j.append("stopped", reason="failed", error="disk full: writer failed")
+    state = read_journal(folder / JOURNAL_NAME)
+    assert state.fields == [_field(i) for i in range(3)]
+    assert state.rows_written == 64 and state.placements[0].x == -0.5
+    assert (folder / INCOMPLETE_NAME).exists()
+    found, problems = find_interrupted(tmp_path)
+    assert problems == []
+    assert [s.to_json() for s in found] == [
+        {
+            "scan_id": "scan-1",
+            "output_dir": str(folder),
+            "fields_durable": 3,
+            "fields_total": 4,
+            "reason": "failed: disk full: writer failed",
+        }
+    ]
+    mark_complete(folder)  # the marker goes: no longer listed
+    assert find_interrupted(tmp_path) == ([], [])
+
+
+def test_a_torn_last_line_is_ignored_and_cut_before_appending(tmp_path: Path) -> None:
+    with ScanJournal.create(tmp_path, HEADER) as j:
+        j.append("field", **_field(0).to_json())
+    path = tmp_path / JOURNAL_NAME
+    whole = path.read_bytes()
+    line = json.dumps({"kind": "field", **_field(1).to_json()}).encode()
+    path.write_bytes(whole + line[: len(line) // 2])  # a power cut in the middle of a write
+    state = read_journal(path)
+    assert state.torn_tail and [f.index for f in state.fields] == [0]
+    with ScanJournal.open(tmp_path) as j:
+        assert path.read_bytes() == whole
+        j.append("field", **_field(1).to_json())
+    state = read_journal(path)
+    assert not state.torn_tail and [f.index for f in state.fields] == [0, 1]
+
+
+def test_a_malformed_line_is_an_error_naming_it(tmp_path: Path) -> None:
+    with ScanJournal.create(tmp_path, HEADER) as j:
+        j.append("field", **_field(0).to_json())
+    path = tmp_path / JOURNAL_NAME
+    lines = path.read_bytes().split(b"\n")
+    path.write_bytes(b"\n".join([lines[0], b"{not json", lines[1], b""]))
+    with pytest.raises(JournalError, match="line 2 is not a valid journal record"):
+        read_journal(path)
+    path.write_bytes(b'{"kind": "field"}\n')
+    with pytest.raises(JournalError, match="line 1: a 'field' record before the scan header"):
+        read_journal(path)
+    (tmp_path / "x").mkdir()
+    with ScanJournal.create(tmp_path / "x", HEADER) as j:
+        j.append("field", **_field(2).to_json())
+        j.append("field", **_field(1).to_json())
+    with pytest.raises(JournalError, match="field 1 journaled after field 2"):
+        read_journal(tmp_path / "x" / JOURNAL_NAME)
+    with pytest.raises(JournalError, match="cannot read the journal"):
+        read_journal(tmp_path / "nowhere" / JOURNAL_NAME)
+
+
+def test_the_spill_keeps_tiles_until_dropped(tmp_path: Path) -> None:
+    spill = TileSpill(tmp_path)
+    tile = np.arange(4 * 5 * 3, dtype=np.uint8).reshape(4, 5, 3)
+    spill.save(7, tile)
+    assert spill.indices() == [7] and np.array_equal(spill.load(7), tile)
+    spill.drop(7)
+    assert spill.load(7) is None and spill.indices() == []
+
+
+def test_resume_takes_no_other_parameter() -> None:
+    assert StartScanParams.model_validate({"resume": "scan-20260101-000000"}).resume == "scan-20260101-000000"
+    with pytest.raises(ValidationError, match="remove output_name"):
+        StartScanParams.model_validate({"resume": "scan-1", "output_name": "x"})
+    with pytest.raises(ValidationError, match="resume"):
+        StartScanParams.model_validate({"resume": "../etc"})
