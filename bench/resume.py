@@ -64,7 +64,7 @@ def _config(root: Path, runtime_dir: Path, recording: Path, chunk: int, pace: fl
         {
             "daemon": {"data_root": str(root), "runtime_dir": str(runtime_dir), "heartbeat_timeout_s": 10.0},
             "driver": {"options": {"recording": str(recording), "pace": pace}},
-            "mosaic": {"chunk": chunk},
+            "mosaic": {"chunk": chunk, "keep_after_export": True},  # the journal is read afterwards
             "writer": {"tile": chunk, "min_level_size": 2 * chunk},
         },
     )
@@ -143,6 +143,15 @@ def _one(
         finally:
             events.close()
         st = wait_finished(client, scan_id, timeout_s=600)
+        if st["last_finish"] != "completed":
+            return {
+                "scan": n,
+                "kill_at": kill_at,
+                "durable": durable,
+                "finish": st["last_finish"],
+                "error": st["last_error"],
+                "lost": None,
+            }
         assert proc2.pid is not None
         pids.append(proc2.pid)
     report = json.loads((folder / "report.json").read_text())
@@ -197,16 +206,18 @@ def run(a: argparse.Namespace) -> int:
             if name.exists():
                 raise RuntimeError(f"{name} exists: use a new --workdir")
             rows.append(_one(n, rng.randint(1, total - 1), root, runtime_dir, recording, a, ref))
+    done = [r for r in rows if r["finish"] == "completed"]
     summary = {
         "scans": len(rows),
         "fields": total,
         "completed": sum(r["finish"] == "completed" for r in rows),
-        "lost": sum(r["lost"] for r in rows),
-        "max_pos_err_px": max((r["pos_err_px"] for r in rows), default=None),
-        "min_psnr_db": min((r["psnr_db"] for r in rows), default=None),
-        "shm_left": sum(r["shm_left"] for r in rows),
-        "restart_to_capture_s": _spread([r["restart_to_capture_s"] for r in rows]),
-        "resume_to_capture_s": _spread([r["resume_to_capture_s"] for r in rows]),
+        "lost": sum(r["lost"] for r in done),
+        "max_pos_err_px": max((r["pos_err_px"] for r in done), default=None),
+        "min_psnr_db": min((r["psnr_db"] for r in done), default=None),
+        "shm_left": sum(r["shm_left"] for r in done),
+        "restart_to_capture_s": _spread([r["restart_to_capture_s"] for r in done]),
+        "resume_to_capture_s": _spread([r["resume_to_capture_s"] for r in done]),
+        "failures": [r["error"] for r in rows if r["finish"] != "completed"],
     }
     columns = [
         Column("scan", "scan"),

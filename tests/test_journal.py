@@ -23,6 +23,7 @@ from runtime.output.journal import (
     mark_complete,
     read_journal,
 )
+from runtime.output.mosaic_store import MosaicStore
 
 HEADER = {"scan_id": "scan-1", "request": {"output_name": "s"}, "fields": 4, "rows": 2, "cols": 2}
 
@@ -113,3 +114,85 @@ def test_resume_takes_no_other_parameter() -> None:
         StartScanParams.model_validate({"resume": "scan-1", "output_name": "x"})
     with pytest.raises(ValidationError, match="resume"):
         StartScanParams.model_validate({"resume": "../etc"})
+
+
+# -- the stitcher's journal replayed in process: real Zarr, real journal and spill, no workers ------
+
+
+@pytest.fixture(scope="module")
+def stitch_recording(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from hw_sim.synth import SynthParams, synthesize
+
+    params = SynthParams(fields_x=4, fields_y=3, tile=256, seed=3, z_planes=1, coarse_focus_error_um=0.0)
+    return synthesize(tmp_path_factory.mktemp("journal-rec") / "rec.zarr", params)
+
+
+def _stitch_journaled(rec_path: Path, folder: Path, stop_after: int | None, resume: bool = False) -> MosaicStore:
+    """Stitch the recording's tiles with the journal in ``folder`` (as the stitcher worker does),
+    up to ``stop_after`` tiles (then drop everything, as a SIGKILL would), or resume from it."""
+    from hw_sim.synth import SynthParams, grid_for
+    from runtime.config import StitchConfig
+    from runtime.devices.recording import Recording
+    from runtime.ipc.messages import FieldRecord, TileReady
+    from runtime.stitching.accumulator import DequeAccumulator, MosaicGeometry
+    from runtime.workers.stitcher import JournalObserver
+    from runtime.workers.stitcher import resume as resume_journal
+
+    rec = Recording.open(rec_path)
+    m = rec.meta
+    plan = grid_for(SynthParams(fields_x=m.cols, fields_y=m.rows, tile=m.tile_width, overlap=m.overlap))
+    geometry = MosaicGeometry(plan, m.tile_height, m.tile_width, m.pixel_size_um)
+    observer: JournalObserver | None = None
+
+    def on_rows(level: int, rows: int) -> None:
+        if observer is not None:
+            observer.rows(level, rows)
+
+    path = folder / "mosaic.zarr"
+    if resume:
+        store = MosaicStore.open(path, on_rows=on_rows)
+        journal = ScanJournal.open(folder)
+    else:
+        h, w = geometry.shape
+        store = MosaicStore.create(
+            path, h, w, chunk=64, pixel_size_um=m.pixel_size_um, min_level_size=64, on_rows=on_rows
+        )
+        journal = ScanJournal.create(folder, {**HEADER, "fields": len(plan.fields)})
+    acc = DequeAccumulator(geometry, store, StitchConfig(stage_sigma_um=2.0, max_stage_error_um=6.0))
+    observer = JournalObserver(journal, folder, geometry, store)
+    acc.observer = observer
+    start = 0
+    if resume:
+        state = read_journal(folder / JOURNAL_NAME)
+        resume_journal(acc, store, state, observer)
+        start = len(state.fields)
+    for n, f in enumerate(plan.fields[start:], start=start):
+        if stop_after is not None and n == stop_after:
+            journal.close()
+            return store
+        tile = rec.plane(rec.field_index(f.row, f.col), 0)
+        observer.spill.save(f.index, tile)
+        observer.current = TileReady(0, FieldRecord(f.index, f.row, f.col, f.x_um, f.y_um, 0.0, 1, "test"), f)
+        acc.add(f, tile)  # type: ignore[arg-type]
+    assert acc.finish()
+    store.finish()
+    journal.close()
+    return store
+
+
+@pytest.mark.parametrize("killed_at", [3, 6, 9])
+def test_a_replayed_journal_stitches_the_same_mosaic(stitch_recording: Path, tmp_path: Path, killed_at: int) -> None:
+    (tmp_path / "ref").mkdir()
+    ref = _stitch_journaled(stitch_recording, tmp_path / "ref", None)
+    folder = tmp_path / "killed"
+    folder.mkdir()
+    _stitch_journaled(stitch_recording, folder, killed_at)
+    killed = read_journal(folder / JOURNAL_NAME)
+    assert len(killed.fields) == killed_at
+    ghosts = [f.index for f in killed.fields if f.index not in TileSpill(folder).indices()]
+    resumed = _stitch_journaled(stitch_recording, folder, None, resume=True)
+    assert np.array_equal(np.asarray(resumed.level(0)[:]), np.asarray(ref.level(0)[:]))
+    for k in range(1, ref.n_levels):
+        assert np.array_equal(np.asarray(resumed.level(k)[:]), np.asarray(ref.level(k)[:]))
+    if killed_at >= 9:
+        assert ghosts, "no field was replayed without its pixels"

@@ -21,7 +21,7 @@ import pytest
 import tifffile
 
 from runtime.config import RuntimeConfig
-from runtime.control.client import RequestFailed
+from runtime.control.client import ControlClient, RequestFailed
 from runtime.daemon.process import daemon_running, wait_finished
 from runtime.output.journal import INCOMPLETE_NAME, JOURNAL_NAME, TILES_DIR, TileSpill, read_journal
 from runtime.output.mosaic_store import MosaicStore
@@ -263,3 +263,37 @@ def test_disk_refused_before_the_scan_then_full_mid_scan_then_resumed(
         assert psnr(a, b) >= 45.0
         got, want = positions(report), positions(json.loads((reference / "report.json").read_text()))
         assert max(abs(got[i][k] - want[i][k]) for i in want for k in (0, 1)) <= 0.05
+
+
+def test_a_hung_worker_is_killed_the_daemon_keeps_answering_and_the_scan_resumes(
+    tmp_path: Path, small_recording: Path, reference: Path
+) -> None:
+    runtime_dir = Path("/tmp") / f"wsirt-hang-{os.getpid()}"
+    cfg = daemon_config(
+        tmp_path / "data",
+        runtime_dir,
+        None,
+        daemon={"data_root": str(tmp_path / "data"), "runtime_dir": str(runtime_dir), "heartbeat_timeout_s": 2.0},
+        driver={"options": {"recording": str(small_recording), "pace": 3.0}},
+        **SECTIONS,
+    )
+    folder = cfg.daemon.data_root / "hung"
+    with daemon_running(cfg) as (_, client):
+        scan_id = client.request("start_scan", output_name="hung")["scan_id"]
+        while not (folder / JOURNAL_NAME).exists() or len(read_journal(folder / JOURNAL_NAME).fields) < 3:
+            time.sleep(0.05)
+        stitcher = client.request("status")["workers"]["stitcher"]
+        os.kill(stitcher, signal.SIGSTOP)  # a deadlocked native call looks like this from outside
+        # Every request is answered while the job notices, kills the hung worker and stops the rest.
+        with ControlClient(cfg.endpoint("command"), timeout_s=2.0, retries=1) as strict:
+            while not (st := strict.request("status"))["last_finish"] or st["scan_id"] != scan_id:
+                time.sleep(0.05)
+        assert st["last_finish"] == "failed"
+        assert "stitcher worker sent no heartbeat for 2 s (killed)" in st["last_error"], st["last_error"]
+        assert not psutil.pid_exists(stitcher) or psutil.Process(stitcher).status() == psutil.STATUS_ZOMBIE
+        assert [s["scan_id"] for s in st["interrupted"]] == [scan_id]
+        client.request("start_scan", resume=scan_id)
+        assert wait_finished(client, scan_id)["last_finish"] == "completed"
+    a = tifffile.imread(folder / "slide.ome.tif", level=0)
+    b = tifffile.imread(reference / "slide.ome.tif", level=0)
+    assert psnr(a, b) >= 45.0

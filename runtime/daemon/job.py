@@ -21,6 +21,7 @@ import multiprocessing as mp
 import queue
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from multiprocessing.context import SpawnProcess
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
@@ -36,6 +37,17 @@ log = logging.getLogger("wsi.job")
 
 Publish = Callable[[Event], None]
 REPORT_NAME = "report.json"
+
+
+@dataclass
+class _Stopping:
+    """A stop in progress (:meth:`WorkerJob.stop_workers_then`): until ``deadline`` the workers may
+    exit by themselves (stage 0), then they are terminated (1), then killed (2); ``then`` runs once
+    all are gone."""
+
+    deadline: float
+    stage: int
+    then: Callable[[], object]
 
 
 class JobQueue(Protocol):
@@ -70,6 +82,7 @@ class WorkerJob:
         self.phase = ScanPhase.STARTING
         self.finish_reason: FinishReason | None = None  # set with ScanPhase.DONE
         self.error: str | None = None
+        self._stopping: _Stopping | None = None
         # The supervisor made (or claimed) the folder (runtime.paths.make_output_folder); remember
         # which one, so the report is never written into a folder swapped in for it.
         self._output_id = folder_identity(output_dir)
@@ -132,11 +145,20 @@ class WorkerJob:
     def done(self) -> bool:
         return self.phase is ScanPhase.DONE
 
+    @property
+    def settled(self) -> bool:
+        """Done, and its workers are gone and its ending is written (report): the supervisor may let go."""
+        return self.done and self._stopping is None
+
     # -- message pump ------------------------------------------------------------------------
     def pump(self, max_messages: int = 1000) -> None:
         """Handle pending worker messages, then check the workers are alive and beating."""
+        if self.done:
+            self.poll_stop()
+            return
         for _ in range(max_messages):
             if self.done:  # queues are closed once the job has ended
+                self.poll_stop()
                 return
             try:
                 msg = self.events.get_nowait()
@@ -197,7 +219,10 @@ class WorkerJob:
                 return
             limit = self._heartbeat_limit(name)
             if proc.exitcode is None and now - self.heartbeats[name] > limit:
-                self._fail(f"{name} worker {self._silent(name)} for {limit:.0f} s")
+                # Hung (stopped, deadlocked in a native call): nothing it holds can be saved by
+                # waiting for it. Killed at once; the others flush what they hold and exit.
+                proc.kill()
+                self._fail(f"{name} worker {self._silent(name)} for {limit:.0f} s (killed)")
                 return
 
     def _drain_events(self) -> None:
@@ -231,6 +256,43 @@ class WorkerJob:
     def abort(self, error: str) -> None:
         """An unexpected supervisor error, or a stop that could not wait: end now, keep the output."""
         self._fail(error)
+        self.stop_now()
+
+    def stop_workers_then(self, grace_s: float, then: Callable[[], object]) -> None:
+        """Stop the workers without blocking: :meth:`poll_stop` (from :meth:`pump`) lets them exit
+        within ``grace_s``, then terminates, then kills them, and calls ``then`` once all are gone."""
+        self._stopping = _Stopping(time.monotonic() + grace_s, 0, then)
+        self.poll_stop()
+
+    def poll_stop(self) -> None:
+        """One non-blocking step of a stop in progress (see :meth:`stop_workers_then`)."""
+        st = self._stopping
+        if st is None:
+            return
+        alive = [p for p in self.procs.values() if p.is_alive()]
+        now = time.monotonic()
+        if alive and now < st.deadline:
+            return
+        if alive and st.stage < 2:
+            for p in alive:
+                p.terminate() if st.stage == 0 else p.kill()
+            st.stage += 1
+            st.deadline = now + 2.0
+            return
+        if alive:
+            log.error("workers %s outlived SIGKILL; not waiting for them", [p.name for p in alive])
+        self._stopping = None
+        self._close_queues()
+        st.then()
+
+    def stop_now(self) -> None:
+        """Finish a stop in progress here and now (blocking: for a daemon that is exiting)."""
+        st = self._stopping
+        if st is None:
+            return
+        self._stopping = None
+        self.stop_workers(max(0.0, st.deadline - time.monotonic()) if st.stage == 0 else 0.0)
+        st.then()
 
     def stop_workers(self, grace_s: float) -> None:
         """Join workers; terminate, then kill, those that do not exit in time."""
@@ -244,6 +306,9 @@ class WorkerJob:
             if proc.is_alive():
                 proc.kill()
                 proc.join(2.0)
+        self._close_queues()
+
+    def _close_queues(self) -> None:
         self._after_workers_stopped()
         for q in self._queues():
             q.cancel_join_thread()

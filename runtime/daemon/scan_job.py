@@ -438,7 +438,11 @@ class ScanJob(WorkerJob):
             self.tiles.put(EndOfStream("the scan failed"))
             self.to_writer.put(EndOfStream("the scan failed"))
         self._stop_inference()
-        self.stop_workers(grace_s=10.0)
+        # Without blocking the daemon: the supervisor keeps serving while the workers flush and exit.
+        self.stop_workers_then(10.0, lambda: self._settle(reason))
+
+    def _settle(self, reason: FinishReason) -> None:
+        """The workers are gone: free the ring, settle the folder, close the journal, report."""
         self._release()
         if reason is not FinishReason.COMPLETED:
             # A writer that was killed cannot remove its own partial slide; the

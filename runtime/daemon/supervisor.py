@@ -283,6 +283,8 @@ class Supervisor:
         if not job.done:
             self._set()  # the phase may have moved (writing)
             return
+        if not job.settled:
+            return  # its workers are still stopping: keep serving meanwhile (pump polls them)
         job.close()
         self.job = None
         reason = job.finish_reason

@@ -90,8 +90,7 @@ class ZstackJob(WorkerJob):
         self._to(ScanPhase.DONE)
         self.finish_reason = reason
         self.cancel_event.set()
-        self.stop_workers(grace_s=10.0)
-        self.write_report()
+        self.stop_workers_then(10.0, self.write_report)
 
     def outputs(self) -> dict[str, str | None]:
         path = self.record.path

@@ -271,9 +271,12 @@ class DequeAccumulator:
         self._pending.append((key, field, None if tile is None else np.array(tile, copy=True), arrival))
         if self._flat is None and replay is not None and replay.flat is not None:
             self._flat = replay.flat
+        elif self._flat is None and self._ff_est is not None and tile is None:
+            # A replayed warm-up tile already in the mosaic: the journaled flat-field (estimated
+            # before it could be blended) comes with the arrival that completed the estimate.
+            pass
         elif self._flat is None and self._ff_est is not None:
-            if tile is None:
-                raise ValueError(f"field {key}: the flat-field is not known yet and the tile is gone")
+            assert tile is not None
             self._ff_est.add(tile)
             if self._ff_est.ready or self._ff_est.tiles >= self.params.flatfield_warmup_tiles:
                 self._flat = self._ff_est.estimate()

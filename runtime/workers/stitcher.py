@@ -183,6 +183,17 @@ def _json_record(d: dict[str, object]) -> dict[str, object]:
     return out
 
 
+def resume(acc: DequeAccumulator, store: MosaicStore, state: JournalState, observer: JournalObserver) -> None:
+    """A fresh accumulator on a reopened mosaic, brought to the journaled scan's state: the mosaic
+    rewound to the journal's rows (a cancel's or failure's last flush wrote rows that were not
+    final), then the journal replayed."""
+    store.rewind(min(state.rows_written, store.rows_written))
+    rows = store.rows_written
+    observer.start(rows)
+    acc.resume_at(rows)
+    replay_journal(acc, state, observer, {f.index: f for f in acc.geometry.plan.fields})
+
+
 def replay_journal(
     acc: DequeAccumulator, state: JournalState, observer: JournalObserver, fields: dict[int, FieldPlan]
 ) -> None:
@@ -241,8 +252,6 @@ def stitcher_main(
             store = MosaicStore.open(Path(job.mosaic_path), on_rows=on_rows)
             if store.shape != (h, w):
                 raise JournalError(f"the mosaic is {store.shape}, this scan's plan makes {(h, w)}")
-            # Rows written after the journal's last "written" (a cancel's or failure's flush) are rewritten.
-            store.rewind(min(state.rows_written, store.rows_written))
         else:
             store = MosaicStore.create(
                 Path(job.mosaic_path),
@@ -262,10 +271,8 @@ def stitcher_main(
             acc.observer = observer
         if state is not None:
             assert observer is not None
+            resume(acc, store, state, observer)
             rows = store.rows_written
-            observer.start(rows)
-            acc.resume_at(rows)
-            replay_journal(acc, state, observer, {f.index: f for f in job.geometry.plan.fields})
             # What is on disk already, for the writer (it writes the slide from the start).
             for level in range(store.n_levels):
                 to_writer.put(MosaicRows(job.mosaic_path, level, store.level_rows_written(level)))
