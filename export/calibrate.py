@@ -58,6 +58,7 @@ from runtime.devices.recording import Recording
 from runtime.focus.stack_labels import FieldLabel, LabelParams, label_stack
 from runtime.ml.model_folder import ModelFolder, builtin_autofocus_dir, load_model_folder
 from runtime.ml.preprocess import AutofocusPreprocess
+from runtime.ml.tasks import combine_heads
 
 MAE_RANGE_UM = 8.0  # metrics: MAE over |z| <= 8 µm, sign accuracy at 1 <= |z| <= 8 µm
 
@@ -125,11 +126,11 @@ def recovery_error(model: nn.Module, folder: ModelFolder, x: np.ndarray) -> dict
 
 def predict(model: AutofocusNet, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(defocus µm, content probability) per crop as the runtime reads them: with a magnitude
-    head, its size with the signed head's sign (``runtime.ml.tasks.AutofocusModel``)."""
+    head, the two heads combined per crop as ``runtime.ml.tasks.combine_heads`` does per tile."""
     p = predict_autofocus_all(model, x)
     d = p["defocus"]
     if len(p["magnitude"]):
-        d = np.copysign(np.abs(p["magnitude"]), d)
+        d = combine_heads(d, p["magnitude"]).astype(np.float32)
     return d, p["content"]
 
 

@@ -43,26 +43,27 @@ F32 = npt.NDArray[np.float32]
 U8 = npt.NDArray[np.uint8]
 T = TypeVar("T")
 
-TRAIN_IMAGES: Final[tuple[str, ...]] = (
-    "astronaut.png",
-    "coffee.png",
-    "chelsea.png",
-    "rocket.jpg",
-    "motorcycle_left.png",
-    "hubble_deep_field.jpg",
-    "retina.jpg",
-    "camera.png",
-    "coins.png",
-    "moon.png",
-    "text.png",
-    "page.png",
-    "cell.png",
-    "microaneurysms.png",
-    "horse.png",
-)
-"""Images in scikit-image's ``skimage/data`` folder (shipped in the wheel; scikit-image's own
-licence notes list them as public domain, CC0 or with the photographer's permission for use in
-scikit-image). None is tissue: they teach the model that content is arbitrary."""
+TRAIN_IMAGE_LICENCES: Final[dict[str, str]] = {
+    "astronaut.png": "NASA; public domain",
+    "coffee.png": "CC0 (Rachel Michetti)",
+    "chelsea.png": "CC0 (Stefan van der Walt)",
+    "rocket.jpg": "SpaceX; public domain",
+    "motorcycle_left.png": "Middlebury stereo dataset (Scharstein et al. 2014); no licence stated by scikit-image",
+    "hubble_deep_field.jpg": "NASA; public domain",
+    "retina.jpg": "CC0 (Häggström 2014)",
+    "camera.png": "CC0 (Lav Varshney)",
+    "coins.png": "no known copyright restrictions (Brooklyn Museum)",
+    "moon.png": "no licence stated by scikit-image",
+    "text.png": "public domain",
+    "page.png": "no licence stated by scikit-image",
+    "cell.png": "CC0",
+    "microaneurysms.png": "CC0 (Andreas Maier)",
+    "horse.png": "CC0 (Andreas Preuss)",
+}
+"""Images in scikit-image's ``skimage/data`` folder (shipped in the wheel; nothing is downloaded)
+and their licences as scikit-image's ``skimage.data`` docstrings give them. None is tissue:
+they teach the model that content is arbitrary."""
+TRAIN_IMAGES: Final[tuple[str, ...]] = tuple(TRAIN_IMAGE_LICENCES)
 
 _HELD_OUT_FILES = frozenset(PACKAGED.values())
 assert not _HELD_OUT_FILES & set(TRAIN_IMAGES), "a benchmark's held-out content is in the training images"
@@ -290,6 +291,21 @@ def random_photo(rng: np.random.Generator) -> U8:
 
 ContentKind = Literal["synthetic", "texture", "photo"]
 _CONTENT_P: Final[tuple[tuple[ContentKind, float], ...]] = (("synthetic", 0.4), ("texture", 0.35), ("photo", 0.25))
+
+
+def describe() -> dict[str, object]:
+    """What the content mix is made of, for ``model.json`` (``training_content``)."""
+    return {
+        "module": "export.content_mix",
+        "content_kinds": dict(_CONTENT_P),
+        "photographs": {f"skimage/data/{name}": lic for name, lic in TRAIN_IMAGE_LICENCES.items()},
+        "stain_pairs": [f"skimage.color.rgb_from_{m}" for m in STAIN_MATRICES],
+        "textures": ["1/f^b noise", "blobs with chromatin", "oriented fibres", "Voronoi edges", "thresholded noise"],
+        "objective_families": dict(_FAMILY_P),
+        "pixel_size_jitter": 0.1,
+        "no_tissue_images": "no real tissue image was used for training",
+        "held_out_for_benchmarks": {f"skimage/data/{f}": name for name, f in PACKAGED.items()},
+    }
 
 
 def random_content_slide(

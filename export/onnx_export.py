@@ -221,4 +221,9 @@ def export_checkpoint(ckpt_path: Path, out_dir: Path, samples: np.ndarray, atol:
         f"python -m export onnx {Path(ckpt_path).as_posix()} --out {Path(out_dir).as_posix()} --seed {result['seed']}",
     ]
     training["commands"] = commands
-    return export_model(model, spec, out_dir, samples, result["heldout_metrics"], training, atol)
+    extra = None
+    if "train_content" in result.get("train_splits", []):
+        from export.content_mix import describe
+
+        extra = {"training_content": describe()}
+    return export_model(model, spec, out_dir, samples, result["heldout_metrics"], training, atol, extra)
