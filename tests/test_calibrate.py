@@ -103,7 +103,7 @@ def test_field_label_is_robust_to_one_bad_region() -> None:
 # --------------------------------------------------------------------------- weight recovery
 
 
-@pytest.mark.parametrize("name", ["autofocus", "autofocus_v2"])
+@pytest.mark.parametrize("name", ["autofocus", "autofocus_v2", "autofocus_v3"])
 def test_recovered_weights_reproduce_the_onnx_model(recording: Path, name: str) -> None:
     pytest.importorskip("torch")
     from export.calibrate import recover_autofocus, recovery_error

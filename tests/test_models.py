@@ -63,15 +63,30 @@ def _render(defocus_um: float, seed: int = 11, tile: int = 256, max_defocus_um: 
     return optics.camera_capture(optics.image(obj, defocus_um), np.random.default_rng(seed))
 
 
+V3_DIR = default_model_dir("autofocus").parent / "autofocus_v3"
+
+
+def test_committed_autofocus_v3_reads_size_and_sign_with_its_magnitude_head() -> None:
+    """v3 (wider content, magnitude head): the runtime's estimate on a 512 px render, near and far."""
+    folder = load_model_folder(V3_DIR, "autofocus")
+    assert "abs_defocus_um" in folder.output_names and folder.input_shape == (10, 64, 64)
+    assert "training_content" in folder.meta
+    model = AutofocusModel(folder, OrtBackend(folder, cuda=False))
+    for d in (-8.0, -3.0, -1.0, 1.0, 3.0, 8.0):
+        est = model.estimate(_render(d, tile=512, max_defocus_um=9.0))
+        assert est.defocus_um is not None and est.signed_um is not None
+        assert abs(est.defocus_um - d) < 0.15 * abs(d) + 0.5, (d, est)
+
+
 def test_builtin_autofocus_follows_the_camera_frame() -> None:
-    """v2 needs 512 px for its wide window; smaller (or unknown) frames get v1."""
-    assert builtin_autofocus_dir((512, 512)) == V2_DIR
-    assert builtin_autofocus_dir((2048, 1536)) == V2_DIR
+    """The wide window (v3) needs 512 px; smaller (or unknown) frames get v1."""
+    assert builtin_autofocus_dir((512, 512)) == V3_DIR
+    assert builtin_autofocus_dir((2048, 1536)) == V3_DIR
     assert builtin_autofocus_dir((256, 256)) == default_model_dir("autofocus")
     assert builtin_autofocus_dir((256, 1024)) == default_model_dir("autofocus")  # the short side decides
     assert builtin_autofocus_dir(None) == default_model_dir("autofocus")
     af, _, _ = load_models(None, None, "ort_cpu", frame_shape=(512, 640))
-    assert af.folder.path == V2_DIR and af.describe().startswith("autofocus_v2 (")
+    assert af.folder.path == V3_DIR and af.describe().startswith("autofocus_v3 (")
     assert load_models(Path(default_model_dir("autofocus")), None, "ort_cpu", frame_shape=(512, 512))[0].pre.wide == 0
 
 

@@ -61,9 +61,12 @@ def default_model_dir(task: str) -> Path:
 
 
 # The committed autofocus models, best first: the builtin choice is the first whose input fits
-# the camera's frame. v2's wide window needs 512 px; on smaller frames it is mirror-padded and
-# noisier near focus than v1 (bench autofocus, "centre 256 px" row), so v1 serves those.
-BUILTIN_AUTOFOCUS = ("autofocus_v2", "autofocus")
+# the camera's frame. The wide window (v3, v2) needs 512 px; on smaller frames it is mirror-padded
+# and noisier near focus than v1 (bench autofocus, "centre 256 px" row), so v1 serves those. v3
+# (wider training content, magnitude head) replaces v2 where it fits: on real tissue and on
+# objectives outside the training draws it reads defocus 3-4x better (README, issue 11); v2 stays
+# as a folder for comparison.
+BUILTIN_AUTOFOCUS = ("autofocus_v3", "autofocus")
 
 
 def builtin_autofocus_dir(frame_shape: tuple[int, int] | None) -> Path:
