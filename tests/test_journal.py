@@ -4,6 +4,7 @@ else malformed refused with the line named; the spill and the INCOMPLETE marker.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -135,7 +136,7 @@ def _stitch_journaled(rec_path: Path, folder: Path, stop_after: int | None, resu
     from runtime.devices.recording import Recording
     from runtime.ipc.messages import FieldRecord, TileReady
     from runtime.stitching.accumulator import DequeAccumulator, MosaicGeometry
-    from runtime.workers.stitcher import JournalObserver
+    from runtime.workers.stitcher import JournalObserver, reopen_mosaic
     from runtime.workers.stitcher import resume as resume_journal
 
     rec = Recording.open(rec_path)
@@ -149,14 +150,19 @@ def _stitch_journaled(rec_path: Path, folder: Path, stop_after: int | None, resu
             observer.rows(level, rows)
 
     path = folder / "mosaic.zarr"
+    h, w = geometry.shape
+
+    def create() -> MosaicStore:
+        px = m.pixel_size_um
+        return MosaicStore.create(
+            path, h, w, chunk=64, pixel_size_um=px, min_level_size=64, on_rows=on_rows, overwrite=True
+        )
+
     if resume:
-        store = MosaicStore.open(path, on_rows=on_rows)
+        store = reopen_mosaic(path, read_journal(folder / JOURNAL_NAME), create, on_rows)
         journal = ScanJournal.open(folder)
     else:
-        h, w = geometry.shape
-        store = MosaicStore.create(
-            path, h, w, chunk=64, pixel_size_um=m.pixel_size_um, min_level_size=64, on_rows=on_rows
-        )
+        store = create()
         journal = ScanJournal.create(folder, {**HEADER, "fields": len(plan.fields)})
     acc = DequeAccumulator(geometry, store, StitchConfig(stage_sigma_um=2.0, max_stage_error_um=6.0))
     observer = JournalObserver(journal, folder, geometry, store)
@@ -180,13 +186,15 @@ def _stitch_journaled(rec_path: Path, folder: Path, stop_after: int | None, resu
     return store
 
 
-@pytest.mark.parametrize("killed_at", [3, 6, 9])
+@pytest.mark.parametrize("killed_at", [0, 3, 6, 9])
 def test_a_replayed_journal_stitches_the_same_mosaic(stitch_recording: Path, tmp_path: Path, killed_at: int) -> None:
     (tmp_path / "ref").mkdir()
     ref = _stitch_journaled(stitch_recording, tmp_path / "ref", None)
     folder = tmp_path / "killed"
     folder.mkdir()
     _stitch_journaled(stitch_recording, folder, killed_at)
+    if killed_at == 0:  # killed before the stitcher had made the mosaic
+        shutil.rmtree(folder / "mosaic.zarr")
     killed = read_journal(folder / JOURNAL_NAME)
     assert len(killed.fields) == killed_at
     ghosts = [f.index for f in killed.fields if f.index not in TileSpill(folder).indices()]

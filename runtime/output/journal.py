@@ -29,8 +29,10 @@ Records (``kind`` first; every record is one line, written with one ``write`` an
 ``placed``
     a field's final position: ``index``, ``y``, ``x`` (subpixel, mosaic px), ``iy``, ``ix``.
 ``written``
-    level-0 rows ``[0, rows)`` of the mosaic are on disk (fsynced): every placed field whose
-    tile ends above ``rows`` is in the mosaic, and its spill file may go.
+    rows ``[0, rows)`` of mosaic level ``level`` (0 when absent) are on disk, fsynced: for level 0,
+    every placed field whose tile ends above ``rows`` is in the mosaic, and its spill file may go;
+    a resume trusts no level beyond what these records say (a power cut may lose what the kernel
+    had not written yet).
 ``models``
     what the inference worker loaded (``autofocus_model``, ``backend``).
 ``stopped``
@@ -194,7 +196,8 @@ class JournalState:
     fields: list[FieldEntry] = field(default_factory=list)  # in arrival (= plan) order
     placements: dict[int, Placement] = field(default_factory=dict)
     flatfield_after: int | None = None
-    rows_written: int = 0
+    rows_written: int = 0  # level 0
+    level_rows: dict[int, int] = field(default_factory=dict)  # levels >= 1
     models: dict[str, Any] = field(default_factory=dict)
     stopped: dict[str, Any] | None = None  # the last "stopped" record after the last "resumed"
     resumes: int = 0
@@ -229,7 +232,11 @@ def _apply(state: JournalState, rec: dict[str, Any]) -> None:
     elif kind == "flatfield":
         state.flatfield_after = int(rec["after"])
     elif kind == "written":
-        state.rows_written = max(state.rows_written, int(rec["rows"]))
+        level = int(rec.get("level", 0))
+        if level == 0:
+            state.rows_written = max(state.rows_written, int(rec["rows"]))
+        else:
+            state.level_rows[level] = max(state.level_rows.get(level, 0), int(rec["rows"]))
     elif kind == "models":
         state.models.update({k: v for k, v in rec.items() if k != "kind"})
     elif kind == "stopped":

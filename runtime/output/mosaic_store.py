@@ -34,7 +34,7 @@ import math
 import os
 import shutil
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal
@@ -252,19 +252,21 @@ class MosaicStore:
         """Level-0 rows on disk (the next :meth:`write_band` starts here)."""
         return self._rows[0]
 
-    def rewind(self, rows: int) -> None:
-        """Forget level-0 rows from ``rows`` on, and the lower levels' rows derived from them: a
-        resumed scan writes them again (an interrupted scan's last flush wrote rows that were not
-        final). ``rows`` must be a band boundary."""
+    def rewind(self, rows: int, lower: Sequence[int] | None = None) -> None:
+        """Forget level-0 rows from ``rows`` on, and the lower levels' rows derived from them (and,
+        with ``lower``, level k's rows from ``lower[k - 1]`` on): a resumed scan writes them again
+        (an interrupted scan's last flush wrote rows that were not final; a power cut may lose
+        rows the journal does not vouch for). ``rows`` must be a band boundary."""
         h = self._shapes[0][0]
         if not 0 <= rows <= self._rows[0] or (rows % self._chunk and rows != h):
             raise ValueError(f"cannot rewind to row {rows}: {self._rows[0]} rows written, chunk {self._chunk}")
-        if rows == self._rows[0]:
+        new = [rows] + [min(self._rows[k], rows // 2**k) for k in range(1, self.n_levels)]
+        if lower is not None:
+            new[1:] = [min(r, int(limit)) for r, limit in zip(new[1:], lower, strict=True)]
+        if new == self._rows:
             return
         self._builder = None
-        self._rows[0] = rows
-        for k in range(1, self.n_levels):
-            self._rows[k] = min(self._rows[k], rows // 2**k)
+        self._rows = new
         self._complete = False
         self._group.attrs["rows_written"] = list(self._rows)
         self._group.attrs["complete"] = self._complete

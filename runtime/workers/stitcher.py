@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import queue
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import assert_never
@@ -55,7 +56,7 @@ from runtime.output.journal import (
     read_journal,
     save_arrays,
 )
-from runtime.output.mosaic_store import MosaicStore
+from runtime.output.mosaic_store import MosaicError, MosaicStore, RowsFinal
 from runtime.stitching.accumulator import DequeAccumulator, MosaicGeometry, Replay
 from runtime.stitching.flatfield import FlatField
 from runtime.stitching.positions import Link
@@ -94,6 +95,7 @@ class JournalObserver:
         self.frozen = False
         self._bottoms: dict[int, int] = {}  # placed fields still spilled: index -> mosaic row below the tile
         self._rows = 0
+        self._level_rows: dict[int, int] = {}  # levels >= 1: rows journaled
 
     def registered(
         self, field: FieldPlan, links: list[Link], pairs: list[str], ncc: list[float], content: tuple[bool, bool]
@@ -149,16 +151,22 @@ class JournalObserver:
         self._drop_durable()
 
     def rows(self, level: int, rows: int) -> None:
-        """The store's rows callback: level-0 rows [0, rows) are on disk."""
-        if level != 0 or rows <= self._rows or self.frozen:
+        """The store's rows callback: rows [0, rows) of ``level`` are on disk; fsynced, then journaled."""
+        done = self._rows if level == 0 else self._level_rows.get(level, 0)
+        if rows <= done or self.frozen:
             return
-        self.store.sync_rows(0, self._rows, rows)
-        self.journal.append("written", rows=rows)
-        self._rows = rows
-        self._drop_durable()
+        self.store.sync_rows(level, done, rows)
+        if level == 0:
+            self.journal.append("written", rows=rows)
+            self._rows = rows
+            self._drop_durable()
+        else:
+            self.journal.append("written", rows=rows, level=level)
+            self._level_rows[level] = rows
 
-    def start(self, rows: int) -> None:
+    def start(self, rows: int, level_rows: dict[int, int]) -> None:
         self._rows = rows
+        self._level_rows = dict(level_rows)
 
     def _drop_durable(self) -> None:
         for index in [i for i, b in self._bottoms.items() if b <= self._rows]:
@@ -183,13 +191,27 @@ def _json_record(d: dict[str, object]) -> dict[str, object]:
     return out
 
 
+def reopen_mosaic(
+    path: Path, state: JournalState, create: Callable[[], MosaicStore], on_rows: RowsFinal
+) -> MosaicStore:
+    """The interrupted scan's mosaic, or a new one (``create``) when the scan was interrupted before
+    the mosaic was made or any of its rows written (the spill then holds every journaled tile)."""
+    try:
+        return MosaicStore.open(path, on_rows=on_rows)
+    except MosaicError as err:
+        if state.rows_written:
+            raise JournalError(f"the journal says {state.rows_written} mosaic rows were written, but {err}") from None
+        return create()
+
+
 def resume(acc: DequeAccumulator, store: MosaicStore, state: JournalState, observer: JournalObserver) -> None:
     """A fresh accumulator on a reopened mosaic, brought to the journaled scan's state: the mosaic
     rewound to the journal's rows (a cancel's or failure's last flush wrote rows that were not
     final), then the journal replayed."""
-    store.rewind(min(state.rows_written, store.rows_written))
+    lower = [state.level_rows.get(k, 0) for k in range(1, store.n_levels)]
+    store.rewind(min(state.rows_written, store.rows_written), lower)
     rows = store.rows_written
-    observer.start(rows)
+    observer.start(rows, {k: store.level_rows_written(k) for k in range(1, store.n_levels)})
     acc.resume_at(rows)
     replay_journal(acc, state, observer, {f.index: f for f in acc.geometry.plan.fields})
 
@@ -246,14 +268,8 @@ def stitcher_main(
             # The writer streams the OME-TIFF from the rows that become final (see runtime.workers.writer).
             to_writer.put(MosaicRows(job.mosaic_path, level, rows))
 
-        state: JournalState | None = None
-        if job.resume:
-            state = read_journal(Path(job.folder) / JOURNAL_NAME)
-            store = MosaicStore.open(Path(job.mosaic_path), on_rows=on_rows)
-            if store.shape != (h, w):
-                raise JournalError(f"the mosaic is {store.shape}, this scan's plan makes {(h, w)}")
-        else:
-            store = MosaicStore.create(
+        def create(overwrite: bool = False) -> MosaicStore:
+            return MosaicStore.create(
                 Path(job.mosaic_path),
                 h,
                 w,
@@ -262,7 +278,17 @@ def stitcher_main(
                 compressor=mosaic.compressor,
                 min_level_size=writer.min_level_size,
                 on_rows=on_rows,
+                overwrite=overwrite,
             )
+
+        state: JournalState | None = None
+        if job.resume:
+            state = read_journal(Path(job.folder) / JOURNAL_NAME)
+            store = reopen_mosaic(Path(job.mosaic_path), state, lambda: create(overwrite=True), on_rows)
+            if store.shape != (h, w):
+                raise JournalError(f"the mosaic is {store.shape}, this scan's plan makes {(h, w)}")
+        else:
+            store = create()
         acc = DequeAccumulator(job.geometry, store, stitch)
         if job.folder:
             journal = ScanJournal.open(job.folder)
