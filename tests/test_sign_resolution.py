@@ -152,3 +152,20 @@ def test_two_shot_loop_focuses_through_a_flipped_objective(tmp_path: Path) -> No
     # Most fields are resolved without the sweep (a field the model misreads may still fall back).
     assert how.count("sweep") <= 1, how
     assert float(np.mean(captures)) <= 4.0, captures
+
+
+class _BiasedNearFocus(_Fake):
+    """A model at its noise floor: near focus it reads 0.27 µm plus a tenth of the defocus (a
+    reading that shrinks by less than 20% per move, as real models' do at 0.2-0.4 µm)."""
+
+    def estimate(self, z: float) -> DefocusEstimate:
+        return DefocusEstimate(0.27 + 0.1 * (z - self.focus), 8, 8, 1.0, 0.1)
+
+
+def test_a_move_near_focus_counts_if_it_shrinks_the_estimate_at_all() -> None:
+    """0.3 µm off the model reads 0.30; after moving 0.30 it reads 0.27 (not 20% less), then 0.243:
+    each frame is better than the last, so the loop keeps them and converges instead of giving up
+    on the first (which sent such fields to the 10-capture sweep)."""
+    fake = _BiasedNearFocus(focus=0.0)
+    r = _focus(fake, 0.3)
+    assert r.converged and r.captures == 2 and r.z_um == pytest.approx(-0.27)

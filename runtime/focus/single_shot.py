@@ -52,6 +52,17 @@ F = TypeVar("F")  # a captured frame as the caller holds it: an array, or a ring
 LEARN_MIN_UM = 0.3
 # The model reads no further than this (its training range): predicted magnitudes are capped here.
 SATURATION_UM = 10.0
+# Below this the estimate is at the model's noise floor (~0.1-0.15 µm near focus): a move of that
+# size need not shrink the next estimate by 20% -- any shrink is progress (else a noisy model at
+# 0.3 µm reading 0.27 after the move fell back to the 10-capture sweep).
+NOISE_FLOOR_UM = 1.0
+
+
+def shrank(before: float, after: float) -> bool:
+    """Did a move that followed ``before`` bring the estimate closer to focus? Far from focus a
+    correct model shrinks |d| by far more than 20% at every move; near it, by any amount."""
+    factor = 1.0 if abs(before) < NOISE_FLOOR_UM else 0.8
+    return abs(after) < factor * abs(before)
 
 
 class Estimated(Protocol):
@@ -178,8 +189,7 @@ class SingleShotFocus:
             captures += 1
             moves += 1
             d_new, _ = est(frame_new)
-            # A correct model shrinks |d| by far more than this at every move.
-            if d_new is not None and abs(d_new) <= 0.8 * abs(d):
+            if d_new is not None and shrank(d, d_new):
                 if moves == 1 and not first_unsure and abs(d) >= LEARN_MIN_UM and not voted:
                     conv.observe(True)
                     voted = True
