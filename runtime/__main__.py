@@ -75,6 +75,12 @@ def main(argv: list[str] | None = None) -> int:
         help="remove what a killed daemon left: shared memory, semaphores (systemd's ExecStopPost)",
     )
     w.add_argument("--config", type=Path, default=None, help="TOML config file (defaults if omitted)")
+    k = sub.add_parser(
+        "keys",
+        help="make a CURVE key pair for TCP control (the daemon's, or a client's to put in its authorised folder)",
+    )
+    k.add_argument("folder", type=Path, help="folder for NAME.key (public) and NAME.key_secret (mode 0600)")
+    k.add_argument("--name", default="server", help="key pair name (default: server)")
     add_ctl_parser(sub)
     add_export_parser(sub)
     add_batch_parser(sub)
@@ -93,6 +99,16 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.cmd == "sweep":
             return sweep(load_config(args.config))
+        if args.cmd == "keys":
+            from runtime.control.curve import CurveError, make_key_pair
+
+            try:
+                public, secret = make_key_pair(args.folder, args.name)
+            except CurveError as err:
+                print(f"error: {err}", file=sys.stderr)
+                return 2
+            print(f"public key: {public}\nsecret key: {secret} (keep it on this machine)")
+            return 0
         if args.cmd == "ctl":
             return run_ctl(args)
         if args.cmd == "export":

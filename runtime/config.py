@@ -11,7 +11,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -27,6 +27,16 @@ class ControlConfig(_Section):
 
     command_endpoint: str = Field("ipc://{runtime_dir}/control.sock", description="ROUTER socket for requests")
     event_endpoint: str = Field("ipc://{runtime_dir}/events.sock", description="PUB socket for events")
+    # CURVE (runtime/control/curve.py): with both set, TCP sockets authenticate and encrypt and
+    # may bind beyond loopback. `python -m runtime keys DIR --name server` makes a key pair.
+    curve_secret_key: str = Field("", description="the server's NAME.key_secret file (empty: no CURVE)")
+    curve_authorized_keys: str = Field("", description="folder of authorised clients' public NAME.key files")
+
+    @model_validator(mode="after")
+    def _curve_keys_together(self) -> ControlConfig:
+        if bool(self.curve_secret_key) != bool(self.curve_authorized_keys):
+            raise ValueError("curve_secret_key and curve_authorized_keys must be given together (or neither)")
+        return self
 
     @field_validator("command_endpoint", "event_endpoint")
     @classmethod

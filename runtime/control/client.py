@@ -26,6 +26,7 @@ from typing import Any
 
 import zmq
 
+from runtime.control.curve import ClientKeys, CurveError
 from runtime.control.protocol import ProtocolError, decode_event, decode_reply, encode_request
 
 log = logging.getLogger(__name__)
@@ -58,7 +59,9 @@ class ControlClient:
         retries: int = 3,
         *,
         context: zmq.Context[zmq.Socket[bytes]] | None = None,
+        curve: ClientKeys | None = None,
     ) -> None:
+        """``curve``: this client's CURVE keys, for a daemon whose TCP sockets require them."""
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be positive, got {timeout_s}")
         if retries < 1:
@@ -67,6 +70,7 @@ class ControlClient:
         self.timeout_s = timeout_s
         self.retries = retries
         self._ctx = context if context is not None else zmq.Context.instance()
+        self._curve = curve
         self._sock: zmq.Socket[bytes] | None = None
 
     def _socket(self) -> zmq.Socket[bytes]:
@@ -74,6 +78,8 @@ class ControlClient:
             sock: zmq.Socket[bytes] = self._ctx.socket(zmq.REQ)
             # LINGER 0: an unanswered request must not keep the process alive at exit.
             sock.setsockopt(zmq.LINGER, 0)
+            if self._curve is not None:
+                self._curve.apply(sock)
             sock.connect(self.endpoint)
             self._sock = sock
         return self._sock
@@ -149,6 +155,7 @@ class EventSubscriber:
         topics: Iterable[str] = (),
         *,
         context: zmq.Context[zmq.Socket[bytes]] | None = None,
+        curve: ClientKeys | None = None,
     ) -> None:
         self.endpoint = endpoint
         self.topics = tuple(topics)
@@ -160,6 +167,8 @@ class EventSubscriber:
         self._sock.setsockopt(zmq.LINGER, 0)
         for topic in self.topics or ("",):
             self._sock.setsockopt(zmq.SUBSCRIBE, topic.encode("ascii"))
+        if curve is not None:
+            curve.apply(self._sock)
         self._sock.connect(endpoint)
 
     def recv(self, timeout_s: float | None = None) -> dict[str, Any] | None:
@@ -237,6 +246,8 @@ def add_ctl_parser(
     ctl.add_argument("--events", dest="events_endpoint", help="event endpoint (for 'events')")
     ctl.add_argument("--timeout", type=float, default=2.0, help="seconds to wait for each try (default 2)")
     ctl.add_argument("--retries", type=int, default=3, help="tries before giving up (default 3)")
+    ctl.add_argument("--curve-key", type=Path, help="this client's CURVE NAME.key_secret (a daemon with CURVE keys)")
+    ctl.add_argument("--server-key", type=Path, help="the daemon's CURVE public NAME.key (with --curve-key)")
     actions = ctl.add_subparsers(dest="ctl_action", metavar="ACTION", required=True)
     actions.add_parser("ping", help="check that the daemon answers")
     actions.add_parser("status", help="print the daemon's state")
@@ -304,8 +315,19 @@ def run_ctl(args: argparse.Namespace, endpoints: tuple[str, str] | None = None) 
         print(f"error: {err}", file=sys.stderr)
         return EXIT_UNAVAILABLE
     action: str = args.ctl_action
+    curve: ClientKeys | None = None
+    if (args.curve_key is None) != (args.server_key is None):
+        print("error: --curve-key and --server-key go together", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    if args.curve_key is not None:
+        curve = ClientKeys(args.curve_key, args.server_key)
+        try:
+            curve.check()
+        except CurveError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return EXIT_UNAVAILABLE
     if action == "events":
-        return _run_events(event_ep, args.count, args.wait)
+        return _run_events(event_ep, args.count, args.wait, curve)
     params: dict[str, Any] = {}
     if action in ("start-scan", "record-zstacks"):
         params = {"recording": args.recording, "output_name": args.output_name}
@@ -319,7 +341,7 @@ def run_ctl(args: argparse.Namespace, endpoints: tuple[str, str] | None = None) 
             z_center_um=args.z_center, z_half_range_um=args.z_range, z_step_um=args.z_step, max_fields=args.fields
         )
     try:
-        with ControlClient(command_ep, timeout_s=args.timeout, retries=args.retries) as client:
+        with ControlClient(command_ep, timeout_s=args.timeout, retries=args.retries, curve=curve) as client:
             result = client.request(action.replace("-", "_"), **params)
     except ValueError as err:  # bad --timeout/--retries
         print(f"error: {err}", file=sys.stderr)
@@ -334,10 +356,10 @@ def run_ctl(args: argparse.Namespace, endpoints: tuple[str, str] | None = None) 
     return EXIT_OK
 
 
-def _run_events(endpoint: str, count: int, wait_s: float | None) -> int:
+def _run_events(endpoint: str, count: int, wait_s: float | None, curve: ClientKeys | None = None) -> int:
     received = 0
     try:
-        with EventSubscriber(endpoint) as sub:
+        with EventSubscriber(endpoint, curve=curve) as sub:
             while count <= 0 or received < count:
                 event = sub.recv(wait_s)
                 if event is None:

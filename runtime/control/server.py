@@ -37,6 +37,7 @@ from typing import Final
 import zmq
 from pydantic import BaseModel
 
+from runtime.control.curve import ServerKeys
 from runtime.control.events import Event, EventPayload
 from runtime.control.protocol import (
     MAX_REQUEST_BYTES,
@@ -126,11 +127,11 @@ def _ipc_path(endpoint: str) -> Path | None:
     return Path(rest)
 
 
-def _check_bindable(endpoint: str) -> None:
+def _check_bindable(endpoint: str, authenticated: bool = False) -> None:
     """Refuse binds that would be unsafe or fail obscurely.
 
-    - Remote TCP binds would expose an unauthenticated control plane; CURVE
-      keys are not implemented yet, so only loopback is allowed.
+    - Remote TCP binds would expose an unauthenticated control plane: only
+      loopback is allowed unless the server has CURVE keys (``authenticated``).
     - libzmq *unlinks* an existing ipc socket file on bind, so a second daemon
       would silently steal the endpoint from a running one. If something
       answers on the file, refuse; if nothing does, it is a stale leftover of
@@ -138,10 +139,10 @@ def _check_bindable(endpoint: str) -> None:
     """
     if endpoint.startswith("tcp://"):
         host = endpoint[len("tcp://") :].rsplit(":", 1)[0]
-        if host not in {"127.0.0.1", "localhost", "[::1]", "::1"}:
+        if host not in {"127.0.0.1", "localhost", "[::1]", "::1"} and not authenticated:
             raise ValueError(
-                f"refusing to bind {endpoint}: remote binds need CURVE authentication, which is not "
-                "implemented; use ipc:// or tcp://127.0.0.1"
+                f"refusing to bind {endpoint}: remote binds need CURVE keys ([control] curve_secret_key and "
+                "curve_authorized_keys; python -m runtime keys makes them); use ipc:// or tcp://127.0.0.1"
             )
         return
     path = _ipc_path(endpoint)
@@ -219,13 +220,16 @@ class ControlServer:
         context: zmq.Context[zmq.Socket[bytes]] | None = None,
         dedup_s: float = 30.0,
         socket_mode: int | None = 0o660,
+        curve: ServerKeys | None = None,
     ) -> None:
         """Bind both sockets.
 
         ``dedup_s``: how long a reply to a non-idempotent request with a string
         id is kept to answer a retry (0 disables). ``socket_mode``: permissions
         given to ipc socket files (0o660: the service's group may connect, as
-        the scanner UI does; None leaves the umask's choice).
+        the scanner UI does; None leaves the umask's choice). ``curve``: CURVE
+        keys; every TCP socket then authenticates and encrypts, and TCP may bind
+        beyond loopback (:mod:`runtime.control.curve`).
         """
         self._handler = handler
         # Our own context by default, so close() can term() it: that waits
@@ -242,7 +246,12 @@ class ControlServer:
         self.command_endpoint = command_endpoint
         self.event_endpoint = event_endpoint
         self._sockets: list[tuple[zmq.Socket[bytes], str]] = []
+        self._curve = curve
+        self._auth = None
         try:
+            if curve is not None:
+                curve.check()
+                self._auth = curve.start_authenticator(self._ctx)
             self._router = self._bind(zmq.ROUTER, command_endpoint, socket_mode)
             self._pub = self._bind(zmq.PUB, event_endpoint, socket_mode)
         except BaseException:
@@ -256,8 +265,10 @@ class ControlServer:
         log.info("control: requests on %s, events on %s", command_endpoint, event_endpoint)
 
     def _bind(self, kind: int, endpoint: str, mode: int | None) -> zmq.Socket[bytes]:
-        _check_bindable(endpoint)
+        _check_bindable(endpoint, authenticated=self._curve is not None)
         sock: zmq.Socket[bytes] = self._ctx.socket(kind)
+        if self._curve is not None and endpoint.startswith("tcp://"):
+            self._curve.apply(sock)
         # LINGER 0: on close, undelivered replies/events are dropped instead of
         # holding the process (and systemd's stop timeout) hostage.
         sock.setsockopt(zmq.LINGER, 0)
@@ -481,6 +492,9 @@ class ControlServer:
     def _release(self) -> None:
         for sock, _ in self._sockets:
             sock.close(linger=0)
+        if self._auth is not None:
+            self._auth.stop()
+            self._auth = None
         if self._own_ctx:
             self._ctx.term()  # returns once the listeners are really closed
         for _, endpoint in self._sockets:

@@ -22,6 +22,7 @@ from typing import Any, assert_never
 
 from runtime import paths
 from runtime.config import ConfigError, RuntimeConfig, with_overrides
+from runtime.control.curve import ServerKeys
 from runtime.control.events import Event, ScanFailedEvent, ScanFinishedEvent, StateEvent
 from runtime.control.protocol import (
     CancelParams,
@@ -222,7 +223,7 @@ class Supervisor:
             self.job = ScanJob(
                 cfg, scan_id, folder, prep.area, prep.driver_options, self._publish, request, resume=state
             )
-        except ValueError as err:
+        except (ValueError, TypeError, KeyError) as err:  # a journal this runtime cannot continue
             raise RequestError("invalid_params", f"resume {scan_id}: {err}") from None
         self._set(job=self.job.KIND, scan_id=scan_id, output_dir=str(folder), fields_total=0, fields_done=0)
         return StartScanResult(scan_id=scan_id, output_dir=str(folder))
@@ -366,7 +367,12 @@ class Supervisor:
             log.warning("interrupted scans (resume with start_scan resume=<id>): %s", ids)
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
-        self.server = ControlServer(self.cfg.endpoint("command"), self.cfg.endpoint("event"), self.handle)
+        self.server = ControlServer(
+            self.cfg.endpoint("command"),
+            self.cfg.endpoint("event"),
+            self.handle,
+            curve=ServerKeys.from_config(self.cfg.control),
+        )
         try:
             sdnotify.ready()
             sdnotify.status("idle")
