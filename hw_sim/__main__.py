@@ -48,11 +48,17 @@ def _parser() -> argparse.ArgumentParser:
         help="tissue look: synthetic (procedural H&E), ihc (real colon tissue), brick, gravel, grass, file:PATH",
     )
     s.add_argument("--content-px-um", type=float, default=0.0, help="µm per content image pixel (0: its default)")
+    s.add_argument("--lesions", type=int, default=0, help="tumour lesions on the slide (hw_sim.lesions)")
+    s.add_argument("--mimics", type=int, default=0, help="benign crowded regions that are not tumour (hard negatives)")
     s.add_argument("--force", action="store_true", help="overwrite an existing recording")
 
     t = sub.add_parser("truth", help="render the in-focus ground truth of a synthetic recording's area")
     t.add_argument("recording", type=Path)
-    t.add_argument("--out", type=Path, required=True, help="output TIFF (tiled, RGB)")
+    t.add_argument("--out", type=Path, default=None, help="output TIFF (tiled, RGB)")
+    t.add_argument(
+        "--annotations", type=Path, default=None, help="GeoJSON of tumour lesions (and nuclei) in mosaic pixels"
+    )
+    t.add_argument("--nuclei", type=Path, default=None, help="write the nuclei into this GeoJSON instead")
 
     r = sub.add_parser("replay", help="scan a recording through the daemon; writes slide.ome.tif + report.json")
     r.add_argument("recording", type=Path)
@@ -97,15 +103,26 @@ def main(argv: list[str] | None = None) -> int:
                 tissue_extent=args.tissue_extent,
                 content=args.content,
                 content_px_um=args.content_px_um,
+                lesions=args.lesions,
+                mimics=args.mimics,
                 **objective,  # type: ignore[arg-type]
             )
             synthesize(args.out, params, overwrite=args.force, progress=True)
             print(f"recording: {args.out}")
         elif args.cmd == "truth":
-            from hw_sim.truth import write_truth
+            from hw_sim.truth import write_annotations, write_truth
 
-            shape = write_truth(args.recording, args.out)
-            print(f"truth: {args.out} ({shape[1]} x {shape[0]} px)")
+            if args.nuclei is not None and args.annotations is None:
+                raise ValueError("truth: --nuclei goes with --annotations")
+            if args.out is None and args.annotations is None:
+                raise ValueError("truth: give --out (the in-focus image) and/or --annotations (the GeoJSON)")
+            if args.annotations is not None:
+                n_lesions, n_nuclei = write_annotations(args.recording, args.annotations, args.nuclei)
+                where = f" in {args.nuclei}" if args.nuclei else ""
+                print(f"annotations: {args.annotations} ({n_lesions} lesions and mimics, {n_nuclei} nuclei{where})")
+            if args.out is not None:
+                shape = write_truth(args.recording, args.out)
+                print(f"truth: {args.out} ({shape[1]} x {shape[0]} px)")
         elif args.cmd == "replay":
             from hw_sim.replay_job import run_replay
 

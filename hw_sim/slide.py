@@ -28,10 +28,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
+
+if TYPE_CHECKING:
+    from hw_sim.lesions import LesionField, LesionLayers
 
 F32 = npt.NDArray[np.float32]
 F64 = npt.NDArray[np.float64]
@@ -90,6 +93,13 @@ class SlideSpec:
     # (0: the content's default). hw_sim.content.make_slide builds the right slide.
     content: str = "synthetic"
     content_px_um: float = 0.0
+    # Tumour (hw_sim.lesions): carcinoma lesions with diameters log-uniform in
+    # [lesion_min_um, lesion_max_um], and benign crowded regions that are not tumour. 0 and 0: none,
+    # and the slide renders bit for bit as it did before lesions existed.
+    lesions: int = 0
+    mimics: int = 0
+    lesion_min_um: float = 50.0
+    lesion_max_um: float = 4000.0
 
     def __post_init__(self) -> None:
         if not (self.width_um > 0 and self.height_um > 0):
@@ -106,6 +116,16 @@ class SlideSpec:
             raise ValueError(f"warp_period_um must be positive, got {self.warp_period_um}")
         if self.artifacts < 0:
             raise ValueError(f"artifacts must be >= 0, got {self.artifacts}")
+        if self.lesions < 0 or self.mimics < 0:
+            raise ValueError(f"lesions and mimics must be >= 0, got {self.lesions} and {self.mimics}")
+        if not 0 < self.lesion_min_um <= self.lesion_max_um:
+            raise ValueError(
+                f"need 0 < lesion_min_um <= lesion_max_um, got {self.lesion_min_um} and {self.lesion_max_um}"
+            )
+        if (self.lesions or self.mimics) and self.content != "synthetic":
+            raise ValueError(
+                f"lesions are drawn only on the procedural H&E (content 'synthetic'), not {self.content!r}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -338,6 +358,16 @@ def _artifact_layout(spec: SlideSpec, pieces: list[_Piece]) -> list[Artifact]:
     return out
 
 
+def reach_window(xs: F64, ys: F64, cx: float, cy: float, reach: float) -> tuple[tuple[slice, slice], F64, F64] | None:
+    """The part of the grid ys x xs within ``reach`` of (cx, cy) on each axis: (the window's
+    (rows, cols) slices, its xs, its ys), or None if empty; the work on a feature stays there."""
+    c0, c1 = np.searchsorted(xs, [cx - reach, cx + reach])
+    r0, r1 = np.searchsorted(ys, [cy - reach, cy + reach])
+    if c0 >= c1 or r0 >= r1:
+        return None
+    return (slice(r0, r1), slice(c0, c1)), xs[c0:c1], ys[r0:r1]
+
+
 def _segment_distance(a: Artifact, xs: F64, ys: F64) -> F32:
     dx = xs[None, :] - a.cx
     dy = ys[:, None] - a.cy
@@ -381,6 +411,11 @@ class SyntheticSlide:
         self._focus_phase = [2 * math.pi * v for v in f[:3]]
         self._focus_dir = math.pi * f[3]
         self.artifacts = _artifact_layout(spec, self._pieces)
+        self.lesions: LesionField | None = None
+        if spec.lesions or spec.mimics:
+            from hw_sim.lesions import LesionField  # lesions builds on this module's hashing
+
+            self.lesions = LesionField(spec, self._pieces)
 
     # ---- layers shared by pixels and nucleus centres
 
@@ -438,12 +473,10 @@ class SyntheticSlide:
         extra: F32 | None = None
         mask = np.zeros((h, w), np.float32)
         for a in self.artifacts:
-            c0, c1 = np.searchsorted(xs, [a.cx - a.reach, a.cx + a.reach])
-            r0, r1 = np.searchsorted(ys, [a.cy - a.reach, a.cy + a.reach])
-            if c0 >= c1 or r0 >= r1:
+            found = reach_window(xs, ys, a.cx, a.cy, a.reach)
+            if found is None:
                 continue
-            sx, sy = xs[c0:c1], ys[r0:r1]
-            win = (slice(r0, r1), slice(c0, c1))
+            win, sx, sy = found
             if a.kind in ("ink", "fold"):
                 d = _segment_distance(a, sx, sy)
                 m = _smoothstep(a.width + 3.0, a.width - 3.0, d).astype(np.float32)
@@ -520,7 +553,12 @@ class SyntheticSlide:
             density *= np.float32(1.0) - self._holes_grid(xs, ys)
             if fold is not None:  # a fold is a second layer of the same tissue: twice the stain
                 density *= fold
+            les = self.lesions.layers(xs, ys) if self.lesions is not None else None
+            if les is not None:
+                density *= np.float32(1.0) - les.lumen  # gland lumens are empty
             od_e = self._eosin(xs, ys, density)
+            if les is not None:
+                od_e = self._lesion_eosin(xs, ys, density, od_e, les)
             nuclei = self._nuclei_canvas(x0_um, y0_um, height_px, width_px, px)
             chrom = _fbm_grid(self._k["chrom"], xs, ys, 0.9, 2)
             od_h = np.float32(0.04) * density + np.minimum(nuclei, np.float32(1.6)) * (
@@ -595,12 +633,13 @@ class SyntheticSlide:
         )
         return np.asarray(e * density, dtype=np.float32)
 
-    def _nuclei_canvas(self, x0: float, y0: float, h: int, w: int, px: float) -> F32:
-        """Sum of nucleus profiles (hematoxylin amount) over the region."""
-        reach = _NUC_MAX_AXIS_UM * (1 + _NUC_EDGE)
-        x1, y1 = x0 + w * px, y0 + h * px
-        bx = np.arange(math.floor((x0 - reach) / _BLOCK_UM), math.floor((x1 + reach) / _BLOCK_UM) + 1)
-        by = np.arange(math.floor((y0 - reach) / _BLOCK_UM), math.floor((y1 + reach) / _BLOCK_UM) + 1)
+    def _normal_nuclei(self, x0: float, y0: float, x1: float, y1: float) -> tuple[F64, F64, F64, F64, F32, F64]:
+        """The benign tissue's nuclei with centres in (x0, x1) x (y0, y1): cx, cy, a, b, amp, theta.
+
+        Where a lesion or mimic lies, its own nuclei (hw_sim.lesions) replace these.
+        """
+        bx = np.arange(math.floor(x0 / _BLOCK_UM), math.floor(x1 / _BLOCK_UM) + 1)
+        by = np.arange(math.floor(y0 / _BLOCK_UM), math.floor(y1 / _BLOCK_UM) + 1)
         mbx, mby = np.meshgrid(bx, by)
         gbx = np.repeat(mbx.ravel(), _SLOTS)
         gby = np.repeat(mby.ravel(), _SLOTS)
@@ -613,14 +652,17 @@ class SyntheticSlide:
 
         cx = (gbx + u(0)) * _BLOCK_UM
         cy = (gby + u(1)) * _BLOCK_UM
-        near = (cx > x0 - reach) & (cx < x1 + reach) & (cy > y0 - reach) & (cy < y1 + reach)
+        near = (cx > x0) & (cx < x1) & (cy > y0) & (cy < y1)
         cell = _smoothstep(0.35, 0.75, _fbm_pts(self._k["cell"], cx[near], cy[near], 120.0, 2))
         tissue = self._piece_mask_pts(cx[near], cy[near]) * (1.0 - self._holes_pts(cx[near], cy[near]))
         p_exist = np.where(tissue > 0.5, 0.1 + 0.6 * cell, 0.0)
+        if self.lesions is not None:
+            _, epi, lumen, mimic = self.lesions.membership_pts(cx[near], cy[near])
+            p_exist = p_exist * (1.0 - epi) * (1.0 - lumen) * (1.0 - mimic)
         keep = np.flatnonzero(near)[u(2)[near] < p_exist]
-        canvas = np.zeros((h, w), np.float32)
         if keep.size == 0:
-            return canvas
+            e = np.zeros(0, np.float64)
+            return e, e, e, e, e.astype(np.float32), e
         cell_k = cell[np.searchsorted(np.flatnonzero(near), keep)]
         cx, cy = cx[keep], cy[keep]
         us = [u(i)[keep] for i in range(3, 8)]
@@ -630,33 +672,92 @@ class SyntheticSlide:
         b = np.where(round_, a * (0.75 + 0.25 * us[2]), 1.1 + 0.8 * us[2])
         amp = np.where(round_, 0.75 + 0.35 * us[3], 0.85 + 0.35 * us[3]).astype(np.float32)
         th = us[4] * math.pi
-        cs, sn = np.cos(th), np.sin(th)
+        return cx, cy, a, b, amp, th
 
-        half = math.ceil(reach / px) + 1
-        size = 2 * half + 1
-        jc = np.floor((cx - x0) / px).astype(np.int64) - half  # patch origin (pixel index)
-        ic = np.floor((cy - y0) / px).astype(np.int64) - half
-        off = np.arange(size, dtype=np.float64)
-        # Pixel centres in the same formula as the grid, so values don't depend on the region.
-        gx = x0 + (jc[:, None] + off[None, :] + 0.5) * px - cx[:, None]  # (n, size)
-        gy = y0 + (ic[:, None] + off[None, :] + 0.5) * px - cy[:, None]
-        dx = gx[:, None, :]
-        dy = gy[:, :, None]
-        uu = (dx * cs[:, None, None] + dy * sn[:, None, None]) / a[:, None, None]
-        vv = (dy * cs[:, None, None] - dx * sn[:, None, None]) / b[:, None, None]
-        r = np.sqrt(uu * uu + vv * vv).astype(np.float32)
-        prof = _smoothstep(1.0 + _NUC_EDGE, 1.0 - _NUC_EDGE, r) * (
-            np.float32(1.0) + np.float32(0.35) * _smoothstep(0.5, 0.95, r)  # darker nuclear rim
-        )
-        prof *= amp[:, None, None]
-        for n in range(keep.size):
-            i0, j0 = int(ic[n]), int(jc[n])
-            ri0, rj0 = max(i0, 0), max(j0, 0)
-            ri1, rj1 = min(i0 + size, h), min(j0 + size, w)
-            if ri0 < ri1 and rj0 < rj1:
-                canvas[ri0:ri1, rj0:rj1] += prof[n, ri0 - i0 : ri1 - i0, rj0 - j0 : rj1 - j0]
+    def _lesion_nuclei(self, x0: float, y0: float, x1: float, y1: float) -> dict[str, F64]:
+        """The lesions' and mimics' nuclei with centres in [x0, x1) x [y0, y1) and on tissue."""
+        assert self.lesions is not None
+        n = self.lesions.nuclei(x0, y0, x1, y1)
+        if n["cx"].size:
+            tissue = self._piece_mask_pts(n["cx"], n["cy"]) * (1.0 - self._holes_pts(n["cx"], n["cy"]))
+            on = tissue > 0.5
+            n = {name: v[on] for name, v in n.items()}
+        return n
+
+    def nuclei(self, x0_um: float, y0_um: float, x1_um: float, y1_um: float) -> tuple[F64, F64, npt.NDArray[np.bool_]]:
+        """Centres (x, y in slide µm) of every nucleus in [x0, x1) x [y0, y1), and whether each is a
+        tumour nucleus: the nucleus truth that the rendered pixels show."""
+        cx, cy, *_ = self._normal_nuclei(x0_um - 1.0, y0_um - 1.0, x1_um + 1.0, y1_um + 1.0)
+        sel = (cx >= x0_um) & (cx < x1_um) & (cy >= y0_um) & (cy < y1_um)
+        xs, ys, tum = [cx[sel]], [cy[sel]], [np.zeros(int(sel.sum()), bool)]
+        if self.lesions is not None:
+            n = self._lesion_nuclei(x0_um, y0_um, x1_um, y1_um)
+            xs.append(n["cx"])
+            ys.append(n["cy"])
+            tum.append(n["tumour"] > 0.5)
+        return np.concatenate(xs), np.concatenate(ys), np.concatenate(tum)
+
+    def _nuclei_canvas(self, x0: float, y0: float, h: int, w: int, px: float) -> F32:
+        """Sum of nucleus profiles (hematoxylin amount) over the region."""
+        reach = _NUC_MAX_AXIS_UM * (1 + _NUC_EDGE)
+        x1, y1 = x0 + w * px, y0 + h * px
+        canvas = np.zeros((h, w), np.float32)
+        cx, cy, a, b, amp, th = self._normal_nuclei(x0 - reach, y0 - reach, x1 + reach, y1 + reach)
+        if cx.size:
+            _draw_nuclei(canvas, x0, y0, px, math.ceil(reach / px) + 1, cx, cy, a, b, amp, th)
+        if self.lesions is not None:
+            from hw_sim.lesions import TUMOUR_MAX_AXIS_UM
+
+            lreach = TUMOUR_MAX_AXIS_UM * (1 + _NUC_EDGE)
+            n = self._lesion_nuclei(x0 - lreach, y0 - lreach, x1 + lreach, y1 + lreach)
+            if n["cx"].size:
+                _draw_nuclei(canvas, x0, y0, px, math.ceil(lreach / px) + 1, n["cx"], n["cy"], n["a"], n["b"],
+                             n["amp"].astype(np.float32), n["theta"], n["lobe"], n["lobe_phase"])
         return canvas
 
+    def _lesion_eosin(self, xs: F64, ys: F64, density: F32, od_e: F32, les: LesionLayers) -> F32:
+        """Eosin inside lesions: homogeneous cytoplasm replaces the collagen pattern in tumour
+        epithelium; lymphoid aggregates have scant cytoplasm."""
+        var = _fbm_grid(self._k["eos"] + 31, xs, ys, 8.0, 2)
+        cyto = (np.float32(0.17) + np.float32(0.12) * var) * density
+        out = od_e * (np.float32(1.0) - les.epi) + cyto * les.epi
+        return np.asarray(out * (np.float32(1.0) - np.float32(0.5) * les.mimic_lymphoid), np.float32)
+
+
+def _draw_nuclei(
+    canvas: F32, x0: float, y0: float, px: float, half: int,
+    cx: F64, cy: F64, a: F64, b: F64, amp: F32, th: F64,
+    lobe: F64 | None = None, lobe_phase: F64 | None = None,
+) -> None:
+    """Add nucleus profiles to ``canvas`` (top-left pixel edge at slide (x0, y0)); ``lobe``: the
+    depth of a three-lobed outline (pleomorphic tumour nuclei), none if omitted."""
+    h, w = canvas.shape
+    cs, sn = np.cos(th), np.sin(th)
+    size = 2 * half + 1
+    jc = np.floor((cx - x0) / px).astype(np.int64) - half  # patch origin (pixel index)
+    ic = np.floor((cy - y0) / px).astype(np.int64) - half
+    off = np.arange(size, dtype=np.float64)
+    # Pixel centres in the same formula as the grid, so values don't depend on the region.
+    gx = x0 + (jc[:, None] + off[None, :] + 0.5) * px - cx[:, None]  # (n, size)
+    gy = y0 + (ic[:, None] + off[None, :] + 0.5) * px - cy[:, None]
+    dx = gx[:, None, :]
+    dy = gy[:, :, None]
+    uu = (dx * cs[:, None, None] + dy * sn[:, None, None]) / a[:, None, None]
+    vv = (dy * cs[:, None, None] - dx * sn[:, None, None]) / b[:, None, None]
+    r = np.sqrt(uu * uu + vv * vv).astype(np.float32)
+    if lobe is not None and lobe_phase is not None:
+        ang = np.arctan2(vv, uu)
+        r = (r / (1.0 + lobe[:, None, None] * np.cos(3.0 * ang + lobe_phase[:, None, None]))).astype(np.float32)
+    prof = _smoothstep(1.0 + _NUC_EDGE, 1.0 - _NUC_EDGE, r) * (
+        np.float32(1.0) + np.float32(0.35) * _smoothstep(0.5, 0.95, r)  # darker nuclear rim
+    )
+    prof *= amp[:, None, None]
+    for n in range(cx.size):
+        i0, j0 = int(ic[n]), int(jc[n])
+        ri0, rj0 = max(i0, 0), max(j0, 0)
+        ri1, rj1 = min(i0 + size, h), min(j0 + size, w)
+        if ri0 < ri1 and rj0 < rj1:
+            canvas[ri0:ri1, rj0:rj1] += prof[n, ri0 - i0 : ri1 - i0, rj0 - j0 : rj1 - j0]
 
 _SALTS = {
     "edge": _S_EDGE,

@@ -91,6 +91,9 @@ class SynthParams:
     # content_px_um µm per image pixel (0: the content's default).
     content: str = "synthetic"
     content_px_um: float = 0.0
+    # Tumour lesions and benign crowded mimics on the slide (hw_sim.lesions; SlideSpec checks them).
+    lesions: int = 0
+    mimics: int = 0
 
     def __post_init__(self) -> None:
         if self.fields_x < 1 or self.fields_y < 1:
@@ -181,6 +184,8 @@ def synthesize(out: Path, params: SynthParams, overwrite: bool = False, progress
             artifacts=params.artifacts,
             content=params.content,
             content_px_um=params.content_px_um,
+            lesions=params.lesions,
+            mimics=params.mimics,
         )
     )
     half_stack = (params.z_planes - 1) / 2 * params.z_step_um
