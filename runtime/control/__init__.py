@@ -8,6 +8,8 @@ Modules:
 * ``replies``: the results of the commands (``Result``, ``StatusResult``, ...; ``RESULTS``);
 * ``events``: the event payloads (``Event``, ``StateEvent``, ...; ``EVENTS``, ``event_from_data``);
 * ``server``: ``ControlServer``, the daemon's ROUTER socket for requests and PUB socket for events;
+* ``curve``: CURVE keys for TCP sockets (``ServerKeys``, ``ClientKeys``, ``make_key_pair``,
+  ``CurveError``): authenticated, encrypted remote control;
 * ``client``: ``ControlClient`` (requests with retries), ``EventSubscriber``, and the ``ctl`` CLI
   (``add_ctl_parser``, ``run_ctl``; also ``python -m runtime.control.client``);
 * ``json_schema``: ``python -m runtime.control.json_schema``, the committed JSON Schema in
@@ -34,6 +36,7 @@ if TYPE_CHECKING:
         add_ctl_parser,
         run_ctl,
     )
+    from runtime.control.curve import ClientKeys, CurveError, ServerKeys, make_key_pair
     from runtime.control.events import (
         EVENTS,
         Event,
@@ -154,6 +157,7 @@ else:
             "StatusResult",
         ),
         "server": ("MAX_FRAME_BYTES", "MAX_FRAMES", "ControlServer"),
+        "curve": ("ClientKeys", "CurveError", "ServerKeys", "make_key_pair"),
     }
 
     __getattr__, __dir__ = lazy_exports(__name__, _MODULES, globals())
@@ -174,8 +178,10 @@ __all__ = [
     "RESULTS",
     "CancelParams",
     "CancelResult",
+    "ClientKeys",
     "ControlClient",
     "ControlServer",
+    "CurveError",
     "DaemonUnavailable",
     "Event",
     "EventSubscriber",
@@ -197,6 +203,7 @@ __all__ = [
     "ScanFailedEvent",
     "ScanFinishedEvent",
     "ScanStartedEvent",
+    "ServerKeys",
     "ShutdownParams",
     "ShutdownResult",
     "StartScanParams",
@@ -212,6 +219,7 @@ __all__ = [
     "encode_reply",
     "encode_request",
     "event_from_data",
+    "make_key_pair",
     "parse_request",
     "request_id_of",
     "resolve_under",
