@@ -290,10 +290,17 @@ def test_a_hung_worker_is_killed_the_daemon_keeps_answering_and_the_scan_resumes
         stitcher = client.request("status")["workers"]["stitcher"]
         os.kill(stitcher, signal.SIGSTOP)  # a deadlocked native call looks like this from outside
         # Every request is answered while the job notices, kills the hung worker and stops the rest.
+        latencies: list[float] = []
         with ControlClient(cfg.endpoint("command"), timeout_s=2.0, retries=1) as strict:
-            while not (st := strict.request("status"))["last_finish"] or st["scan_id"] != scan_id:
+            while True:
+                t_ask = time.monotonic()
+                st = strict.request("status")
+                latencies.append(time.monotonic() - t_ask)
+                if st["last_finish"] and st["scan_id"] == scan_id:
+                    break
                 assert time.monotonic() < deadline + 60, st
                 time.sleep(0.05)
+        print(f"\nhung worker: {len(latencies)} status requests, slowest reply {max(latencies) * 1000:.0f} ms")
         assert st["last_finish"] == "failed"
         # The stitcher, or the writer: a stitcher stopped in the middle of putting a message on the
         # writer's queue leaves the writer blocked reading the rest of it; whichever went silent first
