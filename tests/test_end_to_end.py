@@ -30,7 +30,8 @@ def scanned(small_recording: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     root = tmp_path_factory.mktemp("scan")
     config = root / "runtime.toml"
     # A small mosaic: lower the pyramid's floor so the slide has several levels.
-    config.write_text("[writer]\nmin_level_size = 128\n")
+    # writer.dicom: the DICOM WSI series too, from the same tiles (checked below with its readers).
+    config.write_text("[writer]\nmin_level_size = 128\ndicom = true\n")
     out = root / "run"
     report = run_replay(small_recording, out, config_path=config, progress=False)
     return out, report
@@ -150,6 +151,20 @@ def test_every_reader_sees_every_level(scanned: tuple[Path, dict], small_recordi
     assert len(sizes) >= 3
     mpp = Recording.open(small_recording).meta.pixel_size_um
     slide_readers.READERS[reader](out / "slide.ome.tif", sizes, mpp)
+
+
+def test_the_scan_writes_a_dicom_series_every_dicom_reader_opens(
+    scanned: tuple[Path, dict], small_recording: Path
+) -> None:
+    """``writer.dicom``: the report names ``slide.dicom``; wsidicom and OpenSlide 4 see every level."""
+    out, report = scanned
+    assert report["dicom"] == str(out / "slide.dicom")
+    (h, w), *_ = report["levels"]
+    sizes = slide_readers.expected_sizes(h, w, len(report["levels"]))
+    mpp = Recording.open(small_recording).meta.pixel_size_um
+    slide_readers.check_wsidicom(out / "slide.dicom", sizes, mpp)
+    first = sorted((out / "slide.dicom").iterdir())[0]
+    slide_readers.check_openslide(first, sizes, mpp, vendor="dicom")
 
 
 def test_readers_decode_the_same_pixels(scanned: tuple[Path, dict], small_recording: Path) -> None:

@@ -100,7 +100,7 @@ from runtime.stitching.accumulator import MosaicGeometry
 from runtime.workers.acquisition import AcquisitionJob, AcquisitionResume, acquisition_main
 from runtime.workers.inference import inference_main
 from runtime.workers.stitcher import StitchJob, stitcher_main
-from runtime.workers.writer import writer_main
+from runtime.workers.writer import dicom_path, writer_main
 
 log = logging.getLogger("wsi.scan_job")
 
@@ -499,6 +499,7 @@ class ScanJob(WorkerJob):
         return {
             **self.common_report(),
             "slide": self.slide_path,
+            "dicom": self._dicom_series(),
             "mosaic": self.outputs()["mosaic"],
             "levels": [list(lv) for lv in self.levels],
             "captures_total": captures,
@@ -512,6 +513,13 @@ class ScanJob(WorkerJob):
             "journal": str(self.journal_path) if self.journal_path.exists() else None,
             "resumed": 0 if self.resumed is None else self.resumed.resumes + 1,
         }
+
+    def _dicom_series(self) -> str | None:
+        """The DICOM WSI series the writer put beside the slide (``writer.dicom``), once written."""
+        if self.slide_path is None:
+            return None
+        folder = dicom_path(Path(self.slide_path))
+        return str(folder) if folder.is_dir() else None
 
     def outputs(self) -> dict[str, str | None]:
         mosaic = str(self.mosaic_path) if self.mosaic_path.exists() else None
