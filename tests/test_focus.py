@@ -111,3 +111,12 @@ def test_a_sweep_fallback_teaches_the_focus_surface() -> None:
     done = focuser.focus_field(FieldPlan(0, 0, 0, 100.0, 100.0), lambda: False)
     assert done.method == "single_shot:sweep_fallback" and abs(done.z_um - 0.7) < 0.3
     assert focuser.surface.points and abs(focuser.surface.predict(120.0, 100.0) - done.z_um) < 1e-9
+
+
+def test_normalized_variance_is_the_gray_images_variance_over_its_mean() -> None:
+    """The one-pass OpenCV form equals the textbook definition on the 8-bit luminance."""
+    image = (np.random.default_rng(3).random((300, 200, 3)) * 255).astype(np.uint8)
+    gray = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY).astype(np.float64)
+    assert sharpness(image, "normalized_variance") == pytest.approx(gray.var() / gray.mean(), rel=1e-9)
+    flat = np.full((64, 64, 3), 200, np.uint8)
+    assert sharpness(flat, "normalized_variance") == 0.0
