@@ -7,7 +7,7 @@ thing every training sample shares is the blur of the objective:
 
 * **stains**: pairs of stain optical-density vectors from scikit-image's stain-separation
   matrices (``skimage.color.rgb_from_*``: H&E, H-DAB, Feulgen/light green, Giemsa, fast red/fast
-  blue, methyl green/DAB, H-AEC, aniline blue/orange, methyl blue/ponceau, alcian blue/H, H-PAS),
+  blue, methyl green/DAB, H-AEC, aniline blue/azocarmine, methyl blue/ponceau, alcian blue/H, H-PAS),
   jittered, applied to the procedural tissue or to any content below;
 * **procedural textures** (:func:`random_texture`): fractal noise of random spectral slope,
   blobs of random size and density (nuclei of any scale, with chromatin), oriented fibres and
