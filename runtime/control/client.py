@@ -78,6 +78,9 @@ class ControlClient:
             sock: zmq.Socket[bytes] = self._ctx.socket(zmq.REQ)
             # LINGER 0: an unanswered request must not keep the process alive at exit.
             sock.setsockopt(zmq.LINGER, 0)
+            # A REQ socket's send blocks until some connection is usable; one that never becomes
+            # usable (a CURVE handshake the daemon refuses) would block forever: time it out.
+            sock.setsockopt(zmq.SNDTIMEO, max(1, int(self.timeout_s * 1000)))
             if self._curve is not None:
                 self._curve.apply(sock)
             sock.connect(self.endpoint)
@@ -100,9 +103,13 @@ class ControlClient:
         timeout_ms = max(1, int(self.timeout_s * 1000))
         for attempt in range(1, self.retries + 1):
             sock = self._socket()
-            sock.send(payload)
-            if sock.poll(timeout_ms, zmq.POLLIN):
-                return self._result(sock.recv(), request_id)
+            try:
+                sock.send(payload)
+            except zmq.Again:  # no usable connection within the timeout: as good as no reply
+                pass
+            else:
+                if sock.poll(timeout_ms, zmq.POLLIN):
+                    return self._result(sock.recv(), request_id)
             log.info("no reply from %s to %s (try %d/%d)", self.endpoint, command, attempt, self.retries)
             self._reset()
         raise DaemonUnavailable(
