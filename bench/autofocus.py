@@ -22,6 +22,7 @@ defocus. Three measurements on the same fields:
 from __future__ import annotations
 
 import argparse
+import functools
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -171,17 +172,22 @@ class _Replay:
     sharpest: np.ndarray  # per field: the stack's sharpest z (runtime.focus.stack_labels; NaN: no peak)
 
 
-def _sharpest_planes(rec: Any) -> np.ndarray:
+@functools.cache
+def _sharpest_planes(path: Path) -> np.ndarray:
     """Per field, where its own z-stack is sharpest (the calibration's label). With strong
     spherical aberration the sharpest plane is not the simulator's paraxial focus (0.8-0.9 µm
-    apart at 0.25 waves), so the scan path is scored against both."""
+    apart at 0.25 waves), so the scan path is scored against both. Cached per recording: it
+    reads every plane, and each strategy replays the same recordings."""
+    from runtime.devices.recording import Recording
     from runtime.focus.stack_labels import label_stack
 
+    rec = Recording.open(path)
     out = np.full(rec.meta.n_fields, np.nan)
     for f in range(rec.meta.n_fields):
         lab = label_stack(f, rec.z_um[f], [rec.plane(f, k) for k in range(rec.meta.n_z)])
         if lab.focus_z_um is not None:
             out[f] = lab.focus_z_um
+    out.setflags(write=False)  # shared by every caller through the cache
     return out
 
 
@@ -196,7 +202,7 @@ def _replay(path: Path, model_dir: Path | None, classifier_dir: Path | None = No
     truth = rec.truth_focus_z_um
     assert truth is not None, f"{path} has no truth"
     return _Replay(
-        sharpest=_sharpest_planes(rec),
+        sharpest=_sharpest_planes(path),
         driver=ReplayDriver(rec),
         settings=ModelsConfig(
             autofocus_dir=str(model_dir) if model_dir else "builtin",
