@@ -164,15 +164,6 @@ def random_stain_pair(rng: np.random.Generator, jitter: float = 0.2) -> tuple[F3
     return out[0], out[1]
 
 
-def random_slide_spec(rng: np.random.Generator, seed: int, hard: bool = False, artifacts: int = 0) -> SlideSpec:
-    """A procedural slide in a random real stain pair (``export.datasets.random_slide``)."""
-    from export.datasets import random_slide  # datasets imports this module
-
-    h, e = random_stain_pair(rng)
-    stains = ((float(h[0]), float(h[1]), float(h[2])), (float(e[0]), float(e[1]), float(e[2])))
-    return random_slide(rng, seed, artifacts, hard, stains=stains, strength=(0.5, 1.5))
-
-
 # --------------------------------------------------------------------------- textures
 
 
@@ -308,15 +299,13 @@ def describe() -> dict[str, object]:
     }
 
 
-def random_content_slide(
-    rng: np.random.Generator, seed: int, hard: bool = False, artifacts: int = 0
-) -> tuple[SyntheticSlide, ContentKind]:
-    """A slide whose tissue is procedural H&E in a random stain, a texture or a photograph.
+def random_content_slide(rng: np.random.Generator, spec: SlideSpec) -> tuple[SyntheticSlide, ContentKind]:
+    """The slide ``spec`` lays out, its tissue procedural (in the spec's stains), a texture or a
+    photograph (``export.datasets.random_mixed_slide`` draws the spec in a random stain pair).
 
-    The layout (tissue pieces, glass, focus surface) is the procedural slide's, so tissue
-    fractions (the content labels) mean the same for every kind.
+    The layout (tissue pieces, glass, focus surface, artifacts) is the procedural slide's, so
+    tissue fractions (the content labels) mean the same for every kind.
     """
-    spec = random_slide_spec(rng, seed, hard=hard, artifacts=artifacts)
     kind = _pick(rng, _CONTENT_P)
     if kind == "synthetic":
         return SyntheticSlide(spec), kind

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from export.content_mix import random_content_slide, random_objective
+from export.content_mix import random_content_slide, random_objective, random_stain_pair
 from hw_sim.optics import CameraParams, Optics, OpticsParams
 from hw_sim.slide import RUIFROK_E, RUIFROK_H, SlideSpec, SyntheticSlide
 from runtime.ml.preprocess import AutofocusPreprocess, ClassifierPreprocess
@@ -117,6 +117,15 @@ def random_slide(
     )
 
 
+def random_mixed_slide(rng: np.random.Generator, seed: int, hard: bool = False, artifacts: int = 0) -> SyntheticSlide:
+    """A slide of the wider content (``export.content_mix``): the layout of :func:`random_slide` in a
+    random real stain pair, its tissue procedural, a texture or a photograph."""
+    h, e = random_stain_pair(rng)
+    stains = ((float(h[0]), float(h[1]), float(h[2])), (float(e[0]), float(e[1]), float(e[2])))
+    spec = random_slide(rng, seed, artifacts, hard, stains=stains, strength=(0.5, 1.5))
+    return random_content_slide(rng, spec)[0]
+
+
 def _tissue_position(slide: SyntheticSlide, rng: np.random.Generator, p_anywhere: float) -> tuple[float, float]:
     s = slide.spec
     if rng.random() < p_anywhere:
@@ -174,10 +183,7 @@ def render_autofocus_config(job: AutofocusJob) -> dict[str, Any]:
     fields = []
     for f in range(job.fields):
         seed = _SEED_BASE[job.split] + job.seed * 10_000 + job.config * 500 + f
-        if job.content_mix:
-            slide, _ = random_content_slide(rng, seed)
-        else:
-            slide = SyntheticSlide(random_slide(rng, seed))
+        slide = random_mixed_slide(rng, seed) if job.content_mix else SyntheticSlide(random_slide(rng, seed))
         cx, cy = _tissue_position(slide, rng, p_anywhere=0.15)
         x0, y0 = cx - t * px / 2, cy - t * px / 2
         obj = optics.prepare(slide.transmittance(x0 - m * px, y0 - m * px, t + 2 * m, t + 2 * m, px))
@@ -264,7 +270,7 @@ def render_classifier_config(job: ClassifierJob) -> dict[str, Any]:
         seed = _SEED_BASE[job.split] + 500_000 + job.seed * 10_000 + job.config * 500 + s
         n_art = int(rng.integers(4, 12))
         if job.content_mix:
-            slide, _ = random_content_slide(rng, seed, hard=job.hard, artifacts=n_art)
+            slide = random_mixed_slide(rng, seed, hard=job.hard, artifacts=n_art)
         else:
             slide = SyntheticSlide(random_slide(rng, seed, artifacts=n_art, hard=job.hard))
         for _ in range(job.tiles_per_slide):

@@ -58,7 +58,7 @@ def test_content_slides_cover_every_kind_and_keep_the_layout() -> None:
     rng = np.random.default_rng(3)
     kinds = set()
     for i in range(30):
-        slide, kind = random_content_slide(rng, 100 + i)
+        slide, kind = random_content_slide(rng, SlideSpec(seed=100 + i, width_um=4000.0, height_um=3000.0))
         kinds.add(kind)
         assert (kind == "synthetic") != isinstance(slide, ImageSlide)
     assert kinds == {"synthetic", "texture", "photo"}
