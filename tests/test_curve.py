@@ -3,6 +3,7 @@ over real TCP sockets on 127.0.0.1, events too, and remote binds allowed only wi
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 import threading
@@ -43,16 +44,15 @@ def _ping(_params: RequestParams) -> PingResult:
     return PingResult(pong=True, pid=os.getpid(), state="idle")
 
 
-@pytest.fixture
-def server(keys: dict[str, Path]) -> Iterator[tuple[str, str]]:
-    """A CURVE control server on ephemeral loopback TCP ports, serving ping and publishing events."""
+@contextlib.contextmanager
+def _serving(command: str, event: str, curve: ServerKeys) -> Iterator[tuple[str, str]]:
+    """A control server in a thread, serving ping and publishing a state event every poll."""
     ready = threading.Event()
     stop = threading.Event()
     endpoints: list[str] = []
 
     def run() -> None:
-        curve = ServerKeys(keys["server_secret"], keys["authorized"])
-        with ControlServer("tcp://127.0.0.1:*", "tcp://127.0.0.1:*", _ping, curve=curve) as srv:
+        with ControlServer(command, event, _ping, curve=curve) as srv:
             endpoints.extend([srv.command_endpoint, srv.event_endpoint])
             ready.set()
             while not stop.is_set():
@@ -62,9 +62,20 @@ def server(keys: dict[str, Path]) -> Iterator[tuple[str, str]]:
     t = threading.Thread(target=run, daemon=True)
     t.start()
     assert ready.wait(10)
-    yield endpoints[0], endpoints[1]
-    stop.set()
-    t.join(10)
+    try:
+        yield endpoints[0], endpoints[1]
+    finally:
+        stop.set()
+        t.join(10)
+
+
+@pytest.fixture
+def server(keys: dict[str, Path]) -> Iterator[tuple[str, str]]:
+    """A CURVE control server on ephemeral loopback TCP ports."""
+    with _serving(
+        "tcp://127.0.0.1:*", "tcp://127.0.0.1:*", ServerKeys(keys["server_secret"], keys["authorized"])
+    ) as ep:
+        yield ep
 
 
 def test_an_authorised_key_is_answered_and_hears_events(server: tuple[str, str], keys: dict[str, Path]) -> None:
@@ -148,21 +159,8 @@ def test_ipc_sockets_of_a_curve_server_stay_plain(keys: dict[str, Path], tmp_pat
 
     d = Path(tempfile.mkdtemp(prefix="wsirt-k-"))  # short: Unix socket paths max 107 bytes
     curve = ServerKeys(keys["server_secret"], keys["authorized"])
-    stop = threading.Event()
-    ready = threading.Event()
-
-    def run() -> None:
-        with ControlServer(f"ipc://{d}/c.sock", f"ipc://{d}/e.sock", _ping, curve=curve) as srv:
-            ready.set()
-            while not stop.is_set():
-                srv.poll(10)
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    assert ready.wait(10)
-    try:
-        with ControlClient(f"ipc://{d}/c.sock", timeout_s=3.0, retries=1) as client:
-            assert client.request("ping")["pong"] is True
-    finally:
-        stop.set()
-        t.join(10)
+    with (
+        _serving(f"ipc://{d}/c.sock", f"ipc://{d}/e.sock", curve) as (command, _),
+        ControlClient(command, timeout_s=3.0, retries=1) as client,
+    ):
+        assert client.request("ping")["pong"] is True
