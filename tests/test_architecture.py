@@ -8,6 +8,7 @@ Read bottom-up (README, "What is where"):
     output      mosaic store, pyramid, TIFF    files on disk
     stitching   registration .. accumulator    tiles -> mosaic (writes through output)
     ipc         messages, ring, channels       what crosses a process boundary
+    analysis    tumour, nuclei, slide score    slide analysis on final pixels (models via ml)
     focus       sweep, single shot, surface    per-field focus (models via ml or ipc)
     workers     the four worker processes      glue the layers above into processes
     control     wire protocol, server, client  the socket; knows nothing of workers
@@ -39,12 +40,16 @@ ALLOWED: dict[str, frozenset[str]] = {
     "output": frozenset({"base"}),
     "stitching": frozenset({"base", "devices", "output"}),
     "ipc": frozenset({"base", "devices"}),
+    # Slide analysis (tumour, nuclei, slide score) on final slide pixels: models via ml, files via output.
+    "analysis": frozenset({"base", "devices", "ml", "output"}),
     "focus": frozenset({"base", "devices", "ml", "ipc"}),
-    "workers": frozenset({"base", "devices", "ml", "output", "stitching", "ipc", "focus"}),
+    "workers": frozenset({"base", "devices", "ml", "output", "stitching", "ipc", "focus", "analysis"}),
     "control": frozenset({"base"}),
-    "daemon": frozenset({"base", "devices", "ml", "output", "stitching", "ipc", "focus", "workers", "control"}),
+    "daemon": frozenset(
+        {"base", "devices", "ml", "output", "stitching", "ipc", "focus", "analysis", "workers", "control"}
+    ),
     # A batch runs the scan's components in one process per slide: no workers, no daemon.
-    "fleet": frozenset({"base", "devices", "ml", "output", "stitching", "ipc", "focus"}),
+    "fleet": frozenset({"base", "devices", "ml", "output", "stitching", "ipc", "focus", "analysis"}),
 }
 ALLOWED["__main__"] = frozenset(ALLOWED) | {"daemon"}  # the command line may use every layer
 
