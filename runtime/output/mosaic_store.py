@@ -95,6 +95,7 @@ class MosaicStore:
         self._scratch = threading.local()
         self._on_rows = on_rows
         self._previewing = False  # finish(partial=True) is writing preview rows: not final
+        self._ahead: set[tuple[int, int]] = set()  # level-0 chunks write_block wrote below rows_written
 
     # ----------------------------------------------------------------- create/open
 
@@ -266,6 +267,7 @@ class MosaicStore:
         if new == self._rows:
             return
         self._builder = None
+        self._ahead.clear()
         self._rows = new
         self._complete = False
         self._group.attrs["rows_written"] = list(self._rows)
@@ -413,6 +415,73 @@ class MosaicStore:
         self._set_rows(0, y0 + n)
         builder.push(band)
 
+    def write_block(self, i: int, j: int, pixels: np.ndarray) -> None:
+        """Write level-0 chunk (i, j) ahead of :meth:`complete_rows`: the block-wise path.
+
+        For a writer that finalises the mosaic block by block (the stitcher): chunk row ``i`` must
+        not be complete yet. The block is final, but not vouched for: ``rows_written`` (and so a
+        resume, and a reader) only covers it once :meth:`complete_rows` includes its row. A block
+        of pure fill removes the chunk file (blank glass is not stored)."""
+        c = self._chunk
+        h, w = self._shapes[0]
+        if self._complete:
+            raise ValueError("mosaic is complete; no more blocks")
+        if not (0 <= i * c < h and 0 <= j * c < w) or i * c < self._rows[0]:
+            raise ValueError(f"block ({i}, {j}) is outside the mosaic or in rows already written ({self._rows[0]})")
+        shape = (min(c, h - i * c), min(c, w - j * c), 3)
+        if pixels.shape != shape or pixels.dtype != np.uint8:
+            raise ValueError(f"block ({i}, {j}) must be {shape} uint8, got {pixels.shape} {pixels.dtype}")
+        files = self._files[0]
+        if files is None:
+            self._arrays[0][i * c : i * c + shape[0], j * c : j * c + shape[1]] = pixels
+        else:
+            files.write(i, j, pixels)
+        self._ahead.add((i, j))
+
+    def complete_rows(self, rows: int) -> None:
+        """Level-0 rows [0, rows) are final: announce them and build the lower levels they complete.
+
+        The block-wise counterpart of :meth:`write_band`. Chunks of those rows that
+        :meth:`write_block` did not write are fill (a stale chunk from an interrupted run is
+        removed). Each lower level is built a chunk row at a time from the level above as it is on
+        disk (four chunks in, one out), so memory does not depend on the mosaic's width; a
+        reopened store continues from the rows its levels have."""
+        c = self._chunk
+        h, w = self._shapes[0]
+        if rows == self._rows[0]:
+            return
+        if not self._rows[0] < rows <= h or (rows % c and rows != h):
+            raise ValueError(f"cannot complete rows up to {rows}: {self._rows[0]} written, chunk {c}, height {h}")
+        files = self._files[0]
+        for i in range(self._rows[0] // c, -(-rows // c)):
+            for j in range(-(-w // c)):
+                if (i, j) not in self._ahead and files is not None:
+                    files.path(i, j).unlink(missing_ok=True)
+                self._ahead.discard((i, j))
+        self._builder = None  # write_band would rebuild its buffers from disk
+        self._set_rows(0, rows)
+        self._build_levels()
+
+    def _build_levels(self) -> None:
+        """Every lower level's chunk rows whose four source chunk rows are final, top to bottom."""
+        c = self._chunk
+        for k in range(1, self.n_levels):
+            hk, wk = self._shapes[k]
+            h_in = self._shapes[k - 1][0]
+            while self._rows[k] < hk:
+                i = self._rows[k] // c  # a preview may have left a partial chunk row: rebuild it whole
+                if self._rows[k - 1] < min(2 * (i + 1) * c, h_in):
+                    break
+                jobs = [(k, i, j) for j in range(-(-wk // c))]
+                if self._io_workers <= 1 or len(jobs) == 1:
+                    for job in jobs:
+                        self._rebuild_chunk(*job)
+                else:
+                    if self._pool is None:
+                        self._pool = ThreadPoolExecutor(self._io_workers, thread_name_prefix="mosaic-io")
+                    list(self._pool.map(lambda job: self._rebuild_chunk(*job), jobs))
+                self._set_rows(k, min((i + 1) * c, hk))
+
     def finish(self, *, partial: bool = False) -> None:
         """Complete the pyramid and mark the mosaic complete.
 
@@ -428,6 +497,11 @@ class MosaicStore:
             raise ValueError(
                 f"mosaic has {self._rows[0]} of {h} rows; pass partial=True to build the pyramid from what was written"
             )
+        if self._rows == [s[0] for s in self._shapes]:
+            # Every level is built (complete_rows): no builder, whose buffers are a chunk row wide.
+            self._complete = True
+            self._group.attrs["complete"] = True
+            return
         builder = self._ensure_builder()
         self._previewing = True
         try:

@@ -20,20 +20,28 @@ Per tile, as it arrives (``add``):
    flat-field corrected (``runtime.stitching.flatfield``), moved to their subpixel
    position and feathered over what is already in the band
    (``runtime.stitching.blending``).
-4. **Flush** every band above the highest row any tile still to come could
-   reach (its predicted top minus the stage's largest error) to the Zarr
-   store, which also builds the pyramid.
+4. **Flush** every canvas block (a Zarr chunk of level 0) that no tile still
+   to come can reach -- the waiting tiles' solved extents and the next
+   fields' predicted ones, each grown by the stage's largest error -- to the
+   Zarr store; once a whole chunk row of blocks is final, the store announces
+   the rows and builds the pyramid below them (reading level 0 back a few
+   chunks at a time).
 
-What it holds: the bands from the first non-final mosaic row to the bottom of
-the last blended tile (about a tile height plus the stage error plus a chunk,
-full mosaic width); for registration, grey overlap strips only -- the
+What it holds: the canvas as chunk-sized blocks (pixels and a covered mask)
+that tiles have touched and that are not final yet -- the blocks under the
+current tile and, all along the scan row, the bottom blocks the next row
+will blend over; the tiles that wait (for ``lag_tiles``, for the flat-field
+warm-up, at most ``flatfield_warmup_tiles`` once, or for a neighbour to
+ground them, at most ``cols + 1``: in a typical scan at its start and where
+tissue begins after glass); and for registration, grey overlap strips -- the
 trailing strip of the previous tile and the bottom strips of the previous
-row's tiles, each dropped as soon as its neighbour has used it; and the tiles
-that wait: for ``lag_tiles``, for the flat-field warm-up (at most
-``flatfield_warmup_tiles``, once, at the start) or for a neighbour to ground
-them (at most ``cols + 1``; in a typical scan only at its start and where
-tissue begins after glass). Memory is bounded by the row width and the tile
-size, not by the slide.
+row's tiles, each dropped as soon as its neighbour has used it. Blocks,
+waiting tiles and bottom strips live in a :class:`~runtime.stitching.spill.SpillCache`:
+at most ``memory_budget_mib`` of them in RAM, the least recently used
+spilled to a folder beside the mosaic and read back when a tile needs them.
+What stays in RAM is set by that budget (plus one tile's working copies while
+it is blended), not by the mosaic's width or the slide's size; the spill on
+disk is about two chunk rows of the mosaic's width.
 
 The mosaic keeps the commanded grid's extent (``MosaicGeometry.shape``);
 tiles moved by their stage error are clipped to it, and pixels no tile
@@ -44,8 +52,10 @@ from __future__ import annotations
 
 import math
 import time
-from collections import Counter, deque
+from collections import Counter
+from collections.abc import Iterator, MutableMapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -58,9 +68,14 @@ from runtime.stitching.blending import composite, feather_alpha, subpixel_shift
 from runtime.stitching.flatfield import FlatField, FlatFieldEstimator
 from runtime.stitching.positions import Link, PositionSolver
 from runtime.stitching.registration import RegistrationParams, register_pair, texture, to_grey
+from runtime.stitching.spill import SpillCache
 
 U8 = npt.NDArray[np.uint8]
 Key = tuple[int, int]
+
+# The accumulator's default RAM for canvas blocks, waiting tiles and strips (the daemon derives
+# its own from ``daemon.memory_budget_mib``).
+DEFAULT_HELD_MIB = 64.0
 
 
 @dataclass(frozen=True)
@@ -139,11 +154,30 @@ class _Strip:
     ox: int
 
 
-@dataclass
-class _Band:
-    y: int
-    pixels: U8
-    covered: npt.NDArray[np.bool_]
+class _CachedStrips(MutableMapping[Key, _Strip]):
+    """The bottom strips of the previous row's tiles, kept in the spill cache: a scan row of them
+    is as wide as the mosaic. A mapping like the dict of :class:`_Strip` it stands for."""
+
+    def __init__(self, cache: SpillCache) -> None:
+        self._cache = cache
+        self._origin: dict[Key, tuple[int, int]] = {}
+
+    def __len__(self) -> int:
+        return len(self._origin)
+
+    def __iter__(self) -> Iterator[Key]:
+        return iter(list(self._origin))
+
+    def __setitem__(self, key: Key, strip: _Strip) -> None:
+        self._cache.put(("strip", *key), strip.grey)
+        self._origin[key] = (strip.oy, strip.ox)
+
+    def __getitem__(self, key: Key) -> _Strip:
+        return _Strip(self._cache.get(("strip", *key)), *self._origin[key])
+
+    def __delitem__(self, key: Key) -> None:
+        del self._origin[key]
+        self._cache.discard(("strip", *key))
 
 
 @dataclass
@@ -158,18 +192,32 @@ class StitchStats:
     flatfield_s: float = 0.0
     tiles: int = 0
     clipped_rows: int = 0
-    peak_bands: int = 0
-    peak_held_bytes: int = 0
+    clipped_blocks: int = 0  # parts of tiles that reached a block already written (stage beyond its margin)
+    peak_blocks: int = 0  # canvas blocks not yet final, in RAM or spilled
+    peak_held_bytes: int = 0  # blocks, waiting tiles and strips in RAM
+    spilled: int = 0  # arrays written to the spill folder
+    reloaded: int = 0  # and read back
 
 
 class DequeAccumulator:
     """Receives tiles in acquisition order; writes final bands to the mosaic store."""
 
-    def __init__(self, geometry: MosaicGeometry, store: MosaicStore, params: StitchConfig | None = None) -> None:
+    def __init__(
+        self,
+        geometry: MosaicGeometry,
+        store: MosaicStore,
+        params: StitchConfig | None = None,
+        *,
+        memory_budget_mib: float = DEFAULT_HELD_MIB,
+        spill_dir: str | Path | None = None,
+    ) -> None:
         """``params``: the ``[stitch]`` config section (validated there; None: its defaults).
         ``stage_sigma_um`` weighs the stage prior; ``max_stage_error_um``, twice, bounds the
-        registration search between two tiles and, once, the margin before a band is final;
-        ``lag_tiles``: later tiles a tile waits for before it is final (0: final on arrival)."""
+        registration search between two tiles and, once, the margin before a block is final;
+        ``lag_tiles``: later tiles a tile waits for before it is final (0: final on arrival).
+        ``memory_budget_mib``: canvas blocks, waiting tiles and bottom strips held in RAM at most
+        (the rest is spilled); ``spill_dir``: where they go (default: ``<mosaic>.spill`` beside the
+        store; drafts, emptied on creation, removed by :meth:`finish`)."""
         self.geometry = geometry
         self.store = store
         self.params = params or StitchConfig()
@@ -187,12 +235,16 @@ class DequeAccumulator:
         th, tw = geometry.tile_height, geometry.tile_width
         self._ff_est = FlatFieldEstimator(th, tw) if self.params.flatfield else None
         self._flat: FlatField | None = None if self.params.flatfield else FlatField.identity(th, tw)
-        self._bands: deque[_Band] = deque()
-        self._first_band_y = 0  # mosaic row of the first band not yet written
-        # (key, field, tile, arrival number); a replayed field whose rows are all written has no tile
-        self._pending: list[tuple[Key, FieldPlan, U8 | None, int]] = []
+        folder = Path(spill_dir) if spill_dir is not None else store.path.with_name(store.path.name + ".spill")
+        self._cache = SpillCache(folder, int(memory_budget_mib * 2**20))
+        self._blocks: set[Key] = set()  # canvas blocks (chunk row, chunk column) touched, not final
+        self._done: set[Key] = set()  # blocks written below _first_band_y (their row is not complete)
+        self._first_band_y = 0  # mosaic row of the first chunk row not yet complete
+        # (key, field, has pixels, arrival number): the tile is in the cache under ("tile", index);
+        # a replayed field whose rows are all written has none.
+        self._pending: list[tuple[Key, FieldPlan, bool, int]] = []
         self._trailing: dict[Key, _Strip] = {}
-        self._bottom: dict[Key, _Strip] = {}
+        self._bottom = _CachedStrips(self._cache)
         self._content: dict[Key, tuple[bool, bool]] = {}  # trailing / bottom strip has texture
         self._placed: dict[Key, tuple[int, int]] = {}  # integer top-left of blended tiles (recent rows)
         plan = geometry.plan
@@ -212,10 +264,6 @@ class DequeAccumulator:
         self._arrival_ncc: list[float] = []
 
     # ------------------------------------------------------------------ public
-
-    @property
-    def peak_bands(self) -> int:
-        return self.stats.peak_bands
 
     @property
     def flatfield(self) -> FlatField | None:
@@ -268,7 +316,9 @@ class DequeAccumulator:
         self.stats.register_s += t1 - t0
         self.stats.solve_s += t2 - t1
         # The ring slot is handed back after add(): keep a copy while the tile waits.
-        self._pending.append((key, field, None if tile is None else np.array(tile, copy=True), arrival))
+        if tile is not None:
+            self._cache.put(("tile", field.index), np.array(tile, copy=True))
+        self._pending.append((key, field, tile is not None, arrival))
         if self._flat is None and replay is not None and replay.flat is not None:
             self._flat = replay.flat
         elif self._flat is None and self._ff_est is not None and tile is None:
@@ -315,10 +365,17 @@ class DequeAccumulator:
             self._flat = self._ff_est.estimate()
         self._advance(finishing=True)
         complete = len(self._arrived) == len(self._fields)
-        # Complete or cancelled, nothing captured is lost: every band goes out
-        # (a cancelled scan keeps its partial bottom band too).
-        while self._bands:
-            self._write(self._bands.popleft())
+        # Complete or cancelled, nothing captured is lost: every block goes out
+        # (a cancelled scan keeps its partial bottom rows too).
+        for key in sorted(self._blocks):
+            self._write_block(key)
+        bottom = max((min((i + 1) * self.chunk, self.height) for i, _ in self._done), default=0)
+        if bottom > self._first_band_y:
+            self.store.complete_rows(bottom)
+            self._first_band_y = bottom
+        self._done.clear()
+        self._note_memory()
+        self._cache.close()
         return complete
 
     def summary(self) -> dict[str, Any]:
@@ -354,15 +411,14 @@ class DequeAccumulator:
             "stage_rotation_deg": model.rotation_deg,
             "stage_scale": list(model.scale),
             "clipped_rows": s.clipped_rows,
-            "peak_bands": s.peak_bands,
+            "clipped_blocks": s.clipped_blocks,
+            "peak_blocks": s.peak_blocks,
             "peak_held_mib": round(s.peak_held_bytes / 2**20, 1),
+            "memory_budget_mib": round(self._cache.budget_bytes / 2**20, 1),
+            "spilled": s.spilled,
+            "reloaded": s.reloaded,
             "positions": positions,
         }
-
-    @staticmethod
-    def bands_bound(geometry: MosaicGeometry, chunk: int, max_stage_error_px: float = 0.0) -> int:
-        """The most bands the deque can hold at once: a tile's height, the stage margin, alignment."""
-        return math.ceil((geometry.tile_height + 2 * max_stage_error_px + 4) / chunk) + 2
 
     # ------------------------------------------------------------------ registration
 
@@ -441,10 +497,10 @@ class DequeAccumulator:
                 break
             for entry in ready:
                 self._pending.remove(entry)
-                key, field, tile, _ = entry
+                key, field, has_tile, _ = entry
                 self.solver.fix([key])
-                self._blend(key, field, tile)
-        self._flush(self._final_y())
+                self._blend(key, field, self._cache.pop(("tile", field.index)) if has_tile else None)
+        self._flush()
 
     def _blend(self, key: Key, field: FieldPlan, tile: U8 | None) -> None:
         assert self._flat is not None
@@ -465,18 +521,23 @@ class DequeAccumulator:
             y1 = y0
         else:
             self.stats.clipped_rows += max(0, min(self._first_band_y, iy + th) - max(iy, 0))
-        y = y0
-        if y < y1 and x0 < x1:
+        if y0 < y1 and x0 < x1:
             assert tile is not None
             moved = subpixel_shift(self._flat.correct(tile), fy, fx)
             alpha = feather_alpha(th, tw, **self._earlier_edges(key, iy, ix, th, tw))
-        while y < y1 and x0 < x1:
-            band = self._band_for(y)
-            y_end = min(y1, band.y + band.pixels.shape[0])
-            by, ty = slice(y - band.y, y_end - band.y), slice(y - iy, y_end - iy)
-            bx, tx = slice(x0, x1), slice(x0 - ix, x1 - ix)
-            composite(band.pixels[by, bx], band.covered[by, bx], moved[ty, tx], alpha[ty, tx])
-            y = y_end
+            c = self.chunk
+            for bi in range(y0 // c, (y1 - 1) // c + 1):
+                for bj in range(x0 // c, (x1 - 1) // c + 1):
+                    # The tile's part in block (bi, bj), in mosaic coordinates.
+                    ya, yb = max(y0, bi * c), min(y1, (bi + 1) * c)
+                    xa, xb = max(x0, bj * c), min(x1, (bj + 1) * c)
+                    if (bi, bj) in self._done:
+                        self.stats.clipped_blocks += 1  # final already: never reached with a sane stage margin
+                        continue
+                    block = self._block((bi, bj))
+                    by, bx = slice(ya - bi * c, yb - bi * c), slice(xa - bj * c, xb - bj * c)
+                    ty, tx = slice(ya - iy, yb - iy), slice(xa - ix, xb - ix)
+                    composite(block[by, bx, :3], block[by, bx, 3].view(np.bool_), moved[ty, tx], alpha[ty, tx])
         self._placed[key] = (iy, ix)
         # Ramps need the placements of the rows next to any tile still to be blended.
         oldest = min([e[0][0] for e in self._pending] + [key[0]])
@@ -507,55 +568,90 @@ class DequeAccumulator:
             edges["bottom"] = float(max(below))
         return edges
 
-    # ------------------------------------------------------------------ bands
+    # ------------------------------------------------------------------ canvas blocks
 
-    def _band_for(self, y: int) -> _Band:
-        idx = (y - self._first_band_y) // self.chunk
-        if idx < 0:
-            raise ValueError(f"mosaic row {y} was already written")
-        while len(self._bands) <= idx:
-            band_y = self._first_band_y + len(self._bands) * self.chunk
-            h = min(self.chunk, self.height - band_y)
-            # Glass is bright: pixels no tile covers stay white.
-            self._bands.append(
-                _Band(band_y, np.full((h, self.width, 3), 255, np.uint8), np.zeros((h, self.width), bool))
-            )
-        self.stats.peak_bands = max(self.stats.peak_bands, len(self._bands))
-        return self._bands[idx]
+    def _block(self, key: Key) -> U8:
+        """Canvas block ``key``: (rows, columns, 4) uint8, RGB and the covered mask (0/1) in the last plane."""
+        if key in self._blocks:
+            return self._cache.get(("block", *key))
+        i, j = key
+        c = self.chunk
+        h, w = min(c, self.height - i * c), min(c, self.width - j * c)
+        block = np.full((h, w, 4), 255, np.uint8)  # glass is bright: pixels no tile covers stay white
+        block[..., 3] = 0
+        self._cache.put(("block", *key), block)
+        self._blocks.add(key)
+        self.stats.peak_blocks = max(self.stats.peak_blocks, len(self._blocks))
+        return block
 
-    def _final_y(self) -> int:
-        """Mosaic rows above this are final: no tile still to come can reach them."""
-        top = self.height
+    def _reach(self) -> tuple[npt.NDArray[np.int64], int]:
+        """Where tiles still to come can still blend: rectangles (top, bottom, left, right) of the
+        waiting tiles (solved) and of the rest of this scan row and the next (predicted), grown by
+        the stage margin; and the row above which the scan rows after those cannot reach."""
+        th, tw, m = self.geometry.tile_height, self.geometry.tile_width, self._margin
+        corners = [self.solver.position(key) for key, _, _, _ in self._pending]
         model = self.solver.model
-        for key, _, _, _ in self._pending:
-            top = min(top, math.floor(self.solver.position(key)[0]) - self._margin)
-        # Tiles not yet captured: the rest of this scan row and the next one bound all later rows.
         fields = self.geometry.plan.fields
-        rows_seen = 0
-        last_row = -1
-        for n in range(self._next_index, len(fields)):
+        limit = self.height
+        rows_seen, last_row, n = 0, -1, self._next_index
+        while n < len(fields):
             f = fields[n]
             if f.row != last_row:
                 rows_seen += 1
                 last_row = f.row
-                if rows_seen > 2:
-                    break
-            top = min(top, math.floor(model.predict(self.geometry.commanded_top_left(f))[0]) - self._margin)
-        return max(top, 0)
+            if rows_seen > 2:
+                # The scan row after next: its ends bound its top (a straight row, turned at most).
+                ends = (f, fields[min(len(fields), n + self.geometry.plan.cols) - 1])
+                limit = min(math.floor(model.predict(self.geometry.commanded_top_left(e))[0]) - m for e in ends)
+                break
+            corners.append(model.predict(self.geometry.commanded_top_left(f)))
+            n += 1
+        rects = np.array(
+            [(math.floor(y) - m, math.floor(y) + th + m + 1, math.floor(x) - m, math.floor(x) + tw + m + 1)
+             for y, x in corners],
+            dtype=np.int64,
+        ).reshape(-1, 4)
+        return rects, max(limit, 0)
 
-    def _flush(self, final_y: int) -> None:
-        while self._bands and self._bands[0].y + self._bands[0].pixels.shape[0] <= final_y:
-            self._write(self._bands.popleft())
+    def _flush(self) -> None:
+        """Write every block no tile still to come can reach; complete the chunk rows that are all final."""
+        rects, limit = self._reach()
+        c = self.chunk
+        if self._blocks:
+            keys = sorted(self._blocks)
+            b = np.array(
+                [(i * c, min((i + 1) * c, self.height), j * c, min((j + 1) * c, self.width)) for i, j in keys],
+                dtype=np.int64,
+            )
+            hit = (
+                (b[:, None, 0] < rects[None, :, 1])
+                & (b[:, None, 1] > rects[None, :, 0])
+                & (b[:, None, 2] < rects[None, :, 3])
+                & (b[:, None, 3] > rects[None, :, 2])
+            )
+            final = ~hit.any(axis=1) & (b[:, 1] <= limit)
+            for key, done in zip(keys, final.tolist(), strict=True):
+                if done:
+                    self._write_block(key)
+        final_y = min([limit, *rects[:, 0].tolist()])
+        while self._first_band_y < self.height:
+            end = min(self._first_band_y + c, self.height)
+            if end > final_y:
+                break
+            row = self._first_band_y // c
+            for key in [k for k in self._blocks if k[0] == row]:
+                self._write_block(key)  # final by the rectangles already: kept for safety
+            self.store.complete_rows(end)
+            self._done = {k for k in self._done if k[0] != row}
+            self._first_band_y = end
 
-    def _write(self, band: _Band) -> None:
-        if band.y != self._first_band_y:
-            raise RuntimeError(f"band at {band.y}, expected {self._first_band_y}")
-        self.store.write_band(band.y, band.pixels)
-        self._first_band_y = band.y + band.pixels.shape[0]
+    def _write_block(self, key: Key) -> None:
+        block = self._cache.pop(("block", *key))
+        self.store.write_block(key[0], key[1], block[..., :3])
+        self._blocks.discard(key)
+        self._done.add(key)
 
     def _note_memory(self) -> None:
-        held = sum(b.pixels.nbytes + b.covered.nbytes for b in self._bands)
-        held += sum(s.grey.nbytes for s in self._trailing.values())
-        held += sum(s.grey.nbytes for s in self._bottom.values())
-        held += sum(e[2].nbytes for e in self._pending if e[2] is not None)
+        held = self._cache.peak_held_bytes + sum(s.grey.nbytes for s in self._trailing.values())
         self.stats.peak_held_bytes = max(self.stats.peak_held_bytes, held)
+        self.stats.spilled, self.stats.reloaded = self._cache.spilled, self._cache.reloaded

@@ -1,0 +1,96 @@
+"""The stitcher's memory is set by its budget, not by the mosaic's width (a structural bound).
+
+Tiles are cut from one textured image at their commanded positions, so the scans are quick to make;
+the accumulator registers, blends and spills them like any other scan.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from hw_sim.synth import SynthParams, grid_for
+from runtime.config import StitchConfig
+from runtime.output.mosaic_store import MosaicStore
+from runtime.stitching.accumulator import DequeAccumulator, MosaicGeometry
+from runtime.stitching.spill import SpillCache
+
+TILE = 64
+CHUNK = 32
+PARAMS = StitchConfig(stage_sigma_um=1.0, max_stage_error_um=2.0, flatfield=False)
+
+
+def _scene(h: int, w: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    noise = rng.normal(128, 60, (h, w, 3)).astype(np.float32)
+    return np.clip(cv2.GaussianBlur(noise, (0, 0), 1.5), 0, 255).astype(np.uint8)
+
+
+def _stitch(tmp: Path, cols: int, budget_mib: float, rows: int = 3) -> tuple[DequeAccumulator, np.ndarray]:
+    p = SynthParams(fields_x=cols, fields_y=rows, tile=TILE, overlap=0.2)
+    plan = grid_for(p)
+    g = MosaicGeometry(plan, TILE, TILE, p.pixel_size_um)
+    h, w = g.shape
+    scene = _scene(h, w)
+    store = MosaicStore.create(tmp / "m.zarr", h, w, chunk=CHUNK, pixel_size_um=p.pixel_size_um, min_level_size=16)
+    acc = DequeAccumulator(g, store, PARAMS, memory_budget_mib=budget_mib)
+    for f in plan.fields:
+        y, x = g.top_left(f)
+        acc.add(f, scene[y : y + TILE, x : x + TILE])
+    assert acc.finish()
+    store.finish()
+    assert store.complete
+    return acc, np.asarray(store.level(0)[...])
+
+
+def test_held_memory_does_not_grow_with_width(tmp_path: Path) -> None:
+    budget = 0.1  # MiB: a few tiles' worth, far less than a scan row of blocks at either width
+    narrow, _ = _stitch(tmp_path / "w", 6, budget)
+    wide, _ = _stitch(tmp_path / "4w", 24, budget)
+    assert wide.geometry.shape[1] >= 3.5 * narrow.geometry.shape[1]
+    # Both scans spill: the canvas waiting for the next row does not fit the budget at either width.
+    assert narrow.stats.spilled > 0 and wide.stats.spilled > 0
+    # More blocks wait at 4x the width (a scan row of them), but RAM stays within the budget plus
+    # the array being added (a tile, 12 KiB here) and the trailing strip.
+    assert wide.stats.peak_blocks > 3 * narrow.stats.peak_blocks
+    slack = TILE * TILE * 3 + TILE * TILE
+    for acc in (narrow, wide):
+        assert acc.stats.peak_held_bytes <= budget * 2**20 + slack
+    assert abs(wide.stats.peak_held_bytes - narrow.stats.peak_held_bytes) <= slack
+
+
+def test_spilling_changes_no_pixel(tmp_path: Path) -> None:
+    tight, m_tight = _stitch(tmp_path / "tight", 8, 0.02)
+    roomy, m_roomy = _stitch(tmp_path / "roomy", 8, 64.0)
+    assert tight.stats.spilled > 10 and tight.stats.reloaded > 10
+    assert roomy.stats.spilled == 0
+    np.testing.assert_array_equal(m_tight, m_roomy)
+    # Tiles cut from one image at their commanded positions: the mosaic is that image, inside the
+    # clipped border (registration is exact to well under a pixel; resampling blurs slightly).
+    h, w = m_tight.shape[:2]
+    scene = _scene(h, w).astype(np.float64)
+    err = np.abs(m_tight.astype(np.float64) - scene)[4:-4, 4:-4]
+    assert err.mean() < 2.0, err.mean()
+    assert not (tmp_path / "tight" / "m.zarr.spill").exists()  # the spill folder goes with finish()
+
+
+def test_spill_cache_keeps_a_budget_and_gives_back_what_it_took(tmp_path: Path) -> None:
+    cache = SpillCache(tmp_path / "spill", budget_bytes=3000)
+    arrays = {n: np.full((10, 100), n, np.uint8) for n in range(5)}  # 1000 bytes each
+    for n, a in arrays.items():
+        cache.put(("a", n), a)
+        assert cache.held_bytes <= 3000
+    assert cache.in_ram == 3 and len(cache) == 5 and cache.spilled == 2
+    assert sorted(p.name for p in (tmp_path / "spill").iterdir()) == ["a_0.npy", "a_1.npy"]
+    np.testing.assert_array_equal(cache.get(("a", 0)), arrays[0])  # read back; the oldest in RAM goes out
+    assert cache.reloaded == 1 and (tmp_path / "spill" / "a_2.npy").exists()
+    np.testing.assert_array_equal(cache.pop(("a", 1)), arrays[1])
+    assert ("a", 1) not in cache and len(cache) == 4
+    cache.discard(("a", 2))
+    with pytest.raises(KeyError):
+        cache.get(("a", 2))
+    cache.close()
+    assert not (tmp_path / "spill").exists()
