@@ -26,6 +26,7 @@ BENCHES = {
     "stitch": "bench.stitch",
     "batch": "bench.batch",
     "resume": "bench.resume",
+    "analysis": "bench.analysis",
 }
 
 

@@ -58,6 +58,26 @@ def sweep(cfg: RuntimeConfig) -> int:
     return 0
 
 
+def analyze(args: argparse.Namespace) -> int:
+    """``python -m runtime analyze SLIDE --out DIR``: the scan's analysis on an existing slide."""
+    from runtime.analysis.pipeline import AnalysisError, analyze_file, baseline_models, load_models
+
+    cfg = load_config(args.config).analysis
+    try:
+        if args.baseline:
+            models = baseline_models()
+        else:
+            models = load_models(
+                cfg.tumour_dir, cfg.nuclei_dir, cfg.slide_dir, backend=cfg.backend, with_nuclei=not args.no_nuclei
+            )
+        summary = analyze_file(args.slide, args.out, models, nuclei=not args.no_nuclei, batch_size=cfg.batch_size)
+    except AnalysisError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps({k: v for k, v in summary.items() if k != "lesions"}, indent=2))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from runtime.control.client import add_ctl_parser, run_ctl
     from runtime.fleet.cli import add_batch_parser, run_batch_command
@@ -81,6 +101,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     k.add_argument("folder", type=Path, help="folder for NAME.key (public) and NAME.key_secret (mode 0600)")
     k.add_argument("--name", default="server", help="key pair name (default: server)")
+    an = sub.add_parser(
+        "analyze",
+        help="slide analysis of a pyramidal TIFF: tumour heatmap, lesions, nuclei, slide score, QuPath GeoJSON",
+    )
+    an.add_argument("slide", type=Path, help="pyramidal TIFF (our OME-TIFF, SVS, other tiled pyramids)")
+    an.add_argument("--out", type=Path, required=True, help="folder for the outputs (created)")
+    an.add_argument("--config", type=Path, default=None, help="TOML config: its [analysis] section (model folders)")
+    an.add_argument("--baseline", action="store_true", help="the classical baselines instead of the trained models")
+    an.add_argument("--no-nuclei", action="store_true", help="skip nuclei detection")
     add_ctl_parser(sub)
     add_export_parser(sub)
     add_batch_parser(sub)
@@ -109,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
                 return 2
             print(f"public key: {public}\nsecret key: {secret} (keep it on this machine)")
             return 0
+        if args.cmd == "analyze":
+            return analyze(args)
         if args.cmd == "ctl":
             return run_ctl(args)
         if args.cmd == "export":

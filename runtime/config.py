@@ -189,6 +189,23 @@ class FleetConfig(_Section):
     )
 
 
+class AnalysisConfig(_Section):
+    """Slide analysis during the scan (runtime/analysis): tumour heatmap, lesions, nuclei, slide score."""
+
+    enabled: bool = Field(False, description="analyse each completed scan's slide in an analysis worker")
+    models: Literal["trained", "baseline"] = Field(
+        "trained", description="trained: the model folders below; baseline: the classical baselines (no models)"
+    )
+    tumour_dir: str = Field("builtin", description="tumour classifier model folder, or 'builtin'")
+    nuclei_dir: str = Field("builtin", description="nuclei detector model folder, or 'builtin'")
+    slide_dir: str = Field("builtin", description="slide (attention-MIL) model folder, or 'builtin'")
+    nuclei: bool = Field(True, description="detect nuclei (nuclei.geojson, densities in the report)")
+    backend: Literal["auto", "tensorrt", "ort_cuda", "ort_cpu"] = Field("auto", description="inference backend")
+    batch_size: int = Field(64, ge=1, le=4096, description="tumour patches per model call")
+    threshold: float = Field(0.5, gt=0.0, lt=1.0, description="tumour probability that outlines a lesion")
+    nice: int = Field(10, ge=0, le=19, description="CPU niceness of the analysis worker (capture comes first)")
+
+
 class DaemonConfig(_Section):
     data_root: Path = Field(Path("/var/lib/wsi-runtime"), description="scans are written under here only")
     runtime_dir: Path = Field(Path("/run/wsi-runtime"), description="sockets and pid files")
@@ -206,6 +223,7 @@ class RuntimeConfig(_Section):
     stitch: StitchConfig = StitchConfig()
     writer: WriterConfig = WriterConfig()
     fleet: FleetConfig = FleetConfig()
+    analysis: AnalysisConfig = AnalysisConfig()
 
     def endpoint(self, which: Literal["command", "event"]) -> str:
         raw = self.control.command_endpoint if which == "command" else self.control.event_endpoint

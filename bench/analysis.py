@@ -1,0 +1,397 @@
+"""Slide analysis (issue 13) on held-out synthetic slides against the simulator's truth.
+
+Each slide is a square of tissue drawn by ``hw_sim`` from a held-out seed (900000-999999), half of
+them with tumour lesions (and some benign mimics), half without (some with mimics), rendered in
+focus at the analysis resolution (0.5 µm/px, the way ``hw_sim truth`` renders the truth mosaic),
+with a 2x pyramid above it. The runtime's own analysis (:func:`runtime.analysis.pipeline.analyze_source`)
+runs over it, streaming bands, once per model set: the classical ``baseline``
+(:mod:`runtime.analysis.baselines`: nuclear density, max tile probability, LoG nuclei) and the
+trained ``models`` (``runtime.analysis.models.load_analysis_models``, when present). Scored
+against the truth (``hw_sim.truth``: lesion polygons, nucleus centres):
+
+- lesion detection: sensitivity and false positives per slide as the detection threshold (a
+  lesion's max probability) sweeps -- the FROC curve; a detection is a true positive when it
+  overlaps a truth lesion; the FROC score is the mean sensitivity at 1/4, 1/2, 1, 2, 4, 8 FP per
+  slide (CAMELYON16's);
+- tumour-mask Dice (pooled over the tumour slides, and per slide), tumour burden error %;
+- slide AUC ("contains tumour") of the slide score, and of the max-probability aggregate;
+- nuclei F1 (one-to-one matches within 4 µm);
+- tumour patches/s and nuclei windows/s on this CPU (ONNX Runtime CPU for the models).
+
+The scan-path cost (wall time of a replayed scan with analysis on vs off) is measured with
+``--scan-cost`` (two replayed scans of a small synthetic recording through the daemon).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from bench.report import Column, emit
+
+DESCRIPTION = "slide analysis vs baselines on held-out synthetic slides (FROC, Dice, burden, AUC, nuclei F1)"
+
+PX_UM = 0.5  # analysis resolution of the rendered slides
+MATCH_UM = 4.0
+FROC_FP = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+TARGETS = {
+    "sensitivity_at_0.5_fp": 0.9,
+    "dice": 0.85,
+    "burden_error_pct": 10.0,
+    "slide_auc": 0.97,
+    "nuclei_f1": 0.85,
+    "scan_cost_pct": 10.0,
+}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--slides", type=int, default=12, help="held-out slides (half with tumour)")
+    p.add_argument("--size-um", type=float, default=1500.0, help="side of each slide's square area (µm)")
+    p.add_argument("--first-seed", type=int, default=900_000, help="first slide seed (held out: 900000-999999)")
+    p.add_argument("--no-nuclei", action="store_true", help="skip nuclei detection (faster)")
+    p.add_argument("--models", type=Path, default=None, help="analysis model root (default: the committed ones)")
+    p.add_argument("--baseline-only", action="store_true", help="only the classical baselines")
+    p.add_argument("--scan-cost", action="store_true", help="also time a replayed scan with analysis on vs off")
+    p.add_argument("--json", action="store_true", help="one JSON object instead of tables")
+
+
+# --------------------------------------------------------------------------- slides and truth
+
+
+@dataclass
+class BenchSlide:
+    seed: int
+    levels: list[npt.NDArray[np.uint8]]
+    tumour: list[Any]  # shapely geometries (level-0 px) of the tumour lesions
+    mimics: list[Any]
+    nuclei: npt.NDArray[np.float64]  # (K, 2) (y, x) level-0 px
+
+    @property
+    def has_tumour(self) -> bool:
+        return bool(self.tumour)
+
+
+def slide_spec_for(seed: int, index: int, size_um: float, held_out: bool = True) -> dict[str, Any]:
+    """Slide ``index``: even indices carry tumour (1-3 lesions), odd ones none; mimics on some.
+    ``held_out``: the seed must be a held-out one (figures); False for tuning on development seeds."""
+    from hw_sim.lesions import HELD_OUT_SEEDS
+
+    if held_out and seed not in HELD_OUT_SEEDS:
+        held = f"{HELD_OUT_SEEDS.start}-{HELD_OUT_SEEDS.stop - 1}"
+        raise ValueError(f"bench slides use held-out seeds ({held}), got {seed}")
+    rng = np.random.default_rng(seed)
+    tumour = index % 2 == 0
+    return {
+        "seed": seed,
+        "pieces": int(rng.integers(1, 3)),
+        "lesions": int(rng.integers(1, 4)) if tumour else 0,
+        "mimics": int(rng.integers(0, 2)) if tumour else int(rng.integers(0, 3)),
+        "lesion_min_um": 50.0,
+        "lesion_max_um": size_um * 0.5,
+        "artifacts": 0,
+    }
+
+
+def render_slide(seed: int, index: int, size_um: float, px_um: float = PX_UM, held_out: bool = True) -> BenchSlide:
+    """Render slide ``index`` (seed ``seed``) in focus, with its truth (see the module docstring)."""
+    import cv2
+
+    from hw_sim.content import make_slide
+    from hw_sim.optics import CameraParams, OpticsParams
+    from hw_sim.slide import SlideSpec
+    from hw_sim.synth import AREA_ORIGIN_UM
+    from hw_sim.truth import TILE, TruthRenderer, lesion_geometries
+    from runtime.devices.protocols import ScanArea
+    from runtime.devices.recording import RecordingMeta, Timing
+
+    ox, oy = AREA_ORIGIN_UM
+    drawn = slide_spec_for(seed, index, size_um, held_out)
+    spec = SlideSpec(origin_x_um=ox, origin_y_um=oy, width_um=size_um, height_um=size_um, **drawn)
+    n = round(size_um / px_um)
+    # One "field" exactly covering the area: the truth mosaic is then the area at px_um.
+    meta = RecordingMeta(
+        pixel_size_um=px_um,
+        tile_height=n,
+        tile_width=n,
+        n_fields=1,
+        n_z=1,
+        rows=1,
+        cols=1,
+        overlap=0.0,
+        area=ScanArea(ox, oy, size_um, size_um),
+        field_width_um=size_um,
+        field_height_um=size_um,
+        optics=OpticsParams().to_dict(),
+        camera=CameraParams().to_dict(),
+        timing=Timing(),
+        slide=spec.to_dict(),
+    )
+    renderer = TruthRenderer(meta)
+    img = np.empty((n, n, 3), np.uint8)
+    for r in range(0, n, TILE):
+        for c in range(0, n, TILE):
+            img[r : r + TILE, c : c + TILE] = renderer.render(r, c)[: n - r, : n - c]
+    levels = [img]
+    while max(levels[-1].shape[:2]) > 512:
+        h, w = levels[-1].shape[:2]
+        levels.append(np.asarray(cv2.resize(levels[-1], ((w + 1) // 2, (h + 1) // 2), interpolation=cv2.INTER_AREA)))
+    slide = make_slide(spec)
+    geoms = lesion_geometries(slide, meta)
+    cx, cy, _ = slide.nuclei(ox, oy, ox + size_um, oy + size_um)
+    nuclei = np.stack([(cy - oy) / px_um, (cx - ox) / px_um], axis=1) if len(cx) else np.zeros((0, 2))
+    return BenchSlide(
+        seed,
+        levels,
+        [g for les, g in geoms if les.tumour],
+        [g for les, g in geoms if not les.tumour],
+        nuclei,
+    )
+
+
+class ArraySource:
+    """A :class:`~runtime.analysis.pipeline.SlideSource` over in-memory levels."""
+
+    def __init__(self, levels: list[npt.NDArray[np.uint8]], px_um: float) -> None:
+        from runtime.analysis.pipeline import SlideGeometry
+
+        self.levels = levels
+        self.geometry = SlideGeometry(tuple((lv.shape[0], lv.shape[1]) for lv in levels), px_um)
+
+    def read_rows(self, level: int, y0: int, y1: int) -> npt.NDArray[np.uint8]:
+        return self.levels[level][y0:y1]
+
+    def thumbnail(self, max_px: int) -> npt.NDArray[np.uint8]:
+        return next((lv for lv in self.levels if max(lv.shape[:2]) <= max_px), self.levels[-1])
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+def auc(scores: list[float], labels: list[bool]) -> float | None:
+    """Area under the ROC curve (ties count half); None without both classes."""
+    pos = [s for s, y in zip(scores, labels, strict=True) if y]
+    neg = [s for s, y in zip(scores, labels, strict=True) if not y]
+    if not pos or not neg:
+        return None
+    wins = sum((p > n) + 0.5 * (p == n) for p in pos for n in neg)
+    return float(wins / (len(pos) * len(neg)))
+
+
+def match_points(truth: npt.NDArray[np.float64], found: npt.NDArray[Any], radius: float) -> int:
+    """One-to-one matches within ``radius`` (greedy by distance, closest pairs first)."""
+    from scipy.spatial import cKDTree
+
+    if len(truth) == 0 or len(found) == 0:
+        return 0
+    tree = cKDTree(truth)
+    dist, idx = tree.query(found, k=4, distance_upper_bound=radius)
+    pairs = sorted(
+        (float(d), i, int(j))
+        for i, (ds, js) in enumerate(zip(dist, idx, strict=True))
+        for d, j in zip(ds, js, strict=True)
+        if math.isfinite(d)
+    )
+    used_t: set[int] = set()
+    used_f: set[int] = set()
+    for _, i, j in pairs:
+        if i not in used_f and j not in used_t:
+            used_f.add(i)
+            used_t.add(j)
+    return len(used_f)
+
+
+def froc(per_slide: list[dict[str, Any]], n_slides: int) -> dict[str, Any]:
+    """FROC points over the detection threshold, the sensitivity at <= 0.5 FP/slide and the FROC score."""
+    n_truth = sum(s["n_truth"] for s in per_slide)
+    dets = [(d["score"], d["hits"], k) for k, s in enumerate(per_slide) for d in s["detections"]]
+    thresholds = sorted({d[0] for d in dets}, reverse=True)
+    points = []
+    for t in thresholds:
+        hit: set[tuple[int, int]] = set()
+        fp = 0
+        for score, hits, k in dets:
+            if score >= t:
+                if hits:
+                    hit.update((k, h) for h in hits)
+                else:
+                    fp += 1
+        points.append({"threshold": t, "fp_per_slide": fp / n_slides, "sensitivity": len(hit) / max(1, n_truth)})
+
+    def sens_at(fp_max: float) -> float:
+        return max((p["sensitivity"] for p in points if p["fp_per_slide"] <= fp_max), default=0.0)
+
+    return {
+        "points": points,
+        "lesions": n_truth,
+        "sensitivity_at_0.5_fp": sens_at(0.5),
+        "froc_score": float(np.mean([sens_at(f) for f in FROC_FP])),
+    }
+
+
+def score_slide(slide: BenchSlide, result: Any, lesions: list[Any]) -> dict[str, Any]:
+    import shapely
+
+    truth_u = shapely.unary_union(slide.tumour) if slide.tumour else shapely.Polygon()
+    pred_u = shapely.unary_union([les.geometry for les in lesions]) if lesions else shapely.Polygon()
+    inter = truth_u.intersection(pred_u).area if slide.tumour and lesions else 0.0
+    detections = []
+    for les in lesions:
+        hits = [i for i, t in enumerate(slide.tumour) if les.geometry.intersects(t)]
+        detections.append({"score": les.max_probability, "hits": hits})
+    mm2 = (PX_UM / 1000.0) ** 2
+    out: dict[str, Any] = {
+        "seed": slide.seed,
+        "tumour": slide.has_tumour,
+        "n_truth": len(slide.tumour),
+        "detections": detections,
+        "truth_mm2": truth_u.area * mm2,
+        "pred_mm2": pred_u.area * mm2,
+        "intersection_mm2": inter * mm2,
+        "slide_score": result.slide_score,
+        "max_probability": result.max_probability,
+        "patches": result.stats["patches"],
+        "tumour_s": result.stats["tumour_s"],
+        "nuclei_s": result.stats["nuclei_s"],
+        "windows_run": result.stats["windows_run"],
+    }
+    if len(result.nuclei) or result.stats["windows_run"]:
+        tp = match_points(slide.nuclei, result.nuclei, MATCH_UM / PX_UM)
+        out.update(nuclei_truth=len(slide.nuclei), nuclei_found=len(result.nuclei), nuclei_tp=tp)
+    return out
+
+
+def evaluate(slides: list[BenchSlide], models: Any, nuclei: bool) -> dict[str, Any]:
+    from runtime.analysis.lesions import find_lesions
+    from runtime.analysis.pipeline import analyze_source
+
+    per = []
+    t0 = time.perf_counter()
+    for s in slides:
+        res = analyze_source(ArraySource(s.levels, PX_UM), models, nuclei=nuclei)
+        per.append(score_slide(s, res, find_lesions(res)))
+    wall = time.perf_counter() - t0
+    tum = [p for p in per if p["tumour"]]
+    inter, tr, pr = (sum(p[k] for p in tum) for k in ("intersection_mm2", "truth_mm2", "pred_mm2"))
+    dice_each = [
+        2 * p["intersection_mm2"] / (p["truth_mm2"] + p["pred_mm2"]) for p in tum if p["truth_mm2"] + p["pred_mm2"]
+    ]
+    burden = [100 * abs(p["pred_mm2"] - p["truth_mm2"]) / p["truth_mm2"] for p in tum if p["truth_mm2"] > 0]
+    labels = [p["tumour"] for p in per]
+    out: dict[str, Any] = {
+        "models": dict(models.names),
+        "froc": froc(per, len(per)),
+        "dice_pooled": 2 * inter / (tr + pr) if tr + pr else None,
+        "dice_mean": float(np.mean(dice_each)) if dice_each else None,
+        "burden_error_pct_mean": float(np.mean(burden)) if burden else None,
+        "burden_error_pct_pooled": 100 * abs(pr - tr) / tr if tr else None,
+        "false_positive_mm2_on_tumour_free": sum(p["pred_mm2"] for p in per if not p["tumour"]),
+        "slide_auc": auc([p["slide_score"] for p in per], labels),
+        "slide_auc_max_probability": auc([p["max_probability"] for p in per], labels),
+        "patches_per_s": sum(p["patches"] for p in per) / max(1e-9, sum(p["tumour_s"] for p in per)),
+        "wall_s": wall,
+        "slides": [{k: v for k, v in p.items() if k != "detections"} for p in per],
+    }
+    if any("nuclei_tp" in p for p in per):
+        tp = sum(p.get("nuclei_tp", 0) for p in per)
+        nt = sum(p.get("nuclei_truth", 0) for p in per)
+        nf = sum(p.get("nuclei_found", 0) for p in per)
+        prec, rec = tp / max(1, nf), tp / max(1, nt)
+        out["nuclei"] = {
+            "precision": prec,
+            "recall": rec,
+            "f1": 2 * prec * rec / (prec + rec) if prec + rec else 0.0,
+            "truth": nt,
+            "windows_per_s": sum(p["windows_run"] for p in per) / max(1e-9, sum(p["nuclei_s"] for p in per)),
+        }
+    return out
+
+
+def trained_models(root: Path | None) -> tuple[Any, str | None]:
+    """The trained analysis models (folders under ``root``: tumour, nuclei, slide_mil; None: the
+    committed ones), or (None, why not)."""
+    from runtime.analysis.pipeline import AnalysisError, load_models
+
+    dirs = [None if root is None else root / name for name in ("tumour", "nuclei", "slide_mil")]
+    try:
+        return load_models(*dirs), None
+    except (AnalysisError, ImportError) as err:
+        return None, str(err)
+
+
+# --------------------------------------------------------------------------- the bench
+
+
+def run(args: argparse.Namespace) -> int:
+    from runtime.analysis.pipeline import baseline_models
+
+    t0 = time.perf_counter()
+    slides = [render_slide(args.first_seed + i, i, args.size_um) for i in range(args.slides)]
+    render_s = time.perf_counter() - t0
+    runs: dict[str, dict[str, Any]] = {"baseline": evaluate(slides, baseline_models(), not args.no_nuclei)}
+    notes = [""]
+    if not args.baseline_only:
+        models, why = trained_models(args.models)
+        if models is None:
+            notes.append(f"trained models: not run ({why})")
+        else:
+            runs["models"] = evaluate(slides, models, not args.no_nuclei)
+    result: dict[str, Any] = {
+        "slides": args.slides,
+        "size_um": args.size_um,
+        "seeds": [args.first_seed, args.first_seed + args.slides - 1],
+        "px_um": PX_UM,
+        "render_s": render_s,
+        "runs": runs,
+        "targets": TARGETS,
+    }
+    if args.scan_cost:
+        from bench.analysis_cost import scan_cost
+
+        result["scan_cost"] = scan_cost()
+    rows = []
+    for name, r in runs.items():
+        rows.append(
+            {
+                "run": name,
+                "sens": r["froc"]["sensitivity_at_0.5_fp"],
+                "froc": r["froc"]["froc_score"],
+                "dice": r["dice_pooled"],
+                "burden": r["burden_error_pct_pooled"],
+                "auc": r["slide_auc"],
+                "auc_max": r["slide_auc_max_probability"],
+                "nuc_f1": r.get("nuclei", {}).get("f1"),
+                "pps": r["patches_per_s"],
+            }
+        )
+    cols = [
+        Column("run", ""),
+        Column("sens", "sens@0.5FP", ".3f"),
+        Column("froc", "FROC", ".3f"),
+        Column("dice", "Dice", ".3f"),
+        Column("burden", "burden err %", ".1f"),
+        Column("auc", "AUC", ".3f"),
+        Column("auc_max", "AUC maxprob", ".3f"),
+        Column("nuc_f1", "nuclei F1", ".3f"),
+        Column("pps", "patches/s", ".0f"),
+    ]
+    n_les = next(iter(runs.values()))["froc"]["lesions"]
+    notes.append(
+        f"{args.slides} held-out slides (seeds {args.first_seed}-{args.first_seed + args.slides - 1}), "
+        f"{args.size_um:.0f} µm square at {PX_UM} µm/px, {n_les} tumour lesions; rendered in {render_s:.1f} s"
+    )
+    notes.append("targets: " + ", ".join(f"{k} {v}" for k, v in TARGETS.items()))
+    if "scan_cost" in result:
+        sc = result["scan_cost"]
+        notes.append(
+            f"replayed scan wall time: analysis off {sc['off_s']:.2f} s, on {sc['on_s']:.2f} s "
+            f"(+{sc['cost_pct']:.1f}%); analysis ready {sc['ready_after_slide_s']} s after the slide"
+        )
+    emit(result, rows, cols, as_json=args.json, title="slide analysis on held-out synthetic slides", notes=notes)
+    return 0

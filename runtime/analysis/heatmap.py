@@ -1,0 +1,145 @@
+"""The tumour heatmap as a small pyramidal OME-TIFF aligned to the slide, and PNG overlays for a UI.
+
+``heatmap.ome.tif``: one uint8 channel, tumour probability x 255 per grid cell (0 where the
+cell was glass), with ``PhysicalSizeX/Y`` the cell size in µm, so a viewer that knows the
+slide's pixel size lays it exactly over the slide (cell (0, 0)'s top-left corner is the slide's
+pixel (0, 0)). Reduced resolutions are SubIFDs (what Bio-Formats and QuPath read as a pyramid),
+halved until the smaller side is at most 16 px (at least one).
+
+``heatmap.png`` / ``attention.png``: the slide's thumbnail with the probability (or the MIL
+attention, normalised to its maximum) drawn over it in a red-yellow colour ramp, transparent
+where nothing was analysed; an RGBA overlay without the thumbnail when none is given.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import cv2
+import numpy as np
+import numpy.typing as npt
+import tifffile
+
+if TYPE_CHECKING:
+    from runtime.analysis.pipeline import GridResult
+
+MIN_SIDE = 16
+OVERLAY_MAX_PX = 1024
+
+
+def heatmap_levels(prob: npt.NDArray[np.float32]) -> list[npt.NDArray[np.uint8]]:
+    """Level 0 (probability x 255) and its halvings (area average) down to MIN_SIDE, at least two levels."""
+    lv = [np.clip(np.rint(prob * 255.0), 0, 255).astype(np.uint8)]
+    while len(lv) < 2 or min(lv[-1].shape) > MIN_SIDE:
+        h, w = lv[-1].shape
+        if h == 1 and w == 1:
+            break
+        nh, nw = max(1, (h + 1) // 2), max(1, (w + 1) // 2)
+        lv.append(np.asarray(cv2.resize(lv[-1], (nw, nh), interpolation=cv2.INTER_AREA), np.uint8))
+    return lv
+
+
+def write_heatmap(path: Path, result: GridResult) -> Path:
+    """Write ``heatmap.ome.tif`` (see the module docstring) via a partial name."""
+    path = Path(path)
+    prob = np.where(result.analysed, result.probability, 0.0).astype(np.float32)
+    levels = heatmap_levels(prob)
+    cell_um = result.cell_um
+    tmp = path.with_name(f".{path.name}.partial")
+    px_per_cm = 1e4 / cell_um
+    try:
+        with tifffile.TiffWriter(tmp, ome=True) as tif:
+            tif.write(
+                levels[0],
+                subifds=len(levels) - 1,
+                tile=(64, 64),
+                compression="zlib",
+                photometric="minisblack",
+                resolution=(px_per_cm, px_per_cm),
+                resolutionunit="CENTIMETER",
+                metadata={
+                    "axes": "YX",
+                    "Name": "tumour probability x 255",
+                    "PhysicalSizeX": cell_um,
+                    "PhysicalSizeXUnit": "µm",
+                    "PhysicalSizeY": cell_um,
+                    "PhysicalSizeYUnit": "µm",
+                },
+            )
+            for lv in levels[1:]:
+                f = levels[0].shape[1] / lv.shape[1]
+                tif.write(
+                    lv,
+                    subfiletype=1,
+                    tile=(64, 64),
+                    compression="zlib",
+                    photometric="minisblack",
+                    resolution=(px_per_cm / f, px_per_cm / f),
+                    resolutionunit="CENTIMETER",
+                )
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def normalised_attention(result: GridResult) -> npt.NDArray[np.float32]:
+    """The MIL attention scaled to [0, 1] by its maximum (attention sums to 1: its raw values are tiny)."""
+    att = result.attention
+    top = float(att.max()) if att.size else 0.0
+    return (att / top).astype(np.float32) if top > 0 else np.zeros_like(att)
+
+
+def _ramp(v: npt.NDArray[np.float32]) -> npt.NDArray[np.uint8]:
+    """Value in [0, 1] -> RGB: dark red through red to yellow."""
+    v = np.clip(v, 0.0, 1.0)
+    r = np.clip(0.4 + 1.2 * v, 0, 1)
+    g = np.clip(2.0 * v - 1.0, 0, 1)
+    b = np.zeros_like(v)
+    return np.asarray(np.clip(np.rint(np.stack([r, g, b], -1) * 255), 0, 255), np.uint8)
+
+
+def write_overlay(
+    path: Path,
+    values: npt.NDArray[np.float32],
+    analysed: npt.NDArray[np.bool_],
+    thumbnail: npt.NDArray[np.uint8] | None,
+    slide_shape: tuple[int, int],
+) -> Path:
+    """A PNG of ``values`` (grid, [0, 1]) over ``thumbnail`` (RGB of the whole slide), or an RGBA overlay."""
+    h0, w0 = slide_shape
+    scale = OVERLAY_MAX_PX / max(h0, w0)
+    if thumbnail is not None:
+        scale = min(scale, thumbnail.shape[1] / w0) if thumbnail.shape[1] >= 64 else scale
+    oh, ow = max(1, round(h0 * scale)), max(1, round(w0 * scale))
+    gh, gw = values.shape
+    # The grid covers whole cells: past the slide's edge on the right and bottom; crop it to the slide.
+    cell_h, cell_w = h0 / gh, w0 / gw
+    full_h, full_w = round(gh * cell_h * scale), round(gw * cell_w * scale)
+    v = np.asarray(
+        cv2.resize(values.astype(np.float32), (max(1, full_w), max(1, full_h)), interpolation=cv2.INTER_LINEAR),
+        np.float32,
+    )
+    a = cv2.resize(analysed.astype(np.float32), (max(1, full_w), max(1, full_h)), interpolation=cv2.INTER_NEAREST)
+    v, a = v[:oh, :ow], a[:oh, :ow]
+    if v.shape != (oh, ow):
+        v = np.pad(v, ((0, oh - v.shape[0]), (0, ow - v.shape[1])))
+        a = np.pad(a, ((0, oh - a.shape[0]), (0, ow - a.shape[1])))
+    colour = _ramp(v)
+    alpha = (a * np.clip(0.25 + 0.6 * v, 0, 0.85)).astype(np.float32)[..., None]
+    if thumbnail is not None:
+        base = cv2.resize(thumbnail, (ow, oh), interpolation=cv2.INTER_AREA).astype(np.float32)
+        img = np.clip(np.rint(base * (1 - alpha) + colour * alpha), 0, 255).astype(np.uint8)
+        bgr = cv2.cvtColor(img, cv2.COLOR_RGB2BGR)
+    else:
+        rgba = np.concatenate([colour, np.rint(alpha * 255).astype(np.uint8)], -1)
+        bgr = cv2.cvtColor(rgba, cv2.COLOR_RGBA2BGRA)
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.partial.png")
+    if not cv2.imwrite(str(tmp), bgr):
+        raise OSError(f"could not write {path}")
+    os.replace(tmp, path)
+    return path
