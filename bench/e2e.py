@@ -5,7 +5,7 @@ A synthetic recording (``--recording``, or synthesised here with
 replay's cost is the runtime's, not the simulator's; the synthesis is timed
 separately and is not part of the measurement) is scanned through the daemon
 over its real sockets, as ``hw_sim replay`` does, while this process records
-when each event arrives. Reported:
+when each event arrives and watches the scan's journal and slide grow. Reported:
 
 ``last tile -> closed``
     From the last ``field_done`` event (the last tile captured; events reach
@@ -15,6 +15,28 @@ when each event arrives. Reported:
     their lower levels, and the IFDs.
 ``Mpx/s``
     Mosaic megapixels over ``start_scan`` -> closed.
+``steady Mpx/s``
+    The rate at which tiles reach the mosaic on disk in the middle of the scan, without
+    the start (spawning workers, the first row of tiles that no band can be written before)
+    and the tail: mosaic megapixels per tile x (tiles between 20% and 80% of the scan's) /
+    the time between the first moments 20% and 80% of the tiles were in mosaic rows on
+    disk. A tile counts as *in the mosaic* once the journal's ``written`` record (level 0)
+    covers its placed rows; the bench reads the journal as it grows, every 50 ms, so each
+    time is late by up to that. The same rate over tiles captured (``field_done``) and
+    placed (their final position known: the journal's ``placed``) is in the JSON.
+``CPU-s, CPU-s/Gpx``
+    Per process, from the scan's report (``cpu_seconds``: user + system of all its
+    threads, each worker from its start to its done message; the supervisor over the
+    job's life), per mosaic gigapixel. *daemon* is supervisor + stitcher + writer (+
+    inference); acquisition is reported apart, split into the camera driver's captures
+    (``driver_cpu_seconds``: for the replay driver, reading and decompressing the
+    recording, which a camera that writes frames by DMA does not cost) and the rest
+    (moves, focus, hand-over: the runtime's).
+``--cores N``
+    The daemon (supervisor and every worker it spawns) runs on N of this machine's cores
+    (``sched_setaffinity`` before it is started, inherited by its children), the last N;
+    this process on the others when there are any (else it shares them). The JSON says
+    which cores each process was allowed (read back from the kernel during the scan).
 ``peak RSS``
     Of every process, from the scan's report.
 ``PSNR``
@@ -25,6 +47,10 @@ when each event arrives. Reported:
     after undoing each window's measured shift (phase correlation), which
     isolates optics, noise and compression from placement; and ``jpeg``, the
     slide against the mosaic it was written from (compression alone).
+    ``--samples 0`` skips it (a mosaic smaller than a window has none to sample).
+
+With ``--plot DIR`` the table is drawn (bench.plots) and so is the timeline, tiles
+captured / placed / in the mosaic and the slide's bytes against time (``e2e-timeline.png``).
 """
 
 from __future__ import annotations
@@ -36,15 +62,24 @@ import platform
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from bench import plots
 from bench.report import Column, emit
 
-DESCRIPTION = "replayed scan through the daemon: last tile -> closed OME-TIFF, Mpx/s, RSS per process, PSNR vs truth"
+DESCRIPTION = (
+    "replayed scan through the daemon: last tile -> closed OME-TIFF, Mpx/s (overall, steady), "
+    "CPU-s/Gpx and RSS per process, PSNR vs truth"
+)
 WINDOW = 512
+POLL_S = 0.05  # how often the journal and the slide are looked at during the scan
+STEADY = (0.2, 0.8)  # the fractions of the tiles between which the rate is steady
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -57,8 +92,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--workdir", type=Path, help="where the recording (if made) and the scan go (default: temp)")
     p.add_argument("--keep", action="store_true", help="keep the scan output (and a synthesised recording)")
-    p.add_argument("--samples", type=int, default=48, help="random windows for the PSNR against truth")
+    p.add_argument("--samples", type=int, default=48, help="random windows for the PSNR against truth (0: none)")
     p.add_argument("--sweep-steps", type=int, default=3, help="contrast-sweep captures per field (minimum 3)")
+    p.add_argument(
+        "--cores", type=int, metavar="N", help="run the daemon on N cores (the last N; this process on the others)"
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
 
 
@@ -81,7 +119,121 @@ def _synthesise(path: Path, a: argparse.Namespace) -> float:
     return time.perf_counter() - t0
 
 
-def _scan(recording: Path, out: Path, config: Path) -> dict[str, Any]:
+def split_cores(n: int, available: set[int]) -> tuple[set[int], set[int]]:
+    """(the daemon's cores, this process's): the last ``n`` of ``available`` for the daemon, the
+    rest for the bench (all of them, shared, when none are left). ValueError if ``n`` is not
+    between 1 and the number of cores available."""
+    cores = sorted(available)
+    if not 1 <= n <= len(cores):
+        raise ValueError(f"--cores {n}: this process may use {len(cores)} cores ({cores})")
+    daemon = set(cores[-n:])
+    return daemon, (set(cores) - daemon) or set(cores)
+
+
+@contextmanager
+def _pinned(cores: set[int] | None) -> Iterator[None]:
+    """Run the block (which starts the daemon) on ``cores``: a process started there inherits them."""
+    if cores is None:
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cores)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
+
+
+@dataclass
+class Timeline:
+    """When tiles were captured, placed and in the mosaic, and the slide's size, during a scan.
+
+    Read from outside the daemon, as a client could: the ``field_done`` events, and the
+    scan's journal (``placed``, ``written``) and partial slide as they grow (:meth:`poll`)."""
+
+    folder: Path
+    t0: float
+    captured: list[float] = field(default_factory=list)  # seconds since t0, one per field_done
+    placed: list[float] = field(default_factory=list)
+    in_mosaic: list[float] = field(default_factory=list)
+    slide_bytes: list[tuple[float, int]] = field(default_factory=list)
+    _offset: int = 0
+    _tile_h: int = 0
+    _bottoms: list[int] = field(default_factory=list)  # each placed tile's bottom row, not yet in the mosaic
+
+    def poll(self, now: float) -> None:
+        t = now - self.t0
+        self._read_journal(t)
+        from runtime.output.ome_tiff import partial_path
+
+        slide = self.folder / "slide.ome.tif"
+        for path in (partial_path(slide), slide):
+            try:
+                size = path.stat().st_size
+            except OSError:
+                continue
+            if not self.slide_bytes or self.slide_bytes[-1][1] != size:
+                self.slide_bytes.append((t, size))
+            break
+
+    def _read_journal(self, t: float) -> None:
+        from runtime.output.journal import JOURNAL_NAME
+
+        try:
+            with open(self.folder / JOURNAL_NAME, "rb") as f:
+                f.seek(self._offset)
+                data = f.read()
+        except OSError:
+            return
+        end = data.rfind(b"\n") + 1  # whole lines only: the stitcher may be writing the next
+        self._offset += end
+        for line in data[:end].splitlines():
+            rec = json.loads(line)
+            kind = rec.get("kind")
+            if kind == "scan":
+                self._tile_h = int(rec["frame_shape"][0])
+            elif kind == "placed":
+                self.placed.append(t)
+                self._bottoms.append(int(rec["iy"]) + self._tile_h)
+            elif kind == "written" and rec.get("level", 0) == 0:
+                rows = int(rec["rows"])
+                done = [b for b in self._bottoms if b <= rows]
+                self.in_mosaic += [t] * len(done)
+                self._bottoms = [b for b in self._bottoms if b > rows]
+
+    def close(self, closed: float) -> None:
+        """The slide was closed at ``closed`` (its mtime): the tiles of the mosaic's last rows, which
+        the stitcher finishes without a ``written`` record, were in the mosaic by then."""
+        self.in_mosaic += [closed - self.t0] * len(self._bottoms)
+        self._bottoms = []
+
+
+def steady_rate(times: list[float], total: int, mpx_per_tile: float) -> float | None:
+    """Mosaic Mpx/s between the first moments :data:`STEADY` fractions of ``total`` tiles were done;
+    None when too few tiles or no time between them."""
+    lo, hi = (max(1, round(f * total)) for f in STEADY)
+    if total < 3 or len(times) < hi or hi <= lo:
+        return None
+    ts = sorted(times)
+    dt = ts[hi - 1] - ts[lo - 1]
+    return (hi - lo) * mpx_per_tile / dt if dt > 0 else None
+
+
+def _affinity(client: Any, daemon_pid: int | None) -> dict[str, list[int]]:
+    """The cores each process of the daemon may run on, as the kernel has them now."""
+    pids: dict[str, int] = dict(client.request("status").get("workers") or {})
+    if daemon_pid is not None:
+        pids = {"supervisor": daemon_pid, **pids}
+    out = {"bench": sorted(os.sched_getaffinity(0))}
+    for name, pid in pids.items():
+        try:
+            out[name] = sorted(os.sched_getaffinity(pid))
+        except OSError:  # exited meanwhile
+            continue
+    return out
+
+
+def _scan(recording: Path, out: Path, config: Path, cores: int | None) -> dict[str, Any]:
     """Replay ``recording`` through a daemon child; returns the report plus event arrival times."""
     from hw_sim.replay_job import _replay_config, add_truth
     from runtime.config import load_config
@@ -90,37 +242,53 @@ def _scan(recording: Path, out: Path, config: Path) -> dict[str, Any]:
     from runtime.devices.recording import Recording
 
     rec = Recording.open(recording)
+    daemon_cores, bench_cores = split_cores(cores, os.sched_getaffinity(0)) if cores else (None, None)
+    own_cores = os.sched_getaffinity(0)
     with tempfile.TemporaryDirectory(prefix="wsi-e2e-") as runtime_dir:
         cfg = _replay_config(load_config(config), recording.resolve(), out, Path(runtime_dir))
-        daemon = start_daemon_process(cfg)
+        with _pinned(daemon_cores):
+            daemon = start_daemon_process(cfg)
+        if bench_cores is not None:
+            os.sched_setaffinity(0, bench_cores)
         client = ControlClient(cfg.endpoint("command"), timeout_s=2.0, retries=15)
         events = EventSubscriber(cfg.endpoint("event"))
         times: dict[str, float] = {}
+        affinity: dict[str, list[int]] = {}
         try:
             client.request("ping")
             time.sleep(0.2)  # ZeroMQ slow joiner: let the subscription reach the PUB socket
             times["start"] = time.time()
+            timeline = Timeline(out, times["start"])
             scan_id = client.request("start_scan", output_name=out.name)["scan_id"]
             deadline = time.monotonic() + 7200
+            next_poll = 0.0
             while time.monotonic() < deadline:
-                ev = events.recv(timeout_s=0.5)
+                ev = events.recv(timeout_s=POLL_S)
+                now = time.time()
+                if now >= next_poll:
+                    timeline.poll(now)
+                    next_poll = now + POLL_S
                 if ev is None:
                     if not daemon.is_alive():
                         raise RuntimeError("the daemon exited during the scan")
                     continue
-                now = time.time()
                 kind = ev.get("event")
                 if kind == "field_done":
                     times.setdefault("first_field", now)
                     times["last_field"] = now
+                    timeline.captured.append(now - times["start"])
+                    if not affinity:  # every worker is running by now
+                        affinity = _affinity(client, daemon.pid)
                 elif kind == "state" and ev["data"].get("state") == "writing":
                     times.setdefault("writing", now)
                 elif kind == "scan_finished" and ev["data"].get("scan_id") == scan_id:
                     times["finished"] = now
+                    timeline.poll(now)
                     break
             else:
                 raise RuntimeError("scan did not finish within 2 h")
         finally:
+            os.sched_setaffinity(0, own_cores)
             events.close()
             try:
                 client.request("shutdown")
@@ -135,6 +303,8 @@ def _scan(recording: Path, out: Path, config: Path) -> dict[str, Any]:
         raise RuntimeError(f"scan {report['finish_reason']}: {report.get('error')}")
     report = add_truth(report, rec)
     report["_times"] = times
+    report["_timeline"] = timeline
+    report["_affinity"] = affinity
     return report
 
 
@@ -208,21 +378,92 @@ def _quality(recording: Path, slide: Path, mosaic: Path | None, samples: int, se
 
 
 COLUMNS = [
+    Column("cores", "cores"),
     Column("mpx", "mosaic Mpx", ".0f"),
     Column("fields", "fields"),
     Column("scan_s", "start->closed s", ".1f"),
     Column("tail_s", "last tile->closed s", ".2f"),
     Column("mpx_s", "Mpx/s", ".1f"),
-    Column("rss", "peak RSS MiB per process"),
+    Column("steady", "steady Mpx/s", ".1f"),
+    Column("daemon_gpx", "daemon CPU-s/Gpx", ".1f"),
+    Column("acq_gpx", "acq. runtime CPU-s/Gpx", ".1f"),
+    Column("driver_gpx", "replay driver CPU-s/Gpx", ".1f"),
     Column("psnr_raw", "PSNR raw dB", ".1f"),
     Column("psnr_aligned", "aligned dB", ".1f"),
     Column("psnr_jpeg", "vs mosaic dB", ".1f"),
 ]
 
+DAEMON = ("supervisor", "stitcher", "writer", "inference")
+"""The daemon's processes in ``daemon CPU-s/Gpx``; acquisition (camera and focus) is apart."""
+
+
+def cpu_figures(report: dict[str, Any], mpx: float) -> dict[str, Any]:
+    """CPU seconds per process and per mosaic gigapixel (see the module docstring)."""
+    cpu: dict[str, float] = dict(report.get("cpu_seconds") or {})
+    driver = report.get("driver_cpu_seconds")
+    gpx = mpx / 1000
+    if "acquisition" in cpu and driver is not None:
+        cpu["acquisition.driver"] = driver
+        cpu["acquisition.runtime"] = cpu["acquisition"] - driver
+    daemon = sum(v for k, v in cpu.items() if k in DAEMON)
+    return {
+        "cpu_seconds": {k: round(v, 3) for k, v in cpu.items()},
+        "cpu_seconds_per_gpx": {k: round(v / gpx, 2) for k, v in cpu.items()},
+        "daemon_cpu_seconds": round(daemon, 3),
+        "daemon_cpu_seconds_per_gpx": round(daemon / gpx, 2),
+    }
+
+
+def _timeline_figures(tl: Timeline, tiles: int, mpx: float) -> dict[str, Any]:
+    per_tile = mpx / max(tiles, 1)
+    steady = {
+        name: steady_rate(times, tiles, per_tile)
+        for name, times in (("captured", tl.captured), ("placed", tl.placed), ("in_mosaic", tl.in_mosaic))
+    }
+    return {
+        "steady_mpx_per_s": steady["in_mosaic"],
+        "steady_mpx_per_s_by_stage": steady,
+        "steady_between": list(STEADY),
+        "timeline": {
+            "captured_s": [round(t, 3) for t in tl.captured],
+            "placed_s": [round(t, 3) for t in tl.placed],
+            "in_mosaic_s": [round(t, 3) for t in tl.in_mosaic],
+            "slide_bytes": [[round(t, 3), b] for t, b in tl.slide_bytes],
+        },
+    }
+
+
+def _draw_timeline(result: dict[str, Any]) -> None:
+    tl = result["timeline"]
+
+    def counts(times: list[float]) -> list[tuple[float, float]]:
+        return [(0.0, 0.0)] + [(t, float(i + 1)) for i, t in enumerate(sorted(times))]
+
+    cores = f", daemon on {result['cores']} cores" if result["cores"] else ""
+    plots.timeline(
+        "timeline",
+        {
+            "captured (field_done)": counts(tl["captured_s"]),
+            "placed (final position)": counts(tl["placed_s"]),
+            "in the mosaic (rows written)": counts(tl["in_mosaic_s"]),
+        },
+        ylabel="tiles",
+        secondary=("OME-TIFF written (MiB)", [(t, b / 2**20) for t, b in tl["slide_bytes"]]),
+        marks={"closed": result["start_to_closed_s"]},
+        title=f"e2e: {result['fields']} tiles, {result['megapixels']:.3g} Mpx{cores}",
+    )
+
 
 def run(a: argparse.Namespace) -> int:
     if a.sweep_steps < 3:
         raise SystemExit("--sweep-steps must be >= 3 (the config's minimum)")
+    if a.samples < 0:
+        raise SystemExit("--samples must be >= 0")
+    if a.cores is not None:
+        try:
+            split_cores(a.cores, os.sched_getaffinity(0))
+        except ValueError as err:
+            raise SystemExit(str(err)) from None
     own = a.workdir is None
     workdir = Path(tempfile.mkdtemp(prefix="bench-e2e-")) if own else Path(a.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -242,17 +483,20 @@ def run(a: argparse.Namespace) -> int:
             f'[focus]\nstrategy = "contrast_sweep"\nsweep_steps = {a.sweep_steps}\n\n'
             "[mosaic]\nkeep_after_export = true\n"
         )
-        report = _scan(recording, out, config)
+        report = _scan(recording, out, config, a.cores)
         times = report["_times"]
         slide = Path(report["slide"])
         closed = slide.stat().st_mtime
+        report["_timeline"].close(closed)
         h, w = report["levels"][0]
         mpx = h * w / 1e6
-        quality = _quality(recording, slide, out / "mosaic.zarr", a.samples, a.seed)
+        quality = _quality(recording, slide, out / "mosaic.zarr", a.samples, a.seed) if a.samples else None
         result: dict[str, Any] = {
             "bench": "e2e",
             "recording": str(recording),
             "synth_seconds": synth_s,
+            "cores": a.cores,
+            "affinity": report["_affinity"],
             "fields": report["fields_done"],
             "captures": report["captures_total"],
             "mosaic_shape": [h, w],
@@ -265,11 +509,13 @@ def run(a: argparse.Namespace) -> int:
             "last_tile_to_closed_s": closed - times["last_field"],
             "last_tile_to_scan_finished_s": times["finished"] - times["last_field"],
             "mpx_per_s": mpx / (closed - times["start"]),
+            **cpu_figures(report, mpx),
             "peak_rss_mib": report["peak_rss_mib"],
             "focus_truth": report.get("focus_truth"),
             "simulated_scan_time_s": report.get("simulated_scan_time_s"),
             "quality": quality,
             "host": {"cpus": os.cpu_count(), "python": platform.python_version(), "machine": platform.machine()},
+            **_timeline_figures(report["_timeline"], report["fields_done"], mpx),
         }
     finally:
         if not a.keep and own:
@@ -280,28 +526,53 @@ def run(a: argparse.Namespace) -> int:
                 shutil.rmtree(workdir / "recording.zarr", ignore_errors=True)
             shutil.rmtree(out, ignore_errors=True)
             config.unlink(missing_ok=True)
-    rss = ", ".join(f"{k} {v:.0f}" for k, v in result["peak_rss_mib"].items())
+    per_gpx = result["cpu_seconds_per_gpx"]
+    q = quality or {}
     row = {
+        "cores": a.cores or "all",
         "mpx": mpx,
         "fields": result["fields"],
         "scan_s": result["start_to_closed_s"],
         "tail_s": result["last_tile_to_closed_s"],
         "mpx_s": result["mpx_per_s"],
-        "rss": rss,
-        "psnr_raw": quality["psnr_raw_db"],
-        "psnr_aligned": quality["psnr_aligned_db"],
-        "psnr_jpeg": quality["psnr_jpeg_vs_mosaic_db"],
+        "steady": result["steady_mpx_per_s"],
+        "daemon_gpx": result["daemon_cpu_seconds_per_gpx"],
+        "acq_gpx": per_gpx.get("acquisition.runtime"),
+        "driver_gpx": per_gpx.get("acquisition.driver"),
+        "psnr_raw": q.get("psnr_raw_db"),
+        "psnr_aligned": q.get("psnr_aligned_db"),
+        "psnr_jpeg": q.get("psnr_jpeg_vs_mosaic_db"),
     }
-    q = quality
+    cpu = result["cpu_seconds"]
     notes = [
         f"mosaic {h} x {w}, {len(result['levels'])} levels, slide {result['slide_bytes'] / 2**20:.0f} MiB; "
         f"{result['captures']} captures; synthesis {synth_s or 0:.0f} s (not measured)",
+        "CPU-s (CPU-s/Gpx) per process: "
+        + ", ".join(f"{k} {v:.1f} ({per_gpx[k]:.1f})" for k, v in cpu.items() if k != "acquisition"),
+        "peak RSS MiB per process: " + ", ".join(f"{k} {v:.0f}" for k, v in result["peak_rss_mib"].items()),
+        "steady Mpx/s: tiles into the mosaic between "
+        + " and ".join(f"{f:.0%}" for f in STEADY)
+        + " of the scan's; captured "
+        + ", placed ".join(
+            "-" if v is None else f"{v:.1f}"
+            for v in (result["steady_mpx_per_s_by_stage"]["captured"], result["steady_mpx_per_s_by_stage"]["placed"])
+        ),
+        "daemon cores: "
+        + (
+            ", ".join(f"{k} {v}" for k, v in result["affinity"].items())
+            if a.cores
+            else f"all {len(os.sched_getaffinity(0))}"
+        ),
         "last tile -> scan_finished event (report written, workers joined): "
         f"{result['last_tile_to_scan_finished_s']:.2f} s",
-        f"PSNR over {q['samples']} random {WINDOW} px windows; raw: same coordinates (median window "
-        f"{q['psnr_raw_median_window_db']:.1f}, min {q['psnr_raw_min_window_db']:.1f}); aligned: after undoing each "
-        f"window's shift ({q['aligned_windows']} windows, median shift {q['shift_px_median'] or 0:.1f} px, "
-        f"max {q['shift_px_max'] or 0:.1f} px); vs mosaic: compression alone",
     ]
+    if quality is not None:
+        notes.append(
+            f"PSNR over {q['samples']} random {WINDOW} px windows; raw: same coordinates (median window "
+            f"{q['psnr_raw_median_window_db']:.1f}, min {q['psnr_raw_min_window_db']:.1f}); aligned: after undoing "
+            f"each window's shift ({q['aligned_windows']} windows, median shift {q['shift_px_median'] or 0:.1f} px, "
+            f"max {q['shift_px_max'] or 0:.1f} px); vs mosaic: compression alone"
+        )
     emit(result, [row], COLUMNS, as_json=a.json, title=f"e2e bench: replayed scan, {os.cpu_count()} CPUs", notes=notes)
+    _draw_timeline(result)
     return 0

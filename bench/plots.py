@@ -7,12 +7,15 @@ size, error per objective, slides per hour per worker count). The charts come fr
 rows the table prints, so a chart never disagrees with the table. matplotlib is imported only
 when ``--plot`` is given (the ``bench`` extra); the figures are drawn on an Agg canvas without
 pyplot, so no display or global state is involved.
+
+A bench with figures over time (``bench e2e``: tiles captured, placed and written during a scan)
+also draws them with :func:`timeline`, as ``<bench>-<name>.png``.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,6 +33,7 @@ class _Session:
     folder: Path
     bench: str
     written: list[Path] = field(default_factory=list)
+    tables: list[Path] = field(default_factory=list)  # of written, the table charts
 
 
 _session: _Session | None = None
@@ -106,12 +110,69 @@ def table_chart(rows: Sequence[dict[str, Any]], columns: Sequence[Column], title
     return out
 
 
+Series = Sequence[tuple[float, float]]
+"""(x, y) points of one line of a :func:`timeline_chart`."""
+
+
+def timeline_chart(
+    series: Mapping[str, Series],
+    out: Path,
+    *,
+    ylabel: str,
+    title: str = "",
+    xlabel: str = "seconds since start",
+    secondary: tuple[str, Series] | None = None,
+    marks: Mapping[str, float] | None = None,
+) -> Path:
+    """Step lines of ``series`` against time (counts that grow: tiles captured, placed, written),
+    ``secondary`` dashed on a right-hand axis of its own, ``marks`` as labelled vertical lines."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(8.0, 4.6), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    for name, points in series.items():
+        if points:
+            xs, ys = zip(*points, strict=True)
+            ax.step(xs, ys, where="post", label=name, linewidth=1.6)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    handles, labels = ax.get_legend_handles_labels()
+    if secondary is not None and secondary[1]:
+        right = ax.twinx()
+        xs, ys = zip(*secondary[1], strict=True)
+        right.plot(xs, ys, color="0.4", linestyle="--", linewidth=1.2, label=secondary[0])
+        right.set_ylabel(secondary[0])
+        more_h, more_l = right.get_legend_handles_labels()
+        handles, labels = handles + more_h, labels + more_l
+    for name, x in (marks or {}).items():
+        ax.axvline(x, color="0.2", linewidth=0.8, linestyle=":")
+        ax.annotate(f"{name} {x:.1f} s", (x, 1.0), xycoords=("data", "axes fraction"), fontsize=8, ha="right", va="top")
+    ax.legend(handles, labels, loc="upper left", fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=10)
+    fig.savefig(out, dpi=110)
+    return out
+
+
+def timeline(name: str, series: Mapping[str, Series], **kw: Any) -> None:
+    """Called by a bench with series over time: drawn as ``<bench>-<name>.png`` when ``--plot`` was
+    given (:func:`timeline_chart`; ``kw`` are its keyword arguments)."""
+    if _session is None:
+        return
+    path = timeline_chart(series, _session.folder / f"{_session.bench}-{name}.png", **kw)
+    _session.written.append(path)
+
+
 def from_table(rows: Sequence[dict[str, Any]], columns: Sequence[Column], title: str) -> None:
     """Called by :func:`bench.report.emit` for every table: draws it when ``--plot`` was given."""
     if _session is None:
         return
-    n = len(_session.written)  # a bench that prints several tables gets <bench>-2.png, -3 ...
+    n = len(_session.tables)  # a bench that prints several tables gets <bench>-2.png, -3 ...
     name = f"{_session.bench}.png" if n == 0 else f"{_session.bench}-{n + 1}.png"
     path = table_chart(rows, columns, title, _session.folder / name)
     if path is not None:
         _session.written.append(path)
+        _session.tables.append(path)

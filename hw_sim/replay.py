@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from runtime.devices.protocols import DriverError, RGBImage, ScanArea, StagePosition
+from runtime.devices.protocols import DriverError, RGBImage, ScanArea, StagePosition, check_frame_buffer
 from runtime.devices.recording import Recording, Timing
 
 
@@ -89,12 +89,21 @@ class ReplayStage:
 
 
 class ReplayCamera:
+    """The camera: the recorded frame at the stage's commanded position and z.
+
+    A :class:`~runtime.devices.protocols.FrameGrabber`: ``snap_into`` writes the frame into the
+    caller's buffer (the acquisition worker's ring slot), as a frame grabber's DMA would. The
+    decoded planes of the current field are kept (a sweep revisits them) in buffers that are
+    reused from field to field: a fresh 3 MiB array per field costs its page faults again.
+    """
+
     def __init__(self, recording: Recording, stage: ReplayStage, clock: SimClock) -> None:
         self._rec = recording
         self._stage = stage
         self._clock = clock
         self._cache_field = -1
         self._cache: dict[int, npt.NDArray[np.uint8]] = {}
+        self._spare: list[npt.NDArray[np.uint8]] = []  # buffers of an earlier field's planes
         self.clamped_snaps = 0
 
     @property
@@ -107,12 +116,26 @@ class ReplayCamera:
 
     def _plane(self, field: int, k: int) -> npt.NDArray[np.uint8]:
         if field != self._cache_field:  # a sweep revisits the planes of one field
+            self._spare += self._cache.values()
             self._cache_field, self._cache = field, {}
-        if k not in self._cache:
-            self._cache[k] = self._rec.plane(field, k)
-        return self._cache[k]
+        frame = self._cache.get(k)
+        if frame is None:
+            frame = self._spare.pop() if self._spare else np.empty((*self.frame_shape, 3), np.uint8)
+            try:
+                self._rec.plane_into(field, k, frame)
+            except Exception:
+                self._spare.append(frame)
+                raise
+            self._cache[k] = frame
+        return frame
 
     def snap(self) -> RGBImage:
+        out = np.empty((*self.frame_shape, 3), np.uint8)
+        self.snap_into(out)
+        return out
+
+    def snap_into(self, out: RGBImage) -> None:
+        check_frame_buffer(out, self.frame_shape)
         self._clock.advance(self._rec.meta.timing.exposure_s)
         field = self._stage.field_index()
         zs = self._rec.z_um[field]
@@ -121,14 +144,21 @@ class ReplayCamera:
             # Outside the recorded stack the nearest end plane stands in; counted,
             # because a focus strategy that asks for it learns nothing new.
             self.clamped_snaps += 1
-            return self._plane(field, 0 if z <= zs[0] else len(zs) - 1).copy()
+            np.copyto(out, self._plane(field, 0 if z <= zs[0] else len(zs) - 1))
+            return
         k = int(np.searchsorted(zs, z)) - 1
         w = float((z - zs[k]) / (zs[k + 1] - zs[k]))
         if w < 1e-6:
-            return self._plane(field, k).copy()
+            np.copyto(out, self._plane(field, k))
+            return
         a = self._plane(field, k).astype(np.float32)
         b = self._plane(field, k + 1).astype(np.float32)
-        return np.clip(a + (b - a) * w + 0.5, 0, 255).astype(np.uint8)
+        b -= a
+        b *= w
+        a += b
+        a += 0.5
+        np.clip(a, 0, 255, out=a)
+        np.copyto(out, a, casting="unsafe")  # truncates, as astype(np.uint8) did: floor(x + 0.5)
 
 
 class ReplayDriver:

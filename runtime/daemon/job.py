@@ -30,7 +30,7 @@ from runtime.config import RuntimeConfig
 from runtime.control.events import Event, FieldDoneEvent, JobKind, ScanStartedEvent
 from runtime.daemon.state import FinishReason, ScanPhase, check_transition
 from runtime.ipc.lifetime import record_semaphores, semaphore_names
-from runtime.ipc.messages import EventQueue, FieldRecord, ScanPrepared, WorkerEvent, peak_rss_bytes
+from runtime.ipc.messages import EventQueue, FieldRecord, ScanPrepared, WorkerEvent, cpu_seconds, peak_rss_bytes
 from runtime.paths import folder_identity, write_file_exclusive
 
 log = logging.getLogger("wsi.job")
@@ -70,6 +70,7 @@ class WorkerJob:
         self.publish = publish
         self.started = time.time()
         self._t0 = time.monotonic()
+        self._cpu0 = cpu_seconds()  # the supervisor's CPU is reported for the job's life only
         self.ctx = mp.get_context("spawn")
         self.events: EventQueue = self.ctx.Queue()
         self.cancel_event = self.ctx.Event()
@@ -78,6 +79,7 @@ class WorkerJob:
         self.records: list[FieldRecord] = []
         self.fields_total = 0
         self.peak_rss: dict[str, int] = {}
+        self.cpu_s: dict[str, float] = {}  # per worker, from its done message (cpu_seconds)
         self.simulated_time_s: float | None = None
         self.phase = ScanPhase.STARTING
         self.finish_reason: FinishReason | None = None  # set with ScanPhase.DONE
@@ -331,6 +333,9 @@ class WorkerJob:
             "started_at": self.started,
             "peak_rss_bytes": rss,
             "peak_rss_mib": {k: round(v / 2**20, 1) for k, v in rss.items()},
+            # CPU seconds (user + system, all threads) per process: the supervisor's since the job
+            # began, each worker's from its start to its done message.
+            "cpu_seconds": {"supervisor": round(cpu_seconds() - self._cpu0, 3), **self.cpu_s},
         }
 
     def write_report(self) -> Path:

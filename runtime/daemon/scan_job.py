@@ -170,6 +170,7 @@ class ScanJob(WorkerJob):
         self.to_inference: RequestQueue = self.ctx.Queue()
         self.inference_replies: ReplyQueue = self.ctx.Queue()
         self.inference: dict[str, Any] = {}  # backend, load time, what it served (for the report)
+        self.driver_cpu_s: float | None = None  # of acquisition's CPU, in the camera's captures
         self._loading: set[str] = set()  # workers still loading models: start timeout, not heartbeat timeout
         self._record_semaphores()
 
@@ -364,6 +365,8 @@ class ScanJob(WorkerJob):
                 self._field_done(msg.record)
             case AcquisitionDone():
                 self.peak_rss["acquisition"] = msg.peak_rss
+                self.cpu_s["acquisition"] = round(msg.cpu_s, 3)
+                self.driver_cpu_s = msg.driver_cpu_s
                 self.simulated_time_s = msg.simulated_time_s
                 self._stop_inference()  # its only client is done: free the GPU while the mosaic finishes
                 if self.phase is ScanPhase.ACQUIRING:
@@ -381,6 +384,7 @@ class ScanJob(WorkerJob):
                 self._on_inference_done(msg)
             case MosaicDone():
                 self.peak_rss["stitcher"] = msg.peak_rss
+                self.cpu_s["stitcher"] = round(msg.cpu_s, 3)
                 self.mosaic = msg
                 if msg.complete and self.phase in (ScanPhase.ACQUIRING, ScanPhase.FLUSHING):
                     self._to(ScanPhase.WRITING)
@@ -393,6 +397,7 @@ class ScanJob(WorkerJob):
                 self._early_writer_done = msg
             case WriterDone():
                 self.peak_rss["writer"] = msg.peak_rss
+                self.cpu_s["writer"] = round(msg.cpu_s, 3)
                 self.levels = msg.levels
                 self.slide_path = msg.path
                 completed = self.phase is ScanPhase.WRITING and self.mosaic is not None and self.mosaic.complete
@@ -418,6 +423,7 @@ class ScanJob(WorkerJob):
 
     def _on_inference_done(self, msg: InferenceDone) -> None:
         self.peak_rss["inference"] = msg.peak_rss
+        self.cpu_s["inference"] = round(msg.cpu_s, 3)
         self.inference.update(msg.stats)
 
     # -- ending ------------------------------------------------------------------------------
@@ -504,6 +510,9 @@ class ScanJob(WorkerJob):
             "levels": [list(lv) for lv in self.levels],
             "captures_total": captures,
             "captures_per_field": captures / len(self.records) if self.records else None,
+            # Of cpu_seconds.acquisition, what the camera driver's captures took (a replayed
+            # recording: reading and decompressing it; a real frame grabber: close to nothing).
+            "driver_cpu_seconds": None if self.driver_cpu_s is None else round(self.driver_cpu_s, 3),
             "fields": [asdict(r) for r in sorted(self.records, key=lambda r: r.index)],
             "inference": self.inference or None,
             "stitch": self.stitch,

@@ -2,7 +2,8 @@
 
 Modules:
 
-* ``protocols``: the ``Camera``/``Stage``/``Driver`` protocols, ``ScanArea``, ``StagePosition``,
+* ``protocols``: the ``Camera``/``Stage``/``Driver`` protocols (and the optional ``FrameGrabber`` and
+  ``SimulatedClock``), ``ScanArea``, ``StagePosition``,
   ``DriverError`` and the ``RGBImage`` frame type;
 * ``loading``: ``open_driver``, a driver named ``module:callable`` in the configuration;
 * ``scan_plan``: ``serpentine_plan``, the fields to visit and their order (``GridPlan``, ``FieldPlan``);
@@ -20,6 +21,7 @@ from runtime.devices.protocols import (
     Camera,
     Driver,
     DriverError,
+    FrameGrabber,
     RGBImage,
     ScanArea,
     SimulatedClock,
@@ -33,6 +35,7 @@ __all__ = [
     "Driver",
     "DriverError",
     "FieldPlan",
+    "FrameGrabber",
     "GridPlan",
     "RGBImage",
     "ScanArea",

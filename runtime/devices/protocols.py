@@ -93,6 +93,35 @@ class Camera(Protocol):
 
 
 @runtime_checkable
+class FrameGrabber(Protocol):
+    """Optional, for a camera: it delivers a frame into a buffer the caller gives.
+
+    A frame grabber writes each frame by DMA into a buffer it was given. The acquisition
+    worker hands it a slot of the shared-memory tile ring, so the pixels are written once and
+    the stitcher reads them where they landed; a camera without ``snap_into`` is used through
+    ``snap()`` and one copy into the slot.
+    """
+
+    def snap_into(self, out: RGBImage) -> None:
+        """Like :meth:`Camera.snap` (same frame, same clock, same DriverError), written into ``out``.
+
+        ``out``: a writable, C-contiguous ``frame_shape + (3,)`` uint8 array; ValueError
+        (nothing written) if it is not. On a DriverError its contents are undefined.
+        """
+        ...
+
+
+def check_frame_buffer(out: RGBImage, frame_shape: tuple[int, int]) -> None:
+    """ValueError unless ``out`` can take a frame of ``frame_shape`` (:meth:`FrameGrabber.snap_into`)."""
+    want = (*frame_shape, 3)
+    if out.shape != want or out.dtype != np.uint8 or not out.flags.c_contiguous or not out.flags.writeable:
+        raise ValueError(
+            f"a frame buffer must be a writable C-contiguous uint8 array of shape {want}, got {out.dtype} "
+            f"{out.shape} (c_contiguous={out.flags.c_contiguous}, writeable={out.flags.writeable})"
+        )
+
+
+@runtime_checkable
 class Driver(Protocol):
     """A camera and a stage that belong together, opened and closed as one."""
 

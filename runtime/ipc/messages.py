@@ -21,6 +21,7 @@ The inference worker's two queues are in :mod:`runtime.ipc.inference_channel`.
 
 from __future__ import annotations
 
+import dataclasses
 import resource
 import time
 from dataclasses import dataclass
@@ -47,6 +48,20 @@ def peak_rss_bytes() -> int:
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def cpu_seconds() -> float:
+    """CPU time this process has used so far, user + system, all its threads (getrusage).
+
+    The done messages (AcquisitionDone, MosaicDone, WriterDone, InferenceDone) carry it as
+    ``cpu_s``, taken when the message is made (a default factory: each worker makes its done
+    message as its last act, and none has to remember to fill it in), so the report says what
+    each process of a scan cost, independent of how many cores it shared (``python -m bench
+    e2e``). It includes the worker's start (the interpreter and its imports): a real cost of a
+    process per scan.
+    """
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
 
 
 @dataclass(frozen=True)
@@ -118,6 +133,11 @@ class AcquisitionDone:
     cancelled: bool
     simulated_time_s: float | None
     peak_rss: int
+    cpu_s: float = dataclasses.field(default_factory=cpu_seconds)  # when made
+    # Of cpu_s, the CPU seconds spent in the camera driver's capture calls (a replayed
+    # recording's decompression; a frame grabber's DMA needs next to none): the runtime's own
+    # acquisition cost is cpu_s - driver_cpu_s.
+    driver_cpu_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -136,6 +156,7 @@ class MosaicDone:
     complete: bool
     peak_rss: int
     stitch: dict[str, Any] | None = None  # DequeAccumulator.summary(): pairs, timings, positions
+    cpu_s: float = dataclasses.field(default_factory=cpu_seconds)  # when made
 
 
 @dataclass(frozen=True)
@@ -144,6 +165,7 @@ class WriterDone:
     levels: tuple[tuple[int, int], ...]
     seconds: float
     peak_rss: int
+    cpu_s: float = dataclasses.field(default_factory=cpu_seconds)  # when made
 
 
 @dataclass(frozen=True)
@@ -169,6 +191,7 @@ class InferenceDone:
     backend: str
     stats: dict[str, Any]
     peak_rss: int
+    cpu_s: float = dataclasses.field(default_factory=cpu_seconds)  # when made
 
 
 @dataclass(frozen=True)

@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import contextlib
 import queue
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.synchronize import Event
 from typing import Any
 
 from runtime.config import DriverConfig, FocusConfig, ModelsConfig, ScanConfig
-from runtime.devices.protocols import Camera, ScanArea, SimulatedClock
+from runtime.devices.protocols import Camera, FrameGrabber, RGBImage, ScanArea, SimulatedClock
 from runtime.focus.field import Capture, FieldFocuser, FocusModels, WorkerModels
 from runtime.ipc.inference_channel import InferenceChannel, InferenceStopped, ReplyQueue, RequestQueue
 from runtime.ipc.messages import (
@@ -70,11 +71,55 @@ class _Stopped(Exception):
     """Cancelled while waiting for a free slot."""
 
 
+class MeteredCamera:
+    """The driver's camera, adding up the CPU time of its capture calls (``driver_cpu_s``).
+
+    Every capture of the worker goes through it -- the ring's and the contrast sweep's, which
+    scores frames of its own -- so that the report can tell the driver's cost (for the replay
+    driver, reading and decompressing the recording) from the runtime's own. The process's
+    CPU is counted, not the calling thread's: a driver may work on threads of its own.
+    """
+
+    def __init__(self, camera: Camera) -> None:
+        self.camera = camera
+        self.grabber = camera if isinstance(camera, FrameGrabber) else None
+        self.driver_cpu_s = 0.0
+
+    @property
+    def frame_shape(self) -> tuple[int, int]:
+        return self.camera.frame_shape
+
+    @property
+    def pixel_size_um(self) -> float:
+        return self.camera.pixel_size_um
+
+    def snap(self) -> RGBImage:
+        t0 = time.process_time()
+        try:
+            return self.camera.snap()
+        finally:
+            self.driver_cpu_s += time.process_time() - t0
+
+    def snap_into(self, out: RGBImage) -> None:
+        """Into ``out``: by the camera itself when it is a FrameGrabber (no copy), else copied from
+        its frame (the copy is the runtime's cost, not the driver's)."""
+        if self.grabber is None:
+            out[...] = self.snap()
+            return
+        t0 = time.process_time()
+        try:
+            self.grabber.snap_into(out)
+        finally:
+            self.driver_cpu_s += time.process_time() - t0
+
+
 class RingFrames:
-    """Captures into free slots of the tile ring (runtime.focus.field.Frames)."""
+    """Captures into free slots of the tile ring (runtime.focus.field.Frames): a camera that is a
+    :class:`~runtime.devices.protocols.FrameGrabber` writes the frame straight into the slot (a
+    real frame grabber's DMA target); any other camera's frame is copied in."""
 
     def __init__(
-        self, camera: Camera, ring: AttachedRing, free_slots: SlotQueue, cancel: Event, beat: Callable[[], None]
+        self, camera: MeteredCamera, ring: AttachedRing, free_slots: SlotQueue, cancel: Event, beat: Callable[[], None]
     ) -> None:
         self.camera = camera
         self.ring = ring
@@ -87,7 +132,7 @@ class RingFrames:
         if slot is None:
             raise _Stopped
         view = self.ring.slot(slot)
-        view[...] = self.camera.snap()
+        self.camera.snap_into(view)
         return Capture(view, slot)
 
     def release(self, capture: Capture) -> None:
@@ -136,7 +181,7 @@ def acquisition_main(
     def body(worker: WorkerContext) -> None:
         worker.on_exit(lambda: tiles.put(EndOfStream("acquisition ended")))
         drv, grid = open_and_plan(worker, driver, job.driver_options, job.area, scan)
-        camera, stage = drv.camera, drv.stage
+        camera, stage = MeteredCamera(drv.camera), drv.stage
         h, w = camera.frame_shape
         px = camera.pixel_size_um
         events.put(ScanPrepared(grid, (h, w), px))
@@ -204,7 +249,7 @@ def acquisition_main(
             events.put(FieldDone(record))
             done += 1
         sim = drv.simulated_time_s() if isinstance(drv, SimulatedClock) else None
-        events.put(AcquisitionDone(done, cancel.is_set(), sim, peak_rss_bytes()))
+        events.put(AcquisitionDone(done, cancel.is_set(), sim, peak_rss_bytes(), driver_cpu_s=camera.driver_cpu_s))
 
     run_worker("acquisition", events, body)
 
