@@ -6,6 +6,8 @@
   python -m export onnx CHECKPOINT --out FOLDER                          model.onnx + model.json
   python -m export calibrate REC [REC ...] --init MODEL_DIR --out MODEL_DIR   fine-tune autofocus on
                                            an instrument's own z-stacks (self-labelled)
+  python -m export train-tumour|train-nuclei|train-mil [--data DIR] [--out MODEL_DIR]   slide-analysis
+                                           models (issue 13), trained and exported as model folders
 
 The committed models in ``runtime/ml/builtin/`` were made with ``python -m export all``
 (the exact commands are recorded in each ``model.json`` under ``training``).
@@ -27,6 +29,7 @@ from runtime.errors import run_cli
 from runtime.ml.model_folder import MODELS_DIR
 
 DEFAULT_DATA = Path("out/export-data")
+ANALYSIS_DATA = Path("out/analysis-data")
 
 
 def _samples(kind: str, data_dir: Path, seed: int, n: int = 64, wide: int = 0) -> np.ndarray:
@@ -93,6 +96,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     c.add_argument("--holdout", type=float, default=None, help="fraction of the labelled fields held out")
     c.add_argument("--near-weight", type=float, default=None, help="extra loss weight of planes near focus")
     c.add_argument("--seed", type=int, default=0)
+    for name, what in (
+        ("train-tumour", "tumour patch classifier"),
+        ("train-nuclei", "nuclei centroid detector"),
+        ("train-mil", "attention-MIL slide model (embeds its bags with --tumour)"),
+    ):
+        an = sub.add_parser(name, help=f"train the {what} and export it as a model folder (parity-checked)")
+        an.add_argument("--data", type=Path, default=ANALYSIS_DATA, help="rendered-data cache folder")
+        an.add_argument("--seed", type=int, default=0)
+        an.add_argument("--epochs", type=int, default=None)
+        an.add_argument("--workers", type=int, default=2, help="processes rendering data")
+        an.add_argument("--out", type=Path, default=None, help="model folder to write (default: the builtin one)")
+        if name == "train-mil":
+            an.add_argument("--tumour", type=Path, default=MODELS_DIR / "tumour", help="tumour model folder")
     a = sub.add_parser("all", help="train both models and export them into runtime/ml/builtin/")
     a.add_argument("--data", type=Path, default=DEFAULT_DATA)
     a.add_argument("--seed", type=int, default=0)
@@ -155,6 +171,25 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         )
         print(f"wrote {args.out}/model.onnx + model.json")
+        return 0
+    if args.cmd in ("train-tumour", "train-nuclei", "train-mil"):
+        task = {"train-tumour": "tumour", "train-nuclei": "nuclei", "train-mil": "slide_mil"}[args.cmd]
+        out = args.out or MODELS_DIR / task
+        kw = {"epochs": args.epochs} if args.epochs else {}
+        if task == "tumour":
+            from export.train_tumour import train_tumour
+
+            r = train_tumour(args.data, out, args.seed, workers=args.workers, **kw)
+        elif task == "nuclei":
+            from export.train_nuclei import train_nuclei
+
+            r = train_nuclei(args.data, out, args.seed, workers=args.workers, **kw)
+        else:
+            from export.train_mil import train_mil
+
+            r = train_mil(args.data, out, args.tumour, args.seed, workers=args.workers, **kw)
+        print(json.dumps(r["heldout_metrics"], indent=2))
+        print(f"wrote {out}/model.onnx + model.json")
         return 0
     if args.cmd == "all":
         for kind in ("autofocus", "classifier"):

@@ -19,7 +19,9 @@ from typing import Any
 from runtime.ml.preprocess import AutofocusPreprocess, ClassifierPreprocess
 
 MODELS_DIR = Path(__file__).resolve().parent / "builtin"
-TASKS = ("autofocus", "classifier")
+TASKS = ("autofocus", "classifier", "tumour", "nuclei", "slide_mil")
+# Slide-analysis models (issue 13, runtime.analysis): their preprocess kinds and the input each implies.
+ANALYSIS_PREPROCESS = {"tumour": "rgb_patch_v1", "nuclei": "rgb_window_v1", "slide_mil": "mil_v1"}
 
 
 class ModelFolderError(ValueError):
@@ -81,6 +83,30 @@ def builtin_autofocus_dir(frame_shape: tuple[int, int] | None) -> Path:
     return default_model_dir("autofocus")
 
 
+def analysis_input_shape(task: str, pre: dict[str, Any]) -> tuple[int, ...]:
+    """The input (without the batch axis) that a slide-analysis model's ``preprocess`` implies:
+    ``rgb_patch_v1`` / ``rgb_window_v1``: (3, size, size) RGB scaled as ``(x / 255 - mean) / std``;
+    ``mil_v1``: (embedding_dim + 2,), a patch's embedding followed by its centre (y, x) in µm
+    (the batch axis is the bag: one slide's patches). KeyError/ValueError name what is wrong."""
+    want = ANALYSIS_PREPROCESS[task]
+    if pre.get("kind") != want:
+        raise ValueError(f"kind must be {want!r} for a {task!r} model, got {pre.get('kind')!r}")
+    if want == "mil_v1":
+        dim = pre["embedding_dim"]
+        if not isinstance(dim, int) or isinstance(dim, bool) or dim < 1:
+            raise ValueError(f"embedding_dim must be a positive int, got {dim!r}")
+        return (dim + 2,)
+    size = pre["size"]
+    if not isinstance(size, int) or isinstance(size, bool) or size < 8:
+        raise ValueError(f"size must be an int >= 8, got {size!r}")
+    for k in ("mean", "std"):
+        if not isinstance(pre[k], int | float) or isinstance(pre[k], bool):
+            raise ValueError(f"{k} must be a number, got {pre[k]!r}")
+    if not pre["std"] > 0:
+        raise ValueError(f"std must be positive, got {pre['std']!r}")
+    return (3, size, size)
+
+
 def _key(meta: dict[str, Any], key: str, kind: type | tuple[type, ...], where: Path) -> Any:
     if key not in meta:
         raise ModelFolderError(f"{where}: missing key {key!r}")
@@ -140,7 +166,11 @@ def load_model_folder(path: Path | str, task: str | None = None, check_graph: bo
         folder, meta, onnx_path, digest, got_task, str(inp.get("name", "input")), input_shape, names, float(pixel)
     )
     try:
-        pre_shape = (mf.autofocus_preprocess() if got_task == "autofocus" else mf.classifier_preprocess()).input_shape
+        if got_task in ANALYSIS_PREPROCESS:
+            pre_shape = analysis_input_shape(got_task, meta["preprocess"])
+        else:
+            pre = mf.autofocus_preprocess() if got_task == "autofocus" else mf.classifier_preprocess()
+            pre_shape = pre.input_shape
     except (KeyError, ValueError, TypeError) as err:
         raise ModelFolderError(f"{jpath}: key 'preprocess' is invalid: {err}") from None
     if pre_shape != input_shape:

@@ -1,0 +1,254 @@
+"""The tumour patch classifier: 64-px RGB patches at 1 µm/px -> tumour probability + a 32-d embedding.
+
+**Data** (:mod:`export.analysis_data`): the grid patches of small synthetic slides with lesions
+and mimics; the target of a patch is its tumour fraction (soft binary cross-entropy), so patches
+cut by a lesion edge teach the boundary instead of being forced to one side. Patches are
+re-balanced per epoch: every patch touching a lesion or a mimic, and as many plain benign
+patches again, drawn afresh each epoch. Every 10th training slide is in the validation set
+(reported per epoch; no model selection); held-out slides (seeds 900000+) are scored once at
+the end.
+
+**Model** (:class:`TumourNet`): five conv/BN/ReLU blocks (64 -> 8 px), mean and max pooling,
+a 32-d ReLU embedding and one logit from it. The embedding is the slide model's input: the
+tumour evidence is linear in it. ~7.6 M multiply-accumulates per patch, 30 k parameters.
+Augmentation: random 48-px crops, the eight flips/transposes and a per-patch colour gain and
+offset (stain and white balance vary between labs).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Final
+
+import numpy as np
+import torch
+from torch import nn
+
+from export.analysis_data import SLIDE_UM, TUMOUR_PIXEL_UM, TUMOUR_PX, cached, slide_grids
+from export.analysis_export import export_analysis_model
+from export.analysis_metrics import roc_auc
+from export.models import count_macs
+from export.train import seed_everything
+
+EMBED_DIM: Final = 32
+MEAN, STD = 0.5, 0.25
+VAL_SLIDES: Final = 10
+CROP: Final = 48
+PREPROCESS: Final = {"kind": "rgb_patch_v1", "size": TUMOUR_PX, "mean": MEAN, "std": STD}
+
+
+def _block(cin: int, cout: int, stride: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+class TumourNet(nn.Module):
+    """(N, 3, 64, 64) standardised RGB -> probability (N,), embedding (N, EMBED_DIM)."""
+
+    def __init__(self, width: int = 16, embed: int = EMBED_DIM) -> None:
+        super().__init__()
+        w = width
+        self.features = nn.Sequential(
+            _block(3, w, 2),  # 32
+            _block(w, 2 * w, 2),  # 16
+            _block(2 * w, 2 * w, 1),
+            _block(2 * w, 4 * w, 2),  # 8
+            _block(4 * w, 4 * w, 1),
+        )
+        self.embed = nn.Linear(8 * w, embed)
+        self.classify = nn.Linear(embed, 1)
+
+    def logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        f = self.features(x)
+        e = torch.relu(self.embed(torch.cat([f.mean(dim=(2, 3)), f.amax(dim=(2, 3))], dim=1)))
+        return self.classify(e)[:, 0], e
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logit, e = self.logits(x)
+        return torch.sigmoid(logit), e
+
+
+def to_input(patches: np.ndarray) -> np.ndarray:
+    """(N, H, W, 3) uint8 -> (N, 3, H, W) float32, as the runtime wrapper feeds the ONNX."""
+    return np.ascontiguousarray(((patches.astype(np.float32) / 255.0 - MEAN) / STD).transpose(0, 3, 1, 2))
+
+
+def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    k = int(torch.randint(0, 8, (1,), generator=g))
+    if k & 1:
+        x = x.flip(3)
+    if k & 2:
+        x = x.flip(2)
+    if k & 4:
+        x = x.transpose(2, 3)
+    n = x.shape[0]
+    gain = 1.0 + 0.12 * (torch.rand(n, 3, 1, 1, generator=g) - 0.5) * 2
+    offset = 0.15 * (torch.rand(n, 3, 1, 1, generator=g) - 0.5) * 2
+    return x * gain + offset
+
+
+def predict(model: nn.Module, patches: np.ndarray, batch: int = 512) -> tuple[np.ndarray, np.ndarray]:
+    """(probability (N,), embedding (N, D)) of uint8 patches, in torch."""
+    model.eval()
+    ps, es = [], []
+    with torch.no_grad():
+        for i in range(0, len(patches), batch):
+            p, e = model(torch.from_numpy(to_input(patches[i : i + batch])))
+            ps.append(p.numpy())
+            es.append(e.numpy())
+    if not ps:
+        return np.zeros(0, np.float32), np.zeros((0, EMBED_DIM), np.float32)
+    return np.concatenate(ps), np.concatenate(es)
+
+
+def patch_metrics(prob: np.ndarray, d: dict[str, Any]) -> dict[str, Any]:
+    """Patch-level figures against the truth fractions: a patch is tumour at >= 50% tumour area."""
+    t, m = d["tumour_fraction"], d["mimic_fraction"]
+    y = t >= 0.5
+    call = prob >= 0.5
+    clear = (t <= 0.05) | (t >= 0.95)
+    benign = t == 0
+    return {
+        "patches": len(t),
+        "tumour_patches": int(y.sum()),
+        "auc": roc_auc(y, prob),
+        "auc_clear": roc_auc(y[clear], prob[clear]),
+        "accuracy": float(np.mean(call == y)),
+        "sensitivity": float(np.mean(call[y])) if y.any() else float("nan"),
+        "specificity": float(np.mean(~call[~y])) if (~y).any() else float("nan"),
+        "false_positive_rate_benign": float(np.mean(call[benign])) if benign.any() else float("nan"),
+        "false_positive_rate_mimic": float(np.mean(call[benign & (m >= 0.5)])) if (benign & (m >= 0.5)).any()
+        else float("nan"),
+        "mimic_patches": int((benign & (m >= 0.5)).sum()),
+    }
+
+
+def load_grids(data_dir: Path, split: str, slides: int, workers: int = 2, size_um: float = SLIDE_UM) -> dict[str, Any]:
+    """The cached grids of ``slides`` slides (60% with tumour in training, 50% held out)."""
+    share = 0.6 if split == "train" else 0.5
+    name = f"grids-{split}-{slides}" + ("" if size_um == SLIDE_UM else f"-{size_um:g}um")
+    return cached(data_dir / f"{name}.npz", lambda: slide_grids(split, slides, workers, share, size_um))
+
+
+def val_slides_mask(slide: np.ndarray, train_slides: int, val_slides: int) -> np.ndarray:
+    """Which grid rows belong to the validation slides: every k-th training slide (k = train /
+    val), so that validation holds slides with and without tumour."""
+    k = max(1, train_slides // max(1, val_slides))
+    return np.asarray((slide % k == k - 1) & (slide // k < val_slides), bool)
+
+
+def _subset(d: dict[str, Any], sel: np.ndarray) -> dict[str, Any]:
+    n = len(d["slide"])
+    return {k: (v[sel] if len(v) == n else v) for k, v in d.items()}
+
+
+def train_tumour(
+    data_dir: Path,
+    out: Path,
+    seed: int = 0,
+    epochs: int = 6,
+    batch: int = 128,
+    lr: float = 4e-3,
+    train_slides: int = 100,
+    heldout_slides: int = 40,
+    workers: int = 2,
+    width: int = 16,
+    val_slides: int = VAL_SLIDES,
+    slide_um: float = SLIDE_UM,
+) -> dict[str, Any]:
+    """Train, score on the held-out slides and write ``out`` (a model folder, parity-checked).
+    ``slide_um``: smaller slides (tests)."""
+    seed_everything(seed)
+    t0 = time.time()
+    grids = load_grids(data_dir, "train", train_slides, workers, slide_um)
+    held = load_grids(data_dir, "heldout", heldout_slides, workers, slide_um)
+    data_s = time.time() - t0
+    is_val = val_slides_mask(grids["slide"], train_slides, val_slides)
+    val, train = _subset(grids, is_val), _subset(grids, ~is_val)
+    t_f, m_f = train["tumour_fraction"], train["mimic_fraction"]
+    special = np.flatnonzero((t_f > 0) | (m_f > 0))
+    plain = np.flatnonzero((t_f == 0) & (m_f == 0))
+    x_all = torch.from_numpy(train["patches"])  # uint8 NHWC; converted per batch
+    y_all = torch.from_numpy(t_f.astype(np.float32))
+    model = TumourNet(width)
+    rng = np.random.default_rng(seed)
+    per_epoch = len(special) + min(len(plain), len(special))
+    steps = epochs * (per_epoch // batch)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(10, steps), pct_start=0.2)
+    g = torch.Generator().manual_seed(seed)
+    bce = nn.BCEWithLogitsLoss()
+    history = []
+    t1 = time.time()
+    for epoch in range(epochs):
+        model.train()
+        idx = np.concatenate([special, rng.choice(plain, min(len(plain), len(special)), replace=False)])
+        rng.shuffle(idx)
+        total = 0.0
+        for i in range(per_epoch // batch):
+            b = torch.from_numpy(idx[i * batch : (i + 1) * batch])
+            # A random 48-px crop: half the compute of 64 px, and the position of the evidence varies
+            # (the network is convolutional with global pooling: it runs on 64 px at inference).
+            oy, ox = (int(v) for v in torch.randint(0, TUMOUR_PX - CROP + 1, (2,), generator=g))
+            x = (x_all[b, oy : oy + CROP, ox : ox + CROP].permute(0, 3, 1, 2).float() / 255.0 - MEAN) / STD
+            logit, _ = model.logits(_augment(x, g))
+            loss = bce(logit, y_all[b])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += float(loss.detach())
+        vp, _ = predict(model, val["patches"])
+        vm = patch_metrics(vp, val)  # validation: a report per epoch, no model selection
+        history.append({"epoch": epoch, "loss": total / max(1, per_epoch // batch), "val_auc": vm["auc"],
+                        "val_accuracy": vm["accuracy"], "seconds": round(time.time() - t1, 1)})
+        print(json.dumps(history[-1]), flush=True)
+    train_s = time.time() - t1
+    hp, _ = predict(model, held["patches"])
+    metrics = patch_metrics(hp, held)
+    metrics["heldout_slide_seeds"] = [int(s) for s in held["slide_seed"]]
+    result = {
+        "kind": "tumour",
+        "seed": seed,
+        "epochs": epochs,
+        "batch": batch,
+        "lr": lr,
+        "width": width,
+        "train_slides": train_slides - val_slides,
+        "val_slides": val_slides,
+        "slide_um": slide_um,
+        "train_patches": len(t_f),
+        "patches_per_epoch": per_epoch,
+        "train_slide_seeds": [int(grids["slide_seed"].min()), int(grids["slide_seed"].max())],
+        "validation": vm,
+        "history": history,
+        "data_seconds": round(data_s, 1),
+        "train_seconds": round(train_s, 1),
+        "macs_per_patch": count_macs(model, (3, TUMOUR_PX, TUMOUR_PX)),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "threads": torch.get_num_threads(),
+        "commands": [f"python -m export train-tumour --seed {seed} --epochs {epochs} --out {out.as_posix()}"],
+    }
+    print(json.dumps(metrics), flush=True)
+    rng_s = np.random.default_rng(seed)
+    samples = to_input(held["patches"][np.sort(rng_s.choice(len(hp), min(64, len(hp)), replace=False))])
+    export_analysis_model(
+        model,
+        out,
+        task="tumour",
+        preprocess=dict(PREPROCESS),
+        input_shape=[3, TUMOUR_PX, TUMOUR_PX],
+        outputs=[
+            {"name": "probability", "shape": ["batch"], "unit": "probability",
+             "meaning": "the patch is tumour (carcinoma): trained on the tumour area fraction of the patch"},
+            {"name": "embedding", "shape": ["batch", EMBED_DIM], "unit": "ReLU features",
+             "meaning": "the patch's feature vector (the probability is a logistic function of it): "
+             "the slide model's input"},
+        ],
+        pixel_size_um=TUMOUR_PIXEL_UM,
+        samples=samples,
+        metrics=metrics,
+        training=result,
+    )
+    return {"heldout_metrics": metrics, **result}

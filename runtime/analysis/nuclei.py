@@ -1,0 +1,164 @@
+"""Nuclei detector (:class:`~runtime.analysis.types.NucleiModel`): a centroid heatmap by sliding
+window, then local maxima.
+
+The ONNX model (``runtime/ml/builtin/nuclei``, trained by ``python -m export train-nuclei``) reads a
+``size``-px RGB window at ``pixel_size_um`` (0.5 µm/px) and answers a heatmap at 1/``stride`` of
+its resolution whose peaks are nucleus centres (trained on Gaussian blobs at the truth
+centroids of every nucleus the simulator draws: benign stroma and epithelium, tumour, lymphoid
+and hyperplastic mimics). :meth:`NucleiDetector.detect` covers a region of any size with
+windows that overlap by twice ``halo`` px; each window answers only for its core (the region's
+edge, or half-way through its overlap with the next window), so a nucleus is found once and
+always with ``halo`` px of context around it. A region smaller than a window is mirror-padded.
+
+Peaks (:func:`find_peaks`): cells above ``threshold`` that are the maximum of their
+(2 ``min_distance`` + 1)² neighbourhood, refined to sub-cell precision by the intensity-weighted
+centroid of their 3 x 3 neighbourhood. Threshold and distance were chosen on training-seed
+regions and are recorded in ``model.json`` (``preprocess``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import cv2
+import numpy as np
+
+from runtime.analysis.types import F32, U8
+from runtime.ml.backends import Backend
+from runtime.ml.model_folder import ModelFolder, ModelFolderError
+
+MAX_BATCH = 32
+
+
+@dataclass(frozen=True)
+class NucleiParams:
+    """The ``preprocess`` of a nuclei model folder (``rgb_window_v1``)."""
+
+    size: int
+    mean: float
+    std: float
+    halo: int
+    stride: int
+    threshold: float
+    min_distance: int
+
+    @classmethod
+    def from_folder(cls, folder: ModelFolder) -> NucleiParams:
+        pre: dict[str, Any] = folder.meta["preprocess"]
+        try:
+            p = cls(
+                int(pre["size"]), float(pre["mean"]), float(pre["std"]), int(pre["halo"]), int(pre["stride"]),
+                float(pre["threshold"]), int(pre["min_distance"]),
+            )
+        except (KeyError, TypeError, ValueError) as err:
+            raise ModelFolderError(f"{folder.path / 'model.json'}: key 'preprocess' is invalid: {err!r}") from None
+        if not (0 <= 2 * p.halo < p.size and p.stride >= 1 and p.size % p.stride == 0 and p.min_distance >= 1):
+            raise ModelFolderError(
+                f"{folder.path / 'model.json'}: 'preprocess' needs 0 <= 2 * halo < size, stride dividing size "
+                f"and min_distance >= 1, got {pre}"
+            )
+        return p
+
+
+def find_peaks(heat: F32, threshold: float, min_distance: int) -> F32:
+    """(K, 2) (y, x) of the local maxima of ``heat`` (H, W) above ``threshold``, in heat cells
+    (cell i covers [i, i + 1), so a peak centred on cell i is at i + 0.5 +- the refinement)."""
+    h = np.ascontiguousarray(heat, np.float32)
+    k = 2 * min_distance + 1
+    dil = cv2.dilate(h, np.ones((k, k), np.uint8), borderType=cv2.BORDER_CONSTANT, borderValue=0.0)
+    ys, xs = np.nonzero((h >= dil) & (h > threshold))
+    if ys.size == 0:
+        return np.zeros((0, 2), np.float32)
+    # Plateaus (equal neighbours) would give two peaks: keep the first of any two within min_distance.
+    order = np.argsort(-h[ys, xs], kind="stable")
+    ys, xs = ys[order], xs[order]
+    keep = np.ones(ys.size, bool)
+    if ys.size > 1:
+        taken = np.zeros(h.shape, bool)
+        for i in range(ys.size):
+            y0, y1 = max(0, ys[i] - min_distance), ys[i] + min_distance + 1
+            x0, x1 = max(0, xs[i] - min_distance), xs[i] + min_distance + 1
+            if taken[y0:y1, x0:x1].any():
+                keep[i] = False
+            else:
+                taken[ys[i], xs[i]] = True
+        ys, xs = ys[keep], xs[keep]
+    pad = np.pad(h, 1)
+    win = np.stack([pad[ys + dy, xs + dx] for dy in range(3) for dx in range(3)], axis=1)  # (K, 9)
+    win = np.maximum(win - threshold, 0.0)
+    off = np.asarray([(dy - 1, dx - 1) for dy in range(3) for dx in range(3)], np.float32)
+    w = win.sum(axis=1, keepdims=True)
+    ref = (win @ off) / np.maximum(w, 1e-12)
+    return np.stack([ys + 0.5 + ref[:, 0], xs + 0.5 + ref[:, 1]], axis=1).astype(np.float32)
+
+
+def _starts(length: int, size: int, halo: int) -> list[int]:
+    """Window starts covering ``length`` with overlaps of at least 2 * halo (evenly spread)."""
+    if length <= size:
+        return [0]
+    n = 1 + math.ceil((length - size) / (size - 2 * halo))
+    return [round(i * (length - size) / (n - 1)) for i in range(n)]
+
+
+def _cores(starts: list[int], size: int, length: int) -> list[tuple[float, float]]:
+    """Each window's share [lo, hi) of the axis: boundaries half-way through each overlap."""
+    bounds = [0.0] + [(starts[i] + size + starts[i + 1]) / 2 for i in range(len(starts) - 1)] + [float(length)]
+    return [(bounds[i], bounds[i + 1]) for i in range(len(starts))]
+
+
+class NucleiDetector:
+    """A nuclei model folder behind an inference backend."""
+
+    def __init__(self, folder: ModelFolder, backend: Backend) -> None:
+        if folder.task != "nuclei":
+            raise ModelFolderError(f"{folder.path}: a {folder.task!r} model, expected a 'nuclei' model")
+        self.folder = folder
+        self.backend = backend
+        self.params = NucleiParams.from_folder(folder)
+        self._output = folder.output_names[0]
+
+    @property
+    def pixel_size_um(self) -> float:
+        return self.folder.pixel_size_um
+
+    @property
+    def halo_px(self) -> int:
+        return self.params.halo
+
+    def heatmaps(self, windows: U8) -> F32:
+        """(N, size, size, 3) uint8 windows -> (N, size / stride, size / stride) heatmaps."""
+        p = self.params
+        out = []
+        for i in range(0, len(windows), MAX_BATCH):
+            x = (windows[i : i + MAX_BATCH].astype(np.float32) / np.float32(255.0) - np.float32(p.mean)) / np.float32(
+                p.std
+            )
+            out.append(self.backend.run(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))[self._output][:, 0])
+        return np.concatenate(out).astype(np.float32)
+
+    def detect(self, region: U8) -> F32:
+        """``region`` (H, W, 3) uint8 RGB -> (K, 2) nucleus centroids (y, x) in region pixels."""
+        if region.ndim != 3 or region.shape[2] != 3 or region.dtype != np.uint8:
+            raise ValueError(f"nuclei detection needs an RGB uint8 region (h, w, 3), got {region.dtype} {region.shape}")
+        p = self.params
+        h, w = region.shape[:2]
+        if h == 0 or w == 0:
+            return np.zeros((0, 2), np.float32)
+        if h < p.size or w < p.size:  # mirrored (a 1-px region: repeated); detections there are dropped
+            pad = ((0, max(0, p.size - h)), (0, max(0, p.size - w)), (0, 0))
+            region = np.pad(region, pad, "reflect" if min(h, w) > 1 else "edge").astype(np.uint8)
+        sy, sx = _starts(h, p.size, p.halo), _starts(w, p.size, p.halo)
+        cy, cx = _cores(sy, p.size, h), _cores(sx, p.size, w)
+        windows = np.stack([region[y : y + p.size, x : x + p.size] for y in sy for x in sx])
+        heat = self.heatmaps(windows)
+        found = []
+        for k, ((y0, (ylo, yhi)), (x0, (xlo, xhi))) in enumerate(
+            (a, b) for a in zip(sy, cy, strict=True) for b in zip(sx, cx, strict=True)
+        ):
+            pk = find_peaks(heat[k], p.threshold, p.min_distance) * np.float32(p.stride) - np.float32(0.5)
+            pk += np.asarray([y0, x0], np.float32)
+            inside = (pk[:, 0] >= ylo) & (pk[:, 0] < yhi) & (pk[:, 1] >= xlo) & (pk[:, 1] < xhi)
+            found.append(pk[inside])
+        return np.concatenate(found).astype(np.float32) if found else np.zeros((0, 2), np.float32)
