@@ -523,7 +523,7 @@ class DequeAccumulator:
             self.stats.clipped_rows += max(0, min(self._first_band_y, iy + th) - max(iy, 0))
         if y0 < y1 and x0 < x1:
             assert tile is not None
-            moved = subpixel_shift(self._flat.correct(tile), fy, fx)
+            moved = subpixel_shift(tile, fy, fx, self._flat.inverse)  # flat-field and shift in one pass
             alpha = feather_alpha(th, tw, **self._earlier_edges(key, iy, ix, th, tw))
             c = self.chunk
             for bi in range(y0 // c, (y1 - 1) // c + 1):

@@ -30,6 +30,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from dataclasses import dataclass
+from functools import cached_property
 
 import cv2
 import numpy as np
@@ -53,6 +54,14 @@ class FlatField:
     def correct(self, tile: U8) -> F32:
         """The tile in float32 (0-255 scale) with the fall-off removed (may exceed 255)."""
         return tile.astype(np.float32) / self.gain
+
+    @cached_property
+    def inverse(self) -> F32 | None:
+        """1 / gain, computed once: the factor :func:`runtime.stitching.blending.subpixel_shift` applies
+        (a multiply per pixel instead of a division and a float copy). None for the identity."""
+        if self.source == "none" and bool((self.gain == 1).all()):
+            return None
+        return np.asarray(1.0 / self.gain, dtype=np.float32)
 
     @classmethod
     def identity(cls, height: int, width: int) -> FlatField:
