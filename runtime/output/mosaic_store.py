@@ -13,15 +13,21 @@ refuse foreign groups), ``pixel_size_um`` (level 0), ``chunk``, ``levels``
 level: rows on disk that are valid for the level-0 rows written so far) and
 ``attrs``, a free dict for callers (scan id, objective, ...).
 
-Level 0 arrives as full-width bands of ``chunk`` rows, top to bottom (the
-stitcher finalises rows in that order). Each band is written as whole chunks
-and fed to a :class:`~runtime.output.pyramid.PyramidBuilder`, so lower levels are
-built while scanning and memory stays at a few bands x width.
+Level 0 arrives in one of two ways. Block by block (the stitcher): each final
+chunk goes out with :meth:`MosaicStore.write_block` as soon as it is final,
+in any order, and :meth:`MosaicStore.complete_rows` then vouches for whole
+chunk rows and builds the lower levels a chunk row at a time, reading the
+level above back four chunks per output chunk -- memory is a few chunks per
+I/O thread, whatever the width. Or as full-width bands of ``chunk`` rows, top
+to bottom (:meth:`MosaicStore.write_band`, for writers that have whole rows):
+each band is written as whole chunks and fed to a
+:class:`~runtime.output.pyramid.PyramidBuilder`, whose buffers are a chunk row
+of every level.
 
 An interrupted scan leaves a valid store: ``rows_written`` is only advanced
 after the data it covers is on disk. :meth:`MosaicStore.open` on such a store
-can continue with :meth:`write_band` (the builder's buffers are rebuilt from
-disk, < 2 chunk rows per level) or :meth:`finish` with ``partial=True`` to
+can continue with :meth:`write_block` (nothing to rebuild) or :meth:`write_band` (the builder's
+buffers are rebuilt from disk, < 2 chunk rows per level) or :meth:`finish` with ``partial=True`` to
 make the lower levels reflect what was scanned, e.g. before an export.
 Unscanned pixels read as the fill value 255 (white, like glass in brightfield,
 and like the accumulator's unfilled pixels); chunks that are entirely fill are

@@ -14,7 +14,10 @@ against a numpy reference in the tests) and is ~20x faster than numpy.
 :class:`PyramidBuilder` never sees a whole level: each level keeps one output
 band (``chunk`` rows of its own width) plus at most one carried odd input row,
 so its memory is below ``chunk * width0 * channels`` bytes in total for all
-levels together.
+levels together -- a width-sized buffer. Where that is too much (the stitcher on
+a wide slide), ``MosaicStore.complete_rows`` builds the levels chunk by chunk
+with :func:`downsample2x` instead: a 2x2 mean of even-sized chunks is the same
+as of the whole rows, so both give identical levels.
 """
 
 from __future__ import annotations

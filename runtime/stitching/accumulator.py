@@ -607,8 +607,10 @@ class DequeAccumulator:
             corners.append(model.predict(self.geometry.commanded_top_left(f)))
             n += 1
         rects = np.array(
-            [(math.floor(y) - m, math.floor(y) + th + m + 1, math.floor(x) - m, math.floor(x) + tw + m + 1)
-             for y, x in corners],
+            [
+                (math.floor(y) - m, math.floor(y) + th + m + 1, math.floor(x) - m, math.floor(x) + tw + m + 1)
+                for y, x in corners
+            ],
             dtype=np.int64,
         ).reshape(-1, 4)
         return rects, max(limit, 0)
