@@ -204,12 +204,22 @@ class AnalysisConfig(_Section):
     batch_size: int = Field(64, ge=1, le=4096, description="tumour patches per model call")
     threshold: float = Field(0.5, gt=0.0, lt=1.0, description="tumour probability that outlines a lesion")
     nice: int = Field(10, ge=0, le=19, description="CPU niceness of the analysis worker (capture comes first)")
+    finish_timeout_s: float = Field(
+        120.0, gt=0.0, description="after the slide is written, how long the scan waits for its analysis"
+    )
 
 
 class DaemonConfig(_Section):
     data_root: Path = Field(Path("/var/lib/wsi-runtime"), description="scans are written under here only")
     runtime_dir: Path = Field(Path("/run/wsi-runtime"), description="sockets and pid files")
     heartbeat_timeout_s: float = Field(10.0, gt=0.0, description="a worker silent this long counts as hung")
+    memory_budget_mib: int = Field(
+        768,
+        ge=384,
+        le=1 << 20,
+        description="peak RSS a scan's processes may use together; the stitcher keeps its canvas, waiting "
+        "tiles and strips within its third (the rest spills to disk); report.json shows it against each peak",
+    )
 
 
 class RuntimeConfig(_Section):

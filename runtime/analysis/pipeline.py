@@ -225,8 +225,11 @@ class SlideAnalyzer:
         nuclei_window: int = 256,
         min_tissue: float = 0.1,
         nuclei: bool = True,
+        beat: Callable[[], None] | None = None,
     ) -> None:
+        """``beat``: called between model calls (a worker's heartbeat)."""
         self.geometry = geometry
+        self._beat = beat or (lambda: None)
         self.models = models
         self.batch_size = max(1, batch_size)
         self.min_tissue = min_tissue
@@ -361,6 +364,7 @@ class SlideAnalyzer:
         out = self.models.tumour.predict(batch)
         self.stats["tumour_s"] += time.perf_counter() - t0
         self.stats["patches"] += len(batch)
+        self._beat()
         for k, (i, j, _) in enumerate(self._pending):
             self.probability[i, j] = out.probability[k]
             self.analysed[i, j] = True
@@ -386,6 +390,7 @@ class SlideAnalyzer:
                 t0 = time.perf_counter()
                 found = np.asarray(model.detect(_resize(region, size)), np.float32).reshape(-1, 2)
                 self.stats["nuclei_s"] += time.perf_counter() - t0
+                self._beat()
                 scale = region.shape[0] / size
                 # Region pixel index -> level pixel coordinates (centre of pixel i is i + 0.5).
                 yy = (found[:, 0] + 0.5) * scale + (b * w - h)

@@ -106,6 +106,28 @@ class ScanFailedEvent(EventPayload):
     job: JobKind = _JOB
 
 
+class AnalysisReadyEvent(EventPayload):
+    """A completed scan's slide analysis (``[analysis] enabled``) is written, or failed (``error``);
+    published before scan_finished. The figures are those of ``report.json``'s ``analysis``."""
+
+    EVENT: ClassVar[str] = "analysis_ready"
+
+    scan_id: str
+    error: str | None = Field(description="why there is no analysis (models missing, analysis failed); null when ok")
+    slide_score: float | None = Field(description="probability that the slide contains tumour")
+    tumour_burden_mm2: float | None = Field(description="total lesion area")
+    tumour_burden_pct: float | None = Field(description="lesion area as % of the tissue area")
+    lesion_count: int | None = Field(description="lesions outlined")
+    largest_lesion_diameter_mm: float | None = Field(description="largest distance across a lesion")
+    tissue_mm2: float | None = Field(description="tissue area")
+    nuclei_count: int | None = Field(description="nuclei detected; null when nuclei were not detected")
+    nuclei_density_in_lesions_per_mm2: float | None = Field(description="nuclei per mm² inside lesions")
+    nuclei_density_outside_per_mm2: float | None = Field(description="nuclei per mm² of tissue outside lesions")
+    annotations: str | None = Field(description="the QuPath GeoJSON of the lesions, tissue and artifacts")
+    heatmap: str | None = Field(description="the tumour heatmap (pyramidal OME-TIFF aligned to the slide)")
+    job: JobKind = _JOB
+
+
 class ErrorEvent(EventPayload):
     """A problem outside a scan. Reserved: the daemon does not publish it yet."""
 
@@ -114,12 +136,28 @@ class ErrorEvent(EventPayload):
     message: str
 
 
-Event: TypeAlias = StateEvent | ScanStartedEvent | FieldDoneEvent | ScanFinishedEvent | ScanFailedEvent | ErrorEvent
+Event: TypeAlias = (
+    StateEvent
+    | ScanStartedEvent
+    | FieldDoneEvent
+    | ScanFinishedEvent
+    | ScanFailedEvent
+    | ErrorEvent
+    | AnalysisReadyEvent
+)
 """Every event the daemon may publish."""
 
 EVENTS: Final[Mapping[str, type[Event]]] = {
     model.EVENT: model
-    for model in (StateEvent, ScanStartedEvent, FieldDoneEvent, ScanFinishedEvent, ScanFailedEvent, ErrorEvent)
+    for model in (
+        StateEvent,
+        ScanStartedEvent,
+        FieldDoneEvent,
+        ScanFinishedEvent,
+        ScanFailedEvent,
+        ErrorEvent,
+        AnalysisReadyEvent,
+    )
 }
 """Event name -> payload model, in the order of :data:`runtime.control.protocol.EVENT_NAMES`."""
 

@@ -115,6 +115,8 @@ EVENT_NAMES: Final[tuple[str, ...]] = (
     #                   "slide": path or null, "report": path, "mosaic": path or null, "recording", "job"}
     "scan_failed",  # before scan_finished when a job fails: {"scan_id", "error", "report": path, "job"}
     "error",  # reserved, not published yet: a problem outside a scan: {"message"}
+    "analysis_ready",  # a completed scan's slide analysis, before scan_finished: {"scan_id", "error", "slide_score",
+    #                    "tumour_burden_mm2", "lesion_count", ..., "annotations": path, "heatmap": path, "job"}
 )
 
 NON_IDEMPOTENT: Final[frozenset[str]] = frozenset({"start_scan", "record_zstacks", "cancel", "shutdown"})

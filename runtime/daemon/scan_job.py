@@ -69,7 +69,7 @@ from pathlib import Path
 from typing import Any, ClassVar, assert_never
 
 from runtime.config import RuntimeConfig
-from runtime.control.events import JobKind
+from runtime.control.events import AnalysisReadyEvent, JobKind
 from runtime.daemon.job import JobQueue, Publish, WorkerJob
 from runtime.daemon.state import FinishReason, ScanPhase
 from runtime.devices.protocols import ScanArea
@@ -77,6 +77,7 @@ from runtime.errors import one_line
 from runtime.ipc.inference_channel import ReplyQueue, RequestQueue
 from runtime.ipc.messages import (
     AcquisitionDone,
+    AnalysisDone,
     ControlQueue,
     EndOfStream,
     FieldDone,
@@ -87,6 +88,7 @@ from runtime.ipc.messages import (
     MosaicDone,
     ScanPrepared,
     SlotQueue,
+    TeeQueue,
     TileQueue,
     WorkerEvent,
     WorkerFailed,
@@ -98,6 +100,7 @@ from runtime.output.journal import JOURNAL_NAME, JournalState, ScanJournal, mark
 from runtime.output.ome_tiff import partial_path
 from runtime.stitching.accumulator import MosaicGeometry
 from runtime.workers.acquisition import AcquisitionJob, AcquisitionResume, acquisition_main
+from runtime.workers.analysis import analysis_main
 from runtime.workers.inference import inference_main
 from runtime.workers.stitcher import StitchJob, stitcher_main
 from runtime.workers.writer import dicom_path, writer_main
@@ -158,7 +161,17 @@ class ScanJob(WorkerJob):
         self.tiles: TileQueue = self.ctx.Queue()
         self.free_slots: SlotQueue = self.ctx.Queue()
         self.to_acquisition: ControlQueue = self.ctx.Queue()
-        self.to_writer: WriterQueue = self.ctx.Queue()
+        # [analysis] enabled: the analysis worker sees every row announcement the writer sees
+        # (runtime/workers/analysis.py); disabled, the writer's queue is a plain one, as before.
+        self.analysis_enabled = cfg.analysis.enabled
+        self.to_analysis: WriterQueue = self.ctx.Queue()
+        self.to_writer: WriterQueue = (
+            TeeQueue(self.ctx, self.to_analysis) if self.analysis_enabled else self.ctx.Queue()
+        )
+        self.analysis: dict[str, Any] | None = None  # report.json's "analysis" (summary, or error)
+        self._analysis_pending = False  # the analysis worker runs: the job ends once it reports
+        self._analysis_deadline: float | None = None  # set when the slide is written
+        self._writer_done: WriterDone | None = None  # held while the analysis finishes
         self.ring: SlotRing | None = None
         self.levels: tuple[tuple[int, int], ...] = ()
         self.slide_path: str | None = None
@@ -286,7 +299,7 @@ class ScanJob(WorkerJob):
     # -- processes ---------------------------------------------------------------------------
     def _queues(self) -> tuple[JobQueue, ...]:
         queues = (self.events, self.tiles, self.free_slots, self.to_acquisition, self.to_writer)
-        return (*queues, self.to_inference, self.inference_replies)
+        return (*queues, self.to_inference, self.inference_replies, self.to_analysis)
 
     @property
     def stitch(self) -> dict[str, Any] | None:
@@ -348,6 +361,9 @@ class ScanJob(WorkerJob):
         )
         slide = str(self.output_dir / SLIDE_NAME)
         self._spawn("writer", writer_main, (slide, cfg.writer, self.to_writer, self.events))
+        if self.analysis_enabled:
+            self._spawn("analysis", analysis_main, (str(self.output_dir), cfg.analysis, self.to_analysis, self.events))
+            self._analysis_pending = True
         self.to_acquisition.put(self.ring.spec)
         if self.uses_inference:
             self.to_inference.put(self.ring.spec)
@@ -395,6 +411,14 @@ class ScanJob(WorkerJob):
                 # MosaicDone; its message can overtake the stitcher's on the events
                 # queue (two processes, two feeder threads). Finish once both are in.
                 self._early_writer_done = msg
+            case WriterDone() if self._analysis_pending and msg.path is not None:
+                # The slide is written; the analysis finishes its last rows (bounded wait).
+                self._writer_done = msg
+                self._analysis_deadline = time.monotonic() + self.cfg.analysis.finish_timeout_s
+            case AnalysisDone():
+                self._on_analysis_done(msg)
+            case WorkerFailed() if msg.worker == "analysis":
+                self._analysis_failed(f"analysis worker failed: {one_line(msg.message)}")
             case WriterDone():
                 self.peak_rss["writer"] = msg.peak_rss
                 self.cpu_s["writer"] = round(msg.cpu_s, 3)
@@ -412,10 +436,90 @@ class ScanJob(WorkerJob):
         # minutes on a new device): until the worker reports ready, the start timeout applies.
         if name in self._loading:
             return self.cfg.models.worker_start_timeout_s
+        if name == "analysis":  # loading its models (a TensorRT build) cannot beat either
+            return max(self.cfg.daemon.heartbeat_timeout_s, self.cfg.models.worker_start_timeout_s)
         return self.cfg.daemon.heartbeat_timeout_s
 
     def _silent(self, name: str) -> str:
         return "did not load its models" if name in self._loading else "sent no heartbeat"
+
+    # -- analysis: never fails the scan ------------------------------------------------------
+    def _on_analysis_done(self, msg: AnalysisDone) -> None:
+        self.peak_rss["analysis"] = msg.peak_rss
+        if not self._analysis_pending:
+            return
+        self._analysis_pending = False
+        after = None if self._analysis_deadline is None else self.cfg.analysis.finish_timeout_s - (
+            self._analysis_deadline - time.monotonic()
+        )
+        if msg.summary is not None:
+            self.analysis = {**msg.summary, "error": None, "seconds": round(msg.seconds, 3)}
+            if after is not None:
+                self.analysis["ready_after_slide_s"] = round(after, 3)
+        else:
+            self.analysis = {"error": msg.error or "analysis failed", "seconds": round(msg.seconds, 3)}
+        self._publish_analysis()
+        self._resume_writer_done()
+
+    def _analysis_failed(self, error: str) -> None:
+        """The analysis worker died, hung or ran out of time: report it; the slide is not affected."""
+        proc = self.procs.pop("analysis", None)
+        if proc is not None and proc.exitcode is None:
+            proc.kill()
+            proc.join(1.0)
+        if self._analysis_pending:
+            self._analysis_pending = False
+            self.analysis = {"error": error}
+            log.warning("scan %s: %s", self.scan_id, error)
+            self._publish_analysis()
+        self._resume_writer_done()
+
+    def _resume_writer_done(self) -> None:
+        held, self._writer_done = self._writer_done, None
+        if held is not None and not self.done:
+            self._handle(held)
+
+    def _publish_analysis(self) -> None:
+        a = self.analysis or {}
+        files = a.get("files") or {}
+
+        def path(key: str) -> str | None:
+            name = files.get(key)
+            return str(self.output_dir / name) if name else None
+
+        self.publish(
+            AnalysisReadyEvent(
+                scan_id=self.scan_id,
+                error=a.get("error"),
+                slide_score=a.get("slide_score"),
+                tumour_burden_mm2=a.get("tumour_burden_mm2"),
+                tumour_burden_pct=a.get("tumour_burden_pct"),
+                lesion_count=a.get("lesion_count"),
+                largest_lesion_diameter_mm=a.get("largest_lesion_diameter_mm"),
+                tissue_mm2=a.get("tissue_mm2"),
+                nuclei_count=a.get("nuclei_count"),
+                nuclei_density_in_lesions_per_mm2=a.get("nuclei_density_in_lesions_per_mm2"),
+                nuclei_density_outside_per_mm2=a.get("nuclei_density_outside_per_mm2"),
+                annotations=path("annotations"),
+                heatmap=path("heatmap"),
+                job=self.KIND,
+            )
+        )
+
+    def _check_workers(self) -> None:
+        proc = self.procs.get("analysis")
+        if proc is not None and self._analysis_pending and not self.done:
+            now = time.monotonic()
+            if proc.exitcode not in (None, 0):
+                self._drain_events()  # its AnalysisDone or WorkerFailed may be queued: the reason
+                if self._analysis_pending:
+                    self._analysis_failed(f"analysis worker exited with code {proc.exitcode}")
+            elif now - self.heartbeats["analysis"] > self._heartbeat_limit("analysis"):
+                self._analysis_failed(f"analysis worker {self._silent('analysis')} (killed)")
+            elif self._analysis_deadline is not None and now > self._analysis_deadline:
+                limit = self.cfg.analysis.finish_timeout_s
+                self._analysis_failed(f"analysis not finished {limit:.0f} s after the slide (killed)")
+        super()._check_workers()
 
     def _stop_inference(self) -> None:
         if "inference" in self.procs:
@@ -521,6 +625,8 @@ class ScanJob(WorkerJob):
             "resumable": self.finish_reason is not FinishReason.COMPLETED and self.journal_path.exists(),
             "journal": str(self.journal_path) if self.journal_path.exists() else None,
             "resumed": 0 if self.resumed is None else self.resumed.resumes + 1,
+            # Slide analysis ([analysis] enabled): the summary and the files it wrote, or {"error": ...}.
+            "analysis": self.analysis,
         }
 
     def _dicom_series(self) -> str | None:

@@ -40,6 +40,7 @@ from runtime.daemon.state import FinishReason, ScanPhase
 from runtime.errors import one_line
 from runtime.ipc.messages import (
     AcquisitionDone,
+    AnalysisDone,
     FieldDone,
     Heartbeat,
     InferenceDone,
@@ -81,7 +82,7 @@ class ZstackJob(WorkerJob):
                 self._finish(FinishReason.CANCELLED if cancelled else FinishReason.COMPLETED)
             case WorkerFailed():
                 self._fail(f"{msg.worker} failed: {one_line(msg.message)}")
-            case InferenceReady() | InferenceDone() | MosaicDone() | WriterDone():
+            case InferenceReady() | InferenceDone() | MosaicDone() | WriterDone() | AnalysisDone():
                 pass  # a scan's workers only; the recorder never sends them
             case _:
                 assert_never(msg)

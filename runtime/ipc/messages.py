@@ -25,8 +25,9 @@ import dataclasses
 import resource
 import time
 from dataclasses import dataclass
+from multiprocessing.context import SpawnContext
 from multiprocessing.queues import Queue
-from typing import Any, TypeAlias
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 from runtime.devices.scan_plan import FieldPlan, GridPlan
 from runtime.ipc import lifetime
@@ -195,6 +196,17 @@ class InferenceDone:
 
 
 @dataclass(frozen=True)
+class AnalysisDone:
+    """The analysis worker finished: the summary (``report.json``'s ``analysis``) or the error
+    that stopped it (the slide is complete either way)."""
+
+    summary: dict[str, Any] | None
+    error: str | None
+    seconds: float
+    peak_rss: int
+
+
+@dataclass(frozen=True)
 class EndOfStream:
     """The last message on a stream queue (tiles, to_writer, the inference requests): nothing follows.
 
@@ -215,6 +227,7 @@ WorkerEvent: TypeAlias = (
     | MosaicDone
     | WriterDone
     | WorkerFailed
+    | AnalysisDone
 )
 """What the workers tell the scan job (the events queue)."""
 
@@ -237,6 +250,38 @@ TileQueue: TypeAlias = "Queue[TileMessage]"
 WriterQueue: TypeAlias = "Queue[WriterMessage]"
 ControlQueue: TypeAlias = "Queue[AcquisitionControl]"
 SlotQueue: TypeAlias = "Queue[int]"
+
+
+if TYPE_CHECKING:
+    _WriterQueueBase = Queue[WriterMessage]
+else:  # not subscriptable at run time before Python 3.12
+    _WriterQueueBase = Queue
+
+
+class TeeQueue(_WriterQueueBase):
+    """A ``to_writer`` queue whose every ``put`` also goes to a second queue (the analysis worker's).
+
+    The stitcher announces final rows on its ``to_writer``; with a TeeQueue there, the writer
+    and the analysis worker (``[analysis] enabled``) both see every announcement, without the
+    stitcher knowing about analysis. ``get`` reads this queue only (the writer's).
+    """
+
+    def __init__(self, ctx: SpawnContext, also: WriterQueue) -> None:
+        super().__init__(ctx=ctx)
+        self._also = also
+
+    def put(self, obj: WriterMessage, block: bool = True, timeout: float | None = None) -> None:
+        super().put(obj, block, timeout)
+        self._also.put(obj, block, timeout)
+
+    # The pickled state (sent to a spawned worker) is the queue's plus the second queue, as
+    # typeshed's own JoinableQueue extends it: hence the overrides' different state type.
+    def __getstate__(self) -> tuple[Any, WriterQueue]:  # type: ignore[override]
+        return (super().__getstate__(), self._also)
+
+    def __setstate__(self, state: tuple[Any, WriterQueue]) -> None:  # type: ignore[override]
+        base, self._also = state
+        super().__setstate__(base)
 
 
 class HeartbeatSender:
