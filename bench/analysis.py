@@ -59,6 +59,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--models", type=Path, default=None, help="analysis model root (default: the committed ones)")
     p.add_argument("--baseline-only", action="store_true", help="only the classical baselines")
     p.add_argument("--scan-cost", action="store_true", help="also time a replayed scan with analysis on vs off")
+    p.add_argument("--cost-fields", type=int, default=8, help="--scan-cost: N x N fields of 512 px (default 8)")
+    p.add_argument("--cost-repeats", type=int, default=2, help="--scan-cost: scans per setting, alternated")
     p.add_argument("--json", action="store_true", help="one JSON object instead of tables")
 
 
@@ -325,6 +327,71 @@ def trained_models(root: Path | None) -> tuple[Any, str | None]:
         return None, str(err)
 
 
+# --------------------------------------------------------------------------- scan-path cost
+
+
+def scan_cost(fields: int, repeats: int, trained: bool) -> dict[str, Any]:
+    """Wall time of a replayed scan (start_scan -> scan_finished, through the daemon as ``bench e2e``
+    runs it: replayed as fast as the CPU allows, one z plane) with ``[analysis]`` off and on,
+    alternated ``repeats`` times; medians. With analysis on, the scan ends once the analysis is
+    written too, so the difference is everything the analysis costs the scan."""
+    import tempfile
+
+    from bench.e2e import _scan
+    from hw_sim.synth import SynthParams, synthesize
+
+    models = "trained" if trained else "baseline"
+    with tempfile.TemporaryDirectory(prefix="bench-analysis-") as tmp:
+        work = Path(tmp)
+        rec = synthesize(
+            work / "rec.zarr",
+            SynthParams(
+                fields_x=fields,
+                fields_y=fields,
+                seed=900_500,
+                tile=512,
+                z_planes=1,
+                coarse_focus_error_um=0.0,
+                lesions=2,
+                mimics=1,
+            ),
+        )
+        configs = {}
+        for name, enabled in (("off", False), ("on", True)):
+            configs[name] = work / f"{name}.toml"
+            configs[name].write_text(
+                '[focus]\nstrategy = "contrast_sweep"\nsweep_steps = 3\n\n'
+                f'[analysis]\nenabled = {"true" if enabled else "false"}\nmodels = "{models}"\n'
+            )
+        walls: dict[str, list[float]] = {"off": [], "on": []}
+        ready: list[float] = []
+        analysis: dict[str, Any] | None = None
+        for r in range(repeats):
+            for name in ("off", "on"):
+                report = _scan(rec, work / f"scan-{name}-{r}", configs[name], None)
+                t = report["_times"]
+                walls[name].append(t["finished"] - t["start"])
+                if name == "on":
+                    analysis = report.get("analysis")
+                    if analysis is None or analysis.get("error"):
+                        raise RuntimeError(f"the analysis did not run: {analysis}")
+                    ready.append(float(analysis.get("ready_after_slide_s", float("nan"))))
+    off, on = float(np.median(walls["off"])), float(np.median(walls["on"]))
+    assert analysis is not None
+    return {
+        "fields": [fields, fields],
+        "tile": 512,
+        "models": models,
+        "off_s": off,
+        "on_s": on,
+        "cost_pct": 100.0 * (on - off) / off,
+        "ready_after_slide_s": round(float(np.median(ready)), 3),
+        "walls": walls,
+        "analysis_patches": analysis.get("patches"),
+        "analysis_timing_s": analysis.get("timing_s"),
+    }
+
+
 # --------------------------------------------------------------------------- the bench
 
 
@@ -352,9 +419,7 @@ def run(args: argparse.Namespace) -> int:
         "targets": TARGETS,
     }
     if args.scan_cost:
-        from bench.analysis_cost import scan_cost
-
-        result["scan_cost"] = scan_cost()
+        result["scan_cost"] = scan_cost(args.cost_fields, args.cost_repeats, "models" in runs)
     rows = []
     for name, r in runs.items():
         rows.append(
