@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from bench.e2e import Timeline, split_cores, steady_rate
 from bench.report import Column, format_table
 
 
@@ -75,4 +77,86 @@ def test_e2e_bench_json(tmp_path: Path) -> None:
     q = r["quality"]
     # Compression alone costs little; against the truth, aligned windows must match closely.
     assert q["psnr_jpeg_vs_mosaic_db"] > 35 and q["psnr_aligned_db"] > 33
+    # CPU seconds of every process, from the report; acquisition split into driver and runtime.
+    cpu, per_gpx = r["cpu_seconds"], r["cpu_seconds_per_gpx"]
+    assert set(cpu) >= {"supervisor", "acquisition", "stitcher", "writer", "acquisition.driver", "acquisition.runtime"}
+    assert all(v > 0 for v in cpu.values()), cpu
+    assert cpu["acquisition.driver"] + cpu["acquisition.runtime"] == pytest.approx(cpu["acquisition"], abs=2e-3)
+    assert per_gpx["stitcher"] == pytest.approx(cpu["stitcher"] / (r["megapixels"] / 1000), rel=1e-2)
+    daemon = cpu["supervisor"] + cpu["stitcher"] + cpu["writer"]
+    assert r["daemon_cpu_seconds"] == pytest.approx(daemon, abs=2e-3)
+    # The timeline: one time per tile at each stage, in pipeline order, none after the slide closed.
+    tl = r["timeline"]
+    assert len(tl["captured_s"]) == len(tl["placed_s"]) == len(tl["in_mosaic_s"]) == 9
+    assert max(tl["captured_s"]) <= max(tl["in_mosaic_s"]) <= r["start_to_closed_s"] + 1e-3
+    assert tl["slide_bytes"] and tl["slide_bytes"][-1][1] <= r["slide_bytes"]
+    assert r["cores"] is None and r["affinity"]["supervisor"] == r["affinity"]["bench"]
     assert list(tmp_path.iterdir()) == [], "without --keep the bench cleans up"
+
+
+@pytest.mark.skipif(
+    len(os.sched_getaffinity(0)) < 2, reason="--cores 1 keeps the daemon off the bench's core: needs 2 cores"
+)
+def test_e2e_bench_pins_the_daemon_and_draws_the_timeline(tmp_path: Path) -> None:
+    """--cores 1: the daemon and every worker run on the last core, the bench on the others."""
+    charts = tmp_path / "charts"
+    cmd = [sys.executable, "-m", "bench", "e2e", "--fields", "3", "2", "--tile", "256", "--samples", "0"]
+    cmd += ["--cores", "1", "--json", "--workdir", str(tmp_path / "w"), "--plot", str(charts)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    r = json.loads(proc.stdout)
+    last = max(os.sched_getaffinity(0))
+    affinity = r["affinity"]
+    assert set(affinity) >= {"bench", "supervisor", "acquisition", "stitcher", "writer"}
+    for name, cores in affinity.items():
+        if name == "bench":
+            assert last not in cores, affinity
+        else:
+            assert cores == [last], f"{name} may run on {cores}, not only on core {last}"
+    assert r["cores"] == 1 and r["fields"] == 6 and r["quality"] is None
+    assert r["cpu_seconds"]["stitcher"] > 0 and r["daemon_cpu_seconds_per_gpx"] > 0
+    for png in ("e2e.png", "e2e-timeline.png"):
+        assert f"chart: {charts / png}" in proc.stderr
+        assert (charts / png).stat().st_size > 10_000
+
+
+def test_e2e_cores_are_split_between_the_daemon_and_the_bench() -> None:
+    assert split_cores(1, {0, 1}) == ({1}, {0})
+    assert split_cores(2, {0, 1}) == ({0, 1}, {0, 1}), "no core left: the bench shares them"
+    assert split_cores(2, {2, 5, 7}) == ({5, 7}, {2})
+    for bad in (0, 3):
+        with pytest.raises(ValueError, match=f"--cores {bad}: this process may use 2 cores"):
+            split_cores(bad, {0, 1})
+
+
+def test_e2e_timeline_reads_the_journal_as_it_grows(tmp_path: Path) -> None:
+    """Tiles are placed, then in the mosaic once a ``written`` record covers their rows; a torn
+    last line waits for the next poll; the slide's growth is sampled."""
+    journal = tmp_path / "journal.jsonl"
+    tl = Timeline(tmp_path, t0=100.0)
+    lines = [
+        {"kind": "scan", "frame_shape": [256, 256]},
+        {"kind": "placed", "index": 0, "y": 0.4, "x": 0.0, "iy": 0, "ix": 0},
+        {"kind": "placed", "index": 1, "y": 200.2, "x": 0.0, "iy": 200, "ix": 0},
+        {"kind": "written", "rows": 300},  # covers tile 0 (rows 0-255), not tile 1 (200-455)
+        {"kind": "written", "rows": 200, "level": 1},  # a lower level: not level 0's rows
+    ]
+    text = "".join(json.dumps(x) + "\n" for x in lines)
+    journal.write_text(text + '{"kind": "written", "ro')  # the stitcher is writing the next line
+    (tmp_path / "slide.ome.tif.partial").write_bytes(b"x" * 10)
+    tl.poll(101.0)
+    assert tl.placed == [1.0, 1.0] and tl.in_mosaic == [1.0]
+    assert tl.slide_bytes == [(1.0, 10)]
+    journal.write_text(text + '{"kind": "written", "rows": 456}\n')
+    tl.poll(102.5)
+    assert tl.in_mosaic == [1.0, 2.5]
+    tl.close(closed=103.0)
+    assert tl.in_mosaic == [1.0, 2.5], "nothing was left out of the mosaic"
+
+
+def test_steady_rate_is_the_middle_of_the_scan() -> None:
+    # 10 tiles of 2 Mpx: the 2nd (20%) at 1 s, the 8th (80%) at 4 s -> 6 tiles x 2 Mpx / 3 s.
+    times = [0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 9.0, 9.5]
+    assert steady_rate(times, 10, 2.0) == pytest.approx(4.0)
+    assert steady_rate(times[:5], 10, 2.0) is None, "fewer tiles than the 80% mark"
+    assert steady_rate([1.0] * 10, 10, 2.0) is None, "all at once: no rate"

@@ -54,6 +54,20 @@ def test_a_table_becomes_one_bar_chart_per_numeric_column(tmp_path: Path) -> Non
     assert plots._label({"w": 2}, [Column("w", "workers")]) == "workers 2"
 
 
+def test_a_timeline_draws_each_series_and_its_second_axis(tmp_path: Path) -> None:
+    """bench e2e's timeline: step lines of counts over time, the slide's MiB dashed on the right."""
+    series = {"captured": [(0.0, 0.0), (1.0, 1.0), (2.0, 2.0)], "placed": [(0.0, 0.0), (1.5, 1.0), (2.5, 2.0)]}
+    out = plots.timeline_chart(
+        series, tmp_path / "t.png", ylabel="tiles", secondary=("MiB", [(1.0, 0.5), (3.0, 2.0)]), marks={"closed": 3.0}
+    )
+    image = matplotlib_image.imread(out)[..., :3]
+    blue, orange = np.array([0x1F, 0x77, 0xB4]) / 255, np.array([0xFF, 0x7F, 0x0E]) / 255  # matplotlib's C0, C1
+    for colour in (blue, orange):
+        assert np.all(np.abs(image - colour) < 0.02, axis=-1).sum() > 100, "a series is missing"
+    # Outside a --plot session a bench's timeline call draws nothing.
+    assert plots.timeline("timeline", series, ylabel="tiles") is None and not plots.written()
+
+
 def test_every_bench_takes_plot(capsys: pytest.CaptureFixture[str]) -> None:
     for name in BENCHES:
         with pytest.raises(SystemExit) as exc:

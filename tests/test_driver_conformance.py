@@ -13,7 +13,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from runtime.devices.protocols import Driver, DriverError, ScanArea, StagePosition
+from runtime.devices.protocols import Driver, DriverError, ScanArea, StagePosition, check_frame_buffer
 from runtime.devices.testing import DriverFactory, DriverTests
 from tests.conftest import SMALL
 
@@ -85,6 +85,14 @@ class MemoryCamera:
         return frame
 
 
+class GrabberCamera(MemoryCamera):
+    """A FrameGrabber: writes the frame into the caller's buffer."""
+
+    def snap_into(self, out: npt.NDArray[np.uint8]) -> None:
+        check_frame_buffer(out, self.frame_shape)
+        out[...] = self.snap()
+
+
 class MemoryDriver:
     """No default scan area, no simulated clock."""
 
@@ -124,6 +132,16 @@ class TestMemoryDriver(DriverTests):
         return 5000.0
 
 
+class TestMemoryFrameGrabber(TestMemoryDriver):
+    """The same driver with a camera that is a FrameGrabber (snap_into)."""
+
+    @pytest.fixture
+    def driver(self) -> Iterator[Driver]:
+        d = MemoryDriver(camera=GrabberCamera)
+        yield d
+        d.close()
+
+
 # --------------------------------------------------------------------------- broken drivers
 
 
@@ -148,6 +166,20 @@ class OneBuffer(MemoryCamera):
             self.buf = frame
         self.buf[...] = frame
         return self.buf
+
+
+class OffByOneGrabber(MemoryCamera):
+    """snap_into() writes a frame that is not the one snap() returns there."""
+
+    def snap_into(self, out: npt.NDArray[np.uint8]) -> None:
+        out[...] = self.snap() + 1
+
+
+class LaxGrabber(MemoryCamera):
+    """snap_into() writes whatever fits, and accepts any buffer."""
+
+    def snap_into(self, out: npt.NDArray[np.uint8]) -> None:
+        out[...] = self.snap()[: out.shape[0], : out.shape[1]] if out.shape[1] <= 64 else 0
 
 
 class NumpyShape(MemoryCamera):
@@ -186,6 +218,18 @@ CheckFailed = (AssertionError, pytest.fail.Exception)
         pytest.param(lambda: MemoryDriver(camera=FortranFrames), "test_snap_returns_a_frame", CheckFailed, id="F"),
         pytest.param(lambda: MemoryDriver(camera=OneBuffer), "test_frames_belong_to_the_caller", CheckFailed, id="buf"),
         pytest.param(lambda: MemoryDriver(camera=NumpyShape), "test_frame_shape", CheckFailed, id="np-shape"),
+        pytest.param(
+            lambda: MemoryDriver(camera=OffByOneGrabber),
+            "test_snap_into_writes_the_frame_snap_returns",
+            CheckFailed,
+            id="grab-other",
+        ),
+        pytest.param(
+            lambda: MemoryDriver(camera=LaxGrabber),
+            "test_snap_into_writes_the_frame_snap_returns",
+            CheckFailed,
+            id="lax",
+        ),
         pytest.param(lambda: MemoryDriver(stage=StuckZ), "test_move_z_keeps_xy", CheckFailed, id="stuck-z"),
         pytest.param(
             lambda: MemoryDriver(stage=ValueErrorStage), "test_unreachable_xy_raises_driver_error", ValueError, id="err"

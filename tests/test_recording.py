@@ -205,6 +205,36 @@ def test_truncated_and_missing_frames_are_named(broken: Path) -> None:
         rec.plane(9, 0)
 
 
+def test_plane_into_decodes_the_chunk_into_the_buffer_as_zarr_does(rec_path: Path) -> None:
+    """The direct zstd path (hw_sim's codecs) gives zarr's pixels, in the caller's buffer."""
+    rec = Recording.open(rec_path)
+    stacks = zarr.open_array(rec_path / "stacks", mode="r")
+    out = np.zeros((128, 128, 3), np.uint8)
+    for field, k in [(0, 0), (2, 4), (3, 1)]:
+        assert rec.plane_into(field, k, out) is out
+        np.testing.assert_array_equal(out, stacks[field, k])
+        np.testing.assert_array_equal(rec.plane(field, k), stacks[field, k])
+    for bad in (np.zeros((128, 127, 3), np.uint8), np.zeros((128, 128, 3), np.int16), out[:, ::-1]):
+        with pytest.raises(ValueError, match="frame buffer"):
+            rec.plane_into(0, 0, bad)
+
+
+def test_a_damaged_or_foreign_chunk_is_named(broken: Path) -> None:
+    rec = Recording.open(broken)
+    chunk = broken / "stacks" / "c" / "1" / "2" / "0" / "0" / "0"
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped bit pattern: the zstd content checksum catches it
+    chunk.write_bytes(bytes(data))
+    with pytest.raises(RecordingError, match=r"field 1 plane 2: frame corrupt or truncated"):
+        rec.plane(1, 2)
+    # A sound zstd frame of the wrong size (another recording's chunk): named, not half-filled.
+    from numcodecs.zstd import compress
+
+    chunk.write_bytes(compress(bytes(64 * 64 * 3), 3))
+    with pytest.raises(RecordingError, match=r"field 1 plane 2: frame corrupt .*holds 12288 bytes, a frame is 49152"):
+        rec.plane(1, 2)
+
+
 def test_not_a_recording(tmp_path: Path) -> None:
     with pytest.raises(RecordingError, match="not a recording"):
         Recording.open(tmp_path)

@@ -32,6 +32,7 @@ from runtime.devices.protocols import (
     Camera,
     Driver,
     DriverError,
+    FrameGrabber,
     ScanArea,
     SimulatedClock,
     Stage,
@@ -64,6 +65,9 @@ class DriverTests:
     * ``snap()`` returns a C-contiguous ``frame_shape + (3,)`` uint8 array at every scan
       position and z tried, leaves the stage where it was, and hands over a frame the
       caller owns (a later snap does not change it, nor share its memory);
+    * a camera that is a :class:`FrameGrabber` writes with ``snap_into(out)`` the frame ``snap()``
+      returns at the same position, only into ``out``, and refuses an ``out`` that cannot take a
+      frame with ValueError;
     * ``move_xy``/``move_z`` are reflected by ``position()`` (the commanded position),
       each leaving the other axes alone, and repeating a move is accepted;
     * a position the driver cannot serve raises :class:`DriverError` with a message, and
@@ -258,6 +262,30 @@ class DriverTests:
             "snap() returned memory shared with an earlier frame"
         )
         assert np.array_equal(first, kept), "a later snap() changed an earlier frame"
+
+    def test_snap_into_writes_the_frame_snap_returns(self, driver: Driver) -> None:
+        camera = driver.camera
+        if not isinstance(camera, FrameGrabber):
+            pytest.skip("the camera is not a FrameGrabber (no snap_into)")
+        h, w = camera.frame_shape
+        positions, zs = self.scan_positions(driver), self.z_positions(driver)
+        for (x, y), z in [(positions[0], zs[0]), (positions[-1], zs[len(zs) // 2])]:
+            driver.stage.move_xy(x, y)
+            driver.stage.move_z(z)
+            out = np.full((h, w, 3), 7, np.uint8)
+            camera.snap_into(out)
+            frame = camera.snap()
+            assert np.array_equal(out, frame), f"snap_into() at ({x}, {y}, z={z}) wrote another frame than snap()"
+            assert not np.shares_memory(out, frame), "snap() returned the buffer snap_into() wrote"
+        bad_buffers: list[tuple[Any, str]] = [
+            (np.zeros((h, w + 1, 3), np.uint8), "a wrong shape"),
+            (np.zeros((h, w, 3), np.float32), "float32"),
+            (np.asfortranarray(np.zeros((h, w, 3), np.uint8)), "a Fortran-ordered array"),
+        ]
+        for bad, what in bad_buffers:
+            with pytest.raises(ValueError):
+                camera.snap_into(bad)
+                pytest.fail(f"snap_into() accepted {what}")
 
     # ------------------------------------------------------------------ stage
 
