@@ -70,7 +70,9 @@ def analyze(args: argparse.Namespace) -> int:
             models = load_models(
                 cfg.tumour_dir, cfg.nuclei_dir, cfg.slide_dir, backend=cfg.backend, with_nuclei=not args.no_nuclei
             )
-        summary = analyze_file(args.slide, args.out, models, nuclei=not args.no_nuclei, batch_size=cfg.batch_size)
+        summary = analyze_file(
+            args.slide, args.out, models, nuclei=not args.no_nuclei, batch_size=cfg.batch_size, cam=args.cam
+        )
     except AnalysisError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -110,6 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     an.add_argument("--config", type=Path, default=None, help="TOML config: its [analysis] section (model folders)")
     an.add_argument("--baseline", action="store_true", help="the classical baselines instead of the trained models")
     an.add_argument("--no-nuclei", action="store_true", help="skip nuclei detection")
+    an.add_argument(
+        "--cam", type=int, default=0, metavar="K", help="also cam.png: the classifier's occlusion view of K top patches"
+    )
     add_ctl_parser(sub)
     add_export_parser(sub)
     add_batch_parser(sub)

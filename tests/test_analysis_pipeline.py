@@ -14,6 +14,8 @@ import tifffile
 
 from bench.analysis import ArraySource, render_slide
 from runtime.analysis import geojson
+from runtime.analysis.baselines import NuclearDensityTumour
+from runtime.analysis.heatmap import occlusion_map
 from runtime.analysis.lesions import find_lesions
 from runtime.analysis.pipeline import (
     GridResult,
@@ -175,8 +177,8 @@ def test_offline_analyze_writes_every_output(tmp_path: Path, small_slide: list[n
     slide = tmp_path / "slide.ome.tif"
     _write_pyramid_tiff(slide, small_slide, PX)
     out = tmp_path / "analysis"
-    assert main(["analyze", str(slide), "--out", str(out), "--baseline"]) == 0
-    for name in ("annotations.geojson", "nuclei.geojson", "heatmap.ome.tif", "heatmap.png", "attention.png"):
+    assert main(["analyze", str(slide), "--out", str(out), "--baseline", "--cam", "3"]) == 0
+    for name in ("annotations.geojson", "nuclei.geojson", "heatmap.ome.tif", "heatmap.png", "attention.png", "cam.png"):
         assert (out / name).is_file(), name
     assert geojson.check_file(out / "annotations.geojson") >= 1
     assert geojson.check_file(out / "nuclei.geojson") > 100
@@ -197,3 +199,17 @@ def test_offline_analyze_names_a_bad_slide(tmp_path: Path, capsys: pytest.Captur
     bad.write_bytes(b"not a tiff")
     assert main(["analyze", str(bad), "--out", str(tmp_path / "o"), "--baseline"]) == 2
     assert "not a readable TIFF" in capsys.readouterr().err
+
+
+def test_occlusion_view_points_at_what_the_classifier_reads() -> None:
+    """The class-activation view of the nuclear-density baseline lights up its dense nuclei, not the stroma."""
+    model = NuclearDensityTumour()
+    p = model.patch_px
+    patch = np.full((p, p, 3), (235, 170, 225), np.uint8)  # pale eosin
+    dark = 9 * p // 16
+    patch[:, :dark] = (70, 40, 140)  # the left 9/16: dense haematoxylin, just over the baseline's threshold
+    assert model.predict(patch[None]).probability[0] > 0.7
+    heat = occlusion_map(model, patch)  # blocks of p/4, stride p/8
+    assert heat.shape == (p, p)
+    assert heat[:, : dark - p // 4].min() > 0.1  # hiding any of the dense part lowers the probability
+    assert abs(heat[:, dark + p // 4 - 2 :]).max() < 1e-6  # hiding only stroma changes nothing

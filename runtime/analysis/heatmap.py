@@ -9,6 +9,9 @@ halved until the smaller side is at most 16 px (at least one).
 ``heatmap.png`` / ``attention.png``: the slide's thumbnail with the probability (or the MIL
 attention, normalised to its maximum) drawn over it in a red-yellow colour ramp, transparent
 where nothing was analysed; an RGBA overlay without the thumbnail when none is given.
+
+``cam.png`` (on request: ``python -m runtime analyze --cam K``): the class-activation view of
+the tumour classifier for the K most tumour-like patches, by occlusion (:func:`occlusion_map`).
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 import tifffile
+
+from runtime.analysis.types import F32, TumourModel
 
 if TYPE_CHECKING:
     from runtime.analysis.pipeline import GridResult
@@ -140,6 +145,69 @@ def write_overlay(
     path = Path(path)
     tmp = path.with_name(f".{path.name}.partial.png")
     if not cv2.imwrite(str(tmp), bgr):
+        raise OSError(f"could not write {path}")
+    os.replace(tmp, path)
+    return path
+
+
+# --------------------------------------------------------------------------- class-activation view
+
+
+def occlusion_map(model: TumourModel, patch: npt.NDArray[np.uint8], block: int = 0, stride: int = 0) -> F32:
+    """Where in ``patch`` the tumour model sees tumour: the probability lost when each part is hidden.
+
+    Occlusion sensitivity (Zeiler & Fergus 2014), the class-activation view that needs no
+    gradients (ONNX Runtime has none, so Grad-CAM cannot run on the deployed model): a square of
+    ``block`` px (default a quarter of the patch) replaced by glass (white: "no tissue here")
+    slides over it by ``stride`` (default half a block); each pixel gets the mean drop of the
+    tumour probability over the squares covering it (negative: hiding it makes the patch look
+    more like tumour). One batch of model calls per patch.
+    """
+    p = patch.shape[0]
+    block = block or max(2, p // 4)
+    stride = stride or max(1, block // 2)
+    fill = np.uint8(255)
+    starts = list(range(0, p - block + 1, stride))
+    if starts[-1] != p - block:
+        starts.append(p - block)
+    batch = [patch]
+    for y in starts:
+        for x in starts:
+            q = patch.copy()
+            q[y : y + block, x : x + block] = fill
+            batch.append(q)
+    prob = model.predict(np.stack(batch)).probability
+    heat = np.zeros((p, p), np.float32)
+    count = np.zeros((p, p), np.float32)
+    k = 1
+    for y in starts:
+        for x in starts:
+            heat[y : y + block, x : x + block] += prob[0] - prob[k]
+            count[y : y + block, x : x + block] += 1
+            k += 1
+    return (heat / np.maximum(count, 1)).astype(np.float32)
+
+
+def write_cam(path: Path, patches: list[npt.NDArray[np.uint8]], maps: list[F32], probs: list[float]) -> Path:
+    """A PNG montage, one row per patch: the patch, and its occlusion map over it (red: tumour evidence)."""
+    if not patches:
+        raise ValueError("no patches for the class-activation view")
+    size = 192
+    rows = []
+    for patch, heat, prob in zip(patches, maps, probs, strict=True):
+        big = cv2.resize(patch, (size, size), interpolation=cv2.INTER_NEAREST)
+        top = max(float(heat.max()), 1e-6)
+        v = cv2.resize(np.clip(heat / top, 0, 1), (size, size), interpolation=cv2.INTER_LINEAR)
+        alpha = (0.65 * v)[..., None]
+        over = np.clip(big * (1 - alpha) + _ramp(v.astype(np.float32)) * alpha, 0, 255).astype(np.uint8)
+        row = np.concatenate([big, np.full((size, 4, 3), 255, np.uint8), over], axis=1)
+        cv2.putText(row, f"p={prob:.2f}", (4, 16), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (0, 0, 0), 1, cv2.LINE_AA)
+        rows.append(row)
+        rows.append(np.full((4, row.shape[1], 3), 255, np.uint8))
+    img = np.concatenate(rows[:-1], axis=0)
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.partial.png")
+    if not cv2.imwrite(str(tmp), cv2.cvtColor(img, cv2.COLOR_RGB2BGR)):
         raise OSError(f"could not write {path}")
     os.replace(tmp, path)
     return path

@@ -49,6 +49,7 @@ NUCLEI_NAME = "nuclei.geojson"
 HEATMAP_NAME = "heatmap.ome.tif"
 HEATMAP_PNG = "heatmap.png"
 ATTENTION_PNG = "attention.png"
+CAM_PNG = "cam.png"
 SUMMARY_NAME = "analysis.json"
 
 
@@ -127,6 +128,12 @@ class SlideGeometry:
             if self.pixel_size_um * self.downsample(k) <= want_um * 1.001:
                 best = k
         return best, want_um / (self.pixel_size_um * self.downsample(best))
+
+
+def tumour_grid(geometry: SlideGeometry, model: TumourModel) -> tuple[int, int]:
+    """The level the tumour grid is cut from and the cell side in that level's pixels."""
+    level, factor = geometry.level_for(model.pixel_size_um)
+    return level, max(1, round(model.patch_px * factor))
 
 
 @dataclass
@@ -233,9 +240,7 @@ class SlideAnalyzer:
         self.models = models
         self.batch_size = max(1, batch_size)
         self.min_tissue = min_tissue
-        t = models.tumour
-        self.t_level, t_factor = geometry.level_for(t.pixel_size_um)
-        self.cell_l = max(1, round(t.patch_px * t_factor))  # cell side in tumour-level pixels
+        self.t_level, self.cell_l = tumour_grid(geometry, models.tumour)
         self.t_ds = geometry.downsample(self.t_level)
         th, tw = geometry.level_shapes[self.t_level]
         self.grid_shape = (math.ceil(th / self.cell_l), math.ceil(tw / self.cell_l))
@@ -572,20 +577,56 @@ def write_outputs(
 
 
 def analyze_file(
-    slide: Path, out_dir: Path, models: ModelSet, *, nuclei: bool = True, batch_size: int = 64
+    slide: Path, out_dir: Path, models: ModelSet, *, nuclei: bool = True, batch_size: int = 64, cam: int = 0
 ) -> dict[str, Any]:
-    """``python -m runtime analyze``: the same analysis on an existing pyramidal TIFF."""
+    """``python -m runtime analyze``: the same analysis on an existing pyramidal TIFF (``cam``:
+    also the class-activation view of that many top patches, ``cam.png``)."""
     t0 = time.perf_counter()
     src = TiffSource(slide)
     try:
         result = analyze_source(src, models, batch_size=batch_size, nuclei=nuclei)
+        result.stats["analysis_s"] = time.perf_counter() - t0
         thumb = src.thumbnail(2048)
+        summ = write_outputs(out_dir, result, models, thumb)
+        if cam > 0:
+            write_cam(src, result, models.tumour, out_dir, cam)
+            summ["files"]["cam_png"] = CAM_PNG
     finally:
         src.close()
-    result.stats["analysis_s"] = time.perf_counter() - t0
-    summ = write_outputs(out_dir, result, models, thumb)
     summ["slide"] = str(slide)
     return summ
+
+
+def top_patches(source: SlideSource, result: GridResult, model: TumourModel, k: int) -> list[tuple[U8, float]]:
+    """The ``k`` analysed cells of highest tumour probability, read again from ``source`` and
+    resampled as the model saw them, with their probabilities."""
+    level, cell = tumour_grid(source.geometry, model)
+    prob = np.where(result.analysed, result.probability, -1.0)
+    order = np.argsort(prob, axis=None)[::-1][:k]
+    h, w = source.geometry.level_shapes[level]
+    out = []
+    for flat in order:
+        i, j = divmod(int(flat), prob.shape[1])
+        if prob[i, j] < 0:
+            break
+        rows = source.read_rows(level, i * cell, min(h, (i + 1) * cell))
+        patch = np.full((cell, cell, 3), WHITE, np.uint8)
+        part = rows[:, j * cell : min(w, (j + 1) * cell)]
+        patch[: part.shape[0], : part.shape[1]] = part
+        out.append((_resize(patch, model.patch_px), float(result.probability[i, j])))
+    return out
+
+
+def write_cam(source: SlideSource, result: GridResult, model: TumourModel, out_dir: Path, k: int) -> Path:
+    """``cam.png``: the class-activation view of the ``k`` most tumour-like patches."""
+    from runtime.analysis.heatmap import occlusion_map
+    from runtime.analysis.heatmap import write_cam as write_montage
+
+    found = top_patches(source, result, model, k)
+    if not found:
+        raise AnalysisError("no tissue patch for the class-activation view")
+    maps = [occlusion_map(model, p) for p, _ in found]
+    return write_montage(Path(out_dir) / CAM_PNG, [p for p, _ in found], maps, [pr for _, pr in found])
 
 
 def iter_bands(height: int, band: int) -> Iterator[tuple[int, int]]:
