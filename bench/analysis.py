@@ -428,7 +428,7 @@ def run(args: argparse.Namespace) -> int:
                 "sens": r["froc"]["sensitivity_at_0.5_fp"],
                 "froc": r["froc"]["froc_score"],
                 "dice": r["dice_pooled"],
-                "burden": r["burden_error_pct_pooled"],
+                "burden": r["burden_error_pct_mean"],
                 "auc": r["slide_auc"],
                 "auc_max": r["slide_auc_max_probability"],
                 "nuc_f1": r.get("nuclei", {}).get("f1"),
@@ -440,7 +440,7 @@ def run(args: argparse.Namespace) -> int:
         Column("sens", "sens@0.5FP", ".3f"),
         Column("froc", "FROC", ".3f"),
         Column("dice", "Dice", ".3f"),
-        Column("burden", "burden err %", ".1f"),
+        Column("burden", "burden err % (mean)", ".1f"),
         Column("auc", "AUC", ".3f"),
         Column("auc_max", "AUC maxprob", ".3f"),
         Column("nuc_f1", "nuclei F1", ".3f"),
@@ -452,6 +452,11 @@ def run(args: argparse.Namespace) -> int:
         f"{args.size_um:.0f} µm square at {PX_UM} µm/px, {n_les} tumour lesions; rendered in {render_s:.1f} s"
     )
     notes.append("targets: " + ", ".join(f"{k} {v}" for k, v in TARGETS.items()))
+    notes.append(
+        "sens@0.5FP: lesion sensitivity at <= 0.5 false-positive detections per slide; FROC: mean sensitivity at "
+        "1/4..8 FP/slide; Dice pooled over the tumour slides; burden error: mean over tumour slides of "
+        "|found - truth| / truth area"
+    )
     if "scan_cost" in result:
         sc = result["scan_cost"]
         notes.append(

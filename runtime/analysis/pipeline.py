@@ -117,8 +117,16 @@ class SlideGeometry:
     pixel_size_um: float
 
     def downsample(self, k: int) -> float:
-        """Level-0 pixels per level-``k`` pixel (from the widths: levels round up their sizes)."""
-        return self.level_shapes[0][1] / self.level_shapes[k][1]
+        """Level-0 pixels per level-``k`` pixel: the power of two the widths' ratio rounds to (a
+        pyramid that halves and rounds up, like ours, is exactly 2^k: 701 px -> 351 px is 2, not
+        1.997), else the ratio itself (a pyramid of other factors)."""
+        ratio = self.level_shapes[0][1] / self.level_shapes[k][1]
+        pow2 = 2.0 ** round(math.log2(ratio))
+        return (
+            pow2
+            if abs(ratio / pow2 - 1.0) < 0.01 or abs(self.level_shapes[k][1] - self.level_shapes[0][1] / pow2) < 1
+            else ratio
+        )
 
     def level_for(self, want_um: float) -> tuple[int, float]:
         """The level to read for a model at ``want_um`` per pixel, and the resampling factor (model
