@@ -394,7 +394,8 @@ COLUMNS = [
 ]
 
 DAEMON = ("supervisor", "stitcher", "writer", "inference")
-"""The daemon's processes in ``daemon CPU-s/Gpx``; acquisition (camera and focus) is apart."""
+"""The daemon's processes in ``daemon CPU-s/Gpx``; acquisition (camera and focus) is apart, and so
+is the slide analysis worker when ``[analysis]`` is enabled (a product of its own, not the scan's)."""
 
 
 def cpu_figures(report: dict[str, Any], mpx: float) -> dict[str, Any]:

@@ -446,6 +446,7 @@ class ScanJob(WorkerJob):
     # -- analysis: never fails the scan ------------------------------------------------------
     def _on_analysis_done(self, msg: AnalysisDone) -> None:
         self.peak_rss["analysis"] = msg.peak_rss
+        self.cpu_s["analysis"] = round(msg.cpu_s, 3)
         if not self._analysis_pending:
             return
         self._analysis_pending = False

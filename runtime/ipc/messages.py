@@ -54,7 +54,7 @@ def peak_rss_bytes() -> int:
 def cpu_seconds() -> float:
     """CPU time this process has used so far, user + system, all its threads (getrusage).
 
-    The done messages (AcquisitionDone, MosaicDone, WriterDone, InferenceDone) carry it as
+    The done messages (AcquisitionDone, MosaicDone, WriterDone, InferenceDone, AnalysisDone) carry it as
     ``cpu_s``, taken when the message is made (a default factory: each worker makes its done
     message as its last act, and none has to remember to fill it in), so the report says what
     each process of a scan cost, independent of how many cores it shared (``python -m bench
@@ -204,6 +204,7 @@ class AnalysisDone:
     error: str | None
     seconds: float
     peak_rss: int
+    cpu_s: float = dataclasses.field(default_factory=cpu_seconds)  # when made
 
 
 @dataclass(frozen=True)
