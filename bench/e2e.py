@@ -549,7 +549,7 @@ def run(a: argparse.Namespace) -> int:
         f"mosaic {h} x {w}, {len(result['levels'])} levels, slide {result['slide_bytes'] / 2**20:.0f} MiB; "
         f"{result['captures']} captures; synthesis {synth_s or 0:.0f} s (not measured)",
         "CPU-s (CPU-s/Gpx) per process: "
-        + ", ".join(f"{k} {v:.1f} ({per_gpx[k]:.1f})" for k, v in cpu.items() if k != "acquisition"),
+        + ", ".join(f"{k} {v:.2f} ({per_gpx[k]:.1f})" for k, v in cpu.items() if k != "acquisition"),
         "peak RSS MiB per process: " + ", ".join(f"{k} {v:.0f}" for k, v in result["peak_rss_mib"].items()),
         "steady Mpx/s: tiles into the mosaic between "
         + " and ".join(f"{f:.0%}" for f in STEADY)
