@@ -122,7 +122,7 @@ def test_memory_is_bounded_by_a_tile_height(recordings: dict[str, Path], tmp_pat
     block_bytes = store.chunk * store.chunk * 4
     strips = 2 * g.tile_height * g.tile_width
     assert acc.stats.peak_held_bytes <= acc.stats.peak_blocks * block_bytes + 16 * tile_bytes + strips
-    assert acc.stats.spilled == 0
+    assert acc.stats.spilled <= 16  # only the warm-up tiles, once, while the flat-field is fitted
 
 
 def test_rotated_camera_and_scaled_stage(recordings: dict[str, Path], tmp_path: Path) -> None:

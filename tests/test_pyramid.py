@@ -320,7 +320,8 @@ def test_blocks_and_completed_rows_build_every_level(tmp_path: Path) -> None:
 def test_completed_rows_drop_stale_blocks_and_resume(tmp_path: Path) -> None:
     img = random_image(np.random.default_rng(7), 300, 200)
     path = tmp_path / "m.zarr"
-    store = MosaicStore.create(path, 300, 200, chunk=32, pixel_size_um=0.5, min_level_size=40)
+    # One I/O thread writes in the caller's thread: the block is on disk when the "scan dies".
+    store = MosaicStore.create(path, 300, 200, chunk=32, pixel_size_um=0.5, min_level_size=40, io_workers=1)
     write_blocks(store, img, range(0, 4))
     store.complete_rows(96)
     store.write_block(3, 1, np.zeros((32, 32, 3), np.uint8))  # written ahead, then the scan dies

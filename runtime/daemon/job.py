@@ -333,6 +333,10 @@ class WorkerJob:
             "started_at": self.started,
             "peak_rss_bytes": rss,
             "peak_rss_mib": {k: round(v / 2**20, 1) for k, v in rss.items()},
+            # daemon.memory_budget_mib against the processes' peaks added up (an upper bound of
+            # what they held at once); the stitcher's summary shows its own part (stitch.*_mib).
+            "memory_budget_mib": self.cfg.daemon.memory_budget_mib,
+            "peak_rss_total_mib": round(sum(rss.values()) / 2**20, 1),
             # CPU seconds (user + system, all threads) per process: the supervisor's since the job
             # began, each worker's from its start to its done message.
             "cpu_seconds": {"supervisor": round(cpu_seconds() - self._cpu0, 3), **self.cpu_s},

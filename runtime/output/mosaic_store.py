@@ -40,8 +40,9 @@ import math
 import os
 import shutil
 import threading
+from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal
 
@@ -102,6 +103,7 @@ class MosaicStore:
         self._on_rows = on_rows
         self._previewing = False  # finish(partial=True) is writing preview rows: not final
         self._ahead: set[tuple[int, int]] = set()  # level-0 chunks write_block wrote below rows_written
+        self._writes: deque[Future[None]] = deque()  # write_block's chunks in the I/O threads
 
     # ----------------------------------------------------------------- create/open
 
@@ -216,6 +218,7 @@ class MosaicStore:
 
     def close(self) -> None:
         """Stop the I/O threads (the store stays readable and writable; they restart on demand)."""
+        self._drain()
         if self._pool is not None:
             self._pool.shutdown()
             self._pool = None
@@ -272,6 +275,7 @@ class MosaicStore:
             new[1:] = [min(r, int(limit)) for r, limit in zip(new[1:], lower, strict=True)]
         if new == self._rows:
             return
+        self._drain()
         self._builder = None
         self._ahead.clear()
         self._rows = new
@@ -427,7 +431,9 @@ class MosaicStore:
         For a writer that finalises the mosaic block by block (the stitcher): chunk row ``i`` must
         not be complete yet. The block is final, but not vouched for: ``rows_written`` (and so a
         resume, and a reader) only covers it once :meth:`complete_rows` includes its row. A block
-        of pure fill removes the chunk file (blank glass is not stored)."""
+        of pure fill removes the chunk file (blank glass is not stored). The chunk is encoded and
+        written by the I/O threads while the caller goes on: the store keeps ``pixels`` until then
+        (do not change them), at most two blocks per thread."""
         c = self._chunk
         h, w = self._shapes[0]
         if self._complete:
@@ -440,9 +446,20 @@ class MosaicStore:
         files = self._files[0]
         if files is None:
             self._arrays[0][i * c : i * c + shape[0], j * c : j * c + shape[1]] = pixels
-        else:
+        elif self._io_workers <= 1:
             files.write(i, j, pixels)
+        else:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self._io_workers, thread_name_prefix="mosaic-io")
+            self._writes.append(self._pool.submit(files.write, i, j, pixels))
+            while len(self._writes) > 2 * self._io_workers:
+                self._writes.popleft().result()
         self._ahead.add((i, j))
+
+    def _drain(self) -> None:
+        """Wait for the blocks being written (and raise the first error)."""
+        while self._writes:
+            self._writes.popleft().result()
 
     def complete_rows(self, rows: int) -> None:
         """Level-0 rows [0, rows) are final: announce them and build the lower levels they complete.
@@ -456,6 +473,7 @@ class MosaicStore:
         h, w = self._shapes[0]
         if rows == self._rows[0]:
             return
+        self._drain()
         if not self._rows[0] < rows <= h or (rows % c and rows != h):
             raise ValueError(f"cannot complete rows up to {rows}: {self._rows[0]} written, chunk {c}, height {h}")
         files = self._files[0]
@@ -498,6 +516,7 @@ class MosaicStore:
         """
         if self._complete:
             return
+        self._drain()
         h = self._shapes[0][0]
         if self._rows[0] < h and not partial:
             raise ValueError(

@@ -169,11 +169,12 @@ class _CachedStrips(MutableMapping[Key, _Strip]):
         return iter(list(self._origin))
 
     def __setitem__(self, key: Key, strip: _Strip) -> None:
-        self._cache.put(("strip", *key), strip.grey)
+        self._cache.put((("strip", *key), strip.grey))
         self._origin[key] = (strip.oy, strip.ox)
 
     def __getitem__(self, key: Key) -> _Strip:
-        return _Strip(self._cache.get(("strip", *key)), *self._origin[key])
+        (grey,) = self._cache.get(("strip", *key))
+        return _Strip(grey, *self._origin[key])
 
     def __delitem__(self, key: Key) -> None:
         del self._origin[key]
@@ -317,7 +318,7 @@ class DequeAccumulator:
         self.stats.solve_s += t2 - t1
         # The ring slot is handed back after add(): keep a copy while the tile waits.
         if tile is not None:
-            self._cache.put(("tile", field.index), np.array(tile, copy=True))
+            self._cache.put((("tile", field.index), np.array(tile, copy=True)))
         self._pending.append((key, field, tile is not None, arrival))
         if self._flat is None and replay is not None and replay.flat is not None:
             self._flat = replay.flat
@@ -329,6 +330,9 @@ class DequeAccumulator:
             assert tile is not None
             self._ff_est.add(tile)
             if self._ff_est.ready or self._ff_est.tiles >= self.params.flatfield_warmup_tiles:
+                # The fit needs ~8 float64 planes of a tile for a moment: the warm-up tiles that
+                # wait meanwhile go to the spill, so that the peak is the fit's, not the fit's + theirs.
+                self._cache.trim()
                 self._flat = self._ff_est.estimate()
                 if self.observer is not None:
                     self.observer.flatfield_ready(arrival, self._flat)
@@ -534,10 +538,10 @@ class DequeAccumulator:
                     if (bi, bj) in self._done:
                         self.stats.clipped_blocks += 1  # final already: never reached with a sane stage margin
                         continue
-                    block = self._block((bi, bj))
+                    pixels, covered = self._block((bi, bj))
                     by, bx = slice(ya - bi * c, yb - bi * c), slice(xa - bj * c, xb - bj * c)
                     ty, tx = slice(ya - iy, yb - iy), slice(xa - ix, xb - ix)
-                    composite(block[by, bx, :3], block[by, bx, 3].view(np.bool_), moved[ty, tx], alpha[ty, tx])
+                    composite(pixels[by, bx], covered[by, bx], moved[ty, tx], alpha[ty, tx])
         self._placed[key] = (iy, ix)
         # Ramps need the placements of the rows next to any tile still to be blended.
         oldest = min([e[0][0] for e in self._pending] + [key[0]])
@@ -570,19 +574,21 @@ class DequeAccumulator:
 
     # ------------------------------------------------------------------ canvas blocks
 
-    def _block(self, key: Key) -> U8:
-        """Canvas block ``key``: (rows, columns, 4) uint8, RGB and the covered mask (0/1) in the last plane."""
+    def _block(self, key: Key) -> tuple[U8, npt.NDArray[np.bool_]]:
+        """Canvas block ``key``: its (rows, columns, 3) pixels and (rows, columns) covered mask.
+        Two arrays, not one with a fourth plane: composite runs ~2x faster on contiguous pixels."""
         if key in self._blocks:
-            return self._cache.get(("block", *key))
+            pixels, covered = self._cache.get(("block", *key), ("covered", *key))
+            return pixels, covered
         i, j = key
         c = self.chunk
         h, w = min(c, self.height - i * c), min(c, self.width - j * c)
-        block = np.full((h, w, 4), 255, np.uint8)  # glass is bright: pixels no tile covers stay white
-        block[..., 3] = 0
-        self._cache.put(("block", *key), block)
+        pixels = np.full((h, w, 3), 255, np.uint8)  # glass is bright: pixels no tile covers stay white
+        covered = np.zeros((h, w), np.bool_)
+        self._cache.put((("block", *key), pixels), (("covered", *key), covered))
         self._blocks.add(key)
         self.stats.peak_blocks = max(self.stats.peak_blocks, len(self._blocks))
-        return block
+        return pixels, covered
 
     def _reach(self) -> tuple[npt.NDArray[np.int64], int]:
         """Where tiles still to come can still blend: rectangles (top, bottom, left, right) of the
@@ -648,8 +654,8 @@ class DequeAccumulator:
             self._first_band_y = end
 
     def _write_block(self, key: Key) -> None:
-        block = self._cache.pop(("block", *key))
-        self.store.write_block(key[0], key[1], block[..., :3])
+        self._cache.discard(("covered", *key))
+        self.store.write_block(key[0], key[1], self._cache.pop(("block", *key)))
         self._blocks.discard(key)
         self._done.add(key)
 

@@ -27,9 +27,11 @@ Key = tuple[Any, ...]
 class SpillCache:
     """Arrays by key (tuples of ints and strings), at most ``budget_bytes`` of them in RAM.
 
-    The most recently used array always stays in RAM (a budget below one array still works, at
-    the cost of a file round trip per use). An array taken with :meth:`get` may be changed in
-    place by the caller until its next call into the cache: eviction writes what it holds then.
+    The arrays of the latest :meth:`get`/:meth:`put` call always stay in RAM (a budget below them
+    still works, at the cost of a file round trip per use). Arrays taken with :meth:`get` may be
+    changed in place by the caller until its next call into the cache: eviction writes what they
+    hold then. Take arrays used together in one call (``get(a, b)``), so that fetching the
+    second cannot spill the first while the caller holds it.
     """
 
     def __init__(self, folder: str | Path, budget_bytes: int) -> None:
@@ -55,15 +57,28 @@ class SpillCache:
     def in_ram(self) -> int:
         return len(self._ram)
 
-    def put(self, key: Key, value: np.ndarray) -> None:
-        """Hold ``value`` (the cache keeps this array, not a copy)."""
-        self.discard(key)
-        self._ram[key] = value
-        self.held_bytes += value.nbytes
-        self._evict()
+    def put(self, *items: tuple[Key, np.ndarray]) -> None:
+        """Hold each ``(key, array)`` (the cache keeps the arrays, not copies)."""
+        for key, value in items:
+            self.discard(key)
+            self._ram[key] = value
+            self.held_bytes += value.nbytes
+        self._evict(keep=len(items))
 
-    def get(self, key: Key) -> np.ndarray:
-        """The array (read back if spilled); KeyError if the cache has none under ``key``."""
+    def get(self, *keys: Key) -> list[np.ndarray]:
+        """The arrays (read back if spilled); KeyError if the cache has none under a key."""
+        out = [self._fetch(key) for key in keys]
+        self._evict(keep=len(keys))
+        return out
+
+    def pop(self, key: Key) -> np.ndarray:
+        """The array, removed from the cache (read back if spilled, without spilling others)."""
+        value = self._fetch(key)
+        del self._ram[key]
+        self.held_bytes -= value.nbytes
+        return value
+
+    def _fetch(self, key: Key) -> np.ndarray:
         value = self._ram.get(key)
         if value is not None:
             self._ram.move_to_end(key)
@@ -77,14 +92,6 @@ class SpillCache:
         self.reloaded += 1
         self._ram[key] = value
         self.held_bytes += value.nbytes
-        self._evict()
-        return value
-
-    def pop(self, key: Key) -> np.ndarray:
-        """The array, removed from the cache."""
-        value = self.get(key)
-        del self._ram[key]
-        self.held_bytes -= value.nbytes
         return value
 
     def discard(self, key: Key) -> None:
@@ -95,6 +102,11 @@ class SpillCache:
         elif key in self._disk:
             self._disk.discard(key)
             self._path(key).unlink(missing_ok=True)
+
+    def trim(self, keep_bytes: int = 0) -> None:
+        """Spill the least recently used arrays until at most ``keep_bytes`` stay in RAM: room for
+        a large passing need (the flat-field fit) without raising the budget for it."""
+        self._evict(max(0, keep_bytes), keep=0)
 
     def keys(self) -> list[Key]:
         return [*self._ram, *self._disk]
@@ -109,9 +121,11 @@ class SpillCache:
     def _path(self, key: Key) -> Path:
         return self.folder / ("_".join(str(k) for k in key) + ".npy")
 
-    def _evict(self) -> None:
+    def _evict(self, limit: int | None = None, keep: int = 1) -> None:
+        """Spill the least recently used arrays down to ``limit`` bytes, never the ``keep`` most recent."""
         self.peak_held_bytes = max(self.peak_held_bytes, self.held_bytes)
-        while self.held_bytes > self.budget_bytes and len(self._ram) > 1:
+        limit = self.budget_bytes if limit is None else limit
+        while self.held_bytes > limit and len(self._ram) > keep:
             key, value = self._ram.popitem(last=False)
             np.save(self._path(key), value, allow_pickle=False)
             self._disk.add(key)

@@ -20,6 +20,7 @@ carries on with the tiles acquisition captures next.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import queue
 from collections.abc import Callable
@@ -29,7 +30,7 @@ from typing import assert_never
 
 import numpy as np
 
-from runtime.config import MosaicConfig, StitchConfig, WriterConfig
+from runtime.config import DaemonConfig, MosaicConfig, StitchConfig, WriterConfig
 from runtime.devices.scan_plan import FieldPlan
 from runtime.ipc.messages import (
     EndOfStream,
@@ -64,6 +65,34 @@ from runtime.workers.skeleton import POLL_S, WorkerContext, run_worker
 
 log = logging.getLogger("wsi.stitcher")
 
+# What the stitcher process needs besides what its accumulator holds, at 1024 px RGB tiles: the
+# interpreter and its libraries (numpy, OpenCV, Zarr, imagecodecs: ~92 MiB), the flat-field fit
+# once (~96 MiB of float64 surface terms for a moment), a tile's float working copies while it is
+# blended (~40 MiB), glibc's heap that is not given back. Measured: `python -m bench e2e --fields 16
+# 12 --tile 1024` peaked at 286 MiB with 85 MiB held (and ~219 MiB with 16 MiB held, standalone).
+STITCHER_BASE_MIB = 208
+STITCHER_SHARE = 1 / 3  # of daemon.memory_budget_mib
+MIN_HELD_MIB = 16.0  # a tile and the blocks under it (below this the cache thrashes)
+
+
+def return_freed_memory() -> None:
+    """Make glibc give large freed blocks back to the system at once (Linux; elsewhere a no-op).
+
+    Its dynamic mmap threshold otherwise rises to the size of the largest array freed (up to
+    32 MiB), so the tile-sized float temporaries of every blend come from the heap afterwards and
+    their pages stay with the process: measured ~50 MiB of RSS above what the stitcher holds. A
+    fixed threshold of 256 KiB maps them and unmaps them on free (a few page faults per tile)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 256 * 1024)  # M_MMAP_THRESHOLD; setting it turns the dynamic threshold off
+    except (OSError, AttributeError):
+        pass
+
+
+def held_budget_mib(memory_budget_mib: float) -> float:
+    """The accumulator's RAM (canvas blocks, waiting tiles, strips) in a daemon of this budget."""
+    return max(MIN_HELD_MIB, memory_budget_mib * STITCHER_SHARE - STITCHER_BASE_MIB)
+
 
 @dataclass(frozen=True)
 class StitchJob:
@@ -74,6 +103,8 @@ class StitchJob:
     mosaic_path: str
     folder: str = ""  # the scan's folder: journal, spill (empty: no journal, e.g. a bench)
     resume: bool = False  # continue the journaled scan in ``folder``
+    # daemon.memory_budget_mib: the stitcher holds what it must keep within its share
+    memory_budget_mib: int = DaemonConfig.model_fields["memory_budget_mib"].default
 
 
 class JournalObserver:
@@ -258,6 +289,7 @@ def stitcher_main(
 
     def body(worker: WorkerContext) -> None:
         worker.on_failure(lambda _: to_writer.put(EndOfStream("the stitcher failed")))
+        return_freed_memory()
         ring = worker.attach(job.ring)
         h, w = job.geometry.shape
         observer: JournalObserver | None = None
@@ -289,7 +321,7 @@ def stitcher_main(
                 raise JournalError(f"the mosaic is {store.shape}, this scan's plan makes {(h, w)}")
         else:
             store = create()
-        acc = DequeAccumulator(job.geometry, store, stitch)
+        acc = DequeAccumulator(job.geometry, store, stitch, memory_budget_mib=held_budget_mib(job.memory_budget_mib))
         if job.folder:
             journal = ScanJournal.open(job.folder)
             worker.on_exit(journal.close)
