@@ -357,9 +357,11 @@ def _spline_coeffs(img: F32) -> F32:
 
 def _bspline_kernel(t: float) -> F32:
     """5-tap cubic B-spline weights sampling a prefiltered signal at offset ``t`` (|t| <= 1)."""
-    x = np.abs(np.arange(-2, 3, dtype=np.float64) - t)
-    k = np.where(x < 1, 2 / 3 - x**2 + x**3 / 2, np.where(x < 2, (2 - x) ** 3 / 6, 0.0))
-    return k.astype(np.float32)
+    weights = []
+    for j in (-2, -1, 0, 1, 2):  # plain floats: this runs a few times per iteration, numpy's overhead dominated
+        x = abs(j - t)
+        weights.append(2 / 3 - x * x + x * x * x / 2 if x < 1 else (2 - x) ** 3 / 6 if x < 2 else 0.0)
+    return np.array(weights, np.float32)
 
 
 def _shift_coeffs(coeffs: F32, sy: float, sx: float) -> F32:
@@ -447,7 +449,7 @@ def _lk(
             oa, ob = highpass(wa[ov[0], ov[1]], p.highpass_px), highpass(wb[ov[2], ov[3]], p.highpass_px)
         else:
             oa, ob = np.asarray(wa[ov[0], ov[1]], np.float32), np.asarray(wb[ov[2], ov[3]], np.float32)
-        if float(oa.std()) < 1e-3 or float(ob.std()) < 1e-3:
+        if float(cv2.meanStdDev(oa)[1][0, 0]) < 1e-3 or float(cv2.meanStdDev(ob)[1][0, 0]) < 1e-3:
             return "blank"
         s, sigma, ncc = _fine(oa, ob, frac, p, tol, border)
         if not np.all(np.isfinite(s)):
