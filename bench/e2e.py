@@ -31,7 +31,10 @@ when each event arrives and watches the scan's journal and slide grow. Reported:
     inference); acquisition is reported apart, split into the camera driver's captures
     (``driver_cpu_seconds``: for the replay driver, reading and decompressing the
     recording, which a camera that writes frames by DMA does not cost) and the rest
-    (moves, focus, hand-over: the runtime's).
+    (moves, focus, hand-over: the runtime's). Every worker's figure includes its start-up
+    (the interpreter and its imports), a fixed cost per scan that weighs on CPU-s/Gpx of a
+    small scan: ``start_cpu_seconds_estimate`` is what importing each worker's modules costs a
+    fresh interpreter, measured before the scan.
 ``--cores N``
     The daemon (supervisor and every worker it spawns) runs on N of this machine's cores
     (``sched_setaffinity`` before it is started, inherited by its children), the last N;
@@ -398,6 +401,33 @@ DAEMON = ("supervisor", "stitcher", "writer", "inference")
 is the slide analysis worker when ``[analysis]`` is enabled (a product of its own, not the scan's)."""
 
 
+WORKER_IMPORTS = {
+    "acquisition": ("runtime.workers.acquisition", "hw_sim.replay"),
+    "stitcher": ("runtime.workers.stitcher",),
+    "writer": ("runtime.workers.writer",),
+}
+"""What each worker imports before its first tile (its entry point's module; acquisition also the
+replay driver's)."""
+
+
+def start_cpu_seconds() -> dict[str, float]:
+    """CPU seconds of a fresh interpreter importing what each worker imports: the fixed start-up
+    cost inside every worker's ``cpu_seconds``, paid once per scan whatever its size. Measured in
+    separate processes, before the scan, so an estimate (the worker also unpickles its arguments)."""
+    import subprocess
+    import sys
+
+    out = {}
+    for worker, modules in WORKER_IMPORTS.items():
+        code = (
+            f"import resource, {', '.join(modules)}\n"
+            "r = resource.getrusage(resource.RUSAGE_SELF)\nprint(r.ru_utime + r.ru_stime)"
+        )
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+        out[worker] = round(float(proc.stdout), 3)
+    return out
+
+
 def cpu_figures(report: dict[str, Any], mpx: float) -> dict[str, Any]:
     """CPU seconds per process and per mosaic gigapixel (see the module docstring)."""
     cpu: dict[str, float] = dict(report.get("cpu_seconds") or {})
@@ -484,6 +514,7 @@ def run(a: argparse.Namespace) -> int:
             f'[focus]\nstrategy = "contrast_sweep"\nsweep_steps = {a.sweep_steps}\n\n'
             "[mosaic]\nkeep_after_export = true\n"
         )
+        start_cpu = start_cpu_seconds()
         report = _scan(recording, out, config, a.cores)
         times = report["_times"]
         slide = Path(report["slide"])
@@ -511,6 +542,7 @@ def run(a: argparse.Namespace) -> int:
             "last_tile_to_scan_finished_s": times["finished"] - times["last_field"],
             "mpx_per_s": mpx / (closed - times["start"]),
             **cpu_figures(report, mpx),
+            "start_cpu_seconds_estimate": start_cpu,
             "peak_rss_mib": report["peak_rss_mib"],
             "focus_truth": report.get("focus_truth"),
             "simulated_scan_time_s": report.get("simulated_scan_time_s"),
@@ -550,6 +582,8 @@ def run(a: argparse.Namespace) -> int:
         f"{result['captures']} captures; synthesis {synth_s or 0:.0f} s (not measured)",
         "CPU-s (CPU-s/Gpx) per process: "
         + ", ".join(f"{k} {v:.2f} ({per_gpx[k]:.1f})" for k, v in cpu.items() if k != "acquisition"),
+        "of which start-up (importing the worker's modules, measured apart): "
+        + ", ".join(f"{k} {v:.2f} ({v / (mpx / 1000):.1f})" for k, v in start_cpu.items()),
         "peak RSS MiB per process: " + ", ".join(f"{k} {v:.0f}" for k, v in result["peak_rss_mib"].items()),
         "steady Mpx/s: tiles into the mosaic between "
         + " and ".join(f"{f:.0%}" for f in STEADY)

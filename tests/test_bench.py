@@ -85,6 +85,8 @@ def test_e2e_bench_json(tmp_path: Path) -> None:
     assert per_gpx["stitcher"] == pytest.approx(cpu["stitcher"] / (r["megapixels"] / 1000), rel=1e-2)
     daemon = cpu["supervisor"] + cpu["stitcher"] + cpu["writer"]
     assert r["daemon_cpu_seconds"] == pytest.approx(daemon, abs=2e-3)
+    assert set(r["start_cpu_seconds_estimate"]) == {"acquisition", "stitcher", "writer"}
+    assert all(v > 0 for v in r["start_cpu_seconds_estimate"].values())
     # The timeline: one time per tile at each stage, in pipeline order, none after the slide closed.
     tl = r["timeline"]
     assert len(tl["captured_s"]) == len(tl["placed_s"]) == len(tl["in_mosaic_s"]) == 9
