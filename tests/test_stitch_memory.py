@@ -13,10 +13,11 @@ import numpy as np
 import pytest
 
 from hw_sim.synth import SynthParams, grid_for
-from runtime.config import StitchConfig
+from runtime.config import ConfigError, DaemonConfig, StitchConfig, config_from_dict
 from runtime.output.mosaic_store import MosaicStore
 from runtime.stitching.accumulator import DequeAccumulator, MosaicGeometry
 from runtime.stitching.spill import SpillCache
+from runtime.workers.stitcher import MIN_HELD_MIB, STITCHER_BASE_MIB, held_budget_mib
 
 TILE = 64
 CHUNK = 32
@@ -94,3 +95,12 @@ def test_spill_cache_keeps_a_budget_and_gives_back_what_it_took(tmp_path: Path) 
         cache.get(("a", 2))
     cache.close()
     assert not (tmp_path / "spill").exists()
+
+
+def test_the_daemon_budget_sets_the_stitchers_part() -> None:
+    assert held_budget_mib(768) == 768 / 3 - STITCHER_BASE_MIB
+    assert held_budget_mib(3072) > held_budget_mib(768)
+    floor = next(m.ge for m in DaemonConfig.model_fields["memory_budget_mib"].metadata if hasattr(m, "ge"))
+    assert held_budget_mib(floor) >= MIN_HELD_MIB  # the smallest budget the config takes is one it can keep
+    with pytest.raises(ConfigError, match=r"daemon\.memory_budget_mib"):
+        config_from_dict({"daemon": {"memory_budget_mib": floor - 1}})

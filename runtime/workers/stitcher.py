@@ -66,10 +66,11 @@ from runtime.workers.skeleton import POLL_S, WorkerContext, run_worker
 log = logging.getLogger("wsi.stitcher")
 
 # What the stitcher process needs besides what its accumulator holds, at 1024 px RGB tiles: the
-# interpreter and its libraries (numpy, OpenCV, Zarr, imagecodecs: ~92 MiB), the flat-field fit
-# once (~96 MiB of float64 surface terms for a moment), a tile's float working copies while it is
-# blended (~40 MiB), glibc's heap that is not given back. Measured: `python -m bench e2e --fields 16
-# 12 --tile 1024` peaked at 286 MiB with 85 MiB held (and ~219 MiB with 16 MiB held, standalone).
+# interpreter and its libraries (numpy, OpenCV, Zarr, imagecodecs: ~92 MiB), the ring's slots it
+# reads (shared memory, ~24 MiB), the flat-field fit once (~85 MiB of float64 surface terms for a
+# moment), a tile's float working copies while it is blended (~40 MiB). Measured with `python -m
+# bench e2e --tile 1024` and 48 MiB held: peak RSS 249 MiB at 16x12 fields (15k px wide), 229 MiB at
+# 36x2 (33k), 232 MiB at 100x2 (92k): 180-200 MiB above what it held.
 STITCHER_BASE_MIB = 208
 STITCHER_SHARE = 1 / 3  # of daemon.memory_budget_mib
 MIN_HELD_MIB = 16.0  # a tile and the blocks under it (below this the cache thrashes)
