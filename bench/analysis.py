@@ -25,8 +25,10 @@ The scan-path cost (wall time of a replayed scan with analysis on vs off) is mea
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -330,32 +332,53 @@ def trained_models(root: Path | None) -> tuple[Any, str | None]:
 # --------------------------------------------------------------------------- scan-path cost
 
 
-def scan_cost(fields: int, repeats: int, trained: bool) -> dict[str, Any]:
+@contextlib.contextmanager
+def _replay_pace(pace: float) -> Iterator[None]:
+    """``bench.e2e``'s scans replay with the driver paced at ``pace`` x the scanner's modelled speed
+    (0: as fast as the CPU allows). e2e's replay config sets the driver options itself; this wraps it."""
+    import hw_sim.replay_job as replay_job
+    from runtime.config import with_overrides
+
+    original = replay_job._replay_config
+
+    def paced(base: Any, recording: Path, out: Path, runtime_dir: Path) -> Any:
+        cfg = original(base, recording, out, runtime_dir)
+        return with_overrides(cfg, {"driver": {"options": {"recording": str(recording), "pace": pace}}})
+
+    replay_job._replay_config = paced
+    try:
+        yield
+    finally:
+        replay_job._replay_config = original
+
+
+def scan_cost(fields: int, repeats: int, trained: bool, paces: tuple[float, ...] = (0.0, 1.0)) -> dict[str, Any]:
     """Wall time of a replayed scan (start_scan -> scan_finished, through the daemon as ``bench e2e``
-    runs it: replayed as fast as the CPU allows, one z plane) with ``[analysis]`` off and on,
-    alternated ``repeats`` times; medians. With analysis on, the scan ends once the analysis is
-    written too, so the difference is everything the analysis costs the scan."""
+    runs it, one z plane) with ``[analysis]`` off and on, alternated ``repeats`` times; medians.
+    With analysis on, the scan ends once the analysis is written too, so the difference is
+    everything the analysis costs the scan. Per replay pace: 0 (as fast as the CPU allows: every
+    CPU second the analysis takes competes with the scan's) and 1 (the scanner's real speed by the
+    recording's timing model: the analysis runs in the time the scanner waits for the stage)."""
     import tempfile
 
     from bench.e2e import _scan
     from hw_sim.synth import SynthParams, synthesize
 
     models = "trained" if trained else "baseline"
+    out: dict[str, Any] = {"fields": [fields, fields], "tile": 512, "models": models, "repeats": repeats}
     with tempfile.TemporaryDirectory(prefix="bench-analysis-") as tmp:
         work = Path(tmp)
-        rec = synthesize(
-            work / "rec.zarr",
-            SynthParams(
-                fields_x=fields,
-                fields_y=fields,
-                seed=900_500,
-                tile=512,
-                z_planes=1,
-                coarse_focus_error_um=0.0,
-                lesions=2,
-                mimics=1,
-            ),
+        params = SynthParams(
+            fields_x=fields,
+            fields_y=fields,
+            seed=900_500,
+            tile=512,
+            z_planes=1,
+            coarse_focus_error_um=0.0,
+            lesions=2,
+            mimics=1,
         )
+        rec = synthesize(work / "rec.zarr", params)
         configs = {}
         for name, enabled in (("off", False), ("on", True)):
             configs[name] = work / f"{name}.toml"
@@ -363,33 +386,33 @@ def scan_cost(fields: int, repeats: int, trained: bool) -> dict[str, Any]:
                 '[focus]\nstrategy = "contrast_sweep"\nsweep_steps = 3\n\n'
                 f'[analysis]\nenabled = {"true" if enabled else "false"}\nmodels = "{models}"\n'
             )
-        walls: dict[str, list[float]] = {"off": [], "on": []}
-        ready: list[float] = []
-        analysis: dict[str, Any] | None = None
-        for r in range(repeats):
-            for name in ("off", "on"):
-                report = _scan(rec, work / f"scan-{name}-{r}", configs[name], None)
-                t = report["_times"]
-                walls[name].append(t["finished"] - t["start"])
-                if name == "on":
-                    analysis = report.get("analysis")
-                    if analysis is None or analysis.get("error"):
-                        raise RuntimeError(f"the analysis did not run: {analysis}")
-                    ready.append(float(analysis.get("ready_after_slide_s", float("nan"))))
-    off, on = float(np.median(walls["off"])), float(np.median(walls["on"]))
-    assert analysis is not None
-    return {
-        "fields": [fields, fields],
-        "tile": 512,
-        "models": models,
-        "off_s": off,
-        "on_s": on,
-        "cost_pct": 100.0 * (on - off) / off,
-        "ready_after_slide_s": round(float(np.median(ready)), 3),
-        "walls": walls,
-        "analysis_patches": analysis.get("patches"),
-        "analysis_timing_s": analysis.get("timing_s"),
-    }
+        for pace in paces:
+            walls: dict[str, list[float]] = {"off": [], "on": []}
+            ready: list[float] = []
+            analysis: dict[str, Any] | None = None
+            with _replay_pace(pace):
+                for r in range(repeats):
+                    for name in ("off", "on"):
+                        report = _scan(rec, work / f"scan-{pace}-{name}-{r}", configs[name], None)
+                        t = report["_times"]
+                        walls[name].append(t["finished"] - t["start"])
+                        if name == "on":
+                            analysis = report.get("analysis")
+                            if analysis is None or analysis.get("error"):
+                                raise RuntimeError(f"the analysis did not run: {analysis}")
+                            ready.append(float(analysis.get("ready_after_slide_s", float("nan"))))
+            assert analysis is not None
+            off, on = float(np.median(walls["off"])), float(np.median(walls["on"]))
+            out[f"pace_{pace:g}"] = {
+                "off_s": off,
+                "on_s": on,
+                "cost_pct": 100.0 * (on - off) / off,
+                "ready_after_slide_s": round(float(np.median(ready)), 3),
+                "walls": walls,
+                "analysis_patches": analysis.get("patches"),
+                "analysis_timing_s": analysis.get("timing_s"),
+            }
+    return out
 
 
 # --------------------------------------------------------------------------- the bench
@@ -459,9 +482,12 @@ def run(args: argparse.Namespace) -> int:
     )
     if "scan_cost" in result:
         sc = result["scan_cost"]
-        notes.append(
-            f"replayed scan wall time: analysis off {sc['off_s']:.2f} s, on {sc['on_s']:.2f} s "
-            f"(+{sc['cost_pct']:.1f}%); analysis ready {sc['ready_after_slide_s']} s after the slide"
-        )
+        for key, c in sc.items():
+            if key.startswith("pace_"):
+                notes.append(
+                    f"replayed scan ({sc['fields'][0]}x{sc['fields'][1]} fields, {key.replace('_', ' ')}), wall time: "
+                    f"analysis off {c['off_s']:.2f} s, on {c['on_s']:.2f} s (+{c['cost_pct']:.1f}%); "
+                    f"analysis ready {c['ready_after_slide_s']} s after the slide"
+                )
     emit(result, rows, cols, as_json=args.json, title="slide analysis on held-out synthetic slides", notes=notes)
     return 0

@@ -110,18 +110,33 @@ def detection_point(x: float, y: float, classification: Mapping[str, Any]) -> di
     }
 
 
-def write_collection(fh: IO[str], features: Iterable[dict[str, Any]]) -> int:
-    """Stream a FeatureCollection (one feature per line); returns the number of features."""
+def detection_points_json(
+    xs: Iterable[float], ys: Iterable[float], classes: Iterable[Mapping[str, Any]]
+) -> Iterator[str]:
+    """:func:`detection_point` features already serialised (a slide's nuclei number in the
+    millions: formatting each point beats building and encoding a dict per point ~4x)."""
+    props: dict[str, str] = {}
+    for x, y, c in zip(xs, ys, classes, strict=True):
+        tail = props.get(c["name"])
+        if tail is None:
+            p = {"objectType": "detection", "classification": {"name": c["name"], "color": list(c["color"])}}
+            tail = props[c["name"]] = json.dumps(p, separators=(",", ":"))
+        yield f'{{"type":"Feature","geometry":{{"type":"Point","coordinates":[{x:.2f},{y:.2f}]}},"properties":{tail}}}'
+
+
+def write_collection(fh: IO[str], features: Iterable[dict[str, Any] | str]) -> int:
+    """Stream a FeatureCollection (one feature per line: a dict, or a feature already serialised);
+    returns the number of features."""
     fh.write('{"type": "FeatureCollection", "features": [\n')
     n = 0
     for f in features:
-        fh.write((",\n" if n else "") + json.dumps(f, separators=(",", ":")))
+        fh.write((",\n" if n else "") + (f if isinstance(f, str) else json.dumps(f, separators=(",", ":"))))
         n += 1
     fh.write("\n]}\n")
     return n
 
 
-def write_atomic(path: Path, features: Iterable[dict[str, Any]]) -> int:
+def write_atomic(path: Path, features: Iterable[dict[str, Any] | str]) -> int:
     """Write a FeatureCollection to ``path`` via ``.NAME.partial`` (renamed when complete)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

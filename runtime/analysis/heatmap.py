@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from runtime.analysis.pipeline import GridResult
 
 MIN_SIDE = 16
-OVERLAY_MAX_PX = 1024
+OVERLAY_MAX_PX = 1024  # the PNG overlays' longer side (the slide thumbnail under them is read no larger)
 
 
 def heatmap_levels(prob: npt.NDArray[np.float32]) -> list[npt.NDArray[np.uint8]]:
@@ -144,7 +144,7 @@ def write_overlay(
         bgr = cv2.cvtColor(rgba, cv2.COLOR_RGBA2BGRA)
     path = Path(path)
     tmp = path.with_name(f".{path.name}.partial.png")
-    if not cv2.imwrite(str(tmp), bgr):
+    if not cv2.imwrite(str(tmp), bgr, [cv2.IMWRITE_PNG_COMPRESSION, 1]):
         raise OSError(f"could not write {path}")
     os.replace(tmp, path)
     return path

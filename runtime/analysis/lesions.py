@@ -195,8 +195,8 @@ def inside_lesions(result: GridResult, lesions: list[Lesion]) -> npt.NDArray[np.
     return np.asarray(shapely.contains_xy(union, nuc[:, 1].astype(np.float64), nuc[:, 0].astype(np.float64)), bool)
 
 
-def nuclei_features(result: GridResult, lesions: list[Lesion]) -> Iterator[dict[str, Any]]:
-    """A ``detection`` per nucleus, classified Tumor inside a lesion and Other outside."""
+def nuclei_features(result: GridResult, lesions: list[Lesion]) -> Iterator[str]:
+    """A ``detection`` per nucleus (serialised), classified Tumor inside a lesion and Other outside."""
     inside = inside_lesions(result, lesions)
-    for (y, x), t in zip(result.nuclei, inside, strict=True):
-        yield geojson.detection_point(float(x), float(y), geojson.TUMOR_CLASS if t else geojson.OTHER_CLASS)
+    classes = (geojson.TUMOR_CLASS if t else geojson.OTHER_CLASS for t in inside)
+    yield from geojson.detection_points_json(result.nuclei[:, 1].tolist(), result.nuclei[:, 0].tolist(), classes)

@@ -38,6 +38,7 @@ import numpy as np
 import numpy.typing as npt
 
 from runtime.analysis.baselines import LoGNuclei, MaxProbabilitySlide, NuclearDensityTumour, optical_density
+from runtime.analysis.heatmap import OVERLAY_MAX_PX
 from runtime.analysis.types import F32, U8, NucleiModel, SlideModel, TumourModel
 
 log = logging.getLogger("wsi.analysis")
@@ -594,7 +595,7 @@ def analyze_file(
     try:
         result = analyze_source(src, models, batch_size=batch_size, nuclei=nuclei)
         result.stats["analysis_s"] = time.perf_counter() - t0
-        thumb = src.thumbnail(2048)
+        thumb = src.thumbnail(OVERLAY_MAX_PX)
         summ = write_outputs(out_dir, result, models, thumb)
         if cam > 0:
             write_cam(src, result, models.tumour, out_dir, cam)

@@ -80,6 +80,7 @@ class _Run:
             y = y1
 
     def finish(self, out_dir: Path) -> dict[str, Any]:
+        from runtime.analysis.heatmap import OVERLAY_MAX_PX
         from runtime.analysis.pipeline import write_outputs
 
         for level in self.analyzer.levels:
@@ -87,7 +88,7 @@ class _Run:
         result = self.analyzer.finish()
         result.stats["analysis_s"] = time.perf_counter() - self.t0
         self.beat()
-        thumb = self.source.thumbnail(2048)
+        thumb = self.source.thumbnail(OVERLAY_MAX_PX)
         summary = write_outputs(out_dir, result, self.models, thumb, threshold=self.cfg.threshold)
         self.store.close()
         return summary
