@@ -40,8 +40,10 @@ waiting tiles and bottom strips live in a :class:`~runtime.stitching.spill.Spill
 at most ``memory_budget_mib`` of them in RAM, the least recently used
 spilled to a folder beside the mosaic and read back when a tile needs them.
 What stays in RAM is set by that budget (plus one tile's working copies while
-it is blended), not by the mosaic's width or the slide's size; the spill on
-disk is about two chunk rows of the mosaic's width.
+it is blended), not by the mosaic's width or the slide's size. On disk the
+spill holds about two chunk rows of the mosaic's width (the bottom blocks a
+scan row leaves for the next) and, at the start of a scan, the first row's
+waiting tiles.
 
 The mosaic keeps the commanded grid's extent (``MosaicGeometry.shape``);
 tiles moved by their stage error are clipped to it, and pixels no tile
