@@ -35,7 +35,9 @@ def _events_until_finished(sub: EventSubscriber, timeout_s: float = 90) -> list[
     raise AssertionError(f"no scan_finished within {timeout_s} s: {[e['event'] for e in seen]}")
 
 
-def _scan(tmp_path: Path, recording: Path, tag: str, analysis: dict[str, Any]) -> tuple[dict, list[dict[str, Any]]]:
+def _scan(
+    tmp_path: Path, recording: Path, tag: str, analysis: dict[str, Any]
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     with live_daemon(
         tmp_path,
         tag,
