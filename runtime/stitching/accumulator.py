@@ -1,4 +1,4 @@
-"""The deque accumulator: turns a serpentine stream of tiles into final mosaic bands.
+"""The deque accumulator: turns a serpentine stream of tiles into final mosaic blocks.
 
 Per tile, as it arrives (``add``):
 
@@ -18,7 +18,7 @@ Per tile, as it arrives (``add``):
    most about a row of tiles: finalising it on the stage prior would leave a
    seam of the stage error's size once a neighbour ties it in. Final tiles are
    flat-field corrected (``runtime.stitching.flatfield``), moved to their subpixel
-   position and feathered over what is already in the band
+   position and feathered over what is already in the canvas
    (``runtime.stitching.blending``).
 4. **Flush** every canvas block (a Zarr chunk of level 0) that no tile still
    to come can reach -- the waiting tiles' solved extents and the next
@@ -203,7 +203,7 @@ class StitchStats:
 
 
 class DequeAccumulator:
-    """Receives tiles in acquisition order; writes final bands to the mosaic store."""
+    """Receives tiles in acquisition order; writes final blocks and rows to the mosaic store."""
 
     def __init__(
         self,
@@ -493,7 +493,7 @@ class DequeAccumulator:
         return self.solver.grounded(key) or not self._expects_link(key)
 
     def _advance(self, finishing: bool) -> None:
-        """Finalise and blend the waiting tiles that may be; flush final bands."""
+        """Finalise and blend the waiting tiles that may be; flush final blocks and rows."""
         while self._pending and self._flat is not None:
             self.solver.solve()
             ready = [e for e in self._pending if self._may_fix(e[0], e[3], finishing)]
