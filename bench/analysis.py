@@ -58,6 +58,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--size-um", type=float, default=1500.0, help="side of each slide's square area (µm)")
     p.add_argument("--first-seed", type=int, default=900_000, help="first slide seed (held out: 900000-999999)")
     p.add_argument("--no-nuclei", action="store_true", help="skip nuclei detection (faster)")
+    p.add_argument(
+        "--subdivide", type=int, nargs="+", default=[1], help="tumour grid cells per patch side; several: one run each"
+    )
     p.add_argument("--models", type=Path, default=None, help="analysis model root (default: the committed ones)")
     p.add_argument("--baseline-only", action="store_true", help="only the classical baselines")
     p.add_argument("--scan-cost", action="store_true", help="also time a replayed scan with analysis on vs off")
@@ -271,14 +274,14 @@ def score_slide(slide: BenchSlide, result: Any, lesions: list[Any]) -> dict[str,
     return out
 
 
-def evaluate(slides: list[BenchSlide], models: Any, nuclei: bool) -> dict[str, Any]:
+def evaluate(slides: list[BenchSlide], models: Any, nuclei: bool, subdivide: int = 1) -> dict[str, Any]:
     from runtime.analysis.lesions import find_lesions
     from runtime.analysis.pipeline import analyze_source
 
     per = []
     t0 = time.perf_counter()
     for s in slides:
-        res = analyze_source(ArraySource(s.levels, PX_UM), models, nuclei=nuclei)
+        res = analyze_source(ArraySource(s.levels, PX_UM), models, nuclei=nuclei, subdivide=subdivide)
         per.append(score_slide(s, res, find_lesions(res)))
     wall = time.perf_counter() - t0
     tum = [p for p in per if p["tumour"]]
@@ -424,14 +427,18 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     slides = [render_slide(args.first_seed + i, i, args.size_um) for i in range(args.slides)]
     render_s = time.perf_counter() - t0
-    runs: dict[str, dict[str, Any]] = {"baseline": evaluate(slides, baseline_models(), not args.no_nuclei)}
+    runs: dict[str, dict[str, Any]] = {}
     notes = [""]
+    sets = [("baseline", baseline_models())]
     if not args.baseline_only:
         models, why = trained_models(args.models)
         if models is None:
             notes.append(f"trained models: not run ({why})")
         else:
-            runs["models"] = evaluate(slides, models, not args.no_nuclei)
+            sets.append(("models", models))
+    for name, ms in sets:
+        for k in args.subdivide:
+            runs[name if k == 1 else f"{name} /{k}"] = evaluate(slides, ms, not args.no_nuclei, k)
     result: dict[str, Any] = {
         "slides": args.slides,
         "size_um": args.size_um,
@@ -442,7 +449,7 @@ def run(args: argparse.Namespace) -> int:
         "targets": TARGETS,
     }
     if args.scan_cost:
-        result["scan_cost"] = scan_cost(args.cost_fields, args.cost_repeats, "models" in runs)
+        result["scan_cost"] = scan_cost(args.cost_fields, args.cost_repeats, len(sets) > 1)
     rows = []
     for name, r in runs.items():
         rows.append(
@@ -478,7 +485,7 @@ def run(args: argparse.Namespace) -> int:
     notes.append(
         "sens@0.5FP: lesion sensitivity at <= 0.5 false-positive detections per slide; FROC: mean sensitivity at "
         "1/4..8 FP/slide; Dice pooled over the tumour slides; burden error: mean over tumour slides of "
-        "|found - truth| / truth area"
+        "|found - truth| / truth area; 'NAME /k': the tumour grid k x k cells per patch (patches at 1/k steps)"
     )
     if "scan_cost" in result:
         sc = result["scan_cost"]

@@ -71,7 +71,14 @@ def analyze(args: argparse.Namespace) -> int:
                 cfg.tumour_dir, cfg.nuclei_dir, cfg.slide_dir, backend=cfg.backend, with_nuclei=not args.no_nuclei
             )
         summary = analyze_file(
-            args.slide, args.out, models, nuclei=not args.no_nuclei, batch_size=cfg.batch_size, cam=args.cam
+            args.slide,
+            args.out,
+            models,
+            nuclei=not args.no_nuclei,
+            batch_size=cfg.batch_size,
+            cam=args.cam,
+            subdivide=cfg.subdivide,
+            threshold=cfg.threshold,
         )
     except AnalysisError as err:
         print(f"error: {err}", file=sys.stderr)

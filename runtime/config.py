@@ -202,6 +202,9 @@ class AnalysisConfig(_Section):
     nuclei: bool = Field(True, description="detect nuclei (nuclei.geojson, densities in the report)")
     backend: Literal["auto", "tensorrt", "ort_cuda", "ort_cpu"] = Field("auto", description="inference backend")
     batch_size: int = Field(64, ge=1, le=4096, description="tumour patches per model call")
+    subdivide: int = Field(
+        1, ge=1, le=4, description="tumour grid cells per patch side (2: half-patch steps, 4x the model calls)"
+    )
     threshold: float = Field(0.5, gt=0.0, lt=1.0, description="tumour probability that outlines a lesion")
     nice: int = Field(10, ge=0, le=19, description="CPU niceness of the analysis worker (capture comes first)")
     finish_timeout_s: float = Field(

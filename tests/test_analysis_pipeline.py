@@ -40,16 +40,17 @@ def _pieces(rng: np.random.Generator, h: int) -> list[tuple[int, int]]:
     return list(itertools.pairwise(cuts))
 
 
-def test_streaming_in_pieces_equals_the_whole_image(small_slide: list[np.ndarray]) -> None:
+@pytest.mark.parametrize("subdivide", [1, 2])
+def test_streaming_in_pieces_equals_the_whole_image(small_slide: list[np.ndarray], subdivide: int) -> None:
     models = baseline_models()
     src = ArraySource(small_slide, PX)
-    whole = SlideAnalyzer(src.geometry, models, batch_size=16)
+    whole = SlideAnalyzer(src.geometry, models, batch_size=16, subdivide=subdivide)
     for lv in whole.levels:
         whole.feed(lv, 0, small_slide[lv])
     a = whole.finish()
 
     rng = np.random.default_rng(7)
-    streamed = SlideAnalyzer(src.geometry, models, batch_size=16)
+    streamed = SlideAnalyzer(src.geometry, models, batch_size=16, subdivide=subdivide)
     # Interleave the levels' pieces the way a scan announces them: in order per level, mixed between levels.
     queue = [(lv, y0, y1) for lv in streamed.levels for y0, y1 in _pieces(rng, small_slide[lv].shape[0])]
     queue.sort(key=lambda t: t[2] / small_slide[t[0]].shape[0])
@@ -57,7 +58,8 @@ def test_streaming_in_pieces_equals_the_whole_image(small_slide: list[np.ndarray
         streamed.feed(lv, y0, small_slide[lv][y0:y1])
     b = streamed.finish()
 
-    assert a.probability.shape == (math.ceil(500 / 32), math.ceil(500 / 32))  # 32 µm cells
+    cell_um = 32 / subdivide  # 32 px patches at 1 µm
+    assert a.probability.shape == (math.ceil(500 / cell_um), math.ceil(500 / cell_um))
     assert a.analysed.any() and not a.analysed.all()  # tissue and glass
     np.testing.assert_array_equal(a.probability, b.probability)
     np.testing.assert_array_equal(a.tissue, b.tissue)

@@ -139,10 +139,12 @@ class SlideGeometry:
         return best, want_um / (self.pixel_size_um * self.downsample(best))
 
 
-def tumour_grid(geometry: SlideGeometry, model: TumourModel) -> tuple[int, int]:
-    """The level the tumour grid is cut from and the cell side in that level's pixels."""
+def tumour_grid(geometry: SlideGeometry, model: TumourModel, subdivide: int = 1) -> tuple[int, int, int]:
+    """The level the tumour grid is cut from, the cell side and the patch side in that level's
+    pixels (the patch is ``subdivide`` cells wide, centred on its cell)."""
     level, factor = geometry.level_for(model.pixel_size_um)
-    return level, max(1, round(model.patch_px * factor))
+    cell = max(1, round(model.patch_px * factor / subdivide))
+    return level, cell, cell * subdivide
 
 
 @dataclass
@@ -242,14 +244,22 @@ class SlideAnalyzer:
         min_tissue: float = 0.1,
         nuclei: bool = True,
         beat: Callable[[], None] | None = None,
+        subdivide: int = 1,
     ) -> None:
-        """``beat``: called between model calls (a worker's heartbeat)."""
+        """``beat``: called between model calls (a worker's heartbeat). ``subdivide``: grid cells
+        per patch side; 1 tiles the slide with patches, 2 moves the patch by half its width (a grid
+        twice as fine, four times the model calls; the slide model still sees the non-overlapping
+        patches only, as it was trained)."""
         self.geometry = geometry
         self._beat = beat or (lambda: None)
         self.models = models
         self.batch_size = max(1, batch_size)
         self.min_tissue = min_tissue
-        self.t_level, self.cell_l = tumour_grid(geometry, models.tumour)
+        if subdivide < 1:
+            raise ValueError(f"subdivide must be >= 1, got {subdivide}")
+        self.subdivide = subdivide
+        self.t_level, self.cell_l, self.patch_l = tumour_grid(geometry, models.tumour, subdivide)
+        self.margin_l = (self.patch_l - self.cell_l) // 2  # the patch reaches this far beyond its cell
         self.t_ds = geometry.downsample(self.t_level)
         th, tw = geometry.level_shapes[self.t_level]
         self.grid_shape = (math.ceil(th / self.cell_l), math.ceil(tw / self.cell_l))
@@ -263,7 +273,14 @@ class SlideAnalyzer:
         self._pending: list[tuple[int, int, U8]] = []
         self._embeddings: list[F32] = []
         self._cells: list[tuple[int, int]] = []
-        self.stats: dict[str, Any] = {"patches": 0, "tumour_s": 0.0, "nuclei_s": 0.0, "windows": 0, "windows_run": 0}
+        self.stats: dict[str, Any] = {
+            "patches": 0,
+            "tumour_s": 0.0,
+            "nuclei_s": 0.0,
+            "windows": 0,
+            "windows_run": 0,
+            "subdivide": subdivide,
+        }
         # Nuclei
         self.nuclei_model = models.nuclei if nuclei else None
         self._n_rows: _Rows | None = None
@@ -327,6 +344,7 @@ class SlideAnalyzer:
         if self.models.slide is not None and self._cells:
             emb = np.concatenate(self._embeddings)
             cells = np.asarray(self._cells, np.float32)
+            # Patch centres in µm: the centre of the cell each patch is centred on.
             coords = (cells + 0.5) * np.float32(self.cell_l * self.t_ds * self.geometry.pixel_size_um)
             out = self.models.slide.predict(emb, coords.astype(np.float32))
             score = float(out.score)
@@ -354,21 +372,23 @@ class SlideAnalyzer:
 
     # -- tumour grid ----------------------------------------------------------------------
     def _tumour_bands(self, final: bool) -> None:
-        c, (gh, gw) = self.cell_l, self.grid_shape
-        while self._t_band < gh and (self._t_rows.end >= (self._t_band + 1) * c or final):
+        c, p, m, (gh, gw) = self.cell_l, self.patch_l, self.margin_l, self.grid_shape
+        while self._t_band < gh and (self._t_rows.end >= self._t_band * c - m + p or final):
             b = self._t_band
-            band = self._t_rows.window(b * c, (b + 1) * c, 0, gw * c)
-            patches = band.reshape(c, gw, c, 3).transpose(1, 0, 2, 3)
-            frac, art = _tissue_and_artifact(patches)
+            # The band of patches centred on this row of cells: cell j's patch is columns
+            # [j*c - m, j*c - m + p) of the level (glass beyond its edges).
+            band = self._t_rows.window(b * c - m, b * c - m + p, -m, (gw - 1) * c - m + p)
+            cells = band[m : m + c, m : m + gw * c].reshape(c, gw, c, 3).transpose(1, 0, 2, 3)
+            frac, art = _tissue_and_artifact(cells)
             self.tissue[b] = frac
             self.artifact[b] = art
             for j in np.nonzero(frac >= self.min_tissue)[0]:
-                patch = _resize(np.ascontiguousarray(patches[j]), self.models.tumour.patch_px)
+                patch = _resize(np.ascontiguousarray(band[:, j * c : j * c + p]), self.models.tumour.patch_px)
                 self._pending.append((b, int(j), patch))
                 if len(self._pending) >= self.batch_size:
                     self._run_batch()
             self._t_band += 1
-            self._t_rows.drop_before(self._t_band * c)
+            self._t_rows.drop_before(self._t_band * c - m)
 
     def _run_batch(self) -> None:
         if not self._pending:
@@ -379,11 +399,15 @@ class SlideAnalyzer:
         self.stats["tumour_s"] += time.perf_counter() - t0
         self.stats["patches"] += len(batch)
         self._beat()
+        emb = np.asarray(out.embedding, np.float32)
+        keep = []
         for k, (i, j, _) in enumerate(self._pending):
             self.probability[i, j] = out.probability[k]
             self.analysed[i, j] = True
-            self._cells.append((i, j))
-        self._embeddings.append(np.asarray(out.embedding, np.float32))
+            if i % self.subdivide == 0 and j % self.subdivide == 0:  # the slide model's bag: non-overlapping patches
+                self._cells.append((i, j))
+                keep.append(k)
+        self._embeddings.append(emb[keep])
         self._pending = []
 
     # -- nuclei ---------------------------------------------------------------------------
@@ -531,9 +555,10 @@ def analyze_source(
     batch_size: int = 64,
     nuclei: bool = True,
     progress: Callable[[], None] | None = None,
+    subdivide: int = 1,
 ) -> GridResult:
     """Feed ``source``'s levels to a :class:`SlideAnalyzer` band by band and return its grid."""
-    an = SlideAnalyzer(source.geometry, models, batch_size=batch_size, nuclei=nuclei)
+    an = SlideAnalyzer(source.geometry, models, batch_size=batch_size, nuclei=nuclei, subdivide=subdivide)
     for level in an.levels:
         h = source.geometry.level_shapes[level][0]
         for y in range(0, h, band_rows):
@@ -586,17 +611,25 @@ def write_outputs(
 
 
 def analyze_file(
-    slide: Path, out_dir: Path, models: ModelSet, *, nuclei: bool = True, batch_size: int = 64, cam: int = 0
+    slide: Path,
+    out_dir: Path,
+    models: ModelSet,
+    *,
+    nuclei: bool = True,
+    batch_size: int = 64,
+    cam: int = 0,
+    subdivide: int = 1,
+    threshold: float = 0.5,
 ) -> dict[str, Any]:
     """``python -m runtime analyze``: the same analysis on an existing pyramidal TIFF (``cam``:
     also the class-activation view of that many top patches, ``cam.png``)."""
     t0 = time.perf_counter()
     src = TiffSource(slide)
     try:
-        result = analyze_source(src, models, batch_size=batch_size, nuclei=nuclei)
+        result = analyze_source(src, models, batch_size=batch_size, nuclei=nuclei, subdivide=subdivide)
         result.stats["analysis_s"] = time.perf_counter() - t0
         thumb = src.thumbnail(OVERLAY_MAX_PX)
-        summ = write_outputs(out_dir, result, models, thumb)
+        summ = write_outputs(out_dir, result, models, thumb, threshold=threshold)
         if cam > 0:
             write_cam(src, result, models.tumour, out_dir, cam)
             summ["files"]["cam_png"] = CAM_PNG
@@ -606,10 +639,13 @@ def analyze_file(
     return summ
 
 
-def top_patches(source: SlideSource, result: GridResult, model: TumourModel, k: int) -> list[tuple[U8, float]]:
-    """The ``k`` analysed cells of highest tumour probability, read again from ``source`` and
-    resampled as the model saw them, with their probabilities."""
-    level, cell = tumour_grid(source.geometry, model)
+def top_patches(
+    source: SlideSource, result: GridResult, model: TumourModel, k: int, subdivide: int = 1
+) -> list[tuple[U8, float]]:
+    """The ``k`` analysed cells of highest tumour probability, their patches read again from
+    ``source`` and resampled as the model saw them, with their probabilities."""
+    level, cell, patch_l = tumour_grid(source.geometry, model, subdivide)
+    m = (patch_l - cell) // 2
     prob = np.where(result.analysed, result.probability, -1.0)
     order = np.argsort(prob, axis=None)[::-1][:k]
     h, w = source.geometry.level_shapes[level]
@@ -618,10 +654,12 @@ def top_patches(source: SlideSource, result: GridResult, model: TumourModel, k: 
         i, j = divmod(int(flat), prob.shape[1])
         if prob[i, j] < 0:
             break
-        rows = source.read_rows(level, i * cell, min(h, (i + 1) * cell))
-        patch = np.full((cell, cell, 3), WHITE, np.uint8)
-        part = rows[:, j * cell : min(w, (j + 1) * cell)]
-        patch[: part.shape[0], : part.shape[1]] = part
+        y0, x0 = i * cell - m, j * cell - m
+        rows = source.read_rows(level, max(0, y0), min(h, y0 + patch_l))
+        patch = np.full((patch_l, patch_l, 3), WHITE, np.uint8)
+        part = rows[:, max(0, x0) : min(w, x0 + patch_l)]
+        oy, ox = max(0, y0) - y0, max(0, x0) - x0
+        patch[oy : oy + part.shape[0], ox : ox + part.shape[1]] = part
         out.append((_resize(patch, model.patch_px), float(result.probability[i, j])))
     return out
 
@@ -631,7 +669,7 @@ def write_cam(source: SlideSource, result: GridResult, model: TumourModel, out_d
     from runtime.analysis.heatmap import occlusion_map
     from runtime.analysis.heatmap import write_cam as write_montage
 
-    found = top_patches(source, result, model, k)
+    found = top_patches(source, result, model, k, int(result.stats.get("subdivide", 1)))
     if not found:
         raise AnalysisError("no tissue patch for the class-activation view")
     maps = [occlusion_map(model, p) for p, _ in found]

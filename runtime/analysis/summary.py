@@ -61,7 +61,11 @@ def summarize(result: GridResult, lesions: list[Lesion], models: dict[str, str])
         "nuclei_density_in_lesions_per_mm2": _r(n_in / burden, 2) if has_nuclei and burden > 0 else None,
         "nuclei_density_outside_per_mm2": _r(n_out / outside_mm2, 2) if has_nuclei and outside_mm2 > 0 else None,
         "models": dict(models),
-        "grid": {"cell_um": _r(result.cell_um, 4), "shape": list(result.probability.shape)},
+        "grid": {
+            "cell_um": _r(result.cell_um, 4),
+            "shape": list(result.probability.shape),
+            "subdivide": int(result.stats.get("subdivide", 1)),
+        },
         "patches": int(result.stats.get("patches", 0)),
         "timing_s": {k: _r(v, 3) for k, v in result.stats.items() if k.endswith("_s") and isinstance(v, int | float)},
     }

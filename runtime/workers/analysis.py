@@ -63,7 +63,12 @@ class _Run:
         self.store = MosaicStore.open(Path(mosaic_path))
         self.source = MosaicSource(self.store)
         self.analyzer = SlideAnalyzer(
-            self.source.geometry, models, batch_size=cfg.batch_size, nuclei=cfg.nuclei, beat=beat
+            self.source.geometry,
+            models,
+            batch_size=cfg.batch_size,
+            nuclei=cfg.nuclei,
+            beat=beat,
+            subdivide=cfg.subdivide,
         )
         self.beat = beat
         self.t0 = time.perf_counter()
