@@ -355,13 +355,16 @@ def _replay_pace(pace: float) -> Iterator[None]:
         replay_job._replay_config = original
 
 
-def scan_cost(fields: int, repeats: int, trained: bool, paces: tuple[float, ...] = (0.0, 1.0)) -> dict[str, Any]:
+def scan_cost(
+    fields: int, repeats: int, trained: bool, model_root: Path | None = None, paces: tuple[float, ...] = (0.0, 1.0)
+) -> dict[str, Any]:
     """Wall time of a replayed scan (start_scan -> scan_finished, through the daemon as ``bench e2e``
     runs it, one z plane) with ``[analysis]`` off and on, alternated ``repeats`` times; medians.
     With analysis on, the scan ends once the analysis is written too, so the difference is
     everything the analysis costs the scan. Per replay pace: 0 (as fast as the CPU allows: every
     CPU second the analysis takes competes with the scan's) and 1 (the scanner's real speed by the
-    recording's timing model: the analysis runs in the time the scanner waits for the stage)."""
+    recording's timing model: the analysis runs in the time the scanner waits for the stage).
+    ``trained``: the trained models (folders under ``model_root``, else the committed ones), else the baselines."""
     import tempfile
 
     from bench.e2e import _scan
@@ -383,11 +386,17 @@ def scan_cost(fields: int, repeats: int, trained: bool, paces: tuple[float, ...]
         )
         rec = synthesize(work / "rec.zarr", params)
         configs = {}
+        dirs = ""
+        if trained and model_root is not None:
+            dirs = "".join(
+                f'{key} = "{model_root / name}"\n'
+                for key, name in (("tumour_dir", "tumour"), ("nuclei_dir", "nuclei"), ("slide_dir", "slide_mil"))
+            )
         for name, enabled in (("off", False), ("on", True)):
             configs[name] = work / f"{name}.toml"
             configs[name].write_text(
                 '[focus]\nstrategy = "contrast_sweep"\nsweep_steps = 3\n\n'
-                f'[analysis]\nenabled = {"true" if enabled else "false"}\nmodels = "{models}"\n'
+                f'[analysis]\nenabled = {"true" if enabled else "false"}\nmodels = "{models}"\n{dirs}'
             )
         for pace in paces:
             walls: dict[str, list[float]] = {"off": [], "on": []}
@@ -449,7 +458,7 @@ def run(args: argparse.Namespace) -> int:
         "targets": TARGETS,
     }
     if args.scan_cost:
-        result["scan_cost"] = scan_cost(args.cost_fields, args.cost_repeats, len(sets) > 1)
+        result["scan_cost"] = scan_cost(args.cost_fields, args.cost_repeats, len(sets) > 1, args.models)
     rows = []
     for name, r in runs.items():
         rows.append(
