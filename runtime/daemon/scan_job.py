@@ -349,6 +349,7 @@ class ScanJob(WorkerJob):
                     str(self.mosaic_path),
                     folder=str(self.output_dir),
                     resume=self.resumed is not None,
+                    memory_budget_mib=cfg.daemon.memory_budget_mib,
                 ),
                 cfg.mosaic,
                 cfg.stitch,
