@@ -322,14 +322,23 @@ def evaluate(slides: list[BenchSlide], models: Any, nuclei: bool, subdivide: int
 
 def trained_models(root: Path | None) -> tuple[Any, str | None]:
     """The trained analysis models (folders under ``root``: tumour, nuclei, slide_mil; None: the
-    committed ones), or (None, why not)."""
-    from runtime.analysis.pipeline import AnalysisError, load_models
+    committed ones), or (None, why not). Without a usable slide model, the tumour and nuclei
+    models alone (the slide score is then their max patch probability), and why."""
+    from runtime.analysis.pipeline import AnalysisError, ModelSet, load_models
 
     dirs = [None if root is None else root / name for name in ("tumour", "nuclei", "slide_mil")]
     try:
         return load_models(*dirs), None
     except (AnalysisError, ImportError) as err:
-        return None, str(err)
+        why = str(err)
+    try:
+        from runtime.analysis.models import load_nuclei_model, load_tumour_model
+
+        t, n = load_tumour_model(dirs[0]), load_nuclei_model(dirs[1])
+    except Exception as err:  # a missing or bad folder: the bench reports the baselines only
+        return None, f"{why}; tumour/nuclei alone: {err}"
+    names = {"tumour": str(t.folder.path), "nuclei": str(n.folder.path), "slide": "max patch probability"}
+    return ModelSet(t, n, None, names), f"no slide model ({why}): slide score = max patch probability"
 
 
 # --------------------------------------------------------------------------- scan-path cost
@@ -445,6 +454,8 @@ def run(args: argparse.Namespace) -> int:
             notes.append(f"trained models: not run ({why})")
         else:
             sets.append(("models", models))
+            if why:
+                notes.append(f"trained models: {why}")
     for name, ms in sets:
         for k in args.subdivide:
             runs[name if k == 1 else f"{name} /{k}"] = evaluate(slides, ms, not args.no_nuclei, k)
