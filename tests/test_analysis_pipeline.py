@@ -215,3 +215,33 @@ def test_occlusion_view_points_at_what_the_classifier_reads() -> None:
     assert heat.shape == (p, p)
     assert heat[:, : dark - p // 4].min() > 0.1  # hiding any of the dense part lowers the probability
     assert abs(heat[:, dark + p // 4 - 2 :]).max() < 1e-6  # hiding only stroma changes nothing
+
+
+def test_our_ome_tiff_reads_as_the_mosaic_it_was_written_from(tmp_path: Path, small_slide: list[np.ndarray]) -> None:
+    """The runtime's own slide (JPEG OME-TIFF with SubIFD levels, written from a Zarr mosaic) gives
+    the analyzer the same pyramid as the mosaic, and about the same answers (JPEG aside)."""
+    from runtime.analysis.pipeline import MosaicSource, TiffSource
+    from runtime.output.mosaic_store import MosaicStore
+    from runtime.output.ome_tiff import write_ome_tiff
+
+    img = small_slide[0]
+    h, w = img.shape[:2]
+    store = MosaicStore.create(tmp_path / "m.zarr", h, w, chunk=256, pixel_size_um=PX, min_level_size=100)
+    for y in range(0, h, 256):
+        store.write_band(y, img[y : y + 256])
+    store.finish()
+    write_ome_tiff(store, tmp_path / "slide.ome.tif")
+    tiff = TiffSource(tmp_path / "slide.ome.tif")
+    try:
+        mosaic = MosaicSource(store)
+        assert tiff.geometry.level_shapes == mosaic.geometry.level_shapes
+        assert tiff.geometry.pixel_size_um == pytest.approx(PX)
+        a = analyze_source(mosaic, baseline_models())
+        b = analyze_source(tiff, baseline_models())
+    finally:
+        tiff.close()
+        store.close()
+    assert (a.analysed == b.analysed).mean() > 0.97  # JPEG moves a cell at the 10% tissue threshold now and then
+    both = a.analysed & b.analysed
+    assert np.abs(a.probability[both] - b.probability[both]).mean() < 0.05
+    assert len(b.nuclei) == pytest.approx(len(a.nuclei), rel=0.05)
