@@ -95,3 +95,18 @@ def test_quarter_resolution_search_lands_near_the_true_shift() -> None:
     wb = (128 + _fourier_shift(img, -r[0], -r[1])[:, :139]).astype(np.float32)
     found = reg._coarse(wa, wb, (-30, -30), (30, 60), reg.RegistrationParams())
     assert abs(found[0] - r[0]) < 0.3 and abs(found[1] - r[1]) < 0.3, found
+
+
+@pytest.mark.parametrize("overlap", [14, 45])
+def test_thin_true_overlap_in_big_windows(overlap: int) -> None:
+    """A 1024 px strip whose true overlap is much thinner than predicted: too thin for the quarter-resolution
+    refinement (< 10 coarse px), so the full-resolution step starts from the coarse peak, up to 2 px off."""
+    rng = np.random.default_rng(overlap)
+    img = 128 + 30 * _band_limited(1024, seed=11, sigma_px=2.5)
+    dy, dx = 5.3, 171 - overlap + 0.37
+    a = (img[:, :171] + rng.normal(0, 2, (1024, 171))).astype(np.float32)
+    b = (_fourier_shift(img, -dy, -dx)[:, :400] + rng.normal(0, 2, (1024, 400))).astype(np.float32)
+    m = reg.register_pair(a, b, (0.0, 171 - 50.0), reg.RegistrationParams(search_px=60))
+    # Measured 0.003-0.008 px.
+    assert m.accepted, m
+    assert abs(m.shift[0] - dy) < 0.02 and abs(m.shift[1] - dx) < 0.02, m.shift
