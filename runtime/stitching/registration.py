@@ -11,11 +11,12 @@ Two steps:
 1. **Coarse:** the normalised cross-correlation of the two images over their
    shared pixels only, for every displacement within ``search_px`` of the
    prediction (masked NCC, computed with FFTs at a quarter of the resolution
-   for big windows, the best peaks re-scored at full resolution, the winner
-   refined by the subpixel step at the coarse resolution, which puts it
-   within ~0.1 px). Both windows are the predicted overlap widened by the
-   search range and high-passed (vignetting and stain gradients are smooth
-   and would otherwise dominate). Phase correlation was tried first: when the
+   for big windows, the best peaks re-scored at half resolution, the winner
+   refined by the subpixel step at a quarter, which puts it within ~0.1 px).
+   Both windows are the predicted overlap widened by the search range and
+   high-passed (vignetting and stain gradients are smooth and would
+   otherwise dominate). Glass is rejected before any search by a texture
+   test (high-passed spread over pixel noise). Phase correlation was tried first: when the
    stage error leaves a thin true overlap inside wide windows its peak shrinks
    with the shared area and lost to noise peaks.
 2. **Fine, subpixel:** Lucas-Kanade (Gauss-Newton on the squared difference)
@@ -32,9 +33,11 @@ Two steps:
    better on bench pairs (0.0044 px RMS either way) at twice the cost.
 
 Cost, single thread, per pair of 1024 px tiles with a 10 % overlap and a
-+-60 px search (``python -m bench stitch`` pairs): ~8 ms, from ~20 ms with a
-half-resolution search, a full-resolution hill climb, scipy's spline
-prefilter and the symmetric LK from the integer peak.
++-60 px search (``python -m bench stitch`` pairs): ~6 ms (a glass pair
+~1.7 ms), from ~19 ms (7 ms) with full-resolution high-passed windows, a
+half-resolution search and full-resolution hill climb, scipy's spline
+prefilter and the symmetric LK from the integer peak; the same accuracy
+(0.0044 px RMS against the simulator's truth, the same pair outcomes).
 
 The confidence is the normalised cross-correlation of the aligned, high-passed
 overlaps (glass: noise against independent noise, ~0; tissue: 0.8-0.99) and a
