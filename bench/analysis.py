@@ -297,6 +297,8 @@ def evaluate(slides: list[BenchSlide], models: Any, nuclei: bool, subdivide: int
         "dice_pooled": 2 * inter / (tr + pr) if tr + pr else None,
         "dice_mean": float(np.mean(dice_each)) if dice_each else None,
         "burden_error_pct_mean": float(np.mean(burden)) if burden else None,
+        "burden_error_pct_median": float(np.median(burden)) if burden else None,
+        "burden_within_10pct": float(np.mean(np.asarray(burden) <= 10.0)) if burden else None,
         "burden_error_pct_pooled": 100 * abs(pr - tr) / tr if tr else None,
         "false_positive_mm2_on_tumour_free": sum(p["pred_mm2"] for p in per if not p["tumour"]),
         "slide_auc": auc([p["slide_score"] for p in per], labels),
@@ -479,6 +481,8 @@ def run(args: argparse.Namespace) -> int:
                 "froc": r["froc"]["froc_score"],
                 "dice": r["dice_pooled"],
                 "burden": r["burden_error_pct_mean"],
+                "burden_med": r["burden_error_pct_median"],
+                "burden_in": r["burden_within_10pct"],
                 "auc": r["slide_auc"],
                 "auc_max": r["slide_auc_max_probability"],
                 "nuc_f1": r.get("nuclei", {}).get("f1"),
@@ -490,7 +494,9 @@ def run(args: argparse.Namespace) -> int:
         Column("sens", "sens@0.5FP", ".3f"),
         Column("froc", "FROC", ".3f"),
         Column("dice", "Dice", ".3f"),
-        Column("burden", "burden err % (mean)", ".1f"),
+        Column("burden", "burden err % mean", ".1f"),
+        Column("burden_med", "median", ".1f"),
+        Column("burden_in", "<=10%", ".2f"),
         Column("auc", "AUC", ".3f"),
         Column("auc_max", "AUC maxprob", ".3f"),
         Column("nuc_f1", "nuclei F1", ".3f"),
@@ -504,8 +510,9 @@ def run(args: argparse.Namespace) -> int:
     notes.append("targets: " + ", ".join(f"{k} {v}" for k, v in TARGETS.items()))
     notes.append(
         "sens@0.5FP: lesion sensitivity at <= 0.5 false-positive detections per slide; FROC: mean sensitivity at "
-        "1/4..8 FP/slide; Dice pooled over the tumour slides; burden error: mean over tumour slides of "
-        "|found - truth| / truth area; 'NAME /k': the tumour grid k x k cells per patch (patches at 1/k steps)"
+        "1/4..8 FP/slide; Dice pooled over the tumour slides; burden error: |found - truth| / truth area per tumour "
+        "slide (mean, median, fraction within 10%); 'NAME /k': the tumour grid k x k cells per patch "
+        "(patches at 1/k steps)"
     )
     if "scan_cost" in result:
         sc = result["scan_cost"]
