@@ -54,7 +54,7 @@ TARGETS = {
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--slides", type=int, default=12, help="held-out slides (half with tumour)")
+    p.add_argument("--slides", type=int, default=12, help="held-out slides (half with tumour); 0: only --scan-cost")
     p.add_argument("--size-um", type=float, default=1500.0, help="side of each slide's square area (µm)")
     p.add_argument("--first-seed", type=int, default=900_000, help="first slide seed (held out: 900000-999999)")
     p.add_argument("--no-nuclei", action="store_true", help="skip nuclei detection (faster)")
@@ -367,7 +367,12 @@ def _replay_pace(pace: float) -> Iterator[None]:
 
 
 def scan_cost(
-    fields: int, repeats: int, trained: bool, model_root: Path | None = None, paces: tuple[float, ...] = (0.0, 1.0)
+    fields: int,
+    repeats: int,
+    trained: bool,
+    model_root: Path | None = None,
+    paces: tuple[float, ...] = (0.0, 1.0),
+    no_slide_model: bool = False,
 ) -> dict[str, Any]:
     """Wall time of a replayed scan (start_scan -> scan_finished, through the daemon as ``bench e2e``
     runs it, one z plane) with ``[analysis]`` off and on, alternated ``repeats`` times; medians.
@@ -403,6 +408,12 @@ def scan_cost(
                 f'{key} = "{model_root / name}"\n'
                 for key, name in (("tumour_dir", "tumour"), ("nuclei_dir", "nuclei"), ("slide_dir", "slide_mil"))
             )
+        if trained and no_slide_model:
+            dirs = (
+                "\n".join(line for line in dirs.splitlines() if not line.startswith("slide_dir"))
+                + '\nslide_dir = "none"\n'
+            )
+
         for name, enabled in (("off", False), ("on", True)):
             configs[name] = work / f"{name}.toml"
             configs[name].write_text(
@@ -458,7 +469,7 @@ def run(args: argparse.Namespace) -> int:
             sets.append(("models", models))
             if why:
                 notes.append(f"trained models: {why}")
-    for name, ms in sets:
+    for name, ms in sets if slides else ():  # --slides 0: only the scan cost
         for k in args.subdivide:
             runs[name if k == 1 else f"{name} /{k}"] = evaluate(slides, ms, not args.no_nuclei, k)
     result: dict[str, Any] = {
@@ -471,7 +482,11 @@ def run(args: argparse.Namespace) -> int:
         "targets": TARGETS,
     }
     if args.scan_cost:
-        result["scan_cost"] = scan_cost(args.cost_fields, args.cost_repeats, len(sets) > 1, args.models)
+        trained = len(sets) > 1
+        no_slide = trained and sets[1][1].slide is None
+        result["scan_cost"] = scan_cost(
+            args.cost_fields, args.cost_repeats, trained, args.models, no_slide_model=no_slide
+        )
     rows = []
     for name, r in runs.items():
         rows.append(
@@ -502,11 +517,12 @@ def run(args: argparse.Namespace) -> int:
         Column("nuc_f1", "nuclei F1", ".3f"),
         Column("pps", "patches/s", ".0f"),
     ]
-    n_les = next(iter(runs.values()))["froc"]["lesions"]
-    notes.append(
-        f"{args.slides} held-out slides (seeds {args.first_seed}-{args.first_seed + args.slides - 1}), "
-        f"{args.size_um:.0f} µm square at {PX_UM} µm/px, {n_les} tumour lesions; rendered in {render_s:.1f} s"
-    )
+    if runs:
+        n_les = next(iter(runs.values()))["froc"]["lesions"]
+        notes.append(
+            f"{args.slides} held-out slides (seeds {args.first_seed}-{args.first_seed + args.slides - 1}), "
+            f"{args.size_um:.0f} µm square at {PX_UM} µm/px, {n_les} tumour lesions; rendered in {render_s:.1f} s"
+        )
     notes.append("targets: " + ", ".join(f"{k} {v}" for k, v in TARGETS.items()))
     notes.append(
         "sens@0.5FP: lesion sensitivity at <= 0.5 false-positive detections per slide; FROC: mean sensitivity at "

@@ -198,7 +198,9 @@ class AnalysisConfig(_Section):
     )
     tumour_dir: str = Field("builtin", description="tumour classifier model folder, or 'builtin'")
     nuclei_dir: str = Field("builtin", description="nuclei detector model folder, or 'builtin'")
-    slide_dir: str = Field("builtin", description="slide (attention-MIL) model folder, or 'builtin'")
+    slide_dir: str = Field(
+        "builtin", description="slide (attention-MIL) model folder, 'builtin', or 'none' (score: max patch probability)"
+    )
     nuclei: bool = Field(True, description="detect nuclei (nuclei.geojson, densities in the report)")
     backend: Literal["auto", "tensorrt", "ort_cuda", "ort_cpu"] = Field("auto", description="inference backend")
     batch_size: int = Field(64, ge=1, le=4096, description="tumour patches per model call")

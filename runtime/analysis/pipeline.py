@@ -93,21 +93,29 @@ def load_models(
     backend: str = "auto",
     with_nuclei: bool = True,
 ) -> ModelSet:
-    """The trained models (``runtime.analysis.models``; None or "builtin": the committed folders).
-    Raises :class:`AnalysisError` naming the folder and the problem."""
+    """The trained models (``runtime.analysis.models``; None or "builtin": the committed folders;
+    ``slide`` "none": no slide model, the slide score is the max patch probability). Raises
+    :class:`AnalysisError` naming the folder and the problem."""
     from runtime.analysis import models as trained
 
     def folder(v: str | Path | None) -> Path | None:
         return None if v is None or str(v) == "builtin" else Path(v)
 
+    pref: Any = backend
     try:
-        m = trained.load_analysis_models(folder(tumour), folder(nuclei), folder(slide), backend)  # type: ignore[arg-type]
+        if str(slide) == "none":
+            t = trained.load_tumour_model(folder(tumour), pref)
+            n = trained.load_nuclei_model(folder(nuclei), pref) if with_nuclei else None
+            s = None
+        else:
+            m = trained.load_analysis_models(folder(tumour), folder(nuclei), folder(slide), pref)
+            t, n, s = m.tumour, m.nuclei, m.slide
     except Exception as err:  # ModelFolderError, InferenceError, OSError ...: each names the folder
         raise AnalysisError(f"analysis models: {err}") from err
-    names = {"tumour": _folder_name(m.tumour), "slide": _folder_name(m.slide)}
-    if with_nuclei:
-        names["nuclei"] = _folder_name(m.nuclei)
-    return ModelSet(m.tumour, m.nuclei if with_nuclei else None, m.slide, names)
+    names = {"tumour": _folder_name(t), "slide": _folder_name(s) if s is not None else "max patch probability"}
+    if with_nuclei and n is not None:
+        names["nuclei"] = _folder_name(n)
+    return ModelSet(t, n if with_nuclei else None, s, names)
 
 
 @dataclass(frozen=True)
