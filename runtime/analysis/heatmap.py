@@ -134,7 +134,7 @@ def write_overlay(
         v = np.pad(v, ((0, oh - v.shape[0]), (0, ow - v.shape[1])))
         a = np.pad(a, ((0, oh - a.shape[0]), (0, ow - a.shape[1])))
     colour = _ramp(v)
-    alpha = (a * np.clip(0.25 + 0.6 * v, 0, 0.85)).astype(np.float32)[..., None]
+    alpha = (a * np.clip(1.2 * v - 0.1, 0, 0.8)).astype(np.float32)[..., None]  # low values: the slide shows through
     if thumbnail is not None:
         base = cv2.resize(thumbnail, (ow, oh), interpolation=cv2.INTER_AREA).astype(np.float32)
         img = np.clip(np.rint(base * (1 - alpha) + colour * alpha), 0, 255).astype(np.uint8)
