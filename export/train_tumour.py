@@ -4,9 +4,12 @@
 and mimics; the target of a patch is its tumour fraction (soft binary cross-entropy), so patches
 cut by a lesion edge teach the boundary instead of being forced to one side. Patches are
 re-balanced per epoch: every patch touching a lesion or a mimic, and as many plain benign
-patches again, drawn afresh each epoch. Every 10th training slide is in the validation set
-(reported per epoch; no model selection); held-out slides (seeds 900000+) are scored once at
-the end.
+patches again, drawn afresh each epoch, plus negatives that are not tissue at all (textures
+and photographs of :mod:`export.content_mix`: without them the model called 100% of brick
+and 2/3 of the textures tumour). Every 10th training slide is in the validation set
+(reported per epoch; no model selection); after training the logit is shifted to fit the
+validation slides' prevalence (:func:`calibrate`). Held-out slides (seeds 900000+) and held-out
+content (:mod:`export.analysis_unseen`) are scored once at the end.
 
 **Model** (:class:`TumourNet`): five conv/BN/ReLU blocks (64 -> 8 px), mean and max pooling,
 a 32-d ReLU embedding and one logit from it. The embedding is the slide model's input: the
@@ -29,6 +32,7 @@ from torch import nn
 from export.analysis_data import SLIDE_UM, TUMOUR_PIXEL_UM, TUMOUR_PX, cached, slide_grids
 from export.analysis_export import export_analysis_model
 from export.analysis_metrics import roc_auc
+from export.analysis_unseen import other_content_patches, record_unseen
 from export.models import count_macs
 from export.train import seed_everything
 
@@ -124,6 +128,31 @@ def patch_metrics(prob: np.ndarray, d: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def calibrate(model: TumourNet, val: dict[str, Any]) -> float:
+    """Shift the logit so that probabilities fit the validation slides' own tumour prevalence.
+
+    Training re-balances patches (lesion and mimic patches, then as many plain ones), so the
+    raw logit over-states tumour by the prior ratio; the shift that minimises the validation
+    cross-entropy against the tumour fractions is folded into the classifier's bias."""
+    if int((val["tumour_fraction"] >= 0.5).sum()) < 20:
+        return 0.0  # too few tumour patches to fit a prevalence (tiny test runs)
+    model.eval()
+    with torch.no_grad():
+        logit = torch.cat([model.logits(torch.from_numpy(to_input(val["patches"][i : i + 512])))[0]
+                           for i in range(0, len(val["patches"]), 512)])
+        y = torch.from_numpy(val["tumour_fraction"].astype(np.float32))
+        shifts = np.arange(-6.0, 2.0, 0.05)
+        loss = [float(nn.functional.binary_cross_entropy_with_logits(logit + float(s), y)) for s in shifts]
+        best = float(shifts[int(np.argmin(loss))])
+        model.classify.bias += best
+    return round(best, 3)
+
+
+def _other(seed: int, images: int) -> dict[str, Any]:
+    tex, pho = other_content_patches(np.random.default_rng([seed, 31]), images, images, 20)
+    return {"patches": np.concatenate([tex, pho])}
+
+
 def load_grids(data_dir: Path, split: str, slides: int, workers: int = 2, size_um: float = SLIDE_UM) -> dict[str, Any]:
     """The cached grids of ``slides`` slides (60% with tumour in training, 50% held out)."""
     share = 0.6 if split == "train" else 0.5
@@ -156,9 +185,11 @@ def train_tumour(
     width: int = 16,
     val_slides: int = VAL_SLIDES,
     slide_um: float = SLIDE_UM,
+    other_content: int = 150,
 ) -> dict[str, Any]:
     """Train, score on the held-out slides and write ``out`` (a model folder, parity-checked).
-    ``slide_um``: smaller slides (tests)."""
+    ``slide_um``: smaller slides (tests). ``other_content``: that many textures and as many
+    photographs (export.content_mix) give negatives that are not tissue (0: none)."""
     seed_everything(seed)
     t0 = time.time()
     grids = load_grids(data_dir, "train", train_slides, workers, slide_um)
@@ -169,11 +200,19 @@ def train_tumour(
     t_f, m_f = train["tumour_fraction"], train["mimic_fraction"]
     special = np.flatnonzero((t_f > 0) | (m_f > 0))
     plain = np.flatnonzero((t_f == 0) & (m_f == 0))
-    x_all = torch.from_numpy(train["patches"])  # uint8 NHWC; converted per batch
-    y_all = torch.from_numpy(t_f.astype(np.float32))
+    patches, labels = train["patches"], t_f.astype(np.float32)
+    other = np.zeros(0, np.int64)
+    if other_content:
+        o = cached(data_dir / f"other-content-seed{seed}-{other_content}.npz", lambda: _other(seed, other_content))
+        other = len(patches) + np.arange(len(o["patches"]))
+        patches = np.concatenate([patches, o["patches"]])
+        labels = np.concatenate([labels, np.zeros(len(o["patches"]), np.float32)])
+    x_all = torch.from_numpy(patches)  # uint8 NHWC; converted per batch
+    y_all = torch.from_numpy(labels)
     model = TumourNet(width)
     rng = np.random.default_rng(seed)
-    per_epoch = len(special) + min(len(plain), len(special))
+    n_other = min(len(other), len(special) // 2)
+    per_epoch = len(special) + min(len(plain), len(special)) + n_other
     steps = epochs * (per_epoch // batch)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(10, steps), pct_start=0.2)
@@ -183,7 +222,11 @@ def train_tumour(
     t1 = time.time()
     for epoch in range(epochs):
         model.train()
-        idx = np.concatenate([special, rng.choice(plain, min(len(plain), len(special)), replace=False)])
+        idx = np.concatenate([
+            special,
+            rng.choice(plain, min(len(plain), len(special)), replace=False),
+            rng.choice(other, n_other, replace=False),
+        ])
         rng.shuffle(idx)
         total = 0.0
         for i in range(per_epoch // batch):
@@ -205,6 +248,8 @@ def train_tumour(
                         "val_accuracy": vm["accuracy"], "seconds": round(time.time() - t1, 1)})
         print(json.dumps(history[-1]), flush=True)
     train_s = time.time() - t1
+    shift = calibrate(model, val)
+    vm = patch_metrics(predict(model, val["patches"])[0], val)
     hp, _ = predict(model, held["patches"])
     metrics = patch_metrics(hp, held)
     metrics["heldout_slide_seeds"] = [int(s) for s in held["slide_seed"]]
@@ -219,9 +264,13 @@ def train_tumour(
         "val_slides": val_slides,
         "slide_um": slide_um,
         "train_patches": len(t_f),
+        "other_content_patches": len(other),
+        "other_content": f"{other_content} random textures and {other_content} photographs of export.content_mix "
+        "(20 patches each at most) as negatives",
         "patches_per_epoch": per_epoch,
         "train_slide_seeds": [int(grids["slide_seed"].min()), int(grids["slide_seed"].max())],
         "validation": vm,
+        "calibration_logit_shift": shift,
         "history": history,
         "data_seconds": round(data_s, 1),
         "train_seconds": round(train_s, 1),
@@ -231,6 +280,9 @@ def train_tumour(
         "commands": [f"python -m export train-tumour --seed {seed} --epochs {epochs} --out {out.as_posix()}"],
     }
     print(json.dumps(metrics), flush=True)
+    ckpt = data_dir / "checkpoints" / f"tumour-seed{seed}.pt"  # to re-export or fine-tune without retraining
+    ckpt.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": model.state_dict(), "width": width, "result": result}, ckpt)
     rng_s = np.random.default_rng(seed)
     samples = to_input(held["patches"][np.sort(rng_s.choice(len(hp), min(64, len(hp)), replace=False))])
     export_analysis_model(
@@ -251,4 +303,6 @@ def train_tumour(
         metrics=metrics,
         training=result,
     )
+    result["unseen_content"] = record_unseen(out)
+    print(json.dumps(result["unseen_content"]), flush=True)
     return {"heldout_metrics": metrics, **result}
