@@ -77,6 +77,7 @@ class ZstackJob(WorkerJob):
                 self._field_done(msg.record)
             case AcquisitionDone():
                 self.peak_rss["recorder"] = msg.peak_rss
+                self.cpu_s["recorder"] = round(msg.cpu_s, 3)
                 self.simulated_time_s = msg.simulated_time_s
                 cancelled = msg.cancelled or self.phase is ScanPhase.CANCELLING
                 self._finish(FinishReason.CANCELLED if cancelled else FinishReason.COMPLETED)
