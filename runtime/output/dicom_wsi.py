@@ -61,17 +61,19 @@ from array import array
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Literal
+from typing import TYPE_CHECKING, Any, BinaryIO, Literal
 
 import imagecodecs
 import numpy as np
-import pydicom
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.sequence import Sequence as DicomSequence
-from pydicom.uid import UID, generate_uid
 
 from runtime.config import WriterConfig
 from runtime.paths import create_exclusive
+
+# pydicom is imported where a DICOM series is made (DicomWsiWriter and the data-set builders it
+# calls), not here: the writer worker imports this module for DicomIdentifiers on every scan,
+# and importing pydicom cost ~0.35 CPU-s per scan while `writer.dicom` is off (the default).
+if TYPE_CHECKING:
+    from pydicom.dataset import Dataset
 
 __all__ = ["SOP_CLASS_UID", "DicomIdentifiers", "DicomWsiWriter", "level_file_name"]
 
@@ -111,6 +113,8 @@ def level_file_name(k: int) -> str:
 
 
 def _code(value: str, scheme: str, meaning: str) -> Dataset:
+    from pydicom.dataset import Dataset  # late: see the imports
+
     item = Dataset()
     item.CodeValue = value
     item.CodingSchemeDesignator = scheme
@@ -213,6 +217,8 @@ class DicomWsiWriter:
         else:
             self.transfer_syntax, self.photometric = JPEG2000_LOSSLESS, "YBR_RCT"
         self._levels: list[_Level] = []
+        from pydicom.uid import generate_uid  # late: see the imports
+
         ids = ids or DicomIdentifiers()
         now = datetime.datetime.now()
         series_uid = generate_uid()
@@ -308,6 +314,10 @@ class DicomWsiWriter:
     def _open_level(
         self, k: int, h: int, w: int, spacing_um: float, common: Dataset, offset_table: OffsetTable
     ) -> _Level:
+        import pydicom  # late: see the imports
+        from pydicom.dataset import FileMetaDataset
+        from pydicom.uid import UID
+
         t = self.tile
         n_frames = -(-h // t) * -(-w // t)
         ds = _level_dataset(common, k, h, w, t, n_frames, spacing_um, self.photometric, self.jpeg)
@@ -371,6 +381,11 @@ def _common_dataset(
     pixel_size_um: float,
 ) -> Dataset:
     """The attributes every level shares: patient, study, series, frame of reference, equipment, specimen."""
+    import pydicom.datadict  # late: see the imports
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence as DicomSequence
+    from pydicom.uid import UID, generate_uid
+
     ds = Dataset()
     ds.SpecificCharacterSet = "ISO_IR 192"  # UTF-8: patient names need not be ASCII
     ds.SOPClassUID = UID(SOP_CLASS_UID)
@@ -480,6 +495,10 @@ def _level_dataset(
     photometric: str,
     lossy: bool,
 ) -> Dataset:
+    from pydicom.dataset import Dataset  # late: see the imports
+    from pydicom.sequence import Sequence as DicomSequence
+    from pydicom.uid import UID, generate_uid
+
     ds = Dataset()
     ds.update(common)
     ds.SOPInstanceUID = UID(generate_uid())
