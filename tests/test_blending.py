@@ -7,7 +7,16 @@ import pytest
 
 from hw_sim.optics import CameraParams, Optics, OpticsParams
 from hw_sim.slide import SlideSpec, SyntheticSlide
-from runtime.stitching.blending import composite, feather_alpha, lanczos_kernel, ramp, subpixel_shift
+from runtime.stitching.blending import (
+    composite,
+    composite_feathered,
+    feather_alpha,
+    feather_ramps,
+    lanczos_kernel,
+    ramp,
+    subpixel_shift,
+    to_uint8,
+)
 from runtime.stitching.flatfield import FlatField, FlatFieldEstimator
 
 
@@ -91,6 +100,48 @@ def test_composite_over_uncovered_pixels_ignores_alpha() -> None:
     tile = np.full((4, 4, 3), 100.0, np.float32)
     composite(band, covered, tile, np.zeros((4, 4), np.float32))
     assert (band == 100).all() and covered.all()
+
+
+def test_to_uint8_rounds_half_to_even_and_saturates() -> None:
+    x = np.array([[-300.0, -0.5, 0.5, 1.5, 2.5, 2.4999998, 127.5, 254.5, 255.5, 1e9]], np.float32)
+    tile = np.repeat(x[..., None], 3, axis=2)
+    assert (to_uint8(tile) == np.rint(np.clip(tile, 0, 255)).astype(np.uint8)).all()
+    assert to_uint8(tile)[0, :, 0].tolist() == [0, 0, 0, 2, 2, 2, 128, 254, 255, 255]
+
+
+def test_feather_opaque_rectangle_is_where_alpha_is_one() -> None:
+    for edges in ({"top": 10.0, "left": 12.0}, {"bottom": 30.0, "right": 50.0}, {"top": 25.0, "bottom": 20.0}, {}):
+        f = feather_ramps(40, 60, **edges)
+        a = f.alpha()
+        assert (a == feather_alpha(40, 60, **edges)).all()
+        y0, y1, x0, x1 = f.opaque()
+        inside = np.zeros(a.shape, bool)
+        inside[y0:y1, x0:x1] = True
+        assert ((a == 1.0) == inside).all()  # opaque exactly there, below 1 everywhere else
+
+
+@pytest.mark.parametrize(
+    ("top", "left", "h", "w"), [(0, 0, 96, 96), (20, 50, 40, 46), (0, 70, 96, 26), (80, 0, 16, 30)]
+)
+def test_composite_feathered_matches_composite(top: int, left: int, h: int, w: int) -> None:
+    """Blending only under the strips gives what compositing the whole rectangle gives: the same
+    pixels, but for the float32 rounding of band + (tile - band) where alpha is 1."""
+    rng = np.random.default_rng(top + left)
+    tile = rng.uniform(-10, 265, (96, 96, 3)).astype(np.float32)
+    feather = feather_ramps(96, 96, top=12.0, left=20.5, right=80.0)
+    band = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    covered = rng.random((h, w)) < 0.7
+    covered[: h // 2] = True
+    ref_band, ref_covered = band.copy(), covered.copy()
+    ys, xs = slice(top, top + h), slice(left, left + w)
+    composite(ref_band, ref_covered, tile[ys, xs], feather.alpha(ys, xs))
+    composite_feathered(band, covered, tile, to_uint8(tile), feather, top, left)
+    assert covered.all() and ref_covered.all()
+    diff = np.abs(band.astype(int) - ref_band.astype(int))
+    assert diff.max() <= 1
+    # A 1 DN difference only where the tile sits within float32 rounding of a half-integer.
+    near_half = np.abs(np.abs(tile[ys, xs] - np.floor(tile[ys, xs])) - 0.5) < 1e-4
+    assert not (diff.astype(bool) & ~near_half).any()
 
 
 # --------------------------------------------------------------------- flat-field

@@ -66,7 +66,7 @@ import numpy.typing as npt
 from runtime.config import StitchConfig
 from runtime.devices.scan_plan import FieldPlan, GridPlan
 from runtime.output.mosaic_store import MosaicStore
-from runtime.stitching.blending import composite, feather_alpha, subpixel_shift
+from runtime.stitching.blending import composite_feathered, feather_ramps, subpixel_shift, to_uint8
 from runtime.stitching.flatfield import FlatField, FlatFieldEstimator
 from runtime.stitching.positions import Link, PositionSolver
 from runtime.stitching.registration import RegistrationParams, register_pair, texture, to_grey
@@ -530,7 +530,8 @@ class DequeAccumulator:
         if y0 < y1 and x0 < x1:
             assert tile is not None
             moved = subpixel_shift(tile, fy, fx, self._flat.inverse)  # flat-field and shift in one pass
-            alpha = feather_alpha(th, tw, **self._earlier_edges(key, iy, ix, th, tw))
+            moved8 = to_uint8(moved)  # what the opaque part of the tile becomes, rounded once
+            feather = feather_ramps(th, tw, **self._earlier_edges(key, iy, ix, th, tw))
             c = self.chunk
             for bi in range(y0 // c, (y1 - 1) // c + 1):
                 for bj in range(x0 // c, (x1 - 1) // c + 1):
@@ -542,8 +543,7 @@ class DequeAccumulator:
                         continue
                     pixels, covered = self._block((bi, bj))
                     by, bx = slice(ya - bi * c, yb - bi * c), slice(xa - bj * c, xb - bj * c)
-                    ty, tx = slice(ya - iy, yb - iy), slice(xa - ix, xb - ix)
-                    composite(pixels[by, bx], covered[by, bx], moved[ty, tx], alpha[ty, tx])
+                    composite_feathered(pixels[by, bx], covered[by, bx], moved, moved8, feather, ya - iy, xa - ix)
         self._placed[key] = (iy, ix)
         # Ramps need the placements of the rows next to any tile still to be blended.
         oldest = min([e[0][0] for e in self._pending] + [key[0]])

@@ -21,6 +21,7 @@ then pasted at the integer part.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import cv2
 import numpy as np
@@ -30,7 +31,17 @@ F32 = npt.NDArray[np.float32]
 U8 = npt.NDArray[np.uint8]
 Bool = npt.NDArray[np.bool_]
 
-__all__ = ["composite", "feather_alpha", "lanczos_kernel", "ramp", "subpixel_shift"]
+__all__ = [
+    "Feather",
+    "composite",
+    "composite_feathered",
+    "feather_alpha",
+    "feather_ramps",
+    "lanczos_kernel",
+    "ramp",
+    "subpixel_shift",
+    "to_uint8",
+]
 
 LANCZOS_A = 3
 
@@ -78,15 +89,51 @@ def ramp(n: int, start: float, end: float) -> F32:
     return np.asarray(np.clip((x - np.float32(start)) / np.float32(end - start), 0.0, 1.0), dtype=np.float32)
 
 
-def feather_alpha(
+@dataclass(frozen=True)
+class Feather:
+    """A tile's alpha as its two ramps: ``alpha[y, x] = rows[y] * cols[x]`` (what :func:`feather_ramps` gives).
+
+    Kept separable so that a blend builds alpha only where it is below 1 (the overlap strips,
+    typically 10-20 % of a tile) and copies the rest of the tile as it is.
+    """
+
+    rows: F32
+    cols: F32
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (len(self.rows), len(self.cols))
+
+    def alpha(self, ys: slice = slice(None), xs: slice = slice(None)) -> F32:
+        """Alpha over tile rows ``ys`` and columns ``xs`` (the same float32 products everywhere)."""
+        out: F32 = self.rows[ys, None] * self.cols[None, xs]
+        return out
+
+    def opaque(self) -> tuple[int, int, int, int]:
+        """Tile rectangle (y0, y1, x0, x1) where alpha is exactly 1; outside it alpha < 1.
+
+        The ramps are monotone toward each covered edge, so where each is 1 is one run of
+        rows and one of columns. No run: an empty rectangle (y0 == y1 or x0 == x1).
+        """
+        return (*_run_of_ones(self.rows), *_run_of_ones(self.cols))
+
+
+def _run_of_ones(r: F32) -> tuple[int, int]:
+    ones = np.flatnonzero(r == 1.0)
+    if len(ones) == 0:
+        return (0, 0)
+    return (int(ones[0]), int(ones[-1]) + 1)
+
+
+def feather_ramps(
     height: int,
     width: int,
     top: float | None = None,
     bottom: float | None = None,
     left: float | None = None,
     right: float | None = None,
-) -> F32:
-    """Alpha (height, width) of a new tile over earlier content.
+) -> Feather:
+    """The alpha of a new tile over earlier content, as its row and column ramps.
 
     Earlier content covers tile rows [0, top), rows [bottom, height), columns
     [0, left) or columns [right, width); None: none on that side (alpha 1 up
@@ -103,18 +150,67 @@ def feather_alpha(
         rx *= ramp(width, 0.0, left)
     if right is not None and right < width:
         rx *= ramp(width, float(width), right)
-    out: F32 = ry[:, None] * rx[None, :]
-    return out
+    return Feather(ry, rx)
+
+
+def feather_alpha(
+    height: int,
+    width: int,
+    top: float | None = None,
+    bottom: float | None = None,
+    left: float | None = None,
+    right: float | None = None,
+) -> F32:
+    """Alpha (height, width) of a new tile over earlier content: :func:`feather_ramps` as one array."""
+    return feather_ramps(height, width, top, bottom, left, right).alpha()
+
+
+def to_uint8(tile: F32) -> U8:
+    """The float tile rounded to uint8: ``rint(clip(tile, 0, 255))`` (half to even), in one OpenCV pass
+    (~1.5 ms for a 1024 px RGB tile against ~4.4 ms for numpy's three)."""
+    # A scalar second operand (the stubs only know arrays): the float sum saturated to uint8.
+    return np.asarray(cv2.add(tile, 0.0, dtype=cv2.CV_8U), dtype=np.uint8)  # type: ignore[call-overload]
 
 
 def composite(band: U8, covered: Bool, tile: F32, alpha: F32) -> None:
     """``band = (1 - a) band + a tile`` in place, a = alpha where covered else 1; marks covered.
 
-    All four arrays describe the same pixels (band and tile (h, w, 3)).
+    All four arrays describe the same pixels (band and tile (h, w, 3)). The sum is
+    ``band + a (tile - band)`` in float32, rounded half to even and saturated.
     """
-    a = np.where(covered, alpha, np.float32(1.0))[..., None]
+    a = alpha if covered.all() else np.where(covered, alpha, np.float32(1.0))
     out = band.astype(np.float32)
-    out += a * (tile - out)
-    np.clip(out, 0.0, 255.0, out=out)
-    band[...] = np.rint(out).astype(np.uint8)
+    d = tile - out
+    d *= a[..., None]
+    out += d
+    band[...] = to_uint8(out)
     covered[...] = True
+
+
+def composite_feathered(band: U8, covered: Bool, tile: F32, tile8: U8, feather: Feather, top: int, left: int) -> None:
+    """:func:`composite` of a tile's rectangle, blending only where alpha < 1.
+
+    ``band``/``covered`` are the pixels of tile rows ``top..top + h`` and columns ``left..left + w``
+    (h, w: ``covered.shape``); ``tile`` is the whole resampled tile (float32), ``tile8`` the same
+    rounded by :func:`to_uint8`, ``feather`` its alpha. Where alpha is 1 (the tile's opaque
+    rectangle, most of it) the result is ``tile8`` whatever was there, which is what
+    :func:`composite` gives up to float32 rounding: ``band + (tile - band)`` can differ from
+    ``tile`` by an ulp of 255 (2**-16), so a pixel within that of a half-integer may round the
+    other way (measured: a handful of pixels per mosaic, 1 DN each). The strips around it go
+    through :func:`composite` with the same alpha values as the whole-tile array.
+    """
+    h, w = covered.shape
+    oy0, oy1, ox0, ox1 = feather.opaque()
+    # The opaque rectangle in band coordinates (empty when it misses the band).
+    ya, yb = min(max(oy0 - top, 0), h), min(max(oy1 - top, 0), h)
+    xa, xb = min(max(ox0 - left, 0), w), min(max(ox1 - left, 0), w)
+    if ya >= yb or xa >= xb:
+        ya = yb = xa = xb = 0  # nothing opaque here: all of it is strips
+    if yb > ya:
+        band[ya:yb, xa:xb] = tile8[top + ya : top + yb, left + xa : left + xb]
+        covered[ya:yb, xa:xb] = True
+    # The rest: full-width strips above and below the opaque rows, and its left and right of them.
+    for y0, y1, x0, x1 in ((0, ya, 0, w), (yb, h, 0, w), (ya, yb, 0, xa), (ya, yb, xb, w)):
+        if y0 < y1 and x0 < x1:
+            ty, tx = slice(top + y0, top + y1), slice(left + x0, left + x1)
+            composite(band[y0:y1, x0:x1], covered[y0:y1, x0:x1], tile[ty, tx], feather.alpha(ty, tx))
