@@ -109,6 +109,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         an.add_argument("--out", type=Path, default=None, help="model folder to write (default: the builtin one)")
         if name == "train-mil":
             an.add_argument("--tumour", type=Path, default=MODELS_DIR / "tumour", help="tumour model folder")
+        if name == "train-tumour":
+            an.add_argument("--init", type=Path, default=None, help="start from this checkpoint (--epochs 0: "
+                            "re-calibrate and re-export only)")
     a = sub.add_parser("all", help="train both models and export them into runtime/ml/builtin/")
     a.add_argument("--data", type=Path, default=DEFAULT_DATA)
     a.add_argument("--seed", type=int, default=0)
@@ -175,11 +178,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.cmd in ("train-tumour", "train-nuclei", "train-mil"):
         task = {"train-tumour": "tumour", "train-nuclei": "nuclei", "train-mil": "slide_mil"}[args.cmd]
         out = args.out or MODELS_DIR / task
-        kw = {"epochs": args.epochs} if args.epochs else {}
+        kw = {"epochs": args.epochs} if args.epochs is not None else {}
         if task == "tumour":
             from export.train_tumour import train_tumour
 
-            r = train_tumour(args.data, out, args.seed, workers=args.workers, **kw)
+            r = train_tumour(args.data, out, args.seed, workers=args.workers, init=args.init, **kw)
         elif task == "nuclei":
             from export.train_nuclei import train_nuclei
 

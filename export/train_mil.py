@@ -1,6 +1,10 @@
 """The slide model: gated attention-MIL (Ilse et al. 2018) over tumour-patch embeddings, with a
 sinusoidal positional encoding of the patch coordinates (seed 002).
 
+**Pooling**: the attention-weighted mean of the patch features next to their maximum (the
+max alone is the strongest-patch baseline; attention alone fell below it: held-out AUC 0.98
+vs 0.995 in the first model).
+
 **Input** (one bag = one slide's tissue patches): (N, D + 2) rows, a patch's embedding from the
 tumour model followed by its centre (y, x) in slide µm. The graph centres the coordinates on
 the bag's mean (a slide's position on the glass means nothing), encodes them as sin/cos at
@@ -59,7 +63,7 @@ class AttentionMIL(nn.Module):
         self.att_v = nn.Linear(hidden, attn)
         self.att_u = nn.Linear(hidden, attn)
         self.att_w = nn.Linear(attn, 1)
-        self.classify = nn.Linear(hidden, 1)
+        self.classify = nn.Linear(2 * hidden, 1)
         self.drop = nn.Dropout(0.1)
 
     def encode(self, coords: torch.Tensor) -> torch.Tensor:
@@ -74,15 +78,23 @@ class AttentionMIL(nn.Module):
         a = self.att_w(torch.tanh(self.att_v(h)) * torch.sigmoid(self.att_u(h)))[:, 0]
         att = torch.softmax(a, dim=0)
         z = (att[:, None] * h).sum(dim=0, keepdim=True)
-        return self.classify(z)[:, 0], att
+        # Next to the attention pool, the max over patches of every feature: one small lesion among
+        # hundreds of benign patches is then as visible as its strongest patch (cf. DSMIL's
+        # max-instance stream, Li et al. 2021).
+        zmax = h.amax(dim=0, keepdim=True)
+        return self.classify(torch.cat([z, zmax], dim=1))[:, 0], att
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logit, att = self.logit_attention(x)
         return torch.sigmoid(logit), att
 
 
-def embed_grids(tumour_dir: Path, grids: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
-    """(probability, embedding) of every grid patch through the exported tumour model (ONNX Runtime)."""
+def embed_grids(tumour_dir: Path, grids: dict[str, Any], cache: Path | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(probability, embedding) of every grid patch through the exported tumour model (ONNX Runtime);
+    ``cache``: an .npz to reuse (its name should carry the tumour model's sha256)."""
+    if cache is not None and cache.exists():
+        with np.load(cache) as z:
+            return z["probability"], z["embedding"]
     from runtime.analysis.tumour import TumourClassifier
     from runtime.ml.backends import OrtBackend
     from runtime.ml.model_folder import load_model_folder
@@ -94,7 +106,12 @@ def embed_grids(tumour_dir: Path, grids: dict[str, Any]) -> tuple[np.ndarray, np
         out = model.predict(grids["patches"][i : i + 2048])
         probs.append(out.probability)
         embs.append(out.embedding)
-    return np.concatenate(probs), np.concatenate(embs)
+    prob, emb = np.concatenate(probs), np.concatenate(embs)
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(cache.with_suffix(".partial.npz"), probability=prob, embedding=emb)
+        cache.with_suffix(".partial.npz").replace(cache)
+    return prob, emb
 
 
 def _bags(grids: dict[str, Any], emb: np.ndarray, prob: np.ndarray) -> list[dict[str, Any]]:
@@ -145,10 +162,17 @@ def _scores(model: AttentionMIL, bags: list[dict[str, Any]]) -> np.ndarray:
         return np.asarray([float(model(torch.from_numpy(b["x"]))[0][0]) for b in bags])
 
 
-def slide_metrics(score: np.ndarray, bags: list[dict[str, Any]]) -> dict[str, Any]:
+def slide_metrics(score: np.ndarray, bags: list[dict[str, Any]], per_slide: bool = False) -> dict[str, Any]:
     y = np.asarray([b["label"] for b in bags])
     base = np.asarray([float(b["prob"].max()) if len(b["prob"]) else 0.0 for b in bags])
-    return {
+    more: dict[str, Any] = {}
+    if per_slide:
+        more["per_slide"] = [
+            {"slide": b["slide"], "tumour": bool(t), "score": round(float(s), 4), "max_probability": round(float(m), 4),
+             "tumour_area_um2": round(float(b["tumour_um2"].sum()))}
+            for b, t, s, m in zip(bags, y, score, base, strict=True)
+        ]
+    return {**more,
         "slides": len(bags),
         "tumour_slides": int(y.sum()),
         "auc": roc_auc(y, score),
@@ -178,8 +202,9 @@ def train_mil(
     tumour = load_model_folder(tumour_dir, "tumour")
     grids = load_grids(data_dir, "train", train_slides, workers, slide_um)
     held = load_grids(data_dir, "heldout", heldout_slides, workers, slide_um)
-    p_tr, e_tr = embed_grids(tumour_dir, grids)
-    p_he, e_he = embed_grids(tumour_dir, held)
+    tag = f"{tumour.sha256[:12]}" + ("" if slide_um == SLIDE_UM else f"-{slide_um:g}um")
+    p_tr, e_tr = embed_grids(tumour_dir, grids, data_dir / f"embeddings-train-{train_slides}-{tag}.npz")
+    p_he, e_he = embed_grids(tumour_dir, held, data_dir / f"embeddings-heldout-{heldout_slides}-{tag}.npz")
     embed_s = time.time() - t0
     dim = e_tr.shape[1]
     bags = _bags(grids, e_tr, p_tr)
@@ -217,7 +242,7 @@ def train_mil(
         history.append({"epoch": epoch, "loss": total / n, "val_auc": vm["auc"], "seconds": round(time.time() - t1, 1)})
         print(json.dumps(history[-1]), flush=True)
     train_s = time.time() - t1
-    metrics = slide_metrics(_scores(model, held_bags), held_bags)
+    metrics = slide_metrics(_scores(model, held_bags), held_bags, per_slide=True)
     metrics["heldout_slide_seeds"] = [int(s) for s in held["slide_seed"]]
     print(json.dumps(metrics), flush=True)
     result = {

@@ -71,13 +71,13 @@ def test_tiny_training_runs_export_folders_the_runtime_loads(tmp_path: Path) -> 
     from runtime.analysis.models import load_analysis_models
 
     data = tmp_path / "data"
-    small = {"slide_um": 500.0, "train_slides": 4, "heldout_slides": 2, "val_slides": 1}
-    tumour = train_tumour(data, tmp_path / "tumour", epochs=1, batch=16, **small)  # type: ignore[arg-type]
+    small = {"slide_um": 500.0, "train_slides": 4, "heldout_slides": 2, "val_slides": 1, "workers": 1}
+    tumour = train_tumour(data, tmp_path / "tumour", epochs=1, batch=16, other_content=2, **small)  # type: ignore[arg-type]
     assert set(tumour["heldout_metrics"]) >= {"auc", "accuracy", "false_positive_rate_benign", "heldout_slide_seeds"}
     assert all(s in HELD_OUT_SEEDS for s in tumour["heldout_metrics"]["heldout_slide_seeds"])
     nuclei = train_nuclei(
-        data, tmp_path / "nuclei", epochs=1, batch=4, train_slides=2, per_slide=3, heldout_slides=1,
-        heldout_per_slide=2,
+        data, tmp_path / "nuclei", epochs=1, batch=2, train_slides=2, per_slide=3, heldout_slides=1,
+        heldout_per_slide=2, workers=1,
     )
     assert 0.0 <= nuclei["heldout_metrics"]["f1"] <= 1.0 and nuclei["heldout_metrics"]["match_um"] == 4.0
     mil = train_mil(data, tmp_path / "mil", tmp_path / "tumour", epochs=1, **small)  # type: ignore[arg-type]
