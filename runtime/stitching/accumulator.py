@@ -318,9 +318,10 @@ class DequeAccumulator:
         t2 = time.perf_counter()
         self.stats.register_s += t1 - t0
         self.stats.solve_s += t2 - t1
-        # The ring slot is handed back after add(): keep a copy while the tile waits.
+        # The ring slot is handed back after add(): the tile is held as it is during add() and
+        # copied at its end only if it still waits (most tiles are blended within their add()).
         if tile is not None:
-            self._cache.put((("tile", field.index), np.array(tile, copy=True)))
+            self._cache.put((("tile", field.index), tile))
         self._pending.append((key, field, tile is not None, arrival))
         if self._flat is None and replay is not None and replay.flat is not None:
             self._flat = replay.flat
@@ -340,6 +341,8 @@ class DequeAccumulator:
                     self.observer.flatfield_ready(arrival, self._flat)
             self.stats.flatfield_s += time.perf_counter() - t2
         self._advance(finishing=False)
+        if tile is not None and self._cache.holds(("tile", field.index), tile):
+            self._cache.put((("tile", field.index), np.array(tile, copy=True)))
         self._note_memory()
 
     def _replay_links(self, key: Key, replay: Replay, grey: U8 | None) -> None:

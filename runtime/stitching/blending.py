@@ -196,8 +196,8 @@ def composite_feathered(band: U8, covered: Bool, tile: F32, tile8: U8, feather: 
     rectangle, most of it) the result is ``tile8`` whatever was there, which is what
     :func:`composite` gives up to float32 rounding: ``band + (tile - band)`` can differ from
     ``tile`` by an ulp of 255 (2**-16), so a pixel within that of a half-integer may round the
-    other way (measured: a handful of pixels per mosaic, 1 DN each). The strips around it go
-    through :func:`composite` with the same alpha values as the whole-tile array.
+    other way (measured: 609 of 497 M channel values, 1 DN each, on a 16x12-field mosaic). The
+    strips around it go through :func:`composite` with the same alpha values as the whole-tile array.
     """
     h, w = covered.shape
     oy0, oy1, ox0, ox1 = feather.opaque()

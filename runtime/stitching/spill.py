@@ -71,6 +71,11 @@ class SpillCache:
         self._evict(keep=len(keys))
         return out
 
+    def holds(self, key: Key, value: np.ndarray) -> bool:
+        """Whether ``value`` itself (not a copy read back from the folder) is in RAM under ``key``;
+        the cache's order does not change."""
+        return self._ram.get(key) is value
+
     def pop(self, key: Key) -> np.ndarray:
         """The array, removed from the cache (read back if spilled, without spilling others)."""
         value = self._fetch(key)
