@@ -49,7 +49,11 @@ when each event arrives and watches the scan's journal and slide grow. Reported:
     same pixel coordinates (includes any stitching misplacement); ``aligned``
     after undoing each window's measured shift (phase correlation), which
     isolates optics, noise and compression from placement; and ``jpeg``, the
-    slide against the mosaic it was written from (compression alone).
+    slide against the mosaic it was written from (compression alone). Against the
+    truth, pixels no placed tile covers are left out: the mosaic's frame is the
+    commanded area, and a field the stage put a few µm inward leaves a white strip
+    along the area's edge that the scanner never imaged (``uncovered_fraction``:
+    the share of the sampled pixels left out so).
     ``--samples 0`` skips it (a mosaic smaller than a window has none to sample).
 
 With ``--plot DIR`` the table is drawn (bench.plots) and so is the timeline, tiles
@@ -60,6 +64,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import shutil
@@ -81,6 +86,7 @@ DESCRIPTION = (
     "CPU-s/Gpx and RSS per process, PSNR vs truth"
 )
 WINDOW = 512
+INSET = 2  # px inside a placed tile's edge that count as covered (bench e2e's PSNR)
 POLL_S = 0.05  # how often the journal and the slide are looked at during the scan
 STEADY = (0.2, 0.8)  # the fractions of the tiles between which the rate is steady
 
@@ -315,8 +321,37 @@ def _psnr(mse: float) -> float:
     return float(10 * np.log10(255.0**2 / max(mse, 1e-12)))
 
 
-def _quality(recording: Path, slide: Path, mosaic: Path | None, samples: int, seed: int) -> dict[str, Any]:
-    """PSNR of random slide windows against the truth (raw and shift-compensated) and against the mosaic."""
+def covered(positions: list[dict[str, Any]], tile_hw: tuple[int, int], row0: int, col0: int, size: int) -> np.ndarray:
+    """(size, size) bool: which pixels of the window at mosaic (row0, col0) lie inside a placed tile.
+
+    The mosaic's frame is the commanded scan area; a field the stage put a few µm off leaves a
+    strip along the area's edge that no tile imaged (the stitcher leaves it white), while
+    the truth shows the slide there. Those pixels say nothing about the image and are left out
+    (``INSET`` px more, for the blend's and the subpixel shift's edge).
+    """
+    th, tw = tile_hw
+    mask = np.zeros((size, size), bool)
+    for p in positions:
+        y0, x0 = math.ceil(p["y_px"]) + INSET - row0, math.ceil(p["x_px"]) + INSET - col0
+        y1, x1 = math.floor(p["y_px"]) + th - INSET - row0, math.floor(p["x_px"]) + tw - INSET - col0
+        if y1 > 0 and x1 > 0 and y0 < size and x0 < size:
+            mask[max(y0, 0) : min(y1, size), max(x0, 0) : min(x1, size)] = True
+    return mask
+
+
+def _quality(
+    recording: Path,
+    slide: Path,
+    mosaic: Path | None,
+    samples: int,
+    seed: int,
+    positions: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """PSNR of random slide windows against the truth (raw and shift-compensated) and against the mosaic.
+
+    ``positions``: the report's placed tiles (``stitch.positions``); pixels outside every tile
+    are not compared with the truth (:func:`covered`).
+    """
     import cv2
     import tifffile
 
@@ -333,6 +368,8 @@ def _quality(recording: Path, slide: Path, mosaic: Path | None, samples: int, se
     per_window: list[float] = []
     shifts: list[float] = []
     e = 16  # margin left out after a shift (the warp's border)
+    tile_hw = (rec.meta.tile_height, rec.meta.tile_width)
+    n_uncovered = n_inner = 0
     with tifffile.TiffFile(slide) as tif:
         page = tif.pages[0]
         assert isinstance(page, tifffile.TiffPage)
@@ -348,12 +385,25 @@ def _quality(recording: Path, slide: Path, mosaic: Path | None, samples: int, se
             data = tif.filehandle.read(page.databytecounts[idx])
             decoded, _, _ = page.decode(data, idx, jpegtables=page.jpegtables)
             got = np.asarray(decoded).reshape(t, t, 3)
+            if store is not None:
+                ref = store.read_chunk(0, i, j)
+                jpeg_se += float(((got.astype(np.float64) - ref) ** 2).sum())
+                n_jpeg += got.size
             truth = renderer.render(i * t, j * t)
-            inner = (slice(e, t - e), slice(e, t - e))
+            inner = np.zeros((t, t), bool)
+            inner[e : t - e, e : t - e] = True
+            if positions is not None:
+                cover = covered(positions, tile_hw, i * t, j * t, t)
+                n_uncovered += int((inner & ~cover).sum())
+                n_inner += int(inner.sum())
+                inner &= cover
+            if not inner.any():
+                continue
+            n = int(inner.sum()) * 3
             se = float(((got[inner].astype(np.float64) - truth[inner]) ** 2).sum())
             raw_se += se
-            n_px += got[inner].size
-            per_window.append(_psnr(se / got[inner].size))
+            n_px += n
+            per_window.append(_psnr(se / n))
             a = cv2.cvtColor(got, cv2.COLOR_RGB2GRAY).astype(np.float32)
             b = cv2.cvtColor(truth, cv2.COLOR_RGB2GRAY).astype(np.float32)
             (dx, dy), response = cv2.phaseCorrelate(b, a, cv2.createHanningWindow((t, t), cv2.CV_32F))
@@ -361,17 +411,20 @@ def _quality(recording: Path, slide: Path, mosaic: Path | None, samples: int, se
                 shifts.append(float(np.hypot(dx, dy)))
                 shift = np.array([[1, 0, dx], [0, 1, dy]], dtype=np.float32)
                 moved = cv2.warpAffine(truth, shift, (t, t), flags=cv2.INTER_LINEAR)
-                aligned_se += float(((got[inner].astype(np.float64) - moved[inner]) ** 2).sum())
-                n_aligned += got[inner].size
-            if store is not None:
-                ref = store.read_chunk(0, i, j)
-                jpeg_se += float(((got.astype(np.float64) - ref) ** 2).sum())
-                n_jpeg += got.size
+                # The warp fills what it shifted in with black: keep that out too.
+                m = math.ceil(max(abs(dx), abs(dy))) + 1
+                keep = inner.copy()
+                if m > e:
+                    keep[:m] = keep[t - m :] = False
+                    keep[:, :m] = keep[:, t - m :] = False
+                aligned_se += float(((got[keep].astype(np.float64) - moved[keep]) ** 2).sum())
+                n_aligned += int(keep.sum()) * 3
     return {
         "samples": samples,
-        "psnr_raw_db": _psnr(raw_se / n_px),
-        "psnr_raw_median_window_db": float(np.median(per_window)),
-        "psnr_raw_min_window_db": float(np.min(per_window)),
+        "psnr_raw_db": _psnr(raw_se / n_px) if n_px else None,
+        "psnr_raw_median_window_db": float(np.median(per_window)) if per_window else None,
+        "psnr_raw_min_window_db": float(np.min(per_window)) if per_window else None,
+        "uncovered_fraction": n_uncovered / n_inner if n_inner else None,
         "psnr_aligned_db": _psnr(aligned_se / n_aligned) if n_aligned else None,
         "aligned_windows": len(shifts),
         "shift_px_median": float(np.median(shifts)) if shifts else None,
@@ -522,7 +575,8 @@ def run(a: argparse.Namespace) -> int:
         report["_timeline"].close(closed)
         h, w = report["levels"][0]
         mpx = h * w / 1e6
-        quality = _quality(recording, slide, out / "mosaic.zarr", a.samples, a.seed) if a.samples else None
+        positions = report.get("stitch", {}).get("positions")
+        quality = _quality(recording, slide, out / "mosaic.zarr", a.samples, a.seed, positions) if a.samples else None
         result: dict[str, Any] = {
             "bench": "e2e",
             "recording": str(recording),

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.e2e import Timeline, split_cores, steady_rate
+from bench.e2e import Timeline, covered, split_cores, steady_rate
 from bench.report import Column, format_table
 
 
@@ -120,6 +120,18 @@ def test_e2e_bench_pins_the_daemon_and_draws_the_timeline(tmp_path: Path) -> Non
     for png in ("e2e.png", "e2e-timeline.png"):
         assert f"chart: {charts / png}" in proc.stderr
         assert (charts / png).stat().st_size > 10_000
+
+
+def test_e2e_psnr_leaves_out_what_no_tile_covers() -> None:
+    """A field placed 17.4 px down leaves the area's top rows white: they are not compared with the truth."""
+    positions = [{"y_px": 17.4, "x_px": -3.2}, {"y_px": 921.6, "x_px": 0.0}]
+    top = covered(positions, (1024, 1024), 0, 0, 512)
+    assert not top[:20].any() and top[20:].all()  # ceil(17.4) + the 2 px inset
+    assert covered(positions, (1024, 1024), 512, 0, 512).all()
+    right = covered(positions, (1024, 1024), 512, 512, 512)
+    # The first tile ends at floor(-3.2) + 1024 - 2 = 1018, the one below it (from row 924) at 1022.
+    assert right[:400, :506].all() and not right[:400, 506:].any()
+    assert right[420:, :510].all() and not right[:, 510:].any()
 
 
 def test_e2e_cores_are_split_between_the_daemon_and_the_bench() -> None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import queue
+import threading
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -121,6 +122,10 @@ class JournalObserver:
         self.current: TileReady | None = None  # the tile being added
         self.replaying: JournalState | None = None
         self.flatfield_journaled = False
+        # Called once per placed tile: the worker's heartbeat. finish() blends every waiting tile
+        # (up to a row of them) and writes their blocks and pyramid rows without returning to the
+        # worker's loop; on a wide scan under load that outlasted the heartbeat timeout.
+        self.on_placed: Callable[[], None] | None = None
         # An incomplete stream's finish() blends what waits on what is known and writes every band
         # (for an export): not what the scan would have done, so none of it is journaled, and a
         # resume rewinds the mosaic to the journal's rows.
@@ -181,6 +186,8 @@ class JournalObserver:
             self.journal.append("placed", index=field.index, y=y, x=x, iy=iy, ix=ix)
         self._bottoms[field.index] = iy + self.geometry.tile_height
         self._drop_durable()
+        if self.on_placed is not None:
+            self.on_placed()
 
     def rows(self, level: int, rows: int) -> None:
         """The store's rows callback: rows [0, rows) of ``level`` are on disk; fsynced, then journaled."""
@@ -300,6 +307,8 @@ def stitcher_main(
                 observer.rows(level, rows)  # durable first: the journal says what the writer may read
             # The writer streams the OME-TIFF from the rows that become final (see runtime.workers.writer).
             to_writer.put(MosaicRows(job.mosaic_path, level, rows))
+            if threading.current_thread() is threading.main_thread():
+                worker.beat()  # the pyramid rows of finish() come without a tile in between
 
         def create(overwrite: bool = False) -> MosaicStore:
             return MosaicStore.create(
@@ -327,6 +336,7 @@ def stitcher_main(
             journal = ScanJournal.open(job.folder)
             worker.on_exit(journal.close)
             observer = JournalObserver(journal, Path(job.folder), job.geometry, store)
+            observer.on_placed = worker.beat
             acc.observer = observer
         if state is not None:
             assert observer is not None
