@@ -199,6 +199,45 @@ def test_find_peaks_refines_to_the_blob_centre() -> None:
     assert find_peaks(np.zeros((5, 5), np.float32), 0.3, 1).shape == (0, 2)
 
 
+def test_find_peaks_keeps_one_peak_of_a_plateau() -> None:
+    """Equal neighbours are both their neighbourhood's maximum: one peak each plateau (the greedy
+    pass, which runs only where two peaks lie within min_distance), separate equal peaks all kept."""
+    heat = np.zeros((12, 20), np.float32)
+    heat[3, 4:6] = 0.9  # a two-cell plateau
+    heat[8, 10] = heat[8, 14] = 0.8  # equal, farther apart than min_distance
+    pk = find_peaks(heat, 0.3, 1)
+    assert pk.shape == (3, 2)
+    assert sorted(np.floor(pk[:, 1]).astype(int).tolist()) == [5, 10, 14]  # the plateau's centre: 5.0
+
+
+def test_nuclei_detector_skips_glass_windows_without_losing_nuclei(
+    models: AnalysisModels, lesion_slide: tuple[SyntheticSlide, object], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Tissue in one corner of a glass region: the windows whose core has no stained pixel are not
+    run, and the detections are exactly those of running every window."""
+    import runtime.analysis.nuclei as nuclei_mod
+
+    slide, les = lesion_slide
+    px = models.nuclei.pixel_size_um
+    tissue = _rgb_rect(slide, les.cx - 50, les.cy - 50, 150, 150, px)  # type: ignore[attr-defined]
+    region = np.full((400, 400, 3), 255, np.uint8)
+    region[:150, :150] = tissue
+    det = models.nuclei
+    calls: list[int] = []
+    run = det.backend.run
+    monkeypatch.setattr(det.backend, "run", lambda x: (calls.append(len(x)), run(x))[1])
+    skipped = det.detect(region)
+    run_skipping = sum(calls)
+    calls.clear()
+    assert det.detect(np.full((300, 300, 3), 255, np.uint8)).shape == (0, 2) and calls == []  # glass: no call
+    monkeypatch.setattr(nuclei_mod, "TISSUE_OD", -1.0)  # every pixel "stained": every window runs
+    calls.clear()
+    every = det.detect(region)
+    assert run_skipping < sum(calls) == 16  # 400 px: 4 x 4 windows of 128 px stepping <= 96 px
+    assert len(skipped) > 50 and skipped.shape == every.shape
+    np.testing.assert_allclose(skipped[np.lexsort(skipped.T)], every[np.lexsort(every.T)], atol=1e-4)
+
+
 def test_nuclei_detector_finds_held_out_nuclei_within_4_um(
     models: AnalysisModels, lesion_slide: tuple[SyntheticSlide, object]
 ) -> None:

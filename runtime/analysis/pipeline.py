@@ -9,6 +9,7 @@ final, in order, in pieces of any size. It keeps only the rows the next band of 
   decides whether it is tissue; only tissue cells are resampled to the model's pixel size and
   sent to the :class:`~runtime.analysis.types.TumourModel`, in batches. Glass is never sent.
 - **nuclei** (the level nearest the nuclei model's): windows of ``nuclei_window`` model pixels
+  (default: three of the detector's own window steps, so it runs no partly wasted windows)
   with the model's ``halo_px`` of context on every side; a detection counts only in its window's
   core, so windows tile the slide without double counts or seams. Windows without tissue are
   skipped.
@@ -44,6 +45,7 @@ from runtime.analysis.types import F32, U8, NucleiModel, SlideModel, TumourModel
 log = logging.getLogger("wsi.analysis")
 
 WHITE = 255  # what lies beyond the slide's edge: glass
+NUCLEI_WINDOW = 256  # model px per nuclei region side for a detector without its own tiling (step_px 0)
 
 ANNOTATIONS_NAME = "annotations.geojson"
 NUCLEI_NAME = "nuclei.geojson"
@@ -248,7 +250,7 @@ class SlideAnalyzer:
         models: ModelSet,
         *,
         batch_size: int = 64,
-        nuclei_window: int = 256,
+        nuclei_window: int | None = None,
         min_tissue: float = 0.1,
         nuclei: bool = True,
         beat: Callable[[], None] | None = None,
@@ -297,6 +299,8 @@ class SlideAnalyzer:
             n = self.nuclei_model
             self.n_level, self.n_factor = geometry.level_for(n.pixel_size_um)
             self.n_ds = geometry.downsample(self.n_level)
+            if nuclei_window is None:  # 3 detector steps: 288 model px for a 128-px window, 16-px halo
+                nuclei_window = 3 * n.step_px if n.step_px > 0 else NUCLEI_WINDOW
             self.win_l = max(8, round(nuclei_window * self.n_factor))
             self.halo_l = math.ceil(n.halo_px * self.n_factor)
             nh, nw = geometry.level_shapes[self.n_level]

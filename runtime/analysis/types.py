@@ -70,6 +70,12 @@ class NucleiModel(Protocol):
         edge of a region are unreliable, so the pipeline overlaps its windows by this much."""
         ...
 
+    @property
+    def step_px(self) -> int:
+        """The detector's own tiling: a region of k * step_px + 2 * halo_px px a side costs it
+        k x k fixed-size windows and no partly wasted ones (0: any region size is as cheap)."""
+        ...
+
     def detect(self, region: U8) -> F32:
         """``region`` (H, W, 3) uint8 RGB -> (K, 2) nucleus centroids (y, x) in region pixels."""
         ...

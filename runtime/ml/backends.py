@@ -332,12 +332,13 @@ BackendFactory = Callable[[ModelFolder], Backend]
 
 
 def default_factories(
-    cache_dir: Path, precision: Literal["fp16", "fp32"] = "fp16"
+    cache_dir: Path, precision: Literal["fp16", "fp32"] = "fp16", cpu_threads: int = 0
 ) -> dict[BackendName, BackendFactory]:
+    """``cpu_threads``: ONNX Runtime CPU's intra-op threads (0: its default, one per core)."""
     return {
         "tensorrt": lambda m: TensorRTBackend(m, cache_dir, precision),
         "ort_cuda": lambda m: OrtBackend(m, cuda=True),
-        "ort_cpu": lambda m: OrtBackend(m, cuda=False),
+        "ort_cpu": lambda m: OrtBackend(m, cuda=False, threads=cpu_threads),
     }
 
 
@@ -364,11 +365,16 @@ def select_backend(
     cache_dir: Path | None = None,
     factories: Mapping[BackendName, BackendFactory] | None = None,
     installed: Mapping[BackendName, str | None] | None = None,
+    cpu_threads: int = 0,
 ) -> Selection:
-    """The first backend in preference order that is installed, builds and passes the probe."""
+    """The first backend in preference order that is installed, builds and passes the probe.
+    ``cpu_threads``: intra-op threads of ONNX Runtime CPU (0: one per core); a background worker
+    takes 1 (no thread pool whose spinning workers burn the cores the scan needs)."""
     if preference != "auto" and preference not in BACKENDS:
         raise InferenceError(f"unknown inference backend {preference!r}; expected auto or one of {BACKENDS}")
-    facts = factories or default_factories(cache_dir or Path.home() / ".cache" / "wsi-runtime" / "engines")
+    facts = factories or default_factories(
+        cache_dir or Path.home() / ".cache" / "wsi-runtime" / "engines", cpu_threads=cpu_threads
+    )
     inst = installed if installed is not None else installed_backends()
     order: tuple[BackendName, ...] = BACKENDS if preference == "auto" else (preference,)
     refused: dict[str, str] = {}
