@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+from runtime.config import StitchConfig
+from runtime.devices.protocols import ScanArea
+from runtime.devices.scan_plan import serpentine_plan
+from runtime.output.mosaic_store import MosaicStore
+from runtime.stitching.accumulator import DequeAccumulator, MosaicGeometry, Replay
 from runtime.stitching.positions import Link, PositionSolver, StageModel
 
 STEP = 900.0
@@ -113,11 +119,12 @@ def test_groundedness_follows_links_to_final_tiles() -> None:
         solver.add_tile(k, (0.0, 0.0))
     solver.add_link(Link("a", "b", (0.0, 1.0), (0.1, 0.1)))
     assert not solver.grounded("a") and not solver.grounded("b")
+    assert solver.island("a") == solver.island("b") != solver.island("c")
     solver.solve()
     solver.fix(["a"])
     assert solver.grounded("b") and not solver.grounded("c")
     solver.add_link(Link("b", "c", (0.0, 1.0), (0.1, 0.1)))
-    assert solver.grounded("c")
+    assert solver.grounded("c") and solver.island("c") == solver.island("a")
 
 
 def test_unregistered_tile_sits_on_the_stage_model() -> None:
@@ -163,3 +170,49 @@ def test_errors() -> None:
         solver.add_link(Link("a", "nope", (0.0, 0.0), (1.0, 1.0)))
     with pytest.raises(KeyError):
         solver.fix(["nope"])
+
+
+def test_islands_joined_by_a_later_row_are_placed_as_one(tmp_path: Path) -> None:
+    """Rows 0-1 show two pieces of tissue with glass between them (no link across); row 2 joins them.
+
+    Each piece alone sits on the stage prior, so two pieces made final on their own disagree by
+    the stage error; a later row linked to both would carry that misclosure as a shear. The
+    accumulator holds the second piece until the row that joins it arrives: every registered
+    neighbour pair then agrees with the truth. The accumulator runs on journaled arrivals (links
+    and strip content, no pixels), the way a resumed scan replays them.
+    """
+    rows, cols, px, tile = 4, 6, 0.25, 256
+    field_um = tile * px
+    area = ScanArea(0.0, 0.0, field_um * (1 + 0.9 * (cols - 1)), field_um * (1 + 0.9 * (rows - 1)))
+    plan = serpentine_plan(area, field_um, field_um)
+    assert (plan.rows, plan.cols) == (rows, cols)
+    geometry = MosaicGeometry(plan, tile, tile, px)
+    h, w = geometry.shape
+    store = MosaicStore.create(tmp_path / "m.zarr", h, w, chunk=128, pixel_size_um=px)
+    acc = DequeAccumulator(geometry, store, StitchConfig(stage_sigma_um=2.5, flatfield=False))
+    acc.resume_at(h)  # every row "on disk": the tiles need no pixels
+    rng = np.random.default_rng(5)
+    truth = {
+        (f.row, f.col): tuple(np.add(geometry.commanded_top_left(f), rng.normal(0.0, 10.0, 2))) for f in plan.fields
+    }
+
+    def glass_between(a: tuple[int, int], b: tuple[int, int]) -> bool:
+        return a[0] == b[0] and a[0] <= 1 and {a[1], b[1]} == {2, 3}
+
+    links = []
+    for f in plan.fields:
+        key = (f.row, f.col)
+        prev = (f.row, f.col - 1) if f.row % 2 == 0 else (f.row, f.col + 1)
+        nxt = (f.row, f.col + 1) if f.row % 2 == 0 else (f.row, f.col - 1)
+        mine = []
+        for nb in (prev, (f.row - 1, f.col)):
+            if nb in truth and not glass_between(nb, key):
+                d = np.subtract(truth[key], truth[nb])
+                mine.append(Link(nb, key, (float(d[0]), float(d[1])), (0.01, 0.01)))
+        links += mine
+        content = (not glass_between(key, nxt), f.row < rows - 1)
+        acc.add(f, None, Replay(tuple(mine), content))
+    acc.finish()
+    for lk in links:
+        solved = np.subtract(acc.solver.position(lk.b), acc.solver.position(lk.a))
+        assert solved == pytest.approx(lk.shift, abs=0.02), (lk.a, lk.b)

@@ -212,6 +212,12 @@ class PositionSolver:
         """Whether accepted links connect the tile to a final tile (or it is final itself)."""
         return self._root(key) in self._has_fixed
 
+    def island(self, key: Key) -> Key:
+        """The tile's island: one key per group of tiles that accepted links connect (the same for all
+        of them). Two islands' relative position is known only from the stage prior until a link joins
+        them."""
+        return self._root(key)
+
     def is_final(self, key: Key) -> bool:
         return key in self._fixed
 
