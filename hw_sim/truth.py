@@ -33,13 +33,12 @@ the top-left *corner* of mosaic pixel (0, 0) and pixel (i, j) covers [j, j + 1) 
 from __future__ import annotations
 
 import itertools
-import json
 import math
 import os
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import IO, Any, Final
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -48,6 +47,15 @@ import tifffile
 from hw_sim.content import make_slide
 from hw_sim.optics import CameraParams, Optics, OpticsParams
 from hw_sim.slide import SlideSpec, SyntheticSlide
+from runtime.analysis.geojson import (
+    MIMIC_CLASS,
+    OTHER_CLASS,
+    TUMOR_CLASS,
+    annotation,
+    detection_point,
+    max_diameter,
+    write_atomic,
+)
 from runtime.devices.recording import Recording, RecordingError, RecordingMeta
 
 TILE = 512
@@ -136,11 +144,9 @@ def write_truth(recording: Path, out: Path) -> tuple[int, int]:
 
 
 # --------------------------------------------------------------------------- annotations
-
-TUMOR_CLASS: Final = {"name": "Tumor", "color": [200, 0, 0]}
-MIMIC_CLASS: Final = {"name": "Mimic", "color": [0, 160, 200]}
-OTHER_CLASS: Final = {"name": "Other", "color": [30, 90, 220]}
-"""QuPath classifications (QuPath rejects a class without a colour)."""
+# The QuPath conventions (classes and colours, closed counter-clockwise rings, the streamed
+# FeatureCollection) are the analysis's own (runtime.analysis.geojson): truth and results import
+# into QuPath alike and can be compared class by class.
 
 _NUCLEI_CHUNK_UM = 256.0  # nuclei are enumerated in squares of this size: memory stays bounded
 
@@ -220,51 +226,23 @@ def _tissue_polygon(slide: SyntheticSlide, meta: RecordingMeta, bounds: tuple[fl
     return unary_union(polys)
 
 
-def _max_diameter(geom: Any) -> float:
-    hull = np.asarray(geom.convex_hull.exterior.coords) if geom.convex_hull.geom_type == "Polygon" else None
-    if hull is None:
-        return 0.0
-    d = hull[:, None, :] - hull[None, :, :]
-    return float(np.sqrt((d * d).sum(-1)).max())
-
-
-def _rings(poly: Any) -> list[list[list[float]]]:
-    from shapely.geometry.polygon import orient
-
-    p = orient(poly, 1.0)
-    rings = [p.exterior, *p.interiors]
-    return [[[round(x, 3), round(y, 3)] for x, y in r.coords] for r in rings]
-
-
-def _geometry(geom: Any) -> dict[str, Any]:
-    if geom.geom_type == "Polygon":
-        return {"type": "Polygon", "coordinates": _rings(geom)}
-    return {"type": "MultiPolygon", "coordinates": [_rings(g) for g in geom.geoms]}
-
-
 def lesion_features(slide: SyntheticSlide, meta: RecordingMeta) -> list[dict[str, Any]]:
     """The GeoJSON ``annotation`` features of the lesions and mimics (see the module docstring)."""
     mm2 = (meta.pixel_size_um / 1000.0) ** 2
-    feats = []
-    for les, geom in lesion_geometries(slide, meta):
-        feats.append(
+    return [
+        annotation(
+            geom,
+            TUMOR_CLASS if les.tumour else MIMIC_CLASS,
             {
-                "type": "Feature",
-                "id": f"lesion-{les.index}",
-                "geometry": _geometry(geom),
-                "properties": {
-                    "objectType": "annotation",
-                    "name": f"{'tumour' if les.tumour else 'mimic'} {les.index} ({les.pattern})",
-                    "classification": dict(TUMOR_CLASS if les.tumour else MIMIC_CLASS),
-                    "measurements": {
-                        "Area mm^2": geom.area * mm2,
-                        "Max diameter mm": _max_diameter(geom) * meta.pixel_size_um / 1000.0,
-                        "Grade": les.grade,
-                    },
-                },
-            }
+                "Area mm^2": geom.area * mm2,
+                "Max diameter mm": max_diameter(geom) * meta.pixel_size_um / 1000.0,
+                "Grade": les.grade,
+            },
+            name=f"{'tumour' if les.tumour else 'mimic'} {les.index} ({les.pattern})",
+            feature_id=f"lesion-{les.index}",
         )
-    return feats
+        for les, geom in lesion_geometries(slide, meta)
+    ]
 
 
 def iter_nucleus_features(slide: SyntheticSlide, meta: RecordingMeta) -> Iterator[dict[str, Any]]:
@@ -277,38 +255,7 @@ def iter_nucleus_features(slide: SyntheticSlide, meta: RecordingMeta) -> Iterato
             x1, y1 = min(x0 + _NUCLEI_CHUNK_UM, w_um), min(y0 + _NUCLEI_CHUNK_UM, h_um)
             cx, cy, tum = slide.nuclei(ax + x0, ay + y0, ax + x1, ay + y1)
             for x, y, t in zip((cx - ax) / px, (cy - ay) / px, tum, strict=True):
-                yield {
-                    "type": "Feature",
-                    "geometry": {"type": "Point", "coordinates": [round(float(x), 2), round(float(y), 2)]},
-                    "properties": {
-                        "objectType": "detection",
-                        "classification": dict(TUMOR_CLASS if t else OTHER_CLASS),
-                    },
-                }
-
-
-def _write_collection(fh: IO[str], features: Iterator[dict[str, Any]]) -> int:
-    """Stream a FeatureCollection (one feature per line); returns the number of features."""
-    fh.write('{"type": "FeatureCollection", "features": [\n')
-    n = 0
-    for f in features:
-        fh.write((",\n" if n else "") + json.dumps(f, separators=(",", ":")))
-        n += 1
-    fh.write("\n]}\n")
-    return n
-
-
-def _atomic_write(path: Path, features: Iterator[dict[str, Any]]) -> int:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial")
-    try:
-        with tmp.open("w", encoding="utf-8") as fh:
-            n = _write_collection(fh, features)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return n
+                yield detection_point(x, y, TUMOR_CLASS if t else OTHER_CLASS)
 
 
 def write_annotations(recording: Path, out: Path, nuclei_out: Path | None = None) -> tuple[int, int]:
@@ -331,8 +278,8 @@ def write_annotations(recording: Path, out: Path, nuclei_out: Path | None = None
             yield f
 
     if nuclei_out is None:
-        _atomic_write(Path(out), itertools.chain(lesions, nuclei()))
+        write_atomic(Path(out), itertools.chain(lesions, nuclei()))
     else:
-        _atomic_write(Path(nuclei_out), nuclei())
-        _atomic_write(Path(out), iter(lesions))
+        write_atomic(Path(nuclei_out), nuclei())
+        write_atomic(Path(out), lesions)
     return len(lesions), counted[0]
