@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from runtime.control.curve import ClientKeys, CurveError, ServerKeys, make_key_pair
     from runtime.control.events import (
         EVENTS,
+        AnalysisReadyEvent,
         Event,
         FieldDoneEvent,
         FinishReasonName,
@@ -105,6 +106,7 @@ else:
         ),
         "events": (
             "EVENTS",
+            "AnalysisReadyEvent",
             "Event",
             "FieldDoneEvent",
             "FinishReasonName",
@@ -176,6 +178,7 @@ __all__ = [
     "MAX_REQUEST_BYTES",
     "MAX_ZSTACK_PLANES",
     "RESULTS",
+    "AnalysisReadyEvent",
     "CancelParams",
     "CancelResult",
     "ClientKeys",
