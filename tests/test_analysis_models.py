@@ -230,7 +230,7 @@ def test_nuclei_detector_skips_glass_windows_without_losing_nuclei(
     run_skipping = sum(calls)
     calls.clear()
     assert det.detect(np.full((300, 300, 3), 255, np.uint8)).shape == (0, 2) and calls == []  # glass: no call
-    monkeypatch.setattr(nuclei_mod, "TISSUE_OD", -1.0)  # every pixel "stained": every window runs
+    monkeypatch.setattr(nuclei_mod, "stained", lambda rgb: np.ones(rgb.shape[:-1], bool))  # every window runs
     calls.clear()
     every = det.detect(region)
     assert run_skipping < sum(calls) == 16  # 400 px: 4 x 4 windows of 128 px stepping <= 96 px

@@ -27,13 +27,12 @@ from typing import Any
 import cv2
 import numpy as np
 
-from runtime.analysis.baselines import optical_density
+from runtime.analysis.baselines import stained
 from runtime.analysis.types import F32, U8
 from runtime.ml.backends import Backend
 from runtime.ml.model_folder import ModelFolder, ModelFolderError
 
 MAX_BATCH = 32
-TISSUE_OD = 0.25  # total optical density of a stained pixel (glass ~0.1; the pipeline's tissue test)
 CORE_MARGIN = 2  # px: a window runs if a stained pixel lies within its core grown by this much
 
 
@@ -171,13 +170,13 @@ class NucleiDetector:
             region = np.pad(region, pad, "reflect" if min(h, w) > 1 else "edge").astype(np.uint8)
         sy, sx = _starts(h, p.size, p.halo), _starts(w, p.size, p.halo)
         cy, cx = _cores(sy, p.size, h), _cores(sx, p.size, w)
-        stained = optical_density(region).sum(-1) > TISSUE_OD
+        tissue = stained(region)
         m = CORE_MARGIN
         tiles = [
             (y0, core_y, x0, core_x)
             for y0, core_y in zip(sy, cy, strict=True)
             for x0, core_x in zip(sx, cx, strict=True)
-            if stained[
+            if tissue[
                 max(0, math.floor(core_y[0]) - m) : math.ceil(core_y[1]) + m,
                 max(0, math.floor(core_x[0]) - m) : math.ceil(core_x[1]) + m,
             ].any()

@@ -38,7 +38,15 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
-from runtime.analysis.baselines import LoGNuclei, MaxProbabilitySlide, NuclearDensityTumour, optical_density
+from runtime.analysis.baselines import (
+    TISSUE_OD,
+    LoGNuclei,
+    MaxProbabilitySlide,
+    NuclearDensityTumour,
+    optical_density,
+    tissue_fraction,
+    total_od,
+)
 from runtime.analysis.heatmap import OVERLAY_MAX_PX
 from runtime.analysis.types import F32, U8, NucleiModel, SlideModel, TumourModel
 
@@ -233,8 +241,7 @@ def _tissue_and_artifact(patches: U8) -> tuple[F32, npt.NDArray[np.bool_]]:
     ~0.1), and whether it looks like an artifact rather than H&E: very dark on average (ink,
     folds) or green-dominant (pen ink: H&E absorbs green most, so its green OD is highest)."""
     od = optical_density(patches)
-    total = od.sum(-1)
-    frac = (total > 0.25).mean(axis=(1, 2)).astype(np.float32)
+    frac = (total_od(od) > TISSUE_OD).mean(axis=(1, 2)).astype(np.float32)
     mean_od = od.reshape(len(patches), -1, 3).mean(1)
     dark = mean_od.sum(1) > 2.2
     green_ink = (mean_od[:, 0] > mean_od[:, 1] + 0.15) & (mean_od[:, 2] > mean_od[:, 1] + 0.15)
@@ -432,7 +439,7 @@ class SlideAnalyzer:
             for x0 in range(0, rows.width, w):
                 self.stats["windows"] += 1
                 core = rows.window(b * w, (b + 1) * w, x0, x0 + w)
-                if _tissue_and_artifact(core[None])[0][0] < 0.01:
+                if tissue_fraction(core) < 0.01:
                     continue
                 self.stats["windows_run"] += 1
                 region = rows.window(b * w - h, (b + 1) * w + h, x0 - h, x0 + w + h)
