@@ -263,6 +263,18 @@ def test_nuclei_detector_finds_held_out_nuclei_within_4_um(
         models.nuclei.detect(region[..., 0])
 
 
+def test_analysis_sessions_run_one_cpu_thread_unless_asked() -> None:
+    """The analysis worker is a niced background process: its ONNX Runtime CPU sessions take one
+    intra-op thread (no spinning pool competing with the stitcher for the cores)."""
+    from runtime.analysis.models import load_nuclei_model
+
+    def threads(det: object) -> int:
+        return int(det.backend._sess.get_session_options().intra_op_num_threads)  # type: ignore[attr-defined]
+
+    assert threads(load_nuclei_model(backend="ort_cpu")) == 1
+    assert threads(load_nuclei_model(backend="ort_cpu", cpu_threads=2)) == 2
+
+
 def test_committed_folders_are_small_and_consistent() -> None:
     for task in ("tumour", "nuclei", "slide_mil"):
         folder = default_model_dir(task)
