@@ -71,6 +71,7 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--out", type=Path, default=Path("out/demo"))
     d.add_argument("--fields", type=int, nargs=2, metavar=("NX", "NY"), default=(4, 3))
     d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--no-analysis", action="store_true", help="scan without the slide analysis")
     return p
 
 
@@ -132,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.cmd == "demo":
             from hw_sim.replay_job import run_demo
 
-            run_demo(args.out, fields=tuple(args.fields), seed=args.seed)
+            run_demo(args.out, fields=tuple(args.fields), seed=args.seed, analysis=not args.no_analysis)
     except (ValueError, OSError) as err:  # RecordingError, ConfigError, DriverError are ValueError/RuntimeError
         print(f"error: {err}", file=sys.stderr)
         return 2

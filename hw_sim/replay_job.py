@@ -174,22 +174,50 @@ def _print_summary(out: Path, report: dict[str, Any]) -> None:
         ft = report["focus_truth"]
         print(f"focus error vs truth: MAE {ft['mae_um']:.2f} µm, {100 * ft['within_half_dof']:.0f}% within ±0.35 µm")
     print(f"peak RSS (MiB): {rss}")
+    analysis = report.get("analysis")
+    if isinstance(analysis, dict):
+        if analysis.get("error"):
+            print(f"analysis: failed ({analysis['error']}); the slide is complete")
+        else:
+            print(
+                f"analysis: slide score {analysis.get('slide_score', 0.0):.2f}, "
+                f"{analysis.get('lesion_count', 0)} lesion(s), tumour burden "
+                f"{analysis.get('tumour_burden_mm2', 0.0):.3f} mm² "
+                f"({analysis.get('tumour_burden_pct', 0.0):.1f}% of tissue), "
+                f"{analysis.get('nuclei_count', 0)} nuclei; annotations: {out / 'annotations.geojson'}"
+            )
 
 
-def run_demo(out: Path, fields: tuple[int, int] = (4, 3), seed: int = 0) -> dict[str, Any]:
+DEMO_LESIONS = 3
+DEMO_MIMICS = 1
+"""Tumour on the demo's slide (hw_sim.lesions), so that its analysis has something to find."""
+
+
+def run_demo(out: Path, fields: tuple[int, int] = (4, 3), seed: int = 0, analysis: bool = True) -> dict[str, Any]:
     """The README's main job: synthesise a small slide, scan it, print where the results are.
 
     ``out`` is the daemon's data root: the recording is ``out/recording.zarr`` and the scan
     goes to its own folder, ``out/scan/`` (the daemon writes a scan only into a new or empty
-    folder, never into the recording's).
+    folder, never into the recording's). ``analysis``: the scan runs the slide analysis
+    (``[analysis] enabled``: heatmap, annotations.geojson, report's ``analysis``), as a scanner
+    that hands the pathologist an analysed slide would.
     """
     from hw_sim.synth import SynthParams, synthesize
 
     out.mkdir(parents=True, exist_ok=True)
     rec = out / "recording.zarr"
     if not (rec / "zarr.json").exists():
-        synthesize(rec, SynthParams(fields_x=fields[0], fields_y=fields[1], seed=seed), overwrite=True, progress=True)
+        params = SynthParams(
+            fields_x=fields[0], fields_y=fields[1], seed=seed, lesions=DEMO_LESIONS, mimics=DEMO_MIMICS
+        )
+        synthesize(rec, params, overwrite=True, progress=True)
     scan = out / "scan"
     if scan.exists():  # the demo's own folder: a re-run replaces the previous scan
         shutil.rmtree(scan)
-    return run_replay(rec, scan)
+    if not analysis:
+        return run_replay(rec, scan)
+    # A config file outside ``out``: the demo's data root holds the recording and the scan only.
+    with tempfile.TemporaryDirectory(prefix="wsi-demo-") as tmp:
+        config = Path(tmp) / "demo.toml"
+        config.write_text("[analysis]\nenabled = true\n")
+        return run_replay(rec, scan, config_path=config)

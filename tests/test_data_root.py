@@ -383,8 +383,11 @@ def test_demo_keeps_recording_and_scan_apart(tmp_path: Path, small_recording: Pa
     for _ in range(2):  # a re-run replaces the demo's own scan folder
         report = run_demo(out)
         assert sorted(os.listdir(out)) == ["recording.zarr", "scan"]
-        assert sorted(os.listdir(out / "scan")) == ["report.json", "slide.ome.tif"]
+        # The demo scans with the slide analysis on: its outputs beside the slide, none in ``out``.
+        analysis = ["analysis.json", "annotations.geojson", "attention.png", "heatmap.ome.tif", "heatmap.png"]
+        assert sorted(os.listdir(out / "scan")) == sorted([*analysis, "nuclei.geojson", "report.json", "slide.ome.tif"])
         assert report["finish_reason"] == "completed" and "focus_truth" in report
+        assert report["analysis"].get("error") is None, report["analysis"]
     assert _snapshot(out / "recording.zarr") == rec_before
 
 
