@@ -158,7 +158,9 @@ class Timeline:
     """When tiles were captured, placed and in the mosaic, and the slide's size, during a scan.
 
     Read from outside the daemon, as a client could: the ``field_done`` events, and the
-    scan's journal (``placed``, ``written``) and partial slide as they grow (:meth:`poll`)."""
+    scan's journal (``placed``, ``written``) and partial slide as they grow (:meth:`poll`).
+    Each time is when this process saw it: at most a poll (``POLL_S``) late during the scan, and
+    what the last poll finds is timed at ``scan_finished`` (after the slide closed)."""
 
     folder: Path
     t0: float
