@@ -13,19 +13,16 @@ the runtime would refuse is never left behind.
 from __future__ import annotations
 
 import json
-import platform
 import shutil
-import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import torch
 from torch import nn
 
-from export.onnx_export import OPSET, check_parity
+from export.onnx_export import OPSET, check_parity, versions
 from runtime.ml.model_folder import load_model_folder, sha256_file
 
 
@@ -86,14 +83,7 @@ def export_analysis_model(
         "heldout_metrics": metrics,
         "parity": parity,
         "training": training,
-        "versions": {
-            "python": sys.version.split()[0],
-            "torch": torch.__version__,
-            "onnx": onnx.__version__,
-            "onnxruntime": ort.__version__,
-            "numpy": np.__version__,
-            "platform": platform.platform(),
-        },
+        "versions": versions(),
         **(extra or {}),
     }
     (tmp / "model.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

@@ -144,14 +144,7 @@ def export_model(
         "heldout_metrics": metrics,
         "parity": parity,
         "training": training,
-        "versions": {
-            "python": sys.version.split()[0],
-            "torch": torch.__version__,
-            "onnx": onnx.__version__,
-            "onnxruntime": ort.__version__,
-            "numpy": np.__version__,
-            "platform": platform.platform(),
-        },
+        "versions": versions(),
         **(extra or {}),
     }
     (tmp / "model.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
@@ -159,6 +152,18 @@ def export_model(
         shutil.rmtree(out_dir)
     tmp.rename(out_dir)
     return meta
+
+
+def versions() -> dict[str, str]:
+    """The software a model folder was exported with (``model.json`` ``versions``)."""
+    return {
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": ort.__version__,
+        "numpy": np.__version__,
+        "platform": platform.platform(),
+    }
 
 
 def check_parity(
