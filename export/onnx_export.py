@@ -22,7 +22,7 @@ from torch import nn
 
 from export.datasets import EXTRA_TRAIN_SPLITS
 from export.models import AutofocusNet, TileClassifier
-from runtime.ml.model_folder import sha256_file
+from runtime.ml.model_folder import load_model_folder, sha256_file
 from runtime.ml.preprocess import AutofocusPreprocess, ClassifierPreprocess
 
 OPSET = 17
@@ -106,7 +106,12 @@ def export_model(
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write ``out_dir/model.onnx`` and ``out_dir/model.json`` (replacing the folder atomically).
-    ``extra``: more top-level keys for ``model.json`` (e.g. ``calibration``)."""
+
+    ``spec``: ``task``, ``input_shape``, ``outputs`` (dicts with ``name``, ``shape`` -- ``"batch"``
+    where an axis follows the input's first axis -- and documentation keys), ``preprocess``, and
+    optionally ``classes`` and ``pixel_size_um`` (default: the simulator's). ``extra``: more
+    top-level keys for ``model.json`` (e.g. ``calibration``). The folder passes the runtime's own
+    checks (:func:`~runtime.ml.model_folder.load_model_folder`) before it replaces anything."""
     model.eval()
     out_names = [o["name"] for o in spec["outputs"]]
     tmp = out_dir.parent / f".{out_dir.name}.partial"
@@ -122,7 +127,7 @@ def export_model(
         str(onnx_path),
         input_names=["input"],
         output_names=out_names,
-        dynamic_axes={"input": {0: "batch"}, **{n: {0: "batch"} for n in out_names}},
+        dynamic_axes=dynamic_axes(spec["outputs"]),
         opset_version=OPSET,
         dynamo=False,
     )
@@ -139,7 +144,7 @@ def export_model(
         "input": {"name": "input", "shape": ["batch", *spec["input_shape"]], "dtype": "float32"},
         "outputs": spec["outputs"],
         "preprocess": spec["preprocess"],
-        "pixel_size_um": PIXEL_SIZE_UM,
+        "pixel_size_um": spec.get("pixel_size_um", PIXEL_SIZE_UM),
         **({"classes": spec["classes"]} if "classes" in spec else {}),
         "heldout_metrics": metrics,
         "parity": parity,
@@ -148,10 +153,21 @@ def export_model(
         **(extra or {}),
     }
     (tmp / "model.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    load_model_folder(tmp, spec["task"])  # the runtime's own checks, before the folder replaces anything
     if out_dir.exists():
         shutil.rmtree(out_dir)
     tmp.rename(out_dir)
     return meta
+
+
+def dynamic_axes(outputs: list[dict[str, Any]]) -> dict[str, dict[int, str]]:
+    """ONNX dynamic axes: the input's first axis, and each output axis whose shape says ``"batch"``."""
+    axes: dict[str, dict[int, str]] = {"input": {0: "batch"}}
+    for o in outputs:
+        batch = {i: "batch" for i, d in enumerate(o["shape"]) if d == "batch"}
+        if batch:
+            axes[o["name"]] = batch
+    return axes
 
 
 def versions() -> dict[str, str]:
