@@ -5,6 +5,8 @@ Modules:
 * ``supervisor``: ``Supervisor``, the main process: control plane, scan lifecycle, systemd integration;
 * ``job``: ``WorkerJob``, what every job shares: worker processes, heartbeats, phases, cancel, the report;
 * ``scan_job``: ``ScanJob``, one scan: the worker processes, the shared-memory ring, the queues;
+* ``analysis_service``: ``AnalysisService``, the analysis worker kept warm across scans
+  (``[analysis] enabled``): started with the daemon, supervised, restarted when it dies;
 * ``zstack_job``: ``ZstackJob``, one ``record_zstacks``: the recorder worker, writing a recording;
 * ``model_request``: ``requested_model_dir``, where a model folder named in a request may be;
 * ``state``: the scan job's phases (``ScanPhase``, ``TRANSITIONS``, ``check_transition``), the run
@@ -27,6 +29,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from runtime.daemon.analysis_service import AnalysisService
     from runtime.daemon.job import WorkerJob
     from runtime.daemon.model_request import requested_model_dir
     from runtime.daemon.process import run_daemon, start_daemon_process, stop_daemon_process
@@ -47,6 +50,7 @@ else:
     from runtime.lazy import lazy_exports
 
     _MODULES = {  # module -> the names it gives this package
+        "analysis_service": ("AnalysisService",),
         "job": ("WorkerJob",),
         "model_request": ("requested_model_dir",),
         "process": ("run_daemon", "start_daemon_process", "stop_daemon_process"),
@@ -70,6 +74,7 @@ else:
 
 __all__ = [
     "TRANSITIONS",
+    "AnalysisService",
     "FinishReason",
     "IllegalTransition",
     "RunState",

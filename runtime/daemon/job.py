@@ -50,6 +50,15 @@ class _Stopping:
     then: Callable[[], object]
 
 
+def terminate_then_kill(proc: SpawnProcess, wait_s: float = 2.0) -> None:
+    """A worker that did not exit in time: SIGTERM, then SIGKILL, waiting ``wait_s`` after each."""
+    for stop in (proc.terminate, proc.kill):
+        if not proc.is_alive():
+            return
+        stop()
+        proc.join(wait_s)
+
+
 class JobQueue(Protocol):
     """What the job does with each of its queues once the workers are gone (any message type)."""
 
@@ -302,12 +311,7 @@ class WorkerJob:
         for proc in self.procs.values():
             proc.join(max(0.0, deadline - time.monotonic()))
         for proc in self.procs.values():
-            if proc.is_alive():
-                proc.terminate()
-                proc.join(2.0)
-            if proc.is_alive():
-                proc.kill()
-                proc.join(2.0)
+            terminate_then_kill(proc)
         self._close_queues()
 
     def _close_queues(self) -> None:

@@ -70,6 +70,7 @@ from typing import Any, ClassVar, assert_never
 
 from runtime.config import RuntimeConfig
 from runtime.control.events import AnalysisReadyEvent, JobKind
+from runtime.daemon.analysis_service import AnalysisOutcome, AnalysisPort
 from runtime.daemon.job import JobQueue, Publish, WorkerJob
 from runtime.daemon.state import FinishReason, ScanPhase
 from runtime.devices.protocols import ScanArea
@@ -78,6 +79,8 @@ from runtime.ipc.inference_channel import ReplyQueue, RequestQueue
 from runtime.ipc.messages import (
     AcquisitionDone,
     AnalysisDone,
+    AnalysisLoading,
+    AnalysisReady,
     ControlQueue,
     EndOfStream,
     FieldDone,
@@ -86,6 +89,7 @@ from runtime.ipc.messages import (
     InferenceDone,
     InferenceReady,
     MosaicDone,
+    MosaicRows,
     ScanPrepared,
     SlotQueue,
     TeeQueue,
@@ -100,7 +104,6 @@ from runtime.output.journal import JOURNAL_NAME, JournalState, ScanJournal, mark
 from runtime.output.ome_tiff import partial_path
 from runtime.stitching.accumulator import MosaicGeometry
 from runtime.workers.acquisition import AcquisitionJob, AcquisitionResume, acquisition_main
-from runtime.workers.analysis import analysis_main
 from runtime.workers.inference import inference_main
 from runtime.workers.stitcher import StitchJob, stitcher_main
 from runtime.workers.writer import dicom_path, writer_main
@@ -149,9 +152,12 @@ class ScanJob(WorkerJob):
         publish: Publish,
         request: dict[str, Any] | None = None,
         resume: JournalState | None = None,
+        analysis: AnalysisPort | None = None,
     ) -> None:
         """``request``: the start_scan parameters (journaled, so that a resume repeats them).
-        ``resume``: the journal of the interrupted scan in ``output_dir`` to continue."""
+        ``resume``: the journal of the interrupted scan in ``output_dir`` to continue.
+        ``analysis``: the daemon's analysis worker (runtime/daemon/analysis_service.py), used when
+        ``[analysis] enabled``."""
         super().__init__(cfg, scan_id, output_dir, publish)
         self.request = request or {}
         self.resumed = resume
@@ -161,9 +167,12 @@ class ScanJob(WorkerJob):
         self.tiles: TileQueue = self.ctx.Queue()
         self.free_slots: SlotQueue = self.ctx.Queue()
         self.to_acquisition: ControlQueue = self.ctx.Queue()
-        # [analysis] enabled: the analysis worker sees every row announcement the writer sees
-        # (runtime/workers/analysis.py); disabled, the writer's queue is a plain one, as before.
-        self.analysis_enabled = cfg.analysis.enabled
+        # [analysis] enabled: the analysis worker sees every row announcement the writer sees:
+        # the stitcher's to_writer is a tee, and the job relays what reaches to_analysis to the
+        # daemon's analysis worker (which outlives the scan, so it cannot inherit this scan's
+        # queues). Disabled, the writer's queue is a plain one, as before.
+        self.analysis_port = analysis if cfg.analysis.enabled else None
+        self.analysis_enabled = self.analysis_port is not None
         self.to_analysis: WriterQueue = self.ctx.Queue()
         self.to_writer: WriterQueue = (
             TeeQueue(self.ctx, self.to_analysis) if self.analysis_enabled else self.ctx.Queue()
@@ -186,6 +195,9 @@ class ScanJob(WorkerJob):
         self.driver_cpu_s: float | None = None  # of acquisition's CPU, in the camera's captures
         self._loading: set[str] = set()  # workers still loading models: start timeout, not heartbeat timeout
         self._record_semaphores()
+        if self.analysis_port is not None:
+            self.analysis_port.begin(scan_id, output_dir, self.mosaic_path, cfg.analysis)
+            self._analysis_pending = True
 
         # Workers get the config sections themselves (frozen, picklable) beside what is per scan.
         job = AcquisitionJob(area=area, driver_options=driver_options, resume=self._acquisition_resume())
@@ -362,9 +374,6 @@ class ScanJob(WorkerJob):
         )
         slide = str(self.output_dir / SLIDE_NAME)
         self._spawn("writer", writer_main, (slide, cfg.writer, self.to_writer, self.events))
-        if self.analysis_enabled:
-            self._spawn("analysis", analysis_main, (str(self.output_dir), cfg.analysis, self.to_analysis, self.events))
-            self._analysis_pending = True
         self.to_acquisition.put(self.ring.spec)
         if self.uses_inference:
             self.to_inference.put(self.ring.spec)
@@ -416,10 +425,8 @@ class ScanJob(WorkerJob):
                 # The slide is written; the analysis finishes its last rows (bounded wait).
                 self._writer_done = msg
                 self._analysis_deadline = time.monotonic() + self.cfg.analysis.finish_timeout_s
-            case AnalysisDone():
-                self._on_analysis_done(msg)
-            case WorkerFailed() if msg.worker == "analysis":
-                self._analysis_failed(f"analysis worker failed: {one_line(msg.message)}")
+            case AnalysisDone() | AnalysisReady() | AnalysisLoading():
+                pass  # the daemon's analysis worker reports to its service, not on this queue
             case WriterDone():
                 self.peak_rss["writer"] = msg.peak_rss
                 self.cpu_s["writer"] = round(msg.cpu_s, 3)
@@ -437,19 +444,38 @@ class ScanJob(WorkerJob):
         # minutes on a new device): until the worker reports ready, the start timeout applies.
         if name in self._loading:
             return self.cfg.models.worker_start_timeout_s
-        if name == "analysis":  # loading its models (a TensorRT build) cannot beat either
-            return max(self.cfg.daemon.heartbeat_timeout_s, self.cfg.models.worker_start_timeout_s)
         return self.cfg.daemon.heartbeat_timeout_s
 
     def _silent(self, name: str) -> str:
         return "did not load its models" if name in self._loading else "sent no heartbeat"
 
     # -- analysis: never fails the scan ------------------------------------------------------
-    def _on_analysis_done(self, msg: AnalysisDone) -> None:
-        self.peak_rss["analysis"] = msg.peak_rss
-        self.cpu_s["analysis"] = round(msg.cpu_s, 3)
-        if not self._analysis_pending:
+    def _pump_analysis(self) -> None:
+        """Relay the stitcher's row announcements to the analysis worker, take its outcome, and
+        give up on it ``analysis.finish_timeout_s`` after the slide."""
+        port = self.analysis_port
+        if port is None or not self._analysis_pending or self.done:
             return
+        with contextlib.suppress(queue.Empty, ValueError, OSError):
+            for _ in range(1000):
+                msg = self.to_analysis.get_nowait()
+                if isinstance(msg, MosaicRows | MosaicDone):
+                    port.relay(self.scan_id, msg)
+        outcome = port.outcome(self.scan_id)
+        if outcome is not None:
+            self._on_analysis_done(outcome)
+        elif self._analysis_deadline is not None and time.monotonic() > self._analysis_deadline:
+            why = f"analysis not finished {self.cfg.analysis.finish_timeout_s:.0f} s after the slide (killed)"
+            port.abandon(self.scan_id, why, kill=True)
+            self._analysis_failed(why)
+
+    def _on_analysis_done(self, outcome: AnalysisOutcome) -> None:
+        msg = outcome.done
+        if msg is None:
+            self._analysis_failed(outcome.error or "analysis failed")
+            return
+        self.peak_rss["analysis"] = msg.peak_rss
+        self.cpu_s["analysis"] = round(msg.cpu_s, 3)  # this scan's share of the warm worker's CPU
         self._analysis_pending = False
         after = None if self._analysis_deadline is None else self.cfg.analysis.finish_timeout_s - (
             self._analysis_deadline - time.monotonic()
@@ -460,18 +486,23 @@ class ScanJob(WorkerJob):
                 self.analysis["ready_after_slide_s"] = round(after, 3)
         else:
             self.analysis = {"error": msg.error or "analysis failed", "seconds": round(msg.seconds, 3)}
+        self._analysis_worker_starts()
         self._publish_analysis()
         self._resume_writer_done()
 
+    def _analysis_worker_starts(self) -> None:
+        """How many analysis workers the daemon has started so far (1: every scan used the first)."""
+        if self.analysis is not None and self.analysis_port is not None:
+            worker = self.analysis.setdefault("worker", {})
+            if isinstance(worker, dict):
+                worker["starts"] = self.analysis_port.starts
+
     def _analysis_failed(self, error: str) -> None:
         """The analysis worker died, hung or ran out of time: report it; the slide is not affected."""
-        proc = self.procs.pop("analysis", None)
-        if proc is not None and proc.exitcode is None:
-            proc.kill()
-            proc.join(1.0)
         if self._analysis_pending:
             self._analysis_pending = False
             self.analysis = {"error": error}
+            self._analysis_worker_starts()
             log.warning("scan %s: %s", self.scan_id, error)
             self._publish_analysis()
         self._resume_writer_done()
@@ -509,19 +540,19 @@ class ScanJob(WorkerJob):
         )
 
     def _check_workers(self) -> None:
-        proc = self.procs.get("analysis")
-        if proc is not None and self._analysis_pending and not self.done:
-            now = time.monotonic()
-            if proc.exitcode not in (None, 0):
-                self._drain_events()  # its AnalysisDone or WorkerFailed may be queued: the reason
-                if self._analysis_pending:
-                    self._analysis_failed(f"analysis worker exited with code {proc.exitcode}")
-            elif now - self.heartbeats["analysis"] > self._heartbeat_limit("analysis"):
-                self._analysis_failed(f"analysis worker {self._silent('analysis')} (killed)")
-            elif self._analysis_deadline is not None and now > self._analysis_deadline:
-                limit = self.cfg.analysis.finish_timeout_s
-                self._analysis_failed(f"analysis not finished {limit:.0f} s after the slide (killed)")
+        self._pump_analysis()
         super()._check_workers()
+
+    def _drop_analysis(self, why: str) -> None:
+        """The scan ended without waiting for its analysis (cancelled, failed): the worker drops it."""
+        if self._analysis_pending and self.analysis_port is not None:
+            self._analysis_pending = False
+            self.analysis_port.abandon(self.scan_id, why)
+            self.analysis = {"error": f"the scan did not complete ({why})"}
+
+    def close(self) -> None:
+        self._drop_analysis("the daemon let go of the scan")
+        super().close()
 
     def _stop_inference(self) -> None:
         if "inference" in self.procs:
@@ -543,6 +574,7 @@ class ScanJob(WorkerJob):
         self._to(ScanPhase.DONE)
         self.finish_reason = reason
         self.cancel_event.set()
+        self._drop_analysis(f"the scan {reason.value}")
         if reason is FinishReason.FAILED:
             # A worker died or hung. Whatever was captured is still in the ring
             # and the tile queue: end the stream so the stitcher flushes it into

@@ -46,6 +46,7 @@ from runtime.control.replies import (
 )
 from runtime.control.server import ControlServer
 from runtime.daemon import sdnotify
+from runtime.daemon.analysis_service import analysis_service
 from runtime.daemon.job import REPORT_NAME, WorkerJob
 from runtime.daemon.model_request import requested_model_dir
 from runtime.daemon.scan_job import ScanJob
@@ -91,6 +92,9 @@ class Supervisor:
         self._watchdog_interval = sdnotify.watchdog_interval_s()
         self.server: ControlServer | None = None
         self.interrupted: list[InterruptedScan] = []  # scans that can be resumed (refreshed when a job ends)
+        # [analysis] enabled: one analysis worker for the daemon's life, warm for every scan
+        # (runtime/daemon/analysis_service.py); started in run(), from this (the main) thread.
+        self.analysis = analysis_service(cfg)
 
     # -- state -------------------------------------------------------------------------------
     def _set(self, **changes: Any) -> None:
@@ -137,6 +141,9 @@ class Supervisor:
             d["fields_total"] = self.job.fields_total
             d["fields_done"] = len(self.job.records)
             d["workers"] = self.job.pids
+        if self.analysis is not None and self.analysis.pid is not None:
+            # The daemon's analysis worker, listed once its models are loaded (between scans too).
+            d["workers"] = {**d.get("workers", {}), "analysis": self.analysis.pid}
         running = self.job.scan_id if self.job is not None else None
         d["interrupted"] = [InterruptedScanInfo.model_validate(s) for s in d["interrupted"] if s["scan_id"] != running]
         return StatusResult.model_validate(d)
@@ -192,7 +199,10 @@ class Supervisor:
         cfg = self._scan_config(params)
         request = params.model_dump(mode="json", exclude_none=True)
         return self._start(
-            prep, lambda out: ScanJob(cfg, prep.scan_id, out, prep.area, prep.driver_options, self._publish, request)
+            prep,
+            lambda out: ScanJob(
+                cfg, prep.scan_id, out, prep.area, prep.driver_options, self._publish, request, analysis=self.analysis
+            ),
         )
 
     def _resume_scan(self, scan_id: str) -> StartScanResult:
@@ -221,7 +231,15 @@ class Supervisor:
         request = original.model_dump(mode="json", exclude_none=True)
         try:
             self.job = ScanJob(
-                cfg, scan_id, folder, prep.area, prep.driver_options, self._publish, request, resume=state
+                cfg,
+                scan_id,
+                folder,
+                prep.area,
+                prep.driver_options,
+                self._publish,
+                request,
+                resume=state,
+                analysis=self.analysis,
             )
         except (ValueError, TypeError, KeyError) as err:  # a journal this runtime cannot continue
             raise RequestError("invalid_params", f"resume {scan_id}: {err}") from None
@@ -345,6 +363,8 @@ class Supervisor:
         assert self.server is not None
         try:
             self.server.poll(50)
+            if self.analysis is not None:
+                self.analysis.pump()  # before the job: it picks up the outcome in the same turn
             self._tick_job()
             self._watchdog()
         except Exception as err:
@@ -374,6 +394,8 @@ class Supervisor:
             curve=ServerKeys.from_config(self.cfg.control),
         )
         try:
+            if self.analysis is not None:
+                self.analysis.start()  # loads its models while the daemon waits for its first scan
             sdnotify.ready()
             sdnotify.status("idle")
             while not self._stop:
@@ -383,6 +405,8 @@ class Supervisor:
         finally:
             if self.job is not None:
                 self.job.close()
+            if self.analysis is not None:
+                self.analysis.close()
             self.server.close()
             self.server = None
             # Clean exit: the scan job's semaphores go with this process (multiprocessing unlinks

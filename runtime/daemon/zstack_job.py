@@ -41,6 +41,8 @@ from runtime.errors import one_line
 from runtime.ipc.messages import (
     AcquisitionDone,
     AnalysisDone,
+    AnalysisLoading,
+    AnalysisReady,
     FieldDone,
     Heartbeat,
     InferenceDone,
@@ -83,8 +85,10 @@ class ZstackJob(WorkerJob):
                 self._finish(FinishReason.CANCELLED if cancelled else FinishReason.COMPLETED)
             case WorkerFailed():
                 self._fail(f"{msg.worker} failed: {one_line(msg.message)}")
-            case InferenceReady() | InferenceDone() | MosaicDone() | WriterDone() | AnalysisDone():
+            case InferenceReady() | InferenceDone() | MosaicDone() | WriterDone():
                 pass  # a scan's workers only; the recorder never sends them
+            case AnalysisDone() | AnalysisReady() | AnalysisLoading():
+                pass  # the daemon's analysis worker reports to its service, not on a job's queue
             case _:
                 assert_never(msg)
 

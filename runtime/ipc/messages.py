@@ -15,6 +15,8 @@ that every kind of message is handled. A stream that ends says so with
 * ``to_writer`` (stitcher -> writer): :data:`WriterMessage`
 * ``to_acquisition`` (scan job -> acquisition): :data:`AcquisitionControl`
 * ``free_slots`` (scan job, stitcher, acquisition's focus loop -> acquisition): ring slot ids
+* the analysis worker's input (supervisor -> analysis worker, across scans): :data:`AnalysisMessage`;
+  its events queue carries :data:`WorkerEvent` like a scan's
 
 The inference worker's two queues are in :mod:`runtime.ipc.inference_channel`.
 """
@@ -29,6 +31,7 @@ from multiprocessing.context import SpawnContext
 from multiprocessing.queues import Queue
 from typing import TYPE_CHECKING, Any, TypeAlias
 
+from runtime.config import AnalysisConfig
 from runtime.devices.scan_plan import FieldPlan, GridPlan
 from runtime.ipc import lifetime
 from runtime.ipc.ring import RingSpec
@@ -197,14 +200,53 @@ class InferenceDone:
 
 @dataclass(frozen=True)
 class AnalysisDone:
-    """The analysis worker finished: the summary (``report.json``'s ``analysis``) or the error
-    that stopped it (the slide is complete either way)."""
+    """The analysis worker finished scan ``scan_id``: the summary (``report.json``'s ``analysis``)
+    or the error that stopped it (the slide is complete either way). The worker outlives the scan
+    (runtime/daemon/analysis_service.py), so ``seconds`` and ``cpu_s`` are this scan's share:
+    from its :class:`AnalysisBegin` to this message."""
 
+    scan_id: str
     summary: dict[str, Any] | None
     error: str | None
     seconds: float
     peak_rss: int
-    cpu_s: float = dataclasses.field(default_factory=cpu_seconds)  # when made
+    cpu_s: float
+
+
+@dataclass(frozen=True)
+class AnalysisReady:
+    """The analysis worker loaded its models (``error``: it could not; each scan's analysis then
+    names it), at its start or for a scan that asked for other ones: it serves scans without a start."""
+
+    pid: int
+    load_s: float
+    error: str | None
+
+
+@dataclass(frozen=True)
+class AnalysisLoading:
+    """The analysis worker re-loads its models for scan ``scan_id``: it cannot beat until its next
+    :class:`AnalysisReady` (a TensorRT engine build is one long native call)."""
+
+    scan_id: str
+
+
+@dataclass(frozen=True)
+class AnalysisBegin:
+    """Supervisor -> analysis worker: analyse scan ``scan_id``'s mosaic (``mosaic_path``, made by the
+    stitcher later) into ``out_dir`` with ``cfg`` (its models are re-loaded only if they changed)."""
+
+    scan_id: str
+    out_dir: str
+    mosaic_path: str
+    cfg: AnalysisConfig
+
+
+@dataclass(frozen=True)
+class AnalysisCancel:
+    """Supervisor -> analysis worker: scan ``scan_id`` ended without a complete mosaic: drop it."""
+
+    scan_id: str
 
 
 @dataclass(frozen=True)
@@ -229,6 +271,8 @@ WorkerEvent: TypeAlias = (
     | WriterDone
     | WorkerFailed
     | AnalysisDone
+    | AnalysisReady
+    | AnalysisLoading
 )
 """What the workers tell the scan job (the events queue)."""
 
@@ -239,6 +283,11 @@ a failure; the scan job ends the stream itself when a worker fails)."""
 WriterMessage: TypeAlias = MosaicRows | MosaicDone | EndOfStream
 """Stitcher -> writer: rows that became final, then MosaicDone (or the end without one: the
 stitcher failed, or the scan job gave up on it)."""
+
+AnalysisMessage: TypeAlias = AnalysisBegin | MosaicRows | MosaicDone | AnalysisCancel | EndOfStream
+"""Supervisor -> the analysis worker, which outlives scans: a scan begins, its rows become final
+(relayed from the stitcher by the scan job), its mosaic is done or the scan is dropped; EndOfStream
+stops the worker."""
 
 AcquisitionControl: TypeAlias = RingSpec
 """Scan job -> acquisition: the ring, once the scan job has created it for the planned frame size
@@ -251,6 +300,7 @@ TileQueue: TypeAlias = "Queue[TileMessage]"
 WriterQueue: TypeAlias = "Queue[WriterMessage]"
 ControlQueue: TypeAlias = "Queue[AcquisitionControl]"
 SlotQueue: TypeAlias = "Queue[int]"
+AnalysisQueue: TypeAlias = "Queue[AnalysisMessage]"
 
 
 if TYPE_CHECKING:

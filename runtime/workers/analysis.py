@@ -1,20 +1,31 @@
 """The analysis worker: slide analysis (runtime.analysis) on the mosaic's final rows, during the scan.
 
-Started by the scan job beside the writer when ``[analysis] enabled``, it receives the same
-row announcements as the writer -- the stitcher's :class:`~runtime.ipc.messages.MosaicRows`
-reach both through a :class:`~runtime.ipc.messages.TeeQueue` -- reads the newly final rows of the pyramid levels its
-models need from the Zarr mosaic (slide coordinates: the stitcher has placed every tile) and
-feeds them to a :class:`~runtime.analysis.pipeline.SlideAnalyzer`, so most of the analysis is
-done by the time the last tile is stitched. On :class:`~runtime.ipc.messages.MosaicDone` it
-feeds the rest, finishes, writes the outputs into the scan folder (heatmap.ome.tif,
-heatmap.png, attention.png, annotations.geojson, nuclei.geojson, analysis.json) and reports
-:class:`~runtime.ipc.messages.AnalysisDone` with the summary.
+One process serves every scan of the daemon (``[analysis] enabled``): the supervisor starts it
+with the daemon and keeps it (:mod:`runtime.daemon.analysis_service`), so that a scan does not pay
+the worker's start -- the interpreter, the imports (zarr, onnxruntime, OpenCV, shapely) and the
+ONNX Runtime sessions, about 0.8 CPU s on the 2-core x86 test machine, a large part of a small
+scan's added wall time when the worker was started per scan. It loads the models once, at its start,
+and again only when a scan's :class:`~runtime.ipc.messages.AnalysisBegin` asks for other ones
+(:func:`model_key`: the config's model choice and the identity of each model folder on disk, so
+a folder re-exported in place is re-loaded too).
+
+Per scan (:data:`~runtime.ipc.messages.AnalysisMessage`, in order): ``AnalysisBegin`` names the
+scan's folder and mosaic; the stitcher's row announcements (:class:`~runtime.ipc.messages.MosaicRows`,
+relayed by the scan job) say which rows of which pyramid level are final, and the worker reads
+them from the Zarr mosaic and feeds them to a :class:`~runtime.analysis.pipeline.SlideAnalyzer`,
+so most of the analysis is done by the time the last tile is stitched. On a complete
+:class:`~runtime.ipc.messages.MosaicDone` it feeds the rest, finishes, writes the outputs into the
+scan folder (heatmap.ome.tif, heatmap.png, attention.png, annotations.geojson, nuclei.geojson,
+analysis.json) and reports :class:`~runtime.ipc.messages.AnalysisDone` with the summary and this
+scan's CPU seconds. An incomplete MosaicDone or :class:`~runtime.ipc.messages.AnalysisCancel`
+drops the scan (nothing is written); :class:`~runtime.ipc.messages.EndOfStream` stops the worker.
+Messages of another scan's mosaic (a late announcement of a dropped scan) are ignored.
 
 It runs at a lower CPU priority (``os.nice``): capture, stitching and writing come first. It
-never fails the scan: a missing or bad model folder, or any error while analysing, ends in an
-``AnalysisDone`` naming the error (the scan job puts it in the report), and the slide is
-written as without analysis. A cancelled or failed scan (an incomplete MosaicDone, or
-EndOfStream) writes nothing.
+never fails a scan: a missing or bad model folder, or any error while analysing, ends in an
+``AnalysisDone`` naming the error (the scan job puts it in the report), and the slide is written
+as without analysis. A crash or a hang is the supervisor's to notice (heartbeats, exit code): it
+restarts the worker, and the scan still completes.
 """
 
 from __future__ import annotations
@@ -23,18 +34,24 @@ import logging
 import os
 import queue
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, assert_never
 
 from runtime.config import AnalysisConfig
 from runtime.errors import one_line
 from runtime.ipc.messages import (
+    AnalysisBegin,
+    AnalysisCancel,
     AnalysisDone,
+    AnalysisLoading,
+    AnalysisQueue,
+    AnalysisReady,
     EndOfStream,
     EventQueue,
     MosaicDone,
     MosaicRows,
-    WriterQueue,
+    cpu_seconds,
     peak_rss_bytes,
 )
 from runtime.workers.skeleton import POLL_S, WorkerContext, run_worker
@@ -43,12 +60,88 @@ log = logging.getLogger("wsi.analysis")
 
 FEED_ROWS = 256  # rows per read from the mosaic: a heartbeat between reads
 
+ModelKey = tuple[object, ...]
+
+
+def _folder_identity(folder: Path) -> tuple[object, ...]:
+    """What changes when a model folder is re-exported or edited: the folder's and its
+    ``model.json``'s inode, size and modification time (``python -m export`` swaps a folder in
+    whole; an edited ONNX without a new model.json fails its sha256 check at load anyway)."""
+    ident: list[object] = [str(folder)]
+    for path in (folder, folder / "model.json"):
+        try:
+            st = path.stat()
+            ident += [st.st_ino, st.st_size, st.st_mtime_ns]
+        except OSError:
+            ident.append(None)  # missing: the load will say so; its appearing changes the key
+    return tuple(ident)
+
+
+def model_key(cfg: AnalysisConfig) -> ModelKey:
+    """What the loaded models depend on. Equal keys: the loaded models serve the scan as they are."""
+    from runtime.ml.model_folder import default_model_dir
+
+    if cfg.models == "baseline":
+        return ("baseline", cfg.nuclei)
+    folders: list[object] = []
+    for task, value, used in (
+        ("tumour", cfg.tumour_dir, True),
+        ("nuclei", cfg.nuclei_dir, cfg.nuclei),
+        ("slide_mil", cfg.slide_dir, cfg.slide_dir != "none"),
+    ):
+        if used:
+            folders.append(_folder_identity(default_model_dir(task) if value == "builtin" else Path(value)))
+    return (cfg.models, cfg.backend, cfg.nuclei, cfg.slide_dir == "none", *folders)
+
+
 def _load_models(cfg: AnalysisConfig) -> Any:
     from runtime.analysis.pipeline import baseline_models, load_models
 
     if cfg.models == "baseline":
         return baseline_models()
     return load_models(cfg.tumour_dir, cfg.nuclei_dir, cfg.slide_dir, backend=cfg.backend, with_nuclei=cfg.nuclei)
+
+
+def _warm_up() -> None:
+    """Import what every scan's analysis uses (not only what loading the models does), so that
+    the first scan pays none of it either."""
+    import runtime.analysis.geojson
+    import runtime.analysis.heatmap
+    import runtime.analysis.lesions
+    import runtime.analysis.pipeline
+    import runtime.analysis.summary
+    import runtime.output.mosaic_store  # noqa: F401
+
+
+class _Models:
+    """The loaded models and what they were loaded for; re-loaded when a scan needs other ones."""
+
+    def __init__(self) -> None:
+        self.key: ModelKey | None = None
+        self.models: Any = None
+        self.error: str | None = None
+        self.loads = 0
+        self.load_s = 0.0
+
+    def changed(self, cfg: AnalysisConfig) -> bool:
+        """Would ``cfg`` need other models than those loaded?"""
+        return model_key(cfg) != self.key
+
+    def ensure(self, cfg: AnalysisConfig) -> bool:
+        """Have the models for ``cfg`` loaded (or their error recorded); True if this loaded them."""
+        key = model_key(cfg)
+        if key == self.key:
+            return False
+        t0 = time.perf_counter()
+        self.models = None  # the old sessions go before the new ones are made (memory)
+        try:
+            self.models, self.error = _load_models(cfg), None
+        except Exception as err:  # a missing or bad model folder: every scan says so until it changes
+            self.error = f"analysis models: {one_line(str(err))}"
+        self.key = key
+        self.loads += 1
+        self.load_s = time.perf_counter() - t0
+        return True
 
 
 class _Run:
@@ -95,62 +188,147 @@ class _Run:
         self.beat()
         thumb = self.source.thumbnail(OVERLAY_MAX_PX)
         summary = write_outputs(out_dir, result, self.models, thumb, threshold=self.cfg.threshold)
-        self.store.close()
+        self.close()
         return summary
 
+    def close(self) -> None:
+        self.store.close()
 
-def analysis_main(out_dir: str, cfg: AnalysisConfig, from_stitcher: WriterQueue, events: EventQueue) -> None:
-    """Process entry point (spawned): analyse the scan's mosaic into ``out_dir`` (see the module docstring)."""
+
+def _failure(err: Exception) -> str:
+    log.exception("analysis failed")
+    return f"analysis failed: {one_line(f'{type(err).__name__}: {err}')}"
+
+
+@dataclass
+class _Scan:
+    """The scan being analysed: its begin message, its run once the mosaic exists, its error."""
+
+    begin: AnalysisBegin
+    t0: float
+    cpu0: float
+    loaded: bool  # the models were (re)loaded for this scan
+    run: _Run | None = None
+    error: str | None = None
+
+    @property
+    def mosaic(self) -> str:
+        return self.begin.mosaic_path
+
+
+class _Worker:
+    """The worker's state across scans (the body of :func:`analysis_main`)."""
+
+    def __init__(self, worker: WorkerContext, events: EventQueue) -> None:
+        self.worker = worker
+        self.events = events
+        self.models = _Models()
+        self.scans = 0
+        self.scan: _Scan | None = None
+
+    def begin(self, msg: AnalysisBegin) -> None:
+        self.drop()
+        t0, cpu0 = time.perf_counter(), cpu_seconds()
+        loaded = False
+        if self.models.changed(msg.cfg):
+            self.events.put(AnalysisLoading(msg.scan_id))  # no heartbeat while loading
+            loaded = self.models.ensure(msg.cfg)
+            self.events.put(AnalysisReady(os.getpid(), self.models.load_s, self.models.error))
+        self.scans += 1
+        self.scan = _Scan(msg, t0, cpu0, loaded, error=self.models.error)
+
+    def rows(self, msg: MosaicRows) -> None:
+        scan = self.scan
+        if scan is None or scan.error is not None or msg.path != scan.mosaic:
+            return
+        try:
+            if scan.run is None:
+                scan.run = _Run(scan.begin.cfg, self.models.models, scan.mosaic, self.worker.beat)
+            scan.run.rows_final(msg.level, msg.rows)
+        except Exception as err:  # analysis failed: the slide is not affected
+            scan.error = _failure(err)
+
+    def done(self, msg: MosaicDone) -> None:
+        scan = self.scan
+        if scan is None or msg.path != scan.mosaic:
+            return
+        if not msg.complete:
+            self.drop()
+            return
+        summary = None
+        if scan.error is None:
+            try:
+                if scan.run is None:
+                    scan.run = _Run(scan.begin.cfg, self.models.models, scan.mosaic, self.worker.beat)
+                summary = scan.run.finish(Path(scan.begin.out_dir))
+                summary["timing_s"]["load_models"] = round(self.models.load_s if scan.loaded else 0.0, 3)
+                summary["worker"] = {
+                    "pid": os.getpid(),
+                    "scans": self.scans,  # scans this process has served, this one included
+                    "model_loads": self.models.loads,
+                    "models_loaded_for_this_scan": scan.loaded,
+                }
+            except Exception as err:
+                scan.error = _failure(err)
+                summary = None
+        self.scan = None
+        self.events.put(
+            AnalysisDone(
+                scan.begin.scan_id,
+                summary,
+                scan.error,
+                time.perf_counter() - scan.t0,
+                peak_rss_bytes(),
+                cpu_seconds() - scan.cpu0,
+            )
+        )
+
+    def cancel(self, msg: AnalysisCancel) -> None:
+        if self.scan is not None and self.scan.begin.scan_id == msg.scan_id:
+            self.drop()
+
+    def drop(self) -> None:
+        """Forget the current scan (a cancelled or failed one: nothing is written)."""
+        scan, self.scan = self.scan, None
+        if scan is not None and scan.run is not None:
+            try:
+                scan.run.close()
+            except Exception as err:  # the scan is gone anyway
+                log.warning("closing a dropped scan's mosaic: %s", err)
+
+
+def analysis_main(cfg: AnalysisConfig, inbox: AnalysisQueue, events: EventQueue) -> None:
+    """Process entry point (spawned by the supervisor): serve scans until EndOfStream (module docstring).
+
+    ``cfg``: the daemon's ``[analysis]`` section, whose models are loaded at once (a scan may
+    name others in its :class:`AnalysisBegin`)."""
 
     def body(worker: WorkerContext) -> None:
         try:
             os.nice(cfg.nice)
         except OSError as err:  # not worth failing over: the analysis only runs at normal priority
             log.warning("could not lower the analysis worker's priority: %s", err)
-        t_start = time.perf_counter()
-        try:
-            models = _load_models(cfg)
-        except Exception as err:  # a missing or bad model folder: the scan goes on without analysis
-            events.put(AnalysisDone(None, f"analysis models: {one_line(str(err))}", 0.0, peak_rss_bytes()))
-            return
-        load_s = time.perf_counter() - t_start
-        run: _Run | None = None
-        error: str | None = None
+        state = _Worker(worker, events)
+        _warm_up()
+        state.models.ensure(cfg)
+        events.put(AnalysisReady(os.getpid(), state.models.load_s, state.models.error))
         while True:
             worker.beat()
             try:
-                msg = from_stitcher.get(timeout=POLL_S)
+                msg = inbox.get(timeout=POLL_S)
             except queue.Empty:
                 continue
             match msg:
+                case AnalysisBegin():
+                    state.begin(msg)
                 case MosaicRows():
-                    if error is not None:
-                        continue
-                    try:
-                        if run is None:
-                            run = _Run(cfg, models, msg.path, worker.beat)
-                        run.rows_final(msg.level, msg.rows)
-                    except Exception as err:  # analysis failed: the slide is not affected
-                        log.exception("analysis failed")
-                        error = f"analysis failed: {one_line(f'{type(err).__name__}: {err}')}"
-                case MosaicDone(complete=True):
-                    summary = None
-                    if error is None:
-                        try:
-                            if run is None:
-                                run = _Run(cfg, models, msg.path, worker.beat)
-                            summary = run.finish(Path(out_dir))
-                            summary["timing_s"]["load_models"] = round(load_s, 3)
-                        except Exception as err:
-                            log.exception("analysis failed")
-                            error = f"analysis failed: {one_line(f'{type(err).__name__}: {err}')}"
-                            summary = None
-                    events.put(AnalysisDone(summary, error, time.perf_counter() - t_start, peak_rss_bytes()))
-                    return
-                case MosaicDone() | EndOfStream():
-                    events.put(
-                        AnalysisDone(None, "the scan did not complete", time.perf_counter() - t_start, peak_rss_bytes())
-                    )
+                    state.rows(msg)
+                case MosaicDone():
+                    state.done(msg)
+                case AnalysisCancel():
+                    state.cancel(msg)
+                case EndOfStream():
+                    state.drop()
                     return
                 case _:
                     assert_never(msg)
