@@ -11,6 +11,7 @@ import zarr
 
 from runtime.output.mosaic_store import FILL, MosaicError, MosaicStore
 from runtime.output.pyramid import PyramidBuilder, downsample2x, level_shapes
+from runtime.stitching.spill import SpillCache
 
 
 def reference_half(img: np.ndarray) -> np.ndarray:
@@ -340,6 +341,72 @@ def test_completed_rows_drop_stale_blocks_and_resume(tmp_path: Path) -> None:
     assert_levels(store, glass)
     with pytest.raises(ValueError, match="complete"):
         store.write_block(0, 0, img[:32, :32])
+
+
+def assert_lower_levels(store: MosaicStore, img: np.ndarray) -> None:
+    for k, lvl in enumerate(reference_pyramid(img, store.n_levels)[1:], start=1):
+        assert np.array_equal(store.level(k)[:], lvl), f"level {k}"
+
+
+def _corrupt_level0(path: Path, rows: range) -> int:
+    """Overwrite the stored level-0 chunk files of chunk rows ``rows`` with bytes no codec decodes."""
+    n = 0
+    for i in rows:
+        for f in (path / "0" / "c" / str(i)).glob("*/*"):
+            f.write_bytes(b"not a zstd frame")
+            n += 1
+    return n
+
+
+@pytest.mark.parametrize("budget", [0, 1 << 20])
+def test_kept_pieces_build_every_level_without_reading_level_0_back(tmp_path: Path, budget: int) -> None:
+    img = random_image(np.random.default_rng(9), 700, 530)
+    img[:300, :200] = FILL
+    path = tmp_path / "m.zarr"
+    # One I/O thread: each block is on disk when write_block returns, so it can be spoilt below.
+    store = MosaicStore.create(path, 700, 530, chunk=64, pixel_size_um=0.5, min_level_size=100, io_workers=1)
+    cache = SpillCache(tmp_path / "spill", budget)  # 0: every piece waits on disk
+    store.keep_pieces(cache)
+    n = -(-700 // 64)
+    write_blocks(store, img, range(0, 2), reverse=True)
+    store.complete_rows(64)
+    write_blocks(store, img, range(2, n))
+    # Level 0 is final and its pieces are kept: spoil its files; the lower levels never read them.
+    assert _corrupt_level0(path, range(n)) > 0
+    store.complete_rows(700)
+    store.finish()
+    assert_lower_levels(store, img)
+    assert len(cache) == 0  # every piece was used
+    assert (cache.reloaded > 0) == (budget == 0)
+
+
+def test_pieces_lost_with_the_process_are_read_back(tmp_path: Path) -> None:
+    img = random_image(np.random.default_rng(10), 300, 200)
+    path = tmp_path / "m.zarr"
+    store = MosaicStore.create(path, 300, 200, chunk=32, pixel_size_um=0.5, min_level_size=40, io_workers=1)
+    store.keep_pieces(SpillCache(tmp_path / "spill", 1 << 20))
+    write_blocks(store, img, range(0, 3))
+    store.complete_rows(96)  # level 1 has rows [0, 32): the pieces of level-0 row 2 wait
+    assert store.level_rows_written(1) == 32
+    del store  # the scan dies: its pieces go with it
+
+    store = MosaicStore.open(path, io_workers=1)
+    store.keep_pieces(SpillCache(tmp_path / "spill", 1 << 20))
+    write_blocks(store, img, range(3, -(-300 // 32)))
+    _corrupt_level0(path, range(3, -(-300 // 32)))  # the new blocks' pieces are kept ...
+    store.complete_rows(300)  # ... row 2's are read back from disk
+    store.finish()
+    assert_lower_levels(store, img)
+
+    store2 = MosaicStore.create(
+        tmp_path / "n.zarr", 300, 200, chunk=32, pixel_size_um=0.5, min_level_size=40, io_workers=1
+    )
+    write_blocks(store2, img, range(0, 3))
+    store2.complete_rows(96)
+    write_blocks(store2, img, range(3, -(-300 // 32)))
+    _corrupt_level0(tmp_path / "n.zarr", range(3, -(-300 // 32)))
+    with pytest.raises(MosaicError):  # without pieces the spoilt chunks are read back: the test can fail
+        store2.complete_rows(300)
 
 
 def test_blocks_are_checked(tmp_path: Path) -> None:

@@ -109,10 +109,13 @@ class ChunkFiles:
                 if f.readinto(raw) != size:
                     raise MosaicError(f"{self.dir}: chunk ({i}, {j}) changed while being read")
                 # imagecodecs, not numcodecs: it releases the GIL, so chunks decode in parallel.
-                if self.codec == "zstd":
-                    n = len(_codecs_rt.zstd_decode(raw, out=flat))
-                else:
-                    n = len(_codecs_rt.blosc_decode(raw, out=flat, numthreads=1))
+                try:
+                    if self.codec == "zstd":
+                        n = len(_codecs_rt.zstd_decode(raw, out=flat))
+                    else:
+                        n = len(_codecs_rt.blosc_decode(raw, out=flat, numthreads=1))
+                except Exception as err:  # imagecodecs' ZstdError/BloscError: a damaged chunk file
+                    raise MosaicError(f"{self.dir}: chunk ({i}, {j}) cannot be decoded: {err}") from err
         if n != c * c * 3:
             raise MosaicError(f"{self.dir}: chunk ({i}, {j}) holds {n} bytes, expected {c * c * 3}")
         return out

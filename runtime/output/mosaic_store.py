@@ -16,9 +16,15 @@ level: rows on disk that are valid for the level-0 rows written so far) and
 Level 0 arrives in one of two ways. Block by block (the stitcher): each final
 chunk goes out with :meth:`MosaicStore.write_block` as soon as it is final,
 in any order, and :meth:`MosaicStore.complete_rows` then vouches for whole
-chunk rows and builds the lower levels a chunk row at a time, reading the
-level above back four chunks per output chunk -- memory is a few chunks per
-I/O thread, whatever the width. Or as full-width bands of ``chunk`` rows, top
+chunk rows and builds the lower levels a chunk row at a time -- memory is a
+few chunks per I/O thread, whatever the width. Each output chunk is made of
+four quarter-size *pieces*, the 2x reductions of the chunks above it: with a
+:class:`PieceCache` (:meth:`MosaicStore.keep_pieces`, the stitcher's spill
+cache) a piece is made when its chunk is written and waits there, so level 0
+is never read back; a piece the cache does not have (none given, or a resumed
+store whose pieces were lost with the process) is read back from the level
+above on disk instead -- the same pixels, since the chunks are stored
+losslessly. Or as full-width bands of ``chunk`` rows, top
 to bottom (:meth:`MosaicStore.write_band`, for writers that have whole rows):
 each band is written as whole chunks and fed to a
 :class:`~runtime.output.pyramid.PyramidBuilder`, whose buffers are a chunk row
@@ -44,7 +50,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import zarr
@@ -53,7 +59,7 @@ from zarr.codecs import BloscCodec, BloscShuffle, ZstdCodec
 from runtime.output.chunk_files import FILL, ChunkFiles, MosaicError
 from runtime.output.pyramid import PyramidBuilder, downsample2x, level_shapes
 
-__all__ = ["FILL", "FORMAT", "Compressor", "MosaicError", "MosaicStore", "RowsFinal"]
+__all__ = ["FILL", "FORMAT", "Compressor", "MosaicError", "MosaicStore", "PieceCache", "RowsFinal"]
 
 FORMAT = "wsi-runtime-mosaic"
 VERSION = 1
@@ -61,6 +67,25 @@ Compressor = Literal["zstd", "lz4", "none"]
 # (level, rows): rows [0, rows) of the level are final and on disk. Lets a
 # consumer (the OME-TIFF writer) work on the pyramid while it is being built.
 RowsFinal = Callable[[int, int], None]
+PieceKey = tuple[Any, ...]
+# A chunk's 2x reduction waiting for the chunk of the level below it: ("piece", k, i, j) is chunk
+# (i, j) of level k - 1 reduced to level k (a quarter of output chunk (i // 2, j // 2)).
+_Piece = tuple[int, int, int, np.ndarray]
+
+
+class PieceCache(Protocol):
+    """Where the block path keeps pieces until their output chunk is built (only ever called from
+    the thread that calls :meth:`MosaicStore.write_block` and :meth:`MosaicStore.complete_rows`).
+    ``runtime.stitching.spill.SpillCache`` is one: pieces then share the stitcher's memory budget
+    and spill to its folder like its blocks."""
+
+    def put(self, *items: tuple[PieceKey, np.ndarray]) -> None: ...
+
+    def pop(self, key: PieceKey) -> np.ndarray: ...
+
+    def discard(self, key: PieceKey) -> None: ...
+
+    def __contains__(self, key: PieceKey) -> bool: ...
 
 
 def _codecs(compressor: str) -> list[Any] | None:
@@ -103,7 +128,9 @@ class MosaicStore:
         self._on_rows = on_rows
         self._previewing = False  # finish(partial=True) is writing preview rows: not final
         self._ahead: set[tuple[int, int]] = set()  # level-0 chunks write_block wrote below rows_written
-        self._writes: deque[Future[None]] = deque()  # write_block's chunks in the I/O threads
+        self._writes: deque[Future[_Piece | None]] = deque()  # write_block's chunks in the I/O threads
+        self._pieces: PieceCache | None = None  # keep_pieces(): the block path never reads level 0 back
+        self._piece_keys: set[PieceKey] = set()  # what this store put there
 
     # ----------------------------------------------------------------- create/open
 
@@ -223,6 +250,36 @@ class MosaicStore:
             self._pool.shutdown()
             self._pool = None
 
+    def keep_pieces(self, cache: PieceCache | None) -> None:
+        """Make each chunk's 2x reduction as the block path writes it and keep it in ``cache`` until
+        its chunk of the level below is built (None: read the level above back from disk, the
+        default). A piece costs a quarter of its chunk: about half a chunk row of each lower level
+        waits at a time, which is why it goes to a cache with a budget rather than a dict."""
+        self._drop_pieces()
+        self._pieces = cache
+
+    def _drop_pieces(self) -> None:
+        if self._pieces is not None:
+            for key in self._piece_keys:
+                self._pieces.discard(key)
+        self._piece_keys.clear()
+
+    def _keep(self, piece: _Piece | None) -> None:
+        if piece is None or self._pieces is None:
+            return
+        k, i, j, pixels = piece
+        key = ("piece", k, i, j)
+        self._pieces.put((key, pixels))
+        self._piece_keys.add(key)
+
+    def _take(self, k: int, i: int, j: int) -> np.ndarray | None:
+        """Piece (i, j) for level k (chunk (i, j) of level k - 1 reduced), removed; None: not kept."""
+        key = ("piece", k, i, j)
+        if self._pieces is None or key not in self._piece_keys:
+            return None
+        self._piece_keys.discard(key)
+        return self._pieces.pop(key)
+
     def __enter__(self) -> MosaicStore:
         return self
 
@@ -278,6 +335,7 @@ class MosaicStore:
         self._drain()
         self._builder = None
         self._ahead.clear()
+        self._drop_pieces()
         self._rows = new
         self._complete = False
         self._group.attrs["rows_written"] = list(self._rows)
@@ -443,23 +501,30 @@ class MosaicStore:
         shape = (min(c, h - i * c), min(c, w - j * c), 3)
         if pixels.shape != shape or pixels.dtype != np.uint8:
             raise ValueError(f"block ({i}, {j}) must be {shape} uint8, got {pixels.shape} {pixels.dtype}")
-        files = self._files[0]
-        if files is None:
-            self._arrays[0][i * c : i * c + shape[0], j * c : j * c + shape[1]] = pixels
-        elif self._io_workers <= 1:
-            files.write(i, j, pixels)
+        if self._files[0] is None or self._io_workers <= 1:
+            self._keep(self._write_block_now(i, j, pixels))
         else:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(self._io_workers, thread_name_prefix="mosaic-io")
-            self._writes.append(self._pool.submit(files.write, i, j, pixels))
+            self._writes.append(self._pool.submit(self._write_block_now, i, j, pixels))
             while len(self._writes) > 2 * self._io_workers:
-                self._writes.popleft().result()
+                self._keep(self._writes.popleft().result())
         self._ahead.add((i, j))
+
+    def _write_block_now(self, i: int, j: int, pixels: np.ndarray) -> _Piece | None:
+        """Store level-0 chunk (i, j) and, when pieces are kept, return its piece (an I/O thread)."""
+        c = self._chunk
+        files = self._files[0]
+        if files is None:
+            self._arrays[0][i * c : i * c + pixels.shape[0], j * c : j * c + pixels.shape[1]] = pixels
+        else:
+            files.write(i, j, pixels)
+        return (1, i, j, downsample2x(pixels)) if self._pieces is not None and self.n_levels > 1 else None
 
     def _drain(self) -> None:
         """Wait for the blocks being written (and raise the first error)."""
         while self._writes:
-            self._writes.popleft().result()
+            self._keep(self._writes.popleft().result())
 
     def complete_rows(self, rows: int) -> None:
         """Level-0 rows [0, rows) are final: announce them and build the lower levels they complete.
@@ -496,14 +561,19 @@ class MosaicStore:
                 i = self._rows[k] // c  # a preview may have left a partial chunk row: rebuild it whole
                 if self._rows[k - 1] < min(2 * (i + 1) * c, h_in):
                     break
-                jobs = [(k, i, j) for j in range(-(-wk // c))]
-                if self._io_workers <= 1 or len(jobs) == 1:
-                    for job in jobs:
-                        self._rebuild_chunk(*job)
-                else:
-                    if self._pool is None:
-                        self._pool = ThreadPoolExecutor(self._io_workers, thread_name_prefix="mosaic-io")
-                    list(self._pool.map(lambda job: self._rebuild_chunk(*job), jobs))
+                # A few output chunks at a time: their pieces leave the cache only for the batch.
+                n_out = -(-wk // c)
+                batch = 2 * self._io_workers
+                for j0 in range(0, n_out, batch):
+                    jobs = [(k, i, j, self._quads(k, i, j)) for j in range(j0, min(j0 + batch, n_out))]
+                    if self._io_workers <= 1 or len(jobs) == 1:
+                        made = [self._rebuild_chunk(*job) for job in jobs]
+                    else:
+                        if self._pool is None:
+                            self._pool = ThreadPoolExecutor(self._io_workers, thread_name_prefix="mosaic-io")
+                        made = list(self._pool.map(lambda job: self._rebuild_chunk(*job), jobs))
+                    for piece in made:
+                        self._keep(piece)
                 self._set_rows(k, min((i + 1) * c, hk))
 
     def finish(self, *, partial: bool = False) -> None:
@@ -563,8 +633,16 @@ class MosaicStore:
 
     # ----------------------------------------------------------------- internals
 
-    def _rebuild_chunk(self, k: int, i: int, j: int) -> None:
-        """Chunk (i, j) of level k from the (up to) four chunks of level k-1 above it."""
+    def _quads(self, k: int, i: int, j: int) -> list[np.ndarray | None]:
+        """The kept pieces of output chunk (i, j) of level k, top-left first (None: read back)."""
+        return [self._take(k, 2 * i + di, 2 * j + dj) for di in range(2) for dj in range(2)]
+
+    def _rebuild_chunk(
+        self, k: int, i: int, j: int, quads: Sequence[np.ndarray | None] = (None, None, None, None)
+    ) -> _Piece | None:
+        """Chunk (i, j) of level k from the (up to) four chunks of level k-1 above it: their kept
+        pieces (``quads``, top-left first) or, where None, the chunks read back from disk. Returns
+        its own piece for level k + 1 when pieces are kept."""
         c, half = self._chunk, self._chunk // 2
         h_in, w_in = self._shapes[k - 1]
         hk, wk = self._shapes[k]
@@ -577,13 +655,16 @@ class MosaicStore:
             for dj in range(2):
                 si, sj = 2 * i + di, 2 * j + dj
                 if si * c < h_in and sj * c < w_in:
-                    q = downsample2x(self.read_chunk(k - 1, si, sj, out=self.scratch_buffer()))
+                    q = quads[2 * di + dj]
+                    if q is None:
+                        q = downsample2x(self.read_chunk(k - 1, si, sj, out=self.scratch_buffer()))
                     out[di * half : di * half + q.shape[0], dj * half : dj * half + q.shape[1]] = q
         files = self._files[k]
         if files is None:
             self._arrays[k][y : y + out.shape[0], x : x + out.shape[1]] = out
         else:
             files.write(i, j, out)
+        return (k + 1, i, j, downsample2x(out)) if self._pieces is not None and k + 1 < self.n_levels else None
 
     def _set_rows(self, k: int, rows: int) -> None:
         self._rows[k] = rows

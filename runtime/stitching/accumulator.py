@@ -24,8 +24,9 @@ Per tile, as it arrives (``add``):
    to come can reach -- the waiting tiles' solved extents and the next
    fields' predicted ones, each grown by the stage's largest error -- to the
    Zarr store; once a whole chunk row of blocks is final, the store announces
-   the rows and builds the pyramid below them (reading level 0 back a few
-   chunks at a time).
+   the rows and builds the pyramid below them from each written block's 2x
+   reduction, kept (in the same cache as the blocks) until its chunk of the
+   level below is built.
 
 What it holds: the canvas as chunk-sized blocks (pixels and a covered mask)
 that tiles have touched and that are not final yet -- the blocks under the
@@ -240,6 +241,9 @@ class DequeAccumulator:
         self._flat: FlatField | None = None if self.params.flatfield else FlatField.identity(th, tw)
         folder = Path(spill_dir) if spill_dir is not None else store.path.with_name(store.path.name + ".spill")
         self._cache = SpillCache(folder, int(memory_budget_mib * 2**20))
+        # The pyramid's pieces (each written block's 2x reduction, waiting for its lower-level chunk)
+        # share the budget: level 0 is then never read back from the store.
+        store.keep_pieces(self._cache)
         self._blocks: set[Key] = set()  # canvas blocks (chunk row, chunk column) touched, not final
         self._done: set[Key] = set()  # blocks written below _first_band_y (their row is not complete)
         self._first_band_y = 0  # mosaic row of the first chunk row not yet complete
@@ -384,6 +388,7 @@ class DequeAccumulator:
             self._first_band_y = bottom
         self._done.clear()
         self._note_memory()
+        self.store.keep_pieces(None)  # a cancelled scan's pieces: a later finish() reads its rows back
         self._cache.close()
         return complete
 
