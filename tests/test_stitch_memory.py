@@ -153,17 +153,18 @@ def _journaled(folder: Path, stop_after: int | None, resume: bool = False, budge
         start = len(state.fields)
     for n, f in enumerate(plan.fields[start:], start=start):
         if n == stop_after:
-            journal.close()
+            observer.close()
             store.close()
             return store
         y, x = g.top_left(f)
         tile = scene[y : y + TILE, x : x + TILE]
-        observer.spill.save(f.index, tile)
+        observer.save_tile(f.index, tile)
         observer.current = TileReady(0, FieldRecord(f.index, f.row, f.col, f.x_um, f.y_um, 0.0, 1, "test"), f)
         acc.add(f, tile)
+        observer.wait_tile(f.index)
     assert acc.finish()
     store.finish()
-    journal.close()
+    observer.close()
     return store
 
 
