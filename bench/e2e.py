@@ -104,6 +104,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--samples", type=int, default=48, help="random windows for the PSNR against truth (0: none)")
     p.add_argument("--sweep-steps", type=int, default=3, help="contrast-sweep captures per field (minimum 3)")
     p.add_argument(
+        "--mosaic-compressor",
+        choices=["zstd", "lz4", "none"],
+        default=None,
+        help="the working mosaic's chunk codec (mosaic.compressor; default: the config's)",
+    )
+    p.add_argument(
         "--cores", type=int, metavar="N", help="run the daemon on N cores (the last N; this process on the others)"
     )
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
@@ -568,6 +574,7 @@ def run(a: argparse.Namespace) -> int:
         config.write_text(
             f'[focus]\nstrategy = "contrast_sweep"\nsweep_steps = {a.sweep_steps}\n\n'
             "[mosaic]\nkeep_after_export = true\n"
+            + (f'compressor = "{a.mosaic_compressor}"\n' if a.mosaic_compressor else "")
         )
         start_cpu = start_cpu_seconds()
         report = _scan(recording, out, config, a.cores)

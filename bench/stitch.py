@@ -94,6 +94,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--e2e-fields", type=int, nargs=2, default=(5, 4), metavar=("NX", "NY"))
     p.add_argument("--workdir", type=Path, help="recordings are cached here (default: a temporary folder)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    p.add_argument(
+        "--floor",
+        action="store_true",
+        help="instead: the CPU cost of each per-pixel step a slide cannot skip, one core, per Gpx (bench.stitch_floor)",
+    )
 
 
 # --------------------------------------------------------------------- data
@@ -441,6 +446,12 @@ def run(a: argparse.Namespace) -> int:
         workdir = a.workdir
         workdir.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
+    if a.floor:
+        try:
+            return _floor(workdir, a)
+        finally:
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
     try:
         for name in a.scenarios:
             sc = SCENARIOS[name]
@@ -525,6 +536,26 @@ def run(a: argparse.Namespace) -> int:
         )
     result = {"rows": rows, "e2e": e2e, "fields": list(a.fields), "tile": a.tile}
     emit(result, rows, columns, as_json=a.json, title="Stitching: position error vs truth, ours vs ASHLAR", notes=notes)
+    return 0
+
+
+def _floor(workdir: Path, a: argparse.Namespace) -> int:
+    from bench import stitch_floor
+    from runtime.devices.recording import Recording
+
+    rec = Recording.open(_recording(workdir, SCENARIOS["base"], a.seeds[0], a))
+    floor = stitch_floor.measure(rec)
+    rows = stitch_floor.report_rows(floor)
+    columns = [Column("step", "step"), Column("cpu_s_per_gpx", "CPU s/Gpx", ".1f"), Column("what", "what")]
+    notes = [
+        "",
+        f"One core, OpenCV 1 thread; {a.tile} px tiles of the base recording, {floor['overlap']:.0%} overlap "
+        f"({floor['mosaic_px_per_tile'] / 1e6:.3f} Mpx of mosaic per tile); per gigapixel of level 0. "
+        f"One overlap pair: {floor['register_pair_ms']:.1f} ms (outcomes {floor['pairs']}). "
+        f"zstd ratio {floor['zstd_ratio']:.2f}, lz4 {floor['lz4_ratio']:.2f}.",
+        f"Two cores doing nothing but these steps: at best {floor['best_mpx_per_s_2_cores']:.0f} Mpx/s.",
+    ]
+    emit(floor, rows, columns, as_json=a.json, title="Stitching floor: per-pixel steps, CPU s per Gpx", notes=notes)
     return 0
 
 

@@ -1,0 +1,22 @@
+"""``python -m bench stitch --floor``: the per-step CPU floor is measured and adds up."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bench.__main__ import main
+
+
+def test_the_floor_bench_times_every_step_and_sums_them(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rc = main(["stitch", "--floor", "--fields", "4", "3", "--tile", "256", "--workdir", str(tmp_path), "--json"])
+    assert rc == 0
+    r = json.loads(capsys.readouterr().out)
+    steps = ("resample", "register", "blend", "downsample", "zstd")
+    assert all(r[s] > 0 for s in (*steps, "zstd_decode", "jpeg", "lz4"))
+    assert r["stitcher_floor"] == pytest.approx(sum(r[s] for s in steps))
+    assert r["daemon_floor"] == pytest.approx(r["stitcher_floor"] + r["zstd_decode"] + r["jpeg"])
+    assert r["best_mpx_per_s_2_cores"] == pytest.approx(2000 / r["daemon_floor"])
+    assert sum(r["pairs"].values()) > 0 and r["register_pair_ms"] > 0
