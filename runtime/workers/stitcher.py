@@ -461,10 +461,12 @@ def stitcher_main(
         complete = acc.finish()
         if complete:
             store.finish()
+        summary = acc.summary()
+        # The writer first: it closes the slide while the journal thread fsyncs the last rows (the
+        # scan job writes ``completed`` only once this process is gone, so after the flush below).
+        to_writer.put(MosaicDone(job.mosaic_path, (h, w), complete, peak_rss_bytes(), summary))
         if observer is not None:
             observer.flush()  # every record on disk before the scan job hears the mosaic is done
-        done = MosaicDone(job.mosaic_path, (h, w), complete, peak_rss_bytes(), acc.summary())
-        to_writer.put(done)
-        events.put(done)
+        events.put(MosaicDone(job.mosaic_path, (h, w), complete, peak_rss_bytes(), summary))
 
     run_worker("stitcher", events, body)
