@@ -432,6 +432,7 @@ def _resolutions(paths: list[Path], model_dir: Path | None, classifier_dir: Path
     from runtime.focus.field import FieldFocuser
 
     counts: dict[str, int] = {}
+    near: dict[str, int] = {}
     flipped = 0
     errors, sharp_errors, caps, tissue_caps = [], [], [], []
     for path in paths:
@@ -444,6 +445,8 @@ def _resolutions(paths: list[Path], model_dir: Path | None, classifier_dir: Path
             f = drv.stage.field_index()
             key = str(r.sign_resolution)
             counts[key] = counts.get(key, 0) + 1
+            if r.near_focus is not None:
+                near[r.near_focus] = near.get(r.near_focus, 0) + 1
             flipped += r.sign_flipped
             caps.append(r.captures)
             if rp.tissue[f]:
@@ -460,6 +463,8 @@ def _resolutions(paths: list[Path], model_dir: Path | None, classifier_dir: Path
         "captures_per_field": float(np.mean(caps)),
         "captures_per_tissue_field": float(np.mean(tissue_caps)),
         "sign_resolution": counts,
+        # The near-focus sharpness fit (runtime.focus.near_focus): verified / fit / failed fields.
+        "near_focus": near,
         "fields_with_flipped_convention": flipped,
     }
 
@@ -506,6 +511,7 @@ def run_objectives(args: argparse.Namespace) -> int:
                 "sw_within": 100 * sweep["within_half_dof"],
                 "sw_sharp": _pct(sweep["within_half_dof_of_sharpest"]),
                 "sw_caps": sweep["captures_per_field"],
+                "near": " ".join(f"{k}:{v}" for k, v in sorted(single["near_focus"].items())),
                 "how": " ".join(f"{k}:{v}" for k, v in sorted(single["sign_resolution"].items()))
                 + (
                     f" flipped:{single['fields_with_flipped_convention']}"
@@ -528,6 +534,7 @@ def run_objectives(args: argparse.Namespace) -> int:
         Column("sw_within", "sweep % ±0.35", ".1f"),
         Column("sw_caps", "sweep captures/field", ".2f"),
         Column("sw_sharp", "sweep % ±0.35 of sharpest", ".1f"),
+        Column("near", "near-focus fit (fields)"),
         Column("how", "sign resolved (fields)"),
     ]
     result = {

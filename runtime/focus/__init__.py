@@ -5,6 +5,8 @@ Modules:
 * ``sweep``: ``ContrastSweep``, the baseline strategy (a z-stack scored by ``sharpness``, the peak
   found by ``parabolic_peak``);
 * ``single_shot``: ``SingleShotFocus``, the deep-learning closed loop (defocus estimated from one frame);
+* ``near_focus``: the sharpness fit that checks or replaces the model's reading near focus, and
+  ``NearFocusTrust``, what a scan learnt about it;
 * ``surface``: ``FocusSurface``, focus z(x, y) predicted from the fields already focused;
 * ``field``: ``FieldFocuser``, the configured strategy per field with the surface and the tile
   classifier (``FocusModels``: the models as it sees them, ``WorkerModels``: those in the inference

@@ -10,8 +10,10 @@ z, move to the peak, capture.
 ``single_shot``: capture at the focus surface's z, classify the frame; a
 background (glass) field is kept as it is (1 capture, surface z, no focus
 estimate); otherwise the single-shot loop of :mod:`runtime.focus.single_shot`
-refines z only when the model's estimate is outside tolerance. Accepted
-points feed the surface. When the estimates do not converge (each move must
+refines z only when the model's estimate is outside tolerance; near focus the
+frames' own sharpness checks the model, or finishes the field where the model's
+reading is off (:mod:`runtime.focus.near_focus`, one :class:`NearFocusTrust` per
+scan). Accepted points feed the surface. When the estimates do not converge (each move must
 shrink the estimate), the contrast sweep takes over for that field, and a sweep
 whose peak lies inside its range feeds the surface too. Artifact fields are focused like tissue (there may
 be tissue under the dust) and flagged in the report.
@@ -39,9 +41,10 @@ from typing import Any, Protocol
 from runtime.config import FocusConfig, ModelsConfig
 from runtime.devices.protocols import Camera, RGBImage, Stage
 from runtime.devices.scan_plan import FieldPlan
+from runtime.focus.near_focus import NearFocusTrust
 from runtime.focus.single_shot import SignConvention, SingleShotFocus
 from runtime.focus.surface import FocusSurface
-from runtime.focus.sweep import ContrastSweep, FocusResult
+from runtime.focus.sweep import ContrastSweep, FocusResult, sharpness
 from runtime.ipc.inference_channel import InferenceChannel
 from runtime.ml.tasks import AutofocusModel, DefocusEstimate, TileClass, TileClassifierModel, load_configured_models
 
@@ -157,6 +160,14 @@ class FocusedField:
     # convention was flipped when this field was focused.
     sign_resolution: str | None = None
     sign_flipped: bool = False
+    # The near-focus sharpness fit: "verified", "fit", "failed" (then the sweep), None: not run.
+    near_focus: str | None = None
+
+
+def brenner(capture: Capture) -> float:
+    """The near-focus fit's sharpness (runtime.focus.near_focus): the steepest of the three metrics
+    near focus, and the one the calibration labels use."""
+    return sharpness(capture.pixels, "brenner")
 
 
 def sweep_found_focus(result: FocusResult, min_rise: float = 1.05) -> bool:
@@ -194,6 +205,9 @@ class FieldFocuser:
         self.surface = FocusSurface(focus.start_z_um)
         # The instrument's sign convention, learnt over the scan (runtime.focus.single_shot).
         self.sign_convention = SignConvention()
+        # Whether the model's reading near focus holds on this scan, and what the sharpness fits
+        # learnt (runtime.focus.near_focus).
+        self.near_focus = NearFocusTrust()
         self._last_z = focus.start_z_um
         self.models: FocusModels | None = None
         if self.strategy == "single_shot":
@@ -228,7 +242,15 @@ class FieldFocuser:
             # Glass: nothing to focus on; keep the surface's z and do not teach the surface.
             return FocusedField(z0, 1, first, "single_shot:background", None, tc.label, tc.probabilities)
         r = self.single_shot.focus(
-            models.estimate, self._capture_at, self.frames.release, z0, first, should_stop, self.sign_convention
+            models.estimate,
+            self._capture_at,
+            self.frames.release,
+            z0,
+            first,
+            should_stop,
+            self.sign_convention,
+            brenner,
+            self.near_focus,
         )
         if r.final_defocus_um is not None and not r.converged and not should_stop():
             # The model sees content but its estimates did not converge (ink, folds, bubbles,
@@ -253,6 +275,7 @@ class FieldFocuser:
                 tc is not None and tc.label == "artifact",
                 "sweep",
                 r.sign_flipped,
+                r.near_focus,
             )
         artifact = tc is not None and tc.label == "artifact"
         # Artifact fields are focused, but do not teach the surface: ink or a bubble rim can fool
@@ -271,4 +294,5 @@ class FieldFocuser:
             artifact,
             r.sign_resolution,
             r.sign_flipped,
+            r.near_focus,
         )

@@ -33,6 +33,14 @@ sure fields, which a model right 90% of the time essentially never produces by
 chance) the convention flips and every later estimate is negated, and the score
 restarts. The same rule flips it back, so a wrong flip is undone.
 
+**Near focus** the model's reading depends on the content (v3 reads real tissue in focus as -0.4
+to -1.0 µm): given a ``sharpness`` function and the scan's :class:`NearFocusTrust`, the loop
+checks the model there against the frames' own sharpness (:mod:`runtime.focus.near_focus`): a
+field whose estimates stalled within ``NEAR_FIT_UM`` is finished by the sharpness fit instead of
+the sweep, and until the model's focus has agreed with the fit on the scan's first fields (and on
+one field in eight afterwards) every field is: the model brings z within ``NEAR_HANDOFF_UM``, the
+fit brackets the sharpness peak and keeps the sharpest frame within 0.2 µm of it.
+
 The surface (:mod:`runtime.focus.surface`) predicts where to start; the model
 (:class:`runtime.ml.tasks.AutofocusModel`) estimates from the captured frame.
 """
@@ -45,6 +53,8 @@ from typing import Generic, Protocol, TypeVar
 
 import numpy as np
 
+from runtime.focus.near_focus import FIT_RANGE_UM, NearFocusTrust, log_sharpness, refine
+
 F = TypeVar("F")  # a captured frame as the caller holds it: an array, or a ring slot handle
 
 # Only first estimates at least this far from focus vote on the convention: below it the two
@@ -56,6 +66,12 @@ SATURATION_UM = 10.0
 # size need not shrink the next estimate by 20% -- any shrink is progress (else a noisy model at
 # 0.3 µm reading 0.27 after the move fell back to the 10-capture sweep).
 NOISE_FLOOR_UM = 1.0
+# Where the image's sharpness takes over from the model (runtime.focus.near_focus): a stalled loop
+# whose estimate is within NEAR_FIT_UM is refined by the sharpness fit instead of the sweep; on a
+# scan that does not trust the model near focus, the model's moves stop once its (offset-corrected)
+# estimate is within NEAR_HANDOFF_UM.
+NEAR_FIT_UM = 2.0
+NEAR_HANDOFF_UM = 1.0
 
 
 def shrank(before: float, after: float) -> bool:
@@ -136,6 +152,9 @@ class SingleShotResult(Generic[F]):
     sign_resolution: str | None = None
     sign_flipped: bool = False  # the learnt convention was flipped for this field
     sign_uncertain: bool = False  # the model said it was not sure of the first estimate's sign
+    # The near-focus sharpness fit (runtime.focus.near_focus): "verified" (it agreed with the model),
+    # "fit" (it moved the frame), "failed" (no peak: the caller sweeps); None: not run.
+    near_focus: str | None = None
 
 
 @dataclass(frozen=True)
@@ -156,6 +175,8 @@ class SingleShotFocus:
         first: F,
         should_stop: Callable[[], bool] = lambda: False,
         convention: SignConvention | None = None,
+        sharpness: Callable[[F], float] | None = None,
+        trust: NearFocusTrust | None = None,
     ) -> SingleShotResult[F]:
         """``first``: the frame already captured at ``start_z_um`` (the caller classified it).
 
@@ -163,7 +184,9 @@ class SingleShotFocus:
         defocus (None: no content), a float or an :class:`Estimated`. Frames are handles the
         caller may have to give back (ring slots): every frame but the returned one is passed to
         ``release``, so at most two are held at any time. ``convention``: the scan's learnt sign
-        convention (None: the model's sign, nothing learnt).
+        convention (None: the model's sign, nothing learnt). ``sharpness`` (a frame's sharpness,
+        e.g. Brenner) and ``trust`` (the scan's :class:`NearFocusTrust`): near focus the image's own
+        sharpness checks or replaces the model's reading (None: the model alone, as before).
         """
         conv = convention if convention is not None else SignConvention(flip_after=1 << 30)
         flipped = conv.flipped
@@ -173,19 +196,33 @@ class SingleShotFocus:
             d, unsure = _read(estimate(frame))
             return (None if d is None else field_sign * d), unsure
 
+        samples: list[tuple[float, float]] = []  # (z, ln sharpness) of every capture
+
+        def note(z_at: float, captured: F) -> None:
+            if sharpness is not None:
+                samples.append((z_at, log_sharpness(sharpness(captured))))
+
         z, frame = start_z_um, first
+        note(z, frame)
         captures = 0
         d, unsure = est(frame)
         first_estimate, first_unsure = d, unsure
         resolution: str | None = None if d is None else "model"
-        voted = False
+        near = trust if sharpness is not None and d is not None else None
+        # A scan that does not trust the model near focus lets it bring z near focus only.
+        handoff = near is not None and near.distrusted
+        voted = handed_off = False
         moves, budget = 0, self.max_moves
         while moves < budget:
             if d is None or abs(d) <= self.tolerance_um or should_stop():
                 break
+            if near is not None and handoff and abs(d - near.offset_um) <= NEAR_HANDOFF_UM:
+                handed_off = True
+                break
             step = float(np.clip(d, -self.max_step_um, self.max_step_um))
             z_new = z - step
             frame_new = capture_at(z_new)
+            note(z_new, frame_new)
             captures += 1
             moves += 1
             d_new, _ = est(frame_new)
@@ -216,6 +253,33 @@ class SingleShotFocus:
         converged = d is not None and abs(d) <= self.tolerance_um
         # The residual estimate refines the focus point the surface learns (not the frame we keep).
         focus = z - d if d is not None and abs(d) <= 1.0 else None
+        near_focus: str | None = None
+        # The model stopped without reaching tolerance (its estimates stopped shrinking, or it ran
+        # out of moves): near focus that is the content-dependent offset, not a lost field.
+        stalled = d is not None and not converged and not handed_off
+        moved = any(0.05 < abs(zs - z) <= FIT_RANGE_UM for zs, _ in samples)
+        verify = near is not None and near.should_verify(moved)
+        if (
+            near is not None
+            and sharpness is not None
+            and d is not None
+            and (verify or stalled)
+            and abs(d) <= NEAR_FIT_UM
+            and not should_stop()
+        ):
+            # The probe goes where the model, corrected by its offset on this scan, puts the focus.
+            ref = refine(samples, frame, z, capture_at, release, sharpness, near, z - (d - near.offset_um))
+            captures += ref.captures
+            if ref.focus_z_um is None:
+                near.observe(False)
+                near_focus, converged = "failed", False
+            else:
+                agreed = not stalled and abs((z - d) - ref.focus_z_um) <= near.tolerance_um
+                near.observe(agreed, d - (z - ref.focus_z_um) if abs(z - ref.focus_z_um) <= 1.0 else None)
+                near_focus = "verified" if ref.z_um == z else "fit"
+                converged, focus = True, ref.focus_z_um
+                d = ref.z_um - ref.focus_z_um
+            z, frame = ref.z_um, ref.frame
         return SingleShotResult(
-            z, captures, frame, first_estimate, d, focus, converged, resolution, flipped, first_unsure
+            z, captures, frame, first_estimate, d, focus, converged, resolution, flipped, first_unsure, near_focus
         )

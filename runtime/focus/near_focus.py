@@ -1,0 +1,246 @@
+"""Near focus the image's own sharpness decides: a fit over the captures already taken.
+
+Why: the model's reading *close to focus* depends on what it looks at. On the
+simulator's tissue v3 reads 0.1-0.15 µm near focus; on real tissue (scikit-image's
+IHC image through the project's optics) it reads in-focus frames as -0.4 to -1.0
+µm, and an apochromat's frames with a random sign. A loop that trusts that
+reading either accepts a frame 0.5-1 µm off, or moves by the offset, sees the
+estimate stop shrinking and falls back to the 10-capture sweep. The sharpness of
+the frames themselves does not have that problem: it peaks where the frame is
+sharpest, whatever the content and whatever the sign of the objective's
+aberrations (``runtime.focus.stack_labels`` labels calibration stacks the same
+way).
+
+**The fit.** Near its peak the logarithm of the Brenner gradient is a parabola in
+z, ``ln S(z) = c + a (z - f)^2`` (a < 0; measured on the bench recordings at 40x /
+0.95: a = -0.5 to -1.1 per µm^2, -0.75 typical; the peak lies 0.01-0.16 µm from
+the paraxial focus except with strong spherical aberration). :func:`fit_peak`
+finds f from the samples the loop has: with the sharpest sample between two others,
+the three-point parabola (its curvature is measured, and the scan learns it);
+with two samples, the two-point solution at the scan's curvature. Two captures
+0.75 µm apart therefore give f to about 0.1 µm when the focus is near them.
+
+**The loop** (:func:`refine`): fit; if the frame held is within ``accept_um`` of f,
+keep it; else capture at f (a move of at most ``max_step_um``: beyond it the
+parabola is extrapolated, so the step only brings the next sample closer) and fit
+again; at most ``max_captures`` captures, after which the caller falls back to the
+sweep.
+
+**When** (:class:`NearFocusTrust`, one per scan): the model's near-focus reading is
+trusted only as far as the scan has checked it. The first field(s) of a scan, then
+one field in ``verify_every``, are verified (one probe capture: does the sharpness
+fit put the focus where the model said?). A failed check -- or a field where the
+model's estimates stalled near focus -- makes the scan verify every field until
+``verify_first`` checks in a row pass again. Verification costs one capture per
+verified field; on a 12-field bench recording it shows, on a scan of hundreds of
+fields it does not.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+import numpy as np
+
+F = TypeVar("F")
+
+DEFAULT_CURVATURE = -0.75
+"""d^2 ln(Brenner) / dz^2 at the peak, per µm^2, until the scan has measured its own (40x/0.95 recordings)."""
+PROBE_UM = 0.75
+"""Distance of a probe capture from the frame held: the sweep's own plane spacing (9 planes over ±3 µm)."""
+FIT_RANGE_UM = 2.5
+"""Samples farther than this from the sharpest one are on the curve's tail (not a parabola): not fitted."""
+BRACKET_UM = 0.9
+"""A three-point fit needs the sharpest sample's neighbours this close: a neighbour farther out lies on
+the tail, where ln sharpness falls linearly, and pulls the parabola's vertex towards it."""
+
+
+def log_sharpness(value: float) -> float:
+    return math.log(max(value, 1e-12))
+
+
+def _parabola3(pts: list[tuple[float, float]]) -> tuple[float, float] | None:
+    """Vertex and curvature of the parabola through three (z, ln s) points; None unless a maximum."""
+    (z0, s0), (z1, s1), (z2, s2) = pts
+    denom = (z0 - z1) * (z0 - z2) * (z1 - z2)
+    if denom == 0.0:
+        return None
+    a = (z2 * (s1 - s0) + z1 * (s0 - s2) + z0 * (s2 - s1)) / denom
+    b = (z2 * z2 * (s0 - s1) + z1 * z1 * (s2 - s0) + z0 * z0 * (s1 - s2)) / denom
+    if a >= 0.0:
+        return None
+    return -b / (2.0 * a), a
+
+
+@dataclass(frozen=True)
+class PeakEstimate:
+    z_um: float  # where the fit puts the sharpness peak
+    bracketed: bool  # the sharpest sample lies between two others (a measured, not assumed, curvature)
+    curvature: float | None  # the three-point fit's curvature (per µm^2) when bracketed
+
+
+def fit_peak(samples: list[tuple[float, float]], curvature: float = DEFAULT_CURVATURE) -> PeakEstimate | None:
+    """The sharpness peak from ``samples`` (z µm, ln sharpness); None with fewer than two near the best.
+
+    The sharpest sample with its nearest neighbour on each side: the three-point parabola (vertex
+    clipped to the neighbours). Otherwise the sharpest and its nearest neighbour with the given
+    ``curvature`` (the scan's): ln s1 - ln s2 = a (z1 - z2)(z1 + z2 - 2 f), solved for f.
+    """
+    if not samples:
+        return None
+    zb, lb = max(samples, key=lambda p: p[1])
+    near = [p for p in samples if abs(p[0] - zb) <= FIT_RANGE_UM and abs(p[0] - zb) > 0.05]
+    below = [p for p in near if p[0] < zb]
+    above = [p for p in near if p[0] > zb]
+    lo = max(below, key=lambda p: p[0]) if below else None
+    hi = min(above, key=lambda p: p[0]) if above else None
+    if lo is not None and hi is not None and max(zb - lo[0], hi[0] - zb) <= BRACKET_UM:
+        fit = _parabola3([lo, (zb, lb), hi])
+        if fit is not None:
+            return PeakEstimate(float(np.clip(fit[0], lo[0], hi[0])), True, fit[1])
+    if not near:
+        return None
+    z2, l2 = min(near, key=lambda p: abs(p[0] - zb))
+    f = 0.5 * (zb + z2) - (lb - l2) / (2.0 * curvature * (zb - z2))
+    return PeakEstimate(float(f), False, None)
+
+
+@dataclass
+class NearFocusTrust:
+    """Per scan: may the loop accept the model's near-focus reading without checking it?
+
+    A check compares the model's focus with the sharpness fit's. The model starts trusted but
+    unchecked: the first field whose model moves left a capture near focus is checked (one probe
+    on the other side brackets the peak), or the ``force_after``-th field at the latest (two
+    probes). A failed check, or a field where the model's estimates stalled near focus, makes the
+    scan check every field (the model then only brings z near focus) until ``verify_first``
+    checks in a row pass; then one field in ``verify_every`` is checked, cheaply where a move
+    left a capture near focus. The scan's sharpness-curve curvature is learnt from the fits."""
+
+    verify_first: int = 2
+    verify_every: int = 8
+    trusted_at_start: bool = False
+    force_after: int = 3
+    tolerance_um: float = 0.2  # a check passes when the model's focus is this close to the fitted one
+    recent: deque[bool] = field(default_factory=lambda: deque(maxlen=4))
+    fields_since_check: int = 0
+    checks: int = 0
+    failures: int = 0
+    curvatures: list[float] = field(default_factory=list)
+    # The model's reading at a frame minus that frame's defocus from the fit: its near-focus offset
+    # on this instrument and slide (real tissue: -0.4 to -1.0 µm), used to place the probe.
+    offsets: list[float] = field(default_factory=list)
+
+    @property
+    def distrusted(self) -> bool:
+        """A recent check failed (or, unless ``trusted_at_start``, fewer than ``verify_first`` checks
+        were made): every field is checked until ``verify_first`` in a row pass."""
+        last = list(self.recent)[-self.verify_first :]
+        return not all(last) or (not self.trusted_at_start and len(last) < self.verify_first)
+
+    def should_verify(self, moved: bool) -> bool:
+        """Called once per field with content, after the model's moves; ``moved``: a capture near
+        focus besides the held frame exists (a check then costs one probe, not two)."""
+        self.fields_since_check += 1
+        if self.distrusted:
+            return True
+        due = self.verify_every if self.checks else 1
+        return self.fields_since_check >= due and (moved or self.fields_since_check >= due + self.force_after - 1)
+
+    def observe(self, passed: bool, offset_um: float | None = None) -> None:
+        """``offset_um``: the model's reading at a frame near the fitted focus minus that frame's
+        defocus (only there: farther out a wrong sign would pass for an offset)."""
+        if offset_um is not None and abs(offset_um) <= 1.5:
+            self.offsets.append(offset_um)
+        self.recent.append(passed)
+        self.checks += 1
+        self.failures += not passed
+        self.fields_since_check = 0
+
+    def learn(self, curvature: float) -> None:
+        # A curvature far outside what an objective gives is noise (or a fold): not learnt.
+        if -4.0 <= curvature <= -0.1:
+            self.curvatures.append(curvature)
+
+    @property
+    def offset_um(self) -> float:
+        """The model's typical near-focus offset (0 until a check measured one)."""
+        return float(np.median(self.offsets[-8:])) if self.offsets else 0.0
+
+    @property
+    def curvature(self) -> float:
+        return float(np.median(self.curvatures[-16:])) if self.curvatures else DEFAULT_CURVATURE
+
+
+@dataclass(frozen=True)
+class Refined(Generic[F]):
+    frame: F  # the frame kept (the sharpest captured near the fitted peak)
+    z_um: float
+    captures: int  # captures this refinement took
+    focus_z_um: float | None  # the fitted peak; None: no fit converged (fall back to the sweep)
+
+
+def next_probe(samples: list[tuple[float, float]], toward: float | None, step_um: float = PROBE_UM) -> float:
+    """Where to capture next to bracket the peak: one step beyond the sharpest sample, away from the
+    others near it (they are on the far side of the peak); with none near, towards ``toward``."""
+    zb, _ = max(samples, key=lambda p: p[1])
+    near = [p[0] for p in samples if 0.05 < abs(p[0] - zb) <= FIT_RANGE_UM]
+    if near:
+        # The side with no sample (it is less sharp on the other); with samples on both sides (one
+        # beyond the bracket distance), the side of the wider gap.
+        gap_below = min((zb - z for z in near if z < zb), default=math.inf)
+        gap_above = min((z - zb for z in near if z > zb), default=math.inf)
+        return zb + (step_um if gap_above > gap_below else -step_um)
+    if toward is not None and abs(toward - zb) >= 0.5 * step_um:
+        return toward
+    return zb + (step_um if toward is None or toward >= zb else -step_um)
+
+
+def refine(
+    samples: list[tuple[float, float]],
+    held: F,
+    held_z_um: float,
+    capture_at: Callable[[float], F],
+    release: Callable[[F], None],
+    sharpness: Callable[[F], float],
+    trust: NearFocusTrust,
+    toward_z_um: float | None = None,
+    accept_um: float = 0.2,
+    max_captures: int = 5,
+    max_step_um: float = 1.5,
+) -> Refined[F]:
+    """Bracket the sharpness peak from ``samples`` (z, ln sharpness of the captures so far, the held
+    frame's among them) and fit it; keep the sharpest frame, captured within ``accept_um`` of the
+    fitted peak (a last capture at the peak when none is). ``toward_z_um``: where the model puts the
+    focus (the first probe goes there). At most ``max_captures`` captures; holds at most two frames."""
+    pts = [p for p in samples if abs(p[0] - held_z_um) <= FIT_RANGE_UM + max_step_um]
+    held_l = max((p[1] for p in pts if abs(p[0] - held_z_um) < 1e-9), default=-math.inf)
+    captures = 0
+    final = False
+    while True:
+        est = fit_peak(pts, trust.curvature)
+        bracketed = est is not None and est.bracketed
+        if bracketed and est is not None:
+            if abs(held_z_um - est.z_um) <= accept_um or final:
+                if est.curvature is not None:
+                    trust.learn(est.curvature)
+                return Refined(held, held_z_um, captures, est.z_um)
+            target, final = est.z_um, True
+        else:
+            target = next_probe(pts, toward_z_um if captures == 0 else None)
+            target = held_z_um + float(np.clip(target - held_z_um, -max_step_um, max_step_um))
+        if captures >= max_captures:
+            return Refined(held, held_z_um, captures, None)
+        frame = capture_at(target)
+        captures += 1
+        lv = log_sharpness(sharpness(frame))
+        pts.append((target, lv))
+        if lv > held_l:
+            release(held)
+            held, held_z_um, held_l = frame, target, lv
+        else:
+            release(frame)
