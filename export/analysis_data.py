@@ -58,6 +58,10 @@ HELDOUT_SEED_BASE: Final = HELD_OUT_SEEDS.start
 SPLITS: Final = ("train", "heldout")
 _LABEL_STEP_UM = 4.0  # lesion and tissue membership sampled every 4 µm for the patch fractions
 MIN_TISSUE: Final = 0.1  # a grid patch with >= 10% tissue is kept (the pipeline analyses tissue)
+LESION_UM: Final = (50.0, 1200.0)  # lesion diameters of the ordinary slides (log-uniform)
+SMALL_LESION_UM: Final = (50.0, 100.0)  # "small-lesion" slides: 1-2 lesions at or below ~1.5 patch widths
+SMALL_STREAM: Final = 3  # seed stream of the small-lesion training slides (400000+; 0 grids, 1 nuclei)
+BENIGN_STREAM: Final = 4  # seed stream of the extra tumour-free training slides (500000+)
 
 
 def slide_seed(split: str, index: int, stream: int = 0) -> int:
@@ -72,18 +76,23 @@ def slide_seed(split: str, index: int, stream: int = 0) -> int:
     raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
 
 
-def analysis_slide(seed: int, tumour: bool, rng: np.random.Generator, size_um: float = SLIDE_UM) -> SyntheticSlide:
-    """A 2 x 2 mm slide (``size_um``): 1-4 pieces; ``tumour``: 1-3 lesions (else none); 0-3 mimics either way."""
+def analysis_slide(
+    seed: int, tumour: bool, rng: np.random.Generator, size_um: float = SLIDE_UM, small: bool = False
+) -> SyntheticSlide:
+    """A 2 x 2 mm slide (``size_um``): 1-4 pieces; ``tumour``: 1-3 lesions of ``LESION_UM`` (else
+    none); 0-3 mimics either way. ``small``: 1-2 lesions of ``SMALL_LESION_UM`` only (a slide whose
+    only evidence is at or below the patch size: the hard case of the slide-level call)."""
     spec = random_slide(rng, seed)
+    lo, hi = SMALL_LESION_UM if small else LESION_UM
     spec = replace(
         spec,
         width_um=size_um,
         height_um=size_um,
         pieces=int(rng.integers(1, 5)),
-        lesions=int(rng.integers(1, 4)) if tumour else 0,
+        lesions=(int(rng.integers(1, 3)) if small else int(rng.integers(1, 4))) if tumour else 0,
         mimics=int(rng.integers(0, 4)),
-        lesion_min_um=50.0,
-        lesion_max_um=1200.0,
+        lesion_min_um=lo,
+        lesion_max_um=hi,
     )
     for _ in range(8):  # a layout that cannot place every lesion: fewer of them
         try:
@@ -123,12 +132,13 @@ def _block_mean(a: F32, k: int) -> F32:
 
 
 def render_slide_grid(
-    split: str, index: int, tumour: bool, stream: int = 0, size_um: float = SLIDE_UM
+    split: str, index: int, tumour: bool, stream: int = 0, size_um: float = SLIDE_UM, small: bool = False
 ) -> dict[str, Any]:
-    """One slide's grid of 64-px patches at 1 µm/px (see the module docstring)."""
+    """One slide's grid of 64-px patches at 1 µm/px (see the module docstring; ``small``: of
+    :func:`analysis_slide`)."""
     seed = slide_seed(split, index, stream)
     rng = np.random.default_rng([seed, 7])
-    slide = analysis_slide(seed, tumour, rng, size_um)
+    slide = analysis_slide(seed, tumour, rng, size_um, small)
     s = slide.spec
     p, px = TUMOUR_PX, TUMOUR_PIXEL_UM
     off_y, off_x = (float(v) for v in rng.uniform(0, p * px, 2))
@@ -216,6 +226,17 @@ def render_nuclei_regions(split: str, index: int, regions: int, stream: int = 1)
     }
 
 
+def seed_ranges(seeds: npt.NDArray[Any]) -> list[list[int]]:
+    """Slide seeds as [first, last] runs of consecutive seeds (what a model.json records)."""
+    out: list[list[int]] = []
+    for v in sorted({int(x) for x in seeds}):
+        if out and v == out[-1][1] + 1:
+            out[-1][1] = v
+        else:
+            out.append([v, v])
+    return out
+
+
 def _merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
@@ -238,6 +259,22 @@ def slide_grids(
     """``slides`` slide grids of a split; the first ``tumour_share`` of them carry lesions."""
     n_t = round(slides * tumour_share)
     return _run([(render_slide_grid, (split, i, i < n_t, 0, size_um)) for i in range(slides)], workers)
+
+
+def small_lesion_grids(slides: int, workers: int = 2, size_um: float = SLIDE_UM) -> dict[str, Any]:
+    """``slides`` training slide grids (seed stream ``SMALL_STREAM``), each with 1-2 lesions of
+    ``SMALL_LESION_UM`` only (0-3 mimics too): the small, often low-grade lesions that the ordinary
+    slides hold only now and then, and that decide a slide-level call when they are all there is.
+    ``slide`` counts from 0 (:func:`export.train_tumour.load_training_grids` appends them after
+    the ordinary slides)."""
+    return _run([(render_slide_grid, ("train", i, True, SMALL_STREAM, size_um, True)) for i in range(slides)], workers)
+
+
+def benign_grids(slides: int, workers: int = 2, size_um: float = SLIDE_UM) -> dict[str, Any]:
+    """``slides`` tumour-free training slide grids (seed stream ``BENIGN_STREAM``; 0-3 mimics):
+    the slide model's counterweight to the small-lesion slides (all positive), so that it does not
+    learn that a slide is tumour unless proven otherwise."""
+    return _run([(render_slide_grid, ("train", i, False, BENIGN_STREAM, size_um)) for i in range(slides)], workers)
 
 
 def nuclei_regions(split: str, slides: int, per_slide: int, workers: int = 2) -> dict[str, Any]:

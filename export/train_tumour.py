@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any, Final
 
@@ -29,7 +30,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from export.analysis_data import SLIDE_UM, TUMOUR_PIXEL_UM, TUMOUR_PX, cached, slide_grids
+from export.analysis_data import (
+    SLIDE_UM,
+    TUMOUR_PIXEL_UM,
+    TUMOUR_PX,
+    benign_grids,
+    cached,
+    seed_ranges,
+    slide_grids,
+    small_lesion_grids,
+)
 from export.analysis_export import export_analysis_model
 from export.analysis_metrics import roc_auc
 from export.analysis_unseen import other_content_patches, record_unseen
@@ -39,6 +49,8 @@ from export.train import seed_everything
 EMBED_DIM: Final = 32
 MEAN, STD = 0.5, 0.25
 VAL_SLIDES: Final = 10
+SMALL_SHARE: Final = 0.8  # small-lesion training slides (analysis_data.small_lesion_grids) per ordinary one
+FINE_TUNE_LR: Final = 1e-3  # the peak learning rate when continuing from a checkpoint (--init)
 CROP: Final = 48
 PREPROCESS: Final = {"kind": "rgb_patch_v1", "size": TUMOUR_PX, "mean": MEAN, "std": STD}
 
@@ -152,7 +164,7 @@ def calibrate(model: TumourNet, val: dict[str, Any]) -> float:
         f1.append(2 * tp / max(1, int(call.sum()) + int(y.sum())))
     best = float(shifts[int(np.argmax(f1))])
     with torch.no_grad():
-        model.classify.bias += best
+        model.classify.bias.add_(best)
     return round(best, 3)
 
 
@@ -166,6 +178,33 @@ def load_grids(data_dir: Path, split: str, slides: int, workers: int = 2, size_u
     share = 0.6 if split == "train" else 0.5
     name = f"grids-{split}-{slides}" + ("" if size_um == SLIDE_UM else f"-{size_um:g}um")
     return cached(data_dir / f"{name}.npz", lambda: slide_grids(split, slides, workers, share, size_um))
+
+
+def load_training_grids(
+    data_dir: Path,
+    train_slides: int,
+    small_slides: int = 0,
+    workers: int = 2,
+    size_um: float = SLIDE_UM,
+    benign_slides: int = 0,
+) -> dict[str, Any]:
+    """The ordinary training grids, then ``small_slides`` small-lesion slide grids
+    (:func:`export.analysis_data.small_lesion_grids`) and ``benign_slides`` tumour-free ones
+    (:func:`export.analysis_data.benign_grids`), numbered after them (slide ``train_slides`` + i,
+    then + ``small_slides`` + i): all training slides (:func:`val_slides_mask` picks validation
+    slides among the first ``train_slides`` only)."""
+    grids = load_grids(data_dir, "train", train_slides, workers, size_um)
+    um = "" if size_um == SLIDE_UM else f"-{size_um:g}um"
+    parts, first = [grids], train_slides
+    for kind, n, make in (("small", small_slides, small_lesion_grids), ("benign", benign_slides, benign_grids)):
+        if n <= 0:
+            continue
+        extra = cached(data_dir / f"grids-train-{kind}-{n}{um}.npz", partial(make, n, workers, size_um))
+        parts.append({**extra, "slide": extra["slide"] + first})
+        first += n
+    if len(parts) == 1:
+        return grids
+    return {k: np.concatenate([p[k] for p in parts]) for k in grids}
 
 
 def val_slides_mask(slide: np.ndarray, train_slides: int, val_slides: int) -> np.ndarray:
@@ -186,7 +225,7 @@ def train_tumour(
     seed: int = 0,
     epochs: int = 6,
     batch: int = 128,
-    lr: float = 4e-3,
+    lr: float | None = None,
     train_slides: int = 100,
     heldout_slides: int = 40,
     workers: int = 2,
@@ -195,13 +234,21 @@ def train_tumour(
     slide_um: float = SLIDE_UM,
     other_content: int = 150,
     init: Path | None = None,
+    small_slides: int | None = None,
 ) -> dict[str, Any]:
     """Train, score on the held-out slides and write ``out`` (a model folder, parity-checked).
     ``slide_um``: smaller slides (tests). ``other_content``: that many textures and as many
-    photographs (export.content_mix) give negatives that are not tissue (0: none)."""
+    photographs (export.content_mix) give negatives that are not tissue (0: none).
+    ``small_slides``: small-lesion training slides added to the ``train_slides`` ordinary ones
+    (default ``SMALL_SHARE`` x ``train_slides``).
+    ``lr``: peak learning rate (default 4e-3 from scratch, ``FINE_TUNE_LR`` from ``init``)."""
     seed_everything(seed)
+    if lr is None:
+        lr = 4e-3 if init is None else FINE_TUNE_LR
+    if small_slides is None:
+        small_slides = round(SMALL_SHARE * train_slides)
     t0 = time.time()
-    grids = load_grids(data_dir, "train", train_slides, workers, slide_um)
+    grids = load_training_grids(data_dir, train_slides, small_slides, workers, slide_um)
     held = load_grids(data_dir, "heldout", heldout_slides, workers, slide_um)
     data_s = time.time() - t0
     is_val = val_slides_mask(grids["slide"], train_slides, val_slides)
@@ -274,7 +321,8 @@ def train_tumour(
         "batch": batch,
         "lr": lr,
         "width": width,
-        "train_slides": train_slides - val_slides,
+        "train_slides": train_slides - val_slides + small_slides,
+        "small_lesion_slides": small_slides,
         "val_slides": val_slides,
         "slide_um": slide_um,
         "train_patches": len(t_f),
@@ -282,7 +330,7 @@ def train_tumour(
         "other_content": f"{other_content} random textures and {other_content} photographs of export.content_mix "
         "(20 patches each at most) as negatives",
         "patches_per_epoch": per_epoch,
-        "train_slide_seeds": [int(grids["slide_seed"].min()), int(grids["slide_seed"].max())],
+        "train_slide_seeds": seed_ranges(grids["slide_seed"]),
         "validation": vm,
         "calibration_logit_shift": shift,
         **({"init": init_result, "init_checkpoint": Path(init).name} if init is not None else {}),
