@@ -520,9 +520,9 @@ def run(a: argparse.Namespace) -> int:
         "> 1 px off). align: registration + solve per tile (ours: online, as each "
         "tile arrives); reg: registration alone; blend: flat-field, subpixel shift and feathering; total: with "
         "flat-field, blending and Zarr writes; CPU s/Gpx: the stitcher's CPU time (all threads, Zarr writes and "
-        "pyramid included) per gigapixel of mosaic; held: the accumulator's peak (bands, "
-        "strips, waiting tiles). ASHLAR: EdgeAligner.run() per tile (no thumbnail); w/o thr: without its error "
-        "threshold calibration (compute_threshold).",
+        "pyramid included) per gigapixel of mosaic; held: the accumulator's peak in RAM "
+        "(canvas blocks, pyramid pieces, strips, waiting tiles). ASHLAR: EdgeAligner.run() per tile (no "
+        "thumbnail); w/o thr: without its error threshold calibration (compute_threshold).",
     ]
     for r in rows:
         if "ashlar_error" in r:

@@ -16,6 +16,7 @@ removes the partial file and keeps the Zarr mosaic for a later export.
 from __future__ import annotations
 
 import logging
+import os
 import queue
 from collections.abc import Callable
 from pathlib import Path
@@ -74,6 +75,18 @@ def dicom_path(out: Path) -> Path:
     return out.with_name(_stem(out) + ".dicom")
 
 
+def make_durable(path: Path) -> None:
+    """fsync the finished slide and the folder that names it. The scan job journals ``completed``
+    (and may delete the mosaic and the journal) once this worker is done: the slide must be on disk
+    by then, or a power cut could leave a completed scan with neither slide nor mosaic."""
+    for target, flags in ((path, os.O_RDONLY), (path.parent, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))):
+        fd = os.open(target, flags | getattr(os, "O_CLOEXEC", 0))
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 def writer_main(out_path: str, cfg: WriterConfig, from_stitcher: WriterQueue, events: EventQueue) -> None:
     """Process entry point (spawned). Streams the slide as the mosaic grows, finishes on MosaicDone.
 
@@ -115,6 +128,7 @@ def writer_main(out_path: str, cfg: WriterConfig, from_stitcher: WriterQueue, ev
                     for k, (h, _) in enumerate(stream.shapes):
                         stream.rows_final(k, h)
                     summary = stream.finish()
+                    make_durable(Path(summary.path))
                     levels = tuple((int(h), int(w)) for h, w in summary.levels)
                     events.put(WriterDone(str(summary.path), levels, summary.seconds, peak_rss_bytes()))
                     return
