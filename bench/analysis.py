@@ -29,10 +29,8 @@ The scan-path cost (wall time of a replayed scan with analysis on vs off) is mea
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -403,26 +401,6 @@ def trained_models(root: Path | None) -> tuple[Any, str | None]:
 # --------------------------------------------------------------------------- scan-path cost
 
 
-@contextlib.contextmanager
-def _replay_pace(pace: float) -> Iterator[None]:
-    """``bench.e2e``'s scans replay with the driver paced at ``pace`` x the scanner's modelled speed
-    (0: as fast as the CPU allows). e2e's replay config sets the driver options itself; this wraps it."""
-    import hw_sim.replay_job as replay_job
-    from runtime.config import with_overrides
-
-    original = replay_job._replay_config
-
-    def paced(base: Any, recording: Path, out: Path, runtime_dir: Path) -> Any:
-        cfg = original(base, recording, out, runtime_dir)
-        return with_overrides(cfg, {"driver": {"options": {"recording": str(recording), "pace": pace}}})
-
-    replay_job._replay_config = paced
-    try:
-        yield
-    finally:
-        replay_job._replay_config = original
-
-
 def scan_cost(
     fields: int,
     repeats: int,
@@ -433,6 +411,9 @@ def scan_cost(
 ) -> dict[str, Any]:
     """Wall time of a replayed scan (start_scan -> scan_finished, through the daemon as ``bench e2e``
     runs it, one z plane) with ``[analysis]`` off and on, alternated ``repeats`` times; medians.
+    Each setting's scans run on one daemon kept up across them, as on a scanner: with analysis on,
+    its analysis worker is started with the daemon and ready before the first scan
+    (:class:`bench.scan_cost.ReplayDaemon`; the worker's start is reported apart, paid once).
     With analysis on, the scan ends once the analysis is written too, so the difference is
     everything the analysis costs the scan. Per replay pace: 0 (as fast as the CPU allows: every
     CPU second the analysis takes competes with the scan's) and 1 (the scanner's real speed by the
@@ -440,7 +421,7 @@ def scan_cost(
     ``trained``: the trained models (folders under ``model_root``, else the committed ones), else the baselines."""
     import tempfile
 
-    from bench.e2e import _scan
+    from bench.scan_cost import ReplayDaemon
     from hw_sim.synth import SynthParams, synthesize
 
     models = "trained" if trained else "baseline"
@@ -482,12 +463,15 @@ def scan_cost(
             cpu: dict[str, list[float]] = {"off": [], "on": [], "analysis": []}
             ready: list[float] = []
             analysis: dict[str, Any] | None = None
-            with _replay_pace(pace):
+            with (
+                ReplayDaemon(configs["off"], rec, work / f"off-{pace:g}", pace) as d_off,
+                ReplayDaemon(configs["on"], rec, work / f"on-{pace:g}", pace) as d_on,
+            ):
+                daemons = {"off": d_off, "on": d_on}
                 for r in range(repeats):
                     for name in ("off", "on"):
-                        report = _scan(rec, work / f"scan-{pace}-{name}-{r}", configs[name], None)
-                        t = report["_times"]
-                        walls[name].append(t["finished"] - t["start"])
+                        report = daemons[name].scan(f"scan-{r}")
+                        walls[name].append(report["_wall_s"])
                         # CPU seconds of every process of the scan (the contention-free cost).
                         secs = report.get("cpu_seconds") or {}
                         cpu[name].append(float(sum(secs.values())))
@@ -510,6 +494,11 @@ def scan_cost(
                 "walls": walls,
                 "analysis_patches": analysis.get("patches"),
                 "analysis_timing_s": analysis.get("timing_s"),
+                # The warm worker: its start (once per daemon, before the first scan) and whether
+                # every scan used that one process (starts 1).
+                "analysis_worker_start_cpu_s": d_on.worker_start_cpu_s,
+                "analysis_worker_ready_s": d_on.worker_ready_s,
+                "analysis_worker": analysis.get("worker"),
             }
     return out
 

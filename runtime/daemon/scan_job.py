@@ -74,7 +74,7 @@ from runtime.daemon.analysis_service import AnalysisOutcome, AnalysisPort
 from runtime.daemon.job import JobQueue, Publish, WorkerJob
 from runtime.daemon.state import FinishReason, ScanPhase
 from runtime.devices.protocols import ScanArea
-from runtime.errors import one_line
+from runtime.errors import log_failure, one_line
 from runtime.ipc.inference_channel import ReplyQueue, RequestQueue
 from runtime.ipc.messages import (
     AcquisitionDone,
@@ -196,8 +196,11 @@ class ScanJob(WorkerJob):
         self._loading: set[str] = set()  # workers still loading models: start timeout, not heartbeat timeout
         self._record_semaphores()
         if self.analysis_port is not None:
-            self.analysis_port.begin(scan_id, output_dir, self.mosaic_path, cfg.analysis)
             self._analysis_pending = True
+            try:
+                self.analysis_port.begin(scan_id, output_dir, self.mosaic_path, cfg.analysis)
+            except Exception as err:  # a supervisor-side analysis bug: the scan goes on without it
+                self._analysis_failed(f"analysis service error: {log_failure(log, 'analysis service', err)}")
 
         # Workers get the config sections themselves (frozen, picklable) beside what is per scan.
         job = AcquisitionJob(area=area, driver_options=driver_options, resume=self._acquisition_resume())
@@ -451,16 +454,25 @@ class ScanJob(WorkerJob):
 
     # -- analysis: never fails the scan ------------------------------------------------------
     def _pump_analysis(self) -> None:
+        try:
+            self._relay_analysis()
+        except Exception as err:  # a supervisor-side analysis bug must not fail the scan
+            self._analysis_failed(f"analysis service error: {log_failure(log, 'analysis service', err)}")
+
+    def _relay_analysis(self) -> None:
         """Relay the stitcher's row announcements to the analysis worker, take its outcome, and
         give up on it ``analysis.finish_timeout_s`` after the slide."""
         port = self.analysis_port
-        if port is None or not self._analysis_pending or self.done:
+        if port is None or self.done:
             return
+        # Drained even once the analysis is over: a full pipe would keep the stitcher from exiting.
         with contextlib.suppress(queue.Empty, ValueError, OSError):
             for _ in range(1000):
                 msg = self.to_analysis.get_nowait()
-                if isinstance(msg, MosaicRows | MosaicDone):
+                if self._analysis_pending and isinstance(msg, MosaicRows | MosaicDone):
                     port.relay(self.scan_id, msg)
+        if not self._analysis_pending:
+            return
         outcome = port.outcome(self.scan_id)
         if outcome is not None:
             self._on_analysis_done(outcome)
