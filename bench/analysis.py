@@ -55,6 +55,13 @@ TARGETS = {
 }
 
 
+def _config_subdivide() -> int:
+    """The runtime's default ``[analysis] subdivide``: the bench measures what a scan runs."""
+    from runtime.config import AnalysisConfig
+
+    return int(AnalysisConfig().subdivide)
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--slides",
@@ -66,7 +73,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--first-seed", type=int, default=900_000, help="first slide seed (held out: 900000-999999)")
     p.add_argument("--no-nuclei", action="store_true", help="skip nuclei detection (faster)")
     p.add_argument(
-        "--subdivide", type=int, nargs="+", default=[1], help="tumour grid cells per patch side; several: one run each"
+        "--subdivide",
+        type=int,
+        nargs="+",
+        default=[_config_subdivide()],
+        help="tumour grid cells per patch side (default: [analysis] subdivide's default); several: one run each",
     )
     p.add_argument("--models", type=Path, default=None, help="analysis model root (default: the committed ones)")
     p.add_argument("--baseline-only", action="store_true", help="only the classical baselines")
