@@ -28,7 +28,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fields", type=int, nargs=2, default=(4, 3), metavar=("X", "Y"), help="evaluation recording")
     p.add_argument("--cal-fields", type=int, nargs=2, default=(4, 2), metavar=("X", "Y"), help="at most 8 fields")
     p.add_argument("--tile", type=int, default=512)
-    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--epochs", type=int, default=24, help="fine-tuning epochs (export calibrate's default)")
     p.add_argument("--json", action="store_true", help="one JSON object instead of tables")
 
 
