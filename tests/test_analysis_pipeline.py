@@ -25,6 +25,7 @@ from runtime.analysis.pipeline import (
     baseline_models,
 )
 from runtime.analysis.summary import summarize
+from runtime.config import AnalysisConfig
 
 PX = 0.5
 
@@ -189,7 +190,7 @@ def test_offline_analyze_writes_every_output(tmp_path: Path, small_slide: list[n
     assert summ["tissue_mm2"] == pytest.approx(0.25 * 0.75, abs=0.1)  # 500 µm square, mostly tissue
     assert summ["nuclei_count"] > 100
     # The same analysis as on the in-memory levels: the TIFF path reads the same pixels.
-    direct = analyze_source(ArraySource(small_slide, PX), baseline_models())
+    direct = analyze_source(ArraySource(small_slide, PX), baseline_models(), subdivide=AnalysisConfig().subdivide)
     assert summ["slide_score"] == pytest.approx(direct.slide_score, abs=1e-6)
     assert summ["nuclei_count"] == len(direct.nuclei)
 
