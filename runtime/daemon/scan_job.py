@@ -101,6 +101,7 @@ from runtime.ipc.messages import (
 )
 from runtime.ipc.ring import SlotRing
 from runtime.output.journal import JOURNAL_NAME, JournalState, ScanJournal, mark_complete
+from runtime.output.mosaic_store import mosaic_bytes_bound
 from runtime.output.ome_tiff import partial_path
 from runtime.stitching.accumulator import MosaicGeometry
 from runtime.workers.acquisition import AcquisitionJob, AcquisitionResume, acquisition_main
@@ -113,10 +114,11 @@ log = logging.getLogger("wsi.scan_job")
 SLIDE_NAME = "slide.ome.tif"
 MOSAIC_NAME = "mosaic.zarr"
 
-# The disk a scan needs, as fractions of its raw pixels (level 0, RGB) times 4/3 (the pyramid).
-# Conservative: the mosaic is zstd level 1 (tissue compresses about 1.5-3x, glass chunks are
-# not stored at all), a JPEG slide about 1/10 of raw at quality 90, a lossless one about half.
-MOSAIC_FRACTION = 0.6
+# The disk a scan needs. The mosaic: its exact worst case (every chunk stored, padded, incompressible;
+# runtime.output.mosaic_store.mosaic_bytes_bound), which is what the default codec "none" stores for a
+# slide without glass; a codec's typical ratio on tissue is no bound. The slide, as a fraction of its raw
+# pixels (level 0, RGB) times 4/3 (the pyramid): a JPEG slide about 1/10 of raw at quality 90, a lossless
+# one about half.
 SLIDE_FRACTION = {"jpeg": 0.12}
 LOSSLESS_SLIDE_FRACTION = 0.6
 DISK_MARGIN_BYTES = 8 * 2**20
@@ -126,7 +128,10 @@ def disk_needed(cfg: RuntimeConfig, geometry: MosaicGeometry, done_fraction: flo
     """Bytes a scan still needs on the data root: ``mosaic``, ``slide``, ``spill``, ``total``."""
     h, w = geometry.shape
     raw = h * w * 3 * 4 / 3
-    mosaic = raw * MOSAIC_FRACTION * (1.0 - done_fraction)
+    bound = mosaic_bytes_bound(
+        h, w, chunk=cfg.mosaic.chunk, min_level_size=cfg.writer.min_level_size, compressor=cfg.mosaic.compressor
+    )
+    mosaic = bound * (1.0 - done_fraction)
     slide = raw * SLIDE_FRACTION.get(cfg.writer.compression, LOSSLESS_SLIDE_FRACTION)
     # The spill holds the tiles whose rows are not written yet: about a scan row and a half.
     spill = (geometry.plan.cols * 2 + 2) * geometry.tile_height * geometry.tile_width * 3
