@@ -114,7 +114,7 @@ class MosaicConfig(_Section):
     chunk: int = Field(512, ge=64, le=4096, description="Zarr chunk edge (px); equal to the output tile")
     # "none" by default: the mosaic is a working copy, written once, read once by the writer, deleted after
     # the export. Stained tissue barely compresses losslessly (bench e2e recording: zstd level 1 0.72 of raw,
-    # lz4 0.93), and zstd cost about 10-20 daemon CPU-s/Gpx (a tenth of the daemon) and half the tail at
+    # lz4 0.93), and zstd cost 11-34 daemon CPU-s/Gpx (a tenth to a third of the daemon) and half the tail at
     # 92k px wide; lz4 about 5. The price is disk: about 4.1 bytes per level-0 px, pyramid and edge padding
     # included. The scan's disk-space check (runtime.daemon.scan_job.disk_needed) must use that worst
     # case, which is also any codec's worst case (incompressible content).
