@@ -207,7 +207,9 @@ class OmeTiffStream:
     """An OME-TIFF of ``mosaic``'s pyramid, written while the mosaic's rows become final.
 
     Call :meth:`rows_final` whenever more rows of a level are final on disk
-    (any level, any order between levels; rows only grow), :meth:`pump` now
+    (any level, any order between levels; rows only grow), :meth:`blocks_final` for tiles final
+    ahead of their rows (the stitcher's blocks: a 2-row scan's last rows are otherwise all
+    encoded after its last tile), :meth:`pump` now
     and then to write finished tiles without waiting, and :meth:`finish` once
     every level is final. :meth:`abort` (or any error) removes the partial
     file. ``progress(done, total)`` is called per tile written. With
@@ -259,9 +261,13 @@ class OmeTiffStream:
         self.written = 0
         self._final = [0] * len(self.shapes)  # rows of each level known final
         self._next_row = [0] * len(self.shapes)  # first tile row of each level not yet queued
-        # Tile rows ready to encode, oldest first: (level, tile row, next column). A band
-        # is one entry however wide, so a backlog costs nothing while the scan outruns us.
+        # Tiles ready to encode, oldest first: (level, tile row, next column, end column). A band
+        # is one entry however wide, so a backlog costs nothing while the scan outruns us; a
+        # block (blocks_final) is an entry of one tile.
         self._queue: deque[list[int]] = deque()
+        # Tiles already handed to the encoders, per level (1 byte per tile): a tile queued both as
+        # a block and in its row is encoded once.
+        self._submitted = [np.zeros((p.tiles_down, p.tiles_across), dtype=bool) for p in pages]
         # Each tile's TIFF bytes, and its DICOM frame where that is not the same bytes.
         self._inflight: deque[tuple[tuple[int, int, int], Future[tuple[bytes, bytes | None]]]] = deque()
         # Encoded tiles are at most a raw tile's size (JPEG ~1/10 of it): bounded by buffer_mib.
@@ -306,9 +312,31 @@ class OmeTiffStream:
             raise ValueError(f"level {level} has {h} rows, got rows_final={rows}")
         self._final[level] = max(self._final[level], rows)
         t = self.tile
+        across = self._submitted[level].shape[1]
         while self._next_row[level] * t < h and min((self._next_row[level] + 1) * t, h) <= self._final[level]:
-            self._queue.append([level, self._next_row[level], 0])
+            self._queue.append([level, self._next_row[level], 0, across])
             self._next_row[level] += 1
+        self.pump()
+
+    def blocks_final(self, level: int, blocks: Sequence[tuple[int, int]]) -> None:
+        """Tiles (row, col) of ``level`` are final on disk ahead of the rows :meth:`rows_final` vouches
+        for (the stitcher's blocks written ahead): queue them now rather than when their row is final.
+
+        Only where a tile is a mosaic chunk (``tile == mosaic.chunk``) and no DICOM copy is made
+        (its frames must come in row-major order); otherwise this does nothing and the tiles are
+        written with their rows. Each tile is still encoded once, and the file is
+        the same: a TIFF reader finds tiles through TileOffsets, in whatever order they were appended.
+        """
+        if not self._direct or self._dicom is not None:
+            return
+        done = self._submitted[level]
+        for row, col in blocks:
+            if not (0 <= row < done.shape[0] and 0 <= col < done.shape[1]):
+                raise IndexError(
+                    f"block ({row}, {col}) outside level {level} ({done.shape[0]} x {done.shape[1]} tiles)"
+                )
+            if not done[row, col]:
+                self._queue.append([level, row, col, col + 1])
         self.pump()
 
     def pump(self, wait_s: float = 0.0) -> None:
@@ -382,14 +410,16 @@ class OmeTiffStream:
         assert self._pool is not None
         while self._queue and len(self._inflight) < self._window:
             head = self._queue[0]
-            k, row, col = head
-            key = (k, row, col)
+            k, row, col, end = head
+            head[2] += 1
+            if head[2] >= end:
+                self._queue.popleft()
+            if self._submitted[k][row, col]:
+                continue  # already queued as a block (blocks_final)
+            self._submitted[k][row, col] = True
             if self._direct:
                 self.mosaic.prefetch(k, row, col)  # an export of a cold mosaic: don't wait on each file
-            self._inflight.append((key, self._pool.submit(self._encode_tile, k, row, col)))
-            head[2] += 1
-            if head[2] * self.tile >= self.shapes[k][1]:
-                self._queue.popleft()
+            self._inflight.append(((k, row, col), self._pool.submit(self._encode_tile, k, row, col)))
 
     def _write_head(self) -> None:
         assert self._tiff is not None
