@@ -248,6 +248,9 @@ def test_single_shot_scan_through_the_inference_worker(tmp_path: Path, small_rec
     for f in fields:
         want = {None} if f["tile_class"] == "background" else {"model", "second_shot", "sweep"}
         assert f["sign_resolution"] in want and f["sign_flipped"] in (True, False), f
+        assert f["near_focus"] in (None, "verified", "fit", "failed"), f
+    # The first tissue fields of a scan are checked by the near-focus sharpness fit (runtime.focus.near_focus).
+    assert any(f["near_focus"] in ("verified", "fit") for f in fields), fields
     assert report["captures_per_field"] < 5  # the sweep takes 10
     inf = report["inference"]
     assert inf["worker"] == worker

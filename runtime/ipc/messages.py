@@ -88,6 +88,9 @@ class FieldRecord:
     # nothing to focus on (glass). sign_flipped: the scan's learnt sign convention was flipped.
     sign_resolution: str | None = None
     sign_flipped: bool = False
+    # single_shot near focus (runtime.focus.near_focus): "verified" (a sharpness fit agreed with the
+    # model), "fit" (the fit chose the plane), "failed" (no peak: the sweep); None: not checked.
+    near_focus: str | None = None
 
 
 @dataclass(frozen=True)

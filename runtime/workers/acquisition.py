@@ -236,6 +236,7 @@ def acquisition_main(
                 artifact=result.artifact,
                 sign_resolution=result.sign_resolution,
                 sign_flipped=result.sign_flipped,
+                near_focus=result.near_focus,
             )
             # The slot belongs to the stitcher now; drop this process's view of it.
             del result
