@@ -157,6 +157,18 @@ class MosaicRows:
 
 
 @dataclass(frozen=True)
+class MosaicBlocks:
+    """Chunks ``blocks`` ((row, col) in chunks) of mosaic level ``level`` are final on disk, ahead of
+    the rows a :class:`MosaicRows` has vouched for (stitcher -> writer, as the block path writes
+    them): the writer may encode them now rather than when their row is final. Not journaled: a
+    resumed scan announces again only what it writes again."""
+
+    path: str
+    level: int
+    blocks: tuple[tuple[int, int], ...]
+
+
+@dataclass(frozen=True)
 class MosaicDone:
     path: str
     shape: tuple[int, int]
@@ -283,8 +295,8 @@ TileMessage: TypeAlias = TileReady | EndOfStream
 """Acquisition -> stitcher: each kept frame's slot, then the end (after the last field, a cancel or
 a failure; the scan job ends the stream itself when a worker fails)."""
 
-WriterMessage: TypeAlias = MosaicRows | MosaicDone | EndOfStream
-"""Stitcher -> writer: rows that became final, then MosaicDone (or the end without one: the
+WriterMessage: TypeAlias = MosaicRows | MosaicBlocks | MosaicDone | EndOfStream
+"""Stitcher -> writer: rows (and blocks ahead of them) that became final, then MosaicDone (or the end without one: the
 stitcher failed, or the scan job gave up on it)."""
 
 AnalysisMessage: TypeAlias = AnalysisBegin | MosaicRows | MosaicDone | AnalysisCancel | EndOfStream

@@ -62,6 +62,7 @@ from runtime.output.pyramid import PyramidBuilder, downsample2x, level_shapes
 __all__ = [
     "FILL",
     "FORMAT",
+    "BlocksFinal",
     "Compressor",
     "MosaicError",
     "MosaicStore",
@@ -76,6 +77,9 @@ Compressor = Literal["zstd", "lz4", "none"]
 # (level, rows): rows [0, rows) of the level are final and on disk. Lets a
 # consumer (the OME-TIFF writer) work on the pyramid while it is being built.
 RowsFinal = Callable[[int, int], None]
+# (level, [(i, j), ...]): those chunks of the level are final on disk ahead of its rows_written (the
+# block path). Lets the OME-TIFF writer encode them before their chunk row is complete.
+BlocksFinal = Callable[[int, list[tuple[int, int]]], None]
 PieceKey = tuple[Any, ...]
 # A chunk's 2x reduction waiting for the chunk of the level below it: ("piece", k, i, j) is chunk
 # (i, j) of level k - 1 reduced to level k (a quarter of output chunk (i // 2, j // 2)).
@@ -137,7 +141,14 @@ def _attrs(group: zarr.Group) -> dict[str, Any]:
 class MosaicStore:
     """A mosaic on disk. Make one with :meth:`create`, reopen with :meth:`open`."""
 
-    def __init__(self, group: zarr.Group, path: Path, io_workers: int = 2, on_rows: RowsFinal | None = None) -> None:
+    def __init__(
+        self,
+        group: zarr.Group,
+        path: Path,
+        io_workers: int = 2,
+        on_rows: RowsFinal | None = None,
+        on_blocks: BlocksFinal | None = None,
+    ) -> None:
         # Use create()/open(); this only wires up an already validated group.
         self._group = group
         self.path = path
@@ -155,7 +166,12 @@ class MosaicStore:
         self._on_rows = on_rows
         self._previewing = False  # finish(partial=True) is writing preview rows: not final
         self._ahead: set[tuple[int, int]] = set()  # level-0 chunks write_block wrote below rows_written
-        self._writes: deque[Future[_Piece | None]] = deque()  # write_block's chunks in the I/O threads
+        # Per level, the chunks below rows_written that are on disk and final (level 0: write_block's,
+        # once its I/O thread is done; lower levels: built as soon as their sources were final).
+        self._final: list[set[tuple[int, int]]] = [set() for _ in self._shapes]
+        self._on_blocks = on_blocks
+        self._news: dict[int, list[tuple[int, int]]] = {}  # final blocks not yet announced, per level
+        self._writes: deque[Future[tuple[int, int, _Piece | None]]] = deque()  # write_block's chunks in the I/O threads
         self._pieces: PieceCache | None = None  # keep_pieces(): the block path never reads level 0 back
         self._piece_keys: set[PieceKey] = set()  # what this store put there
 
@@ -176,6 +192,7 @@ class MosaicStore:
         overwrite: bool = False,
         io_workers: int = 2,
         on_rows: RowsFinal | None = None,
+        on_blocks: BlocksFinal | None = None,
     ) -> MosaicStore:
         """Create an empty mosaic of ``height`` x ``width`` RGB pixels with all its levels.
 
@@ -183,7 +200,8 @@ class MosaicStore:
         ``on_rows(level, rows)`` is called (in the writing thread) each time
         more rows of a level are final on disk -- level 0 per band, the lower
         levels as the pyramid completes their bands -- never for the previews
-        of ``finish(partial=True)``.
+        of ``finish(partial=True)``. ``on_blocks(level, [(i, j), ...])`` (in the caller's thread)
+        announces chunks the block path has made final on disk ahead of those rows.
         """
         if chunk < 16 or chunk % 2:
             raise ValueError(f"chunk must be an even number >= 16, got {chunk}")
@@ -222,13 +240,21 @@ class MosaicStore:
                 "attrs": dict(attrs or {}),
             }
         )
-        return cls(group, path, io_workers, on_rows)
+        return cls(group, path, io_workers, on_rows, on_blocks)
 
     @classmethod
-    def open(cls, path: str | Path, *, io_workers: int = 2, on_rows: RowsFinal | None = None) -> MosaicStore:
+    def open(
+        cls,
+        path: str | Path,
+        *,
+        io_workers: int = 2,
+        on_rows: RowsFinal | None = None,
+        on_blocks: BlocksFinal | None = None,
+    ) -> MosaicStore:
         """Open an existing mosaic; :class:`MosaicError` if it is not one or is inconsistent.
 
-        ``on_rows`` as for :meth:`create` (for a resumed scan).
+        ``on_rows`` and ``on_blocks`` as for :meth:`create` (for a resumed scan: only the blocks
+        this store writes are announced).
         """
         path = Path(path)
         if not (path / "zarr.json").is_file():
@@ -268,7 +294,7 @@ class MosaicStore:
                 )
             if not 0 <= rows[k] <= h:
                 raise MosaicError(f"{path}: rows_written[{k}]={rows[k]} outside 0..{h}")
-        return cls(group, path, io_workers, on_rows)
+        return cls(group, path, io_workers, on_rows, on_blocks)
 
     def close(self) -> None:
         """Stop the I/O threads (the store stays readable and writable; they restart on demand)."""
@@ -362,6 +388,9 @@ class MosaicStore:
         self._drain()
         self._builder = None
         self._ahead.clear()
+        for final in self._final:
+            final.clear()
+        self._news.clear()
         self._drop_pieces()
         self._rows = new
         self._complete = False
@@ -528,17 +557,19 @@ class MosaicStore:
         shape = (min(c, h - i * c), min(c, w - j * c), 3)
         if pixels.shape != shape or pixels.dtype != np.uint8:
             raise ValueError(f"block ({i}, {j}) must be {shape} uint8, got {pixels.shape} {pixels.dtype}")
+        self._ahead.add((i, j))
         if self._files[0] is None or self._io_workers <= 1:
-            self._keep(self._write_block_now(i, j, pixels))
+            self._landed(self._write_block_now(i, j, pixels))
         else:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(self._io_workers, thread_name_prefix="mosaic-io")
             self._writes.append(self._pool.submit(self._write_block_now, i, j, pixels))
-            while len(self._writes) > 2 * self._io_workers:
-                self._keep(self._writes.popleft().result())
-        self._ahead.add((i, j))
+            # Blocks already written are announced now, not only when the queue is full.
+            while self._writes and (len(self._writes) > 2 * self._io_workers or self._writes[0].done()):
+                self._landed(self._writes.popleft().result())
+        self._announce()
 
-    def _write_block_now(self, i: int, j: int, pixels: np.ndarray) -> _Piece | None:
+    def _write_block_now(self, i: int, j: int, pixels: np.ndarray) -> tuple[int, int, _Piece | None]:
         """Store level-0 chunk (i, j) and, when pieces are kept, return its piece (an I/O thread)."""
         c = self._chunk
         files = self._files[0]
@@ -546,12 +577,56 @@ class MosaicStore:
             self._arrays[0][i * c : i * c + pixels.shape[0], j * c : j * c + pixels.shape[1]] = pixels
         else:
             files.write(i, j, pixels)
-        return (1, i, j, downsample2x(pixels)) if self._pieces is not None and self.n_levels > 1 else None
+        piece = (1, i, j, downsample2x(pixels)) if self._pieces is not None and self.n_levels > 1 else None
+        return i, j, piece
 
     def _drain(self) -> None:
-        """Wait for the blocks being written (and raise the first error)."""
+        """Wait for the blocks being written (and raise the first error), and announce them."""
         while self._writes:
-            self._keep(self._writes.popleft().result())
+            self._landed(self._writes.popleft().result())
+        self._announce()
+
+    def _landed(self, written: tuple[int, int, _Piece | None]) -> None:
+        """Level-0 chunk (i, j) is on disk (write_block's, ahead of rows_written): keep its piece,
+        announce it and build the lower chunks it completes."""
+        i, j, piece = written
+        self._keep(piece)
+        if (i, j) in self._ahead:  # not since vouched for by complete_rows or forgotten by rewind
+            self._now_final(0, i, j)
+
+    def _now_final(self, k: int, i: int, j: int) -> None:
+        """Chunk (i, j) of level k is final on disk below rows_written[k]: note and announce it, and
+        build the chunk of level k + 1 it belongs to if its other sources are final too. That is how
+        the pyramid of the chunk rows only the last tile completes is mostly built (and encoded by
+        the writer) while the scan goes on: on a 2-field-row scan, every level-0 chunk row but the
+        first is final only at the end by rows, but block by block as the bottom row is scanned."""
+        self._final[k].add((i, j))
+        self._news.setdefault(k, []).append((i, j))
+        if k + 1 < self.n_levels:
+            self._try_ahead(k + 1, i // 2, j // 2)
+
+    def _try_ahead(self, k: int, i: int, j: int) -> None:
+        """Build chunk (i, j) of level k now if it is below rows_written[k], not built yet, and its
+        (up to four) source chunks of level k - 1 are all final (on rows or ahead)."""
+        c = self._chunk
+        # Only with kept pieces (the stitcher's case): without them, building ahead would read the
+        # level above back from disk in the caller's thread, chunk by chunk; rows do it in the pool.
+        if self._pieces is None or i * c < self._rows[k] or (i, j) in self._final[k]:
+            return
+        h_in, w_in = self._shapes[k - 1]
+        rows_in, final_in = self._rows[k - 1], self._final[k - 1]
+        for si in (2 * i, 2 * i + 1):
+            for sj in (2 * j, 2 * j + 1):
+                if si * c < h_in and sj * c < w_in and min((si + 1) * c, h_in) > rows_in and (si, sj) not in final_in:
+                    return
+        self._keep(self._rebuild_chunk(k, i, j, self._quads(k, i, j)))
+        self._now_final(k, i, j)
+
+    def _announce(self) -> None:
+        news, self._news = self._news, {}
+        if self._on_blocks is not None:
+            for k in sorted(news):
+                self._on_blocks(k, news[k])
 
     def complete_rows(self, rows: int) -> None:
         """Level-0 rows [0, rows) are final: announce them and build the lower levels they complete.
@@ -574,9 +649,12 @@ class MosaicStore:
                 if (i, j) not in self._ahead and files is not None:
                     files.path(i, j).unlink(missing_ok=True)
                 self._ahead.discard((i, j))
+                self._final[0].discard((i, j))
         self._builder = None  # write_band would rebuild its buffers from disk
         self._set_rows(0, rows)
+        self._rows_final(0, -(-rows // c) - 1)
         self._build_levels()
+        self._announce()
 
     def _build_levels(self) -> None:
         """Every lower level's chunk rows whose four source chunk rows are final, top to bottom."""
@@ -589,10 +667,11 @@ class MosaicStore:
                 if self._rows[k - 1] < min(2 * (i + 1) * c, h_in):
                     break
                 # A few output chunks at a time: their pieces leave the cache only for the batch.
-                n_out = -(-wk // c)
+                # Chunks built ahead (their sources were final block by block) are done already.
+                todo = [j for j in range(-(-wk // c)) if (i, j) not in self._final[k]]
                 batch = 2 * self._io_workers
-                for j0 in range(0, n_out, batch):
-                    jobs = [(k, i, j, self._quads(k, i, j)) for j in range(j0, min(j0 + batch, n_out))]
+                for j0 in range(0, len(todo), batch):
+                    jobs = [(k, i, j, self._quads(k, i, j)) for j in todo[j0 : j0 + batch]]
                     if self._io_workers <= 1 or len(jobs) == 1:
                         made = [self._rebuild_chunk(*job) for job in jobs]
                     else:
@@ -601,7 +680,21 @@ class MosaicStore:
                         made = list(self._pool.map(lambda job: self._rebuild_chunk(*job), jobs))
                     for piece in made:
                         self._keep(piece)
+                self._final[k] = {ij for ij in self._final[k] if ij[0] != i}
                 self._set_rows(k, min((i + 1) * c, hk))
+                self._rows_final(k, i)
+
+    def _rows_final(self, k: int, i: int) -> None:
+        """Chunk row i of level k is now final by rows: the chunks of level k + 1 it feeds whose
+        other sources are final ahead can be built now, unless rows are about to build that row."""
+        if k + 1 >= self.n_levels or self._pieces is None:
+            return
+        c = self._chunk
+        out_i = i // 2
+        if self._rows[k] >= min(2 * (out_i + 1) * c, self._shapes[k][0]):
+            return  # the whole output row is final by rows: _build_levels builds it, in parallel
+        for j in range(-(-self._shapes[k + 1][1] // c)):
+            self._try_ahead(k + 1, out_i, j)
 
     def finish(self, *, partial: bool = False) -> None:
         """Complete the pyramid and mark the mosaic complete.

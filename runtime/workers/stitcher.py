@@ -42,6 +42,7 @@ from runtime.devices.scan_plan import FieldPlan
 from runtime.ipc.messages import (
     EndOfStream,
     EventQueue,
+    MosaicBlocks,
     MosaicDone,
     MosaicRows,
     SlotQueue,
@@ -64,7 +65,7 @@ from runtime.output.journal import (
     read_journal,
     save_arrays,
 )
-from runtime.output.mosaic_store import MosaicError, MosaicStore, RowsFinal
+from runtime.output.mosaic_store import BlocksFinal, MosaicError, MosaicStore, RowsFinal
 from runtime.stitching.accumulator import DequeAccumulator, MosaicGeometry, Replay
 from runtime.stitching.flatfield import FlatField
 from runtime.stitching.positions import Link
@@ -320,12 +321,16 @@ def _json_record(d: dict[str, object]) -> dict[str, object]:
 
 
 def reopen_mosaic(
-    path: Path, state: JournalState, create: Callable[[], MosaicStore], on_rows: RowsFinal
+    path: Path,
+    state: JournalState,
+    create: Callable[[], MosaicStore],
+    on_rows: RowsFinal,
+    on_blocks: BlocksFinal | None = None,
 ) -> MosaicStore:
     """The interrupted scan's mosaic, or a new one (``create``) when the scan was interrupted before
     the mosaic was made or any of its rows written (the spill then holds every journaled tile)."""
     try:
-        return MosaicStore.open(path, on_rows=on_rows)
+        return MosaicStore.open(path, on_rows=on_rows, on_blocks=on_blocks)
     except MosaicError as err:
         if state.rows_written:
             raise JournalError(f"the journal says {state.rows_written} mosaic rows were written, but {err}") from None
@@ -399,6 +404,15 @@ def stitcher_main(
             if threading.current_thread() is threading.main_thread():
                 worker.beat()  # the pyramid rows of finish() come without a tile in between
 
+        def on_blocks(level: int, blocks: list[tuple[int, int]]) -> None:
+            # Not journaled: blocks are ahead of the rows a resume may trust. The writer encodes them
+            # now instead of when their chunk row is final (the tail of a wide slide's last rows).
+            to_writer.put(MosaicBlocks(job.mosaic_path, level, tuple(blocks)))
+
+        # The writer only takes blocks where a tile is a chunk and no DICOM copy (row-major frames)
+        # is made (OmeTiffStream.blocks_final): otherwise there is nothing to announce.
+        blocks_cb = on_blocks if writer.tile == mosaic.chunk and not writer.dicom else None
+
         def create(overwrite: bool = False) -> MosaicStore:
             return MosaicStore.create(
                 Path(job.mosaic_path),
@@ -409,13 +423,14 @@ def stitcher_main(
                 compressor=mosaic.compressor,
                 min_level_size=writer.min_level_size,
                 on_rows=on_rows,
+                on_blocks=blocks_cb,
                 overwrite=overwrite,
             )
 
         state: JournalState | None = None
         if job.resume:
             state = read_journal(Path(job.folder) / JOURNAL_NAME)
-            store = reopen_mosaic(Path(job.mosaic_path), state, lambda: create(overwrite=True), on_rows)
+            store = reopen_mosaic(Path(job.mosaic_path), state, lambda: create(overwrite=True), on_rows, blocks_cb)
             if store.shape != (h, w):
                 raise JournalError(f"the mosaic is {store.shape}, this scan's plan makes {(h, w)}")
         else:

@@ -7,8 +7,11 @@ those rows complete, in parallel, and appends them to the file at once
 (:class:`~runtime.output.ome_tiff.OmeTiffStream`), so by the time the last tile is
 stitched almost the whole file, lower levels included, is already written;
 :class:`~runtime.ipc.messages.MosaicDone` then only leaves the last bands and the
-IFDs. Memory is bounded by the tiles in flight, not by the slide. The file
-appears under its final name only when complete; a cancelled or failed scan
+IFDs. Where a tile is a mosaic chunk, the stitcher also announces chunks final
+ahead of their rows (:class:`~runtime.ipc.messages.MosaicBlocks`), so the rows that only
+the last tile completes are mostly encoded before it. Memory is bounded by the
+tiles in flight, not by the slide. The file appears under its final name only
+when complete; a cancelled or failed scan
 (:class:`~runtime.ipc.messages.EndOfStream`, or a MosaicDone that is not complete)
 removes the partial file and keeps the Zarr mosaic for a later export.
 """
@@ -26,6 +29,7 @@ from runtime.config import WriterConfig
 from runtime.ipc.messages import (
     EndOfStream,
     EventQueue,
+    MosaicBlocks,
     MosaicDone,
     MosaicRows,
     WriterDone,
@@ -121,6 +125,13 @@ def writer_main(out_path: str, cfg: WriterConfig, from_stitcher: WriterQueue, ev
                     if stream is None:
                         stream = open_stream(cfg, out_path, msg.path, worker.beat)
                     stream.rows_final(msg.level, msg.rows)
+                case MosaicBlocks():
+                    # Chunks final ahead of their rows (a wide slide's last chunk rows): encoded now,
+                    # not after the last tile. The file is the same; it is still a .partial until
+                    # finish() and fsynced before WriterDone.
+                    if stream is None:
+                        stream = open_stream(cfg, out_path, msg.path, worker.beat)
+                    stream.blocks_final(msg.level, msg.blocks)
                 case MosaicDone(complete=True):
                     if stream is None:  # no band was ever announced (a mosaic finished elsewhere)
                         stream = open_stream(cfg, out_path, msg.path, worker.beat)
