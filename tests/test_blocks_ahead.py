@@ -8,19 +8,22 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psutil
 import pytest
 import tifffile
 
 from runtime.config import RuntimeConfig
+from runtime.control.client import ControlClient
 from runtime.daemon.process import daemon_running, wait_finished
 from runtime.output.journal import JOURNAL_NAME, read_journal
 from runtime.output.mosaic_store import MosaicStore
-from runtime.output.ome_tiff import write_ome_tiff
+from runtime.output.ome_tiff import partial_path, write_ome_tiff
 from runtime.stitching.spill import SpillCache
 from runtime.workers.writer import _SUBSAMPLING
 from tests import slide_readers
@@ -145,35 +148,70 @@ def test_a_scan_writes_blocks_ahead_and_the_rows_only_slide(scanned: tuple[Path,
     assert_rows_only_slide(folder, cfg)
 
 
+def _slow_config(tmp_path: Path, small_recording: Path, name: str) -> RuntimeConfig:
+    return daemon_config(
+        tmp_path / "data",
+        Path("/tmp") / f"wsirt-{name}-{os.getpid()}",
+        None,
+        driver={"options": {"recording": str(small_recording), "pace": 2.0}},
+        **SECTIONS,
+    )
+
+
+def _start_and_wait(client: ControlClient, name: str, fields: int) -> str:
+    scan_id: str = client.request("start_scan", output_name=name)["scan_id"]
+    deadline = time.monotonic() + 60
+    while (st := client.request("status"))["fields_done"] < fields:
+        assert time.monotonic() < deadline, st
+        time.sleep(0.02)
+    return scan_id
+
+
+def _assert_resumed_slide(folder: Path, cfg: RuntimeConfig, reference: Path) -> None:
+    report: dict[str, Any] = json.loads((folder / "report.json").read_text())
+    assert report["complete"] and report["resumed"] == 1
+    assert_rows_only_slide(folder, cfg)
+    a = tifffile.imread(folder / "slide.ome.tif", level=0)
+    b = tifffile.imread(reference / "slide.ome.tif", level=0)
+    assert a.shape == b.shape and psnr(a, b) >= 45.0  # positions may differ by < 0.05 px on a resume
+
+
 def test_a_cancelled_scan_resumed_through_blocks_gives_the_same_slide(
     tmp_path: Path, small_recording: Path, scanned: tuple[Path, RuntimeConfig]
 ) -> None:
     """The cancel flushes every block (announced, then the .partial is dropped); the resume rewinds
     the mosaic to the journal and announces only the blocks it writes again."""
-    cfg = daemon_config(
-        tmp_path / "data",
-        Path("/tmp") / f"wsirt-blkc-{os.getpid()}",
-        None,
-        driver={"options": {"recording": str(small_recording), "pace": 2.0}},
-        **SECTIONS,
-    )
+    cfg = _slow_config(tmp_path, small_recording, "blkc")
     folder = cfg.daemon.data_root / "cancelled"
     with daemon_running(cfg) as (_, client):
-        scan_id = client.request("start_scan", output_name="cancelled")["scan_id"]
-        deadline = time.monotonic() + 60
-        while (st := client.request("status"))["fields_done"] < 5:
-            assert time.monotonic() < deadline, st
-            time.sleep(0.02)
+        scan_id = _start_and_wait(client, "cancelled", 5)
         client.request("cancel")
         assert wait_finished(client, scan_id)["last_finish"] == "cancelled"
         assert not (folder / "slide.ome.tif").exists()
-        state = read_journal(folder / JOURNAL_NAME)
-        assert 0 < len(state.fields) < 9
         client.request("start_scan", resume=scan_id)
         assert wait_finished(client, scan_id)["last_finish"] == "completed"
-    report: dict[str, Any] = json.loads((folder / "report.json").read_text())
-    assert report["complete"] and report["resumed"] == 1
-    assert_rows_only_slide(folder, cfg)
-    a = tifffile.imread(folder / "slide.ome.tif", level=0)
-    b = tifffile.imread(scanned[0] / "slide.ome.tif", level=0)
-    assert a.shape == b.shape and psnr(a, b) >= 45.0  # positions may differ by < 0.05 px on a resume
+    _assert_resumed_slide(folder, cfg, scanned[0])
+
+
+def test_a_scan_killed_with_blocks_in_flight_resumes_to_the_same_slide(
+    tmp_path: Path, small_recording: Path, scanned: tuple[Path, RuntimeConfig]
+) -> None:
+    """SIGKILL to every process while the writer has tiles ahead of their rows in its .partial: the
+    resumed scan's writer starts the slide afresh from the journaled rows and the blocks it hears of."""
+    cfg = _slow_config(tmp_path, small_recording, "blkk")
+    folder = cfg.daemon.data_root / "killed"
+    with daemon_running(cfg) as (proc, client):
+        scan_id = _start_and_wait(client, "killed", 6)
+        everyone = [proc.pid, *(c.pid for c in psutil.Process(proc.pid).children(recursive=True))]
+        for pid in everyone:  # power cut: every process at once
+            os.kill(pid, signal.SIGSTOP)
+        for pid in everyone:
+            os.kill(pid, signal.SIGKILL)
+        proc.join(10)
+    assert not read_journal(folder / JOURNAL_NAME).completed and not (folder / "slide.ome.tif").exists()
+    assert partial_path(folder / "slide.ome.tif").exists()  # the writer had begun the slide
+    fast = daemon_config(tmp_path / "data", Path("/tmp") / f"wsirt-blkk-{os.getpid()}", small_recording, **SECTIONS)
+    with daemon_running(fast) as (_, client2):
+        client2.request("start_scan", resume=scan_id)
+        assert wait_finished(client2, scan_id)["last_finish"] == "completed"
+    _assert_resumed_slide(folder, cfg, scanned[0])
