@@ -24,7 +24,12 @@ cache) a piece is made when its chunk is written and waits there, so level 0
 is never read back; a piece the cache does not have (none given, or a resumed
 store whose pieces were lost with the process) is read back from the level
 above on disk instead -- the same pixels, since the chunks are stored
-losslessly. Or as full-width bands of ``chunk`` rows, top
+losslessly. With kept pieces, a lower-level chunk is also built as soon as its four sources are
+final -- on their rows or written ahead -- rather than with its chunk row, and ``on_blocks``
+announces every chunk that is final on disk ahead of its rows (level 0 once its I/O thread has
+written it), so that the OME-TIFF writer can encode it before the row is complete: on a scan two
+fields high, every chunk row but the first is complete only with the last tile, but its chunks
+are final one by one as the bottom row of fields goes by. Or as full-width bands of ``chunk`` rows, top
 to bottom (:meth:`MosaicStore.write_band`, for writers that have whole rows):
 each band is written as whole chunks and fed to a
 :class:`~runtime.output.pyramid.PyramidBuilder`, whose buffers are a chunk row
