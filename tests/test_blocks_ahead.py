@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import psutil
 import pytest
 import tifffile
 
@@ -30,7 +28,7 @@ from tests import slide_readers
 from tests.conftest import daemon_config
 from tests.test_ome_tiff_blocks import _tile_bytes
 from tests.test_pyramid import assert_levels, random_image, reference_pyramid
-from tests.test_resume import SECTIONS, psnr
+from tests.test_resume import SECTIONS, power_cut, psnr
 
 # ---------------------------------------------------------------- the store
 
@@ -202,11 +200,7 @@ def test_a_scan_killed_with_blocks_in_flight_resumes_to_the_same_slide(
     folder = cfg.daemon.data_root / "killed"
     with daemon_running(cfg) as (proc, client):
         scan_id = _start_and_wait(client, "killed", 6)
-        everyone = [proc.pid, *(c.pid for c in psutil.Process(proc.pid).children(recursive=True))]
-        for pid in everyone:  # power cut: every process at once
-            os.kill(pid, signal.SIGSTOP)
-        for pid in everyone:
-            os.kill(pid, signal.SIGKILL)
+        power_cut(proc.pid)
         proc.join(10)
     assert not read_journal(folder / JOURNAL_NAME).completed and not (folder / "slide.ome.tif").exists()
     assert partial_path(folder / "slide.ome.tif").exists()  # the writer had begun the slide

@@ -44,6 +44,17 @@ def scan_once(cfg: RuntimeConfig, name: str) -> Path:
     return cfg.daemon.data_root / name
 
 
+def power_cut(daemon_pid: int) -> list[int]:
+    """Stop, then kill, the daemon and every process under it at once (as a power cut would leave
+    them); returns their pids."""
+    everyone = [daemon_pid, *(c.pid for c in psutil.Process(daemon_pid).children(recursive=True))]
+    for pid in everyone:
+        os.kill(pid, signal.SIGSTOP)
+    for pid in everyone:
+        os.kill(pid, signal.SIGKILL)
+    return everyone
+
+
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
     mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
     return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
@@ -138,11 +149,7 @@ def test_sigkill_everything_mid_scan_then_resume(tmp_path: Path, small_recording
         while client.request("status")["fields_done"] < 8 or not some_rows_durable():
             assert time.monotonic() < deadline, "the scan did not get to field 8 with rows on disk"
             time.sleep(0.02)
-        everyone = [proc.pid, *(c.pid for c in psutil.Process(proc.pid).children(recursive=True))]
-        for pid in everyone:  # power cut: every process at once
-            os.kill(pid, signal.SIGSTOP)
-        for pid in everyone:
-            os.kill(pid, signal.SIGKILL)
+        everyone = power_cut(proc.pid)
         proc.join(10)
     assert (folder / INCOMPLETE_NAME).exists()
     killed = read_journal(folder / JOURNAL_NAME)

@@ -56,7 +56,9 @@ class StatusResult(_Result):
     last_output: str | None = Field(
         description="the last job's output: a scan's OME-TIFF, or the z-stacks' recording, when one was written"
     )
-    workers: dict[str, int] = Field(description="worker name -> pid, while a scan runs")
+    workers: dict[str, int] = Field(
+        description="worker name -> pid: the scan's workers while a scan runs; the analysis worker whenever it is ready"
+    )
     interrupted: list[InterruptedScanInfo] = Field(
         default_factory=list,
         description="scans in the data root that did not complete and can be resumed "
