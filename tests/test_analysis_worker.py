@@ -98,7 +98,8 @@ def test_killed_analysis_worker_is_restarted_and_scans_complete(tmp_path: Path, 
         st = _wait_idle(client)
         assert st["last_finish"] == "completed", st
         killed = json.loads((data / "killed" / "report.json").read_text())
-        assert killed["complete"] and Path(killed["slide"]).is_file()
+        # The scan itself never fails for its analysis (was test_analysis_scan's killed-worker test).
+        assert killed["complete"] and killed["error"] is None and Path(killed["slide"]).is_file()
         assert "analysis worker exited with code -9" in killed["analysis"]["error"], killed["analysis"]
         new_pid = _analysis_pid(client, other_than=pid)  # restarted at once, warm for the next scan
         after = _scan(client, data, "after")
