@@ -217,7 +217,13 @@ class AnalysisConfig(_Section):
         2, ge=1, le=4, description="tumour grid cells per patch side (2: half-patch steps, ~4x the tumour model calls)"
     )
     threshold: float = Field(0.5, gt=0.0, lt=1.0, description="tumour probability that outlines a lesion")
-    nice: int = Field(10, ge=0, le=19, description="CPU niceness of the analysis worker (capture comes first)")
+    nice: int = Field(
+        10,
+        ge=0,
+        le=19,
+        description="CPU niceness of the analysis while its scan runs (capture comes first); "
+        "after the slide it runs at normal priority",
+    )
     finish_timeout_s: float = Field(
         120.0, gt=0.0, description="after the slide is written, how long the scan waits for its analysis"
     )

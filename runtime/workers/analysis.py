@@ -21,7 +21,12 @@ scan's CPU seconds. An incomplete MosaicDone or :class:`~runtime.ipc.messages.An
 drops the scan (nothing is written); :class:`~runtime.ipc.messages.EndOfStream` stops the worker.
 Messages of another scan's mosaic (a late announcement of a dropped scan) are ignored.
 
-It runs at a lower CPU priority (``os.nice``): capture, stitching and writing come first. It
+Priorities: while the scan runs, the rows are fed on a thread of lower CPU priority
+(:class:`_Feeder`, ``[analysis] nice``), so capture, stitching and writing come first. Once the
+slide is written (MosaicDone) nothing of that scan competes any more and its analysis is what the
+scan waits for: the main thread, at the process's normal priority, takes the analyzer over, feeds
+what is left and writes the outputs. (A niced process could not raise its priority again without
+privileges; a thread's niceness is its own, so the main thread never gives it up.) It
 never fails a scan: a missing or bad model folder, or any error while analysing, ends in an
 ``AnalysisDone`` naming the error (the scan job puts it in the report), and the slide is written
 as without analysis. A crash or a hang is the supervisor's to notice (heartbeats, exit code): it
@@ -33,6 +38,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -166,16 +172,22 @@ class _Run:
         self.beat = beat
         self.t0 = time.perf_counter()
 
-    def rows_final(self, level: int, rows: int) -> None:
-        if level not in self.analyzer.levels:
-            return
+    def behind(self, level: int, rows: int) -> bool:
+        """Are rows of ``level`` below ``rows`` still to be fed?"""
+        return level in self.analyzer.levels and self.analyzer.rows_needed(level) < min(
+            rows, self.source.geometry.level_shapes[level][0]
+        )
+
+    def feed_piece(self, level: int, rows: int) -> None:
+        """Feed the next at most FEED_ROWS rows of ``level`` below ``rows``."""
         y = self.analyzer.rows_needed(level)
-        rows = min(rows, self.source.geometry.level_shapes[level][0])
-        while y < rows:
-            y1 = min(rows, y + FEED_ROWS)
-            self.analyzer.feed(level, y, self.source.read_rows(level, y, y1))
-            self.beat()
-            y = y1
+        y1 = min(rows, self.source.geometry.level_shapes[level][0], y + FEED_ROWS)
+        self.analyzer.feed(level, y, self.source.read_rows(level, y, y1))
+        self.beat()
+
+    def rows_final(self, level: int, rows: int) -> None:
+        while self.behind(level, rows):
+            self.feed_piece(level, rows)
 
     def finish(self, out_dir: Path) -> dict[str, Any]:
         from runtime.analysis.heatmap import OVERLAY_MAX_PX
@@ -195,8 +207,76 @@ class _Run:
         self.store.close()
 
 
+class _Feeder:
+    """Feeds the scan's announced rows to its analyzer on a thread of lower CPU priority.
+
+    The main thread :meth:`hand` s it a run and :meth:`announce` s rows as they become final; the
+    thread feeds them a piece (``FEED_ROWS``) at a time. :meth:`take` stops it after the piece in
+    hand and gives the run back: from then on only the caller's thread touches the analyzer (it
+    is never used by two threads at once). An exception while feeding is kept for :meth:`take`.
+    """
+
+    def __init__(self, nice: int) -> None:
+        self.nice = nice
+        self._cv = threading.Condition()
+        self._run: _Run | None = None
+        self._want: dict[int, int] = {}  # level -> rows final so far
+        self._busy = False
+        self._error: Exception | None = None
+        threading.Thread(target=self._loop, name="analysis-feed", daemon=True).start()
+
+    def hand(self, run: _Run) -> None:
+        with self._cv:
+            self._run, self._want, self._error = run, {}, None
+
+    def announce(self, level: int, rows: int) -> None:
+        with self._cv:
+            self._want[level] = max(rows, self._want.get(level, 0))
+            self._cv.notify_all()
+
+    def take(self) -> tuple[dict[int, int], Exception | None]:
+        """Stop feeding (after the piece in hand); the rows announced so far and the error, if any."""
+        with self._cv:
+            want, error = self._want, self._error
+            self._run, self._want, self._error = None, {}, None
+            self._cv.wait_for(lambda: not self._busy)
+        return want, error
+
+    def _next(self) -> tuple[_Run, int, int] | None:
+        run = self._run
+        if run is None:
+            return None
+        for level, rows in self._want.items():
+            if run.behind(level, rows):
+                return run, level, rows
+        return None
+
+    def _loop(self) -> None:
+        try:  # this thread only (Linux: a thread id names one thread); the main thread keeps its priority
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self.nice)
+        except OSError as err:  # not worth failing over: the analysis only runs at normal priority
+            log.warning("could not lower the analysis feeding thread's priority: %s", err)
+        while True:
+            with self._cv:
+                self._cv.wait_for(lambda: self._next() is not None)
+                job = self._next()
+                assert job is not None
+                self._busy = True
+            run, level, rows = job
+            try:
+                run.feed_piece(level, rows)
+            except Exception as err:  # kept for take(); this scan's analysis fails, the slide does not
+                with self._cv:
+                    if self._run is run:
+                        self._error, self._run = err, None
+            finally:
+                with self._cv:
+                    self._busy = False
+                    self._cv.notify_all()
+
+
 def _failure(err: Exception) -> str:
-    log.exception("analysis failed")
+    log.error("analysis failed", exc_info=err)
     return f"analysis failed: {one_line(f'{type(err).__name__}: {err}')}"
 
 
@@ -219,12 +299,13 @@ class _Scan:
 class _Worker:
     """The worker's state across scans (the body of :func:`analysis_main`)."""
 
-    def __init__(self, worker: WorkerContext, events: EventQueue) -> None:
+    def __init__(self, worker: WorkerContext, events: EventQueue, nice: int) -> None:
         self.worker = worker
         self.events = events
         self.models = _Models()
         self.scans = 0
         self.scan: _Scan | None = None
+        self.feeder = _Feeder(nice)
 
     def begin(self, msg: AnalysisBegin) -> None:
         self.drop()
@@ -242,9 +323,10 @@ class _Worker:
         if scan is None or scan.error is not None or msg.path != scan.mosaic:
             return
         try:
-            if scan.run is None:
+            if scan.run is None:  # opened here, on the main thread: Zarr's I/O threads keep its priority
                 scan.run = _Run(scan.begin.cfg, self.models.models, scan.mosaic, self.worker.beat)
-            scan.run.rows_final(msg.level, msg.rows)
+                self.feeder.hand(scan.run)
+            self.feeder.announce(msg.level, msg.rows)
         except Exception as err:  # analysis failed: the slide is not affected
             scan.error = _failure(err)
 
@@ -256,6 +338,9 @@ class _Worker:
             self.drop()
             return
         summary = None
+        _, feed_error = self.feeder.take()  # the rest is this thread's, at normal priority
+        if feed_error is not None and scan.error is None:
+            scan.error = _failure(feed_error)
         if scan.error is None:
             try:
                 if scan.run is None:
@@ -291,6 +376,7 @@ class _Worker:
         """Forget the current scan (a cancelled or failed one: nothing is written)."""
         scan, self.scan = self.scan, None
         if scan is not None and scan.run is not None:
+            self.feeder.take()
             try:
                 scan.run.close()
             except Exception as err:  # the scan is gone anyway
@@ -304,11 +390,7 @@ def analysis_main(cfg: AnalysisConfig, inbox: AnalysisQueue, events: EventQueue)
     name others in its :class:`AnalysisBegin`)."""
 
     def body(worker: WorkerContext) -> None:
-        try:
-            os.nice(cfg.nice)
-        except OSError as err:  # not worth failing over: the analysis only runs at normal priority
-            log.warning("could not lower the analysis worker's priority: %s", err)
-        state = _Worker(worker, events)
+        state = _Worker(worker, events, cfg.nice)
         _warm_up()
         state.models.ensure(cfg)
         events.put(AnalysisReady(os.getpid(), state.models.load_s, state.models.error))
