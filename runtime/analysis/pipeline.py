@@ -9,7 +9,8 @@ final, in order, in pieces of any size. It keeps only the rows the next band of 
   decides whether it is tissue; only tissue cells are resampled to the model's pixel size and
   sent to the :class:`~runtime.analysis.types.TumourModel`, in batches. Glass is never sent.
 - **nuclei** (the level nearest the nuclei model's): windows of ``nuclei_window`` model pixels
-  (default: three of the detector's own window steps, so it runs no partly wasted windows)
+  (default: the whole number of the detector's own window steps nearest ``NUCLEI_REGION``, so it
+  runs no partly wasted windows)
   with the model's ``halo_px`` of context on every side; a detection counts only in its window's
   core, so windows tile the slide without double counts or seams. Windows without tissue are
   skipped.
@@ -55,6 +56,9 @@ log = logging.getLogger("wsi.analysis")
 
 WHITE = 255  # what lies beyond the slide's edge: glass
 NUCLEI_WINDOW = 256  # model px per nuclei region side for a detector without its own tiling (step_px 0)
+# A detector with its own tiling: regions of whole window steps, about this many model px per side
+# (a band of rows this tall is analysed as soon as it is final: larger regions leave more to the tail).
+NUCLEI_REGION = 288
 
 ANNOTATIONS_NAME = "annotations.geojson"
 NUCLEI_NAME = "nuclei.geojson"
@@ -264,13 +268,18 @@ class SlideAnalyzer:
         nuclei: bool = True,
         beat: Callable[[], None] | None = None,
         subdivide: int = 1,
+        pause: Callable[[], bool] | None = None,
     ) -> None:
-        """``beat``: called between model calls (a worker's heartbeat). ``subdivide``: grid cells
+        """``beat``: called between model calls (a worker's heartbeat). ``pause``: asked before each
+        nuclei region and tumour band; True leaves the rest of the work for the next :meth:`feed` or
+        :meth:`finish` (a worker hands the analyzer from one thread to another between them; the
+        answer does not change). ``subdivide``: grid cells
         per patch side; 1 tiles the slide with patches, 2 moves the patch by half its width (a grid
         twice as fine, four times the model calls; the slide model still sees the non-overlapping
         patches only, as it was trained)."""
         self.geometry = geometry
         self._beat = beat or (lambda: None)
+        self._pause = pause or (lambda: False)
         self.models = models
         self.batch_size = max(1, batch_size)
         self.min_tissue = min_tissue
@@ -308,13 +317,14 @@ class SlideAnalyzer:
             n = self.nuclei_model
             self.n_level, self.n_factor = geometry.level_for(n.pixel_size_um)
             self.n_ds = geometry.downsample(self.n_level)
-            if nuclei_window is None:  # 3 detector steps: 288 model px for a 128-px window, 16-px halo
-                nuclei_window = 3 * n.step_px if n.step_px > 0 else NUCLEI_WINDOW
+            if nuclei_window is None:  # whole detector steps, ~NUCLEI_REGION: 3 of a 128-px window, 1 of a 320-px one
+                nuclei_window = n.step_px * max(1, round(NUCLEI_REGION / n.step_px)) if n.step_px > 0 else NUCLEI_WINDOW
             self.win_l = max(8, round(nuclei_window * self.n_factor))
             self.halo_l = math.ceil(n.halo_px * self.n_factor)
             nh, nw = geometry.level_shapes[self.n_level]
             self._n_rows = _Rows(nw)
             self._n_band = 0
+            self._n_x = 0  # the next region's column in the band (a pause may leave a band half done)
             self._n_bands = math.ceil(nh / self.win_l)
         self._finished = False
 
@@ -353,6 +363,7 @@ class SlideAnalyzer:
     def finish(self) -> GridResult:
         """Flush the last bands (padded with glass), run the slide model, return the grid."""
         if not self._finished:
+            self._pause = lambda: False  # everything now
             self._tumour_bands(final=True)
             self._run_batch()
             if self._n_rows is not None:
@@ -395,6 +406,8 @@ class SlideAnalyzer:
     def _tumour_bands(self, final: bool) -> None:
         c, p, m, (gh, gw) = self.cell_l, self.patch_l, self.margin_l, self.grid_shape
         while self._t_band < gh and (self._t_rows.end >= self._t_band * c - m + p or final):
+            if self._pause():
+                return
             b = self._t_band
             # The band of patches centred on this row of cells: cell j's patch is columns
             # [j*c - m, j*c - m + p) of the level (glass beyond its edges).
@@ -438,7 +451,11 @@ class SlideAnalyzer:
         w, h, f = self.win_l, self.halo_l, self.n_factor
         while self._n_band < self._n_bands and (rows.end >= (self._n_band + 1) * w + h or final):
             b = self._n_band
-            for x0 in range(0, rows.width, w):
+            while self._n_x < rows.width:
+                if self._pause():
+                    return
+                x0 = self._n_x
+                self._n_x += w
                 self.stats["windows"] += 1
                 core = rows.window(b * w, (b + 1) * w, x0, x0 + w)
                 if tissue_fraction(core) < 0.01:
@@ -457,6 +474,7 @@ class SlideAnalyzer:
                 keep = (yy >= b * w) & (yy < (b + 1) * w) & (xx >= x0) & (xx < x0 + w)
                 if keep.any():
                     self._centroids.append((np.stack([yy[keep], xx[keep]], axis=1) * self.n_ds).astype(np.float32))
+            self._n_x = 0
             self._n_band += 1
             rows.drop_before(self._n_band * w - h)
 

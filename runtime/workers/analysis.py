@@ -153,7 +153,7 @@ class _Models:
 class _Run:
     """One scan's analysis: the analyzer over the mosaic, fed as rows become final."""
 
-    def __init__(self, cfg: AnalysisConfig, models: Any, mosaic_path: str, beat: Any) -> None:
+    def __init__(self, cfg: AnalysisConfig, models: Any, mosaic_path: str, beat: Any, pause: Any = None) -> None:
         from runtime.analysis.pipeline import MosaicSource, SlideAnalyzer
         from runtime.output.mosaic_store import MosaicStore
 
@@ -168,6 +168,7 @@ class _Run:
             nuclei=cfg.nuclei,
             beat=beat,
             subdivide=cfg.subdivide,
+            pause=pause,
         )
         self.beat = beat
         self.t0 = time.perf_counter()
@@ -193,14 +194,20 @@ class _Run:
         from runtime.analysis.heatmap import OVERLAY_MAX_PX
         from runtime.analysis.pipeline import write_outputs
 
+        t0 = time.perf_counter()
         for level in self.analyzer.levels:
             self.rows_final(level, self.source.geometry.level_shapes[level][0])
+        t1 = time.perf_counter()
         result = self.analyzer.finish()
         result.stats["analysis_s"] = time.perf_counter() - self.t0
         self.beat()
         thumb = self.source.thumbnail(OVERLAY_MAX_PX)
         summary = write_outputs(out_dir, result, self.models, thumb, threshold=self.cfg.threshold)
         self.close()
+        # What the scan waited for after its slide: the rows fed then (the last band, and whatever the
+        # niced feeding had not done yet), the slide model, the outputs.
+        summary["timing_s"]["rows_after_slide"] = round(t1 - t0, 3)
+        summary["timing_s"]["finish_and_outputs"] = round(time.perf_counter() - t1, 3)
         return summary
 
     def close(self) -> None:
@@ -223,7 +230,8 @@ class _Feeder:
         self._want: dict[int, int] = {}  # level -> rows final so far
         self._busy = False
         self._error: Exception | None = None
-        threading.Thread(target=self._loop, name="analysis-feed", daemon=True).start()
+        self._thread = threading.Thread(target=self._loop, name="analysis-feed", daemon=True)
+        self._thread.start()
 
     def hand(self, run: _Run) -> None:
         with self._cv:
@@ -233,6 +241,12 @@ class _Feeder:
         with self._cv:
             self._want[level] = max(rows, self._want.get(level, 0))
             self._cv.notify_all()
+
+    def should_pause(self) -> bool:
+        """The analyzer's ``pause``: on the feeding thread, once :meth:`take` waits for the run (the
+        piece in hand then ends at the next nuclei region or tumour band, not the end of a band of
+        regions: a niced thread on a busy machine would keep the tail waiting)."""
+        return self._run is None and threading.current_thread() is self._thread
 
     def take(self) -> tuple[dict[int, int], Exception | None]:
         """Stop feeding (after the piece in hand); the rows announced so far and the error, if any."""
@@ -253,7 +267,8 @@ class _Feeder:
 
     def _loop(self) -> None:
         try:  # this thread only (Linux: a thread id names one thread); the main thread keeps its priority
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self.nice)
+            tid = threading.get_native_id()
+            os.setpriority(os.PRIO_PROCESS, tid, max(self.nice, os.getpriority(os.PRIO_PROCESS, tid)))
         except OSError as err:  # not worth failing over: the analysis only runs at normal priority
             log.warning("could not lower the analysis feeding thread's priority: %s", err)
         while True:
@@ -324,7 +339,9 @@ class _Worker:
             return
         try:
             if scan.run is None:  # opened here, on the main thread: Zarr's I/O threads keep its priority
-                scan.run = _Run(scan.begin.cfg, self.models.models, scan.mosaic, self.worker.beat)
+                scan.run = _Run(
+                    scan.begin.cfg, self.models.models, scan.mosaic, self.worker.beat, self.feeder.should_pause
+                )
                 self.feeder.hand(scan.run)
             self.feeder.announce(msg.level, msg.rows)
         except Exception as err:  # analysis failed: the slide is not affected
