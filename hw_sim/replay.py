@@ -1,10 +1,10 @@
 """The replay driver: the runtime's Camera and Stage over a recording.
 
 The stage remembers the commanded position; the camera returns the recorded
-field nearest to it, at the commanded z: the recorded plane, or a linear
-blend of the two planes around it (an approximation of the optics between
-planes; exact on the planes). Recorded fields were imaged at the stage's
-*actual* position, so the stage error a real scanner has is in the pixels.
+field nearest to it, at the commanded z: the recorded plane (within 0.05 µm),
+or a blend of the two planes around it whose sharpness lies between theirs
+(an approximation of the optics between planes, see ``ReplayCamera._between``).
+Recorded fields were imaged at the stage's *actual* position, so the stage error a real scanner has is in the pixels.
 
 A timing model (trapezoidal XY moves, settle, z moves, exposure) accumulates
 the scan time a real scanner would need, while replay itself runs as fast as
@@ -88,6 +88,40 @@ class ReplayStage:
         return i
 
 
+def blend_spectra(
+    a: npt.NDArray[np.complex64], b: npt.NDArray[np.complex64], w: float, shape: tuple[int, int]
+) -> npt.NDArray[np.uint8]:
+    """The frame a fraction ``w`` of the way from one plane to the next, from their ``rfft2`` spectra
+    (``a``, ``b``, per channel over axes 0 and 1), whose sharpness lies between theirs.
+
+    A pixel blend of two differently defocused planes is *less* sharp than either (their fine
+    detail is out of phase and partly cancels), so a blend's sharpness dips between planes and a
+    focus metric sampled there is scalloped. Here each spatial frequency's *power* is the
+    linear blend of the two planes' powers (no cancellation), with the pixel blend's phase. A
+    gradient metric such as Brenner is (up to the frame's border) a weighted sum of squared
+    amplitudes, so it moves linearly from one plane's value to the other's: it cannot dip. What it
+    cannot make is a sharpness *peak* between planes (the replayed curve peaks on a recorded
+    plane; a fit through samples on both sides of it still lands between planes)."""
+    blend = (1.0 - w) * a + w * b
+    amp = np.sqrt((1.0 - w) * (a.real**2 + a.imag**2) + w * (b.real**2 + b.imag**2))
+    mag = np.abs(blend)
+    # Where the blend cancels completely its phase is undefined: the nearer plane's stands in.
+    near = a if w <= 0.5 else b
+    defined = mag > 1e-3 * (amp + 1e-6)
+    phase = np.where(defined, blend / np.maximum(mag, 1e-12), near / np.maximum(np.abs(near), 1e-12))
+    img = np.fft.irfft2(amp * phase, s=shape, axes=(0, 1))
+    return np.clip(img + 0.5, 0, 255).astype(np.uint8)
+
+
+def spectrum(frame: npt.NDArray[np.uint8]) -> npt.NDArray[np.complex64]:
+    """A frame's spectrum as :func:`blend_spectra` takes it."""
+    return np.fft.rfft2(frame.astype(np.float32), axes=(0, 1)).astype(np.complex64)
+
+
+SNAP_UM = 0.05
+"""A commanded z this close to a recorded plane gets the plane itself."""
+
+
 class ReplayCamera:
     """The camera: the recorded frame at the stage's commanded position and z.
 
@@ -105,6 +139,7 @@ class ReplayCamera:
         self._cache: dict[int, npt.NDArray[np.uint8]] = {}
         self._spare: list[npt.NDArray[np.uint8]] = []  # buffers of an earlier field's planes
         self.clamped_snaps = 0
+        self._spectra: dict[tuple[int, int], npt.NDArray[np.complex64]] = {}  # the last planes' FFTs
 
     @property
     def frame_shape(self) -> tuple[int, int]:
@@ -148,17 +183,24 @@ class ReplayCamera:
             return
         k = int(np.searchsorted(zs, z)) - 1
         w = float((z - zs[k]) / (zs[k + 1] - zs[k]))
-        if w < 1e-6:
-            np.copyto(out, self._plane(field, k))
+        # Within SNAP_UM of a recorded plane the plane itself (the stage's own repeatability).
+        if (z - zs[k]) <= SNAP_UM or (zs[k + 1] - z) <= SNAP_UM:
+            np.copyto(out, self._plane(field, k if w <= 0.5 else k + 1))
             return
-        a = self._plane(field, k).astype(np.float32)
-        b = self._plane(field, k + 1).astype(np.float32)
-        b -= a
-        b *= w
-        a += b
-        a += 0.5
-        np.clip(a, 0, 255, out=a)
-        np.copyto(out, a, casting="unsafe")  # truncates, as astype(np.uint8) did: floor(x + 0.5)
+        np.copyto(out, self._between(field, k, w), casting="unsafe")
+
+    def _spectrum(self, field: int, k: int) -> npt.NDArray[np.complex64]:
+        key = (field, k)
+        spec = self._spectra.get(key)
+        if spec is None:
+            spec = spectrum(self._plane(field, k))
+            if len(self._spectra) >= 4:  # a focus loop probes around one field's focus
+                self._spectra.pop(next(iter(self._spectra)))
+            self._spectra[key] = spec
+        return spec
+
+    def _between(self, field: int, k: int, w: float) -> npt.NDArray[np.uint8]:
+        return blend_spectra(self._spectrum(field, k), self._spectrum(field, k + 1), w, self.frame_shape)
 
 
 class ReplayDriver:

@@ -77,6 +77,27 @@ class FocusConfig(_Section):
     sweep_steps: int = Field(9, ge=3, le=101, description="captures per sweep")
     metric: Literal["normalized_variance", "brenner", "tenengrad"] = "normalized_variance"
     start_z_um: float = Field(0.0, description="z of the first field's sweep centre")
+    near_focus: Literal["adaptive", "every_field", "off"] = Field(
+        "adaptive",
+        description="single_shot: check the model near focus against the frames' sharpness "
+        "(runtime.focus.near_focus): adaptive (until trusted, then now and then), every_field, or off",
+    )
+    near_focus_verify_first: int = Field(
+        2, ge=1, le=20, description="single_shot adaptive: checks in a row that must pass before the model is trusted"
+    )
+    near_focus_verify_every: int = Field(
+        8, ge=1, le=1000, description="single_shot adaptive: once trusted, one field in this many is checked (doubling)"
+    )
+    near_focus_trusted_mae_um: float = Field(
+        0.15,
+        ge=0.0,
+        le=2.0,
+        description="single_shot adaptive: a calibrated model whose model.json records at most this near-focus "
+        "MAE on the instrument's own held-out fields is trusted from the first field (0: never)",
+    )
+    near_focus_trusted_at_start: bool = Field(
+        False, description="single_shot adaptive: trust the model from the first field (set for a calibrated model)"
+    )
 
 
 class ModelsConfig(_Section):
@@ -136,6 +157,9 @@ class StitchConfig(_Section):
         16, ge=0, le=1000, description="tiles held at most while the flat-field is estimated (once per scan)"
     )
     min_ncc: float = Field(0.5, ge=0.0, le=1.0, description="reject pairs whose aligned overlaps correlate less")
+    resampling_kernel: Literal["lanczos3", "cubic"] = Field(
+        "lanczos3", description="subpixel placement kernel: lanczos3 (7 taps) or cubic (Keys, 4 taps, cheaper)"
+    )
 
 
 _DICOM_TEXT = r"^[^\\\x00-\x1f\x7f]*$"

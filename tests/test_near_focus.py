@@ -4,13 +4,17 @@ sends fields to the sweep or accepts them off focus; a flipped-sign objective st
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 
 from hw_sim.content import load_content
+from runtime.config import FocusConfig, ModelsConfig
+from runtime.focus.field import calibrated_start, near_focus_report, near_focus_trust
 from runtime.focus.near_focus import DEFAULT_CURVATURE, NearFocusTrust, fit_peak
 from runtime.focus.single_shot import SignConvention, SingleShotFocus
 from runtime.focus.sweep import sharpness
@@ -122,4 +126,93 @@ def test_a_flipped_objective_with_an_offset_still_resolves() -> None:
         r = _focus(inst, 0.0, trust, conv)
         assert r.converged and abs(r.z_um - f) <= 0.35, (f, r, inst.captures)
         assert len(inst.captures) <= 7, inst.captures
-        assert r.sign_resolution in ("second_shot", "model")
+        assert r.sign_resolution in ("second_shot", "model", "fit")
+
+
+def test_once_the_curvature_is_known_two_samples_settle_a_field() -> None:
+    """After two bracketed fits measured the scan's curvature, a check costs one probe (the model
+    stayed put) or none (its own move left a sample 0.3-1.5 µm away), where a bracket costs two."""
+    trust = NearFocusTrust(verify_first=1 << 30)  # every field checked
+    for i, f in enumerate([0.2, -0.1]):
+        _focus(Instrument(f, 0.0, seed=i), f + 0.05, trust)
+    assert trust.two_point_curvature is not None
+    still = Instrument(0.3, 0.0, seed=5)
+    r = _focus(still, 0.35, trust)
+    assert r.near_focus == "verified" and len(still.captures) == 2, still.captures
+    moved = Instrument(-0.2, 0.0, seed=6)
+    r = _focus(moved, 0.6, trust)  # 0.8 µm off: the model moves once
+    assert abs(r.z_um + 0.2) <= 0.2 and len(moved.captures) == 2, moved.captures
+
+
+def test_a_fit_that_moves_the_frame_says_so_in_the_sign_resolution() -> None:
+    trust = NearFocusTrust()
+    r = _focus(Instrument(0.0, -0.8, seed=2), 0.6, trust)
+    assert r.near_focus == "fit" and r.sign_resolution == "fit", r
+
+
+def test_a_move_the_sharpness_says_went_the_wrong_way_is_checked() -> None:
+    """Trusted, a model that reads this field's near-focus defocus with the wrong sign moves away
+    from focus and is content there; the frame it keeps is less sharp than the one it left, so
+    the field is checked and refocused (without the rule it ends 0.56 µm off)."""
+    readings = {0.28: -0.28, 0.56: 0.1}  # focus at 0: the move to 0.56 "converges"
+
+    def run(sharp: bool) -> tuple[float, str | None]:
+        inst = Instrument(0.0, seed=4)
+        trust = NearFocusTrust(trusted_at_start=True, verify_every=1000)
+        trust.observe(True)  # one check passed: the next is 1000 fields away
+        first = inst.capture_at(0.28)
+        r = SingleShotFocus().focus(
+            lambda fr: DefocusEstimate(readings.get(round(fr.z_um, 2), fr.z_um), 8, 8, 1.0, 0.1),
+            inst.capture_at,
+            lambda fr: None,
+            0.28,
+            first,
+            sharpness=brenner if sharp else None,
+            trust=trust if sharp else None,
+        )
+        return r.z_um, r.near_focus
+
+    assert run(False) == (pytest.approx(0.56), None)
+    z, near = run(True)
+    assert near in ("verified", "fit") and abs(z) <= 0.35, (z, near)
+
+
+def test_the_focus_config_sets_the_checks(tmp_path: Path) -> None:
+    """``[focus] near_focus``: off (the model alone), every_field (never trusted), adaptive; a
+    calibrated folder whose model.json records a near-focus MAE within
+    ``near_focus_trusted_mae_um`` starts trusted, an uncalibrated or worse one does not."""
+    assert near_focus_trust(FocusConfig(near_focus="off")) is None
+    every = near_focus_trust(FocusConfig(near_focus="every_field"))
+    assert every is not None
+    for _ in range(50):
+        every.observe(True)
+    assert every.distrusted
+    adaptive = near_focus_trust(FocusConfig(near_focus_verify_first=3, near_focus_verify_every=4))
+    assert adaptive is not None and adaptive.verify_first == 3 and adaptive.verify_every == 4
+    assert adaptive.distrusted
+
+    def folder(name: str, mae: object) -> ModelsConfig:
+        d = tmp_path / name
+        d.mkdir()
+        cal = {"calibration": {"heldout_metrics_after": {"mae_near_focus_um": mae}}} if mae is not None else {}
+        (d / "model.json").write_text(json.dumps({"format": "wsi-model", **cal}))
+        return ModelsConfig(autofocus_dir=str(d))
+
+    focus = FocusConfig(strategy="single_shot")
+    assert calibrated_start(focus, folder("good", 0.12)).near_focus_trusted_at_start
+    for name, mae in (("worse", 0.3), ("uncalibrated", None), ("broken", "0.1")):
+        assert not calibrated_start(focus, folder(name, mae)).near_focus_trusted_at_start, name
+    assert not calibrated_start(focus, ModelsConfig()).near_focus_trusted_at_start  # builtin
+    off = FocusConfig(strategy="single_shot", near_focus_trusted_mae_um=0.0)
+    assert not calibrated_start(off, folder("good2", 0.12)).near_focus_trusted_at_start
+    trusted = near_focus_trust(calibrated_start(focus, folder("good3", 0.1)))
+    assert trusted is not None and not trusted.distrusted
+    assert near_focus_report(focus, ["verified", None, "fit", "fit"]) == {
+        "checks": "adaptive",
+        "trusted_at_start": False,
+        "fields_checked": 3,
+        "verified": 1,
+        "fit": 2,
+        "failed": 0,
+    }
+    assert near_focus_report(FocusConfig(), []) is None

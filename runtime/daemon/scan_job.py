@@ -75,6 +75,7 @@ from runtime.daemon.job import JobQueue, Publish, WorkerJob
 from runtime.daemon.state import FinishReason, ScanPhase
 from runtime.devices.protocols import ScanArea
 from runtime.errors import log_failure, one_line
+from runtime.focus.field import calibrated_start, near_focus_report
 from runtime.ipc.inference_channel import ReplyQueue, RequestQueue
 from runtime.ipc.messages import (
     AcquisitionDone,
@@ -207,6 +208,9 @@ class ScanJob(WorkerJob):
             except Exception as err:  # a supervisor-side analysis bug: the scan goes on without it
                 self._analysis_failed(f"analysis service error: {log_failure(log, 'analysis service', err)}")
 
+        # single_shot with a calibrated model that holds near focus on this instrument: trusted from
+        # the first field (runtime.focus.field.calibrated_start; the inference worker loads the model).
+        self.focus = calibrated_start(cfg.focus, cfg.models) if cfg.focus.strategy == "single_shot" else cfg.focus
         # Workers get the config sections themselves (frozen, picklable) beside what is per scan.
         job = AcquisitionJob(area=area, driver_options=driver_options, resume=self._acquisition_resume())
         if self.uses_inference:
@@ -228,7 +232,7 @@ class ScanJob(WorkerJob):
                 job,
                 cfg.driver,
                 cfg.scan,
-                cfg.focus,
+                self.focus,
                 cfg.models,
                 self.to_acquisition,
                 self.free_slots,
@@ -669,6 +673,7 @@ class ScanJob(WorkerJob):
             # recording: reading and decompressing it; a real frame grabber: close to nothing).
             "driver_cpu_seconds": None if self.driver_cpu_s is None else round(self.driver_cpu_s, 3),
             "fields": [asdict(r) for r in sorted(self.records, key=lambda r: r.index)],
+            "near_focus": near_focus_report(self.focus, [r.near_focus for r in self.records]),
             "inference": self.inference or None,
             "stitch": self.stitch,
             # An incomplete scan says so (its folder also carries INCOMPLETE): resume it or export it.

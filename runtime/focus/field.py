@@ -46,6 +46,7 @@ from runtime.focus.single_shot import SignConvention, SingleShotFocus
 from runtime.focus.surface import FocusSurface
 from runtime.focus.sweep import ContrastSweep, FocusResult, sharpness
 from runtime.ipc.inference_channel import InferenceChannel
+from runtime.ml.model_folder import calibrated_near_focus_mae_um
 from runtime.ml.tasks import AutofocusModel, DefocusEstimate, TileClass, TileClassifierModel, load_configured_models
 
 
@@ -155,13 +156,58 @@ class FocusedField:
     tile_class: str | None = None
     class_probabilities: tuple[float, float, float] | None = None
     artifact: bool = False
-    # How the side of focus was decided: "model", "second_shot" (the two-shot test), "sweep"
+    # How the side of focus was decided: "model", "second_shot" (the two-shot test), "fit" (the
+    # near-focus sharpness fit moved the frame), "sweep"
     # (the contrast sweep); None: nothing to focus on. sign_flipped: the scan's learnt sign
     # convention was flipped when this field was focused.
     sign_resolution: str | None = None
     sign_flipped: bool = False
     # The near-focus sharpness fit: "verified", "fit", "failed" (then the sweep), None: not run.
     near_focus: str | None = None
+
+
+def calibrated_start(focus: FocusConfig, models: ModelsConfig) -> FocusConfig:
+    """``focus`` with ``near_focus_trusted_at_start`` set when the autofocus model is a calibrated
+    folder whose model.json records a near-focus MAE on the instrument's own held-out fields of at
+    most ``near_focus_trusted_mae_um`` (the builtin models are not calibrated on this instrument).
+    The scan supervisor applies it before acquisition starts (the inference worker, which loads the
+    model, does not tell acquisition what model.json says); ``FieldFocuser`` applies it when it loads
+    the models itself."""
+    if focus.near_focus != "adaptive" or focus.near_focus_trusted_at_start or models.autofocus_dir == "builtin":
+        return focus
+    mae = calibrated_near_focus_mae_um(models.autofocus_dir)
+    if mae is None or mae > focus.near_focus_trusted_mae_um:
+        return focus
+    return focus.model_copy(update={"near_focus_trusted_at_start": True})
+
+
+def near_focus_trust(focus: FocusConfig) -> NearFocusTrust | None:
+    """The scan's near-focus checks as ``[focus]`` sets them (None: ``near_focus = "off"``)."""
+    if focus.near_focus == "off":
+        return None
+    if focus.near_focus == "every_field":
+        # Never trusted: every field with content is finished by the sharpness fit.
+        return NearFocusTrust(verify_first=1 << 30)
+    return NearFocusTrust(
+        verify_first=focus.near_focus_verify_first,
+        verify_every=focus.near_focus_verify_every,
+        trusted_at_start=focus.near_focus_trusted_at_start,
+    )
+
+
+def near_focus_report(focus: FocusConfig, outcomes: list[str | None]) -> dict[str, Any] | None:
+    """report.json's scan-level ``near_focus`` from the fields' outcomes (None: not single_shot).
+
+    The learnt offset and curvature (:class:`NearFocusTrust`) stay in the acquisition process."""
+    if focus.strategy != "single_shot":
+        return None
+    counts = {k: sum(o == k for o in outcomes) for k in ("verified", "fit", "failed")}
+    return {
+        "checks": focus.near_focus,
+        "trusted_at_start": focus.near_focus_trusted_at_start,
+        "fields_checked": sum(counts.values()),
+        **counts,
+    }
 
 
 def brenner(capture: Capture) -> float:
@@ -207,14 +253,16 @@ class FieldFocuser:
         self.sign_convention = SignConvention()
         # Whether the model's reading near focus holds on this scan, and what the sharpness fits
         # learnt (runtime.focus.near_focus).
-        self.near_focus = NearFocusTrust()
         self._last_z = focus.start_z_um
         self.models: FocusModels | None = None
         if self.strategy == "single_shot":
             if models is None or isinstance(models, ModelsConfig):
-                self.models = LocalModels(models or ModelsConfig(), camera.pixel_size_um, camera.frame_shape)
+                m = models or ModelsConfig()
+                focus = calibrated_start(focus, m)
+                self.models = LocalModels(m, camera.pixel_size_um, camera.frame_shape)
             else:
                 self.models = models
+        self.near_focus = near_focus_trust(focus)
 
     @property
     def backend_notes(self) -> dict[str, Any]:
@@ -249,7 +297,7 @@ class FieldFocuser:
             first,
             should_stop,
             self.sign_convention,
-            brenner,
+            brenner if self.near_focus is not None else None,
             self.near_focus,
         )
         if r.final_defocus_um is not None and not r.converged and not should_stop():

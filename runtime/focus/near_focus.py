@@ -56,6 +56,14 @@ PROBE_UM = 0.75
 """Distance of a probe capture from the frame held: the sweep's own plane spacing (9 planes over ±3 µm)."""
 FIT_RANGE_UM = 2.5
 """Samples farther than this from the sharpest one are on the curve's tail (not a parabola): not fitted."""
+TWO_POINT_SPAN_UM = (0.3, 1.5)
+"""Two samples this far apart may settle a field once the scan knows its curvature (closer: the
+difference is noise; farther: the far one is on the curve's linear flank)."""
+TWO_POINT_ACCEPT_UM = 0.15
+"""A two-point estimate keeps the held frame when its peak is this close (tighter than a bracket's
+0.2 µm: its error grows with the curvature's)."""
+MEASURED_FOR_TWO_POINT = 2
+TWO_POINT_SHALLOWER = 0.9
 BRACKET_UM = 0.9
 """A three-point fit needs the sharpest sample's neighbours this close: a neighbour farther out lies on
 the tail, where ln sharpness falls linearly, and pulls the parabola's vertex towards it."""
@@ -83,6 +91,7 @@ class PeakEstimate:
     z_um: float  # where the fit puts the sharpness peak
     bracketed: bool  # the sharpest sample lies between two others (a measured, not assumed, curvature)
     curvature: float | None  # the three-point fit's curvature (per µm^2) when bracketed
+    span_um: float = 0.0  # two-point estimates: the distance between the two samples
 
 
 def fit_peak(samples: list[tuple[float, float]], curvature: float = DEFAULT_CURVATURE) -> PeakEstimate | None:
@@ -108,7 +117,7 @@ def fit_peak(samples: list[tuple[float, float]], curvature: float = DEFAULT_CURV
         return None
     z2, l2 = min(near, key=lambda p: abs(p[0] - zb))
     f = 0.5 * (zb + z2) - (lb - l2) / (2.0 * curvature * (zb - z2))
-    return PeakEstimate(float(f), False, None)
+    return PeakEstimate(float(f), False, None, abs(zb - z2))
 
 
 @dataclass
@@ -128,13 +137,15 @@ class NearFocusTrust:
 
     verify_first: int = 2
     verify_every: int = 8
+    max_every: int = 32
     trusted_at_start: bool = False
     force_after: int = 3
-    tolerance_um: float = 0.2  # a check passes when the model's focus is this close to the fitted one
+    tolerance_um: float = 0.3  # a check passes when the model's focus is this close to the fitted one
     recent: deque[bool] = field(default_factory=lambda: deque(maxlen=4))
     fields_since_check: int = 0
     checks: int = 0
     failures: int = 0
+    every: int = 0  # the current period between paid checks once trusted (0: verify_every)
     curvatures: list[float] = field(default_factory=list)
     # The model's reading at a frame minus that frame's defocus from the fit: its near-focus offset
     # on this instrument and slide (real tissue: -0.4 to -1.0 µm), used to place the probe.
@@ -147,24 +158,28 @@ class NearFocusTrust:
         last = list(self.recent)[-self.verify_first :]
         return not all(last) or (not self.trusted_at_start and len(last) < self.verify_first)
 
-    def should_verify(self, moved: bool) -> bool:
+    def should_verify(self, moved: bool, free: bool = False) -> bool:
         """Called once per field with content, after the model's moves; ``moved``: a capture near
-        focus besides the held frame exists (a check then costs one probe, not two)."""
+        focus besides the held frame exists (a check then costs one probe, not two); ``free``: one
+        that a two-point estimate can use (:func:`refine`: a check that passes costs nothing)."""
         self.fields_since_check += 1
-        if self.distrusted:
+        if self.distrusted or (free and self.two_point_curvature is not None):
             return True
-        due = self.verify_every if self.checks else 1
+        due = (self.every or self.verify_every) if self.checks else 1
         return self.fields_since_check >= due and (moved or self.fields_since_check >= due + self.force_after - 1)
 
     def observe(self, passed: bool, offset_um: float | None = None) -> None:
         """``offset_um``: the model's reading at a frame near the fitted focus minus that frame's
-        defocus (only there: farther out a wrong sign would pass for an offset)."""
+        defocus (only there: farther out a wrong sign would pass for an offset). A pass while
+        trusted doubles the period between checks (up to ``max_every``); a failure resets it."""
         if offset_um is not None and abs(offset_um) <= 1.5:
             self.offsets.append(offset_um)
+        trusted = not self.distrusted
         self.recent.append(passed)
         self.checks += 1
         self.failures += not passed
         self.fields_since_check = 0
+        self.every = min(2 * (self.every or self.verify_every), self.max_every) if passed and trusted else 0
 
     def learn(self, curvature: float) -> None:
         # A curvature far outside what an objective gives is noise (or a fold): not learnt.
@@ -179,6 +194,15 @@ class NearFocusTrust:
     @property
     def curvature(self) -> float:
         return float(np.median(self.curvatures[-16:])) if self.curvatures else DEFAULT_CURVATURE
+
+    @property
+    def two_point_curvature(self) -> float | None:
+        """The curvature two-point estimates use; None until ``MEASURED_FOR_TWO_POINT`` bracketed fits
+        measured it on this scan. A little shallower than measured: a shallower curvature exaggerates
+        a peak's distance, so an error makes the loop probe again rather than keep a frame off focus."""
+        if len(self.curvatures) < MEASURED_FOR_TWO_POINT:
+            return None
+        return TWO_POINT_SHALLOWER * self.curvature
 
 
 @dataclass(frozen=True)
@@ -221,22 +245,38 @@ def refine(
     """Bracket the sharpness peak from ``samples`` (z, ln sharpness of the captures so far, the held
     frame's among them) and fit it; keep the sharpest frame, captured within ``accept_um`` of the
     fitted peak (a last capture at the peak when none is). ``toward_z_um``: where the model puts the
-    focus (the first probe goes there). At most ``max_captures`` captures; holds at most two frames."""
+    focus (the first probe goes there). At most ``max_captures`` captures; holds at most two frames.
+
+    Once the scan has measured its curvature (:attr:`NearFocusTrust.two_point_curvature`), two
+    samples ``TWO_POINT_SPAN_UM`` apart may settle it: the held frame is kept without a bracket when
+    the two-point peak lies within ``TWO_POINT_ACCEPT_UM`` of it, and otherwise the next probe goes
+    to that peak. The model's own moves are such samples: a field it moved on can cost no probe."""
     pts = [p for p in samples if abs(p[0] - held_z_um) <= FIT_RANGE_UM + max_step_um]
     held_l = max((p[1] for p in pts if abs(p[0] - held_z_um) < 1e-9), default=-math.inf)
     captures = 0
     final = False
+    a2 = trust.two_point_curvature
     while True:
-        est = fit_peak(pts, trust.curvature)
+        est = fit_peak(pts, trust.curvature if a2 is None else a2)
         bracketed = est is not None and est.bracketed
+        two = (
+            est is not None
+            and not bracketed
+            and a2 is not None
+            and TWO_POINT_SPAN_UM[0] <= est.span_um <= TWO_POINT_SPAN_UM[1]
+        )
         if bracketed and est is not None:
             if abs(held_z_um - est.z_um) <= accept_um or final:
                 if est.curvature is not None:
                     trust.learn(est.curvature)
                 return Refined(held, held_z_um, captures, est.z_um)
             target, final = est.z_um, True
+        elif two and est is not None and abs(held_z_um - est.z_um) <= TWO_POINT_ACCEPT_UM:
+            return Refined(held, held_z_um, captures, est.z_um)
         else:
             target = next_probe(pts, toward_z_um if captures == 0 else None)
+            if two and est is not None and min(abs(est.z_um - p[0]) for p in pts) >= 0.25:
+                target = est.z_um  # the two-point peak, unless a sample is already there
             target = held_z_um + float(np.clip(target - held_z_um, -max_step_um, max_step_um))
         if captures >= max_captures:
             return Refined(held, held_z_um, captures, None)

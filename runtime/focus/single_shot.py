@@ -53,7 +53,7 @@ from typing import Generic, Protocol, TypeVar
 
 import numpy as np
 
-from runtime.focus.near_focus import FIT_RANGE_UM, NearFocusTrust, log_sharpness, refine
+from runtime.focus.near_focus import FIT_RANGE_UM, TWO_POINT_SPAN_UM, NearFocusTrust, log_sharpness, refine
 
 F = TypeVar("F")  # a captured frame as the caller holds it: an array, or a ring slot handle
 
@@ -72,6 +72,8 @@ NOISE_FLOOR_UM = 1.0
 # estimate is within NEAR_HANDOFF_UM.
 NEAR_FIT_UM = 2.0
 NEAR_HANDOFF_UM = 1.0
+# ln sharpness this much below an earlier capture's: the model's last move made the frame worse.
+WORSE_LN = 0.02
 
 
 def shrank(before: float, after: float) -> bool:
@@ -148,7 +150,8 @@ class SingleShotResult(Generic[F]):
     focus_estimate_um: float | None  # z - final defocus, when the estimate is trusted
     converged: bool
     # How the sign was decided: "model" (the model's sign held, or no move was needed),
-    # "second_shot" (the two-shot test found the other side); None: no content.
+    # "second_shot" (the two-shot test found the other side), "fit" (the near-focus sharpness fit
+    # moved the frame); None: no content.
     sign_resolution: str | None = None
     sign_flipped: bool = False  # the learnt convention was flipped for this field
     sign_uncertain: bool = False  # the model said it was not sure of the first estimate's sign
@@ -258,7 +261,14 @@ class SingleShotFocus:
         # out of moves): near focus that is the content-dependent offset, not a lost field.
         stalled = d is not None and not converged and not handed_off
         moved = any(0.05 < abs(zs - z) <= FIT_RANGE_UM for zs, _ in samples)
-        verify = near is not None and near.should_verify(moved)
+        free = any(TWO_POINT_SPAN_UM[0] <= abs(zs - z) <= TWO_POINT_SPAN_UM[1] for zs, _ in samples)
+        # A move the image says went the wrong way (the frame kept is less sharp than one the loop
+        # left): the model's reading near focus is off here, whatever it says now.
+        held_l = max((ls for zs, ls in samples if zs == z), default=None)
+        worse = held_l is not None and any(
+            abs(zs - z) <= TWO_POINT_SPAN_UM[1] and ls > held_l + WORSE_LN for zs, ls in samples
+        )
+        verify = near is not None and (near.should_verify(moved, free) or worse)
         if (
             near is not None
             and sharpness is not None
@@ -277,6 +287,8 @@ class SingleShotFocus:
                 agreed = not stalled and abs((z - d) - ref.focus_z_um) <= near.tolerance_um
                 near.observe(agreed, d - (z - ref.focus_z_um) if abs(z - ref.focus_z_um) <= 1.0 else None)
                 near_focus = "verified" if ref.z_um == z else "fit"
+                if near_focus == "fit":
+                    resolution = "fit"  # the image's sharpness, not the model, chose the side
                 converged, focus = True, ref.focus_z_um
                 d = ref.z_um - ref.focus_z_um
             z, frame = ref.z_um, ref.frame

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -114,6 +115,22 @@ def _key(meta: dict[str, Any], key: str, kind: type | tuple[type, ...], where: P
     if not isinstance(v, kind) or isinstance(v, bool):
         raise ModelFolderError(f"{where}: key {key!r} has the wrong type ({type(v).__name__})")
     return v
+
+
+def calibrated_near_focus_mae_um(path: Path | str) -> float | None:
+    """The near-focus MAE (µm) that a calibrated autofocus folder's model.json records on the
+    instrument's own held-out fields (``calibration.heldout_metrics_after.mae_near_focus_um``,
+    written by ``python -m export calibrate``); None for a folder that was not calibrated, or
+    one whose model.json cannot be read (loading the folder reports that). Reads model.json only:
+    the scan decides with it whether single_shot trusts the model near focus from the first field."""
+    try:
+        meta = json.loads((Path(path) / "model.json").read_text(encoding="utf-8"))
+        value = meta["calibration"]["heldout_metrics_after"]["mae_near_focus_um"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
 
 
 def load_model_folder(path: Path | str, task: str | None = None, check_graph: bool = True) -> ModelFolder:
