@@ -335,14 +335,25 @@ def burden_by_kind(tumour_slides: list[dict[str, Any]]) -> dict[str, dict[str, A
 
 
 def evaluate(slides: list[BenchSlide], models: Any, nuclei: bool, subdivide: int = 1) -> dict[str, Any]:
-    from runtime.analysis.lesions import find_lesions
+    from runtime.analysis.lesions import find_lesions, model_lesions
+    from runtime.analysis.outline import outline_for
     from runtime.analysis.pipeline import analyze_source
 
     per = []
+    lesion_s = {"outline": 0.0, "fixed": 0.0}
+    outlined = outline_for(models.tumour, subdivide) is not None
     t0 = time.perf_counter()
     for s in slides:
         res = analyze_source(ArraySource(s.levels, PX_UM), models, nuclei=nuclei, subdivide=subdivide)
-        per.append(score_slide(s, res, find_lesions(res)))
+        t1 = time.perf_counter()
+        found = model_lesions(res, models.tumour)  # as the runtime outlines them (the model's outline fit)
+        t2 = time.perf_counter()
+        fixed = find_lesions(res)  # the 0.5 contour alone, for comparison
+        lesion_s["outline"] += t2 - t1
+        lesion_s["fixed"] += time.perf_counter() - t2
+        p = score_slide(s, res, found)
+        p["pred_mm2_fixed"] = score_slide(s, res, fixed)["pred_mm2"] if outlined else p["pred_mm2"]
+        per.append(p)
     wall = time.perf_counter() - t0
     tum = [p for p in per if p["tumour"]]
     inter, tr, pr = (sum(p[k] for p in tum) for k in ("intersection_mm2", "truth_mm2", "pred_mm2"))
@@ -368,6 +379,10 @@ def evaluate(slides: list[BenchSlide], models: Any, nuclei: bool, subdivide: int
         "slide_auc_small": auc([p["slide_score"] for p in hard], [p["tumour"] for p in hard]),
         "slide_auc_small_max_probability": auc([p["max_probability"] for p in hard], [p["tumour"] for p in hard]),
         "burden_by_kind": burden_by_kind(tum),
+        # The same slides outlined by the fixed 0.5 contour (what lesions were before the outline fit).
+        "outline_fit": outlined,
+        "burden_fixed_threshold": burden_by_kind([dict(p, kind="all", pred_mm2=p["pred_mm2_fixed"]) for p in tum]),
+        "lesions_s_per_slide": {k: v / max(1, len(per)) for k, v in lesion_s.items()},
         "patches_per_s": sum(p["patches"] for p in per) / max(1e-9, sum(p["tumour_s"] for p in per)),
         "tumour_s_per_slide": sum(p["tumour_s"] for p in per) / max(1, len(per)),
         "wall_s": wall,
@@ -609,6 +624,15 @@ def run(args: argparse.Namespace) -> int:
             )
             + f"; tumour model {r['tumour_s_per_slide']:.2f} s per slide"
         )
+        if r["outline_fit"]:
+            fx = r["burden_fixed_threshold"]
+            notes.append(
+                f"{name}: lesions outlined by the tumour model's outline fit; with the fixed 0.5 contour instead, "
+                "burden error (mean / median / pooled %): "
+                + "; ".join(f"{k} {v['mean']:.1f} / {v['median']:.1f} / {v['pooled']:.1f}" for k, v in fx.items())
+                + f"; lesion outlines {1000 * r['lesions_s_per_slide']['outline']:.0f} ms per slide "
+                f"(fixed contour {1000 * r['lesions_s_per_slide']['fixed']:.0f} ms)"
+            )
     if "scan_cost" in result:
         sc = result["scan_cost"]
         for key, c in sc.items():

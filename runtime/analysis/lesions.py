@@ -8,6 +8,11 @@ upsampled pixel (contours run through the centres of the boundary pixels; the re
 them whole), in level-0 pixel coordinates (x right, y down, the GeoJSON convention of
 :mod:`runtime.analysis.geojson`). The tissue outline and artifact regions are traced the same way
 from their grids.
+
+With the tumour model's outline fit (:mod:`runtime.analysis.outline`, :func:`model_lesions`: what the
+runtime and the bench use), each region found at the threshold is then re-outlined at its own
+probability level, which places the edge of a high-grade lesion further in and of a low-grade or
+sub-patch lesion further out than the fixed 0.5 contour; which regions are lesions does not change.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import numpy as np
 import numpy.typing as npt
 
 from runtime.analysis import geojson
+from runtime.analysis.outline import MARGIN_PATCHES, OutlineFit, lesion_levels, outline_for, refine_labels
 
 if TYPE_CHECKING:
     from runtime.analysis.pipeline import GridResult
@@ -89,11 +95,19 @@ def mask_polygons(mask: npt.NDArray[np.bool_], cell_px: float, factor: int = 1) 
 
 
 def find_lesions(
-    result: GridResult, *, threshold: float = 0.5, min_area_um2: float | None = None, upsample: int = UPSAMPLE
+    result: GridResult,
+    *,
+    threshold: float = 0.5,
+    min_area_um2: float | None = None,
+    upsample: int = UPSAMPLE,
+    outline: OutlineFit | None = None,
 ) -> list[Lesion]:
     """Lesions where the tumour probability is at least ``threshold`` (see the module docstring).
 
     Regions smaller than ``min_area_um2`` (default: a quarter of a cell) are dropped as noise.
+    ``outline`` (the tumour model's fit for this grid, :func:`runtime.analysis.outline.outline_for`):
+    each region found at ``threshold`` is then outlined at its own level
+    (:mod:`runtime.analysis.outline`); the regions, and so the detections, stay those of ``threshold``.
     Largest first.
     """
     import shapely
@@ -108,9 +122,21 @@ def find_lesions(
     mm2 = (px_um / 1000.0) ** 2
     min_px2 = (min_area_um2 if min_area_um2 is not None else 0.25 * result.cell_um**2) / px_um**2
     scale = result.cell_px / upsample
+    if outline is not None:
+        # Noise is judged on the region found at the threshold, before any outline moves in.
+        sizes = np.bincount(labels.ravel(), minlength=n) * scale**2
+        labels[(sizes < min_px2)[labels] & (labels > 0)] = 0
+        n, cc = cv2.connectedComponents((labels > 0).astype(np.uint8), connectivity=8)
+        labels = np.asarray(cc, np.int32)
+        margin = max(1, round(MARGIN_PATCHES * int(result.stats.get("subdivide", 1)) * upsample))
+        levels = lesion_levels(up, labels, n, float(upsample), outline)
+        labels = refine_labels(up, labels, n, levels, margin, threshold)
+        min_px2 = 0.0
     out = []
     for k in range(1, n):
         ys, xs = np.nonzero(labels == k)
+        if ys.size == 0:
+            continue
         y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
         sub = (labels[y0:y1, x0:x1] == k).astype(np.uint8)
         polys = [shapely.affinity.translate(p, x0 * scale, y0 * scale) for p in _polygons(sub, scale)]
@@ -131,6 +157,13 @@ def find_lesions(
         )
     out.sort(key=lambda les: -les.area_mm2)
     return out
+
+
+def model_lesions(result: GridResult, tumour_model: object, *, threshold: float = 0.5) -> list[Lesion]:
+    """:func:`find_lesions` with ``tumour_model``'s outline fit for the result's grid
+    (:func:`runtime.analysis.outline.outline_for`; none: the fixed threshold outlines them)."""
+    fit = outline_for(tumour_model, int(result.stats.get("subdivide", 1)))
+    return find_lesions(result, threshold=threshold, outline=fit)
 
 
 def tissue_geometry(result: GridResult) -> Any:
