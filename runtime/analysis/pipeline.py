@@ -638,7 +638,7 @@ def write_outputs(
                 )
             ),
         ]
-        found = lesions.find_lesions(result, threshold=threshold)
+        found = lesions.model_lesions(result, models.tumour, threshold=threshold)  # with the model's outline fit
         regions = lesions.region_features(result, found)
         geojson.write_atomic(out_dir / ANNOTATIONS_NAME, regions)
         n_nuclei = geojson.write_atomic(out_dir / NUCLEI_NAME, lesions.nuclei_features(result, found))
