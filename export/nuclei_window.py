@@ -61,18 +61,19 @@ def _heat(onnx_path: Path, x: np.ndarray) -> np.ndarray:
 
 
 def parity(old: Path, new: Path, size: int, old_size: int, halo: int, stride: int, seed: int = 0) -> float:
-    """Max |difference| of the two graphs' heatmaps on an old window placed inside a new one,
-    twice the halo away from the old window's edges: the network's receptive field (~55 px) is wider
-    than the halo, so within 2 halo of its edges the old window's answers still felt its zero
+    """Max |difference| of the two graphs' heatmaps on the smaller window placed inside the larger,
+    twice the halo away from the smaller window's edges: the network's receptive field (~55 px) is
+    wider than the halo, so within 2 halo of its edges a window's answers still feel its zero
     padding (0.04 at 16 px here); beyond, both see the same pixels and must agree exactly."""
+    (large, large_side), (small, small_side) = sorted([(new, size), (old, old_size)], key=lambda t: -t[1])
     rng = np.random.default_rng(seed)
-    x = rng.uniform(-2.0, 2.0, (2, 3, size, size)).astype(np.float32)
-    o = (size - old_size) // 2 // 8 * 8  # the networks' coarsest stride: the same grid alignment
-    big = _heat(new, x)
-    small = _heat(old, np.ascontiguousarray(x[:, :, o : o + old_size, o : o + old_size]))
+    x = rng.uniform(-2.0, 2.0, (2, 3, large_side, large_side)).astype(np.float32)
+    o = (large_side - small_side) // 2 // 8 * 8  # the networks' coarsest stride: the same grid alignment
+    a = _heat(large, x)
+    b = _heat(small, np.ascontiguousarray(x[:, :, o : o + small_side, o : o + small_side]))
     h, c = 2 * halo // stride, o // stride
-    n = old_size // stride
-    return float(np.abs(big[:, c + h : c + n - h, c + h : c + n - h] - small[:, h : n - h, h : n - h]).max())
+    n = small_side // stride
+    return float(np.abs(a[:, c + h : c + n - h, c + h : c + n - h] - b[:, h : n - h, h : n - h]).max())
 
 
 def rewindow_folder(src: Path, out: Path, size: int, held: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -87,8 +88,10 @@ def rewindow_folder(src: Path, out: Path, size: int, held: dict[str, Any] | None
     folder = load_model_folder(src, "nuclei")
     pre = dict(folder.meta["preprocess"])
     stride, halo, old_size = int(pre["stride"]), int(pre["halo"]), int(pre["size"])
-    if size % 8 or size <= 2 * halo or size % stride:
-        raise ValueError(f"--size must be a multiple of 8 and of the stride {stride}, above twice the halo {halo}")
+    if size % 8 or size <= 4 * halo or size % stride:
+        raise ValueError(
+            f"--size must be a multiple of 8 and of the stride {stride}, above 4 x the halo {halo} (the parity check)"
+        )
     model = rewindow_onnx(onnx.load(str(folder.onnx_path)), size, stride)
     with tempfile.TemporaryDirectory(prefix="nuclei-window-") as tmp:
         staged = Path(tmp) / "model"

@@ -233,7 +233,8 @@ def test_nuclei_detector_skips_glass_windows_without_losing_nuclei(
     monkeypatch.setattr(nuclei_mod, "stained", lambda rgb: np.ones(rgb.shape[:-1], bool))  # every window runs
     calls.clear()
     every = det.detect(region)
-    assert run_skipping < sum(calls) == 16  # 400 px: 4 x 4 windows of 128 px stepping <= 96 px
+    per_side = len(nuclei_mod._starts(400, det.params.size, det.params.halo))
+    assert per_side >= 2 and run_skipping < sum(calls) == per_side**2  # 400 px: 2 x 2 windows of 320 px
     assert len(skipped) > 50 and skipped.shape == every.shape
     np.testing.assert_allclose(skipped[np.lexsort(skipped.T)], every[np.lexsort(every.T)], atol=1e-4)
 
@@ -245,7 +246,7 @@ def test_nuclei_detector_finds_held_out_nuclei_within_4_um(
 
     slide, les = lesion_slide
     px = models.nuclei.pixel_size_um
-    h, w = 200, 300  # larger than one window: the sliding window and its seams are exercised
+    h, w = 200, 700  # wider than two windows: the sliding window and its seams are exercised
     # Straddling the lesion edge: tumour nuclei on one side, benign tissue on the other.
     x0, y0 = les.cx + les.radius * 0.85 - w * px / 2, les.cy - h * px / 2  # type: ignore[attr-defined]
     region = _rgb_rect(slide, x0, y0, h, w, px)
