@@ -165,7 +165,7 @@ class NearFocusTrust:
         self.fields_since_check += 1
         if self.distrusted or (free and self.two_point_curvature is not None):
             return True
-        due = (self.every or self.verify_every) if self.checks else 1
+        due = self.every or self.verify_every
         return self.fields_since_check >= due and (moved or self.fields_since_check >= due + self.force_after - 1)
 
     def observe(self, passed: bool, offset_um: float | None = None) -> None:
