@@ -22,6 +22,7 @@ from typing import Any
 from runtime.config import load_config, with_overrides
 
 WAIT_S = 600.0
+HEARTBEAT_TIMEOUT_S = 60.0  # see ReplayDaemon.__enter__
 
 
 class ReplayDaemon:
@@ -42,7 +43,14 @@ class ReplayDaemon:
         self._tmp = tempfile.TemporaryDirectory(prefix="wsi-cost-")
         rec, runtime_dir = self.recording.resolve(), Path(self._tmp.name)
         base = _replay_config(load_config(self.config), rec, self.data_root / "x", runtime_dir)
-        self.cfg = with_overrides(base, {"driver": {"options": {"recording": str(rec), "pace": self.pace}}})
+        self.cfg = with_overrides(
+            base,
+            {
+                "driver": {"options": {"recording": str(rec), "pace": self.pace}},
+                # A shared, loaded machine can starve a worker's heartbeat for more than the default 10 s.
+                "daemon": {"heartbeat_timeout_s": HEARTBEAT_TIMEOUT_S},
+            },
+        )
         t0 = time.monotonic()
         self.proc = start_daemon_process(self.cfg)
         self.client = ControlClient(self.cfg.endpoint("command"), timeout_s=2.0, retries=15)

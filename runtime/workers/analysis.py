@@ -30,7 +30,9 @@ privileges; a thread's niceness is its own, so the main thread never gives it up
 never fails a scan: a missing or bad model folder, or any error while analysing, ends in an
 ``AnalysisDone`` naming the error (the scan job puts it in the report), and the slide is written
 as without analysis. A crash or a hang is the supervisor's to notice (heartbeats, exit code): it
-restarts the worker, and the scan still completes.
+restarts the worker, and the scan still completes. (The main thread beats while the feeding thread
+works; a feeding thread stuck in a model call stops the heartbeats once the main thread waits for
+it, at the slide's end.)
 """
 
 from __future__ import annotations
