@@ -31,7 +31,8 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -39,7 +40,26 @@ import numpy as np
 LEVELS = 4 / 3  # all pyramid levels together, per pixel of level 0
 
 
-def _cpu_per_call(fn: Callable[[int], object], n: int, rounds: int = 3) -> float:
+@contextmanager
+def one_core() -> Iterator[None]:
+    """This process on one CPU (the last it may use) and OpenCV on one thread, for the duration."""
+    import cv2
+
+    pinned = hasattr(os, "sched_setaffinity")
+    cores = os.sched_getaffinity(0) if pinned else set()
+    if pinned:
+        os.sched_setaffinity(0, {max(cores)})
+    threads = cv2.getNumThreads()
+    cv2.setNumThreads(1)
+    try:
+        yield
+    finally:
+        cv2.setNumThreads(threads)
+        if pinned:
+            os.sched_setaffinity(0, cores)
+
+
+def cpu_per_call(fn: Callable[[int], object], n: int, rounds: int = 3) -> float:
     """Fastest of ``rounds`` batches of ``n`` calls: CPU seconds per call."""
     best = float("inf")
     for _ in range(rounds):
@@ -53,7 +73,6 @@ def _cpu_per_call(fn: Callable[[int], object], n: int, rounds: int = 3) -> float
 def measure(rec: Any, chunk: int = 512) -> dict[str, Any]:
     """The floor per step on one core (see the module docstring) from recording ``rec``; chunks of
     ``chunk`` px (at most the tile's size)."""
-    import cv2
     import imagecodecs
 
     from runtime.config import StitchConfig
@@ -63,13 +82,7 @@ def measure(rec: Any, chunk: int = 512) -> dict[str, Any]:
     from runtime.stitching.registration import RegistrationParams, register_pair, to_grey
 
     codecs: Any = imagecodecs
-    pinned = hasattr(os, "sched_setaffinity")
-    cores = os.sched_getaffinity(0) if pinned else set()
-    if pinned:
-        os.sched_setaffinity(0, {max(cores)})
-    threads = cv2.getNumThreads()
-    cv2.setNumThreads(1)
-    try:
+    with one_core():
         m = rec.meta
         th, tw = m.tile_height, m.tile_width
         chunk = min(chunk, th, tw) // 2 * 2
@@ -84,7 +97,7 @@ def measure(rec: Any, chunk: int = 512) -> dict[str, Any]:
         tiles = [rec.plane(rec.field_index(r, c), 0) for r in rows for c in range(n_row)]
         out: dict[str, Any] = {"tile": [th, tw], "overlap": ov, "mosaic_px_per_tile": mosaic_px_per_tile}
 
-        out["resample"] = _cpu_per_call(lambda i: to_uint8(subpixel_shift(tiles[i % len(tiles)], 0.37, -0.21)), 8)
+        out["resample"] = cpu_per_call(lambda i: to_uint8(subpixel_shift(tiles[i % len(tiles)], 0.37, -0.21)), 8)
         out["resample"] *= per_tile
 
         greys = [to_grey(t) for t in tiles]
@@ -101,8 +114,8 @@ def measure(rec: Any, chunk: int = 512) -> dict[str, Any]:
                 pairs.append((greys[i][th - strip_y :].copy(), greys[i + n_row], (float(step_y - (th - strip_y)), 0.0)))
         outcomes = [register_pair(a_, b_, p_, params).reason for a_, b_, p_ in pairs]
         out["pairs"] = {r: outcomes.count(r) for r in sorted(set(outcomes))}
-        pair_s = _cpu_per_call(lambda i: register_pair(*pairs[i % len(pairs)], params), 2 * len(pairs))
-        grey_s = _cpu_per_call(lambda i: to_grey(tiles[i % len(tiles)]), 8)
+        pair_s = cpu_per_call(lambda i: register_pair(*pairs[i % len(pairs)], params), 2 * len(pairs))
+        grey_s = cpu_per_call(lambda i: to_grey(tiles[i % len(tiles)]), 8)
         out["register_pair_ms"] = pair_s * 1e3
         out["register"] = (grey_s + 2 * pair_s) * per_tile
 
@@ -119,7 +132,7 @@ def measure(rec: Any, chunk: int = 512) -> dict[str, Any]:
             composite(canvas[:th, :ov_x], covered[:, :ov_x], moved[:, :ov_x], ramp_x)  # left overlap
             composite(canvas[:ov_y, :tw], covered[:ov_y], moved[:ov_y], ramp_y)  # top overlap
 
-        out["blend"] = _cpu_per_call(blend, 8) * per_tile
+        out["blend"] = cpu_per_call(blend, 8) * per_tile
 
         chunks = [
             np.ascontiguousarray(t[y : y + chunk, x : x + chunk])
@@ -129,19 +142,19 @@ def measure(rec: Any, chunk: int = 512) -> dict[str, Any]:
         ]
         per_chunk = 1e9 / (chunk * chunk)  # chunks per gigapixel
         n = len(chunks)
-        out["downsample"] = _cpu_per_call(lambda i: downsample2x(chunks[i % n]), n) * per_chunk * LEVELS
+        out["downsample"] = cpu_per_call(lambda i: downsample2x(chunks[i % n]), n) * per_chunk * LEVELS
         encoded = [bytes(codecs.zstd_encode(c, level=1)) for c in chunks]
-        out["zstd"] = _cpu_per_call(lambda i: codecs.zstd_encode(chunks[i % n], level=1), n) * per_chunk * LEVELS
+        out["zstd"] = cpu_per_call(lambda i: codecs.zstd_encode(chunks[i % n], level=1), n) * per_chunk * LEVELS
         out["zstd_ratio"] = sum(c.nbytes for c in chunks) / sum(len(e) for e in encoded)
         lz4 = dict(level=5, compressor="lz4", shuffle=0, typesize=1, numthreads=1)
-        out["lz4"] = _cpu_per_call(lambda i: codecs.blosc_encode(chunks[i % n], **lz4), n) * per_chunk * LEVELS
+        out["lz4"] = cpu_per_call(lambda i: codecs.blosc_encode(chunks[i % n], **lz4), n) * per_chunk * LEVELS
         out["lz4_ratio"] = sum(c.nbytes for c in chunks) / sum(
             len(bytes(codecs.blosc_encode(c, **lz4))) for c in chunks
         )
         buf = np.empty((chunk, chunk, 3), np.uint8)
-        read_s = _cpu_per_call(lambda i: codecs.zstd_decode(encoded[i % n], out=buf.reshape(-1)), n)
+        read_s = cpu_per_call(lambda i: codecs.zstd_decode(encoded[i % n], out=buf.reshape(-1)), n)
         jpeg = tile_encoder("jpeg", jpeg_quality=90, subsampling=(2, 2))
-        jpeg_s = _cpu_per_call(lambda i: jpeg(chunks[i % n]), n)
+        jpeg_s = cpu_per_call(lambda i: jpeg(chunks[i % n]), n)
         out["zstd_decode"] = read_s * per_chunk * LEVELS
         out["jpeg"] = jpeg_s * per_chunk * LEVELS
         stitcher = out["resample"] + out["register"] + out["blend"] + out["downsample"] + out["zstd"]
@@ -152,10 +165,6 @@ def measure(rec: Any, chunk: int = 512) -> dict[str, Any]:
         # Two cores, each busy all the time with nothing but these steps.
         out["best_mpx_per_s_2_cores"] = 2 * 1e3 / (stitcher + writer)
         return out
-    finally:
-        cv2.setNumThreads(threads)
-        if pinned:
-            os.sched_setaffinity(0, cores)
 
 
 STEPS = [

@@ -8,8 +8,10 @@ import pytest
 from hw_sim.optics import CameraParams, Optics, OpticsParams
 from hw_sim.slide import SlideSpec, SyntheticSlide
 from runtime.stitching.blending import (
+    RESAMPLING_KERNELS,
     composite,
     composite_feathered,
+    cubic_kernel,
     feather_alpha,
     feather_ramps,
     lanczos_kernel,
@@ -44,18 +46,35 @@ def test_lanczos_kernel_sums_to_one_and_interpolates() -> None:
     assert w0[3] == pytest.approx(1.0) and np.abs(np.delete(w0, 3)).max() < 1e-6
 
 
-@pytest.mark.parametrize(("dy", "dx"), [(0.3, -0.45), (-0.5, 0.2), (0.0, 0.37)])
-def test_subpixel_shift_moves_content_by_the_fraction(dy: float, dx: float) -> None:
+@pytest.mark.parametrize("kernel", RESAMPLING_KERNELS)
+@pytest.mark.parametrize(("dy", "dx"), [(0.3, -0.45), (-0.5, 0.2), (0.0, 0.37), (-0.21, -0.5)])
+def test_subpixel_shift_moves_content_by_the_fraction(kernel: str, dy: float, dx: float) -> None:
     img = _smooth_image(128)
     tile = np.repeat(img[..., None], 3, axis=2)
-    moved = subpixel_shift(tile, dy, dx)[..., 1]
+    moved = subpixel_shift(tile, dy, dx, kernel=kernel)[..., 1]
     ref = _fourier_shift(img, dy, dx)
     inner = (slice(8, -8), slice(8, -8))
-    # Lanczos-3: ~0.2 DN (at most ~0.8) on 40 DN of texture; the wrong sign would be ~10x that.
+    # Both kernels: ~0.2 DN (at most ~0.8) on 40 DN of texture; the wrong sign (or a cubic kernel
+    # anchored a tap off) would be ~10x that.
     err = np.abs(moved[inner] - ref[inner]).max()
     wrong = np.abs(moved[inner] - _fourier_shift(img, -dy, -dx)[inner]).max()
     assert err < 1.0 and wrong > 8 * err
-    assert subpixel_shift(tile, 0.0, 0.0) is tile
+    assert subpixel_shift(tile, 0.0, 0.0, kernel=kernel) is tile
+
+
+@pytest.mark.parametrize("t", [-0.99, -0.5, -0.2, 0.0, 0.3, 0.5, 0.99])
+def test_cubic_kernel_reproduces_quadratics(t: float) -> None:
+    """Keys' a = -0.5 is exact for polynomials up to degree 2: sampling a parabola at x + t gives it exactly."""
+    w, anchor = cubic_kernel(t)
+    assert len(w) == 4 and w.sum() == pytest.approx(1.0, abs=1e-6)
+    j = np.arange(4) - anchor  # the taps' offsets
+    for poly in (lambda x: 3.0 + 0 * x, lambda x: 2 * x - 1, lambda x: 0.5 * x * x - x):
+        assert float(w @ poly(j.astype(np.float64))) == pytest.approx(poly(np.float64(t)), abs=1e-5)
+
+
+def test_unknown_kernel_is_named() -> None:
+    with pytest.raises(ValueError, match="'bilinear'"):
+        subpixel_shift(np.zeros((8, 8, 3), np.uint8), 0.2, 0.1, kernel="bilinear")
 
 
 def test_ramp_and_alpha_edges() -> None:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import numpy.typing as npt
 import pytest
@@ -36,9 +39,7 @@ def scope() -> Scope:
     return Scope()
 
 
-def _pair(
-    scope: Scope, x_um: float, y_um: float, shift_px: tuple[float, float], seed: int
-) -> tuple[U8, U8]:
+def _pair(scope: Scope, x_um: float, y_um: float, shift_px: tuple[float, float], seed: int) -> tuple[U8, U8]:
     """Grey frames a (at x, y) and b (at a + shift), shift (dy, dx) in pixels."""
     a = scope.frame(x_um, y_um, 2 * seed)
     b = scope.frame(x_um + shift_px[1] * PX, y_um + shift_px[0] * PX, 2 * seed + 1)
@@ -131,3 +132,10 @@ def test_params_validate() -> None:
         RegistrationParams(highpass_px=4)
     with pytest.raises(ValueError):
         RegistrationParams(min_overlap_px=2)
+
+
+def test_the_stitcher_process_does_not_import_scipy() -> None:
+    """Registration needs only numpy and OpenCV: scipy's fft and ndimage cost ~0.25 s per stitcher start."""
+    code = "import sys, runtime.workers.stitcher; print(sorted(m for m in sys.modules if m.startswith('scipy')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

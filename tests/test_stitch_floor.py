@@ -20,3 +20,17 @@ def test_the_floor_bench_times_every_step_and_sums_them(tmp_path: Path, capsys: 
     assert r["daemon_floor"] == pytest.approx(r["stitcher_floor"] + r["zstd_decode"] + r["jpeg"])
     assert r["best_mpx_per_s_2_cores"] == pytest.approx(2000 / r["daemon_floor"])
     assert sum(r["pairs"].values()) > 0 and r["register_pair_ms"] > 0
+
+
+def test_the_resample_bench_scores_every_kernel_against_truth(capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("skimage.data")
+    assert main(["stitch", "--resample", "--json"]) == 0
+    rows = {r["kernel"]: r for r in json.loads(capsys.readouterr().out)["rows"]}
+    assert set(rows) == {"cubic", "lanczos3", "opencv cubic"}
+    for r in rows.values():
+        assert r["ms_per_tile"] > 0
+        # Sub-DN on noiseless simulator frames; a kernel moving the wrong way is several DN off.
+        assert 0 < r["simulator_dn"] < 1.0 and r["simulator_noisy_dn"] > r["simulator_dn"]
+        assert 0 < r["photo_dn"] < r["photo_noisy_dn"] < 6.0
+    # The default kernel's reason (deterministic: seeded noise): closer to the truth on noisy frames.
+    assert rows["cubic"]["simulator_noisy_dn"] < rows["lanczos3"]["simulator_noisy_dn"]

@@ -12,10 +12,10 @@ tiles will ramp over them in turn. Because the earlier content is already in
 the mosaic band, no strip of an earlier tile needs to be kept for blending.
 
 Subpixel placement: the tile is resampled by the fractional part of its
-position with a separable Lanczos-3 kernel whose weights are computed in
-float64 for the exact fraction (OpenCV's ``warpAffine`` quantises positions
-to 1/32 px and its cubic kernel over-shifts, see ``runtime.stitching.registration``),
-then pasted at the integer part.
+position with a separable kernel (Keys' cubic by default, Lanczos-3 on
+request) whose weights are computed in float64 for the exact fraction
+(OpenCV's ``warpAffine`` quantises positions to 1/32 px, uses a = -0.75 and
+took 5x as long single-threaded), then pasted at the integer part.
 """
 
 from __future__ import annotations
@@ -32,9 +32,11 @@ U8 = npt.NDArray[np.uint8]
 Bool = npt.NDArray[np.bool_]
 
 __all__ = [
+    "RESAMPLING_KERNELS",
     "Feather",
     "composite",
     "composite_feathered",
+    "cubic_kernel",
     "feather_alpha",
     "feather_ramps",
     "lanczos_kernel",
@@ -44,6 +46,8 @@ __all__ = [
 ]
 
 LANCZOS_A = 3
+# The subpixel resampling kernels a stitcher may use (``StitchConfig.resampling_kernel``).
+RESAMPLING_KERNELS = ("cubic", "lanczos3")
 
 
 def lanczos_kernel(t: float, a: int = LANCZOS_A) -> F32:
@@ -54,8 +58,21 @@ def lanczos_kernel(t: float, a: int = LANCZOS_A) -> F32:
     return (w / float(w.sum())).astype(np.float32)
 
 
-def subpixel_shift(tile: F32 | U8, fy: float, fx: float, scale: F32 | None = None) -> F32:
-    """The tile moved by (fy, fx) px (|f| <= 1): out(q) = tile(q - f), edges replicated; times ``scale`` if given.
+def cubic_kernel(t: float, a: float = -0.5) -> tuple[F32, int]:
+    """Keys' cubic convolution (a = -0.5: exact for quadratics): the 4 weights sampling f(x + t) (|t| < 1)
+    from f(x + j), j = floor(t) - 1 .. floor(t) + 2, and the index of j = 0 among them (OpenCV's anchor).
+
+    Weights in float64 for the exact fraction (OpenCV's own cubic quantises it to 1/32 px and uses a = -0.75).
+    """
+    j0 = math.floor(t) - 1
+    x = np.abs(np.arange(j0, j0 + 4, dtype=np.float64) - t)
+    w = np.where(x < 1, ((a + 2) * x - (a + 3)) * x * x + 1, ((a * x - 5 * a) * x + 8 * a) * x - 4 * a)
+    w[x >= 2] = 0.0
+    return (w / float(w.sum())).astype(np.float32), -j0
+
+
+def subpixel_shift(tile: F32 | U8, fy: float, fx: float, scale: F32 | None = None, kernel: str = "cubic") -> F32:
+    """The tile moved by (fy, fx) px (|f| < 1): out(q) = tile(q - f), edges replicated; times ``scale`` if given.
 
     Moving content by +f means sampling the source at q - f. ``tile`` may be
     the camera's uint8 frame: the filter reads it directly and writes float32
@@ -66,12 +83,25 @@ def subpixel_shift(tile: F32 | U8, fy: float, fx: float, scale: F32 | None = Non
     ~7.6 ms for a 1024 px RGB tile (single thread). The gain is applied after
     the shift, not before, so it is off by its own change over the fraction
     of a pixel: at most 0.06 DN on a 1024 px frame with 12 % vignetting.
+
+    ``kernel``: ``cubic`` (Keys, a = -0.5, 4 taps) or ``lanczos3`` (7 taps, about 1.6x the cost).
+    Measured with ``python -m bench stitch --resample`` against the content sampled at the shifted
+    position: on noiseless frames Lanczos-3 is 5-7 % closer (simulator 0.40 vs 0.43 DN RMS), on
+    noisy camera frames the cubic is 3-10 % closer (it passes less of the noise), and end to end
+    (``bench e2e``, 16 x 12 fields) the cubic gave 40.26 dB PSNR against 40.14 dB.
     """
     if abs(fy) < 1e-4 and abs(fx) < 1e-4:
         if scale is not None:
             return np.asarray(cv2.multiply(tile, scale, dtype=cv2.CV_32F), dtype=np.float32)
         return tile if tile.dtype == np.float32 else tile.astype(np.float32)  # type: ignore[return-value]
-    out = cv2.sepFilter2D(tile, cv2.CV_32F, lanczos_kernel(-fx), lanczos_kernel(-fy), borderType=cv2.BORDER_REPLICATE)
+    if kernel == "lanczos3":
+        kx, ky, anchor = lanczos_kernel(-fx), lanczos_kernel(-fy), (-1, -1)
+    elif kernel == "cubic":
+        (kx, ax), (ky, ay) = cubic_kernel(-fx), cubic_kernel(-fy)
+        anchor = (ax, ay)
+    else:
+        raise ValueError(f"unknown resampling kernel {kernel!r} (one of {', '.join(RESAMPLING_KERNELS)})")
+    out = cv2.sepFilter2D(tile, cv2.CV_32F, kx, ky, anchor=anchor, borderType=cv2.BORDER_REPLICATE)
     if scale is not None:
         cv2.multiply(out, scale, dst=out)
     return np.asarray(out, dtype=np.float32)
