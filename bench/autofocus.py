@@ -433,6 +433,7 @@ def _resolutions(paths: list[Path], model_dir: Path | None, classifier_dir: Path
 
     counts: dict[str, int] = {}
     near: dict[str, int] = {}
+    trusts: list[dict[str, Any]] = []
     flipped = 0
     errors, sharp_errors, caps, tissue_caps = [], [], [], []
     for path in paths:
@@ -453,6 +454,11 @@ def _resolutions(paths: list[Path], model_dir: Path | None, classifier_dir: Path
                 errors.append(abs(r.z_um - float(rp.truth[f])))
                 sharp_errors.append(abs(r.z_um - float(rp.sharpest[f])))
                 tissue_caps.append(r.captures)
+        t = focuser.near_focus
+        if t is not None:  # what the scan's near-focus checks learnt (runtime.focus.near_focus)
+            trusts.append(
+                {"checks": t.checks, "failures": t.failures, "offset_um": t.offset_um, "curvature": t.curvature}
+            )
     e = np.asarray(errors)
     return {
         "strategy": "single_shot",
@@ -465,6 +471,7 @@ def _resolutions(paths: list[Path], model_dir: Path | None, classifier_dir: Path
         "sign_resolution": counts,
         # The near-focus sharpness fit (runtime.focus.near_focus): verified / fit / failed fields.
         "near_focus": near,
+        "near_focus_trust": trusts,  # per recording
         "fields_with_flipped_convention": flipped,
     }
 
