@@ -82,6 +82,12 @@ class RegistrationParams:
     ``sigma_floor_px``: added in quadrature to the estimated precision, so that
     no single pair is trusted beyond what the model (pure translation,
     interpolation) can deliver.
+    ``tolerance_px``: the subpixel step stops once an update is smaller than
+    this. 0.005 px saved an iteration on most pairs (about 0.3 ms of 5-7 ms)
+    with the same pair errors on the bench recordings (0.0060 vs 0.0061 px
+    RMS, 1,230 pairs of 15 scans), but moved the solved positions a little
+    (``bench stitch`` rotation seed 1: 0.0175 -> 0.0182 px RMSE; e2e PSNR
+    40.263 -> 40.257 dB), so the default stays 0.001.
     """
 
     search_px: float = 40.0
@@ -94,6 +100,7 @@ class RegistrationParams:
     retry_below_ncc: float = 0.9
     candidates: int = 3
     max_iterations: int = 10
+    tolerance_px: float = 0.001
     border_px: int = 3
 
     def __post_init__(self) -> None:
@@ -554,13 +561,13 @@ def register_pair(
     if lo[0] > hi[0] or lo[1] > hi[1]:
         return _reject("no_overlap", pred)
     r0 = _coarse(raw_a, raw_b, lo, hi, p)
-    fit = _lk(raw_a, raw_b, r0, p, 1e-3, p.border_px, raw=True)
+    fit = _lk(raw_a, raw_b, r0, p, p.tolerance_px, p.border_px, raw=True)
     if fit == "unstable" or (not isinstance(fit, str) and fit[2] < p.retry_below_ncc):
         # A middling match: LK may have settled in a neighbouring local minimum (thin or
         # smooth overlaps). Start it from the neighbouring pixels too; keep the best fit.
         ry, rx = round(r0[0]), round(r0[1])
         for ny, nx in ((1, 0), (-1, 0), (0, 1), (0, -1)):
-            other = _lk(raw_a, raw_b, (float(ry + ny), float(rx + nx)), p, 1e-3, p.border_px, raw=True)
+            other = _lk(raw_a, raw_b, (float(ry + ny), float(rx + nx)), p, p.tolerance_px, p.border_px, raw=True)
             if not isinstance(other, str) and (isinstance(fit, str) or other[2] > fit[2]):
                 fit = other
     if isinstance(fit, str):
