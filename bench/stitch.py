@@ -31,6 +31,9 @@ position (it also shows nothing that could misalign). ``seam`` is the error of
 the relative position of each such pair of neighbours: what a misalignment
 across a seam would show.
 
+``--resample``: instead, each subpixel resampling kernel's error against truth and its CPU per tile
+(``bench.stitch_resample``); ``--floor``: the per-pixel steps' CPU floor (``bench.stitch_floor``).
+
 ``--e2e``: one scan replayed through the daemon (contrast-sweep focus on
 z-stacks), PSNR of the output's level 0 against ``hw_sim truth`` rendered in
 the mosaic's frame (the global offset from the report's solved positions),
@@ -443,6 +446,8 @@ def run(a: argparse.Namespace) -> int:
     from runtime.devices.recording import Recording
     from runtime.stitching.registration import to_grey
 
+    if a.resample:  # needs no recording
+        return _resample(a)
     tmp = None
     if a.workdir is None:
         tmp = tempfile.mkdtemp(prefix="bench-stitch-")
@@ -451,8 +456,6 @@ def run(a: argparse.Namespace) -> int:
         workdir = a.workdir
         workdir.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
-    if a.resample:
-        return _resample(a)
     if a.floor:
         try:
             return _floor(workdir, a)
