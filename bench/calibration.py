@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from bench.autofocus import OBJECTIVE_PRESETS, _objective_recording, _resolutions, sign_confidence
 from bench.report import Column, emit
 
@@ -35,6 +37,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _calibration_recording(args: argparse.Namespace, objective: str, content: str) -> Path:
     cal_args = argparse.Namespace(**{**vars(args), "fields": tuple(args.cal_fields)})
     return _objective_recording(cal_args, objective, content, seed=CAL_SEED)
+
+
+def label_errors(labels: list[dict[str, Any]], rec: Any) -> dict[str, Any]:
+    """The calibration's stack labels against the recording's truth (read here, by the bench, never
+    by ``export calibrate``): a label bias or scatter is a floor under the calibrated model's error.
+    A sharpness peak sits where the aberrated image is sharpest, which with spherical aberration is
+    not the paraxial focus the truth records."""
+    truth = rec.truth_focus_z_um
+    err = np.asarray([lab["focus_z_um"] - truth[lab["field"]] for lab in labels if lab["focus_z_um"] is not None])
+    if not len(err):
+        return {"fields": 0}
+    return {
+        "fields": len(err),
+        "mean_um": float(err.mean()),
+        "std_um": float(err.std()),
+        "max_abs_um": float(np.abs(err).max()),
+    }
+
+
+def _label_text(e: dict[str, Any]) -> str:
+    return f"{e['mean_um']:+.2f} / {e['max_abs_um']:.2f}" if e.get("fields") else "-"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -62,6 +85,7 @@ def run(args: argparse.Namespace) -> int:
                 alone, scan = sign_confidence(recs, af), _resolutions([eval_rec], model_dir)
                 result[tag] = {"model_alone": alone, "scan_path": scan}
             result["labelled_fields"] = cal["fields_labelled"]
+            result["label_error_um"] = label_errors(cal["labels"], Recording.open(cal_rec))
             result["skipped"] = cal["fields_skipped"]
             result["calibration_heldout"] = {k: cal[k] for k in ("heldout_metrics_before", "heldout_metrics_after")}
             cells.append(result)
@@ -71,6 +95,7 @@ def run(args: argparse.Namespace) -> int:
                     "cell": objective if content == "synthetic" else f"{objective} / {content}",
                     "labelled": result["labelled_fields"],
                     "secs": seconds,
+                    "label": _label_text(result["label_error_um"]),
                     "mae": f"{b['model_alone']['mae_um']:.3f} -> {a['model_alone']['mae_um']:.3f}",
                     "sign": f"{100 * b['model_alone']['sign_accuracy_abs_ge_1um']:.0f} -> "
                     f"{100 * a['model_alone']['sign_accuracy_abs_ge_1um']:.0f}",
@@ -82,6 +107,7 @@ def run(args: argparse.Namespace) -> int:
     cols = [
         Column("cell", "objective / content"),
         Column("labelled", "fields labelled"),
+        Column("label", "label - truth µm, mean / max |.|"),
         Column("secs", "calibrate s", ".0f"),
         Column("mae", "model MAE µm |z|<=8, before -> after"),
         Column("sign", "sign % |z|>=1"),
