@@ -88,9 +88,9 @@ def test_spill_cache_keeps_a_budget_and_gives_back_what_it_took(tmp_path: Path) 
         cache.put((("a", n), a))
         assert cache.held_bytes <= 3000
     assert cache.in_ram == 3 and len(cache) == 5 and cache.spilled == 2
-    assert sorted(p.name for p in (tmp_path / "spill").iterdir()) == ["a_0.npy", "a_1.npy"]
+    assert sorted(p.name for p in (tmp_path / "spill").iterdir()) == ["a_0.raw", "a_1.raw"]
     np.testing.assert_array_equal(cache.get(("a", 0))[0], arrays[0])  # read back; the oldest in RAM goes out
-    assert cache.reloaded == 1 and (tmp_path / "spill" / "a_2.npy").exists()
+    assert cache.reloaded == 1 and (tmp_path / "spill" / "a_2.raw").exists()
     np.testing.assert_array_equal(cache.pop(("a", 1)), arrays[1])
     assert ("a", 1) not in cache and len(cache) == 4
     cache.discard(("a", 2))
@@ -98,6 +98,25 @@ def test_spill_cache_keeps_a_budget_and_gives_back_what_it_took(tmp_path: Path) 
         cache.get(("a", 2))
     cache.close()
     assert not (tmp_path / "spill").exists()
+
+
+def test_spilled_arrays_come_back_with_their_shape_and_dtype(tmp_path: Path) -> None:
+    # The files are the raw pixels: the cache itself keeps what they are.
+    cache = SpillCache(tmp_path / "spill", budget_bytes=0)
+    arrays = {
+        "block": np.arange(4 * 5 * 3, dtype=np.uint8).reshape(4, 5, 3),
+        "mask": np.eye(6, dtype=np.bool_),
+        "gain": np.linspace(0.5, 2.0, 12, dtype=np.float32).reshape(3, 4),
+        "view": np.arange(64, dtype=np.uint16).reshape(8, 8)[::2, 1::3],  # not contiguous
+    }
+    for name, a in arrays.items():
+        cache.put(((name,), a))
+    assert cache.spilled == 3  # all but the latest
+    for name, a in arrays.items():
+        (back,) = cache.get((name,))
+        assert back.dtype == a.dtype and back.shape == a.shape
+        np.testing.assert_array_equal(back, a)
+    cache.close()
 
 
 def test_the_daemon_budget_sets_the_stitchers_part() -> None:

@@ -31,6 +31,7 @@ import math
 from collections import deque
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Any
 
 import cv2
 import numpy as np
@@ -182,8 +183,6 @@ class FlatFieldEstimator:
         use = w > 0
         py = (np.arange(self.height) + 0.5) / self.height * 2 - 1
         px = (np.arange(self.width) + 0.5) / self.width * 2 - 1
-        fy, fx = np.meshgrid(py, px, indexing="ij")
-        full = _design(fy, fx)
         gain = np.empty((self.height, self.width, 3), np.float32)
         coefs = []
         for ch in range(3):
@@ -198,7 +197,7 @@ class FlatFieldEstimator:
                 if kept.sum() < 6 or (kept == keep).all():
                     break
                 keep = kept
-            surface = full @ coef
+            surface = self._surface(py, px, coef)
             peak = float(surface.max())
             if not math.isfinite(peak) or peak <= 0:
                 return FlatField.identity(self.height, self.width).gain, ()
@@ -207,6 +206,18 @@ class FlatFieldEstimator:
         # A profile darker than 40 % anywhere is not vignetting but a failed fit: cap it.
         np.clip(gain, 0.4, 1.0, out=gain)
         return gain, tuple(coefs)
+
+    SURFACE_ROWS = 64  # rows of the tile whose surface terms exist at once (6 float64 planes of them)
+
+    def _surface(self, py: F64, px: F64, coef: npt.NDArray[np.floating[Any]]) -> F64:
+        """The fitted quadratic over the tile (rows ``py``, columns ``px``, normalised), a band of
+        rows at a time: the terms of the whole tile at once were ~85 MiB of float64 for a moment,
+        the stitcher's peak. The same products and sums row by row, so the same figures."""
+        out = np.empty((len(py), len(px)))
+        for r0 in range(0, len(py), self.SURFACE_ROWS):
+            fy, fx = np.meshgrid(py[r0 : r0 + self.SURFACE_ROWS], px, indexing="ij")
+            out[r0 : r0 + len(fy)] = _design(fy, fx) @ coef
+        return out
 
     def estimate(self) -> FlatField:
         """The best profile from what was seen: glass if ready, else the median fallback."""

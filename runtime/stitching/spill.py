@@ -3,7 +3,8 @@
 The accumulator keeps everything it holds between tiles here -- canvas blocks, tiles that wait,
 registration strips -- so that what stays in RAM is set by a budget and not by the width of the
 mosaic: when the arrays in RAM pass the budget, the least recently used go to ``folder`` as raw
-``.npy`` files and come back on their next :meth:`SpillCache.get`. A serpentine scan suits LRU:
+files (the pixels only: the cache keeps each one's shape and dtype) and come back on their next
+:meth:`SpillCache.get`. A serpentine scan suits LRU:
 the blocks and strips a scan row leaves behind are the ones the next row (coming back the other
 way) needs last.
 
@@ -41,7 +42,7 @@ class SpillCache:
             shutil.rmtree(self.folder)  # drafts of an interrupted run: the journal replays them
         self.folder.mkdir(parents=True)
         self._ram: OrderedDict[Key, np.ndarray] = OrderedDict()
-        self._disk: set[Key] = set()
+        self._disk: dict[Key, tuple[tuple[int, ...], np.dtype[Any]]] = {}  # spilled: shape and dtype
         self.held_bytes = 0  # in RAM now
         self.peak_held_bytes = 0
         self.spilled = 0  # arrays written to the folder (counts each eviction)
@@ -91,9 +92,9 @@ class SpillCache:
         if key not in self._disk:
             raise KeyError(key)
         path = self._path(key)
-        value = np.asarray(np.load(path, allow_pickle=False))
+        shape, dtype = self._disk.pop(key)
+        value = np.fromfile(path, dtype=dtype).reshape(shape)  # no .npy header to write and parse
         path.unlink()
-        self._disk.discard(key)
         self.reloaded += 1
         self._ram[key] = value
         self.held_bytes += value.nbytes
@@ -105,7 +106,7 @@ class SpillCache:
         if value is not None:
             self.held_bytes -= value.nbytes
         elif key in self._disk:
-            self._disk.discard(key)
+            del self._disk[key]
             self._path(key).unlink(missing_ok=True)
 
     def trim(self, keep_bytes: int = 0) -> None:
@@ -124,7 +125,7 @@ class SpillCache:
         shutil.rmtree(self.folder, ignore_errors=True)
 
     def _path(self, key: Key) -> Path:
-        return self.folder / ("_".join(str(k) for k in key) + ".npy")
+        return self.folder / ("_".join(str(k) for k in key) + ".raw")
 
     def _evict(self, limit: int | None = None, keep: int = 1) -> None:
         """Spill the least recently used arrays down to ``limit`` bytes, never the ``keep`` most recent."""
@@ -132,7 +133,7 @@ class SpillCache:
         limit = self.budget_bytes if limit is None else limit
         while self.held_bytes > limit and len(self._ram) > keep:
             key, value = self._ram.popitem(last=False)
-            np.save(self._path(key), value, allow_pickle=False)
-            self._disk.add(key)
+            np.ascontiguousarray(value).tofile(self._path(key))
+            self._disk[key] = (value.shape, value.dtype)
             self.held_bytes -= value.nbytes
             self.spilled += 1
