@@ -244,9 +244,9 @@ def test_single_shot_scan_through_the_inference_worker(tmp_path: Path, small_rec
     assert len(fields) == 9 and all(f["focus_method"].startswith("single_shot") for f in fields)
     assert all(f["tile_class"] in ("background", "tissue", "artifact") for f in fields)
     assert any(f["predicted_defocus_um"] is not None for f in fields)
-    # How each field's sign was decided (issue 11): glass has none, focused fields one of three.
+    # How each field's sign was decided (issue 11): glass has none, focused fields one of four.
     for f in fields:
-        want = {None} if f["tile_class"] == "background" else {"model", "second_shot", "sweep"}
+        want = {None} if f["tile_class"] == "background" else {"model", "second_shot", "sweep", "fit"}
         assert f["sign_resolution"] in want and f["sign_flipped"] in (True, False), f
         assert f["near_focus"] in (None, "verified", "fit", "failed"), f
     # The first tissue fields of a scan are checked by the near-focus sharpness fit (runtime.focus.near_focus).

@@ -67,4 +67,4 @@ def test_record_calibrate_and_scan_with_the_calibrated_model(
     report = json.loads((data / "scan" / "report.json").read_text())
     assert report["inference"]["autofocus_model"].startswith("af-instrument ("), report["inference"]
     assert report["fields_done"] == PARAMS.fields_x * PARAMS.fields_y
-    assert {f["sign_resolution"] for f in report["fields"]} <= {"model", "second_shot", "sweep", None}
+    assert {f["sign_resolution"] for f in report["fields"]} <= {"model", "second_shot", "sweep", "fit", None}

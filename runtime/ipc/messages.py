@@ -84,8 +84,9 @@ class FieldRecord:
     tile_class: str | None = None  # background / tissue / artifact (when the classifier ran)
     artifact: bool = False  # flagged for the report: ink, bubble, dust or fold on this field
     # How the side of focus was decided: "model" (the model's sign), "second_shot" (a second
-    # capture at a known offset, runtime.focus.single_shot), "sweep" (the contrast sweep); None:
-    # nothing to focus on (glass). sign_flipped: the scan's learnt sign convention was flipped.
+    # capture at a known offset, runtime.focus.single_shot), "fit" (the near-focus sharpness fit
+    # moved the frame, runtime.focus.near_focus), "sweep" (the contrast sweep); None: nothing to
+    # focus on (glass). sign_flipped: the scan's learnt sign convention was flipped.
     sign_resolution: str | None = None
     sign_flipped: bool = False
     # single_shot near focus (runtime.focus.near_focus): "verified" (a sharpness fit agreed with the
