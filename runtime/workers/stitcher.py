@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import os
 import queue
 import threading
 from collections import deque
@@ -36,7 +35,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import assert_never
 
-import cv2
 import numpy as np
 
 from runtime.config import DaemonConfig, MosaicConfig, StitchConfig, WriterConfig
@@ -437,15 +435,11 @@ def stitcher_main(
                 raise JournalError(f"the mosaic is {store.shape}, this scan's plan makes {(h, w)}")
         else:
             store = create()
-        # Parallel where it is coarse: a tile's two registration pairs on two threads (the accumulator),
-        # the chunk writes on the store's I/O threads, the journal on its own. Not inside each OpenCV
-        # call: its pool split every filter (thousands per scan, ~1 ms each) over the cores and spun
-        # while waiting, ~3-7 CPU-s/Gpx more than one thread on the same work (bench: h15-glue).
-        cv2.setNumThreads(1)
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        acc = DequeAccumulator(
-            job.geometry, store, stitch, memory_budget_mib=held_budget_mib(job.memory_budget_mib), threads=cores
-        )
+        # OpenCV keeps its own pool (a thread per core): with one OpenCV thread and the two registration
+        # pairs on two threads instead (DequeAccumulator threads=2) the stitcher used no fewer CPU-s/Gpx
+        # in the daemon, and the tail grew (16x12 e2e, load 4-5: 1.07/1.11 s against 0.76/0.56 s), since
+        # finish() blends and reduces on the main thread alone (notes/h15-glue.md).
+        acc = DequeAccumulator(job.geometry, store, stitch, memory_budget_mib=held_budget_mib(job.memory_budget_mib))
         if job.folder:
             journal = ScanJournal.open(job.folder)
             observer = JournalObserver(journal, Path(job.folder), job.geometry, store)
