@@ -30,7 +30,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fields", type=int, nargs=2, default=(4, 3), metavar=("X", "Y"), help="evaluation recording")
     p.add_argument("--cal-fields", type=int, nargs=2, default=(4, 2), metavar=("X", "Y"), help="at most 8 fields")
     p.add_argument("--tile", type=int, default=512)
-    p.add_argument("--epochs", type=int, default=24, help="fine-tuning epochs (export calibrate's default)")
+    p.add_argument("--epochs", type=int, default=None, help="fine-tuning epochs (default: export calibrate's)")
+    p.add_argument(
+        "--freeze-blocks",
+        type=int,
+        default=None,
+        help="conv blocks kept frozen (0: fine-tune every layer; default: export calibrate's)",
+    )
     p.add_argument("--json", action="store_true", help="one JSON object instead of tables")
 
 
@@ -76,10 +82,11 @@ def run(args: argparse.Namespace) -> int:
             look = "" if content == "synthetic" else "-" + "".join(c if c.isalnum() else "_" for c in content)
             out = args.data / f"af-calibrated-{objective}{look}-{args.tile}"
             t0 = time.monotonic()
-            cal = calibrate([cal_rec], builtin, out, epochs=args.epochs)
+            cal = calibrate([cal_rec], builtin, out, epochs=args.epochs, freeze_blocks=args.freeze_blocks)
             seconds = time.monotonic() - t0
             recs = [Recording.open(eval_rec)]
             result: dict[str, Any] = {"objective": objective, "content": content, "calibrate_s": seconds}
+            result["method"] = {**cal["method"], "epochs": cal["epochs"], "lr": cal["lr"]}
             for tag, model_dir in (("before", builtin), ("after", out)):
                 af, _, _ = load_models(model_dir, None, "ort_cpu")
                 alone, scan = sign_confidence(recs, af), _resolutions([eval_rec], model_dir)
@@ -116,7 +123,11 @@ def run(args: argparse.Namespace) -> int:
     ]
     notes = [
         f"calibration: {args.cal_fields[0]}x{args.cal_fields[1]} fields, 41 planes, slide seed {CAL_SEED}, "
-        f"{args.epochs} epochs; evaluation: the instrument's other fields (bench autofocus --objectives recording)",
+        "method: "
+        + "; ".join(
+            sorted({f"{c['method']['name']} ({c['method']['trained']}), {c['method']['epochs']} epochs" for c in cells})
+        )
+        + "; evaluation: the instrument's other fields (bench autofocus --objectives recording)",
         "targets after calibration: model MAE <= 0.3 µm, sign >= 98%; scan path >= 95% within, <= 1.2 captures",
     ]
     emit({"cells": cells}, rows, cols, as_json=args.json, title="autofocus before/after calibration", notes=notes)

@@ -244,6 +244,27 @@ def _freeze_bn(model: nn.Module) -> None:
             m.eval()
 
 
+def _loss(out: Sequence[torch.Tensor], y: torch.Tensor, c: torch.Tensor, near_weight: float) -> Any:
+    """Calibration loss of one batch: defocus (content crops only, planes near focus weighted up: the
+    closed loop's last capture is judged there; a field-specific offset of 0.3 µm near focus costs a
+    sweep), content (the init model's own probabilities as targets) and, with a magnitude head,
+    |defocus| on the same crops. (Typed Any: torch's ``Tensor.backward`` is untyped.)"""
+    mb = (c > 0.5).float() * (1.0 + near_weight * torch.exp(-0.5 * y * y))
+    norm = mb.sum().clamp(min=1)
+    loss = (nn.functional.smooth_l1_loss(out[0], y, beta=0.2, reduction="none") * mb).sum() / norm
+    loss = loss + 0.5 * nn.functional.binary_cross_entropy_with_logits(out[1], c)
+    if len(out) > 2:
+        loss = loss + (nn.functional.smooth_l1_loss(out[2], y.abs(), beta=0.2, reduction="none") * mb).sum() / norm
+    return loss
+
+
+def _optimiser(
+    params: Sequence[nn.Parameter], lr: float, steps: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
+    return opt, torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.2)
+
+
 def fine_tune(
     model: AutofocusNet,
     x: np.ndarray,
@@ -255,18 +276,14 @@ def fine_tune(
     batch: int = 64,
     near_weight: float = 0.0,
 ) -> list[dict[str, float]]:
+    """Every layer trained on the crops, a random flip/transpose per batch."""
     xt = torch.from_numpy(x)
     yt = torch.from_numpy(y.astype(np.float32))
     ct = torch.from_numpy(content_target.astype(np.float32))
-    # Content crops train the defocus head; planes near focus weigh more (the closed loop's last
-    # capture is judged there: a field-specific offset of 0.3 µm near focus costs a sweep).
-    mask = (ct > 0.5).float() * (1.0 + near_weight * torch.exp(-0.5 * yt * yt))
     n = len(xt)
     per_epoch = max(1, n // batch)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * per_epoch, pct_start=0.2)
+    opt, sched = _optimiser(list(model.parameters()), lr, epochs * per_epoch)
     g = torch.Generator().manual_seed(seed)
-    bce = nn.BCEWithLogitsLoss()
     history = []
     for epoch in range(epochs):
         model.train()
@@ -275,16 +292,7 @@ def fine_tune(
         total = 0.0
         for i in range(per_epoch):
             idx = perm[i * batch : (i + 1) * batch]
-            out = model(_augment(xt[idx].float(), g))
-            pd, pc = out[0], out[1]
-            mb = mask[idx]
-            reg = (nn.functional.smooth_l1_loss(pd, yt[idx], beta=0.2, reduction="none") * mb).sum() / mb.sum().clamp(
-                min=1
-            )
-            loss = reg + 0.5 * bce(pc, ct[idx])
-            if len(out) > 2:  # the magnitude head learns |defocus| on the same crops
-                mag = nn.functional.smooth_l1_loss(out[2], yt[idx].abs(), beta=0.2, reduction="none") * mb
-                loss = loss + mag.sum() / mb.sum().clamp(min=1)
+            loss = _loss(model(_augment(xt[idx].float(), g)), yt[idx], ct[idx], near_weight)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -292,6 +300,89 @@ def fine_tune(
             total += float(loss.detach())
         history.append({"epoch": epoch, "loss": total / per_epoch})
         print(json.dumps(history[-1]), flush=True)
+    model.eval()
+    return history
+
+
+DIHEDRAL = 8  # flips x flips x transpose: the optics are rotationally symmetric, the tissue has no orientation
+
+
+def _dihedral(x: torch.Tensor, d: int) -> torch.Tensor:
+    """The d-th (0..7) of the 8 flips/transposes of (N, C, S, S) crops; 0 is the identity."""
+    if d & 1:
+        x = x.flip(3)
+    if d & 2:
+        x = x.flip(2)
+    if d & 4:
+        x = x.transpose(2, 3)
+    return x
+
+
+def front_features(front: nn.Module, x: np.ndarray, batch: int = 256) -> torch.Tensor:
+    """(8, N, ...) float16: the frozen blocks' outputs for each of the 8 flips/transposes of every crop."""
+    front.eval()
+    out = []
+    with torch.no_grad():
+        for d in range(DIHEDRAL):
+            for i in range(0, len(x), batch):
+                out.append(front(_dihedral(torch.from_numpy(np.asarray(x[i : i + batch], np.float32)), d)).half())
+    f = torch.cat(out)
+    return f.reshape(DIHEDRAL, len(x), *f.shape[1:])
+
+
+def fine_tune_frozen(
+    model: AutofocusNet,
+    x: np.ndarray,
+    y: np.ndarray,
+    content_target: np.ndarray,
+    freeze_blocks: int,
+    epochs: int,
+    lr: float,
+    seed: int,
+    batch: int = 256,
+    near_weight: float = 0.0,
+) -> list[dict[str, float]]:
+    """The first ``freeze_blocks`` conv blocks kept; the rest and the head trained on their cached
+    outputs for all 8 flips/transposes of every crop (one forward pass of the front per crop and
+    transform, not one per epoch: the trained part is a small fraction of the compute).
+
+    Why: fine-tuning every layer on a few fields fits their content (on the other slide's fields a
+    -0.5 µm offset, large errors 5-8 µm from focus); the front's generic sharpness features kept,
+    the calibrated model generalises better (``bench calibration``, see the module docstring)."""
+    if not 0 < freeze_blocks < len(model.features):
+        raise CalibrationError(f"freeze_blocks must be 1..{len(model.features) - 1}, got {freeze_blocks}")
+    front, rest = model.features[:freeze_blocks], model.features[freeze_blocks:]
+    for p in front.parameters():
+        p.requires_grad_(False)
+    feats = front_features(front, x)
+    yt = torch.from_numpy(y.astype(np.float32))
+    ct = torch.from_numpy(content_target.astype(np.float32))
+    n_crops = len(x)
+    n = DIHEDRAL * n_crops
+    per_epoch = max(1, n // batch)
+    opt, sched = _optimiser([p for p in model.parameters() if p.requires_grad], lr, epochs * per_epoch)
+    g = torch.Generator().manual_seed(seed)
+    history = []
+    for epoch in range(epochs):
+        model.train()
+        _freeze_bn(model)
+        perm = torch.randperm(n, generator=g)
+        total = 0.0
+        for i in range(per_epoch):
+            j = perm[i * batch : (i + 1) * batch]
+            d, idx = j // n_crops, j % n_crops
+            h = model.head(rest(feats[d, idx].float()))
+            out = (h[:, 0], h[:, 1], h[:, 2]) if model.magnitude else (h[:, 0], h[:, 1])
+            loss = _loss(out, yt[idx], ct[idx], near_weight)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += float(loss.detach())
+        history.append({"epoch": epoch, "loss": total / per_epoch})
+        print(json.dumps(history[-1]), flush=True)
+    for p in front.parameters():
+        p.requires_grad_(True)
     model.eval()
     return history
 
@@ -307,23 +398,47 @@ def _split(n: int, holdout: float, seed: int) -> tuple[list[int], list[int]]:
     return sorted(int(i) for i in order[k:]), sorted(int(i) for i in order[:k])
 
 
+@dataclass(frozen=True)
+class TrainSettings:
+    """What ``calibrate`` trains with when the caller leaves a setting out, per method."""
+
+    epochs: int
+    lr: float
+    crops: int  # per training plane; 0: every crop the preprocessing cuts
+    batch: int
+
+
+FULL = TrainSettings(epochs=24, lr=5e-4, crops=8, batch=64)
+FROZEN = TrainSettings(epochs=15, lr=1e-3, crops=0, batch=256)
+DEFAULT_FREEZE_BLOCKS = 0  # 0: fine-tune every layer (FULL); n > 0: blocks 1..n frozen (FROZEN)
+
+
 def calibrate(
     recordings: Sequence[Path],
     init: Path | str,
     out: Path,
-    epochs: int = 24,
-    lr: float = 5e-4,
-    crops: int = 8,
+    epochs: int | None = None,
+    lr: float | None = None,
+    crops: int | None = None,
     holdout: float = 0.25,
     max_abs_um: float = 12.0,
     seed: int = 0,
     near_weight: float = 3.0,
     label_params: LabelParams | None = None,
     command: str | None = None,
+    freeze_blocks: int | None = None,
+    batch: int | None = None,
 ) -> dict[str, Any]:
     """Label, fine-tune and export (see the module docstring). Returns the ``calibration`` record
-    written to ``out/model.json``."""
+    written to ``out/model.json``. ``freeze_blocks`` (default :data:`DEFAULT_FREEZE_BLOCKS`) picks the
+    method; ``epochs``, ``lr``, ``crops`` and ``batch`` left out take that method's :class:`TrainSettings`."""
     t0 = time.time()
+    freeze = DEFAULT_FREEZE_BLOCKS if freeze_blocks is None else freeze_blocks
+    base = FROZEN if freeze > 0 else FULL
+    epochs = base.epochs if epochs is None else epochs
+    lr = base.lr if lr is None else lr
+    crops = base.crops if crops is None else crops
+    batch = base.batch if batch is None else batch
     seed_everything(seed)
     lp = label_params or LabelParams()
     recs = [Recording.open(p) for p in recordings]
@@ -380,7 +495,11 @@ def calibrate(
         _fold_affine(model, slope, offset)
     print(f"output line: defocus <- {slope:.3f} * defocus + {offset:.3f}", flush=True)
     t1 = time.time()
-    history = fine_tune(model, x, y, tc0, epochs, lr, seed, near_weight=near_weight) if epochs > 0 else []
+    history: list[dict[str, float]] = []
+    if epochs > 0 and freeze > 0:
+        history = fine_tune_frozen(model, x, y, tc0, freeze, epochs, lr, seed, batch=batch, near_weight=near_weight)
+    elif epochs > 0:
+        history = fine_tune(model, x, y, tc0, epochs, lr, seed, batch=batch, near_weight=near_weight)
     t_train = time.time() - t1
     hp1, hc1 = predict(model, hx)
     after = metrics(*tile_estimates(held_f, hp1, hc1)) if held_f else {}
@@ -417,6 +536,15 @@ def calibrate(
         "train_crops": len(x),
         "crops_per_plane": crops,
         "max_abs_defocus_um": max_abs_um,
+        "method": {
+            "name": "frozen_front" if freeze > 0 else "full_fine_tune",
+            "frozen_blocks": freeze,
+            "trained": f"conv blocks {freeze + 1}-{len(model.features)} + head" if freeze > 0 else "every layer",
+            "augment": "all 8 flips/transposes of every crop (front outputs cached)"
+            if freeze > 0
+            else "one random flip/transpose per batch",
+            "batch": batch,
+        },
         "epochs": epochs,
         "lr": lr,
         "near_focus_weight": near_weight,

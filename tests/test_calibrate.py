@@ -182,3 +182,41 @@ def test_tiny_calibration_loads_and_runs_in_the_daemon(
     assert len(report["fields"]) == PARAMS.fields_x * PARAMS.fields_y
     assert all(f["focus_method"].startswith("single_shot") for f in report["fields"])
     assert report["inference"]["autofocus_model"].startswith("af-cal ("), report["inference"]
+
+
+def test_frozen_front_calibration_keeps_the_front_and_records_the_method(recording: Path, tmp_path: Path) -> None:
+    pytest.importorskip("torch")
+    import onnx
+    from onnx import numpy_helper
+
+    from export.calibrate import DIHEDRAL, calibrate, front_features, recover_autofocus
+
+    init = load_model_folder(MODELS_DIR / "autofocus", "autofocus")
+    out = tmp_path / "af-frozen"
+    cal = calibrate([recording], MODELS_DIR / "autofocus", out, epochs=1, crops=2, holdout=0.3, freeze_blocks=6)
+    assert cal["method"]["name"] == "frozen_front" and cal["method"]["frozen_blocks"] == 6
+    assert cal["method"]["batch"] == 256 and cal["lr"] == 1e-3  # the frozen method's own defaults
+    assert cal["history"] and {"mae_um", "sign_accuracy_abs_ge_1um"} <= set(cal["heldout_metrics_after"])
+    folder = load_model_folder(out, "autofocus")
+    assert folder.meta["parity"]["max_abs_diff"]["defocus_um"] <= folder.meta["parity"]["atol"]
+
+    def conv_weights(path: Path) -> list[np.ndarray]:
+        g = onnx.load(str(path)).graph
+        inits = {t.name: numpy_helper.to_array(t) for t in g.initializer}
+        return [inits[n.input[1]] for n in g.node if n.op_type == "Conv"]
+
+    before, after = conv_weights(init.onnx_path), conv_weights(folder.onnx_path)
+    for k in range(6):
+        np.testing.assert_array_equal(before[k], after[k], err_msg=f"frozen block {k + 1} changed")
+    assert not np.array_equal(before[6], after[6])  # the last block was trained
+
+    # The cached features: transform 0 is the untransformed crop, and all 8 transforms are present.
+    model = recover_autofocus(init)
+    x = init.autofocus_preprocess().inputs(Recording.open(recording).plane(0, 10))[:3].astype(np.float16)
+    feats = front_features(model.features[:6], x)
+    assert feats.shape[:2] == (DIHEDRAL, 3)
+    import torch
+
+    with torch.no_grad():
+        ref = model.features[:6](torch.from_numpy(x.astype(np.float32)))
+    np.testing.assert_allclose(feats[0].float().numpy(), ref.numpy(), atol=2e-2, rtol=1e-2)
