@@ -200,6 +200,12 @@ def test_a_scan_killed_with_blocks_in_flight_resumes_to_the_same_slide(
     folder = cfg.daemon.data_root / "killed"
     with daemon_running(cfg) as (proc, client):
         scan_id = _start_and_wait(client, "killed", 6)
+        # Fields captured are not tiles written: on a loaded machine the writer may not have begun the
+        # slide yet, so cut the power once it has (the scan is paced to last much longer than this).
+        deadline = time.monotonic() + 60
+        while not partial_path(folder / "slide.ome.tif").exists():
+            assert time.monotonic() < deadline, client.request("status")
+            time.sleep(0.02)
         power_cut(proc.pid)
         proc.join(10)
     assert not read_journal(folder / JOURNAL_NAME).completed and not (folder / "slide.ome.tif").exists()
