@@ -32,6 +32,11 @@
    labelling took under 600 CPU-seconds on this project's 2-core machine (at a load
    of 8: other jobs running; the wall time then was 20 min): under the issue's 10
    minutes on two idle cores even if only one of them were used.
+   ``freeze_blocks=n`` (method ``frozen_front``) instead keeps conv blocks 1..n, caches their
+   outputs for all 8 flips/transposes of every crop of every plane (``crops`` 0) and trains the
+   remaining block(s) and the head on them: batch 256, 15 epochs, lr 1e-3 by default
+   (:data:`FROZEN`); the front's generic sharpness features are not refitted to a few fields'
+   content. ``model.json`` records the method (``calibration.method``).
 6. **Exports** a normal model folder (:func:`export.onnx_export.export_model`,
    parity-checked) whose ``model.json`` names the recordings and fields, the
    label method, the held-out metrics before and after, and the init model's
