@@ -95,6 +95,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     c.add_argument("--crops", type=int, default=None, help="crops per training plane (0: all)")
     c.add_argument("--holdout", type=float, default=None, help="fraction of the labelled fields held out")
     c.add_argument("--near-weight", type=float, default=None, help="extra loss weight of planes near focus")
+    c.add_argument(
+        "--freeze-blocks",
+        type=int,
+        default=None,
+        help="frozen_front method: keep conv blocks 1..N, train the rest on cached features (0: full fine-tune)",
+    )
+    c.add_argument("--batch", type=int, default=None, help="training batch (default: the method's)")
     c.add_argument("--seed", type=int, default=0)
     for name, what in (
         ("train-tumour", "tumour patch classifier"),
@@ -161,7 +168,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         kw = {
             k: getattr(args, k)
-            for k in ("epochs", "lr", "crops", "holdout", "near_weight")
+            for k in ("epochs", "lr", "crops", "holdout", "near_weight", "freeze_blocks", "batch")
             if getattr(args, k) is not None
         }
         cmd = "python -m export " + " ".join(shlex.quote(str(a)) for a in (argv if argv is not None else sys.argv[1:]))
