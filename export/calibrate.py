@@ -49,7 +49,7 @@ import json
 import math
 import platform
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -270,6 +270,46 @@ def _optimiser(
     return opt, torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.2)
 
 
+BatchLoss = Callable[[torch.Tensor, torch.Generator], Any]
+"""One batch's loss from its sample indices (a slice of the epoch's permutation) and the loop's generator."""
+
+
+def _train_loop(
+    model: AutofocusNet,
+    params: Sequence[nn.Parameter],
+    n: int,
+    batch_loss: BatchLoss,
+    epochs: int,
+    lr: float,
+    seed: int,
+    batch: int,
+) -> list[dict[str, float]]:
+    """The calibration training loop both methods share: ``epochs`` passes over ``n`` samples in random
+    batches (BatchNorm kept in eval), AdamW with a one-cycle schedule on ``params``. The methods differ
+    only in ``batch_loss``: how a batch's indices become model outputs. One generator seeds the
+    permutation and whatever the batch function draws (augmentation), so a seed reproduces a run."""
+    per_epoch = max(1, n // batch)
+    opt, sched = _optimiser(params, lr, epochs * per_epoch)
+    g = torch.Generator().manual_seed(seed)
+    history = []
+    for epoch in range(epochs):
+        model.train()
+        _freeze_bn(model)
+        perm = torch.randperm(n, generator=g)
+        total = 0.0
+        for i in range(per_epoch):
+            loss = batch_loss(perm[i * batch : (i + 1) * batch], g)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += float(loss.detach())
+        history.append({"epoch": epoch, "loss": total / per_epoch})
+        print(json.dumps(history[-1]), flush=True)
+    model.eval()
+    return history
+
+
 def fine_tune(
     model: AutofocusNet,
     x: np.ndarray,
@@ -285,28 +325,11 @@ def fine_tune(
     xt = torch.from_numpy(x)
     yt = torch.from_numpy(y.astype(np.float32))
     ct = torch.from_numpy(content_target.astype(np.float32))
-    n = len(xt)
-    per_epoch = max(1, n // batch)
-    opt, sched = _optimiser(list(model.parameters()), lr, epochs * per_epoch)
-    g = torch.Generator().manual_seed(seed)
-    history = []
-    for epoch in range(epochs):
-        model.train()
-        _freeze_bn(model)
-        perm = torch.randperm(n, generator=g)
-        total = 0.0
-        for i in range(per_epoch):
-            idx = perm[i * batch : (i + 1) * batch]
-            loss = _loss(model(_augment(xt[idx].float(), g)), yt[idx], ct[idx], near_weight)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-            total += float(loss.detach())
-        history.append({"epoch": epoch, "loss": total / per_epoch})
-        print(json.dumps(history[-1]), flush=True)
-    model.eval()
-    return history
+
+    def batch_loss(idx: torch.Tensor, g: torch.Generator) -> Any:
+        return _loss(model(_augment(xt[idx].float(), g)), yt[idx], ct[idx], near_weight)
+
+    return _train_loop(model, list(model.parameters()), len(xt), batch_loss, epochs, lr, seed, batch)
 
 
 DIHEDRAL = 8  # flips x flips x transpose: the optics are rotationally symmetric, the tissue has no orientation
@@ -363,33 +386,19 @@ def fine_tune_frozen(
     yt = torch.from_numpy(y.astype(np.float32))
     ct = torch.from_numpy(content_target.astype(np.float32))
     n_crops = len(x)
-    n = DIHEDRAL * n_crops
-    per_epoch = max(1, n // batch)
-    opt, sched = _optimiser([p for p in model.parameters() if p.requires_grad], lr, epochs * per_epoch)
-    g = torch.Generator().manual_seed(seed)
-    history = []
-    for epoch in range(epochs):
-        model.train()
-        _freeze_bn(model)
-        perm = torch.randperm(n, generator=g)
-        total = 0.0
-        for i in range(per_epoch):
-            j = perm[i * batch : (i + 1) * batch]
-            d, idx = j // n_crops, j % n_crops
-            h = model.head(rest(feats[d, idx].float()))
-            out = (h[:, 0], h[:, 1], h[:, 2]) if model.magnitude else (h[:, 0], h[:, 1])
-            loss = _loss(out, yt[idx], ct[idx], near_weight)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-            total += float(loss.detach())
-        history.append({"epoch": epoch, "loss": total / per_epoch})
-        print(json.dumps(history[-1]), flush=True)
-    for p in front.parameters():
-        p.requires_grad_(True)
-    model.eval()
-    return history
+
+    def batch_loss(j: torch.Tensor, g: torch.Generator) -> Any:
+        d, idx = j // n_crops, j % n_crops  # sample j = transform d of crop idx
+        h = model.head(rest(feats[d, idx].float()))
+        out = (h[:, 0], h[:, 1], h[:, 2]) if model.magnitude else (h[:, 0], h[:, 1])
+        return _loss(out, yt[idx], ct[idx], near_weight)
+
+    trained = [p for p in model.parameters() if p.requires_grad]
+    try:
+        return _train_loop(model, trained, DIHEDRAL * n_crops, batch_loss, epochs, lr, seed, batch)
+    finally:
+        for p in front.parameters():
+            p.requires_grad_(True)
 
 
 # --------------------------------------------------------------------------- the command
