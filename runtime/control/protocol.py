@@ -68,7 +68,7 @@ from pydantic import (
     model_validator,
 )
 
-from runtime.config import FocusConfig
+from runtime.config import AnalysisConfig, FocusConfig
 
 MAX_REQUEST_BYTES: Final = 16 * 1024
 """Largest request accepted. Commands are small (a full ``start_scan`` is well under 5 KiB); a
@@ -187,18 +187,21 @@ FOCUS_OVERRIDES: Final[tuple[str, ...]] = ("strategy", "sweep_half_range_um", "s
 """The ``[focus]`` keys a ``start_scan`` may override (each keeps its type and bounds from FocusConfig)."""
 
 
-def optional_overrides(config: type[BaseModel], names: tuple[str, ...], model_name: str, doc: str) -> type[_Params]:
+def optional_overrides(
+    config: type[BaseModel], names: tuple[str, ...], model_name: str, doc: str, base: type[_Params] = _Params
+) -> type[_Params]:
     """A params model of ``config``'s fields ``names``, each optional (None: keep the config value).
 
     Types, bounds and descriptions are taken from ``config``'s field definitions, so the
     wire's limits cannot drift from the config file's; the model is strict like all params.
+    ``base`` may add fields of its own (path parameters, with the wire's bounds for paths).
     """
     fields: dict[str, Any] = {}
     for name in names:
         info = config.model_fields[name]
         kind: Any = Annotated[(info.annotation, *info.metadata)] if info.metadata else info.annotation
         fields[name] = (kind | None, Field(None, description=info.description))
-    return create_model(model_name, __base__=_Params, __doc__=doc, __module__=__name__, **fields)
+    return create_model(model_name, __base__=base, __doc__=doc, __module__=__name__, **fields)
 
 
 if TYPE_CHECKING:
@@ -243,6 +246,40 @@ class ModelOverrides(_Params):
     _paths = field_validator("autofocus_dir")(_no_nul)
 
 
+ANALYSIS_FOLDERS: Final[tuple[str, ...]] = ("tumour_dir", "nuclei_dir", "slide_dir")
+"""The ``[analysis]`` model folders a ``start_scan`` may name (checked by the daemon like ``autofocus_dir``)."""
+
+ANALYSIS_OVERRIDES: Final[tuple[str, ...]] = ("enabled", "models", "nuclei", "subdivide", "threshold")
+"""The other ``[analysis]`` keys a ``start_scan`` may override: what the scan's analysis is. The
+rest of the section (``backend``, ``batch_size``, ``nice``, ``finish_timeout_s``) is how the
+daemon's one analysis worker runs on this machine: the operator's, not a scan's."""
+
+
+class _AnalysisFolders(_Params):
+    """The model folders of :data:`ANALYSIS_FOLDERS`, each a path parameter (the daemon checks where it is)."""
+
+    tumour_dir: str | None = Field(None, description="tumour classifier model folder for this scan", **_PATH_FIELD)
+    nuclei_dir: str | None = Field(None, description="nuclei detector model folder for this scan", **_PATH_FIELD)
+    slide_dir: str | None = Field(
+        None, description="slide (attention-MIL) model folder for this scan, or 'none'", **_PATH_FIELD
+    )
+
+    _paths = field_validator(*ANALYSIS_FOLDERS)(_no_nul)
+
+
+if TYPE_CHECKING:
+    AnalysisOverrides: TypeAlias = _AnalysisFolders
+else:
+    AnalysisOverrides = optional_overrides(
+        AnalysisConfig,
+        ANALYSIS_OVERRIDES,
+        "AnalysisOverrides",
+        "Per-scan overrides of the ``[analysis]`` config section; omitted keys keep the config value. "
+        "The whole section is then validated like the config file.",
+        base=_AnalysisFolders,
+    )
+
+
 class JobParams(_Params):
     """What every job on the scanner takes: where (driver, region) and the output folder."""
 
@@ -279,6 +316,7 @@ class StartScanParams(JobParams):
 
     focus: FocusOverrides | None = None
     models: ModelOverrides | None = None
+    analysis: AnalysisOverrides | None = None
     resume: str | None = Field(
         None,
         description="continue this interrupted scan (a scan_id from status.interrupted) with the parameters "
@@ -296,7 +334,7 @@ class StartScanParams(JobParams):
     @model_validator(mode="after")
     def _resume_alone(self) -> StartScanParams:
         if self.resume is not None:
-            names = ("recording", "region", "output_name", "focus", "models")
+            names = ("recording", "region", "output_name", "focus", "models", "analysis")
             others = [k for k in names if getattr(self, k) is not None]
             if others:
                 raise ValueError(f"resume continues the scan with its journaled parameters; remove {', '.join(others)}")

@@ -36,10 +36,13 @@ import time
 from dataclasses import dataclass
 from multiprocessing.context import SpawnProcess
 from pathlib import Path
-from typing import Protocol, assert_never
+from typing import Any, Protocol, assert_never
 
+from runtime import paths
 from runtime.config import AnalysisConfig, RuntimeConfig
+from runtime.control.protocol import AnalysisOverrides, RequestError
 from runtime.daemon.job import terminate_then_kill
+from runtime.daemon.model_request import requested_model_dir
 from runtime.errors import one_line
 from runtime.ipc.lifetime import record_semaphores, semaphore_names
 from runtime.ipc.messages import (
@@ -290,9 +293,36 @@ class AnalysisService:
         self._close_queues()
 
 
+_FOLDER_TASKS = (("tumour_dir", "tumour"), ("nuclei_dir", "nuclei"), ("slide_dir", "slide_mil"))
+
+
+def requested_analysis(cfg: RuntimeConfig, requested: AnalysisOverrides | None) -> dict[str, Any]:
+    """A ``start_scan``'s ``analysis`` overrides for the scan's config (``with_overrides`` then
+    validates the whole ``[analysis]`` section like the config file), each model folder resolved and
+    checked as a requested model folder (:func:`~runtime.daemon.model_request.requested_model_dir`:
+    where it may be, who owns it, and that it loads as that task's model folder). A daemon whose
+    config has the analysis off runs no analysis worker: a scan may then only say ``enabled: false``.
+    Raises ``RequestError("invalid_params")`` naming the parameter (``analysis.tumour_dir``, ...)."""
+    values = requested.model_dump(exclude_none=True) if requested is not None else {}
+    if not cfg.analysis.enabled and values and values != {"enabled": False}:
+        raise RequestError(
+            "invalid_params",
+            "analysis: this daemon runs no analysis worker ([analysis] enabled = false in its config); "
+            "a scan cannot turn the analysis on or choose its models",
+        )
+    for key, task in _FOLDER_TASKS:
+        value = values.get(key)
+        if value is not None and not (key == "slide_dir" and value == "none"):
+            try:
+                values[key] = requested_model_dir(cfg, value, f"analysis.{key}", task)
+            except paths.UnsafePath as err:
+                raise RequestError("invalid_params", str(err)) from None
+    return values
+
+
 def analysis_service(cfg: RuntimeConfig) -> AnalysisService | None:
     """The daemon's analysis worker, when ``[analysis] enabled`` (not started yet)."""
     return AnalysisService(cfg) if cfg.analysis.enabled else None
 
 
-__all__ = ["AnalysisOutcome", "AnalysisPort", "AnalysisService", "analysis_service"]
+__all__ = ["AnalysisOutcome", "AnalysisPort", "AnalysisService", "analysis_service", "requested_analysis"]

@@ -46,7 +46,7 @@ from runtime.control.replies import (
 )
 from runtime.control.server import ControlServer
 from runtime.daemon import sdnotify
-from runtime.daemon.analysis_service import analysis_service
+from runtime.daemon.analysis_service import analysis_service, requested_analysis
 from runtime.daemon.job import REPORT_NAME, WorkerJob
 from runtime.daemon.model_request import requested_model_dir
 from runtime.daemon.scan_job import ScanJob
@@ -255,6 +255,9 @@ class Supervisor:
         if params.models is not None and params.models.autofocus_dir is not None:
             with _refused_as_invalid():
                 overrides["models"] = {"autofocus_dir": requested_model_dir(self.cfg, params.models.autofocus_dir)}
+        analysis = requested_analysis(self.cfg, params.analysis)  # its model folders checked like autofocus_dir
+        if analysis:
+            overrides["analysis"] = analysis
         cfg = self.cfg
         for section, values in overrides.items():
             try:
