@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -489,6 +490,7 @@ def scan_cost(
             cpu: dict[str, list[float]] = {"off": [], "on": [], "analysis": []}
             ready: list[float] = []
             analysis: dict[str, Any] | None = None
+            scans: list[dict[str, Any]] = []  # every scan, in order: a median hides the runs that matter
             with (
                 ReplayDaemon(configs["off"], rec, work / f"off-{pace:g}", pace) as d_off,
                 ReplayDaemon(configs["on"], rec, work / f"on-{pace:g}", pace) as d_on,
@@ -496,8 +498,10 @@ def scan_cost(
                 daemons = {"off": d_off, "on": d_on}
                 for r in range(repeats):
                     for name in ("off", "on"):
+                        load1 = os.getloadavg()[0]  # the machine's load as the scan starts (shared machines)
                         report = daemons[name].scan(f"scan-{r}")
                         walls[name].append(report["_wall_s"])
+                        scans.append(_scan_record(r, name, load1, report))
                         # CPU seconds of every process of the scan (the contention-free cost).
                         secs = report.get("cpu_seconds") or {}
                         cpu[name].append(float(sum(secs.values())))
@@ -518,6 +522,12 @@ def scan_cost(
                 "cpu_s_analysis": float(np.median(cpu["analysis"])),
                 "ready_after_slide_s": round(float(np.median(ready)), 3),
                 "walls": walls,
+                # Per repeat: the "on" scan against the "off" scan just before it (not only the medians).
+                "pair_cost_pct": [
+                    round(100.0 * (on_s - off_s) / off_s, 1)
+                    for off_s, on_s in zip(walls["off"], walls["on"], strict=True)
+                ],
+                "scans": scans,
                 "analysis_patches": analysis.get("patches"),
                 "analysis_timing_s": analysis.get("timing_s"),
                 # The warm worker: its start (once per daemon, before the first scan) and whether
@@ -527,6 +537,30 @@ def scan_cost(
                 "analysis_worker": analysis.get("worker"),
             }
     return out
+
+
+def _scan_record(repeat: int, setting: str, load1: float, report: dict[str, Any]) -> dict[str, Any]:
+    """One scan of ``scan_cost``: its wall and CPU, the load average as it began, and with analysis
+    on what the scan waited for after its slide (``report.json`` ``analysis.timing_s``) and how many
+    pieces of rows the worker fed at normal priority because its niced feeding fell behind."""
+    record: dict[str, Any] = {
+        "repeat": repeat,
+        "analysis": setting,
+        "wall_s": round(report["_wall_s"], 3),
+        "cpu_s": round(sum((report.get("cpu_seconds") or {}).values()), 3),
+        "load1": round(load1, 2),
+    }
+    a = report.get("analysis") or {}
+    if setting == "on":
+        timing = a.get("timing_s") or {}
+        record |= {
+            "cpu_s_analysis": (report.get("cpu_seconds") or {}).get("analysis"),
+            "ready_after_slide_s": a.get("ready_after_slide_s"),
+            "rows_after_slide_s": timing.get("rows_after_slide"),
+            "finish_and_outputs_s": timing.get("finish_and_outputs"),
+            "urgent_pieces": (a.get("worker") or {}).get("urgent_pieces"),
+        }
+    return record
 
 
 # --------------------------------------------------------------------------- the bench
@@ -641,7 +675,8 @@ def run(args: argparse.Namespace) -> int:
                     f"replayed scan ({sc['fields'][0]}x{sc['fields'][1]} fields, {key.replace('_', ' ')}), wall time: "
                     f"analysis off {c['off_s']:.2f} s, on {c['on_s']:.2f} s (+{c['cost_pct']:.1f}%); "
                     f"analysis ready {c['ready_after_slide_s']} s after the slide; CPU s of the scan's processes "
-                    f"{c['cpu_s_off']:.1f} -> {c['cpu_s_on']:.1f} (analysis worker {c['cpu_s_analysis']:.1f})"
+                    f"{c['cpu_s_off']:.1f} -> {c['cpu_s_on']:.1f} (analysis worker {c['cpu_s_analysis']:.1f}); "
+                    f"per repeat (on vs the off scan before it): {', '.join(f'{x:+.1f}%' for x in c['pair_cost_pct'])}"
                 )
     emit(result, rows, cols, as_json=args.json, title="slide analysis on held-out synthetic slides", notes=notes)
     return 0

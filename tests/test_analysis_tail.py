@@ -1,7 +1,7 @@
 """What a scan waits for after its slide (issue 13, cost): the analysis worker feeds the scan's rows
-on a niced thread and finishes on its main thread at normal priority (runtime/workers/analysis.py
-``_Feeder``), and the nuclei model runs on windows as large as the pipeline's regions
-(export/nuclei_window.py), one model call per region."""
+on a niced thread (on one at normal priority while it is too far behind) and finishes on its main
+thread at normal priority (runtime/workers/analysis.py ``_Feeder``), and the nuclei model runs on
+windows as large as the pipeline's regions (export/nuclei_window.py), one model call per region."""
 
 from __future__ import annotations
 
@@ -92,6 +92,55 @@ def test_rows_fed_on_the_niced_thread_then_finished_on_the_caller_give_the_whole
     assert summary["nuclei_count"] == len(whole.nuclei) > 50
     assert summary["patches"] == whole.stats["patches"]
     assert summary["slide_score"] == pytest.approx(whole.slide_score, abs=1e-3)
+
+
+def test_feeding_too_far_behind_moves_to_a_thread_at_normal_priority(mosaic: Path, tmp_path: Path) -> None:
+    """A niced feeding thread starved by a busy machine leaves its rows for after the slide; past
+    ``backlog_mpx`` of rows announced and not fed, a thread at normal priority feeds them (until half
+    the bound is left), and once the last row is announced; the answer does not change."""
+    cfg = AnalysisConfig(enabled=True, models="baseline", subdivide=2)
+    models = baseline_models()
+    base_nice = os.getpriority(os.PRIO_PROCESS, 0)
+    feeder = _Feeder(min(19, base_nice + 3), backlog_mpx=0.1)
+    fed_by: list[str] = []  # the thread of each heartbeat: feed_piece beats after each piece
+    run = _Run(cfg, models, str(mosaic), lambda: fed_by.append(threading.current_thread().name), feeder.should_pause)
+    feeder.hand(run)
+    geometry = run.source.geometry
+    shapes, width0 = geometry.level_shapes, geometry.level_shapes[0][1]
+
+    def announce(rows0: int) -> None:  # level-0 rows final, announced on every level the analyzer reads
+        for level in run.analyzer.levels:
+            feeder.announce(level, int(rows0 / geometry.downsample(level)))
+        _wait(
+            lambda: all(not run.behind(lv, int(rows0 / geometry.downsample(lv))) for lv in run.analyzer.levels)
+            and not feeder._busy
+            and not feeder._left
+        )
+
+    step = int(0.04e6 / width0)  # 0.04 Mpx: under the bound
+    announce(step)
+    assert set(fed_by) == {"analysis-feed"} and feeder.urgent_pieces == 0
+    announce(step + int(0.3e6 / width0))  # 0.3 Mpx behind at once: urgent
+    assert "analysis-feed-urgent" in fed_by and feeder.urgent_pieces > 0
+    for thread, nice in ((feeder._normal, base_nice), (feeder._niced, min(19, base_nice + 3))):
+        assert thread.native_id is not None and os.getpriority(os.PRIO_PROCESS, thread.native_id) == nice
+    fed_by.clear()
+    pieces = feeder.urgent_pieces
+    announce(2 * step + int(0.3e6 / width0))  # caught up: a step under the bound is the niced thread's again
+    assert set(fed_by) == {"analysis-feed"} and feeder.urgent_pieces == pieces
+    announce(shapes[0][0])  # the last row: urgent whatever the backlog
+    assert feeder.urgent_pieces > pieces
+    _, error = feeder.take()
+    assert error is None
+    summary = run.finish(tmp_path / "out")
+    store = MosaicStore.open(mosaic)
+    try:
+        whole = analyze_source(MosaicSource(store), models, subdivide=2)
+    finally:
+        store.close()
+    assert summary["nuclei_count"] == len(whole.nuclei) > 50
+    assert summary["patches"] == whole.stats["patches"]
+    assert summary["slide_score"] == pytest.approx(whole.slide_score, abs=1e-6)
 
 
 def test_an_analyzer_paused_between_regions_and_bands_gives_the_same_answer() -> None:

@@ -69,6 +69,7 @@ def test_warm_worker_serves_scans_without_a_second_start_and_reloads_changed_mod
     for report, scans, loads, loaded in ((first, 1, 1, False), (second, 2, 1, False), (third, 3, 2, True)):
         a = report["analysis"]
         assert a["error"] is None, a
+        assert a["worker"].pop("urgent_pieces") >= 0  # pieces fed at normal priority (the niced feeding behind)
         assert a["worker"] == {
             "pid": pid,
             "starts": 1,

@@ -68,6 +68,14 @@ log = logging.getLogger("wsi.analysis")
 
 FEED_ROWS = 256  # rows per read from the mosaic: a heartbeat between reads
 
+# The most work the niced feeding may leave behind, in level-0 megapixels of announced rows not yet
+# fed (about 0.05 CPU-s per Mpx on the 2-core x86 test machine, nuclei and tumour models together):
+# past it the feeding moves to a thread at normal priority until half of it is left. On a busy
+# machine the niced thread gets almost no CPU during the scan (load ~19: 2.6 s of rows were left for
+# after an 8 x 8 slide, +53% wall); the bound keeps what is left for after the slide to about
+# 0.2 CPU-s on any slide, at the price of that work competing with the scan when it is behind.
+BACKLOG_MPX = 4.0
+
 ModelKey = tuple[object, ...]
 
 
@@ -181,6 +189,35 @@ class _Run:
             rows, self.source.geometry.level_shapes[level][0]
         )
 
+    def backlog_mpx(self, want: dict[int, int]) -> float:
+        """Announced rows not fed yet (``want``: level -> rows final), in level-0 megapixels (the most
+        of any level: the analyzer needs every level's rows to go on)."""
+        g = self.source.geometry
+        width0 = g.level_shapes[0][1]
+        rows0 = max(
+            (
+                (min(rows, g.level_shapes[level][0]) - self.analyzer.rows_needed(level)) * g.downsample(level)
+                for level, rows in want.items()
+                if level in self.analyzer.levels
+            ),
+            default=0.0,
+        )
+        return max(0.0, rows0) * width0 / 1e6
+
+    def all_announced(self, want: dict[int, int]) -> bool:
+        """Has the slide's last row of every level the analyzer reads been announced?"""
+        shapes = self.source.geometry.level_shapes
+        return all(want.get(level, 0) >= shapes[level][0] for level in self.analyzer.levels)
+
+    def resume(self) -> None:
+        """Run the work a pause left (the bands the rows fed so far allow): feed no rows."""
+        import numpy as np
+
+        for level in self.analyzer.levels:
+            y, width = self.analyzer.rows_needed(level), self.source.geometry.level_shapes[level][1]
+            self.analyzer.feed(level, y, np.empty((0, width, 3), np.uint8))
+        self.beat()
+
     def feed_piece(self, level: int, rows: int) -> None:
         """Feed the next at most FEED_ROWS rows of ``level`` below ``rows``."""
         y = self.analyzer.rows_needed(level)
@@ -217,71 +254,114 @@ class _Run:
 
 
 class _Feeder:
-    """Feeds the scan's announced rows to its analyzer on a thread of lower CPU priority.
+    """Feeds the scan's announced rows to its analyzer on a thread of lower CPU priority, and on a
+    thread of normal priority while it is too far behind.
 
-    The main thread :meth:`hand` s it a run and :meth:`announce` s rows as they become final; the
-    thread feeds them a piece (``FEED_ROWS``) at a time. :meth:`take` stops it after the piece in
-    hand and gives the run back: from then on only the caller's thread touches the analyzer (it
-    is never used by two threads at once). An exception while feeding is kept for :meth:`take`.
+    The main thread :meth:`hand` s it a run and :meth:`announce` s rows as they become final; a
+    thread feeds them a piece (``FEED_ROWS``) at a time. Normally the *niced* thread does
+    (``[analysis] nice``: capture, stitching and writing come first). When the rows announced but not
+    fed pass ``backlog_mpx`` (the niced thread starved by a busy machine), or once the slide's last
+    row is announced, the feeding is *urgent*: the niced thread stops at its next nuclei region or
+    tumour band (the analyzer's ``pause``) and a thread at the process's normal priority goes on,
+    until half the bound is left. (A thread cannot raise its own priority again without privileges,
+    so the urgent work goes to a second thread, started at normal priority.) Only one of them uses
+    the analyzer at a time. :meth:`take` stops both after the piece in hand and gives the run back:
+    from then on only the caller's thread touches the analyzer. An exception while feeding is kept
+    for :meth:`take`.
     """
 
-    def __init__(self, nice: int) -> None:
+    def __init__(self, nice: int, backlog_mpx: float = BACKLOG_MPX) -> None:
         self.nice = nice
+        self.backlog_mpx = backlog_mpx
         self._cv = threading.Condition()
         self._run: _Run | None = None
         self._want: dict[int, int] = {}  # level -> rows final so far
         self._busy = False
+        self._urgent = False
+        self._left = False  # a pause left work the rows fed so far allow (fed by the next piece)
         self._error: Exception | None = None
-        self._thread = threading.Thread(target=self._loop, name="analysis-feed", daemon=True)
-        self._thread.start()
+        self.urgent_pieces = 0  # pieces fed at normal priority for the current run (report)
+        self._niced = threading.Thread(target=self._loop, args=(False,), name="analysis-feed", daemon=True)
+        self._normal = threading.Thread(target=self._loop, args=(True,), name="analysis-feed-urgent", daemon=True)
+        self._niced.start()
+        self._normal.start()  # started by the caller (normal priority): it keeps that priority
 
     def hand(self, run: _Run) -> None:
         with self._cv:
             self._run, self._want, self._error = run, {}, None
+            self._urgent = self._left = False
+            self.urgent_pieces = 0
 
     def announce(self, level: int, rows: int) -> None:
         with self._cv:
             self._want[level] = max(rows, self._want.get(level, 0))
+            self._update_urgency()
             self._cv.notify_all()
 
+    def _update_urgency(self) -> None:
+        run = self._run
+        if run is None:
+            return
+        backlog = run.backlog_mpx(self._want)
+        if backlog >= self.backlog_mpx or run.all_announced(self._want):
+            self._urgent = True
+        elif backlog <= self.backlog_mpx / 2:
+            self._urgent = False
+
     def should_pause(self) -> bool:
-        """The analyzer's ``pause``: on the feeding thread, once :meth:`take` waits for the run (the
-        piece in hand then ends at the next nuclei region or tumour band, not the end of a band of
-        regions: a niced thread on a busy machine would keep the tail waiting)."""
-        return self._run is None and threading.current_thread() is self._thread
+        """The analyzer's ``pause``: True on a feeding thread once :meth:`take` waits for the run, and
+        on the niced one once the feeding is urgent (the piece in hand then ends at the next nuclei
+        region or tumour band, not the end of a band of regions: a niced thread on a busy machine
+        would keep the tail, or the urgent thread, waiting)."""
+        me = threading.current_thread()
+        pause = (me is self._niced or me is self._normal) and (
+            self._run is None or (me is self._niced and self._urgent)
+        )
+        if pause:
+            self._left = True
+        return pause
 
     def take(self) -> tuple[dict[int, int], Exception | None]:
         """Stop feeding (after the piece in hand); the rows announced so far and the error, if any."""
         with self._cv:
             want, error = self._want, self._error
             self._run, self._want, self._error = None, {}, None
+            self._cv.notify_all()
             self._cv.wait_for(lambda: not self._busy)
         return want, error
 
-    def _next(self) -> tuple[_Run, int, int] | None:
+    def _next(self, urgent: bool) -> tuple[_Run, int, int] | None:
+        """The next piece for the niced (``urgent`` False) or the normal thread: (run, level, rows);
+        level -1: only what a pause left."""
         run = self._run
-        if run is None:
+        if run is None or self._busy or urgent != self._urgent:
             return None
         for level, rows in self._want.items():
             if run.behind(level, rows):
                 return run, level, rows
-        return None
+        return (run, -1, 0) if self._left else None
 
-    def _loop(self) -> None:
-        try:  # this thread only (Linux: a thread id names one thread); the main thread keeps its priority
-            tid = threading.get_native_id()
-            os.setpriority(os.PRIO_PROCESS, tid, max(self.nice, os.getpriority(os.PRIO_PROCESS, tid)))
-        except OSError as err:  # not worth failing over: the analysis only runs at normal priority
-            log.warning("could not lower the analysis feeding thread's priority: %s", err)
+    def _loop(self, urgent: bool) -> None:
+        if not urgent:
+            try:  # this thread only (Linux: a thread id names one thread); the others keep their priority
+                tid = threading.get_native_id()
+                os.setpriority(os.PRIO_PROCESS, tid, max(self.nice, os.getpriority(os.PRIO_PROCESS, tid)))
+            except OSError as err:  # not worth failing over: the analysis only runs at normal priority
+                log.warning("could not lower the analysis feeding thread's priority: %s", err)
         while True:
             with self._cv:
-                self._cv.wait_for(lambda: self._next() is not None)
-                job = self._next()
+                self._cv.wait_for(lambda: self._next(urgent) is not None)
+                job = self._next(urgent)
                 assert job is not None
-                self._busy = True
+                self._busy, self._left = True, False
+                if urgent:
+                    self.urgent_pieces += 1
             run, level, rows = job
             try:
-                run.feed_piece(level, rows)
+                if level < 0:
+                    run.resume()
+                else:
+                    run.feed_piece(level, rows)
             except Exception as err:  # kept for take(); this scan's analysis fails, the slide does not
                 with self._cv:
                     if self._run is run:
@@ -289,6 +369,7 @@ class _Feeder:
             finally:
                 with self._cv:
                     self._busy = False
+                    self._update_urgency()
                     self._cv.notify_all()
 
 
@@ -357,6 +438,7 @@ class _Worker:
             self.drop()
             return
         summary = None
+        urgent_pieces = self.feeder.urgent_pieces
         _, feed_error = self.feeder.take()  # the rest is this thread's, at normal priority
         if feed_error is not None and scan.error is None:
             scan.error = _failure(feed_error)
@@ -372,6 +454,9 @@ class _Worker:
                     "model_loads": self.models.loads,
                     "models_loaded_for_this_scan": scan.loaded,
                 }
+                # Pieces of rows fed at normal priority during the scan (the niced feeding fell behind
+                # by BACKLOG_MPX, or the slide's last row was announced): 0 on a machine with CPU to spare.
+                summary["worker"]["urgent_pieces"] = urgent_pieces
             except Exception as err:
                 scan.error = _failure(err)
                 summary = None
