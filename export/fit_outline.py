@@ -1,6 +1,7 @@
 """Fit the per-lesion outline levels (:mod:`runtime.analysis.outline`) of a tumour model.
 
-``python -m export.fit_outline [--model DIR] [--subdivide 2] [--first-seed 310000] [--slides 64] [--write]``
+``python -m export.fit_outline [--model DIR] [--subdivide 2] [--first-seed 310000] [--slides 64]
+[--tissue-min 0.5] [--write]``
 
 Renders bench-style slides from training-range seeds (``bench.analysis.render_slide`` with
 ``held_out=False``: the held-out bench seeds 900000+ are refused), runs the runtime's analysis on
@@ -11,6 +12,14 @@ fit of ``logit(level)`` on (1, logit peak, logit mean, ln area in cells) is the 
 ``--write`` stores it in the model folder's ``model.json`` under ``"outline"."<subdivide>"``
 (with the seeds and the command), which the runtime then applies (``outline_for``). The model's
 ONNX file and its sha256 are untouched. A few minutes on 2 CPU cores for 64 slides.
+
+``--tissue-min`` (default 0.5) is recorded with the fit: the runtime then cuts each outline to the
+cells of at least that tissue fraction (:func:`runtime.analysis.outline.cut_to_tissue`). The levels
+are fitted on the uncut outlines unless ``--cut-in-fit``: on the development slides (seeds
+300000-300063) the cut with the uncut fit brought the median per-slide burden error from 11.6 to
+9.2%, while a fit with the cut in the loop (on seeds 310000-310063) made slides with less than
+0.01 mm² of tumour worse (mean 39.8 -> 50.0%): their levels, fitted against truth polygons that
+include glass inside the tissue piece, moved down.
 """
 
 from __future__ import annotations
@@ -56,8 +65,9 @@ def truth_fraction(polys: list[Any], shape: tuple[int, int], scale: float, sub: 
     return np.asarray(m.reshape(h, sub, w, sub).mean(axis=(1, 3)), np.float32)
 
 
-def lesion_samples(slide: FitSlide, upsample: int) -> list[dict[str, Any]]:
-    """Per lesion found over a true lesion: its features and the level that gives its true area."""
+def lesion_samples(slide: FitSlide, upsample: int, tissue_min: float | None = None) -> list[dict[str, Any]]:
+    """Per lesion found over a true lesion: its features and the level that gives its true area
+    (``tissue_min``: each outline cut to the tissue as :func:`runtime.analysis.outline.cut_to_tissue` does)."""
     from runtime.analysis.lesions import _upsampled
     from runtime.analysis.outline import MARGIN_PATCHES, region_mask
 
@@ -72,6 +82,13 @@ def lesion_samples(slide: FitSlide, upsample: int) -> list[dict[str, Any]]:
     n, cc = cv2.connectedComponents((labels > 0).astype(np.uint8), connectivity=8)
     labels = np.asarray(cc, np.int32)
     truth = truth_fraction(slide.tumour, up.shape, scale)
+    on_tissue = _upsampled(res.tissue, upsample) >= (tissue_min or 0.0)
+
+    def area(k: int, level: float) -> int:
+        win, m = region_mask(up, labels, k, level, margin, BASE_THRESHOLD)
+        cut = m & on_tissue[win]
+        return int(cut.sum() if cut.any() else m.sum())  # a region the cut would empty keeps its outline
+
     margin = max(1, round(MARGIN_PATCHES * int(res.stats.get("subdivide", 1)) * upsample))
     out = []
     kernel = np.ones((2 * margin + 1, 2 * margin + 1), np.uint8)
@@ -81,7 +98,7 @@ def lesion_samples(slide: FitSlide, upsample: int) -> list[dict[str, Any]]:
         true_px = float(truth[reach].sum())
         if true_px < min_px:
             continue  # a false positive: no true area to match
-        areas = np.array([region_mask(up, labels, k, float(t), margin, BASE_THRESHOLD)[1].sum() for t in LEVELS])
+        areas = np.array([area(k, float(t)) for t in LEVELS])
         best = int(np.argmin(np.abs(areas - true_px)))
         vals = up[comp]
         out.append(
@@ -176,6 +193,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--slides", type=int, default=64)
     p.add_argument("--size-um", type=float, default=1500.0)
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument(
+        "--tissue-min",
+        type=float,
+        default=0.5,
+        help="the runtime cuts outlines to cells of at least this tissue fraction (recorded with the fit; 0: no cut)",
+    )
+    p.add_argument(
+        "--cut-in-fit",
+        action="store_true",
+        help="fit the levels on outlines already cut to the tissue (default: uncut; see the module docstring)",
+    )
     p.add_argument("--write", action="store_true", help="store the fit in the model folder's model.json")
     args = p.parse_args(argv)
     model_dir = args.model or default_model_dir("tumour")
@@ -187,7 +215,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.subdivide,
         args.workers,
     )
-    samples = [s for sl in slides for s in lesion_samples(sl, UPSAMPLE)]
+    tissue_min = args.tissue_min if args.tissue_min > 0 else None
+    samples = [s for sl in slides for s in lesion_samples(sl, UPSAMPLE, tissue_min if args.cut_in_fit else None)]
     if len(samples) < 8:
         print(f"only {len(samples)} lesions found on {args.slides} slides: too few to fit", file=sys.stderr)
         return 1
@@ -197,9 +226,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.write:
         cmd = (
             f"python -m export.fit_outline --subdivide {args.subdivide} --first-seed {args.first_seed} "
-            f"--slides {args.slides} --write"
+            f"--slides {args.slides} --tissue-min {args.tissue_min:g}"
+            + (" --cut-in-fit" if args.cut_in_fit else "")
+            + " --write"
         )
-        write_fit(model_dir, args.subdivide, coef, {"seeds": seeds, "lesions": len(samples), "command": cmd})
+        info: dict[str, Any] = {"seeds": seeds, "lesions": len(samples), "command": cmd}
+        if tissue_min is not None:
+            info["tissue_min"] = tissue_min
+        write_fit(model_dir, args.subdivide, coef, info)
         print(f"wrote {model_dir / 'model.json'} outline.{args.subdivide}")
     return 0
 

@@ -18,7 +18,9 @@ from runtime.analysis.pipeline import GridResult
 CELL_PX = 32.0  # level-0 px per cell (1 µm/px: the default grid of subdivide 2)
 
 
-def bump_result(prob: np.ndarray[Any, np.dtype[np.float32]]) -> GridResult:
+def bump_result(
+    prob: np.ndarray[Any, np.dtype[np.float32]], tissue: np.ndarray[Any, np.dtype[np.float32]] | None = None
+) -> GridResult:
     gh, gw = prob.shape
     ones = np.ones((gh, gw), np.float32)
     return GridResult(
@@ -26,7 +28,7 @@ def bump_result(prob: np.ndarray[Any, np.dtype[np.float32]]) -> GridResult:
         pixel_size_um=1.0,
         cell_px=CELL_PX,
         probability=prob.astype(np.float32),
-        tissue=ones,
+        tissue=ones if tissue is None else tissue.astype(np.float32),
         analysed=ones > 0,
         artifact=np.zeros((gh, gw), bool),
         attention=ones / ones.sum(),
@@ -87,6 +89,27 @@ def test_low_level_does_not_annex_a_separate_faint_region() -> None:
     assert not les.geometry.contains(Point(20.5 * CELL_PX, 12.5 * CELL_PX))
 
 
+def test_tissue_cut_keeps_outlines_on_tissue_and_detections_unchanged() -> None:
+    """A lesion over a tissue edge loses the glass side of its outline, not its score; a lesion
+    wholly on cells below ``tissue_min`` keeps its outline (a detection never vanishes)."""
+    prob = disc_map(24, 24, 12.0, 12.0, 4.0, 0.98) + disc_map(24, 24, 3.0, 20.0, 1.0, 0.9)
+    tissue = np.ones((24, 24), np.float32)
+    tissue[:, 14:] = 0.0  # glass right of column 14: the big lesion's right side, the small one whole
+    tissue[:, 14] = 0.3  # a cell part tissue, below the cut
+    r = bump_result(prob, tissue)
+    fit = constant_fit(0.5)
+    uncut = by_peak(find_lesions(r, outline=fit))
+    cut = by_peak(find_lesions(r, outline=OutlineFit(2, fit.coef, 0.5)))
+    assert len(cut) == len(uncut) == 2
+    assert [les.max_probability for les in cut] == pytest.approx([les.max_probability for les in uncut])
+    big_cut, big = cut[1].geometry, uncut[1].geometry
+    assert big_cut.area < 0.8 * big.area and big_cut.difference(big).area < 0.01 * big_cut.area
+    # Tissue 1 at cell 13's centre (x 13.5), 0.3 at cell 14's: the upsampled tissue crosses 0.5 at x ~14.2;
+    # the last quarter-cell pixel kept covers [14, 14.25).
+    assert big_cut.bounds[2] <= 14.25 * CELL_PX
+    assert cut[0].geometry.equals(uncut[0].geometry)  # on glass only: kept as it was
+
+
 def test_fits_from_meta_and_outline_for() -> None:
     assert fits_from_meta({}) == {}
     fits = fits_from_meta({"outline": {"2": {"coef": [0.1, 0.2, 0.3, 0.4], "seeds": "x"}}})
@@ -95,6 +118,11 @@ def test_fits_from_meta_and_outline_for() -> None:
         fits_from_meta({"outline": {"2": {"coef": [1.0]}}})
     with pytest.raises(ValueError, match="'outline' must be an object"):
         fits_from_meta({"outline": [1, 2]})
+    assert fits[2].tissue_min is None
+    cut = fits_from_meta({"outline": {"2": {"coef": [0, 0, 0, 0], "tissue_min": 0.5}}})[2]
+    assert cut.tissue_min == 0.5 and cut.to_dict() == {"coef": [0, 0, 0, 0], "tissue_min": 0.5}
+    with pytest.raises(ValueError, match="'tissue_min'"):
+        fits_from_meta({"outline": {"2": {"coef": [0, 0, 0, 0], "tissue_min": 1.5}}})
     assert outline_for(NuclearDensityTumour(), 2) is None  # the baseline keeps the fixed threshold
 
 
@@ -105,7 +133,7 @@ def test_committed_tumour_model_has_a_fit_for_the_default_grid() -> None:
     model = load_tumour_model(None)
     sub = AnalysisConfig().subdivide
     fit = outline_for(model, sub)
-    assert fit is not None and fit.subdivide == sub
+    assert fit is not None and fit.subdivide == sub and fit.tissue_min == 0.5
     assert outline_for(model, 3) is None
 
 

@@ -13,6 +13,7 @@ With the tumour model's outline fit (:mod:`runtime.analysis.outline`, :func:`mod
 runtime and the bench use), each region found at the threshold is then re-outlined at its own
 probability level, which places the edge of a high-grade lesion further in and of a low-grade or
 sub-patch lesion further out than the fixed 0.5 contour; which regions are lesions does not change.
+A fit with ``tissue_min`` also cuts the outlines to the tissue (:func:`runtime.analysis.outline.cut_to_tissue`).
 """
 
 from __future__ import annotations
@@ -26,7 +27,14 @@ import numpy as np
 import numpy.typing as npt
 
 from runtime.analysis import geojson
-from runtime.analysis.outline import MARGIN_PATCHES, OutlineFit, lesion_levels, outline_for, refine_labels
+from runtime.analysis.outline import (
+    MARGIN_PATCHES,
+    OutlineFit,
+    cut_to_tissue,
+    lesion_levels,
+    outline_for,
+    refine_labels,
+)
 
 if TYPE_CHECKING:
     from runtime.analysis.pipeline import GridResult
@@ -132,6 +140,9 @@ def find_lesions(
         levels = lesion_levels(up, labels, n, float(upsample), outline)
         labels = refine_labels(up, labels, n, levels, margin, threshold)
         min_px2 = 0.0
+    peaks = labels  # a lesion's max probability (its detection score) is taken before any tissue cut
+    if outline is not None and outline.tissue_min is not None:
+        labels = cut_to_tissue(labels, _upsampled(result.tissue, upsample), outline.tissue_min)
     out = []
     for k in range(1, n):
         ys, xs = np.nonzero(labels == k)
@@ -152,7 +163,7 @@ def find_lesions(
                 area_mm2=float(geom.area * mm2),
                 max_diameter_mm=geojson.max_diameter(geom) * px_um / 1000.0,
                 mean_probability=float(vals.mean()),
-                max_probability=float(vals.max()),
+                max_probability=float(up[peaks == k].max()),
             )
         )
     out.sort(key=lambda les: -les.area_mm2)

@@ -18,6 +18,13 @@ re-outlined at its own level within one patch width of itself; a lower level kee
 connects to the lesion, so it never annexes a neighbour or a separate faint region, and a lesion
 never vanishes (if its level were above its whole map, its peak pixels stay). Detection is
 untouched: which regions are lesions, and their peak probability, are those of the base threshold.
+
+A fit may also carry ``tissue_min``: outlines are then cut to the tissue, the cells whose tissue
+fraction (upsampled as the probability is) is at least that -- the tissue outline the annotations
+draw at 0.5. The map is a 64 µm blur that runs past a lesion at a tissue edge or around a hole in
+the tissue; without the cut that glass counts as tumour. The fit is made with the cut in the loop
+(``export.fit_outline --tissue-min``), so the levels are those of the cut outlines. A lesion the cut
+would empty keeps its outline (a detection never vanishes).
 """
 
 from __future__ import annotations
@@ -47,6 +54,7 @@ class OutlineFit:
 
     subdivide: int
     coef: tuple[float, ...]  # N_FEATURES: c0 (intercept), c1 logit(peak), c2 logit(mean), c3 ln(area cells)
+    tissue_min: float | None = None  # outlines cut to cells of at least this tissue fraction (None: no cut)
 
     @staticmethod
     def features(peak: float, mean: float, area_cells: float) -> tuple[float, float, float, float]:
@@ -59,12 +67,15 @@ class OutlineFit:
         return float(min(max(1.0 / (1.0 + math.exp(-z)), T_RANGE[0]), T_RANGE[1]))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"coef": list(self.coef)}
+        out: dict[str, Any] = {"coef": list(self.coef)}
+        if self.tissue_min is not None:
+            out["tissue_min"] = self.tissue_min
+        return out
 
 
 def fits_from_meta(meta: Mapping[str, Any]) -> dict[int, OutlineFit]:
-    """The fits in a tumour model's ``model.json`` (``"outline": {"<subdivide>": {"coef": [4 numbers]}}``);
-    {} when it has none. ValueError naming the key when one is malformed."""
+    """The fits in a tumour model's ``model.json`` (``"outline": {"<subdivide>": {"coef": [4 numbers],
+    "tissue_min": number (optional)}}``); {} when it has none. ValueError naming the key when one is malformed."""
     block = meta.get("outline") or {}
     if not isinstance(block, Mapping):
         raise ValueError(f"model.json 'outline' must be an object, got {type(block).__name__}")
@@ -75,7 +86,10 @@ def fits_from_meta(meta: Mapping[str, Any]) -> dict[int, OutlineFit]:
             raise ValueError(
                 f"model.json 'outline'.{key!r}: expected a subdivide key and 'coef' of {N_FEATURES} numbers"
             )
-        out[int(key)] = OutlineFit(int(key), tuple(float(c) for c in coef))
+        t_min = v.get("tissue_min")
+        if t_min is not None and not (isinstance(t_min, int | float) and 0.0 < float(t_min) <= 1.0):
+            raise ValueError(f"model.json 'outline'.{key!r}.'tissue_min': expected a number in (0, 1], got {t_min!r}")
+        out[int(key)] = OutlineFit(int(key), tuple(float(c) for c in coef), None if t_min is None else float(t_min))
     return out
 
 
@@ -147,4 +161,17 @@ def refine_labels(
     for k in range(1, n):
         win, m = region_mask(up, labels, k, levels[k - 1], margin_px, threshold, out)
         out[win][m] = k
+    return out
+
+
+def cut_to_tissue(
+    labels: npt.NDArray[Any], tissue_up: npt.NDArray[np.float32], tissue_min: float
+) -> npt.NDArray[np.int32]:
+    """``labels`` without the pixels whose tissue fraction (``tissue_up``, the grid's tissue upsampled
+    as the map is) is below ``tissue_min``; a region the cut would empty keeps all its pixels."""
+    glass = tissue_up < tissue_min
+    out = np.where(glass, 0, labels).astype(np.int32)
+    kept = np.unique(out)
+    for k in np.setdiff1d(np.unique(labels), kept):
+        out[labels == k] = k
     return out
