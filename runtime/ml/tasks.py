@@ -119,9 +119,66 @@ class TileClass:
     embedding: tuple[float, ...]
 
 
+DIHEDRAL = 8  # a window's flips (left-right, up-down) and transpose: tissue and artifacts have no orientation
+
+
+def dihedral(x: npt.NDArray[np.float32], d: int) -> npt.NDArray[np.float32]:
+    """The ``d``-th (0..7) flip/transpose of (N, C, S, S) windows; 0 is the identity, 0..1 add the
+    left-right flip, 0..3 both flips."""
+    if d & 1:
+        x = x[..., ::-1]
+    if d & 2:
+        x = x[..., ::-1, :]
+    if d & 4:
+        x = np.swapaxes(x, -1, -2)
+    return np.ascontiguousarray(x)
+
+
+@dataclass(frozen=True)
+class ClassifierDecision:
+    """How a window's class probabilities become its label (``model.json`` ``decision``; a folder
+    without one: a single pass, argmax, as before).
+
+    ``transforms`` > 1 averages the softmax over the first ``transforms`` of the window's 8
+    flips/transposes (:func:`dihedral`): a texture that looks like an artifact edge in one
+    orientation rarely does in all of them. ``artifact_threshold``: a window is an artifact when
+    its mean artifact probability reaches it (else background or tissue, whichever is likelier);
+    None: plain argmax. Both are chosen on the simulator's validation split
+    (:mod:`export.classifier_decision`), never on the unseen contents the benchmark scores.
+    """
+
+    transforms: int = 1
+    artifact_threshold: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.transforms not in (1, 2, 4, 8):
+            raise ValueError(f"classifier decision: transforms must be 1, 2, 4 or 8, got {self.transforms}")
+        t = self.artifact_threshold
+        if t is not None and not 0.0 < t < 1.0:
+            raise ValueError(f"classifier decision: artifact_threshold must be in (0, 1), got {t}")
+
+    @classmethod
+    def from_meta(cls, meta: dict[str, object]) -> ClassifierDecision:
+        d = meta.get("decision")
+        if d is None:
+            return cls()
+        if not isinstance(d, dict):
+            raise ValueError(f"classifier decision: expected an object, got {d!r}")
+        t = d.get("artifact_threshold")
+        return cls(int(d.get("transforms", 1)), None if t is None else float(t))
+
+    def window_labels(self, p: npt.NDArray[np.float32]) -> npt.NDArray[np.int64]:
+        """Class index per window from its (mean) probabilities, (N, 3)."""
+        labels: npt.NDArray[np.int64] = p.argmax(axis=1)
+        if self.artifact_threshold is not None:
+            labels = np.where(p[:, 2] >= self.artifact_threshold, 2, p[:, :2].argmax(axis=1))
+        return labels
+
+
 class TileClassifierModel:
     """The classifier model folder on a backend. A tile is cut into windows at the model's pixel
-    size; it is an artifact if any window is, else tissue if any window is, else background."""
+    size; it is an artifact if any window is, else tissue if any window is, else background
+    (window labels by the folder's :class:`ClassifierDecision`)."""
 
     def __init__(self, folder: ModelFolder, backend: Backend) -> None:
         if folder.task != "classifier":
@@ -129,20 +186,34 @@ class TileClassifierModel:
         self.folder = folder
         self.backend = backend
         self.pre = folder.classifier_preprocess()
+        try:
+            self.decision = ClassifierDecision.from_meta(folder.meta)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{folder.path / 'model.json'}: {e}") from None
+
+    def window_probabilities(
+        self, x: npt.NDArray[np.float32], transforms: int | None = None
+    ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+        """(probabilities (N, 3) averaged over ``transforms`` flips/transposes (default: the
+        decision's), embedding (N, E) of the untransformed windows), all in one backend call."""
+        k = self.decision.transforms if transforms is None else transforms
+        out = self.backend.run(np.concatenate([dihedral(x, d) for d in range(k)]) if k > 1 else x)
+        lg = out["logits"]
+        p = np.exp(lg - lg.max(axis=1, keepdims=True))
+        p /= p.sum(axis=1, keepdims=True)
+        probs: npt.NDArray[np.float32] = p.reshape(k, len(x), -1).mean(axis=0).astype(np.float32)
+        return probs, out["embedding"][: len(x)]
 
     def classify_batch(self, tiles: list[RGBImage], pixel_size_um: float) -> list[TileClass]:
         """Classify several tiles in one backend call (the inference worker batches them)."""
         inputs = [self.pre.inputs(t, pixel_size_um) for t in tiles]
         counts = [len(x) for x in inputs]
-        out = self.backend.run(np.concatenate(inputs))
-        logits, emb = out["logits"], out["embedding"]
+        p_all, emb = self.window_probabilities(np.concatenate(inputs))
+        win_all = self.decision.window_labels(p_all)
         results = []
         start = 0
         for n in counts:
-            lg = logits[start : start + n]
-            p = np.exp(lg - lg.max(axis=1, keepdims=True))
-            p /= p.sum(axis=1, keepdims=True)
-            win = p.argmax(axis=1)
+            p, win = p_all[start : start + n], win_all[start : start + n]
             label = "artifact" if (win == 2).any() else "tissue" if (win == 1).any() else "background"
             probs = p.max(axis=0)  # the strongest evidence per class over the windows
             e = emb[start : start + n].mean(axis=0)
