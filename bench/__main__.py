@@ -24,6 +24,7 @@ BENCHES = {
     "calibration": "bench.calibration",
     "classifier": "bench.classifier",
     "stitch": "bench.stitch",
+    "stitch-gpu": "bench.stitch_gpu",
     "batch": "bench.batch",
     "resume": "bench.resume",
     "analysis": "bench.analysis",

@@ -110,6 +110,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="the working mosaic's chunk codec (mosaic.compressor; default: the config's)",
     )
     p.add_argument(
+        "--stitch-backend", choices=["cpu", "cupy", "auto"], default=None, help="stitch.backend (default: the config's)"
+    )
+    p.add_argument(
         "--cores", type=int, metavar="N", help="run the daemon on N cores (the last N; this process on the others)"
     )
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
@@ -581,6 +584,7 @@ def run(a: argparse.Namespace) -> int:
             f'[focus]\nstrategy = "contrast_sweep"\nsweep_steps = {a.sweep_steps}\n\n'
             "[mosaic]\nkeep_after_export = true\n"
             + (f'compressor = "{a.mosaic_compressor}"\n' if a.mosaic_compressor else "")
+            + (f'\n[stitch]\nbackend = "{a.stitch_backend}"\n' if a.stitch_backend else "")
         )
         start_cpu = start_cpu_seconds()
         report = _scan(recording, out, config, a.cores)
@@ -618,6 +622,7 @@ def run(a: argparse.Namespace) -> int:
             "focus_truth": report.get("focus_truth") if _planes(recording) > 1 else None,
             "simulated_scan_time_s": report.get("simulated_scan_time_s"),
             "quality": quality,
+            "stitch_backend": report.get("stitch", {}).get("backend"),
             "host": {"cpus": os.cpu_count(), "python": platform.python_version(), "machine": platform.machine()},
             **_timeline_figures(report["_timeline"], report["fields_done"], mpx),
         }

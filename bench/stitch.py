@@ -93,6 +93,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--repeat", type=int, default=1, help="run each stitcher this often and report its fastest run (default 1)"
     )
     p.add_argument("--no-ashlar", action="store_true", help="skip ASHLAR")
+    p.add_argument(
+        "--stitch-backend", choices=["cpu", "cupy", "auto"], default="cpu", help="stitch.backend for ours (default cpu)"
+    )
     p.add_argument("--e2e", action="store_true", help="also replay one z-stack scan through the daemon (PSNR)")
     p.add_argument("--e2e-fields", type=int, nargs=2, default=(5, 4), metavar=("NX", "NY"))
     p.add_argument("--workdir", type=Path, help="recordings are cached here (default: a temporary folder)")
@@ -257,7 +260,12 @@ def _ours(rec: Any, tiles: list[Any], workdir: Path, a: argparse.Namespace) -> d
     h, w = geometry.shape
     path = workdir / "ours-mosaic.zarr"
     store = MosaicStore.create(path, h, w, pixel_size_um=m.pixel_size_um, overwrite=True)
-    params = StitchConfig(stage_sigma_um=a.stage_error_um, max_stage_error_um=3 * a.stage_error_um, lag_tiles=a.lag)
+    params = StitchConfig(
+        stage_sigma_um=a.stage_error_um,
+        max_stage_error_um=3 * a.stage_error_um,
+        lag_tiles=a.lag,
+        backend=getattr(a, "stitch_backend", "cpu"),
+    )
     acc = DequeAccumulator(geometry, store, params)
     acc.pair_log = []
     t0, c0 = time.perf_counter(), time.process_time()

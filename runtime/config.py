@@ -160,6 +160,11 @@ class StitchConfig(_Section):
     resampling_kernel: Literal["cubic", "lanczos3"] = Field(
         "cubic", description="subpixel placement kernel: cubic (Keys, 4 taps) or lanczos3 (7 taps, ~1.6x the cost)"
     )
+    backend: Literal["cpu", "cupy", "auto"] = Field(
+        "cpu",
+        description="where resampling and the registration's NCC surface run: cpu (OpenCV), cupy (a CUDA GPU; "
+        "an error if it cannot run) or auto (cupy if installed and its probe matches the CPU, else cpu)",
+    )
 
 
 _DICOM_TEXT = r"^[^\\\x00-\x1f\x7f]*$"

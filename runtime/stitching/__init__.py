@@ -9,6 +9,8 @@ Modules:
 * ``flatfield``: ``FlatFieldEstimator``, vignetting estimated from the scan's own tiles (``FlatField``);
 * ``blending``: ``composite``, tiles blended at subpixel positions with feathered overlaps
   (``subpixel_shift``, ``lanczos_kernel``, ``feather_alpha``, ``ramp``);
+* ``backends``: ``select_stitch_backend``, where resampling and the registration's NCC surface run
+  (``stitch.backend``: ``cpu``, or ``cupy`` on a CUDA GPU through ``gpu``, CuPy imported only there);
 * ``accumulator``: ``DequeAccumulator``, the serpentine tile stream turned into final mosaic bands,
   written through ``runtime.output``'s ``MosaicStore`` (``MosaicGeometry``).
 

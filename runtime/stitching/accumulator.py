@@ -65,10 +65,11 @@ import numpy.typing as npt
 from runtime.config import StitchConfig
 from runtime.devices.scan_plan import FieldPlan, GridPlan
 from runtime.output.mosaic_store import MosaicStore
-from runtime.stitching.blending import composite_feathered, feather_ramps, subpixel_shift, to_uint8
+from runtime.stitching.backends import select_stitch_backend
+from runtime.stitching.blending import composite_feathered, feather_ramps
 from runtime.stitching.flatfield import FlatField, FlatFieldEstimator
 from runtime.stitching.positions import Link, PositionSolver
-from runtime.stitching.registration import RegistrationParams, register_pair, texture, to_grey
+from runtime.stitching.registration import RegistrationParams, texture, to_grey
 from runtime.stitching.spill import SpillCache
 
 U8 = npt.NDArray[np.uint8]
@@ -235,6 +236,9 @@ class DequeAccumulator:
         # Two moves can err in opposite directions: neighbours differ by up to twice the error.
         search = 2 * self.params.max_stage_error_um / px
         self._reg = RegistrationParams(search_px=max(search, 2.0), min_ncc=self.params.min_ncc)
+        # stitch.backend: where resampling and registration's NCC surface run (cpu, or a GPU's cupy).
+        self._backend = select_stitch_backend(self.params.backend)
+        self._kernels = self._backend.kernels
         self._strip_x = min(geometry.tile_width, ov_x + math.ceil(self._reg.search_px) + 8)
         self._strip_y = min(geometry.tile_height, ov_y + math.ceil(self._reg.search_px) + 8)
         th, tw = geometry.tile_height, geometry.tile_width
@@ -428,6 +432,8 @@ class DequeAccumulator:
             "solve_ms_per_tile": 1000 * s.solve_s / n,
             "blend_ms_per_tile": 1000 * s.blend_s / n,
             "flatfield_source": ff.source if ff else None,
+            "backend": self._kernels.name,
+            "backend_refused": dict(self._backend.refused),
             "stage_rotation_deg": model.rotation_deg,
             "stage_scale": list(model.scale),
             "clipped_rows": s.clipped_rows,
@@ -460,9 +466,9 @@ class DequeAccumulator:
                 pairs.append((nb, strip, (py - strip.oy, px - strip.ox)))
         if self._pool is not None and len(pairs) > 1:
             # OpenCV and numpy release the GIL: the two pairs take about the time of one.
-            measured = list(self._pool.map(lambda p: register_pair(p[1].grey, grey, p[2], self._reg), pairs))
+            measured = list(self._pool.map(lambda p: self._kernels.register(p[1].grey, grey, p[2], self._reg), pairs))
         else:
-            measured = [register_pair(strip.grey, grey, guess, self._reg) for _, strip, guess in pairs]
+            measured = [self._kernels.register(strip.grey, grey, guess, self._reg) for _, strip, guess in pairs]
         for (nb, strip, _), m in zip(pairs, measured, strict=True):
             self.stats.pairs[m.reason] += 1
             if self._arrival_links is not None:
@@ -558,8 +564,8 @@ class DequeAccumulator:
         if y0 < y1 and x0 < x1:
             assert tile is not None
             # flat-field and shift in one pass
-            moved = subpixel_shift(tile, fy, fx, self._flat.inverse, self.params.resampling_kernel)
-            moved8 = to_uint8(moved)  # what the opaque part of the tile becomes, rounded once
+            # moved8: what the opaque part of the tile becomes, rounded once
+            moved, moved8 = self._kernels.shift(tile, fy, fx, self._flat.inverse, self.params.resampling_kernel)
             feather = feather_ramps(th, tw, **self._earlier_edges(key, iy, ix, th, tw))
             c = self.chunk
             for bi in range(y0 // c, (y1 - 1) // c + 1):
