@@ -110,6 +110,18 @@ def test_tissue_cut_keeps_outlines_on_tissue_and_detections_unchanged() -> None:
     assert cut[0].geometry.equals(uncut[0].geometry)  # on glass only: kept as it was
 
 
+def test_tissue_cut_keeps_holes_inside_the_tissue() -> None:
+    """A hole inside the tissue (a lumen, a tear) stays part of a lesion over it, as in the truth."""
+    prob = disc_map(24, 24, 12.0, 12.0, 5.0, 0.98)
+    tissue = np.ones((24, 24), np.float32)
+    tissue[11:14, 11:14] = 0.0  # glass inside the tissue, under the lesion
+    r = bump_result(prob, tissue)
+    fit = constant_fit(0.5)
+    (uncut,) = find_lesions(r, outline=fit)
+    (cut,) = find_lesions(r, outline=OutlineFit(2, fit.coef, 0.5))
+    assert cut.area_mm2 == pytest.approx(uncut.area_mm2)
+
+
 def test_fits_from_meta_and_outline_for() -> None:
     assert fits_from_meta({}) == {}
     fits = fits_from_meta({"outline": {"2": {"coef": [0.1, 0.2, 0.3, 0.4], "seeds": "x"}}})
