@@ -280,8 +280,14 @@ def froc(per_slide: list[dict[str, Any]], n_slides: int) -> dict[str, Any]:
 def score_slide(slide: BenchSlide, result: Any, lesions: list[Any]) -> dict[str, Any]:
     import shapely
 
+    from runtime.analysis.lesions import tissue_geometry
+
     truth_u = shapely.unary_union(slide.tumour) if slide.tumour else shapely.Polygon()
     pred_u = shapely.unary_union([les.geometry for les in lesions]) if lesions else shapely.Polygon()
+    # The truth outlines the lesion within the simulator's tissue piece (holes included); the runtime
+    # sees tissue on its grid. The truth's area on the runtime's tissue (cells >= 0.5, the annotations'
+    # tissue outline) tells how much of a burden error is that difference of definition.
+    on_tissue = truth_u.intersection(tissue_geometry(result)).area if slide.tumour else 0.0
     inter = truth_u.intersection(pred_u).area if slide.tumour and lesions else 0.0
     detections = []
     for les in lesions:
@@ -295,6 +301,7 @@ def score_slide(slide: BenchSlide, result: Any, lesions: list[Any]) -> dict[str,
         "n_truth": len(slide.tumour),
         "detections": detections,
         "truth_mm2": truth_u.area * mm2,
+        "truth_on_tissue_mm2": on_tissue * mm2,
         "pred_mm2": pred_u.area * mm2,
         "intersection_mm2": inter * mm2,
         "slide_score": result.slide_score,
@@ -383,6 +390,13 @@ def evaluate(slides: list[BenchSlide], models: Any, nuclei: bool, subdivide: int
         # The same slides outlined by the fixed 0.5 contour (what lesions were before the outline fit).
         "outline_fit": outlined,
         "burden_fixed_threshold": burden_by_kind([dict(p, kind="all", pred_mm2=p["pred_mm2_fixed"]) for p in tum]),
+        # Against the truth cut to the runtime's tissue (see score_slide), and how much of the truth that cuts.
+        "burden_vs_truth_on_tissue": burden_by_kind(
+            [dict(p, kind="all", truth_mm2=p["truth_on_tissue_mm2"]) for p in tum]
+        ),
+        "truth_off_tissue_pct_max": max(
+            (100 * (1 - p["truth_on_tissue_mm2"] / p["truth_mm2"]) for p in tum if p["truth_mm2"] > 0), default=0.0
+        ),
         "lesions_s_per_slide": {k: v / max(1, len(per)) for k, v in lesion_s.items()},
         "patches_per_s": sum(p["patches"] for p in per) / max(1e-9, sum(p["tumour_s"] for p in per)),
         "tumour_s_per_slide": sum(p["tumour_s"] for p in per) / max(1, len(per)),
