@@ -3,7 +3,10 @@
 The held-out tiles come from ``export.datasets`` (split ``heldout``: slide
 seeds and objectives never used in training; rendered once and cached under
 ``--data``; numpy + hw_sim only, no torch). Each tile goes through the
-runtime's own path: ``TileClassifierModel`` on ONNX Runtime CPU.
+runtime's own path: ``TileClassifierModel`` on ONNX Runtime CPU, with the
+decision rule its ``model.json`` records (flips/transposes averaged, an
+artifact threshold: :mod:`export.classifier_decision`); ``--decision
+single-pass`` scores one pass + argmax instead, the rule before it.
 
 Baseline (what scanners and toolkits such as histolab/CLAM do): HSV
 saturation, one Otsu threshold over all tiles, a tile is tissue when at least
