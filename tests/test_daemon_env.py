@@ -1,0 +1,37 @@
+"""The daemon's workers start with OpenCV's thread pool told not to spin (runtime.daemon.process)."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+CODE = """
+import multiprocessing as mp, os
+from runtime.daemon.process import QUIET_OPENCV_POOL, quiet_opencv_pool
+
+def child(q):
+    import cv2  # reads the variables when it loads
+    q.put({k: os.environ.get(k) for k in QUIET_OPENCV_POOL})
+
+if __name__ == "__main__":
+    quiet_opencv_pool()
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=child, args=(q,))
+    p.start()
+    print(q.get(timeout=30))
+    p.join()
+"""
+
+
+def test_spawned_workers_inherit_the_quiet_pool_and_an_operators_setting_wins(tmp_path: Path) -> None:
+    script = tmp_path / "spawn_one.py"  # spawn re-imports the parent's main module: a file, not -c
+    script.write_text(CODE)
+    env = {"PATH": "", "OPENCV_THREAD_POOL_ACTIVE_WAIT_MAIN": "500"}
+    out = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, check=True, env=env, timeout=120
+    )
+    got = ast.literal_eval(out.stdout.strip())  # the dict the child saw
+    assert got == {"OPENCV_THREAD_POOL_ACTIVE_WAIT_WORKER": "0", "OPENCV_THREAD_POOL_ACTIVE_WAIT_MAIN": "500"}
