@@ -110,6 +110,30 @@ def test_unrelated_tiles_are_rejected(scope: Scope) -> None:
     assert not m.accepted and m.reason in ("low_ncc", "unstable"), m
 
 
+def test_a_hopeless_first_fit_is_not_retried(scope: Scope, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A wrong neighbour correlates far below min_ncc: the four retries from the neighbouring pixels
+    (each 15-20 times a normal pair's cost) are skipped, and the pair is rejected just the same."""
+    import runtime.stitching.registration as reg
+
+    fits: list[float] = []
+    lk = reg._lk
+
+    def counted(*args: object, **kw: object) -> object:
+        out = lk(*args, **kw)  # type: ignore[arg-type]
+        if kw.get("raw"):
+            fits.append(out[2] if not isinstance(out, str) else float("nan"))
+        return out
+
+    monkeypatch.setattr(reg, "_lk", counted)
+    a = to_grey(scope.frame(600.0, 650.0, 1))
+    b = to_grey(scope.frame(700.0, 500.0, 2))
+    m = register_pair(a, b, (0.0, STEP), RegistrationParams(search_px=40))
+    assert not m.accepted and m.reason == "low_ncc" and len(fits) == 1 and fits[0] < 0.35, (m, fits)
+    fits.clear()
+    retried = register_pair(a, b, (0.0, STEP), RegistrationParams(search_px=40, retry_from_ncc=0.0))
+    assert len(fits) == 5 and not retried.accepted and max(fits) < 0.5, fits
+
+
 def test_shift_beyond_the_search_is_not_found(scope: Scope) -> None:
     shift = (0.0, STEP - 30.0)
     a, b = _pair(scope, 600.0, 650.0, shift, seed=9)
