@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 
 from runtime.devices.protocols import StagePosition
+from runtime.focus.surface import FocusSurface
 from runtime.focus.sweep import ContrastSweep, parabolic_peak, sharpness
 
 
@@ -120,3 +121,25 @@ def test_normalized_variance_is_the_gray_images_variance_over_its_mean() -> None
     assert sharpness(image, "normalized_variance") == pytest.approx(gray.var() / gray.mean(), rel=1e-9)
     flat = np.full((64, 64, 3), 200, np.uint8)
     assert sharpness(flat, "normalized_variance") == 0.0
+
+
+@pytest.mark.parametrize("jitter_um", [0.0, 1.0])
+def test_the_first_field_of_the_next_row_is_predicted_at_the_rows_level(jitter_um: float) -> None:
+    """One scan row of points (a serpentine's first, y the same or jittering by a micrometre): the
+    field below the row's last one is predicted at the row's extrapolated level, and the surface
+    says that prediction assumes a flat slide across rows. (The fit used to be solved about the
+    field predicted, where a min-norm solution traded the intercept for a cross-row slope: the
+    bench recordings' second rows started 0.4-0.6 µm off.)"""
+    s = FocusSurface(default_z_um=0.0)
+    assert s.assumes_flat(0.0, 0.0)
+    jitter = np.random.default_rng(3).uniform(-jitter_um, jitter_um, 4)
+    for i, x in enumerate((1064.0, 1179.0, 1294.0)):
+        s.add(x, 814.0 + jitter[i], 0.3 + 0.002 * (x - 1064.0))
+    row_end = 0.3 + 0.002 * (1410.0 - 1064.0)
+    assert s.predict(1410.0, 814.0) == pytest.approx(row_end, abs=0.02)
+    assert not s.assumes_flat(1410.0, 814.0)
+    assert s.predict(1410.0, 929.0) == pytest.approx(row_end, abs=0.02)
+    assert s.assumes_flat(1410.0, 929.0)
+    s.add(1410.0, 929.0 + jitter[3], row_end + 0.1)  # the second row is 0.1 µm higher
+    assert not s.assumes_flat(1294.0, 929.0)
+    assert s.predict(1294.0, 929.0) == pytest.approx(0.3 + 0.002 * 230.0 + 0.1, abs=0.05)

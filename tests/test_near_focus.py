@@ -15,7 +15,7 @@ import pytest
 from hw_sim.content import load_content
 from runtime.config import FocusConfig, ModelsConfig
 from runtime.focus.field import calibrated_start, near_focus_report, near_focus_trust
-from runtime.focus.near_focus import DEFAULT_CURVATURE, NearFocusTrust, fit_peak
+from runtime.focus.near_focus import DEFAULT_CURVATURE, NearFocusTrust, fit_peak, probes_read
 from runtime.focus.single_shot import SignConvention, SingleShotFocus
 from runtime.focus.sweep import sharpness
 from runtime.ml.tasks import DefocusEstimate
@@ -57,9 +57,11 @@ def brenner(frame: Frame) -> float:
     return sharpness(frame.pixels, "brenner")
 
 
-def _focus(inst: Instrument, z0: float, trust: NearFocusTrust | None, conv: SignConvention | None = None):  # type: ignore[no-untyped-def]
+def _focus(  # type: ignore[no-untyped-def]
+    inst: Instrument, z0: float, trust: NearFocusTrust | None, conv: SignConvention | None = None, surface: bool = False
+):
     first = inst.capture_at(z0)
-    return SingleShotFocus().focus(
+    r = SingleShotFocus().focus(
         inst.estimate,
         inst.capture_at,
         lambda f: None,
@@ -68,7 +70,10 @@ def _focus(inst: Instrument, z0: float, trust: NearFocusTrust | None, conv: Sign
         convention=conv,
         sharpness=brenner if trust is not None else None,
         trust=trust,
+        surface_z=surface,
     )
+    assert r.cost.total == r.captures == len(inst.captures) - 1, (r.cost, inst.captures)
+    return r
 
 
 def test_fit_peak_brackets_and_uses_the_scans_curvature() -> None:
@@ -216,3 +221,56 @@ def test_the_focus_config_sets_the_checks(tmp_path: Path) -> None:
         "failed": 0,
     }
     assert near_focus_report(FocusConfig(), []) is None
+
+
+class BlindNearFocus(Instrument):
+    """A model that reads the size of defocus right far from focus but not within 1 µm of it (a
+    tenth of it: the apochromat, whose pupil is almost symmetric, read frames 0.6-0.9 µm off as
+    0.1-0.2 µm)."""
+
+    def estimate(self, frame: Frame) -> DefocusEstimate:
+        d = frame.z_um - self.focus
+        return DefocusEstimate(d if abs(d) >= 1.0 else 0.1 * d, 8, 8, 1.0, 0.1)
+
+
+def test_a_check_also_tests_the_models_reading_of_the_probes() -> None:
+    """A model blind near focus agrees with the fit wherever the frame is already near focus;
+    its readings of the check's probes (0.75 µm off) give it away: it is never trusted, so
+    fields that start 0.5 µm off are still refocused by the fit."""
+    assert probes_read(((0.75, 0.7), (-0.75, -0.9), (0.1, 0.5)), 0.0)  # 0.1: too near to test
+    assert probes_read(((0.75, -0.7),), 0.0)  # the size, not the sign (the two-shot test's job)
+    assert not probes_read(((0.75, 0.1), (-0.75, -0.05)), 0.0)
+    assert probes_read(((0.75, 0.1), (-0.75, -0.7)), 0.0)  # one bad reading in two is tolerated
+    trust = NearFocusTrust()
+    for i, f in enumerate([0.2, -0.1, 0.3]):
+        _focus(BlindNearFocus(f, seed=i), f + 0.05, trust)
+    assert trust.distrusted and trust.failures == 3
+    for i, f in enumerate([0.1, -0.3]):
+        r = _focus(BlindNearFocus(f, seed=10 + i), f + 0.5, trust)
+        assert abs(r.z_um - f) <= 0.35 and r.near_focus in ("verified", "fit"), (f, r)
+
+
+def test_a_distrusted_model_leaves_some_fields_to_a_surface_that_held() -> None:
+    """The model reads in-focus frames as -0.8 µm (never trusted). Where the focus surface put the
+    first capture within 0.1 µm on the last three checks, two fields in three are kept there
+    unchecked (one capture); a surface that misses (0.6 µm) is checked on every field."""
+    foci = [0.3, -0.2, 0.5, 0.1, -0.4, 0.2, 0.0, 0.35, -0.15]
+
+    def scan(surface: bool, miss: float = 0.0) -> tuple[list[int], NearFocusTrust]:
+        trust = NearFocusTrust()
+        caps = []
+        for i, f in enumerate(foci):
+            inst = Instrument(f, -0.8, seed=i)
+            r = _focus(inst, f + (0.05 if i < 5 else miss + 0.05), trust, surface=surface)
+            assert r.converged and abs(r.z_um - f) <= 0.35, (i, f, r)
+            caps.append(len(inst.captures))
+        assert trust.distrusted
+        return caps, trust
+
+    checked, _ = scan(False)
+    assert min(checked) >= 2, checked  # every field checked: at least one probe
+    kept, trust = scan(True)
+    assert trust.surface_skips >= 2 and sum(kept) <= sum(checked) - 2, (kept, checked)
+    assert kept[-3:].count(1) == 2, kept
+    missed, trust = scan(True, miss=0.6)  # the surface misses from the sixth field on
+    assert trust.surface_skips == kept[:5].count(1) and min(missed[5:]) >= 2, missed

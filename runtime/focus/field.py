@@ -35,14 +35,14 @@ acquisition worker as they are), not as copies of their values.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from runtime.config import FocusConfig, ModelsConfig
 from runtime.devices.protocols import Camera, RGBImage, Stage
 from runtime.devices.scan_plan import FieldPlan
 from runtime.focus.near_focus import NearFocusTrust
-from runtime.focus.single_shot import SignConvention, SingleShotFocus
+from runtime.focus.single_shot import CaptureCost, SignConvention, SingleShotFocus
 from runtime.focus.surface import FocusSurface
 from runtime.focus.sweep import ContrastSweep, FocusResult, sharpness
 from runtime.ipc.inference_channel import InferenceChannel
@@ -164,6 +164,7 @@ class FocusedField:
     sign_flipped: bool = False
     # The near-focus sharpness fit: "verified", "fit", "failed" (then the sweep), None: not run.
     near_focus: str | None = None
+    cost: CaptureCost | None = None  # single_shot: the captures by cause (bench autofocus --objectives)
 
 
 def calibrated_start(focus: FocusConfig, models: ModelsConfig) -> FocusConfig:
@@ -282,13 +283,16 @@ class FieldFocuser:
         models = self.models
         assert models is not None
         z0 = self.surface.predict(plan.x_um, plan.y_um)
+        measured = not self.surface.assumes_flat(plan.x_um, plan.y_um)
         first = self._capture_at(z0)
         # On the critical path (it decides whether the field is focused at all): one request,
         # answered at once.
         tc = models.classify(first)
         if tc is not None and tc.label == "background":
             # Glass: nothing to focus on; keep the surface's z and do not teach the surface.
-            return FocusedField(z0, 1, first, "single_shot:background", None, tc.label, tc.probabilities)
+            return FocusedField(
+                z0, 1, first, "single_shot:background", None, tc.label, tc.probabilities, cost=CaptureCost()
+            )
         r = self.single_shot.focus(
             models.estimate,
             self._capture_at,
@@ -299,6 +303,7 @@ class FieldFocuser:
             self.sign_convention,
             brenner if self.near_focus is not None else None,
             self.near_focus,
+            measured,
         )
         if r.final_defocus_um is not None and not r.converged and not should_stop():
             # The model sees content but its estimates did not converge (ink, folds, bubbles,
@@ -324,6 +329,7 @@ class FieldFocuser:
                 "sweep",
                 r.sign_flipped,
                 r.near_focus,
+                replace(r.cost, first=1, sweep=sw.captures + 1),
             )
         artifact = tc is not None and tc.label == "artifact"
         # Artifact fields are focused, but do not teach the surface: ink or a bubble rim can fool
@@ -343,4 +349,5 @@ class FieldFocuser:
             r.sign_resolution,
             r.sign_flipped,
             r.near_focus,
+            replace(r.cost, first=1),
         )

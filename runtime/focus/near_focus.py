@@ -64,6 +64,19 @@ TWO_POINT_ACCEPT_UM = 0.15
 0.2 µm: its error grows with the curvature's)."""
 MEASURED_FOR_TWO_POINT = 2
 TWO_POINT_SHALLOWER = 0.9
+PROBE_READ_MIN_UM = 0.5
+"""Probes at least this far from the fitted peak test the model's reading of a known defocus."""
+PROBE_READ_TOLERANCE_UM = 0.35
+"""A check passes only if the model read each such probe's defocus *size* this well: a model that
+reads frames 0.6-0.9 µm off as nearly in focus (the apochromat, whose pupil is almost symmetric:
+0.1-0.2 µm) cannot be trusted to keep a frame 0.5 µm off, even when it agreed at the held frame.
+The sign is left to the two-shot test and the learnt convention (the flipped objective reads the
+size right and the sign wrong until the convention flips)."""
+SURFACE_TOLERANCE_UM = 0.2
+SURFACE_RUN = 3
+"""While the model is distrusted, a field is left unchecked when the last ``SURFACE_RUN`` checks
+found the focus surface's prediction (where the field's first capture was taken) within
+``SURFACE_TOLERANCE_UM`` of the fitted peak, and one field in ``surface_every`` is still checked."""
 BRACKET_UM = 0.9
 """A three-point fit needs the sharpest sample's neighbours this close: a neighbour farther out lies on
 the tail, where ln sharpness falls linearly, and pulls the parabola's vertex towards it."""
@@ -147,6 +160,9 @@ class NearFocusTrust:
     failures: int = 0
     every: int = 0  # the current period between paid checks once trusted (0: verify_every)
     curvatures: list[float] = field(default_factory=list)
+    surface_every: int = 3  # while the model is distrusted and the surface holds: one field in this many checked
+    surface_errors: deque[float] = field(default_factory=lambda: deque(maxlen=SURFACE_RUN))
+    surface_skips: int = 0  # fields left unchecked on the surface's word
     # The model's reading at a frame minus that frame's defocus from the fit: its near-focus offset
     # on this instrument and slide (real tissue: -0.4 to -1.0 µm), used to place the probe.
     offsets: list[float] = field(default_factory=list)
@@ -158,22 +174,38 @@ class NearFocusTrust:
         last = list(self.recent)[-self.verify_first :]
         return not all(last) or (not self.trusted_at_start and len(last) < self.verify_first)
 
-    def should_verify(self, moved: bool, free: bool = False) -> bool:
+    @property
+    def surface_holds(self) -> bool:
+        """The last ``SURFACE_RUN`` checks found the focus surface within ``SURFACE_TOLERANCE_UM``."""
+        e = self.surface_errors
+        return len(e) == e.maxlen and max(e) <= SURFACE_TOLERANCE_UM
+
+    def should_verify(self, moved: bool, free: bool = False, at_surface: bool = False) -> bool:
         """Called once per field with content, after the model's moves; ``moved``: a capture near
         focus besides the held frame exists (a check then costs one probe, not two); ``free``: one
-        that a two-point estimate can use (:func:`refine`: a check that passes costs nothing)."""
+        that a two-point estimate can use (:func:`refine`: a check that passes costs nothing);
+        ``at_surface``: the frame held is the field's first capture, at a surface prediction that
+        rests on measured slopes (:meth:`runtime.focus.surface.FocusSurface.assumes_flat` false)."""
         self.fields_since_check += 1
-        if self.distrusted or (free and self.two_point_curvature is not None):
+        if self.distrusted:
+            if at_surface and self.surface_holds and self.fields_since_check < self.surface_every:
+                self.surface_skips += 1
+                return False
+            return True
+        if free and self.two_point_curvature is not None:
             return True
         due = self.every or self.verify_every
         return self.fields_since_check >= due and (moved or self.fields_since_check >= due + self.force_after - 1)
 
-    def observe(self, passed: bool, offset_um: float | None = None) -> None:
+    def observe(self, passed: bool, offset_um: float | None = None, surface_error_um: float | None = None) -> None:
         """``offset_um``: the model's reading at a frame near the fitted focus minus that frame's
-        defocus (only there: farther out a wrong sign would pass for an offset). A pass while
+        defocus (only there: farther out a wrong sign would pass for an offset); ``surface_error_um``:
+        the field's first capture (the surface's prediction) minus the fitted focus. A pass while
         trusted doubles the period between checks (up to ``max_every``); a failure resets it."""
         if offset_um is not None and abs(offset_um) <= 1.5:
             self.offsets.append(offset_um)
+        if surface_error_um is not None:
+            self.surface_errors.append(abs(surface_error_um))
         trusted = not self.distrusted
         self.recent.append(passed)
         self.checks += 1
@@ -205,12 +237,23 @@ class NearFocusTrust:
         return TWO_POINT_SHALLOWER * self.curvature
 
 
+def probes_read(readings: tuple[tuple[float, float], ...], focus_z_um: float) -> bool:
+    """Did the model read the size of the defocus of the frames (z, reading) ``PROBE_READ_MIN_UM`` or
+    more from the fitted focus within ``PROBE_READ_TOLERANCE_UM``, on at least half of them? (One
+    reading off by 0.5 µm happens to the simulator's held-out objectives too; the apochromat's are
+    off on most.) True when there is none to test."""
+    far = [abs(abs(r) - abs(z - focus_z_um)) for z, r in readings if abs(z - focus_z_um) >= PROBE_READ_MIN_UM]
+    return sum(e > PROBE_READ_TOLERANCE_UM for e in far) * 2 <= len(far)
+
+
 @dataclass(frozen=True)
 class Refined(Generic[F]):
     frame: F  # the frame kept (the sharpest captured near the fitted peak)
     z_um: float
     captures: int  # captures this refinement took
     focus_z_um: float | None  # the fitted peak; None: no fit converged (fall back to the sweep)
+    # (z, the model's reading) at each probe, when ``refine`` was given the model (``read``).
+    readings: tuple[tuple[float, float], ...] = ()
 
 
 def next_probe(samples: list[tuple[float, float]], toward: float | None, step_um: float = PROBE_UM) -> float:
@@ -241,6 +284,7 @@ def refine(
     accept_um: float = 0.2,
     max_captures: int = 5,
     max_step_um: float = 1.5,
+    read: Callable[[F], float | None] | None = None,
 ) -> Refined[F]:
     """Bracket the sharpness peak from ``samples`` (z, ln sharpness of the captures so far, the held
     frame's among them) and fit it; keep the sharpest frame, captured within ``accept_um`` of the
@@ -256,6 +300,7 @@ def refine(
     captures = 0
     final = False
     a2 = trust.two_point_curvature
+    readings: list[tuple[float, float]] = []
     while True:
         est = fit_peak(pts, trust.curvature if a2 is None else a2)
         bracketed = est is not None and est.bracketed
@@ -269,21 +314,23 @@ def refine(
             if abs(held_z_um - est.z_um) <= accept_um or final:
                 if est.curvature is not None:
                     trust.learn(est.curvature)
-                return Refined(held, held_z_um, captures, est.z_um)
+                return Refined(held, held_z_um, captures, est.z_um, tuple(readings))
             target, final = est.z_um, True
         elif two and est is not None and abs(held_z_um - est.z_um) <= TWO_POINT_ACCEPT_UM:
-            return Refined(held, held_z_um, captures, est.z_um)
+            return Refined(held, held_z_um, captures, est.z_um, tuple(readings))
         else:
             target = next_probe(pts, toward_z_um if captures == 0 else None)
             if two and est is not None and min(abs(est.z_um - p[0]) for p in pts) >= 0.25:
                 target = est.z_um  # the two-point peak, unless a sample is already there
             target = held_z_um + float(np.clip(target - held_z_um, -max_step_um, max_step_um))
         if captures >= max_captures:
-            return Refined(held, held_z_um, captures, None)
+            return Refined(held, held_z_um, captures, None, tuple(readings))
         frame = capture_at(target)
         captures += 1
         lv = log_sharpness(sharpness(frame))
         pts.append((target, lv))
+        if read is not None and (r := read(frame)) is not None:
+            readings.append((target, r))
         if lv > held_l:
             release(held)
             held, held_z_um, held_l = frame, target, lv

@@ -53,7 +53,14 @@ from typing import Generic, Protocol, TypeVar
 
 import numpy as np
 
-from runtime.focus.near_focus import FIT_RANGE_UM, TWO_POINT_SPAN_UM, NearFocusTrust, log_sharpness, refine
+from runtime.focus.near_focus import (
+    FIT_RANGE_UM,
+    TWO_POINT_SPAN_UM,
+    NearFocusTrust,
+    log_sharpness,
+    probes_read,
+    refine,
+)
 
 F = TypeVar("F")  # a captured frame as the caller holds it: an array, or a ring slot handle
 
@@ -141,6 +148,25 @@ class SignConvention:
 
 
 @dataclass(frozen=True)
+class CaptureCost:
+    """Where a field's captures went (they sum to its captures): the first frame, the model's
+    moves, moves that found the other side of focus (the two-shot test), near-focus probes while
+    the scan had not yet measured its sharpness curve's curvature (bracketed start-up checks) and
+    after, and the contrast sweep (fallback) with its final capture."""
+
+    first: int = 1
+    moves: int = 0
+    second_shots: int = 0
+    start_probes: int = 0
+    probes: int = 0
+    sweep: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.first + self.moves + self.second_shots + self.start_probes + self.probes + self.sweep
+
+
+@dataclass(frozen=True)
 class SingleShotResult(Generic[F]):
     z_um: float  # where the kept frame was captured
     captures: int
@@ -158,6 +184,8 @@ class SingleShotResult(Generic[F]):
     # The near-focus sharpness fit (runtime.focus.near_focus): "verified" (it agreed with the model),
     # "fit" (it moved the frame), "failed" (no peak: the caller sweeps); None: not run.
     near_focus: str | None = None
+    # The captures taken here by cause (first frame not included: the caller took it).
+    cost: CaptureCost = CaptureCost(first=0)
 
 
 @dataclass(frozen=True)
@@ -180,6 +208,7 @@ class SingleShotFocus:
         convention: SignConvention | None = None,
         sharpness: Callable[[F], float] | None = None,
         trust: NearFocusTrust | None = None,
+        surface_z: bool = False,
     ) -> SingleShotResult[F]:
         """``first``: the frame already captured at ``start_z_um`` (the caller classified it).
 
@@ -190,6 +219,9 @@ class SingleShotFocus:
         convention (None: the model's sign, nothing learnt). ``sharpness`` (a frame's sharpness,
         e.g. Brenner) and ``trust`` (the scan's :class:`NearFocusTrust`): near focus the image's own
         sharpness checks or replaces the model's reading (None: the model alone, as before).
+        ``surface_z``: ``start_z_um`` is the focus surface's prediction from measured slopes (the
+        checks measure its error; while it holds, a scan that distrusts the model need not check
+        every field it keeps there).
         """
         conv = convention if convention is not None else SignConvention(flip_after=1 << 30)
         flipped = conv.flipped
@@ -216,10 +248,16 @@ class SingleShotFocus:
         handoff = near is not None and near.distrusted
         voted = handed_off = False
         moves, budget = 0, self.max_moves
+        second_shots = start_probes = probes = 0
         while moves < budget:
             if d is None or abs(d) <= self.tolerance_um or should_stop():
                 break
-            if near is not None and handoff and abs(d - near.offset_um) <= NEAR_HANDOFF_UM:
+            # ... and, at a surface prediction that has held on the last checks, not at all unless
+            # it reads the frame beyond the sharpness fit's reach (NEAR_FIT_UM): a model that failed
+            # its checks does not move a frame the surface put within 0.2 µm (strong aberration on
+            # real tissue: it read such frames as 1.2-1.6 µm off).
+            reach = NEAR_FIT_UM if surface_z and z == start_z_um and near is not None and near.surface_holds else 0.0
+            if near is not None and handoff and abs(d - near.offset_um) <= max(NEAR_HANDOFF_UM, reach):
                 handed_off = True
                 break
             step = float(np.clip(d, -self.max_step_um, self.max_step_um))
@@ -250,6 +288,7 @@ class SingleShotFocus:
             # The focus is on the other side of the first frame: this field's estimates read
             # with the other sign, and the move that found it does not count against the loop.
             resolution = "second_shot"
+            second_shots += 1
             field_sign = -field_sign
             d = -d
             budget += 1
@@ -268,7 +307,12 @@ class SingleShotFocus:
         worse = held_l is not None and any(
             abs(zs - z) <= TWO_POINT_SPAN_UM[1] and ls > held_l + WORSE_LN for zs, ls in samples
         )
-        verify = near is not None and (near.should_verify(moved, free) or worse)
+        at_surface = surface_z and z == start_z_um
+        verify = near is not None and (near.should_verify(moved, free, at_surface) or worse)
+        if near is not None and near.distrusted and not verify and not stalled:
+            # Kept on the focus surface's word (NearFocusTrust.should_verify): the model's reading is
+            # not trusted here, so it neither finishes the field nor teaches the surface.
+            converged, focus = True, None
         if (
             near is not None
             and sharpness is not None
@@ -278,20 +322,34 @@ class SingleShotFocus:
             and not should_stop()
         ):
             # The probe goes where the model, corrected by its offset on this scan, puts the focus.
-            ref = refine(samples, frame, z, capture_at, release, sharpness, near, z - (d - near.offset_um))
+            start = near.two_point_curvature is None
+            # The model reads each probe too: a check also tests its reading of a known defocus.
+            toward = z - (d - near.offset_um)
+            ref = refine(samples, frame, z, capture_at, release, sharpness, near, toward, read=lambda f: est(f)[0])
             captures += ref.captures
+            start_probes, probes = (ref.captures, 0) if start else (0, ref.captures)
             if ref.focus_z_um is None:
                 near.observe(False)
                 near_focus, converged = "failed", False
             else:
-                agreed = not stalled and abs((z - d) - ref.focus_z_um) <= near.tolerance_um
-                near.observe(agreed, d - (z - ref.focus_z_um) if abs(z - ref.focus_z_um) <= 1.0 else None)
+                # The model agreed where it kept the frame, and read the probes' defocus.
+                agreed = (
+                    not stalled
+                    and abs((z - d) - ref.focus_z_um) <= near.tolerance_um
+                    and probes_read(((z, d), *ref.readings), ref.focus_z_um)
+                )
+                near.observe(
+                    agreed,
+                    d - (z - ref.focus_z_um) if abs(z - ref.focus_z_um) <= 1.0 else None,
+                    start_z_um - ref.focus_z_um if surface_z else None,
+                )
                 near_focus = "verified" if ref.z_um == z else "fit"
                 if near_focus == "fit":
                     resolution = "fit"  # the image's sharpness, not the model, chose the side
                 converged, focus = True, ref.focus_z_um
                 d = ref.z_um - ref.focus_z_um
             z, frame = ref.z_um, ref.frame
+        cost = CaptureCost(0, captures - second_shots - start_probes - probes, second_shots, start_probes, probes)
         return SingleShotResult(
-            z, captures, frame, first_estimate, d, focus, converged, resolution, flipped, first_unsure, near_focus
+            z, captures, frame, first_estimate, d, focus, converged, resolution, flipped, first_unsure, near_focus, cost
         )
