@@ -44,6 +44,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", type=Path, default=None, help="classifier model folder (default: committed)")
     p.add_argument("--json", action="store_true", help="one JSON object instead of tables")
     p.add_argument(
+        "--scale",
+        type=int,
+        default=1,
+        help="held-out slides x this (4: 2,400 tiles per set instead of 600; rendered once, cached under --data)",
+    )
+    p.add_argument(
         "--contents",
         nargs="+",
         default=None,
@@ -192,10 +198,11 @@ def run(args: argparse.Namespace) -> int:
         return run_contents(args, model, folder)
     sets: dict[str, dict[str, Any]] = {}
     raw0: np.ndarray | None = None
+    suffix = f"_x{args.scale}" if args.scale > 1 else ""  # x4: 4x the slides, the first quarter the x1 set's
     for split in SETS:
         data = cached(
-            args.data / f"classifier-{split}-seed{args.seed}.npz",
-            lambda split=split: classifier_data(split, args.seed),
+            args.data / f"classifier-{split}{suffix}-seed{args.seed}.npz",
+            lambda split=split: classifier_data(split, args.seed, scale=args.scale),
         )
         sets[split] = evaluate(model, data)
         raw0 = data["raw"] if raw0 is None else raw0
