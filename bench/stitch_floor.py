@@ -183,7 +183,7 @@ def measure(rec: Any, chunk: int = 512) -> dict[str, Any]:
 
         def write(i: int) -> None:
             with open(os.path.join(tmp, f"chunk{i % 8}"), "wb") as f:
-                f.write(memoryview(chunks[i % n]).cast("B"))
+                chunks[i % n].tofile(f)
 
         out["chunk_write"] = cpu_per_call(write, n) * per_chunk * LEVELS
         out["chunk_read"] = (
