@@ -10,7 +10,13 @@ import numpy as np
 import pytest
 
 from runtime.config import ConfigError, StitchConfig, config_from_dict
-from runtime.stitching.backends import CpuKernels, StitchBackendError, probe, select_stitch_backend
+from runtime.stitching.backends import (
+    CpuKernels,
+    StitchBackendError,
+    check_stitch_backend,
+    probe,
+    select_stitch_backend,
+)
 from runtime.stitching.blending import RESAMPLING_KERNELS, subpixel_shift, to_uint8
 from runtime.stitching.gpu import masked_ncc_xp, shift_xp, to_uint8_xp
 from runtime.stitching.registration import RegistrationParams, _masked_ncc, register_pair
@@ -89,6 +95,15 @@ def test_forced_cupy_without_cupy_is_a_config_error_naming_the_key() -> None:
     with pytest.raises(StitchBackendError, match=r"stitch\.backend.*cupy.*cupy not installed") as info:
         select_stitch_backend("cupy", available={"cpu": None, "cupy": "cupy not installed"})
     assert isinstance(info.value, ConfigError)
+
+
+def test_the_cheap_check_refuses_only_a_forced_backend_that_is_missing() -> None:
+    missing = {"cpu": None, "cupy": "cupy not installed"}
+    with pytest.raises(StitchBackendError, match=r"^stitch\.backend = 'cupy' was forced .*cupy not installed"):
+        check_stitch_backend("cupy", missing)
+    for ok in ("cpu", "auto"):  # auto falls back in the stitcher; cpu is always there
+        check_stitch_backend(ok, missing)
+    check_stitch_backend("cupy", {"cpu": None, "cupy": None})  # found: the stitcher's probe decides
 
 
 def test_auto_without_cupy_is_cpu_and_says_why() -> None:

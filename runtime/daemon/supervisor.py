@@ -57,6 +57,7 @@ from runtime.errors import log_failure
 from runtime.ipc.lifetime import forget_semaphores, remove_stale_semaphores
 from runtime.ipc.ring import remove_stale_segments
 from runtime.output.journal import JOURNAL_NAME, InterruptedScan, JournalError, find_interrupted, read_journal
+from runtime.stitching.backends import StitchBackendError, check_stitch_backend
 from runtime.workers.recorder import ZstackRecordJob
 
 log = logging.getLogger("wsi.supervisor")
@@ -83,6 +84,9 @@ class _Prepared:
 
 class Supervisor:
     def __init__(self, cfg: RuntimeConfig) -> None:
+        # A forced stitch.backend that cannot be found here is refused at start (a ConfigError: exit 2,
+        # the key named), not by every scan's stitcher. A module lookup only: no CUDA context here.
+        check_stitch_backend(cfg.stitch.backend)
         self.cfg = cfg
         self.job: WorkerJob | None = None
         self.status = ScanStatus()
@@ -264,6 +268,10 @@ class Supervisor:
                 cfg = with_overrides(cfg, {section: values})
             except ConfigError as err:
                 raise RequestError("invalid_params", f"{section}: {err}") from None
+        try:  # checked at start too; a package removed since would otherwise fail in the stitcher
+            check_stitch_backend(cfg.stitch.backend)
+        except StitchBackendError as err:
+            raise RequestError("invalid_params", str(err)) from None
         return cfg
 
     def _record_zstacks(self, params: RecordZstacksParams) -> StartScanResult:

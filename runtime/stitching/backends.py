@@ -49,6 +49,7 @@ __all__ = [
     "StitchBackendError",
     "StitchKernels",
     "StitchSelection",
+    "check_stitch_backend",
     "probe",
     "select_stitch_backend",
 ]
@@ -151,6 +152,23 @@ def installed() -> dict[str, str | None]:
     return {"cpu": None, "cupy": None if importlib.util.find_spec("cupy") is not None else "cupy not installed"}
 
 
+def _forced(name: str, why: str) -> StitchBackendError:
+    return StitchBackendError(f"stitch.backend = {name!r} was forced but cannot run here: {why}")
+
+
+def check_stitch_backend(preference: str, available: dict[str, str | None] | None = None) -> None:
+    """Raise :class:`StitchBackendError` where ``stitch.backend`` forces a backend whose module cannot be found here
+    (``cupy`` without CuPy installed). For the daemon's start and each scan's config: a module lookup only -- no
+    import, no CUDA context in the supervisor; the stitcher's :func:`select_stitch_backend` still runs the full
+    probe (a CuPy that imports but finds no device, or disagrees with the CPU, fails the scan there).
+    ``available``: :func:`installed`'s answer (tests)."""
+    if preference not in STITCH_BACKENDS:
+        return  # auto (falls back) or an unknown name (select_stitch_backend and the config refuse it)
+    why = (available if available is not None else installed()).get(preference)
+    if why is not None:
+        raise _forced(preference, why)
+
+
 @dataclass
 class StitchSelection:
     kernels: StitchKernels
@@ -173,5 +191,5 @@ def select_stitch_backend(preference: str = "cpu", available: dict[str, str | No
         except Exception as err:  # any failure to start or to match the CPU refuses cupy, with the reason
             why = f"{type(err).__name__}: {err}"
     if preference == "cupy":
-        raise StitchBackendError(f"stitch.backend = 'cupy' was forced but cannot run here: {why}")
+        raise _forced("cupy", why)
     return StitchSelection(CpuKernels(), {"cupy": why})

@@ -33,12 +33,13 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import assert_never
+from typing import NoReturn, assert_never
 
 import numpy as np
 
 from runtime.config import DaemonConfig, MosaicConfig, StitchConfig, WriterConfig
 from runtime.devices.scan_plan import FieldPlan
+from runtime.errors import describe
 from runtime.ipc.messages import (
     EndOfStream,
     EventQueue,
@@ -48,6 +49,7 @@ from runtime.ipc.messages import (
     SlotQueue,
     TileQueue,
     TileReady,
+    WorkerFailed,
     WriterQueue,
     peak_rss_bytes,
 )
@@ -67,6 +69,7 @@ from runtime.output.journal import (
 )
 from runtime.output.mosaic_store import BlocksFinal, MosaicError, MosaicStore, RowsFinal
 from runtime.stitching.accumulator import DequeAccumulator, MosaicGeometry, Replay
+from runtime.stitching.backends import StitchBackendError
 from runtime.stitching.flatfield import FlatField
 from runtime.stitching.positions import Link
 from runtime.workers.skeleton import POLL_S, WorkerContext, run_worker
@@ -374,6 +377,17 @@ def replay_journal(
         observer.replaying = None
 
 
+def refuse_backend(err: StitchBackendError, events: EventQueue, to_writer: WriterQueue) -> NoReturn:
+    """``stitch.backend`` cannot run here (CuPy without a device, or disagreeing with the CPU): the operator's
+    configuration, not a bug, so the scan fails with the message alone -- no traceback in the log. Does what the
+    skeleton does for a failure (``WorkerFailed`` first, then the writer's stream ended), then exits 1."""
+    message = describe(err)
+    log.error("stitcher worker failed: %s", message)
+    events.put(WorkerFailed("stitcher", message))
+    to_writer.put(EndOfStream("the stitcher failed"))
+    raise SystemExit(1)  # past run_worker's Exception handler (which logs a traceback); its exit callbacks run
+
+
 def stitcher_main(
     job: StitchJob,
     mosaic: MosaicConfig,
@@ -439,7 +453,12 @@ def stitcher_main(
         # pairs on two threads instead (DequeAccumulator threads=2) the stitcher used no fewer CPU-s/Gpx
         # in the daemon, and the tail grew (16x12 e2e, load 4-5: 1.07/1.11 s against 0.76/0.56 s), since
         # finish() blends and reduces on the main thread alone (notes/h15-glue.md).
-        acc = DequeAccumulator(job.geometry, store, stitch, memory_budget_mib=held_budget_mib(job.memory_budget_mib))
+        try:
+            acc = DequeAccumulator(
+                job.geometry, store, stitch, memory_budget_mib=held_budget_mib(job.memory_budget_mib)
+            )
+        except StitchBackendError as err:
+            refuse_backend(err, events, to_writer)
         if job.folder:
             journal = ScanJournal.open(job.folder)
             observer = JournalObserver(journal, Path(job.folder), job.geometry, store)
