@@ -70,6 +70,19 @@ def _wait_for(client: ControlClient, cond: Callable[[dict[str, Any]], bool], tim
     raise AssertionError(f"condition not reached: {st}")
 
 
+def _assert_capture_costs(report: dict[str, Any]) -> None:
+    """Each field's captures by cause (issue 11: fields[].capture_cost) add up to its captures, and
+    the scan's ``capture_cost`` is their sum, its total the scan's captures."""
+    fields = report["fields"]
+    causes = ("first", "moves", "second_shots", "start_probes", "probes", "sweep")
+    for f in fields:
+        cost = f["capture_cost"]
+        assert tuple(cost) == causes and min(cost.values()) >= 0 and sum(cost.values()) == f["captures"], f
+    summed = {k: sum(f["capture_cost"][k] for f in fields) for k in causes}
+    assert report["capture_cost"] == {**summed, "total": report["captures_total"]}, report["capture_cost"]
+    assert report["captures_total"] == sum(f["captures"] for f in fields)
+
+
 def _raw_request(endpoint: str, payload: bytes) -> dict[str, Any]:
     sock = zmq.Context.instance().socket(zmq.REQ)
     sock.setsockopt(zmq.LINGER, 0)
@@ -125,6 +138,9 @@ def test_scan_publishes_events_in_sequence(daemon: tuple[RuntimeConfig, ControlC
         seqs = [e["seq"] for e in seen]
         assert seqs == sorted(seqs) and events.missed == 0
         assert Path(seen[-1]["data"]["slide"]).is_file()
+        report = json.loads(Path(seen[-1]["data"]["report"]).read_text())
+        _assert_capture_costs(report)  # the contrast sweep (the default): every capture is the sweep's
+        assert report["capture_cost"]["sweep"] == report["captures_total"] > 0
     finally:
         events.close()
 
@@ -221,6 +237,8 @@ def test_per_scan_focus_strategy_override(daemon: tuple[RuntimeConfig, ControlCl
     methods = {f["focus_method"] for f in report["fields"]}
     assert all(m.startswith("single_shot") for m in methods), methods
     assert report["captures_per_field"] < 5  # the sweep takes 10
+    _assert_capture_costs(report)
+    assert report["capture_cost"]["first"] == len(report["fields"])  # one first capture per field
 
 
 @pytest.mark.parametrize("worker", ["process", "in_acquisition"])
@@ -248,7 +266,11 @@ def test_single_shot_scan_through_the_inference_worker(tmp_path: Path, small_rec
     for f in fields:
         want = {None} if f["tile_class"] == "background" else {"model", "second_shot", "sweep", "fit"}
         assert f["sign_resolution"] in want and f["sign_flipped"] in (True, False), f
-        assert f["near_focus"] in (None, "verified", "fit", "failed"), f
+        assert f["near_focus"] in (None, "verified", "fit", "failed", "surface"), f
+        if f["near_focus"] in (None, "surface"):  # not checked: no near-focus probe
+            assert f["capture_cost"]["start_probes"] == f["capture_cost"]["probes"] == 0, f
+    _assert_capture_costs(report)
+    assert report["near_focus"]["surface"] == sum(f["near_focus"] == "surface" for f in fields)
     # The first tissue fields of a scan are checked by the near-focus sharpness fit (runtime.focus.near_focus).
     assert any(f["near_focus"] in ("verified", "fit") for f in fields), fields
     assert report["captures_per_field"] < 5  # the sweep takes 10

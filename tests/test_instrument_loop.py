@@ -18,7 +18,7 @@ import pytest
 from runtime.devices.recording import Recording
 from runtime.ml.model_folder import MODELS_DIR, load_model_folder
 from tests.test_calibrate import PARAMS
-from tests.test_daemon import _wait_idle, live_daemon
+from tests.test_daemon import _assert_capture_costs, _wait_idle, live_daemon
 
 
 @pytest.fixture(scope="module")
@@ -68,3 +68,4 @@ def test_record_calibrate_and_scan_with_the_calibrated_model(
     assert report["inference"]["autofocus_model"].startswith("af-instrument ("), report["inference"]
     assert report["fields_done"] == PARAMS.fields_x * PARAMS.fields_y
     assert {f["sign_resolution"] for f in report["fields"]} <= {"model", "second_shot", "sweep", "fit", None}
+    _assert_capture_costs(report)  # where the captures went, per field and per scan

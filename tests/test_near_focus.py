@@ -5,7 +5,7 @@ sends fields to the sweep or accepts them off focus; a flipped-sign objective st
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import cv2
@@ -14,9 +14,9 @@ import pytest
 
 from hw_sim.content import load_content
 from runtime.config import FocusConfig, ModelsConfig
-from runtime.focus.field import calibrated_start, near_focus_report, near_focus_trust
+from runtime.focus.field import calibrated_start, capture_cost_report, near_focus_report, near_focus_trust
 from runtime.focus.near_focus import DEFAULT_CURVATURE, NearFocusTrust, fit_peak, probes_read
-from runtime.focus.single_shot import SignConvention, SingleShotFocus
+from runtime.focus.single_shot import CaptureCost, SignConvention, SingleShotFocus
 from runtime.focus.sweep import sharpness
 from runtime.ml.tasks import DefocusEstimate
 
@@ -212,14 +212,21 @@ def test_the_focus_config_sets_the_checks(tmp_path: Path) -> None:
     assert not calibrated_start(off, folder("good2", 0.12)).near_focus_trusted_at_start
     trusted = near_focus_trust(calibrated_start(focus, folder("good3", 0.1)))
     assert trusted is not None and not trusted.distrusted
-    assert near_focus_report(focus, ["verified", None, "fit", "fit"]) == {
+    assert near_focus_report(focus, ["verified", None, "fit", "fit", "surface"]) == {
         "checks": "adaptive",
         "trusted_at_start": False,
         "fields_checked": 3,
         "verified": 1,
         "fit": 2,
         "failed": 0,
+        "surface": 1,  # kept at the surface's prediction: not a check
     }
+    one, two = asdict(CaptureCost(moves=1, probes=2)), asdict(CaptureCost(first=0, sweep=11))
+    assert capture_cost_report([one, None, two]) == {
+        **{"first": 1, "moves": 1, "second_shots": 0, "start_probes": 0, "probes": 2, "sweep": 11},
+        "total": 15,
+    }
+    assert capture_cost_report([None]) is None  # fields from a journal written before the breakdown
     assert near_focus_report(FocusConfig(), []) is None
 
 
@@ -264,6 +271,8 @@ def test_a_distrusted_model_leaves_some_fields_to_a_surface_that_held() -> None:
             r = _focus(inst, f + (0.05 if i < 5 else miss + 0.05), trust, surface=surface)
             assert r.converged and abs(r.z_um - f) <= 0.35, (i, f, r)
             caps.append(len(inst.captures))
+            # A field kept at the surface says so (report.json's near_focus), and paid no probe.
+            assert (r.near_focus == "surface") == (r.cost.probes + r.cost.start_probes == 0), (i, r)
         assert trust.distrusted
         return caps, trust
 

@@ -75,7 +75,7 @@ from runtime.daemon.job import JobQueue, Publish, WorkerJob
 from runtime.daemon.state import FinishReason, ScanPhase
 from runtime.devices.protocols import ScanArea
 from runtime.errors import log_failure, one_line
-from runtime.focus.field import calibrated_start, near_focus_report
+from runtime.focus.field import calibrated_start, capture_cost_report, near_focus_report
 from runtime.ipc.inference_channel import ReplyQueue, RequestQueue
 from runtime.ipc.messages import (
     AcquisitionDone,
@@ -674,6 +674,8 @@ class ScanJob(WorkerJob):
             "driver_cpu_seconds": None if self.driver_cpu_s is None else round(self.driver_cpu_s, 3),
             "fields": [asdict(r) for r in sorted(self.records, key=lambda r: r.index)],
             "near_focus": near_focus_report(self.focus, [r.near_focus for r in self.records]),
+            # The captures by cause summed over the fields (each field's: fields[].capture_cost).
+            "capture_cost": capture_cost_report([r.capture_cost for r in self.records]),
             "inference": self.inference or None,
             "stitch": self.stitch,
             # An incomplete scan says so (its folder also carries INCOMPLETE): resume it or export it.

@@ -35,7 +35,7 @@ acquisition worker as they are), not as copies of their values.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Protocol
 
 from runtime.config import FocusConfig, ModelsConfig
@@ -162,9 +162,11 @@ class FocusedField:
     # convention was flipped when this field was focused.
     sign_resolution: str | None = None
     sign_flipped: bool = False
-    # The near-focus sharpness fit: "verified", "fit", "failed" (then the sweep), None: not run.
+    # The near-focus sharpness fit: "verified", "fit", "failed" (then the sweep), "surface" (kept at
+    # the focus surface's prediction unchecked, NearFocusTrust.surface_holds), None: not run.
     near_focus: str | None = None
-    cost: CaptureCost | None = None  # single_shot: the captures by cause (bench autofocus --objectives)
+    # The captures by cause (they sum to ``captures``); report.json carries them per field and per scan.
+    cost: CaptureCost | None = None
 
 
 def calibrated_start(focus: FocusConfig, models: ModelsConfig) -> FocusConfig:
@@ -208,7 +210,20 @@ def near_focus_report(focus: FocusConfig, outcomes: list[str | None]) -> dict[st
         "trusted_at_start": focus.near_focus_trusted_at_start,
         "fields_checked": sum(counts.values()),
         **counts,
+        # Kept at the focus surface's prediction while the model was distrusted (not checked).
+        "surface": sum(o == "surface" for o in outcomes),
     }
+
+
+def capture_cost_report(costs: list[dict[str, int] | None]) -> dict[str, int] | None:
+    """report.json's scan-level ``capture_cost``: the fields' captures by cause
+    (:class:`CaptureCost`, as ``FieldRecord.capture_cost`` carries them) summed over the scan, with
+    their ``total`` (None: no field carries a breakdown, e.g. a journal written before it existed)."""
+    known = [c for c in costs if c is not None]
+    if not known:
+        return None
+    out = {k: sum(c.get(k, 0) for c in known) for k in asdict(CaptureCost(first=0))}
+    return {**out, "total": sum(out.values())}
 
 
 def brenner(capture: Capture) -> float:
@@ -279,7 +294,14 @@ class FieldFocuser:
             frame = self._capture_at(result.z_um)
             # The next field is close by: its focus is near this one's.
             self._last_z = result.z_um
-            return FocusedField(result.z_um, result.captures + 1, frame, "contrast_sweep", sign_resolution="sweep")
+            return FocusedField(
+                result.z_um,
+                result.captures + 1,
+                frame,
+                "contrast_sweep",
+                sign_resolution="sweep",
+                cost=CaptureCost(first=0, sweep=result.captures + 1),  # the sweep and its final capture
+            )
         models = self.models
         assert models is not None
         z0 = self.surface.predict(plan.x_um, plan.y_um)

@@ -182,7 +182,8 @@ class SingleShotResult(Generic[F]):
     sign_flipped: bool = False  # the learnt convention was flipped for this field
     sign_uncertain: bool = False  # the model said it was not sure of the first estimate's sign
     # The near-focus sharpness fit (runtime.focus.near_focus): "verified" (it agreed with the model),
-    # "fit" (it moved the frame), "failed" (no peak: the caller sweeps); None: not run.
+    # "fit" (it moved the frame), "failed" (no peak: the caller sweeps), "surface" (not checked: the
+    # model is distrusted and the field was kept at a focus surface prediction that held); None: not run.
     near_focus: str | None = None
     # The captures taken here by cause (first frame not included: the caller took it).
     cost: CaptureCost = CaptureCost(first=0)
@@ -313,6 +314,7 @@ class SingleShotFocus:
             # Kept on the focus surface's word (NearFocusTrust.should_verify): the model's reading is
             # not trusted here, so it neither finishes the field nor teaches the surface.
             converged, focus = True, None
+            near_focus = "surface"
         if (
             near is not None
             and sharpness is not None

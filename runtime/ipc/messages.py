@@ -90,8 +90,12 @@ class FieldRecord:
     sign_resolution: str | None = None
     sign_flipped: bool = False
     # single_shot near focus (runtime.focus.near_focus): "verified" (a sharpness fit agreed with the
-    # model), "fit" (the fit chose the plane), "failed" (no peak: the sweep); None: not checked.
+    # model), "fit" (the fit chose the plane), "failed" (no peak: the sweep), "surface" (kept at the
+    # focus surface's prediction while the model is distrusted); None: not checked.
     near_focus: str | None = None
+    # The captures by cause (runtime.focus.single_shot.CaptureCost as a dict: first, moves,
+    # second_shots, start_probes, probes, sweep; they sum to ``captures``); None: not counted.
+    capture_cost: dict[str, int] | None = None
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ import contextlib
 import queue
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from multiprocessing.synchronize import Event
 from typing import Any
 
@@ -243,6 +243,7 @@ def acquisition_main(
                 sign_resolution=result.sign_resolution,
                 sign_flipped=result.sign_flipped,
                 near_focus=result.near_focus,
+                capture_cost=None if result.cost is None else asdict(result.cost),
             )
             # The slot belongs to the stitcher now; drop this process's view of it.
             del result
