@@ -253,6 +253,16 @@ class AnalysisConfig(_Section):
         description="CPU niceness of the analysis while its scan runs (capture comes first); "
         "after the slide it runs at normal priority",
     )
+    # 4 by default: about 0.2 CPU-s of the models on the 2-core x86 test machine (~0.05 CPU-s per Mpx),
+    # so a busy machine that starves the niced feeding leaves about that much for after the slide.
+    backlog_mpx: float = Field(
+        4.0,
+        ge=0.0,
+        le=10000.0,
+        description="level-0 megapixels of final rows the niced analysis may fall behind the scan before a "
+        "thread at normal priority feeds them (down to half of it): larger leaves more work for after the "
+        "slide, smaller runs more of it at normal priority beside the scan; 0: all at normal priority",
+    )
     finish_timeout_s: float = Field(
         120.0, gt=0.0, description="after the slide is written, how long the scan waits for its analysis"
     )

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 import time
 import uuid
@@ -237,9 +238,13 @@ def add_ctl_parser(
 
     Usage: ``ctl [--config FILE | --endpoint E --events E] [--timeout S] [--retries N] ACTION``
     with ACTION one of ``ping``, ``status``, ``start-scan [--recording R] [--region X Y W H]
-    [--name N] [--autofocus-model DIR]``, ``record-zstacks [--recording R] [--region X Y W H]
+    [--name N] [--autofocus-model DIR] [ANALYSIS]``, ``record-zstacks [--recording R] [--region X Y W H]
     [--z-center Z] [--z-range HALF] [--z-step S] [--fields N] --output N``, ``cancel``,
     ``shutdown``, ``events [--count N] [--wait S]``.
+    ANALYSIS (the scan's ``analysis`` parameter, :data:`ANALYSIS_FLAGS`): ``--analysis``/``--no-analysis``,
+    ``--analysis-models trained|baseline``, ``--tumour-model DIR``, ``--nuclei-model DIR``,
+    ``--slide-model DIR|none``, ``--nuclei``/``--no-nuclei``, ``--analysis-subdivide N``,
+    ``--analysis-threshold P``; what is not given is the daemon config's.
     The chosen action is in ``args.ctl_action``; pass the namespace to :func:`run_ctl`.
     """
     ctl = subparsers.add_parser(
@@ -273,6 +278,8 @@ def add_ctl_parser(
         help="autofocus model folder for this scan: under the data root, in the config's models.allowed_dirs, "
         "or 'builtin'",
     )
+    for flag, key, kwargs in ANALYSIS_FLAGS:
+        start.add_argument(flag, dest=f"analysis_{key}", **kwargs)
     record.add_argument(
         "--z-center", type=float, help="centre plane's z in µm (default: the config's focus.start_z_um)"
     )
@@ -285,6 +292,63 @@ def add_ctl_parser(
     events.add_argument("--count", type=int, default=0, help="stop after N events (default: never)")
     events.add_argument("--wait", type=float, default=None, help="give up after S seconds without an event")
     return ctl
+
+
+def _finite_float(text: str) -> float:
+    """An argparse type: a finite number (NaN would reach the daemon as null, i.e. "not given")."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"not a finite number: {text!r}")
+    return value
+
+
+_MODEL_DIR = "under the data root or the config's models.allowed_dirs, or 'builtin'"
+
+# ``start-scan``'s flags for the scan's ``analysis`` parameter: (flag, key in ``analysis`` (the
+# namespace's ``analysis_<key>``), add_argument keywords). Each flag sets one key of the config's
+# ``[analysis]`` section for this scan; types are checked here, bounds and folders by the daemon
+# (one place: ``AnalysisConfig``), whose refusal names ``analysis.<key>``. Not offered, as in
+# ``start_scan``: how the daemon's worker runs (backend, batch_size, nice, backlog_mpx, ...).
+ANALYSIS_FLAGS: tuple[tuple[str, str, dict[str, Any]], ...] = (
+    (
+        "--analysis",
+        "enabled",
+        {"action": argparse.BooleanOptionalAction, "help": "analyse this scan's slide, or not (--no-analysis)"},
+    ),
+    (
+        "--analysis-models",
+        "models",
+        {"choices": ("trained", "baseline"), "help": "trained: the model folders; baseline: the classical baselines"},
+    ),
+    ("--tumour-model", "tumour_dir", {"metavar": "DIR", "help": f"tumour classifier model folder: {_MODEL_DIR}"}),
+    ("--nuclei-model", "nuclei_dir", {"metavar": "DIR", "help": f"nuclei detector model folder: {_MODEL_DIR}"}),
+    (
+        "--slide-model",
+        "slide_dir",
+        {
+            "metavar": "DIR",
+            "help": f"slide (attention-MIL) model folder: {_MODEL_DIR}; 'none': score = max patch probability",
+        },
+    ),
+    (
+        "--nuclei",
+        "nuclei",
+        {"action": argparse.BooleanOptionalAction, "help": "detect nuclei, or not (--no-nuclei)"},
+    ),
+    (
+        "--analysis-subdivide",
+        "subdivide",
+        {"type": int, "metavar": "N", "help": "tumour grid cells per patch side (the config allows 1-4)"},
+    ),
+    (
+        "--analysis-threshold",
+        "threshold",
+        {"type": _finite_float, "metavar": "P", "help": "tumour probability that outlines a lesion (0 < P < 1)"},
+    ),
+)
 
 
 def _resolve_endpoints(args: argparse.Namespace, endpoints: tuple[str, str] | None) -> tuple[str, str]:
@@ -343,6 +407,11 @@ def run_ctl(args: argparse.Namespace, endpoints: tuple[str, str] | None = None) 
             params["region"] = {"x_um": x, "y_um": y, "width_um": w, "height_um": h}
     if action == "start-scan" and args.autofocus_model is not None:
         params["models"] = {"autofocus_dir": args.autofocus_model}
+    if action == "start-scan":
+        given = {key: getattr(args, f"analysis_{key}") for _, key, _ in ANALYSIS_FLAGS}
+        analysis = {key: value for key, value in given.items() if value is not None}
+        if analysis:
+            params["analysis"] = analysis
     if action == "record-zstacks":
         params.update(
             z_center_um=args.z_center, z_half_range_um=args.z_range, z_step_um=args.z_step, max_fields=args.fields

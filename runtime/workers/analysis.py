@@ -69,12 +69,13 @@ log = logging.getLogger("wsi.analysis")
 FEED_ROWS = 256  # rows per read from the mosaic: a heartbeat between reads
 
 # The most work the niced feeding may leave behind, in level-0 megapixels of announced rows not yet
-# fed (about 0.05 CPU-s per Mpx on the 2-core x86 test machine, nuclei and tumour models together):
-# past it the feeding moves to a thread at normal priority until half of it is left. On a busy
-# machine the niced thread gets almost no CPU during the scan (load ~19: 2.6 s of rows were left for
-# after an 8 x 8 slide, +53% wall); the bound keeps what is left for after the slide to about
-# 0.2 CPU-s on any slide, at the price of that work competing with the scan when it is behind.
-BACKLOG_MPX = 4.0
+# fed: ``[analysis] backlog_mpx`` (the operator's, like ``nice``; 4 by default, about 0.05 CPU-s per
+# Mpx on the 2-core x86 test machine, nuclei and tumour models together). Past it the feeding moves
+# to a thread at normal priority until half of it is left. On a busy machine the niced thread gets
+# almost no CPU during the scan (load ~19: 2.6 s of rows were left for after an 8 x 8 slide, +53%
+# wall); the bound keeps what is left for after the slide to about 0.2 CPU-s on any slide, at the
+# price of that work competing with the scan when it is behind.
+BACKLOG_MPX: float = AnalysisConfig.model_fields["backlog_mpx"].default
 
 ModelKey = tuple[object, ...]
 
@@ -397,13 +398,13 @@ class _Scan:
 class _Worker:
     """The worker's state across scans (the body of :func:`analysis_main`)."""
 
-    def __init__(self, worker: WorkerContext, events: EventQueue, nice: int) -> None:
+    def __init__(self, worker: WorkerContext, events: EventQueue, nice: int, backlog_mpx: float) -> None:
         self.worker = worker
         self.events = events
         self.models = _Models()
         self.scans = 0
         self.scan: _Scan | None = None
-        self.feeder = _Feeder(nice)
+        self.feeder = _Feeder(nice, backlog_mpx)
 
     def begin(self, msg: AnalysisBegin) -> None:
         self.drop()
@@ -455,7 +456,7 @@ class _Worker:
                     "models_loaded_for_this_scan": scan.loaded,
                 }
                 # Pieces of rows fed at normal priority during the scan (the niced feeding fell behind
-                # by BACKLOG_MPX, or the slide's last row was announced): 0 on a machine with CPU to spare.
+                # by backlog_mpx, or the slide's last row was announced): 0 on a machine with CPU to spare.
                 summary["worker"]["urgent_pieces"] = urgent_pieces
             except Exception as err:
                 scan.error = _failure(err)
@@ -494,7 +495,7 @@ def analysis_main(cfg: AnalysisConfig, inbox: AnalysisQueue, events: EventQueue)
     name others in its :class:`AnalysisBegin`)."""
 
     def body(worker: WorkerContext) -> None:
-        state = _Worker(worker, events, cfg.nice)
+        state = _Worker(worker, events, cfg.nice, cfg.backlog_mpx)
         _warm_up()
         state.models.ensure(cfg)
         events.put(AnalysisReady(os.getpid(), state.models.load_s, state.models.error))
