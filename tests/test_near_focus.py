@@ -283,3 +283,25 @@ def test_a_distrusted_model_leaves_some_fields_to_a_surface_that_held() -> None:
     assert kept[-3:].count(1) == 2, kept
     missed, trust = scan(True, miss=0.6)  # the surface misses from the sixth field on
     assert trust.surface_skips == kept[:5].count(1) and min(missed[5:]) >= 2, missed
+
+
+def test_a_trusted_model_does_not_move_a_frame_the_surface_agrees_with_by_its_noise() -> None:
+    """A trusted model reads a frame in focus as 0.35 µm off (near-focus noise; v3: 0.14 µm typical).
+    At a measured surface prediction the checks found within 0.1 µm, the frame is kept (1 capture);
+    without the surface's word, or with a surface the checks found 0.5 µm off, or a reading beyond the
+    dead band, the model moves as before."""
+
+    def field(surface: bool, surface_error: float, offset: float) -> tuple[int, int, float]:
+        trust = NearFocusTrust(trusted_at_start=True)
+        trust.surface_errors.append(surface_error)
+        inst = Instrument(0.2, offset)
+        r = _focus(inst, 0.2, trust, surface=surface)
+        assert r.converged, r
+        return len(inst.captures), r.cost.moves, r.z_um
+
+    assert field(True, 0.1, 0.35) == (1, 0, 0.2)  # kept where it is, in focus, and not checked
+    # No measured surface: the model moves the frame out of focus (and the sharpness, which says
+    # the move went the wrong way, has the field checked).
+    assert field(False, 0.1, 0.35)[1] == 1
+    assert field(True, 0.5, 0.35)[1] == 1  # the surface missed on a check: the model moves
+    assert field(True, 0.1, 0.6)[1] == 1  # beyond the dead band: the model moves

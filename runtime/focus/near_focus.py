@@ -77,6 +77,9 @@ SURFACE_RUN = 3
 """While the model is distrusted, a field is left unchecked when the last ``SURFACE_RUN`` checks
 found the focus surface's prediction (where the field's first capture was taken) within
 ``SURFACE_TOLERANCE_UM`` of the fitted peak, and one field in ``surface_every`` is still checked."""
+SURFACE_AGREE_UM = 0.3
+"""A trusted model's small readings at a surface prediction are not acted on while the checks found
+the surface this close (runtime.focus.single_shot.DEAD_BAND_UM)."""
 BRACKET_UM = 0.9
 """A three-point fit needs the sharpest sample's neighbours this close: a neighbour farther out lies on
 the tail, where ln sharpness falls linearly, and pulls the parabola's vertex towards it."""
@@ -179,6 +182,12 @@ class NearFocusTrust:
         """The last ``SURFACE_RUN`` checks found the focus surface within ``SURFACE_TOLERANCE_UM``."""
         e = self.surface_errors
         return len(e) == e.maxlen and max(e) <= SURFACE_TOLERANCE_UM
+
+    @property
+    def surface_agrees(self) -> bool:
+        """The checks so far found the focus surface's prediction within ``SURFACE_AGREE_UM`` (at least
+        one check measured it, and the last ``SURFACE_RUN`` did)."""
+        return bool(self.surface_errors) and max(self.surface_errors) <= SURFACE_AGREE_UM
 
     def should_verify(self, moved: bool, free: bool = False, at_surface: bool = False) -> bool:
         """Called once per field with content, after the model's moves; ``moved``: a capture near

@@ -79,6 +79,9 @@ NOISE_FLOOR_UM = 1.0
 # estimate is within NEAR_HANDOFF_UM.
 NEAR_FIT_UM = 2.0
 NEAR_HANDOFF_UM = 1.0
+# A trusted model does not move a frame at a measured surface prediction that the checks found
+# accurate (NearFocusTrust.surface_agrees) when it reads the frame within this (see focus()).
+DEAD_BAND_UM = 0.4
 # ln sharpness this much below an earlier capture's: the model's last move made the frame worse.
 WORSE_LN = 0.02
 
@@ -250,8 +253,21 @@ class SingleShotFocus:
         voted = handed_off = False
         moves, budget = 0, self.max_moves
         second_shots = start_probes = probes = 0
+        # A trusted model's reading at a surface prediction from measured slopes: two estimates of
+        # the same focus. Below DEAD_BAND_UM the reading is within the model's near-focus noise of
+        # the surface's (v3: 0.14 µm), and a move there as often takes a frame in focus out of it
+        # (the simulator's held-out recordings: frames 0.02-0.15 µm from their sharpest plane read
+        # as 0.27-0.34 µm, moved, and failed the check that followed).
+        dead_band = (
+            near is not None
+            and not near.distrusted
+            and surface_z
+            and near.surface_agrees
+            and d is not None
+            and abs(d) <= DEAD_BAND_UM
+        )
         while moves < budget:
-            if d is None or abs(d) <= self.tolerance_um or should_stop():
+            if d is None or abs(d) <= self.tolerance_um or dead_band or should_stop():
                 break
             # ... and, at a surface prediction that has held on the last checks, not at all unless
             # it reads the frame beyond the sharpness fit's reach (NEAR_FIT_UM): a model that failed
@@ -293,7 +309,8 @@ class SingleShotFocus:
             field_sign = -field_sign
             d = -d
             budget += 1
-        converged = d is not None and abs(d) <= self.tolerance_um
+        # A reading left in the dead band is the model's noise, not a stall.
+        converged = d is not None and (abs(d) <= self.tolerance_um or (dead_band and moves == 0))
         # The residual estimate refines the focus point the surface learns (not the frame we keep).
         focus = z - d if d is not None and abs(d) <= 1.0 else None
         near_focus: str | None = None
