@@ -63,6 +63,13 @@ def _config_subdivide() -> int:
     return int(AnalysisConfig().subdivide)
 
 
+def _lesion_head_on(flag: str | None) -> bool:
+    """``--lesion-head on|off``, or the runtime's default ``[analysis] lesion_head``."""
+    from runtime.config import AnalysisConfig
+
+    return bool(AnalysisConfig().lesion_head) if flag is None else flag == "on"
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--slides",
@@ -82,6 +89,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--models", type=Path, default=None, help="analysis model root (default: the committed ones)")
     p.add_argument("--baseline-only", action="store_true", help="only the classical baselines")
+    p.add_argument(
+        "--lesion-head",
+        choices=("on", "off"),
+        default=None,
+        help="re-outline small lesions with the lesion head (default: [analysis] lesion_head's default)",
+    )
     p.add_argument("--scan-cost", action="store_true", help="also time a replayed scan with analysis on vs off")
     p.add_argument("--cost-fields", type=int, default=8, help="--scan-cost: N x N fields of 512 px (default 8)")
     p.add_argument("--cost-repeats", type=int, default=2, help="--scan-cost: scans per setting, alternated")
@@ -342,25 +355,45 @@ def burden_by_kind(tumour_slides: list[dict[str, Any]]) -> dict[str, dict[str, A
     return out
 
 
+def _without_head(tum: list[dict[str, Any]]) -> dict[str, Any]:
+    """The same tumour slides' burden (all, and by kind and size) and pooled Dice as the outlines were
+    before the lesion head re-outlined the small lesions (same renders, same tumour map)."""
+    plain = [dict(p, pred_mm2=p["pred_mm2_no_head"], intersection_mm2=p["intersection_mm2_no_head"]) for p in tum]
+    inter, tr, pr = (sum(p[k] for p in plain) for k in ("intersection_mm2", "truth_mm2", "pred_mm2"))
+    burden = [100 * abs(p["pred_mm2"] - p["truth_mm2"]) / p["truth_mm2"] for p in plain if p["truth_mm2"] > 0]
+    return {
+        "dice_pooled": 2 * inter / (tr + pr) if tr + pr else None,
+        "burden_within_10pct": float(np.mean(np.asarray(burden) <= 10.0)) if burden else None,
+        "burden_all": burden_by_kind([dict(p, kind="all") for p in plain]).get("all"),
+        "burden_by_kind": burden_by_kind(plain),
+    }
+
+
 def evaluate(slides: list[BenchSlide], models: Any, nuclei: bool, subdivide: int = 1) -> dict[str, Any]:
     from runtime.analysis.lesions import find_lesions, model_lesions
     from runtime.analysis.outline import outline_for
-    from runtime.analysis.pipeline import analyze_source
+    from runtime.analysis.pipeline import analyze_source, slide_lesions
 
     per = []
     lesion_s = {"outline": 0.0, "fixed": 0.0}
     outlined = outline_for(models.tumour, subdivide) is not None
     t0 = time.perf_counter()
     for s in slides:
-        res = analyze_source(ArraySource(s.levels, PX_UM), models, nuclei=nuclei, subdivide=subdivide)
+        src = ArraySource(s.levels, PX_UM)
+        res = analyze_source(src, models, nuclei=nuclei, subdivide=subdivide)
         t1 = time.perf_counter()
-        found = model_lesions(res, models.tumour)  # as the runtime outlines them (the model's outline fit)
+        found = slide_lesions(res, models, src)  # as the runtime outlines them (outline fit, lesion head if on)
         t2 = time.perf_counter()
         fixed = find_lesions(res)  # the 0.5 contour alone, for comparison
         lesion_s["outline"] += t2 - t1
         lesion_s["fixed"] += time.perf_counter() - t2
         p = score_slide(s, res, found)
         p["pred_mm2_fixed"] = score_slide(s, res, fixed)["pred_mm2"] if outlined else p["pred_mm2"]
+        p["lesion_head_calls"] = int(res.stats.get("lesion_head_calls", 0))
+        if getattr(models, "lesion_head", None) is not None:  # the same slide without it, for comparison
+            no_head = score_slide(s, res, model_lesions(res, models.tumour))
+            p["pred_mm2_no_head"], p["intersection_mm2_no_head"] = no_head["pred_mm2"], no_head["intersection_mm2"]
+        p["lesion_head_s"] = float(res.stats.get("lesion_head_s", 0.0))
         per.append(p)
     wall = time.perf_counter() - t0
     tum = [p for p in per if p["tumour"]]
@@ -398,6 +431,10 @@ def evaluate(slides: list[BenchSlide], models: Any, nuclei: bool, subdivide: int
             (100 * (1 - p["truth_on_tissue_mm2"] / p["truth_mm2"]) for p in tum if p["truth_mm2"] > 0), default=0.0
         ),
         "lesions_s_per_slide": {k: v / max(1, len(per)) for k, v in lesion_s.items()},
+        "lesion_head": getattr(models, "lesion_head", None) is not None,
+        "lesion_head_calls": sum(p["lesion_head_calls"] for p in per),
+        "lesion_head_s_per_slide": sum(p["lesion_head_s"] for p in per) / max(1, len(per)),
+        "without_lesion_head": _without_head(tum) if tum and "pred_mm2_no_head" in tum[0] else None,
         "patches_per_s": sum(p["patches"] for p in per) / max(1e-9, sum(p["tumour_s"] for p in per)),
         "tumour_s_per_slide": sum(p["tumour_s"] for p in per) / max(1, len(per)),
         "wall_s": wall,
@@ -594,6 +631,13 @@ def run(args: argparse.Namespace) -> int:
         if models is None:
             notes.append(f"trained models: not run ({why})")
         else:
+            if _lesion_head_on(args.lesion_head):
+                import dataclasses
+
+                from runtime.analysis.lesion_head import load_lesion_head
+
+                models = dataclasses.replace(models, lesion_head=load_lesion_head(None, "ort_cpu"))
+                models.names["lesion_head"] = str(models.lesion_head.folder.path)
             sets.append(("models", models))
             if why:
                 notes.append(f"trained models: {why}")

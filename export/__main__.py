@@ -119,6 +119,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         if name == "train-tumour":
             an.add_argument("--init", type=Path, default=None, help="start from this checkpoint (--epochs 0: "
                             "re-calibrate and re-export only)")
+    lh = sub.add_parser("train-lesion-head", help="train the small-lesion pixel head (training-range seeds only) "
+                        "and export it as a model folder (parity-checked)")
+    lh.add_argument("--cache", type=Path, default=ANALYSIS_DATA / "lesion-head", help="rendered-window cache")
+    lh.add_argument("--train-first", type=int, default=320000)
+    lh.add_argument("--train-slides", type=int, default=36)
+    lh.add_argument("--dev-first", type=int, default=300000)
+    lh.add_argument("--dev-slides", type=int, default=9)
+    lh.add_argument("--budget-s", type=float, default=600.0, help="training time (s)")
+    lh.add_argument("--seed", type=int, default=0)
+    lh.add_argument("--workers", type=int, default=2, help="processes rendering slides")
+    lh.add_argument("--out", type=Path, default=MODELS_DIR / "lesion_head")
     a = sub.add_parser("all", help="train both models and export them into runtime/ml/builtin/")
     a.add_argument("--data", type=Path, default=DEFAULT_DATA)
     a.add_argument("--seed", type=int, default=0)
@@ -200,6 +211,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             r = train_mil(args.data, out, args.tumour, args.seed, workers=args.workers, **kw)
         print(json.dumps(r["heldout_metrics"], indent=2))
         print(f"wrote {out}/model.onnx + model.json")
+        return 0
+    if args.cmd == "train-lesion-head":
+        from export.train_lesion_head import train_lesion_head
+
+        r = train_lesion_head(
+            args.out,
+            cache=args.cache,
+            train_first=args.train_first,
+            train_slides=args.train_slides,
+            dev_first=args.dev_first,
+            dev_slides=args.dev_slides,
+            budget_s=args.budget_s,
+            seed=args.seed,
+            workers=args.workers,
+        )
+        print(json.dumps(r["heldout_metrics"], indent=2))
+        print(f"wrote {args.out}/model.onnx + model.json")
         return 0
     if args.cmd == "all":
         for kind in ("autofocus", "classifier"):

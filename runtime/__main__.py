@@ -68,7 +68,12 @@ def analyze(args: argparse.Namespace) -> int:
             models = baseline_models()
         else:
             models = load_models(
-                cfg.tumour_dir, cfg.nuclei_dir, cfg.slide_dir, backend=cfg.backend, with_nuclei=not args.no_nuclei
+                cfg.tumour_dir,
+                cfg.nuclei_dir,
+                cfg.slide_dir,
+                backend=cfg.backend,
+                with_nuclei=not args.no_nuclei,
+                lesion_head=cfg.lesion_head,
             )
         summary = analyze_file(
             args.slide,

@@ -246,6 +246,11 @@ class AnalysisConfig(_Section):
         2, ge=1, le=4, description="tumour grid cells per patch side (2: half-patch steps, ~4x the tumour model calls)"
     )
     threshold: float = Field(0.5, gt=0.0, lt=1.0, description="tumour probability that outlines a lesion")
+    # Off until the held-out bench shows it helps (python -m bench analysis --lesion-head on; README, slide analysis).
+    lesion_head: bool = Field(
+        False,
+        description="re-outline lesions below 0.01 mm² with the pixel-level lesion head (1 µm read of each window)",
+    )
     nice: int = Field(
         10,
         ge=0,

@@ -34,7 +34,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import cv2
 import numpy as np
@@ -51,6 +51,9 @@ from runtime.analysis.baselines import (
 )
 from runtime.analysis.heatmap import OVERLAY_MAX_PX
 from runtime.analysis.types import F32, U8, NucleiModel, SlideModel, TumourModel
+
+if TYPE_CHECKING:
+    from runtime.analysis.lesion_head import LesionHead
 
 log = logging.getLogger("wsi.analysis")
 
@@ -82,6 +85,8 @@ class ModelSet:
     nuclei: NucleiModel | None
     slide: SlideModel | None
     names: dict[str, str] = field(default_factory=dict)
+    # Re-outlines small lesions from a 1 µm read of the slide (runtime.analysis.lesion_head); None: off.
+    lesion_head: LesionHead | None = None
 
 
 def baseline_models() -> ModelSet:
@@ -108,6 +113,7 @@ def load_models(
     *,
     backend: str = "auto",
     with_nuclei: bool = True,
+    lesion_head: bool = False,
 ) -> ModelSet:
     """The trained models (``runtime.analysis.models``; None or "builtin": the committed folders;
     ``slide`` "none": no slide model, the slide score is the max patch probability). Raises
@@ -131,7 +137,16 @@ def load_models(
     names = {"tumour": _folder_name(t), "slide": _folder_name(s) if s is not None else "max patch probability"}
     if with_nuclei and n is not None:
         names["nuclei"] = _folder_name(n)
-    return ModelSet(t, n if with_nuclei else None, s, names)
+    head = None
+    if lesion_head:
+        from runtime.analysis.lesion_head import load_lesion_head
+
+        try:
+            head = load_lesion_head(None, "ort_cpu" if backend == "tensorrt" else pref)
+        except Exception as err:
+            raise AnalysisError(f"analysis models: {err}") from err
+        names["lesion_head"] = _folder_name(head)
+    return ModelSet(t, n if with_nuclei else None, s, names, head)
 
 
 @dataclass(frozen=True)
@@ -610,6 +625,27 @@ def analyze_source(
 # --------------------------------------------------------------------------- outputs
 
 
+def slide_lesions(
+    result: GridResult, models: ModelSet, source: SlideSource | None, *, threshold: float = 0.5
+) -> list[Any]:
+    """The slide's lesions as the tumour model's outline fit draws them, then, with a lesion head and
+    a ``source`` to read, the small ones re-outlined from a 1 µm read of their window
+    (:func:`runtime.analysis.lesion_head.reoutline`: never a lesion more or fewer). Its counts go
+    to ``result.stats`` (``lesion_head_calls``, ``lesion_head_reoutlined``, ``lesion_head_s``)."""
+    from runtime.analysis import lesions
+
+    found = lesions.model_lesions(result, models.tumour, threshold=threshold)  # with the model's outline fit
+    if models.lesion_head is None or source is None or not found:
+        return found
+    from runtime.analysis.lesion_head import reoutline
+
+    found, st = reoutline(source, found, models.lesion_head, result.pixel_size_um)
+    result.stats["lesion_head_calls"] = st["calls"]
+    result.stats["lesion_head_reoutlined"] = st["reoutlined"]
+    result.stats["lesion_head_s"] = st["s"]
+    return found
+
+
 def write_outputs(
     out_dir: Path,
     result: GridResult,
@@ -617,9 +653,11 @@ def write_outputs(
     thumbnail: U8 | None = None,
     *,
     threshold: float = 0.5,
+    source: SlideSource | None = None,
 ) -> dict[str, Any]:
     """Write the heatmap, the overlays, the annotations and the nuclei into ``out_dir``; return
-    the summary (the report's ``analysis``), also written as ``analysis.json``."""
+    the summary (the report's ``analysis``), also written as ``analysis.json``. ``source``: the
+    slide, read again for the lesion head's windows (without it the head does not run)."""
     from runtime.analysis import geojson, heatmap, lesions, summary
 
     t0 = time.perf_counter()
@@ -638,7 +676,7 @@ def write_outputs(
                 )
             ),
         ]
-        found = lesions.model_lesions(result, models.tumour, threshold=threshold)  # with the model's outline fit
+        found = slide_lesions(result, models, source, threshold=threshold)
         regions = lesions.region_features(result, found)
         geojson.write_atomic(out_dir / ANNOTATIONS_NAME, regions)
         n_nuclei = geojson.write_atomic(out_dir / NUCLEI_NAME, lesions.nuclei_features(result, found))
@@ -678,7 +716,7 @@ def analyze_file(
         result = analyze_source(src, models, batch_size=batch_size, nuclei=nuclei, subdivide=subdivide)
         result.stats["analysis_s"] = time.perf_counter() - t0
         thumb = src.thumbnail(OVERLAY_MAX_PX)
-        summ = write_outputs(out_dir, result, models, thumb, threshold=threshold)
+        summ = write_outputs(out_dir, result, models, thumb, threshold=threshold, source=src)
         if cam > 0:
             write_cam(src, result, models.tumour, out_dir, cam)
             summ["files"]["cam_png"] = CAM_PNG

@@ -20,9 +20,14 @@ from typing import Any
 from runtime.ml.preprocess import AutofocusPreprocess, ClassifierPreprocess
 
 MODELS_DIR = Path(__file__).resolve().parent / "builtin"
-TASKS = ("autofocus", "classifier", "tumour", "nuclei", "slide_mil")
+TASKS = ("autofocus", "classifier", "tumour", "nuclei", "slide_mil", "lesion_head")
 # Slide-analysis models (issue 13, runtime.analysis): their preprocess kinds and the input each implies.
-ANALYSIS_PREPROCESS = {"tumour": "rgb_patch_v1", "nuclei": "rgb_window_v1", "slide_mil": "mil_v1"}
+ANALYSIS_PREPROCESS = {
+    "tumour": "rgb_patch_v1",
+    "nuclei": "rgb_window_v1",
+    "slide_mil": "mil_v1",
+    "lesion_head": "rgb_window_v1",  # 1 µm window around a small lesion -> per-4 µm tumour probability
+}
 
 
 class ModelFolderError(ValueError):

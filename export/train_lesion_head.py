@@ -1,0 +1,260 @@
+"""``python -m export train-lesion-head``: a pixel-level head that re-outlines small lesions (issue 13).
+
+The tumour patch classifier sees 64 µm patches: a lesion about that size or smaller reads as a blur
+whose area mixes its size with its grade (``/work/notes/h13-burden2.md``). This head reads the slide
+at 1 µm/px and writes a tumour logit per 4 µm cell, with about 120 µm of context (two pools, then
+dilated convolutions), 20k parameters. The runtime runs it only on the window of a lesion already
+found (:mod:`runtime.analysis.lesion_head`), so it changes outlines, never detections.
+
+Data: bench-style slides (:func:`bench.analysis.render_slide`, ``held_out=False``) of training-range
+seeds only (below the held-out 900000+: refused otherwise), two thirds "small-lesion" slides; windows
+around each true lesion, each benign mimic and two random tissue spots, with the truth rasterised to
+4 µm. Development windows (other training-range seeds, default 300000+) give the metrics in
+``model.json``; held-out slides are scored only by ``python -m bench analysis``.
+
+Rendered windows are cached as ``<cache>/<seed>.pkl`` (a list of ``{"img", "t4"}``), so a re-run with
+other training settings does not render again.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import pickle
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from hw_sim.lesions import HELD_OUT_SEEDS
+
+WINDOW = 224  # the exported input (px at 1 µm); the runtime centres a lesion's window on it
+CELL = 4  # output cell (px)
+CROP = 96  # training crop (px)
+SLIDE_UM = 1500.0
+HELD_OUT_FROM = HELD_OUT_SEEDS.start  # 900000
+
+
+class LesionHead(nn.Module):
+    """conv 3->16, pool, conv 16->24, pool (4 µm), dilated 2/4/8, 1x1: per-4 µm tumour logits."""
+
+    def __init__(self, c: int = 24) -> None:
+        super().__init__()
+        self.f = nn.Sequential(
+            nn.Conv2d(3, 16, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(16, c, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(c, c, 3, padding=2, dilation=2),
+            nn.ReLU(),
+            nn.Conv2d(c, c, 3, padding=4, dilation=4),
+            nn.ReLU(),
+            nn.Conv2d(c, c, 3, padding=8, dilation=8),
+            nn.ReLU(),
+            nn.Conv2d(c, 1, 1),
+        )
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor]:
+        return (torch.sigmoid(self.f(x)),)  # a tuple: one entry per exported output
+
+
+def to_input(img: np.ndarray) -> np.ndarray:
+    """RGB uint8 (h, w, 3) -> (3, h, w) float32 as ``rgb_window_v1`` scales it (mean 0.5, std 0.25)."""
+    return np.ascontiguousarray(((img.astype(np.float32) / 255.0 - 0.5) / 0.25).transpose(2, 0, 1))
+
+
+def check_training_seed(seed: int) -> None:
+    """Training-range seeds only (below the held-out ones): ValueError naming the range otherwise."""
+    if not 0 <= seed < HELD_OUT_FROM:
+        raise ValueError(f"lesion-head data must come from training-range seeds (0-{HELD_OUT_FROM - 1}), got {seed}")
+
+
+def slide_windows(seed: int, index: int) -> list[dict[str, Any]]:
+    """Windows (1 µm px) around the true lesions, mimics and 2 random tissue spots of one rendered
+    training-range slide, with the truth as a per-4 µm tumour fraction ``t4``."""
+    import cv2
+
+    from bench.analysis import render_slide
+
+    check_training_seed(seed)
+    s = render_slide(seed, index, SLIDE_UM, held_out=False)
+    l1 = s.levels[1]  # 0.5 µm/px level 0 -> 1 µm/px
+    h, w = l1.shape[:2]
+
+    def rings(g: Any) -> list[np.ndarray]:
+        return [np.asarray(p.exterior.coords) / 2.0 for p in getattr(g, "geoms", [g])]
+
+    tum = [rings(g) for g in s.tumour]
+    rng = np.random.default_rng(seed)
+    boxes = []
+    for g in list(s.tumour) + list(s.mimics):
+        x0, y0, x1, y1 = (v / 2.0 for v in g.bounds)
+        if max(x1 - x0, y1 - y0) > 400:  # a large lesion: a 200 µm spot inside it (its edge or interior)
+            cx, cy = rng.uniform(x0, x1), rng.uniform(y0, y1)
+            x0, x1, y0, y1 = cx - 100, cx + 100, cy - 100, cy + 100
+        boxes.append((x0 - 64, y0 - 64, x1 + 64, y1 + 64))
+    for _ in range(2):
+        cx, cy = rng.uniform(150, w - 150), rng.uniform(150, h - 150)
+        boxes.append((cx - 100, cy - 100, cx + 100, cy + 100))
+    out = []
+    for bx0, by0, bx1, by1 in boxes:
+        x0, y0, x1, y1 = max(0, int(bx0)), max(0, int(by0)), min(w, int(bx1)), min(h, int(by1))
+        y1, x1 = y0 + (y1 - y0) // CELL * CELL, x0 + (x1 - x0) // CELL * CELL
+        if y1 - y0 < CROP or x1 - x0 < CROP:
+            continue
+        m = np.zeros((y1 - y0, x1 - x0), np.uint8)
+        for polys in tum:
+            for c in polys:
+                cv2.fillPoly(m, [np.round((c - [x0, y0]) * 4).astype(np.int32)], 1, shift=2)
+        t4 = m.reshape(m.shape[0] // CELL, CELL, m.shape[1] // CELL, CELL).mean(axis=(1, 3)).astype(np.float32)
+        out.append({"img": l1[y0:y1, x0:x1].copy(), "t4": t4})
+    return out
+
+
+def _cached_windows(job: tuple[int, int, str]) -> list[dict[str, Any]]:
+    seed, index, cache = job
+    f = Path(cache) / f"{seed}.pkl"
+    if f.exists():
+        wins: list[dict[str, Any]] = pickle.loads(f.read_bytes())
+        return wins
+    wins = slide_windows(seed, index)
+    f.parent.mkdir(parents=True, exist_ok=True)
+    f.write_bytes(pickle.dumps(wins))
+    return wins
+
+
+def windows(first_seed: int, n: int, cache: Path, workers: int) -> list[dict[str, Any]]:
+    """Windows of slides ``first_seed .. first_seed + n - 1``: two in three "small-lesion" slides
+    (bench index 2), the others ordinary tumour slides (index 0)."""
+    for s in (first_seed, first_seed + n - 1):
+        check_training_seed(s)
+    jobs = [(first_seed + i, 2 if i % 3 else 0, str(cache)) for i in range(n)]
+    if workers > 1:
+        with mp.get_context("spawn").Pool(workers) as pool:
+            parts = pool.map(_cached_windows, jobs, chunksize=1)
+    else:
+        parts = [_cached_windows(j) for j in jobs]
+    return [w for p in parts for w in p]
+
+
+def window_metrics(net: nn.Module, wins: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per-window area error of the head (cells >= 0.5) against the truth, split by truth size
+    (below / from 10,000 µm²), and the area it gives windows without truth (µm²)."""
+    net.eval()
+    small: list[float] = []
+    large: list[float] = []
+    fp = 0.0
+    with torch.no_grad():
+        for w in wins:
+            p = net(torch.from_numpy(to_input(w["img"]))[None])[0][0, 0].numpy()
+            area = float((p >= 0.5).sum()) * CELL**2
+            truth = float(w["t4"].sum()) * CELL**2
+            if truth < 500:
+                fp += area if truth == 0 else 0.0
+                continue
+            (small if truth < 10000 else large).append(abs(area - truth) / truth)
+
+    def stats(e: list[float]) -> dict[str, Any]:
+        return {"n": len(e), "mean": float(np.mean(e)) if e else None, "median": float(np.median(e)) if e else None}
+
+    return {"area_error_truth_lt_10000um2": stats(small), "area_error_truth_ge_10000um2": stats(large),
+            "area_on_windows_without_truth_um2": fp, "windows": len(wins)}
+
+
+def train_lesion_head(
+    out: Path,
+    *,
+    cache: Path,
+    train_first: int = 320000,
+    train_slides: int = 36,
+    dev_first: int = 300000,
+    dev_slides: int = 12,
+    budget_s: float = 600.0,
+    seed: int = 0,
+    workers: int = 2,
+) -> dict[str, Any]:
+    """Render (or read cached) windows, train for ``budget_s`` CPU-seconds of wall time (batches of
+    16 random 96 px crops, rotations and flips), score on the development windows, and export
+    ``out`` (a model folder, parity-checked torch vs ONNX Runtime)."""
+    from export.onnx_export import export_model
+
+    if set(range(train_first, train_first + train_slides)) & set(range(dev_first, dev_first + dev_slides)):
+        raise ValueError("training and development seeds overlap")
+    t0 = time.time()
+    tr = windows(train_first, train_slides, cache, workers)
+    dev = windows(dev_first, dev_slides, cache, workers)
+    render_s = time.time() - t0
+    torch.set_num_threads(1)
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    net = LesionHead()
+    opt = torch.optim.Adam(net.parameters(), 2e-3)
+    bce = nn.BCELoss()
+    tr = [w for w in tr if min(w["img"].shape[:2]) >= CROP]
+    steps = 0
+    t1 = time.time()
+    net.train()
+    while time.time() - t1 < budget_s:
+        xs, ys = [], []
+        for _ in range(16):
+            w = tr[int(rng.integers(len(tr)))]
+            h, wd = w["img"].shape[:2]
+            y = int(rng.integers(0, (h - CROP) // CELL + 1)) * CELL
+            x = int(rng.integers(0, (wd - CROP) // CELL + 1)) * CELL
+            im = w["img"][y : y + CROP, x : x + CROP]
+            t = w["t4"][y // CELL : (y + CROP) // CELL, x // CELL : (x + CROP) // CELL]
+            k = int(rng.integers(4))
+            im, t = np.rot90(im, k), np.rot90(t, k)
+            if rng.random() < 0.5:
+                im, t = im[:, ::-1], t[:, ::-1]
+            xs.append(to_input(np.ascontiguousarray(im)))
+            ys.append(np.ascontiguousarray(t)[None])
+        loss = bce(net(torch.from_numpy(np.stack(xs)))[0], torch.from_numpy(np.stack(ys)))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        steps += 1
+    train_s = time.time() - t1
+    torch.save(net.state_dict(), cache / f"lesion-head-seed{seed}.pt")  # re-export without retraining
+    metrics = window_metrics(net, dev)
+    metrics["dev_slide_seeds"] = [dev_first, dev_first + dev_slides - 1]
+    samples = np.stack([to_input(_window_sample(w)) for w in dev[:4]])
+    spec = {
+        "task": "lesion_head",
+        "input_shape": [3, WINDOW, WINDOW],
+        "outputs": [
+            {
+                "name": "tumour",
+                "shape": ["batch", 1, WINDOW // CELL, WINDOW // CELL],
+                "unit": "probability",
+                "meaning": "tumour in each 4 µm cell of the 1 µm input window",
+            }
+        ],
+        "preprocess": {"kind": "rgb_window_v1", "size": WINDOW, "mean": 0.5, "std": 0.25, "cell": CELL},
+        "pixel_size_um": 1.0,
+    }
+    training = {
+        "train_slide_seeds": [train_first, train_first + train_slides - 1],
+        "train_windows": len(tr),
+        "steps": steps,
+        "batch": 16,
+        "crop_px": CROP,
+        "seed": seed,
+        "render_s": round(render_s, 1),
+        "train_s": round(train_s, 1),
+        "command": f"python -m export train-lesion-head --budget-s {budget_s:g} --train-first {train_first} "
+        f"--train-slides {train_slides} --dev-first {dev_first} --dev-slides {dev_slides} --seed {seed}",
+    }
+    return export_model(net, spec, out, samples, metrics, training)
+
+
+def _window_sample(w: dict[str, Any]) -> np.ndarray:
+    """A development window padded/cropped to the exported ``WINDOW`` (parity samples)."""
+    img = np.full((WINDOW, WINDOW, 3), 255, np.uint8)
+    h, wd = min(WINDOW, w["img"].shape[0]), min(WINDOW, w["img"].shape[1])
+    img[:h, :wd] = w["img"][:h, :wd]
+    return img

@@ -1,0 +1,68 @@
+"""The lesion head (issue 13): its committed model folder loads with its parity recorded, and it
+re-outlines a tiny lesion from the slide's pixels without adding or removing a detection."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import shapely
+from shapely.geometry import box
+
+from bench.analysis import ArraySource, render_slide
+from runtime.analysis import geojson
+from runtime.analysis.lesion_head import MAX_AREA_UM2, load_lesion_head, reoutline
+from runtime.analysis.lesions import Lesion
+from runtime.ml.model_folder import ModelFolderError, default_model_dir, load_model_folder
+
+PX_UM = 0.5
+
+
+def _lesion(geom: shapely.Geometry) -> Lesion:
+    return Lesion(geom, geom.area * (PX_UM / 1000) ** 2, geojson.max_diameter(geom) * PX_UM / 1000, 0.7, 0.9)
+
+
+def test_folder_loads_with_parity_and_training_range_seeds() -> None:
+    mf = load_model_folder(default_model_dir("lesion_head"), "lesion_head")
+    assert mf.input_shape == (3, 224, 224) and mf.pixel_size_um == 1.0
+    parity = mf.meta["parity"]
+    assert max(parity["max_abs_diff"].values()) <= parity["atol"] <= 1e-3
+    assert mf.meta["training"]["train_slide_seeds"][1] < 900000
+    assert mf.meta["heldout_metrics"]["dev_slide_seeds"][1] < 900000
+    with pytest.raises(ModelFolderError, match="expected a 'tumour' model"):
+        load_model_folder(default_model_dir("lesion_head"), "tumour")
+
+
+def test_tiny_lesion_is_reoutlined_and_no_detection_removed() -> None:
+    s = render_slide(330000, 2, 500.0, held_out=False)  # training-range seed: one ~4,100 µm² lesion
+    truth = s.tumour[0]
+    x0, y0, x1, y1 = truth.bounds
+    blur = box(x0 - 24, y0 - 24, x1 + 24, y1 + 24)  # what a 64 µm patch map draws: too large, square
+    big = box(0, 0, 400, 400)  # 20,000 µm²: outside the head's domain, untouched
+    lesions = [_lesion(big), _lesion(blur)]
+    assert big.area * PX_UM**2 >= MAX_AREA_UM2 > blur.area * PX_UM**2
+    head = load_lesion_head(None, "ort_cpu")
+    out, stats = reoutline(ArraySource(s.levels, PX_UM), lesions, head, PX_UM)
+    assert len(out) == len(lesions) and out[0] is lesions[0]
+    assert stats["calls"] == 1 and stats["reoutlined"] == 1 and head.calls == 1
+    new = out[1].geometry
+    assert new.intersects(blur) and not new.equals(blur)
+    err_before = abs(blur.area - truth.area) / truth.area
+    err_after = abs(new.area - truth.area) / truth.area
+    assert err_after < err_before and err_after < 0.35, (err_before, err_after)
+    # Measurements follow the new outline (the GeoJSON's area and diameter); the scores do not move.
+    assert out[1].area_mm2 == pytest.approx(new.area * (PX_UM / 1000) ** 2)
+    assert out[1].max_diameter_mm == pytest.approx(geojson.max_diameter(new) * PX_UM / 1000)
+    assert (out[1].mean_probability, out[1].max_probability) == (0.7, 0.9)
+    # The new outline does not reach into another lesion.
+    assert new.intersection(big).area == pytest.approx(0.0, abs=1e-6)
+
+
+def test_lesion_without_tumour_in_the_head_keeps_its_outline() -> None:
+    s = render_slide(330000, 2, 500.0, held_out=False)
+    glass = box(2, 2, 40, 40)  # a false positive on the slide's corner: the head finds no tumour
+    for g in s.tumour:
+        assert not g.intersects(glass.buffer(120))
+    head = load_lesion_head(None, "ort_cpu")
+    out, stats = reoutline(ArraySource(s.levels, PX_UM), [_lesion(glass)], head, PX_UM)
+    assert len(out) == 1 and out[0].geometry.equals(glass) and stats["kept"] == 1
+    assert np.isfinite(out[0].area_mm2)
