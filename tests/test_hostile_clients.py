@@ -23,7 +23,14 @@ import pytest
 import zmq
 
 from runtime.control.client import ControlClient, EventSubscriber
-from runtime.control.protocol import MAX_JSON_DEPTH, MAX_REGION_UM, MAX_REQUEST_BYTES, decode_reply
+from runtime.control.protocol import (
+    MAX_JSON_DEPTH,
+    MAX_REGION_UM,
+    MAX_REQUEST_BYTES,
+    RequestError,
+    decode_reply,
+    parse_request,
+)
 from runtime.control.server import MAX_FRAME_BYTES, MAX_FRAMES
 from tests.test_daemon import live_daemon
 
@@ -149,7 +156,8 @@ def _hostile_messages(rng: random.Random, n: int) -> Iterator[list[bytes]]:
                 [
                     {"region": {"x_um": rng.choice(atoms), "y_um": 0, "width_um": -1, "height_um": 1}},
                     {"region": {"x_um": 0, "y_um": 0, "width_um": 1e9, "height_um": 1e9}},
-                    {"output_name": rng.choice(["..", ".hidden", "a/b", "x" * 65, 5, None, "\u00e9"])},
+                    # (not None: a null output_name means "not given", and the request a valid scan of the default area)
+                    {"output_name": rng.choice(["..", ".hidden", "a/b", "x" * 65, 5, "", "\u00e9"])},
                     {"focus": {"sweep_steps": rng.choice([0, 2, 1000, "9", 1.5])}},
                     {"focus": {"strategy": "telepathy"}},
                     {"recording": rng.choice([5, [], {}, "a\u0000b"])},
@@ -177,6 +185,19 @@ def _hostile_messages(rng: random.Random, n: int) -> Iterator[list[bytes]]:
         else:  # a legitimate ping or status in the noise
             frames = [_request(rng.choice(["ping", "status"]), {})]
         yield frames
+
+
+def test_the_fuzz_never_asks_for_a_valid_scan_or_shutdown() -> None:
+    """The fuzz below expects the daemon idle afterwards: none of its one-frame messages may parse as a
+    start_scan or shutdown the daemon would carry out (a null output_name once did: "not given")."""
+    for frames in _hostile_messages(random.Random(9), 3000):
+        if len(frames) != 1 or len(frames[0]) > MAX_REQUEST_BYTES:
+            continue
+        try:
+            request = parse_request(frames[0])
+        except RequestError:
+            continue
+        assert request.command not in ("start_scan", "shutdown"), frames[0][:200]
 
 
 def test_fuzz_thousands_of_hostile_messages_from_several_sockets(tmp_path: Path, small_recording: Path) -> None:
