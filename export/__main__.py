@@ -8,6 +8,8 @@
                                            an instrument's own z-stacks (self-labelled)
   python -m export train-tumour|train-nuclei|train-mil [--data DIR] [--out MODEL_DIR]   slide-analysis
                                            models (issue 13), trained and exported as model folders
+  python -m export train-lesion-head [--cache DIR] [--budget-s 600] [--out MODEL_DIR]   the pixel head
+                                           that re-outlines small lesions (training-range seeds only)
 
 The committed models in ``runtime/ml/builtin/`` were made with ``python -m export all``
 (the exact commands are recorded in each ``model.json`` under ``training``).
