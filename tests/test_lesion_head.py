@@ -3,6 +3,8 @@ re-outlines a tiny lesion from the slide's pixels without adding or removing a d
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import shapely
@@ -66,3 +68,13 @@ def test_lesion_without_tumour_in_the_head_keeps_its_outline() -> None:
     out, stats = reoutline(ArraySource(s.levels, PX_UM), [_lesion(glass)], head, PX_UM)
     assert len(out) == 1 and out[0].geometry.equals(glass) and stats["kept"] == 1
     assert np.isfinite(out[0].area_mm2)
+
+
+def test_training_refuses_held_out_seeds() -> None:
+    from export.train_lesion_head import check_training_seed, windows
+
+    check_training_seed(320000)
+    with pytest.raises(ValueError, match="training-range seeds"):
+        check_training_seed(900000)
+    with pytest.raises(ValueError, match="got 900001"):
+        windows(899990, 12, Path("/nonexistent"), 1)  # refused before anything renders
