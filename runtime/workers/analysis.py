@@ -116,7 +116,14 @@ def _load_models(cfg: AnalysisConfig) -> Any:
 
     if cfg.models == "baseline":
         return baseline_models()
-    return load_models(cfg.tumour_dir, cfg.nuclei_dir, cfg.slide_dir, backend=cfg.backend, with_nuclei=cfg.nuclei)
+    return load_models(
+        cfg.tumour_dir,
+        cfg.nuclei_dir,
+        cfg.slide_dir,
+        backend=cfg.backend,
+        with_nuclei=cfg.nuclei,
+        lesion_head=cfg.lesion_head,
+    )
 
 
 def _warm_up() -> None:
@@ -242,7 +249,7 @@ class _Run:
         result.stats["analysis_s"] = time.perf_counter() - self.t0
         self.beat()
         thumb = self.source.thumbnail(OVERLAY_MAX_PX)
-        summary = write_outputs(out_dir, result, self.models, thumb, threshold=self.cfg.threshold)
+        summary = write_outputs(out_dir, result, self.models, thumb, threshold=self.cfg.threshold, source=self.source)
         self.close()
         # What the scan waited for after its slide: the rows fed then (the last band, and whatever the
         # niced feeding had not done yet), the slide model, the outputs.
