@@ -49,9 +49,16 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import numpy.typing as npt
+
+if TYPE_CHECKING:
+    from runtime.stitching.registration import RegistrationParams
+
+# A registration pair: a's strip, b, and b's predicted offset in a's strip (rows, columns).
+Pair = tuple[npt.NDArray[np.uint8], npt.NDArray[np.uint8], tuple[float, float]]
 
 LEVELS = 4 / 3  # all pyramid levels together, per pixel of level 0
 # What the daemon as configured pays besides the floor's steps (and instead of zstd: codec "none").
@@ -88,18 +95,41 @@ def cpu_per_call(fn: Callable[[int], object], n: int, rounds: int = 3) -> float:
     return best
 
 
+def overlap_pairs(
+    greys: list[npt.NDArray[np.uint8]], n_row: int, meta: Any
+) -> tuple[list[Pair], RegistrationParams, tuple[int, int]]:
+    """The registration pairs of grey tiles laid out ``n_row`` to a row, as the accumulator sets them up
+    (the search spans twice the stage's largest error; a's trailing or bottom strip against b whole):
+    the pairs ``(a, b, predicted)``, their ``RegistrationParams`` and the strips' (height, width)."""
+    from runtime.config import StitchConfig
+    from runtime.stitching.registration import RegistrationParams
+
+    th, tw, ov = meta.tile_height, meta.tile_width, meta.overlap
+    step_y, step_x = round(th * (1 - ov)), round(tw * (1 - ov))
+    cfg = StitchConfig()
+    search = 2 * cfg.max_stage_error_um / meta.pixel_size_um
+    strip_x, strip_y = round(tw * ov) + math.ceil(search) + 8, round(th * ov) + math.ceil(search) + 8
+    params = RegistrationParams(search_px=search, min_ncc=cfg.min_ncc)
+    pairs: list[Pair] = []
+    for i in range(n_row - 1):  # horizontal: a's trailing strip, b whole
+        pairs.append((greys[i][:, tw - strip_x :].copy(), greys[i + 1], (0.0, float(step_x - (tw - strip_x)))))
+    if len(greys) > n_row:
+        for i in range(n_row):  # vertical: a's bottom strip, the tile below whole
+            pairs.append((greys[i][th - strip_y :].copy(), greys[i + n_row], (float(step_y - (th - strip_y)), 0.0)))
+    return pairs, params, (strip_y, strip_x)
+
+
 def measure(rec: Any, chunk: int = 512) -> dict[str, Any]:
     """The floor per step on one core (see the module docstring) from recording ``rec``; chunks of
     ``chunk`` px (at most the tile's size)."""
     import cv2
     import imagecodecs
 
-    from runtime.config import StitchConfig
     from runtime.output.journal import TileSpill
     from runtime.output.ome_tiff import tile_encoder
     from runtime.output.pyramid import downsample2x
     from runtime.stitching.blending import composite, subpixel_shift, to_uint8
-    from runtime.stitching.registration import RegistrationParams, register_pair, texture, to_grey
+    from runtime.stitching.registration import register_pair, texture, to_grey
 
     codecs: Any = imagecodecs
     with one_core(), tempfile.TemporaryDirectory(prefix="floor-") as tmp:
@@ -124,17 +154,7 @@ def measure(rec: Any, chunk: int = 512) -> dict[str, Any]:
         out["flatfield"] = cpu_per_call(lambda i: cv2.multiply(shifted, gain, dst=shifted), 8) * per_tile
 
         greys = [to_grey(t) for t in tiles]
-        # As the accumulator sets them up: the search spans twice the stage's largest error.
-        cfg = StitchConfig()
-        search = 2 * cfg.max_stage_error_um / m.pixel_size_um
-        strip_x, strip_y = round(tw * ov) + math.ceil(search) + 8, round(th * ov) + math.ceil(search) + 8
-        params = RegistrationParams(search_px=search, min_ncc=cfg.min_ncc)
-        pairs = []
-        for i in range(n_row - 1):  # horizontal: a's trailing strip, b whole
-            pairs.append((greys[i][:, tw - strip_x :].copy(), greys[i + 1], (0.0, float(step_x - (tw - strip_x)))))
-        if len(greys) > n_row:
-            for i in range(n_row):  # vertical: a's bottom strip, the tile below whole
-                pairs.append((greys[i][th - strip_y :].copy(), greys[i + n_row], (float(step_y - (th - strip_y)), 0.0)))
+        pairs, params, (strip_y, strip_x) = overlap_pairs(greys, n_row, m)
         outcomes = [register_pair(a_, b_, p_, params).reason for a_, b_, p_ in pairs]
         out["pairs"] = {r: outcomes.count(r) for r in sorted(set(outcomes))}
         pair_s = cpu_per_call(lambda i: register_pair(*pairs[i % len(pairs)], params), 2 * len(pairs))

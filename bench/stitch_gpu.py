@@ -77,11 +77,10 @@ def _gain(h: int, w: int) -> Any:
 
 
 def measure(rec: Any) -> dict[str, Any]:
-    from bench.stitch_floor import one_core
-    from runtime.config import StitchConfig
+    from bench.stitch_floor import one_core, overlap_pairs
     from runtime.stitching.backends import CpuKernels, StitchKernels, select_stitch_backend
     from runtime.stitching.blending import RESAMPLING_KERNELS
-    from runtime.stitching.registration import RegistrationParams, highpass, register_pair, to_grey
+    from runtime.stitching.registration import highpass, register_pair, to_grey
 
     m = rec.meta
     th, tw = m.tile_height, m.tile_width
@@ -126,16 +125,7 @@ def measure(rec: Any) -> dict[str, Any]:
             rows.append(row)
 
         greys = [to_grey(t) for t in tiles]
-        cfg = StitchConfig()
-        search = 2 * cfg.max_stage_error_um / m.pixel_size_um
-        strip_x, strip_y = round(tw * ov) + math.ceil(search) + 8, round(th * ov) + math.ceil(search) + 8
-        params = RegistrationParams(search_px=search, min_ncc=cfg.min_ncc)
-        pairs = []
-        for i in range(n_row - 1):  # horizontal: a's trailing strip, b whole (as the accumulator keeps them)
-            pairs.append((greys[i][:, tw - strip_x :].copy(), greys[i + 1], (0.0, float(step_x - (tw - strip_x)))))
-        if len(greys) > n_row:
-            for i in range(n_row):  # vertical: a's bottom strip, the tile below whole
-                pairs.append((greys[i][th - strip_y :].copy(), greys[i + n_row], (float(step_y - (th - strip_y)), 0.0)))
+        pairs, params, _ = overlap_pairs(greys, n_row, m)
         row = {"step": "register (1 pair)"}
         row["cpu_ms"], row["cpu_cpu_ms"] = _timed(lambda i: cpu.register(*pairs[i % len(pairs)], params), len(pairs))
         want_m = [cpu.register(a_, b_, p_, params) for a_, b_, p_ in pairs]
@@ -166,7 +156,7 @@ def measure(rec: Any) -> dict[str, Any]:
         # pair's windows, high-passed, +-search at that resolution.
         a_, b_, p_ = pairs[0]
         ox = round(p_[1])
-        s_ = math.ceil(search)
+        s_ = math.ceil(params.search_px)
         wa_full = highpass(a_, params.highpass_px)
         wb_full = highpass(np.ascontiguousarray(b_[:, : a_.shape[1] - ox + s_]), params.highpass_px)
         rows += [_surface_row(f, wa_full, wb_full, ox, s_, surface, sync) for f in (4, 2, 1)]
