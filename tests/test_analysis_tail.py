@@ -10,6 +10,7 @@ import shutil
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -84,6 +85,11 @@ def test_rows_fed_on_the_niced_thread_then_finished_on_the_caller_give_the_whole
     summary = run.finish(tmp_path / "out")
     assert summary["timing_s"]["rows_after_slide"] >= 0 and (tmp_path / "out" / "analysis.json").is_file()
 
+    _assert_same_as_the_whole_slide(summary, mosaic, models, score_tol=1e-3)
+
+
+def _assert_same_as_the_whole_slide(summary: dict[str, Any], mosaic: Path, models: Any, score_tol: float) -> None:
+    """The scan's analysis summary equals the analysis of the finished mosaic in one go."""
     store = MosaicStore.open(mosaic)
     try:
         whole = analyze_source(MosaicSource(store), models, subdivide=2)
@@ -91,7 +97,7 @@ def test_rows_fed_on_the_niced_thread_then_finished_on_the_caller_give_the_whole
         store.close()
     assert summary["nuclei_count"] == len(whole.nuclei) > 50
     assert summary["patches"] == whole.stats["patches"]
-    assert summary["slide_score"] == pytest.approx(whole.slide_score, abs=1e-3)
+    assert summary["slide_score"] == pytest.approx(whole.slide_score, abs=score_tol)
 
 
 def test_feeding_too_far_behind_moves_to_a_thread_at_normal_priority(mosaic: Path, tmp_path: Path) -> None:
@@ -133,14 +139,7 @@ def test_feeding_too_far_behind_moves_to_a_thread_at_normal_priority(mosaic: Pat
     _, error = feeder.take()
     assert error is None
     summary = run.finish(tmp_path / "out")
-    store = MosaicStore.open(mosaic)
-    try:
-        whole = analyze_source(MosaicSource(store), models, subdivide=2)
-    finally:
-        store.close()
-    assert summary["nuclei_count"] == len(whole.nuclei) > 50
-    assert summary["patches"] == whole.stats["patches"]
-    assert summary["slide_score"] == pytest.approx(whole.slide_score, abs=1e-6)
+    _assert_same_as_the_whole_slide(summary, mosaic, models, score_tol=1e-6)
 
 
 def test_an_analyzer_paused_between_regions_and_bands_gives_the_same_answer() -> None:
