@@ -113,6 +113,16 @@ def test_focus_overrides_take_their_bounds_from_the_config() -> None:
                 parse_request(payload)
 
 
+def schema_and_parser_verdicts(doc: dict[str, Any]) -> tuple[bool, bool]:
+    """Whether request ``doc`` is valid by its command's JSON schema, and by the daemon's parser."""
+    schema_ok = validator(f"request-{doc['command']}.json").is_valid(doc)
+    try:
+        parse_request(json.dumps(doc).encode())
+    except ProtocolError:
+        return schema_ok, False
+    return schema_ok, True
+
+
 @pytest.mark.parametrize(
     ("command", "params", "valid"),
     [
@@ -149,13 +159,7 @@ def test_request_schema_agrees_with_the_parser(command: str, params: dict[str, A
     doc: dict[str, Any] = {"id": "r1", "command": command}
     if params is not None:
         doc["params"] = params
-    schema_ok = validator(f"request-{command}.json").is_valid(doc)
-    try:
-        parse_request(json.dumps(doc).encode())
-        parsed_ok = True
-    except ProtocolError:
-        parsed_ok = False
-    assert (schema_ok, parsed_ok) == (valid, valid)
+    assert schema_and_parser_verdicts(doc) == (valid, valid)
 
 
 def test_non_finite_event_values_are_null_and_match_the_schema() -> None:
