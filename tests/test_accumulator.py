@@ -33,7 +33,7 @@ def recordings(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def _stitch(
-    path: Path, tmp: Path, params: StitchConfig | None = None, stop_after: int | None = None, threads: int = 1
+    path: Path, tmp: Path, params: StitchConfig | None = None, stop_after: int | None = None
 ) -> tuple[Recording, DequeAccumulator, MosaicStore, bool]:
     rec = Recording.open(path)
     m = rec.meta
@@ -41,9 +41,7 @@ def _stitch(
     geometry = MosaicGeometry(plan, m.tile_height, m.tile_width, m.pixel_size_um)
     h, w = geometry.shape
     store = MosaicStore.create(tmp / "mosaic.zarr", h, w, chunk=128, pixel_size_um=m.pixel_size_um, min_level_size=64)
-    acc = DequeAccumulator(
-        geometry, store, params or StitchConfig(stage_sigma_um=2.0, max_stage_error_um=6.0), threads=threads
-    )
+    acc = DequeAccumulator(geometry, store, params or StitchConfig(stage_sigma_um=2.0, max_stage_error_um=6.0))
     acc.pair_log = []
     for n, f in enumerate(plan.fields):
         if stop_after is not None and n == stop_after:
@@ -182,21 +180,6 @@ def test_lag_holds_tiles_but_places_them_alike(recordings: dict[str, Path], tmp_
     assert np.hypot(*(e - e.mean(axis=0)).T).max() < 0.1
     tile_bytes = rec.meta.tile_height * rec.meta.tile_width * 3
     assert acc.stats.peak_held_bytes > 5 * tile_bytes
-
-
-def test_pairs_registered_on_two_threads_give_the_same_mosaic(recordings: dict[str, Path], tmp_path: Path) -> None:
-    """A tile's two pairs measured at once (threads=2) are used in the same order: the same links,
-    positions and pixels as one after the other."""
-    runs = {}
-    for threads in (1, 2):
-        _, acc, store, complete = _stitch(recordings["rotated"], tmp_path / f"t{threads}", threads=threads)
-        assert complete
-        runs[threads] = (acc.pair_log, acc.summary()["positions"], np.asarray(store.level(0)[:]))
-    log1, pos1, mosaic1 = runs[1]
-    log2, pos2, mosaic2 = runs[2]
-    assert log1 and log1 == log2
-    assert pos1 == pos2
-    np.testing.assert_array_equal(mosaic1, mosaic2)
 
 
 def test_tiles_must_arrive_once_and_whole(recordings: dict[str, Path], tmp_path: Path) -> None:

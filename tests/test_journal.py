@@ -109,6 +109,33 @@ def test_the_spill_keeps_tiles_until_dropped(tmp_path: Path) -> None:
     assert spill.load(7) is None and spill.indices() == []
 
 
+@pytest.mark.parametrize("shape", [(64, 64, 3), (21, 13, 3)])  # a whole number of 4 KiB blocks, and not
+@pytest.mark.parametrize("aligned", [True, False])
+def test_spilled_tiles_read_back_the_same_written_direct_or_not(
+    tmp_path: Path, shape: tuple[int, ...], aligned: bool
+) -> None:
+    import mmap
+
+    import runtime.output.journal as journal_module
+
+    n = int(np.prod(shape))
+    memory = mmap.mmap(-1, n + 4096)  # page-aligned, like a ring slot
+    tile = np.frombuffer(memory, np.uint8, count=n, offset=0 if aligned else 1).reshape(shape)
+    tile[...] = np.random.default_rng(3).integers(0, 256, shape, dtype=np.uint8)
+    direct = journal_module._save_direct(tmp_path / "probe.npy", np.ascontiguousarray(tile))
+    assert direct == aligned  # O_DIRECT from aligned memory (this test's file system takes it); never unaligned
+    if direct:
+        # the .npy's header is a whole block, so that the pixels start block-aligned
+        assert (tmp_path / "probe.npy").stat().st_size == journal_module.DIRECT_ALIGN + n
+        assert np.array_equal(np.load(tmp_path / "probe.npy"), tile)
+    for use_direct in (True, False):
+        (tmp_path / str(use_direct)).mkdir()
+        spill = TileSpill(tmp_path / str(use_direct), direct=use_direct)
+        spill.save(5, tile)
+        assert np.array_equal(spill.load(5), tile) and spill.indices() == [5]
+    del tile
+
+
 def test_resume_takes_no_other_parameter() -> None:
     assert StartScanParams.model_validate({"resume": "scan-20260101-000000"}).resume == "scan-20260101-000000"
     with pytest.raises(ValidationError, match="remove output_name"):

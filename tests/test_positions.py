@@ -216,3 +216,18 @@ def test_islands_joined_by_a_later_row_are_placed_as_one(tmp_path: Path) -> None
     for lk in links:
         solved = np.subtract(acc.solver.position(lk.b), acc.solver.position(lk.a))
         assert solved == pytest.approx(lk.shift, abs=0.02), (lk.a, lk.b)
+
+
+def test_stage_model_predicts_many_points_as_one_at_a_time() -> None:
+    """``predict_many`` (the accumulator's reach, every tile) gives ``predict``'s positions, before and after tiles."""
+    model = StageModel(10.0)
+    pts = np.array([[0.0, 0.0], [512.5, -30.25], [1800.0, 14000.0]])
+    assert np.array_equal(model.predict_many(pts), pts)  # no tile yet: where commanded
+    rng = np.random.default_rng(4)
+    th = math.radians(0.3)
+    for k in range(12):
+        c = np.array([900.0 * (k // 4), 900.0 * (k % 4)])
+        p = np.array([[math.cos(th), -math.sin(th)], [math.sin(th), math.cos(th)]]) @ c * 1.002 + rng.normal(0, 1, 2)
+        model.add((float(c[0]), float(c[1])), (float(p[0]), float(p[1])))
+    one = np.array([model.predict((float(y), float(x))) for y, x in pts])
+    np.testing.assert_allclose(model.predict_many(pts), one, rtol=0, atol=1e-9)

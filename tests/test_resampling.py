@@ -139,3 +139,30 @@ def test_register_pair_on_real_images_the_simulator_never_made(name: str) -> Non
         assert m.accepted, m.reason
         errors.append(np.hypot(m.shift[0] - sy, m.shift[1] - sx))
     assert float(np.sqrt(np.mean(np.square(errors)))) < 0.015
+
+
+@pytest.mark.parametrize("shift", [(0.21, -0.37), (0.0, 0.0)])
+@pytest.mark.parametrize("kernel", ["cubic", "lanczos3"])
+def test_cpu_shift_reuses_its_buffers_and_gives_the_same_pixels(
+    vignetted: Vignetted, shift: tuple[float, float], kernel: str
+) -> None:
+    from runtime.stitching.backends import CpuKernels
+    from runtime.stitching.blending import to_uint8
+
+    tile, ff = vignetted
+    kernels = CpuKernels()
+    first, first8 = kernels.shift(tile, *shift, ff.inverse, kernel)
+    want = subpixel_shift(tile, *shift, ff.inverse, kernel)
+    assert np.array_equal(first, want) and np.array_equal(first8, to_uint8(want))
+    again, again8 = kernels.shift(tile[::-1].copy(), 0.4, 0.1, None, kernel)  # the next tile: the same memory
+    assert again is first and again8 is first8
+    assert np.array_equal(again, subpixel_shift(tile[::-1].copy(), 0.4, 0.1, None, kernel))
+    with pytest.raises(ValueError, match="out must be"):
+        subpixel_shift(tile, 0.1, 0.1, out=np.empty((3, 3, 3), np.float32))
+
+
+def test_to_grey_into_a_buffer_is_the_same_grey(vignetted: Vignetted) -> None:
+    tile = vignetted[0]
+    buf = np.empty(tile.shape[:2], np.uint8)
+    assert reg.to_grey(tile, out=buf) is buf
+    assert np.array_equal(buf, reg.to_grey(tile))

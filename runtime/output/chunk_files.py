@@ -124,7 +124,8 @@ class ChunkFiles:
         """Store chunk (i, j) from ``data`` (the chunk's pixels inside the level)."""
         c = self.chunk
         path = self.path(i, j)
-        if bool((data == FILL).all()):
+        # All fill (FILL is uint8's largest value, so: its minimum is FILL): no temporary mask of the chunk.
+        if int(data[0, 0, 0]) == FILL and int(data.min()) == FILL:
             path.unlink(missing_ok=True)
             return
         if data.shape[:2] != (c, c) or not data.flags.c_contiguous:

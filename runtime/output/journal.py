@@ -54,6 +54,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import mmap
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -103,7 +104,7 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_all(fd: int, data: bytes) -> None:
+def _write_all(fd: int, data: bytes | memoryview | mmap.mmap) -> None:
     view = memoryview(data)
     while view:
         n = os.write(fd, view)
@@ -360,26 +361,79 @@ def mark_complete(folder: str | os.PathLike[str]) -> None:
 # ---------------------------------------------------------------------------------- spill
 
 
+DIRECT_ALIGN = 4096  # O_DIRECT: memory, file offsets and lengths in multiples of the block size (<= a page)
+
+
+def npy_header(arr: npt.NDArray[Any], size: int) -> bytes:
+    """A ``.npy`` (version 1.0) header for ``arr``, padded with spaces to ``size`` bytes (np.load reads it)."""
+    d = {"descr": np.lib.format.dtype_to_descr(arr.dtype), "fortran_order": False, "shape": arr.shape}
+    text = repr(d).encode("latin1")
+    body = size - 10  # magic (6), version (2), header length (2)
+    if len(text) + 1 > body or body > 0xFFFF:
+        raise ValueError(f"a .npy header of {size} bytes cannot hold {text!r}")
+    return b"\x93NUMPY\x01\x00" + body.to_bytes(2, "little") + text + b" " * (body - len(text) - 1) + b"\n"
+
+
+def _save_direct(path: Path, data: npt.NDArray[Any]) -> bool:
+    """Write ``data`` (C-contiguous) as a .npy at ``path`` with ``O_DIRECT`` and fsync it; False (nothing
+    left behind) where the file system or the memory's alignment does not allow it."""
+    flat = data.reshape(-1).view(np.uint8)
+    if flat.ctypes.data % DIRECT_ALIGN:
+        return False
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_DIRECT, 0o644)
+    except OSError:
+        return False
+    try:
+        with mmap.mmap(-1, DIRECT_ALIGN) as head:  # page-aligned memory for the header block
+            head.write(npy_header(data, DIRECT_ALIGN))
+            _write_all(fd, head)
+        n = flat.nbytes // DIRECT_ALIGN * DIRECT_ALIGN
+        _write_all(fd, memoryview(flat[:n].data))  # the tile's memory itself: no copy
+        if n < flat.nbytes:  # the last partial block from a padded aligned copy, then cut to size
+            with mmap.mmap(-1, DIRECT_ALIGN) as tail:
+                tail.write(flat[n:].tobytes())
+                _write_all(fd, tail)
+            os.ftruncate(fd, DIRECT_ALIGN + flat.nbytes)
+        os.fsync(fd)
+    except OSError:
+        os.close(fd)
+        path.unlink(missing_ok=True)
+        return False
+    os.close(fd)
+    return True
+
+
 class TileSpill:
     """Captured tiles kept on disk until their mosaic rows are: ``folder/tiles/NNNNNN.npy``."""
 
-    def __init__(self, folder: str | os.PathLike[str]) -> None:
+    def __init__(self, folder: str | os.PathLike[str], *, direct: bool = True) -> None:
         self.dir = Path(folder) / TILES_DIR
+        self.direct = direct and hasattr(os, "O_DIRECT")  # try O_DIRECT writes (see save)
 
     def path(self, index: int) -> Path:
         return self.dir / f"{index:06d}.npy"
 
     def save(self, index: int, tile: npt.NDArray[np.uint8]) -> None:
-        """Write the tile durably (temporary name, fsync, rename, fsync the folder)."""
+        """Write the tile durably (temporary name, fsync, rename, fsync the folder).
+
+        Where the file system takes it (``O_DIRECT``: ext4, xfs; not tmpfs) the pixels go from the
+        tile's memory (a ring slot) to the disk without a copy into the page cache: the spill is
+        written once and read only by a resume, and the copy (and writing back the cached pages)
+        was most of the journal thread's CPU (perf in ``bench e2e``: 0.62 of its 1.36 s). Elsewhere,
+        or where the tile's memory is not aligned for it, an ordinary write. The file is a ``.npy``
+        either way (its header padded to :data:`DIRECT_ALIGN` bytes for the direct write)."""
         if not self.dir.exists():
             self.dir.mkdir(exist_ok=True)
             _fsync_dir(self.dir.parent)
         final = self.path(index)
         tmp = final.with_suffix(".tmp")
-        with open(tmp, "wb") as f:
-            np.save(f, np.ascontiguousarray(tile), allow_pickle=False)
-            f.flush()
-            os.fsync(f.fileno())
+        data = np.ascontiguousarray(tile)
+        if not (self.direct and _save_direct(tmp, data)):
+            with open(tmp, "wb") as f:
+                np.save(f, data, allow_pickle=False)
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, final)
         _fsync_dir(self.dir)
 

@@ -54,7 +54,6 @@ import math
 import time
 from collections import Counter
 from collections.abc import Iterator, MutableMapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -213,7 +212,6 @@ class DequeAccumulator:
         *,
         memory_budget_mib: float = DEFAULT_HELD_MIB,
         spill_dir: str | Path | None = None,
-        threads: int = 1,
     ) -> None:
         """``params``: the ``[stitch]`` config section (validated there; None: its defaults).
         ``stage_sigma_um`` weighs the stage prior; ``max_stage_error_um``, twice, bounds the
@@ -221,9 +219,12 @@ class DequeAccumulator:
         ``lag_tiles``: later tiles a tile waits for before it is final (0: final on arrival).
         ``memory_budget_mib``: canvas blocks, waiting tiles and bottom strips held in RAM at most
         (the rest is spilled); ``spill_dir``: where they go (default: ``<mosaic>.spill`` beside the
-        store; drafts, emptied on creation, removed by :meth:`finish`). ``threads`` > 1: a tile's two
-        overlap pairs (the previous tile in its row, the one above) are registered at the same time
-        on that many threads (the same measurements, used in the same order)."""
+        store; drafts, emptied on creation, removed by :meth:`finish`).
+
+        A tile's two overlap pairs are registered one after the other: on two threads (with OpenCV on
+        one) the stitcher used no fewer CPU-seconds in the daemon and its tail grew (stop 21), and
+        OpenCV's own pool already spreads the larger filters over the cores, so the option was removed
+        (stop 22)."""
         self.geometry = geometry
         self.store = store
         self.params = params or StitchConfig()
@@ -246,7 +247,6 @@ class DequeAccumulator:
         self._flat: FlatField | None = None if self.params.flatfield else FlatField.identity(th, tw)
         folder = Path(spill_dir) if spill_dir is not None else store.path.with_name(store.path.name + ".spill")
         self._cache = SpillCache(folder, int(memory_budget_mib * 2**20))
-        self._pool = ThreadPoolExecutor(min(threads, 2), thread_name_prefix="register") if threads > 1 else None
         # The pyramid's pieces (each written block's 2x reduction, waiting for its lower-level chunk)
         # share the budget: level 0 is then never read back from the store.
         store.keep_pieces(self._cache)
@@ -277,6 +277,9 @@ class DequeAccumulator:
         self._arrival_links: list[Link] | None = None  # the links of the tile being added (for the observer)
         self._arrival_pairs: list[str] = []
         self._arrival_ncc: list[float] = []
+        self._grey: U8 | None = None  # _to_grey's buffer
+        # every field's commanded top-left (y, x), by plan index: _reach predicts where they land
+        self._commanded = np.array([geometry.commanded_top_left(f) for f in plan.fields], np.float64).reshape(-1, 2)
 
     # ------------------------------------------------------------------ public
 
@@ -314,11 +317,11 @@ class DequeAccumulator:
         t0 = time.perf_counter()
         self.solver.add_tile(key, self.geometry.commanded_top_left(field))
         if replay is not None:
-            self._replay_links(key, replay, None if tile is None else to_grey(tile))
+            self._replay_links(key, replay, None if tile is None else self._to_grey(tile))
         elif self.params.registration:
             assert tile is not None
             self._arrival_links, self._arrival_pairs, self._arrival_ncc = [], [], []
-            self._register(key, to_grey(tile))
+            self._register(key, self._to_grey(tile))
             if self.observer is not None:
                 content = self._content.get(key, (False, False))
                 self.observer.registered(field, self._arrival_links, self._arrival_pairs, self._arrival_ncc, content)
@@ -398,8 +401,6 @@ class DequeAccumulator:
         self._note_memory()
         self.store.keep_pieces(None)  # a cancelled scan's pieces: a later finish() reads its rows back
         self._cache.close()
-        if self._pool is not None:
-            self._pool.shutdown()
         return complete
 
     def summary(self) -> dict[str, Any]:
@@ -448,6 +449,12 @@ class DequeAccumulator:
 
     # ------------------------------------------------------------------ registration
 
+    def _to_grey(self, tile: U8) -> U8:
+        """The tile's grey, in one buffer reused tile after tile (only its strips are kept, as copies)."""
+        if self._grey is None or self._grey.shape != tile.shape[:2]:
+            self._grey = np.empty(tile.shape[:2], np.uint8)
+        return to_grey(tile, out=self._grey)
+
     def _previous_in_row(self, key: Key) -> Key:
         r, c = key
         return (r, c - 1) if r % 2 == 0 else (r, c + 1)
@@ -464,11 +471,7 @@ class DequeAccumulator:
                 # The prior does not depend on the links of this arrival: both guesses are made first.
                 py, px = self.solver.predicted_displacement(nb, key)
                 pairs.append((nb, strip, (py - strip.oy, px - strip.ox)))
-        if self._pool is not None and len(pairs) > 1:
-            # OpenCV and numpy release the GIL: the two pairs take about the time of one.
-            measured = list(self._pool.map(lambda p: self._kernels.register(p[1].grey, grey, p[2], self._reg), pairs))
-        else:
-            measured = [self._kernels.register(strip.grey, grey, guess, self._reg) for _, strip, guess in pairs]
+        measured = [self._kernels.register(strip.grey, grey, guess, self._reg) for _, strip, guess in pairs]
         for (nb, strip, _), m in zip(pairs, measured, strict=True):
             self.stats.pairs[m.reason] += 1
             if self._arrival_links is not None:
@@ -646,33 +649,33 @@ class DequeAccumulator:
     def _reach(self) -> tuple[npt.NDArray[np.int64], int]:
         """Where tiles still to come can still blend: rectangles (top, bottom, left, right) of the
         waiting tiles (solved) and of the rest of this scan row and the next (predicted), grown by
-        the stage margin; and the row above which the scan rows after those cannot reach."""
+        the stage margin; and the row above which the scan rows after those cannot reach.
+
+        Called after every tile: the predictions (up to two scan rows of fields) are one array
+        operation, not a call per field (at 100 fields a row that was ~4 ms of Python per tile)."""
         th, tw, m = self.geometry.tile_height, self.geometry.tile_width, self._margin
-        corners = [self.solver.position(key) for key, _, _, _ in self._pending]
-        model = self.solver.model
+        solved = np.array([self.solver.position(key) for key, _, _, _ in self._pending], np.float64).reshape(-1, 2)
         fields = self.geometry.plan.fields
         limit = self.height
-        rows_seen, last_row, n = 0, -1, self._next_index
+        rows_seen, last_row, n0 = 0, -1, self._next_index
+        n, ends = n0, []
         while n < len(fields):
-            f = fields[n]
-            if f.row != last_row:
+            if fields[n].row != last_row:
                 rows_seen += 1
-                last_row = f.row
+                last_row = fields[n].row
             if rows_seen > 2:
                 # The scan row after next: its ends bound its top (a straight row, turned at most).
-                ends = (f, fields[min(len(fields), n + self.geometry.plan.cols) - 1])
-                limit = min(math.floor(model.predict(self.geometry.commanded_top_left(e))[0]) - m for e in ends)
+                ends = [n, min(len(fields), n + self.geometry.plan.cols) - 1]
                 break
-            corners.append(model.predict(self.geometry.commanded_top_left(f)))
             n += 1
-        rects = np.array(
-            [
-                (math.floor(y) - m, math.floor(y) + th + m + 1, math.floor(x) - m, math.floor(x) + tw + m + 1)
-                for y, x in corners
-            ],
-            dtype=np.int64,
-        ).reshape(-1, 4)
-        return rects, max(limit, 0)
+        predicted = self.solver.model.predict_many(self._commanded[[*range(n0, n), *ends]])
+        if ends:
+            limit = int(np.floor(predicted[n - n0 :, 0]).min()) - m
+        corner = np.floor(np.concatenate([solved, predicted[: n - n0]])).astype(np.int64)
+        rects = np.stack(
+            [corner[:, 0] - m, corner[:, 0] + th + m + 1, corner[:, 1] - m, corner[:, 1] + tw + m + 1], axis=1
+        )
+        return rects.reshape(-1, 4), max(limit, 0)
 
     def _flush(self) -> None:
         """Write every block no tile still to come can reach; complete the chunk rows that are all final."""

@@ -112,6 +112,16 @@ class StageModel:
         p = self.matrix @ (c - c0) + self.translation + c0
         return float(p[0]), float(p[1])
 
+    def predict_many(self, commanded: F64) -> F64:
+        """:meth:`predict` of each row of ``commanded`` ((n, 2), (y, x)) at once: (n, 2)."""
+        c = np.asarray(commanded, dtype=np.float64).reshape(-1, 2)
+        if self._c0 is None:
+            return c.copy()  # no tile yet: the identity, as predict() gives
+        a, b, cc, d = (float(v) for v in self._theta[:4])
+        ty, tx = float(self._theta[4]), float(self._theta[5])
+        dy, dx = c[:, 0] - self._c0[0], c[:, 1] - self._c0[1]
+        return np.stack([a * dy + b * dx + ty + self._c0[0], cc * dy + d * dx + tx + self._c0[1]], axis=1)
+
     def displacement(self, commanded_a: tuple[float, float], commanded_b: tuple[float, float]) -> tuple[float, float]:
         d = self.matrix @ (np.asarray(commanded_b, dtype=np.float64) - np.asarray(commanded_a, dtype=np.float64))
         return float(d[0]), float(d[1])

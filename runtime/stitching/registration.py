@@ -143,9 +143,12 @@ class PairMeasurement:
         return (self.shift[0] - self.predicted[0], self.shift[1] - self.predicted[1])
 
 
-def to_grey(tile: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint8]:
-    """Luminance of an RGB tile, the single channel registration works on."""
-    return np.asarray(cv2.cvtColor(np.ascontiguousarray(tile), cv2.COLOR_RGB2GRAY), dtype=np.uint8)
+def to_grey(tile: npt.NDArray[np.uint8], out: npt.NDArray[np.uint8] | None = None) -> npt.NDArray[np.uint8]:
+    """Luminance of an RGB tile, the single channel registration works on. ``out``: a C-contiguous
+    uint8 array of the tile's height and width to write into (and return), reused tile after tile."""
+    if out is not None and (out.shape != tile.shape[:2] or out.dtype != np.uint8 or not out.flags.c_contiguous):
+        raise ValueError(f"out must be a C-contiguous uint8 array of shape {tile.shape[:2]}")
+    return np.asarray(cv2.cvtColor(np.ascontiguousarray(tile), cv2.COLOR_RGB2GRAY, dst=out), dtype=np.uint8)
 
 
 def highpass(img: npt.NDArray[np.generic], size: int) -> F32:

@@ -87,16 +87,26 @@ STITCHER_SHARE = 1 / 3  # of daemon.memory_budget_mib
 MIN_HELD_MIB = 16.0  # a tile and the blocks under it (below this the cache thrashes)
 
 
-def return_freed_memory() -> None:
-    """Make glibc give large freed blocks back to the system at once (Linux; elsewhere a no-op).
+MMAP_THRESHOLD = 16 * 2**20  # glibc's M_MMAP_THRESHOLD in the stitcher (bytes)
+TRIM_THRESHOLD = 32 * 2**20  # and M_TRIM_THRESHOLD
 
-    Its dynamic mmap threshold otherwise rises to the size of the largest array freed (up to
-    32 MiB), so the tile-sized float temporaries of every blend come from the heap afterwards and
-    their pages stay with the process: measured ~50 MiB of RSS above what the stitcher holds. A
-    fixed threshold of 256 KiB maps them and unmaps them on free (a few page faults per tile)."""
+
+def return_freed_memory() -> None:
+    """Fix glibc's allocation thresholds for the stitcher (Linux; elsewhere a no-op): arrays below
+    :data:`MMAP_THRESHOLD` come from the heap, which keeps up to :data:`TRIM_THRESHOLD` of free memory at
+    its top instead of returning it at once.
+
+    The stitcher's per-tile temporaries (registration strips, blend strips, canvas blocks, spilled
+    arrays: 0.25-4 MiB each) were mapped and unmapped one by one with the 256 KiB threshold used until
+    stop 22, and paging them in again (faults, zeroing) was about a third of its main thread's CPU-seconds
+    (perf on ``bench e2e``, 16 x 12 fields); a float tile times two ran at half the speed. glibc's dynamic
+    threshold would do the same for the largest arrays (it rises to 32 MiB, but trims the heap's top at
+    twice the last freed mapping) and let RSS drift. Fixed thresholds bound what the heap keeps: measured
+    peak RSS 237-239 MiB at 16 x 12 fields (210-213 before), stitcher CPU 55-57 -> 48 CPU-s/Gpx."""
     try:
         libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 256 * 1024)  # M_MMAP_THRESHOLD; setting it turns the dynamic threshold off
+        libc.mallopt(-3, MMAP_THRESHOLD)  # M_MMAP_THRESHOLD; setting it turns the dynamic threshold off
+        libc.mallopt(-1, TRIM_THRESHOLD)  # M_TRIM_THRESHOLD
     except (OSError, AttributeError):
         pass
 
@@ -450,9 +460,9 @@ def stitcher_main(
         else:
             store = create()
         # OpenCV keeps its own pool (a thread per core): with one OpenCV thread and the two registration
-        # pairs on two threads instead (DequeAccumulator threads=2) the stitcher used no fewer CPU-s/Gpx
-        # in the daemon, and the tail grew (16x12 e2e, load 4-5: 1.07/1.11 s against 0.76/0.56 s), since
-        # finish() blends and reduces on the main thread alone (notes/h15-glue.md).
+        # pairs on two threads instead the stitcher used no fewer CPU-s/Gpx in the daemon, and the tail
+        # grew (16x12 e2e, load 4-5: 1.07/1.11 s against 0.76/0.56 s), since finish() blends and reduces
+        # on the main thread alone (notes/h15-glue.md); that option of the accumulator is gone.
         try:
             acc = DequeAccumulator(
                 job.geometry, store, stitch, memory_budget_mib=held_budget_mib(job.memory_budget_mib)
