@@ -58,6 +58,15 @@ when each event arrives and watches the scan's journal and slide grow. Reported:
 
 With ``--plot DIR`` the table is drawn (bench.plots) and so is the timeline, tiles
 captured / placed / in the mosaic and the slide's bytes against time (``e2e-timeline.png``).
+
+``--profile DIR`` (py-spy installed apart: ``pip install py-spy``) samples the stitcher, the writer
+and the supervisor from the first field to their exit: py-spy's collapsed Python stacks per process
+(``DIR/<name>.txt``; ``--profile-native`` adds the C frames, pausing the process per sample) and,
+where Linux ``perf`` is installed, its ``cpu-clock`` samples (``DIR/<name>.perf``). The JSON's
+``profile`` gives per process the seconds by thread and the top functions (self and total) from
+py-spy, and from perf the CPU-seconds by thread, library and native symbol. py-spy also samples a
+thread that waits for a core on a loaded machine, so its seconds are wall time while runnable; perf
+counts only time on a CPU (its total matches ``cpu_seconds``).
 """
 
 from __future__ import annotations
@@ -68,8 +77,10 @@ import math
 import os
 import platform
 import shutil
+import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -116,6 +127,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--cores", type=int, metavar="N", help="run the daemon on N cores (the last N; this process on the others)"
     )
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    p.add_argument(
+        "--profile",
+        type=Path,
+        metavar="DIR",
+        help="sample the stitcher, writer and supervisor with py-spy (installed apart: pip install py-spy) from the "
+        "first field to their exit; collapsed stacks per process in DIR (<name>.txt), their top functions in the JSON",
+    )
+    p.add_argument(
+        "--profile-native", action="store_true", help="--profile with C frames (pauses each process per sample)"
+    )
 
 
 def _synthesise(path: Path, a: argparse.Namespace) -> float:
@@ -259,7 +280,160 @@ def _affinity(client: Any, daemon_pid: int | None) -> dict[str, list[int]]:
     return out
 
 
-def _scan(recording: Path, out: Path, config: Path, cores: int | None) -> dict[str, Any]:
+PROFILED = ("stitcher", "writer", "supervisor")
+
+
+class Profiler:
+    """``py-spy record`` on the daemon's processes (``--profile``): started once their pids are known
+    (the first field), each ends when its process does and leaves collapsed stacks (``<name>.txt``:
+    ``frame;frame;... samples``, threads as the first frame) in ``folder``. Sampled at ``rate`` Hz
+    without stopping the process (``--nonblocking``), or with the C frames (``native``: py-spy then
+    pauses the process for each sample); idle threads are not sampled, so a process's samples / rate
+    approximates its CPU-seconds."""
+
+    def __init__(self, folder: Path, rate: int = 97, native: bool = False) -> None:
+        exe = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+        if not Path(exe).exists():
+            raise SystemExit("--profile needs py-spy: pip install py-spy")
+        self.exe, self.folder, self.rate, self.native = exe, folder, rate, native
+        folder.mkdir(parents=True, exist_ok=True)
+        self.procs: dict[str, Any] = {}
+        self.perf = shutil.which("perf")  # Linux perf, where installed
+
+    def start(self, pids: dict[str, int]) -> None:
+        import subprocess
+
+        for name in PROFILED:
+            pid = pids.get(name)
+            if pid is None or name in self.procs:
+                continue
+            out = self.folder / f"{name}.txt"
+            cmd = [self.exe, "record", "--pid", str(pid), "--rate", str(self.rate), "--threads", "--format", "raw"]
+            # --native (C frames: OpenCV, numpy, codecs) must stop the process for each sample
+            cmd += ["--native"] if self.native else ["--nonblocking"]
+            cmd += ["-o", str(out)]
+            self.procs[name] = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            if self.perf is not None:
+                # perf's cpu-clock samples only a thread on a CPU: the CPU-seconds by thread and native symbol
+                # (py-spy also samples threads that wait their turn for a core on a loaded machine).
+                rec = [self.perf, "record", "-e", "cpu-clock", "-F", str(PERF_HZ), "-p", str(pid)]
+                rec += ["-o", str(self.folder / f"{name}.perf")]
+                self.procs[f"{name}.perf"] = subprocess.Popen(rec, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def finish(self, timeout_s: float = 60.0) -> dict[str, Any]:
+        """Wait for every recorder; the top functions of each process (:func:`top_functions`)."""
+        out: dict[str, Any] = {}
+        for name, proc in self.procs.items():
+            try:
+                proc.wait(timeout_s)
+            except Exception:
+                proc.terminate()
+                proc.wait(10)
+            path = self.folder / f"{name}.txt"
+            if path.exists():
+                out[name] = top_functions(path.read_text(), self.rate)
+        for name in PROFILED:
+            data = self.folder / f"{name}.perf"
+            if self.perf is None or not data.exists() or name not in out:
+                continue
+            import subprocess
+
+            script = subprocess.run(
+                [self.perf, "script", "-i", str(data), "-F", "tid,ip,sym,dso"],
+                capture_output=True,
+                text=True,
+                check=False,
+            ).stdout
+            tids = thread_names((self.folder / f"{name}.txt").read_text())
+            out[name]["perf"] = perf_summary(script, tids, PERF_HZ)
+        return out
+
+
+PERF_HZ = 499
+
+
+def thread_names(collapsed: str) -> dict[str, str]:
+    """Native thread id -> Python thread name, from py-spy's ``thread (TID): NAME`` first frames."""
+    out = {}
+    for line in collapsed.splitlines():
+        head = line.split(";", 1)[0]
+        if head.startswith("thread (") and "): " in head:
+            tid, _, name = head[len("thread (") :].partition("): ")
+            out[tid] = name.rsplit(" ", 1)[0] if name.rsplit(" ", 1)[-1].isdigit() else name
+    return out
+
+
+def perf_summary(script: str, tids: dict[str, str], hz: int, n: int = 25) -> dict[str, Any]:
+    """``perf script -F tid,ip,sym,dso`` lines (one per cpu-clock sample) -> CPU-seconds per thread (named by
+    ``tids``; OpenCV's and other native pools unnamed) and per native symbol (with its library)."""
+    threads: Counter[str] = Counter()
+    syms: Counter[str] = Counter()
+    libs: Counter[str] = Counter()
+    samples = 0
+    for line in script.splitlines():
+        parts = line.split(None, 2)  # tid, ip, "symbol (library)"
+        if not parts or not parts[0].isdigit():
+            continue
+        samples += 1
+        threads[tids.get(parts[0], "native/other")] += 1
+        rest = parts[2] if len(parts) > 2 else "[unknown]"
+        sym, _, lib = rest.rpartition(" (")
+        lib = Path(lib.rstrip(")")).name
+        syms[f"{sym or '[unknown]'} ({lib})"] += 1
+        libs[lib] += 1
+
+    def table(c: Counter[str]) -> list[list[Any]]:
+        return [[k, round(v / hz, 2), round(v / max(samples, 1), 3)] for k, v in c.most_common(n)]
+
+    return {
+        "seconds": round(samples / hz, 2),
+        "threads": table(threads),
+        "libraries": table(libs),
+        "symbols": table(syms),
+    }
+
+
+def _frame_name(frame: str) -> str:
+    """``fn (path/to/module.py:123)`` -> ``fn (module.py)``: one entry per function, not per line."""
+    fn, _, where = frame.partition(" (")
+    file = where.rsplit(":", 1)[0].rstrip(")")
+    return f"{fn} ({Path(file).name})" if file else fn
+
+
+def top_functions(collapsed: str, rate: int, n: int = 25) -> dict[str, Any]:
+    """From py-spy's collapsed stacks: samples (as seconds at ``rate``) per thread, and the ``n`` functions with
+    the most samples on top of the stack (self) and anywhere in it (total), each as seconds and share."""
+    threads: Counter[str] = Counter()
+    own: Counter[str] = Counter()
+    total: Counter[str] = Counter()
+    samples = 0
+    for line in collapsed.splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        k = int(count)
+        frames = stack.split(";")
+        samples += k
+        threads[frames[0].split("): ", 1)[-1].rstrip("0123456789").rstrip("_") or frames[0]] += k
+        names = [_frame_name(f) for f in frames[1:]] or [frames[0]]
+        own[names[-1]] += k
+        for name in set(names):
+            total[name] += k
+
+    def table(c: Counter[str]) -> list[list[Any]]:
+        return [[name, round(v / rate, 2), round(v / max(samples, 1), 3)] for name, v in c.most_common(n)]
+
+    return {
+        "seconds": round(samples / rate, 2),
+        "threads": table(threads),
+        "self": table(own),
+        "total": table(total),
+    }
+
+
+def _scan(
+    recording: Path, out: Path, config: Path, cores: int | None, profiler: Profiler | None = None
+) -> dict[str, Any]:
     """Replay ``recording`` through a daemon child; returns the report plus event arrival times."""
     from hw_sim.replay_job import _replay_config, add_truth
     from runtime.config import load_config
@@ -305,6 +479,11 @@ def _scan(recording: Path, out: Path, config: Path, cores: int | None) -> dict[s
                     timeline.captured.append(now - times["start"])
                     if not affinity:  # every worker is running by now
                         affinity = _affinity(client, daemon.pid)
+                        if profiler is not None:
+                            pids: dict[str, int] = dict(client.request("status").get("workers") or {})
+                            if daemon.pid is not None:
+                                pids["supervisor"] = daemon.pid
+                            profiler.start(pids)
                 elif kind == "state" and ev["data"].get("state") == "writing":
                     times.setdefault("writing", now)
                 elif kind == "scan_finished" and ev["data"].get("scan_id") == scan_id:
@@ -485,7 +664,6 @@ def start_cpu_seconds() -> dict[str, float]:
     cost inside every worker's ``cpu_seconds``, paid once per scan whatever its size. Measured in
     separate processes, before the scan, so an estimate (the worker also unpickles its arguments)."""
     import subprocess
-    import sys
 
     out = {}
     for worker, modules in WORKER_IMPORTS.items():
@@ -587,7 +765,9 @@ def run(a: argparse.Namespace) -> int:
             + (f'\n[stitch]\nbackend = "{a.stitch_backend}"\n' if a.stitch_backend else "")
         )
         start_cpu = start_cpu_seconds()
-        report = _scan(recording, out, config, a.cores)
+        profiler = Profiler(a.profile, native=a.profile_native) if a.profile else None
+        report = _scan(recording, out, config, a.cores, profiler)
+        profile = profiler.finish() if profiler is not None else None
         times = report["_times"]
         slide = Path(report["slide"])
         closed = slide.stat().st_mtime
@@ -626,6 +806,8 @@ def run(a: argparse.Namespace) -> int:
             "host": {"cpus": os.cpu_count(), "python": platform.python_version(), "machine": platform.machine()},
             **_timeline_figures(report["_timeline"], report["fields_done"], mpx),
         }
+        if profile is not None:
+            result["profile"] = profile
     finally:
         if not a.keep and own:
             shutil.rmtree(workdir, ignore_errors=True)

@@ -176,3 +176,32 @@ def test_steady_rate_is_the_middle_of_the_scan() -> None:
     assert steady_rate(times, 10, 2.0) == pytest.approx(4.0)
     assert steady_rate(times[:5], 10, 2.0) is None, "fewer tiles than the 80% mark"
     assert steady_rate([1.0] * 10, 10, 2.0) is None, "all at once: no rate"
+
+
+def test_e2e_profile_summaries_from_py_spy_and_perf_output() -> None:
+    """``bench e2e --profile``: py-spy's collapsed stacks and perf's samples become per-thread and per-function
+    seconds (at the sampling rate) and shares."""
+    from bench.e2e import perf_summary, thread_names, top_functions
+
+    collapsed = (
+        "thread (101): MainThread;run (a/worker.py:3);add (a/acc.py:9);highpass (a/reg.py:5) 30\n"
+        "thread (101): MainThread;run (a/worker.py:3);add (a/acc.py:9) 10\n"
+        "thread (102): journal_0;save (a/journal.py:7) 20\n"
+    )
+    prof = top_functions(collapsed, rate=10)
+    assert prof["seconds"] == 6.0
+    assert prof["threads"][0] == ["MainThread", 4.0, round(40 / 60, 3)] and prof["threads"][1][0] == "journal"
+    assert prof["self"][0] == ["highpass (reg.py)", 3.0, 0.5]
+    assert ["add (acc.py)", 4.0, round(40 / 60, 3)] in prof["total"]
+    tids = thread_names(collapsed)
+    assert tids == {"101": "MainThread", "102": "journal_0"}
+    script = (
+        "101 7f00 sepFilter2D (/x/cv2.abi3.so)\n"
+        "101 7f01 clear_page_erms ([kernel.kallsyms])\n"
+        "103 7f02 [unknown] (/x/cv2.abi3.so)\n"
+    )
+    perf = perf_summary(script, tids, hz=2)
+    assert perf["seconds"] == 1.5
+    assert perf["threads"] == [["MainThread", 1.0, 0.667], ["native/other", 0.5, 0.333]]
+    assert perf["libraries"][0] == ["cv2.abi3.so", 1.0, 0.667]
+    assert ["clear_page_erms ([kernel.kallsyms])", 0.5, 0.333] in perf["symbols"]
