@@ -98,6 +98,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scan-cost", action="store_true", help="also time a replayed scan with analysis on vs off")
     p.add_argument("--cost-fields", type=int, default=8, help="--scan-cost: N x N fields of 512 px (default 8)")
     p.add_argument("--cost-repeats", type=int, default=2, help="--scan-cost: scans per setting, alternated")
+    p.add_argument(
+        "--cost-compare",
+        choices=("analysis", "lesion-head"),
+        default="analysis",
+        help="--scan-cost: analysis off vs on (default), or analysis on with the lesion head off vs on",
+    )
+    p.add_argument(
+        "--cost-seed",
+        type=int,
+        default=900_500,
+        help="--scan-cost: the replayed recording's slide seed (held out; 900500: 2 lesions, 1 mimic)",
+    )
+    p.add_argument("--cost-lesions", type=int, default=2, help="--scan-cost: lesions on the replayed slide (default 2)")
+    p.add_argument(
+        "--cost-paces", type=float, nargs="+", default=[0.0, 1.0], help="--scan-cost: replay paces (default 0 1)"
+    )
     p.add_argument("--json", action="store_true", help="one JSON object instead of tables")
 
 
@@ -486,6 +502,9 @@ def scan_cost(
     model_root: Path | None = None,
     paces: tuple[float, ...] = (0.0, 1.0),
     no_slide_model: bool = False,
+    compare: str = "analysis",
+    seed: int = 900_500,
+    lesions: int = 2,
 ) -> dict[str, Any]:
     """Wall time of a replayed scan (start_scan -> scan_finished, through the daemon as ``bench e2e``
     runs it, one z plane) with ``[analysis]`` off and on, alternated ``repeats`` times; medians.
@@ -496,24 +515,39 @@ def scan_cost(
     everything the analysis costs the scan. Per replay pace: 0 (as fast as the CPU allows: every
     CPU second the analysis takes competes with the scan's) and 1 (the scanner's real speed by the
     recording's timing model: the analysis runs in the time the scanner waits for the stage).
-    ``trained``: the trained models (folders under ``model_root``, else the committed ones), else the baselines."""
+    ``trained``: the trained models (folders under ``model_root``, else the committed ones), else the baselines.
+    ``compare`` "lesion-head": both settings run the analysis, "off" with ``[analysis] lesion_head = false``
+    and "on" with it true (trained models only), so the difference is what the small-lesion head costs
+    the scan; each scan's ``lesion_head_s`` (the head's reads and calls) is reported. ``seed`` and
+    ``lesions``: the replayed slide (a held-out seed; the head only runs on lesions below 0.01 mm²)."""
     import tempfile
 
     from bench.scan_cost import ReplayDaemon
     from hw_sim.synth import SynthParams, synthesize
 
     models = "trained" if trained else "baseline"
-    out: dict[str, Any] = {"fields": [fields, fields], "tile": 512, "models": models, "repeats": repeats}
+    head = compare == "lesion-head"
+    if head and not trained:
+        raise ValueError("the lesion head's cost needs the trained models")
+    out: dict[str, Any] = {
+        "fields": [fields, fields],
+        "tile": 512,
+        "models": models,
+        "repeats": repeats,
+        "compare": "analysis on, lesion_head off vs on" if head else "analysis off vs on",
+        "seed": seed,
+        "lesions": lesions,
+    }
     with tempfile.TemporaryDirectory(prefix="bench-analysis-") as tmp:
         work = Path(tmp)
         params = SynthParams(
             fields_x=fields,
             fields_y=fields,
-            seed=900_500,
+            seed=seed,
             tile=512,
             z_planes=1,
             coarse_focus_error_um=0.0,
-            lesions=2,
+            lesions=lesions,
             mimics=1,
         )
         rec = synthesize(work / "rec.zarr", params)
@@ -531,14 +565,18 @@ def scan_cost(
             )
 
         for name, enabled in (("off", False), ("on", True)):
+            # compare "lesion-head": the analysis runs in both, the setting is the head
+            analysis_on, head_on = (True, enabled) if head else (enabled, None)
+            head_key = "" if head_on is None else f"lesion_head = {'true' if head_on else 'false'}\n"
             configs[name] = work / f"{name}.toml"
             configs[name].write_text(
                 '[focus]\nstrategy = "contrast_sweep"\nsweep_steps = 3\n\n'
-                f'[analysis]\nenabled = {"true" if enabled else "false"}\nmodels = "{models}"\n{dirs}'
+                f'[analysis]\nenabled = {"true" if analysis_on else "false"}\nmodels = "{models}"\n{head_key}{dirs}'
             )
         for pace in paces:
             walls: dict[str, list[float]] = {"off": [], "on": []}
-            cpu: dict[str, list[float]] = {"off": [], "on": [], "analysis": []}
+            cpu: dict[str, list[float]] = {"off": [], "on": [], "analysis": [], "analysis_off": [], "analysis_on": []}
+            head_s: dict[str, list[float]] = {"off": [], "on": []}
             ready: list[float] = []
             analysis: dict[str, Any] | None = None
             scans: list[dict[str, Any]] = []  # every scan, in order: a median hides the runs that matter
@@ -556,6 +594,11 @@ def scan_cost(
                         # CPU seconds of every process of the scan (the contention-free cost).
                         secs = report.get("cpu_seconds") or {}
                         cpu[name].append(float(sum(secs.values())))
+                        if head:
+                            cpu[f"analysis_{name}"].append(float(secs.get("analysis", float("nan"))))
+                            head_s[name].append(
+                                float(((report.get("analysis") or {}).get("timing_s") or {}).get("lesion_head_s", 0.0))
+                            )
                         if name == "on":
                             cpu["analysis"].append(float(secs.get("analysis", float("nan"))))
                             analysis = report.get("analysis")
@@ -579,6 +622,17 @@ def scan_cost(
                     for off_s, on_s in zip(walls["off"], walls["on"], strict=True)
                 ],
                 "scans": scans,
+                **(
+                    {
+                        "cpu_s_analysis_head_off": cpu["analysis_off"],
+                        "cpu_s_analysis_head_on": cpu["analysis_on"],
+                        "lesion_head_s": head_s,
+                        "lesion_count": analysis.get("lesion_count"),
+                        "lesion_areas_mm2": [les.get("area_mm2") for les in analysis.get("lesions") or []],
+                    }
+                    if head
+                    else {}
+                ),
                 "analysis_patches": analysis.get("patches"),
                 "analysis_timing_s": analysis.get("timing_s"),
                 # The warm worker: its start (once per daemon, before the first scan) and whether
@@ -657,7 +711,15 @@ def run(args: argparse.Namespace) -> int:
         trained = len(sets) > 1
         no_slide = trained and sets[1][1].slide is None
         result["scan_cost"] = scan_cost(
-            args.cost_fields, args.cost_repeats, trained, args.models, no_slide_model=no_slide
+            args.cost_fields,
+            args.cost_repeats,
+            trained,
+            args.models,
+            paces=tuple(args.cost_paces),
+            no_slide_model=no_slide,
+            compare=args.cost_compare,
+            seed=args.cost_seed,
+            lesions=args.cost_lesions,
         )
     rows = []
     for name, r in runs.items():
@@ -729,9 +791,10 @@ def run(args: argparse.Namespace) -> int:
         sc = result["scan_cost"]
         for key, c in sc.items():
             if key.startswith("pace_"):
+                what = "lesion head" if sc.get("compare", "").startswith("analysis on") else "analysis"
                 notes.append(
                     f"replayed scan ({sc['fields'][0]}x{sc['fields'][1]} fields, {key.replace('_', ' ')}), wall time: "
-                    f"analysis off {c['off_s']:.2f} s, on {c['on_s']:.2f} s (+{c['cost_pct']:.1f}%); "
+                    f"{what} off {c['off_s']:.2f} s, on {c['on_s']:.2f} s (+{c['cost_pct']:.1f}%); "
                     f"analysis ready {c['ready_after_slide_s']} s after the slide; CPU s of the scan's processes "
                     f"{c['cpu_s_off']:.1f} -> {c['cpu_s_on']:.1f} (analysis worker {c['cpu_s_analysis']:.1f}); "
                     f"per repeat (on vs the off scan before it): {', '.join(f'{x:+.1f}%' for x in c['pair_cost_pct'])}"

@@ -78,3 +78,41 @@ def test_training_refuses_held_out_seeds() -> None:
         check_training_seed(900000)
     with pytest.raises(ValueError, match="got 900001"):
         windows(899990, 12, Path("/nonexistent"), 1)  # refused before anything renders
+
+
+def test_faint_region_confirmed_by_the_head_becomes_a_lesion() -> None:
+    """A small lesion whose map peaks under 0.5 forms no region; the head, asked about the faint region,
+    finds its tumour and adds it (scored by the map's peak, below every thresholded lesion). A faint
+    region the head finds no tumour in adds nothing, and without the head nothing is added."""
+    import dataclasses
+
+    from runtime.analysis.lesion_head import CANDIDATE_THRESHOLD, confirm_faint
+    from runtime.analysis.pipeline import analyze_source, load_models, slide_lesions
+
+    s = render_slide(330000, 2, 500.0, held_out=False)  # training-range seed: one ~4,100 µm² lesion
+    src = ArraySource(s.levels, PX_UM)
+    models = load_models(None, None, None)
+    res = analyze_source(src, models, nuclei=False, subdivide=2)
+    peak = 0.45  # between CANDIDATE_THRESHOLD and 0.5
+    assert CANDIDATE_THRESHOLD < peak < 0.5
+    res.probability = (res.probability * (peak / res.probability.max())).astype(np.float32)  # a faint map
+    assert slide_lesions(res, models, src) == []  # nothing at 0.5, and without the head nothing is added
+    with_head = dataclasses.replace(models, lesion_head=load_lesion_head(None, "ort_cpu"))
+    found = slide_lesions(res, with_head, src)
+    assert len(found) == 1 and res.stats["lesion_head_added"] == 1
+    assert found[0].geometry.intersects(s.tumour[0])
+    assert CANDIDATE_THRESHOLD <= found[0].max_probability <= peak  # the map's peak (between cell centres)
+    err = abs(found[0].geometry.area - s.tumour[0].area) / s.tumour[0].area
+    assert err < 0.5, err
+    # The same faint level over tumour-free tissue: the head finds nothing there.
+    ty, tx = np.unravel_index(int(np.argmax(res.probability)), res.probability.shape)
+    far = np.zeros_like(res.probability)
+    fy, fx = (ty + res.probability.shape[0] // 2) % res.probability.shape[0], tx
+    far[fy, fx] = peak
+    far[fy, max(0, fx - 1)] = peak
+    benign = dataclasses.replace(res, probability=far)
+    head = load_lesion_head(None, "ort_cpu")
+    out, st = confirm_faint(src, benign, [], head)
+    assert st["candidates"] >= 1 and st["calls"] >= 1
+    assert all(not les.geometry.intersects(s.tumour[0]) for les in out)
+    assert st["added"] == 0, [les.area_mm2 for les in out]

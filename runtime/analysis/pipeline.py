@@ -630,19 +630,23 @@ def slide_lesions(
 ) -> list[Any]:
     """The slide's lesions as the tumour model's outline fit draws them, then, with a lesion head and
     a ``source`` to read, the small ones re-outlined from a 1 µm read of their window
-    (:func:`runtime.analysis.lesion_head.reoutline`: never a lesion more or fewer). Its counts go
-    to ``result.stats`` (``lesion_head_calls``, ``lesion_head_reoutlined``, ``lesion_head_s``)."""
+    (:func:`runtime.analysis.lesion_head.reoutline`: never a lesion more or fewer), and the map's faint
+    regions where the head finds tumour added after them (:func:`runtime.analysis.lesion_head.confirm_faint`).
+    Its counts go to ``result.stats`` (``lesion_head_calls``, ``lesion_head_reoutlined``,
+    ``lesion_head_added``, ``lesion_head_s``)."""
     from runtime.analysis import lesions
 
     found = lesions.model_lesions(result, models.tumour, threshold=threshold)  # with the model's outline fit
-    if models.lesion_head is None or source is None or not found:
+    if models.lesion_head is None or source is None:
         return found
-    from runtime.analysis.lesion_head import reoutline
+    from runtime.analysis.lesion_head import confirm_faint, reoutline
 
     found, st = reoutline(source, found, models.lesion_head, result.pixel_size_um)
-    result.stats["lesion_head_calls"] = st["calls"]
+    found, faint = confirm_faint(source, result, found, models.lesion_head, threshold=threshold)
+    result.stats["lesion_head_calls"] = st["calls"] + faint["calls"]
     result.stats["lesion_head_reoutlined"] = st["reoutlined"]
-    result.stats["lesion_head_s"] = st["s"]
+    result.stats["lesion_head_added"] = faint["added"]
+    result.stats["lesion_head_s"] = st["s"] + faint["s"]
     return found
 
 
