@@ -305,3 +305,30 @@ def test_a_trusted_model_does_not_move_a_frame_the_surface_agrees_with_by_its_no
     assert field(False, 0.1, 0.35)[1] == 1
     assert field(True, 0.5, 0.35)[1] == 1  # the surface missed on a check: the model moves
     assert field(True, 0.1, 0.6)[1] == 1  # beyond the dead band: the model moves
+
+
+class OneSignedNearFocus(Instrument):
+    """Within 1.5 µm of focus the model reads an offset more than a defocus: 0.3 of the defocus
+    minus 0.28 µm, so frames on both sides of focus read negative (real tissue through the training
+    objective: 0.5-0.7 µm above focus read as -0.1 µm, 0.8-1.0 µm below as -0.8 µm), while the frame in
+    focus reads within 0.3 µm of it and one probe in two reads its size within 0.35 µm."""
+
+    def estimate(self, frame: Frame) -> DefocusEstimate:
+        d = frame.z_um - self.focus
+        return DefocusEstimate(d if abs(d) >= 1.5 else 0.3 * d - 0.28, 8, 8, 1.0, 0.1)
+
+
+def test_readings_of_one_sign_on_both_sides_of_focus_are_an_offset() -> None:
+    """probes_read fails a check whose frames above and below the fitted focus the model read with one
+    sign (an offset), whatever their sizes; the opposite convention (both sides wrong) still passes. In
+    a scan the first two checks (bracketed: probes on both sides) fail, where with the size test alone
+    both passed and the scan trusted the model from its third field."""
+    assert not probes_read(((0.6, -0.1), (-0.9, -0.8)), 0.0)  # sizes: one bad in two, signs: one
+    assert probes_read(((0.6, 0.5), (-0.9, -0.8)), 0.0)
+    assert probes_read(((0.6, -0.5), (-0.9, 0.8)), 0.0)  # the opposite sign convention
+    assert probes_read(((0.6, -0.5), (0.9, -0.8), (0.2, -0.1)), 0.0)  # one side only: the size test
+    trust = NearFocusTrust()
+    for i, f in enumerate([0.2, -0.1]):
+        r = _focus(OneSignedNearFocus(f, seed=i), f + 0.05, trust)
+        assert r.converged and abs(r.z_um - f) <= 0.35, (f, r)
+    assert trust.distrusted and trust.failures == trust.checks == 2

@@ -250,9 +250,18 @@ def probes_read(readings: tuple[tuple[float, float], ...], focus_z_um: float) ->
     """Did the model read the size of the defocus of the frames (z, reading) ``PROBE_READ_MIN_UM`` or
     more from the fitted focus within ``PROBE_READ_TOLERANCE_UM``, on at least half of them? (One
     reading off by 0.5 µm happens to the simulator's held-out objectives too; the apochromat's are
-    off on most.) True when there is none to test."""
-    far = [abs(abs(r) - abs(z - focus_z_um)) for z, r in readings if abs(z - focus_z_um) >= PROBE_READ_MIN_UM]
-    return sum(e > PROBE_READ_TOLERANCE_UM for e in far) * 2 <= len(far)
+    off on most.) True when there is none to test.
+
+    And were the frames on the two sides of the focus read with two signs? A model that reads frames
+    above *and* below the fitted focus with one sign reads an offset, not a defocus (real tissue
+    through the training objective: frames 0.5-0.7 µm above focus read as -0.1 µm, 0.8-1.0 µm below
+    as -0.8 µm; two such checks passed the size test, one bad reading in two, and the scan trusted
+    the model). A model of the opposite sign convention reads both sides with the wrong sign, which
+    is two signs still (the two-shot test and the learnt convention handle it)."""
+    far = [(z - focus_z_um, r) for z, r in readings if abs(z - focus_z_um) >= PROBE_READ_MIN_UM]
+    if len({dz > 0 for dz, _ in far}) == 2 and len({r > 0 for _, r in far}) == 1:
+        return False
+    return sum(abs(abs(r) - abs(dz)) > PROBE_READ_TOLERANCE_UM for dz, r in far) * 2 <= len(far)
 
 
 @dataclass(frozen=True)
