@@ -287,6 +287,12 @@ class DaemonConfig(_Section):
         description="peak RSS a scan's processes may use together; the stitcher keeps its canvas, waiting "
         "tiles and strips within its third (the rest spills to disk); report.json shows it against each peak",
     )
+    worker_start: Literal["forkserver", "spawn"] = Field(
+        "forkserver",
+        description="how scans start their worker processes: forked from one server process the daemon starts "
+        "with the runtime imported (about 0.01 CPU-s each), or spawned as fresh interpreters that import it "
+        "(about 0.6 CPU-s each); both CUDA-safe (runtime/daemon/process.py)",
+    )
 
 
 class RuntimeConfig(_Section):

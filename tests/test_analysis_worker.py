@@ -60,7 +60,8 @@ def test_warm_worker_serves_scans_without_a_second_start_and_reloads_changed_mod
     data = tmp_path / "data"
     with live_daemon(tmp_path, "an-warm", small_recording, analysis={"enabled": True, **dirs}) as (proc, client):
         pid = _analysis_pid(client)  # started with the daemon, models loaded before any scan
-        assert pid in [c.pid for c in psutil.Process(proc.pid).children()]
+        # The daemon's (a child of its fork server with daemon.worker_start = "forkserver", the default).
+        assert pid in [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
         first = _scan(client, data, "one")
         second = _scan(client, data, "two")
         _swap_in_copy(Path(dirs["tumour_dir"]))  # re-exported in place: the next scan re-loads

@@ -30,11 +30,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import multiprocessing as mp
 import queue
 import time
 from dataclasses import dataclass
-from multiprocessing.context import SpawnProcess
+from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any, Protocol, assert_never
 
@@ -43,6 +42,7 @@ from runtime.config import AnalysisConfig, RuntimeConfig
 from runtime.control.protocol import AnalysisOverrides, RequestError
 from runtime.daemon.job import terminate_then_kill
 from runtime.daemon.model_request import requested_model_dir
+from runtime.daemon.process import worker_context
 from runtime.errors import one_line
 from runtime.ipc.lifetime import record_semaphores, semaphore_names
 from runtime.ipc.messages import (
@@ -102,8 +102,8 @@ class AnalysisService:
 
     def __init__(self, cfg: RuntimeConfig) -> None:
         self.cfg = cfg
-        self.ctx = mp.get_context("spawn")
-        self.proc: SpawnProcess | None = None
+        self.ctx = worker_context(cfg.daemon.worker_start)  # forked from the daemon's fork server, or spawned
+        self.proc: BaseProcess | None = None
         self._inbox: AnalysisQueue | None = None
         self._events: EventQueue | None = None
         self._heartbeat = 0.0

@@ -2,8 +2,9 @@
 
 A job is one request's work on the scanner -- a scan (:class:`~runtime.daemon.scan_job.ScanJob`)
 or a z-stack recording (:class:`~runtime.daemon.zstack_job.ZstackJob`) -- and the supervisor owns
-at most one at a time. :class:`WorkerJob` is what they have in common: the ``spawn`` context and
-the events queue every worker reports on, the cancel event, the processes and their heartbeats
+at most one at a time. :class:`WorkerJob` is what they have in common: the worker start
+(``daemon.worker_start``: forked from the daemon's fork server, or spawned; runtime/daemon/process.py)
+and the events queue every worker reports on, the cancel event, the processes and their heartbeats
 (a worker that exits non-zero or stops beating fails the job with a one-line error), the phase
 (:class:`~runtime.daemon.state.ScanPhase`, moved only along
 :data:`~runtime.daemon.state.TRANSITIONS`), cancel / fail / abort, stopping the workers on every
@@ -17,17 +18,17 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import multiprocessing as mp
 import queue
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from multiprocessing.context import SpawnProcess
+from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
 from runtime.config import RuntimeConfig
 from runtime.control.events import Event, FieldDoneEvent, JobKind, ScanStartedEvent
+from runtime.daemon.process import worker_context, worker_server_usage
 from runtime.daemon.state import FinishReason, ScanPhase, check_transition
 from runtime.ipc.lifetime import record_semaphores, semaphore_names
 from runtime.ipc.messages import EventQueue, FieldRecord, ScanPrepared, WorkerEvent, cpu_seconds, peak_rss_bytes
@@ -50,7 +51,7 @@ class _Stopping:
     then: Callable[[], object]
 
 
-def terminate_then_kill(proc: SpawnProcess, wait_s: float = 2.0) -> None:
+def terminate_then_kill(proc: BaseProcess, wait_s: float = 2.0) -> None:
     """A worker that did not exit in time: SIGTERM, then SIGKILL, waiting ``wait_s`` after each."""
     for stop in (proc.terminate, proc.kill):
         if not proc.is_alive():
@@ -80,10 +81,10 @@ class WorkerJob:
         self.started = time.time()
         self._t0 = time.monotonic()
         self._cpu0 = cpu_seconds()  # the supervisor's CPU is reported for the job's life only
-        self.ctx = mp.get_context("spawn")
+        self.ctx = worker_context(cfg.daemon.worker_start)
         self.events: EventQueue = self.ctx.Queue()
         self.cancel_event = self.ctx.Event()
-        self.procs: dict[str, SpawnProcess] = {}
+        self.procs: dict[str, BaseProcess] = {}
         self.heartbeats: dict[str, float] = {}
         self.records: list[FieldRecord] = []
         self.fields_total = 0
@@ -344,6 +345,11 @@ class WorkerJob:
             # CPU seconds (user + system, all threads) per process: the supervisor's since the job
             # began, each worker's from its start to its done message.
             "cpu_seconds": {"supervisor": round(cpu_seconds() - self._cpu0, 3), **self.cpu_s},
+            # How the workers were started. A forked worker's CPU seconds begin at the fork: the fork
+            # server's imports are paid once per daemon, not per job; its own figures (CPU since it
+            # started, peak RSS, mostly pages its workers share) are here, in no sum above.
+            "worker_start": self.cfg.daemon.worker_start,
+            "worker_server": worker_server_usage() if self.cfg.daemon.worker_start == "forkserver" else None,
         }
 
     def write_report(self) -> Path:

@@ -8,7 +8,8 @@ import multiprocessing as mp
 import os
 import time
 from collections.abc import Iterator
-from multiprocessing.context import SpawnProcess
+from multiprocessing.context import ForkServerContext, SpawnContext, SpawnProcess
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from runtime.config import RuntimeConfig
@@ -34,9 +35,103 @@ def quiet_opencv_pool() -> None:
         os.environ.setdefault(name, value)
 
 
+# How the daemon starts its worker processes (daemon.worker_start). "spawn": a fresh interpreter per
+# worker, which imports numpy, OpenCV, Zarr, pydantic and the runtime again -- about 0.6 CPU-s per
+# worker, three or four workers per scan. "forkserver": one server process per daemon, started with
+# it (start_worker_server), imports those modules once; each worker is then a fork of it (about
+# 0.01 CPU-s). Both are CUDA-safe: the server is a fresh interpreter that never touches a GPU (the
+# supervisor does not either), and nothing below creates a CUDA context or a thread that could hold
+# a lock at fork time -- ONNX Runtime is left out because importing it starts a thread (it is
+# imported by the worker that makes a session), as are driver modules (a vendor SDK may open
+# devices or start threads when it loads: the acquisition worker imports its driver itself).
+# numpy's and OpenCV's OpenBLAS pools stop before each fork (OpenBLAS's fork handler).
+WORKER_START_METHODS = ("forkserver", "spawn")
+WORKER_SERVER_PRELOAD = (
+    "runtime.ipc.worker_server",  # first: the server dies with the supervisor (runtime/ipc/lifetime.py)
+    "runtime.workers.skeleton",
+    "runtime.workers.acquisition",
+    "runtime.workers.stitcher",
+    "runtime.workers.writer",
+    "runtime.workers.inference",
+    "runtime.workers.recorder",
+    "runtime.workers.analysis",
+)
+
+
+def worker_context(method: str) -> SpawnContext | ForkServerContext:
+    """The multiprocessing context the daemon's jobs start their workers with (``daemon.worker_start``).
+    For ``forkserver`` the preload is set here too, so a server started by a job's first worker (a job
+    run without :func:`start_worker_server`: tests) is the same as the daemon's."""
+    if method not in WORKER_START_METHODS:
+        raise ValueError(f"daemon.worker_start must be one of {WORKER_START_METHODS}, not {method!r}")
+    if method == "spawn":
+        return mp.get_context("spawn")
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(list(WORKER_SERVER_PRELOAD))
+    return ctx
+
+
+def _server_ready() -> None:
+    """The fork server's first child: it exits at once (:func:`start_worker_server` waits for it)."""
+
+
+def begin_worker_server(method: str) -> None:
+    """Start the fork server without waiting for its imports (``forkserver`` only): the daemon's
+    process calls it before it imports the supervisor, so that the two import side by side;
+    :func:`start_worker_server` then waits for the server."""
+    worker_context(method)
+    if method == "forkserver":
+        from multiprocessing import forkserver
+
+        forkserver.ensure_running()
+
+
+def start_worker_server(method: str) -> int | None:
+    """Start the fork server (``daemon.worker_start = "forkserver"``) now, from the daemon's main
+    thread (its parent-death signal follows that thread), and wait until it has imported what it
+    preloads: it forks its first worker only then, and the process that asks for a worker waits
+    for that fork. Done before the daemon serves requests, so no request -- the first scan's start
+    included -- waits for the imports. Returns the server's pid (None for ``spawn``). A server that
+    dies later is started again by the next worker start (which then waits for its imports)."""
+    ctx = worker_context(method)
+    if method != "forkserver":
+        return None
+    probe = ctx.Process(target=_server_ready, name="wsi-worker-server-ready", daemon=True)
+    probe.start()  # returns once the server has forked it: after its imports
+    probe.join()
+    return worker_server_pid()
+
+
+def worker_server_pid() -> int | None:
+    """The pid of this process's fork server, if one was started (multiprocessing keeps it)."""
+    from multiprocessing import forkserver
+
+    pid = getattr(forkserver._forkserver, "_forkserver_pid", None)
+    return pid if isinstance(pid, int) else None
+
+
+def worker_server_usage() -> dict[str, float] | None:
+    """The fork server's CPU seconds since it started (its imports, then the forks) and its peak
+    RSS in MiB, from /proc (Linux; None elsewhere, or when there is no server)."""
+    pid = worker_server_pid()
+    if pid is None:
+        return None
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) ": state is field 3 of stat(5)
+    cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+    hwm = next((int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:")), 0)
+    return {"pid": pid, "cpu_seconds": round(cpu, 3), "peak_rss_mib": round(hwm / 1024, 1)}
+
+
 def run_daemon(cfg: RuntimeConfig, log_level: str = "INFO") -> None:
     """Serve until shutdown (blocking). The entry point of ``python -m runtime daemon``."""
-    quiet_opencv_pool()
+    quiet_opencv_pool()  # before the fork server starts: it and every worker inherit this environment
+    with contextlib.suppress(OSError):  # if it fails, the supervisor's start_worker_server tries again and logs why
+        begin_worker_server(cfg.daemon.worker_start)  # it imports while this process imports the supervisor
     from runtime.daemon.supervisor import Supervisor
 
     logging.basicConfig(level=log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")

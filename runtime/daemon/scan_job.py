@@ -1,7 +1,8 @@
 """One scan: the worker processes, the shared-memory ring and the queues between them.
 
-The supervisor owns a ScanJob while a scan runs. The job spawns the workers
-(``spawn`` context: a CUDA context does not survive ``fork``) -- acquisition,
+The supervisor owns a ScanJob while a scan runs. The job starts the workers
+(forked from the daemon's fork server, which never holds a CUDA context, or spawned:
+``daemon.worker_start``, runtime/daemon/process.py) -- acquisition,
 stitcher, writer, and for ``single_shot`` focus the inference worker that owns
 the models -- owns the ring, turns worker messages into its phase and events, and
 on every exit path -- completion, cancel, a worker crash or hang -- stops the

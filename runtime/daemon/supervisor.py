@@ -49,6 +49,7 @@ from runtime.daemon import sdnotify
 from runtime.daemon.analysis_service import analysis_service, requested_analysis
 from runtime.daemon.job import REPORT_NAME, WorkerJob
 from runtime.daemon.model_request import requested_model_dir
+from runtime.daemon.process import start_worker_server
 from runtime.daemon.scan_job import ScanJob
 from runtime.daemon.state import FinishReason, ScanStatus, run_state
 from runtime.daemon.zstack_job import ZstackJob
@@ -382,8 +383,23 @@ class Supervisor:
             log_failure(log, "main loop error (serving on)", err)
             time.sleep(0.05)
 
+    def _start_worker_server(self) -> None:
+        """``daemon.worker_start = "forkserver"``: start the fork server now, from this (the main)
+        thread, and let it import the runtime before the daemon serves requests (so the first scan's
+        start does not wait for it). A failure is logged; the first worker start tries again (and
+        fails the job with the reason if it cannot)."""
+        t0 = time.monotonic()
+        try:
+            pid = start_worker_server(self.cfg.daemon.worker_start)
+        except OSError as err:
+            log.warning("could not start the worker fork server (the first scan tries again): %s", err)
+            return
+        if pid is not None:
+            log.info("worker fork server: pid %d, ready in %.2f s", pid, time.monotonic() - t0)
+
     def run(self) -> None:
         """Serve until shutdown is requested or a signal arrives."""
+        self._start_worker_server()
         removed = remove_stale_segments()
         if removed:
             log.warning("removed stale shared memory left by a dead daemon: %s", ", ".join(removed))

@@ -21,6 +21,17 @@ not ``getppid()`` read in the child, which is already the adopter's pid if the
 parent died before the child got that far. Outside a multiprocessing child (a
 worker main run on a thread by a test) none of this applies.
 
+Workers forked by the daemon's fork server (``daemon.worker_start = "forkserver"``,
+runtime/daemon/process.py) have the server as their parent, not the supervisor
+that asked for them. The server marks itself when it starts (:func:`become_worker_server`,
+run by its first preloaded module, :mod:`runtime.ipc.worker_server`): it takes the
+parent-death signal from the supervisor, so it dies with it, and its workers take
+theirs from the server -- two hops, both the kernel's, so a worker hung in a native
+call still goes. :func:`parent_pid` then names the server, and :func:`orphaned`
+also asks the supervisor's own sentinel (the pipe multiprocessing keeps open to every
+child it started, ``parent_process().is_alive()``), so a worker notices a dead
+supervisor on its next heartbeat whatever became of the server.
+
 Semaphores. The scan job's ``multiprocessing`` queues and event are built on
 named POSIX semaphores (``/dev/shm/sem.mp-*`` on Linux). They are unlinked when
 the objects are collected or by multiprocessing's resource tracker; when the
@@ -54,16 +65,45 @@ REGISTRY_PREFIX = "semaphores-"
 
 
 # -- workers die with their parent ------------------------------------------------------------
+_worker_server_pid: int | None = None
+"""In the daemon's fork server, and inherited by every worker it forks: the server's pid."""
+
+
+def become_worker_server() -> None:
+    """In the daemon's fork server, as it starts: die with the supervisor (which started it, from
+    its main thread), and remember this pid, which the workers forked from here inherit."""
+    global _worker_server_pid
+    _worker_server_pid = os.getpid()
+    set_parent_death_signal(signal.SIGTERM)
+    # A supervisor that died before the prctl took effect sends nothing; the server then still ends
+    # when its "alive" pipe closes (multiprocessing.forkserver), once no worker holds that pipe.
+
+
 def parent_pid() -> int | None:
-    """The pid of the process that spawned this one, as it recorded it (None outside a
+    """The pid of this process's parent as the process that started it recorded it: the spawning
+    process, or for a worker forked by the daemon's fork server, that server (None outside a
     multiprocessing child)."""
     parent = mp.parent_process()
-    return None if parent is None else parent.pid
+    if parent is None:
+        return None
+    server = _worker_server_pid
+    if server is not None and server != os.getpid() and os.getppid() == server:
+        return server
+    # Spawned; or forked by a server that is gone already, then the supervisor's pid, which is not
+    # getppid(): the worker counts as orphaned at once.
+    return parent.pid
+
+
+def _spawner_alive() -> bool:
+    """Is the process that asked for this one still there (its sentinel pipe still open)?"""
+    parent = mp.parent_process()
+    return parent is None or parent.is_alive()
 
 
 def orphaned(parent: int | None) -> bool:
-    """Has this process lost ``parent`` (it was re-parented to init or a subreaper)?"""
-    return parent is not None and os.getppid() != parent
+    """Has this process lost ``parent`` (it was re-parented to init or a subreaper), or has the
+    process that started it (the supervisor, where a fork server forked it) died?"""
+    return parent is not None and (os.getppid() != parent or not _spawner_alive())
 
 
 def exit_if_orphaned(parent: int | None) -> None:

@@ -27,7 +27,7 @@ import dataclasses
 import resource
 import time
 from dataclasses import dataclass
-from multiprocessing.context import SpawnContext
+from multiprocessing.context import ForkServerContext, SpawnContext
 from multiprocessing.queues import Queue
 from typing import TYPE_CHECKING, Any, TypeAlias
 
@@ -337,7 +337,7 @@ class TeeQueue(_WriterQueueBase):
     stitcher knowing about analysis. ``get`` reads this queue only (the writer's).
     """
 
-    def __init__(self, ctx: SpawnContext, also: WriterQueue) -> None:
+    def __init__(self, ctx: SpawnContext | ForkServerContext, also: WriterQueue) -> None:
         super().__init__(ctx=ctx)
         self._also = also
 
