@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -94,8 +95,16 @@ def evaluate(model: Any, data: dict[str, Any]) -> dict[str, Any]:
     pred = np.asarray([CLASSES.index(t.label) for t in out])
     sel = truth != 2
     tg_truth = (truth[sel] == 1).astype(np.int64)
+    by_kind: dict[str, Any] = {}
+    if "artifact_kind" in data:  # data rendered before the kinds were recorded have none
+        from hw_sim.slide import ARTIFACT_KINDS
+
+        for k, name in enumerate(ARTIFACT_KINDS):
+            of = data["artifact_kind"] == k
+            by_kind[name] = {"recall": float(np.mean(pred[of] == 2)) if of.any() else None, "support": int(of.sum())}
     return {
         "tiles": len(truth),
+        "artifact_recall_by_kind": by_kind,
         "per_class": {c: prf(truth, pred, k) for k, c in enumerate(CLASSES)},
         "accuracy": float(np.mean(pred == truth)),
         "tissue_vs_glass": {
@@ -112,35 +121,45 @@ SETS = {
 }
 
 
-def unseen_content(
-    model: Any, contents: list[str], tiles: int, tile: int = 512, px: float = 0.25, seeds: int = 3
-) -> dict[str, Any]:
-    """Label counts for in-focus tissue tiles (>= 60% tissue) of each content, imaged by the simulator's
-    optics and camera (the training objective), on slides of ``seeds`` seeds (tile k from seed k mod
-    ``seeds``; 24 tiles of 3 seeds was the first report, 96 of 6 the larger one)."""
+def unseen_frames(
+    content: str, tiles: int, tile: int = 512, px: float = 0.25, seeds: int = 3
+) -> Iterator[tuple[Any, int]]:
+    """In-focus tissue frames (>= 60% tissue) of one content, imaged by the simulator's optics and
+    camera (the training objective), on slides of ``seeds`` seeds (candidate k from seed k mod
+    ``seeds``): yields (frame, seed) until ``tiles`` frames or 20 x ``tiles`` candidates."""
     from hw_sim.content import make_slide
     from hw_sim.optics import CameraParams, Optics, OpticsParams
     from hw_sim.slide import SlideSpec
 
     optics = Optics(OpticsParams(), px, (tile, tile), CameraParams())
     m = optics.margin_px
+    slides: dict[int, Any] = {}
+    n = 0
+    for k in range(tiles * 20):  # candidate positions; most are tissue
+        if n >= tiles:
+            break
+        seed = k % seeds
+        if seed not in slides:
+            spec = SlideSpec(seed=seed, origin_x_um=0.0, origin_y_um=0.0, width_um=2000.0, height_um=2000.0)
+            slides[seed] = make_slide(SlideSpec(**{**spec.__dict__, "content": content}))
+        slide = slides[seed]
+        x, y = np.random.default_rng([seed, k]).uniform(150.0, 1700.0, 2)
+        if slide.tissue_fraction(x, y, tile, tile, px) < 0.6:
+            continue
+        trans = slide.transmittance(x - m * px, y - m * px, tile + 2 * m, tile + 2 * m, px)
+        n += 1
+        yield optics.camera_capture(optics.image(optics.prepare(trans), 0.0), np.random.default_rng(k)), seed
+
+
+def unseen_content(
+    model: Any, contents: list[str], tiles: int, tile: int = 512, px: float = 0.25, seeds: int = 3
+) -> dict[str, Any]:
+    """Label counts for in-focus tissue tiles (>= 60% tissue) of each content (:func:`unseen_frames`;
+    24 tiles of 3 seeds was the first report, 96 of 6 the larger one)."""
     out: dict[str, Any] = {}
     for content in contents:
         counts = dict.fromkeys(CLASSES, 0)
-        slides: dict[int, Any] = {}
-        for k in range(tiles * 20):  # candidate positions; most are tissue
-            if sum(counts.values()) >= tiles:
-                break
-            seed = k % seeds
-            if seed not in slides:
-                spec = SlideSpec(seed=seed, origin_x_um=0.0, origin_y_um=0.0, width_um=2000.0, height_um=2000.0)
-                slides[seed] = make_slide(SlideSpec(**{**spec.__dict__, "content": content}))
-            slide = slides[seed]
-            x, y = np.random.default_rng([seed, k]).uniform(150.0, 1700.0, 2)
-            if slide.tissue_fraction(x, y, tile, tile, px) < 0.6:
-                continue
-            trans = slide.transmittance(x - m * px, y - m * px, tile + 2 * m, tile + 2 * m, px)
-            frame = optics.camera_capture(optics.image(optics.prepare(trans), 0.0), np.random.default_rng(k))
+        for frame, _ in unseen_frames(content, tiles, tile, px, seeds):
             counts[model.classify(frame, px).label] += 1
         n = sum(counts.values())
         out[content] = {"tiles": n, **counts, "artifact_share": counts["artifact"] / n if n else None}
@@ -242,6 +261,13 @@ def run(args: argparse.Namespace) -> int:
         f"{split} ({SETS[split]}): accuracy (3 classes) {r['accuracy']:.3f} on {r['tiles']} tiles"
         for split, r in sets.items()
     ]
+    for split, r in sets.items():
+        if r["artifact_recall_by_kind"]:
+            kinds = ", ".join(
+                f"{k} {v['recall']:.3f} of {v['support']}" if v["support"] else f"{k} -"
+                for k, v in r["artifact_recall_by_kind"].items()
+            )
+            notes.append(f"{split}: artifact recall by kind (the one covering most of the tile): {kinds}")
     notes.append(f"decision: {_decision(model)}")
     notes.append(f"ONNX Runtime CPU: {tiles_s:.0f} tiles/s (512 px tiles, batches of 16)")
     emit(result, rows, cols, as_json=args.json, title="tile classifier on held-out synthetic slides", notes=notes)

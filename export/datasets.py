@@ -26,7 +26,7 @@ import numpy.typing as npt
 
 from export.content_mix import random_content_slide, random_objective, random_stain_pair
 from hw_sim.optics import CameraParams, Optics, OpticsParams
-from hw_sim.slide import RUIFROK_E, RUIFROK_H, SlideSpec, SyntheticSlide
+from hw_sim.slide import ARTIFACT_KINDS, RUIFROK_E, RUIFROK_H, SlideSpec, SyntheticSlide
 from runtime.ml.preprocess import AutofocusPreprocess, ClassifierPreprocess
 
 PIXEL_SIZE_UM = 0.25  # 40x scanner camera pixel in the sample plane
@@ -241,6 +241,8 @@ class ClassifierJob:
     # Wider content (export.content_mix): any objective family, pixel +-10%, each slide's tissue
     # procedural in a random stain, a texture or a photograph (artifacts drawn over it alike).
     content_mix: bool = False
+    near_artifact: float = 0.35  # share of tiles centred within reach of an artifact (the rest: tissue / anywhere)
+    artifacts: tuple[int, int] = (4, 12)  # artifacts per slide: integers in [lo, hi)
 
 
 def tile_label(slide: SyntheticSlide, x0: float, y0: float, size_px: int, px: float) -> tuple[int, float, float]:
@@ -250,6 +252,22 @@ def tile_label(slide: SyntheticSlide, x0: float, y0: float, size_px: int, px: fl
     if art >= ARTIFACT_MIN:
         return 2, tis, art
     return (1 if tis >= TISSUE_MIN else 0), tis, art
+
+
+def artifact_kind(slide: SyntheticSlide, x0: float, y0: float, size_px: int, px: float) -> int:
+    """Index in ``hw_sim.slide.ARTIFACT_KINDS`` of the artifact covering most of a region, -1 if none
+    covers any (for scoring recall per kind; draws no random numbers)."""
+    arts = slide.artifacts
+    best, kind = 0.0, -1
+    try:
+        for a in arts:
+            slide.artifacts = [a]
+            f = slide.artifact_fraction(x0, y0, size_px, size_px, px)
+            if f > best:
+                best, kind = f, ARTIFACT_KINDS.index(a.kind)
+    finally:
+        slide.artifacts = arts
+    return kind
 
 
 def render_classifier_config(job: ClassifierJob) -> dict[str, Any]:
@@ -265,17 +283,17 @@ def render_classifier_config(job: ClassifierJob) -> dict[str, Any]:
     pre = ClassifierPreprocess()
     m, t = optics.margin_px, job.tile
     pool = rng.uniform(-1.5, 1.5, 6)
-    xs, labels, tissue, artifact, raw = [], [], [], [], []
+    xs, labels, tissue, artifact, raw, kinds = [], [], [], [], [], []
     for s in range(job.slides):
         seed = _SEED_BASE[job.split] + 500_000 + job.seed * 10_000 + job.config * 500 + s
-        n_art = int(rng.integers(4, 12))
+        n_art = int(rng.integers(*job.artifacts))
         if job.content_mix:
             slide = random_mixed_slide(rng, seed, hard=job.hard, artifacts=n_art)
         else:
             slide = SyntheticSlide(random_slide(rng, seed, artifacts=n_art, hard=job.hard))
         for _ in range(job.tiles_per_slide):
             u = rng.random()
-            if u < 0.35 and slide.artifacts:
+            if u < job.near_artifact and slide.artifacts:
                 a = slide.artifacts[int(rng.integers(len(slide.artifacts)))]
                 r = min(a.reach, 300.0)
                 cx, cy = a.cx + rng.uniform(-r, r), a.cy + rng.uniform(-r, r)
@@ -291,12 +309,14 @@ def render_classifier_config(job: ClassifierJob) -> dict[str, Any]:
             labels.append(label)
             tissue.append(tis)
             artifact.append(art)
+            kinds.append(artifact_kind(slide, x0, y0, t, px) if label == 2 else -1)
     return {
         "x": np.stack(xs),
         "label": np.asarray(labels, np.int64),
         "tissue_fraction": np.asarray(tissue, np.float32),
         "artifact_fraction": np.asarray(artifact, np.float32),
         "raw": np.stack(raw),
+        "artifact_kind": np.asarray(kinds, np.int64),  # ARTIFACT_KINDS index of label-2 tiles, else -1
         "optics": optics_params.to_dict(),
     }
 
@@ -346,6 +366,8 @@ class ClassifierDataSpec:
     hard: bool = False
     config_offset: int = 0
     content_mix: bool = False
+    near_artifact: float = 0.35
+    artifacts: tuple[int, int] = (4, 12)
 
 
 AUTOFOCUS_DATA = {
@@ -431,6 +453,20 @@ CLASSIFIER_DATA = {
     # photographs under any objective, with the same procedural artifacts drawn over it.
     "train_content": ClassifierDataSpec(configs=16, slides=12, tiles_per_slide=30, config_offset=200, content_mix=True),
     "heldout_content": ClassifierDataSpec(configs=3, slides=8, tiles_per_slide=25, config_offset=200, content_mix=True),
+    # More artifacts (configs 300+ / 400+ of the train streams): 8-15 per slide, three tiles in four
+    # centred within reach of one; on the wider content and on faint stain / tinted glass.
+    "train_artifacts": ClassifierDataSpec(
+        configs=8,
+        slides=6,
+        tiles_per_slide=30,
+        config_offset=300,
+        content_mix=True,
+        near_artifact=0.75,
+        artifacts=(8, 16),
+    ),
+    "train_artifacts_hard": ClassifierDataSpec(
+        configs=6, slides=6, tiles_per_slide=30, hard=True, config_offset=400, near_artifact=0.75, artifacts=(8, 16)
+    ),
 }
 
 
@@ -461,7 +497,7 @@ def autofocus_data(split: str, seed: int, workers: int = 2, scale: float = 1.0, 
 
 def classifier_data(split: str, seed: int, workers: int = 2, scale: float = 1.0) -> dict[str, Any]:
     spec = CLASSIFIER_DATA[split]
-    rng_split = split.removesuffix("_hard").removesuffix("_content")
+    rng_split = split.split("_")[0]  # train_hard, train_content, ...: the train streams, other configs
     jobs = [
         ClassifierJob(
             rng_split,
@@ -471,6 +507,8 @@ def classifier_data(split: str, seed: int, workers: int = 2, scale: float = 1.0)
             spec.tiles_per_slide,
             hard=spec.hard,
             content_mix=spec.content_mix,
+            near_artifact=spec.near_artifact,
+            artifacts=spec.artifacts,
         )
         for c in range(spec.configs)
     ]
