@@ -87,22 +87,23 @@ STITCHER_SHARE = 1 / 3  # of daemon.memory_budget_mib
 MIN_HELD_MIB = 16.0  # a tile and the blocks under it (below this the cache thrashes)
 
 
-MMAP_THRESHOLD = 16 * 2**20  # glibc's M_MMAP_THRESHOLD in the stitcher (bytes)
+MMAP_THRESHOLD = 4 * 2**20  # glibc's M_MMAP_THRESHOLD in the stitcher (bytes)
 TRIM_THRESHOLD = 32 * 2**20  # and M_TRIM_THRESHOLD
 
 
 def return_freed_memory() -> None:
     """Fix glibc's allocation thresholds for the stitcher (Linux; elsewhere a no-op): arrays below
     :data:`MMAP_THRESHOLD` come from the heap, which keeps up to :data:`TRIM_THRESHOLD` of free memory at
-    its top instead of returning it at once.
+    its top instead of returning it at once; larger ones (the flat-field fit's float64 planes, once) are
+    mapped and given back on free.
 
     The stitcher's per-tile temporaries (registration strips, blend strips, canvas blocks, spilled
-    arrays: 0.25-4 MiB each) were mapped and unmapped one by one with the 256 KiB threshold used until
-    stop 22, and paging them in again (faults, zeroing) was about a third of its main thread's CPU-seconds
-    (perf on ``bench e2e``, 16 x 12 fields); a float tile times two ran at half the speed. glibc's dynamic
-    threshold would do the same for the largest arrays (it rises to 32 MiB, but trims the heap's top at
-    twice the last freed mapping) and let RSS drift. Fixed thresholds bound what the heap keeps: measured
-    peak RSS 237-239 MiB at 16 x 12 fields (210-213 before), stitcher CPU 55-57 -> 48 CPU-s/Gpx."""
+    arrays, waiting tiles: 0.25-3 MiB each) were mapped and unmapped one by one with the 256 KiB
+    threshold used until stop 22, and paging them in again (faults, zeroing, memcg) was a third of its
+    main thread's CPU-seconds (perf on ``bench e2e``, 16 x 12 fields). glibc's dynamic threshold would
+    keep RSS drifting up to the largest array freed. Measured on that e2e (2 cores, load 8-25, stitcher
+    CPU-s/Gpx; peak RSS at 16 x 12 and 100 x 2 fields): 256 KiB 55-57, 211 MiB; 16 MiB 52-56, 237-240 /
+    248-249 MiB; 4 MiB 51-55, 227 / 237 MiB (the trim threshold, 16 or 32 MiB, changed neither)."""
     try:
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(-3, MMAP_THRESHOLD)  # M_MMAP_THRESHOLD; setting it turns the dynamic threshold off
