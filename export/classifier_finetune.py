@@ -55,7 +55,9 @@ def load_onnx_classifier(folder_dir: Path) -> TileClassifier:
     state = model.state_dict()
     for k, node in enumerate(convs):
         w, b = init[node.input[1]], init[node.input[2]]
-        bn = blocks[k][1]
+        block = blocks[k]
+        assert isinstance(block, nn.Sequential)
+        bn = block[1]
         assert isinstance(bn, nn.BatchNorm2d)
         state[f"features.{k}.0.weight"] = torch.from_numpy(w.copy())
         state[f"features.{k}.1.weight"] = torch.ones(len(b))
