@@ -266,6 +266,9 @@ def steady_rate(times: list[float], total: int, mpx_per_tile: float) -> float | 
     return (hi - lo) * mpx_per_tile / dt if dt > 0 else None
 
 
+PINNED = {"bench", "supervisor", "acquisition", "stitcher", "writer"}  # whose cores the JSON says (at least)
+
+
 def _affinity(client: Any, daemon_pid: int | None) -> dict[str, list[int]]:
     """The cores each process of the daemon may run on, as the kernel has them now."""
     pids: dict[str, int] = dict(client.request("status").get("workers") or {})
@@ -454,6 +457,7 @@ def _scan(
         events = EventSubscriber(cfg.endpoint("event"))
         times: dict[str, float] = {}
         affinity: dict[str, list[int]] = {}
+        affinity_reads = 0
         try:
             client.request("ping")
             time.sleep(0.2)  # ZeroMQ slow joiner: let the subscription reach the PUB socket
@@ -473,17 +477,20 @@ def _scan(
                         raise RuntimeError("the daemon exited during the scan")
                     continue
                 kind = ev.get("event")
+                if not set(affinity) >= PINNED and affinity_reads < 50:
+                    # At every event until each worker was seen running: on a short scan with workers forked from
+                    # a server the acquisition may be done and gone before the bench hears of its first field.
+                    affinity = {**_affinity(client, daemon.pid), **affinity}
+                    affinity_reads += 1
                 if kind == "field_done":
                     times.setdefault("first_field", now)
                     times["last_field"] = now
                     timeline.captured.append(now - times["start"])
-                    if not affinity:  # every worker is running by now
-                        affinity = _affinity(client, daemon.pid)
-                        if profiler is not None:
-                            pids: dict[str, int] = dict(client.request("status").get("workers") or {})
-                            if daemon.pid is not None:
-                                pids["supervisor"] = daemon.pid
-                            profiler.start(pids)
+                    if profiler is not None and not profiler.procs:  # every worker is running by now
+                        pids: dict[str, int] = dict(client.request("status").get("workers") or {})
+                        if daemon.pid is not None:
+                            pids["supervisor"] = daemon.pid
+                        profiler.start(pids)
                 elif kind == "state" and ev["data"].get("state") == "writing":
                     times.setdefault("writing", now)
                 elif kind == "scan_finished" and ev["data"].get("scan_id") == scan_id:
