@@ -656,7 +656,7 @@ def _scan_record(repeat: int, setting: str, load1: float, report: dict[str, Any]
         "load1": round(load1, 2),
     }
     a = report.get("analysis") or {}
-    if setting == "on":
+    if a:  # the analysis ran (both settings of --cost-compare lesion-head)
         timing = a.get("timing_s") or {}
         record |= {
             "cpu_s_analysis": (report.get("cpu_seconds") or {}).get("analysis"),
@@ -664,6 +664,7 @@ def _scan_record(repeat: int, setting: str, load1: float, report: dict[str, Any]
             "rows_after_slide_s": timing.get("rows_after_slide"),
             "finish_and_outputs_s": timing.get("finish_and_outputs"),
             "urgent_pieces": (a.get("worker") or {}).get("urgent_pieces"),
+            "lesion_head_s": timing.get("lesion_head_s"),
         }
     return record
 

@@ -116,3 +116,45 @@ def test_faint_region_confirmed_by_the_head_becomes_a_lesion() -> None:
     assert st["candidates"] >= 1 and st["calls"] >= 1
     assert all(not les.geometry.intersects(s.tumour[0]) for les in out)
     assert st["added"] == 0, [les.area_mm2 for les in out]
+
+
+def test_scan_cost_compares_the_head_on_trained_models_only() -> None:
+    """``bench analysis --scan-cost --cost-compare lesion-head``: both settings run the analysis, the
+    head off and on; it needs the trained models (refused before any recording is made)."""
+    import argparse
+
+    from bench.analysis import add_arguments, scan_cost
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    a = p.parse_args(["--slides", "0", "--scan-cost", "--cost-compare", "lesion-head", "--cost-lesions", "6"])
+    assert (a.cost_compare, a.cost_lesions, a.cost_seed, a.cost_paces) == ("lesion-head", 6, 900_500, [0.0, 1.0])
+    with pytest.raises(ValueError, match="trained models"):
+        scan_cost(2, 1, trained=False, compare="lesion-head")
+
+
+def test_window_reads_only_its_region_where_the_source_can() -> None:
+    """A source with ``read_region`` (the scan's mosaic, a TIFF) is read for the window alone, and the
+    window is the one whole rows give (also at the slide's edge, glass beyond it)."""
+    from runtime.analysis.lesion_head import read_window
+
+    rng = np.random.default_rng(0)
+    levels = [rng.integers(0, 255, (600, 900, 3), dtype=np.uint8)]
+    levels.append(levels[0][::2, ::2].copy())
+    head = load_lesion_head(None, "ort_cpu")
+    reads: list[tuple[int, ...]] = []
+
+    class RegionSource(ArraySource):
+        def read_rows(self, level: int, y0: int, y1: int) -> np.ndarray:
+            raise AssertionError("whole rows read")
+
+        def read_region(self, level: int, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+            reads.append((level, y0, y1, x0, x1))
+            return self.levels[level][y0:y1, x0:x1]
+
+    for cx, cy in ((450.0, 300.0), (20.0, 580.0)):
+        want, wwin = read_window(ArraySource(levels, PX_UM), head, cx, cy)
+        got, gwin = read_window(RegionSource(levels, PX_UM), head, cx, cy)
+        assert np.array_equal(want, got) and wwin == gwin
+        _level, y0, y1, x0, x1 = reads[-1]
+        assert x1 - x0 <= head.size and y1 - y0 <= head.size  # the window, not the level's width

@@ -115,7 +115,11 @@ def read_window(source: SlideSource, head: LesionHead, cx: float, cy: float) -> 
     img = np.full((n, n, 3), GLASS, np.uint8)
     ya, yb, xa, xb = max(0, ly0), min(h, ly0 + n), max(0, lx0), min(w, lx0 + n)
     if yb > ya and xb > xa:
-        img[ya - ly0 : yb - ly0, xa - lx0 : xb - lx0] = source.read_rows(level, ya, yb)[:, xa:xb, :3]
+        # A source that reads a region (the scan's mosaic, a TIFF) decodes only the chunks under the
+        # window; any other reads the window's whole rows.
+        region = getattr(source, "read_region", None)
+        block = region(level, ya, yb, xa, xb) if region is not None else source.read_rows(level, ya, yb)[:, xa:xb]
+        img[ya - ly0 : yb - ly0, xa - lx0 : xb - lx0] = block[..., :3]
     if n != head.size:
         img = np.asarray(cv2.resize(img, (head.size, head.size), interpolation=cv2.INTER_AREA), np.uint8)
     l0_px = n * ds / head.size

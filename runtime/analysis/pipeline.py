@@ -525,6 +525,11 @@ class MosaicSource:
     def read_rows(self, level: int, y0: int, y1: int) -> U8:
         return np.asarray(self.store.level(level)[y0:y1], np.uint8)
 
+    def read_region(self, level: int, y0: int, y1: int, x0: int, x1: int) -> U8:
+        """Rows [y0, y1), columns [x0, x1) of ``level``: only the chunks under it are read (the lesion
+        head's windows; :func:`runtime.analysis.lesion_head.read_window`)."""
+        return np.asarray(self.store.level(level)[y0:y1, x0:x1], np.uint8)
+
     def thumbnail(self, max_px: int) -> U8:
         shapes = self.store.level_shapes
         k = next((i for i, (h, w) in enumerate(shapes) if max(h, w) <= max_px), len(shapes) - 1)
@@ -591,6 +596,10 @@ class TiffSource:
 
     def read_rows(self, level: int, y0: int, y1: int) -> U8:
         return np.asarray(self._array(level)[y0:y1], np.uint8)
+
+    def read_region(self, level: int, y0: int, y1: int, x0: int, x1: int) -> U8:
+        """Rows [y0, y1), columns [x0, x1) of ``level`` (only the tiles under it are decoded)."""
+        return np.asarray(self._array(level)[y0:y1, x0:x1], np.uint8)
 
     def thumbnail(self, max_px: int) -> U8:
         shapes = self._geometry.level_shapes
