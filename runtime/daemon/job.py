@@ -28,6 +28,7 @@ from typing import Any, ClassVar, Protocol
 
 from runtime.config import RuntimeConfig
 from runtime.control.events import Event, FieldDoneEvent, JobKind, ScanStartedEvent
+from runtime.daemon.liveness import LateBeats
 from runtime.daemon.process import worker_context, worker_server_usage
 from runtime.daemon.state import FinishReason, ScanPhase, check_transition
 from runtime.ipc.lifetime import record_semaphores, semaphore_names
@@ -86,6 +87,7 @@ class WorkerJob:
         self.cancel_event = self.ctx.Event()
         self.procs: dict[str, BaseProcess] = {}
         self.heartbeats: dict[str, float] = {}
+        self._late = LateBeats()  # hung, or only slowed by the machine's load?
         self.records: list[FieldRecord] = []
         self.fields_total = 0
         self.peak_rss: dict[str, int] = {}
@@ -230,11 +232,17 @@ class WorkerJob:
                 self._fail(f"{name} worker exited with code {proc.exitcode}")
                 return
             limit = self._heartbeat_limit(name)
-            if proc.exitcode is None and now - self.heartbeats[name] > limit:
+            last = self.heartbeats[name]
+            # Late by half the limit: from then on the job looks whether the worker is hung or only slowed
+            # by a loaded machine (running, or waiting on the disk), which it lets run (runtime/daemon/liveness.py).
+            if proc.exitcode is None and now - last > limit / 2 and self._late.hung(name, proc.pid, last, now, limit):
                 # Hung (stopped, deadlocked in a native call): nothing it holds can be saved by
                 # waiting for it. Killed at once; the others flush what they hold and exit.
                 proc.kill()
-                self._fail(f"{name} worker {self._silent(name)} for {limit:.0f} s (killed)")
+                late = f"{limit:.0f} s"
+                if self._late.slowed(name, last):
+                    late = f"{now - last:.0f} s (let run past {limit:.0f} s while it ran or waited on the disk)"
+                self._fail(f"{name} worker {self._silent(name)} for {late} (killed)")
                 return
 
     def _drain_events(self) -> None:
@@ -245,7 +253,9 @@ class WorkerJob:
     def heartbeats_fresh(self) -> bool:
         now = time.monotonic()
         return all(
-            p.exitcode is not None or now - self.heartbeats[n] <= self._heartbeat_limit(n)
+            p.exitcode is not None
+            or now - self.heartbeats[n] <= self._heartbeat_limit(n)
+            or self._late.slowed(n, self.heartbeats[n])  # let run: a loaded machine, not a hang
             for n, p in self.procs.items()
         )
 
