@@ -277,12 +277,17 @@ class AnalysisConfig(_Section):
 class DaemonConfig(_Section):
     data_root: Path = Field(Path("/var/lib/wsi-runtime"), description="scans are written under here only")
     runtime_dir: Path = Field(Path("/run/wsi-runtime"), description="sockets and pid files")
-    heartbeat_timeout_s: float = Field(10.0, gt=0.0, description="a worker silent this long counts as hung")
-    # The stitcher's third must hold its own base (~208 MiB: runtime.workers.stitcher) and at
+    heartbeat_timeout_s: float = Field(
+        10.0,
+        gt=0.0,
+        description="a worker silent this long counts as hung, unless it used CPU or waited on the disk meanwhile "
+        "(slowed by load: it then gets up to 6 times this; runtime/daemon/liveness.py)",
+    )
+    # The stitcher's third must hold its own base (~192 MiB: runtime.workers.stitcher) and at
     # least 16 MiB of canvas: hence the lower bound.
     memory_budget_mib: int = Field(
         768,
-        ge=672,
+        ge=624,
         le=1 << 20,
         description="peak RSS a scan's processes may use together; the stitcher keeps its canvas, waiting "
         "tiles and strips within its third (the rest spills to disk); report.json shows it against each peak",

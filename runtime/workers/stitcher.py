@@ -77,12 +77,15 @@ from runtime.workers.skeleton import POLL_S, WorkerContext, run_worker
 log = logging.getLogger("wsi.stitcher")
 
 # What the stitcher process needs besides what its accumulator holds, at 1024 px RGB tiles: the
-# interpreter and its libraries (numpy, OpenCV, Zarr, imagecodecs: ~92 MiB), the ring's slots it
-# reads (shared memory, ~24 MiB), the flat-field fit once (~85 MiB of float64 surface terms for a
-# moment), a tile's float working copies while it is blended (~40 MiB). Measured with `python -m
-# bench e2e --tile 1024` and 48 MiB held: peak RSS 249 MiB at 16x12 fields (15k px wide), 229 MiB at
-# 36x2 (33k), 232 MiB at 100x2 (92k): 180-200 MiB above what it held.
-STITCHER_BASE_MIB = 208
+# interpreter and its libraries (numpy, OpenCV, Zarr, imagecodecs), the ring's slots it reads (shared
+# memory, ~24 MiB), a tile's float working copies while it is blended, the heap glibc keeps (up to
+# M_TRIM_THRESHOLD below). Measured (stop 23, workers forked from the fork server) with `python -m bench
+# e2e --tile 1024 --cores 2` as peak RSS minus the held budget, at 48 / 72 / 80 MiB held: 160 / 145 / 141
+# MiB at 16x12 fields (15k px wide), 152 / - / 152 at 36x2 (33k), 170 / 180 / 176 at 100x2 (92k) -- so
+# 192 (the widest's 180 and some margin; it was 208 with spawned workers): 64 MiB held at the default
+# 768, peak RSS 215 / 216 / 238 MiB at those widths; on the 16x12 scan 39 canvas arrays spilled (179
+# with 48 MiB held).
+STITCHER_BASE_MIB = 192
 STITCHER_SHARE = 1 / 3  # of daemon.memory_budget_mib
 MIN_HELD_MIB = 16.0  # a tile and the blocks under it (below this the cache thrashes)
 
