@@ -31,10 +31,15 @@ when each event arrives and watches the scan's journal and slide grow. Reported:
     inference); acquisition is reported apart, split into the camera driver's captures
     (``driver_cpu_seconds``: for the replay driver, reading and decompressing the
     recording, which a camera that writes frames by DMA does not cost) and the rest
-    (moves, focus, hand-over: the runtime's). Every worker's figure includes its start-up
-    (the interpreter and its imports), a fixed cost per scan that weighs on CPU-s/Gpx of a
-    small scan: ``start_cpu_seconds_estimate`` is what importing each worker's modules costs a
-    fresh interpreter, measured before the scan.
+    (moves, focus, hand-over: the runtime's). A worker's figure includes its start: with the
+    default ``daemon.worker_start = "forkserver"`` that is a fork of the daemon's fork server,
+    which imported the workers' modules once when the daemon started (about 0.01 CPU-s per
+    worker; the server's own CPU-seconds are in no process's figure here: the JSON's
+    ``worker_server`` has them, from the report). With ``"spawn"`` it is a fresh interpreter and
+    its imports, a fixed cost per scan that weighs on CPU-s/Gpx of a small scan:
+    ``start_cpu_seconds_estimate`` is what importing each worker's modules costs a fresh
+    interpreter (measured before the scan), so what a spawned worker pays, not a forked one
+    (``worker_start`` in the JSON says which ran).
 ``--cores N``
     The daemon (supervisor and every worker it spawns) runs on N of this machine's cores
     (``sched_setaffinity`` before it is started, inherited by its children), the last N;
@@ -803,6 +808,8 @@ def run(a: argparse.Namespace) -> int:
             "mpx_per_s": mpx / (closed - times["start"]),
             **cpu_figures(report, mpx),
             "start_cpu_seconds_estimate": start_cpu,
+            "worker_start": report.get("worker_start"),
+            "worker_server": report.get("worker_server"),
             "peak_rss_mib": report["peak_rss_mib"],
             # A one-plane recording (the default here) returns the same frame at every z: focus is not
             # measured, and the report's focus error vs truth would be meaningless.
@@ -847,7 +854,12 @@ def run(a: argparse.Namespace) -> int:
         f"{result['captures']} captures; synthesis {synth_s or 0:.0f} s (not measured)",
         "CPU-s (CPU-s/Gpx) per process: "
         + ", ".join(f"{k} {v:.2f} ({per_gpx[k]:.1f})" for k, v in cpu.items() if k != "acquisition"),
-        "of which start-up (importing the worker's modules, measured apart): "
+        (
+            "workers forked from the fork server (its imports, once per daemon, in no figure above); a spawned "
+            "worker's imports would cost: "
+            if result["worker_start"] == "forkserver"
+            else "of which start-up (importing the worker's modules, measured apart): "
+        )
         + ", ".join(f"{k} {v:.2f} ({v / (mpx / 1000):.1f})" for k, v in start_cpu.items()),
         "peak RSS MiB per process: " + ", ".join(f"{k} {v:.0f}" for k, v in result["peak_rss_mib"].items()),
         "steady Mpx/s: tiles into the mosaic between "

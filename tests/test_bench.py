@@ -87,6 +87,8 @@ def test_e2e_bench_json(tmp_path: Path) -> None:
     assert r["daemon_cpu_seconds"] == pytest.approx(daemon, abs=2e-3)
     assert set(r["start_cpu_seconds_estimate"]) == {"acquisition", "stitcher", "writer"}
     assert all(v > 0 for v in r["start_cpu_seconds_estimate"].values())
+    # How the workers started (the default: forked from the fork server, whose own CPU is apart).
+    assert r["worker_start"] == "forkserver" and r["worker_server"]["cpu_seconds"] > 0
     # The timeline: one time per tile at each stage, in pipeline order. Times are when the bench
     # saw the journal record (one poll late, or the last ones at scan_finished, after the close).
     tl = r["timeline"]
