@@ -1,8 +1,10 @@
-"""The daemon's workers start with OpenCV's thread pool told not to spin (runtime.daemon.process)."""
+"""The daemon's workers start with OpenCV's thread pool told not to spin and numpy's BLAS on one thread
+(runtime.daemon.process)."""
 
 from __future__ import annotations
 
 import ast
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -35,3 +37,39 @@ def test_spawned_workers_inherit_the_quiet_pool_and_an_operators_setting_wins(tm
     )
     got = ast.literal_eval(out.stdout.strip())  # the dict the child saw
     assert got == {"OPENCV_THREAD_POOL_ACTIVE_WAIT_WORKER": "0", "OPENCV_THREAD_POOL_ACTIVE_WAIT_MAIN": "500"}
+
+
+BLAS_CODE = """
+import multiprocessing as mp, os
+from runtime.daemon.process import QUIET_BLAS_POOL, quiet_blas_pool
+
+def child(q):
+    import numpy as np  # OpenBLAS reads the variable when numpy loads it
+    a = np.ones((400, 400))
+    a @ a  # large enough that a pool would start its threads
+    q.put({"env": {k: os.environ.get(k) for k in QUIET_BLAS_POOL}, "threads": len(os.listdir("/proc/self/task"))})
+
+if __name__ == "__main__":
+    quiet_blas_pool()
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=child, args=(q,))
+    p.start()
+    print(q.get(timeout=30))
+    p.join()
+"""
+
+
+def test_workers_run_numpys_blas_on_one_thread_unless_the_operator_says_otherwise(tmp_path: Path) -> None:
+    script = tmp_path / "spawn_blas.py"
+    script.write_text(BLAS_CODE)
+    got = []
+    for env in ({"PATH": ""}, {"PATH": "", "OPENBLAS_NUM_THREADS": "2"}):
+        out = subprocess.run(
+            [sys.executable, str(script)], capture_output=True, text=True, check=True, env=env, timeout=120
+        )
+        got.append(ast.literal_eval(out.stdout.strip()))
+    assert got[0]["env"] == {"OPENBLAS_NUM_THREADS": "1"}
+    assert got[1]["env"] == {"OPENBLAS_NUM_THREADS": "2"}
+    if Path("/proc/self/task").is_dir() and (os.cpu_count() or 1) >= 2:  # Linux: the pool's threads, or none
+        assert got[0]["threads"] < got[1]["threads"]

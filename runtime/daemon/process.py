@@ -35,6 +35,25 @@ def quiet_opencv_pool() -> None:
         os.environ.setdefault(name, value)
 
 
+# numpy's OpenBLAS starts a thread per core at import and, after each BLAS call large enough to split
+# (the registration's masked-NCC sums, the flat-field fit), its threads spin before they sleep. The
+# stitcher's BLAS calls are small and many: perf on `bench e2e --fields 16 12 --tile 1024 --profile`
+# (2 cores) found the OpenBLAS thread spinning 0.44 of the stitcher's 6.5 CPU-s (blas_thread_server)
+# and doing 0.02 s of matrix work. One BLAS thread, 6 alternated pairs against 2 (the operator's
+# OPENBLAS_NUM_THREADS=2 restores the old pool), --cores 2, load 7-10: daemon 32.7 vs 38.7 CPU-s/Gpx
+# (medians; stitcher 27.1 vs 32.9), lower in 6 of 6 pairs; the mosaic's chunks byte for byte the
+# same in all 12 runs. Read by OpenBLAS when numpy loads, so set before the fork server starts (it
+# imports numpy; every worker inherits it). An operator's own setting wins.
+QUIET_BLAS_POOL = {"OPENBLAS_NUM_THREADS": "1"}
+
+
+def quiet_blas_pool() -> None:
+    """:data:`QUIET_BLAS_POOL` into this process's environment (what the workers inherit), except for
+    a variable already set."""
+    for name, value in QUIET_BLAS_POOL.items():
+        os.environ.setdefault(name, value)
+
+
 # How the daemon starts its worker processes (daemon.worker_start). "spawn": a fresh interpreter per
 # worker, which imports numpy, OpenCV, Zarr, pydantic and the runtime again -- about 0.6 CPU-s per
 # worker, three or four workers per scan. "forkserver": one server process per daemon, started with
@@ -130,6 +149,7 @@ def worker_server_usage() -> dict[str, float] | None:
 def run_daemon(cfg: RuntimeConfig, log_level: str = "INFO") -> None:
     """Serve until shutdown (blocking). The entry point of ``python -m runtime daemon``."""
     quiet_opencv_pool()  # before the fork server starts: it and every worker inherit this environment
+    quiet_blas_pool()
     with contextlib.suppress(OSError):  # if it fails, the supervisor's start_worker_server tries again and logs why
         begin_worker_server(cfg.daemon.worker_start)  # it imports while this process imports the supervisor
     from runtime.daemon.supervisor import Supervisor
