@@ -163,3 +163,26 @@ def test_waiting_on_the_disk_counts_as_progress_and_no_proc_as_none() -> None:
     # A beat resets it: the next late beat starts over.
     assert not beats.hung("stitcher", 1, 20.0, 26.0, LIMIT)
     assert not beats.slowed("stitcher", 20.0)
+
+
+def test_a_hard_limit_is_not_stretched(tmp_path: Path, clock: Clock) -> None:
+    """A worker loading its models has the start timeout, a hard limit (the load runs all along)."""
+
+    class Loading(ProbeJob):
+        def _may_be_slowed(self, name: str) -> bool:
+            return False
+
+    child = Child(BUSY)
+    try:
+        job = _job(tmp_path, child, clock, late_s=LIMIT / 2 + 1)
+        job.__class__ = Loading
+        job._check_workers()
+        before = read_usage(child.pid)
+        assert before is not None
+        _ran_since(child.pid, before)
+        clock.t += LIMIT / 2
+        job._check_workers()
+        assert job.done and job.error == f"stitcher worker sent no heartbeat for {LIMIT:.0f} s (killed)"
+    finally:
+        if child.exitcode is None:
+            child.kill()

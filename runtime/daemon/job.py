@@ -219,6 +219,11 @@ class WorkerJob:
         """How a worker that beat too late failed (for the error)."""
         return "sent no heartbeat"
 
+    def _may_be_slowed(self, name: str) -> bool:
+        """Whether a worker late past its limit but running or waiting on the disk is let run (see
+        :mod:`runtime.daemon.liveness`); False: its limit is a hard one."""
+        return True
+
     def _check_workers(self) -> None:
         if self.done:
             return
@@ -235,7 +240,7 @@ class WorkerJob:
             last = self.heartbeats[name]
             # Late by half the limit: from then on the job looks whether the worker is hung or only slowed
             # by a loaded machine (running, or waiting on the disk), which it lets run (runtime/daemon/liveness.py).
-            if proc.exitcode is None and now - last > limit / 2 and self._late.hung(name, proc.pid, last, now, limit):
+            if proc.exitcode is None and now - last > limit / 2 and self._hung(name, proc.pid, last, now, limit):
                 # Hung (stopped, deadlocked in a native call): nothing it holds can be saved by
                 # waiting for it. Killed at once; the others flush what they hold and exit.
                 proc.kill()
@@ -244,6 +249,11 @@ class WorkerJob:
                     late = f"{now - last:.0f} s (let run past {limit:.0f} s while it ran or waited on the disk)"
                 self._fail(f"{name} worker {self._silent(name)} for {late} (killed)")
                 return
+
+    def _hung(self, name: str, pid: int | None, last: float, now: float, limit: float) -> bool:
+        if self._may_be_slowed(name):
+            return self._late.hung(name, pid, last, now, limit)
+        return now - last > limit
 
     def _drain_events(self) -> None:
         with contextlib.suppress(queue.Empty, ValueError, OSError):

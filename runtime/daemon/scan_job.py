@@ -462,6 +462,10 @@ class ScanJob(WorkerJob):
     def _silent(self, name: str) -> str:
         return "did not load its models" if name in self._loading else "sent no heartbeat"
 
+    def _may_be_slowed(self, name: str) -> bool:
+        # A model load's start timeout is a hard limit (a load uses CPU all along: never stretched).
+        return name not in self._loading
+
     # -- analysis: never fails the scan ------------------------------------------------------
     def _pump_analysis(self) -> None:
         try:
