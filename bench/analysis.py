@@ -373,7 +373,7 @@ def burden_by_kind(tumour_slides: list[dict[str, Any]]) -> dict[str, dict[str, A
 
 def _without_head(tum: list[dict[str, Any]]) -> dict[str, Any]:
     """The same tumour slides' burden (all, and by kind and size) and pooled Dice as the outlines were
-    before the lesion head re-outlined the small lesions (same renders, same tumour map)."""
+    before the lesion head re-outlined them and added faint ones (same renders, same tumour map)."""
     plain = [dict(p, pred_mm2=p["pred_mm2_no_head"], intersection_mm2=p["intersection_mm2_no_head"]) for p in tum]
     inter, tr, pr = (sum(p[k] for p in plain) for k in ("intersection_mm2", "truth_mm2", "pred_mm2"))
     burden = [100 * abs(p["pred_mm2"] - p["truth_mm2"]) / p["truth_mm2"] for p in plain if p["truth_mm2"] > 0]
@@ -406,6 +406,7 @@ def evaluate(slides: list[BenchSlide], models: Any, nuclei: bool, subdivide: int
         p = score_slide(s, res, found)
         p["pred_mm2_fixed"] = score_slide(s, res, fixed)["pred_mm2"] if outlined else p["pred_mm2"]
         p["lesion_head_calls"] = int(res.stats.get("lesion_head_calls", 0))
+        p["lesion_head_windows"] = int(res.stats.get("lesion_head_windows", 0))
         if getattr(models, "lesion_head", None) is not None:  # the same slide without it, for comparison
             no_head = score_slide(s, res, model_lesions(res, models.tumour))
             p["pred_mm2_no_head"], p["intersection_mm2_no_head"] = no_head["pred_mm2"], no_head["intersection_mm2"]
@@ -449,6 +450,7 @@ def evaluate(slides: list[BenchSlide], models: Any, nuclei: bool, subdivide: int
         "lesions_s_per_slide": {k: v / max(1, len(per)) for k, v in lesion_s.items()},
         "lesion_head": getattr(models, "lesion_head", None) is not None,
         "lesion_head_calls": sum(p["lesion_head_calls"] for p in per),
+        "lesion_head_windows": sum(p["lesion_head_windows"] for p in per),
         "lesion_head_s_per_slide": sum(p["lesion_head_s"] for p in per) / max(1, len(per)),
         "without_lesion_head": _without_head(tum) if tum and "pred_mm2_no_head" in tum[0] else None,
         "patches_per_s": sum(p["patches"] for p in per) / max(1e-9, sum(p["tumour_s"] for p in per)),
@@ -519,7 +521,7 @@ def scan_cost(
     ``compare`` "lesion-head": both settings run the analysis, "off" with ``[analysis] lesion_head = false``
     and "on" with it true (trained models only), so the difference is what the small-lesion head costs
     the scan; each scan's ``lesion_head_s`` (the head's reads and calls) is reported. ``seed`` and
-    ``lesions``: the replayed slide (a held-out seed; the head only runs on lesions below 0.01 mm²)."""
+    ``lesions``: the replayed slide (a held-out seed)."""
     import tempfile
 
     from bench.scan_cost import ReplayDaemon

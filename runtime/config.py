@@ -246,11 +246,12 @@ class AnalysisConfig(_Section):
         2, ge=1, le=4, description="tumour grid cells per patch side (2: half-patch steps, ~4x the tumour model calls)"
     )
     threshold: float = Field(0.5, gt=0.0, lt=1.0, description="tumour probability that outlines a lesion")
-    # On: on the 48 held-out bench slides burden error 22.3 -> 14.9% mean, within 10% 0.57 -> 0.65, Dice
-    # 0.912 -> 0.916, detections unchanged, ~2 ms per slide (python -m bench analysis; README, slide analysis).
+    # On: every lesion up to 800 µm across re-outlined from 1 µm reads (runtime/analysis/lesion_head.py) and
+    # faint map regions confirmed by it; figures in the README, slide analysis (python -m bench analysis).
     lesion_head: bool = Field(
         True,
-        description="re-outline lesions below 0.01 mm² with the pixel-level lesion head (1 µm read of each window)",
+        description="re-outline lesions (boxes up to 5 x 5 windows of 160 µm) with the pixel-level lesion head "
+        "(1 µm reads) and add faint map regions it confirms",
     )
     nice: int = Field(
         10,

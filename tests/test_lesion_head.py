@@ -1,5 +1,6 @@
 """The lesion head (issue 13): its committed model folder loads with its parity recorded, and it
-re-outlines a tiny lesion from the slide's pixels without adding or removing a detection."""
+re-outlines a tiny lesion from one window and a larger one from a mosaic of windows, from the slide's
+pixels, without adding or removing a detection."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from shapely.geometry import box
 
 from bench.analysis import ArraySource, render_slide
 from runtime.analysis import geojson
-from runtime.analysis.lesion_head import MAX_AREA_UM2, load_lesion_head, reoutline
+from runtime.analysis.lesion_head import MAX_WINDOWS, load_lesion_head, reoutline
 from runtime.analysis.lesions import Lesion
 from runtime.ml.model_folder import ModelFolderError, default_model_dir, load_model_folder
 
@@ -39,13 +40,14 @@ def test_tiny_lesion_is_reoutlined_and_no_detection_removed() -> None:
     truth = s.tumour[0]
     x0, y0, x1, y1 = truth.bounds
     blur = box(x0 - 24, y0 - 24, x1 + 24, y1 + 24)  # what a 64 µm patch map draws: too large, square
-    big = box(0, 0, 400, 400)  # 20,000 µm²: outside the head's domain, untouched
+    # 850 µm long: its box needs 6 x 6 windows, more than MAX_WINDOWS (25): untouched
+    big = box(0, 0, 1700, 30)
+    assert not big.intersects(truth.buffer(40))
     lesions = [_lesion(big), _lesion(blur)]
-    assert big.area * PX_UM**2 >= MAX_AREA_UM2 > blur.area * PX_UM**2
     head = load_lesion_head(None, "ort_cpu")
     out, stats = reoutline(ArraySource(s.levels, PX_UM), lesions, head, PX_UM)
     assert len(out) == len(lesions) and out[0] is lesions[0]
-    assert stats["calls"] == 1 and stats["reoutlined"] == 1 and head.calls == 1
+    assert stats["calls"] == 1 and stats["windows"] == 1 and stats["reoutlined"] == 1 and head.calls == 1
     new = out[1].geometry
     assert new.intersects(blur) and not new.equals(blur)
     err_before = abs(blur.area - truth.area) / truth.area
@@ -57,6 +59,30 @@ def test_tiny_lesion_is_reoutlined_and_no_detection_removed() -> None:
     assert (out[1].mean_probability, out[1].max_probability) == (0.7, 0.9)
     # The new outline does not reach into another lesion.
     assert new.intersection(big).area == pytest.approx(0.0, abs=1e-6)
+
+
+def test_larger_lesion_is_reoutlined_from_a_mosaic_of_windows() -> None:
+    """A lesion whose box does not fit one window (with its 32 µm context) is read as a k x k mosaic of
+    windows in one model call; the outline follows the truth, placed where it lies on the slide. Only
+    lesions below ``max_area_um2`` when one is given (the head's first domain)."""
+    s = render_slide(330005, 0, 500.0, held_out=False)  # training-range seed: a ~39,700 µm² lesion, 250 µm
+    truth = max(s.tumour, key=lambda g: g.area)
+    x0, y0, x1, y1 = truth.bounds
+    assert max(x1 - x0, y1 - y0) * PX_UM > 160.0  # more than one window's inner part
+    blur = box(x0 - 24, y0 - 24, x1 + 24, y1 + 24)
+    src = ArraySource(s.levels, PX_UM)
+    head = load_lesion_head(None, "ort_cpu")
+    out, stats = reoutline(src, [_lesion(blur)], head, PX_UM)
+    assert stats["calls"] == 1 and stats["windows"] == 4 <= MAX_WINDOWS and stats["reoutlined"] == 1
+    new = out[0].geometry
+    dice = 2 * new.intersection(truth).area / (new.area + truth.area)
+    assert abs(new.area - truth.area) / truth.area < abs(blur.area - truth.area) / truth.area
+    assert dice > 0.9, dice
+    assert out[0].max_probability == 0.9  # the map's score
+    same, st = reoutline(src, [_lesion(blur)], head, PX_UM, max_area_um2=10000.0)
+    assert same[0].geometry.equals(blur) and st["calls"] == 0
+    none, st = reoutline(src, [_lesion(blur)], head, PX_UM, max_windows=3)
+    assert none[0].geometry.equals(blur) and st["calls"] == 0
 
 
 def test_lesion_without_tumour_in_the_head_keeps_its_outline() -> None:

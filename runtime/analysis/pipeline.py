@@ -85,7 +85,7 @@ class ModelSet:
     nuclei: NucleiModel | None
     slide: SlideModel | None
     names: dict[str, str] = field(default_factory=dict)
-    # Re-outlines small lesions from a 1 µm read of the slide (runtime.analysis.lesion_head); None: off.
+    # Re-outlines lesions from a 1 µm read of the slide (runtime.analysis.lesion_head); None: off.
     lesion_head: LesionHead | None = None
 
 
@@ -638,10 +638,10 @@ def slide_lesions(
     result: GridResult, models: ModelSet, source: SlideSource | None, *, threshold: float = 0.5
 ) -> list[Any]:
     """The slide's lesions as the tumour model's outline fit draws them, then, with a lesion head and
-    a ``source`` to read, the small ones re-outlined from a 1 µm read of their window
+    a ``source`` to read, each re-outlined from a 1 µm read of its window or mosaic of windows
     (:func:`runtime.analysis.lesion_head.reoutline`: never a lesion more or fewer), and the map's faint
     regions where the head finds tumour added after them (:func:`runtime.analysis.lesion_head.confirm_faint`).
-    Its counts go to ``result.stats`` (``lesion_head_calls``, ``lesion_head_reoutlined``,
+    Its counts go to ``result.stats`` (``lesion_head_calls``, ``lesion_head_windows``, ``lesion_head_reoutlined``,
     ``lesion_head_added``, ``lesion_head_s``)."""
     from runtime.analysis import lesions
 
@@ -653,6 +653,7 @@ def slide_lesions(
     found, st = reoutline(source, found, models.lesion_head, result.pixel_size_um)
     found, faint = confirm_faint(source, result, found, models.lesion_head, threshold=threshold)
     result.stats["lesion_head_calls"] = st["calls"] + faint["calls"]
+    result.stats["lesion_head_windows"] = st["windows"] + faint["calls"]  # one window per faint region
     result.stats["lesion_head_reoutlined"] = st["reoutlined"]
     result.stats["lesion_head_added"] = faint["added"]
     result.stats["lesion_head_s"] = st["s"] + faint["s"]
