@@ -521,7 +521,9 @@ def _scan(
     report = add_truth(report, rec)
     report["_times"] = times
     report["_timeline"] = timeline
-    report["_affinity"] = affinity
+    # A worker that was gone before the bench could ask (the acquisition of a short scan): the cores the
+    # supervisor read when it started it.
+    report["_affinity"] = {**(report.get("worker_cores") or {}), **affinity}
     return report
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import queue
 import time
 from collections.abc import Callable
@@ -87,6 +88,7 @@ class WorkerJob:
         self.cancel_event = self.ctx.Event()
         self.procs: dict[str, BaseProcess] = {}
         self.heartbeats: dict[str, float] = {}
+        self.worker_cores: dict[str, list[int]] = {}  # each worker's CPU affinity when it started (Linux)
         self._late = LateBeats()  # hung, or only slowed by the machine's load?
         self.records: list[FieldRecord] = []
         self.fields_total = 0
@@ -147,6 +149,9 @@ class WorkerJob:
         proc.start()
         self.procs[name] = proc
         self.heartbeats[name] = time.monotonic()
+        # Read now: a short-lived worker (the acquisition of a small scan) may be gone before anyone asks.
+        with contextlib.suppress(OSError, AttributeError, TypeError):  # not Linux, or it exited already
+            self.worker_cores[name] = sorted(os.sched_getaffinity(proc.pid))  # type: ignore[arg-type]
 
     @property
     def pids(self) -> dict[str, int]:
@@ -370,6 +375,8 @@ class WorkerJob:
             # started, peak RSS, mostly pages its workers share) are here, in no sum above.
             "worker_start": self.cfg.daemon.worker_start,
             "worker_server": worker_server_usage() if self.cfg.daemon.worker_start == "forkserver" else None,
+            # The cores each worker was allowed when it started (inherited from the supervisor: bench e2e --cores).
+            "worker_cores": dict(self.worker_cores),
         }
 
     def write_report(self) -> Path:
