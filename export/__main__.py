@@ -71,6 +71,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             t.add_argument("--optics", action="store_true", help="v2: add 64 more objectives (train_optics)")
         else:
             t.add_argument("--hard", action="store_true", help="add the faint-stain / tinted-glass set (train_hard)")
+            t.add_argument(
+                "--extra",
+                nargs="+",
+                default=[],
+                metavar="SPLIT",
+                help="more training splits (train_artifacts, train_folds, train_bubbles and their _hard sets)",
+            )
+            t.add_argument(
+                "--init", type=Path, default=None, help="fine-tune every layer of this classifier model folder"
+            )
+            t.add_argument("--lr", type=float, default=None)
     d = sub.add_parser("data", help="render and cache a dataset split")
     d.add_argument("--kind", choices=["autofocus", "classifier"], required=True)
     d.add_argument(
@@ -158,7 +169,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.cmd == "train-classifier":
         out = args.out or Path(f"out/models/classifier-seed{args.seed}.pt")
         kw = {"epochs": args.epochs} if args.epochs else {}
-        kw.update(content=args.content, device=args.device)
+        if args.lr:
+            kw["lr"] = args.lr
+        kw.update(content=args.content, device=args.device, init=args.init, extra_splits=tuple(args.extra))
+        if args.init is not None or args.extra:  # the exact command goes into model.json
+            import shlex
+
+            kw["command"] = "python -m export " + shlex.join(argv if argv is not None else sys.argv[1:])
         r = train.train_classifier(args.data, out, args.seed, workers=args.workers, hard=args.hard, **kw)
         print(json.dumps(r["heldout_metrics"], indent=2))
         print(f"checkpoint: {out}")

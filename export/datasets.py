@@ -243,6 +243,9 @@ class ClassifierJob:
     content_mix: bool = False
     near_artifact: float = 0.35  # share of tiles centred within reach of an artifact (the rest: tissue / anywhere)
     artifacts: tuple[int, int] = (4, 12)  # artifacts per slide: integers in [lo, hi)
+    # "" (any kind) or an ARTIFACT_KINDS name: the tiles near an artifact are near one of this kind
+    # (when the slide has one). The default draws exactly what it drew before it existed.
+    near_kind: str = ""
 
 
 def tile_label(slide: SyntheticSlide, x0: float, y0: float, size_px: int, px: float) -> tuple[int, float, float]:
@@ -293,10 +296,18 @@ def render_classifier_config(job: ClassifierJob) -> dict[str, Any]:
             slide = SyntheticSlide(random_slide(rng, seed, artifacts=n_art, hard=job.hard))
         for _ in range(job.tiles_per_slide):
             u = rng.random()
-            if u < job.near_artifact and slide.artifacts:
-                a = slide.artifacts[int(rng.integers(len(slide.artifacts)))]
+            near = [a for a in slide.artifacts if a.kind == job.near_kind] if job.near_kind else []
+            near = near or slide.artifacts
+            if u < job.near_artifact and near:
+                a = near[int(rng.integers(len(near)))]
                 r = min(a.reach, 300.0)
-                cx, cy = a.cx + rng.uniform(-r, r), a.cy + rng.uniform(-r, r)
+                if job.near_kind == "fold" and a.kind == "fold":
+                    # A fold is a band along a segment: centre on the segment, across the band.
+                    along = rng.uniform(-0.5, 0.5) * a.length
+                    across = rng.uniform(-1.0, 1.0) * (a.width + 30.0)
+                    cx, cy = a.cx + along * a.cos - across * a.sin, a.cy + along * a.sin + across * a.cos
+                else:
+                    cx, cy = a.cx + rng.uniform(-r, r), a.cy + rng.uniform(-r, r)
             else:
                 cx, cy = _tissue_position(slide, rng, p_anywhere=0.5)
             x0, y0 = cx - t * px / 2, cy - t * px / 2
@@ -368,6 +379,7 @@ class ClassifierDataSpec:
     content_mix: bool = False
     near_artifact: float = 0.35
     artifacts: tuple[int, int] = (4, 12)
+    near_kind: str = ""
 
 
 AUTOFOCUS_DATA = {
@@ -467,6 +479,65 @@ CLASSIFIER_DATA = {
     "train_artifacts_hard": ClassifierDataSpec(
         configs=6, slides=6, tiles_per_slide=30, hard=True, config_offset=400, near_artifact=0.75, artifacts=(8, 16)
     ),
+    # Folds, the kind the models found least (configs 500+ / 600+ of the train streams): three tiles
+    # in five centred across a fold's band (on it or within 30 µm of its edge), so most show an edge;
+    # the rest tissue / anywhere, as in train.
+    "train_folds": ClassifierDataSpec(
+        configs=8,
+        slides=6,
+        tiles_per_slide=30,
+        config_offset=500,
+        content_mix=True,
+        near_artifact=0.6,
+        artifacts=(8, 16),
+        near_kind="fold",
+    ),
+    "train_folds_hard": ClassifierDataSpec(
+        configs=6,
+        slides=6,
+        tiles_per_slide=30,
+        hard=True,
+        config_offset=600,
+        near_artifact=0.6,
+        artifacts=(8, 16),
+        near_kind="fold",
+    ),
+    # Air bubbles (configs 700+ / 800+): three tiles in five centred within a bubble's reach, many
+    # of them inside it, away from the rim (hazy, washed-out tissue or grey glass: the bubble tiles
+    # the models missed).
+    "train_bubbles": ClassifierDataSpec(
+        configs=4,
+        slides=12,
+        tiles_per_slide=30,
+        config_offset=700,
+        content_mix=True,
+        near_artifact=0.6,
+        artifacts=(8, 16),
+        near_kind="bubble",
+    ),
+    "train_bubbles_hard": ClassifierDataSpec(
+        configs=4,
+        slides=12,
+        tiles_per_slide=30,
+        hard=True,
+        config_offset=800,
+        near_artifact=0.6,
+        artifacts=(8, 16),
+        near_kind="bubble",
+    ),
+    # Development data for choosing among fine-tunes (configs 200+ of the val stream, the wider
+    # content: disjoint from train_content and heldout_content); no model trains on it.
+    "val_content": ClassifierDataSpec(configs=4, slides=6, tiles_per_slide=25, config_offset=200, content_mix=True),
+    "val_folds": ClassifierDataSpec(
+        configs=4,
+        slides=6,
+        tiles_per_slide=25,
+        config_offset=500,
+        content_mix=True,
+        near_artifact=0.6,
+        artifacts=(8, 16),
+        near_kind="fold",
+    ),
 }
 
 
@@ -509,6 +580,7 @@ def classifier_data(split: str, seed: int, workers: int = 2, scale: float = 1.0)
             content_mix=spec.content_mix,
             near_artifact=spec.near_artifact,
             artifacts=spec.artifacts,
+            near_kind=spec.near_kind,
         )
         for c in range(spec.configs)
     ]

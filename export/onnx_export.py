@@ -229,16 +229,22 @@ def export_checkpoint(ckpt_path: Path, out_dir: Path, samples: np.ndarray, atol:
     training["final_epoch"] = result["history"][-1] if result.get("history") else None
     training["checkpoint"] = Path(ckpt_path).name
     kind = "autofocus" if ckpt["arch"] == "AutofocusNet" else "classifier"
-    commands = []
+    # Fine-tuned from a model folder (train-classifier --init): that folder's own commands first.
+    commands = list(result.get("init_folder", {}).get("commands", []))
     init = result.get("init")
-    if init:  # fine-tuned: the checkpoint it started from is trained first
+    if result.get("command"):  # recorded by the training run itself (options beyond the flags below)
+        commands.append(result["command"])
+    elif init:  # fine-tuned: the checkpoint it started from is trained first
         commands.append(
             f"python -m export train-{kind} --seed {init['seed']} --epochs {init['epochs']}"
             + _extra_args({**init, "init": None}, Path(init["checkpoint"]))
         )
+    if not result.get("command"):
+        commands.append(
+            f"python -m export train-{kind} --seed {result['seed']} --epochs {result['epochs']}"
+            + _extra_args(result, ckpt_path)
+        )
     commands += [
-        f"python -m export train-{kind} --seed {result['seed']} --epochs {result['epochs']}"
-        + _extra_args(result, ckpt_path),
         f"python -m export onnx {Path(ckpt_path).as_posix()} --out {Path(out_dir).as_posix()} --seed {result['seed']}",
     ]
     training["commands"] = commands

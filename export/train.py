@@ -361,20 +361,29 @@ def train_classifier(
     hard: bool = False,
     content: bool = False,
     device: str = "cpu",
+    init: Path | None = None,
+    extra_splits: tuple[str, ...] = (),
+    command: str | None = None,
 ) -> dict[str, Any]:
     """``hard``: add the faint-stain / tinted-glass training set (``train_hard``); the held-out
     metrics then cover ``heldout_hard`` as well. ``content``: add ``train_content`` (tissue in
     random stains, textures and photographs, export.content_mix) and report ``heldout_content``.
-    ``device``: a torch device ("cuda" trains on a GPU)."""
+    ``device``: a torch device ("cuda" trains on a GPU). ``extra_splits``: more ``CLASSIFIER_DATA``
+    training splits (``train_artifacts``, ``train_folds``, ...). ``init``: a classifier model folder
+    to fine-tune every layer of (weights recovered from its ONNX, whose BatchNorm is folded into the
+    convolutions: the BatchNorm layers stay the identity, in eval mode, their affine part trained).
+    ``command``: recorded as the command that made the checkpoint."""
     seed_everything(seed)
     t0 = time.time()
     train = _data("classifier", "train", data_dir, seed, workers)
     splits = ["train"]
-    for split, flag in (("train_hard", hard), ("train_content", content)):
-        if flag:
-            extra = _data("classifier", split, data_dir, seed, workers)
-            train = _concat(train, extra, ("x", "label"))
-            splits.append(split)
+    flagged = [s for s, flag in (("train_hard", hard), ("train_content", content)) if flag]
+    for split in [*flagged, *(s for s in extra_splits if s not in flagged)]:
+        if split not in CLASSIFIER_DATA or not split.startswith("train") or split in splits:
+            raise ValueError(f"not a classifier training split (or given twice): {split!r}")
+        extra = _data("classifier", split, data_dir, seed, workers)
+        train = _concat(train, extra, ("x", "label"))
+        splits.append(split)
     val = _data("classifier", "val", data_dir, seed, workers)
     held = _data("classifier", "heldout", data_dir, seed, workers)
     held_extra = {
@@ -383,7 +392,20 @@ def train_classifier(
         if flag
     }
     data_s = time.time() - t0
-    model = TileClassifier().to(device)
+    init_meta: dict[str, Any] | None = None
+    if init is not None:
+        from export.classifier_finetune import load_onnx_classifier
+        from runtime.ml.model_folder import load_model_folder
+
+        model = load_onnx_classifier(init).to(device)
+        folder = load_model_folder(init, "classifier")
+        init_meta = {
+            "folder": str(init),
+            "onnx_sha256": folder.sha256,
+            "commands": folder.meta.get("training", {}).get("commands", []),
+        }
+    else:
+        model = TileClassifier().to(device)
     x = torch.from_numpy(train["x"]).to(device)
     y = torch.from_numpy(train["label"]).to(device)
     n = len(x)
@@ -399,6 +421,10 @@ def train_classifier(
     history = []
     for epoch in range(epochs):
         model.train()
+        if init is not None:  # folded BatchNorm: keep the identity statistics
+            for mod in model.modules():
+                if isinstance(mod, nn.BatchNorm2d):
+                    mod.eval()
         perm = torch.randperm(n, generator=g)
         total = 0.0
         for i in range(n // batch):
@@ -425,6 +451,7 @@ def train_classifier(
         "batch": batch,
         "lr": lr,
         "train_samples": n,
+        "train_per_class": freq.astype(int).tolist(),
         "data": {s: vars(CLASSIFIER_DATA[s]) for s in CLASSIFIER_DATA},
         "heldout_optics": held["optics"],
         "train_splits": splits,
@@ -434,6 +461,10 @@ def train_classifier(
         "train_seconds": round(train_s, 1),
         "macs_per_window": count_macs(model.cpu(), (3, 64, 64)),
     }
+    if init_meta is not None:
+        result["init_folder"] = init_meta
+    if command is not None:
+        result["command"] = command
     model.to(device)
     for name, h in held_extra.items():
         hh = predict_classifier(model, h["x"], device=device).argmax(1)
