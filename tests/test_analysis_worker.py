@@ -79,6 +79,7 @@ def test_warm_worker_serves_scans_without_a_second_start_and_reloads_changed_mod
             "models_loaded_for_this_scan": loaded,
         }
         assert (a["timing_s"]["load_models"] > 0) == loaded
+        assert a["ready_after_slide_s"] >= 0  # also when the analysis finished before the slide (0)
         assert report["cpu_seconds"]["analysis"] > 0  # this scan's share of the worker's CPU
     assert first["analysis"]["slide_score"] == second["analysis"]["slide_score"] == third["analysis"]["slide_score"]
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE  # gone with the daemon

@@ -503,13 +503,17 @@ class ScanJob(WorkerJob):
         self.peak_rss["analysis"] = msg.peak_rss
         self.cpu_s["analysis"] = round(msg.cpu_s, 3)  # this scan's share of the warm worker's CPU
         self._analysis_pending = False
-        after = None if self._analysis_deadline is None else self.cfg.analysis.finish_timeout_s - (
+        # No deadline yet: the analysis finished before the slide was written (0 s after it).
+        after = 0.0 if self._analysis_deadline is None else self.cfg.analysis.finish_timeout_s - (
             self._analysis_deadline - time.monotonic()
         )
         if msg.summary is not None:
-            self.analysis = {**msg.summary, "error": None, "seconds": round(msg.seconds, 3)}
-            if after is not None:
-                self.analysis["ready_after_slide_s"] = round(after, 3)
+            self.analysis = {
+                **msg.summary,
+                "error": None,
+                "seconds": round(msg.seconds, 3),
+                "ready_after_slide_s": round(after, 3),
+            }
         else:
             self.analysis = {"error": msg.error or "analysis failed", "seconds": round(msg.seconds, 3)}
         self._analysis_worker_starts()
