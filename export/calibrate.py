@@ -335,8 +335,9 @@ def fine_tune(
 DIHEDRAL = 8  # flips x flips x transpose: the optics are rotationally symmetric, the tissue has no orientation
 
 
-def _dihedral(x: torch.Tensor, d: int) -> torch.Tensor:
-    """The d-th (0..7) of the 8 flips/transposes of (N, C, S, S) crops; 0 is the identity."""
+def torch_dihedral(x: torch.Tensor, d: int) -> torch.Tensor:
+    """The d-th (0..7) of the 8 flips/transposes of (N, C, S, S) crops; 0 is the identity
+    (:func:`runtime.ml.tasks.dihedral` on a torch batch)."""
     if d & 1:
         x = x.flip(3)
     if d & 2:
@@ -346,16 +347,17 @@ def _dihedral(x: torch.Tensor, d: int) -> torch.Tensor:
     return x
 
 
-def front_features(front: nn.Module, x: np.ndarray, batch: int = 256) -> torch.Tensor:
-    """(8, N, ...) float16: the frozen blocks' outputs for each of the 8 flips/transposes of every crop."""
+def front_features(front: nn.Module, x: np.ndarray, batch: int = 256, transforms: int = DIHEDRAL) -> torch.Tensor:
+    """(transforms, N, ...) float16: the frozen blocks' outputs for the first ``transforms`` of the 8
+    flips/transposes of every crop (all 8 by default)."""
     front.eval()
     out = []
     with torch.no_grad():
-        for d in range(DIHEDRAL):
+        for d in range(transforms):
             for i in range(0, len(x), batch):
-                out.append(front(_dihedral(torch.from_numpy(np.asarray(x[i : i + batch], np.float32)), d)).half())
+                out.append(front(torch_dihedral(torch.from_numpy(np.asarray(x[i : i + batch], np.float32)), d)).half())
     f = torch.cat(out)
-    return f.reshape(DIHEDRAL, len(x), *f.shape[1:])
+    return f.reshape(transforms, len(x), *f.shape[1:])
 
 
 def fine_tune_frozen(

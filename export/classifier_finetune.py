@@ -35,6 +35,7 @@ import torch
 from onnx import numpy_helper
 from torch import nn
 
+from export import calibrate
 from export.datasets import CLASSES, CLASSIFIER_DATA, cached, classifier_data
 from export.models import TileClassifier, count_macs
 from export.train import _data, classification_report, seed_everything, tissue_vs_glass_f1
@@ -70,28 +71,10 @@ def load_onnx_classifier(folder_dir: Path) -> TileClassifier:
     return model.eval()
 
 
-def torch_dihedral(x: torch.Tensor, d: int) -> torch.Tensor:
-    """:func:`runtime.ml.tasks.dihedral` on a torch batch (N, C, S, S)."""
-    if d & 1:
-        x = x.flip(3)
-    if d & 2:
-        x = x.flip(2)
-    if d & 4:
-        x = x.transpose(2, 3)
-    return x
-
-
 def front_features(front: nn.Module, x: np.ndarray, transforms: int, batch: int = 256) -> np.ndarray:
     """(transforms, N, C, H, W) float16: the frozen blocks' output for the first ``transforms`` of each
-    window's 8 flips/transposes."""
-    front.eval()
-    out: list[list[np.ndarray]] = [[] for _ in range(transforms)]
-    with torch.no_grad():
-        for i in range(0, len(x), batch):
-            xb = torch.from_numpy(np.asarray(x[i : i + batch], np.float32))
-            for d in range(transforms):
-                out[d].append(front(torch_dihedral(xb, d)).half().numpy())
-    return np.stack([np.concatenate(o) for o in out])
+    window's 8 flips/transposes (:func:`export.calibrate.front_features`, as numpy for the cache)."""
+    return calibrate.front_features(front, x, batch, transforms).numpy()
 
 
 class _Tail(nn.Module):

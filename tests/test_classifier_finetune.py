@@ -10,12 +10,12 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from export.calibrate import torch_dihedral  # noqa: E402
 from export.classifier_finetune import (  # noqa: E402
     _Tail,
     fine_tune,
     front_features,
     load_onnx_classifier,
-    torch_dihedral,
 )
 from export.datasets import ClassifierJob, artifact_kind, render_classifier_config  # noqa: E402
 from hw_sim.slide import ARTIFACT_KINDS, SlideSpec, SyntheticSlide  # noqa: E402
