@@ -390,15 +390,17 @@ def perf_summary(script: str, tids: dict[str, str], hz: int, n: int = 25) -> dic
         syms[f"{sym or '[unknown]'} ({lib})"] += 1
         libs[lib] += 1
 
-    def table(c: Counter[str]) -> list[list[Any]]:
-        return [[k, round(v / hz, 2), round(v / max(samples, 1), 3)] for k, v in c.most_common(n)]
-
     return {
         "seconds": round(samples / hz, 2),
-        "threads": table(threads),
-        "libraries": table(libs),
-        "symbols": table(syms),
+        "threads": _top(threads, hz, samples, n),
+        "libraries": _top(libs, hz, samples, n),
+        "symbols": _top(syms, hz, samples, n),
     }
+
+
+def _top(counts: Counter[str], rate: float, samples: int, n: int) -> list[list[Any]]:
+    """The ``n`` largest of ``counts`` (samples at ``rate`` per second) as [name, seconds, share of ``samples``]."""
+    return [[k, round(v / rate, 2), round(v / max(samples, 1), 3)] for k, v in counts.most_common(n)]
 
 
 def _frame_name(frame: str) -> str:
@@ -428,14 +430,11 @@ def top_functions(collapsed: str, rate: int, n: int = 25) -> dict[str, Any]:
         for name in set(names):
             total[name] += k
 
-    def table(c: Counter[str]) -> list[list[Any]]:
-        return [[name, round(v / rate, 2), round(v / max(samples, 1), 3)] for name, v in c.most_common(n)]
-
     return {
         "seconds": round(samples / rate, 2),
-        "threads": table(threads),
-        "self": table(own),
-        "total": table(total),
+        "threads": _top(threads, rate, samples, n),
+        "self": _top(own, rate, samples, n),
+        "total": _top(total, rate, samples, n),
     }
 
 
