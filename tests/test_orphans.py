@@ -28,31 +28,12 @@ from runtime.ipc import lifetime
 from runtime.ipc import ring as shm
 from runtime.ipc.messages import HeartbeatSender
 from tests.conftest import daemon_config
+from tests.processes import Discard, running, survivors
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="POSIX semaphores in /dev/shm, prctl")
 
 
-def _running(pid: int) -> bool:
-    """Alive and not a zombie (an orphan's zombie waits for init to reap it: it runs no more)."""
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
-def _survivors(pids: list[int], timeout_s: float) -> list[int]:
-    deadline = time.monotonic() + timeout_s
-    while (alive := [p for p in pids if _running(p)]) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return alive
-
-
 # -- the lifetime helper ------------------------------------------------------------------------
-class _Discard:
-    """Stands in for the events queue: heartbeats go nowhere."""
-
-    def put(self, _: object) -> None:
-        pass
 
 
 def _bound_child(out: Queue[Any]) -> None:
@@ -64,7 +45,7 @@ def _bound_child(out: Queue[Any]) -> None:
 
 def _beating_child(out: Queue[Any]) -> None:
     """No parent-death signal: only the heartbeat's parent check can end it."""
-    hb = HeartbeatSender("beater", _Discard(), interval_s=0.05)  # type: ignore[arg-type]
+    hb = HeartbeatSender("beater", Discard(), interval_s=0.05)  # type: ignore[arg-type]
     out.put((os.getpid(), lifetime.parent_death_signal()))
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -88,16 +69,16 @@ def test_a_child_exits_when_its_parent_is_sigkilled(target: Callable[[Queue[Any]
     try:
         child, sig = out.get(timeout=30)
         assert sig == deathsig
-        assert _running(child)
+        assert running(child)
         assert middle.pid is not None
         os.kill(middle.pid, signal.SIGKILL)
         middle.join(5)
-        assert _survivors([child], timeout_s=5.0) == [], "the child outlived its parent"
+        assert survivors([child], timeout_s=5.0) == [], "the child outlived its parent"
     finally:
         if middle.is_alive():
             middle.kill()
             middle.join(5)
-        if child is not None and _running(child):
+        if child is not None and running(child):
             os.kill(child, signal.SIGKILL)
         out.cancel_join_thread()
         out.close()
@@ -228,7 +209,7 @@ def test_workers_exit_when_the_supervisor_is_sigkilled(tmp_path: Path, small_rec
             names = registry.read_text().split()
             os.kill(proc.pid, signal.SIGKILL)  # the supervisor alone
             proc.join(10)
-            left = _survivors(children, timeout_s=cfg.daemon.heartbeat_timeout_s)
+            left = survivors(children, timeout_s=cfg.daemon.heartbeat_timeout_s)
             assert left == [], f"workers outlived the supervisor: {left}"
             assert registry.exists()  # the dead supervisor's semaphores are still recorded...
         # ...and the next daemon's start sweeps them.
@@ -268,7 +249,7 @@ def test_sweep_removes_the_semaphores_of_a_killed_daemon_and_only_those(
             for pid in everyone:
                 os.kill(pid, signal.SIGKILL)
             proc.join(10)
-            assert _survivors(everyone, timeout_s=10) == []
+            assert survivors(everyone, timeout_s=10) == []
         assert all(lifetime.semaphore_exists(n) for n in names)  # left behind...
         assert sorted(lifetime.remove_stale_semaphores(runtime_dir)) == names  # ...swept, all of them
         assert not any(lifetime.semaphore_exists(n) for n in names)

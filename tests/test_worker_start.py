@@ -37,30 +37,12 @@ from runtime.daemon.process import (
 from runtime.ipc import lifetime
 from runtime.ipc import ring as shm
 from runtime.ipc.messages import HeartbeatSender
+from tests.processes import Discard, running, survivors
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl, /proc")
 
 # What must never be loaded in the fork server (so in no forked worker before it imports it itself).
 NOT_IN_THE_SERVER = ("onnxruntime", "torch", "tensorrt", "pycuda", "cupy", "hw_sim")
-
-
-def _running(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
-def _survivors(pids: list[int], timeout_s: float) -> list[int]:
-    deadline = time.monotonic() + timeout_s
-    while (alive := [p for p in pids if _running(p)]) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return alive
-
-
-class _Discard:
-    def put(self, _: object) -> None:
-        pass
 
 
 def _forked_worker(out: Queue[Any], bind: bool) -> None:
@@ -82,7 +64,7 @@ def _forked_worker(out: Queue[Any], bind: bool) -> None:
             "env": {k: os.environ.get(k) for k in QUIET_OPENCV_POOL},
         }
     )
-    hb = HeartbeatSender("forked", _Discard(), interval_s=0.05)  # type: ignore[arg-type]
+    hb = HeartbeatSender("forked", Discard(), interval_s=0.05)  # type: ignore[arg-type]
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         hb.beat()
@@ -141,7 +123,7 @@ def test_a_forked_worker_is_the_servers_child_without_gpu_libraries_and_dies_wit
         assert psutil.Process(server).ppid() == sup.pid
         os.kill(sup.pid, signal.SIGKILL)  # the supervisor alone, as the OOM killer would
         sup.join(5)
-        assert _survivors([server, seen["pid"]], timeout_s=5.0) == [], "the server or its worker outlived it"
+        assert survivors([server, seen["pid"]], timeout_s=5.0) == [], "the server or its worker outlived it"
 
 
 def test_a_forked_worker_notices_a_dead_supervisor_even_while_the_server_lives() -> None:
@@ -150,8 +132,8 @@ def test_a_forked_worker_notices_a_dead_supervisor_even_while_the_server_lives()
     with _supervisor_with_worker(bind=False) as (sup, server, seen, let_go):
         assert seen["deathsig"] == 0 and not seen["orphaned"]
         let_go.set()
-        assert _survivors([seen["pid"]], timeout_s=10.0) == [], "the worker did not notice"
-        assert _running(server) and sup.is_alive()
+        assert survivors([seen["pid"]], timeout_s=10.0) == [], "the worker did not notice"
+        assert running(server) and sup.is_alive()
 
 
 def test_worker_start_is_checked() -> None:
@@ -206,7 +188,7 @@ def test_a_scans_workers_come_from_the_configured_start(tmp_path: Path, small_re
         stop_daemon_process(proc, cfg, timeout_s=60)
     assert proc.exitcode == 0
     assert shm.segments_of(proc.pid) == []
-    assert _survivors(list(children), timeout_s=10.0) == [], "the fork server outlived a clean shutdown"
+    assert survivors(list(children), timeout_s=10.0) == [], "the fork server outlived a clean shutdown"
 
 
 def test_worker_server_pid_is_none_before_a_server_starts() -> None:
@@ -225,7 +207,7 @@ def test_a_killed_fork_server_fails_its_scan_and_the_next_scan_gets_a_new_one(
         server = psutil.Process(workers[0]).ppid()
         assert server != proc.pid and psutil.Process(server).ppid() == proc.pid
         os.kill(server, signal.SIGKILL)  # its workers get their parent-death signal
-        assert _survivors(workers, timeout_s=10.0) == [], "workers outlived their server"
+        assert survivors(workers, timeout_s=10.0) == [], "workers outlived their server"
         st = _wait_idle(client)
         assert st["last_finish"] == "failed" and st["last_error"] and "\n" not in st["last_error"]
         client.request("start_scan", output_name="k2")  # the next worker start starts a new server
