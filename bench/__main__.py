@@ -28,6 +28,7 @@ BENCHES = {
     "batch": "bench.batch",
     "resume": "bench.resume",
     "analysis": "bench.analysis",
+    "lesion-head": "bench.lesion_head",
 }
 
 

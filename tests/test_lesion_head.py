@@ -184,3 +184,18 @@ def test_window_reads_only_its_region_where_the_source_can() -> None:
         assert np.array_equal(want, got) and wwin == gwin
         _level, y0, y1, x0, x1 = reads[-1]
         assert x1 - x0 <= head.size and y1 - y0 <= head.size  # the window, not the level's width
+
+
+def test_bench_lesion_head_scores_every_unseen_image_at_every_pixel_size(capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from bench.__main__ import main as bench_main
+    from bench.lesion_head import SCALES, unseen_images, windows
+
+    assert bench_main(["lesion-head", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["lesion_head_unseen"]
+    images = unseen_images()
+    assert {(r["image"], r["um_per_px"]) for r in rows} == {(n, round(1 / s, 2)) for n in images for s in SCALES}
+    for r in rows:
+        assert r["windows"] == len(windows(images[r["image"]], 224, 1 / r["um_per_px"]))
+        assert 0.0 <= r["tumour_cells_pct"] <= 100.0 and 0.0 <= r["mean_p"] <= 1.0
