@@ -143,6 +143,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     lh.add_argument("--seed", type=int, default=0)
     lh.add_argument("--workers", type=int, default=2, help="processes rendering slides")
     lh.add_argument("--out", type=Path, default=MODELS_DIR / "lesion_head")
+    lh.add_argument("--init", type=Path, default=None,
+                    help="start from this state dict (.pt) or lesion-head model folder (its ONNX weights)")
+    lh.add_argument("--lr", type=float, default=2e-3)
+    lh.add_argument("--other-content", type=float, default=0.0,
+                    help="share of each batch from export.content_mix textures/photographs, target all zero")
+    lh.add_argument("--other-textures", type=int, default=150)
+    lh.add_argument("--other-photos", type=int, default=150)
+    lh.add_argument("--colour-jitter", type=float, default=0.0, help="optical-density jitter of the simulated crops")
     a = sub.add_parser("all", help="train both models and export them into runtime/ml/builtin/")
     a.add_argument("--data", type=Path, default=DEFAULT_DATA)
     a.add_argument("--seed", type=int, default=0)
@@ -244,6 +252,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             budget_s=args.budget_s,
             seed=args.seed,
             workers=args.workers,
+            init=args.init,
+            lr=args.lr,
+            other_content=args.other_content,
+            other_textures=args.other_textures,
+            other_photos=args.other_photos,
+            colour_jitter=args.colour_jitter,
         )
         print(json.dumps(r["heldout_metrics"], indent=2))
         print(f"wrote {args.out}/model.onnx + model.json")

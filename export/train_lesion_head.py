@@ -14,6 +14,16 @@ around each true lesion, each benign mimic and two random tissue spots, with the
 
 Rendered windows are cached as ``<cache>/<seed>.pkl`` (a list of ``{"img", "t4"}``), so a re-run with
 other training settings does not render again.
+
+Content beyond the simulator's look (``--other-content``, ``--colour-jitter``): the first head saw
+simulated H&E only and called 72-100% of the 4 µm cells of scikit-image's photographs (IHC, textures)
+tumour (``python -m bench lesion-head``). A share of each batch can be crops of
+:mod:`export.content_mix` content -- procedural textures in random stain pairs and the packaged
+photographs (:data:`export.content_mix.TRAIN_IMAGES`, colour or stain-recoloured) at random scales --
+with an all-zero target (none of it is tumour), and the simulated windows' colours can be jittered in
+optical density (per-stain-ish scale, per-channel tint, brightness), so that the head keys on
+morphology rather than the simulator's exact colours. The held-out content of the benchmarks
+(:data:`hw_sim.content.PACKAGED`: ``ihc``, ``brick``, ``gravel``, ``grass``) is never used.
 """
 
 from __future__ import annotations
@@ -24,6 +34,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 import torch
 from torch import nn
@@ -35,6 +46,7 @@ CELL = 4  # output cell (px)
 CROP = 96  # training crop (px)
 SLIDE_UM = 1500.0
 HELD_OUT_FROM = HELD_OUT_SEEDS.start  # 900000
+DEV_CONTENT_SEED = 7_100_000  # the development draws of other content (training draws use seed + 1)
 
 
 class LesionHead(nn.Module):
@@ -76,8 +88,6 @@ def check_training_seed(seed: int) -> None:
 def slide_windows(seed: int, index: int) -> list[dict[str, Any]]:
     """Windows (1 µm px) around the true lesions, mimics and 2 random tissue spots of one rendered
     training-range slide, with the truth as a per-4 µm tumour fraction ``t4``."""
-    import cv2
-
     from bench.analysis import render_slide
 
     check_training_seed(seed)
@@ -113,6 +123,61 @@ def slide_windows(seed: int, index: int) -> list[dict[str, Any]]:
         t4 = m.reshape(m.shape[0] // CELL, CELL, m.shape[1] // CELL, CELL).mean(axis=(1, 3)).astype(np.float32)
         out.append({"img": l1[y0:y1, x0:x1].copy(), "t4": t4})
     return out
+
+
+def initial_weights(init: Path) -> dict[str, torch.Tensor]:
+    """A state dict to start from: a ``.pt`` file, or a lesion-head model folder (its ONNX initializers
+    carry the torch parameter names, e.g. the committed ``runtime/ml/builtin/lesion_head``)."""
+    if Path(init).is_dir():
+        import onnx
+        from onnx import numpy_helper
+
+        graph = onnx.load(str(Path(init) / "model.onnx")).graph
+        return {i.name: torch.from_numpy(numpy_helper.to_array(i).copy()) for i in graph.initializer}
+    sd: dict[str, torch.Tensor] = torch.load(init, map_location="cpu", weights_only=True)
+    return sd
+
+
+def other_content_images(rng: np.random.Generator, textures: int, photos: int) -> list[np.ndarray]:
+    """``textures`` random textures and ``photos`` photographs of :mod:`export.content_mix`, each
+    resampled by a random factor (0.35-2.5 head px per content px), none smaller than a crop."""
+    from export.content_mix import random_photo, random_texture
+
+    out = []
+    for i in range(textures + photos):
+        im = random_texture(rng, 512) if i < textures else random_photo(rng)
+        f = float(np.exp(rng.uniform(np.log(0.35), np.log(2.5))))
+        h, w = im.shape[:2]
+        f = max(f, (CROP + 1) / min(h, w))
+        interp = cv2.INTER_AREA if f < 1 else cv2.INTER_LINEAR
+        r = cv2.resize(im, (round(w * f), round(h * f)), interpolation=interp)
+        out.append(np.ascontiguousarray(r[:2048, :2048]))  # a large photo upsampled: one corner is plenty
+    return out
+
+
+def jitter_colour(im: np.ndarray, rng: np.random.Generator, strength: float) -> np.ndarray:
+    """``im`` (uint8 RGB) with its optical density scaled overall and per channel (up to
+    ``strength``), a small per-channel offset and a brightness change: other stain intensities and
+    scanners' colour, same morphology."""
+    od = -np.log(np.maximum(im.astype(np.float32), 1.0) / 255.0)
+    scale = float(rng.uniform(1 - strength, 1 + strength)) * rng.uniform(1 - strength / 2, 1 + strength / 2, 3)
+    od = od * scale.astype(np.float32) + rng.uniform(-strength / 4, strength / 4, 3).astype(np.float32)
+    out = 255.0 * np.exp(-np.maximum(od, 0.0)) * float(rng.uniform(1 - strength / 4, 1 + strength / 8))
+    return np.clip(out, 0, 255).astype(np.uint8)
+
+
+def other_content_cells(net: nn.Module, images: list[np.ndarray]) -> float:
+    """Share of 4 µm cells the head calls tumour (>= 0.5) on whole 224 px windows of ``images``."""
+    net.eval()
+    calls, cells = 0, 0
+    with torch.no_grad():
+        for im in images:
+            for y in range(0, im.shape[0] - WINDOW + 1, WINDOW):
+                for x in range(0, im.shape[1] - WINDOW + 1, WINDOW):
+                    p = net(torch.from_numpy(to_input(im[y : y + WINDOW, x : x + WINDOW]))[None])[0]
+                    calls += int((p >= 0.5).sum())
+                    cells += p.numel()
+    return calls / max(cells, 1)
 
 
 def _cached_windows(job: tuple[int, int, str]) -> list[dict[str, Any]]:
@@ -176,10 +241,22 @@ def train_lesion_head(
     budget_s: float = 600.0,
     seed: int = 0,
     workers: int = 2,
+    init: Path | None = None,
+    lr: float = 2e-3,
+    other_content: float = 0.0,
+    other_textures: int = 150,
+    other_photos: int = 150,
+    colour_jitter: float = 0.0,
 ) -> dict[str, Any]:
     """Render (or read cached) windows, train for ``budget_s`` CPU-seconds of wall time (batches of
     16 random 96 px crops, rotations and flips), score on the development windows, and export
-    ``out`` (a model folder, parity-checked torch vs ONNX Runtime)."""
+    ``out`` (a model folder, parity-checked torch vs ONNX Runtime).
+
+    ``init``: a state dict (``.pt``) to start from. ``other_content``: the share of each batch's
+    crops drawn from ``other_textures`` textures and ``other_photos`` photographs of
+    :mod:`export.content_mix` (target all zero). ``colour_jitter``: the strength of
+    :func:`jitter_colour` on the simulated windows' crops (0: none)."""
+    from export.content_mix import TRAIN_IMAGE_LICENCES, describe
     from export.onnx_export import export_model
 
     if set(range(train_first, train_first + train_slides)) & set(range(dev_first, dev_first + dev_slides)):
@@ -192,7 +269,13 @@ def train_lesion_head(
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     net = LesionHead()
-    opt = torch.optim.Adam(net.parameters(), 2e-3)
+    if init is not None:
+        net.load_state_dict(initial_weights(init))
+    t2 = time.time()
+    other = other_content_images(np.random.default_rng(seed + 1), other_textures, other_photos) if other_content else []
+    dev_other = other_content_images(np.random.default_rng(DEV_CONTENT_SEED), 20, 20) if other_content else []
+    content_s = time.time() - t2
+    opt = torch.optim.Adam(net.parameters(), lr)
     bce = nn.BCELoss()
     tr = [w for w in tr if min(w["img"].shape[:2]) >= CROP]
     steps = 0
@@ -201,12 +284,20 @@ def train_lesion_head(
     while time.time() - t1 < budget_s:
         xs, ys = [], []
         for _ in range(16):
-            w = tr[int(rng.integers(len(tr)))]
-            h, wd = w["img"].shape[:2]
-            y = int(rng.integers(0, (h - CROP) // CELL + 1)) * CELL
-            x = int(rng.integers(0, (wd - CROP) // CELL + 1)) * CELL
-            im = w["img"][y : y + CROP, x : x + CROP]
-            t = w["t4"][y // CELL : (y + CROP) // CELL, x // CELL : (x + CROP) // CELL]
+            if other and rng.random() < other_content:
+                o = other[int(rng.integers(len(other)))]
+                y = int(rng.integers(0, o.shape[0] - CROP + 1))
+                x = int(rng.integers(0, o.shape[1] - CROP + 1))
+                im, t = o[y : y + CROP, x : x + CROP], np.zeros((CROP // CELL, CROP // CELL), np.float32)
+            else:
+                w = tr[int(rng.integers(len(tr)))]
+                h, wd = w["img"].shape[:2]
+                y = int(rng.integers(0, (h - CROP) // CELL + 1)) * CELL
+                x = int(rng.integers(0, (wd - CROP) // CELL + 1)) * CELL
+                im = w["img"][y : y + CROP, x : x + CROP]
+                t = w["t4"][y // CELL : (y + CROP) // CELL, x // CELL : (x + CROP) // CELL]
+                if colour_jitter:
+                    im = jitter_colour(im, rng, colour_jitter)
             k = int(rng.integers(4))
             im, t = np.rot90(im, k), np.rot90(t, k)
             if rng.random() < 0.5:
@@ -222,6 +313,11 @@ def train_lesion_head(
     torch.save(net.state_dict(), cache / f"lesion-head-seed{seed}.pt")  # re-export without retraining
     metrics = window_metrics(net, dev)
     metrics["dev_slide_seeds"] = [dev_first, dev_first + dev_slides - 1]
+    if dev_other:
+        metrics["tumour_cells_on_other_content"] = other_content_cells(net, dev_other)
+        metrics["other_content_dev"] = (
+            f"20 textures and 20 photographs of export.content_mix drawn with seed {DEV_CONTENT_SEED}"
+        )
     samples = np.stack([to_input(_window_sample(w)) for w in dev[:4]])
     spec = {
         "task": "lesion_head",
@@ -246,10 +342,34 @@ def train_lesion_head(
         "seed": seed,
         "render_s": round(render_s, 1),
         "train_s": round(train_s, 1),
+        "lr": lr,
+        "colour_jitter": colour_jitter,
         "command": f"python -m export train-lesion-head --budget-s {budget_s:g} --train-first {train_first} "
-        f"--train-slides {train_slides} --dev-first {dev_first} --dev-slides {dev_slides} --seed {seed}",
+        f"--train-slides {train_slides} --dev-first {dev_first} --dev-slides {dev_slides} --seed {seed} --lr {lr:g}"
+        + (f" --init {init}" if init else "")
+        + (f" --other-content {other_content:g} --other-textures {other_textures} --other-photos {other_photos}"
+           if other_content else "")
+        + (f" --colour-jitter {colour_jitter:g}" if colour_jitter else ""),
     }
-    return export_model(net, spec, out, samples, metrics, training)
+    if init is not None:
+        training["init"] = str(init)
+    extra: dict[str, Any] = {}
+    if other_content:
+        training["other_content"] = (
+            f"{other_textures} random textures and {other_photos} photographs of export.content_mix (seed {seed + 1}), "
+            f"resampled 0.35-2.5x, as all-zero-target crops: {other_content:g} of each batch"
+        )
+        training["content_s"] = round(content_s, 1)
+        mix = describe()
+        extra["training_content"] = {
+            "module": "export.content_mix",
+            "photographs": {f"skimage/data/{n}": lic for n, lic in TRAIN_IMAGE_LICENCES.items()},
+            "stain_pairs": mix["stain_pairs"],
+            "textures": mix["textures"],
+            "no_tissue_images": mix["no_tissue_images"],
+            "held_out_for_benchmarks": mix["held_out_for_benchmarks"],
+        }
+    return export_model(net, spec, out, samples, metrics, training, extra=extra)
 
 
 def _window_sample(w: dict[str, Any]) -> np.ndarray:
