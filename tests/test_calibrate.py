@@ -222,15 +222,15 @@ def test_frozen_front_calibration_keeps_the_front_and_records_the_method(recordi
     np.testing.assert_allclose(feats[0].float().numpy(), ref.numpy(), atol=2e-2, rtol=1e-2)
 
 
-def test_default_calibration_trains_on_every_labelled_field(recording: Path, tmp_path: Path) -> None:
-    """holdout 0 (the default): no field is held out, so model.json has no held-out metrics (and the
+def test_calibration_without_holdout_trains_on_every_labelled_field(recording: Path, tmp_path: Path) -> None:
+    """holdout 0: no field is held out, so model.json has no held-out metrics (and the
     scan does not trust the model near focus from its first field) but records the training fit."""
     pytest.importorskip("torch")
     from export.calibrate import calibrate
     from runtime.ml.model_folder import calibrated_near_focus_mae_um
 
     out = tmp_path / "af-all"
-    cal = calibrate([recording], MODELS_DIR / "autofocus", out, epochs=1, crops=2)
+    cal = calibrate([recording], MODELS_DIR / "autofocus", out, epochs=1, crops=2, holdout=0.0)
     assert cal["fields_labelled"] >= 4 and len(cal["train_fields"]) == cal["fields_labelled"]
     assert cal["heldout_fields"] == [] and cal["heldout_metrics_after"] == {}
     for key in ("train_metrics_before", "train_metrics_after"):
