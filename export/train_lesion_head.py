@@ -168,15 +168,18 @@ def jitter_colour(im: np.ndarray, rng: np.random.Generator, strength: float) -> 
 
 def other_content_cells(net: nn.Module, images: list[np.ndarray]) -> float:
     """Share of 4 µm cells the head calls tumour (>= 0.5) on whole 224 px windows of ``images``."""
+    from bench.lesion_head import windows  # the bench's cut, so the two figures count the same cells
+
     net.eval()
     calls, cells = 0, 0
     with torch.no_grad():
         for im in images:
-            for y in range(0, im.shape[0] - WINDOW + 1, WINDOW):
-                for x in range(0, im.shape[1] - WINDOW + 1, WINDOW):
-                    p = net(torch.from_numpy(to_input(im[y : y + WINDOW, x : x + WINDOW]))[None])[0]
-                    calls += int((p >= 0.5).sum())
-                    cells += p.numel()
+            w = windows(im, WINDOW, 1.0)
+            if not len(w):
+                continue
+            p = net(torch.from_numpy(np.stack([to_input(x) for x in w])))[0]
+            calls += int((p >= 0.5).sum())
+            cells += p.numel()
     return calls / max(cells, 1)
 
 
@@ -256,7 +259,7 @@ def train_lesion_head(
     crops drawn from ``other_textures`` textures and ``other_photos`` photographs of
     :mod:`export.content_mix` (target all zero). ``colour_jitter``: the strength of
     :func:`jitter_colour` on the simulated windows' crops (0: none)."""
-    from export.content_mix import TRAIN_IMAGE_LICENCES, describe
+    from export.content_mix import describe
     from export.onnx_export import export_model
 
     if set(range(train_first, train_first + train_slides)) & set(range(dev_first, dev_first + dev_slides)):
@@ -360,15 +363,9 @@ def train_lesion_head(
             f"resampled 0.35-2.5x, as all-zero-target crops: {other_content:g} of each batch"
         )
         training["content_s"] = round(content_s, 1)
-        mix = describe()
-        extra["training_content"] = {
-            "module": "export.content_mix",
-            "photographs": {f"skimage/data/{n}": lic for n, lic in TRAIN_IMAGE_LICENCES.items()},
-            "stain_pairs": mix["stain_pairs"],
-            "textures": mix["textures"],
-            "no_tissue_images": mix["no_tissue_images"],
-            "held_out_for_benchmarks": mix["held_out_for_benchmarks"],
-        }
+        # content_mix's own record, less what the head does not use (content kinds, objectives, pixel sizes)
+        used = ("module", "photographs", "stain_pairs", "textures", "no_tissue_images", "held_out_for_benchmarks")
+        extra["training_content"] = {k: v for k, v in describe().items() if k in used}
     return export_model(net, spec, out, samples, metrics, training, extra=extra)
 
 
