@@ -35,6 +35,27 @@ def test_folder_loads_with_parity_and_training_range_seeds() -> None:
         load_model_folder(default_model_dir("lesion_head"), "tumour")
 
 
+@pytest.mark.parametrize("edge", [20.45, 20.55, 31.2])
+def test_outline_edge_falls_between_the_head_cells(edge: float) -> None:
+    """The head's map is resampled finer before its 0.5 contour (OUTLINE_UPSAMPLE): an edge a fraction of a
+    4 µm cell past a cell centre is placed there, not on the cells' staircase (half a cell off at 20.45)."""
+    from runtime.analysis.lesion_head import OUTLINE_UPSAMPLE, Window, head_outline
+
+    cells, cell_l0 = 56, 8.0  # a 224 µm window of 4 µm cells at 0.5 µm/px
+    centres = np.arange(cells) + 0.5
+    prob = np.zeros((cells, cells), np.float32)
+    prob[10:40] = np.clip(0.5 + 0.25 * (edge - centres), 0.0, 1.0)  # 0.5 at x = edge (cells), falling to the right
+    win = Window(100.0, 200.0, 2.0, cell_l0)
+    seed = box(100 + 5 * cell_l0, 200 + 15 * cell_l0, 100 + 10 * cell_l0, 200 + 20 * cell_l0)
+    err = {}
+    for up in (OUTLINE_UPSAMPLE, 1):
+        geom = head_outline(prob, seed, win, [], upsample=up)
+        assert geom is not None and geom.contains(seed)
+        err[up] = abs((geom.bounds[2] - 100) / cell_l0 - edge)  # the outline's right edge, in cells
+    assert err[OUTLINE_UPSAMPLE] <= 0.125 + 1e-9, err  # within half of a quarter cell
+    assert err[1] >= 0.2 - 1e-9, err  # the staircase: on a cell boundary
+
+
 def test_tiny_lesion_is_reoutlined_and_no_detection_removed() -> None:
     s = render_slide(330000, 2, 500.0, held_out=False)  # training-range seed: one ~4,100 µm² lesion
     truth = s.tumour[0]
