@@ -168,6 +168,15 @@ def test_heatmap_is_a_pyramidal_ome_tiff_with_the_cell_pixel_size(tmp_path: Path
     png2 = write_overlay(tmp_path / "h2.png", r.probability, r.analysed, thumb, r.shape)
     img2 = cv2.imread(str(png2), cv2.IMREAD_UNCHANGED)
     assert img2 is not None and img2.shape[:2] == thumb.shape[:2] and img2.shape[2] == 3
+    # The encoder's settings (filter, zlib strategy) are OpenCV's: another decoder reads the same pixels.
+    pil = pytest.importorskip("PIL.Image")
+    for path, bgr in ((png, img), (png2, img2)):
+        with pil.open(path) as im:
+            im.verify()
+        with pil.open(path) as im:
+            assert np.array_equal(
+                np.asarray(im), cv2.cvtColor(bgr, cv2.COLOR_BGRA2RGBA if bgr.shape[2] == 4 else cv2.COLOR_BGR2RGB)
+            )
 
 
 @pytest.mark.skipif(bioformats.java() is None, reason="java is not installed")

@@ -145,7 +145,16 @@ def write_overlay(
     path = Path(path)
     tmp = path.with_name(f".{path.name}.partial.png")
     # The SUB filter: a smooth overlay encodes ~3.5x faster than with the default filter, same size.
-    params = [cv2.IMWRITE_PNG_COMPRESSION, 1, cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_SUB]
+    # zlib's RLE strategy (matches at distance 1 only, what the SUB filter leaves of a smooth image):
+    # another 26-45% less encoding CPU (935 px: 35 -> 26 ms), files no larger, the same pixels.
+    params = [
+        cv2.IMWRITE_PNG_COMPRESSION,
+        1,
+        cv2.IMWRITE_PNG_FILTER,
+        cv2.IMWRITE_PNG_FILTER_SUB,
+        cv2.IMWRITE_PNG_STRATEGY,
+        cv2.IMWRITE_PNG_STRATEGY_RLE,
+    ]
     if not cv2.imwrite(str(tmp), bgr, params):
         raise OSError(f"could not write {path}")
     os.replace(tmp, path)
