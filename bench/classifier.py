@@ -61,6 +61,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tiles", type=int, default=24, help="with --contents: tissue tiles per content")
     p.add_argument("--seeds", type=int, default=3, help="with --contents: slide seeds the tiles come from (0..N-1)")
     p.add_argument(
+        "--layout",
+        action="store_true",
+        help="instead of the default report: artifact recall in slide layout (blocks of 5 x 5 fields around "
+        "artifacts), the per-window rule vs artifact context (bench.classifier_layout)",
+    )
+    p.add_argument(
+        "--grow",
+        default=None,
+        help="with --layout: this context grow threshold (a number, or 'enclosed': enclosed cells only) instead "
+        "of the rule chosen on the validation blocks",
+    )
+    p.add_argument(
         "--decision",
         choices=("folder", "single-pass"),
         default="folder",
@@ -215,6 +227,10 @@ def run(args: argparse.Namespace) -> int:
         model.decision = ClassifierDecision()
     if args.contents:
         return run_contents(args, model, folder)
+    if args.layout:
+        from bench.classifier_layout import run_layout
+
+        return run_layout(args, model, folder)
     sets: dict[str, dict[str, Any]] = {}
     raw0: np.ndarray | None = None
     suffix = f"_x{args.scale}" if args.scale > 1 else ""  # x4: 4x the slides, the first quarter the x1 set's

@@ -262,6 +262,15 @@ def test_single_shot_scan_through_the_inference_worker(tmp_path: Path, small_rec
     assert len(fields) == 9 and all(f["focus_method"].startswith("single_shot") for f in fields)
     assert all(f["tile_class"] in ("background", "tissue", "artifact") for f in fields)
     assert any(f["predicted_defocus_um"] is not None for f in fields)
+    # The scan-end artifact context over the field grid (runtime.ml.artifact_context): every field
+    # classified, the model's flags kept, the report's counts those of the fields.
+    assert all(0.0 <= f["artifact_probability"] <= 1.0 for f in fields)
+    assert all(f["artifact_in_context"] or not f["artifact"] for f in fields)
+    ctx = report["artifact_context"]
+    assert ctx["fields_flagged_by_model"] == sum(f["artifact"] for f in fields)
+    assert ctx["fields_added_by_context"] == sum(f["artifact_in_context"] for f in fields) - sum(
+        f["artifact"] for f in fields
+    )
     # How each field's sign was decided (issue 11): glass has none, focused fields one of four.
     for f in fields:
         want = {None} if f["tile_class"] == "background" else {"model", "second_shot", "sweep", "fit"}

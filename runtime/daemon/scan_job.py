@@ -102,6 +102,7 @@ from runtime.ipc.messages import (
     WriterQueue,
 )
 from runtime.ipc.ring import SlotRing
+from runtime.ml.artifact_context import ArtifactContext, FieldClass, scan_context
 from runtime.output.journal import JOURNAL_NAME, JournalState, ScanJournal, mark_complete
 from runtime.output.mosaic_store import mosaic_bytes_bound
 from runtime.output.ome_tiff import partial_path
@@ -681,7 +682,8 @@ class ScanJob(WorkerJob):
             # Of cpu_seconds.acquisition, what the camera driver's captures took (a replayed
             # recording: reading and decompressing it; a real frame grabber: close to nothing).
             "driver_cpu_seconds": None if self.driver_cpu_s is None else round(self.driver_cpu_s, 3),
-            "fields": [asdict(r) for r in sorted(self.records, key=lambda r: r.index)],
+            "fields": self._field_reports(),
+            "artifact_context": self._artifact_context_report(),
             "near_focus": near_focus_report(self.focus, [r.near_focus for r in self.records]),
             # The captures by cause summed over the fields (each field's: fields[].capture_cost).
             "capture_cost": capture_cost_report([r.capture_cost for r in self.records]),
@@ -694,6 +696,29 @@ class ScanJob(WorkerJob):
             "resumed": 0 if self.resumed is None else self.resumed.resumes + 1,
             # Slide analysis ([analysis] enabled): the summary and the files it wrote, or {"error": ...}.
             "analysis": self.analysis,
+        }
+
+    def _field_reports(self) -> list[dict[str, Any]]:
+        """Each field's record, with ``artifact_in_context``: the model flagged it, or the scan-end
+        context pass over the field grid did (:mod:`runtime.ml.artifact_context`)."""
+        ctx = scan_context(FieldClass(r.row, r.col, r.artifact, r.artifact_probability) for r in self.records)
+        return [
+            {**asdict(r), "artifact_in_context": ctx[(r.row, r.col)]}
+            for r in sorted(self.records, key=lambda r: r.index)
+        ]
+
+    def _artifact_context_report(self) -> dict[str, Any] | None:
+        """The context pass's rule and counts (None: no field was classified)."""
+        if all(r.artifact_probability is None for r in self.records):
+            return None
+        rule = ArtifactContext()
+        ctx = scan_context(FieldClass(r.row, r.col, r.artifact, r.artifact_probability) for r in self.records)
+        by_model = sum(r.artifact for r in self.records)
+        return {
+            "grow_threshold": rule.grow_threshold,
+            "fill_holes": rule.fill_holes,
+            "fields_flagged_by_model": by_model,
+            "fields_added_by_context": sum(ctx.values()) - by_model,
         }
 
     def _dicom_series(self) -> str | None:

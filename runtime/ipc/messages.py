@@ -83,6 +83,9 @@ class FieldRecord:
     predicted_defocus_um: float | None = None  # single_shot: the model's estimate at the surface's z
     tile_class: str | None = None  # background / tissue / artifact (when the classifier ran)
     artifact: bool = False  # flagged for the report: ink, bubble, dust or fold on this field
+    # The classifier's p(artifact) for the field (its strongest window; None: not classified): the
+    # scan's end grows the flags over the field grid with it (runtime.ml.artifact_context).
+    artifact_probability: float | None = None
     # How the side of focus was decided: "model" (the model's sign), "second_shot" (a second
     # capture at a known offset, runtime.focus.single_shot), "fit" (the near-focus sharpness fit
     # moved the frame, runtime.focus.near_focus), "sweep" (the contrast sweep); None: nothing to

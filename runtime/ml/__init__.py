@@ -10,6 +10,8 @@ Modules:
   ``Backend`` interface (``OrtBackend``; ``EngineCache``, TensorRT engines built once per model);
 * ``tasks``: ``AutofocusModel`` (defocus from a frame) and ``TileClassifierModel`` (background,
   tissue or artifact), loaded by ``load_models`` or, as ``[models]`` says, ``load_configured_models``;
+* ``artifact_context``: ``ArtifactContext``, the classifier's artifact flags grown over a grid of
+  windows or a scan's fields (hysteresis, enclosed cells), applied at a scan's end;
 * ``builtin/``: the committed model folders (data, not code).
 
 May import: the base modules and ``runtime.devices`` (the frame type).

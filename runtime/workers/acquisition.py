@@ -240,6 +240,7 @@ def acquisition_main(
                 predicted_defocus_um=result.predicted_defocus_um,
                 tile_class=result.tile_class,
                 artifact=result.artifact,
+                artifact_probability=None if result.class_probabilities is None else result.class_probabilities[2],
                 sign_resolution=result.sign_resolution,
                 sign_flipped=result.sign_flipped,
                 near_focus=result.near_focus,
