@@ -624,6 +624,7 @@ def scan_cost(
                     for off_s, on_s in zip(walls["off"], walls["on"], strict=True)
                 ],
                 "scans": scans,
+                "cpu_s_by_process": cpu_by_process(scans),
                 **(
                     {
                         "cpu_s_analysis_head_off": cpu["analysis_off"],
@@ -646,15 +647,32 @@ def scan_cost(
     return out
 
 
+def cpu_by_process(scans: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Median CPU seconds of each process over ``scans`` (:func:`_scan_record` s), per setting ("off", "on")."""
+    out: dict[str, dict[str, float]] = {}
+    for setting in sorted({s["analysis"] for s in scans}):
+        per: dict[str, list[float]] = {}
+        for s in scans:
+            if s["analysis"] == setting:
+                for k, v in s["cpu_s_by_process"].items():
+                    per.setdefault(k, []).append(v)
+        out[setting] = {k: round(float(np.median(v)), 3) for k, v in sorted(per.items())}
+    return out
+
+
 def _scan_record(repeat: int, setting: str, load1: float, report: dict[str, Any]) -> dict[str, Any]:
     """One scan of ``scan_cost``: its wall and CPU, the load average as it began, and with analysis
     on what the scan waited for after its slide (``report.json`` ``analysis.timing_s``) and how many
     pieces of rows the worker fed at normal priority because its niced feeding fell behind."""
+    secs = report.get("cpu_seconds") or {}
     record: dict[str, Any] = {
         "repeat": repeat,
         "analysis": setting,
         "wall_s": round(report["_wall_s"], 3),
-        "cpu_s": round(sum((report.get("cpu_seconds") or {}).values()), 3),
+        "cpu_s": round(sum(secs.values()), 3),
+        # Per process (report.json cpu_seconds: supervisor, acquisition, stitcher, writer, analysis, ...):
+        # on a shared machine the CPU each process spent is steadier than the wall.
+        "cpu_s_by_process": {k: round(float(v), 3) for k, v in secs.items()},
         "load1": round(load1, 2),
     }
     a = report.get("analysis") or {}
@@ -802,5 +820,13 @@ def run(args: argparse.Namespace) -> int:
                     f"{c['cpu_s_off']:.1f} -> {c['cpu_s_on']:.1f} (analysis worker {c['cpu_s_analysis']:.1f}); "
                     f"per repeat (on vs the off scan before it): {', '.join(f'{x:+.1f}%' for x in c['pair_cost_pct'])}"
                 )
+                by = c.get("cpu_s_by_process") or {}
+                if by:
+                    off_p, on_p = by.get("off", {}), by.get("on", {})
+                    procs = sorted({*off_p, *on_p})
+                    notes.append(
+                        "  CPU s per process (median, off -> on): "
+                        + ", ".join(f"{k} {off_p.get(k, 0.0):.2f} -> {on_p.get(k, 0.0):.2f}" for k in procs)
+                    )
     emit(result, rows, cols, as_json=args.json, title="slide analysis on held-out synthetic slides", notes=notes)
     return 0
