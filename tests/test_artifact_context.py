@@ -87,7 +87,7 @@ def test_scan_context_flags_fields_by_row_and_col() -> None:
 
 
 def test_the_committed_classifier_misses_a_bubble_interior_that_context_finds() -> None:
-    """A 250 µm air bubble over tissue, rendered as a scan sees it (bench.classifier_layout: 5 x 5
+    """An air bubble of radius 230 µm over tissue, rendered as a scan sees it (bench.classifier_layout: 5 x 5
     fields, 10 x 10 windows): the model alone flags the rim only; context flags every window of
     the bubble and no tissue window."""
     import numpy as np
