@@ -37,6 +37,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="conv blocks kept frozen (0: fine-tune every layer; default: export calibrate's)",
     )
+    p.add_argument(
+        "--single-pass",
+        action="store_true",
+        help="export the hold-out pass's model (export calibrate --single-pass; default: refit on every field)",
+    )
     p.add_argument("--json", action="store_true", help="one JSON object instead of tables")
 
 
@@ -66,6 +71,11 @@ def _label_text(e: dict[str, Any]) -> str:
     return f"{e['mean_um']:+.2f} / {e['max_abs_um']:.2f}" if e.get("fields") else "-"
 
 
+def _method_text(cell: dict[str, Any]) -> str:
+    m = cell["method"]
+    return f"{m['name']} ({m['trained']}), {m['epochs']} epochs, {cell['procedure']}"
+
+
 def run(args: argparse.Namespace) -> int:
     from export.calibrate import calibrate
     from runtime.devices.recording import Recording
@@ -82,11 +92,20 @@ def run(args: argparse.Namespace) -> int:
             look = "" if content == "synthetic" else "-" + "".join(c if c.isalnum() else "_" for c in content)
             out = args.data / f"af-calibrated-{objective}{look}-{args.tile}"
             t0 = time.monotonic()
-            cal = calibrate([cal_rec], builtin, out, epochs=args.epochs, freeze_blocks=args.freeze_blocks)
+            cal = calibrate(
+                [cal_rec],
+                builtin,
+                out,
+                epochs=args.epochs,
+                freeze_blocks=args.freeze_blocks,
+                refit=not args.single_pass,
+            )
             seconds = time.monotonic() - t0
             recs = [Recording.open(eval_rec)]
             result: dict[str, Any] = {"objective": objective, "content": content, "calibrate_s": seconds}
             result["method"] = {**cal["method"], "epochs": cal["epochs"], "lr": cal["lr"]}
+            result["procedure"] = cal["procedure"]["name"]
+            result["calibrate_cpu_s"] = cal["seconds"]["cpu"]
             for tag, model_dir in (("before", builtin), ("after", out)):
                 af, _, _ = load_models(model_dir, None, "ort_cpu")
                 alone, scan = sign_confidence(recs, af), _resolutions([eval_rec], model_dir)
@@ -124,9 +143,7 @@ def run(args: argparse.Namespace) -> int:
     notes = [
         f"calibration: {args.cal_fields[0]}x{args.cal_fields[1]} fields, 41 planes, slide seed {CAL_SEED}, "
         "method: "
-        + "; ".join(
-            sorted({f"{c['method']['name']} ({c['method']['trained']}), {c['method']['epochs']} epochs" for c in cells})
-        )
+        + "; ".join(sorted({_method_text(c) for c in cells}))
         + "; evaluation: the instrument's other fields (bench autofocus --objectives recording)",
         "targets after calibration: model MAE <= 0.3 µm, sign >= 98%; scan path >= 95% within, <= 1.2 captures",
     ]

@@ -115,6 +115,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="frozen_front method: keep conv blocks 1..N, train the rest on cached features (0: full fine-tune)",
     )
     c.add_argument("--batch", type=int, default=None, help="training batch (default: the method's)")
+    c.add_argument(
+        "--single-pass",
+        action="store_true",
+        help="export the hold-out pass's model (default: measure on held-out fields, then refit on every field)",
+    )
     c.add_argument("--seed", type=int, default=0)
     for name, what in (
         ("train-tumour", "tumour patch classifier"),
@@ -210,8 +215,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             if getattr(args, k) is not None
         }
         cmd = "python -m export " + " ".join(shlex.quote(str(a)) for a in (argv if argv is not None else sys.argv[1:]))
+        if args.single_pass:
+            kw["refit"] = False
         cal = calibrate(args.recordings, args.init, args.out, seed=args.seed, command=cmd, **kw)
         print(json.dumps({k: cal[k] for k in ("fields_labelled", "fields_skipped", "seconds")}))
+        print(json.dumps({k: cal["procedure"][k] for k in ("name", "exported_model", "heldout_metrics_model")}))
         print(
             json.dumps(
                 {"heldout_before": cal["heldout_metrics_before"], "heldout_after": cal["heldout_metrics_after"]},

@@ -159,8 +159,16 @@ def test_tiny_calibration_loads_and_runs_in_the_daemon(
     assert cal["recordings"][0]["path"] == str(recording) and cal["recordings"][0]["fields"]
     assert cal["label_method"]["name"] == "stack_sharpness_peak"
     assert cal["heldout_fields"] and cal["train_fields"]
+    # Estimate then refit (the default): the hold-out pass is split by field, the refit trains on every field.
+    assert (
+        cal["procedure"]["name"] == "estimate_then_refit"
+        and cal["procedure"]["heldout_metrics_model"] == "holdout_pass"
+    )
     held = {(h["recording"], h["field"]) for h in cal["heldout_fields"]}
-    assert not held & {(t["recording"], t["field"]) for t in cal["train_fields"]}  # split by field
+    estimated = {(t["recording"], t["field"]) for t in cal["holdout_pass"]["train_fields"]}
+    assert estimated and not held & estimated  # split by field
+    assert held | estimated == {(t["recording"], t["field"]) for t in cal["train_fields"]}
+    assert len(cal["train_fields"]) == cal["fields_labelled"]
     for key in ("heldout_metrics_before", "heldout_metrics_after"):
         assert {"mae_um", "sign_accuracy_abs_ge_1um"} <= set(cal[key]), cal[key]
     assert meta["parity"]["max_abs_diff"]["defocus_um"] <= meta["parity"]["atol"]
@@ -193,8 +201,11 @@ def test_frozen_front_calibration_keeps_the_front_and_records_the_method(recordi
 
     init = load_model_folder(MODELS_DIR / "autofocus", "autofocus")
     out = tmp_path / "af-frozen"
-    cal = calibrate([recording], MODELS_DIR / "autofocus", out, epochs=1, crops=2, holdout=0.3, freeze_blocks=6)
+    cal = calibrate(
+        [recording], MODELS_DIR / "autofocus", out, epochs=1, crops=2, holdout=0.3, freeze_blocks=6, refit=False
+    )  # one pass: quick (the refit runs the same train_pass)
     assert cal["method"]["name"] == "frozen_front" and cal["method"]["frozen_blocks"] == 6
+    assert cal["procedure"]["name"] == "single_pass" and cal["holdout_pass"] is None
     assert cal["method"]["batch"] == 256 and cal["lr"] == 1e-3  # the frozen method's own defaults
     assert cal["history"] and {"mae_um", "sign_accuracy_abs_ge_1um"} <= set(cal["heldout_metrics_after"])
     folder = load_model_folder(out, "autofocus")
@@ -222,18 +233,56 @@ def test_frozen_front_calibration_keeps_the_front_and_records_the_method(recordi
     np.testing.assert_allclose(feats[0].float().numpy(), ref.numpy(), atol=2e-2, rtol=1e-2)
 
 
-def test_calibration_without_holdout_trains_on_every_labelled_field(recording: Path, tmp_path: Path) -> None:
-    """holdout 0: no field is held out, so model.json has no held-out metrics (and the
-    scan does not trust the model near focus from its first field) but records the training fit."""
+def _onnx_weights(path: Path) -> dict[str, np.ndarray]:
+    import onnx
+    from onnx import numpy_helper
+
+    return {t.name: numpy_helper.to_array(t) for t in onnx.load(str(path / "model.onnx")).graph.initializer}
+
+
+def test_refit_exports_the_every_field_model_with_the_holdout_pass_metrics(recording: Path, tmp_path: Path) -> None:
+    """Estimate then refit: the exported model is the one a single pass on every labelled field trains
+    (holdout 0, which has no held-out metrics and is never trusted at start), and model.json's held-out
+    metrics -- which the scan's near-focus trust reads -- are the hold-out pass's: those of the single
+    pass with the same split (``refit=False``, whose exported model they measure)."""
     pytest.importorskip("torch")
     from export.calibrate import calibrate
     from runtime.ml.model_folder import calibrated_near_focus_mae_um
 
-    out = tmp_path / "af-all"
-    cal = calibrate([recording], MODELS_DIR / "autofocus", out, epochs=1, crops=2, holdout=0.0)
-    assert cal["fields_labelled"] >= 4 and len(cal["train_fields"]) == cal["fields_labelled"]
-    assert cal["heldout_fields"] == [] and cal["heldout_metrics_after"] == {}
+    init, tiny = MODELS_DIR / "autofocus", {"epochs": 1, "crops": 2}
+    every = calibrate([recording], init, tmp_path / "af-all", holdout=0.0, **tiny)
+    single = calibrate([recording], init, tmp_path / "af-single", holdout=0.3, refit=False, **tiny)
+    refit = calibrate([recording], init, tmp_path / "af-refit", holdout=0.3, **tiny)
+
+    # holdout 0: every labelled field trains, nothing held out, the training fit recorded.
+    assert every["fields_labelled"] >= 4 and len(every["train_fields"]) == every["fields_labelled"]
+    assert every["heldout_fields"] == [] and every["heldout_metrics_after"] == {}
+    assert every["procedure"]["name"] == "single_pass" and every["procedure"]["heldout_metrics_model"] is None
     for key in ("train_metrics_before", "train_metrics_after"):
-        assert {"mae_um", "sign_accuracy_abs_ge_1um"} <= set(cal[key]), cal[key]
-    assert calibrated_near_focus_mae_um(out) is None
-    assert load_model_folder(out, "autofocus").meta["heldout_metrics"] == {}
+        assert {"mae_um", "sign_accuracy_abs_ge_1um"} <= set(every[key]), every[key]
+    assert calibrated_near_focus_mae_um(tmp_path / "af-all") is None
+    assert load_model_folder(tmp_path / "af-all", "autofocus").meta["heldout_metrics"] == {}
+
+    # The single pass: its own model is what the held-out metrics measure.
+    assert single["procedure"]["name"] == "single_pass" and single["procedure"]["heldout_metrics_model"] == "exported"
+    assert single["holdout_pass"] is None and len(single["train_fields"]) < single["fields_labelled"]
+
+    # The refit: exported = the every-field model, bit for bit; held-out figures = the single pass's.
+    assert refit["procedure"]["name"] == "estimate_then_refit"
+    assert refit["train_fields"] == every["train_fields"] and refit["output_line"] == every["output_line"]
+    assert refit["heldout_fields"] == single["heldout_fields"]
+    assert refit["holdout_pass"]["train_fields"] == single["train_fields"]
+    assert refit["holdout_pass"]["output_line"] == single["output_line"]
+    assert refit["heldout_metrics_before"] == single["heldout_metrics_before"]
+    assert refit["heldout_metrics_after"] == single["heldout_metrics_after"]
+    assert refit["train_metrics_after"] == every["train_metrics_after"]
+    exported, all_w, single_w = (_onnx_weights(tmp_path / d) for d in ("af-refit", "af-all", "af-single"))
+    assert exported.keys() == all_w.keys()
+    for name, w in exported.items():
+        np.testing.assert_array_equal(w, all_w[name], err_msg=name)
+    assert any(not np.array_equal(w, single_w[name]) for name, w in exported.items())
+    near = refit["heldout_metrics_after"]["mae_near_focus_um"]
+    assert calibrated_near_focus_mae_um(tmp_path / "af-refit") == pytest.approx(near)
+    meta = load_model_folder(tmp_path / "af-refit", "autofocus").meta
+    assert meta["heldout_metrics"]["model"].startswith("holdout_pass")
+    assert meta["heldout_metrics"]["mae_um"] == refit["heldout_metrics_after"]["mae_um"]

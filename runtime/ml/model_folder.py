@@ -125,7 +125,10 @@ def _key(meta: dict[str, Any], key: str, kind: type | tuple[type, ...], where: P
 def calibrated_near_focus_mae_um(path: Path | str) -> float | None:
     """The near-focus MAE (µm) that a calibrated autofocus folder's model.json records on the
     instrument's own held-out fields (``calibration.heldout_metrics_after.mae_near_focus_um``,
-    written by ``python -m export calibrate``); None for a folder that was not calibrated, or
+    written by ``python -m export calibrate``; with its default estimate-then-refit procedure that
+    is the hold-out pass's model, trained on fewer fields than the exported refit -- the
+    procedure's held-out estimate, ``calibration.procedure.heldout_metrics_model``); None for a
+    folder that was not calibrated (or calibrated with nothing held out), or
     one whose model.json cannot be read (loading the folder reports that). Reads model.json only:
     the scan decides with it whether single_shot trusts the model near focus from the first field."""
     try:
