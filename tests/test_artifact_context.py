@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from runtime.ml.artifact_context import ArtifactContext, enclosed
+from runtime.ml.artifact_context import (
+    WINDOW_GROW_THRESHOLD,
+    ArtifactContext,
+    FieldClass,
+    context_report,
+    enclosed,
+    scan_context,
+    scan_window_context,
+)
 
 CTX = ArtifactContext(grow_threshold=0.4)
 NO_FILL = ArtifactContext(grow_threshold=0.4, fill_holes=False)
@@ -145,3 +153,124 @@ def test_the_bench_chooses_the_most_permissive_context_within_the_tissue_budget(
         rows["context: grow 0.4, enclosed"]["tissue_called_artifact"]
         > rows["model alone"]["tissue_called_artifact"] + 0.01
     )
+
+
+def _fields(windows: dict[tuple[int, int], list[list[float]]], seed: float = 0.6) -> list[FieldClass]:
+    """Fields of 2 x 2 windows from their window p(artifact); a window is flagged by the model at
+    p >= ``seed`` (the field: any window; its p: the strongest window's)."""
+    return [
+        FieldClass(
+            r,
+            c,
+            any(p >= seed for row in w for p in row),
+            max(p for row in w for p in row),
+            tuple(tuple(row) for row in w),
+            tuple(tuple(p >= seed for p in row) for row in w),
+        )
+        for (r, c), w in windows.items()
+    ]
+
+
+# A bubble of 3 x 3 windows (64 µm each) on the corner of four fields of 2 x 2 windows: its rim is
+# flagged (0.9), its centre, window (1, 1) of field (0, 0), reads like tissue (0.1). Field (1, 1)
+# has one flagged window, (0, 0), which borders the centre. Field (0, 2) has no flagged window,
+# but its window (0, 0) at 0.55 touches the rim window (0, 1) of field (0, 1).
+BUBBLE = {
+    (0, 0): [[0.9, 0.9], [0.9, 0.1]],
+    (0, 1): [[0.9, 0.55], [0.9, 0.05]],
+    (1, 0): [[0.9, 0.9], [0.05, 0.05]],
+    (1, 1): [[0.9, 0.05], [0.05, 0.05]],
+    (0, 2): [[0.55, 0.05], [0.05, 0.05]],
+    (1, 2): [[0.05, 0.05], [0.05, 0.05]],
+}
+
+
+def test_the_window_rule_runs_over_the_scan_s_windows_by_field_row_and_col() -> None:
+    wc = scan_window_context(_fields(BUBBLE))
+    assert wc is not None and wc.shape == (2, 2)
+    assert wc.by_model[(0, 0)] == {(0, 0), (0, 1), (1, 0)}
+    assert wc.in_context[(0, 0)] == {(0, 0), (0, 1), (1, 0), (1, 1)}  # the enclosed centre
+    assert wc.in_context[(1, 1)] == wc.by_model[(1, 1)] == {(0, 0)}
+    # Grow 0.5: the 0.55 window of field (0, 1) joins its flagged neighbour, and through it the
+    # 0.55 window of field (0, 2), which the model did not flag.
+    assert wc.in_context[(0, 1)] == {(0, 0), (0, 1), (1, 0)}
+    assert wc.in_context[(0, 2)] == {(0, 0)}
+    assert wc.in_context[(1, 2)] == frozenset()
+    # The field rule (enclosed fields only) adds nothing here.
+    assert sum(scan_context(_fields(BUBBLE)).values()) == 4
+
+
+def test_the_report_gives_each_field_its_windows_in_context() -> None:
+    per, summary = context_report(_fields(BUBBLE))
+    assert per[(0, 0)] == {"artifact_in_context": True, "artifact_windows_in_context": [[0, 0], [0, 1], [1, 0], [1, 1]]}
+    assert per[(1, 1)] == {"artifact_in_context": True, "artifact_windows_in_context": [[0, 0]]}
+    assert per[(0, 2)] == {"artifact_in_context": True, "artifact_windows_in_context": [[0, 0]]}
+    assert per[(1, 2)] == {"artifact_in_context": False, "artifact_windows_in_context": []}
+    assert summary == {
+        "unit": "window",
+        "grow_threshold": WINDOW_GROW_THRESHOLD,
+        "fill_holes": True,
+        "fields_flagged_by_model": 4,
+        "fields_added_by_context": 1,
+        "windows_per_field": [2, 2],
+        "windows_flagged_by_model": 8,
+        "windows_added_by_context": 3,
+    }
+
+
+def test_a_field_without_windows_takes_its_own_values_in_each() -> None:
+    """A journal written before windows were carried: its fields resume without them."""
+    from dataclasses import replace
+
+    old = [replace(f, window_p=None, window_flags=None) if (f.row, f.col) == (1, 1) else f for f in _fields(BUBBLE)]
+    wc = scan_window_context(old)
+    assert wc is not None
+    assert wc.by_model[(1, 1)] == wc.in_context[(1, 1)] == {(0, 0), (0, 1), (1, 0), (1, 1)}
+    assert wc.in_context[(0, 0)] == {(0, 0), (0, 1), (1, 0), (1, 1)}
+    # No field carries windows: the field rule, as before.
+    none = [replace(f, window_p=None, window_flags=None) for f in _fields(BUBBLE)]
+    assert scan_window_context(none) is None
+    per, summary = context_report(none)
+    assert summary is not None and summary["unit"] == "field" and summary["grow_threshold"] is None
+    assert summary["windows_per_field"] is None and summary["fields_added_by_context"] == 0
+    assert all(v["artifact_windows_in_context"] is None for v in per.values())
+    # Nothing classified: no summary.
+    assert context_report([FieldClass(0, 0, False, None)])[1] is None
+
+
+def test_a_journal_record_without_windows_resumes_into_the_field_values() -> None:
+    from runtime.ipc.messages import FieldRecord
+
+    rec = {"index": 0, "row": 0, "col": 0, "x_um": 0.0, "y_um": 0.0, "z_um": 1.0, "captures": 1}
+    r = FieldRecord(**rec, focus_method="single_shot", artifact=True, artifact_probability=0.8)
+    assert r.window_p_artifact is None and r.window_artifact is None
+    f = FieldClass(r.row, r.col, r.artifact, r.artifact_probability, r.window_p_artifact, r.window_artifact)
+    assert f.windows((2, 2)) == dict.fromkeys([(0, 0), (0, 1), (1, 0), (1, 1)], (0.8, True))
+
+
+def test_the_classifier_gives_each_window_its_p_artifact_and_flag_row_by_row() -> None:
+    """TileClass carries the decision's per-window mean p(artifact) and flag in the window grid
+    ClassifierPreprocess.window_grid names (3 x 3 for a 600 x 520 px tile at 0.25 µm)."""
+    import numpy as np
+
+    from runtime.ml.backends import select_backend
+    from runtime.ml.model_folder import default_model_dir, load_model_folder
+    from runtime.ml.tasks import TileClassifierModel
+
+    folder = load_model_folder(default_model_dir("classifier"), "classifier")
+    model = TileClassifierModel(folder, select_backend(folder, "ort_cpu").backend)
+    rng = np.random.default_rng(0)
+    tiles = [rng.integers(0, 255, (600, 520, 3), dtype=np.uint8), np.full((512, 512, 3), 250, np.uint8)]
+    tiles[0][:150, :260] = 0  # black ink over a corner
+    out = model.classify_batch(tiles, 0.25)
+    for t, tc in zip(tiles, out, strict=True):
+        rows, cols = model.pre.window_grid(t.shape[0], t.shape[1], 0.25)
+        assert rows * cols == len(model.pre.inputs(t, 0.25))
+        p = np.array(tc.window_p_artifact)
+        assert p.shape == (rows, cols) and np.array(tc.window_artifact).shape == (rows, cols)
+        assert p.max() == tc.probabilities[2]
+        assert any(any(r) for r in tc.window_artifact) == (tc.label == "artifact")
+        probs, _ = model.window_probabilities(model.pre.inputs(t, 0.25))
+        np.testing.assert_allclose(p.reshape(-1), probs[:, 2], rtol=1e-5)
+        assert (np.array(tc.window_artifact).reshape(-1) == (model.decision.window_labels(probs) == 2)).all()
+    assert out[0].window_p_artifact and (len(out[0].window_p_artifact), len(out[0].window_p_artifact[0])) == (3, 3)

@@ -18,6 +18,7 @@ from runtime.config import RuntimeConfig
 from runtime.control.client import ControlClient, EventSubscriber, RequestFailed
 from runtime.daemon.process import start_daemon_process, stop_daemon_process
 from runtime.ipc import ring as shm
+from runtime.ml.artifact_context import WINDOW_GROW_THRESHOLD, FieldClass, context_report
 from tests.conftest import daemon_config
 
 
@@ -241,6 +242,82 @@ def test_per_scan_focus_strategy_override(daemon: tuple[RuntimeConfig, ControlCl
     assert report["capture_cost"]["first"] == len(report["fields"])  # one first capture per field
 
 
+def _assert_window_context(fields: list[dict[str, Any]], ctx: dict[str, Any]) -> None:
+    """Per window (runtime.ml.tasks.TileClass -> ClassifyReply -> FieldRecord): each field's windows,
+    row by row, their strongest the field's p(artifact), flagged where the field is; the window
+    rule ran over the scan's windows, and the report's figures are what it gives for the fields."""
+    rows, cols = ctx["windows_per_field"]
+    assert ctx["unit"] == "window" and ctx["grow_threshold"] == WINDOW_GROW_THRESHOLD
+    for f in fields:
+        wp, wf = f["window_p_artifact"], f["window_artifact"]
+        assert [len(r) for r in wp] == [len(r) for r in wf] == [cols] * rows, f
+        assert max(max(r) for r in wp) == f["artifact_probability"]
+        assert any(any(r) for r in wf) == f["artifact"]
+        flagged = {(i, j) for i in range(rows) for j in range(cols) if wf[i][j]}
+        assert flagged <= {tuple(w) for w in f["artifact_windows_in_context"]}
+        assert f["artifact_in_context"] == bool(f["artifact_windows_in_context"])
+    per, summary = context_report(
+        [
+            FieldClass(
+                f["row"],
+                f["col"],
+                f["artifact"],
+                f["artifact_probability"],
+                f["window_p_artifact"],
+                f["window_artifact"],
+            )
+            for f in fields
+        ]
+    )
+    assert summary == ctx
+    assert all(
+        per[(f["row"], f["col"])]["artifact_windows_in_context"] == f["artifact_windows_in_context"] for f in fields
+    )
+    assert ctx["windows_flagged_by_model"] == sum(sum(map(sum, f["window_artifact"])) for f in fields)
+
+
+def test_the_scan_end_artifact_context_runs_over_the_windows_of_each_field(
+    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """An air bubble (radius 187 µm) in a scan of 5 x 5 fields of 512 px at 0.25 µm, i.e. 2 x 2
+    classifier windows each: the windows' p(artifact) and flags travel from the inference worker
+    to report.json, and the window rule (grow 0.5 + enclosed) runs over the scan's 10 x 10 windows
+    (field row, col x window row, col): it adds the windows inside the bubble's rim that the model
+    missed."""
+    from hw_sim.synth import SynthParams, synthesize
+
+    rec = synthesize(
+        tmp_path_factory.mktemp("recordings") / "bubble.zarr",
+        SynthParams(fields_x=5, fields_y=5, seed=13, tile=512, z_planes=9, artifacts=1),
+    )
+    with live_daemon(
+        tmp_path,
+        "ctxwin",
+        None,
+        driver={"options": {"recording": str(rec)}},
+        focus={"strategy": "single_shot"},
+        models={"backend": "ort_cpu", "worker": "process"},
+    ) as (_, client):
+        client.request("start_scan", output_name="bubble")
+        assert _wait_idle(client, 180)["last_finish"] == "completed"
+        report = json.loads((tmp_path / "data" / "bubble" / "report.json").read_text())
+    fields, ctx = report["fields"], report["artifact_context"]
+    assert len(fields) == 25 and ctx["windows_per_field"] == [2, 2]
+    _assert_window_context(fields, ctx)
+    by = {(f["row"], f["col"]): f for f in fields}
+    # The bubble's middle, field (1, 2): the model flags none of its windows (p(artifact) < 0.2,
+    # like tissue), its neighbours' windows the rim; context flags all four.
+    mid = by[(1, 2)]
+    assert not mid["artifact"] and max(map(max, mid["window_p_artifact"])) < 0.2
+    assert mid["artifact_in_context"] and len(mid["artifact_windows_in_context"]) == 4
+    # A field whose only flagged window borders the bubble's inside gets the inside's windows too.
+    one = [f for f in fields if sum(map(sum, f["window_artifact"])) == 1]
+    assert any(len(f["artifact_windows_in_context"]) > 1 for f in one), one
+    assert ctx["windows_added_by_context"] >= 4 + 2 and ctx["fields_added_by_context"] >= 1
+    # The glass and tissue row below the bubble stays clear.
+    assert not any(by[(4, c)]["artifact_in_context"] for c in range(5))
+
+
 @pytest.mark.parametrize("worker", ["process", "in_acquisition"])
 def test_single_shot_scan_through_the_inference_worker(tmp_path: Path, small_recording: Path, worker: str) -> None:
     with live_daemon(
@@ -271,6 +348,9 @@ def test_single_shot_scan_through_the_inference_worker(tmp_path: Path, small_rec
     assert ctx["fields_added_by_context"] == sum(f["artifact_in_context"] for f in fields) - sum(
         f["artifact"] for f in fields
     )
+    # 256 px fields at 0.25 µm are one classifier window each.
+    assert ctx["windows_per_field"] == [1, 1]
+    _assert_window_context(fields, ctx)
     # How each field's sign was decided (issue 11): glass has none, focused fields one of four.
     for f in fields:
         want = {None} if f["tile_class"] == "background" else {"model", "second_shot", "sweep", "fit"}

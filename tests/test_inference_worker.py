@@ -68,6 +68,13 @@ def test_urgent_classify_skips_the_batch_window_and_takes_the_queue_along() -> N
         assert reply.batch == 6
         got = client.results(wait_for=queued)
         assert set(got) == queued and {r.batch for r in got.values()} == {6}
+        # Each window's p(artifact) and flag come back, row by row: a 256 px frame at 0.25 µm is one
+        # 64 µm window, at 0.5 µm 2 x 2.
+        assert len(reply.window_p_artifact) == len(reply.window_p_artifact[0]) == 1
+        wide = client.classify(0, 0.5)
+        assert [len(r) for r in wide.window_p_artifact] == [len(r) for r in wide.window_artifact] == [2, 2]
+        assert max(map(max, wide.window_p_artifact)) == wide.probabilities[2]
+        assert not any(map(any, wide.window_artifact))  # glass
     finally:
         if client is not None:
             client.close()

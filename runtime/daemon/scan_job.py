@@ -102,7 +102,7 @@ from runtime.ipc.messages import (
     WriterQueue,
 )
 from runtime.ipc.ring import SlotRing
-from runtime.ml.artifact_context import ArtifactContext, FieldClass, scan_context
+from runtime.ml.artifact_context import FieldClass, context_report
 from runtime.output.journal import JOURNAL_NAME, JournalState, ScanJournal, mark_complete
 from runtime.output.mosaic_store import mosaic_bytes_bound
 from runtime.output.ome_tiff import partial_path
@@ -671,6 +671,7 @@ class ScanJob(WorkerJob):
     # -- report ------------------------------------------------------------------------------
     def report(self) -> dict[str, Any]:
         captures = sum(r.captures for r in self.records)
+        fields, artifact_context = self._field_reports()
         return {
             **self.common_report(),
             "slide": self.slide_path,
@@ -682,8 +683,8 @@ class ScanJob(WorkerJob):
             # Of cpu_seconds.acquisition, what the camera driver's captures took (a replayed
             # recording: reading and decompressing it; a real frame grabber: close to nothing).
             "driver_cpu_seconds": None if self.driver_cpu_s is None else round(self.driver_cpu_s, 3),
-            "fields": self._field_reports(),
-            "artifact_context": self._artifact_context_report(),
+            "fields": fields,
+            "artifact_context": artifact_context,
             "near_focus": near_focus_report(self.focus, [r.near_focus for r in self.records]),
             # The captures by cause summed over the fields (each field's: fields[].capture_cost).
             "capture_cost": capture_cost_report([r.capture_cost for r in self.records]),
@@ -698,28 +699,18 @@ class ScanJob(WorkerJob):
             "analysis": self.analysis,
         }
 
-    def _field_reports(self) -> list[dict[str, Any]]:
-        """Each field's record, with ``artifact_in_context``: the model flagged it, or the scan-end
-        context pass over the field grid did (:mod:`runtime.ml.artifact_context`)."""
-        ctx = scan_context(FieldClass(r.row, r.col, r.artifact, r.artifact_probability) for r in self.records)
-        return [
-            {**asdict(r), "artifact_in_context": ctx[(r.row, r.col)]}
-            for r in sorted(self.records, key=lambda r: r.index)
-        ]
-
-    def _artifact_context_report(self) -> dict[str, Any] | None:
-        """The context pass's rule and counts (None: no field was classified)."""
-        if all(r.artifact_probability is None for r in self.records):
-            return None
-        rule = ArtifactContext()
-        ctx = scan_context(FieldClass(r.row, r.col, r.artifact, r.artifact_probability) for r in self.records)
-        by_model = sum(r.artifact for r in self.records)
-        return {
-            "grow_threshold": rule.grow_threshold,
-            "fill_holes": rule.fill_holes,
-            "fields_flagged_by_model": by_model,
-            "fields_added_by_context": sum(ctx.values()) - by_model,
-        }
+    def _field_reports(self) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+        """Each field's record, with ``artifact_in_context`` (the model flagged it, or the scan-end
+        context pass did) and ``artifact_windows_in_context``, and the pass's summary (its rule and
+        counts; None: no field was classified): :func:`runtime.ml.artifact_context.context_report`."""
+        per, summary = context_report(
+            [
+                FieldClass(r.row, r.col, r.artifact, r.artifact_probability, r.window_p_artifact, r.window_artifact)
+                for r in self.records
+            ]
+        )
+        fields = [{**asdict(r), **per[(r.row, r.col)]} for r in sorted(self.records, key=lambda r: r.index)]
+        return fields, summary
 
     def _dicom_series(self) -> str | None:
         """The DICOM WSI series the writer put beside the slide (``writer.dicom``), once written."""

@@ -143,7 +143,7 @@ class WorkerModels:
         if not self.classify_enabled:
             return None
         r = self.channel.classify(self._slot(capture), self.pixel_size_um)
-        return TileClass(r.label, r.probabilities, r.embedding)
+        return TileClass(r.label, r.probabilities, r.embedding, r.window_p_artifact, r.window_artifact)
 
 
 @dataclass(frozen=True)
@@ -167,6 +167,9 @@ class FocusedField:
     near_focus: str | None = None
     # The captures by cause (they sum to ``captures``); report.json carries them per field and per scan.
     cost: CaptureCost | None = None
+    # The classification the field's label comes from (None: not classified): its per-window
+    # p(artifact) and flags go to the field record.
+    tile: TileClass | None = None
 
 
 def calibrated_start(focus: FocusConfig, models: ModelsConfig) -> FocusConfig:
@@ -313,7 +316,7 @@ class FieldFocuser:
         if tc is not None and tc.label == "background":
             # Glass: nothing to focus on; keep the surface's z and do not teach the surface.
             return FocusedField(
-                z0, 1, first, "single_shot:background", None, tc.label, tc.probabilities, cost=CaptureCost()
+                z0, 1, first, "single_shot:background", None, tc.label, tc.probabilities, cost=CaptureCost(), tile=tc
             )
         r = self.single_shot.focus(
             models.estimate,
@@ -352,6 +355,7 @@ class FieldFocuser:
                 r.sign_flipped,
                 r.near_focus,
                 replace(r.cost, first=1, sweep=sw.captures + 1),
+                tc,
             )
         artifact = tc is not None and tc.label == "artifact"
         # Artifact fields are focused, but do not teach the surface: ink or a bubble rim can fool
@@ -372,4 +376,5 @@ class FieldFocuser:
             r.sign_flipped,
             r.near_focus,
             replace(r.cost, first=1),
+            tc,
         )

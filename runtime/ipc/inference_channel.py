@@ -57,6 +57,9 @@ class ClassifyReply:
     probabilities: tuple[float, float, float]
     embedding: tuple[float, ...]
     batch: int  # how many tiles shared the backend call
+    # Per window, row by row: p(artifact) and the decision's artifact flag (TileClass).
+    window_p_artifact: tuple[tuple[float, ...], ...] = ()
+    window_artifact: tuple[tuple[bool, ...], ...] = ()
 
 
 @dataclass(frozen=True)

@@ -84,7 +84,8 @@ class FieldRecord:
     tile_class: str | None = None  # background / tissue / artifact (when the classifier ran)
     artifact: bool = False  # flagged for the report: ink, bubble, dust or fold on this field
     # The classifier's p(artifact) for the field (its strongest window; None: not classified): the
-    # scan's end grows the flags over the field grid with it (runtime.ml.artifact_context).
+    # scan-end context (runtime.ml.artifact_context) uses it for each window when the record carries
+    # no window values (a journal written before them), and over the field grid when none does.
     artifact_probability: float | None = None
     # How the side of focus was decided: "model" (the model's sign), "second_shot" (a second
     # capture at a known offset, runtime.focus.single_shot), "fit" (the near-focus sharpness fit
@@ -99,6 +100,11 @@ class FieldRecord:
     # The captures by cause (runtime.focus.single_shot.CaptureCost as a dict: first, moves,
     # second_shots, start_probes, probes, sweep; they sum to ``captures``); None: not counted.
     capture_cost: dict[str, int] | None = None
+    # Per classifier window, row by row of the field's window grid (runtime.ml.tasks.TileClass):
+    # p(artifact) and the model's artifact flag; the scan's end grows the flags over the slide's
+    # windows (runtime.ml.artifact_context). None: not classified, or a journal written before them.
+    window_p_artifact: tuple[tuple[float, ...], ...] | None = None
+    window_artifact: tuple[tuple[bool, ...], ...] | None = None
 
 
 @dataclass(frozen=True)

@@ -234,6 +234,17 @@ class ClassifierPreprocess:
     def input_shape(self) -> tuple[int, int, int]:
         return (3, self.size, self.size)
 
+    def _scaled(self, height: int, width: int, pixel_size_um: float) -> tuple[int, int]:
+        """A tile's (height, width) in pixels at the model's pixel size."""
+        scale = pixel_size_um / self.input_pixel_size_um
+        return max(self.size, round(height * scale)), max(self.size, round(width * scale))
+
+    def window_grid(self, height: int, width: int, pixel_size_um: float) -> tuple[int, int]:
+        """(rows, cols) of the windows :meth:`inputs` cuts from a ``height`` x ``width`` tile; the
+        windows come row by row (top to bottom, each left to right)."""
+        nh, nw = self._scaled(height, width, pixel_size_um)
+        return len(window_starts(nh, self.size)), len(window_starts(nw, self.size))
+
     def inputs(self, tile: U8, pixel_size_um: float) -> F32:
         """(N, 3, size, size) float32: the tile at the model's pixel size, cut into windows."""
         _check_tile(tile)
@@ -241,9 +252,7 @@ class ClassifierPreprocess:
             raise PreprocessError(
                 f"camera pixel {pixel_size_um} µm is coarser than the classifier's {self.input_pixel_size_um} µm"
             )
-        h, w = tile.shape[:2]
-        scale = pixel_size_um / self.input_pixel_size_um
-        nh, nw = max(self.size, round(h * scale)), max(self.size, round(w * scale))
+        nh, nw = self._scaled(tile.shape[0], tile.shape[1], pixel_size_um)
         small = cv2.resize(tile, (nw, nh), interpolation=cv2.INTER_AREA).astype(np.float32)
         small = (small * np.float32(1.0 / 255.0) - np.float32(self.mean)) / np.float32(self.std)
         wins = [

@@ -115,8 +115,13 @@ class AutofocusModel:
 @dataclass(frozen=True)
 class TileClass:
     label: str
-    probabilities: tuple[float, float, float]
+    probabilities: tuple[float, float, float]  # per class, the strongest over the tile's windows
     embedding: tuple[float, ...]
+    # Per window, row by row of the tile's window grid (ClassifierPreprocess.window_grid): the
+    # decision's (mean) p(artifact), and whether the decision calls the window an artifact; the
+    # scan's end grows the flags over the slide's windows with them (runtime.ml.artifact_context).
+    window_p_artifact: tuple[tuple[float, ...], ...] = ()
+    window_artifact: tuple[tuple[bool, ...], ...] = ()
 
 
 DIHEDRAL = 8  # a window's flips (left-right, up-down) and transpose: tissue and artifacts have no orientation
@@ -207,18 +212,27 @@ class TileClassifierModel:
     def classify_batch(self, tiles: list[RGBImage], pixel_size_um: float) -> list[TileClass]:
         """Classify several tiles in one backend call (the inference worker batches them)."""
         inputs = [self.pre.inputs(t, pixel_size_um) for t in tiles]
-        counts = [len(x) for x in inputs]
+        grids = [self.pre.window_grid(t.shape[0], t.shape[1], pixel_size_um) for t in tiles]
         p_all, emb = self.window_probabilities(np.concatenate(inputs))
         win_all = self.decision.window_labels(p_all)
         results = []
         start = 0
-        for n in counts:
+        for rows, cols in grids:
+            n = rows * cols
             p, win = p_all[start : start + n], win_all[start : start + n]
             label = "artifact" if (win == 2).any() else "tissue" if (win == 1).any() else "background"
             probs = p.max(axis=0)  # the strongest evidence per class over the windows
             e = emb[start : start + n].mean(axis=0)
+            pa = p[:, 2].reshape(rows, cols)
+            fa = (win == 2).reshape(rows, cols)
             results.append(
-                TileClass(label, (float(probs[0]), float(probs[1]), float(probs[2])), tuple(float(v) for v in e))
+                TileClass(
+                    label,
+                    (float(probs[0]), float(probs[1]), float(probs[2])),
+                    tuple(float(v) for v in e),
+                    tuple(tuple(float(v) for v in r) for r in pa),
+                    tuple(tuple(bool(v) for v in r) for r in fa),
+                )
             )
             start += n
         return results

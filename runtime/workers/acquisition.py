@@ -245,6 +245,8 @@ def acquisition_main(
                 sign_flipped=result.sign_flipped,
                 near_focus=result.near_focus,
                 capture_cost=None if result.cost is None else asdict(result.cost),
+                window_p_artifact=None if result.tile is None else result.tile.window_p_artifact,
+                window_artifact=None if result.tile is None else result.tile.window_artifact,
             )
             # The slot belongs to the stitcher now; drop this process's view of it.
             del result

@@ -193,7 +193,17 @@ def inference_main(
                     stats.classify_batches += 1
                     stats.largest_batch = max(stats.largest_batch, len(group))
                     for r, tc in zip(group, out, strict=True):
-                        replies.put(ClassifyReply(r.request_id, tc.label, tc.probabilities, tc.embedding, len(group)))
+                        replies.put(
+                            ClassifyReply(
+                                r.request_id,
+                                tc.label,
+                                tc.probabilities,
+                                tc.embedding,
+                                len(group),
+                                tc.window_p_artifact,
+                                tc.window_artifact,
+                            )
+                        )
                 urgent = any(r.urgent for r in pending)
                 deadline = time.monotonic() + policy.window_s
         if events is not None:
