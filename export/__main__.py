@@ -116,6 +116,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     c.add_argument("--batch", type=int, default=None, help="training batch (default: the method's)")
     c.add_argument(
+        "--l2sp", type=float, default=None, help="L2-SP weight towards the starting weights (full fine-tune; 0: off)"
+    )
+    c.add_argument(
         "--single-pass",
         action="store_true",
         help="export the hold-out pass's model (default: measure on held-out fields, then refit on every field)",
@@ -211,7 +214,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         kw = {
             k: getattr(args, k)
-            for k in ("epochs", "lr", "crops", "holdout", "near_weight", "freeze_blocks", "batch")
+            for k in ("epochs", "lr", "crops", "holdout", "near_weight", "freeze_blocks", "batch", "l2sp")
             if getattr(args, k) is not None
         }
         cmd = "python -m export " + " ".join(shlex.quote(str(a)) for a in (argv if argv is not None else sys.argv[1:]))

@@ -286,3 +286,29 @@ def test_refit_exports_the_every_field_model_with_the_holdout_pass_metrics(recor
     meta = load_model_folder(tmp_path / "af-refit", "autofocus").meta
     assert meta["heldout_metrics"]["model"].startswith("holdout_pass")
     assert meta["heldout_metrics"]["mae_um"] == refit["heldout_metrics_after"]["mae_um"]
+
+
+def test_l2sp_keeps_the_fine_tuned_weights_near_where_they_started(recording: Path) -> None:
+    """L2-SP (``--l2sp``): the same steps on the same crops end closer to the starting weights with
+    the term than without it."""
+    pytest.importorskip("torch")
+    import torch
+
+    from export.calibrate import fine_tune, recover_autofocus
+
+    init = load_model_folder(MODELS_DIR / "autofocus", "autofocus")
+    rec = Recording.open(recording)
+    pre = init.autofocus_preprocess()
+    x = np.concatenate([pre.inputs(rec.plane(f, k)) for f in (0, 3) for k in (2, 10, 18)]).astype(np.float16)
+    y = np.repeat(np.asarray([-4.0, 0.0, 4.0, -4.0, 0.0, 4.0], np.float32), len(x) // 6)
+    content = np.ones(len(x), np.float32)
+
+    def distance(l2sp: float) -> float:
+        model = recover_autofocus(init)
+        start = [p.detach().clone() for p in model.parameters()]
+        fine_tune(model, x, y, content, epochs=2, lr=1e-3, seed=0, batch=8, l2sp=l2sp)
+        with torch.no_grad():
+            return float(sum(((p - q) ** 2).sum() for p, q in zip(model.parameters(), start, strict=True)))
+
+    free, held = distance(0.0), distance(10.0)
+    assert 0 < held < 0.5 * free, (held, free)
