@@ -204,11 +204,9 @@ def field_inputs(
     label: FieldLabel,
     pre: AutofocusPreprocess,
     max_abs_um: float,
-    crops: int,
-    rng: np.random.Generator,
 ) -> FieldData:
-    """Model inputs of the field's planes within ``max_abs_um`` of its label; ``crops`` > 0 keeps
-    that many crops per plane (drawn at random), 0 every crop the preprocessing cuts."""
+    """Model inputs of the field's planes within ``max_abs_um`` of its label: every crop the
+    preprocessing cuts (a training pass draws its share with :func:`subsample`)."""
     assert label.focus_z_um is not None
     xs, ys, planes = [], [], []
     for k in range(rec.meta.n_z):
@@ -216,8 +214,6 @@ def field_inputs(
         if abs(y) > max_abs_um:
             continue
         inp = pre.inputs(rec.plane(label.field, k))
-        if 0 < crops < len(inp):
-            inp = inp[np.sort(rng.choice(len(inp), crops, replace=False))]
         xs.append(inp.astype(np.float16))
         ys.append(np.full(len(inp), y, np.float32))
         planes.append(np.full(len(inp), k, np.int64))
@@ -449,8 +445,9 @@ def _split(n: int, holdout: float, seed: int) -> tuple[list[int], list[int]]:
 
 
 def subsample(fd: FieldData, crops: int, rng: np.random.Generator) -> FieldData:
-    """``crops`` > 0: that many of each plane's crops, drawn as :func:`field_inputs` draws them (the
-    same generator calls, so the same crops from the same generator state); 0: every crop."""
+    """``crops`` > 0: that many of each plane's crops (of :func:`field_inputs`), drawn at random; 0:
+    every crop. Each pass draws from a fresh generator of the same seed, so a pass on some fields
+    trains on the crops a single pass on them would."""
     if crops <= 0 or not len(fd.x):
         return fd
     keep = []
@@ -592,9 +589,9 @@ def calibrate(
     if not usable:
         raise CalibrationError(f"no field has a usable sharpness peak (skipped: {skipped})")
     train_i, held_i = _split(len(usable), holdout, seed)
-    rng = np.random.default_rng([seed, 0xDA7A])
+    rng = np.random.default_rng([seed, 0xDA7A])  # the parity check's samples
     # Every crop of every labelled field, cut once; each pass draws its training crops from them.
-    every = [field_inputs(recs[r], r, lab, pre, max_abs_um, 0, rng) for r, lab in usable]
+    every = [field_inputs(recs[r], r, lab, pre, max_abs_um) for r, lab in usable]
 
     def training_fields(sel: Sequence[int]) -> list[FieldData]:
         g = np.random.default_rng([seed, 0xDA7A])  # a pass on fields sel draws what a single pass on them would
