@@ -153,9 +153,6 @@ class FocusedField:
     frame: Capture
     method: str
     predicted_defocus_um: float | None = None
-    tile_class: str | None = None
-    class_probabilities: tuple[float, float, float] | None = None
-    artifact: bool = False
     # How the side of focus was decided: "model", "second_shot" (the two-shot test), "fit" (the
     # near-focus sharpness fit moved the frame), "sweep"
     # (the contrast sweep); None: nothing to focus on. sign_flipped: the scan's learnt sign
@@ -167,9 +164,22 @@ class FocusedField:
     near_focus: str | None = None
     # The captures by cause (they sum to ``captures``); report.json carries them per field and per scan.
     cost: CaptureCost | None = None
-    # The classification the field's label comes from (None: not classified): its per-window
-    # p(artifact) and flags go to the field record.
+    # The field's classification (None: not classified): its label, class probabilities and
+    # per-window p(artifact) and flags go to the field record.
     tile: TileClass | None = None
+
+    @property
+    def tile_class(self) -> str | None:
+        return None if self.tile is None else self.tile.label
+
+    @property
+    def class_probabilities(self) -> tuple[float, float, float] | None:
+        return None if self.tile is None else self.tile.probabilities
+
+    @property
+    def artifact(self) -> bool:
+        """Artifact fields are focused and flagged; they do not teach the focus surface."""
+        return self.tile is not None and self.tile.label == "artifact"
 
 
 def calibrated_start(focus: FocusConfig, models: ModelsConfig) -> FocusConfig:
@@ -316,7 +326,7 @@ class FieldFocuser:
         if tc is not None and tc.label == "background":
             # Glass: nothing to focus on; keep the surface's z and do not teach the surface.
             return FocusedField(
-                z0, 1, first, "single_shot:background", None, tc.label, tc.probabilities, cost=CaptureCost(), tile=tc
+                z0, 1, first, "single_shot:background", None, cost=CaptureCost(), tile=tc
             )
         r = self.single_shot.focus(
             models.estimate,
@@ -348,9 +358,6 @@ class FieldFocuser:
                 frame,
                 "single_shot:sweep_fallback",
                 r.predicted_defocus_um,
-                tc.label if tc else None,
-                tc.probabilities if tc else None,
-                tc is not None and tc.label == "artifact",
                 "sweep",
                 r.sign_flipped,
                 r.near_focus,
@@ -369,9 +376,6 @@ class FieldFocuser:
             r.frame,
             method,
             r.predicted_defocus_um,
-            tc.label if tc else None,
-            tc.probabilities if tc else None,
-            artifact,
             r.sign_resolution,
             r.sign_flipped,
             r.near_focus,
