@@ -269,7 +269,7 @@ def _assert_window_context(fields: list[dict[str, Any]], ctx: dict[str, Any]) ->
             for f in fields
         ]
     )
-    assert summary == ctx
+    assert summary == {k: v for k, v in ctx.items() if k not in ("regions", "geojson")}  # + the file's
     assert all(
         per[(f["row"], f["col"])]["artifact_windows_in_context"] == f["artifact_windows_in_context"] for f in fields
     )
@@ -316,6 +316,31 @@ def test_the_scan_end_artifact_context_runs_over_the_windows_of_each_field(
     assert ctx["windows_added_by_context"] >= 4 + 2 and ctx["fields_added_by_context"] >= 1
     # The glass and tissue row below the bubble stays clear.
     assert not any(by[(4, c)]["artifact_in_context"] for c in range(5))
+    # artifacts.geojson: the windows in context as QuPath annotations on the slide. Field (1, 2)'s
+    # centre (its commanded stage position, 0.25 µm per px from the plan's corner) is in a region,
+    # the bottom row's are in none, and every window in context is counted once.
+    import shapely
+    from shapely.geometry import shape
+
+    from runtime.analysis import geojson
+
+    assert ctx["regions"] >= 1 and ctx["geojson"] == str(tmp_path / "data" / "bubble" / "artifacts.geojson")
+    assert geojson.check_file(Path(ctx["geojson"])) == ctx["regions"]
+    regions = [shape(f["geometry"]) for f in json.loads(Path(ctx["geojson"]).read_text())["features"]]
+    x0 = min(f["x_um"] for f in fields) - 64.0
+    y0 = min(f["y_um"] for f in fields) - 64.0
+
+    def centre(f: dict[str, Any]) -> Any:
+        return shapely.Point((f["x_um"] - x0) / 0.25, (f["y_um"] - y0) / 0.25)
+
+    assert any(r.contains(centre(mid)) for r in regions)
+    assert not any(r.contains(centre(by[(4, c)])) for r in regions for c in range(5))
+    feats = json.loads(Path(ctx["geojson"]).read_text())["features"]
+    windows = sum(len(f["artifact_windows_in_context"] or []) for f in fields)
+    assert sum(f["properties"]["measurements"]["Windows"] for f in feats) == windows
+    assert sum(f["properties"]["measurements"]["Windows flagged by the classifier"] for f in feats) == (
+        ctx["windows_flagged_by_model"]
+    )
 
 
 @pytest.mark.parametrize("worker", ["process", "in_acquisition"])

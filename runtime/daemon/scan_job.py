@@ -69,6 +69,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, ClassVar, assert_never
 
+from runtime.analysis.artifact_regions import ARTIFACTS_NAME, FieldArtifacts, write_artifact_regions
 from runtime.config import RuntimeConfig
 from runtime.control.events import AnalysisReadyEvent, JobKind
 from runtime.daemon.analysis_service import AnalysisOutcome, AnalysisPort
@@ -193,6 +194,8 @@ class ScanJob(WorkerJob):
         self.levels: tuple[tuple[int, int], ...] = ()
         self.slide_path: str | None = None
         self.mosaic: MosaicDone | None = None  # the stitcher's last word (complete?, summary)
+        self.geometry: MosaicGeometry | None = None  # where each field lies on the slide (once planned)
+        self.artifact_regions: int | None = None  # regions in artifacts.geojson (None: not written)
         self._early_writer_done: WriterDone | None = None  # arrived before MosaicDone (see _handle)
         # single_shot with models.worker = "process": an inference worker owns the models (and the
         # GPU); acquisition sends it ring slot ids. The queues exist either way (one code path).
@@ -339,6 +342,7 @@ class ScanJob(WorkerJob):
     def _on_prepared(self, msg: ScanPrepared) -> None:
         h, w = msg.frame_shape
         geometry = MosaicGeometry(msg.plan, h, w, msg.pixel_size_um)
+        self.geometry = geometry
         self.fields_total = len(msg.plan.fields)
         try:
             if self.resumed is not None:
@@ -624,6 +628,7 @@ class ScanJob(WorkerJob):
             # kept mosaic is what an export (python -m runtime export) starts from.
             partial_path(self.output_dir / SLIDE_NAME).unlink(missing_ok=True)
         self._close_journal(reason)
+        self._write_artifact_regions()
         if reason is FinishReason.COMPLETED and not self.cfg.mosaic.keep_after_export:
             shutil.rmtree(self.mosaic_path, ignore_errors=True)
             self.journal_path.unlink(missing_ok=True)  # it describes the mosaic: both go
@@ -672,6 +677,11 @@ class ScanJob(WorkerJob):
     def report(self) -> dict[str, Any]:
         captures = sum(r.captures for r in self.records)
         fields, artifact_context = self._field_reports()
+        if artifact_context is not None:
+            # The regions written to artifacts.geojson (None: not written; 0: none, no file).
+            regions = self.artifact_regions
+            geojson = str(self.output_dir / ARTIFACTS_NAME) if regions else None
+            artifact_context = {**artifact_context, "regions": regions, "geojson": geojson}
         return {
             **self.common_report(),
             "slide": self.slide_path,
@@ -702,15 +712,48 @@ class ScanJob(WorkerJob):
     def _field_reports(self) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
         """Each field's record, with ``artifact_in_context`` (the model flagged it, or the scan-end
         context pass did) and ``artifact_windows_in_context``, and the pass's summary (its rule and
-        counts; None: no field was classified): :func:`runtime.ml.artifact_context.context_report`."""
-        per, summary = context_report(
+        counts; None: no field was classified)."""
+        per, summary = self._artifact_context()
+        fields = [{**asdict(r), **per[(r.row, r.col)]} for r in sorted(self.records, key=lambda r: r.index)]
+        return fields, summary
+
+    def _artifact_context(self) -> tuple[dict[tuple[int, int], dict[str, Any]], dict[str, Any] | None]:
+        """The scan-end context pass over the fields' classifier windows:
+        :func:`runtime.ml.artifact_context.context_report`."""
+        return context_report(
             [
                 FieldClass(r.row, r.col, r.artifact, r.artifact_probability, r.window_p_artifact, r.window_artifact)
                 for r in self.records
             ]
         )
-        fields = [{**asdict(r), **per[(r.row, r.col)]} for r in sorted(self.records, key=lambda r: r.index)]
-        return fields, summary
+
+    def _write_artifact_regions(self) -> None:
+        """``artifacts.geojson``: the fields' artifact windows after the scan-end context, placed on
+        the slide and merged into QuPath annotations (:mod:`runtime.analysis.artifact_regions`). A
+        failure is logged, never the scan's."""
+        geometry = self.geometry
+        if geometry is None or not self.records:
+            return
+        per, summary = self._artifact_context()
+        if summary is None:
+            return  # nothing was classified
+        try:
+            plan = {f.index: f for f in geometry.plan.fields}
+            tile = (geometry.tile_height, geometry.tile_width)
+            fields = [
+                FieldArtifacts.in_context(
+                    geometry.commanded_top_left(plan[r.index]),
+                    tile,
+                    per[(r.row, r.col)],
+                    r.window_artifact,
+                    r.window_p_artifact,
+                )
+                for r in self.records
+                if r.index in plan and per[(r.row, r.col)]["artifact_in_context"]
+            ]
+            self.artifact_regions = write_artifact_regions(self.output_dir, fields, geometry.pixel_size_um)
+        except Exception as err:  # QC annotations must not cost the report
+            log_failure(log, "artifact regions", err)
 
     def _dicom_series(self) -> str | None:
         """The DICOM WSI series the writer put beside the slide (``writer.dicom``), once written."""
