@@ -170,6 +170,7 @@ class _Replay:
     tissue: np.ndarray  # per field: holds >= 5% tissue
     truth: np.ndarray  # per field: true focus z (µm)
     sharpest: np.ndarray  # per field: the stack's sharpest z (runtime.focus.stack_labels; NaN: no peak)
+    peak: np.ndarray  # per field: the stack's whole-frame Brenner peak (stack_labels.sharpness_peak; NaN: none)
 
 
 @functools.cache
@@ -191,6 +192,27 @@ def _sharpest_planes(path: Path) -> np.ndarray:
     return out
 
 
+@functools.cache
+def _sharpness_peaks(path: Path) -> np.ndarray:
+    """Per field, where its whole frame is sharpest by the scan's own near-focus measure and fit
+    (``runtime.focus.stack_labels.sharpness_peak``: ln Brenner, a parabola through the sharpest plane
+    and its neighbours). The reference "in focus" is scored on besides the paraxial truth: the plane a
+    sharpness-driven scanner can find and a reader sees sharpest. On objectives in or near the training
+    range it lies within ~0.03 µm of the stack label; at 0.25 waves of spherical aberration 0.6-0.7 µm
+    above the paraxial focus and ~0.3 µm above the label (the curve is flat and lopsided there)."""
+    from runtime.devices.recording import Recording
+    from runtime.focus.stack_labels import sharpness_peak
+
+    rec = Recording.open(path)
+    out = np.full(rec.meta.n_fields, np.nan)
+    for f in range(rec.meta.n_fields):
+        z = sharpness_peak(rec.z_um[f], [rec.plane(f, k) for k in range(rec.meta.n_z)])
+        if z is not None:
+            out[f] = z
+    out.setflags(write=False)
+    return out
+
+
 def _replay(path: Path, model_dir: Path | None, classifier_dir: Path | None = None) -> _Replay:
     from hw_sim.replay import ReplayDriver
     from runtime.config import ModelsConfig
@@ -203,6 +225,7 @@ def _replay(path: Path, model_dir: Path | None, classifier_dir: Path | None = No
     assert truth is not None, f"{path} has no truth"
     return _Replay(
         sharpest=_sharpest_planes(path),
+        peak=_sharpness_peaks(path),
         driver=ReplayDriver(rec),
         settings=ModelsConfig(
             autofocus_dir=str(model_dir) if model_dir else "builtin",
@@ -221,7 +244,7 @@ def scan_path(
     from runtime.config import FocusConfig
     from runtime.focus.field import FieldFocuser
 
-    errors, sharp_errors, captures, tissue_caps, clamped = [], [], [], [], 0
+    errors, sharp_errors, peak_errors, captures, tissue_caps, clamped = [], [], [], [], [], 0
     classes: dict[str, int] = {}
     t0 = time.perf_counter()
     for path in paths:
@@ -238,6 +261,7 @@ def scan_path(
             if tissue[f]:
                 errors.append(abs(r.z_um - float(truth[f])))
                 sharp_errors.append(abs(r.z_um - float(rp.sharpest[f])))
+                peak_errors.append(abs(r.z_um - float(rp.peak[f])))
                 tissue_caps.append(r.captures)
         clamped += drv.camera.clamped_snaps
     e = np.asarray(errors)
@@ -248,7 +272,7 @@ def scan_path(
         "mae_um": float(e.mean()),
         "max_abs_error_um": float(e.max()),
         "within_half_dof": float(np.mean(e <= HALF_DOF_UM)),
-        **_sharpest_scores(np.asarray(sharp_errors)),
+        **_sharpest_scores(np.asarray(sharp_errors), np.asarray(peak_errors)),
         "captures_per_field": float(np.mean(captures)),
         "captures_per_tissue_field": float(np.mean(tissue_caps)),
         "clamped_snaps": clamped,
@@ -417,12 +441,16 @@ def _pct(share: float | None) -> float | None:
     return None if share is None else 100 * share
 
 
-def _sharpest_scores(e: np.ndarray) -> dict[str, Any]:
-    """Errors against each field's sharpest plane (fields whose stack has no peak left out)."""
-    ok = np.isfinite(e)
+def _sharpest_scores(e: np.ndarray, p: np.ndarray) -> dict[str, Any]:
+    """Errors against each field's sharpest plane (``e``: the stack label; ``p``: the whole-frame
+    Brenner peak, the scan's own measure); fields whose stack has no peak left out."""
+    ok, okp = np.isfinite(e), np.isfinite(p)
     return {
         "sharpest_fields": int(ok.sum()),
         "within_half_dof_of_sharpest": float(np.mean(e[ok] <= HALF_DOF_UM)) if ok.any() else None,
+        "peak_fields": int(okp.sum()),
+        "mae_to_peak_um": float(p[okp].mean()) if okp.any() else None,
+        "within_half_dof_of_peak": float(np.mean(p[okp] <= HALF_DOF_UM)) if okp.any() else None,
     }
 
 
@@ -464,7 +492,7 @@ def _resolutions(paths: list[Path], model_dir: Path | None, classifier_dir: Path
     near: dict[str, int] = {}
     trusts: list[dict[str, Any]] = []
     flipped = 0
-    errors, sharp_errors, caps, tissue_caps = [], [], [], []
+    errors, sharp_errors, peak_errors, caps, tissue_caps = [], [], [], [], []
     costs: list[list[Any]] = []
     for path in paths:
         rp = _replay(path, model_dir, classifier_dir)
@@ -486,11 +514,19 @@ def _resolutions(paths: list[Path], model_dir: Path | None, classifier_dir: Path
             if rp.tissue[f]:
                 errors.append(abs(r.z_um - float(rp.truth[f])))
                 sharp_errors.append(abs(r.z_um - float(rp.sharpest[f])))
+                peak_errors.append(abs(r.z_um - float(rp.peak[f])))
                 tissue_caps.append(r.captures)
         t = focuser.near_focus
         if t is not None:  # what the scan's near-focus checks learnt (runtime.focus.near_focus)
             trusts.append(
-                {"checks": t.checks, "failures": t.failures, "offset_um": t.offset_um, "curvature": t.curvature}
+                {
+                    "checks": t.checks,
+                    "failures": t.failures,
+                    "offset_um": t.offset_um,
+                    "curvature": t.curvature,
+                    # In-focus frames read this far off with both signs (None: not blind near focus).
+                    "blind_um": t.blind_um,
+                }
             )
     e = np.asarray(errors)
     return {
@@ -498,7 +534,7 @@ def _resolutions(paths: list[Path], model_dir: Path | None, classifier_dir: Path
         "tissue_fields": len(e),
         "mae_um": float(e.mean()),
         "within_half_dof": float(np.mean(e <= HALF_DOF_UM)),
-        **_sharpest_scores(np.asarray(sharp_errors)),
+        **_sharpest_scores(np.asarray(sharp_errors), np.asarray(peak_errors)),
         "captures_per_field": float(np.mean(caps)),
         "captures_per_tissue_field": float(np.mean(tissue_caps)),
         "sign_resolution": counts,
@@ -553,8 +589,10 @@ def run_objectives(args: argparse.Namespace) -> int:
                     f"{k}:{v:.2f}" for k, v in single["capture_cost"]["per_field"].items() if v and k != "first"
                 ),
                 "ss_sharp": _pct(single["within_half_dof_of_sharpest"]),
+                "ss_peak": _pct(single["within_half_dof_of_peak"]),
                 "sw_within": 100 * sweep["within_half_dof"],
                 "sw_sharp": _pct(sweep["within_half_dof_of_sharpest"]),
+                "sw_peak": _pct(sweep["within_half_dof_of_peak"]),
                 "sw_caps": sweep["captures_per_field"],
                 "near": " ".join(f"{k}:{v}" for k, v in sorted(single["near_focus"].items())),
                 "how": " ".join(f"{k}:{v}" for k, v in sorted(single["sign_resolution"].items()))
@@ -578,9 +616,11 @@ def run_objectives(args: argparse.Namespace) -> int:
         Column("ss_steady", f"captures/field after {STEADY_AFTER}", ".2f"),
         Column("ss_cost", "captures/field by cause (besides the first)"),
         Column("ss_sharp", "single_shot % ±0.35 of sharpest", ".1f"),
+        Column("ss_peak", "single_shot % ±0.35 of Brenner peak", ".1f"),
         Column("sw_within", "sweep % ±0.35", ".1f"),
         Column("sw_caps", "sweep captures/field", ".2f"),
         Column("sw_sharp", "sweep % ±0.35 of sharpest", ".1f"),
+        Column("sw_peak", "sweep % ±0.35 of Brenner peak", ".1f"),
         Column("near", "near-focus fit (fields)"),
         Column("how", "sign resolved (fields)"),
     ]
@@ -589,7 +629,15 @@ def run_objectives(args: argparse.Namespace) -> int:
         "cells": cells,
         "targets": {"within_half_dof": 0.95, "captures_per_field": 2.0},
     }
-    emit(result, rows, cols, as_json=args.json, title="autofocus per objective (no calibration)", notes=[])
+    notes = [
+        "",
+        "% ±0.35: of the simulator's paraxial focus (the truth); of sharpest: of the stack label "
+        "(runtime.focus.stack_labels.label_stack, what export calibrate trains on); of Brenner peak: of the "
+        "stack's whole-frame ln-Brenner peak (stack_labels.sharpness_peak, the scan's own near-focus measure "
+        "and fit). Where the paraxial focus is not where the image is sharpest (strong: 0.6-0.7 µm apart) "
+        "the target is scored on the Brenner peak.",
+    ]
+    emit(result, rows, cols, as_json=args.json, title="autofocus per objective (no calibration)", notes=notes)
     return 0
 
 

@@ -32,10 +32,12 @@ which the caller falls back to the sweep.
 
 **When** (:class:`NearFocusTrust`, one per scan): the model's near-focus reading is
 trusted only as far as the scan has checked it: every field until two checks in a row
-agree with the model, then one field in ``verify_every``. A check costs one or two
-captures: on a 12-field bench recording the scan's first checks show (the simulator's
-held-out scan path: 1.29 -> 1.62 captures per field), on a scan of hundreds of fields
-they do not.
+agree with the model, then one field in ``verify_every``. A model that the checks found blind near
+focus (it read frames in focus 0.5 µm or more off with both signs) hands readings within that much
+(plus ``runtime.focus.single_shot.BLIND_MARGIN_UM``) to the fit, whose first probe goes one
+``PROBE_UM`` to the side its sign says. A check costs one or two captures: on a 12-field bench
+recording the scan's first checks show (the simulator's held-out scan path: 1.29 -> 1.62
+captures per field), on a scan of hundreds of fields they do not.
 """
 
 from __future__ import annotations
@@ -80,6 +82,22 @@ found the focus surface's prediction (where the field's first capture was taken)
 SURFACE_AGREE_UM = 0.3
 """A trusted model's small readings at a surface prediction are not acted on while the checks found
 the surface this close (runtime.focus.single_shot.DEAD_BAND_UM)."""
+BLIND_MIN_UM = 0.5
+BLIND_RUN = 4
+BLIND_MAX_UM = 2.0
+"""A model is blind near focus (:attr:`NearFocusTrust.blind_um`) when, of the offsets the last
+``BLIND_RUN`` checks measured (up to ``BLIND_MAX_UM``), one is at least ``BLIND_MIN_UM`` and one at most
+-``BLIND_MIN_UM``: it reads frames in focus far off with both signs. Strong spherical aberration through
+v3 (bench autofocus --objectives strong): the reading jumps from about -1.1 to +1.1 µm across the
+sharpest plane, so only its sign means something there, and a move by it takes a frame the focus
+surface put within 0.2 µm of focus 1.1-1.5 µm away. An offset of one sign (real tissue through the
+training objective, -0.4 to -1.0 µm varying by field) is not blindness; it is not corrected either.
+Scored against the stack's whole-frame Brenner peak (:func:`runtime.focus.stack_labels.sharpness_peak`,
+what this module's fit finds; the strong objective's paraxial focus lies 0.6-0.7 µm below it and the
+stack label 0.3 µm below it), bench autofocus --objectives strong --contents synthetic ihc gravel, 12
+fields: within ±0.35 µm 72.7 -> 100% / 100 -> 100% / 100 -> 100%, captures per field 2.50 -> 2.33 /
+2.50 -> 2.25 / 2.75 -> 2.25; 32 fields (synthetic, ihc): 100% both, 1.81 -> 1.72 and 2.38 -> 2.16.
+Every other objective x content cell unchanged (blind_um stays None there)."""
 BRACKET_UM = 0.9
 """A three-point fit needs the sharpest sample's neighbours this close: a neighbour farther out lies on
 the tail, where ln sharpness falls linearly, and pulls the parabola's vertex towards it."""
@@ -169,6 +187,7 @@ class NearFocusTrust:
     # The model's reading at a frame minus that frame's defocus from the fit: its near-focus offset
     # on this instrument and slide (real tissue: -0.4 to -1.0 µm), used to place the probe.
     offsets: list[float] = field(default_factory=list)
+    near_readings: list[float] = field(default_factory=list)  # the same, up to BLIND_MAX_UM (blind_um)
 
     @property
     def distrusted(self) -> bool:
@@ -213,6 +232,8 @@ class NearFocusTrust:
         trusted doubles the period between checks (up to ``max_every``); a failure resets it."""
         if offset_um is not None and abs(offset_um) <= 1.5:
             self.offsets.append(offset_um)
+        if offset_um is not None and abs(offset_um) <= BLIND_MAX_UM:
+            self.near_readings.append(offset_um)
         if surface_error_um is not None:
             self.surface_errors.append(abs(surface_error_um))
         trusted = not self.distrusted
@@ -231,6 +252,17 @@ class NearFocusTrust:
     def offset_um(self) -> float:
         """The model's typical near-focus offset (0 until a check measured one)."""
         return float(np.median(self.offsets[-8:])) if self.offsets else 0.0
+
+    @property
+    def blind_um(self) -> float | None:
+        """How far off the model reads frames the checks found in focus, when it reads them that far
+        off with both signs (the last ``BLIND_RUN`` offsets include one of at least ``BLIND_MIN_UM``
+        and one of at most -``BLIND_MIN_UM``): its reading there says the side of focus, not how far.
+        None otherwise."""
+        last = self.near_readings[-BLIND_RUN:]
+        if any(o >= BLIND_MIN_UM for o in last) and any(o <= -BLIND_MIN_UM for o in last):
+            return max(abs(o) for o in last)
+        return None
 
     @property
     def curvature(self) -> float:

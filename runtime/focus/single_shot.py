@@ -39,7 +39,10 @@ checks the model there against the frames' own sharpness (:mod:`runtime.focus.ne
 field whose estimates stalled within ``NEAR_FIT_UM`` is finished by the sharpness fit instead of
 the sweep, and until the model's focus has agreed with the fit on the scan's first fields (and on
 one field in eight afterwards) every field is: the model brings z within ``NEAR_HANDOFF_UM``, the
-fit brackets the sharpness peak and keeps the sharpest frame within 0.2 µm of it.
+fit brackets the sharpness peak and keeps the sharpest frame within 0.2 µm of it. Where the checks
+found the model blind near focus (:attr:`NearFocusTrust.blind_um`: strong spherical aberration, whose
+readings there are +-1.1 µm by side), a reading within that much is not moved on: the fit probes
+on the side its sign gives.
 
 The surface (:mod:`runtime.focus.surface`) predicts where to start; the model
 (:class:`runtime.ml.tasks.AutofocusModel`) estimates from the captured frame.
@@ -55,6 +58,7 @@ import numpy as np
 
 from runtime.focus.near_focus import (
     FIT_RANGE_UM,
+    PROBE_UM,
     TWO_POINT_SPAN_UM,
     NearFocusTrust,
     log_sharpness,
@@ -82,6 +86,9 @@ NEAR_HANDOFF_UM = 1.0
 # A trusted model does not move a frame at a measured surface prediction that the checks found
 # accurate (NearFocusTrust.surface_agrees) when it reads the frame within this (see focus()).
 DEAD_BAND_UM = 0.4
+# A model the checks found reading in-focus frames far off with both signs (NearFocusTrust.blind_um)
+# hands a reading within this much beyond that over to the sharpness fit, which probes on its side.
+BLIND_MARGIN_UM = 0.5
 # ln sharpness this much below an earlier capture's: the model's last move made the frame worse.
 WORSE_LN = 0.02
 
@@ -250,7 +257,8 @@ class SingleShotFocus:
         near = trust if sharpness is not None and d is not None else None
         # A scan that does not trust the model near focus lets it bring z near focus only.
         handoff = near is not None and near.distrusted
-        voted = handed_off = False
+        voted = handed_off = blind_side = False
+        blind = near.blind_um if near is not None else None
         moves, budget = 0, self.max_moves
         second_shots = start_probes = probes = 0
         # A trusted model's reading at a surface prediction from measured slopes: two estimates of
@@ -276,6 +284,9 @@ class SingleShotFocus:
             reach = NEAR_FIT_UM if surface_z and z == start_z_um and near is not None and near.surface_holds else 0.0
             if near is not None and handoff and abs(d - near.offset_um) <= max(NEAR_HANDOFF_UM, reach):
                 handed_off = True
+                break
+            if near is not None and handoff and blind is not None and abs(d) <= blind + BLIND_MARGIN_UM:
+                handed_off = blind_side = True
                 break
             step = float(np.clip(d, -self.max_step_um, self.max_step_um))
             z_new = z - step
@@ -343,7 +354,7 @@ class SingleShotFocus:
             # The probe goes where the model, corrected by its offset on this scan, puts the focus.
             start = near.two_point_curvature is None
             # The model reads each probe too: a check also tests its reading of a known defocus.
-            toward = z - (d - near.offset_um)
+            toward = z - (d - near.offset_um) if not blind_side else z - float(np.sign(d)) * PROBE_UM
             ref = refine(samples, frame, z, capture_at, release, sharpness, near, toward, read=lambda f: est(f)[0])
             captures += ref.captures
             start_probes, probes = (ref.captures, 0) if start else (0, ref.captures)
