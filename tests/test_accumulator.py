@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -197,3 +198,43 @@ def test_tiles_must_arrive_once_and_whole(recordings: dict[str, Path], tmp_path:
         acc.add(plan.fields[1], tile[:100])
     with pytest.raises(ValueError):
         StitchConfig(stage_sigma_um=0.0)
+
+
+@pytest.mark.parametrize("scan", ["base", "rotated"])
+def test_second_pairs_start_from_the_first_and_place_tiles_alike(
+    recordings: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, scan: str
+) -> None:
+    """A tile's second pair starts its subpixel step where the first pair and the solved neighbours put it
+    (no coarse search): the hints are right to hundredths of a pixel, and the tiles land where the full
+    search of every pair puts them, to within a few thousandths."""
+    params = None if scan == "base" else StitchConfig(stage_sigma_um=0.5, max_stage_error_um=2.0)
+    hints: list[tuple[int, tuple[float, float]]] = []  # (the second pair's index in pair_log, hint in tile frame)
+    near = DequeAccumulator._near
+
+    def recorded(self: DequeAccumulator, pairs: list[Any], measured: list[Any], nb: Any) -> tuple[float, float] | None:
+        out = near(self, pairs, measured, nb)
+        if out is not None:
+            strip = next(s_ for k, s_, _ in pairs if k == nb)
+            assert self.pair_log is not None
+            hints.append((len(self.pair_log) + 1, (out[0] + strip.oy, out[1] + strip.ox)))
+        return out
+
+    monkeypatch.setattr(DequeAccumulator, "_near", recorded)
+    _, acc, _, complete = _stitch(recordings[scan], tmp_path / "near", params)
+    assert complete and acc.pair_log is not None
+    # Interior fields whose first pair was accepted (the second may still be glass: rejected as before).
+    checked = 0
+    for i, hint in hints:
+        _, _, reason, shift = acc.pair_log[i]
+        if reason == "ok":
+            assert abs(shift[0] - hint[0]) < 0.05 and abs(shift[1] - hint[1]) < 0.05, (shift, hint)
+            checked += 1
+    assert checked >= 3, (hints, acc.pair_log)
+    monkeypatch.setattr(DequeAccumulator, "_near", lambda *_: None)
+    _, full, _, complete = _stitch(recordings[scan], tmp_path / "full", params)
+    assert complete
+    assert full.stats.pairs == acc.stats.pairs
+    with_hint = {(p["row"], p["col"]): (p["y_px"], p["x_px"]) for p in acc.summary()["positions"]}
+    without = {(p["row"], p["col"]): (p["y_px"], p["x_px"]) for p in full.summary()["positions"]}
+    d = np.array([np.subtract(with_hint[k], without[k]) for k in with_hint])
+    assert np.abs(d - d.mean(axis=0)).max() < 0.005, d

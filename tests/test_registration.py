@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 
@@ -163,3 +164,85 @@ def test_the_stitcher_process_does_not_import_scipy() -> None:
     code = "import sys, runtime.workers.stitcher; print(sorted(m for m in sys.modules if m.startswith('scipy')))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+@pytest.mark.parametrize(("kx", "ky"), [(41, 41), (43, 43), (5, 3), (21, 11), (41, 11)])
+@pytest.mark.parametrize("dtype", [np.uint8, np.float32])
+def test_triangle_blur_is_the_stack_blur_kernel(kx: int, ky: int, dtype: type) -> None:
+    """The two-box blur is the triangle 1, 2, .., r + 1, .., 2, 1 with replicated edges (stack blur's kernel),
+    centred also where r + 1 is even, to float32 rounding (cv2.stackBlur itself is ~9 levels off in its last
+    columns)."""
+    from runtime.stitching.registration import _triangle_blur
+
+    img = (np.random.default_rng(kx * ky).random((70, 90)) * 255).astype(dtype)
+    ref = np.pad(img.astype(np.float64), ((ky // 2,) * 2, (kx // 2,) * 2), mode="edge")
+    for axis, k in ((0, ky), (1, kx)):
+        r = k // 2
+        tri = np.convolve(np.ones(r + 1), np.ones(r + 1)) / (r + 1) ** 2
+        ref = np.apply_along_axis(lambda v, t=tri: np.convolve(v, t, mode="valid"), axis, ref)
+    got = _triangle_blur(img, kx, ky)
+    assert got.dtype == np.float32 and got.shape == img.shape
+    assert np.abs(got - ref).max() < 1e-3
+
+
+def _counting(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """Counts the coarse searches and glass tests register_pair runs."""
+    import runtime.stitching.registration as reg
+
+    calls = {"_coarse": 0, "texture": 0}
+    for name in calls:
+        fn = getattr(reg, name)
+
+        def counted(*args: object, _fn: object = fn, _name: str = name, **kw: object) -> object:
+            calls[_name] += 1
+            return _fn(*args, **kw)  # type: ignore[operator]
+
+        monkeypatch.setattr(reg, name, counted)
+    return calls
+
+
+@pytest.mark.parametrize("shift", CASES)
+def test_a_near_start_skips_the_search_and_measures_the_same(
+    scope: Scope, shift: tuple[float, float], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Given where b is to a fraction of a pixel (the accumulator's second pair), the subpixel step alone
+    measures what the full search does: the same to a few thousandths where the hint rounds to the same
+    pixel as the search's estimate (the fit high-passes the overlap at that whole-pixel offset), and as close
+    to the truth as the full search (0.02 px) from farther off."""
+    a, b = _pair(scope, 600.0, 650.0, shift, seed=CASES.index(shift))
+    nominal = (STEP if shift[0] > STEP / 2 else 0.0, STEP if shift[1] > STEP / 2 else 0.0)
+    params = RegistrationParams(search_px=40)
+    full = register_pair(a, b, nominal, params)
+    calls = _counting(monkeypatch)
+    for err in ((0.0, 0.0), (0.02, -0.03), (0.4, -0.3), (-0.8, 0.6)):
+        near = (full.shift[0] + err[0], full.shift[1] + err[1])
+        m = register_pair(a, b, nominal, params, near=near)
+        assert calls == {"_coarse": 0, "texture": 0}, (err, calls)
+        assert m.accepted and m.reason == "ok" and m.predicted == full.predicted
+        same_pixel = all(round(near[k]) == round(full.shift[k]) for k in (0, 1))
+        bound = 0.002 if same_pixel else 0.03
+        assert abs(m.shift[0] - full.shift[0]) < bound and abs(m.shift[1] - full.shift[1]) < bound, (err, m, full)
+        assert abs(m.shift[0] - shift[0]) < 0.02 and abs(m.shift[1] - shift[1]) < 0.02, (err, m, shift)
+        assert m.ncc == pytest.approx(full.ncc, abs=2e-3)
+
+
+def test_a_wrong_near_start_falls_back_on_the_full_search(scope: Scope, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A hint several pixels off (a bad first pair, neighbours not tied) does not settle near itself: the pair
+    is searched and measured exactly as without it. Glass fails the hint too, and is rejected as glass."""
+    shift = CASES[1]
+    a, b = _pair(scope, 600.0, 650.0, shift, seed=1)
+    params = RegistrationParams(search_px=40)
+    full = register_pair(a, b, (0.0, STEP), params)
+    calls = _counting(monkeypatch)
+    for err in ((5.0, 0.0), (0.0, -7.0), (3.0, 3.0)):
+        m = register_pair(a, b, (0.0, STEP), params, near=(full.shift[0] + err[0], full.shift[1] + err[1]))
+        assert m == full, (err, m, full)
+    assert calls == {"_coarse": 3, "texture": 6}
+    # Outside the search range, or not a number: not tried at all.
+    for near in ((0.0, STEP + 60.0), (math.nan, STEP)):
+        assert register_pair(a, b, (0.0, STEP), params, near=near) == full
+    glass_a, glass_b = _pair(scope, 5000.0, 5000.0, (1.0, STEP + 3.0), seed=7)
+    m = register_pair(glass_a, glass_b, (0.0, STEP), params, near=(1.0, STEP + 3.0))
+    assert not m.accepted and m.reason == "blank"
+    with pytest.raises(ValueError):
+        RegistrationParams(near_px=0.0)

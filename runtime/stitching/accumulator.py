@@ -68,7 +68,7 @@ from runtime.stitching.backends import select_stitch_backend
 from runtime.stitching.blending import composite_feathered, feather_ramps
 from runtime.stitching.flatfield import FlatField, FlatFieldEstimator
 from runtime.stitching.positions import Link, PositionSolver
-from runtime.stitching.registration import RegistrationParams, texture, to_grey
+from runtime.stitching.registration import PairMeasurement, RegistrationParams, texture, to_grey
 from runtime.stitching.spill import SpillCache
 
 U8 = npt.NDArray[np.uint8]
@@ -471,7 +471,9 @@ class DequeAccumulator:
                 # The prior does not depend on the links of this arrival: both guesses are made first.
                 py, px = self.solver.predicted_displacement(nb, key)
                 pairs.append((nb, strip, (py - strip.oy, px - strip.ox)))
-        measured = [self._kernels.register(strip.grey, grey, guess, self._reg) for _, strip, guess in pairs]
+        measured: list[PairMeasurement] = []
+        for nb, strip, guess in pairs:
+            measured.append(self._kernels.register(strip.grey, grey, guess, self._reg, self._near(pairs, measured, nb)))
         for (nb, strip, _), m in zip(pairs, measured, strict=True):
             self.stats.pairs[m.reason] += 1
             if self._arrival_links is not None:
@@ -500,6 +502,25 @@ class DequeAccumulator:
             self._bottom[key] = _Strip(grey[th - self._strip_y :].copy(), th - self._strip_y, 0)
             bottom = texture(self._bottom[key].grey, row_step=4) >= self._reg.min_texture
         self._content[key] = (trailing, bottom)
+
+    def _near(
+        self, pairs: list[tuple[Key, _Strip, tuple[float, float]]], measured: list[PairMeasurement], nb: Key
+    ) -> tuple[float, float] | None:
+        """Where the new tile lies in ``nb``'s strip frame, from the pair measured before it (its other
+        neighbour's accepted link and the solved positions of both neighbours), when the two neighbours are
+        tied by links (one island: their relative position is measured, to hundredths of a pixel): the
+        second pair's subpixel step starts there and skips the coarse search (see ``register_pair``).
+        None for the first pair, or when the first was rejected or the neighbours are not tied."""
+        if not measured or not measured[0].accepted:
+            return None
+        first, strip0, _ = pairs[0]
+        if self.solver.island(first) != self.solver.island(nb):
+            return None
+        strip = next(s_ for k, s_, _ in pairs if k == nb)
+        m = measured[0]
+        p0, pn = self.solver.position(first), self.solver.position(nb)
+        ty, tx = p0[0] + m.shift[0] + strip0.oy, p0[1] + m.shift[1] + strip0.ox  # the new tile's top-left
+        return (ty - pn[0] - strip.oy, tx - pn[1] - strip.ox)
 
     # ------------------------------------------------------------------ blending
 

@@ -70,9 +70,14 @@ class StitchKernels(Protocol):
         ...
 
     def register(
-        self, a: npt.NDArray[np.uint8], b: npt.NDArray[np.uint8], predicted: tuple[float, float], p: RegistrationParams
+        self,
+        a: npt.NDArray[np.uint8],
+        b: npt.NDArray[np.uint8],
+        predicted: tuple[float, float],
+        p: RegistrationParams,
+        near: tuple[float, float] | None = None,
     ) -> PairMeasurement:
-        """``register_pair(a, b, predicted, p)``."""
+        """``register_pair(a, b, predicted, p, near=near)``."""
         ...
 
 
@@ -98,9 +103,14 @@ class CpuKernels:
         return moved, to_uint8(moved, out=self._moved8)
 
     def register(
-        self, a: npt.NDArray[np.uint8], b: npt.NDArray[np.uint8], predicted: tuple[float, float], p: RegistrationParams
+        self,
+        a: npt.NDArray[np.uint8],
+        b: npt.NDArray[np.uint8],
+        predicted: tuple[float, float],
+        p: RegistrationParams,
+        near: tuple[float, float] | None = None,
     ) -> PairMeasurement:
-        return register_pair(a, b, predicted, p)
+        return register_pair(a, b, predicted, p, near=near)
 
 
 class _CupyStitch:
@@ -118,9 +128,14 @@ class _CupyStitch:
         return self.kernels.shift(tile, fy, fx, scale, kernel)
 
     def register(
-        self, a: npt.NDArray[np.uint8], b: npt.NDArray[np.uint8], predicted: tuple[float, float], p: RegistrationParams
+        self,
+        a: npt.NDArray[np.uint8],
+        b: npt.NDArray[np.uint8],
+        predicted: tuple[float, float],
+        p: RegistrationParams,
+        near: tuple[float, float] | None = None,
     ) -> PairMeasurement:
-        return register_pair(a, b, predicted, p, surface=self._surface)
+        return register_pair(a, b, predicted, p, surface=self._surface, near=near)
 
     def _surface(self, wa: F32, wb: F32, lo: tuple[int, int], hi: tuple[int, int], min_count: float) -> F64:
         """The NCC surface on the GPU where it is big enough to pay for its launches and copies, else the CPU's
