@@ -569,7 +569,8 @@ def _floor(workdir: Path, a: argparse.Namespace) -> int:
         "",
         f"One core, OpenCV 1 thread; {a.tile} px tiles of the base recording, {floor['overlap']:.0%} overlap "
         f"({floor['mosaic_px_per_tile'] / 1e6:.3f} Mpx of mosaic per tile); per gigapixel of level 0. "
-        f"One overlap pair: {floor['register_pair_ms']:.1f} ms (outcomes {floor['pairs']}). "
+        f"One overlap pair: {floor['register_pair_ms']:.1f} ms searched, {floor['register_pair_near_ms']:.1f} ms "
+        f"started near (a tile's second; outcomes {floor['pairs']}). "
         f"zstd ratio {floor['zstd_ratio']:.2f}, lz4 {floor['lz4_ratio']:.2f}.",
         f"Two cores doing nothing but these steps: at best {floor['best_mpx_per_s_2_cores']:.0f} Mpx/s.",
     ]
