@@ -477,8 +477,10 @@ def _fine(
         return np.full(2, np.nan), np.full(2, np.inf), 0.0
     s = np.array(start, np.float64)
     ds = np.zeros(2)
-    mb = np.array(oa, np.float32, copy=True)
-    r = np.zeros_like(oa)
+    mb = np.empty_like(oa)
+    r = np.empty_like(oa)
+    if params.max_iterations < 1:
+        mb[...], r[...] = oa, 0
     for _ in range(params.max_iterations):
         # b sampled at q - s: where a's pixel q finds it
         cv2.sepFilter2D(
@@ -489,14 +491,14 @@ def _fine(
         s = s + ds
         if float(np.abs(ds).max()) < tol or float(np.abs(s).max()) > 2.0:
             break
-    ri = r[inner]
-    ri -= gy[inner] * np.float32(ds[0])
-    ri -= gx[inner] * np.float32(ds[1])
-    cov = inv * float(ri.var())
+    # The residual after the last update (in place: the gradients are zero outside ``inner``).
+    cv2.scaleAdd(gy, -float(ds[0]), r, dst=r)
+    cv2.scaleAdd(gx, -float(ds[1]), r, dst=r)
+    cov = inv * float(cv2.meanStdDev(r[inner])[1][0, 0]) ** 2
     sigma = np.sqrt(np.maximum(np.diag(cov), 0.0))
-    ta, mbi = np.ascontiguousarray(oa[inner]), np.ascontiguousarray(mb[inner])
-    denom = math.sqrt(float(np.vdot(ta, ta)) * float(np.vdot(mbi, mbi)))
-    ncc = float(np.vdot(ta, mbi)) / denom if denom > 0 else 0.0
+    ta, mbi = oa[inner], mb[inner]
+    denom = math.sqrt(float(cv2.norm(ta, cv2.NORM_L2SQR)) * float(cv2.norm(mbi, cv2.NORM_L2SQR)))
+    ncc = float(np.einsum("ij,ij->", ta, mbi, dtype=np.float64)) / denom if denom > 0 else 0.0
     return s, sigma, ncc
 
 
