@@ -371,3 +371,29 @@ def test_a_model_blind_near_focus_on_both_sides_hands_its_readings_to_the_fit() 
     assert moves[4:] == [0] * 8 and sum(caps) <= 24, (caps, moves)
     caps, moves, trust = scan(OneSignedNearFocus)
     assert trust.blind_um is None and trust.offset_um < 0
+
+
+class FarSideOnlyNearFocus(Instrument):
+    """Like :class:`SideOnlyNearFocus` with a larger step: frames near focus read 1.7-2.45 µm by side
+    (real tissue through the strong objective, slide seed 7000012: a frame 0.22 µm from the Brenner peak
+    read as -2.12 µm)."""
+
+    def estimate(self, frame: Frame) -> DefocusEstimate:
+        d = frame.z_um - self.focus
+        return DefocusEstimate(d if abs(d) >= 1.5 else math.copysign(1.7 + 0.5 * abs(d), d), 8, 8, 1.0, 0.1)
+
+
+def test_a_reading_handed_to_the_fit_is_fitted_whatever_its_size() -> None:
+    """A blind model's reading within blind_um + BLIND_MARGIN_UM goes to the sharpness fit even when it
+    exceeds NEAR_FIT_UM (2.0 µm). Before, the loop handed it off but the fit refused it (larger than
+    NEAR_FIT_UM): the field was left unconverged and the scan swept it (10 captures)."""
+    trust = NearFocusTrust()
+    trust.observe(False, 1.8)
+    trust.observe(False, -1.7)  # in-focus frames read 1.7-1.8 µm off with both signs
+    assert trust.blind_um == pytest.approx(1.8) and trust.distrusted
+    for i, (f, e) in enumerate([(0.2, 0.65), (-0.3, -0.62), (0.1, 0.7)]):
+        inst = FarSideOnlyNearFocus(f, seed=i)
+        r = _focus(inst, f + e, trust)
+        assert abs(r.predicted_defocus_um or 0.0) > 2.0  # beyond NEAR_FIT_UM
+        assert r.converged and r.near_focus in ("verified", "fit") and abs(r.z_um - f) <= 0.35, (f, r)
+        assert r.cost.moves == 0 and r.captures <= 4, r

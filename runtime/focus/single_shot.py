@@ -348,7 +348,11 @@ class SingleShotFocus:
             and sharpness is not None
             and d is not None
             and (verify or stalled)
-            and abs(d) <= NEAR_FIT_UM
+            # A reading handed off to the fit is the fit's, whatever its size: an offset-corrected one
+            # within the surface's reach, or a blind model's (up to blind_um + BLIND_MARGIN_UM), may exceed
+            # NEAR_FIT_UM (strong objective, real tissue, slide seed 7000012: a frame 0.22 µm below the
+            # Brenner peak read as -2.12 µm was handed off, not fitted, and went to the 10-capture sweep).
+            and (abs(d) <= NEAR_FIT_UM or handed_off)
             and not should_stop()
         ):
             # The probe goes where the model, corrected by its offset on this scan, puts the focus.
