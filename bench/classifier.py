@@ -33,6 +33,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from bench.classifier_scan import add_arguments as scan_arguments
 from bench.report import Column, emit
 
 DESCRIPTION = "tile classifier vs Otsu-on-saturation baseline on held-out slides (P/R/F1, tiles/s)"
@@ -67,6 +68,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "artifacts), the per-window rule vs artifact context (bench.classifier_layout)",
     )
     p.add_argument(
+        "--scan",
+        action="store_true",
+        help="instead of the default report: artifact window recall in the daemon (held-out recordings replayed "
+        "through a live daemon, overlapping fields, the real focus loop), model alone vs the scan-end context "
+        "(bench.classifier_scan)",
+    )
+    p.add_argument(
         "--grow",
         default=None,
         help="with --layout: this context grow threshold (a number, or 'enclosed': enclosed cells only) instead "
@@ -79,6 +87,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="window labels by the folder's model.json decision (default) or by one pass + argmax (the rule "
         "before the decision was recorded, for comparison)",
     )
+    scan_arguments(p)
 
 
 def prf(true: np.ndarray, pred: np.ndarray, k: int) -> dict[str, float]:
@@ -227,6 +236,10 @@ def run(args: argparse.Namespace) -> int:
         model.decision = ClassifierDecision()
     if args.contents:
         return run_contents(args, model, folder)
+    if args.scan:
+        from bench.classifier_scan import run_scan
+
+        return run_scan(args, folder, model)
     if args.layout:
         from bench.classifier_layout import run_layout
 
