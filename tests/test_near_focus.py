@@ -397,3 +397,22 @@ def test_a_reading_handed_to_the_fit_is_fitted_whatever_its_size() -> None:
         assert abs(r.predicted_defocus_um or 0.0) > 2.0  # beyond NEAR_FIT_UM
         assert r.converged and r.near_focus in ("verified", "fit") and abs(r.z_um - f) <= 0.35, (f, r)
         assert r.cost.moves == 0 and r.captures <= 4, r
+
+
+def test_a_blind_models_surface_holds_after_two_checks() -> None:
+    """No check of a model blind near focus can pass, so the scan leans on the focus surface: two checks
+    in a row that found it within 0.2 µm (BLIND_SURFACE_RUN) make it hold, where a model that is merely
+    distrusted (an offset of one sign) needs three (SURFACE_RUN)."""
+    blind, offset = NearFocusTrust(), NearFocusTrust()
+    for t, offs in ((blind, (1.1, -1.2, 1.0, -1.1)), (offset, (-0.8, -0.9, -0.7, -0.8))):
+        t.observe(False, offs[0])
+        t.observe(False, offs[1])
+        t.observe(False, offs[2], 0.1)
+        assert not t.surface_holds  # one surface check
+        t.observe(False, offs[3], -0.15)
+    assert blind.blind_um is not None and blind.surface_holds
+    assert offset.blind_um is None and not offset.surface_holds
+    offset.observe(False, -0.8, 0.05)
+    assert offset.surface_holds
+    blind.observe(False, 1.0, 0.3)  # a check that found the surface off ends it
+    assert not blind.surface_holds
