@@ -87,6 +87,9 @@ class Window:
     # The same rules on the field's recorded plane nearest its true focus, classified here (None: not run).
     focus_by_model: bool | None = None
     focus_in_context: bool | None = None
+    # An artifact window: whether the artifact covering most of it lies wholly inside the scanned area
+    # (its reach: hw_sim's Artifact.reach, beyond which it leaves no trace); None: not known.
+    whole: bool | None = None
 
 
 RULES = {
@@ -116,17 +119,35 @@ def window_boxes(
     return {(i, j): (x0 + j * ww, y0 + i * wh, ww, wh) for i in range(rows) for j in range(cols)}
 
 
-def label_box(slide: SlideLike, box: tuple[float, float, float, float], px_um: float) -> tuple[int, int, float]:
-    """(label, kind, artifact fraction) of a box, as ``bench classifier --layout`` labels a window."""
-    from export.datasets import artifact_kind, tile_label
+def artifact_instance(slide: SlideLike, x0: float, y0: float, size_px: int, px_um: float) -> int:
+    """Index in ``slide.artifacts`` of the artifact covering most of a region, -1 if none covers any
+    (``export.datasets.artifact_kind``'s choice, as an index)."""
+    arts = slide.artifacts
+    best, index = 0.0, -1
+    try:
+        for i, a in enumerate(arts):
+            slide.artifacts = [a]
+            f = slide.artifact_fraction(x0, y0, size_px, size_px, px_um)
+            if f > best:
+                best, index = f, i
+    finally:
+        slide.artifacts = arts
+    return index
+
+
+def label_box(slide: SlideLike, box: tuple[float, float, float, float], px_um: float) -> tuple[int, int, float, int]:
+    """(label, kind, artifact fraction, index in ``slide.artifacts`` of the artifact covering most of
+    it or -1) of a box, as ``bench classifier --layout`` labels a window."""
+    from export.datasets import tile_label
 
     x0, y0, w, h = box
     size = round(w / px_um)
     if round(h / px_um) != size:
         raise ValueError(f"windows must be square, got {w} x {h} µm")
     label, _, afrac = tile_label(slide, x0, y0, size, px_um)  # type: ignore[arg-type]
-    kind = artifact_kind(slide, x0, y0, size, px_um) if label == 2 else -1  # type: ignore[arg-type]
-    return int(label), int(kind), float(afrac)
+    index = artifact_instance(slide, x0, y0, size, px_um) if label == 2 else -1
+    kind = KINDS.index(slide.artifacts[index].kind) if index >= 0 else -1
+    return int(label), kind, float(afrac), index
 
 
 def scan_windows(
@@ -136,11 +157,13 @@ def scan_windows(
     px_um: float,
     actual_xy_um: Sequence[tuple[float, float]] | None = None,
     offline: Offline | None = None,
+    area_um: tuple[float, float, float, float] | None = None,
 ) -> tuple[list[Window], int]:
     """Every window of a scan's ``report.json`` with truth at its field's commanded position, and how
     many windows' labels would differ at the field's true position (``actual_xy_um`` per report field,
     in its order; 0 without). ``offline``: per field (row, col), another classification's window flags
-    and windows in context (:func:`in_focus_rules`)."""
+    and windows in context (:func:`in_focus_rules`). ``area_um``: the scanned area (x0, y0, x1, y1),
+    to tell the artifacts wholly inside it (``Window.whole``)."""
     fields = report["fields"]
     rows = {int(f["row"]) for f in fields}
     cols = {int(f["col"]) for f in fields}
@@ -157,7 +180,14 @@ def scan_windows(
         true_boxes = window_boxes(actual_xy_um[n], tile_px, px_um, grid) if actual_xy_um is not None else None
         off = offline.get((r, c)) if offline is not None else None
         for cell, box in boxes.items():
-            label, kind, afrac = label_box(slide, box, px_um)
+            label, kind, afrac, index = label_box(slide, box, px_um)
+            whole = None
+            if index >= 0 and area_um is not None:
+                a = slide.artifacts[index]
+                ax0, ay0, ax1, ay1 = area_um
+                whole = (
+                    ax0 <= a.cx - a.reach and a.cx + a.reach <= ax1 and ay0 <= a.cy - a.reach and a.cy + a.reach <= ay1
+                )
             if true_boxes is not None:
                 moved += label_box(slide, true_boxes[cell], px_um)[0] != label
             i, j = cell
@@ -174,6 +204,7 @@ def scan_windows(
                     inner,
                     None if off is None else bool(off[0][i][j]),
                     None if off is None else cell in off[1],
+                    whole,
                 )
             )
     return out, moved
@@ -234,7 +265,7 @@ def bootstrap(per_recording: Sequence[Sequence[Window]], rule: str, n: int = 200
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """``--scan`` options (``bench classifier`` adds them to its own)."""
-    p.add_argument("--recordings", type=int, default=16, help="with --scan: held-out recordings (slide seeds)")
+    p.add_argument("--recordings", type=int, default=32, help="with --scan: held-out recordings (slide seeds)")
     p.add_argument("--fields", type=int, default=8, help="with --scan: fields per side of each recording")
     p.add_argument("--z-planes", type=int, default=7, help="with --scan: planes per field in each recording")
     p.add_argument("--artifacts", type=int, default=3, help="with --scan: artifacts per slide (the kinds in turn)")
@@ -331,7 +362,8 @@ def scan_one(
     true_xy = None if actual is None else [(float(actual[i, 0]), float(actual[i, 1])) for i in idx]
     offline = None if model is None else in_focus_rules(rec, report, idx, model)
     tile = (meta.tile_height, meta.tile_width)
-    windows, moved = scan_windows(report, slide, tile, meta.pixel_size_um, true_xy, offline)
+    area = (meta.area.x_um, meta.area.y_um, meta.area.x_um + meta.area.width_um, meta.area.y_um + meta.area.height_um)
+    windows, moved = scan_windows(report, slide, tile, meta.pixel_size_um, true_xy, offline, area)
     info = {
         "seed": params.seed,
         "spherical_waves": round(params.spherical_waves, 4),
@@ -390,6 +422,11 @@ def run_scan(args: argparse.Namespace, folder_info: Any, model: Any = None) -> i
         for rule in RULES if model is not None else ("model", "context"):
             s = score(sel, rule)
             s["over_recordings"] = bootstrap([[w for w in ws if w.inner or scope == "all"] for ws in by_rec], rule)
+            for part, whole in (("wholly_inside", True), ("crossing_edge", False)):
+                # The artifact windows of artifacts wholly inside the scanned area / reaching past its edge
+                # (a bubble whose rim the scan's edge cuts cannot be enclosed).
+                sub = score([w for w in sel if w.label == 2 and w.whole is whole], rule)
+                s[f"artifacts_{part}"] = {k: sub[k] for k in ("artifacts", "artifact_recall", "recall_by_kind")}
             result["scores"][scope][rule] = s
             rows.append(
                 {
@@ -405,6 +442,21 @@ def run_scan(args: argparse.Namespace, folder_info: Any, model: Any = None) -> i
                     "glass_fp": _pct(s["glass_called_artifact"]),
                 }
             )
+    for scope in ("inner",):
+        for part, text in (
+            ("wholly_inside", "artifacts wholly inside the scan"),
+            ("crossing_edge", "crossing its edge"),
+        ):
+            for rule in ("model", "context"):
+                e = result["scores"][scope][rule][f"artifacts_{part}"]
+                rows.append(
+                    {
+                        "what": f"{scope}, {text}: {RULES[rule]}",
+                        "artifacts": e["artifacts"],
+                        "recall": e["artifact_recall"],
+                        **e["recall_by_kind"],
+                    }
+                )
     cols = [
         Column("what", ""),
         Column("artifacts", "artifacts"),
@@ -425,6 +477,8 @@ def run_scan(args: argparse.Namespace, folder_info: Any, model: Any = None) -> i
         f"focus {FOCUS}; artifacts on the slides: {kinds}",
         "windows: 64 µm, 2 x 2 per field, labelled at the field's commanded position (tile_label: artifact when >= 2% "
         f"covered); {moved} of {len(windows)} labels would differ at the stage's true positions",
+        "wholly inside the scan: windows of artifacts whose reach lies inside the scanned area (a bubble whose rim "
+        "the scan's edge cuts cannot be enclosed); crossing its edge: the others (every ink stroke, 600-2000 µm)",
         "90%: recall's interval over resamples of the recordings; kinds' mean: the four kinds' recalls "
         "averaged (windows are mostly ink, whose strokes cover hundreds of µm)",
         "inner: windows of fields with a field on every side; context: the daemon's scan-end rule "

@@ -18,6 +18,18 @@ class Box:
     x1: float
     y1: float
 
+    @property
+    def cx(self) -> float:
+        return (self.x0 + self.x1) / 2
+
+    @property
+    def cy(self) -> float:
+        return (self.y0 + self.y1) / 2
+
+    @property
+    def reach(self) -> float:
+        return float(((self.x1 - self.x0) ** 2 + (self.y1 - self.y0) ** 2) ** 0.5 / 2)
+
 
 class BoxSlide:
     """Tissue everywhere; artifacts are axis-aligned rectangles (µm)."""
@@ -80,6 +92,10 @@ def test_scan_windows_label_each_window_where_its_field_was_commanded() -> None:
     # At the stage's true positions (every field 64 µm right of where it was commanded) labels change.
     true_xy = [(f["x_um"] + 64.0, f["y_um"]) for f in fields]
     assert scan_windows({"fields": fields}, slide, (512, 512), 0.25, true_xy)[1] > 0
+    # Within the scanned area (0..358.4 µm): the bubble's reach is, the fold's (at x 2..20) is not.
+    windows, _ = scan_windows({"fields": fields}, slide, (512, 512), 0.25, area_um=(0.0, 0.0, 358.4, 358.4))
+    whole = {KINDS[w.kind]: w.whole for w in windows if w.label == 2}
+    assert whole == {"bubble": True, "fold": False} and all(w.whole is None for w in windows if w.label != 2)
 
 
 def test_scan_windows_refuse_a_report_without_window_flags() -> None:
