@@ -96,8 +96,9 @@ Scored against the stack's whole-frame Brenner peak (:func:`runtime.focus.stack_
 what this module's fit finds; the strong objective's paraxial focus lies 0.6-0.7 µm below it and the
 stack label 0.3 µm below it), bench autofocus --objectives strong --contents synthetic ihc gravel, 12
 fields: within ±0.35 µm 72.7 -> 100% / 100 -> 100% / 100 -> 100%, captures per field 2.50 -> 2.33 /
-2.50 -> 2.25 / 2.75 -> 2.25; 32 fields (synthetic, ihc): 100% both, 1.81 -> 1.72 and 2.38 -> 2.16.
-Every other objective x content cell unchanged (blind_um stays None there)."""
+2.50 -> 2.25 / 2.75 -> 2.25; 32 fields (synthetic, ihc): 100% both, 1.81 -> 1.72 and 2.38 -> 2.16 (before
+``BLIND_SURFACE_RUN``, which took them further). Every other objective x content cell unchanged (blind_um
+stays None there). ``BLIND_MIN_UM``, ``BLIND_RUN`` and ``BLIND_MAX_UM`` are described together here."""
 BLIND_SURFACE_RUN = 2
 """Once the model is blind near focus (:attr:`NearFocusTrust.blind_um`) the surface holds after this many
 checks in a row found it within ``SURFACE_TOLERANCE_UM`` (else ``SURFACE_RUN``): no check can ever pass
