@@ -121,6 +121,32 @@ def test_composite_over_uncovered_pixels_ignores_alpha() -> None:
     assert (band == 100).all() and covered.all()
 
 
+@pytest.mark.parametrize("all_covered", [True, False])
+def test_composite_is_the_float32_blend_bit_for_bit(all_covered: bool) -> None:
+    """``band + a (tile - band)`` computed step by step in float32 (band read as float, the difference
+    times alpha, added back, rounded half to even and saturated): the same bytes, on views into larger
+    arrays (as the stitcher passes a block's rectangle and a strip of the resampled tile), with tile
+    values outside 0..255 and alpha at 0, 1 and between."""
+    rng = np.random.default_rng(11 + all_covered)
+    block = rng.integers(0, 256, (70, 90, 3), dtype=np.uint8)
+    whole = rng.uniform(-20, 275, (64, 128, 3)).astype(np.float32)
+    whole[::7] = np.round(whole[::7]) + np.float32(0.5)  # many exact halves
+    alpha = rng.uniform(0, 1, (50, 60)).astype(np.float32)
+    alpha[::5] = 0.0
+    alpha[:, ::9] = 1.0
+    covered = np.ones((50, 60), bool) if all_covered else rng.random((50, 60)) < 0.6
+    band, tile = block[10:60, 20:80], whole[5:55, 30:90]
+    a = alpha if all_covered else np.where(covered, alpha, np.float32(1.0))
+    out = band.astype(np.float32)
+    out += (tile - out) * a[..., None]
+    want = np.rint(np.clip(out, 0, 255)).astype(np.uint8)
+    around = block.copy()
+    composite(band, covered, tile, alpha)
+    assert (band == want).all() and covered.all()
+    around[10:60, 20:80] = want
+    assert (block == around).all()  # nothing outside the view written
+
+
 def test_to_uint8_rounds_half_to_even_and_saturates() -> None:
     x = np.array([[-300.0, -0.5, 0.5, 1.5, 2.5, 2.4999998, 127.5, 254.5, 255.5, 1e9]], np.float32)
     tile = np.repeat(x[..., None], 3, axis=2)

@@ -161,6 +161,37 @@ def test_cpu_shift_reuses_its_buffers_and_gives_the_same_pixels(
         subpixel_shift(tile, 0.1, 0.1, out=np.empty((3, 3, 3), np.float32))
 
 
+@pytest.mark.parametrize("shift", [(0.21, -0.37), (0.0, 0.0)])
+@pytest.mark.parametrize(
+    "opaque",
+    [(12, 40, 9, 50), (0, 64, 0, 64), (0, 64, 20, 64), (30, 30, 0, 64), (-5, 500, 10, 20), (0, 0, 0, 0)],
+)
+def test_cpu_shift_with_an_opaque_rectangle_gives_the_same_bytes_where_they_are_read(
+    vignetted: Vignetted, shift: tuple[float, float], opaque: tuple[int, int, int, int]
+) -> None:
+    """With ``opaque`` the gain and the rounding are one pass and the float gain is applied only outside the
+    rectangle: the uint8 tile is the same bytes everywhere, the float tile the same outside the rectangle
+    (empty, clipped and whole rectangles included), and without a gain ``opaque`` changes nothing."""
+    from runtime.stitching.backends import CpuKernels
+    from runtime.stitching.blending import to_uint8
+
+    tile, ff = vignetted
+    assert ff.inverse is not None
+    tile, scale = tile[:64, :64].copy(), np.ascontiguousarray(ff.inverse[:64, :64])
+    scale[::3] *= np.float32(1.37)  # some products above 255, to saturate
+    for kernel in ("cubic", "lanczos3"):
+        want = subpixel_shift(tile, *shift, scale, kernel)
+        got, got8 = CpuKernels().shift(tile, *shift, scale, kernel, opaque=opaque)
+        assert np.array_equal(got8, to_uint8(want))
+        outside = np.ones(tile.shape[:2], bool)
+        y0, y1, x0, x1 = (max(0, v) for v in opaque)
+        outside[y0:y1, x0:x1] = False
+        assert np.array_equal(got[outside], want[outside])
+        plain, plain8 = CpuKernels().shift(tile, *shift, None, kernel, opaque=opaque)
+        want = subpixel_shift(tile, *shift, None, kernel)
+        assert np.array_equal(plain, want) and np.array_equal(plain8, to_uint8(want))
+
+
 def test_to_grey_into_a_buffer_is_the_same_grey(vignetted: Vignetted) -> None:
     tile = vignetted[0]
     buf = np.empty(tile.shape[:2], np.uint8)

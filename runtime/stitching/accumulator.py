@@ -587,10 +587,13 @@ class DequeAccumulator:
             self.stats.clipped_rows += max(0, min(self._first_band_y, iy + th) - max(iy, 0))
         if y0 < y1 and x0 < x1:
             assert tile is not None
-            # flat-field and shift in one pass
-            # moved8: what the opaque part of the tile becomes, rounded once
-            moved, moved8 = self._kernels.shift(tile, fy, fx, self._flat.inverse, self.params.resampling_kernel)
             feather = feather_ramps(th, tw, **self._earlier_edges(key, iy, ix, th, tw))
+            # flat-field and shift in one pass
+            # moved8: what the opaque part of the tile becomes, rounded once; moved (float) is read
+            # only outside it, where the strips are blended
+            moved, moved8 = self._kernels.shift(
+                tile, fy, fx, self._flat.inverse, self.params.resampling_kernel, opaque=feather.opaque()
+            )
             c = self.chunk
             for bi in range(y0 // c, (y1 - 1) // c + 1):
                 for bj in range(x0 // c, (x1 - 1) // c + 1):

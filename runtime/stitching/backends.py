@@ -21,6 +21,7 @@ import importlib.util
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
+import cv2
 import numpy as np
 import numpy.typing as npt
 
@@ -31,6 +32,7 @@ from runtime.stitching.registration import PairMeasurement, RegistrationParams, 
 F32 = npt.NDArray[np.float32]
 F64 = npt.NDArray[np.float64]
 U8 = npt.NDArray[np.uint8]
+Rect = tuple[int, int, int, int]
 StitchBackendName = Literal["auto", "cpu", "cupy"]
 STITCH_BACKENDS = ("cpu", "cupy")
 
@@ -64,9 +66,16 @@ class StitchKernels(Protocol):
 
     name: str
 
-    def shift(self, tile: U8, fy: float, fx: float, scale: F32 | None, kernel: str) -> tuple[F32, U8]:
+    def shift(
+        self, tile: U8, fy: float, fx: float, scale: F32 | None, kernel: str, opaque: Rect | None = None
+    ) -> tuple[F32, U8]:
         """``subpixel_shift(tile, fy, fx, scale, kernel)`` and its ``to_uint8``: valid until the next call
-        (a backend may reuse their memory for the next tile)."""
+        (a backend may reuse their memory for the next tile).
+
+        ``opaque`` (y0, y1, x0, x1): the tile rectangle where the caller reads only the uint8 result (the
+        feather's opaque part, :meth:`runtime.stitching.blending.Feather.opaque`). Inside it the float
+        result may lack the ``scale`` gain; the uint8 result is whole everywhere, and so is the float one
+        outside the rectangle. None: both whole everywhere."""
         ...
 
     def register(
@@ -95,12 +104,28 @@ class CpuKernels:
         self._moved: F32 | None = None
         self._moved8: U8 | None = None
 
-    def shift(self, tile: U8, fy: float, fx: float, scale: F32 | None, kernel: str) -> tuple[F32, U8]:
+    def shift(
+        self, tile: U8, fy: float, fx: float, scale: F32 | None, kernel: str, opaque: Rect | None = None
+    ) -> tuple[F32, U8]:
         if self._moved is None or self._moved8 is None or self._moved.shape != tile.shape:
             self._moved = np.empty(tile.shape, np.float32)
             self._moved8 = np.empty(tile.shape, np.uint8)
-        moved = subpixel_shift(tile, fy, fx, scale, kernel, out=self._moved)
-        return moved, to_uint8(moved, out=self._moved8)
+        if scale is None or opaque is None:
+            moved = subpixel_shift(tile, fy, fx, scale, kernel, out=self._moved)
+            return moved, to_uint8(moved, out=self._moved8)
+        # The gain and the rounding in one pass (float32 product, rounded half to even and saturated:
+        # the bytes of to_uint8(moved * scale)), and the float gain only outside the opaque rectangle.
+        moved = subpixel_shift(tile, fy, fx, None, kernel, out=self._moved)
+        cv2.multiply(moved, scale, dst=self._moved8, dtype=cv2.CV_8U)
+        h, w = tile.shape[:2]
+        y0, y1, x0, x1 = (max(0, min(v, n)) for v, n in zip(opaque, (h, h, w, w), strict=True))
+        if y0 >= y1 or x0 >= x1:
+            y0 = y1 = x0 = x1 = 0
+        for ya, yb, xa, xb in ((0, y0, 0, w), (y1, h, 0, w), (y0, y1, 0, x0), (y0, y1, x1, w)):
+            if ya < yb and xa < xb:
+                strip = moved[ya:yb, xa:xb]
+                np.multiply(strip, scale[ya:yb, xa:xb], out=strip)
+        return moved, self._moved8
 
     def register(
         self,
@@ -124,8 +149,10 @@ class _CupyStitch:
         self.kernels = CupyKernels()
         self.device = self.kernels.device
 
-    def shift(self, tile: U8, fy: float, fx: float, scale: F32 | None, kernel: str) -> tuple[F32, U8]:
-        return self.kernels.shift(tile, fy, fx, scale, kernel)
+    def shift(
+        self, tile: U8, fy: float, fx: float, scale: F32 | None, kernel: str, opaque: Rect | None = None
+    ) -> tuple[F32, U8]:
+        return self.kernels.shift(tile, fy, fx, scale, kernel)  # whole everywhere (``opaque`` is a licence)
 
     def register(
         self,
@@ -149,8 +176,6 @@ class _CupyStitch:
 def probe(kernels: StitchKernels) -> None:
     """Raise RuntimeError unless ``kernels`` reproduce the CPU on a small tile (both resampling kernels, with a
     flat-field gain) and on a small pair of overlapping tiles (the registered shift within 0.001 px)."""
-    import cv2
-
     rng = np.random.default_rng(7)
     tile = rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)
     scale = rng.uniform(0.9, 1.2, tile.shape).astype(np.float32)

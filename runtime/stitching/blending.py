@@ -220,13 +220,21 @@ def composite(band: U8, covered: Bool, tile: F32, alpha: F32) -> None:
 
     All four arrays describe the same pixels (band and tile (h, w, 3)). The sum is
     ``band + a (tile - band)`` in float32, rounded half to even and saturated.
+
+    One float temporary: ``tile - band`` (the uint8 band read as float32 by the subtraction itself, no
+    float copy of it first), times alpha in one OpenCV pass over a 3-channel alpha, plus the band.
+    The same float32 operations as ``out = float(band); out += (tile - out) * a``, so the same bytes
+    (``tests/test_blending.py``), in ~0.11 ms instead of ~0.25 ms per overlap strip on the e2e
+    recording (single thread).
     """
+    if covered.size == 0:
+        return
     a = alpha if covered.all() else np.where(covered, alpha, np.float32(1.0))
-    out = band.astype(np.float32)
-    d = tile - out
-    d *= a[..., None]
-    out += d
-    band[...] = to_uint8(out)
+    a = np.asarray(a, np.float32)
+    d: F32 = np.subtract(tile, band, dtype=np.float32)
+    cv2.multiply(d, cv2.merge((a, a, a)), dst=d)
+    d += band
+    band[...] = to_uint8(d)
     covered[...] = True
 
 
