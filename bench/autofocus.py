@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.report import Column, emit
+from bench.report import Column, emit, percent
 
 DESCRIPTION = "single-shot autofocus vs contrast sweep on held-out recordings (accuracy, captures, ms/tile)"
 HALF_DOF_UM = 0.35
@@ -437,10 +437,6 @@ def sign_confidence(recs: list[Any], model: Any, max_abs_um: float = 8.0) -> dic
     }
 
 
-def _pct(share: float | None) -> float | None:
-    return None if share is None else 100 * share
-
-
 def _sharpest_scores(e: np.ndarray, p: np.ndarray) -> dict[str, Any]:
     """Errors against each field's sharpest plane (``e``: the stack label; ``p``: the whole-frame
     Brenner peak, the scan's own measure); fields whose stack has no peak left out."""
@@ -588,11 +584,11 @@ def run_objectives(args: argparse.Namespace) -> int:
                 "ss_cost": " ".join(
                     f"{k}:{v:.2f}" for k, v in single["capture_cost"]["per_field"].items() if v and k != "first"
                 ),
-                "ss_sharp": _pct(single["within_half_dof_of_sharpest"]),
-                "ss_peak": _pct(single["within_half_dof_of_peak"]),
+                "ss_sharp": percent(single["within_half_dof_of_sharpest"]),
+                "ss_peak": percent(single["within_half_dof_of_peak"]),
                 "sw_within": 100 * sweep["within_half_dof"],
-                "sw_sharp": _pct(sweep["within_half_dof_of_sharpest"]),
-                "sw_peak": _pct(sweep["within_half_dof_of_peak"]),
+                "sw_sharp": percent(sweep["within_half_dof_of_sharpest"]),
+                "sw_peak": percent(sweep["within_half_dof_of_peak"]),
                 "sw_caps": sweep["captures_per_field"],
                 "near": " ".join(f"{k}:{v}" for k, v in sorted(single["near_focus"].items())),
                 "how": " ".join(f"{k}:{v}" for k, v in sorted(single["sign_resolution"].items()))

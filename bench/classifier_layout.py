@@ -36,7 +36,7 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
-from bench.report import Column, emit
+from bench.report import Column, emit, percent
 from runtime.ml.artifact_context import ArtifactContext
 
 PX_UM = 0.25
@@ -329,10 +329,6 @@ def choose_context(val: list[Unit]) -> tuple[ArtifactContext | None, list[dict[s
     return chosen, table
 
 
-def _pct(v: float | None) -> float | None:
-    return None if v is None else 100 * v
-
-
 def run_layout(args: argparse.Namespace, model: Any, folder: Any) -> int:
     views = {}
     for n in (*LAYOUT_SETS, "unseen"):  # one set's images in memory at a time
@@ -371,8 +367,8 @@ def run_layout(args: argparse.Namespace, model: Any, folder: Any) -> int:
                         "recall": s["artifact_recall"],
                         **s["recall_by_kind"],
                         "tissue": s["tissue"],
-                        "tissue_fp": _pct(s["tissue_called_artifact"]),
-                        "clean_fp": _pct(s["untouched_tissue_called_artifact"]),
+                        "tissue_fp": percent(s["tissue_called_artifact"]),
+                        "clean_fp": percent(s["untouched_tissue_called_artifact"]),
                     }
                 )
         result["units"][unit] = r

@@ -50,7 +50,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from bench.report import Column, emit
+from bench.report import Column, emit, percent
 
 FOCUS = "single_shot"  # the strategy that classifies fields (contrast_sweep does not)
 KINDS = ("ink", "bubble", "dust", "fold")  # hw_sim.slide.ARTIFACT_KINDS
@@ -114,10 +114,12 @@ def window_boxes(
     """(x0, y0, width, height) in µm of each window (row i, col j) of a field whose centre is at
     ``centre_um`` (x, y): the tile (height, width px) cut evenly into ``grid`` (rows, cols), rows
     down the slide's y, columns along its x (``runtime.analysis.artifact_regions.FieldArtifacts``)."""
-    (cx, cy), (h, w), (rows, cols) = centre_um, tile_px, grid
-    x0, y0 = cx - w * px_um / 2, cy - h * px_um / 2
-    ww, wh = w * px_um / cols, h * px_um / rows
-    return {(i, j): (x0 + j * ww, y0 + i * wh, ww, wh) for i in range(rows) for j in range(cols)}
+    from runtime.analysis.artifact_regions import window_grid_boxes
+
+    (cx, cy), (h, w) = centre_um, tile_px
+    size = (h * px_um, w * px_um)
+    boxes = window_grid_boxes((cy - size[0] / 2, cx - size[1] / 2), size, grid)
+    return {cell: (x0, y0, x1 - x0, y1 - y0) for cell, (x0, y0, x1, y1) in boxes.items()}
 
 
 def artifact_instance(slide: SlideLike, x0: float, y0: float, size_px: int, px_um: float) -> int:
@@ -382,10 +384,6 @@ def _settings(a: argparse.Namespace, sha256: str) -> str:
     return f"scan-reports-f{a.fields}-z{a.z_planes}-a{a.artifacts}-o{a.overlap:g}-{FOCUS}-{sha256[:8]}"
 
 
-def _pct(v: float | None) -> float | None:
-    return None if v is None else 100 * v
-
-
 def run_scan(args: argparse.Namespace, folder_info: Any, model: Any = None) -> int:
     """The bench; ``model`` (the classifier in this process, the daemon's folder): also score the
     rules on each field's in-focus plane (``RULES`` focus_*), the focus loop's share of the figures."""
@@ -438,9 +436,9 @@ def run_scan(args: argparse.Namespace, folder_info: Any, model: Any = None) -> i
                     **s["recall_by_kind"],
                     "balanced": s["kind_balanced_recall"],
                     "tissue": s["tissue"],
-                    "tissue_fp": _pct(s["tissue_called_artifact"]),
-                    "clean_fp": _pct(s["untouched_tissue_called_artifact"]),
-                    "glass_fp": _pct(s["glass_called_artifact"]),
+                    "tissue_fp": percent(s["tissue_called_artifact"]),
+                    "clean_fp": percent(s["untouched_tissue_called_artifact"]),
+                    "glass_fp": percent(s["glass_called_artifact"]),
                 }
             )
     for scope in ("inner",):

@@ -22,6 +22,11 @@ class Column:
     fmt: str = ""  # format spec for the value, e.g. ".1f"
 
 
+def percent(share: float | None) -> float | None:
+    """A share (0..1) as a percentage for a table cell; None stays None (no data)."""
+    return None if share is None else 100 * share
+
+
 def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[Column]) -> str:
     """Right-aligned columns (numbers read best that way); missing values print as '-'."""
     cells = [[c.header for c in columns]]

@@ -211,10 +211,11 @@ def test_second_pairs_start_from_the_first_and_place_tiles_alike(
     hints: list[tuple[int, tuple[float, float]]] = []  # (the second pair's index in pair_log, hint in tile frame)
     near = DequeAccumulator._near
 
-    def recorded(self: DequeAccumulator, pairs: list[Any], measured: list[Any], nb: Any) -> tuple[float, float] | None:
-        out = near(self, pairs, measured, nb)
+    def recorded(
+        self: DequeAccumulator, pairs: list[Any], measured: list[Any], nb: Any, strip: Any
+    ) -> tuple[float, float] | None:
+        out = near(self, pairs, measured, nb, strip)
         if out is not None:
-            strip = next(s_ for k, s_, _ in pairs if k == nb)
             assert self.pair_log is not None
             hints.append((len(self.pair_log) + 1, (out[0] + strip.oy, out[1] + strip.ox)))
         return out

@@ -40,6 +40,20 @@ REGION_NAME: Final = "artifact (scanner)"
 Cell = tuple[int, int]
 
 
+def window_grid_boxes(
+    top_left: tuple[float, float], size: tuple[float, float], grid: tuple[int, int]
+) -> dict[Cell, tuple[float, float, float, float]]:
+    """Box (x0, y0, x1, y1) of each window (row i, col j) of a tile whose top-left corner is ``top_left``
+    (y, x) and whose size is ``size`` (height, width), cut evenly into ``grid`` (rows, cols): rows down y,
+    columns along x, in the units given (slide pixels here; µm in ``bench classifier --scan``)."""
+    (y0, x0), (h, w), (rows, cols) = top_left, size, grid
+    return {
+        (i, j): (x0 + j * w / cols, y0 + i * h / rows, x0 + (j + 1) * w / cols, y0 + (i + 1) * h / rows)
+        for i in range(rows)
+        for j in range(cols)
+    }
+
+
 @dataclass(frozen=True)
 class FieldArtifacts:
     """One field's artifact windows on the slide.
@@ -80,13 +94,8 @@ class FieldArtifacts:
 
     def boxes(self) -> list[tuple[Cell, tuple[float, float, float, float]]]:
         """Each flagged window and its box (x0, y0, x1, y1) in slide pixels."""
-        y0, x0 = self.top_left
-        h, w = self.tile
-        rows, cols = self.grid or (1, 1)
-        return [
-            ((i, j), (x0 + j * w / cols, y0 + i * h / rows, x0 + (j + 1) * w / cols, y0 + (i + 1) * h / rows))
-            for i, j in sorted(self.flagged)
-        ]
+        grid = window_grid_boxes(self.top_left, self.tile, self.grid or (1, 1))
+        return [(cell, grid[cell]) for cell in sorted(self.flagged)]
 
     def p_artifact(self, cell: Cell) -> float | None:
         wp = self.window_p

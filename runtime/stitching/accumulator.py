@@ -473,7 +473,8 @@ class DequeAccumulator:
                 pairs.append((nb, strip, (py - strip.oy, px - strip.ox)))
         measured: list[PairMeasurement] = []
         for nb, strip, guess in pairs:
-            measured.append(self._kernels.register(strip.grey, grey, guess, self._reg, self._near(pairs, measured, nb)))
+            near = self._near(pairs, measured, nb, strip)
+            measured.append(self._kernels.register(strip.grey, grey, guess, self._reg, near))
         for (nb, strip, _), m in zip(pairs, measured, strict=True):
             self.stats.pairs[m.reason] += 1
             if self._arrival_links is not None:
@@ -504,9 +505,13 @@ class DequeAccumulator:
         self._content[key] = (trailing, bottom)
 
     def _near(
-        self, pairs: list[tuple[Key, _Strip, tuple[float, float]]], measured: list[PairMeasurement], nb: Key
+        self,
+        pairs: list[tuple[Key, _Strip, tuple[float, float]]],
+        measured: list[PairMeasurement],
+        nb: Key,
+        strip: _Strip,
     ) -> tuple[float, float] | None:
-        """Where the new tile lies in ``nb``'s strip frame, from the pair measured before it (its other
+        """Where the new tile lies in ``nb``'s ``strip`` frame, from the pair measured before it (its other
         neighbour's accepted link and the solved positions of both neighbours), when the two neighbours are
         tied by links (one island: their relative position is measured, to hundredths of a pixel): the
         second pair's subpixel step starts there and skips the coarse search (see ``register_pair``).
@@ -516,7 +521,6 @@ class DequeAccumulator:
         first, strip0, _ = pairs[0]
         if self.solver.island(first) != self.solver.island(nb):
             return None
-        strip = next(s_ for k, s_, _ in pairs if k == nb)
         m = measured[0]
         p0, pn = self.solver.position(first), self.solver.position(nb)
         ty, tx = p0[0] + m.shift[0] + strip0.oy, p0[1] + m.shift[1] + strip0.ox  # the new tile's top-left
