@@ -179,6 +179,33 @@ def test_heatmap_is_a_pyramidal_ome_tiff_with_the_cell_pixel_size(tmp_path: Path
             )
 
 
+def test_overlay_blends_only_where_it_shows_and_equals_the_full_blend(tmp_path: Path) -> None:
+    """write_overlay blends the thumbnail with the colour ramp only where alpha > 0: the image must be
+    the blend computed over every pixel (alpha 0 leaves the thumbnail's own pixel)."""
+    import cv2
+
+    from runtime.analysis.heatmap import _ramp
+
+    rng = np.random.default_rng(3)
+    r = grid_result()
+    values = (rng.random(r.probability.shape) ** 3).astype(np.float32)
+    values[:, :5] = 0.0  # a band the overlay leaves to the slide
+    thumb = rng.integers(0, 256, (r.shape[0] // 8, r.shape[1] // 8, 3), dtype=np.uint8)
+    bgr = cv2.imread(str(write_overlay(tmp_path / "o.png", values, r.analysed, thumb, r.shape)))
+    assert bgr is not None
+    got = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+    oh, ow = thumb.shape[:2]
+    gh, gw = values.shape
+    full_w, full_h = round(gw * (r.shape[1] / gw) * ow / r.shape[1]), round(gh * (r.shape[0] / gh) * oh / r.shape[0])
+    v = np.asarray(cv2.resize(values, (full_w, full_h), interpolation=cv2.INTER_LINEAR), np.float32)[:oh, :ow]
+    a = cv2.resize(r.analysed.astype(np.float32), (full_w, full_h), interpolation=cv2.INTER_NEAREST)[:oh, :ow]
+    alpha = (a * np.clip(1.2 * v - 0.1, 0, 0.8)).astype(np.float32)[..., None]
+    want = np.clip(np.rint(thumb.astype(np.float32) * (1 - alpha) + _ramp(v) * alpha), 0, 255).astype(np.uint8)
+    assert 0 < (alpha > 0).mean() < 1
+    assert np.array_equal(got, want)
+    assert np.array_equal(got[alpha[..., 0] == 0], thumb[alpha[..., 0] == 0])
+
+
 @pytest.mark.skipif(bioformats.java() is None, reason="java is not installed")
 def test_bioformats_opens_the_heatmap_as_a_pyramid(tmp_path: Path) -> None:
     r = grid_result()
