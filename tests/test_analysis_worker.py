@@ -147,3 +147,33 @@ def test_models_reload_only_when_their_folders_change(tmp_path: Path) -> None:
     assert not models.ensure(cfg) and models.loads == 3
     shutil.copytree(default_model_dir("tumour"), tmp_path / "tumour")
     assert models.ensure(cfg) and models.error is None and models.loads == 4
+
+
+def test_feeding_reads_whole_chunk_rows_of_the_mosaic() -> None:
+    """A read decodes whole chunks: each piece the worker feeds ends at a chunk row's end (or at the
+    rows announced so far), so no chunk is decoded twice for rows already final."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from runtime.analysis.pipeline import SlideGeometry
+    from runtime.workers.analysis import _Run
+
+    reads: list[tuple[int, int]] = []
+    fed = {1: 0}
+
+    def read_rows(level: int, y0: int, y1: int) -> np.ndarray:
+        reads.append((y0, y1))
+        return np.zeros((y1 - y0, 25, 3), np.uint8)
+
+    run = _Run.__new__(_Run)
+    run.store = SimpleNamespace(chunk=64)  # type: ignore[assignment]
+    geometry = SlideGeometry(((400, 50), (200, 25)), 0.25)
+    run.source = SimpleNamespace(geometry=geometry, read_rows=read_rows)  # type: ignore[assignment]
+    run.analyzer = SimpleNamespace(  # type: ignore[assignment]
+        levels=(1,), rows_needed=lambda lv: fed[lv], feed=lambda lv, y, rows: fed.__setitem__(lv, y + len(rows))
+    )
+    run.beat = lambda: None
+    run.rows_final(1, 100)  # rows final up to 100: one whole chunk row, then the part of the next one
+    run.rows_final(1, 200)  # the rest of that chunk row, then the slide's last rows
+    assert reads == [(0, 64), (64, 100), (100, 128), (128, 192), (192, 200)]

@@ -66,7 +66,6 @@ from runtime.workers.skeleton import POLL_S, WorkerContext, run_worker
 
 log = logging.getLogger("wsi.analysis")
 
-FEED_ROWS = 256  # rows per read from the mosaic: a heartbeat between reads
 
 # The most work the niced feeding may leave behind, in level-0 megapixels of announced rows not yet
 # fed: ``[analysis] backlog_mpx`` (the operator's, like ``nice``; 4 by default, about 0.05 CPU-s per
@@ -227,9 +226,11 @@ class _Run:
         self.beat()
 
     def feed_piece(self, level: int, rows: int) -> None:
-        """Feed the next at most FEED_ROWS rows of ``level`` below ``rows``."""
+        """Feed the next rows of ``level`` below ``rows``, to the end of the mosaic's chunk row at most
+        (a read decodes whole chunks: pieces that split a chunk row decoded its chunks once per piece)."""
         y = self.analyzer.rows_needed(level)
-        y1 = min(rows, self.source.geometry.level_shapes[level][0], y + FEED_ROWS)
+        chunk = self.store.chunk
+        y1 = min(rows, self.source.geometry.level_shapes[level][0], (y // chunk + 1) * chunk)
         self.analyzer.feed(level, y, self.source.read_rows(level, y, y1))
         self.beat()
 
@@ -266,7 +267,8 @@ class _Feeder:
     thread of normal priority while it is too far behind.
 
     The main thread :meth:`hand` s it a run and :meth:`announce` s rows as they become final; a
-    thread feeds them a piece (``FEED_ROWS``) at a time. Normally the *niced* thread does
+    thread feeds them a piece (at most a chunk row of the mosaic: :meth:`_Run.feed_piece`) at a time.
+    Normally the *niced* thread does
     (``[analysis] nice``: capture, stitching and writing come first). When the rows announced but not
     fed pass ``backlog_mpx`` (the niced thread starved by a busy machine), or once the slide's last
     row is announced, the feeding is *urgent*: the niced thread stops at its next nuclei region or
