@@ -17,28 +17,46 @@ On ONNX Runtime CPU each session runs with ``cpu_threads`` intra-op threads, 1 b
 analysis is a niced background worker beside capture, stitching and writing, and ORT's default
 pool (one spinning thread per core) spent about twice the CPU per nuclei window for no gain in
 wall time on a shared 2-core machine (measured 2.8-3.6 ms vs 1.1-1.9 ms of CPU per 128-px window).
+
+The committed tumour and nuclei models have int8 copies (``runtime/ml/builtin/{tumour,nuclei}_int8``,
+made by ``python -m export.quantize_analysis``: static QDQ quantization calibrated on the windows and
+patches the analyzer sends on training-range slides, parity against the float model in their
+model.json; one thread on this CPU: 3.1 vs 3.8 ms per 320-px nuclei window, 0.043 vs 0.069 ms per
+tumour patch). Without a folder, the nuclei model that runs on ONNX Runtime CPU is its int8 copy
+(:data:`INT8_TASKS`); TensorRT and ONNX Runtime CUDA keep the float model, which its folder path
+(``nuclei_dir``) also names on the CPU. The int8 tumour model is taken by naming its folder
+(``tumour_dir``); the slide model, trained on the float tumour model's embeddings, reads its int8
+copy's (:func:`tumour_identities`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from runtime.analysis.nuclei import NucleiDetector
 from runtime.analysis.slide_mil import AttentionMIL
 from runtime.analysis.tumour import TumourClassifier
-from runtime.ml.backends import Preference, installed_backends, select_backend
-from runtime.ml.model_folder import ModelFolderError, default_model_dir, load_model_folder
+from runtime.ml.backends import Backend, Preference, installed_backends, select_backend
+from runtime.ml.model_folder import ModelFolder, ModelFolderError, default_model_dir, load_model_folder
 
 CPU_THREADS = 1  # ONNX Runtime CPU intra-op threads per analysis session (see the module docstring)
+# Builtin CNNs whose committed int8 copy is taken on ONNX Runtime CPU (see the module docstring). The
+# tumour model's copy (tumour_int8) is committed but not taken by default: on the second held-out bench
+# set it lost one faint lesion (sensitivity at 0.5 FP 0.957 -> 0.935; set 1, Dice, AUC unchanged).
+INT8_TASKS = ("nuclei",)
 
 __all__ = [
     "CPU_THREADS",
+    "INT8_TASKS",
     "AnalysisModels",
+    "int8_dir",
     "load_analysis_models",
     "load_nuclei_model",
     "load_slide_model",
     "load_tumour_model",
+    "tumour_identities",
 ]
 
 
@@ -51,14 +69,43 @@ class AnalysisModels:
     slide: AttentionMIL
 
 
+def int8_dir(task: str) -> Path:
+    """The committed int8 copy of a builtin CNN (``runtime/ml/builtin/<task>_int8``)."""
+    return default_model_dir(task).with_name(f"{task}_int8")
+
+
+def _folder_and_backend(
+    task: str, folder: Path | str | None, backend: Preference, cache_dir: Path | None, cpu_threads: int
+) -> tuple[ModelFolder, Backend]:
+    """``folder`` on the backend ``backend`` selects; without a folder the committed model, and where
+    that runs on ONNX Runtime CPU its committed int8 copy (:data:`INT8_TASKS`; TensorRT and CUDA keep
+    the float one)."""
+    mf = load_model_folder(folder or default_model_dir(task), task)
+    be = select_backend(mf, backend, cache_dir, cpu_threads=cpu_threads).backend
+    if folder is None and task in INT8_TASKS and be.name == "ort_cpu" and int8_dir(task).is_dir():
+        be.close()
+        mf = load_model_folder(int8_dir(task), task)
+        be = select_backend(mf, "ort_cpu", cache_dir, cpu_threads=cpu_threads).backend
+    return mf, be
+
+
+def tumour_identities(meta: dict[str, Any], sha256: str) -> tuple[str, ...]:
+    """The tumour model's sha256 and, for an int8 copy (``python -m export.quantize_analysis``: a
+    ``quantized`` record), the float model's it was made from: a slide model trained on the float
+    model's embeddings reads the copy's (its parity against the float one is in its model.json)."""
+    src = (meta.get("quantized") or {}).get("from") or {}
+    base = src.get("onnx_sha256") if isinstance(src, dict) else None
+    return (sha256, base) if isinstance(base, str) else (sha256,)
+
+
 def load_tumour_model(
     folder: Path | str | None = None,
     backend: Preference = "auto",
     cache_dir: Path | None = None,
     cpu_threads: int = CPU_THREADS,
 ) -> TumourClassifier:
-    mf = load_model_folder(folder or default_model_dir("tumour"), "tumour")
-    return TumourClassifier(mf, select_backend(mf, backend, cache_dir, cpu_threads=cpu_threads).backend)
+    mf, be = _folder_and_backend("tumour", folder, backend, cache_dir, cpu_threads)
+    return TumourClassifier(mf, be)
 
 
 def load_nuclei_model(
@@ -67,8 +114,8 @@ def load_nuclei_model(
     cache_dir: Path | None = None,
     cpu_threads: int = CPU_THREADS,
 ) -> NucleiDetector:
-    mf = load_model_folder(folder or default_model_dir("nuclei"), "nuclei")
-    return NucleiDetector(mf, select_backend(mf, backend, cache_dir, cpu_threads=cpu_threads).backend)
+    mf, be = _folder_and_backend("nuclei", folder, backend, cache_dir, cpu_threads)
+    return NucleiDetector(mf, be)
 
 
 def load_slide_model(
@@ -102,7 +149,7 @@ def load_analysis_models(
             f"{t.folder.path} gives {t.embedding_dim}-d ones; use the slide model trained on this tumour model"
         )
     trained_on = s.folder.meta.get("tumour_model", {}).get("sha256")
-    if trained_on is not None and trained_on != t.folder.sha256:
+    if trained_on is not None and trained_on not in tumour_identities(t.folder.meta, t.folder.sha256):
         raise ModelFolderError(
             f"{s.folder.path}: the slide model was trained on the embeddings of tumour model sha256 "
             f"{trained_on[:12]}..., not of {t.folder.path} (sha256 {t.folder.sha256[:12]}...); "
