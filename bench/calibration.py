@@ -38,6 +38,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="conv blocks kept frozen (0: fine-tune every layer; default: export calibrate's)",
     )
     p.add_argument(
+        "--contrast-jitter",
+        type=float,
+        default=None,
+        help="export calibrate --contrast-jitter (default: export calibrate's, 0)",
+    )
+    p.add_argument(
         "--single-pass",
         action="store_true",
         help="export the hold-out pass's model (export calibrate --single-pass; default: refit on every field)",
@@ -73,7 +79,10 @@ def _label_text(e: dict[str, Any]) -> str:
 
 def _method_text(cell: dict[str, Any]) -> str:
     m = cell["method"]
-    return f"{m['name']} ({m['trained']}), {m['epochs']} epochs, {cell['procedure']}"
+    return (
+        f"{m['name']} ({m['trained']}), {m['epochs']} epochs, contrast jitter {m.get('contrast_jitter', 0):g}, "
+        f"{cell['procedure']}"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -99,6 +108,7 @@ def run(args: argparse.Namespace) -> int:
                 epochs=args.epochs,
                 freeze_blocks=args.freeze_blocks,
                 refit=not args.single_pass,
+                contrast_jitter=args.contrast_jitter,
             )
             seconds = time.monotonic() - t0
             recs = [Recording.open(eval_rec)]

@@ -174,6 +174,7 @@ def test_tiny_calibration_loads_and_runs_in_the_daemon(
     assert meta["parity"]["max_abs_diff"]["defocus_um"] <= meta["parity"]["atol"]
     assert meta["preprocess"] == init.meta["preprocess"]
     assert meta["training"]["commands"][0].startswith("python -m export calibrate ")
+    assert cal["method"]["contrast_jitter"] == 0.0  # an option, off by default
 
     from tests.test_daemon import _wait_idle, live_daemon
 
@@ -207,6 +208,7 @@ def test_frozen_front_calibration_keeps_the_front_and_records_the_method(recordi
     assert cal["method"]["name"] == "frozen_front" and cal["method"]["frozen_blocks"] == 6
     assert cal["procedure"]["name"] == "single_pass" and cal["holdout_pass"] is None
     assert cal["method"]["batch"] == 256 and cal["lr"] == 1e-3  # the frozen method's own defaults
+    assert cal["method"]["contrast_jitter"] == 0.0  # its front features are cached: nothing to jitter
     assert cal["history"] and {"mae_um", "sign_accuracy_abs_ge_1um"} <= set(cal["heldout_metrics_after"])
     folder = load_model_folder(out, "autofocus")
     assert folder.meta["parity"]["max_abs_diff"]["defocus_um"] <= folder.meta["parity"]["atol"]
@@ -286,6 +288,44 @@ def test_refit_exports_the_every_field_model_with_the_holdout_pass_metrics(recor
     meta = load_model_folder(tmp_path / "af-refit", "autofocus").meta
     assert meta["heldout_metrics"]["model"].startswith("holdout_pass")
     assert meta["heldout_metrics"]["mae_um"] == refit["heldout_metrics_after"]["mae_um"]
+
+
+def test_contrast_jitter_scales_each_crops_contrast_channels_by_one_gain() -> None:
+    """Every channel but the spectrum (6) of crop i is multiplied by the same gain exp(sigma n_i); the
+    spectrum channel is left as it is; the gains' log spread is sigma. 7- and 10-channel inputs."""
+    pytest.importorskip("torch")
+    import torch
+
+    from export.calibrate import FFT_CHANNEL, jitter_contrast
+
+    for channels in (7, 10):
+        x = torch.rand(400, channels, 8, 8) + 0.5
+        y = jitter_contrast(x, 0.2, torch.Generator().manual_seed(1))
+        ratio = (y / x).reshape(400, channels, -1)
+        torch.testing.assert_close(ratio[:, FFT_CHANNEL], torch.ones(400, 64))
+        contrast = [c for c in range(channels) if c != FFT_CHANNEL]
+        gain = ratio[:, contrast[0], :1]
+        torch.testing.assert_close(ratio[:, contrast], gain.unsqueeze(1).expand(400, len(contrast), 64))
+        assert 0.17 < float(gain.log().std()) < 0.23, float(gain.log().std())
+        torch.testing.assert_close(jitter_contrast(x, 0.0, torch.Generator().manual_seed(1)), x)
+
+
+def test_contrast_jitter_changes_the_fine_tune_and_is_recorded(recording: Path, tmp_path: Path) -> None:
+    """``contrast_jitter`` 0.2 (``--contrast-jitter``, an option) trains a different model from the default
+    (0: no jitter) on the same crops and steps, and model.json's method records which."""
+    pytest.importorskip("torch")
+    from export.calibrate import CONTRAST_JITTER, calibrate
+
+    init, tiny = MODELS_DIR / "autofocus", {"epochs": 1, "crops": 2, "holdout": 0.0}
+    default = calibrate([recording], init, tmp_path / "af-default", **tiny)
+    jitter = calibrate([recording], init, tmp_path / "af-jitter", contrast_jitter=CONTRAST_JITTER, **tiny)
+    assert default["method"]["contrast_jitter"] == 0.0 and "contrast" not in default["method"]["augment"]
+    assert jitter["method"]["contrast_jitter"] == 0.2 and "contrast" in jitter["method"]["augment"]
+    assert default["output_line"] == jitter["output_line"]  # same init, fields and crops: only the fine-tune differs
+    w_default, w_jitter = _onnx_weights(tmp_path / "af-default"), _onnx_weights(tmp_path / "af-jitter")
+    assert any(not np.array_equal(w, w_default[name]) for name, w in w_jitter.items())
+    meta = load_model_folder(tmp_path / "af-jitter", "autofocus").meta
+    assert meta["calibration"]["method"]["contrast_jitter"] == 0.2
 
 
 def test_l2sp_keeps_the_fine_tuned_weights_near_where_they_started(recording: Path) -> None:
