@@ -175,7 +175,7 @@ def test_a_feeding_error_is_kept_for_the_main_thread(mosaic: Path, tmp_path: Pat
     cfg = AnalysisConfig(enabled=True)
     run = _Run(cfg, load_models(backend="ort_cpu"), str(broken), lambda: None)
     level = run.analyzer.levels[0]
-    (broken / str(level) / "c.0.0.0").write_bytes(b"not a chunk")  # a damaged mosaic: reads fail
+    (broken / str(level) / "c" / "0" / "0" / "0").write_bytes(b"not a chunk")  # a damaged mosaic: reads fail
     feeder = _Feeder(0)
     feeder.hand(run)
     feeder.announce(level, 64)

@@ -229,11 +229,6 @@ class MosaicStore:
                 compressors=codecs,
                 fill_value=FILL,
                 dimension_names=("y", "x", "c"),
-                # "c.i.j.0" files side by side rather than the default "c/i/j/0": a directory per chunk
-                # cost the stitcher a mkdir per chunk written, ~0.5 ms of ext4 metadata each (as much
-                # as the rest of a chunk write with no codec). Any Zarr v3 reader follows the array's
-                # chunk_key_encoding; the mosaic is a working copy, not an OME-NGFF image.
-                chunk_key_encoding={"name": "default", "separator": "."},
             )
         # Attributes last: a group with attrs is a fully created mosaic.
         group.attrs.update(
