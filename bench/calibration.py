@@ -44,6 +44,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="export calibrate --contrast-jitter (default: export calibrate's, 0)",
     )
     p.add_argument(
+        "--near-weight",
+        type=float,
+        default=None,
+        help="export calibrate --near-weight (default: export calibrate's, 3)",
+    )
+    p.add_argument(
         "--single-pass",
         action="store_true",
         help="export the hold-out pass's model (export calibrate --single-pass; default: refit on every field)",
@@ -81,6 +87,7 @@ def _method_text(cell: dict[str, Any]) -> str:
     m = cell["method"]
     return (
         f"{m['name']} ({m['trained']}), {m['epochs']} epochs, contrast jitter {m.get('contrast_jitter', 0):g}, "
+        f"near-focus weight {m.get('near_focus_weight', 3):g}, "
         f"{cell['procedure']}"
     )
 
@@ -109,11 +116,17 @@ def run(args: argparse.Namespace) -> int:
                 freeze_blocks=args.freeze_blocks,
                 refit=not args.single_pass,
                 contrast_jitter=args.contrast_jitter,
+                **({} if args.near_weight is None else {"near_weight": args.near_weight}),
             )
             seconds = time.monotonic() - t0
             recs = [Recording.open(eval_rec)]
             result: dict[str, Any] = {"objective": objective, "content": content, "calibrate_s": seconds}
-            result["method"] = {**cal["method"], "epochs": cal["epochs"], "lr": cal["lr"]}
+            result["method"] = {
+                **cal["method"],
+                "epochs": cal["epochs"],
+                "lr": cal["lr"],
+                "near_focus_weight": cal["near_focus_weight"],
+            }
             result["procedure"] = cal["procedure"]["name"]
             result["calibrate_cpu_s"] = cal["seconds"]["cpu"]
             for tag, model_dir in (("before", builtin), ("after", out)):
