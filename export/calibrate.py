@@ -97,7 +97,7 @@ from export.train import _augment, autofocus_metrics, predict_autofocus_all, see
 from runtime.devices.recording import Recording
 from runtime.focus.stack_labels import FieldLabel, LabelParams, label_stack
 from runtime.ml.model_folder import ModelFolder, builtin_autofocus_dir, load_model_folder
-from runtime.ml.preprocess import AutofocusPreprocess
+from runtime.ml.preprocess import SPECTRUM_CHANNEL, AutofocusPreprocess
 from runtime.ml.tasks import combine_heads
 
 MAE_RANGE_UM = 8.0  # metrics: MAE over |z| <= 8 µm, sign accuracy at 1 <= |z| <= 8 µm
@@ -370,11 +370,8 @@ def fine_tune(
     return _train_loop(model, list(model.parameters()), len(xt), batch_loss, epochs, lr, seed, batch)
 
 
-FFT_CHANNEL = 6  # AutofocusPreprocess: channel 6 is the crop's normalised log spectrum; every other is a contrast image
-
-
 def jitter_contrast(x: torch.Tensor, sigma: float, g: torch.Generator) -> torch.Tensor:
-    """(N, C, S, S) crops with every contrast channel (all but :data:`FFT_CHANNEL`: the crop's, its
+    """(N, C, S, S) crops with every contrast channel (all but :data:`SPECTRUM_CHANNEL`: the crop's, its
     context's and, for 10-channel inputs, the wide window's (x / mean - 1) x gain images) of crop i
     multiplied by one gain exp(sigma x n_i), n_i standard normal from ``g``. The spectrum channel is
     normalised per crop, so it has no contrast level to jitter.
@@ -396,7 +393,7 @@ def jitter_contrast(x: torch.Tensor, sigma: float, g: torch.Generator) -> torch.
     is uniform its level carries defocus. Mixed, so an option, not the default."""
     gain = torch.exp(sigma * torch.randn(len(x), 1, 1, 1, generator=g))
     scale = torch.ones(1, x.shape[1], 1, 1)
-    scale[:, FFT_CHANNEL] = 0.0
+    scale[:, SPECTRUM_CHANNEL] = 0.0
     return x * (1.0 + scale * (gain - 1.0))
 
 

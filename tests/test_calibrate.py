@@ -296,14 +296,15 @@ def test_contrast_jitter_scales_each_crops_contrast_channels_by_one_gain() -> No
     pytest.importorskip("torch")
     import torch
 
-    from export.calibrate import FFT_CHANNEL, jitter_contrast
+    from export.calibrate import jitter_contrast
+    from runtime.ml.preprocess import SPECTRUM_CHANNEL
 
     for channels in (7, 10):
         x = torch.rand(400, channels, 8, 8) + 0.5
         y = jitter_contrast(x, 0.2, torch.Generator().manual_seed(1))
         ratio = (y / x).reshape(400, channels, -1)
-        torch.testing.assert_close(ratio[:, FFT_CHANNEL], torch.ones(400, 64))
-        contrast = [c for c in range(channels) if c != FFT_CHANNEL]
+        torch.testing.assert_close(ratio[:, SPECTRUM_CHANNEL], torch.ones(400, 64))
+        contrast = [c for c in range(channels) if c != SPECTRUM_CHANNEL]
         gain = ratio[:, contrast[0], :1]
         torch.testing.assert_close(ratio[:, contrast], gain.unsqueeze(1).expand(400, len(contrast), 64))
         assert 0.17 < float(gain.log().std()) < 0.23, float(gain.log().std())

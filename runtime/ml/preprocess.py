@@ -45,6 +45,7 @@ F32 = npt.NDArray[np.float32]
 U8 = npt.NDArray[np.uint8]
 
 CONTRAST_GAIN = 4.0
+SPECTRUM_CHANNEL = 6  # the autofocus input's one channel that is not a contrast image (its Fourier magnitude)
 
 
 class PreprocessError(ValueError):
@@ -173,7 +174,7 @@ class AutofocusPreprocess:
             g = crop.mean(axis=2)
             g = (g / max(float(g.mean()), 1e-3) - 1.0) * hann
             mag = np.log1p(np.abs(np.fft.fftshift(np.fft.fft2(g))) * np.float32(s))
-            out[i, 6] = (mag - mag.mean()) / (float(mag.std()) + 1e-3)
+            out[i, SPECTRUM_CHANNEL] = (mag - mag.mean()) / (float(mag.std()) + 1e-3)
         return out, positions
 
     def _padded(self, img: F32) -> F32:
