@@ -9,19 +9,27 @@ tissue changes the way carcinoma differs from benign tissue:
   (semi-axes ~3-6 µm instead of 2.4-3.6), pleomorphic (size, eccentricity and an irregular,
   three-lobed outline vary with the lesion's ``grade``) and hyperchromatic (more haematoxylin);
 - they sit in epithelial sheets whose architecture is the lesion's ``pattern``: ``solid``
-  sheets, ``nests`` (islands of cells) or ``glands`` (rings of cells around empty lumens). Between
-  the islands and rings the slide's ordinary stroma shows through unchanged (no desmoplastic
-  stroma is drawn), although the truth polygon counts it as lesion: about 46% of a nests lesion's
-  truth, 34-38% of a glands lesion's, at every depth from its edge (measured in stop 25; it is why
-  outlines of such lesions read 3-4 µm inside the truth);
-- inside the sheets the wavy collagen of normal stroma gives way to homogeneous cytoplasm.
+  sheets, ``nests`` (islands of cells) or ``glands`` (rings of cells around empty lumens);
+- inside the sheets the wavy collagen of normal stroma gives way to homogeneous cytoplasm;
+- between the islands and rings lies *desmoplastic* stroma (:meth:`LesionField.layers`'
+  ``stroma``: the lesion's membership minus its epithelium and lumens, with the membership's
+  soft edge), which the truth polygon counts as lesion -- about 46% of a nests lesion's truth and
+  34-38% of a glands lesion's at every depth from its edge. The normal stroma pattern is lost
+  there: the two families of long wavy fibres give way to short haphazard fibres on a homogeneous
+  collagen ground, the spindle nuclei are plumper and a little more numerous (activated
+  fibroblasts), and the ground may be bluish (myxoid). How much of it shows varies per lesion
+  (its own hash stream): a strength from faint to full, a ground paler or denser than the
+  slide's stroma, more or fewer fibres, so no single colour marks it. Until stop 26 the ordinary
+  stroma showed through unchanged, and the outlines of nests read 3-4 µm inside the truth.
 
 The hard cases are a continuum, not a switch: lesion diameters are log-uniform from
 ``lesion_min_um`` (~50 µm, a few dozen cells) to ``lesion_max_um`` (several mm, capped by the
 tissue piece); ``grade`` from 0.25 (nuclei barely larger than normal) to 1; centres are drawn
 over the whole piece, so about a quarter of the lesions reach the tissue edge and are cut by
 it; and mimics are ``lymphoid`` aggregates (small, dark, densely packed, uniform nuclei) or
-``hyperplasia`` (crowded epithelium of normal-sized, regular nuclei).
+``hyperplasia`` (crowded epithelium of normal-sized, regular nuclei). Three in five hyperplasia
+mimics lie in the same kind of altered stroma (sclerosis, as in sclerosing adenosis, drawn by the
+same rule over the whole mimic), so an altered stroma alone does not mark tumour.
 
 Lesion outlines are star-shaped: ``r(theta)`` is a mean radius times a few random harmonics and a
 periodic fine noise, so the same function renders the pixels and gives the truth polygon
@@ -64,7 +72,7 @@ TUMOUR_PATTERNS: Final = ("solid", "nests", "glands")
 MIMIC_KINDS: Final = ("lymphoid", "hyperplasia")
 
 # Salts of the lesion hash streams (the slide's own use 1-13).
-_S_LES, _S_LSHAPE, _S_TNUC, _S_MNUC, _S_PAT = 20, 21, 22, 23, 24
+_S_LES, _S_LSHAPE, _S_TNUC, _S_MNUC, _S_PAT, _S_DES = 20, 21, 22, 23, 24, 25
 
 TUMOUR_MAX_AXIS_UM: Final = 6.5
 """Largest tumour nucleus semi-axis (with its lobed outline); bounds the render reach."""
@@ -198,13 +206,35 @@ def lesion_layout(spec: SlideSpec, pieces: list[_Piece]) -> list[Lesion]:
 class LesionLayers:
     """Per-pixel layers over a grid: tumour membership ``t``, tumour epithelium ``epi`` (<= t),
     gland lumens ``lumen`` (<= t, empty space) and benign mimic membership ``mimic``, all in [0, 1];
-    ``mimic_lymphoid``: the part of ``mimic`` that is a lymphoid aggregate."""
+    ``mimic_lymphoid``: the part of ``mimic`` that is a lymphoid aggregate. ``stroma``: how much
+    desmoplastic (or, in a mimic, sclerotic) stroma replaces the ordinary stroma, in [0, 1]
+    (``t - epi - lumen`` times the lesion's strength; 0 outside lesions), and its look per pixel
+    (the owning lesion's :class:`StromaLook` values; 0 where ``stroma`` is 0)."""
 
     t: F32
     epi: F32
     lumen: F32
     mimic: F32
     mimic_lymphoid: F32
+    stroma: F32
+    stroma_ground: F32
+    stroma_fibres: F32
+    stroma_blue: F32
+
+
+@dataclass(frozen=True)
+class StromaLook:
+    """How a lesion's altered stroma looks (drawn from the lesion's own hash stream).
+
+    ``strength`` 0: none (the ordinary stroma); ``ground``: eosin of the collagen ground per unit
+    tissue density (the slide's ordinary stroma averages about 0.2, so some lesions are paler,
+    others denser); ``fibres``: relative contrast of the short haphazard fibres; ``blue``: added
+    haematoxylin of a myxoid ground (larger where the ground is pale)."""
+
+    strength: float
+    ground: float
+    fibres: float
+    blue: float
 
 
 class LesionField:
@@ -216,6 +246,19 @@ class LesionField:
         self._pat_key = _key(spec.seed, _S_PAT)
         self._tnuc_key = _key(spec.seed, _S_TNUC)
         self._mnuc_key = _key(spec.seed, _S_MNUC)
+        self.stroma_looks = [self._stroma_look(les) for les in self.lesions]
+
+    def _stroma_look(self, les: Lesion) -> StromaLook:
+        u = [_hash_scalar(_key(self.spec.seed, _S_DES), les.index, k) for k in range(5)]
+        if not les.tumour and (les.pattern != "hyperplasia" or u[4] >= 0.6):
+            return StromaLook(0.0, 0.0, 0.0, 0.0)
+        ground = 0.12 + 0.18 * u[1]
+        return StromaLook(
+            strength=0.35 + 0.65 * u[0],
+            ground=ground,
+            fibres=0.15 + 0.6 * u[2],
+            blue=0.06 * u[3] * (0.30 - ground) / 0.18,
+        )
 
     # ---- architecture
 
@@ -243,24 +286,33 @@ class LesionField:
         if not near:
             return None
         shape = (ys.size, xs.size)
-        t, epi, lumen, mimic, lymph = (np.zeros(shape, np.float32) for _ in range(5))
+        t, epi, lumen, mimic, lymph, st, ground, fibres, blue = (np.zeros(shape, np.float32) for _ in range(9))
         for les in near:
             found = reach_window(xs, ys, les.cx, les.cy, les.reach)
             if found is None:
                 continue
             win, sx, sy = found
             w = les.weight(sx[None, :] - les.cx, sy[:, None] - les.cy).astype(np.float32)
+            look = self.stroma_looks[les.index]
             if not les.tumour:
                 np.maximum(mimic[win], w, out=mimic[win])
                 if les.pattern == "lymphoid":
                     np.maximum(lymph[win], w, out=lymph[win])
-                continue
-            k = self._pat_key + les.index * 7919
-            e, lu = self._pattern(les, _fbm_grid(k, sx, sy, 45.0, 2), _fbm_grid(k + 1, sx, sy, _GLAND_UM, 2))
-            np.maximum(t[win], w, out=t[win])
-            np.maximum(epi[win], (w * e).astype(np.float32), out=epi[win])
-            np.maximum(lumen[win], (w * lu).astype(np.float32), out=lumen[win])
-        return LesionLayers(t, epi, lumen, mimic, lymph)
+                s = w
+            else:
+                k = self._pat_key + les.index * 7919
+                e, lu = self._pattern(les, _fbm_grid(k, sx, sy, 45.0, 2), _fbm_grid(k + 1, sx, sy, _GLAND_UM, 2))
+                np.maximum(t[win], w, out=t[win])
+                np.maximum(epi[win], (w * e).astype(np.float32), out=epi[win])
+                np.maximum(lumen[win], (w * lu).astype(np.float32), out=lumen[win])
+                s = np.clip(w * (1.0 - e - lu), 0.0, 1.0).astype(np.float32)  # e + lu <= 1
+            if look.strength > 0:
+                s = (s * np.float32(look.strength)).astype(np.float32)
+                on = s > 0  # lesions never overlap: each pixel has one owner
+                np.maximum(st[win], s, out=st[win])
+                for arr, v in ((ground, look.ground), (fibres, look.fibres), (blue, look.blue)):
+                    arr[win][on] = np.float32(v)
+        return LesionLayers(t, epi, lumen, mimic, lymph, st, ground, fibres, blue)
 
     def membership_pts(self, x: F64, y: F64) -> tuple[F64, F64, F64, F64]:
         """(t, epi, lumen, mimic) at scattered points, as :meth:`layers` at those points."""
@@ -283,6 +335,28 @@ class LesionField:
             epi[sel] = np.maximum(epi[sel], w * e)
             lumen[sel] = np.maximum(lumen[sel], w * lu)
         return t, epi, lumen, mimic
+
+    def stroma_pts(self, x: F64, y: F64) -> F64:
+        """The ``stroma`` layer of :meth:`layers` at scattered points."""
+        out = np.zeros(x.shape, np.float64)
+        if x.size == 0:
+            return out
+        for les in self._near(float(x.min()), float(y.min()), float(x.max()), float(y.max())):
+            look = self.stroma_looks[les.index]
+            if look.strength <= 0:
+                continue
+            sel = np.flatnonzero((np.abs(x - les.cx) < les.reach) & (np.abs(y - les.cy) < les.reach))
+            if sel.size == 0:
+                continue
+            w = les.weight(x[sel] - les.cx, y[sel] - les.cy)
+            if les.tumour:
+                k = self._pat_key + les.index * 7919
+                e, lu = self._pattern(
+                    les, _fbm_pts(k, x[sel], y[sel], 45.0, 2), _fbm_pts(k + 1, x[sel], y[sel], _GLAND_UM, 2)
+                )
+                w = np.clip(w * (1.0 - np.asarray(e) - np.asarray(lu)), 0.0, 1.0)
+            out[sel] = np.maximum(out[sel], look.strength * w)
+        return out
 
     # ---- nuclei
 

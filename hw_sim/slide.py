@@ -564,6 +564,8 @@ class SyntheticSlide:
             od_h = np.float32(0.04) * density + np.minimum(nuclei, np.float32(1.6)) * (
                 np.float32(0.45) + np.float32(1.1) * chrom
             )
+            if les is not None:  # a myxoid lesion stroma's bluish ground (0 elsewhere: same bytes)
+                od_h = od_h + les.stroma * les.stroma_blue * density
             od_h *= np.float32(self.spec.h_strength)
             od_e *= np.float32(self.spec.e_strength)
         out = np.empty((height_px, width_px, 3), np.float32)
@@ -656,21 +658,26 @@ class SyntheticSlide:
         cell = _smoothstep(0.35, 0.75, _fbm_pts(self._k["cell"], cx[near], cy[near], 120.0, 2))
         tissue = self._piece_mask_pts(cx[near], cy[near]) * (1.0 - self._holes_pts(cx[near], cy[near]))
         p_exist = np.where(tissue > 0.5, 0.1 + 0.6 * cell, 0.0)
+        des = np.zeros(cx[near].shape)
         if self.lesions is not None:
             _, epi, lumen, mimic = self.lesions.membership_pts(cx[near], cy[near])
-            p_exist = p_exist * (1.0 - epi) * (1.0 - lumen) * (1.0 - mimic)
+            # A lesion's desmoplastic stroma holds a few more fibroblasts (none added in mimics).
+            des = self.lesions.stroma_pts(cx[near], cy[near]) * (1.0 - mimic)
+            p_exist = p_exist * (1.0 - epi) * (1.0 - lumen) * (1.0 - mimic) + np.where(tissue > 0.5, 0.2 * des, 0.0)
         keep = np.flatnonzero(near)[u(2)[near] < p_exist]
         if keep.size == 0:
             e = np.zeros(0, np.float64)
             return e, e, e, e, e.astype(np.float32), e
-        cell_k = cell[np.searchsorted(np.flatnonzero(near), keep)]
+        at = np.searchsorted(np.flatnonzero(near), keep)
+        cell_k, des_k = cell[at], des[at]
         cx, cy = cx[keep], cy[keep]
         us = [u(i)[keep] for i in range(3, 8)]
-        # Round nuclei in cellular regions, spindle-shaped ones in stroma.
+        # Round nuclei in cellular regions, spindle-shaped ones in stroma; in a lesion's
+        # desmoplastic stroma the spindles are plumper and darker (activated fibroblasts).
         round_ = us[0] < cell_k
         a = np.where(round_, 2.4 + 1.2 * us[1], 3.2 + 1.8 * us[1])
-        b = np.where(round_, a * (0.75 + 0.25 * us[2]), 1.1 + 0.8 * us[2])
-        amp = np.where(round_, 0.75 + 0.35 * us[3], 0.85 + 0.35 * us[3]).astype(np.float32)
+        b = np.where(round_, a * (0.75 + 0.25 * us[2]), (1.1 + 0.8 * us[2]) * (1.0 + 0.5 * des_k))
+        amp = np.where(round_, 0.75 + 0.35 * us[3], (0.85 + 0.35 * us[3]) * (1.0 + 0.15 * des_k)).astype(np.float32)
         th = us[4] * math.pi
         return cx, cy, a, b, amp, th
 
@@ -717,7 +724,16 @@ class SyntheticSlide:
 
     def _lesion_eosin(self, xs: F64, ys: F64, density: F32, od_e: F32, les: LesionLayers) -> F32:
         """Eosin inside lesions: homogeneous cytoplasm replaces the collagen pattern in tumour
-        epithelium; lymphoid aggregates have scant cytoplasm."""
+        epithelium; in the lesion's stroma (``les.stroma``) short haphazard fibres on a homogeneous
+        ground replace the long wavy ones; lymphoid aggregates have scant cytoplasm."""
+        if les.stroma.any():
+            # Thin ridges of a ~5 µm noise: short curved fibres in every direction.
+            ridge = _smoothstep(0.70, 0.92, np.float32(1.0) - np.abs(
+                np.float32(2.0) * _fbm_grid(self._k["eos"] + 53, xs, ys, 5.0, 2) - np.float32(1.0)))
+            var = _fbm_grid(self._k["eos"] + 59, xs, ys, 12.0, 2)
+            fibres = les.stroma_fibres * (ridge.astype(np.float32) - np.float32(0.3))
+            desmo = les.stroma_ground * (np.float32(0.8) + np.float32(0.3) * var + fibres)
+            od_e = od_e * (np.float32(1.0) - les.stroma) + np.maximum(desmo, np.float32(0.0)) * density * les.stroma
         var = _fbm_grid(self._k["eos"] + 31, xs, ys, 8.0, 2)
         cyto = (np.float32(0.17) + np.float32(0.12) * var) * density
         out = od_e * (np.float32(1.0) - les.epi) + cyto * les.epi

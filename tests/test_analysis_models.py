@@ -16,7 +16,7 @@ import pytest
 from hw_sim.lesions import HELD_OUT_SEEDS
 from hw_sim.slide import SlideSpec, SyntheticSlide
 from runtime.analysis.models import AnalysisModels, load_analysis_models, load_slide_model, load_tumour_model
-from runtime.analysis.nuclei import find_peaks
+from runtime.analysis.nuclei import find_peaks, merge_seam_duplicates
 from runtime.analysis.types import NucleiModel, SlideModel, TumourModel
 from runtime.ml.model_folder import ModelFolderError, default_model_dir, sha256_file
 
@@ -210,6 +210,22 @@ def test_find_peaks_keeps_one_peak_of_a_plateau() -> None:
     assert sorted(np.floor(pk[:, 1]).astype(int).tolist()) == [5, 10, 14]  # the plateau's centre: 5.0
 
 
+def test_seam_duplicates_are_merged_and_nothing_else() -> None:
+    """Two windows each answer for their side of a seam (x = 255 here) and may place one nucleus on
+    both sides of it: the weaker of two detections within min_distance cells across a seam goes; as
+    close a pair away from the seams, and a pair farther apart on a seam, both stay."""
+    pts = np.asarray([[100.0, 254.6], [100.2, 255.1],  # one nucleus, answered by both windows
+                      [40.0, 254.0], [40.0, 256.5],  # two nuclei 2.5 px apart on the seam
+                      [10.0, 100.0], [10.5, 100.4]], np.float32)  # close, but no seam near
+    val = np.asarray([0.8, 0.9, 0.7, 0.7, 0.6, 0.6], np.float32)
+    out = merge_seam_duplicates(pts, val, [], [255.0], 2.0)
+    assert out.tolist() == pts[[1, 2, 3, 4, 5]].tolist()
+    assert merge_seam_duplicates(pts, val, [101.0], [], 2.0).tolist() == pts[[1, 2, 3, 4, 5]].tolist()
+    assert merge_seam_duplicates(pts, val, [], [], 2.0) is pts
+    flat = np.asarray([[5.0, 9.5], [5.0, 10.5]], np.float32)  # a tie: the first stays
+    assert merge_seam_duplicates(flat, np.ones(2, np.float32), [], [10.0], 2.0).tolist() == [[5.0, 9.5]]
+
+
 def test_nuclei_detector_skips_glass_windows_without_losing_nuclei(
     models: AnalysisModels, lesion_slide: tuple[SyntheticSlide, object], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -262,6 +278,23 @@ def test_nuclei_detector_finds_held_out_nuclei_within_4_um(
     assert models.nuclei.detect(region[:5, :7]).shape[1] == 2  # a region smaller than a window
     with pytest.raises(ValueError, match="RGB uint8"):
         models.nuclei.detect(region[..., 0])
+
+
+def test_float_nuclei_model_answers_a_seam_nucleus_once(lesion_slide: tuple[SyntheticSlide, object]) -> None:
+    """The float folder (what TensorRT and ONNX Runtime CUDA take; ort_cpu takes the int8 copy) places a
+    nucleus of this region 0.57 px either side of the seam at x = 255 px (windows at 0 and 190 px): it
+    is answered once (merge_seam_duplicates)."""
+    from runtime.analysis.models import load_nuclei_model
+
+    slide, les = lesion_slide
+    det = load_nuclei_model(default_model_dir("nuclei"), backend="ort_cpu")
+    px = det.pixel_size_um
+    h, w = 200, 700
+    x0, y0 = les.cx + les.radius * 0.85 - w * px / 2, les.cy - h * px / 2  # type: ignore[attr-defined]
+    found = det.detect(_rgb_rect(slide, x0, y0, h, w, px))
+    d = np.hypot(*(found[:, None, :] - found[None, :, :]).transpose(2, 0, 1)) + np.eye(len(found)) * 1e9
+    assert len(found) > 300 and d.min() > 1.0 / px
+    assert np.any(np.abs(found[:, 1] - 255.0) < 1.0)  # the seam nucleus is there, once
 
 
 def test_analysis_sessions_run_one_cpu_thread_unless_asked() -> None:

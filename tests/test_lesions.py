@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -241,6 +242,92 @@ def test_mimics_are_crowded_but_not_tumour(lesion_slide: SyntheticSlide) -> None
     area_in, area_out = w["inside"].sum() * w["px"] ** 2, w["outside"].sum() * w["px"] ** 2
     assert w["in_nuc"].sum() / area_in > 1.5 * w["out_nuc"].sum() / area_out
     assert not w["tumour"].any()
+
+
+# ------------------------------------------------------------------ the stroma of a lesion
+
+
+def _eosin_texture(slide: SyntheticSlide, index: int) -> tuple[float, float, float, float]:
+    """High-pass eosin std in the nucleus-free stroma inside lesion ``index`` (full membership, no
+    epithelium or lumen) and outside every lesion, and the mean eosin in each."""
+    assert slide.lesions is not None
+    les = slide.lesions.lesions[index]
+    half = 1.3 * les.radius
+    n = int(2 * half)
+    x0, y0 = les.cx - half, les.cy - half
+    xs, ys = x0 + np.arange(n) + 0.5, y0 + np.arange(n) + 0.5
+    lay = slide.lesions.layers(xs, ys)
+    assert lay is not None
+    he = _stains(slide.transmittance(x0, y0, n, n, 1.0))
+    h, e = he[..., 0], he[..., 1]
+    tissue = slide._piece_mask_grid(xs, ys) * (1 - slide._holes_grid(xs, ys)) > 0.5
+    free = cv2.erode((h < 0.35).astype(np.uint8), np.ones((5, 5), np.uint8)) > 0
+    member = np.maximum(lay.t, lay.mimic)
+    inside = (member > 0.99) & (lay.epi < 0.01) & (lay.lumen < 0.01) & tissue & free
+    outside = (member == 0) & tissue & free
+    assert inside.sum() > 500 and outside.sum() > 5000
+    hp = e - cv2.GaussianBlur(e, (0, 0), 6)
+    return float(hp[inside].std()), float(hp[outside].std()), float(e[inside].mean()), float(e[outside].mean())
+
+
+@pytest.mark.parametrize("index", [0, 1, 2])
+def test_lesion_stroma_loses_the_normal_pattern(lesion_slide: SyntheticSlide, index: int) -> None:
+    # Between a lesion's islands and glands the long wavy collagen fibres give way to desmoplastic
+    # stroma (short haphazard fibres on a homogeneous ground). Before stop 26 the ordinary stroma
+    # showed through: the fine eosin texture was the same inside and out (ratio 0.90-1.0 here).
+    assert lesion_slide.lesions is not None
+    assert lesion_slide.lesions.stroma_looks[index].strength > 0
+    sd_in, sd_out, _, _ = _eosin_texture(lesion_slide, index)
+    assert sd_in < 0.7 * sd_out, (sd_in, sd_out)
+
+
+def test_lesion_stroma_varies_and_mimics_share_it() -> None:
+    looks, kinds = [], []
+    for seed in range(12):
+        slide = SyntheticSlide(SlideSpec(seed=seed, lesions=6, mimics=4))
+        assert slide.lesions is not None
+        looks += slide.lesions.stroma_looks
+        kinds += [les.pattern for les in slide.lesions.lesions]
+    tum = [lk for lk, k in zip(looks, kinds, strict=True) if k in ("solid", "nests", "glands")]
+    hyp = [lk.strength > 0 for lk, k in zip(looks, kinds, strict=True) if k == "hyperplasia"]
+    assert all(lk.strength > 0 for lk in tum)
+    assert all(lk.strength == 0 for lk, k in zip(looks, kinds, strict=True) if k == "lymphoid")
+    # No single colour: the ground is paler than the ordinary stroma (~0.2) in some lesions and
+    # denser in others, and the strength runs from faint to full.
+    grounds, strengths = [lk.ground for lk in tum], [lk.strength for lk in tum]
+    assert min(grounds) < 0.15 and max(grounds) > 0.26
+    assert min(strengths) < 0.45 and max(strengths) > 0.9
+    # Hard negatives stay hard: some hyperplasia mimics lie in the same altered stroma, some do not.
+    assert 0 < sum(hyp) < len(hyp)
+
+
+def test_lesion_stroma_is_drawn_only_inside(lesion_slide: SyntheticSlide) -> None:
+    # Outside a lesion's membership (a few µm of fibroblast nuclei aside) the pixels are those of
+    # the simulator without lesion stroma, bit for bit: a region within the lesion's reach but
+    # beyond its outline hashes as the code before stop 26 (commit 5eedd0a) rendered it.
+    assert lesion_slide.lesions is not None
+    les = lesion_slide.lesions.lesions[1]
+    x0, y0, n = les.cx + 0.75 * les.reach, les.cy + 0.75 * les.reach, int(0.25 * les.reach)
+    assert n == 40 and lesion_slide.lesions.layers(x0 + np.arange(n) + 0.5, y0 + np.arange(n) + 0.5) is not None
+    t = lesion_slide.transmittance(x0, y0, n, n, 1.0)
+    if _sha(t) != "13eb75626f73b99e":  # last-bit float32 differences of another CPU's sin/exp only
+        means = [float(t[..., c].astype(np.float64).mean()) for c in range(3)]
+        np.testing.assert_allclose(means, (0.5965836769237649, 0.379585124089499, 0.7026901749335229), atol=2e-6)
+    # And over a whole lesion window: the same slide with its lesion stroma switched off differs only
+    # inside (and within 5 µm of) the membership.
+    plain = SyntheticSlide(LESION_SPEC)
+    assert plain.lesions is not None
+    plain.lesions.stroma_looks = [replace(lk, strength=0.0) for lk in plain.lesions.stroma_looks]
+    half = les.reach + 20
+    m = int(2 * half)
+    x0, y0 = les.cx - half, les.cy - half
+    a, b = lesion_slide.transmittance(x0, y0, m, m, 1.0), plain.transmittance(x0, y0, m, m, 1.0)
+    lay = lesion_slide.lesions.layers(x0 + np.arange(m) + 0.5, y0 + np.arange(m) + 0.5)
+    assert lay is not None
+    near = cv2.dilate((lay.t > 0).astype(np.uint8), np.ones((11, 11), np.uint8)) > 0
+    differ = np.any(a != b, axis=-1)
+    assert not differ[~near].any()
+    assert differ[(lay.stroma > 0.5) & (lay.epi < 0.01)].mean() > 0.6  # holes and glass (no tissue) aside
 
 
 # ------------------------------------------------------------------ the GeoJSON truth

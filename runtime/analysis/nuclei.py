@@ -8,7 +8,9 @@ centroids of every nucleus the simulator draws: benign stroma and epithelium, tu
 and hyperplastic mimics). :meth:`NucleiDetector.detect` covers a region of any size with
 windows that overlap by twice ``halo`` px; each window answers only for its core (the region's
 edge, or half-way through its overlap with the next window), so a nucleus is found once and
-always with ``halo`` px of context around it. A region smaller than a window is mirror-padded.
+always with ``halo`` px of context around it; a nucleus right on the seam between two cores can be
+placed on either side of it by the two windows, so detections closer than ``min_distance`` cells
+across a seam are merged (:func:`merge_seam_duplicates`). A region smaller than a window is mirror-padded.
 Windows whose core holds no stained pixel (optical density <= 0.25 everywhere: glass) are not
 run: a nucleus centre is a stained pixel, so they cannot answer anything.
 
@@ -69,13 +71,18 @@ class NucleiParams:
 def find_peaks(heat: F32, threshold: float, min_distance: int) -> F32:
     """(K, 2) (y, x) of the local maxima of ``heat`` (H, W) above ``threshold``, in heat cells
     (cell i covers [i, i + 1), so a peak centred on cell i is at i + 0.5 +- the refinement)."""
+    return _peaks(heat, threshold, min_distance)[0]
+
+
+def _peaks(heat: F32, threshold: float, min_distance: int) -> tuple[F32, F32]:
+    """:func:`find_peaks` and the heat value of each peak's cell (K,)."""
     h = np.ascontiguousarray(heat, np.float32)
     k = 2 * min_distance + 1
     dil = cv2.dilate(h, np.ones((k, k), np.uint8), borderType=cv2.BORDER_CONSTANT, borderValue=0.0)
     is_peak = (h >= dil) & (h > threshold)
     ys, xs = np.nonzero(is_peak)
     if ys.size == 0:
-        return np.zeros((0, 2), np.float32)
+        return np.zeros((0, 2), np.float32), np.zeros(0, np.float32)
     # Plateaus (equal neighbours) would give two peaks: keep the first of any two within min_distance.
     order = np.argsort(-h[ys, xs], kind="stable")
     ys, xs = ys[order], xs[order]
@@ -99,7 +106,38 @@ def find_peaks(heat: F32, threshold: float, min_distance: int) -> F32:
     off = np.asarray([(dy - 1, dx - 1) for dy in range(3) for dx in range(3)], np.float32)
     w = win.sum(axis=1, keepdims=True)
     ref = (win @ off) / np.maximum(w, 1e-12)
-    return np.stack([ys + 0.5 + ref[:, 0], xs + 0.5 + ref[:, 1]], axis=1).astype(np.float32)
+    cells = np.stack([ys + 0.5 + ref[:, 0], xs + 0.5 + ref[:, 1]], axis=1).astype(np.float32)
+    return cells, h[ys, xs]
+
+
+def merge_seam_duplicates(points: F32, values: F32, seams_y: list[float], seams_x: list[float], dist: float) -> F32:
+    """``points`` (K, 2) (y, x) less those within ``dist`` (Euclidean) of a stronger one (higher
+    ``values``; ties: the earlier), looked for only among points within ``dist`` of a seam (a line
+    y = s of ``seams_y`` or x = s of ``seams_x``).
+
+    Two windows that share a seam each answer for their own side of it, and each places a nucleus
+    on the seam from its own context: a few tenths of a pixel apart, one on either side, so both
+    answered it. Within a window :func:`find_peaks` never gives two peaks that close (each is the
+    maximum of its (2 min_distance + 1)² cells), so ``dist`` = min_distance cells separates the two
+    cases."""
+    if len(points) < 2 or not (seams_y or seams_x):
+        return points
+    near = np.zeros(len(points), bool)
+    for s in seams_y:
+        near |= np.abs(points[:, 0] - s) < dist
+    for s in seams_x:
+        near |= np.abs(points[:, 1] - s) < dist
+    idx = np.flatnonzero(near)
+    if idx.size < 2:
+        return points
+    keep = np.ones(len(points), bool)
+    kept: list[int] = []
+    for i in idx[np.argsort(-values[idx], kind="stable")]:
+        if kept and float(np.hypot(*(points[kept] - points[i]).T).min()) < dist:
+            keep[i] = False
+        else:
+            kept.append(int(i))
+    return points[keep]
 
 
 def _starts(length: int, size: int, halo: int) -> list[int]:
@@ -185,10 +223,15 @@ class NucleiDetector:
             return np.zeros((0, 2), np.float32)
         windows = np.stack([region[y : y + p.size, x : x + p.size] for y, _, x, _ in tiles])
         heat = self.heatmaps(windows)
-        found = []
+        found, values = [], []
         for k, (y0, (ylo, yhi), x0, (xlo, xhi)) in enumerate(tiles):
-            pk = find_peaks(heat[k], p.threshold, p.min_distance) * np.float32(p.stride) - np.float32(0.5)
-            pk += np.asarray([y0, x0], np.float32)
+            cells, val = _peaks(heat[k], p.threshold, p.min_distance)
+            pk = cells * np.float32(p.stride) - np.float32(0.5) + np.asarray([y0, x0], np.float32)
             inside = (pk[:, 0] >= ylo) & (pk[:, 0] < yhi) & (pk[:, 1] >= xlo) & (pk[:, 1] < xhi)
             found.append(pk[inside])
-        return np.concatenate(found).astype(np.float32) if found else np.zeros((0, 2), np.float32)
+            values.append(val[inside])
+        # A nucleus on a seam between two windows' cores can be answered by both (one on each side).
+        return merge_seam_duplicates(
+            np.concatenate(found).astype(np.float32), np.concatenate(values),
+            [c[0] for c in cy[1:]], [c[0] for c in cx[1:]], float(p.min_distance * p.stride),
+        )
