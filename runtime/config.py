@@ -98,6 +98,15 @@ class FocusConfig(_Section):
     near_focus_trusted_at_start: bool = Field(
         False, description="single_shot adaptive: trust the model from the first field (set for a calibrated model)"
     )
+    near_focus_model_error_um: float = Field(
+        0.0,
+        ge=0.0,
+        le=10.0,
+        description="single_shot adaptive: the near-focus MAE a calibrated model's model.json records on the "
+        "instrument's own held-out fields (set from the folder; 0: none recorded, an uncalibrated model). Such a "
+        "model keeps a field's first frame unchecked only when its reading plus this error is within tolerance_um, "
+        "and its checks keep a frame within 0.15 µm of the fitted sharpness peak",
+    )
 
 
 class ModelsConfig(_Section):

@@ -16,7 +16,7 @@ import pytest
 from hw_sim.content import load_content
 from runtime.config import FocusConfig, ModelsConfig
 from runtime.focus.field import calibrated_start, capture_cost_report, near_focus_report, near_focus_trust
-from runtime.focus.near_focus import DEFAULT_CURVATURE, NearFocusTrust, fit_peak, probes_read
+from runtime.focus.near_focus import CALIBRATED_ACCEPT_UM, DEFAULT_CURVATURE, NearFocusTrust, fit_peak, probes_read
 from runtime.focus.single_shot import CaptureCost, SignConvention, SingleShotFocus
 from runtime.focus.sweep import sharpness
 from runtime.ml.tasks import DefocusEstimate
@@ -213,9 +213,21 @@ def test_the_focus_config_sets_the_checks(tmp_path: Path) -> None:
     assert not calibrated_start(off, folder("good2", 0.12)).near_focus_trusted_at_start
     trusted = near_focus_trust(calibrated_start(focus, folder("good3", 0.1)))
     assert trusted is not None and not trusted.distrusted
+    # The recorded near-focus error travels with every calibrated folder, trusted from the start or not
+    # (0: none recorded -- builtin, uncalibrated, unreadable).
+    errors = {
+        name: calibrated_start(focus, folder(name + "-e", mae)).near_focus_model_error_um
+        for name, mae in (("good", 0.12), ("worse", 0.3), ("uncalibrated", None), ("broken", "0.1"))
+    }
+    assert errors == {"good": 0.12, "worse": 0.3, "uncalibrated": 0.0, "broken": 0.0}
+    assert calibrated_start(focus, ModelsConfig()).near_focus_model_error_um == 0.0
+    assert calibrated_start(off, folder("off-e", 0.12)).near_focus_model_error_um == 0.12
+    worse = near_focus_trust(calibrated_start(focus, folder("worse-t", 0.4)))
+    assert worse is not None and worse.distrusted and worse.model_error_um == 0.4
     assert near_focus_report(focus, ["verified", None, "fit", "fit", "surface"]) == {
         "checks": "adaptive",
         "trusted_at_start": False,
+        "model_error_um": 0.0,
         "fields_checked": 3,
         "verified": 1,
         "fit": 2,
@@ -416,3 +428,72 @@ def test_a_blind_models_surface_holds_after_two_checks() -> None:
     assert offset.surface_holds
     blind.observe(False, 1.0, 0.3)  # a check that found the surface off ends it
     assert not blind.surface_holds
+
+
+class Parabola:
+    """A model and a sharpness curve without images: frames are their z; ln Brenner is an exact parabola
+    (curvature -0.75 per µm^2) peaking at ``focus``, so a bracketed fit finds it exactly; the model
+    reads ``gain`` times the defocus within 1.5 µm of focus (a calibrated model under-reads there: the
+    gravel model 0.79, +0.11 µm)."""
+
+    def __init__(self, focus: float, gain: float = 1.0) -> None:
+        self.focus, self.gain = focus, gain
+        self.captures: list[float] = []
+
+    def capture_at(self, z: float) -> float:
+        self.captures.append(z)
+        return z
+
+    def sharpness(self, z: float) -> float:
+        return math.exp(5.0 + DEFAULT_CURVATURE * (z - self.focus) ** 2)
+
+    def estimate(self, z: float) -> DefocusEstimate:
+        d = z - self.focus
+        return DefocusEstimate(self.gain * d if abs(d) < 1.5 else d, 8, 8, 1.0, 0.1)
+
+    def focus_from(self, z0: float, trust: NearFocusTrust):  # type: ignore[no-untyped-def]
+        first = self.capture_at(z0)
+        return SingleShotFocus().focus(
+            self.estimate, self.capture_at, lambda f: None, z0, first, sharpness=self.sharpness, trust=trust
+        )
+
+
+def test_a_calibrated_model_keeps_a_frame_unchecked_only_within_tolerance_less_its_recorded_error() -> None:
+    """A trusted model reads a frame 0.3 µm from focus as 0.15 µm (under-read), within the 0.25 µm
+    tolerance. Without a recorded near-focus error (a builtin model) the frame is kept there unchecked,
+    as before; a calibrated model whose model.json records 0.3 µm has the field checked and refocused;
+    one recording 0.05 µm (0.15 + 0.05 <= 0.25) keeps it unchecked."""
+    assert NearFocusTrust().keeps_unchecked(0.25, 0.25)
+    assert NearFocusTrust(model_error_um=0.12).keeps_unchecked(-0.13, 0.25)
+    assert not NearFocusTrust(model_error_um=0.12).keeps_unchecked(-0.14, 0.25)
+    assert not NearFocusTrust(model_error_um=0.3).keeps_unchecked(0.0, 0.25)
+
+    def field(error_um: float) -> tuple[int, float, str | None]:
+        inst = Parabola(0.0, gain=0.5)
+        trust = NearFocusTrust(trusted_at_start=True, model_error_um=error_um)
+        r = inst.focus_from(0.3, trust)
+        assert r.converged and r.cost.moves == 0, r
+        return len(inst.captures), r.z_um, r.near_focus
+
+    assert field(0.0) == (1, 0.3, None)  # kept 0.3 µm off: with the label's 0.1-0.2 µm, out of focus
+    caps, z, near = field(0.3)
+    assert caps > 1 and abs(z) <= 0.15 and near in ("verified", "fit"), (caps, z, near)
+    assert field(0.05) == (1, 0.3, None)
+
+
+def test_a_calibrated_models_check_keeps_a_frame_only_within_0_15_um_of_the_peak() -> None:
+    """A check brackets the peak around a frame 0.18 µm from it. For a builtin model (no recorded error) the
+    check keeps that frame (within 0.2 µm of the fitted peak); for a calibrated one it captures at the
+    peak, because both the model and the fit aim at the sharpest plane, 0.1-0.2 µm from the nominal focus."""
+    assert NearFocusTrust().check_accept_um == 0.2
+    assert NearFocusTrust(model_error_um=0.1).check_accept_um == CALIBRATED_ACCEPT_UM < 0.2
+
+    def field(error_um: float) -> tuple[float, str | None]:
+        inst = Parabola(0.0)
+        r = inst.focus_from(0.18, NearFocusTrust(model_error_um=error_um))  # distrusted: every field checked
+        assert r.converged, r
+        return r.z_um, r.near_focus
+
+    assert field(0.0) == (0.18, "verified")
+    z, near = field(0.5)
+    assert near == "fit" and abs(z) <= 0.01, (z, near)

@@ -183,18 +183,23 @@ class FocusedField:
 
 
 def calibrated_start(focus: FocusConfig, models: ModelsConfig) -> FocusConfig:
-    """``focus`` with ``near_focus_trusted_at_start`` set when the autofocus model is a calibrated
-    folder whose model.json records a near-focus MAE on the instrument's own held-out fields of at
-    most ``near_focus_trusted_mae_um`` (the builtin models are not calibrated on this instrument).
-    The scan supervisor applies it before acquisition starts (the inference worker, which loads the
-    model, does not tell acquisition what model.json says); ``FieldFocuser`` applies it when it loads
-    the models itself."""
-    if focus.near_focus != "adaptive" or focus.near_focus_trusted_at_start or models.autofocus_dir == "builtin":
+    """``focus`` with ``near_focus_model_error_um`` set to the near-focus MAE that a calibrated
+    autofocus folder's model.json records on the instrument's own held-out fields, and
+    ``near_focus_trusted_at_start`` set when that MAE is at most ``near_focus_trusted_mae_um`` (the
+    builtin models are not calibrated on this instrument: neither is set). The scan supervisor applies
+    it before acquisition starts (the inference worker, which loads the model, does not tell
+    acquisition what model.json says); ``FieldFocuser`` applies it when it loads the models itself."""
+    if focus.near_focus != "adaptive" or models.autofocus_dir == "builtin":
         return focus
     mae = calibrated_near_focus_mae_um(models.autofocus_dir)
-    if mae is None or mae > focus.near_focus_trusted_mae_um:
+    if mae is None:
         return focus
-    return focus.model_copy(update={"near_focus_trusted_at_start": True})
+    update: dict[str, Any] = {}
+    if focus.near_focus_model_error_um == 0.0:
+        update["near_focus_model_error_um"] = mae
+    if not focus.near_focus_trusted_at_start and mae <= focus.near_focus_trusted_mae_um:
+        update["near_focus_trusted_at_start"] = True
+    return focus.model_copy(update=update) if update else focus
 
 
 def near_focus_trust(focus: FocusConfig) -> NearFocusTrust | None:
@@ -208,6 +213,7 @@ def near_focus_trust(focus: FocusConfig) -> NearFocusTrust | None:
         verify_first=focus.near_focus_verify_first,
         verify_every=focus.near_focus_verify_every,
         trusted_at_start=focus.near_focus_trusted_at_start,
+        model_error_um=focus.near_focus_model_error_um,
     )
 
 
@@ -221,6 +227,8 @@ def near_focus_report(focus: FocusConfig, outcomes: list[str | None]) -> dict[st
     return {
         "checks": focus.near_focus,
         "trusted_at_start": focus.near_focus_trusted_at_start,
+        # A calibrated model's recorded near-focus error (0: none), which sets what it keeps unchecked.
+        "model_error_um": focus.near_focus_model_error_um,
         "fields_checked": sum(counts.values()),
         **counts,
         # Kept at the focus surface's prediction while the model was distrusted (not checked).

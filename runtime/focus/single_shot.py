@@ -338,6 +338,10 @@ class SingleShotFocus:
         )
         at_surface = surface_z and z == start_z_um
         verify = near is not None and (near.should_verify(moved, free, at_surface) or worse)
+        if near is not None and not verify and not near.distrusted and moves == 0 and d is not None:
+            # A frame kept where it was first captured, on a calibrated model's word alone: checked
+            # unless the reading plus the model's recorded near-focus error is within the tolerance.
+            verify = not near.keeps_unchecked(d, self.tolerance_um)
         if near is not None and near.distrusted and not verify and not stalled:
             # Kept on the focus surface's word (NearFocusTrust.should_verify): the model's reading is
             # not trusted here, so it neither finishes the field nor teaches the surface.
@@ -359,7 +363,18 @@ class SingleShotFocus:
             start = near.two_point_curvature is None
             # The model reads each probe too: a check also tests its reading of a known defocus.
             toward = z - (d - near.offset_um) if not blind_side else z - float(np.sign(d)) * PROBE_UM
-            ref = refine(samples, frame, z, capture_at, release, sharpness, near, toward, read=lambda f: est(f)[0])
+            ref = refine(
+                samples,
+                frame,
+                z,
+                capture_at,
+                release,
+                sharpness,
+                near,
+                toward,
+                accept_um=near.check_accept_um,
+                read=lambda f: est(f)[0],
+            )
             captures += ref.captures
             start_probes, probes = (ref.captures, 0) if start else (0, ref.captures)
             if ref.focus_z_um is None:
