@@ -288,8 +288,8 @@ class NearFocusTrust:
         µm off (training objective / gravel with --near-weight 10: 3 of 11 fields; flipped with --l2sp or
         --contrast-jitter, trusted from the start: 1 of 11). With ``CALIBRATED_ACCEPT_UM``, replaying the
         bench's calibrated folders (bench calibration's scan path, seed 7000011, 11 tissue fields each):
-        every cell 100% within ±0.35 µm (those three were 72.7 / 90.9 / 90.9%) at 2.00-2.42 captures per
-        field (1.42-2.83 before); every uncalibrated cell unchanged."""
+        every cell 100% within ±0.35 µm (those three were 72.7 / 90.9 / 90.9%) at 1.83-2.42 captures per
+        field (1.42-2.83 before; W = 3 and 10 alone 2.08-2.42, was 1.75-2.83); every uncalibrated cell unchanged."""
         return self.model_error_um <= 0.0 or abs(reading_um) + self.model_error_um <= tolerance_um
 
     @property
