@@ -50,6 +50,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="export calibrate --near-weight (default: export calibrate's, 3)",
     )
     p.add_argument(
+        "--tta",
+        type=int,
+        default=None,
+        choices=(1, 2, 4, 8),
+        help="export calibrate --tta (default: export calibrate's, 1)",
+    )
+    p.add_argument(
         "--single-pass",
         action="store_true",
         help="export the hold-out pass's model (export calibrate --single-pass; default: refit on every field)",
@@ -87,7 +94,7 @@ def _method_text(cell: dict[str, Any]) -> str:
     m = cell["method"]
     return (
         f"{m['name']} ({m['trained']}), {m['epochs']} epochs, contrast jitter {m.get('contrast_jitter', 0):g}, "
-        f"near-focus weight {m.get('near_focus_weight', 3):g}, "
+        f"near-focus weight {m.get('near_focus_weight', 3):g}, test-time transforms {m.get('tta', 1)}, "
         f"{cell['procedure']}"
     )
 
@@ -117,6 +124,7 @@ def run(args: argparse.Namespace) -> int:
                 refit=not args.single_pass,
                 contrast_jitter=args.contrast_jitter,
                 **({} if args.near_weight is None else {"near_weight": args.near_weight}),
+                **({} if args.tta is None else {"tta": args.tta}),
             )
             seconds = time.monotonic() - t0
             recs = [Recording.open(eval_rec)]

@@ -126,6 +126,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "0.2 measured: real tissue better, gravel worse)",
     )
     c.add_argument(
+        "--tta",
+        type=int,
+        default=None,
+        choices=(1, 2, 4, 8),
+        help="exported graph averages the outputs over this many flips/turns of each crop (default 1: none)",
+    )
+    c.add_argument(
         "--single-pass",
         action="store_true",
         help="export the hold-out pass's model (default: measure on held-out fields, then refit on every field)",
@@ -231,6 +238,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "batch",
                 "l2sp",
                 "contrast_jitter",
+                "tta",
             )
             if getattr(args, k) is not None
         }

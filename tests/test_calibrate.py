@@ -353,3 +353,64 @@ def test_l2sp_keeps_the_fine_tuned_weights_near_where_they_started(recording: Pa
 
     free, held = distance(0.0), distance(10.0)
     assert 0 < held < 0.5 * free, (held, free)
+
+
+def test_dihedral_mean_averages_every_output_over_its_transforms() -> None:
+    """``DihedralMean`` (``--tta``): each output of a crop is the mean of the plain model's outputs on that
+    crop's flips/turns -- per crop, not mixed across the batch."""
+    pytest.importorskip("torch")
+    import torch
+
+    from export.calibrate import TTA_TRANSFORMS, DihedralMean, recover_autofocus, torch_dihedral, with_tta
+
+    folder = load_model_folder(MODELS_DIR / "autofocus", "autofocus")
+    model = recover_autofocus(folder)
+    x = torch.from_numpy(np.random.default_rng(3).normal(size=(5, *folder.input_shape)).astype(np.float32))
+    assert with_tta(model, 1) is model
+    for k in (2, 4, 8):
+        tta = with_tta(model, k)
+        assert isinstance(tta, DihedralMean) and tta.transforms == TTA_TRANSFORMS[k]
+        with torch.no_grad():
+            got = tta(x)
+            per = [model(torch_dihedral(x, d)) for d in TTA_TRANSFORMS[k]]
+        assert len(got) == len(per[0])
+        for i, out in enumerate(got):
+            want = torch.stack([p[i] for p in per]).mean(0)
+            assert out.shape == (5,)
+            np.testing.assert_allclose(out.numpy(), want.numpy(), atol=1e-5)
+        assert not np.allclose(got[0].numpy(), model(x)[0].detach().numpy(), atol=1e-4)  # the crops are not symmetric
+
+
+def test_tta_exports_the_same_weights_in_a_graph_that_averages_the_transforms(recording: Path, tmp_path: Path) -> None:
+    """``tta`` 4 trains exactly what the default trains (same ONNX weights) and exports a graph whose outputs
+    are the default graph's averaged over the four quarter turns of each crop; model.json records it, and
+    the folder recalibrates (its recovered weights reproduce it through the same averaging)."""
+    pytest.importorskip("torch")
+    import onnxruntime as ort
+
+    from export.calibrate import TTA_TRANSFORMS, calibrate, recover_autofocus
+    from runtime.ml.tasks import dihedral
+
+    init, tiny = MODELS_DIR / "autofocus", {"epochs": 1, "crops": 2, "holdout": 0.0}
+    default = calibrate([recording], init, tmp_path / "af-default", **tiny)
+    tta = calibrate([recording], init, tmp_path / "af-tta", tta=4, **tiny)
+    assert default["method"]["tta"] == 1 and tta["method"]["tta"] == 4
+    assert tta["method"]["tta_transforms"] == list(TTA_TRANSFORMS[4])
+    folder = load_model_folder(tmp_path / "af-tta", "autofocus")
+    w_default = recover_autofocus(load_model_folder(tmp_path / "af-default", "autofocus")).state_dict()
+    w_tta = recover_autofocus(folder).state_dict()  # the same 7 convolutions and head in the averaging graph
+    for name, w in w_default.items():
+        np.testing.assert_array_equal(w_tta[name].numpy(), w.numpy())
+    assert folder.meta["calibration"]["method"]["tta"] == 4
+    rec = Recording.open(recording)
+    x = folder.autofocus_preprocess().inputs(rec.plane(1, 12)).astype(np.float32)
+    plain = ort.InferenceSession(str(tmp_path / "af-default" / "model.onnx"), providers=["CPUExecutionProvider"])
+    avg = ort.InferenceSession(str(folder.onnx_path), providers=["CPUExecutionProvider"])
+    names = list(folder.output_names)
+    got = avg.run(names, {folder.input_name: x})
+    per = [plain.run(names, {folder.input_name: dihedral(x, d)}) for d in TTA_TRANSFORMS[4]]
+    for i, out in enumerate(got):
+        np.testing.assert_allclose(out, np.mean([p[i] for p in per], axis=0), atol=1e-4)
+    assert not np.allclose(got[0], plain.run(names, {folder.input_name: x})[0], atol=1e-3)
+    again = calibrate([recording], tmp_path / "af-tta", tmp_path / "af-again", **tiny)  # recovery check passes
+    assert again["method"]["tta"] == 1 and max(again["init_model"]["recovery_max_abs_diff"].values()) <= 1e-3
