@@ -47,7 +47,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--near-weight",
         type=float,
         default=None,
-        help="export calibrate --near-weight (default: export calibrate's, 3)",
+        help="export calibrate --near-weight (default: export calibrate's, 10)",
     )
     p.add_argument(
         "--tta",

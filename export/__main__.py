@@ -107,7 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     c.add_argument("--lr", type=float, default=None)
     c.add_argument("--crops", type=int, default=None, help="crops per training plane (0: all)")
     c.add_argument("--holdout", type=float, default=None, help="fraction of the labelled fields held out")
-    c.add_argument("--near-weight", type=float, default=None, help="extra loss weight of planes near focus")
+    c.add_argument("--near-weight", type=float, default=None, help="loss weight of planes near focus (default 10)")
     c.add_argument(
         "--freeze-blocks",
         type=int,
