@@ -93,8 +93,8 @@ def _label_text(e: dict[str, Any]) -> str:
 def _method_text(cell: dict[str, Any]) -> str:
     m = cell["method"]
     return (
-        f"{m['name']} ({m['trained']}), {m['epochs']} epochs, contrast jitter {m.get('contrast_jitter', 0):g}, "
-        f"near-focus weight {m.get('near_focus_weight', 3):g}, test-time transforms {m.get('tta', 1)}, "
+        f"{m['name']} ({m['trained']}), {m['epochs']} epochs, contrast jitter {m['contrast_jitter']:g}, "
+        f"near-focus weight {m['near_focus_weight']:g}, test-time transforms {m['tta']}, "
         f"{cell['procedure']}"
     )
 
