@@ -29,6 +29,7 @@ BENCHES = {
     "resume": "bench.resume",
     "analysis": "bench.analysis",
     "lesion-head": "bench.lesion_head",
+    "inference": "bench.inference",
 }
 
 

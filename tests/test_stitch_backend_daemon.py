@@ -56,11 +56,15 @@ def test_a_cupy_that_cannot_run_fails_the_scan_without_a_traceback(
     tmp_path: Path, small_recording: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
 ) -> None:
     # A CuPy the supervisor's lookup finds but that fails to import, as one built for another CUDA does:
-    # the daemon and its workers get this folder on their path (spawn passes sys.path on).
+    # the daemon and its workers get this folder first on their path. sys.path reaches spawned processes,
+    # but not every Python passes it to the fork server's preload (on the lent GPU host's Python 3.12 the
+    # workers imported the real, working CuPy), so PYTHONPATH puts it first for every interpreter.
     broken = tmp_path / "site" / "cupy"
     broken.mkdir(parents=True)
     (broken / "__init__.py").write_text('raise ImportError("libcudart.so.12: cannot open shared object file")\n')
     monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    path = [str(tmp_path / "site"), *filter(None, [os.environ.get("PYTHONPATH")])]
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(path))
     runtime_dir = Path("/tmp") / f"wsirt-bcupy-{os.getpid()}"
     cfg = daemon_config(tmp_path / "data", runtime_dir, small_recording, stitch={"backend": "cupy"})
     proc = start_daemon_process(cfg)
