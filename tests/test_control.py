@@ -371,3 +371,33 @@ def test_poll_returns_count_and_close_is_idempotent(sock_dir: Path) -> None:
     with pytest.raises(RuntimeError, match="closed"):
         server.poll(0)
     assert not os.path.exists(f"{sock_dir}/c.sock")
+
+
+def test_poll_ends_early_on_a_readable_wake_fd_and_still_answers_requests(sock_dir: Path) -> None:
+    """``wake``: the supervisor's poll returns once a worker message waits (its queue's pipe is
+    readable), without a request (0 answered) and long before its timeout; requests are still answered."""
+    server = ControlServer(f"ipc://{sock_dir}/c.sock", f"ipc://{sock_dir}/e.sock", Recorder())
+    r, w = os.pipe()
+    try:
+        os.write(w, b"x")
+        result: queue.Queue[int] = queue.Queue()
+        # An hour's timeout: only the readable fd can end this poll.
+        t = threading.Thread(target=lambda: result.put(server.poll(3_600_000, wake=(r,))), daemon=True)
+        t.start()
+        assert result.get(timeout=30) == 0
+        os.read(r, 1)
+        ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
+        d = ctx.socket(zmq.DEALER)
+        d.setsockopt(zmq.LINGER, 0)
+        d.connect(server.command_endpoint)
+        d.send(encode_request(7, "ping"))
+        handled, deadline = 0, time.monotonic() + 5
+        while handled < 1 and time.monotonic() < deadline:
+            handled += server.poll(50, wake=(r,))  # the fd is empty again: the request ends the wait
+        assert handled == 1
+        assert d.poll(2000) and json.loads(d.recv())["id"] == 7
+        d.close()
+    finally:
+        os.close(r)
+        os.close(w)
+        server.close()

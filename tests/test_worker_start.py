@@ -45,11 +45,25 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="pr
 NOT_IN_THE_SERVER = ("onnxruntime", "torch", "tensorrt", "pycuda", "cupy", "hw_sim")
 
 
+def _imported_by_first_use() -> list[str]:
+    """What a scan's workers would import inside the scan on the first use of these (stop 29: numpy's
+    percentile imported numpy.ma on the stitcher's first tile; the writer's first JPEG tile imagecodecs'
+    libjpeg module): the fork server preloads them, so a forked worker imports nothing here."""
+    import imagecodecs
+    import numpy as np
+
+    before = set(sys.modules)
+    np.percentile(np.arange(10.0), 98)
+    imagecodecs.jpeg8_encode(np.zeros((16, 16, 3), np.uint8), level=85)
+    return sorted(set(sys.modules) - before)
+
+
 def _forked_worker(out: Queue[Any], bind: bool) -> None:
     """A worker forked by the server: what it sees at its start, then heartbeats until orphaned.
     ``bind``: parent-death signal as every worker main sets it; else only the heartbeat's check."""
     parent = lifetime.bind_to_parent() if bind else lifetime.parent_pid()
     loaded = sorted(m for m in sys.modules if m.split(".")[0] in NOT_IN_THE_SERVER)
+    lazy = _imported_by_first_use()
     out.put(
         {
             "pid": os.getpid(),
@@ -60,6 +74,7 @@ def _forked_worker(out: Queue[Any], bind: bool) -> None:
             "orphaned": lifetime.orphaned(parent),
             "loaded": loaded,
             "preloaded": all(m in sys.modules for m in WORKER_SERVER_PRELOAD),
+            "lazy": lazy,
             "threads": len(os.listdir("/proc/self/task")),
             "env": {k: os.environ.get(k) for k in QUIET_OPENCV_POOL},
         }
@@ -117,6 +132,7 @@ def test_a_forked_worker_is_the_servers_child_without_gpu_libraries_and_dies_wit
         assert seen["ppid"] == server == seen["parent"] == seen["server"]  # the server, not the supervisor
         assert seen["deathsig"] == signal.SIGTERM and not seen["orphaned"]
         assert seen["preloaded"], "the worker was not forked from the preloaded server"
+        assert seen["lazy"] == [], f"imported on first use, inside a scan: {seen['lazy']}"
         assert seen["loaded"] == [], f"the fork server loaded {seen['loaded']}"
         assert seen["threads"] == 1
         assert seen["env"] == QUIET_OPENCV_POOL  # the server's environment, which it had from the supervisor

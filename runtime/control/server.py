@@ -28,7 +28,7 @@ import socket
 import stat
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -301,11 +301,21 @@ class ControlServer:
 
     # ------------------------------------------------------------------ requests
 
-    def poll(self, timeout_ms: int) -> int:
-        """Wait up to ``timeout_ms`` for requests, answer all pending ones; return how many."""
+    def poll(self, timeout_ms: int, wake: Sequence[int] = ()) -> int:
+        """Wait up to ``timeout_ms`` for requests, answer all pending ones; return how many.
+
+        ``wake``: file descriptors that end the wait early once readable (the supervisor's worker events,
+        while a job starts or finishes); the caller reads them, this only stops waiting."""
         if self._closed:
             raise RuntimeError("ControlServer is closed")
-        if not self._poller.poll(timeout_ms):
+        poller = self._poller
+        if wake:
+            poller = zmq.Poller()
+            poller.register(self._router, zmq.POLLIN)
+            for fd in wake:
+                poller.register(fd, zmq.POLLIN)
+        ready = dict(poller.poll(timeout_ms))
+        if self._router not in ready:
             return 0
         return self.handle_pending()
 

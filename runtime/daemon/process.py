@@ -74,6 +74,14 @@ WORKER_SERVER_PRELOAD = (
     "runtime.workers.inference",
     "runtime.workers.recorder",
     "runtime.workers.analysis",
+    # What a scan's workers would otherwise import on their first use of it, inside the scan: numpy's
+    # percentile imports numpy.ma (the stitcher's first tile, the flat-field's glass test: ~9 ms wall,
+    # ~18 ms CPU on its critical path), the writer's first JPEG tile imagecodecs' libjpeg module (~2 ms).
+    # Neither starts a thread. (Found by comparing each worker's sys.modules at its start and its end
+    # in `bench e2e --fields 16 12 --tile 1024`; the acquisition's only one is its driver, hw_sim.replay,
+    # which stays out: drivers are imported by the worker that opens them.)
+    "numpy.ma",
+    "imagecodecs._jpeg8",
 )
 
 

@@ -16,7 +16,7 @@ from it::
     ```mermaid
     stateDiagram-v2
         [*] --> STARTING: start_scan (workers spawned)
-        STARTING --> ACQUIRING: ScanPrepared (plan, ring; stitcher and writer spawned)
+        STARTING --> ACQUIRING: ScanPrepared (plan, ring; the stitcher gets its job)
         ACQUIRING --> FLUSHING: AcquisitionDone
         ACQUIRING --> WRITING: MosaicDone(complete) overtook AcquisitionDone
         FLUSHING --> WRITING: MosaicDone(complete)
@@ -110,7 +110,7 @@ from runtime.output.ome_tiff import partial_path
 from runtime.stitching.accumulator import MosaicGeometry
 from runtime.workers.acquisition import AcquisitionJob, AcquisitionResume, acquisition_main
 from runtime.workers.inference import inference_main
-from runtime.workers.stitcher import StitchJob, stitcher_main
+from runtime.workers.stitcher import StitchJob, StitchJobQueue, stitcher_main
 from runtime.workers.writer import dicom_path, writer_main
 
 log = logging.getLogger("wsi.scan_job")
@@ -174,6 +174,8 @@ class ScanJob(WorkerJob):
         self.report_written = True
         # One message union per queue (runtime/ipc/messages.py, runtime/ipc/inference_channel.py).
         self.tiles: TileQueue = self.ctx.Queue()
+        self.to_stitcher: StitchJobQueue = self.ctx.Queue()  # its StitchJob, once the plan is known
+        self._stitch_job_sent = False
         self.free_slots: SlotQueue = self.ctx.Queue()
         self.to_acquisition: ControlQueue = self.ctx.Queue()
         # [analysis] enabled: the analysis worker sees every row announcement the writer sees:
@@ -246,6 +248,27 @@ class ScanJob(WorkerJob):
                 self.cancel_event,
                 self.to_inference,
                 self.inference_replies,
+            ),
+        )
+
+        # The writer and the stitcher are forked now, while acquisition opens the devices, not once it has
+        # planned (ScanPrepared): the first tiles then wait for neither fork. The writer needs nothing the
+        # plan decides (it opens the mosaic at the stitcher's first rows); the stitcher waits for its
+        # StitchJob (the plan's geometry, the ring) on to_stitcher. Every ending reaches both: the
+        # stitcher's MosaicDone or EndOfStream, or the EndOfStream a failed scan sends them (_finish).
+        self._spawn("writer", writer_main, (str(self.output_dir / SLIDE_NAME), cfg.writer, self.to_writer, self.events))
+        self._spawn(
+            "stitcher",
+            stitcher_main,
+            (
+                self.to_stitcher,
+                cfg.mosaic,
+                cfg.stitch,
+                cfg.writer,
+                self.tiles,
+                self.free_slots,
+                self.to_writer,
+                self.events,
             ),
         )
 
@@ -328,7 +351,7 @@ class ScanJob(WorkerJob):
     # -- processes ---------------------------------------------------------------------------
     def _queues(self) -> tuple[JobQueue, ...]:
         queues = (self.events, self.tiles, self.free_slots, self.to_acquisition, self.to_writer)
-        return (*queues, self.to_inference, self.inference_replies, self.to_analysis)
+        return (*queues, self.to_inference, self.inference_replies, self.to_analysis, self.to_stitcher)
 
     @property
     def stitch(self) -> dict[str, Any] | None:
@@ -368,33 +391,22 @@ class ScanJob(WorkerJob):
         self.ring = SlotRing(self.cfg.scan.ring_slots, h, w)
         for i in range(self.ring.spec.slots):
             self.free_slots.put(i)
-        cfg = self.cfg
-        self._spawn(
-            "stitcher",
-            stitcher_main,
-            (
-                StitchJob(
-                    geometry,
-                    self.ring.spec,
-                    str(self.mosaic_path),
-                    folder=str(self.output_dir),
-                    resume=self.resumed is not None,
-                    memory_budget_mib=cfg.daemon.memory_budget_mib,
-                ),
-                cfg.mosaic,
-                cfg.stitch,
-                cfg.writer,
-                self.tiles,
-                self.free_slots,
-                self.to_writer,
-                self.events,
-            ),
-        )
-        slide = str(self.output_dir / SLIDE_NAME)
-        self._spawn("writer", writer_main, (slide, cfg.writer, self.to_writer, self.events))
+        # Acquisition captures the first fields while the stitcher creates the mosaic (the tiles wait in
+        # the ring and on its queue).
         self.to_acquisition.put(self.ring.spec)
         if self.uses_inference:
             self.to_inference.put(self.ring.spec)
+        self.to_stitcher.put(
+            StitchJob(
+                geometry,
+                self.ring.spec,
+                str(self.mosaic_path),
+                folder=str(self.output_dir),
+                resume=self.resumed is not None,
+                memory_budget_mib=self.cfg.daemon.memory_budget_mib,
+            )
+        )
+        self._stitch_job_sent = True
         self._started(msg, geometry.shape)
 
     # -- message pump ------------------------------------------------------------------------
@@ -616,6 +628,8 @@ class ScanJob(WorkerJob):
             # the Zarr mosaic (nothing captured is lost), and release the writer.
             self.tiles.put(EndOfStream("the scan failed"))
             self.to_writer.put(EndOfStream("the scan failed"))
+        if not self._stitch_job_sent:  # ended before the plan: the waiting stitcher has nothing to do
+            self.to_stitcher.put(EndOfStream(f"the scan {reason.value} before its plan"))
         self._stop_inference()
         # Without blocking the daemon: the supervisor keeps serving while the workers flush and exit.
         self.stop_workers_then(10.0, lambda: self._settle(reason))

@@ -374,7 +374,8 @@ class Supervisor:
         it is logged and the loop goes on (a pause keeps a persistent fault from spinning)."""
         assert self.server is not None
         try:
-            self.server.poll(50)
+            # Woken early by the job's worker messages while they are waited for (WorkerJob.wake_fds).
+            self.server.poll(50, wake=self.job.wake_fds() if self.job is not None else ())
             if self.analysis is not None:
                 self.analysis.pump()  # before the job: it picks up the outcome in the same turn
             self._tick_job()

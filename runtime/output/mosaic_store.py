@@ -230,8 +230,9 @@ class MosaicStore:
                 fill_value=FILL,
                 dimension_names=("y", "x", "c"),
             )
-        # Attributes last: a group with attrs is a fully created mosaic.
-        group.attrs.update(
+        # Attributes last: a group with attrs is a fully created mosaic. One write of the group's zarr.json
+        # (the same bytes as attrs.update's, which rewrote it once per key: 10 writes, ~40% of create()).
+        group.update_attributes(
             {
                 "format": FORMAT,
                 "version": VERSION,

@@ -32,8 +32,9 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
+from multiprocessing.queues import Queue
 from pathlib import Path
-from typing import NoReturn, assert_never
+from typing import NoReturn, TypeAlias, assert_never
 
 import numpy as np
 
@@ -433,8 +434,24 @@ def refuse_backend(err: StitchBackendError, events: EventQueue, to_writer: Write
     raise SystemExit(1)  # past run_worker's Exception handler (which logs a traceback); its exit callbacks run
 
 
+StitchJobQueue: TypeAlias = "Queue[StitchJob | EndOfStream]"
+
+
+def wait_for_job(worker: WorkerContext, jobs: StitchJobQueue) -> StitchJob | None:
+    """The scan's :class:`StitchJob`, beating meanwhile: the stitcher is forked when the scan starts, while
+    acquisition opens the devices, and gets its job once the plan is known. None when the scan ended first
+    (:class:`EndOfStream`: the scan job tells the writer itself)."""
+    while True:
+        worker.beat()  # raises SystemExit once the supervisor is gone
+        try:
+            msg = jobs.get(timeout=POLL_S)
+        except queue.Empty:
+            continue
+        return msg if isinstance(msg, StitchJob) else None
+
+
 def stitcher_main(
-    job: StitchJob,
+    jobs: StitchJobQueue,
     mosaic: MosaicConfig,
     stitch: StitchConfig,
     writer: WriterConfig,
@@ -443,7 +460,8 @@ def stitcher_main(
     to_writer: WriterQueue,
     events: EventQueue,
 ) -> None:
-    """Process entry point (spawned). Ends on the acquisition's :class:`EndOfStream`.
+    """Process entry point (spawned). Waits for its :class:`StitchJob` on ``jobs``, then ends on the
+    acquisition's :class:`EndOfStream`.
 
     ``writer``: for ``min_level_size``, where the mosaic's pyramid (which the writer streams)
     stops."""
@@ -451,6 +469,10 @@ def stitcher_main(
     def body(worker: WorkerContext) -> None:
         worker.on_failure(lambda _: to_writer.put(EndOfStream("the stitcher failed")))
         return_freed_memory()
+        job = wait_for_job(worker, jobs)
+        if job is None:
+            log.debug("the scan ended before its plan: nothing to stitch")
+            return
         ring = worker.attach(job.ring)
         h, w = job.geometry.shape
         observer: JournalObserver | None = None
