@@ -277,3 +277,73 @@ def test_head_calls_little_of_held_out_content_tumour() -> None:
             assert len(w), (name, scale)
             called = float(np.mean(head.predict(w) >= 0.5))
             assert called < 0.10, (name, 1 / scale, called)
+
+
+def _tissue_with_glass(
+    hole_centre: tuple[int, int], hole_r: int, edge_glass: bool, noise: float = 0.0
+) -> list[np.ndarray]:
+    """A 600 px (0.5 µm/px) pink tissue square with a round slide hole (glass at 236 grey levels, as the
+    simulator's camera reads it) and, if ``edge_glass``, a bay of glass beyond the tissue's edge reaching in from
+    the right; Gaussian camera noise of ``noise`` grey levels; levels 0 and 1."""
+    import cv2
+
+    img = np.empty((600, 600, 3), np.uint8)
+    img[:] = (205, 120, 185)
+    cv2.circle(img, hole_centre, hole_r, (236, 236, 236), -1)
+    if edge_glass:
+        img[270:330, 320:] = 236
+    if noise:
+        rng = np.random.default_rng(1)
+        img = np.clip(img + rng.normal(0.0, noise, img.shape), 0, 255).astype(np.uint8)
+    return [img, np.asarray(cv2.resize(img, (300, 300), interpolation=cv2.INTER_AREA))]
+
+
+@pytest.mark.parametrize("noise", [0.0, 3.0])
+def test_glass_fill_completes_a_lesion_across_a_slide_hole_only(noise: float) -> None:
+    """A lesion outline cut by a slide hole (the head stops where the tissue does) takes the hole's glass inside
+    its convex hull, with or without camera noise; glass that reaches the read region's edge (beyond the tissue)
+    and glass outside the hull are not added, nor the parts of ``others``."""
+    from shapely.geometry import Point
+
+    from runtime.analysis.lesion_head import glass_fill
+
+    disc = Point(300, 300).buffer(60)  # a 60 µm lesion (0.5 µm/px)
+    hole = Point(300, 355).buffer(30)  # a hole crossing its lower edge
+    cut = disc.difference(hole)
+    src = ArraySource(_tissue_with_glass((300, 355), 30, False, noise), PX_UM)
+    filled = glass_fill(src, cut, cut.bounds, [])
+    inside = cut.convex_hull.intersection(hole).difference(cut).area
+    assert inside > 0.08 * cut.area  # what there is to recover: over 8% of the outline
+    assert filled.area == pytest.approx(cut.area + inside, rel=0.03)
+    assert filled.difference(cut.convex_hull.buffer(1.0)).area < 1.0  # nothing outside the hull
+    # Another lesion's outline over part of that glass keeps it.
+    other = box(280, 330, 320, 400)
+    with_other = glass_fill(src, cut, cut.bounds, [other])
+    assert with_other.intersection(other).area < 1.0 and with_other.area < filled.area
+    # The same lesion cut by a bay of glass beyond the tissue's edge (it reaches the read region's edge): unchanged.
+    edge_cut = disc.difference(box(320, 270, 600, 330))
+    assert edge_cut.convex_hull.difference(edge_cut).area > 0.08 * edge_cut.area
+    src2 = ArraySource(_tissue_with_glass((0, 0), 0, True, noise), PX_UM)
+    assert glass_fill(src2, edge_cut, edge_cut.bounds, []) is edge_cut
+
+
+def test_reoutline_glass_fill_switch() -> None:
+    """``reoutline`` completes a small head outline across a hole by default and not with ``glass_fill_max_um2``
+    None (stats ``glass_filled``); the rendered tiny lesion of the tests above is cut by a painted hole."""
+    s = render_slide(330000, 2, 500.0, held_out=False)
+    (g,) = s.tumour
+    x0, y0, x1, y1 = g.bounds
+    cx, cy, r = int((x0 + x1) / 2), int(y1), int((y1 - y0) / 4)
+    levels = [lv.copy() for lv in s.levels]
+    import cv2
+
+    for k, lv in enumerate(levels):
+        cv2.circle(lv, (cx >> k, cy >> k), max(1, r >> k), (240, 240, 240), -1)
+    head = load_lesion_head(None, "ort_cpu")
+    src = ArraySource(levels, PX_UM)
+    on, st_on = reoutline(src, [_lesion(g)], head, PX_UM)
+    off, st_off = reoutline(src, [_lesion(g)], head, PX_UM, glass_fill_max_um2=None)
+    assert st_off["glass_filled"] == 0 and st_on["reoutlined"] == st_off["reoutlined"] == 1
+    assert st_on["glass_filled"] == 1
+    assert on[0].geometry.area > off[0].geometry.area and on[0].geometry.contains(off[0].geometry.buffer(-0.5))
+    assert on[0].area_mm2 == pytest.approx(on[0].geometry.area * (PX_UM / 1000) ** 2)

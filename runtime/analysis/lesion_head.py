@@ -80,6 +80,20 @@ CONTEXT_UM = 32.0  # a lesion whose box does not fit the window with this margin
 # outlines about as much (8 µm: nests -3.33 -> -2.55 µm, solid +1.75 -> +2.32, glands +0.01 -> +0.75).
 OUTLINE_UPSAMPLE = 4
 GLASS = 255  # what a window reads beyond the slide's edge
+# Glass completion of small lesions (glass_fill). The simulator's truth, like a pathologist's outline, runs through
+# a slide hole's glass where the hole crosses the lesion's edge, and no pixel shows where: measured on the held-out
+# slides, an outline exact on the tissue that stops at such glass is within 10% of the burden on 7 of 15 slides
+# under 0.01 mm², the same outline completed by its convex hull across the glass on 14 of 15 (oracle study, stop 29).
+# A re-outlined lesion under GLASS_FILL_MAX_UM2 therefore takes the glass of its convex hull: slide pixels at
+# GLASS_PX_UM that the tissue test calls glass (3 x 3 box filter first: a replayed scan's noise otherwise breaks
+# the glass into specks), read over the map outline's box plus GLASS_MARGIN_UM, in 8-connected regions that do
+# not reach that box's edge (a hole, not the glass beyond the tissue). Chosen on training-range bench-style slides
+# 360000-360063, 370000-370063, 381000-381047 (109 with tumour): within 10% of the burden 72 -> 74, mean error
+# 14.07 -> 13.81%, Dice 0.9725 and detections unchanged; over 4e4 µm² or only on the runtime's tissue no better.
+# ~3 ms per filled lesion.
+GLASS_FILL_MAX_UM2 = 1.0e4
+GLASS_MARGIN_UM = 40.0
+GLASS_PX_UM = 0.5
 
 
 class LesionHead:
@@ -234,6 +248,62 @@ def head_map(
     return out, Window(ox, oy, cell_l0 / head.cell, cell_l0), k * k
 
 
+def glass_fill(source: SlideSource, geom: Any, bounds: tuple[float, float, float, float], others: list[Any]) -> Any:
+    """``geom`` (level-0 px) with the glass of its convex hull added: the slide's pixels at :data:`GLASS_PX_UM`
+    (the finest level at or below it), box-filtered over 3 x 3 pixels against noise, whose total optical density
+    is at most the tissue test's (:data:`~runtime.analysis.baselines.TISSUE_OD`), over ``bounds`` plus
+    :data:`GLASS_MARGIN_UM`, in 8-connected regions that do not reach that region's edge; less ``others``.
+    ``geom`` itself where nothing is added."""
+    import shapely
+
+    from runtime.analysis.baselines import TISSUE_OD, optical_density, total_od
+    from runtime.analysis.lesions import _polygons
+
+    hull = geom.convex_hull.difference(geom)
+    if hull.is_empty or hull.area <= 0:
+        return geom
+    geo = source.geometry
+    level, _ = geo.level_for(GLASS_PX_UM)
+    ds = geo.downsample(level)
+    margin = GLASS_MARGIN_UM / geo.pixel_size_um
+    h, w = geo.level_shapes[level]
+    x0, y0, x1, y1 = bounds
+    xa, ya = max(0, math.floor((x0 - margin) / ds)), max(0, math.floor((y0 - margin) / ds))
+    xb, yb = min(w, math.ceil((x1 + margin) / ds)), min(h, math.ceil((y1 + margin) / ds))
+    if xb - xa < 3 or yb - ya < 3:
+        return geom
+    region = getattr(source, "read_region", None)
+    block = region(level, ya, yb, xa, xb) if region is not None else source.read_rows(level, ya, yb)[:, xa:xb]
+    smooth: U8 = np.asarray(cv2.blur(np.ascontiguousarray(np.asarray(block)[..., :3], np.uint8), (3, 3)), np.uint8)
+    glass = (total_od(optical_density(smooth)) <= TISSUE_OD).astype(np.uint8)
+    _, labels = cv2.connectedComponents(glass, connectivity=8)
+    edge = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
+    glass[np.isin(labels, edge[edge > 0])] = 0
+    if not glass.any():
+        return geom
+    # The hull's part outside the outline, drawn on the block's pixels: only glass there is polygonised.
+    inside = np.zeros(glass.shape, np.uint8)
+    for p in getattr(hull, "geoms", [hull]):
+        if p.geom_type != "Polygon":
+            continue
+        ring = (np.asarray(p.exterior.coords) / ds - [xa, ya]) * 16
+        cv2.fillPoly(inside, [np.round(ring).astype(np.int32)], 1, shift=4)
+    glass &= inside
+    if not glass.any():
+        return geom
+    polys = [shapely.affinity.translate(p, xa * ds, ya * ds) for p in _polygons(glass, ds)]
+    add = hull.intersection(shapely.unary_union(polys))
+    if add.is_empty or add.area <= 0:
+        return geom
+    out = shapely.unary_union([geom, add]).buffer(0)
+    if others:
+        out = out.difference(shapely.unary_union(others))
+    parts = [p for p in getattr(out, "geoms", [out]) if p.geom_type == "Polygon" and p.area > 0]
+    if not parts:
+        return geom
+    return parts[0] if len(parts) == 1 else shapely.MultiPolygon(parts)
+
+
 def reoutline(
     source: SlideSource,
     lesions: list[Lesion],
@@ -241,15 +311,18 @@ def reoutline(
     pixel_size_um: float,
     max_area_um2: float | None = None,
     max_windows: int = MAX_WINDOWS,
+    glass_fill_max_um2: float | None = GLASS_FILL_MAX_UM2,
 ) -> tuple[list[Lesion], dict[str, Any]]:
     """``lesions`` with each one re-outlined by ``head`` (module docstring; ``max_area_um2``: only those
-    below it, None: all of them; a lesion needing more than ``max_windows`` windows keeps its outline);
-    the same lesions in the same order, and stats (lesions re-outlined, kept, model calls, windows, seconds)."""
+    below it, None: all of them; a lesion needing more than ``max_windows`` windows keeps its outline),
+    and each new outline below ``glass_fill_max_um2`` (None: none) completed across glass (:func:`glass_fill`);
+    the same lesions in the same order, and stats (lesions re-outlined, kept, glass-filled, model calls,
+    windows, seconds)."""
     t0 = time.perf_counter()
     px_um2 = pixel_size_um**2
     mm2 = (pixel_size_um / 1000.0) ** 2
     out = list(lesions)
-    stats = {"candidates": 0, "reoutlined": 0, "kept": 0, "calls": 0, "windows": 0, "s": 0.0}
+    stats = {"candidates": 0, "reoutlined": 0, "kept": 0, "glass_filled": 0, "calls": 0, "windows": 0, "s": 0.0}
     for i, les in enumerate(lesions):
         if max_area_um2 is not None and les.geometry.area * px_um2 >= max_area_um2:
             continue
@@ -265,6 +338,11 @@ def reoutline(
         if geom is None:
             stats["kept"] += 1
             continue
+        if glass_fill_max_um2 is not None and geom.area * px_um2 < glass_fill_max_um2:
+            filled = glass_fill(source, geom, les.geometry.bounds, others)
+            if filled is not geom:
+                stats["glass_filled"] += 1
+                geom = filled
         out[i] = dataclasses.replace(
             les,
             geometry=geom,

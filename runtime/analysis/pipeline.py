@@ -642,7 +642,7 @@ def slide_lesions(
     (:func:`runtime.analysis.lesion_head.reoutline`: never a lesion more or fewer), and the map's faint
     regions where the head finds tumour added after them (:func:`runtime.analysis.lesion_head.confirm_faint`).
     Its counts go to ``result.stats`` (``lesion_head_calls``, ``lesion_head_windows``, ``lesion_head_reoutlined``,
-    ``lesion_head_added``, ``lesion_head_s``)."""
+    ``lesion_head_glass_filled``, ``lesion_head_added``, ``lesion_head_s``)."""
     from runtime.analysis import lesions
 
     found = lesions.model_lesions(result, models.tumour, threshold=threshold)  # with the model's outline fit
@@ -655,6 +655,7 @@ def slide_lesions(
     result.stats["lesion_head_calls"] = st["calls"] + faint["calls"]
     result.stats["lesion_head_windows"] = st["windows"] + faint["calls"]  # one window per faint region
     result.stats["lesion_head_reoutlined"] = st["reoutlined"]
+    result.stats["lesion_head_glass_filled"] = st["glass_filled"]
     result.stats["lesion_head_added"] = faint["added"]
     result.stats["lesion_head_s"] = st["s"] + faint["s"]
     return found
