@@ -89,11 +89,13 @@ class FocusConfig(_Section):
         8, ge=1, le=1000, description="single_shot adaptive: once trusted, one field in this many is checked (doubling)"
     )
     near_focus_trusted_mae_um: float = Field(
-        0.15,
+        0.0,
         ge=0.0,
         le=2.0,
         description="single_shot adaptive: a calibrated model whose model.json records at most this near-focus "
-        "MAE on the instrument's own held-out fields is trusted from the first field (0: never)",
+        "MAE on the instrument's own held-out fields is trusted from the first field (0, the default since stop 29: "
+        "never; the scan's own first checks decide. 0.15 trusted the --tta 4 flipped / simulator folder, MAE 0.092 "
+        "µm, which then kept a field 0.44 µm off: bench calibration cells 90.9% within, 100% with 0)",
     )
     near_focus_trusted_at_start: bool = Field(
         False, description="single_shot adaptive: trust the model from the first field (set for a calibrated model)"
@@ -102,10 +104,11 @@ class FocusConfig(_Section):
         0.0,
         ge=0.0,
         le=10.0,
-        description="single_shot adaptive: the near-focus MAE a calibrated model's model.json records on the "
-        "instrument's own held-out fields (set from the folder; 0: none recorded, an uncalibrated model). Such a "
-        "model keeps a field's first frame unchecked only when its reading plus this error is within tolerance_um, "
-        "and its checks keep a frame within 0.15 µm of the fitted sharpness peak",
+        description="single_shot adaptive: the near-focus error a calibrated model's model.json records on the "
+        "instrument's own held-out fields -- the 95th percentile of |error| (near_focus_abs_error_q95_um), or the "
+        "MAE for a folder calibrated before stop 29 (set from the folder; 0: none recorded, an uncalibrated model). "
+        "Such a model keeps a field's first frame unchecked only when its reading plus this error is within "
+        "tolerance_um, and its checks keep a frame within 0.15 µm of the fitted sharpness peak",
     )
 
 

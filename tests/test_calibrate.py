@@ -290,6 +290,25 @@ def test_refit_exports_the_every_field_model_with_the_holdout_pass_metrics(recor
     assert meta["heldout_metrics"]["mae_um"] == refit["heldout_metrics_after"]["mae_um"]
 
 
+def test_the_holdout_metrics_record_the_95th_percentile_of_the_near_focus_error() -> None:
+    """``near_focus_abs_error_q95_um`` (what the scan spends out of its tolerance before a calibrated model keeps a
+    frame unchecked) is the 95th percentile of |estimate - true| over the tiles within 2 µm of focus -- the tiles
+    ``mae_near_focus_um`` averages -- leaving out farther tiles and abstentions; NaN with no such tile."""
+    pytest.importorskip("torch")
+    from export.calibrate import metrics
+
+    true = np.array([-6.0, -3.0, -2.0, -1.0, -0.5, 0.0, 0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 5.0])
+    err = np.array([4.0, 2.0, 0.1, 0.2, 0.05, 0.0, 0.9, -0.1, 0.3, -0.15, 0.1, 3.0, 1.0])
+    est = true + err
+    est[6] = np.nan  # an abstention (its error 0.9 must not count)
+    m = metrics(true, est)
+    near = np.abs(err[[2, 3, 4, 5, 7, 8, 9, 10]])
+    assert m["near_focus_abs_error_q95_um"] == pytest.approx(float(np.quantile(near, 0.95)))
+    assert m["mae_near_focus_um"] == pytest.approx(float(near.mean()))
+    assert m["near_focus_abs_error_q95_um"] > m["mae_near_focus_um"]
+    assert np.isnan(metrics(np.array([-5.0, 4.0]), np.array([-4.0, 4.5]))["near_focus_abs_error_q95_um"])
+
+
 def test_contrast_jitter_scales_each_crops_contrast_channels_by_one_gain() -> None:
     """Every channel but the spectrum (6) of crop i is multiplied by the same gain exp(sigma n_i); the
     spectrum channel is left as it is; the gains' log spread is sigma. 7- and 10-channel inputs."""

@@ -204,13 +204,16 @@ def test_the_focus_config_sets_the_checks(tmp_path: Path) -> None:
         (d / "model.json").write_text(json.dumps({"format": "wsi-model", **cal}))
         return ModelsConfig(autofocus_dir=str(d))
 
-    focus = FocusConfig(strategy="single_shot")
+    # By default (near_focus_trusted_mae_um 0, since stop 29) no recorded MAE, not even 0, trusts a model at start.
+    off = FocusConfig(strategy="single_shot")
+    assert off.near_focus_trusted_mae_um == 0.0
+    assert not calibrated_start(off, folder("good2", 0.12)).near_focus_trusted_at_start
+    assert not calibrated_start(off, folder("perfect", 0.0)).near_focus_trusted_at_start
+    focus = FocusConfig(strategy="single_shot", near_focus_trusted_mae_um=0.15)
     assert calibrated_start(focus, folder("good", 0.12)).near_focus_trusted_at_start
     for name, mae in (("worse", 0.3), ("uncalibrated", None), ("broken", "0.1")):
         assert not calibrated_start(focus, folder(name, mae)).near_focus_trusted_at_start, name
     assert not calibrated_start(focus, ModelsConfig()).near_focus_trusted_at_start  # builtin
-    off = FocusConfig(strategy="single_shot", near_focus_trusted_mae_um=0.0)
-    assert not calibrated_start(off, folder("good2", 0.12)).near_focus_trusted_at_start
     trusted = near_focus_trust(calibrated_start(focus, folder("good3", 0.1)))
     assert trusted is not None and not trusted.distrusted
     # The recorded near-focus error travels with every calibrated folder, trusted from the start or not
@@ -456,6 +459,34 @@ class Parabola:
         return SingleShotFocus().focus(
             self.estimate, self.capture_at, lambda f: None, z0, first, sharpness=self.sharpness, trust=trust
         )
+
+
+def test_a_calibrated_model_spends_its_recorded_95th_percentile_error_not_its_mae(tmp_path: Path) -> None:
+    """A folder that records the 95th percentile of its held-out near-focus |error| (``export calibrate`` since
+    stop 29) hands that to the keep rule; trust at start still reads the MAE (``near_focus_trusted_mae_um``).
+    A folder calibrated before (MAE only, or an unreadable percentile) keeps its MAE. With MAE 0.12 and a 95th
+    percentile of 0.3 µm, a frame read as 0.05 µm is kept unchecked on the MAE (0.17 <= 0.25) but checked now."""
+
+    def folder(name: str, after: dict[str, object]) -> ModelsConfig:
+        d = tmp_path / name
+        d.mkdir()
+        (d / "model.json").write_text(json.dumps({"calibration": {"heldout_metrics_after": after}}))
+        return ModelsConfig(autofocus_dir=str(d))
+
+    focus = FocusConfig(strategy="single_shot", near_focus_trusted_mae_um=0.15)
+    both = calibrated_start(focus, folder("both", {"mae_near_focus_um": 0.12, "near_focus_abs_error_q95_um": 0.3}))
+    assert both.near_focus_model_error_um == pytest.approx(0.3) and both.near_focus_trusted_at_start
+    old = calibrated_start(focus, folder("old", {"mae_near_focus_um": 0.12}))
+    assert old.near_focus_model_error_um == pytest.approx(0.12)
+    bad = calibrated_start(focus, folder("bad", {"mae_near_focus_um": 0.2, "near_focus_abs_error_q95_um": "x"}))
+    assert bad.near_focus_model_error_um == pytest.approx(0.2) and not bad.near_focus_trusted_at_start
+    nan = calibrated_start(focus, folder("nan", {"mae_near_focus_um": 0.2, "near_focus_abs_error_q95_um": math.nan}))
+    assert nan.near_focus_model_error_um == pytest.approx(0.2)
+    q_only = calibrated_start(focus, folder("q-only", {"near_focus_abs_error_q95_um": 0.3}))
+    assert q_only.near_focus_model_error_um == 0.0  # no MAE: not a calibrated folder the scan knows
+    t_both, t_old = near_focus_trust(both), near_focus_trust(old)
+    assert t_both is not None and t_old is not None
+    assert t_old.keeps_unchecked(0.05, 0.25) and not t_both.keeps_unchecked(0.05, 0.25)
 
 
 def test_a_calibrated_model_keeps_a_frame_unchecked_only_within_tolerance_less_its_recorded_error() -> None:

@@ -46,7 +46,7 @@ from runtime.focus.single_shot import CaptureCost, SignConvention, SingleShotFoc
 from runtime.focus.surface import FocusSurface
 from runtime.focus.sweep import ContrastSweep, FocusResult, sharpness
 from runtime.ipc.inference_channel import InferenceChannel
-from runtime.ml.model_folder import calibrated_near_focus_mae_um
+from runtime.ml.model_folder import calibrated_near_focus_error_um, calibrated_near_focus_mae_um
 from runtime.ml.tasks import AutofocusModel, DefocusEstimate, TileClass, TileClassifierModel, load_configured_models
 
 
@@ -183,9 +183,10 @@ class FocusedField:
 
 
 def calibrated_start(focus: FocusConfig, models: ModelsConfig) -> FocusConfig:
-    """``focus`` with ``near_focus_model_error_um`` set to the near-focus MAE that a calibrated
-    autofocus folder's model.json records on the instrument's own held-out fields, and
-    ``near_focus_trusted_at_start`` set when that MAE is at most ``near_focus_trusted_mae_um`` (the
+    """``focus`` with ``near_focus_model_error_um`` set to the near-focus error that a calibrated
+    autofocus folder's model.json records on the instrument's own held-out fields (the 95th percentile
+    of |error|, or a folder's MAE where it records no percentile: :func:`calibrated_near_focus_error_um`), and
+    ``near_focus_trusted_at_start`` set when its near-focus MAE is at most ``near_focus_trusted_mae_um`` (the
     builtin models are not calibrated on this instrument: neither is set). The scan supervisor applies
     it before acquisition starts (the inference worker, which loads the model, does not tell
     acquisition what model.json says); ``FieldFocuser`` applies it when it loads the models itself."""
@@ -196,8 +197,9 @@ def calibrated_start(focus: FocusConfig, models: ModelsConfig) -> FocusConfig:
         return focus
     update: dict[str, Any] = {}
     if focus.near_focus_model_error_um == 0.0:
-        update["near_focus_model_error_um"] = mae
-    if not focus.near_focus_trusted_at_start and mae <= focus.near_focus_trusted_mae_um:
+        update["near_focus_model_error_um"] = calibrated_near_focus_error_um(models.autofocus_dir) or mae
+    threshold = focus.near_focus_trusted_mae_um  # 0: never
+    if not focus.near_focus_trusted_at_start and threshold > 0.0 and mae <= threshold:
         update["near_focus_trusted_at_start"] = True
     return focus.model_copy(update=update) if update else focus
 

@@ -122,6 +122,29 @@ def _key(meta: dict[str, Any], key: str, kind: type | tuple[type, ...], where: P
     return v
 
 
+def _heldout_after(path: Path | str, key: str) -> float | None:
+    """``calibration.heldout_metrics_after[key]`` of a folder's model.json when it is a finite number, else None."""
+    try:
+        meta = json.loads((Path(path) / "model.json").read_text(encoding="utf-8"))
+        value = meta["calibration"]["heldout_metrics_after"][key]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def calibrated_near_focus_error_um(path: Path | str) -> float | None:
+    """The near-focus error (µm) a calibrated autofocus folder's model.json records on the instrument's own
+    held-out fields for the scan to spend out of its tolerance
+    (:meth:`runtime.focus.near_focus.NearFocusTrust.keeps_unchecked`): the 95th percentile of the held-out
+    near-focus tiles' |error| (``near_focus_abs_error_q95_um``, written by ``python -m export calibrate`` since
+    stop 29), or for a folder calibrated before that its near-focus MAE (:func:`calibrated_near_focus_mae_um`);
+    None where neither is recorded."""
+    q = _heldout_after(path, "near_focus_abs_error_q95_um")
+    return q if q is not None else calibrated_near_focus_mae_um(path)
+
+
 def calibrated_near_focus_mae_um(path: Path | str) -> float | None:
     """The near-focus MAE (µm) that a calibrated autofocus folder's model.json records on the
     instrument's own held-out fields (``calibration.heldout_metrics_after.mae_near_focus_um``,
@@ -131,14 +154,7 @@ def calibrated_near_focus_mae_um(path: Path | str) -> float | None:
     folder that was not calibrated (or calibrated with nothing held out), or
     one whose model.json cannot be read (loading the folder reports that). Reads model.json only:
     the scan decides with it whether single_shot trusts the model near focus from the first field."""
-    try:
-        meta = json.loads((Path(path) / "model.json").read_text(encoding="utf-8"))
-        value = meta["calibration"]["heldout_metrics_after"]["mae_near_focus_um"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        return None
-    return float(value)
+    return _heldout_after(path, "mae_near_focus_um")
 
 
 def load_model_folder(path: Path | str, task: str | None = None, check_graph: bool = True) -> ModelFolder:
