@@ -61,12 +61,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="export the hold-out pass's model (export calibrate --single-pass; default: refit on every field)",
     )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="export calibrate --seed (default: export calibrate's, 0); another seed writes its own model folder",
+    )
     p.add_argument("--json", action="store_true", help="one JSON object instead of tables")
 
 
 def _calibration_recording(args: argparse.Namespace, objective: str, content: str) -> Path:
     cal_args = argparse.Namespace(**{**vars(args), "fields": tuple(args.cal_fields)})
     return _objective_recording(cal_args, objective, content, seed=CAL_SEED)
+
+
+def calibrated_dir(args: argparse.Namespace, objective: str, content: str) -> Path:
+    """Where a cell's calibrated model is written: ``af-calibrated-<objective>[-<content>]-<tile>``, with
+    ``-seed<N>`` appended when ``--seed`` is given (0 included), so a seed study leaves the default run's
+    models in place."""
+    look = "" if content == "synthetic" else "-" + "".join(c if c.isalnum() else "_" for c in content)
+    seed = "" if args.seed is None else f"-seed{args.seed}"
+    data: Path = args.data
+    return data / f"af-calibrated-{objective}{look}-{args.tile}{seed}"
 
 
 def label_errors(labels: list[dict[str, Any]], rec: Any) -> dict[str, Any]:
@@ -94,7 +110,7 @@ def _method_text(cell: dict[str, Any]) -> str:
     m = cell["method"]
     return (
         f"{m['name']} ({m['trained']}), {m['epochs']} epochs, contrast jitter {m['contrast_jitter']:g}, "
-        f"near-focus weight {m['near_focus_weight']:g}, test-time transforms {m['tta']}, "
+        f"near-focus weight {m['near_focus_weight']:g}, test-time transforms {m['tta']}, seed {cell['seed']}, "
         f"{cell['procedure']}"
     )
 
@@ -112,8 +128,7 @@ def run(args: argparse.Namespace) -> int:
         for objective in args.objectives:
             cal_rec = _calibration_recording(args, objective, content)
             eval_rec = _objective_recording(args, objective, content)
-            look = "" if content == "synthetic" else "-" + "".join(c if c.isalnum() else "_" for c in content)
-            out = args.data / f"af-calibrated-{objective}{look}-{args.tile}"
+            out = calibrated_dir(args, objective, content)
             t0 = time.monotonic()
             cal = calibrate(
                 [cal_rec],
@@ -125,10 +140,16 @@ def run(args: argparse.Namespace) -> int:
                 contrast_jitter=args.contrast_jitter,
                 **({} if args.near_weight is None else {"near_weight": args.near_weight}),
                 **({} if args.tta is None else {"tta": args.tta}),
+                **({} if args.seed is None else {"seed": args.seed}),
             )
             seconds = time.monotonic() - t0
             recs = [Recording.open(eval_rec)]
-            result: dict[str, Any] = {"objective": objective, "content": content, "calibrate_s": seconds}
+            result: dict[str, Any] = {
+                "objective": objective,
+                "content": content,
+                "calibrate_s": seconds,
+                "seed": cal["seed"],
+            }
             result["method"] = {
                 **cal["method"],
                 "epochs": cal["epochs"],
