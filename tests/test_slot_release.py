@@ -1,6 +1,5 @@
 """A tile's ring slot goes back to acquisition once the accumulator and the spill are both done with it,
-without the stitcher's main thread waiting for the disk, and without the spill waiting for the journal's
-other disk work (runtime/workers/stitcher.py: SlotRelease, JournalObserver)."""
+without the stitcher's main thread waiting for the disk (runtime/workers/stitcher.py: SlotRelease)."""
 
 from __future__ import annotations
 
@@ -48,7 +47,7 @@ def _observer(folder: Path) -> JournalObserver:
 def test_the_main_thread_does_not_wait_for_the_spill(tmp_path: Path) -> None:
     observer = _observer(tmp_path)
     gate = threading.Event()
-    observer._spill_io.submit(lambda: void(gate.wait(60)))  # the spill thread is busy (a slow disk)
+    observer._later(lambda: void(gate.wait(60)))  # the journal thread is busy (an fsync behind others)
     free: queue.Queue[int] = queue.Queue()
     release = SlotRelease(free, 3, users=2)  # type: ignore[arg-type]
     tile = np.full((64, 64, 3), 7, np.uint8)
@@ -58,25 +57,6 @@ def test_the_main_thread_does_not_wait_for_the_spill(tmp_path: Path) -> None:
     gate.set()
     assert free.get(timeout=60) == 3
     assert TileSpill(tmp_path).load(0) is not None
-    observer.close()
-
-
-def test_a_tile_spill_does_not_wait_behind_the_journal_thread(tmp_path: Path) -> None:
-    """Stop 29: the journal thread's row fsyncs (0.06-0.2 s each on a busy disk) held every tile spilled
-    after them, and so their ring slots: the ring ran dry. The spill has its own thread now: the slot comes
-    back while the journal thread is still busy."""
-    observer = _observer(tmp_path)
-    gate = threading.Event()
-    observer._later(lambda: void(gate.wait(60)))  # the journal thread is busy (fsyncs of mosaic rows)
-    free: queue.Queue[int] = queue.Queue()
-    release = SlotRelease(free, 4, users=2)  # type: ignore[arg-type]
-    observer.save_tile(0, np.full((64, 64, 3), 9, np.uint8), then=release.done)
-    release.done()
-    try:
-        assert free.get(timeout=60) == 4  # before the journal thread is free again
-        assert TileSpill(tmp_path).load(0) is not None
-    finally:
-        gate.set()
     observer.close()
 
 
@@ -96,38 +76,3 @@ def test_a_failed_spill_keeps_the_slot_and_fails_the_stitcher(tmp_path: Path, mo
         observer.flush()
     assert free.empty()  # never given back: the tile is not durable
     observer.close(flush=False)
-
-
-def test_a_field_record_waits_for_its_tile_on_disk_and_a_failed_spill_writes_none(
-    tmp_path: Path, monkeypatch: Any
-) -> None:
-    """The spill and the journal run on two threads: the ``field`` record still never reaches the journal
-    before its tile is in the spill, and never at all when the spill failed (a field lost on resume)."""
-    from runtime.devices.scan_plan import FieldPlan
-    from runtime.ipc.messages import FieldRecord, TileReady
-    from runtime.output.journal import JOURNAL_NAME, read_journal
-
-    observer = _observer(tmp_path)
-    gate = threading.Event()
-    saved = observer.spill.save
-
-    def slow(index: int, tile: np.ndarray) -> None:
-        gate.wait(60)
-        if index == 1:
-            raise OSError(28, "No space left on device")
-        saved(index, tile)
-
-    monkeypatch.setattr(observer.spill, "save", slow)
-    for i in (0, 1):
-        plan = FieldPlan(i, 0, i, 10.0 * i, 0.0)
-        observer.save_tile(i, np.full((8, 8, 3), i, np.uint8))
-        observer.current = TileReady(0, FieldRecord(i, 0, i, 10.0 * i, 0.0, 0.0, 1, "test"), plan)
-        observer.registered(plan, [], [], [], (False, False))
-    observer._later(lambda: None)  # queued behind both records: when it has run, so would have they
-    assert read_journal(tmp_path / JOURNAL_NAME).fields == []  # the journal thread waits for the spill
-    gate.set()
-    with pytest.raises(OSError, match="No space left"):
-        observer.flush()
-    observer.close(flush=False)  # waits for the job the journal thread is running (field 0's record)
-    assert [f.index for f in read_journal(tmp_path / JOURNAL_NAME).fields] == [0]
-    assert TileSpill(tmp_path).load(0) is not None

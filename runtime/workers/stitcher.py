@@ -138,18 +138,11 @@ class JournalObserver:
     """Writes what the accumulator decides into the scan journal, and drops spilled tiles whose
     mosaic rows are on disk. While a journal is replayed it checks instead of writing.
 
-    The disk work runs in two background threads while the main thread goes on with the next tile. The
-    journal thread -- journal records, fsyncs of mosaic rows -- works first in first out, so it keeps the
-    order that makes a crash safe (rows before their ``written`` record); the spill thread saves each tile,
-    and a tile's ``field`` record waits for its tile to be on disk, its spill file's removal for the spill.
-    A tile's ring slot is reused only once the tile is spilled (:meth:`save_tile`'s ``then``, or
-    :meth:`wait_tile`); :meth:`flush` before the mosaic is announced done.
-
-    Why two threads (stop 29): with the spill in the journal thread's queue, a tile waited behind every
-    row fsync queued before it (a chunk row of level 0 and the rows of the levels below: 0.06-0.2 s each
-    when other processes write to the disk), so its slot did too; the ring's 8 slots ran out and the scan
-    stopped for 0.15-0.6 s once or twice per scan row (``bench e2e --fields 16 12 --tile 1024`` at load
-    3-6: the stitcher waited for tiles 4.1 of 10.2 s)."""
+    The disk work -- tile spill, journal records, fsyncs of mosaic rows -- runs in one background
+    thread, first in first out, so it keeps the order that makes a crash safe (a tile before its
+    ``field`` record, rows before their ``written`` record) while the main thread goes on with the
+    next tile. A tile's ring slot is reused only once the tile is spilled (:meth:`save_tile`'s ``then``, or
+    :meth:`wait_tile`); :meth:`flush` before the mosaic is announced done."""
 
     MAX_QUEUED = 64  # jobs behind the disk before the main thread waits (bounds the memory they hold)
 
@@ -161,9 +154,6 @@ class JournalObserver:
         self.store = store
         self._io = ThreadPoolExecutor(1, thread_name_prefix="journal")
         self._queued: deque[Future[None]] = deque()
-        self._spill_io = ThreadPoolExecutor(1, thread_name_prefix="spill")
-        self._spills: deque[Future[None]] = deque()  # bounded by the ring: each holds a slot until it is done
-        self._spilled: dict[int, Future[None]] = {}  # per tile still in the spill: its save (waited on before its drop)
         self._tile_saved: dict[int, Future[None]] = {}
         self._durable_rows = 0  # level-0 rows whose ``written`` record is on disk (set by the thread)
         self._failed: BaseException | None = None  # the thread's first error: it then does nothing more
@@ -189,13 +179,11 @@ class JournalObserver:
         self._queued.append(fut)
         while self._queued and (self._queued[0].done() or len(self._queued) > self.MAX_QUEUED):
             self._queued.popleft().result()  # re-raises the thread's error here
-        while self._spills and self._spills[0].done():
-            self._spills.popleft().result()  # a failed spill's error, likewise
         return fut
 
     def _run(self, fn: Callable[[], None]) -> None:
-        """In a thread: one job, unless an earlier one (of either thread) failed -- then nothing after it
-        may reach the disk (a ``field`` record whose tile was not saved, say, would be a field lost on resume)."""
+        """In the thread: one job, unless an earlier one failed -- then nothing after it may reach the
+        disk (a ``field`` record whose tile was not saved, say, would be a field lost on resume)."""
         if self._failed is not None:
             raise RuntimeError(f"an earlier journal write failed: {self._failed}")
         try:
@@ -213,9 +201,7 @@ class JournalObserver:
             if then is not None:
                 then()
 
-        fut = self._spill_io.submit(self._run, save)
-        self._spills.append(fut)
-        self._spilled[index] = fut
+        fut = self._later(save)
         if then is None:  # for wait_tile (a caller with ``then`` does not wait: nothing to keep)
             self._tile_saved[index] = fut
 
@@ -226,9 +212,7 @@ class JournalObserver:
             fut.result()
 
     def flush(self) -> None:
-        """Wait until everything handed to the threads is on disk; drop the tiles it made redundant."""
-        while self._spills:
-            self._spills.popleft().result()
+        """Wait until everything handed to the thread is on disk; drop the tiles it made redundant."""
         while self._queued:
             self._queued.popleft().result()
         self._tile_saved.clear()
@@ -241,7 +225,6 @@ class JournalObserver:
             if flush:
                 self.flush()
         finally:
-            self._spill_io.shutdown(wait=True, cancel_futures=not flush)
             self._io.shutdown(wait=True, cancel_futures=not flush)
             self.journal.close()
 
@@ -268,14 +251,7 @@ class JournalObserver:
             content=content,
         )
         record = entry.to_json()
-        spilled = self._spilled.get(field.index)
-
-        def append() -> None:
-            if spilled is not None:
-                spilled.result()  # the tile is on disk before its record (a failed spill raises: no record)
-            self.journal.append("field", **record)
-
-        self._later(append)
+        self._later(lambda: self.journal.append("field", **record))
 
     def flatfield_ready(self, arrival: int, flat: FlatField) -> None:
         if self.flatfield_journaled or self.frozen:
@@ -346,11 +322,8 @@ class JournalObserver:
         for index in drop:
             del self._bottoms[index]
         if drop:
-            saves = [f for f in (self._spilled.pop(i, None) for i in drop) if f is not None]
 
             def unlink() -> None:
-                for fut in saves:
-                    fut.result()  # never a spill file written after its removal
                 for index in drop:
                     self.spill.drop(index)
 
