@@ -97,7 +97,7 @@ from torch import nn
 
 from export.models import AutofocusNet
 from export.onnx_export import _spec, export_model
-from export.train import _augment, autofocus_metrics, predict_autofocus_all, seed_everything
+from export.train import NEAR_FOCUS_UM, _augment, autofocus_metrics, predict_autofocus_all, seed_everything
 from runtime.devices.recording import Recording
 from runtime.focus.stack_labels import FieldLabel, LabelParams, label_stack
 from runtime.ml.model_folder import ModelFolder, builtin_autofocus_dir, load_model_folder
@@ -105,7 +105,6 @@ from runtime.ml.preprocess import SPECTRUM_CHANNEL, AutofocusPreprocess
 from runtime.ml.tasks import combine_heads
 
 MAE_RANGE_UM = 8.0  # metrics: MAE over |z| <= 8 µm, sign accuracy at 1 <= |z| <= 8 µm
-NEAR_FOCUS_UM = 2.0  # the tiles ``mae_near_focus_um`` averages over (export.train.autofocus_metrics): |z| <= 2 µm
 NEAR_FOCUS_QUANTILE = 0.95
 """metrics' ``near_focus_abs_error_q95_um``: this quantile of the near-focus tiles' |error|, the error that the
 scan spends out of its tolerance before it keeps a frame unchecked on a calibrated model's word

@@ -113,11 +113,14 @@ def aggregate_tiles(
     return {"true": uniq[:, 1], "pred": out_pred}
 
 
+NEAR_FOCUS_UM = 2.0  # autofocus_metrics' mae_near_focus_um: the tiles within this of focus
+
+
 def autofocus_metrics(true: np.ndarray, pred: np.ndarray, max_abs_um: float = 10.0) -> dict[str, float]:
     ok = np.isfinite(pred) & (np.abs(true) <= max_abs_um)
     err = np.abs(pred[ok] - true[ok])
     big = ok & (np.abs(true) >= 1.0)
-    near = ok & (np.abs(true) <= 2.0)
+    near = ok & (np.abs(true) <= NEAR_FOCUS_UM)
     return {
         "tiles": int(ok.sum()),
         "abstained": int((~np.isfinite(pred) & (np.abs(true) <= max_abs_um)).sum()),

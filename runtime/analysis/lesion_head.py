@@ -156,11 +156,7 @@ def read_window(source: SlideSource, head: LesionHead, cx: float, cy: float) -> 
     img = np.full((n, n, 3), GLASS, np.uint8)
     ya, yb, xa, xb = max(0, ly0), min(h, ly0 + n), max(0, lx0), min(w, lx0 + n)
     if yb > ya and xb > xa:
-        # A source that reads a region (the scan's mosaic, a TIFF) decodes only the chunks under the
-        # window; any other reads the window's whole rows.
-        region = getattr(source, "read_region", None)
-        block = region(level, ya, yb, xa, xb) if region is not None else source.read_rows(level, ya, yb)[:, xa:xb]
-        img[ya - ly0 : yb - ly0, xa - lx0 : xb - lx0] = block[..., :3]
+        img[ya - ly0 : yb - ly0, xa - lx0 : xb - lx0] = _read_box(source, level, ya, yb, xa, xb)[..., :3]
     if n != head.size:
         img = np.asarray(cv2.resize(img, (head.size, head.size), interpolation=cv2.INTER_AREA), np.uint8)
     l0_px = n * ds / head.size
@@ -248,6 +244,15 @@ def head_map(
     return out, Window(ox, oy, cell_l0 / head.cell, cell_l0), k * k
 
 
+def _read_box(source: SlideSource, level: int, y0: int, y1: int, x0: int, x1: int) -> U8:
+    """A box of ``level``: a source that reads a region (the scan's mosaic, a TIFF) decodes only the chunks
+    under it; any other reads the box's whole rows."""
+    region = getattr(source, "read_region", None)
+    if region is not None:
+        return np.asarray(region(level, y0, y1, x0, x1))
+    return np.asarray(source.read_rows(level, y0, y1)[:, x0:x1])
+
+
 def glass_fill(source: SlideSource, geom: Any, bounds: tuple[float, float, float, float], others: list[Any]) -> Any:
     """``geom`` (level-0 px) with the glass of its convex hull added: the slide's pixels at :data:`GLASS_PX_UM`
     (the finest level at or below it), box-filtered over 3 x 3 pixels against noise, whose total optical density
@@ -272,8 +277,7 @@ def glass_fill(source: SlideSource, geom: Any, bounds: tuple[float, float, float
     xb, yb = min(w, math.ceil((x1 + margin) / ds)), min(h, math.ceil((y1 + margin) / ds))
     if xb - xa < 3 or yb - ya < 3:
         return geom
-    region = getattr(source, "read_region", None)
-    block = region(level, ya, yb, xa, xb) if region is not None else source.read_rows(level, ya, yb)[:, xa:xb]
+    block = _read_box(source, level, ya, yb, xa, xb)
     smooth: U8 = np.asarray(cv2.blur(np.ascontiguousarray(np.asarray(block)[..., :3], np.uint8), (3, 3)), np.uint8)
     glass = (total_od(optical_density(smooth)) <= TISSUE_OD).astype(np.uint8)
     _, labels = cv2.connectedComponents(glass, connectivity=8)
