@@ -26,11 +26,14 @@ import functools
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from bench.report import Column, emit, percent
+
+if TYPE_CHECKING:
+    from hw_sim.synth import SynthParams
 
 DESCRIPTION = "single-shot autofocus vs contrast sweep on held-out recordings (accuracy, captures, ms/tile)"
 HALF_DOF_UM = 0.35
@@ -376,12 +379,14 @@ def backend_timing(model_dir: Path | None, tile: np.ndarray) -> list[dict[str, A
     return rows
 
 
-def _objective_recording(
-    args: argparse.Namespace, name: str, content: str = "synthetic", seed: int = OBJECTIVE_SEED
-) -> Path:
-    from hw_sim.synth import SynthParams, objective_params, synthesize
+def objective_recording_params(
+    args: argparse.Namespace, name: str, content: str = "synthetic", seed: int = OBJECTIVE_SEED, region: str = ""
+) -> SynthParams:
+    """The ``hw_sim.synth.SynthParams`` of :func:`_objective_recording` (``region``: the part of an image
+    content the slide shows, ``SlideSpec.content_region``)."""
+    from hw_sim.synth import SynthParams, objective_params
 
-    params = SynthParams(
+    return SynthParams(
         fields_x=args.fields[0],
         fields_y=args.fields[1],
         seed=seed,
@@ -390,9 +395,19 @@ def _objective_recording(
         z_step_um=0.5,
         coarse_focus_error_um=1.0,
         content=content,
+        content_region=region,
         **objective_params(name),  # type: ignore[arg-type]
     )
+
+
+def _objective_recording(
+    args: argparse.Namespace, name: str, content: str = "synthetic", seed: int = OBJECTIVE_SEED, region: str = ""
+) -> Path:
+    from hw_sim.synth import synthesize
+
+    params = objective_recording_params(args, name, content, seed, region)
     look = "" if content == "synthetic" else "-" + "".join(c if c.isalnum() else "_" for c in content)
+    look += f"-{region}" if region else ""
     name_part = f"af-objective-{name}{look}-{seed}-{args.fields[0]}x{args.fields[1]}-{args.tile}.zarr"
     path: Path = args.data / name_part
     if not (path / "zarr.json").exists():

@@ -3,8 +3,17 @@
 For each (objective, content) cell: a calibration recording of that instrument (4 x 2 fields,
 41 planes; a slide of its own) is labelled from its own stacks and the builtin model fine-tuned
 on it; then the model alone (|z| <= 8 µm) and the scan path (single_shot with the two-shot sign
-loop) are scored on the instrument's *other* fields -- the same recording ``bench autofocus
+loop) are scored on the instrument's *other* fields -- the same slide seed and layout ``bench autofocus
 --objectives`` uses (another slide) -- before and after. Needs the ``export`` extra (torch).
+
+Unseen content (``--content-split``, since stop 30): an image content (``ihc``, ``gravel``, ``file:PATH``)
+is anchored at each slide's origin and tiled by mirroring, so two slides of the whole image show the
+same pixels -- before stop 30 the scored fields partly showed the calibration's own content. By default
+the calibration recording shows the image's left half and the scored recording its right half
+(``hw_sim`` ``content_region``; disjoint pixels); ``--content-split right|top|bottom`` picks another
+half for the calibration (the scored one is the opposite), ``none`` the old overlapping recordings
+(both the whole image), for comparison. The procedural tissue (``synthetic``) differs per slide seed,
+so it is never split. Every cell's output says which content each recording showed.
 """
 
 from __future__ import annotations
@@ -12,15 +21,28 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from bench.autofocus import OBJECTIVE_PRESETS, _objective_recording, _resolutions, sign_confidence
+from bench.autofocus import (
+    OBJECTIVE_PRESETS,
+    OBJECTIVE_SEED,
+    _objective_recording,
+    _resolutions,
+    objective_recording_params,
+    sign_confidence,
+)
 from bench.report import Column, emit
+from hw_sim.slide import OPPOSITE_REGION
+
+if TYPE_CHECKING:
+    from hw_sim.synth import SynthParams
 
 DESCRIPTION = "autofocus per instrument before/after self-labelled calibration (export calibrate)"
 CAL_SEED = 7_100_021  # the calibration slide: not the evaluation slide (bench.autofocus.OBJECTIVE_SEED)
+CONTENT_SPLITS = ("left", "right", "top", "bottom", "none")
+DEFAULT_CONTENT_SPLIT = "left"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -67,19 +89,67 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="export calibrate --seed (default: export calibrate's, 0); another seed writes its own model folder",
     )
+    p.add_argument(
+        "--content-split",
+        choices=CONTENT_SPLITS,
+        default=DEFAULT_CONTENT_SPLIT,
+        help="image contents: the half of the image the calibration recording shows; the scored recording shows "
+        "the opposite half, so the model is scored on content it never saw (default: left, scored on right). "
+        "none: both recordings show the whole image (overlapping content, the behaviour before stop 30). "
+        "The procedural tissue (synthetic) is never split: it differs per slide seed",
+    )
     p.add_argument("--json", action="store_true", help="one JSON object instead of tables")
+
+
+def content_regions(args: argparse.Namespace, content: str) -> tuple[str, str]:
+    """(calibration, scored) recording's ``content_region``: opposite halves of an image content,
+    the whole image for both with ``--content-split none``, none for the procedural tissue."""
+    split = getattr(args, "content_split", DEFAULT_CONTENT_SPLIT)
+    if content == "synthetic" or split == "none":
+        return "", ""
+    return split, OPPOSITE_REGION[split]
+
+
+def recording_params(args: argparse.Namespace, objective: str, content: str) -> tuple[SynthParams, SynthParams]:
+    """The (calibration, scored) recordings' ``hw_sim.synth.SynthParams`` of a cell."""
+    cal_region, eval_region = content_regions(args, content)
+    cal_args = argparse.Namespace(**{**vars(args), "fields": tuple(args.cal_fields)})
+    return (
+        objective_recording_params(cal_args, objective, content, CAL_SEED, cal_region),
+        objective_recording_params(args, objective, content, OBJECTIVE_SEED, eval_region),
+    )
+
+
+def content_text(content: str, region: str, seed: int) -> str:
+    """What a recording's tissue shows, for the output: the image, its half and pixel box, or the
+    procedural tissue of a slide seed."""
+    if content == "synthetic":
+        return f"procedural H&E of slide seed {seed}"
+    from hw_sim.content import load_content, region_pixels
+
+    h, w = load_content(content).shape[:2]
+    x0, y0, x1, y1 = region_pixels(region, h, w)
+    part = f"{region} half" if region else "whole image"
+    return f"{content} {part} (px x {x0}-{x1}, y {y0}-{y1} of {w} x {h})"
 
 
 def _calibration_recording(args: argparse.Namespace, objective: str, content: str) -> Path:
     cal_args = argparse.Namespace(**{**vars(args), "fields": tuple(args.cal_fields)})
-    return _objective_recording(cal_args, objective, content, seed=CAL_SEED)
+    return _objective_recording(cal_args, objective, content, seed=CAL_SEED, region=content_regions(args, content)[0])
+
+
+def _scored_recording(args: argparse.Namespace, objective: str, content: str) -> Path:
+    return _objective_recording(args, objective, content, region=content_regions(args, content)[1])
 
 
 def calibrated_dir(args: argparse.Namespace, objective: str, content: str) -> Path:
-    """Where a cell's calibrated model is written: ``af-calibrated-<objective>[-<content>]-<tile>``, with
+    """Where a cell's calibrated model is written: ``af-calibrated-<objective>[-<content>[-<half>]]-<tile>``
+    (``<half>``: the calibration's half of an image content; none with ``--content-split none``), with
     ``-seed<N>`` appended when ``--seed`` is given (0 included), so a seed study leaves the default run's
     models in place."""
     look = "" if content == "synthetic" else "-" + "".join(c if c.isalnum() else "_" for c in content)
+    region = content_regions(args, content)[0]
+    look += f"-{region}" if region else ""
     seed = "" if args.seed is None else f"-seed{args.seed}"
     data: Path = args.data
     return data / f"af-calibrated-{objective}{look}-{args.tile}{seed}"
@@ -127,7 +197,8 @@ def run(args: argparse.Namespace) -> int:
     for content in args.contents:
         for objective in args.objectives:
             cal_rec = _calibration_recording(args, objective, content)
-            eval_rec = _objective_recording(args, objective, content)
+            eval_rec = _scored_recording(args, objective, content)
+            cal_region, eval_region = content_regions(args, content)
             out = calibrated_dir(args, objective, content)
             t0 = time.monotonic()
             cal = calibrate(
@@ -149,6 +220,9 @@ def run(args: argparse.Namespace) -> int:
                 "content": content,
                 "calibrate_s": seconds,
                 "seed": cal["seed"],
+                "content_split": args.content_split if content != "synthetic" else None,
+                "calibration_content": content_text(content, cal_region, CAL_SEED),
+                "scored_content": content_text(content, eval_region, OBJECTIVE_SEED),
             }
             result["method"] = {
                 **cal["method"],
@@ -171,6 +245,9 @@ def run(args: argparse.Namespace) -> int:
             rows.append(
                 {
                     "cell": objective if content == "synthetic" else f"{objective} / {content}",
+                    "content": "procedural, per slide"
+                    if content == "synthetic"
+                    else (f"{cal_region} / {eval_region} half" if cal_region else "whole / whole (overlap)"),
                     "labelled": result["labelled_fields"],
                     "secs": seconds,
                     "label": _label_text(result["label_error_um"]),
@@ -184,6 +261,7 @@ def run(args: argparse.Namespace) -> int:
             )
     cols = [
         Column("cell", "objective / content"),
+        Column("content", "content calibrated / scored"),
         Column("labelled", "fields labelled"),
         Column("label", "label - truth µm, mean / max |.|"),
         Column("secs", "calibrate s", ".0f"),
@@ -196,7 +274,22 @@ def run(args: argparse.Namespace) -> int:
         f"calibration: {args.cal_fields[0]}x{args.cal_fields[1]} fields, 41 planes, slide seed {CAL_SEED}, "
         "method: "
         + "; ".join(sorted({_method_text(c) for c in cells}))
-        + "; evaluation: the instrument's other fields (bench autofocus --objectives recording)",
+        + f"; evaluation: the instrument's other fields (slide seed {OBJECTIVE_SEED}, "
+        f"{args.fields[0]}x{args.fields[1]} fields)",
+        "content each recording showed: "
+        + "; ".join(
+            sorted(
+                {
+                    f"{c['content']}: calibrated on {c['calibration_content']}, scored on {c['scored_content']}"
+                    for c in cells
+                }
+            )
+        )
+        + (
+            " (--content-split none: image contents overlap between the recordings)"
+            if args.content_split == "none"
+            else " (image contents: disjoint halves, the scored content unseen by the calibration)"
+        ),
         "targets after calibration: model MAE <= 0.3 µm, sign >= 98%; scan path >= 95% within, <= 1.2 captures",
     ]
     emit({"cells": cells}, rows, cols, as_json=args.json, title="autofocus before/after calibration", notes=notes)

@@ -48,6 +48,12 @@ def _parser() -> argparse.ArgumentParser:
         help="tissue look: synthetic (procedural H&E), ihc (real colon tissue), brick, gravel, grass, file:PATH",
     )
     s.add_argument("--content-px-um", type=float, default=0.0, help="µm per content image pixel (0: its default)")
+    s.add_argument(
+        "--content-region",
+        default="",
+        choices=("", "left", "right", "top", "bottom"),
+        help="show only this half of the content image (opposite halves share no pixel; default: the whole image)",
+    )
     s.add_argument("--lesions", type=int, default=0, help="tumour lesions on the slide (hw_sim.lesions)")
     s.add_argument("--mimics", type=int, default=0, help="benign crowded regions that are not tumour (hard negatives)")
     s.add_argument("--force", action="store_true", help="overwrite an existing recording")
@@ -104,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
                 tissue_extent=args.tissue_extent,
                 content=args.content,
                 content_px_um=args.content_px_um,
+                content_region=args.content_region,
                 lesions=args.lesions,
                 mimics=args.mimics,
                 **objective,  # type: ignore[arg-type]

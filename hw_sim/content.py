@@ -21,7 +21,9 @@ name           what                                                            l
 
 scikit-image is needed only for these names (the ``bench`` and ``export`` extras install it); any
 RGB image file works as ``file:PATH``. The image is tiled by mirroring, so any area can be scanned,
-and mapped to the slide at ``image_px_um`` micrometres per image pixel.
+and mapped to the slide at ``image_px_um`` micrometres per image pixel. ``SlideSpec.content_region``
+(``left``, ``right``, ``top``, ``bottom``) shows one half of the image instead, tiled the same way:
+slides of opposite halves show disjoint pixels of it (a calibration that never saw the scored content).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
-from hw_sim.slide import SlideSpec, SyntheticSlide
+from hw_sim.slide import CONTENT_REGIONS, SlideSpec, SyntheticSlide
 
 F32 = npt.NDArray[np.float32]
 U8 = npt.NDArray[np.uint8]
@@ -80,12 +82,25 @@ def _mirror(coord: npt.NDArray[np.float64], size: int) -> npt.NDArray[np.float32
     return np.where(folded > size - 1, period - folded, folded).astype(np.float32)
 
 
+def region_pixels(region: str, height: int, width: int) -> tuple[int, int, int, int]:
+    """The pixel box (x0, y0, x1, y1; x1 and y1 exclusive) of a ``SlideSpec.content_region`` in an image of
+    that size. Opposite halves split at the same rounded pixel, so they never share one."""
+    if region not in CONTENT_REGIONS:
+        raise ContentError(f"unknown content region {region!r}; one of {', '.join(map(repr, CONTENT_REGIONS))}")
+    fx0, fy0, fx1, fy1 = CONTENT_REGIONS[region]
+    box = (round(fx0 * width), round(fy0 * height), round(fx1 * width), round(fy1 * height))
+    if box[2] - box[0] < 2 or box[3] - box[1] < 2:
+        raise ContentError(f"content region {region!r} of a {width} x {height} px image is under 2 x 2 px")
+    return box
+
+
 def make_slide(spec: SlideSpec) -> SyntheticSlide:
-    """The slide ``spec`` describes: procedural H&E, or an :class:`ImageSlide` of ``spec.content``."""
+    """The slide ``spec`` describes: procedural H&E, or an :class:`ImageSlide` of ``spec.content``
+    (its ``spec.content_region``)."""
     if spec.content == "synthetic":
         return SyntheticSlide(spec)
     px = spec.content_px_um or DEFAULT_IMAGE_PX_UM.get(spec.content, 0.5)
-    return ImageSlide(spec, load_content(spec.content), px)
+    return ImageSlide(spec, load_content(spec.content), px, region=spec.content_region)
 
 
 class ImageSlide(SyntheticSlide):
@@ -94,29 +109,52 @@ class ImageSlide(SyntheticSlide):
     Layout (pieces, holes), focus surface and artifacts are the procedural slide's (``spec``);
     inside tissue the transmittance is the image divided by its white point (its brightest
     percent: the image's own glass), outside it is the spec's glass. Sampling is bilinear.
+    ``region`` (a ``SlideSpec.content_region``): only that part of the image is shown (cut after the
+    white point, which stays the whole image's), mirrored from the slide origin like the whole image;
+    ``pixel_box`` is the part in the image's pixels.
     """
 
-    def __init__(self, spec: SlideSpec, image: U8, image_px_um: float, white_percentile: float = 99.5) -> None:
+    def __init__(
+        self, spec: SlideSpec, image: U8, image_px_um: float, white_percentile: float = 99.5, region: str = ""
+    ) -> None:
         super().__init__(spec)
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
             raise ContentError(f"content image must be (H, W, 3) uint8, got {image.shape} {image.dtype}")
         if not (image_px_um > 0 and math.isfinite(image_px_um)):
             raise ContentError(f"image_px_um must be positive, got {image_px_um}")
         white = np.percentile(image.reshape(-1, 3), white_percentile, axis=0).astype(np.float32)
-        self._trans = np.clip(image.astype(np.float32) / np.maximum(white, 1.0), 0.003, 1.0)
+        self.pixel_box = region_pixels(region, image.shape[0], image.shape[1])
+        x0, y0, x1, y1 = self.pixel_box
+        trans = np.clip(image[y0:y1, x0:x1].astype(np.float32) / np.maximum(white, 1.0), 0.003, 1.0)
+        self._trans = np.ascontiguousarray(trans)
         self.image_px_um = float(image_px_um)
 
-    def transmittance(self, x0_um: float, y0_um: float, height_px: int, width_px: int, pixel_size_um: float) -> F32:
+    def _grid(
+        self, x0_um: float, y0_um: float, height_px: int, width_px: int, pixel_size_um: float
+    ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
         if height_px <= 0 or width_px <= 0 or pixel_size_um <= 0:
             raise ValueError(f"bad region {height_px}x{width_px} px at {pixel_size_um} µm/px")
         px = float(pixel_size_um)
         xs = x0_um + (np.arange(width_px, dtype=np.float64) + 0.5) * px
         ys = y0_um + (np.arange(height_px, dtype=np.float64) + 0.5) * px
+        return xs, ys
+
+    def _content(self, xs: npt.NDArray[np.float64], ys: npt.NDArray[np.float64]) -> F32:
         h, w = self._trans.shape[:2]
-        shape = (height_px, width_px)
+        shape = (len(ys), len(xs))
         map_x = np.broadcast_to(_mirror((xs - self.spec.origin_x_um) / self.image_px_um, w)[None, :], shape)
         map_y = np.broadcast_to(_mirror((ys - self.spec.origin_y_um) / self.image_px_um, h)[:, None], shape)
-        content = cv2.remap(self._trans, np.ascontiguousarray(map_x), np.ascontiguousarray(map_y), cv2.INTER_LINEAR)
+        out = cv2.remap(self._trans, np.ascontiguousarray(map_x), np.ascontiguousarray(map_y), cv2.INTER_LINEAR)
+        return np.asarray(out, np.float32)
+
+    def image_content(self, x0_um: float, y0_um: float, height_px: int, width_px: int, pixel_size_um: float) -> F32:
+        """The (H, W, 3) image transmittance the slide maps onto a region (its content region, mirrored),
+        everywhere, before the tissue mask and artifacts: what any recording of the region can show of the image."""
+        return self._content(*self._grid(x0_um, y0_um, height_px, width_px, pixel_size_um))
+
+    def transmittance(self, x0_um: float, y0_um: float, height_px: int, width_px: int, pixel_size_um: float) -> F32:
+        xs, ys = self._grid(x0_um, y0_um, height_px, width_px, pixel_size_um)
+        content = self._content(xs, ys)
         # The procedural slide's tissue mask (pieces minus holes) decides where the image shows;
         # its artifacts are drawn over it as on the procedural slide: a fold or a bubble scales
         # the content's optical density (content ** gain), ink and bubble rims add density.

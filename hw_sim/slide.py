@@ -54,6 +54,18 @@ _S_ART, _S_ARTN = 12, 13
 
 ARTIFACT_KINDS = ("ink", "bubble", "dust", "fold")
 
+# SlideSpec.content_region -> the part of a content image the slide shows, as fractions of the image's
+# width and height (x0, y0, x1, y1); hw_sim.content.region_pixels turns it into a pixel box. Opposite
+# halves (OPPOSITE_REGION) share no image pixel.
+CONTENT_REGIONS: dict[str, tuple[float, float, float, float]] = {
+    "": (0.0, 0.0, 1.0, 1.0),
+    "left": (0.0, 0.0, 0.5, 1.0),
+    "right": (0.5, 0.0, 1.0, 1.0),
+    "top": (0.0, 0.0, 1.0, 0.5),
+    "bottom": (0.0, 0.5, 1.0, 1.0),
+}
+OPPOSITE_REGION: dict[str, str] = {"left": "right", "right": "left", "top": "bottom", "bottom": "top"}
+
 # Nuclei: blocks of _BLOCK_UM with _SLOTS candidates each (max density ~ 1 nucleus per 33 µm²).
 _BLOCK_UM = 10.0
 _SLOTS = 3
@@ -93,6 +105,11 @@ class SlideSpec:
     # (0: the content's default). hw_sim.content.make_slide builds the right slide.
     content: str = "synthetic"
     content_px_um: float = 0.0
+    # Which part of a content image the slide shows (CONTENT_REGIONS: "" the whole image, "left" /
+    # "right" / "top" / "bottom" half), tiled by mirroring like the whole image. Two slides of
+    # opposite halves show disjoint image pixels: a calibration and a scored recording that never
+    # share content (bench calibration). Images only: the procedural H&E differs per seed anyway.
+    content_region: str = ""
     # Tumour (hw_sim.lesions): carcinoma lesions with diameters log-uniform in
     # [lesion_min_um, lesion_max_um], and benign crowded regions that are not tumour. 0 and 0: none,
     # and the slide renders bit for bit as it did before lesions existed.
@@ -121,6 +138,15 @@ class SlideSpec:
         if not 0 < self.lesion_min_um <= self.lesion_max_um:
             raise ValueError(
                 f"need 0 < lesion_min_um <= lesion_max_um, got {self.lesion_min_um} and {self.lesion_max_um}"
+            )
+        if self.content_region not in CONTENT_REGIONS:
+            raise ValueError(
+                f"content_region must be one of {', '.join(repr(r) for r in CONTENT_REGIONS)}, "
+                f"got {self.content_region!r}"
+            )
+        if self.content_region and self.content == "synthetic":
+            raise ValueError(
+                f"content_region {self.content_region!r} needs an image content, not the procedural 'synthetic'"
             )
         if (self.lesions or self.mimics) and self.content != "synthetic":
             raise ValueError(

@@ -91,6 +91,8 @@ class SynthParams:
     # content_px_um µm per image pixel (0: the content's default).
     content: str = "synthetic"
     content_px_um: float = 0.0
+    # Which part of a content image (hw_sim.slide.CONTENT_REGIONS: "" all, "left"/"right"/"top"/"bottom" half).
+    content_region: str = ""
     # Tumour lesions and benign crowded mimics on the slide (hw_sim.lesions; SlideSpec checks them).
     lesions: int = 0
     mimics: int = 0
@@ -163,6 +165,24 @@ def _prepare_out(out: Path, overwrite: bool) -> None:
         raise FileExistsError(f"{out} exists and is not a recording; refusing to overwrite it")
 
 
+def slide_spec(params: SynthParams) -> SlideSpec:
+    """The slide a recording of ``params`` images (its origin at the scanned area's top-left)."""
+    area = grid_for(params).area
+    return SlideSpec(
+        seed=params.seed,
+        origin_x_um=area.x_um,
+        origin_y_um=area.y_um,
+        width_um=area.width_um * params.tissue_extent,
+        height_um=area.height_um * params.tissue_extent,
+        artifacts=params.artifacts,
+        content=params.content,
+        content_px_um=params.content_px_um,
+        content_region=params.content_region,
+        lesions=params.lesions,
+        mimics=params.mimics,
+    )
+
+
 def synthesize(out: Path, params: SynthParams, overwrite: bool = False, progress: bool = False) -> Path:
     """Write a synthetic recording to ``out`` (a folder) and return its path.
 
@@ -174,20 +194,7 @@ def synthesize(out: Path, params: SynthParams, overwrite: bool = False, progress
     plan = grid_for(params)
     px, tile = params.pixel_size_um, params.tile
     area = plan.area
-    slide = make_slide(
-        SlideSpec(
-            seed=params.seed,
-            origin_x_um=area.x_um,
-            origin_y_um=area.y_um,
-            width_um=area.width_um * params.tissue_extent,
-            height_um=area.height_um * params.tissue_extent,
-            artifacts=params.artifacts,
-            content=params.content,
-            content_px_um=params.content_px_um,
-            lesions=params.lesions,
-            mimics=params.mimics,
-        )
-    )
+    slide = make_slide(slide_spec(params))
     half_stack = (params.z_planes - 1) / 2 * params.z_step_um
     optics_params = OpticsParams(
         spherical_waves=params.spherical_waves,

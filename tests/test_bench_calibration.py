@@ -1,8 +1,10 @@
-"""``python -m bench calibration --seed``: the seed reaches ``export calibrate``, into a model folder of its own."""
+"""``python -m bench calibration``: ``--seed`` reaches ``export calibrate``, into a model folder of its own; the
+calibration and the scored recordings show disjoint content (``--content-split``)."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +22,10 @@ def _args(*argv: str) -> argparse.Namespace:
 
 def test_seed_gets_its_own_model_folder() -> None:
     default = calibration.calibrated_dir(_args(), "training", "ihc")
-    assert default == Path("/d/af-calibrated-training-ihc-512")  # the default run's cached models
+    assert default == Path("/d/af-calibrated-training-ihc-left-512")  # the default run's cached models
     assert calibration.calibrated_dir(_args(), "flipped", "synthetic") == Path("/d/af-calibrated-flipped-512")
     seeded = {s: calibration.calibrated_dir(_args("--seed", s), "training", "ihc") for s in ("0", "1", "2")}
-    assert seeded["1"] == Path("/d/af-calibrated-training-ihc-512-seed1")
+    assert seeded["1"] == Path("/d/af-calibrated-training-ihc-left-512-seed1")
     assert len({default, *seeded.values()}) == 4  # no seed, 0 included, overwrites another's models
 
 
@@ -49,3 +51,82 @@ def test_seed_reaches_export_calibrate(
         calibration.run(args)
     assert seen.get("seed") == expected  # absent: export calibrate's default seed
     assert seen["out"] == calibration.calibrated_dir(args, "training", "ihc")
+
+
+def _coded_image(path: Path) -> tuple[str, float]:
+    """A 64 x 48 px image whose pixel (x, y) is coded in its colour (R = 3 + 4x, G = 3 + 5y), shown at 2 µm
+    per pixel: the recordings' areas (hundreds of µm) tile it many times over by mirroring."""
+    import cv2
+    import numpy as np
+
+    x, y = np.meshgrid(np.arange(64), np.arange(48))
+    rgb = np.stack([3 + 4 * x, 3 + 5 * y, np.full_like(x, 200)], axis=-1).astype(np.uint8)
+    cv2.imwrite(str(path), np.ascontiguousarray(rgb[..., ::-1]))
+    return f"file:{path}", 2.0
+
+
+def _pixels_shown(params: Any) -> set[tuple[int, int]]:
+    """Every image pixel (x, y) the recording's slide maps anywhere onto its scanned area (plus a PSF margin),
+    decoded from the coded image's colours (bilinear sampling: both neighbours of a fractional position)."""
+    import numpy as np
+
+    from hw_sim.content import ImageSlide, load_content, make_slide
+    from hw_sim.synth import grid_for, slide_spec
+
+    slide = make_slide(slide_spec(params))
+    assert isinstance(slide, ImageSlide)
+    area = grid_for(params).area
+    px = 0.5
+    margin = 20.0
+    t = slide.image_content(
+        area.x_um - margin,
+        area.y_um - margin,
+        round((area.height_um + 2 * margin) / px),
+        round((area.width_um + 2 * margin) / px),
+        px,
+    )
+    image = load_content(params.content)
+    white = np.percentile(image.reshape(-1, 3), 99.5, axis=0)  # ImageSlide's white point
+    x = (t[..., 0].ravel() * white[0] - 3) / 4
+    y = (t[..., 1].ravel() * white[1] - 3) / 5
+    codes = [
+        np.unique(a.astype(np.int64) * 1000 + b.astype(np.int64))
+        for a in (np.floor(x + 1e-3), np.ceil(x - 1e-3))
+        for b in (np.floor(y + 1e-3), np.ceil(y - 1e-3))
+    ]
+    return {(int(c) // 1000, int(c) % 1000) for c in np.unique(np.concatenate(codes))}
+
+
+@pytest.mark.parametrize("split", ["left", "right", "top", "bottom"])
+def test_calibration_and_scored_recordings_share_no_content(tmp_path: Path, split: str) -> None:
+    """The default (and every half) calibrates on image pixels the scored recording never shows;
+    ``--content-split none`` (the behaviour before stop 30) shows both recordings the same pixels."""
+    content, px_um = _coded_image(tmp_path / "coded.png")
+    args = _args("--content-split", split) if split != "left" else _args()
+    pixels = {
+        name: _pixels_shown(dataclasses.replace(params, content_px_um=px_um))
+        for name, params in zip(("cal", "scored"), calibration.recording_params(args, "training", content), strict=True)
+    }
+    half = 64 * 48 // 2
+    assert len(pixels["cal"]) >= 0.9 * half and len(pixels["scored"]) >= 0.9 * half  # each shows its whole half
+    assert not pixels["cal"] & pixels["scored"]
+
+    overlap = _args("--content-split", "none")
+    cal, scored = (
+        dataclasses.replace(p, content_px_um=px_um) for p in calibration.recording_params(overlap, "training", content)
+    )
+    assert len(_pixels_shown(cal) & _pixels_shown(scored)) > half  # the old recordings: the same content
+
+
+def test_split_names_what_each_recording_showed(tmp_path: Path) -> None:
+    args = _args()
+    assert calibration.content_regions(args, "ihc") == ("left", "right")
+    assert calibration.content_regions(args, "synthetic") == ("", "")  # procedural tissue: per slide seed
+    assert calibration.content_regions(_args("--content-split", "none"), "ihc") == ("", "")
+    assert calibration.content_text("ihc", "left", 1) == "ihc left half (px x 0-256, y 0-512 of 512 x 512)"
+    assert calibration.content_text("ihc", "right", 1) == "ihc right half (px x 256-512, y 0-512 of 512 x 512)"
+    assert calibration.content_text("synthetic", "", 5) == "procedural H&E of slide seed 5"
+    # Models of split and overlapping calibrations never share a folder.
+    assert calibration.calibrated_dir(args, "training", "ihc") != calibration.calibrated_dir(
+        _args("--content-split", "none"), "training", "ihc"
+    )

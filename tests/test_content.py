@@ -32,7 +32,7 @@ def test_image_slide_shows_the_image_in_tissue_and_glass_elsewhere() -> None:
     # Same layout and focus surface as the procedural slide, other pixels inside tissue.
     assert slide.focus_z_um(300.0, 300.0) == plain.focus_z_um(300.0, 300.0)
     assert slide.tissue_fraction(100.0, 100.0, 256, 256, 0.25) == plain.tissue_fraction(100.0, 100.0, 256, 256, 0.25)
-    glass = np.isclose(p, 10.0 ** -SPEC.glass_od, atol=1e-4).all(axis=2)
+    glass = np.isclose(p, 10.0**-SPEC.glass_od, atol=1e-4).all(axis=2)
     assert np.allclose(t[glass], p[glass], atol=1e-4)
     assert np.abs(t[~glass] - p[~glass]).mean() > 0.05
     # The image's brown (DAB) and blue (haematoxylin) show through: red/blue differ by place.
@@ -71,3 +71,28 @@ def test_synth_records_the_content_and_truth_rebuilds_it(tmp_path: Path) -> None
     assert rec.meta.slide["content"] == "ihc" and rec.meta.slide["content_px_um"] == 0.4
     renderer = TruthRenderer(rec.meta)
     assert isinstance(renderer.slide, ImageSlide) and renderer.slide.image_px_um == 0.4
+
+
+def test_content_region_shows_only_its_half() -> None:
+    from hw_sim.content import region_pixels
+
+    assert region_pixels("", 512, 512) == (0, 0, 512, 512)
+    assert region_pixels("left", 48, 65) == (0, 0, 32, 48) and region_pixels("right", 48, 65) == (32, 0, 65, 48)
+    assert region_pixels("top", 48, 65) == (0, 0, 65, 24) and region_pixels("bottom", 48, 65) == (0, 24, 65, 48)
+    with pytest.raises(ContentError, match="unknown content region"):
+        region_pixels("middle", 48, 64)
+    image = load_content("ihc")
+    whole = ImageSlide(SPEC, image, 0.5)
+    right = ImageSlide(
+        SlideSpec(**{**SPEC.to_dict(), "content": "ihc", "content_region": "right"}), image, 0.5, region="right"
+    )
+    assert right.pixel_box == (256, 0, 512, 512)
+    # Right half at the slide origin: the whole image's column 256 there; mirrored at its last column (128 µm on).
+    a = right.image_content(0.0, 0.0, 4, 300, 0.5)
+    b = whole.image_content(128.0, 0.0, 4, 256, 0.5)
+    assert np.allclose(a[:, :256], b, atol=1e-6)
+    assert np.allclose(a[:, 256:300], b[:, 253:209:-1], atol=1e-6)  # crop x 256.5 + k -> 253.5 - k
+    with pytest.raises(ValueError, match="content_region"):
+        SlideSpec(seed=1, content_region="right")  # the procedural tissue has no image to cut
+    with pytest.raises(ValueError, match="content_region"):
+        SlideSpec(seed=1, content="ihc", content_region="middle")
