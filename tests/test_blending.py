@@ -222,6 +222,50 @@ def test_flatfield_from_glass_recovers_the_vignetting(camera_tiles: list[np.ndar
     assert corrected.dtype == np.float32 and corrected.shape == (128, 128, 3)
 
 
+def test_flatfield_block_stats_row_by_row_are_the_whole_frames_bit_for_bit(camera_tiles: list[np.ndarray]) -> None:
+    """Blocks that tile the frame are measured one row of blocks at a time: the same figures as the
+    whole frame at once (the old way, still the way for frames the blocks do not divide)."""
+    est = FlatFieldEstimator(128, 128)
+    assert (est.by, est.bx) == (16, 16)
+    for t in camera_tiles[:6]:
+        means, cv = est._block_stats(t)
+        whole_means, whole_cv = FlatFieldEstimator._stats(t, (est.bx, est.by))
+        assert means.shape == (16, 16, 3) and cv.shape == (16, 16)
+        assert np.array_equal(means, whole_means) and np.array_equal(cv, whole_cv)
+    # Not divisible (100 / 12): the whole frame's figures, unchanged.
+    odd = FlatFieldEstimator(100, 100, blocks=12)
+    t = np.ascontiguousarray(camera_tiles[0][:100, :100])
+    means, cv = odd._block_stats(t)
+    whole_means, whole_cv = FlatFieldEstimator._stats(t, (12, 12))
+    assert means.shape == (12, 12, 3) and np.array_equal(means, whole_means) and np.array_equal(cv, whole_cv)
+
+
+def test_flatfield_surface_is_the_quadratic_and_glass_follows_new_tiles(camera_tiles: list[np.ndarray]) -> None:
+    from runtime.stitching.flatfield import _design
+
+    est = FlatFieldEstimator(128, 96)
+    py = (np.arange(128) + 0.5) / 128 * 2 - 1
+    px = (np.arange(96) + 0.5) / 96 * 2 - 1
+    coef = np.array([0.93, 0.011, -0.024, -0.081, -0.067, 0.0031])
+    fy, fx = np.meshgrid(py, px, indexing="ij")
+    want = _design(fy, fx) @ coef
+    got = est._surface(py, px, coef)
+    assert got.shape == (128, 96)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-14)
+    assert np.array_equal((got / got.max()).astype(np.float32), (want / want.max()).astype(np.float32))
+    # The glass statistics asked twice after one tile are computed once, and again after the next tile.
+    est = FlatFieldEstimator(128, 128)
+    for t in camera_tiles[:3]:
+        est.add(t)
+        first = est._glass()
+        again = est._glass()
+        now = est._glass_now()
+        for a, b, c in zip(first, again, now, strict=True):
+            assert np.array_equal(a, b) and np.array_equal(a, c)
+        first[0][...] = -1  # callers may change what they get: the kept figures stay
+        assert np.array_equal(est._glass()[0], now[0])
+
+
 def test_flatfield_without_glass_falls_back_or_stays_identity() -> None:
     rng = np.random.default_rng(1)
     est = FlatFieldEstimator(64, 64)
