@@ -231,3 +231,40 @@ def test_stage_model_predicts_many_points_as_one_at_a_time() -> None:
         model.add((float(c[0]), float(c[1])), (float(p[0]), float(p[1])))
     one = np.array([model.predict((float(y), float(x))) for y, x in pts])
     np.testing.assert_allclose(model.predict_many(pts), one, rtol=0, atol=1e-9)
+
+
+def test_solving_again_without_a_change_gives_the_same_and_any_change_is_solved() -> None:
+    """solve() skips the work when nothing changed since the last one (the accumulator solves twice per
+    tile): every step of a scan against a solver that always solves."""
+    rng = np.random.default_rng(3)
+    keys = _grid(3, 4)
+    cmd = {k: (k[0] * STEP, k[1] * STEP) for k in keys}
+    truth = {k: (cmd[k][0] + rng.normal(0, 8), cmd[k][1] + rng.normal(0, 8)) for k in keys}
+    lazy, eager = PositionSolver(10.0), PositionSolver(10.0)
+
+    def solve_both() -> None:
+        lazy.solve()
+        eager._solved = False
+        eager.solve()
+        for k in eager.pending:
+            assert lazy.position(k) == eager.position(k)
+
+    seen: list[tuple[int, int]] = []
+    for n, k in enumerate(keys):
+        for s in (lazy, eager):
+            s.add_tile(k, cmd[k])
+        solve_both()
+        for nb in ((k[0], k[1] - 1), (k[0], k[1] + 1), (k[0] - 1, k[1])):
+            if nb in seen:
+                d = (truth[k][0] - truth[nb][0] + rng.normal(0, 0.05), truth[k][1] - truth[nb][1])
+                for s in (lazy, eager):
+                    s.add_link(Link(nb, k, d, (0.05, 0.05)))
+                solve_both()
+        seen.append(k)
+        solve_both()
+        if n % 3 == 2:
+            done = lazy.pending[:2]
+            for s in (lazy, eager):
+                s.fix(done)
+            solve_both()
+    assert lazy.pending and all(lazy.position(k) == eager.position(k) for k in keys)

@@ -172,6 +172,7 @@ class PositionSolver:
         self._estimate: dict[Key, tuple[float, float]] = {}
         self._links: list[Link] = []  # links touching at least one pending tile
         self._linked: set[Key] = set()  # tiles with at least one accepted link
+        self._solved = False  # the estimates are solve()'s for the tiles, links and model as they are
 
     # ------------------------------------------------------------------ input
 
@@ -183,6 +184,7 @@ class PositionSolver:
         self._pending.append(key)
         self._estimate[key] = self.model.predict(commanded)
         self._parent[key] = key
+        self._solved = False
 
     def add_link(self, link: Link) -> None:
         for k in (link.a, link.b):
@@ -192,6 +194,7 @@ class PositionSolver:
             return  # both final: nothing left to inform
         self._links.append(link)
         self._linked.update((link.a, link.b))
+        self._solved = False
         ra, rb = self._root(link.a), self._root(link.b)
         if ra != rb:
             self._parent[ra] = rb
@@ -253,9 +256,11 @@ class PositionSolver:
     # ------------------------------------------------------------------ solving
 
     def solve(self) -> None:
-        """Re-estimate every pending tile from the links and priors."""
+        """Re-estimate every pending tile from the links and priors. Nothing to do when nothing changed
+        since the last solve (the accumulator solves after registering a tile and again before it
+        blends: the same system, the same figures)."""
         n = len(self._pending)
-        if n == 0:
+        if n == 0 or self._solved:
             return
         index = {k: i for i, k in enumerate(self._pending)}
         w_prior = 1.0 / self.stage_sigma_px**2
@@ -286,6 +291,7 @@ class PositionSolver:
             out[:, axis] = np.linalg.solve(ata, atb)
         for k, i in index.items():
             self._estimate[k] = (float(out[i, 0]), float(out[i, 1]))
+        self._solved = True
 
     def fix(self, keys: Iterable[Key]) -> None:
         """Make these pending tiles final at their current estimate (and variance)."""
@@ -300,5 +306,6 @@ class PositionSolver:
             if key in self._linked:
                 # Its position comes from registration: evidence for the stage model.
                 self.model.add(self._commanded[key], pos)
+        self._solved = False  # the fixed tiles' priors and the stage model changed
         # Links between final tiles inform nothing any more: drop them (bounded memory).
         self._links = [lk for lk in self._links if not (lk.a in self._fixed and lk.b in self._fixed)]
