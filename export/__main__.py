@@ -173,6 +173,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     lh.add_argument("--other-textures", type=int, default=150)
     lh.add_argument("--other-photos", type=int, default=150)
     lh.add_argument("--colour-jitter", type=float, default=0.0, help="optical-density jitter of the simulated crops")
+    lh.add_argument("--shift", action="store_true",
+                    help="crops at every 1 um offset, not only on the 4 um output grid (a phase-invariant head)")
+    lh.add_argument("--crop", type=int, default=96, help="training crop side (px at 1 um, a multiple of 4)")
+    lh.add_argument("--antialias", action="store_true",
+                    help="anti-aliased pools (max at stride 1, then a [1 2 1] blur at stride 2)")
     a = sub.add_parser("all", help="train both models and export them into runtime/ml/builtin/")
     a.add_argument("--data", type=Path, default=DEFAULT_DATA)
     a.add_argument("--seed", type=int, default=0)
@@ -294,6 +299,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             other_textures=args.other_textures,
             other_photos=args.other_photos,
             colour_jitter=args.colour_jitter,
+            shift=args.shift,
+            crop=args.crop,
+            antialias=args.antialias,
         )
         print(json.dumps(r["heldout_metrics"], indent=2))
         print(f"wrote {args.out}/model.onnx + model.json")

@@ -49,18 +49,43 @@ HELD_OUT_FROM = HELD_OUT_SEEDS.start  # 900000
 DEV_CONTENT_SEED = 7_100_000  # the development draws of other content (training draws use seed + 1)
 
 
-class LesionHead(nn.Module):
-    """conv 3->16, pool, conv 16->24, pool (4 µm), dilated 2/4/8, 1x1: per-4 µm tumour logits."""
+class BlurPool(nn.Module):
+    """Anti-aliased 2x downsampling (Zhang 2019, "Making convolutional networks shift-invariant again"):
+    the max over 2 x 2 at stride 1, then a [1 2 1] x [1 2 1] / 16 blur (edges reflected) at stride 2. Same
+    output size and cell centres as ``MaxPool2d(2)``, no parameters (the blur is a fixed, non-persistent
+    buffer, so a state dict of the max-pool head loads into it)."""
 
-    def __init__(self, c: int = 24) -> None:
+    def __init__(self, channels: int) -> None:
         super().__init__()
+        k = torch.tensor([1.0, 2.0, 1.0])
+        self.register_buffer("kernel", (k[:, None] * k[None, :] / 16).expand(channels, 1, 3, 3).clone(),
+                             persistent=False)
+        self.channels = channels
+        self.pool = nn.MaxPool2d(2, stride=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = nn.functional.pad(self.pool(x), (1, 1, 1, 1), mode="reflect")
+        return nn.functional.conv2d(x, self.kernel, stride=2, groups=self.channels)
+
+
+class LesionHead(nn.Module):
+    """conv 3->16, pool, conv 16->24, pool (4 µm), dilated 2/4/8, 1x1: per-4 µm tumour logits.
+    ``antialias``: the two pools are :class:`BlurPool` (same parameters, output less dependent on the
+    input's phase on the 4 µm grid)."""
+
+    def __init__(self, c: int = 24, antialias: bool = False) -> None:
+        super().__init__()
+
+        def pool(ch: int) -> nn.Module:
+            return BlurPool(ch) if antialias else nn.MaxPool2d(2)
+
         self.f = nn.Sequential(
             nn.Conv2d(3, 16, 3, padding=1),
             nn.ReLU(),
-            nn.MaxPool2d(2),
+            pool(16),
             nn.Conv2d(16, c, 3, padding=1),
             nn.ReLU(),
-            nn.MaxPool2d(2),
+            pool(c),
             nn.Conv2d(c, c, 3, padding=2, dilation=2),
             nn.ReLU(),
             nn.Conv2d(c, c, 3, padding=4, dilation=4),
@@ -125,20 +150,51 @@ def slide_windows(seed: int, index: int) -> list[dict[str, Any]]:
     return out
 
 
+def shifted_crop(img: np.ndarray, t4: np.ndarray, y: int, x: int, crop: int = CROP) -> tuple[np.ndarray, np.ndarray]:
+    """The ``crop`` px crop of ``img`` at any 1 µm offset ``(y, x)`` and its per-4 µm-cell truth: each
+    cell of the crop overlaps up to 2 x 2 cells of ``t4``, weighted by the overlap's area (exact where
+    the truth is uniform within ``t4``'s cells; at phase 0 it is ``t4``'s own cells). The head is
+    trained on every phase of its 4 µm grid this way, so its output does not depend on where the
+    runtime's window falls (phase-0-only crops left it reading ~0 in every other cell column at some
+    phases: /work/notes/old29/h13-oracle.md)."""
+    n = crop // CELL
+    qy, ry = divmod(y, CELL)
+    qx, rx = divmod(x, CELL)
+    t = t4[qy : qy + n + (ry > 0), qx : qx + n + (rx > 0)].astype(np.float32)
+    if ry:
+        t = ((CELL - ry) * t[:-1] + ry * t[1:]) / CELL
+    if rx:
+        t = ((CELL - rx) * t[:, :-1] + rx * t[:, 1:]) / CELL
+    return img[y : y + crop, x : x + crop], t
+
+
 def initial_weights(init: Path) -> dict[str, torch.Tensor]:
     """A state dict to start from: a ``.pt`` file, or a lesion-head model folder (its ONNX initializers
-    carry the torch parameter names, e.g. the committed ``runtime/ml/builtin/lesion_head``)."""
+    carry the torch parameter names, e.g. the committed ``runtime/ml/builtin/lesion_head``; other
+    initializers, such as :class:`BlurPool`'s fixed blur, are left out)."""
     if Path(init).is_dir():
         import onnx
         from onnx import numpy_helper
 
         graph = onnx.load(str(Path(init) / "model.onnx")).graph
-        return {i.name: torch.from_numpy(numpy_helper.to_array(i).copy()) for i in graph.initializer}
+        return {i.name: torch.from_numpy(numpy_helper.to_array(i).copy()) for i in graph.initializer
+                if i.name.startswith("f.") and i.name.endswith((".weight", ".bias"))}
     sd: dict[str, torch.Tensor] = torch.load(init, map_location="cpu", weights_only=True)
     return sd
 
 
-def other_content_images(rng: np.random.Generator, textures: int, photos: int) -> list[np.ndarray]:
+def folder_head(folder: Path) -> LesionHead:
+    """The torch head of a lesion-head model folder: its architecture (``training.antialias`` in its
+    model.json; absent: the max-pool head) with its ONNX weights."""
+    import json
+
+    meta = json.loads((Path(folder) / "model.json").read_text())
+    net = LesionHead(antialias=bool(meta.get("training", {}).get("antialias", False)))
+    net.load_state_dict(initial_weights(folder))
+    return net
+
+
+def other_content_images(rng: np.random.Generator, textures: int, photos: int, crop: int = CROP) -> list[np.ndarray]:
     """``textures`` random textures and ``photos`` photographs of :mod:`export.content_mix`, each
     resampled by a random factor (0.35-2.5 head px per content px), none smaller than a crop."""
     from export.content_mix import random_photo, random_texture
@@ -148,7 +204,7 @@ def other_content_images(rng: np.random.Generator, textures: int, photos: int) -
         im = random_texture(rng, 512) if i < textures else random_photo(rng)
         f = float(np.exp(rng.uniform(np.log(0.35), np.log(2.5))))
         h, w = im.shape[:2]
-        f = max(f, (CROP + 1) / min(h, w))
+        f = max(f, (crop + 1) / min(h, w))
         interp = cv2.INTER_AREA if f < 1 else cv2.INTER_LINEAR
         r = cv2.resize(im, (round(w * f), round(h * f)), interpolation=interp)
         out.append(np.ascontiguousarray(r[:2048, :2048]))  # a large photo upsampled: one corner is plenty
@@ -250,6 +306,9 @@ def train_lesion_head(
     other_textures: int = 150,
     other_photos: int = 150,
     colour_jitter: float = 0.0,
+    shift: bool = False,
+    crop: int = CROP,
+    antialias: bool = False,
 ) -> dict[str, Any]:
     """Render (or read cached) windows, train for ``budget_s`` CPU-seconds of wall time (batches of
     16 random 96 px crops, rotations and flips), score on the development windows, and export
@@ -258,7 +317,9 @@ def train_lesion_head(
     ``init``: a state dict (``.pt``) to start from. ``other_content``: the share of each batch's
     crops drawn from ``other_textures`` textures and ``other_photos`` photographs of
     :mod:`export.content_mix` (target all zero). ``colour_jitter``: the strength of
-    :func:`jitter_colour` on the simulated windows' crops (0: none)."""
+    :func:`jitter_colour` on the simulated windows' crops (0: none). ``shift``: crops at every 1 µm
+    offset (:func:`shifted_crop`), not only on the 4 µm output grid. ``crop``: the training crop's side
+    (px, a multiple of 4). ``antialias``: the head's pools are :class:`BlurPool`."""
     from export.content_mix import describe
     from export.onnx_export import export_model
 
@@ -271,16 +332,19 @@ def train_lesion_head(
     torch.set_num_threads(1)
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    net = LesionHead()
+    net = LesionHead(antialias=antialias)
     if init is not None:
         net.load_state_dict(initial_weights(init))
     t2 = time.time()
-    other = other_content_images(np.random.default_rng(seed + 1), other_textures, other_photos) if other_content else []
+    if crop % CELL or crop < CELL:
+        raise ValueError(f"crop must be a positive multiple of {CELL} px, got {crop}")
+    other = (other_content_images(np.random.default_rng(seed + 1), other_textures, other_photos, crop)
+             if other_content else [])
     dev_other = other_content_images(np.random.default_rng(DEV_CONTENT_SEED), 20, 20) if other_content else []
     content_s = time.time() - t2
     opt = torch.optim.Adam(net.parameters(), lr)
     bce = nn.BCELoss()
-    tr = [w for w in tr if min(w["img"].shape[:2]) >= CROP]
+    tr = [w for w in tr if min(w["img"].shape[:2]) >= crop]
     steps = 0
     t1 = time.time()
     net.train()
@@ -289,16 +353,20 @@ def train_lesion_head(
         for _ in range(16):
             if other and rng.random() < other_content:
                 o = other[int(rng.integers(len(other)))]
-                y = int(rng.integers(0, o.shape[0] - CROP + 1))
-                x = int(rng.integers(0, o.shape[1] - CROP + 1))
-                im, t = o[y : y + CROP, x : x + CROP], np.zeros((CROP // CELL, CROP // CELL), np.float32)
+                y = int(rng.integers(0, o.shape[0] - crop + 1))
+                x = int(rng.integers(0, o.shape[1] - crop + 1))
+                im, t = o[y : y + crop, x : x + crop], np.zeros((crop // CELL, crop // CELL), np.float32)
             else:
                 w = tr[int(rng.integers(len(tr)))]
                 h, wd = w["img"].shape[:2]
-                y = int(rng.integers(0, (h - CROP) // CELL + 1)) * CELL
-                x = int(rng.integers(0, (wd - CROP) // CELL + 1)) * CELL
-                im = w["img"][y : y + CROP, x : x + CROP]
-                t = w["t4"][y // CELL : (y + CROP) // CELL, x // CELL : (x + CROP) // CELL]
+                if shift:
+                    im, t = shifted_crop(w["img"], w["t4"], int(rng.integers(0, h - crop + 1)),
+                                         int(rng.integers(0, wd - crop + 1)), crop)
+                else:
+                    y = int(rng.integers(0, (h - crop) // CELL + 1)) * CELL
+                    x = int(rng.integers(0, (wd - crop) // CELL + 1)) * CELL
+                    im = w["img"][y : y + crop, x : x + crop]
+                    t = w["t4"][y // CELL : (y + crop) // CELL, x // CELL : (x + crop) // CELL]
                 if colour_jitter:
                     im = jitter_colour(im, rng, colour_jitter)
             k = int(rng.integers(4))
@@ -341,18 +409,23 @@ def train_lesion_head(
         "train_windows": len(tr),
         "steps": steps,
         "batch": 16,
-        "crop_px": CROP,
+        "crop_px": crop,
         "seed": seed,
         "render_s": round(render_s, 1),
         "train_s": round(train_s, 1),
         "lr": lr,
         "colour_jitter": colour_jitter,
+        "shift": shift,
+        "antialias": antialias,
         "command": f"python -m export train-lesion-head --budget-s {budget_s:g} --train-first {train_first} "
         f"--train-slides {train_slides} --dev-first {dev_first} --dev-slides {dev_slides} --seed {seed} --lr {lr:g}"
         + (f" --init {init}" if init else "")
         + (f" --other-content {other_content:g} --other-textures {other_textures} --other-photos {other_photos}"
            if other_content else "")
-        + (f" --colour-jitter {colour_jitter:g}" if colour_jitter else ""),
+        + (f" --colour-jitter {colour_jitter:g}" if colour_jitter else "")
+        + (" --shift" if shift else "")
+        + (f" --crop {crop}" if crop != CROP else "")
+        + (" --antialias" if antialias else ""),
     }
     if init is not None:
         training["init"] = str(init)

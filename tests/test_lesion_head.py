@@ -132,6 +132,53 @@ def test_training_refuses_held_out_seeds() -> None:
         windows(899990, 12, Path("/nonexistent"), 1)  # refused before anything renders
 
 
+@pytest.mark.parametrize("antialias", [True, False])
+def test_antialiased_pool_moves_its_output_with_the_input(antialias: bool) -> None:
+    """``--antialias``: a bright pixel moved by 1 px moves the pool's output centroid by half a cell, at every
+    phase (a 2x2 max pool at stride 2 leaves it in place, then jumps a whole cell), with the max pool's output
+    size and cell centres."""
+    import torch
+    from torch import nn
+
+    from export.train_lesion_head import BlurPool, LesionHead
+
+    pool = BlurPool(1) if antialias else nn.MaxPool2d(2)
+    centroids = []
+    for p in range(8, 16):
+        x = torch.zeros(1, 1, 24, 24)
+        x[0, 0, 11, p] = 1.0
+        y = pool(x)[0, 0].sum(dim=0)
+        assert y.shape == (12,)
+        centroids.append(float((y * torch.arange(12)).sum() / y.sum()))
+    steps = np.diff(centroids)
+    if antialias:
+        assert np.allclose(steps, 0.5, atol=1e-6) and abs(centroids[0] - (8 - 0.5) / 2) < 1e-6, centroids
+    else:
+        assert not np.allclose(steps, 0.5, atol=0.1), centroids
+    net = LesionHead(antialias=antialias)
+    assert net(torch.zeros(1, 3, 224, 224))[0].shape == (1, 1, 56, 56)
+    assert set(net.state_dict()) == set(LesionHead().state_dict())  # the same weights load into either
+
+
+def test_shifted_crop_reads_the_truth_at_every_phase_of_the_grid() -> None:
+    """``--shift`` crops at any 1 µm offset: the crop is the image's, and each 4 µm cell's target is the
+    truth's mean over the cell's own pixels (exact for a truth uniform within the window's cells, as here;
+    swapped or missing overlap weights fail at every phase but 0)."""
+    from export.train_lesion_head import CELL, CROP, shifted_crop
+
+    n = CROP // CELL
+    mask = np.zeros((160, 200), np.float32)
+    mask[36:120, 52:140] = 1.0  # edges on the window's cells
+    mask[8:20, 8:180] = 0.5
+    t4 = mask.reshape(160 // CELL, CELL, 200 // CELL, CELL).mean(axis=(1, 3))
+    img = np.random.default_rng(0).integers(0, 256, (160, 200, 3), dtype=np.uint8)
+    for y, x in [(0, 0), (1, 2), (3, 3), (30, 50), (63, 101), (64, 104)]:
+        im, t = shifted_crop(img, t4, y, x)
+        exact = mask[y : y + CROP, x : x + CROP].reshape(n, CELL, n, CELL).mean(axis=(1, 3))
+        assert np.array_equal(im, img[y : y + CROP, x : x + CROP])
+        assert t.shape == (n, n) and np.abs(t - exact).max() < 1e-6, (y, x)
+
+
 def test_training_content_and_init_from_the_committed_folder() -> None:
     """``--init`` reads the committed folder's ONNX weights into the torch head (same outputs as ONNX
     Runtime); the other-content negatives are crops-sized images none of the held-out files; the colour
@@ -141,16 +188,14 @@ def test_training_content_and_init_from_the_committed_folder() -> None:
     from export.content_mix import TRAIN_IMAGES
     from export.train_lesion_head import (
         CROP,
-        LesionHead,
-        initial_weights,
+        folder_head,
         jitter_colour,
         other_content_images,
         to_input,
     )
     from hw_sim.content import PACKAGED
 
-    net = LesionHead()
-    net.load_state_dict(initial_weights(default_model_dir("lesion_head")))
+    net = folder_head(default_model_dir("lesion_head"))  # its architecture (model.json) and ONNX weights
     net.eval()
     s = render_slide(330000, 2, 500.0, held_out=False)
     win = np.ascontiguousarray(s.levels[1][:224, :224])
