@@ -138,6 +138,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="export the hold-out pass's model (default: measure on held-out fields, then refit on every field)",
     )
     c.add_argument("--seed", type=int, default=0)
+    c.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads (default 2; 1 is faster on cores that other jobs hold: OpenMP threads spin)",
+    )
     for name, what in (
         ("train-tumour", "tumour patch classifier"),
         ("train-nuclei", "nuclei centroid detector"),
@@ -229,6 +235,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.cmd == "calibrate":
         import shlex
 
+        if args.threads is not None and args.threads < 1:
+            p.error(f"calibrate: --threads must be >= 1, got {args.threads}")
+
         from export.calibrate import calibrate
 
         kw = {
@@ -244,6 +253,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "l2sp",
                 "contrast_jitter",
                 "tta",
+                "threads",
             )
             if getattr(args, k) is not None
         }

@@ -687,6 +687,7 @@ def calibrate(
     l2sp: float | None = None,
     contrast_jitter: float | None = None,
     tta: int = 1,
+    threads: int = 2,
 ) -> dict[str, Any]:
     """Label, fine-tune and export (see the module docstring). Returns the ``calibration`` record
     written to ``out/model.json``. ``freeze_blocks`` (default :data:`DEFAULT_FREEZE_BLOCKS`) picks the
@@ -695,7 +696,10 @@ def calibrate(
     ``refit`` (with fields held out): the hold-out pass measures, a second pass from the same init on
     every labelled field is exported; False: the hold-out pass's model is exported.
     ``tta`` > 1: the exported graph averages the model's outputs over that many flips/turns of each crop
-    (:class:`DihedralMean`); the training is the same, the held-out and training metrics measure that graph."""
+    (:class:`DihedralMean`); the training is the same, the held-out and training metrics measure that graph.
+    ``threads``: torch's intra-op threads. 2 suits a quiet 2-core scanner PC; on cores other jobs hold, 1 can be
+    far faster (stop 30: a 2-thread run on a busy 2-core machine spent 16 CPU-minutes without finishing, 1 thread
+    took 148-169 CPU-s), because OpenMP threads spin while they wait for a core."""
     t0, cpu0 = time.time(), time.process_time()
     freeze = DEFAULT_FREEZE_BLOCKS if freeze_blocks is None else freeze_blocks
     base = FROZEN if freeze > 0 else FULL
@@ -706,7 +710,9 @@ def calibrate(
     l2sp = base.l2sp if l2sp is None or freeze > 0 else l2sp  # the frozen method has no L2-SP term
     # nor contrast jitter (its front features are cached once per crop)
     contrast_jitter = base.contrast_jitter if contrast_jitter is None or freeze > 0 else contrast_jitter
-    seed_everything(seed)
+    if threads < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
+    seed_everything(seed, threads)
     lp = label_params or LabelParams()
     recs = [Recording.open(p) for p in recordings]
     if not recs:

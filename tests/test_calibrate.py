@@ -433,3 +433,14 @@ def test_tta_exports_the_same_weights_in_a_graph_that_averages_the_transforms(re
     assert not np.allclose(got[0], plain.run(names, {folder.input_name: x})[0], atol=1e-3)
     again = calibrate([recording], tmp_path / "af-tta", tmp_path / "af-again", **tiny)  # recovery check passes
     assert again["method"]["tta"] == 1 and max(again["init_model"]["recovery_max_abs_diff"].values()) <= 1e-3
+
+
+def test_calibrate_cli_rejects_threads_below_one(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from export.__main__ import main as export_main
+
+    with pytest.raises(SystemExit) as exc:
+        export_main(["calibrate", str(tmp_path), "--init", "builtin", "--out", str(tmp_path / "o"), "--threads", "0"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "--threads must be >= 1, got 0" in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()

@@ -50,10 +50,11 @@ def test_record_calibrate_and_scan_with_the_calibrated_model(
         # 2. Calibration from those stacks alone (the recording has no truth to read).
         out = data / "models" / "af-instrument"
         init = str(MODELS_DIR / "autofocus")
-        tiny = ["--epochs", "1", "--crops", "2", "--holdout", "0.25"]
+        tiny = ["--epochs", "1", "--crops", "2", "--holdout", "0.25", "--threads", "1"]
         rc = export_main(["calibrate", str(recorded), "--init", init, "--out", str(out), *tiny])
         assert rc == 0
         folder = load_model_folder(out, "autofocus")
+        assert folder.meta["training"]["machine"].endswith("threads=1"), folder.meta["training"]
         assert folder.meta["calibration"]["recordings"][0]["path"] == str(recorded)
 
         # 3. A scan with that folder, named in the request.
