@@ -158,10 +158,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         if name == "train-mil":
             an.add_argument("--tumour", type=Path, default=MODELS_DIR / "tumour", help="tumour model folder")
         if name == "train-tumour":
-            an.add_argument("--init", type=Path, default=None, help="start from this checkpoint (--epochs 0: "
-                            "re-calibrate and re-export only)")
-    lh = sub.add_parser("train-lesion-head", help="train the small-lesion pixel head (training-range seeds only) "
-                        "and export it as a model folder (parity-checked)")
+            an.add_argument(
+                "--init",
+                type=Path,
+                default=None,
+                help="start from this checkpoint (--epochs 0: re-calibrate and re-export only)",
+            )
+    lh = sub.add_parser(
+        "train-lesion-head",
+        help="train the small-lesion pixel head (training-range seeds only) "
+        "and export it as a model folder (parity-checked)",
+    )
     lh.add_argument("--cache", type=Path, default=ANALYSIS_DATA / "lesion-head", help="rendered-window cache")
     lh.add_argument("--train-first", type=int, default=320000)
     lh.add_argument("--train-slides", type=int, default=36)
@@ -171,19 +178,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     lh.add_argument("--seed", type=int, default=0)
     lh.add_argument("--workers", type=int, default=2, help="processes rendering slides")
     lh.add_argument("--out", type=Path, default=MODELS_DIR / "lesion_head")
-    lh.add_argument("--init", type=Path, default=None,
-                    help="start from this state dict (.pt) or lesion-head model folder (its ONNX weights)")
+    lh.add_argument(
+        "--init",
+        type=Path,
+        default=None,
+        help="start from this state dict (.pt) or lesion-head model folder (its ONNX weights)",
+    )
     lh.add_argument("--lr", type=float, default=2e-3)
-    lh.add_argument("--other-content", type=float, default=0.0,
-                    help="share of each batch from export.content_mix textures/photographs, target all zero")
+    lh.add_argument(
+        "--other-content",
+        type=float,
+        default=0.0,
+        help="share of each batch from export.content_mix textures/photographs, target all zero",
+    )
     lh.add_argument("--other-textures", type=int, default=150)
     lh.add_argument("--other-photos", type=int, default=150)
     lh.add_argument("--colour-jitter", type=float, default=0.0, help="optical-density jitter of the simulated crops")
-    lh.add_argument("--shift", action="store_true",
-                    help="crops at every 1 um offset, not only on the 4 um output grid (a phase-invariant head)")
+    lh.add_argument(
+        "--shift",
+        action="store_true",
+        help="crops at every 1 um offset, not only on the 4 um output grid (a phase-invariant head)",
+    )
     lh.add_argument("--crop", type=int, default=96, help="training crop side (px at 1 um, a multiple of 4)")
-    lh.add_argument("--antialias", action="store_true",
-                    help="anti-aliased pools (max at stride 1, then a [1 2 1] blur at stride 2)")
+    lh.add_argument(
+        "--antialias", action="store_true", help="anti-aliased pools (max at stride 1, then a [1 2 1] blur at stride 2)"
+    )
     a = sub.add_parser("all", help="train both models and export them into runtime/ml/builtin/")
     a.add_argument("--data", type=Path, default=DEFAULT_DATA)
     a.add_argument("--seed", type=int, default=0)
