@@ -110,13 +110,21 @@ def content_regions(args: argparse.Namespace, content: str) -> tuple[str, str]:
     return split, OPPOSITE_REGION[split]
 
 
-def recording_params(args: argparse.Namespace, objective: str, content: str) -> tuple[SynthParams, SynthParams]:
-    """The (calibration, scored) recordings' ``hw_sim.synth.SynthParams`` of a cell."""
+def _cell_recordings(
+    args: argparse.Namespace, content: str
+) -> tuple[tuple[argparse.Namespace, int, str], tuple[argparse.Namespace, int, str]]:
+    """(args, slide seed, content_region) of a cell's calibration and scored recording: the one place
+    :func:`recording_params` and the recordings the bench makes both read."""
     cal_region, eval_region = content_regions(args, content)
     cal_args = argparse.Namespace(**{**vars(args), "fields": tuple(args.cal_fields)})
-    return (
-        objective_recording_params(cal_args, objective, content, CAL_SEED, cal_region),
-        objective_recording_params(args, objective, content, OBJECTIVE_SEED, eval_region),
+    return (cal_args, CAL_SEED, cal_region), (args, OBJECTIVE_SEED, eval_region)
+
+
+def recording_params(args: argparse.Namespace, objective: str, content: str) -> tuple[SynthParams, SynthParams]:
+    """The (calibration, scored) recordings' ``hw_sim.synth.SynthParams`` of a cell."""
+    cal, scored = _cell_recordings(args, content)
+    return objective_recording_params(cal[0], objective, content, *cal[1:]), objective_recording_params(
+        scored[0], objective, content, *scored[1:]
     )
 
 
@@ -134,12 +142,13 @@ def content_text(content: str, region: str, seed: int) -> str:
 
 
 def _calibration_recording(args: argparse.Namespace, objective: str, content: str) -> Path:
-    cal_args = argparse.Namespace(**{**vars(args), "fields": tuple(args.cal_fields)})
-    return _objective_recording(cal_args, objective, content, seed=CAL_SEED, region=content_regions(args, content)[0])
+    cal_args, seed, region = _cell_recordings(args, content)[0]
+    return _objective_recording(cal_args, objective, content, seed, region)
 
 
 def _scored_recording(args: argparse.Namespace, objective: str, content: str) -> Path:
-    return _objective_recording(args, objective, content, region=content_regions(args, content)[1])
+    scored_args, seed, region = _cell_recordings(args, content)[1]
+    return _objective_recording(scored_args, objective, content, seed, region)
 
 
 def calibrated_dir(args: argparse.Namespace, objective: str, content: str) -> Path:

@@ -58,8 +58,9 @@ class BlurPool(nn.Module):
     def __init__(self, channels: int) -> None:
         super().__init__()
         k = torch.tensor([1.0, 2.0, 1.0])
-        self.register_buffer("kernel", (k[:, None] * k[None, :] / 16).expand(channels, 1, 3, 3).clone(),
-                             persistent=False)
+        self.register_buffer(
+            "kernel", (k[:, None] * k[None, :] / 16).expand(channels, 1, 3, 3).clone(), persistent=False
+        )
         self.channels = channels
         self.pool = nn.MaxPool2d(2, stride=1)
 
@@ -177,8 +178,11 @@ def initial_weights(init: Path) -> dict[str, torch.Tensor]:
         from onnx import numpy_helper
 
         graph = onnx.load(str(Path(init) / "model.onnx")).graph
-        return {i.name: torch.from_numpy(numpy_helper.to_array(i).copy()) for i in graph.initializer
-                if i.name.startswith("f.") and i.name.endswith((".weight", ".bias"))}
+        return {
+            i.name: torch.from_numpy(numpy_helper.to_array(i).copy())
+            for i in graph.initializer
+            if i.name.startswith("f.") and i.name.endswith((".weight", ".bias"))
+        }
     sd: dict[str, torch.Tensor] = torch.load(init, map_location="cpu", weights_only=True)
     return sd
 
@@ -186,9 +190,9 @@ def initial_weights(init: Path) -> dict[str, torch.Tensor]:
 def folder_head(folder: Path) -> LesionHead:
     """The torch head of a lesion-head model folder: its architecture (``training.antialias`` in its
     model.json; absent: the max-pool head) with its ONNX weights."""
-    import json
+    from runtime.ml.model_folder import load_model_folder
 
-    meta = json.loads((Path(folder) / "model.json").read_text())
+    meta = load_model_folder(folder, "lesion_head", check_graph=False).meta
     net = LesionHead(antialias=bool(meta.get("training", {}).get("antialias", False)))
     net.load_state_dict(initial_weights(folder))
     return net
@@ -285,8 +289,12 @@ def window_metrics(net: nn.Module, wins: list[dict[str, Any]]) -> dict[str, Any]
     def stats(e: list[float]) -> dict[str, Any]:
         return {"n": len(e), "mean": float(np.mean(e)) if e else None, "median": float(np.median(e)) if e else None}
 
-    return {"area_error_truth_lt_10000um2": stats(small), "area_error_truth_ge_10000um2": stats(large),
-            "area_on_windows_without_truth_um2": fp, "windows": len(wins)}
+    return {
+        "area_error_truth_lt_10000um2": stats(small),
+        "area_error_truth_ge_10000um2": stats(large),
+        "area_on_windows_without_truth_um2": fp,
+        "windows": len(wins),
+    }
 
 
 def train_lesion_head(
@@ -325,6 +333,8 @@ def train_lesion_head(
 
     if set(range(train_first, train_first + train_slides)) & set(range(dev_first, dev_first + dev_slides)):
         raise ValueError("training and development seeds overlap")
+    if crop % CELL or crop < CELL:
+        raise ValueError(f"crop must be a positive multiple of {CELL} px, got {crop}")
     t0 = time.time()
     tr = windows(train_first, train_slides, cache, workers)
     dev = windows(dev_first, dev_slides, cache, workers)
@@ -336,10 +346,11 @@ def train_lesion_head(
     if init is not None:
         net.load_state_dict(initial_weights(init))
     t2 = time.time()
-    if crop % CELL or crop < CELL:
-        raise ValueError(f"crop must be a positive multiple of {CELL} px, got {crop}")
-    other = (other_content_images(np.random.default_rng(seed + 1), other_textures, other_photos, crop)
-             if other_content else [])
+    other = (
+        other_content_images(np.random.default_rng(seed + 1), other_textures, other_photos, crop)
+        if other_content
+        else []
+    )
     dev_other = other_content_images(np.random.default_rng(DEV_CONTENT_SEED), 20, 20) if other_content else []
     content_s = time.time() - t2
     opt = torch.optim.Adam(net.parameters(), lr)
@@ -359,14 +370,12 @@ def train_lesion_head(
             else:
                 w = tr[int(rng.integers(len(tr)))]
                 h, wd = w["img"].shape[:2]
-                if shift:
-                    im, t = shifted_crop(w["img"], w["t4"], int(rng.integers(0, h - crop + 1)),
-                                         int(rng.integers(0, wd - crop + 1)), crop)
-                else:
+                if shift:  # any 1 µm offset
+                    y, x = int(rng.integers(0, h - crop + 1)), int(rng.integers(0, wd - crop + 1))
+                else:  # on the 4 µm output grid (shifted_crop returns t4's own cells there)
                     y = int(rng.integers(0, (h - crop) // CELL + 1)) * CELL
                     x = int(rng.integers(0, (wd - crop) // CELL + 1)) * CELL
-                    im = w["img"][y : y + crop, x : x + crop]
-                    t = w["t4"][y // CELL : (y + crop) // CELL, x // CELL : (x + crop) // CELL]
+                im, t = shifted_crop(w["img"], w["t4"], y, x, crop)
                 if colour_jitter:
                     im = jitter_colour(im, rng, colour_jitter)
             k = int(rng.integers(4))
@@ -420,8 +429,11 @@ def train_lesion_head(
         "command": f"python -m export train-lesion-head --budget-s {budget_s:g} --train-first {train_first} "
         f"--train-slides {train_slides} --dev-first {dev_first} --dev-slides {dev_slides} --seed {seed} --lr {lr:g}"
         + (f" --init {init}" if init else "")
-        + (f" --other-content {other_content:g} --other-textures {other_textures} --other-photos {other_photos}"
-           if other_content else "")
+        + (
+            f" --other-content {other_content:g} --other-textures {other_textures} --other-photos {other_photos}"
+            if other_content
+            else ""
+        )
         + (f" --colour-jitter {colour_jitter:g}" if colour_jitter else "")
         + (" --shift" if shift else "")
         + (f" --crop {crop}" if crop != CROP else "")
