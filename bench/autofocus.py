@@ -415,33 +415,30 @@ def _objective_recording(
     return path
 
 
-def sign_confidence(recs: list[Any], model: Any, max_abs_um: float = 8.0) -> dict[str, Any]:
-    """The model alone over |z| <= ``max_abs_um`` of every tissue field, with its sign confidence:
-    how often it says "sign uncertain" where its sign is right and where it is wrong (|z| >= 1)."""
-    true, pred, unsure = [], [], []
-    for rec in recs:
-        focus = rec.truth_focus_z_um
-        for f in np.flatnonzero(_tissue_fields(rec)):
-            for k, z in enumerate(rec.z_um[f]):
-                d = float(z - focus[f])
-                if abs(d) > max_abs_um:
-                    continue
-                est = model.estimate(rec.plane(int(f), k))
-                true.append(d)
-                pred.append(np.nan if est.defocus_um is None else est.defocus_um)
-                unsure.append(est.sign_uncertain)
-    t, p, u = np.asarray(true), np.asarray(pred), np.asarray(unsure, bool)
+NEAR_FOCUS_UM = 2.0
+"""|z| (µm, from the reference) of the planes the near-focus figures cover (the closed loop's last capture is
+there; ``export.train.NEAR_FOCUS_UM``, restated so the bench needs no torch)."""
+
+
+def alone_scores(true: Any, pred: Any, unsure: Any) -> dict[str, Any]:
+    """The model alone's figures from per-plane ``true`` defocus (stage z minus the reference's focus), the
+    estimates ``pred`` (NaN: abstained) and the model's ``unsure`` flags: MAE, sign over |true| >= 1 µm
+    (sign relative to that reference) with its confidence, and near focus (|true| <= ``NEAR_FOCUS_UM``)
+    the mean and 95th percentile of |error|."""
+    t, p, u = np.asarray(true, np.float64), np.asarray(pred, np.float64), np.asarray(unsure, bool)
     ok = np.isfinite(p)
     big = ok & (np.abs(t) >= 1.0)
     right = big & (np.sign(p) == np.sign(t))
     wrong = big & ~right
+    near = ok & (np.abs(t) <= NEAR_FOCUS_UM)
+    e = np.abs(p - t)
     return {
         "planes": len(t),
         "abstained": int((~ok).sum()),
-        "mae_um": float(np.abs(p[ok] - t[ok]).mean()),
+        "mae_um": float(e[ok].mean()) if ok.any() else None,
         # The size alone: what a model can read where no frame tells the sign (an aberration-free
         # objective) and the loop's two-shot test resolves it.
-        "magnitude_mae_um": float(np.abs(np.abs(p[ok]) - np.abs(t[ok])).mean()),
+        "magnitude_mae_um": float(np.abs(np.abs(p[ok]) - np.abs(t[ok])).mean()) if ok.any() else None,
         "sign_accuracy_abs_ge_1um": float(right.sum() / max(1, big.sum())),
         "sign_right_planes": int(right.sum()),
         "sign_wrong_planes": int(wrong.sum()),
@@ -449,7 +446,47 @@ def sign_confidence(recs: list[Any], model: Any, max_abs_um: float = 8.0) -> dic
         "uncertain_where_wrong": float(u[wrong].mean()) if wrong.any() else None,
         # Sign accuracy over the planes the model is sure of.
         "sign_accuracy_when_sure": float(right[~u].sum() / max(1, big[~u].sum())),
+        "near_focus_planes": int(near.sum()),
+        "near_focus_mae_um": float(e[near].mean()) if near.any() else None,
+        "near_focus_q95_um": float(np.quantile(e[near], 0.95)) if near.any() else None,
     }
+
+
+def model_alone_by_reference(
+    recs: list[Any], model: Any, references: dict[str, list[Any]], max_abs_um: float = 8.0
+) -> dict[str, dict[str, Any]]:
+    """The model alone on every tissue field, scored against each reference "in focus" at once.
+
+    ``references``: name -> per recording, each field's in-focus z (µm; NaN: that field has none and is left
+    out of that reference's figures). Per reference, the planes within ``max_abs_um`` of the field's focus
+    there; defocus, sign and error are relative to it (:func:`alone_scores`). Each plane is estimated once,
+    whichever references take it."""
+    rows: dict[str, tuple[list[float], list[float], list[bool]]] = {name: ([], [], []) for name in references}
+    fields = {name: 0 for name in references}
+    for r, rec in enumerate(recs):
+        for f in np.flatnonzero(_tissue_fields(rec)):
+            focus = {name: float(refs[r][f]) for name, refs in references.items()}
+            for name, z0 in focus.items():
+                fields[name] += bool(np.isfinite(z0))
+            for k, z in enumerate(rec.z_um[f]):
+                near = [n for n, z0 in focus.items() if np.isfinite(z0) and abs(float(z) - z0) <= max_abs_um]
+                if not near:
+                    continue
+                est = model.estimate(rec.plane(int(f), k))
+                for name in near:
+                    t, p, u = rows[name]
+                    t.append(float(z) - focus[name])
+                    p.append(np.nan if est.defocus_um is None else est.defocus_um)
+                    u.append(est.sign_uncertain)
+    return {name: {**alone_scores(*rows[name]), "fields": fields[name]} for name in references}
+
+
+def sign_confidence(recs: list[Any], model: Any, max_abs_um: float = 8.0) -> dict[str, Any]:
+    """The model alone over |z| <= ``max_abs_um`` of every tissue field (z from the simulator's paraxial
+    focus, the truth), with its sign confidence: how often it says "sign uncertain" where its sign is
+    right and where it is wrong (|z| >= 1)."""
+    truth = {"paraxial": [rec.truth_focus_z_um for rec in recs]}
+    return model_alone_by_reference(recs, model, truth, max_abs_um)["paraxial"]
 
 
 def _sharpest_scores(e: np.ndarray, p: np.ndarray) -> dict[str, Any]:

@@ -1,5 +1,6 @@
 """``python -m bench calibration``: ``--seed`` reaches ``export calibrate``, into a model folder of its own; the
-calibration and the scored recordings show disjoint content (``--content-split``)."""
+calibration and the scored recordings show disjoint content (``--content-split``); a model is scored against
+the paraxial truth and against each field's own in-focus plane (the stack's Brenner peak), side by side."""
 
 from __future__ import annotations
 
@@ -33,9 +34,11 @@ class _Stop(Exception):
     pass
 
 
-@pytest.mark.parametrize(("argv", "expected"), [((), None), (("--seed", "3"), 3)])
+@pytest.mark.parametrize(
+    ("argv", "expected", "threads"), [((), None, None), (("--seed", "3"), 3, None), (("--threads", "1"), None, 1)]
+)
 def test_seed_reaches_export_calibrate(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, argv: tuple[str, ...], expected: int | None
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, argv: tuple[str, ...], expected: int | None, threads: int | None
 ) -> None:
     seen: dict[str, Any] = {}
 
@@ -50,6 +53,7 @@ def test_seed_reaches_export_calibrate(
     with pytest.raises(_Stop):
         calibration.run(args)
     assert seen.get("seed") == expected  # absent: export calibrate's default seed
+    assert seen.get("threads") == threads  # absent: export calibrate's default threads
     assert seen["out"] == calibration.calibrated_dir(args, "training", "ihc")
 
 
@@ -130,3 +134,72 @@ def test_split_names_what_each_recording_showed(tmp_path: Path) -> None:
     assert calibration.calibrated_dir(args, "training", "ihc") != calibration.calibrated_dir(
         _args("--content-split", "none"), "training", "ihc"
     )
+
+
+class _Estimate:
+    def __init__(self, defocus_um: float) -> None:
+        self.defocus_um = defocus_um
+        self.sign_uncertain = False
+
+
+class _FakeRecording:
+    """Three tissue fields, 41 planes 0.5 µm apart around the paraxial focus ``truth``; a plane is (field, k)."""
+
+    def __init__(self) -> None:
+        import numpy as np
+
+        self.truth_focus_z_um = np.asarray([0.0, 1.0, -0.5])
+        self.z_um = self.truth_focus_z_um[:, None] + np.arange(-10.0, 10.01, 0.5)[None, :]
+
+    def plane(self, f: int, k: int) -> tuple[int, int]:
+        return f, k
+
+
+def test_model_scored_against_paraxial_and_in_focus_plane(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Each field's in-focus plane (its stack's Brenner peak) 1.2 µm above the paraxial focus, the third field's
+    stack without a peak; the model reads exactly the distance to the in-focus plane. Against that plane: no
+    error, every sign right, the peakless field left out; against the paraxial focus: 1.2 µm everywhere and the
+    planes at +1.0 µm (between the two foci) read with the wrong sign. Each plane is estimated once."""
+    import numpy as np
+
+    import bench.autofocus
+    import runtime.devices.recording
+    import runtime.ml.tasks
+
+    rec = _FakeRecording()
+    peaks = rec.truth_focus_z_um + np.asarray([1.2, 1.2, np.nan])
+    calls: list[tuple[int, int]] = []
+
+    class Model:
+        def estimate(self, plane: tuple[int, int]) -> _Estimate:
+            calls.append(plane)
+            f, k = plane
+            return _Estimate(float(rec.z_um[f, k] - rec.truth_focus_z_um[f] - 1.2))
+
+    monkeypatch.setattr(bench.autofocus, "_tissue_fields", lambda r: np.ones(3, bool))
+    monkeypatch.setattr(calibration, "_sharpness_peaks", lambda path: peaks)
+    monkeypatch.setattr(calibration, "_resolutions", lambda paths, model_dir: {"within_half_dof": 1.0})
+    monkeypatch.setattr(runtime.devices.recording.Recording, "open", staticmethod(lambda path: rec))
+    monkeypatch.setattr(runtime.ml.tasks, "load_models", lambda *a: (Model(), None, None))
+
+    scored = calibration.score_model(tmp_path / "rec.zarr", tmp_path / "model")
+    para, in_focus = scored["model_alone"], scored["model_alone_in_focus_plane"]
+    assert scored["scan_path"] == {"within_half_dof": 1.0}
+    assert in_focus["fields"] == 2 and in_focus["planes"] == 2 * 32  # |z - peak| <= 8 (z -6.5 .. +9) on two fields
+    assert in_focus["mae_um"] == pytest.approx(0.0, abs=1e-9)
+    assert in_focus["sign_accuracy_abs_ge_1um"] == 1.0 and in_focus["near_focus_q95_um"] == pytest.approx(0.0, abs=1e-9)
+    assert para["fields"] == 3 and para["planes"] == 3 * 33
+    assert para["mae_um"] == pytest.approx(1.2) and para["near_focus_q95_um"] == pytest.approx(1.2)
+    assert para["sign_wrong_planes"] == 3  # z = +1.0 from paraxial: 0.2 µm below the in-focus plane, read < 0
+    assert para["sign_accuracy_abs_ge_1um"] == pytest.approx(1 - 3 / (3 * 30))  # 30 planes per field at |z| >= 1
+    # The union of both references' planes, each estimated once: z -8 .. +9 on two fields, -8 .. +8 on one.
+    assert len(calls) == len(set(calls)) == 2 * 35 + 33
+    # The old figures are unchanged: bench autofocus's paraxial sign_confidence reads the same.
+    assert bench.autofocus.sign_confidence([rec], Model()) == para
+
+    offsets = calibration.reference_offsets(rec, tmp_path / "rec.zarr")
+    assert offsets["fields"] == 2 and offsets["mean_um"] == pytest.approx(1.2)
+    labels = [{"field": f, "focus_z_um": float(peaks[f]) if f < 2 else 0.0} for f in range(3)]
+    assert calibration.label_errors(labels, rec)["mean_um"] == pytest.approx((1.2 + 1.2 + 0.5) / 3)
+    to_plane = calibration.label_errors(labels, rec, peaks)
+    assert to_plane["fields"] == 2 and to_plane["max_abs_um"] == pytest.approx(0.0, abs=1e-9)
