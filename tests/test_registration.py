@@ -246,3 +246,34 @@ def test_a_wrong_near_start_falls_back_on_the_full_search(scope: Scope, monkeypa
     assert not m.accepted and m.reason == "blank"
     with pytest.raises(ValueError):
         RegistrationParams(near_px=0.0)
+
+
+def test_a_first_pair_within_half_the_search_takes_the_quick_search(
+    scope: Scope, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A match within half the search range (one stage move's error) is found by the quarter-resolution
+    search of the narrower windows, without the full search, and measured as the full search does (to the
+    few thousandths a different start leaves in the subpixel step); one farther off falls back on the full
+    search and is measured exactly as by it. (The overlaps here are 45-55 px: the 26 px of these 256 px
+    tiles' nominal overlap are too thin for the quarter-resolution step, which then falls back too.)"""
+    params = RegistrationParams(search_px=80)
+    full_only = RegistrationParams(search_px=80, quick_share=1.0)  # the whole range at once: no quick search
+    inside = [(2.3, STEP - 24.6), (STEP - 27.1, -3.4), (-5.2, STEP - 19.8)]
+    beyond = [(3.2, STEP - 50.4), (STEP - 47.7, -1.9)]
+    for k, shift in enumerate(inside + beyond):
+        a, b = _pair(scope, 600.0, 650.0, shift, seed=20 + k)
+        nominal = (STEP if shift[0] > STEP / 2 else 0.0, STEP if shift[1] > STEP / 2 else 0.0)
+        full = register_pair(a, b, nominal, full_only)
+        calls = _counting(monkeypatch)
+        m = register_pair(a, b, nominal, params)
+        monkeypatch.undo()
+        assert full.accepted and m.accepted, (shift, m, full)
+        assert abs(m.shift[0] - shift[0]) < 0.02 and abs(m.shift[1] - shift[1]) < 0.02, (shift, m)
+        if shift in inside:  # |deviation| <= 27 px: inside the quick search's +-40 px less its 4 px margin
+            assert calls == {"_coarse": 0, "texture": 2}, (shift, calls)
+            assert abs(m.shift[0] - full.shift[0]) < 0.005 and abs(m.shift[1] - full.shift[1]) < 0.005, (m, full)
+        else:  # ~50 px off: beyond it
+            assert calls == {"_coarse": 1, "texture": 2}, (shift, calls)
+            assert m == full
+    with pytest.raises(ValueError):
+        RegistrationParams(quick_share=0.0)
