@@ -203,6 +203,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     lh.add_argument(
         "--antialias", action="store_true", help="anti-aliased pools (max at stride 1, then a [1 2 1] blur at stride 2)"
     )
+    lh.add_argument(
+        "--ring-weight",
+        type=float,
+        default=0.0,
+        help="extra loss weight on the truth's inner ring (--ring-um) in small-lesion windows (the nests' stroma)",
+    )
+    lh.add_argument("--ring-um", type=int, default=12, help="width of that ring inside the truth's edge (um)")
+    lh.add_argument(
+        "--truth-1um",
+        action="store_true",
+        help="targets from the cache's 1 um truth (exact at every phase), not its 4 um cells",
+    )
+    lh.add_argument(
+        "--ring-outer", action="store_true", help="weight the band as wide outside the truth's edge too (no bias)"
+    )
     a = sub.add_parser("all", help="train both models and export them into runtime/ml/builtin/")
     a.add_argument("--data", type=Path, default=DEFAULT_DATA)
     a.add_argument("--seed", type=int, default=0)
@@ -331,6 +346,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             shift=args.shift,
             crop=args.crop,
             antialias=args.antialias,
+            ring_weight=args.ring_weight,
+            ring_um=args.ring_um,
+            ring_outer=args.ring_outer,
+            truth_1um=args.truth_1um,
         )
         print(json.dumps(r["heldout_metrics"], indent=2))
         print(f"wrote {args.out}/model.onnx + model.json")

@@ -8,12 +8,14 @@ found (:mod:`runtime.analysis.lesion_head`), so it changes outlines, never detec
 
 Data: bench-style slides (:func:`bench.analysis.render_slide`, ``held_out=False``) of training-range
 seeds only (below the held-out 900000+: refused otherwise), two thirds "small-lesion" slides; windows
-around each true lesion, each benign mimic and two random tissue spots, with the truth rasterised to
-4 µm. Development windows (other training-range seeds, default 300000+) give the metrics in
-``model.json``; held-out slides are scored only by ``python -m bench analysis``.
+around each true lesion, each benign mimic and two random tissue spots, with the truth rasterised at
+1 µm (kept as is and per 4 µm cell). Development windows (other training-range seeds, default 300000+)
+give the metrics in ``model.json``; held-out slides are scored only by ``python -m bench analysis``.
 
-Rendered windows are cached as ``<cache>/<seed>.pkl`` (a list of ``{"img", "t4"}``), so a re-run with
-other training settings does not render again.
+Rendered windows are cached as ``<cache>/<seed>.pkl`` (``{"format": CACHE_FORMAT, "windows": [...]}``,
+each window ``{"img", "t4", "t1"}``: the image, the truth per 4 µm cell and the 1 µm truth mask), so a re-run
+with other training settings does not render again. A cache of an older format (format 1: a bare list of
+windows with the 4 µm truth only) is refused with a message saying to re-render it.
 
 Content beyond the simulator's look (``--other-content``, ``--colour-jitter``): the first head saw
 simulated H&E only and called 72-100% of the 4 µm cells of scikit-image's photographs (IHC, textures)
@@ -47,6 +49,8 @@ CROP = 96  # training crop (px)
 SLIDE_UM = 1500.0
 HELD_OUT_FROM = HELD_OUT_SEEDS.start  # 900000
 DEV_CONTENT_SEED = 7_100_000  # the development draws of other content (training draws use seed + 1)
+CACHE_FORMAT = 2  # 2: windows carry the 1 µm truth ``t1`` (1: ``t4`` only, a bare list; refused)
+SMALL_UM2 = 10000.0  # a window with less truth than this is a "small lesion" one (window_metrics' split)
 
 
 class BlurPool(nn.Module):
@@ -113,7 +117,8 @@ def check_training_seed(seed: int) -> None:
 
 def slide_windows(seed: int, index: int) -> list[dict[str, Any]]:
     """Windows (1 µm px) around the true lesions, mimics and 2 random tissue spots of one rendered
-    training-range slide, with the truth as a per-4 µm tumour fraction ``t4``."""
+    training-range slide, with the truth as a per-4 µm tumour fraction ``t4`` and as the 1 µm mask ``t1``
+    (uint8 0/1, rasterised at 1/4 px precision; ``t4`` is its mean over each 4 µm cell)."""
     from bench.analysis import render_slide
 
     check_training_seed(seed)
@@ -147,17 +152,29 @@ def slide_windows(seed: int, index: int) -> list[dict[str, Any]]:
             for c in polys:
                 cv2.fillPoly(m, [np.round((c - [x0, y0]) * 4).astype(np.int32)], 1, shift=2)
         t4 = m.reshape(m.shape[0] // CELL, CELL, m.shape[1] // CELL, CELL).mean(axis=(1, 3)).astype(np.float32)
-        out.append({"img": l1[y0:y1, x0:x1].copy(), "t4": t4})
+        out.append({"img": l1[y0:y1, x0:x1].copy(), "t4": t4, "t1": m})
     return out
 
 
-def shifted_crop(img: np.ndarray, t4: np.ndarray, y: int, x: int, crop: int = CROP) -> tuple[np.ndarray, np.ndarray]:
-    """The ``crop`` px crop of ``img`` at any 1 µm offset ``(y, x)`` and its per-4 µm-cell truth: each
-    cell of the crop overlaps up to 2 x 2 cells of ``t4``, weighted by the overlap's area (exact where
-    the truth is uniform within ``t4``'s cells; at phase 0 it is ``t4``'s own cells). The head is
+def cell_mean(a: np.ndarray) -> np.ndarray:
+    """The mean of a 1 µm map (sides multiples of ``CELL``) over each 4 µm cell, float32."""
+    h, w = a.shape[0] // CELL, a.shape[1] // CELL
+    return a.reshape(h, CELL, w, CELL).mean(axis=(1, 3), dtype=np.float32)
+
+
+def shifted_crop(
+    img: np.ndarray, t4: np.ndarray, y: int, x: int, crop: int = CROP, t1: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """The ``crop`` px crop of ``img`` at any 1 µm offset ``(y, x)`` and its per-4 µm-cell truth. With the
+    1 µm truth ``t1`` it is exact: ``t1``'s mean over each cell of the crop. Without it, each cell of the
+    crop overlaps up to 2 x 2 cells of ``t4``, weighted by the overlap's area (exact only where the truth
+    is uniform within ``t4``'s cells: an edge inside a cell is blurred; at phase 0 it is ``t4``'s own
+    cells either way). The head is
     trained on every phase of its 4 µm grid this way, so its output does not depend on where the
     runtime's window falls (phase-0-only crops left it reading ~0 in every other cell column at some
     phases: /work/notes/old29/h13-oracle.md)."""
+    if t1 is not None:
+        return img[y : y + crop, x : x + crop], cell_mean(t1[y : y + crop, x : x + crop])
     n = crop // CELL
     qy, ry = divmod(y, CELL)
     qx, rx = divmod(x, CELL)
@@ -243,15 +260,54 @@ def other_content_cells(net: nn.Module, images: list[np.ndarray]) -> float:
     return calls / max(cells, 1)
 
 
+def stroma_ring(t1: np.ndarray, ring_um: int, outer: bool = False) -> np.ndarray:
+    """The inner ring of a 1 µm truth mask: its pixels within ``ring_um`` µm of the mask's edge (uint8
+    0/1). Around a small lesion's nests this is the desmoplastic stroma the truth polygon includes, which
+    the head under-called (/work/notes/old30/h13-head.md). ``outer``: also the pixels outside the mask
+    within ``ring_um`` of its edge (a band across the edge, weighting both sides alike)."""
+    if ring_um <= 0 or not t1.any():
+        return np.zeros_like(t1, dtype=np.uint8)
+    k = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * ring_um + 1, 2 * ring_um + 1))
+    m = (t1 > 0).astype(np.uint8)
+    inner = cv2.erode(m, k, borderType=cv2.BORDER_REPLICATE)  # the window's border is not the lesion's edge
+    if outer:
+        return cv2.dilate(m, k, borderType=cv2.BORDER_REPLICATE) & (1 - inner)
+    return m & (1 - inner)
+
+
+def crop_target(
+    w: dict[str, Any], ring: np.ndarray | None, y: int, x: int, crop: int, truth_1um: bool, ring_weight: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A training window's crop at ``(y, x)``, its per-cell target (:func:`shifted_crop`, from the 1 µm
+    truth with ``truth_1um``) and its per-cell loss weight: 1, plus ``ring_weight`` x the cell's share of
+    ``ring`` (:func:`stroma_ring`) where the window has one."""
+    im, t = shifted_crop(w["img"], w["t4"], y, x, crop, w["t1"] if truth_1um else None)
+    if ring is None:
+        return im, t, np.ones_like(t)
+    return im, t, 1 + ring_weight * cell_mean(ring[y : y + crop, x : x + crop])
+
+
+def read_cache(f: Path) -> list[dict[str, Any]]:
+    """A cached slide's windows; ValueError for a file of another cache format (it says how to re-render)."""
+    d = pickle.loads(f.read_bytes())
+    if not isinstance(d, dict) or d.get("format") != CACHE_FORMAT:
+        got = d.get("format") if isinstance(d, dict) else 1
+        raise ValueError(
+            f"{f} is lesion-head window cache format {got}, this export needs format {CACHE_FORMAT} "
+            "(windows with the 1 µm truth t1): delete the cache's *.pkl or pass another --cache to re-render it"
+        )
+    wins: list[dict[str, Any]] = d["windows"]
+    return wins
+
+
 def _cached_windows(job: tuple[int, int, str]) -> list[dict[str, Any]]:
     seed, index, cache = job
     f = Path(cache) / f"{seed}.pkl"
     if f.exists():
-        wins: list[dict[str, Any]] = pickle.loads(f.read_bytes())
-        return wins
+        return read_cache(f)
     wins = slide_windows(seed, index)
     f.parent.mkdir(parents=True, exist_ok=True)
-    f.write_bytes(pickle.dumps(wins))
+    f.write_bytes(pickle.dumps({"format": CACHE_FORMAT, "windows": wins}))
     return wins
 
 
@@ -271,7 +327,7 @@ def windows(first_seed: int, n: int, cache: Path, workers: int) -> list[dict[str
 
 def window_metrics(net: nn.Module, wins: list[dict[str, Any]]) -> dict[str, Any]:
     """Per-window area error of the head (cells >= 0.5) against the truth, split by truth size
-    (below / from 10,000 µm²), and the area it gives windows without truth (µm²)."""
+    (below / from ``SMALL_UM2`` = 10,000 µm²), and the area it gives windows without truth (µm²)."""
     net.eval()
     small: list[float] = []
     large: list[float] = []
@@ -284,7 +340,7 @@ def window_metrics(net: nn.Module, wins: list[dict[str, Any]]) -> dict[str, Any]
             if truth < 500:
                 fp += area if truth == 0 else 0.0
                 continue
-            (small if truth < 10000 else large).append(abs(area - truth) / truth)
+            (small if truth < SMALL_UM2 else large).append(abs(area - truth) / truth)
 
     def stats(e: list[float]) -> dict[str, Any]:
         return {"n": len(e), "mean": float(np.mean(e)) if e else None, "median": float(np.median(e)) if e else None}
@@ -317,6 +373,10 @@ def train_lesion_head(
     shift: bool = False,
     crop: int = CROP,
     antialias: bool = False,
+    ring_weight: float = 0.0,
+    ring_um: int = 12,
+    ring_outer: bool = False,
+    truth_1um: bool = False,
 ) -> dict[str, Any]:
     """Render (or read cached) windows, train for ``budget_s`` CPU-seconds of wall time (batches of
     16 random 96 px crops, rotations and flips), score on the development windows, and export
@@ -327,7 +387,11 @@ def train_lesion_head(
     :mod:`export.content_mix` (target all zero). ``colour_jitter``: the strength of
     :func:`jitter_colour` on the simulated windows' crops (0: none). ``shift``: crops at every 1 µm
     offset (:func:`shifted_crop`), not only on the 4 µm output grid. ``crop``: the training crop's side
-    (px, a multiple of 4). ``antialias``: the head's pools are :class:`BlurPool`."""
+    (px, a multiple of 4). ``antialias``: the head's pools are :class:`BlurPool`. ``ring_weight``: the
+    loss of a 4 µm cell of a small-lesion window (truth under ``SMALL_UM2``) is weighted
+    ``1 + ring_weight x`` its share of :func:`stroma_ring` (``ring_um`` µm inside the truth's edge;
+    ``ring_outer``: and outside it). ``truth_1um``: the crops' targets come from the cache's 1 µm truth
+    (exact at every phase), not from its 4 µm cells (:func:`shifted_crop`)."""
     from export.content_mix import describe
     from export.onnx_export import export_model
 
@@ -335,6 +399,8 @@ def train_lesion_head(
         raise ValueError("training and development seeds overlap")
     if crop % CELL or crop < CELL:
         raise ValueError(f"crop must be a positive multiple of {CELL} px, got {crop}")
+    if ring_weight < 0 or ring_um < 1:
+        raise ValueError(f"ring weight must be >= 0 and ring width >= 1 um, got {ring_weight:g}, {ring_um}")
     t0 = time.time()
     tr = windows(train_first, train_slides, cache, workers)
     dev = windows(dev_first, dev_slides, cache, workers)
@@ -356,35 +422,47 @@ def train_lesion_head(
     opt = torch.optim.Adam(net.parameters(), lr)
     bce = nn.BCELoss()
     tr = [w for w in tr if min(w["img"].shape[:2]) >= crop]
+    rings = [
+        stroma_ring(w["t1"], ring_um, ring_outer) if ring_weight and float(w["t1"].sum()) < SMALL_UM2 else None
+        for w in tr
+    ]
+    ring_windows = sum(r is not None and bool(r.any()) for r in rings)
     steps = 0
     t1 = time.time()
     net.train()
     while time.time() - t1 < budget_s:
-        xs, ys = [], []
+        xs, ys, ws = [], [], []
         for _ in range(16):
+            wt = np.ones((crop // CELL, crop // CELL), np.float32)
             if other and rng.random() < other_content:
                 o = other[int(rng.integers(len(other)))]
                 y = int(rng.integers(0, o.shape[0] - crop + 1))
                 x = int(rng.integers(0, o.shape[1] - crop + 1))
                 im, t = o[y : y + crop, x : x + crop], np.zeros((crop // CELL, crop // CELL), np.float32)
             else:
-                w = tr[int(rng.integers(len(tr)))]
+                i = int(rng.integers(len(tr)))
+                w = tr[i]
                 h, wd = w["img"].shape[:2]
                 if shift:  # any 1 µm offset
                     y, x = int(rng.integers(0, h - crop + 1)), int(rng.integers(0, wd - crop + 1))
                 else:  # on the 4 µm output grid (shifted_crop returns t4's own cells there)
                     y = int(rng.integers(0, (h - crop) // CELL + 1)) * CELL
                     x = int(rng.integers(0, (wd - crop) // CELL + 1)) * CELL
-                im, t = shifted_crop(w["img"], w["t4"], y, x, crop)
+                im, t, wt = crop_target(w, rings[i], y, x, crop, truth_1um, ring_weight)
                 if colour_jitter:
                     im = jitter_colour(im, rng, colour_jitter)
             k = int(rng.integers(4))
-            im, t = np.rot90(im, k), np.rot90(t, k)
+            im, t, wt = np.rot90(im, k), np.rot90(t, k), np.rot90(wt, k)
             if rng.random() < 0.5:
-                im, t = im[:, ::-1], t[:, ::-1]
+                im, t, wt = im[:, ::-1], t[:, ::-1], wt[:, ::-1]
             xs.append(to_input(np.ascontiguousarray(im)))
             ys.append(np.ascontiguousarray(t)[None])
-        loss = bce(net(torch.from_numpy(np.stack(xs)))[0], torch.from_numpy(np.stack(ys)))
+            ws.append(np.ascontiguousarray(wt)[None])
+        pred, target = net(torch.from_numpy(np.stack(xs)))[0], torch.from_numpy(np.stack(ys))
+        if ring_weight:
+            loss = nn.functional.binary_cross_entropy(pred, target, weight=torch.from_numpy(np.stack(ws)))
+        else:
+            loss = bce(pred, target)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -426,6 +504,10 @@ def train_lesion_head(
         "colour_jitter": colour_jitter,
         "shift": shift,
         "antialias": antialias,
+        "cache_format": CACHE_FORMAT,
+        "targets": "the 1 µm truth's mean over each 4 µm cell of the crop (exact at every phase)"
+        if truth_1um
+        else "the 4 µm truth's cells, overlap-weighted at phases other than 0 (shifted_crop)",
         "command": f"python -m export train-lesion-head --budget-s {budget_s:g} --train-first {train_first} "
         f"--train-slides {train_slides} --dev-first {dev_first} --dev-slides {dev_slides} --seed {seed} --lr {lr:g}"
         + (f" --init {init}" if init else "")
@@ -437,8 +519,18 @@ def train_lesion_head(
         + (f" --colour-jitter {colour_jitter:g}" if colour_jitter else "")
         + (" --shift" if shift else "")
         + (f" --crop {crop}" if crop != CROP else "")
-        + (" --antialias" if antialias else ""),
+        + (" --antialias" if antialias else "")
+        + (" --truth-1um" if truth_1um else "")
+        + (f" --ring-weight {ring_weight:g} --ring-um {ring_um}" if ring_weight else "")
+        + (" --ring-outer" if ring_weight and ring_outer else ""),
     }
+    if ring_weight:
+        training["ring"] = (
+            f"loss weight 1 + {ring_weight:g} x the cell's share of the truth within {ring_um} um inside its edge"
+            + (" and of the band as wide outside it" if ring_outer else "")
+            + ", "
+            f"in windows with under {SMALL_UM2:g} um2 of truth ({ring_windows} training windows)"
+        )
     if init is not None:
         training["init"] = str(init)
     extra: dict[str, Any] = {}

@@ -179,6 +179,79 @@ def test_shifted_crop_reads_the_truth_at_every_phase_of_the_grid() -> None:
         assert t.shape == (n, n) and np.abs(t - exact).max() < 1e-6, (y, x)
 
 
+def test_shifted_crop_with_the_1um_truth_is_exact_where_edges_cut_the_cells() -> None:
+    """With the cache's 1 µm truth ``t1`` the target is exact at every phase, also where the truth's edges
+    fall inside the 4 µm cells (the ``t4``-only overlap weighting blurs those: the test checks it does)."""
+    from export.train_lesion_head import CELL, CROP, cell_mean, shifted_crop
+
+    n = CROP // CELL
+    t1 = np.zeros((160, 200), np.uint8)
+    t1[37:119, 53:141] = 1  # edges inside the cells
+    yy, xx = np.mgrid[:160, :200]
+    t1[(yy - 30) ** 2 + (xx - 170) ** 2 < 13**2] = 1
+    t4 = cell_mean(t1)
+    img = np.random.default_rng(0).integers(0, 256, (160, 200, 3), dtype=np.uint8)
+    blurred = 0.0
+    for y, x in [(0, 0), (1, 2), (3, 3), (30, 50), (63, 101), (64, 104)]:
+        im, t = shifted_crop(img, t4, y, x, t1=t1)
+        exact = t1[y : y + CROP, x : x + CROP].reshape(n, CELL, n, CELL).mean(axis=(1, 3))
+        assert np.array_equal(im, img[y : y + CROP, x : x + CROP])
+        assert t.shape == (n, n) and t.dtype == np.float32 and np.abs(t - exact).max() < 1e-6, (y, x)
+        blurred = max(blurred, float(np.abs(shifted_crop(img, t4, y, x)[1] - exact).max()))
+    assert blurred > 0.1
+
+
+def test_window_cache_holds_the_1um_truth_and_refuses_an_old_format(tmp_path: Path) -> None:
+    """The cache stores format 2 (windows with ``t1``, whose cell means are ``t4``); a format-1 file (a bare
+    list of 4 µm-truth windows) is refused with a message that says how to re-render."""
+    import pickle
+
+    from export.train_lesion_head import CACHE_FORMAT, cell_mean, read_cache, windows
+
+    wins = windows(320001, 1, tmp_path, 1)  # one ordinary tumour slide (bench index 0)
+    d = pickle.loads((tmp_path / "320001.pkl").read_bytes())
+    assert d["format"] == CACHE_FORMAT == 2 and len(d["windows"]) == len(wins) > 0
+    assert any(w["t1"].any() for w in wins)
+    for w in wins:
+        assert w["t1"].dtype == np.uint8 and w["t1"].shape == w["img"].shape[:2] and set(np.unique(w["t1"])) <= {0, 1}
+        assert np.array_equal(cell_mean(w["t1"]), w["t4"])
+    assert len(windows(320001, 1, tmp_path, 1)) == len(wins)  # read back, not rendered again
+    old = tmp_path / "320002.pkl"
+    old.write_bytes(pickle.dumps([{"img": wins[0]["img"], "t4": wins[0]["t4"]}]))
+    with pytest.raises(ValueError, match=r"format 1, this export needs format 2.*re-render"):
+        read_cache(old)
+    with pytest.raises(ValueError, match=r"320002\.pkl is lesion-head window cache format 1"):
+        windows(320001, 2, tmp_path, 1)
+
+
+def test_stroma_ring_is_the_truths_inner_edge_only() -> None:
+    """``--ring-weight``'s ring: the truth's pixels within ``ring_um`` of its edge, none outside the truth,
+    none deep inside it, and the window's border is not an edge."""
+    from export.train_lesion_head import cell_mean, crop_target, stroma_ring
+
+    yy, xx = np.mgrid[:200, :200]
+    d = np.hypot(yy - 100.0, xx - 100.0)
+    t1 = (d < 60).astype(np.uint8)
+    r = stroma_ring(t1, 12)
+    assert r.dtype == np.uint8 and not (r & (1 - t1)).any()
+    assert r[d < 46].sum() == 0 and r[(d > 49) & (d < 59)].all()
+    band = stroma_ring(t1, 12, outer=True)  # --ring-outer: across the edge, both sides
+    assert np.array_equal(band & t1, r) and band[(d > 61) & (d < 71)].all() and band[d > 74].sum() == 0
+    img = np.zeros((200, 200, 3), np.uint8)
+    w = {"img": img, "t1": t1, "t4": cell_mean(t1)}
+    _, t, wt = crop_target(w, r, 4, 4, 96, True, 2.0)
+    exact = cell_mean(t1[4:100, 4:100])
+    assert np.array_equal(t, exact) and wt.dtype == np.float32 and wt.shape == t.shape
+    assert wt.max() == 3.0 and np.all(wt[t == 0] == 1.0) and np.all(wt >= 1.0)
+    assert np.allclose(wt, 1 + 2 * cell_mean(r[4:100, 4:100]))
+    assert wt[-1, -1] == 1.0 and t[-1, -1] == 1.0  # deep inside: truth, no extra weight
+    _, t4_target, ones = crop_target(w, None, 5, 6, 96, False, 2.0)  # no ring; the 4 µm cells' target
+    assert np.all(ones == 1.0) and np.abs(t4_target - cell_mean(t1[5:101, 6:102])).max() > 0.05
+    full = np.ones((100, 100), np.uint8)
+    assert stroma_ring(full, 12).sum() == 0
+    assert stroma_ring(np.zeros_like(full), 12).sum() == 0
+
+
 def test_training_content_and_init_from_the_committed_folder() -> None:
     """``--init`` reads the committed folder's ONNX weights into the torch head (same outputs as ONNX
     Runtime); the other-content negatives are crops-sized images none of the held-out files; the colour
