@@ -76,7 +76,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--contrast-jitter",
         type=float,
         default=None,
-        help="export calibrate --contrast-jitter (default: export calibrate's, 0)",
+        help="export calibrate --contrast-jitter (default: export calibrate's, 0.1)",
     )
     p.add_argument(
         "--near-weight",
@@ -89,7 +89,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         type=int,
         default=None,
         choices=(1, 2, 4, 8),
-        help="export calibrate --tta (default: export calibrate's, 1)",
+        help="export calibrate --tta (default: export calibrate's, 4)",
     )
     p.add_argument(
         "--single-pass",

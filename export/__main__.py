@@ -122,7 +122,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--contrast-jitter",
         type=float,
         default=None,
-        help="log-normal sigma of a per-crop gain on the contrast channels (full fine-tune; default 0: off; "
+        help="log-normal sigma of a per-crop gain on the contrast channels (full fine-tune; default 0.1; 0: off; "
         "0.2 measured: real tissue better, gravel worse)",
     )
     c.add_argument(
@@ -130,7 +130,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         type=int,
         default=None,
         choices=(1, 2, 4, 8),
-        help="exported graph averages the outputs over this many flips/turns of each crop (default 1: none)",
+        help="exported graph averages the outputs over this many flips/turns of each crop (default 4; 1: none)",
     )
     c.add_argument(
         "--single-pass",

@@ -174,7 +174,7 @@ def test_tiny_calibration_loads_and_runs_in_the_daemon(
     assert meta["parity"]["max_abs_diff"]["defocus_um"] <= meta["parity"]["atol"]
     assert meta["preprocess"] == init.meta["preprocess"]
     assert meta["training"]["commands"][0].startswith("python -m export calibrate ")
-    assert cal["method"]["contrast_jitter"] == 0.0  # an option, off by default
+    assert cal["method"]["contrast_jitter"] == 0.1 and cal["method"]["tta"] == 4  # the defaults since stop 31
 
     from tests.test_daemon import _wait_idle, live_daemon
 
@@ -331,19 +331,23 @@ def test_contrast_jitter_scales_each_crops_contrast_channels_by_one_gain() -> No
 
 
 def test_contrast_jitter_changes_the_fine_tune_and_is_recorded(recording: Path, tmp_path: Path) -> None:
-    """``contrast_jitter`` 0.2 (``--contrast-jitter``, an option) trains a different model from the default
-    (0: no jitter) on the same crops and steps, and model.json's method records which."""
+    """``contrast_jitter`` 0.2 (``--contrast-jitter``) and 0 (off) train different models from the default (0.1)
+    on the same crops and steps, and model.json's method records which."""
     pytest.importorskip("torch")
     from export.calibrate import CONTRAST_JITTER, calibrate
 
     init, tiny = MODELS_DIR / "autofocus", {"epochs": 1, "crops": 2, "holdout": 0.0}
     default = calibrate([recording], init, tmp_path / "af-default", **tiny)
     jitter = calibrate([recording], init, tmp_path / "af-jitter", contrast_jitter=CONTRAST_JITTER, **tiny)
-    assert default["method"]["contrast_jitter"] == 0.0 and "contrast" not in default["method"]["augment"]
+    off = calibrate([recording], init, tmp_path / "af-off", contrast_jitter=0.0, **tiny)
+    assert default["method"]["contrast_jitter"] == 0.1 and "contrast" in default["method"]["augment"]
     assert jitter["method"]["contrast_jitter"] == 0.2 and "contrast" in jitter["method"]["augment"]
+    assert off["method"]["contrast_jitter"] == 0.0 and "contrast" not in off["method"]["augment"]
     assert default["output_line"] == jitter["output_line"]  # same init, fields and crops: only the fine-tune differs
     w_default, w_jitter = _onnx_weights(tmp_path / "af-default"), _onnx_weights(tmp_path / "af-jitter")
+    w_off = _onnx_weights(tmp_path / "af-off")
     assert any(not np.array_equal(w, w_default[name]) for name, w in w_jitter.items())
+    assert any(not np.array_equal(w, w_default[name]) for name, w in w_off.items())
     meta = load_model_folder(tmp_path / "af-jitter", "autofocus").meta
     assert meta["calibration"]["method"]["contrast_jitter"] == 0.2
 
@@ -401,8 +405,8 @@ def test_dihedral_mean_averages_every_output_over_its_transforms() -> None:
 
 
 def test_tta_exports_the_same_weights_in_a_graph_that_averages_the_transforms(recording: Path, tmp_path: Path) -> None:
-    """``tta`` 4 trains exactly what the default trains (same ONNX weights) and exports a graph whose outputs
-    are the default graph's averaged over the four quarter turns of each crop; model.json records it, and
+    """``tta`` 4 (the default) trains exactly what ``tta`` 1 trains (same ONNX weights) and exports a graph whose
+    outputs are the plain graph's averaged over the four quarter turns of each crop; model.json records it, and
     the folder recalibrates (its recovered weights reproduce it through the same averaging)."""
     pytest.importorskip("torch")
     import onnxruntime as ort
@@ -411,8 +415,8 @@ def test_tta_exports_the_same_weights_in_a_graph_that_averages_the_transforms(re
     from runtime.ml.tasks import dihedral
 
     init, tiny = MODELS_DIR / "autofocus", {"epochs": 1, "crops": 2, "holdout": 0.0}
-    default = calibrate([recording], init, tmp_path / "af-default", **tiny)
-    tta = calibrate([recording], init, tmp_path / "af-tta", tta=4, **tiny)
+    default = calibrate([recording], init, tmp_path / "af-default", tta=1, **tiny)
+    tta = calibrate([recording], init, tmp_path / "af-tta", **tiny)
     assert default["method"]["tta"] == 1 and tta["method"]["tta"] == 4
     assert tta["method"]["tta_transforms"] == list(TTA_TRANSFORMS[4])
     folder = load_model_folder(tmp_path / "af-tta", "autofocus")
@@ -431,7 +435,7 @@ def test_tta_exports_the_same_weights_in_a_graph_that_averages_the_transforms(re
     for i, out in enumerate(got):
         np.testing.assert_allclose(out, np.mean([p[i] for p in per], axis=0), atol=1e-4)
     assert not np.allclose(got[0], plain.run(names, {folder.input_name: x})[0], atol=1e-3)
-    again = calibrate([recording], tmp_path / "af-tta", tmp_path / "af-again", **tiny)  # recovery check passes
+    again = calibrate([recording], tmp_path / "af-tta", tmp_path / "af-again", tta=1, **tiny)  # recovery check passes
     assert again["method"]["tta"] == 1 and max(again["init_model"]["recovery_max_abs_diff"].values()) <= 1e-3
 
 
