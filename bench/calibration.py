@@ -216,16 +216,17 @@ REFERENCES = {
 """The two references "in focus" the bench scores on (module docstring), by the names the JSON uses."""
 
 
-def focus_references(rec: Any, path: Path) -> dict[str, list[Any]]:
-    """Per reference (:data:`REFERENCES`), each field's in-focus z of the recording ``rec`` at ``path``
-    (NaN: the field's stack has no sharpness peak), in the form :func:`model_alone_by_reference` takes."""
-    return {"paraxial": [rec.truth_focus_z_um], "in_focus_plane": [_sharpness_peaks(path)]}
+def focus_references(rec: Any, peaks: Any) -> dict[str, list[Any]]:
+    """Per reference (:data:`REFERENCES`), each field's in-focus z of the recording ``rec`` whose fields' in-focus
+    planes are ``peaks`` (``_sharpness_peaks`` of its path; NaN: the field's stack has no sharpness peak), in the
+    form :func:`model_alone_by_reference` takes."""
+    return {"paraxial": [rec.truth_focus_z_um], "in_focus_plane": [peaks]}
 
 
-def reference_offsets(rec: Any, path: Path, fields: Any = None) -> dict[str, Any]:
-    """The in-focus plane minus the paraxial focus over a recording's fields (``fields``: a boolean mask,
-    default every field): how far apart the two references are."""
-    d = np.asarray(_sharpness_peaks(path)) - np.asarray(rec.truth_focus_z_um)
+def reference_offsets(rec: Any, peaks: Any, fields: Any = None) -> dict[str, Any]:
+    """The in-focus plane (``peaks``, per field) minus the paraxial focus over a recording's fields (``fields``:
+    a boolean mask, default every field): how far apart the two references are."""
+    d = np.asarray(peaks) - np.asarray(rec.truth_focus_z_um)
     if fields is not None:
         d = d[np.asarray(fields, bool)]
     d = d[np.isfinite(d)]
@@ -234,16 +235,15 @@ def reference_offsets(rec: Any, path: Path, fields: Any = None) -> dict[str, Any
     return {"fields": len(d), "mean_um": float(d.mean()), "min_um": float(d.min()), "max_um": float(d.max())}
 
 
-def score_model(eval_rec: Path, model_dir: Path) -> dict[str, Any]:
-    """One model folder on the scored recording: the model alone against both references (``model_alone``:
-    paraxial, the key before stop 31; ``model_alone_in_focus_plane``) and the scan path (``scan_path``; its
-    ``within_half_dof_of_peak`` and ``mae_to_peak_um`` are against the in-focus plane)."""
-    from runtime.devices.recording import Recording
+def score_model(eval_rec: Path, model_dir: Path, rec: Any, references: dict[str, list[Any]]) -> dict[str, Any]:
+    """One model folder on the scored recording (at ``eval_rec``, opened as ``rec``; ``references``: its
+    :func:`focus_references`, found once for every model scored): the model alone against both references
+    (``model_alone``: paraxial, the key before stop 31; ``model_alone_in_focus_plane``) and the scan path
+    (``scan_path``; its ``within_half_dof_of_peak`` and ``mae_to_peak_um`` are against the in-focus plane)."""
     from runtime.ml.tasks import load_models
 
-    rec = Recording.open(eval_rec)
     af, _, _ = load_models(model_dir, None, "ort_cpu")
-    alone = model_alone_by_reference([rec], af, focus_references(rec, eval_rec))
+    alone = model_alone_by_reference([rec], af, references)
     return {
         "model_alone": alone["paraxial"],
         "model_alone_in_focus_plane": alone["in_focus_plane"],
@@ -340,19 +340,20 @@ def run(args: argparse.Namespace) -> int:
             }
             result["procedure"] = cal["procedure"]["name"]
             result["calibrate_cpu_s"] = cal["seconds"]["cpu"]
+            # Each recording opened and its fields' in-focus planes found once (a pass over every plane).
+            scored, cal_recording = Recording.open(eval_rec), Recording.open(cal_rec)
+            scored_peaks, cal_peaks = _sharpness_peaks(eval_rec), _sharpness_peaks(cal_rec)
+            references = focus_references(scored, scored_peaks)
             for tag, model_dir in (("before", builtin), ("after", out)):
-                result[tag] = score_model(eval_rec, model_dir)
+                result[tag] = score_model(eval_rec, model_dir, scored, references)
             result["references"] = REFERENCES
-            scored = Recording.open(eval_rec)
             result["in_focus_plane_minus_paraxial_um"] = {
-                "scored_tissue_fields": reference_offsets(scored, eval_rec, _tissue_fields(scored)),
-                "calibration_fields": reference_offsets(Recording.open(cal_rec), cal_rec),
+                "scored_tissue_fields": reference_offsets(scored, scored_peaks, _tissue_fields(scored)),
+                "calibration_fields": reference_offsets(cal_recording, cal_peaks),
             }
             result["labelled_fields"] = cal["fields_labelled"]
-            result["label_error_um"] = label_errors(cal["labels"], Recording.open(cal_rec))
-            result["label_minus_in_focus_plane_um"] = label_errors(
-                cal["labels"], Recording.open(cal_rec), _sharpness_peaks(cal_rec)
-            )
+            result["label_error_um"] = label_errors(cal["labels"], cal_recording)
+            result["label_minus_in_focus_plane_um"] = label_errors(cal["labels"], cal_recording, cal_peaks)
             result["skipped"] = cal["fields_skipped"]
             result["calibration_heldout"] = {k: cal[k] for k in ("heldout_metrics_before", "heldout_metrics_after")}
             cells.append(result)

@@ -163,7 +163,6 @@ def test_model_scored_against_paraxial_and_in_focus_plane(monkeypatch: pytest.Mo
     import numpy as np
 
     import bench.autofocus
-    import runtime.devices.recording
     import runtime.ml.tasks
 
     rec = _FakeRecording()
@@ -177,12 +176,11 @@ def test_model_scored_against_paraxial_and_in_focus_plane(monkeypatch: pytest.Mo
             return _Estimate(float(rec.z_um[f, k] - rec.truth_focus_z_um[f] - 1.2))
 
     monkeypatch.setattr(bench.autofocus, "_tissue_fields", lambda r: np.ones(3, bool))
-    monkeypatch.setattr(calibration, "_sharpness_peaks", lambda path: peaks)
     monkeypatch.setattr(calibration, "_resolutions", lambda paths, model_dir: {"within_half_dof": 1.0})
-    monkeypatch.setattr(runtime.devices.recording.Recording, "open", staticmethod(lambda path: rec))
     monkeypatch.setattr(runtime.ml.tasks, "load_models", lambda *a: (Model(), None, None))
 
-    scored = calibration.score_model(tmp_path / "rec.zarr", tmp_path / "model")
+    references = calibration.focus_references(rec, peaks)
+    scored = calibration.score_model(tmp_path / "rec.zarr", tmp_path / "model", rec, references)
     para, in_focus = scored["model_alone"], scored["model_alone_in_focus_plane"]
     assert scored["scan_path"] == {"within_half_dof": 1.0}
     assert in_focus["fields"] == 2 and in_focus["planes"] == 2 * 32  # |z - peak| <= 8 (z -6.5 .. +9) on two fields
@@ -197,7 +195,7 @@ def test_model_scored_against_paraxial_and_in_focus_plane(monkeypatch: pytest.Mo
     # The old figures are unchanged: bench autofocus's paraxial sign_confidence reads the same.
     assert bench.autofocus.sign_confidence([rec], Model()) == para
 
-    offsets = calibration.reference_offsets(rec, tmp_path / "rec.zarr")
+    offsets = calibration.reference_offsets(rec, peaks)
     assert offsets["fields"] == 2 and offsets["mean_um"] == pytest.approx(1.2)
     labels = [{"field": f, "focus_z_um": float(peaks[f]) if f < 2 else 0.0} for f in range(3)]
     assert calibration.label_errors(labels, rec)["mean_um"] == pytest.approx((1.2 + 1.2 + 0.5) / 3)
