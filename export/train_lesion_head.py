@@ -151,8 +151,8 @@ def slide_windows(seed: int, index: int) -> list[dict[str, Any]]:
         for polys in tum:
             for c in polys:
                 cv2.fillPoly(m, [np.round((c - [x0, y0]) * 4).astype(np.int32)], 1, shift=2)
-        t4 = m.reshape(m.shape[0] // CELL, CELL, m.shape[1] // CELL, CELL).mean(axis=(1, 3)).astype(np.float32)
-        out.append({"img": l1[y0:y1, x0:x1].copy(), "t4": t4, "t1": m})
+        # A 0/1 mask's cell means are k / 16: exact in float32, the same as the float64 mean cast down.
+        out.append({"img": l1[y0:y1, x0:x1].copy(), "t4": cell_mean(m), "t1": m})
     return out
 
 
