@@ -57,6 +57,12 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--lesions", type=int, default=0, help="tumour lesions on the slide (hw_sim.lesions)")
     s.add_argument("--mimics", type=int, default=0, help="benign crowded regions that are not tumour (hard negatives)")
     s.add_argument("--force", action="store_true", help="overwrite an existing recording")
+    s.add_argument(
+        "--frames",
+        choices=["zstd", "raw"],
+        default="zstd",
+        help="how frames are stored: zstd (about 0.77 of raw) or raw (replayed without decoding)",
+    )
 
     t = sub.add_parser("truth", help="render the in-focus ground truth of a synthetic recording's area")
     t.add_argument("recording", type=Path)
@@ -72,6 +78,11 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--config", type=Path, default=None, help="runtime TOML config (defaults if omitted)")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
     r.add_argument("--resume", action="store_true", help="continue the interrupted scan in --out (its journal)")
+
+    k = sub.add_parser("repack", help="copy a recording with its frames stored another way (same pixels)")
+    k.add_argument("recording", type=Path)
+    k.add_argument("--out", type=Path, required=True, help="the new recording's folder")
+    k.add_argument("--frames", choices=["zstd", "raw"], required=True)
 
     d = sub.add_parser("demo", help="synthesise a small slide and scan it (the README's main job)")
     d.add_argument("--out", type=Path, default=Path("out/demo"))
@@ -115,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
                 mimics=args.mimics,
                 **objective,  # type: ignore[arg-type]
             )
-            synthesize(args.out, params, overwrite=args.force, progress=True)
+            synthesize(args.out, params, overwrite=args.force, progress=True, compress=args.frames == "zstd")
             print(f"recording: {args.out}")
         elif args.cmd == "truth":
             from hw_sim.truth import write_annotations, write_truth
@@ -137,6 +148,11 @@ def main(argv: list[str] | None = None) -> int:
             run_replay(
                 args.recording, args.out, config_path=args.config, progress=not args.no_progress, resume=args.resume
             )
+        elif args.cmd == "repack":
+            from runtime.devices.recording import repack_frames
+
+            repack_frames(args.recording, args.out, compress=args.frames == "zstd")
+            print(f"recording: {args.out} (frames {args.frames})")
         elif args.cmd == "demo":
             from hw_sim.replay_job import run_demo
 

@@ -183,8 +183,11 @@ def slide_spec(params: SynthParams) -> SlideSpec:
     )
 
 
-def synthesize(out: Path, params: SynthParams, overwrite: bool = False, progress: bool = False) -> Path:
-    """Write a synthetic recording to ``out`` (a folder) and return its path.
+def synthesize(
+    out: Path, params: SynthParams, overwrite: bool = False, progress: bool = False, compress: bool = True
+) -> Path:
+    """Write a synthetic recording to ``out`` (a folder) and return its path. ``compress``: the
+    frames as zstd, else raw (larger; replayed without decoding: see ``RecordingWriter``).
 
     Written under a temporary name and renamed when complete, so a folder named
     ``out`` is always a whole recording.
@@ -227,7 +230,7 @@ def synthesize(out: Path, params: SynthParams, overwrite: bool = False, progress
     if tmp.exists():
         shutil.rmtree(tmp)
     out.parent.mkdir(parents=True, exist_ok=True)
-    writer = RecordingWriter(tmp, meta, with_truth=True)
+    writer = RecordingWriter(tmp, meta, with_truth=True, compress=compress)
     rng = np.random.default_rng([params.seed, 0x57A6E])
     centre_x, centre_y = area.x_um + area.width_um / 2, area.y_um + area.height_um / 2
     offsets = np.arange(params.z_planes) - (params.z_planes - 1) / 2

@@ -70,6 +70,7 @@ def test_e2e_bench_json(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     r = json.loads(proc.stdout)
     assert r["bench"] == "e2e" and r["fields"] == 9 and r["synth_seconds"] > 0
+    assert r["recording_frames"] == "raw", "bench e2e synthesises raw frames (no decoding on replay)"
     assert r["megapixels"] == pytest.approx(r["mosaic_shape"][0] * r["mosaic_shape"][1] / 1e6)
     assert 0 < r["start_to_first_field_s"] <= r["start_to_last_field_s"] < r["start_to_closed_s"]
     assert 0 < r["last_tile_to_closed_s"] < r["start_to_closed_s"] and r["mpx_per_s"] > 0

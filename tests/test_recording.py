@@ -16,7 +16,14 @@ import zarr
 from hw_sim.synth import AREA_ORIGIN_UM, SynthParams, grid_for, synthesize
 from hw_sim.truth import TruthRenderer, mosaic_shape, write_truth
 from runtime.devices.protocols import ScanArea
-from runtime.devices.recording import Recording, RecordingError, RecordingMeta, RecordingWriter, Timing
+from runtime.devices.recording import (
+    Recording,
+    RecordingError,
+    RecordingMeta,
+    RecordingWriter,
+    Timing,
+    repack_frames,
+)
 
 PARAMS = SynthParams(fields_x=2, fields_y=2, seed=1, tile=128, z_planes=5, z_step_um=0.5)
 
@@ -233,6 +240,59 @@ def test_a_damaged_or_foreign_chunk_is_named(broken: Path) -> None:
     chunk.write_bytes(compress(bytes(64 * 64 * 3), 3))
     with pytest.raises(RecordingError, match=r"field 1 plane 2: frame corrupt .*holds 12288 bytes, a frame is 49152"):
         rec.plane(1, 2)
+
+
+def test_raw_frames_hold_the_same_pixels_and_read_without_zarr(rec_path: Path, tmp_path: Path) -> None:
+    """A recording repacked with raw frames: the same pixels, metadata and positions; its chunk
+    files are the frames' bytes, read straight into the caller's buffer."""
+    raw = repack_frames(rec_path, tmp_path / "raw", compress=False)
+    a, b = Recording.open(rec_path), Recording.open(raw)
+    assert (a.frames_codec, b.frames_codec) == ("zstd", "raw")
+    assert a.meta == b.meta
+    np.testing.assert_array_equal(a.z_um, b.z_um)
+    np.testing.assert_array_equal(a.stage_xy_um, b.stage_xy_um)
+    assert a.truth_actual_xy_um is not None and b.truth_actual_xy_um is not None
+    np.testing.assert_array_equal(a.truth_actual_xy_um, b.truth_actual_xy_um)
+    chunk = raw / "stacks" / "c" / "3" / "1" / "0" / "0" / "0"
+    assert chunk.stat().st_size == 128 * 128 * 3, "one raw frame per chunk file"
+    out = np.zeros((128, 128, 3), np.uint8)
+    for field in range(PARAMS.fields_x * PARAMS.fields_y):
+        for k in range(PARAMS.z_planes):
+            assert b.plane_into(field, k, out) is out
+            np.testing.assert_array_equal(out, a.plane(field, k))
+    # And back to zstd: the pixels survive the round trip.
+    again = repack_frames(raw, tmp_path / "zstd", compress=True)
+    c = Recording.open(again)
+    assert c.frames_codec == "zstd"
+    np.testing.assert_array_equal(c.plane(3, 1), a.plane(3, 1))
+    with pytest.raises(RecordingError, match="already exists"):
+        repack_frames(rec_path, raw, compress=False)
+
+
+def test_a_short_or_long_raw_chunk_is_named(rec_path: Path, tmp_path: Path) -> None:
+    raw = repack_frames(rec_path, tmp_path / "raw", compress=False)
+    rec = Recording.open(raw)
+    chunk = raw / "stacks" / "c" / "1" / "2" / "0" / "0" / "0"
+    data = chunk.read_bytes()
+    chunk.write_bytes(data[:-1])
+    with pytest.raises(RecordingError, match=r"field 1 plane 2: frame corrupt .*holds 49151 bytes, a frame is 49152"):
+        rec.plane(1, 2)
+    chunk.write_bytes(data + b"\0")
+    with pytest.raises(RecordingError, match=r"field 1 plane 2: frame corrupt .*holds 49153 bytes"):
+        rec.plane(1, 2)
+    chunk.unlink()
+    with pytest.raises(RecordingError, match=r"field 1 plane 2: frame missing"):
+        rec.plane(1, 2)
+
+
+def test_synth_writes_raw_frames_when_asked(tmp_path: Path) -> None:
+    params = SynthParams(fields_x=2, fields_y=1, seed=3, tile=64, z_planes=2)
+    a = Recording.open(synthesize(tmp_path / "z", params))
+    b = Recording.open(synthesize(tmp_path / "r", params, compress=False))
+    assert (a.frames_codec, b.frames_codec) == ("zstd", "raw")
+    for field in range(2):
+        for k in range(2):
+            np.testing.assert_array_equal(a.plane(field, k), b.plane(field, k))
 
 
 def test_not_a_recording(tmp_path: Path) -> None:

@@ -19,6 +19,7 @@ undecodable chunks) because a recording is too big to verify on open.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -281,6 +282,35 @@ def _plain_zstd(arr: zarr.Array[Any]) -> Callable[[bytes, U8], Any] | None:
     return fn
 
 
+def _plain_raw(arr: zarr.Array[Any]) -> bool:
+    """Whether each chunk file of ``arr`` holds the chunk's raw bytes (the ``bytes`` codec alone, no
+    sharding: how ``RecordingWriter(compress=False)`` writes)."""
+    meta = arr.metadata
+    if not isinstance(meta, ArrayV3Metadata) or meta.storage_transformers:
+        return False
+    codecs = meta.codecs
+    return len(codecs) == 1 and isinstance(codecs[0], BytesCodec)
+
+
+def _read_exactly(path: Path, out: U8) -> None:
+    """The file's bytes into ``out`` (C-contiguous), with one copy from the page cache; ValueError
+    unless the file holds exactly ``out.nbytes`` bytes."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        if size != out.nbytes:
+            raise ValueError(f"the chunk file holds {size} bytes, a frame is {out.nbytes}")
+        view = out.reshape(-1).data  # a view: out is C-contiguous
+        done = 0
+        while done < size:
+            n = os.readv(fd, [view[done:]])
+            if n == 0:
+                raise ValueError(f"the chunk file ended after {done} of {size} bytes")
+            done += n
+    finally:
+        os.close(fd)
+
+
 def _zstd_content_size(data: bytes) -> int | None:
     """The content size a zstd frame's header declares (RFC 8878, 3.1.1.1), None if it has none."""
     if len(data) < 6 or data[:4] != b"\x28\xb5\x2f\xfd":
@@ -320,6 +350,7 @@ class Recording:
         self._truth_z = truth_focus_z_um
         self._by_rc = {(int(r), int(c)): i for i, (r, c) in enumerate(grid_rc)}
         self._zstd = _plain_zstd(stacks)
+        self._raw = self._zstd is None and _plain_raw(stacks)
 
     @classmethod
     def open(cls, path: Path | str) -> Recording:
@@ -443,6 +474,11 @@ class Recording:
         """The field recorded at grid (row, col), or None if that grid cell was not recorded."""
         return self._by_rc.get((row, col))
 
+    @property
+    def frames_codec(self) -> str:
+        """How the frames are stored: "zstd", "raw" (read without decoding) or "other" (through zarr)."""
+        return "zstd" if self._zstd is not None else "raw" if self._raw else "other"
+
     # ---- pixels
 
     def plane(self, field: int, k: int) -> U8:
@@ -458,7 +494,9 @@ class Recording:
         and ``zstd`` codecs, no sharding) is decompressed from its chunk file straight into
         ``out``: through zarr, each read is a hop to zarr's event-loop thread and back, and a copy
         from the decoded chunk into the result, which doubled the replay's cost per frame (8.2 ->
-        4.6 ms for a 1024 px frame here). Any other codec is read through zarr and copied in.
+        4.6 ms for a 1024 px frame here). A frame stored raw (the ``bytes`` codec alone:
+        ``hw_sim synth --frames raw``) is read from its chunk file into ``out`` (0.2 ms: a camera's
+        frame costs its host no decoding either). Any other codec is read through zarr and copied in.
         """
         m = self._meta
         if not 0 <= field < m.n_fields:
@@ -478,6 +516,8 @@ class Recording:
                 if size != out.nbytes:  # zstd would fill a larger buffer partly and say nothing
                     raise ValueError(f"the zstd frame holds {size} bytes, a frame is {out.nbytes}")
                 self._zstd(data, out)  # checks the frame's content checksum (hw_sim writes one)
+            elif self._raw:
+                _read_exactly(chunk, out)
             else:
                 out[...] = self._stacks[field, k]
         except Exception as err:
@@ -497,7 +537,9 @@ class RecordingWriter:
     written makes :meth:`Recording.open` fail instead of reading as zeros.
     """
 
-    def __init__(self, path: Path | str, meta: RecordingMeta, with_truth: bool = False) -> None:
+    def __init__(self, path: Path | str, meta: RecordingMeta, with_truth: bool = False, compress: bool = True) -> None:
+        """``compress``: the frames as zstd (level 3, with a checksum; about 0.77 of raw on the
+        simulator's tissue), else raw (the ``bytes`` codec alone: no decoding on replay)."""
         self.path = Path(path)
         self.meta = meta
         if self.path.exists():
@@ -511,7 +553,7 @@ class RecordingWriter:
             shape=(n, nz, h, w, 3),
             chunks=(1, 1, h, w, 3),
             dtype="uint8",
-            compressors=ZstdCodec(level=3, checksum=True),
+            compressors=ZstdCodec(level=3, checksum=True) if compress else None,
             fill_value=0,
         )
         self._z = group.create_array(
@@ -610,3 +652,38 @@ class RecordingWriter:
                 raise ValueError("this recording has a truth group: pass actual_xy_um and focus_z_um")
             self._truth[0][field] = np.asarray(actual_xy_um, np.float64)
             self._truth[1][field] = float(focus_z_um)
+
+
+def repack_frames(src: Path | str, dst: Path | str, compress: bool) -> Path:
+    """Copy the recording ``src`` to ``dst`` (a new folder) with its frames stored as zstd
+    (``compress``) or raw: the same pixels, metadata and positions. Written under a temporary name
+    and renamed when complete."""
+    import shutil
+
+    src, dst = Path(src), Path(dst)
+    rec = Recording.open(src)
+    if dst.exists():
+        raise RecordingError(f"{dst}: already exists")
+    tmp = dst.parent / f".{dst.name}.partial-{os.getpid()}"
+    shutil.copytree(src, tmp, ignore=lambda d, names: names if Path(d) == src / "stacks" else [])
+    try:
+        shutil.rmtree(tmp / "stacks")
+        group = zarr.open_group(tmp, mode="r+", zarr_format=3)
+        m = rec.meta
+        stacks = group.create_array(
+            name="stacks",
+            shape=(m.n_fields, m.n_z, m.tile_height, m.tile_width, 3),
+            chunks=(1, 1, m.tile_height, m.tile_width, 3),
+            dtype="uint8",
+            compressors=ZstdCodec(level=3, checksum=True) if compress else None,
+            fill_value=0,
+        )
+        frame = np.empty((m.tile_height, m.tile_width, 3), np.uint8)
+        for f in range(m.n_fields):
+            for k in range(m.n_z):
+                stacks[f, k] = rec.plane_into(f, k, frame)
+        tmp.rename(dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dst
