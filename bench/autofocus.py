@@ -78,7 +78,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         nargs="+",
         default=["synthetic"],
         help="with --objectives: tissue looks to cross with the objectives (hw_sim.content: synthetic, "
-        "ihc = real colon tissue, brick, gravel, grass, file:PATH); the models trained on synthetic only",
+        "ihc = real colon tissue, brick, gravel, grass, file:PATH; NAME@UM: at UM µm per image pixel); "
+        "the models trained on synthetic only",
     )
 
 

@@ -21,9 +21,12 @@ name           what                                                            l
 
 scikit-image is needed only for these names (the ``bench`` and ``export`` extras install it); any
 RGB image file works as ``file:PATH``. The image is tiled by mirroring, so any area can be scanned,
-and mapped to the slide at ``image_px_um`` micrometres per image pixel. ``SlideSpec.content_region``
-(``left``, ``right``, ``top``, ``bottom``) shows one half of the image instead, tiled the same way:
-slides of opposite halves show disjoint pixels of it (a calibration that never saw the scored content).
+and mapped to the slide at ``image_px_um`` micrometres per image pixel: ``SlideSpec.content_px_um``, else
+a ``@UM`` suffix on the name (``file:PATH@0.25``, ``ihc@0.25``: the image's own sampling, so a benchmark
+that takes content names shows a real 40x image at 40x), else :data:`DEFAULT_IMAGE_PX_UM` (0.5 for files).
+``SlideSpec.content_region`` (``left``, ``right``, ``top``, ``bottom``) shows one half of the image
+instead, tiled the same way: slides of opposite halves show disjoint pixels of it (a calibration that
+never saw the scored content).
 """
 
 from __future__ import annotations
@@ -52,8 +55,25 @@ class ContentError(ValueError):
     """A content name or file that cannot be used, named in the message."""
 
 
+def split_sampling(name: str) -> tuple[str, float | None]:
+    """``(name, None)``, or for ``NAME@UM`` (``UM`` a number) ``(NAME, UM)``: the content at ``UM`` µm
+    per image pixel. A name whose text after its last ``@`` is not a number has no suffix."""
+    base, sep, tail = name.rpartition("@")
+    if not sep:
+        return name, None
+    try:
+        um = float(tail)
+    except ValueError:
+        return name, None
+    if not (um > 0 and math.isfinite(um)):
+        raise ContentError(f"content {name!r}: the sampling after '@' must be a positive number of µm per pixel")
+    return base, um
+
+
 def load_content(name: str) -> U8:
-    """The RGB uint8 image of a content name (``ihc``, ``brick``, ...) or ``file:PATH``."""
+    """The RGB uint8 image of a content name (``ihc``, ``brick``, ...) or ``file:PATH``, either with an
+    optional ``@UM`` sampling suffix (:func:`split_sampling`; it does not change the pixels)."""
+    name, _ = split_sampling(name)
     if name.startswith("file:"):
         path = Path(name[len("file:") :])
         image = cv2.imread(str(path), cv2.IMREAD_COLOR)
@@ -99,8 +119,9 @@ def make_slide(spec: SlideSpec) -> SyntheticSlide:
     (its ``spec.content_region``)."""
     if spec.content == "synthetic":
         return SyntheticSlide(spec)
-    px = spec.content_px_um or DEFAULT_IMAGE_PX_UM.get(spec.content, 0.5)
-    return ImageSlide(spec, load_content(spec.content), px, region=spec.content_region)
+    base, suffix_um = split_sampling(spec.content)
+    px = spec.content_px_um or suffix_um or DEFAULT_IMAGE_PX_UM.get(base, 0.5)
+    return ImageSlide(spec, load_content(base), px, region=spec.content_region)
 
 
 class ImageSlide(SyntheticSlide):

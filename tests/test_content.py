@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import cv2
@@ -58,6 +59,28 @@ def test_any_image_file_and_clear_errors(tmp_path: Path) -> None:
         load_content(f"file:{tmp_path / 'missing.png'}")
     with pytest.raises(ContentError, match="image_px_um must be positive"):
         ImageSlide(SPEC, rgb, 0.0)
+
+
+def test_a_sampling_suffix_sets_the_image_pixel_size(tmp_path: Path) -> None:
+    from hw_sim.content import make_slide, split_sampling
+
+    path = tmp_path / "tex@home.png"  # an '@' that is not a sampling stays part of the path
+    rgb = np.full((32, 48, 3), 120, np.uint8)
+    cv2.imwrite(str(path), rgb)
+    assert split_sampling(f"file:{path}") == (f"file:{path}", None)
+    assert split_sampling(f"file:{path}@0.25") == (f"file:{path}", 0.25)
+    assert load_content(f"file:{path}@0.25").shape == (32, 48, 3)
+    with pytest.raises(ContentError, match="positive number of µm per pixel"):
+        split_sampling("ihc@0")
+
+    def image_px_um(content: str, content_px_um: float = 0.0) -> float:
+        slide = make_slide(dataclasses.replace(SPEC, content=content, content_px_um=content_px_um))
+        assert isinstance(slide, ImageSlide)
+        return slide.image_px_um
+
+    names = ("ihc", "ihc@0.25", f"file:{path}", f"file:{path}@1.5")
+    assert [image_px_um(n) for n in names] == [0.5, 0.25, 0.5, 1.5]
+    assert image_px_um("ihc@0.25", content_px_um=0.4) == 0.4  # an explicit content_px_um still wins
 
 
 def test_synth_records_the_content_and_truth_rebuilds_it(tmp_path: Path) -> None:
