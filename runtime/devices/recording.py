@@ -530,6 +530,20 @@ class Recording:
 # --------------------------------------------------------------------------- writing
 
 
+def _create_stacks(group: zarr.Group, meta: RecordingMeta, compress: bool) -> zarr.Array[Any]:
+    """The ``stacks`` array of a new recording in ``group``: one chunk per frame, zstd level 3 with its
+    content checksum (``compress``) or raw (the ``bytes`` codec alone)."""
+    h, w = meta.tile_height, meta.tile_width
+    return group.create_array(
+        name="stacks",
+        shape=(meta.n_fields, meta.n_z, h, w, 3),
+        chunks=(1, 1, h, w, 3),
+        dtype="uint8",
+        compressors=ZstdCodec(level=3, checksum=True) if compress else None,
+        fill_value=0,
+    )
+
+
 class RecordingWriter:
     """Creates a recording and writes it one field at a time.
 
@@ -544,18 +558,11 @@ class RecordingWriter:
         self.meta = meta
         if self.path.exists():
             raise RecordingError(f"{self.path}: already exists")
-        n, nz, h, w = meta.n_fields, meta.n_z, meta.tile_height, meta.tile_width
+        n, nz = meta.n_fields, meta.n_z
         group = zarr.open_group(self.path, mode="w-", zarr_format=3)
         group.attrs.update(meta.to_attrs())
         rows = min(n, 1024)
-        self._stacks = group.create_array(
-            name="stacks",
-            shape=(n, nz, h, w, 3),
-            chunks=(1, 1, h, w, 3),
-            dtype="uint8",
-            compressors=ZstdCodec(level=3, checksum=True) if compress else None,
-            fill_value=0,
-        )
+        self._stacks = _create_stacks(group, meta, compress)
         self._z = group.create_array(
             name="z_um", shape=(n, nz), chunks=(rows, nz), dtype="float64", fill_value=float("nan")
         )
@@ -668,16 +675,8 @@ def repack_frames(src: Path | str, dst: Path | str, compress: bool) -> Path:
     shutil.copytree(src, tmp, ignore=lambda d, names: names if Path(d) == src / "stacks" else [])
     try:
         shutil.rmtree(tmp / "stacks")
-        group = zarr.open_group(tmp, mode="r+", zarr_format=3)
         m = rec.meta
-        stacks = group.create_array(
-            name="stacks",
-            shape=(m.n_fields, m.n_z, m.tile_height, m.tile_width, 3),
-            chunks=(1, 1, m.tile_height, m.tile_width, 3),
-            dtype="uint8",
-            compressors=ZstdCodec(level=3, checksum=True) if compress else None,
-            fill_value=0,
-        )
+        stacks = _create_stacks(zarr.open_group(tmp, mode="r+", zarr_format=3), m, compress)
         frame = np.empty((m.tile_height, m.tile_width, 3), np.uint8)
         for f in range(m.n_fields):
             for k in range(m.n_z):
