@@ -170,17 +170,13 @@ def _synthesise(path: Path, a: argparse.Namespace) -> float:
     return time.perf_counter() - t0
 
 
-def _frames_codec(recording: Path) -> str:
-    """How the recording stores its frames (the replay driver's cost per field depends on it)."""
+def _recording_facts(recording: Path) -> tuple[str, int]:
+    """(how the recording stores its frames, its z planes): the replay driver's cost per field
+    depends on the first; focus is only measured when there is more than one plane."""
     from runtime.devices.recording import Recording
 
-    return Recording.open(recording).frames_codec
-
-
-def _planes(recording: Path) -> int:
-    from runtime.devices.recording import Recording
-
-    return Recording.open(recording).meta.n_z
+    rec = Recording.open(recording)
+    return rec.frames_codec, rec.meta.n_z
 
 
 def split_cores(n: int, available: set[int]) -> tuple[set[int], set[int]]:
@@ -803,11 +799,12 @@ def run(a: argparse.Namespace) -> int:
         mpx = h * w / 1e6
         positions = report.get("stitch", {}).get("positions")
         quality = _quality(recording, slide, out / "mosaic.zarr", a.samples, a.seed, positions) if a.samples else None
+        frames_codec, n_planes = _recording_facts(recording)
         result: dict[str, Any] = {
             "bench": "e2e",
             "recording": str(recording),
             "synth_seconds": synth_s,
-            "recording_frames": _frames_codec(recording),
+            "recording_frames": frames_codec,
             "cores": a.cores,
             "affinity": report["_affinity"],
             "fields": report["fields_done"],
@@ -829,7 +826,7 @@ def run(a: argparse.Namespace) -> int:
             "peak_rss_mib": report["peak_rss_mib"],
             # A one-plane recording (the default here) returns the same frame at every z: focus is not
             # measured, and the report's focus error vs truth would be meaningless.
-            "focus_truth": report.get("focus_truth") if _planes(recording) > 1 else None,
+            "focus_truth": report.get("focus_truth") if n_planes > 1 else None,
             "simulated_scan_time_s": report.get("simulated_scan_time_s"),
             "quality": quality,
             "stitch_backend": report.get("stitch", {}).get("backend"),
