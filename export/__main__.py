@@ -82,6 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "--init", type=Path, default=None, help="fine-tune every layer of this classifier model folder"
             )
             t.add_argument("--lr", type=float, default=None)
+            t.add_argument("--threads", type=int, default=2, help="torch threads (1 on cores that other jobs share)")
     d = sub.add_parser("data", help="render and cache a dataset split")
     d.add_argument("--kind", choices=["autofocus", "classifier"], required=True)
     d.add_argument(
@@ -247,6 +248,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.lr:
             kw["lr"] = args.lr
         kw.update(content=args.content, device=args.device, init=args.init, extra_splits=tuple(args.extra))
+        kw["threads"] = args.threads
         if args.init is not None or args.extra:  # the exact command goes into model.json
             import shlex
 

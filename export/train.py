@@ -367,6 +367,7 @@ def train_classifier(
     init: Path | None = None,
     extra_splits: tuple[str, ...] = (),
     command: str | None = None,
+    threads: int = 2,
 ) -> dict[str, Any]:
     """``hard``: add the faint-stain / tinted-glass training set (``train_hard``); the held-out
     metrics then cover ``heldout_hard`` as well. ``content``: add ``train_content`` (tissue in
@@ -375,8 +376,8 @@ def train_classifier(
     training splits (``train_artifacts``, ``train_folds``, ...). ``init``: a classifier model folder
     to fine-tune every layer of (weights recovered from its ONNX, whose BatchNorm is folded into the
     convolutions: the BatchNorm layers stay the identity, in eval mode, their affine part trained).
-    ``command``: recorded as the command that made the checkpoint."""
-    seed_everything(seed)
+    ``command``: recorded as the command that made the checkpoint. ``threads``: torch CPU threads."""
+    seed_everything(seed, threads)
     t0 = time.time()
     train = _data("classifier", "train", data_dir, seed, workers)
     splits = ["train"]
