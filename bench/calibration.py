@@ -251,6 +251,19 @@ def score_model(eval_rec: Path, model_dir: Path, rec: Any, references: dict[str,
     }
 
 
+def worst_fields(alone: dict[str, Any], n: int = 3) -> str:
+    """The ``n`` scored fields with the largest model-alone MAE (``alone``: one reference's figures with their
+    ``per_field``), each as field, MAE and near-focus bias: where a cell's error sits."""
+    rows = sorted((f for f in alone.get("per_field", []) if f["mae_um"] is not None), key=lambda f: -f["mae_um"])
+    return (
+        ", ".join(
+            f"field {f['field']} {f['mae_um']:.2f} µm (near focus {_num(f['near_focus_bias_um'], '+.2f')})"
+            for f in rows[:n]
+        )
+        or "-"
+    )
+
+
 def _label_text(e: dict[str, Any]) -> str:
     return f"{e['mean_um']:+.2f} / {e['max_abs_um']:.2f}" if e.get("fields") else "-"
 
@@ -421,6 +434,8 @@ def run(args: argparse.Namespace) -> int:
         + "; z, error and sign are relative to the row's reference, and so is the label column (the calibration "
         "recording's stack labels minus its truth / its fields' in-focus planes)",
         "targets after calibration: model MAE <= 0.3 µm, sign >= 98%; scan path >= 95% within, <= 1.2 captures",
+        "fields the calibrated model reads worst (paraxial; model_alone.per_field in the JSON): "
+        + "; ".join(f"{c['objective']} / {c['content']}: {worst_fields(c['after']['model_alone'])}" for c in cells),
     ]
     emit({"cells": cells}, rows, cols, as_json=args.json, title="autofocus before/after calibration", notes=notes)
     return 0

@@ -195,6 +195,14 @@ def test_model_scored_against_paraxial_and_in_focus_plane(monkeypatch: pytest.Mo
     # The old figures are unchanged: bench autofocus's paraxial sign_confidence reads the same.
     assert bench.autofocus.sign_confidence([rec], Model()) == para
 
+    # Per field: every field read 1.2 µm low against paraxial; the peakless field absent from the plane's list.
+    assert [(f["field"], f["planes"]) for f in para["per_field"]] == [(0, 33), (1, 33), (2, 33)]
+    assert all(
+        f["mae_um"] == pytest.approx(1.2) and f["near_focus_bias_um"] == pytest.approx(-1.2) for f in para["per_field"]
+    )
+    assert [f["field"] for f in in_focus["per_field"]] == [0, 1]
+    assert calibration.worst_fields(para, 2).startswith("field ")
+
     offsets = calibration.reference_offsets(rec, peaks)
     assert offsets["fields"] == 2 and offsets["mean_um"] == pytest.approx(1.2)
     labels = [{"field": f, "focus_z_um": float(peaks[f]) if f < 2 else 0.0} for f in range(3)]
