@@ -101,10 +101,16 @@ BLIND_MARGIN_UM = 0.5
 WORSE_LN = 0.02
 
 
+def held_sharpness(samples: list[tuple[float, float]], z_um: float) -> float | None:
+    """The ln sharpness of the capture at ``z_um`` among ``samples`` (z, ln sharpness): the frame the
+    loop holds there (the sharpest if it was captured twice), or None if none was."""
+    return max((ls for zs, ls in samples if zs == z_um), default=None)
+
+
 def less_sharp(samples: list[tuple[float, float]], z_um: float) -> bool:
     """Is the last of ``samples`` (z, ln sharpness) less sharp, by ``WORSE_LN``, than the capture at
     ``z_um``? False without samples (no sharpness function)."""
-    held = max((ls for zs, ls in samples if zs == z_um), default=None)
+    held = held_sharpness(samples, z_um)
     return held is not None and len(samples) >= 2 and samples[-1][1] < held - WORSE_LN
 
 
@@ -112,7 +118,7 @@ def sharpest_between(samples: list[tuple[float, float]], z_um: float) -> bool:
     """Is the capture at ``z_um`` sharper (by ``WORSE_LN``) than every other of ``samples`` (z, ln
     sharpness), with some of them above it and some below? Then the focus lies between those, nearer
     to it than to them (the sharpness curve has one peak)."""
-    held = max((ls for zs, ls in samples if zs == z_um), default=None)
+    held = held_sharpness(samples, z_um)
     others = [(zs, ls) for zs, ls in samples if abs(zs - z_um) > 0.05]
     if held is None or not others or any(ls > held - WORSE_LN for _, ls in others):
         return False
@@ -395,7 +401,7 @@ class SingleShotFocus:
         free = any(TWO_POINT_SPAN_UM[0] <= abs(zs - z) <= TWO_POINT_SPAN_UM[1] for zs, _ in samples)
         # A move the image says went the wrong way (the frame kept is less sharp than one the loop
         # left): the model's reading near focus is off here, whatever it says now.
-        held_l = max((ls for zs, ls in samples if zs == z), default=None)
+        held_l = held_sharpness(samples, z)
         worse = held_l is not None and any(
             abs(zs - z) <= TWO_POINT_SPAN_UM[1] and ls > held_l + WORSE_LN for zs, ls in samples
         )
