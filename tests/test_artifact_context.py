@@ -186,16 +186,22 @@ BUBBLE = {
 
 
 def test_the_window_rule_runs_over_the_scan_s_windows_by_field_row_and_col() -> None:
+    assert WINDOW_GROW_THRESHOLD is None  # the committed rule: enclosed windows only (see its docstring)
     wc = scan_window_context(_fields(BUBBLE))
     assert wc is not None and wc.shape == (2, 2)
     assert wc.by_model[(0, 0)] == {(0, 0), (0, 1), (1, 0)}
     assert wc.in_context[(0, 0)] == {(0, 0), (0, 1), (1, 0), (1, 1)}  # the enclosed centre
     assert wc.in_context[(1, 1)] == wc.by_model[(1, 1)] == {(0, 0)}
+    # No hysteresis: the 0.55 windows of fields (0, 1) and (0, 2) stay as the model left them.
+    assert wc.in_context[(0, 1)] == wc.by_model[(0, 1)] == {(0, 0), (1, 0)}
+    assert wc.in_context[(0, 2)] == wc.in_context[(1, 2)] == frozenset()
     # Grow 0.5: the 0.55 window of field (0, 1) joins its flagged neighbour, and through it the
     # 0.55 window of field (0, 2), which the model did not flag.
-    assert wc.in_context[(0, 1)] == {(0, 0), (0, 1), (1, 0)}
-    assert wc.in_context[(0, 2)] == {(0, 0)}
-    assert wc.in_context[(1, 2)] == frozenset()
+    grown = scan_window_context(_fields(BUBBLE), ArtifactContext(0.5))
+    assert grown is not None
+    assert grown.in_context[(0, 1)] == {(0, 0), (0, 1), (1, 0)}
+    assert grown.in_context[(0, 2)] == {(0, 0)}
+    assert grown.in_context[(1, 2)] == frozenset()
     # The field rule (enclosed fields only) adds nothing here.
     assert sum(scan_context(_fields(BUBBLE)).values()) == 4
 
@@ -204,17 +210,17 @@ def test_the_report_gives_each_field_its_windows_in_context() -> None:
     per, summary = context_report(_fields(BUBBLE))
     assert per[(0, 0)] == {"artifact_in_context": True, "artifact_windows_in_context": [[0, 0], [0, 1], [1, 0], [1, 1]]}
     assert per[(1, 1)] == {"artifact_in_context": True, "artifact_windows_in_context": [[0, 0]]}
-    assert per[(0, 2)] == {"artifact_in_context": True, "artifact_windows_in_context": [[0, 0]]}
+    assert per[(0, 2)] == {"artifact_in_context": False, "artifact_windows_in_context": []}
     assert per[(1, 2)] == {"artifact_in_context": False, "artifact_windows_in_context": []}
     assert summary == {
         "unit": "window",
-        "grow_threshold": WINDOW_GROW_THRESHOLD,
+        "grow_threshold": None,
         "fill_holes": True,
         "fields_flagged_by_model": 4,
-        "fields_added_by_context": 1,
+        "fields_added_by_context": 0,
         "windows_per_field": [2, 2],
         "windows_flagged_by_model": 8,
-        "windows_added_by_context": 3,
+        "windows_added_by_context": 1,
     }
 
 

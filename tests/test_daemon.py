@@ -281,7 +281,7 @@ def test_the_scan_end_artifact_context_runs_over_the_windows_of_each_field(
 ) -> None:
     """An air bubble (radius 187 µm) in a scan of 5 x 5 fields of 512 px at 0.25 µm, i.e. 2 x 2
     classifier windows each: the windows' p(artifact) and flags travel from the inference worker
-    to report.json, and the window rule (grow 0.5 + enclosed) runs over the scan's 10 x 10 windows
+    to report.json, and the window rule (enclosed windows) runs over the scan's 10 x 10 windows
     (field row, col x window row, col): it adds the windows inside the bubble's rim that the model
     missed."""
     from hw_sim.synth import SynthParams, synthesize
