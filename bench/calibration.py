@@ -118,6 +118,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="export calibrate --threads: torch threads while calibrating (default: export calibrate's, 2; "
         "1 is faster on cores other jobs hold)",
     )
+    p.add_argument(
+        "--content-targets",
+        choices=("init", "stack"),
+        default=None,
+        help="export calibrate --content-targets (default: export calibrate's, init); stack writes its own model "
+        "folder",
+    )
     p.add_argument("--json", action="store_true", help="one JSON object instead of tables")
 
 
@@ -175,11 +182,12 @@ def calibrated_dir(args: argparse.Namespace, objective: str, content: str) -> Pa
     """Where a cell's calibrated model is written: ``af-calibrated-<objective>[-<content>[-<half>]]-<tile>``
     (``<half>``: the calibration's half of an image content; none with ``--content-split none``), with
     ``-seed<N>`` appended when ``--seed`` is given (0 included), so a seed study leaves the default run's
-    models in place."""
+    models in place, and ``-stackcontent`` with ``--content-targets stack``."""
     look = "" if content == "synthetic" else "-" + "".join(c if c.isalnum() else "_" for c in content)
     region = content_regions(args, content)[0]
     look += f"-{region}" if region else ""
     seed = "" if args.seed is None else f"-seed{args.seed}"
+    seed += "-stackcontent" if getattr(args, "content_targets", None) == "stack" else ""
     data: Path = args.data
     return data / f"af-calibrated-{objective}{look}-{args.tile}{seed}"
 
@@ -334,6 +342,11 @@ def run(args: argparse.Namespace) -> int:
                 **({} if args.tta is None else {"tta": args.tta}),
                 **({} if args.seed is None else {"seed": args.seed}),
                 **({} if getattr(args, "threads", None) is None else {"threads": args.threads}),
+                **(
+                    {}
+                    if getattr(args, "content_targets", None) is None
+                    else {"content_from_stack": args.content_targets == "stack"}
+                ),
             )
             seconds = time.monotonic() - t0
             result: dict[str, Any] = {

@@ -138,6 +138,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="export the hold-out pass's model (default: measure on held-out fields, then refit on every field)",
     )
+    c.add_argument(
+        "--content-targets",
+        choices=("init", "stack"),
+        default=None,
+        help="what the content head is fine-tuned towards: the init model's own probabilities (default) or, where "
+        "a crop's region of the field's z-stack has a verdict, that verdict (peak: content, flat: none)",
+    )
     c.add_argument("--seed", type=int, default=0)
     c.add_argument(
         "--threads",
@@ -296,6 +303,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         cmd = "python -m export " + " ".join(shlex.quote(str(a)) for a in (argv if argv is not None else sys.argv[1:]))
         if args.single_pass:
             kw["refit"] = False
+        if args.content_targets is not None:
+            kw["content_from_stack"] = args.content_targets == "stack"
         cal = calibrate(args.recordings, args.init, args.out, seed=args.seed, command=cmd, **kw)
         print(json.dumps({k: cal[k] for k in ("fields_labelled", "fields_skipped", "seconds")}))
         print(json.dumps({k: cal["procedure"][k] for k in ("name", "exported_model", "heldout_metrics_model")}))

@@ -51,7 +51,9 @@
    the field's label (stage z minus in-focus z, the model's convention), planes
    near focus weighted up (``near_weight``: the closed loop's last capture is
    judged there); the content head is kept where the init model had it (its
-   own probabilities are the targets), each batch flipped/transposed; ``contrast_jitter``
+   own probabilities are the targets) or, with ``content_from_stack`` (``--content-targets stack``,
+   since stop 35; :func:`content_targets`), taught what the stacks say of each crop's region (a
+   sharpness peak: content; flat: none), each batch flipped/transposed; ``contrast_jitter``
    (0.1 by default since stop 31, ``--contrast-jitter``; :func:`jitter_contrast`) also scales each
    crop's contrast channels by a gain of its own. 24 epochs by default (``bench calibration``
    on real tissue, training objective: model MAE 0.875 µm after 8 epochs, 0.698
@@ -105,7 +107,7 @@ from export.models import AutofocusNet
 from export.onnx_export import _spec, export_model
 from export.train import NEAR_FOCUS_UM, _augment, autofocus_metrics, predict_autofocus_all, seed_everything
 from runtime.devices.recording import Recording
-from runtime.focus.stack_labels import FieldLabel, LabelParams, label_stack
+from runtime.focus.stack_labels import FieldLabel, LabelParams, label_stack, region_of
 from runtime.ml.model_folder import ModelFolder, builtin_autofocus_dir, load_model_folder
 from runtime.ml.preprocess import SPECTRUM_CHANNEL, AutofocusPreprocess
 from runtime.ml.tasks import combine_heads
@@ -199,7 +201,10 @@ def predict(model: nn.Module, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 @dataclass
 class FieldData:
     """One labelled field's planes as model inputs: ``x`` (crops, C, S, S) float16, per crop the
-    plane's target defocus and the plane index (a tile is one plane)."""
+    plane's target defocus, the plane index (a tile is one plane) and ``stack_content``: what the
+    field's own z-stack says of the labeller's region holding the crop's centre -- 1 (its sharpness
+    curve has a peak: content to focus on), 0 (flat: glass or nothing that focuses), NaN (a peak at
+    the stack's end or two peaks: no verdict)."""
 
     rec: int
     field: int
@@ -207,6 +212,7 @@ class FieldData:
     x: np.ndarray
     y: np.ndarray
     plane: np.ndarray
+    stack_content: np.ndarray
 
 
 def label_recordings(recs: Sequence[Recording], params: LabelParams) -> list[tuple[int, FieldLabel]]:
@@ -225,22 +231,46 @@ def field_inputs(
     label: FieldLabel,
     pre: AutofocusPreprocess,
     max_abs_um: float,
+    label_params: LabelParams | None = None,
 ) -> FieldData:
     """Model inputs of the field's planes within ``max_abs_um`` of its label: every crop the
     preprocessing cuts (a training pass draws its share with :func:`subsample`)."""
     assert label.focus_z_um is not None
-    xs, ys, planes = [], [], []
+    xs, ys, planes, stack = [], [], [], []
+    verdict = {"ok": 1.0, "flat": 0.0}
     for k in range(rec.meta.n_z):
         y = float(rec.z_um[label.field, k]) - label.focus_z_um
         if abs(y) > max_abs_um:
             continue
-        inp = pre.inputs(rec.plane(label.field, k))
+        frame = rec.plane(label.field, k)
+        inp, at = pre.inputs_at(frame)
         xs.append(inp.astype(np.float16))
         ys.append(np.full(len(inp), y, np.float32))
         planes.append(np.full(len(inp), k, np.int64))
+        h, w, half = frame.shape[0], frame.shape[1], pre.crop // 2
+        stack.append(
+            np.asarray(
+                [
+                    verdict.get(label.region_status[region_of(cy + half, cx + half, h, w, label_params)], np.nan)
+                    if label.region_status
+                    else np.nan
+                    for _, _, cy, cx in at
+                ],
+                np.float32,
+            )
+        )
     if not xs:
-        return FieldData(r, label.field, label, np.zeros((0, *pre.input_shape), np.float16), np.zeros(0), np.zeros(0))
-    return FieldData(r, label.field, label, np.concatenate(xs), np.concatenate(ys), np.concatenate(planes))
+        none = np.zeros(0)
+        return FieldData(r, label.field, label, np.zeros((0, *pre.input_shape), np.float16), none, none, none)
+    return FieldData(
+        r,
+        label.field,
+        label,
+        np.concatenate(xs),
+        np.concatenate(ys),
+        np.concatenate(planes),
+        np.concatenate(stack),
+    )
 
 
 # --------------------------------------------------------------------------- prediction and metrics
@@ -571,7 +601,7 @@ def subsample(fd: FieldData, crops: int, rng: np.random.Generator) -> FieldData:
             idx = idx[np.sort(rng.choice(len(idx), crops, replace=False))]
         keep.append(idx)
     sel = np.concatenate(keep)
-    return FieldData(fd.rec, fd.field, fd.label, fd.x[sel], fd.y[sel], fd.plane[sel])
+    return FieldData(fd.rec, fd.field, fd.label, fd.x[sel], fd.y[sel], fd.plane[sel], fd.stack_content[sel])
 
 
 @dataclass(frozen=True)
@@ -607,6 +637,20 @@ DEFAULT_REFIT = True  # estimate then refit (see the module docstring); False: t
 # model keeps unchecked against its recorded near-focus error (runtime/focus/near_focus.py, stop 28; gravel was
 # 72.7% within without that).
 DEFAULT_NEAR_WEIGHT = 10.0
+DEFAULT_CONTENT_FROM_STACK = False  # True: content targets from the stacks' region verdicts (content_targets)
+
+
+def content_targets(init_content: np.ndarray, stack_content: np.ndarray) -> np.ndarray:
+    """The content head's targets per crop: the field's own z-stack verdict on the crop's region where
+    it has one (:attr:`FieldData.stack_content`: 1 peak, 0 flat), else the init model's probability.
+
+    Why: the init model's content head was trained on the simulator's tissue. On real skin it calls
+    pale, out-of-focus shapes over glass content (stop 34, skin right-half calibration recording: it
+    keeps 47.9% of the crops whose region's sharpness curve is flat, against 98.7% of the crops in
+    regions with a peak), and such a field's every crop then agrees on a wrong reading (-4 µm when in
+    focus), so the median over crops cannot flag it. The stack knows which regions hold content that
+    focuses; the defocus loss, which counts content crops only, then ignores the flat ones too."""
+    return np.where(np.isfinite(stack_content), stack_content, init_content).astype(np.float32)
 
 
 @dataclass
@@ -635,11 +679,14 @@ def train_pass(
     l2sp: float = 0.0,
     contrast_jitter: float = 0.0,
     tta: int = 1,
+    content_from_stack: bool = DEFAULT_CONTENT_FROM_STACK,
 ) -> TrainPass:
     """Steps 4 and 5 of the module docstring on a copy of ``init_model`` (left as it is), trained on
     ``fields``: the least-squares output line through the init model's tile estimates, then the
     fine-tune (every layer, or the frozen-front method when ``freeze`` > 0). ``tta`` changes only what
-    ``train_after`` measures (the trained model as exported, :func:`with_tta`), never the training."""
+    ``train_after`` measures (the trained model as exported, :func:`with_tta`), never the training.
+    ``content_from_stack``: the content head's targets are the stacks' verdicts where they have one
+    (:func:`content_targets`), else the init model's own probabilities."""
     t0 = time.time()
     model = copy.deepcopy(init_model)
     x = np.concatenate([f.x for f in fields])
@@ -657,14 +704,15 @@ def train_pass(
         flush=True,
     )
     history: list[dict[str, float]] = []
+    ct = content_targets(tc0, np.concatenate([f.stack_content for f in fields])) if content_from_stack else tc0
     if epochs > 0 and freeze > 0:
-        history = fine_tune_frozen(model, x, y, tc0, freeze, epochs, lr, seed, batch=batch, near_weight=near_weight)
+        history = fine_tune_frozen(model, x, y, ct, freeze, epochs, lr, seed, batch=batch, near_weight=near_weight)
     elif epochs > 0:
         history = fine_tune(
             model,
             x,
             y,
-            tc0,
+            ct,
             epochs,
             lr,
             seed,
@@ -698,6 +746,7 @@ def calibrate(
     contrast_jitter: float | None = None,
     tta: int = DEFAULT_TTA,
     threads: int = 2,
+    content_from_stack: bool = DEFAULT_CONTENT_FROM_STACK,
 ) -> dict[str, Any]:
     """Label, fine-tune and export (see the module docstring). Returns the ``calibration`` record
     written to ``out/model.json``. ``freeze_blocks`` (default :data:`DEFAULT_FREEZE_BLOCKS`) picks the
@@ -750,7 +799,7 @@ def calibrate(
     train_i, held_i = _split(len(usable), holdout, seed)
     rng = np.random.default_rng([seed, 0xDA7A])  # the parity check's samples
     # Every crop of every labelled field, cut once; each pass draws its training crops from them.
-    every = [field_inputs(recs[r], r, lab, pre, max_abs_um) for r, lab in usable]
+    every = [field_inputs(recs[r], r, lab, pre, max_abs_um, lp) for r, lab in usable]
 
     def training_fields(sel: Sequence[int]) -> list[FieldData]:
         g = np.random.default_rng([seed, 0xDA7A])  # a pass on fields sel draws what a single pass on them would
@@ -777,7 +826,7 @@ def calibrate(
     if max(rec_err.values()) > 1e-3:
         raise CalibrationError(f"recovered torch model differs from {folder.onnx_path}: {rec_err}")
 
-    settings = (freeze, epochs, lr, seed, batch, near_weight, l2sp, contrast_jitter, tta)
+    settings = (freeze, epochs, lr, seed, batch, near_weight, l2sp, contrast_jitter, tta, content_from_stack)
     before = metrics(*tile_estimates(held_f, *predict(with_tta(init_model, init_tta), hx))) if held_f else {}
     estimate = train_pass(init_model, train_f, *settings)
     after = metrics(*tile_estimates(held_f, *predict(with_tta(estimate.model, tta), hx))) if held_f else {}
@@ -865,6 +914,7 @@ def calibrate(
             "l2sp": l2sp,
             "contrast_jitter": contrast_jitter,
             "tta": tta,
+            "content_targets": "stack_region_verdicts" if content_from_stack else "init_model",
             "tta_transforms": list(TTA_TRANSFORMS[tta]),
         },
         "epochs": epochs,

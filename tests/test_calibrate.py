@@ -448,3 +448,93 @@ def test_calibrate_cli_rejects_threads_below_one(tmp_path: Path, capsys: pytest.
     err = capsys.readouterr().err
     assert "--threads must be >= 1, got 0" in err and "Traceback" not in err
     assert not (tmp_path / "o").exists()
+
+
+# --------------------------------------------------------------------------- content targets from the stack
+
+
+def _half_glass(recording: Path, out: Path) -> Path:
+    """A one-field recording of 512 px frames: the left half tissue (a field of ``recording``, twice),
+    the right half the same out-of-focus tissue in every plane (the stack's farthest frame, mirrored,
+    with fresh camera-like noise per plane): what a pale shape under the cover glass shows, content to
+    the eye and to the init model, with no sharpness peak: the labeller's right regions are flat."""
+    from dataclasses import replace
+
+    from runtime.devices.recording import RecordingWriter
+
+    rec = Recording.open(recording)
+    f = next(f for f in range(rec.meta.n_fields) if label_stack(f, rec.z_um[f], _stack(rec, f)).status == "ok")
+    rng = np.random.default_rng(5)
+    stack = np.empty((rec.meta.n_z, 512, 512, 3), np.uint8)
+    far = rec.plane(f, 0)[:, ::-1].astype(np.float64)
+    for k in range(rec.meta.n_z):
+        tissue = rec.plane(f, k)
+        stack[k, :, :256] = np.concatenate([tissue, tissue])
+        shape = np.concatenate([far, far]) + rng.normal(0.0, 1.0, (512, 256, 3))
+        stack[k, :, 256:] = np.clip(shape, 0, 255).astype(np.uint8)
+    px = rec.meta.pixel_size_um
+    meta = replace(
+        rec.meta,
+        tile_height=512,
+        tile_width=512,
+        n_fields=1,
+        rows=1,
+        cols=1,
+        field_width_um=512 * px,
+        field_height_um=512 * px,
+    )
+    w = RecordingWriter(out, meta)
+    w.write_field(0, stack, rec.z_um[f], (0.0, 0.0), (0, 0))
+    return out
+
+
+def test_each_crop_carries_its_region_s_stack_verdict(recording: Path, tmp_path: Path) -> None:
+    """``field_inputs`` marks every crop with the verdict of the labeller's region under its centre: 1 on
+    the tissue half (regions with a peak), 0 on the glass half (flat); ``content_targets`` takes them over
+    the init model's probabilities, which it keeps where a region has no verdict."""
+    pytest.importorskip("torch")
+    from export.calibrate import content_targets, field_inputs
+
+    rec = Recording.open(_half_glass(recording, tmp_path / "half.zarr"))
+    lab = label_stack(0, rec.z_um[0], _stack(rec, 0))
+    assert lab.status == "ok" and len(lab.region_status) == 16
+    status = np.asarray(lab.region_status).reshape(4, 4)
+    assert (status[:, 2:] == "flat").all() and (status[:, :2] == "ok").sum() >= 6, status
+    assert lab.to_dict()["region_status"] == list(lab.region_status)
+    pre = load_model_folder(MODELS_DIR / "autofocus", "autofocus").autofocus_preprocess()
+    fd = field_inputs(rec, 0, lab, pre, 12.0)
+    per_plane = len(fd.x) // len(np.unique(fd.plane))
+    assert per_plane == 16 and len(fd.stack_content) == len(fd.x)
+    _, at = pre.inputs_at(rec.plane(0, 0))
+    on_glass = np.asarray([cx + 32 >= 256 for _, _, _, cx in at])
+    assert on_glass.sum() == 8  # the right windows' crops
+    first = fd.stack_content[fd.plane == fd.plane[0]]
+    assert (first[on_glass] == 0).all() and np.isin(first[~on_glass], [1.0]).sum() >= 6
+    init = np.full(4, 0.7, np.float32)
+    got = content_targets(init, np.asarray([0.0, 1.0, np.nan, 0.0], np.float32))
+    assert got.tolist() == pytest.approx([0.0, 1.0, 0.7, 0.0])
+
+
+def test_stack_content_targets_teach_the_content_head_the_flat_regions(recording: Path, tmp_path: Path) -> None:
+    """Calibrated with ``content_from_stack`` the content head reads the glass half's crops as less content
+    than a calibration on the init model's own targets does, and model.json records which targets it used."""
+    pytest.importorskip("torch")
+    from export.calibrate import calibrate, field_inputs, predict, recover_autofocus
+
+    half = _half_glass(recording, tmp_path / "half.zarr")
+    tiny = {"epochs": 3, "crops": 8, "holdout": 0.0, "tta": 1}
+    stack = calibrate([half], MODELS_DIR / "autofocus", tmp_path / "af-stack", content_from_stack=True, **tiny)
+    init = calibrate([half], MODELS_DIR / "autofocus", tmp_path / "af-init", **tiny)
+    assert stack["method"]["content_targets"] == "stack_region_verdicts"
+    assert init["method"]["content_targets"] == "init_model"
+    rec = Recording.open(half)
+    lab = label_stack(0, rec.z_um[0], _stack(rec, 0))
+    folder = load_model_folder(tmp_path / "af-stack", "autofocus")
+    fd = field_inputs(rec, 0, lab, folder.autofocus_preprocess(), 12.0)
+    flat = fd.stack_content == 0
+    x = fd.x.astype(np.float32)
+    c_stack = predict(recover_autofocus(folder), x)[1]
+    c_init = predict(recover_autofocus(load_model_folder(tmp_path / "af-init", "autofocus")), x)[1]
+    print(float(c_init[flat].mean()), float(c_stack[flat].mean()), float(c_stack[~flat].mean()))
+    assert c_stack[flat].mean() < c_init[flat].mean() - 0.1
+    assert c_stack[~flat].mean() > 0.5

@@ -75,9 +75,14 @@ class FieldLabel:
     regions_used: int
     regions: int
     spread_um: float | None  # MAD of the region peaks
+    # Each region's verdict (row-major, :func:`region_starts` in y then x): where the stack shows content
+    # to focus on ("ok") and where it shows none ("flat"). Empty for a label made without regions.
+    region_status: tuple[PeakStatus, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        d["region_status"] = list(self.region_status)
+        return d
 
 
 def _smooth(s: F64) -> F64:
@@ -152,6 +157,15 @@ def region_starts(length: int, region: int) -> list[int]:
     return [k * size for k in range(n)]
 
 
+def region_of(y: int, x: int, height: int, width: int, params: LabelParams | None = None) -> int:
+    """Index (row-major, as :func:`region_scores` orders them) of the region holding pixel (y, x) of a
+    ``height`` x ``width`` frame; a pixel past the last region's end (the frame's remainder) counts as in it."""
+    p = params or LabelParams()
+    ny, nx = len(region_starts(height, p.region_px)), len(region_starts(width, p.region_px))
+    sy, sx = height // ny, width // nx
+    return min(y // sy, ny - 1) * nx + min(x // sx, nx - 1)
+
+
 def region_scores(frame: RGBImage, params: LabelParams | None = None) -> F64:
     """Sharpness of each region of one frame, (regions,) in row-major order."""
     p = params or LabelParams()
@@ -167,6 +181,7 @@ def label_curves(field: int, z: npt.ArrayLike, scores: npt.ArrayLike, params: La
     p = params or LabelParams()
     s = np.asarray(scores, np.float64)
     fits = [fit_peak(z, s[:, r], p) for r in range(s.shape[1])]
+    verdicts = tuple(f.status for f in fits)
     peaks = np.asarray([f.z_um for f in fits if f.z_um is not None], np.float64)
     regions = s.shape[1]
     need = min(p.min_regions, regions)
@@ -176,12 +191,12 @@ def label_curves(field: int, z: npt.ArrayLike, scores: npt.ArrayLike, params: La
         status: FieldStatus = "no_content"
         if counts["edge"] or counts["ambiguous"]:
             status = "edge" if counts["edge"] >= counts["ambiguous"] else "ambiguous"
-        return FieldLabel(field, None, status, len(peaks), regions, None)
+        return FieldLabel(field, None, status, len(peaks), regions, None, verdicts)
     med = float(np.median(peaks))
     spread = float(np.median(np.abs(peaks - med)))
     if spread > p.max_spread_um:
-        return FieldLabel(field, None, "inconsistent", len(peaks), regions, spread)
-    return FieldLabel(field, med, "ok", len(peaks), regions, spread)
+        return FieldLabel(field, None, "inconsistent", len(peaks), regions, spread, verdicts)
+    return FieldLabel(field, med, "ok", len(peaks), regions, spread, verdicts)
 
 
 def label_stack(field: int, z: npt.ArrayLike, frames: list[RGBImage], params: LabelParams | None = None) -> FieldLabel:
