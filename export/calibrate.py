@@ -237,7 +237,8 @@ def field_inputs(
     preprocessing cuts (a training pass draws its share with :func:`subsample`)."""
     assert label.focus_z_um is not None
     xs, ys, planes, stack = [], [], [], []
-    verdict = {"ok": 1.0, "flat": 0.0}
+    # Each region's verdict as a content target, looked up per crop below (NaN: no verdict).
+    verdicts = np.asarray([{"ok": 1.0, "flat": 0.0}.get(v, np.nan) for v in label.region_status], np.float32)
     for k in range(rec.meta.n_z):
         y = float(rec.z_um[label.field, k]) - label.focus_z_um
         if abs(y) > max_abs_um:
@@ -247,18 +248,11 @@ def field_inputs(
         xs.append(inp.astype(np.float16))
         ys.append(np.full(len(inp), y, np.float32))
         planes.append(np.full(len(inp), k, np.int64))
-        h, w, half = frame.shape[0], frame.shape[1], pre.crop // 2
-        stack.append(
-            np.asarray(
-                [
-                    verdict.get(label.region_status[region_of(cy + half, cx + half, h, w, label_params)], np.nan)
-                    if label.region_status
-                    else np.nan
-                    for _, _, cy, cx in at
-                ],
-                np.float32,
-            )
-        )
+        if len(verdicts):
+            h, w, half = frame.shape[0], frame.shape[1], pre.crop // 2
+            stack.append(verdicts[[region_of(cy + half, cx + half, h, w, label_params) for _, _, cy, cx in at]])
+        else:
+            stack.append(np.full(len(inp), np.nan, np.float32))
     if not xs:
         none = np.zeros(0)
         return FieldData(r, label.field, label, np.zeros((0, *pre.input_shape), np.float16), none, none, none)

@@ -157,21 +157,24 @@ def region_starts(length: int, region: int) -> list[int]:
     return [k * size for k in range(n)]
 
 
+def region_grid(height: int, width: int, params: LabelParams | None = None) -> tuple[list[int], list[int], int, int]:
+    """The regions of a ``height`` x ``width`` frame: their start rows and columns and their size (sy, sx)."""
+    p = params or LabelParams()
+    ys, xs = region_starts(height, p.region_px), region_starts(width, p.region_px)
+    return ys, xs, height // len(ys), width // len(xs)
+
+
 def region_of(y: int, x: int, height: int, width: int, params: LabelParams | None = None) -> int:
     """Index (row-major, as :func:`region_scores` orders them) of the region holding pixel (y, x) of a
     ``height`` x ``width`` frame; a pixel past the last region's end (the frame's remainder) counts as in it."""
-    p = params or LabelParams()
-    ny, nx = len(region_starts(height, p.region_px)), len(region_starts(width, p.region_px))
-    sy, sx = height // ny, width // nx
-    return min(y // sy, ny - 1) * nx + min(x // sx, nx - 1)
+    ys, xs, sy, sx = region_grid(height, width, params)
+    return min(y // sy, len(ys) - 1) * len(xs) + min(x // sx, len(xs) - 1)
 
 
 def region_scores(frame: RGBImage, params: LabelParams | None = None) -> F64:
     """Sharpness of each region of one frame, (regions,) in row-major order."""
     p = params or LabelParams()
-    h, w = frame.shape[:2]
-    ys, xs = region_starts(h, p.region_px), region_starts(w, p.region_px)
-    sy, sx = h // len(ys), w // len(xs)
+    ys, xs, sy, sx = region_grid(frame.shape[0], frame.shape[1], p)
     out = [sharpness(np.ascontiguousarray(frame[y : y + sy, x : x + sx]), p.metric) for y in ys for x in xs]
     return np.asarray(out, np.float64)
 
