@@ -264,6 +264,62 @@ def test_memory_returns_after_many_frame_messages(tmp_path: Path, small_recordin
         assert rss_after - rss_before < 48 * 2**20, (rss_before / 2**20, rss_after / 2**20)
 
 
+def _peak_rss(pid: int) -> int:
+    """VmHWM: the most the process has had resident since it started or since _reset_peak_rss."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmHWM in /proc/{pid}/status")
+
+
+def _reset_peak_rss(pid: int) -> None:
+    Path(f"/proc/{pid}/clear_refs").write_text("5")  # Linux >= 4.0: VmHWM := current RSS
+
+
+def test_a_flood_queued_while_the_daemon_is_busy_stays_in_the_senders(tmp_path: Path, small_recording: Path) -> None:
+    """4 clients queue 400 messages of 1,500 frames each while the daemon cannot read (stopped,
+    as a busy 2-core host leaves it); when it resumes, libzmq takes at most COMMAND_RCVHWM per
+    client into the daemon. With libzmq's default (1000) the daemon peaked at 453 MiB here (1 GiB at
+    1,000 messages per client)."""
+    import os
+    import signal
+
+    with tcp_daemon(tmp_path, small_recording) as (proc, client, cmd, _):
+        assert proc.pid is not None
+        rss_before = psutil.Process(proc.pid).memory_info().rss
+        _reset_peak_rss(proc.pid)
+        ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
+        sockets = [ctx.socket(zmq.DEALER) for _ in range(4)]
+        frames = [b""] + [random.Random(3).randbytes(48)] * 1500
+        try:
+            for s in sockets:
+                s.setsockopt(zmq.LINGER, 0)
+                s.setsockopt(zmq.SNDHWM, 2000)
+                s.connect(cmd)
+            assert client.request("ping")["pong"] is True  # connected and serving
+            os.kill(proc.pid, signal.SIGSTOP)
+            try:
+                for i in range(1600):
+                    sockets[i % 4].send_multipart(frames, zmq.NOBLOCK)
+            finally:
+                os.kill(proc.pid, signal.SIGCONT)
+            replies, deadline = 0, time.monotonic() + 120
+            while replies < 1600 and time.monotonic() < deadline:
+                for s in sockets:
+                    while s.poll(0):
+                        assert b"more than" in s.recv_multipart()[-1]
+                        replies += 1
+                time.sleep(0.01)
+        finally:
+            for s in sockets:
+                s.close()
+        assert replies == 1600, replies
+        assert client.request("ping")["pong"] is True
+        peak = _peak_rss(proc.pid)
+    print(f"flood: RSS {rss_before / 2**20:.0f} MiB, peak {peak / 2**20:.0f} MiB")
+    assert peak - rss_before < 64 * 2**20, (rss_before / 2**20, peak / 2**20)
+
+
 def test_failed_scan_reports_one_line_without_traceback(tmp_path: Path, small_recording: Path) -> None:
     """A worker that raises: scan_failed, status.last_error and report.json carry one line."""
     driver = {"factory": "hw_sim.no_such_module:open_driver", "options": {}}
