@@ -15,7 +15,9 @@ frames' own sharpness checks the model, or finishes the field where the model's
 reading is off (:mod:`runtime.focus.near_focus`, one :class:`NearFocusTrust` per
 scan). Accepted points feed the surface. When the estimates do not converge (each move must
 shrink the estimate), the contrast sweep takes over for that field, and a sweep
-whose peak lies inside its range feeds the surface too. Artifact fields are focused like tissue (there may
+whose peak lies inside its range feeds the surface too -- unless the loop's captures already
+reached the sweep's range on both sides without the sharpness changing (:func:`featureless`: a
+speck on glass), which keeps the frame held, like glass. Artifact fields are focused like tissue (there may
 be tissue under the dust) and flagged in the report.
 
 Inference placement (``[models] worker``): ``process`` (default): the models
