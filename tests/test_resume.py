@@ -345,8 +345,10 @@ def test_fuzz_during_a_scan_leaves_the_slide_unchanged(tmp_path: Path, small_rec
         tmp_path / "data",
         Path("/tmp") / f"wsirt-fuzz-{os.getpid()}",
         None,
-        # Outlasts the fuzz (16: forked workers start the scan 1-3 s sooner than spawned ones did).
-        driver={"options": {"recording": str(small_recording), "pace": 16.0}},
+        # Outlasts the fuzz (16: forked workers start the scan 1-3 s sooner than spawned ones did; 24
+        # since the daemon queues at most COMMAND_RCVHWM messages per client: a daemon that falls behind
+        # now holds the senders back, so the fuzz lasts as long as the daemon takes to read it).
+        driver={"options": {"recording": str(small_recording), "pace": 24.0}},
         **SECTIONS,
     )
     folder = cfg.daemon.data_root / "fuzzed"
