@@ -381,27 +381,23 @@ class FieldFocuser:
             self.near_focus,
             measured,
         )
-        if (
-            r.final_defocus_um is not None
-            and not r.converged
-            and featureless(r.samples, r.z_um, self.sweep.half_range_um)
-            and not should_stop()
-        ):
-            # Nothing to focus on within the sweep's reach: keep the frame the loop holds (at the surface's
-            # z unless the model's moves made progress), as for glass, and teach the surface nothing.
-            return FocusedField(
-                r.z_um,
-                r.captures + 1,
-                r.frame,
-                "single_shot:featureless",
-                r.predicted_defocus_um,
-                None,
-                r.sign_flipped,
-                r.near_focus,
-                replace(r.cost, first=1),
-                tc,
-            )
         if r.final_defocus_um is not None and not r.converged and not should_stop():
+            if featureless(r.samples, r.z_um, self.sweep.half_range_um):
+                # Nothing to focus on within the sweep's reach: keep the frame the loop holds (at the
+                # surface's z unless the model's moves made progress), as for glass, and teach the
+                # surface nothing.
+                return FocusedField(
+                    r.z_um,
+                    r.captures + 1,
+                    r.frame,
+                    "single_shot:featureless",
+                    r.predicted_defocus_um,
+                    None,
+                    r.sign_flipped,
+                    r.near_focus,
+                    replace(r.cost, first=1),
+                    tc,
+                )
             # The model sees content but its estimates did not converge (ink, folds, bubbles,
             # or a field unlike its training data): fall back to the contrast sweep around the
             # best capture, so a hard field costs captures, not focus.
