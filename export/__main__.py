@@ -6,6 +6,8 @@
   python -m export onnx CHECKPOINT --out FOLDER                          model.onnx + model.json
   python -m export calibrate REC [REC ...] --init MODEL_DIR --out MODEL_DIR   fine-tune autofocus on
                                            an instrument's own z-stacks (self-labelled)
+  python -m export tta MODEL_DIR --tta 4 --out MODEL_DIR   an autofocus folder's weights in a graph that
+                                           averages its outputs over quarter turns of each crop
   python -m export train-tumour|train-nuclei|train-mil [--data DIR] [--out MODEL_DIR]   slide-analysis
                                            models (issue 13), trained and exported as model folders
   python -m export train-lesion-head [--cache DIR] [--budget-s 600] [--out MODEL_DIR]   the pixel head
@@ -152,6 +154,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=None,
         help="torch threads (default 2; 1 is faster on cores that other jobs hold: OpenMP threads spin)",
     )
+    tt = sub.add_parser(
+        "tta", help="an autofocus folder's weights in a graph that averages its outputs over turns of each crop"
+    )
+    tt.add_argument("init", type=Path, metavar="MODEL_DIR", help="autofocus model folder to wrap")
+    tt.add_argument(
+        "--tta", type=int, default=4, choices=(2, 4, 8), help="transforms averaged (default 4: quarter turns)"
+    )
+    tt.add_argument("--out", type=Path, required=True, help="model folder to write")
     for name, what in (
         ("train-tumour", "tumour patch classifier"),
         ("train-nuclei", "nuclei centroid detector"),
@@ -315,6 +325,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         )
         print(f"wrote {args.out}/model.onnx + model.json")
+        return 0
+    if args.cmd == "tta":
+        import shlex
+
+        from export.calibrate import wrap_tta
+
+        cmd = "python -m export " + " ".join(shlex.quote(str(a)) for a in (argv if argv is not None else sys.argv[1:]))
+        meta = wrap_tta(args.init, args.tta, args.out, command=cmd)
+        print(f"wrote {args.out}/model.onnx (sha256 {meta['onnx_sha256'][:12]}...), parity {meta['parity']}")
         return 0
     if args.cmd in ("train-tumour", "train-nuclei", "train-mil"):
         task = {"train-tumour": "tumour", "train-nuclei": "nuclei", "train-mil": "slide_mil"}[args.cmd]

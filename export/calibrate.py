@@ -511,8 +511,40 @@ def with_tta(model: AutofocusNet, tta: int) -> nn.Module:
 
 
 def folder_tta(folder: ModelFolder) -> int:
-    """How many transforms a model folder's graph averages (``calibration.method.tta``; 1 when absent)."""
+    """How many transforms a model folder's graph averages (``calibration.method.tta`` of a calibrated
+    folder, ``test_time_averaging.tta`` of one :func:`wrap_tta` made; 1 when absent)."""
+    wrapped = (folder.meta.get("test_time_averaging") or {}).get("tta")
+    if wrapped is not None:
+        return int(wrapped)
     return int(((folder.meta.get("calibration") or {}).get("method") or {}).get("tta", 1))
+
+
+def wrap_tta(init: Path, tta: int, out: Path, command: str | None = None, seed: int = 0) -> dict[str, Any]:
+    """``python -m export tta``: the autofocus folder ``init``'s own weights, unchanged, in a graph that averages
+    its outputs over ``tta`` turns of each crop (:class:`DihedralMean`, as ``export calibrate --tta`` exports),
+    written to ``out``. No training, no data: the wrapped folder reads what ``init`` reads under each turn,
+    averaged. ``model.json`` names the folder it wraps (``test_time_averaging``) and keeps no held-out
+    metrics (``init``'s were measured without the averaging; ``python -m bench autofocus --model OUT`` scores it).
+
+    Measured on the builtin v3 (stop 37, README "Test-time averaging of the uncalibrated model"): the model
+    alone reads real tissue better through the training objective, the scan path is not better overall."""
+    folder = load_model_folder(init, task="autofocus")
+    if folder_tta(folder) != 1:
+        raise CalibrationError(f"{init}: its graph already averages {folder_tta(folder)} transforms")
+    model = recover_autofocus(folder)
+    exported = with_tta(model, tta)
+    spec = _spec("AutofocusNet", folder.autofocus_preprocess().to_dict(), magnitude=model.magnitude)
+    spec["model"] = exported
+    # Parity needs inputs of the model's shape, not realistic ones: the graph is compared with torch.
+    shape = (8, *(int(v) for v in folder.input_shape[-3:]))
+    samples = np.random.default_rng(seed).normal(0.0, 1.0, shape).astype(np.float32)
+    training = {"kind": "tta_wrap", "commands": [command] if command else [], "init": str(init)}
+    averaging = {
+        "tta": tta,
+        "tta_transforms": list(TTA_TRANSFORMS[tta]),
+        "init_model": {"path": str(init), "onnx_sha256": folder.sha256},
+    }
+    return export_model(exported, spec, out, samples, {}, training, extra={"test_time_averaging": averaging})
 
 
 def front_features(front: nn.Module, x: np.ndarray, batch: int = 256, transforms: int = DIHEDRAL) -> torch.Tensor:

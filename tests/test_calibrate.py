@@ -538,3 +538,36 @@ def test_stack_content_targets_teach_the_content_head_the_flat_regions(recording
     print(float(c_init[flat].mean()), float(c_stack[flat].mean()), float(c_stack[~flat].mean()))
     assert c_stack[flat].mean() < c_init[flat].mean() - 0.1
     assert c_stack[~flat].mean() > 0.5
+
+
+def test_tta_wrap_averages_the_folders_own_outputs_over_quarter_turns(tmp_path: Path) -> None:
+    """``export tta`` puts a folder's weights, unchanged, in a graph whose outputs are the plain graph's
+    averaged over the quarter turns of each crop; the folder says what it wraps, stays uncalibrated to
+    the scan (no held-out error recorded), and a folder that already averages is refused."""
+    pytest.importorskip("torch")
+    import onnxruntime as ort
+
+    from export.__main__ import main
+    from export.calibrate import TTA_TRANSFORMS, CalibrationError, folder_tta
+    from runtime.ml.model_folder import calibrated_near_focus_error_um
+    from runtime.ml.tasks import dihedral
+
+    init = MODELS_DIR / "autofocus_v3"
+    assert main(["tta", str(init), "--out", str(tmp_path / "v3-tta")]) == 0
+    folder = load_model_folder(tmp_path / "v3-tta", "autofocus")
+    assert folder_tta(folder) == 4 and folder.meta["test_time_averaging"]["tta_transforms"] == list(TTA_TRANSFORMS[4])
+    plain_folder = load_model_folder(init, "autofocus")
+    assert folder.meta["test_time_averaging"]["init_model"]["onnx_sha256"] == plain_folder.sha256
+    assert calibrated_near_focus_error_um(folder.path) is None
+    x = np.random.default_rng(3).normal(0.0, 1.0, (5, *folder.input_shape[-3:])).astype(np.float32)
+    names = list(folder.output_names)
+    plain = ort.InferenceSession(str(plain_folder.onnx_path), providers=["CPUExecutionProvider"])
+    avg = ort.InferenceSession(str(folder.onnx_path), providers=["CPUExecutionProvider"])
+    got = avg.run(names, {folder.input_name: x})
+    per = [plain.run(names, {plain_folder.input_name: dihedral(x, d)}) for d in TTA_TRANSFORMS[4]]
+    for i, out in enumerate(got):
+        np.testing.assert_allclose(out, np.mean([p[i] for p in per], axis=0), atol=1e-4)
+    assert not np.allclose(got[0], plain.run(names, {plain_folder.input_name: x})[0], atol=1e-3)
+    with pytest.raises(CalibrationError, match="already averages 4 transforms"):  # run_cli prints it, no traceback
+        main(["tta", str(tmp_path / "v3-tta"), "--out", str(tmp_path / "again")])
+    assert not (tmp_path / "again").exists()
