@@ -534,7 +534,6 @@ def wrap_tta(init: Path, tta: int, out: Path, command: str | None = None, seed: 
     model = recover_autofocus(folder)
     exported = with_tta(model, tta)
     spec = _spec("AutofocusNet", folder.autofocus_preprocess().to_dict(), magnitude=model.magnitude)
-    spec["model"] = exported
     # Parity needs inputs of the model's shape, not realistic ones: the graph is compared with torch.
     shape = (8, *(int(v) for v in folder.input_shape[-3:]))
     samples = np.random.default_rng(seed).normal(0.0, 1.0, shape).astype(np.float32)

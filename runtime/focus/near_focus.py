@@ -255,17 +255,26 @@ class NearFocusTrust:
         due = self.every or self.verify_every
         return self.fields_since_check >= due and (moved or self.fields_since_check >= due + self.force_after - 1)
 
-    def observe(self, passed: bool, offset_um: float | None = None, surface_error_um: float | None = None) -> None:
+    def observe(
+        self, passed: bool | None, offset_um: float | None = None, surface_error_um: float | None = None
+    ) -> None:
         """``offset_um``: the model's reading at a frame near the fitted focus minus that frame's
         defocus (only there: farther out a wrong sign would pass for an offset); ``surface_error_um``:
         the field's first capture (the surface's prediction) minus the fitted focus. A pass while
-        trusted doubles the period between checks (up to ``max_every``); a failure resets it."""
+        trusted doubles the period between checks (up to ``max_every``); a failure resets it.
+        ``passed`` None: a field the model misread far off, which the frames' own sharpness caught
+        (``runtime.focus.single_shot``: its moves made the frames blurrier): the fit's findings are kept,
+        but the check neither passes nor fails the model. Trust lets the loop keep a frame the model
+        reads *in focus*; a false alarm costs captures, never a field out of focus."""
         if offset_um is not None and abs(offset_um) <= 1.5:
             self.offsets.append(offset_um)
         if offset_um is not None and abs(offset_um) <= BLIND_MAX_UM:
             self.near_readings.append(offset_um)
         if surface_error_um is not None:
             self.surface_errors.append(abs(surface_error_um))
+        self.fields_since_check = 0
+        if passed is None:
+            return
         trusted = not self.distrusted
         self.recent.append(passed)
         self.checks += 1

@@ -465,7 +465,7 @@ class SingleShotFocus:
                     and probes_read(((z, d), *ref.readings), ref.focus_z_um)
                 )
                 near.observe(
-                    agreed,
+                    None if misread else agreed,
                     d - (z - ref.focus_z_um) if abs(z - ref.focus_z_um) <= 1.0 else None,
                     start_z_um - ref.focus_z_um if surface_z else None,
                 )
