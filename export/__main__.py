@@ -36,6 +36,13 @@ DEFAULT_DATA = Path("out/export-data")
 ANALYSIS_DATA = Path("out/analysis-data")
 
 
+def _command_line(argv: Sequence[str] | None) -> str:
+    """The command as typed (``model.json`` records it): ``argv``, or this process's arguments."""
+    import shlex
+
+    return "python -m export " + shlex.join(str(a) for a in (argv if argv is not None else sys.argv[1:]))
+
+
 def _samples(kind: str, data_dir: Path, seed: int, n: int = 64, wide: int = 0) -> np.ndarray:
     """Real held-out inputs for the parity check (plus the data's own extremes)."""
     from export.train import _data
@@ -267,9 +274,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         kw.update(content=args.content, device=args.device, init=args.init, extra_splits=tuple(args.extra))
         kw["threads"] = args.threads
         if args.init is not None or args.extra:  # the exact command goes into model.json
-            import shlex
-
-            kw["command"] = "python -m export " + shlex.join(argv if argv is not None else sys.argv[1:])
+            kw["command"] = _command_line(argv)
         r = train.train_classifier(args.data, out, args.seed, workers=args.workers, hard=args.hard, **kw)
         print(json.dumps(r["heldout_metrics"], indent=2))
         print(f"checkpoint: {out}")
@@ -286,8 +291,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"wrote {args.out}/model.onnx (sha256 {meta['onnx_sha256'][:12]}...), parity {meta['parity']}")
         return 0
     if args.cmd == "calibrate":
-        import shlex
-
         if args.threads is not None and args.threads < 1:
             p.error(f"calibrate: --threads must be >= 1, got {args.threads}")
 
@@ -310,7 +313,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             if getattr(args, k) is not None
         }
-        cmd = "python -m export " + " ".join(shlex.quote(str(a)) for a in (argv if argv is not None else sys.argv[1:]))
+        cmd = _command_line(argv)
         if args.single_pass:
             kw["refit"] = False
         if args.content_targets is not None:
@@ -327,11 +330,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"wrote {args.out}/model.onnx + model.json")
         return 0
     if args.cmd == "tta":
-        import shlex
-
         from export.calibrate import wrap_tta
 
-        cmd = "python -m export " + " ".join(shlex.quote(str(a)) for a in (argv if argv is not None else sys.argv[1:]))
+        cmd = _command_line(argv)
         meta = wrap_tta(args.init, args.tta, args.out, command=cmd)
         print(f"wrote {args.out}/model.onnx (sha256 {meta['onnx_sha256'][:12]}...), parity {meta['parity']}")
         return 0
