@@ -189,6 +189,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 default=None,
                 help="start from this checkpoint (--epochs 0: re-calibrate and re-export only)",
             )
+            an.add_argument(
+                "--vesicular-max",
+                type=float,
+                default=0.0,
+                help="training slides' carcinoma look: each lesion's nuclei up to this vesicular, in [0, 1] "
+                "(hw_sim SlideSpec.vesicular_max; default 0: the hyperchromatic look only)",
+            )
     lh = sub.add_parser(
         "train-lesion-head",
         help="train the small-lesion pixel head (training-range seeds only) "
@@ -343,7 +350,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if task == "tumour":
             from export.train_tumour import train_tumour
 
-            r = train_tumour(args.data, out, args.seed, workers=args.workers, init=args.init, **kw)
+            if not 0.0 <= args.vesicular_max <= 1.0:
+                print(f"error: --vesicular-max must be in [0, 1], got {args.vesicular_max:g}", file=sys.stderr)
+                return 2
+            r = train_tumour(
+                args.data, out, args.seed, workers=args.workers, init=args.init, vesicular_max=args.vesicular_max, **kw
+            )
         elif task == "nuclei":
             from export.train_nuclei import train_nuclei
 

@@ -77,11 +77,18 @@ def slide_seed(split: str, index: int, stream: int = 0) -> int:
 
 
 def analysis_slide(
-    seed: int, tumour: bool, rng: np.random.Generator, size_um: float = SLIDE_UM, small: bool = False
+    seed: int,
+    tumour: bool,
+    rng: np.random.Generator,
+    size_um: float = SLIDE_UM,
+    small: bool = False,
+    vesicular_max: float = 0.0,
 ) -> SyntheticSlide:
     """A 2 x 2 mm slide (``size_um``): 1-4 pieces; ``tumour``: 1-3 lesions of ``LESION_UM`` (else
     none); 0-3 mimics either way. ``small``: 1-2 lesions of ``SMALL_LESION_UM`` only (a slide whose
-    only evidence is at or below the patch size: the hard case of the slide-level call)."""
+    only evidence is at or below the patch size: the hard case of the slide-level call).
+    ``vesicular_max``: :attr:`hw_sim.slide.SlideSpec.vesicular_max` (0: the hyperchromatic
+    carcinoma only; the layout and every other draw are the same either way)."""
     spec = random_slide(rng, seed)
     lo, hi = SMALL_LESION_UM if small else LESION_UM
     spec = replace(
@@ -93,6 +100,7 @@ def analysis_slide(
         mimics=int(rng.integers(0, 4)),
         lesion_min_um=lo,
         lesion_max_um=hi,
+        vesicular_max=vesicular_max,
     )
     for _ in range(8):  # a layout that cannot place every lesion: fewer of them
         try:
@@ -132,13 +140,19 @@ def _block_mean(a: F32, k: int) -> F32:
 
 
 def render_slide_grid(
-    split: str, index: int, tumour: bool, stream: int = 0, size_um: float = SLIDE_UM, small: bool = False
+    split: str,
+    index: int,
+    tumour: bool,
+    stream: int = 0,
+    size_um: float = SLIDE_UM,
+    small: bool = False,
+    vesicular_max: float = 0.0,
 ) -> dict[str, Any]:
-    """One slide's grid of 64-px patches at 1 µm/px (see the module docstring; ``small``: of
-    :func:`analysis_slide`)."""
+    """One slide's grid of 64-px patches at 1 µm/px (see the module docstring; ``small`` and
+    ``vesicular_max``: of :func:`analysis_slide`)."""
     seed = slide_seed(split, index, stream)
     rng = np.random.default_rng([seed, 7])
-    slide = analysis_slide(seed, tumour, rng, size_um, small)
+    slide = analysis_slide(seed, tumour, rng, size_um, small, vesicular_max)
     s = slide.spec
     p, px = TUMOUR_PX, TUMOUR_PIXEL_UM
     off_y, off_x = (float(v) for v in rng.uniform(0, p * px, 2))
@@ -254,20 +268,29 @@ def _run(jobs: list[tuple[Callable[..., dict[str, Any]], tuple[Any, ...]]], work
 
 
 def slide_grids(
-    split: str, slides: int, workers: int = 2, tumour_share: float = 0.6, size_um: float = SLIDE_UM
+    split: str,
+    slides: int,
+    workers: int = 2,
+    tumour_share: float = 0.6,
+    size_um: float = SLIDE_UM,
+    vesicular_max: float = 0.0,
 ) -> dict[str, Any]:
     """``slides`` slide grids of a split; the first ``tumour_share`` of them carry lesions."""
     n_t = round(slides * tumour_share)
-    return _run([(render_slide_grid, (split, i, i < n_t, 0, size_um)) for i in range(slides)], workers)
+    jobs = [(render_slide_grid, (split, i, i < n_t, 0, size_um, False, vesicular_max)) for i in range(slides)]
+    return _run(jobs, workers)
 
 
-def small_lesion_grids(slides: int, workers: int = 2, size_um: float = SLIDE_UM) -> dict[str, Any]:
+def small_lesion_grids(
+    slides: int, workers: int = 2, size_um: float = SLIDE_UM, vesicular_max: float = 0.0
+) -> dict[str, Any]:
     """``slides`` training slide grids (seed stream ``SMALL_STREAM``), each with 1-2 lesions of
     ``SMALL_LESION_UM`` only (0-3 mimics too): the small, often low-grade lesions that the ordinary
     slides hold only now and then, and that decide a slide-level call when they are all there is.
     ``slide`` counts from 0 (:func:`export.train_tumour.load_training_grids` appends them after
     the ordinary slides)."""
-    return _run([(render_slide_grid, ("train", i, True, SMALL_STREAM, size_um, True)) for i in range(slides)], workers)
+    jobs = [(render_slide_grid, ("train", i, True, SMALL_STREAM, size_um, True, vesicular_max)) for i in range(slides)]
+    return _run(jobs, workers)
 
 
 def benign_grids(slides: int, workers: int = 2, size_um: float = SLIDE_UM) -> dict[str, Any]:

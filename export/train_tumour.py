@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any, Final
@@ -173,11 +174,25 @@ def _other(seed: int, images: int) -> dict[str, Any]:
     return {"patches": np.concatenate([tex, pho])}
 
 
-def load_grids(data_dir: Path, split: str, slides: int, workers: int = 2, size_um: float = SLIDE_UM) -> dict[str, Any]:
+def _look(size_um: float, vesicular_max: float) -> str:
+    """The cache-name suffix of a slide size and carcinoma look (empty for the defaults)."""
+    return ("" if size_um == SLIDE_UM else f"-{size_um:g}um") + (f"-ves{vesicular_max:g}" if vesicular_max else "")
+
+
+def load_grids(
+    data_dir: Path,
+    split: str,
+    slides: int,
+    workers: int = 2,
+    size_um: float = SLIDE_UM,
+    vesicular_max: float = 0.0,
+) -> dict[str, Any]:
     """The cached grids of ``slides`` slides (60% with tumour in training, 50% held out)."""
     share = 0.6 if split == "train" else 0.5
-    name = f"grids-{split}-{slides}" + ("" if size_um == SLIDE_UM else f"-{size_um:g}um")
-    return cached(data_dir / f"{name}.npz", lambda: slide_grids(split, slides, workers, share, size_um))
+    name = f"grids-{split}-{slides}" + _look(size_um, vesicular_max)
+    return cached(
+        data_dir / f"{name}.npz", lambda: slide_grids(split, slides, workers, share, size_um, vesicular_max)
+    )
 
 
 def load_training_grids(
@@ -187,19 +202,25 @@ def load_training_grids(
     workers: int = 2,
     size_um: float = SLIDE_UM,
     benign_slides: int = 0,
+    vesicular_max: float = 0.0,
 ) -> dict[str, Any]:
     """The ordinary training grids, then ``small_slides`` small-lesion slide grids
     (:func:`export.analysis_data.small_lesion_grids`) and ``benign_slides`` tumour-free ones
     (:func:`export.analysis_data.benign_grids`), numbered after them (slide ``train_slides`` + i,
     then + ``small_slides`` + i): all training slides (:func:`val_slides_mask` picks validation
-    slides among the first ``train_slides`` only)."""
-    grids = load_grids(data_dir, "train", train_slides, workers, size_um)
-    um = "" if size_um == SLIDE_UM else f"-{size_um:g}um"
+    slides among the first ``train_slides`` only). ``vesicular_max``: the carcinoma look of the
+    slides with lesions (:func:`export.analysis_data.analysis_slide`)."""
+    grids = load_grids(data_dir, "train", train_slides, workers, size_um, vesicular_max)
     parts, first = [grids], train_slides
-    for kind, n, make in (("small", small_slides, small_lesion_grids), ("benign", benign_slides, benign_grids)):
+    makers: tuple[tuple[str, int, Callable[[], dict[str, Any]]], ...] = (
+        ("small", small_slides, partial(small_lesion_grids, small_slides, workers, size_um, vesicular_max)),
+        ("benign", benign_slides, partial(benign_grids, benign_slides, workers, size_um)),  # no lesions: no look
+    )
+    for kind, n, make in makers:
         if n <= 0:
             continue
-        extra = cached(data_dir / f"grids-train-{kind}-{n}{um}.npz", partial(make, n, workers, size_um))
+        look = _look(size_um, vesicular_max if kind == "small" else 0.0)
+        extra = cached(data_dir / f"grids-train-{kind}-{n}{look}.npz", make)
         parts.append({**extra, "slide": extra["slide"] + first})
         first += n
     if len(parts) == 1:
@@ -235,21 +256,28 @@ def train_tumour(
     other_content: int = 150,
     init: Path | None = None,
     small_slides: int | None = None,
+    vesicular_max: float = 0.0,
 ) -> dict[str, Any]:
     """Train, score on the held-out slides and write ``out`` (a model folder, parity-checked).
     ``slide_um``: smaller slides (tests). ``other_content``: that many textures and as many
     photographs (export.content_mix) give negatives that are not tissue (0: none).
     ``small_slides``: small-lesion training slides added to the ``train_slides`` ordinary ones
     (default ``SMALL_SHARE`` x ``train_slides``).
-    ``lr``: peak learning rate (default 4e-3 from scratch, ``FINE_TUNE_LR`` from ``init``)."""
+    ``lr``: peak learning rate (default 4e-3 from scratch, ``FINE_TUNE_LR`` from ``init``).
+    ``vesicular_max``: the training slides' carcinoma look (:attr:`hw_sim.slide.SlideSpec.vesicular_max`;
+    each lesion draws its own degree up to it); the held-out figures are scored on the default
+    look and, when it is > 0, also on held-out slides of that look (``heldout_vesicular``)."""
     seed_everything(seed)
     if lr is None:
         lr = 4e-3 if init is None else FINE_TUNE_LR
     if small_slides is None:
         small_slides = round(SMALL_SHARE * train_slides)
     t0 = time.time()
-    grids = load_training_grids(data_dir, train_slides, small_slides, workers, slide_um)
+    grids = load_training_grids(data_dir, train_slides, small_slides, workers, slide_um, vesicular_max=vesicular_max)
     held = load_grids(data_dir, "heldout", heldout_slides, workers, slide_um)
+    held_ves = None
+    if vesicular_max:
+        held_ves = load_grids(data_dir, "heldout", heldout_slides, workers, slide_um, vesicular_max)
     data_s = time.time() - t0
     is_val = val_slides_mask(grids["slide"], train_slides, val_slides)
     val, train = _subset(grids, is_val), _subset(grids, ~is_val)
@@ -314,6 +342,10 @@ def train_tumour(
     hp, _ = predict(model, held["patches"])
     metrics = patch_metrics(hp, held)
     metrics["heldout_slide_seeds"] = [int(s) for s in held["slide_seed"]]
+    if held_ves is not None:  # the same held-out slides, their carcinoma drawn with the training look
+        metrics["heldout_vesicular"] = {
+            "vesicular_max": vesicular_max, **patch_metrics(predict(model, held_ves["patches"])[0], held_ves)
+        }
     result = {
         "kind": "tumour",
         "seed": seed,
@@ -324,6 +356,7 @@ def train_tumour(
         "train_slides": train_slides - val_slides + small_slides,
         "small_lesion_slides": small_slides,
         "val_slides": val_slides,
+        "vesicular_max": vesicular_max,
         "slide_um": slide_um,
         "train_patches": len(t_f),
         "other_content_patches": len(other),
@@ -343,7 +376,8 @@ def train_tumour(
         "commands": [
             *(init_result["commands"] if init_result else []),
             f"python -m export train-tumour --seed {seed} --epochs {epochs} --out {out.as_posix()}"
-            + (f" --init {Path(init).as_posix()}" if init is not None else ""),
+            + (f" --init {Path(init).as_posix()}" if init is not None else "")
+            + (f" --vesicular-max {vesicular_max:g}" if vesicular_max else ""),
         ],
     }
     print(json.dumps(metrics), flush=True)

@@ -56,6 +56,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--lesions", type=int, default=0, help="tumour lesions on the slide (hw_sim.lesions)")
     s.add_argument("--mimics", type=int, default=0, help="benign crowded regions that are not tumour (hard negatives)")
+    s.add_argument(
+        "--vesicular-max",
+        type=float,
+        default=0.0,
+        help="each lesion's nuclei from hyperchromatic (0) up to this vesicular (1: larger, pale, a chromatin rim and "
+        "a nucleolus); default 0",
+    )
     s.add_argument("--force", action="store_true", help="overwrite an existing recording")
     s.add_argument(
         "--frames",
@@ -124,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
                 content_region=args.content_region,
                 lesions=args.lesions,
                 mimics=args.mimics,
+                vesicular_max=args.vesicular_max,
                 **objective,  # type: ignore[arg-type]
             )
             synthesize(args.out, params, overwrite=args.force, progress=True, compress=args.frames == "zstd")

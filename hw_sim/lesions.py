@@ -72,10 +72,17 @@ TUMOUR_PATTERNS: Final = ("solid", "nests", "glands")
 MIMIC_KINDS: Final = ("lymphoid", "hyperplasia")
 
 # Salts of the lesion hash streams (the slide's own use 1-13).
-_S_LES, _S_LSHAPE, _S_TNUC, _S_MNUC, _S_PAT, _S_DES = 20, 21, 22, 23, 24, 25
+_S_LES, _S_LSHAPE, _S_TNUC, _S_MNUC, _S_PAT, _S_DES, _S_VES = 20, 21, 22, 23, 24, 25, 26
 
 TUMOUR_MAX_AXIS_UM: Final = 6.5
-"""Largest tumour nucleus semi-axis (with its lobed outline); bounds the render reach."""
+"""Largest hyperchromatic tumour nucleus semi-axis (with its lobed outline); bounds the render reach."""
+_VES_SIZE = 0.6  # a fully vesicular lesion's nuclei are this much larger (and spaced this much wider)
+
+
+def tumour_max_axis_um(vesicular_max: float) -> float:
+    """Largest tumour nucleus semi-axis on a slide whose lesions are at most ``vesicular_max``
+    vesicular (:attr:`hw_sim.slide.SlideSpec.vesicular_max`)."""
+    return TUMOUR_MAX_AXIS_UM * (1.0 + _VES_SIZE * vesicular_max)
 _EDGE_UM = 2.0  # soft lesion boundary half-width: the outline is a sharp tissue change, not a blur
 _GLAND_UM = 30.0  # noise scale of the glands: lumens of ~20-40 µm
 _N_NOISE = 32  # lattice points of the periodic outline noise around the lesion
@@ -105,6 +112,7 @@ class Lesion:
     harmonics: tuple[tuple[float, float], ...]  # (relative amplitude, phase) of orders 2, 3, ...
     noise: tuple[float, ...]  # periodic outline noise, _N_NOISE values in [-1, 1]
     noise_amp: float
+    vesicular: float = 0.0  # nuclear look in [0, 1]: 0 hyperchromatic, 1 vesicular (tumour only)
 
     @property
     def reach(self) -> float:
@@ -160,11 +168,13 @@ def lesion_layout(spec: SlideSpec, pieces: list[_Piece]) -> list[Lesion]:
             hi = max(lo, min(spec.lesion_max_um, 1.2 * minor))
             pattern = TUMOUR_PATTERNS[int(u[2] * len(TUMOUR_PATTERNS)) % len(TUMOUR_PATTERNS)]
             grade = 0.25 + 0.75 * u[3]
+            vesicular = spec.vesicular_max * _hash_scalar(_key(spec.seed, _S_VES), i, 0)
         else:
             lo = 60.0
             hi = max(lo, min(800.0, 1.2 * minor))
             pattern = MIMIC_KINDS[int(u[2] * len(MIMIC_KINDS)) % len(MIMIC_KINDS)]
             grade = 0.0
+            vesicular = 0.0
         diameter = math.exp(math.log(lo) + u[1] * (math.log(hi) - math.log(lo)))
         harmonics = tuple(
             (0.16 * _hash_scalar(shape_key, i, 10 + k) / k, 2 * math.pi * _hash_scalar(shape_key, i, 20 + k))
@@ -189,6 +199,7 @@ def lesion_layout(spec: SlideSpec, pieces: list[_Piece]) -> list[Lesion]:
                 harmonics=harmonics,
                 noise=noise,
                 noise_amp=0.05,
+                vesicular=vesicular,
             )
             if all(math.hypot(cand.cx - o.cx, cand.cy - o.cy) > cand.reach + o.reach + 20.0 for o in out):
                 placed = cand
@@ -362,21 +373,21 @@ class LesionField:
 
     def nuclei(self, x0: float, y0: float, x1: float, y1: float) -> dict[str, F64]:
         """Tumour and mimic nuclei whose centres lie in [x0, x1) x [y0, y1) (before the tissue test,
-        which the slide applies): arrays ``cx, cy, a, b, amp, theta, lobe, lobe_phase, tumour``."""
+        which the slide applies): arrays ``cx, cy, a, b, amp, theta, lobe, lobe_phase, tumour,
+        vesicular`` and ``nucleolus`` (n x 2)."""
         parts: list[dict[str, F64]] = []
         for les in self._near(x0, y0, x1, y1):
             parts.append(self._lesion_nuclei(les, max(x0, les.cx - les.reach), max(y0, les.cy - les.reach),
                                              min(x1, les.cx + les.reach), min(y1, les.cy + les.reach)))
-        names = ("cx", "cy", "a", "b", "amp", "theta", "lobe", "lobe_phase", "tumour")
         if not parts:
-            return {n: np.zeros(0, np.float64) for n in names}
-        return {n: np.concatenate([p[n] for p in parts]) for n in names}
+            return self._empty()
+        return {n: np.concatenate([p[n] for p in parts]) for n in parts[0]}
 
     def _lesion_nuclei(self, les: Lesion, x0: float, y0: float, x1: float, y1: float) -> dict[str, F64]:
         # A jittered lattice (one candidate per cell) packs nuclei densely without piling them up,
         # as cells in an epithelial sheet do; its spacing is what sets the crowding.
-        if les.tumour:
-            cell, key = 6.5, self._tnuc_key
+        if les.tumour:  # vesicular carcinoma cells are larger: the lattice widens with their nuclei
+            cell, key = 6.5 * (1.0 + _VES_SIZE * les.vesicular), self._tnuc_key
         elif les.pattern == "lymphoid":
             cell, key = 4.2, self._mnuc_key
         else:
@@ -406,13 +417,24 @@ class LesionField:
         us = [u(i)[keep] for i in range(3, 9)]
         g = les.grade
         n = keep.size
+        ves = np.zeros(n)
+        nucleolus = np.zeros((n, 2))
         if les.tumour:
             # Enlarged and pleomorphic: the mean and the spread of the size grow with the grade.
-            mean = 3.1 + 1.3 * g  # benign round nuclei: semi-axes 2.4-3.6 µm
-            a = np.minimum(mean * (1.0 + (0.2 + 0.4 * g) * (us[0] - 0.5)), TUMOUR_MAX_AXIS_UM / 1.15)
+            grow = 1.0 + _VES_SIZE * les.vesicular
+            mean = (3.1 + 1.3 * g) * grow  # benign round nuclei: semi-axes 2.4-3.6 µm
+            a = np.minimum(mean * (1.0 + (0.2 + 0.4 * g) * (us[0] - 0.5)), TUMOUR_MAX_AXIS_UM * grow / 1.15)
             b = a * (0.7 + 0.3 * us[1])
-            amp = 0.95 + 0.25 * g + 0.3 * g * us[2]  # hyperchromatic: normal round nuclei are 0.75-1.1
+            # Hyperchromatic (normal round nuclei are 0.75-1.1); a vesicular nucleus's haematoxylin
+            # sits in its rim and nucleolus, its interior pale.
+            amp = (0.95 + 0.25 * g + 0.3 * g * us[2]) * (1.0 - 0.25 * les.vesicular)
             lobe = 0.15 * g * us[4]
+            if les.vesicular > 0:  # its own stream: the hyperchromatic draws above stay as they were
+                vk = _key(self.spec.seed, _S_VES) + les.index * 7919
+                ves = les.vesicular * (0.7 + 0.3 * _hash01(vk, gx[keep], gy[keep]))
+                ang = 2 * math.pi * _hash01(vk + 1, gx[keep], gy[keep])
+                rad = np.sqrt(_hash01(vk + 2, gx[keep], gy[keep]))
+                nucleolus = np.stack([rad * np.cos(ang), rad * np.sin(ang)], axis=1)
         elif les.pattern == "lymphoid":
             a = 1.7 + 0.5 * us[0]
             b = a * (0.85 + 0.15 * us[1])
@@ -433,9 +455,11 @@ class LesionField:
             "lobe": np.asarray(lobe, np.float64),
             "lobe_phase": us[5] * 2 * math.pi,
             "tumour": np.full(n, 1.0 if les.tumour else 0.0),
+            "vesicular": ves,
+            "nucleolus": nucleolus,
         }
 
     @staticmethod
     def _empty() -> dict[str, F64]:
-        names = ("cx", "cy", "a", "b", "amp", "theta", "lobe", "lobe_phase", "tumour")
-        return {n: np.zeros(0, np.float64) for n in names}
+        names = ("cx", "cy", "a", "b", "amp", "theta", "lobe", "lobe_phase", "tumour", "vesicular")
+        return {**{n: np.zeros(0, np.float64) for n in names}, "nucleolus": np.zeros((0, 2), np.float64)}

@@ -117,6 +117,11 @@ class SlideSpec:
     mimics: int = 0
     lesion_min_um: float = 50.0
     lesion_max_um: float = 4000.0
+    # How far a carcinoma's nuclei may depart from the hyperchromatic look toward the vesicular one
+    # of real carcinoma (hw_sim.lesions: larger, paler nuclei with a chromatin rim and a nucleolus,
+    # more widely spaced): each lesion draws its own degree in [0, vesicular_max] from its own hash
+    # stream. 0: the hyperchromatic look only, and the slide renders bit for bit as before it existed.
+    vesicular_max: float = 0.0
 
     def __post_init__(self) -> None:
         if not (self.width_um > 0 and self.height_um > 0):
@@ -139,6 +144,8 @@ class SlideSpec:
             raise ValueError(
                 f"need 0 < lesion_min_um <= lesion_max_um, got {self.lesion_min_um} and {self.lesion_max_um}"
             )
+        if not 0.0 <= self.vesicular_max <= 1.0:
+            raise ValueError(f"vesicular_max must be in [0, 1], got {self.vesicular_max}")
         if self.content_region not in CONTENT_REGIONS:
             raise ValueError(
                 f"content_region must be one of {', '.join(repr(r) for r in CONTENT_REGIONS)}, "
@@ -739,13 +746,15 @@ class SyntheticSlide:
         if cx.size:
             _draw_nuclei(canvas, x0, y0, px, math.ceil(reach / px) + 1, cx, cy, a, b, amp, th)
         if self.lesions is not None:
-            from hw_sim.lesions import TUMOUR_MAX_AXIS_UM
+            from hw_sim.lesions import tumour_max_axis_um
 
-            lreach = TUMOUR_MAX_AXIS_UM * (1 + _NUC_EDGE)
+            lreach = tumour_max_axis_um(self.spec.vesicular_max) * (1 + _NUC_EDGE)
             n = self._lesion_nuclei(x0 - lreach, y0 - lreach, x1 + lreach, y1 + lreach)
             if n["cx"].size:
+                ves = n["vesicular"] if self.spec.vesicular_max > 0 else None
                 _draw_nuclei(canvas, x0, y0, px, math.ceil(lreach / px) + 1, n["cx"], n["cy"], n["a"], n["b"],
-                             n["amp"].astype(np.float32), n["theta"], n["lobe"], n["lobe_phase"])
+                             n["amp"].astype(np.float32), n["theta"], n["lobe"], n["lobe_phase"],
+                             ves, n["nucleolus"] if ves is not None else None)
         return canvas
 
     def _lesion_eosin(self, xs: F64, ys: F64, density: F32, od_e: F32, les: LesionLayers) -> F32:
@@ -770,9 +779,13 @@ def _draw_nuclei(
     canvas: F32, x0: float, y0: float, px: float, half: int,
     cx: F64, cy: F64, a: F64, b: F64, amp: F32, th: F64,
     lobe: F64 | None = None, lobe_phase: F64 | None = None,
+    vesicular: F64 | None = None, nucleolus: F64 | None = None,
 ) -> None:
     """Add nucleus profiles to ``canvas`` (top-left pixel edge at slide (x0, y0)); ``lobe``: the
-    depth of a three-lobed outline (pleomorphic tumour nuclei), none if omitted."""
+    depth of a three-lobed outline (pleomorphic tumour nuclei), none if omitted. ``vesicular``:
+    per nucleus in [0, 1], how far the profile goes from solid (0) to vesicular (1: a pale interior,
+    a thin dark chromatin rim and a nucleolus); ``nucleolus``: (n, 2) its offset from the centre
+    in units of the semi-axes (along a, along b). Omitted: every nucleus solid."""
     h, w = canvas.shape
     cs, sn = np.cos(th), np.sin(th)
     size = 2 * half + 1
@@ -790,9 +803,20 @@ def _draw_nuclei(
     if lobe is not None and lobe_phase is not None:
         ang = np.arctan2(vv, uu)
         r = (r / (1.0 + lobe[:, None, None] * np.cos(3.0 * ang + lobe_phase[:, None, None]))).astype(np.float32)
-    prof = _smoothstep(1.0 + _NUC_EDGE, 1.0 - _NUC_EDGE, r) * (
-        np.float32(1.0) + np.float32(0.35) * _smoothstep(0.5, 0.95, r)  # darker nuclear rim
-    )
+    edge = _smoothstep(1.0 + _NUC_EDGE, 1.0 - _NUC_EDGE, r)
+    if vesicular is None or nucleolus is None:
+        prof = edge * (np.float32(1.0) + np.float32(0.35) * _smoothstep(0.5, 0.95, r))  # darker nuclear rim
+    else:
+        # Vesicular: chromatin pushed to the nuclear membrane (a rim that narrows and darkens with
+        # v), a pale interior, and a nucleolus of ~0.7 µm radius off the centre.
+        v = vesicular.astype(np.float32)[:, None, None]
+        lo = np.float32(0.5) + np.float32(0.3) * v  # the rim's inner edge moves out as it narrows
+        rim = _smooth(np.clip((r - lo) / (np.float32(0.95) - lo), 0.0, 1.0))
+        prof = edge * (np.float32(1.0) - np.float32(0.7) * v + (np.float32(0.35) + np.float32(0.9) * v) * rim)
+        du = uu - nucleolus[:, 0, None, None] * 0.45
+        dv = vv - nucleolus[:, 1, None, None] * 0.45
+        d2 = (du * a[:, None, None]) ** 2 + (dv * b[:, None, None]) ** 2  # µm², nucleus frame
+        prof += (np.float32(1.3) * v * np.exp(-d2 / (2 * 0.7**2))).astype(np.float32) * edge
     prof *= amp[:, None, None]
     for n in range(cx.size):
         i0, j0 = int(ic[n]), int(jc[n])

@@ -96,6 +96,7 @@ class SynthParams:
     # Tumour lesions and benign crowded mimics on the slide (hw_sim.lesions; SlideSpec checks them).
     lesions: int = 0
     mimics: int = 0
+    vesicular_max: float = 0.0  # how vesicular a lesion's nuclei may be (SlideSpec.vesicular_max)
 
     def __post_init__(self) -> None:
         if self.fields_x < 1 or self.fields_y < 1:
@@ -180,6 +181,7 @@ def slide_spec(params: SynthParams) -> SlideSpec:
         content_region=params.content_region,
         lesions=params.lesions,
         mimics=params.mimics,
+        vesicular_max=params.vesicular_max,
     )
 
 

@@ -90,3 +90,25 @@ def test_training_grids_number_the_extra_slides_after_the_ordinary_ones(tmp_path
     assert g["slide_tumour"].tolist() == [True, False, True, False]
     assert g["tumour_fraction"][g["slide"] == 3].max() == 0
     assert not val_slides_mask(g["slide"], 2, 1)[g["slide"] >= 2].any()  # extra slides are never validation
+
+
+def test_training_grids_in_the_vesicular_look_are_the_same_slides_drawn_otherwise(tmp_path: object) -> None:
+    pytest.importorskip("torch")
+    from pathlib import Path
+
+    from export.train_tumour import load_training_grids
+
+    root = Path(str(tmp_path))
+    plain = load_training_grids(root, 1, small_slides=1, workers=1, size_um=500.0, benign_slides=1)
+    ves = load_training_grids(root, 1, small_slides=1, workers=1, size_um=500.0, benign_slides=1, vesicular_max=1.0)
+    # Cached apart (the look is in the file name) except the benign slides, which have no carcinoma to draw.
+    names = sorted(p.name for p in root.glob("*.npz"))
+    assert names == ["grids-train-1-500um-ves1.npz", "grids-train-1-500um.npz", "grids-train-benign-1-500um.npz",
+                     "grids-train-small-1-500um-ves1.npz", "grids-train-small-1-500um.npz"]
+    # The same slides, lesions and truth: only the tumour pixels differ.
+    for key in ("slide_seed", "slide", "tumour_fraction", "tissue_fraction", "coords_um"):
+        np.testing.assert_array_equal(plain[key], ves[key])
+    tumour = plain["tumour_fraction"] > 0.5
+    assert tumour.any()
+    assert not np.array_equal(plain["patches"][tumour], ves["patches"][tumour])
+    np.testing.assert_array_equal(plain["patches"][plain["slide"] == 2], ves["patches"][ves["slide"] == 2])

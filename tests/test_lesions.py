@@ -18,7 +18,7 @@ from shapely.geometry import shape
 
 from hw_sim.__main__ import main as hw_sim_main
 from hw_sim.lesions import HELD_OUT_SEEDS, check_training_seed, lesion_layout
-from hw_sim.slide import _NUC_EDGE, _NUC_MAX_AXIS_UM, RUIFROK_E, RUIFROK_H, SlideSpec, SyntheticSlide
+from hw_sim.slide import _NUC_EDGE, _NUC_MAX_AXIS_UM, RUIFROK_E, RUIFROK_H, SlideSpec, SyntheticSlide, _draw_nuclei
 from hw_sim.truth import TruthRenderer, mosaic_shape
 from runtime.devices.recording import Recording
 
@@ -120,7 +120,7 @@ def test_slides_without_lesions_render_as_before(case: dict[str, Any]) -> None:
 def test_spec_keys_and_old_metadata() -> None:
     # Recordings made before lesions existed have no lesion keys: they rebuild a lesion-free slide.
     old = {k: v for k, v in SlideSpec(seed=4).to_dict().items() if k not in ("lesions", "mimics", "lesion_min_um",
-                                                                             "lesion_max_um")}
+                                                                             "lesion_max_um", "vesicular_max")}
     assert SlideSpec.from_dict(old) == SlideSpec(seed=4)
     spec = SlideSpec(seed=4, lesions=2, mimics=1)
     assert SlideSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
@@ -130,6 +130,8 @@ def test_spec_keys_and_old_metadata() -> None:
         SlideSpec(lesions=1, lesion_min_um=500.0, lesion_max_um=100.0)
     with pytest.raises(ValueError, match="only on the procedural H&E"):
         SlideSpec(lesions=1, content="ihc")
+    with pytest.raises(ValueError, match=r"vesicular_max must be in \[0, 1\], got 1.5"):
+        SlideSpec(lesions=1, vesicular_max=1.5)
 
 
 # ------------------------------------------------------------------ layout
@@ -234,6 +236,45 @@ def test_tumour_nuclei_are_larger_than_benign_ones(lesion_slide: SyntheticSlide)
         assert tumour_area.size > 50
         assert np.median(tumour_area) > 1.2 * np.median((a * b)[round_]), les
         assert np.std(n["a"][n["tumour"] > 0]) > 0.2, "pleomorphic: nuclear size varies"
+
+
+def test_vesicular_carcinoma_is_a_look_of_the_same_layout(lesion_slide: SyntheticSlide) -> None:
+    ves = SyntheticSlide(replace(LESION_SPEC, vesicular_max=1.0))
+    assert ves.lesions is not None and lesion_slide.lesions is not None
+    for a, b in zip(lesion_slide.lesions.lesions, ves.lesions.lesions, strict=True):
+        # Its own hash stream: where, how large, which pattern and grade are as without it.
+        assert replace(b, vesicular=0.0) == a
+        assert a.vesicular == 0.0 and (0.0 <= b.vesicular <= 1.0 if b.tumour else b.vesicular == 0.0)
+    # Force the first lesion to each end of the look: the vesicular cells are larger and fewer.
+    les = ves.lesions.lesions[0]
+    r = les.radius
+    found = {}
+    for v in (0.0, 1.0):
+        ves.lesions.lesions[0] = replace(les, vesicular=v)
+        found[v] = ves.lesions.nuclei(les.cx - r, les.cy - r, les.cx + r, les.cy + r)
+    ves.lesions.lesions[0] = les
+    area = {v: np.median((n["a"] * n["b"])[n["tumour"] > 0]) for v, n in found.items()}
+    count = {v: int((n["tumour"] > 0).sum()) for v, n in found.items()}
+    assert area[1.0] > 2.0 * area[0.0] and count[1.0] < 0.6 * count[0.0], (area, count)
+    assert (found[0.0]["vesicular"] == 0).all() and (found[1.0]["vesicular"][found[1.0]["tumour"] > 0] >= 0.7).all()
+
+
+def test_a_vesicular_nucleus_has_a_pale_interior_a_dark_rim_and_a_nucleolus() -> None:
+    px, half = 0.1, 80
+    def draw(v: float) -> npt.NDArray[np.float32]:
+        canvas = np.zeros((2 * half + 1, 2 * half + 1), np.float32)
+        centre = np.array([(half + 0.5) * px])
+        one = np.ones(1)
+        _draw_nuclei(canvas, 0.0, 0.0, px, half, centre, centre, 6.0 * one, 6.0 * one, np.ones(1, np.float32),
+                     0.0 * one, vesicular=v * one, nucleolus=np.array([[1.0, 0.0]]))
+        return canvas
+    solid, vesicular = draw(0.0), draw(1.0)
+    row = vesicular[half]  # along the nucleus's a axis: the nucleolus sits at +0.45 a = +2.7 µm
+    # At -1.8 µm (the interior), 4.8-6.2 µm (the rim) and +2.7 µm (the nucleolus):
+    interior, rim, nucleolus = row[half - 18], row[half + 48 : half + 62].max(), row[half + 27]
+    assert rim > 3 * interior and nucleolus > 3 * interior, (interior, rim, nucleolus)
+    assert interior < 0.5 * solid[half, half - 18]  # paler than a solid nucleus's interior
+    assert vesicular[half, 2 * half] == 0.0  # nothing beyond the outline (6 µm + its soft edge)
 
 
 def test_mimics_are_crowded_but_not_tumour(lesion_slide: SyntheticSlide) -> None:
