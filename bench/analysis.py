@@ -79,6 +79,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--size-um", type=float, default=1500.0, help="side of each slide's square area (µm)")
     p.add_argument("--first-seed", type=int, default=900_000, help="first slide seed (held out: 900000-999999)")
+    p.add_argument(
+        "--vesicular-max",
+        type=float,
+        default=0.0,
+        help="draw the slides' carcinoma up to this vesicular, in [0, 1] (hw_sim SlideSpec.vesicular_max; the same "
+        "slides and truth; default 0: the look the models trained on)",
+    )
     p.add_argument("--no-nuclei", action="store_true", help="skip nuclei detection (faster)")
     p.add_argument(
         "--subdivide",
@@ -169,8 +176,17 @@ def slide_spec_for(seed: int, index: int, size_um: float, held_out: bool = True)
     }
 
 
-def render_slide(seed: int, index: int, size_um: float, px_um: float = PX_UM, held_out: bool = True) -> BenchSlide:
-    """Render slide ``index`` (seed ``seed``) in focus, with its truth (see the module docstring)."""
+def render_slide(
+    seed: int,
+    index: int,
+    size_um: float,
+    px_um: float = PX_UM,
+    held_out: bool = True,
+    vesicular_max: float = 0.0,
+) -> BenchSlide:
+    """Render slide ``index`` (seed ``seed``) in focus, with its truth (see the module docstring).
+    ``vesicular_max``: the carcinoma's look (:attr:`hw_sim.slide.SlideSpec.vesicular_max`; the same
+    slides, lesions and truth either way)."""
     import cv2
 
     from hw_sim.content import make_slide
@@ -183,7 +199,9 @@ def render_slide(seed: int, index: int, size_um: float, px_um: float = PX_UM, he
 
     ox, oy = AREA_ORIGIN_UM
     drawn = slide_spec_for(seed, index, size_um, held_out)
-    spec = SlideSpec(origin_x_um=ox, origin_y_um=oy, width_um=size_um, height_um=size_um, **drawn)
+    spec = SlideSpec(
+        origin_x_um=ox, origin_y_um=oy, width_um=size_um, height_um=size_um, vesicular_max=vesicular_max, **drawn
+    )
     n = round(size_um / px_um)
     # One "field" exactly covering the area: the truth mosaic is then the area at px_um.
     meta = RecordingMeta(
@@ -696,7 +714,9 @@ def run(args: argparse.Namespace) -> int:
     from runtime.analysis.pipeline import baseline_models
 
     t0 = time.perf_counter()
-    slides = [render_slide(args.first_seed + i, i, args.size_um) for i in range(args.slides)]
+    slides = [
+        render_slide(args.first_seed + i, i, args.size_um, vesicular_max=args.vesicular_max) for i in range(args.slides)
+    ]
     render_s = time.perf_counter() - t0
     runs: dict[str, dict[str, Any]] = {}
     notes = [""]
@@ -722,6 +742,7 @@ def run(args: argparse.Namespace) -> int:
     result: dict[str, Any] = {
         "slides": args.slides,
         "size_um": args.size_um,
+        "vesicular_max": args.vesicular_max,
         "seeds": [args.first_seed, args.first_seed + args.slides - 1],
         "px_um": PX_UM,
         "render_s": render_s,

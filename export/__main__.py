@@ -182,13 +182,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         an.add_argument("--out", type=Path, default=None, help="model folder to write (default: the builtin one)")
         if name == "train-mil":
             an.add_argument("--tumour", type=Path, default=MODELS_DIR / "tumour", help="tumour model folder")
-        if name == "train-tumour":
-            an.add_argument(
-                "--init",
-                type=Path,
-                default=None,
-                help="start from this checkpoint (--epochs 0: re-calibrate and re-export only)",
-            )
+        if name in ("train-tumour", "train-mil"):
             an.add_argument(
                 "--vesicular-max",
                 type=float,
@@ -196,6 +190,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 help="training slides' carcinoma look: each lesion's nuclei up to this vesicular, in [0, 1] "
                 "(hw_sim SlideSpec.vesicular_max; default 0: the hyperchromatic look only)",
             )
+        if name == "train-tumour":
+            an.add_argument(
+                "--init",
+                type=Path,
+                default=None,
+                help="start from this checkpoint (--epochs 0: re-calibrate and re-export only)",
+            )
+
     lh = sub.add_parser(
         "train-lesion-head",
         help="train the small-lesion pixel head (training-range seeds only) "
@@ -347,12 +349,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         task = {"train-tumour": "tumour", "train-nuclei": "nuclei", "train-mil": "slide_mil"}[args.cmd]
         out = args.out or MODELS_DIR / task
         kw = {"epochs": args.epochs} if args.epochs is not None else {}
+        if task != "nuclei" and not 0.0 <= args.vesicular_max <= 1.0:
+            print(f"error: --vesicular-max must be in [0, 1], got {args.vesicular_max:g}", file=sys.stderr)
+            return 2
         if task == "tumour":
             from export.train_tumour import train_tumour
 
-            if not 0.0 <= args.vesicular_max <= 1.0:
-                print(f"error: --vesicular-max must be in [0, 1], got {args.vesicular_max:g}", file=sys.stderr)
-                return 2
             r = train_tumour(
                 args.data, out, args.seed, workers=args.workers, init=args.init, vesicular_max=args.vesicular_max, **kw
             )
@@ -363,7 +365,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             from export.train_mil import train_mil
 
-            r = train_mil(args.data, out, args.tumour, args.seed, workers=args.workers, **kw)
+            r = train_mil(
+                args.data, out, args.tumour, args.seed, workers=args.workers, vesicular_max=args.vesicular_max, **kw
+            )
         print(json.dumps(r["heldout_metrics"], indent=2))
         print(f"wrote {out}/model.onnx + model.json")
         return 0

@@ -241,8 +241,10 @@ def train_mil(
     slide_um: float = SLIDE_UM,
     small_slides: int | None = None,
     benign_slides: int | None = None,
+    vesicular_max: float = 0.0,
 ) -> dict[str, Any]:
     """Embed the slide grids with ``tumour_dir``, train on sub-bags, export ``out``.
+    ``vesicular_max``: the training slides' carcinoma look (as :func:`export.train_tumour.train_tumour`'s).
     ``small_slides``: small-lesion training slides (the tumour model's, numbered after the
     ordinary ones; default ``SMALL_SHARE`` x ``train_slides``) join the training bags, and as many
     tumour-free slides (``benign_slides``, default ``small_slides``): without them the bags were 3/4
@@ -256,9 +258,10 @@ def train_mil(
         benign_slides = small_slides
     t0 = time.time()
     tumour = load_model_folder(tumour_dir, "tumour")
-    grids = load_training_grids(data_dir, train_slides, small_slides, workers, slide_um, benign_slides)
+    grids = load_training_grids(data_dir, train_slides, small_slides, workers, slide_um, benign_slides, vesicular_max)
     held = load_grids(data_dir, "heldout", heldout_slides, workers, slide_um)
     tag = f"{tumour.sha256[:12]}" + ("" if slide_um == SLIDE_UM else f"-{slide_um:g}um")
+    tag += f"-ves{vesicular_max:g}" if vesicular_max else ""  # the training grids' look (the held-out ones: default)
     n_tr = f"{train_slides}" + (f"+small{small_slides}" if small_slides > 0 else "")
     n_tr += f"+benign{benign_slides}" if benign_slides > 0 else ""
     p_tr, e_tr = embed_grids(tumour_dir, grids, data_dir / f"embeddings-train-{n_tr}-{tag}.npz")
@@ -324,8 +327,9 @@ def train_mil(
         "threads": torch.get_num_threads(),
         "commands": [
             f"python -m export train-mil --seed {seed} --epochs {epochs} --tumour {tumour_dir.as_posix()} "
-            f"--out {out.as_posix()}"
+            f"--out {out.as_posix()}" + (f" --vesicular-max {vesicular_max:g}" if vesicular_max else "")
         ],
+        "vesicular_max": vesicular_max,
     }
     export_analysis_model(
         model,

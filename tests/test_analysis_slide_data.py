@@ -112,3 +112,15 @@ def test_training_grids_in_the_vesicular_look_are_the_same_slides_drawn_otherwis
     assert tumour.any()
     assert not np.array_equal(plain["patches"][tumour], ves["patches"][tumour])
     np.testing.assert_array_equal(plain["patches"][plain["slide"] == 2], ves["patches"][ves["slide"] == 2])
+
+
+@pytest.mark.parametrize("cmd", ["train-tumour", "train-mil"])
+def test_training_refuses_a_vesicular_look_out_of_range(
+    cmd: str, tmp_path: object, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pytest.importorskip("torch")
+    from export.__main__ import main
+
+    assert main([cmd, "--data", str(tmp_path), "--vesicular-max", "1.5"]) == 2
+    err = capsys.readouterr().err
+    assert "--vesicular-max must be in [0, 1], got 1.5" in err and "Traceback" not in err
