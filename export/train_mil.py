@@ -42,7 +42,14 @@ from export.analysis_data import SLIDE_UM, cached, seed_ranges
 from export.analysis_export import export_analysis_model
 from export.analysis_metrics import roc_auc
 from export.train import seed_everything
-from export.train_tumour import SMALL_SHARE, VAL_SLIDES, load_grids, load_training_grids, val_slides_mask
+from export.train_tumour import (
+    SMALL_SHARE,
+    VAL_SLIDES,
+    load_grids,
+    load_training_grids,
+    look_suffix,
+    val_slides_mask,
+)
 
 HIDDEN: Final = 64
 ATTN: Final = 32
@@ -260,8 +267,7 @@ def train_mil(
     tumour = load_model_folder(tumour_dir, "tumour")
     grids = load_training_grids(data_dir, train_slides, small_slides, workers, slide_um, benign_slides, vesicular_max)
     held = load_grids(data_dir, "heldout", heldout_slides, workers, slide_um)
-    tag = f"{tumour.sha256[:12]}" + ("" if slide_um == SLIDE_UM else f"-{slide_um:g}um")
-    tag += f"-ves{vesicular_max:g}" if vesicular_max else ""  # the training grids' look (the held-out ones: default)
+    tag = f"{tumour.sha256[:12]}" + look_suffix(slide_um, vesicular_max)  # the held-out grids: the default look
     n_tr = f"{train_slides}" + (f"+small{small_slides}" if small_slides > 0 else "")
     n_tr += f"+benign{benign_slides}" if benign_slides > 0 else ""
     p_tr, e_tr = embed_grids(tumour_dir, grids, data_dir / f"embeddings-train-{n_tr}-{tag}.npz")

@@ -174,7 +174,7 @@ def _other(seed: int, images: int) -> dict[str, Any]:
     return {"patches": np.concatenate([tex, pho])}
 
 
-def _look(size_um: float, vesicular_max: float) -> str:
+def look_suffix(size_um: float, vesicular_max: float) -> str:
     """The cache-name suffix of a slide size and carcinoma look (empty for the defaults)."""
     return ("" if size_um == SLIDE_UM else f"-{size_um:g}um") + (f"-ves{vesicular_max:g}" if vesicular_max else "")
 
@@ -189,7 +189,7 @@ def load_grids(
 ) -> dict[str, Any]:
     """The cached grids of ``slides`` slides (60% with tumour in training, 50% held out)."""
     share = 0.6 if split == "train" else 0.5
-    name = f"grids-{split}-{slides}" + _look(size_um, vesicular_max)
+    name = f"grids-{split}-{slides}" + look_suffix(size_um, vesicular_max)
     return cached(
         data_dir / f"{name}.npz", lambda: slide_grids(split, slides, workers, share, size_um, vesicular_max)
     )
@@ -219,7 +219,7 @@ def load_training_grids(
     for kind, n, make in makers:
         if n <= 0:
             continue
-        look = _look(size_um, vesicular_max if kind == "small" else 0.0)
+        look = look_suffix(size_um, vesicular_max if kind == "small" else 0.0)
         extra = cached(data_dir / f"grids-train-{kind}-{n}{look}.npz", make)
         parts.append({**extra, "slide": extra["slide"] + first})
         first += n

@@ -77,15 +77,15 @@ _S_LES, _S_LSHAPE, _S_TNUC, _S_MNUC, _S_PAT, _S_DES, _S_VES = 20, 21, 22, 23, 24
 TUMOUR_MAX_AXIS_UM: Final = 6.5
 """Largest hyperchromatic tumour nucleus semi-axis (with its lobed outline); bounds the render reach."""
 _VES_SIZE = 0.6  # a fully vesicular lesion's nuclei are this much larger (and spaced this much wider)
+_EDGE_UM = 2.0  # soft lesion boundary half-width: the outline is a sharp tissue change, not a blur
+_GLAND_UM = 30.0  # noise scale of the glands: lumens of ~20-40 µm
+_N_NOISE = 32  # lattice points of the periodic outline noise around the lesion
 
 
 def tumour_max_axis_um(vesicular_max: float) -> float:
     """Largest tumour nucleus semi-axis on a slide whose lesions are at most ``vesicular_max``
     vesicular (:attr:`hw_sim.slide.SlideSpec.vesicular_max`)."""
     return TUMOUR_MAX_AXIS_UM * (1.0 + _VES_SIZE * vesicular_max)
-_EDGE_UM = 2.0  # soft lesion boundary half-width: the outline is a sharp tissue change, not a blur
-_GLAND_UM = 30.0  # noise scale of the glands: lumens of ~20-40 µm
-_N_NOISE = 32  # lattice points of the periodic outline noise around the lesion
 
 
 def check_training_seed(seed: int) -> int:
