@@ -192,6 +192,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         if name == "train-tumour":
             an.add_argument(
+                "--both-looks",
+                action="store_true",
+                help="with --vesicular-max: train on every slide drawn both ways, the default look and that one",
+            )
+            an.add_argument(
                 "--init",
                 type=Path,
                 default=None,
@@ -355,8 +360,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         if task == "tumour":
             from export.train_tumour import train_tumour
 
+            if args.both_looks and not args.vesicular_max:
+                print("error: --both-looks needs a --vesicular-max above 0 (the second look)", file=sys.stderr)
+                return 2
             r = train_tumour(
-                args.data, out, args.seed, workers=args.workers, init=args.init, vesicular_max=args.vesicular_max, **kw
+                args.data,
+                out,
+                args.seed,
+                workers=args.workers,
+                init=args.init,
+                vesicular_max=args.vesicular_max,
+                both_looks=args.both_looks,
+                **kw,
             )
         elif task == "nuclei":
             from export.train_nuclei import train_nuclei

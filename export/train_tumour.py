@@ -203,13 +203,21 @@ def load_training_grids(
     size_um: float = SLIDE_UM,
     benign_slides: int = 0,
     vesicular_max: float = 0.0,
+    both_looks: bool = False,
 ) -> dict[str, Any]:
     """The ordinary training grids, then ``small_slides`` small-lesion slide grids
     (:func:`export.analysis_data.small_lesion_grids`) and ``benign_slides`` tumour-free ones
     (:func:`export.analysis_data.benign_grids`), numbered after them (slide ``train_slides`` + i,
     then + ``small_slides`` + i): all training slides (:func:`val_slides_mask` picks validation
     slides among the first ``train_slides`` only). ``vesicular_max``: the carcinoma look of the
-    slides with lesions (:func:`export.analysis_data.analysis_slide`)."""
+    slides with lesions (:func:`export.analysis_data.analysis_slide`). ``both_looks`` (with a
+    ``vesicular_max``): every slide twice, in the default look and in that one, under the same slide
+    number, so that a validation slide is held out in both looks; the per-slide facts once."""
+    if both_looks and vesicular_max:
+        args = (data_dir, train_slides, small_slides, workers, size_um, benign_slides)
+        plain, drawn = load_training_grids(*args), load_training_grids(*args, vesicular_max=vesicular_max)
+        n = len(plain["slide"])
+        return {k: np.concatenate([v, drawn[k]]) if len(v) == n else v for k, v in plain.items()}
     grids = load_grids(data_dir, "train", train_slides, workers, size_um, vesicular_max)
     parts, first = [grids], train_slides
     makers: tuple[tuple[str, int, Callable[[], dict[str, Any]]], ...] = (
@@ -257,6 +265,7 @@ def train_tumour(
     init: Path | None = None,
     small_slides: int | None = None,
     vesicular_max: float = 0.0,
+    both_looks: bool = False,
 ) -> dict[str, Any]:
     """Train, score on the held-out slides and write ``out`` (a model folder, parity-checked).
     ``slide_um``: smaller slides (tests). ``other_content``: that many textures and as many
@@ -266,14 +275,17 @@ def train_tumour(
     ``lr``: peak learning rate (default 4e-3 from scratch, ``FINE_TUNE_LR`` from ``init``).
     ``vesicular_max``: the training slides' carcinoma look (:attr:`hw_sim.slide.SlideSpec.vesicular_max`;
     each lesion draws its own degree up to it); the held-out figures are scored on the default
-    look and, when it is > 0, also on held-out slides of that look (``heldout_vesicular``)."""
+    look and, when it is > 0, also on held-out slides of that look (``heldout_vesicular``).
+    ``both_looks``: train on every slide in both looks (:func:`load_training_grids`)."""
     seed_everything(seed)
     if lr is None:
         lr = 4e-3 if init is None else FINE_TUNE_LR
     if small_slides is None:
         small_slides = round(SMALL_SHARE * train_slides)
     t0 = time.time()
-    grids = load_training_grids(data_dir, train_slides, small_slides, workers, slide_um, vesicular_max=vesicular_max)
+    grids = load_training_grids(
+        data_dir, train_slides, small_slides, workers, slide_um, vesicular_max=vesicular_max, both_looks=both_looks
+    )
     held = load_grids(data_dir, "heldout", heldout_slides, workers, slide_um)
     held_ves = None
     if vesicular_max:
@@ -357,6 +369,7 @@ def train_tumour(
         "small_lesion_slides": small_slides,
         "val_slides": val_slides,
         "vesicular_max": vesicular_max,
+        "both_looks": bool(both_looks and vesicular_max),
         "slide_um": slide_um,
         "train_patches": len(t_f),
         "other_content_patches": len(other),
@@ -377,7 +390,8 @@ def train_tumour(
             *(init_result["commands"] if init_result else []),
             f"python -m export train-tumour --seed {seed} --epochs {epochs} --out {out.as_posix()}"
             + (f" --init {Path(init).as_posix()}" if init is not None else "")
-            + (f" --vesicular-max {vesicular_max:g}" if vesicular_max else ""),
+            + (f" --vesicular-max {vesicular_max:g}" if vesicular_max else "")
+            + (" --both-looks" if both_looks and vesicular_max else ""),
         ],
     }
     print(json.dumps(metrics), flush=True)

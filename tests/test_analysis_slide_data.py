@@ -112,6 +112,17 @@ def test_training_grids_in_the_vesicular_look_are_the_same_slides_drawn_otherwis
     assert tumour.any()
     assert not np.array_equal(plain["patches"][tumour], ves["patches"][tumour])
     np.testing.assert_array_equal(plain["patches"][plain["slide"] == 2], ves["patches"][ves["slide"] == 2])
+    # Both looks: every patch twice under the same slide number (validation holds a slide out in both
+    # looks), from the caches above, and the per-slide facts once.
+    both = load_training_grids(
+        root, 1, small_slides=1, workers=1, size_um=500.0, benign_slides=1, vesicular_max=1.0, both_looks=True
+    )
+    assert sorted(p.name for p in root.glob("*.npz")) == names
+    n = len(plain["slide"])
+    for key in ("patches", "slide", "tumour_fraction"):
+        np.testing.assert_array_equal(both[key][:n], plain[key])
+        np.testing.assert_array_equal(both[key][n:], ves[key])
+    np.testing.assert_array_equal(both["slide_seed"], plain["slide_seed"])
 
 
 @pytest.mark.parametrize("cmd", ["train-tumour", "train-mil"])
@@ -124,3 +135,12 @@ def test_training_refuses_a_vesicular_look_out_of_range(
     assert main([cmd, "--data", str(tmp_path), "--vesicular-max", "1.5"]) == 2
     err = capsys.readouterr().err
     assert "--vesicular-max must be in [0, 1], got 1.5" in err and "Traceback" not in err
+
+
+def test_training_on_both_looks_needs_the_second_look(tmp_path: object, capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("torch")
+    from export.__main__ import main
+
+    assert main(["train-tumour", "--data", str(tmp_path), "--both-looks"]) == 2
+    err = capsys.readouterr().err
+    assert "--both-looks needs a --vesicular-max above 0" in err and "Traceback" not in err
