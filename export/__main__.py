@@ -202,7 +202,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                 default=None,
                 help="start from this checkpoint (--epochs 0: re-calibrate and re-export only)",
             )
-
     lh = sub.add_parser(
         "train-lesion-head",
         help="train the small-lesion pixel head (training-range seeds only) "

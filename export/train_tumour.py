@@ -278,6 +278,7 @@ def train_tumour(
     look and, when it is > 0, also on held-out slides of that look (``heldout_vesicular``).
     ``both_looks``: train on every slide in both looks (:func:`load_training_grids`)."""
     seed_everything(seed)
+    both_looks = both_looks and bool(vesicular_max)  # without a second look there is one look
     if lr is None:
         lr = 4e-3 if init is None else FINE_TUNE_LR
     if small_slides is None:
@@ -369,7 +370,7 @@ def train_tumour(
         "small_lesion_slides": small_slides,
         "val_slides": val_slides,
         "vesicular_max": vesicular_max,
-        "both_looks": bool(both_looks and vesicular_max),
+        "both_looks": both_looks,
         "slide_um": slide_um,
         "train_patches": len(t_f),
         "other_content_patches": len(other),
@@ -391,7 +392,7 @@ def train_tumour(
             f"python -m export train-tumour --seed {seed} --epochs {epochs} --out {out.as_posix()}"
             + (f" --init {Path(init).as_posix()}" if init is not None else "")
             + (f" --vesicular-max {vesicular_max:g}" if vesicular_max else "")
-            + (" --both-looks" if both_looks and vesicular_max else ""),
+            + (" --both-looks" if both_looks else ""),
         ],
     }
     print(json.dumps(metrics), flush=True)
