@@ -72,12 +72,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         if name == "train-autofocus":
             t.add_argument("--lr", type=float, default=None)
-            t.add_argument("--init", type=Path, default=None, help="fine-tune from this checkpoint")
+            t.add_argument(
+                "--init", type=Path, default=None, help="fine-tune from this checkpoint or autofocus model folder"
+            )
             t.add_argument("--far", action="store_true", help="add the far-from-focus training set (train_far)")
             t.add_argument("--wide", type=int, default=0, help="v2 model: wide context window in px (e.g. 512)")
             t.add_argument("--edge", action="store_true", help="v2: add |defocus| 7-12.5 µm (train_edge)")
             t.add_argument("--small", action="store_true", help="v2: add 256-px frames (train_small)")
             t.add_argument("--optics", action="store_true", help="v2: add 64 more objectives (train_optics)")
+            t.add_argument(
+                "--tissue",
+                action="store_true",
+                help="v2, with --content: add train_tissue, fields of the real H&E images licensed for training "
+                "(export.content_mix.TRAINING_TISSUE, from $WSI_TRAINING_TISSUE_DIR or out/training-tissue)",
+            )
         else:
             t.add_argument("--hard", action="store_true", help="add the faint-stain / tinted-glass set (train_hard)")
             t.add_argument(
@@ -274,7 +282,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.lr:
             kw["lr"] = args.lr
         kw.update(init=args.init, far=args.far, wide=args.wide, edge=args.edge, small=args.small, optics=args.optics)
-        kw.update(content=args.content, device=args.device)
+        kw.update(content=args.content, device=args.device, tissue=args.tissue)
+        if args.init is not None and args.init.is_dir():  # a folder's fine-tune: the exact command goes into model.json
+            kw["command"] = _command_line(argv)
         r = train.train_autofocus(args.data, out, args.seed, workers=args.workers, **kw)
         print(json.dumps(r["heldout_metrics"], indent=2))
         print(f"checkpoint: {out}")

@@ -47,6 +47,7 @@ EXTRA_TRAIN_SPLITS = {
     "train_optics": "optics",
     "train_hard": "hard",
     "train_content": "content",
+    "train_tissue": "tissue",
 }
 # Slide seeds per split live in disjoint ranges; optics parameters come from per-split generators.
 _SEED_BASE = {"train": 1_000_000, "val": 2_000_000, "heldout": 3_000_000}
@@ -157,6 +158,9 @@ class AutofocusJob:
     # apochromat, strong), camera pixel +-10% around the nominal, each field's content a procedural
     # slide in a random stain, a texture or a photograph, white balance off by up to ~12%.
     content_mix: bool = False
+    # Real tissue images (paths, export.content_mix.training_tissue_files): each field's content is
+    # one of them in a random stain and density (with content_mix's objectives and cameras).
+    real_tissue: tuple[str, ...] = ()
 
 
 def render_autofocus_config(job: AutofocusJob) -> dict[str, Any]:
@@ -189,7 +193,12 @@ def render_autofocus_config(job: AutofocusJob) -> dict[str, Any]:
     fields = []
     for f in range(job.fields):
         seed = _SEED_BASE[job.split] + job.seed * 10_000 + job.config * 500 + f
-        slide = random_mixed_slide(rng, seed) if job.content_mix else SyntheticSlide(random_slide(rng, seed))
+        if job.real_tissue:
+            slide = random_tissue_slide(rng, random_slide(rng, seed), job.real_tissue)
+        elif job.content_mix:
+            slide = random_mixed_slide(rng, seed)
+        else:
+            slide = SyntheticSlide(random_slide(rng, seed))
         cx, cy = _tissue_position(slide, rng, p_anywhere=0.15)
         x0, y0 = cx - t * px / 2, cy - t * px / 2
         obj = optics.prepare(slide.transmittance(x0 - m * px, y0 - m * px, t + 2 * m, t + 2 * m, px))
@@ -375,6 +384,7 @@ class AutofocusDataSpec:
     crops_per_tile: int = 0  # 0: every crop the preprocessing cuts
     input_tile: int = 0  # > 0: inputs cut from the centre input_tile px of each frame
     content_mix: bool = False  # export.content_mix: any objective family, stains, textures, photos
+    real_tissue: bool = False  # fields of the real training tissue images (export.content_mix.TRAINING_TISSUE)
 
 
 # The v2 model's data: 512-px tiles (a whole 40x camera field, so the wide window sees real
@@ -467,6 +477,22 @@ AUTOFOCUS_V2_DATA = {
     ),
     "heldout_content": AutofocusDataSpec(
         configs=8, fields=8, z_per_field=6, max_defocus_um=10.0, config_offset=600, tile=V2_TILE, content_mix=True
+    ),
+    # Real H&E (configs 900+ of the train stream): every field one of the real training tissue images
+    # (export.content_mix.TRAINING_TISSUE: stardist's histo.jpg) in a random stain, density and
+    # sampling, through objectives of every family. v3 never saw real tissue and reads real H&E in
+    # focus 0.4-1.0 µm off (README, "Models on the scan path"); the other real H&E images stay
+    # unseen, for scoring.
+    "train_tissue": AutofocusDataSpec(
+        configs=48,
+        fields=16,
+        z_per_field=6,
+        max_defocus_um=12.0,
+        config_offset=900,
+        tile=V2_TILE,
+        crops_per_tile=8,
+        content_mix=True,
+        real_tissue=True,
     ),
 }
 CLASSIFIER_DATA = {
@@ -589,6 +615,7 @@ def autofocus_data(split: str, seed: int, workers: int = 2, scale: float = 1.0, 
     spec = (AUTOFOCUS_V2_DATA if wide else AUTOFOCUS_DATA)[split]
     fields = max(2, math.ceil(spec.fields * scale))
     rng_split = "train" if split.startswith("train") else split.removesuffix("_content")
+    tissue = tuple(str(f) for f in training_tissue_files()) if spec.real_tissue else ()
     jobs = [
         AutofocusJob(
             rng_split,
@@ -603,6 +630,7 @@ def autofocus_data(split: str, seed: int, workers: int = 2, scale: float = 1.0, 
             crops_per_tile=spec.crops_per_tile,
             input_tile=spec.input_tile,
             content_mix=spec.content_mix,
+            real_tissue=tissue,
         )
         for c in range(spec.configs)
     ]

@@ -178,6 +178,32 @@ def _load_init(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     model.load_state_dict(state)
 
 
+def _recover_init_folder(
+    folder_dir: Path, magnitude: bool, input_shape: tuple[int, ...]
+) -> tuple[AutofocusNet, dict[str, Any]]:
+    """The torch model of an autofocus model folder, for fine-tuning, and what model.json records of it."""
+    from export.calibrate import recover_autofocus
+    from runtime.ml.model_folder import load_model_folder
+
+    folder = load_model_folder(folder_dir, "autofocus")
+    if tuple(folder.input_shape) != tuple(input_shape):
+        raise ValueError(
+            f"{folder_dir}: input {tuple(folder.input_shape)}, this training makes {tuple(input_shape)} (--wide)"
+        )
+    model = recover_autofocus(folder)
+    if model.magnitude != magnitude:
+        raise ValueError(
+            f"{folder_dir}: magnitude head {'present' if model.magnitude else 'absent'}; --content "
+            f"{'adds' if magnitude else 'is what keeps'} it: train with the content flag the folder was trained with"
+        )
+    meta = {
+        "folder": str(folder_dir),
+        "onnx_sha256": folder.sha256,
+        "commands": folder.meta.get("training", {}).get("commands", []),
+    }
+    return model, meta
+
+
 def train_autofocus(
     data_dir: Path,
     out: Path,
@@ -194,25 +220,34 @@ def train_autofocus(
     optics: bool = False,
     content: bool = False,
     device: str = "cpu",
+    tissue: bool = False,
+    command: str | None = None,
 ) -> dict[str, Any]:
-    """``init``: fine-tune from this checkpoint; ``far``: add the far-from-focus set (``train_far``);
+    """``init``: fine-tune from this checkpoint, or from an autofocus model folder (its weights recovered
+    from the ONNX graph, :func:`export.calibrate.recover_autofocus`; BatchNorm stays folded);
+    ``far``: add the far-from-focus set (``train_far``);
     ``wide`` > 0: the v2 model (``autofocus_v2`` input with a ``wide``-px window, 512-px tiles);
     ``edge`` (v2 only): add ``train_edge``, |defocus| 7-12.5 µm, past the range the model is used on;
     ``small`` (v2 only): add ``train_small``, 256-px frames (wide window mirror-padded);
     ``optics`` (v2 only): add ``train_optics``, 64 more objectives (aberration draws), |defocus| 2-12.5 µm;
     ``content`` (v2 only): add ``train_content`` (export.content_mix: stains, textures, photographs,
-    objectives of every family) and the magnitude head; ``device``: a torch device ("cuda" trains
+    objectives of every family) and the magnitude head; ``tissue`` (with ``content``): add
+    ``train_tissue``, fields of the real training tissue images (export.content_mix.TRAINING_TISSUE);
+    ``command``: the command line, recorded in the result; ``device``: a torch device ("cuda" trains
     on a GPU; the data are rendered on the CPU either way)."""
+    if (edge or small or optics or content or tissue) and not wide:
+        raise ValueError(
+            "the train_edge, train_small, train_optics, train_content and train_tissue sets exist for the v2 model "
+            "only (give wide)"
+        )
+    if tissue and not content:
+        raise ValueError("train_tissue needs the wider content's objectives and magnitude head (give content)")
     seed_everything(seed)
     t0 = time.time()
     pre = AutofocusPreprocess(wide=wide)
     train = _sign_known(_data("autofocus", "train", data_dir, seed, workers, wide))
     splits = ["train"]
-    if (edge or small or optics or content) and not wide:
-        raise ValueError(
-            "the train_edge, train_small, train_optics and train_content sets exist for the v2 model only (give wide)"
-        )
-    wanted = {"far": far, "edge": edge, "small": small, "optics": optics, "content": content}
+    wanted = {"far": far, "edge": edge, "small": small, "optics": optics, "content": content, "tissue": tissue}
     for split, flag in EXTRA_TRAIN_SPLITS.items():  # a fixed order: the same flags give the same data
         if wanted.get(flag):
             extra = _sign_known(_data("autofocus", split, data_dir, seed, workers, wide))
@@ -224,7 +259,10 @@ def train_autofocus(
     data_s = time.time() - t0
     model = AutofocusNet(in_ch=pre.input_shape[0], magnitude=content)
     init_result: dict[str, Any] | None = None
-    if init is not None:
+    init_folder: dict[str, Any] | None = None
+    if init is not None and Path(init).is_dir():
+        model, init_folder = _recover_init_folder(Path(init), content, pre.input_shape)
+    elif init is not None:
         ckpt = torch.load(init, map_location="cpu", weights_only=False)
         _load_init(model, ckpt["state_dict"])
         init_result = {k: ckpt["result"][k] for k in ("seed", "epochs", "lr", "train_samples", "train_seconds")}
@@ -245,6 +283,10 @@ def train_autofocus(
     history = []
     for epoch in range(epochs):
         model.train()
+        if init_folder is not None:  # folded BatchNorm: keep the identity statistics
+            for mod in model.modules():
+                if isinstance(mod, nn.BatchNorm2d):
+                    mod.eval()
         perm = torch.randperm(n, generator=g)
         total = 0.0
         for i in range(n // batch):
@@ -301,6 +343,10 @@ def train_autofocus(
         + (f" {torch.cuda.get_device_name()}" if device.startswith("cuda") else ""),
         "magnitude_head": content,
     }
+    if init_folder is not None:
+        result["init_folder"] = init_folder
+    if command:
+        result["command"] = command
     out.parent.mkdir(parents=True, exist_ok=True)
     torch.save(
         {

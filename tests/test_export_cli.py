@@ -37,7 +37,7 @@ def calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, dict[str, Any]]]:
     return seen
 
 
-AUTOFOCUS_FLAGS = ("far", "edge", "small", "optics", "content")
+AUTOFOCUS_FLAGS = ("far", "edge", "small", "optics", "content", "tissue")
 
 
 @pytest.mark.parametrize("flag", AUTOFOCUS_FLAGS)

@@ -1,4 +1,5 @@
-"""Real tissue as classifier training content (export.content_mix.TRAINING_TISSUE) and dense staining."""
+"""Real tissue as classifier and autofocus training content (export.content_mix.TRAINING_TISSUE) and dense
+staining."""
 
 from __future__ import annotations
 
@@ -18,10 +19,13 @@ from export import __main__ as cli
 from export import content_mix, train
 from export.content_mix import TrainingTissue, augmented_tissue, describe, training_tissue_files
 from export.datasets import (
+    AUTOFOCUS_V2_DATA,
     CLASSIFIER_DATA,
+    AutofocusJob,
     ClassifierDataSpec,
     ClassifierJob,
     random_slide,
+    render_autofocus_config,
     render_classifier_config,
 )
 from hw_sim.content import ImageSlide
@@ -124,3 +128,51 @@ def test_image_slide_is_what_a_real_tissue_slide_is(tissue_dir: Path) -> None:
     rng = np.random.default_rng(0)
     slide = content_mix.random_tissue_slide(rng, random_slide(rng, 5, artifacts=2), (str(tissue_dir / "t.png"),))
     assert isinstance(slide, ImageSlide) and 0.35 <= slide.image_px_um <= 0.75 and len(slide.artifacts) == 2
+
+
+def test_autofocus_fields_of_real_tissue_show_the_image(tissue_dir: Path) -> None:
+    files = tuple(str(f) for f in training_tissue_files())
+    spec = AUTOFOCUS_V2_DATA["train_tissue"]
+    assert spec.real_tissue and spec.content_mix and spec.config_offset not in (0, 600)
+    job = AutofocusJob("train", 0, 900, 2, 2, tile=256, content_mix=True, real_tissue=files)
+    real = render_autofocus_config(job)
+    again = render_autofocus_config(job)
+    mixed = render_autofocus_config(AutofocusJob("train", 0, 900, 2, 2, tile=256, content_mix=True))
+    assert np.array_equal(real["x"], again["x"]) and real["x"].shape == mixed["x"].shape
+    assert not np.array_equal(real["x"], mixed["x"])  # the fields show the image, not the content mix
+    assert real["content"].mean() > 0.5  # the image is tissue nearly everywhere (the layout's holes aside)
+    assert set(real["sign_known"].tolist()) <= {0.0, 1.0}
+
+
+def test_autofocus_tissue_needs_the_wide_model_and_the_content_mix(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="give content"):
+        train.train_autofocus(tmp_path, tmp_path / "m.pt", wide=512, tissue=True)
+    with pytest.raises(ValueError, match="v2 model only"):
+        train.train_autofocus(tmp_path, tmp_path / "m.pt", content=True, tissue=True)
+    assert not any(tmp_path.iterdir())  # refused before any data was rendered
+
+
+def test_an_autofocus_model_folder_is_fine_tuned_only_with_its_own_inputs_and_heads() -> None:
+    builtin = Path(__file__).resolve().parents[1] / "runtime" / "ml" / "builtin"
+    model, meta = train._recover_init_folder(builtin / "autofocus_v3", True, (10, 64, 64))
+    assert model.magnitude and len(meta["onnx_sha256"]) == 64 and meta["commands"]
+    with pytest.raises(ValueError, match="magnitude head present"):
+        train._recover_init_folder(builtin / "autofocus_v3", False, (10, 64, 64))
+    with pytest.raises(ValueError, match="--wide"):
+        train._recover_init_folder(builtin / "autofocus", True, (10, 64, 64))
+
+
+def test_a_folder_fine_tune_records_its_command(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[dict[str, Any]] = []
+
+    def fn(data_dir: Path, out: Path, seed: int = 0, **kw: Any) -> dict[str, Any]:
+        seen.append(kw)
+        return {"heldout_metrics": {}}
+
+    monkeypatch.setattr(train, "train_autofocus", fn)
+    folder = str(Path(__file__).resolve().parents[1] / "runtime" / "ml" / "builtin" / "autofocus_v3")
+    argv = ["train-autofocus", "--wide", "512", "--content", "--tissue", "--init", folder, "--epochs", "4"]
+    assert cli.main(argv) == 0
+    ((kw,),) = [seen]
+    assert kw["tissue"] and kw["content"] and kw["init"] == Path(folder)
+    assert "--tissue" in kw["command"] and folder in kw["command"]
