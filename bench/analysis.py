@@ -94,7 +94,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=[_config_subdivide()],
         help="tumour grid cells per patch side (default: [analysis] subdivide's default); several: one run each",
     )
-    p.add_argument("--models", type=Path, default=None, help="analysis model root (default: the committed ones)")
+    p.add_argument(
+        "--models",
+        type=Path,
+        default=None,
+        help="analysis model root: tumour, nuclei, slide_mil and, if there, lesion_head folders (default: the "
+        "committed ones; a root without lesion_head uses the committed head)",
+    )
     p.add_argument("--baseline-only", action="store_true", help="only the classical baselines")
     p.add_argument(
         "--lesion-head",
@@ -491,6 +497,11 @@ def evaluate(slides: list[BenchSlide], models: Any, nuclei: bool, subdivide: int
     return out
 
 
+def lesion_head_dir(root: Path | None) -> Path | None:
+    """The lesion head of a model root: ``root/lesion_head`` where it exists, else None (the committed head)."""
+    return root / "lesion_head" if root is not None and (root / "lesion_head").is_dir() else None
+
+
 def trained_models(root: Path | None) -> tuple[Any, str | None]:
     """The trained analysis models (folders under ``root``: tumour, nuclei, slide_mil; None: the
     committed ones), or (None, why not). Without a usable slide model, the tumour and nuclei
@@ -731,7 +742,8 @@ def run(args: argparse.Namespace) -> int:
 
                 from runtime.analysis.lesion_head import load_lesion_head
 
-                models = dataclasses.replace(models, lesion_head=load_lesion_head(None, "ort_cpu"))
+                head = load_lesion_head(lesion_head_dir(args.models), "ort_cpu")
+                models = dataclasses.replace(models, lesion_head=head)
                 models.names["lesion_head"] = str(models.lesion_head.folder.path)
             sets.append(("models", models))
             if why:

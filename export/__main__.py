@@ -232,6 +232,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     lh.add_argument("--lr", type=float, default=2e-3)
     lh.add_argument(
+        "--vesicular-max",
+        type=float,
+        default=0.0,
+        help="the slides' carcinoma look: each lesion's nuclei up to this vesicular, in [0, 1] (default 0)",
+    )
+    lh.add_argument(
+        "--both-looks",
+        action="store_true",
+        help="with --vesicular-max: every slide's windows in the default look and in that one",
+    )
+    lh.add_argument(
         "--other-content",
         type=float,
         default=0.0,
@@ -421,6 +432,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             ring_um=args.ring_um,
             ring_outer=args.ring_outer,
             truth_1um=args.truth_1um,
+            vesicular_max=args.vesicular_max,
+            both_looks=args.both_looks,
         )
         print(json.dumps(r["heldout_metrics"], indent=2))
         print(f"wrote {args.out}/model.onnx + model.json")

@@ -115,14 +115,16 @@ def check_training_seed(seed: int) -> None:
         raise ValueError(f"lesion-head data must come from training-range seeds (0-{HELD_OUT_FROM - 1}), got {seed}")
 
 
-def slide_windows(seed: int, index: int) -> list[dict[str, Any]]:
+def slide_windows(seed: int, index: int, vesicular_max: float = 0.0) -> list[dict[str, Any]]:
     """Windows (1 µm px) around the true lesions, mimics and 2 random tissue spots of one rendered
     training-range slide, with the truth as a per-4 µm tumour fraction ``t4`` and as the 1 µm mask ``t1``
-    (uint8 0/1, rasterised at 1/4 px precision; ``t4`` is its mean over each 4 µm cell)."""
+    (uint8 0/1, rasterised at 1/4 px precision; ``t4`` is its mean over each 4 µm cell).
+    ``vesicular_max``: the carcinoma's look (:func:`bench.analysis.render_slide`): the same slide,
+    lesions, truth and windows either way, only the lesions' nuclei drawn otherwise."""
     from bench.analysis import render_slide
 
     check_training_seed(seed)
-    s = render_slide(seed, index, SLIDE_UM, held_out=False)
+    s = render_slide(seed, index, SLIDE_UM, held_out=False, vesicular_max=vesicular_max)
     l1 = s.levels[1]  # 0.5 µm/px level 0 -> 1 µm/px
     h, w = l1.shape[:2]
 
@@ -300,23 +302,31 @@ def read_cache(f: Path) -> list[dict[str, Any]]:
     return wins
 
 
-def _cached_windows(job: tuple[int, int, str]) -> list[dict[str, Any]]:
-    seed, index, cache = job
-    f = Path(cache) / f"{seed}.pkl"
+def cache_name(seed: int, vesicular_max: float = 0.0) -> str:
+    """A slide's window-cache file name: ``<seed>.pkl`` in the default look, ``<seed>-ves<V>.pkl`` in another."""
+    return f"{seed}" + (f"-ves{vesicular_max:g}" if vesicular_max else "") + ".pkl"
+
+
+def _cached_windows(job: tuple[int, int, str, float]) -> list[dict[str, Any]]:
+    seed, index, cache, vesicular_max = job
+    f = Path(cache) / cache_name(seed, vesicular_max)
     if f.exists():
         return read_cache(f)
-    wins = slide_windows(seed, index)
+    wins = slide_windows(seed, index, vesicular_max)
     f.parent.mkdir(parents=True, exist_ok=True)
     f.write_bytes(pickle.dumps({"format": CACHE_FORMAT, "windows": wins}))
     return wins
 
 
-def windows(first_seed: int, n: int, cache: Path, workers: int) -> list[dict[str, Any]]:
+def windows(
+    first_seed: int, n: int, cache: Path, workers: int, looks: tuple[float, ...] = (0.0,)
+) -> list[dict[str, Any]]:
     """Windows of slides ``first_seed .. first_seed + n - 1``: two in three "small-lesion" slides
-    (bench index 2), the others ordinary tumour slides (index 0)."""
+    (bench index 2), the others ordinary tumour slides (index 0); each slide in every one of ``looks``
+    (``vesicular_max`` values: the default look is 0), one look after the other."""
     for s in (first_seed, first_seed + n - 1):
         check_training_seed(s)
-    jobs = [(first_seed + i, 2 if i % 3 else 0, str(cache)) for i in range(n)]
+    jobs = [(first_seed + i, 2 if i % 3 else 0, str(cache), v) for v in looks for i in range(n)]
     if workers > 1:
         with mp.get_context("spawn").Pool(workers) as pool:
             parts = pool.map(_cached_windows, jobs, chunksize=1)
@@ -377,6 +387,8 @@ def train_lesion_head(
     ring_um: int = 12,
     ring_outer: bool = False,
     truth_1um: bool = False,
+    vesicular_max: float = 0.0,
+    both_looks: bool = False,
 ) -> dict[str, Any]:
     """Render (or read cached) windows, train for ``budget_s`` CPU-seconds of wall time (batches of
     16 random 96 px crops, rotations and flips), score on the development windows, and export
@@ -391,7 +403,10 @@ def train_lesion_head(
     loss of a 4 µm cell of a small-lesion window (truth under ``SMALL_UM2``) is weighted
     ``1 + ring_weight x`` its share of :func:`stroma_ring` (``ring_um`` µm inside the truth's edge;
     ``ring_outer``: and outside it). ``truth_1um``: the crops' targets come from the cache's 1 µm truth
-    (exact at every phase), not from its 4 µm cells (:func:`shifted_crop`)."""
+    (exact at every phase), not from its 4 µm cells (:func:`shifted_crop`). ``vesicular_max``: the
+    slides' carcinoma look (:func:`slide_windows`); ``both_looks`` (with a ``vesicular_max``): every
+    training and development slide in the default look and in that one (the default-look head read
+    vesicular lesions as half their size: README, "Slide analysis")."""
     from export.content_mix import describe
     from export.onnx_export import export_model
 
@@ -401,9 +416,14 @@ def train_lesion_head(
         raise ValueError(f"crop must be a positive multiple of {CELL} px, got {crop}")
     if ring_weight < 0 or ring_um < 1:
         raise ValueError(f"ring weight must be >= 0 and ring width >= 1 um, got {ring_weight:g}, {ring_um}")
+    if not 0.0 <= vesicular_max <= 1.0:
+        raise ValueError(f"vesicular_max must be in [0, 1], got {vesicular_max:g}")
+    if both_looks and not vesicular_max:
+        raise ValueError("both looks need a vesicular_max above 0 (the second look)")
+    looks = (0.0, vesicular_max) if both_looks else (vesicular_max,)
     t0 = time.time()
-    tr = windows(train_first, train_slides, cache, workers)
-    dev = windows(dev_first, dev_slides, cache, workers)
+    tr = windows(train_first, train_slides, cache, workers, looks)
+    dev = windows(dev_first, dev_slides, cache, workers, looks)
     render_s = time.time() - t0
     torch.set_num_threads(1)
     torch.manual_seed(seed)
@@ -522,7 +542,10 @@ def train_lesion_head(
         + (" --antialias" if antialias else "")
         + (" --truth-1um" if truth_1um else "")
         + (f" --ring-weight {ring_weight:g} --ring-um {ring_um}" if ring_weight else "")
-        + (" --ring-outer" if ring_weight and ring_outer else ""),
+        + (" --ring-outer" if ring_weight and ring_outer else "")
+        + (f" --vesicular-max {vesicular_max:g}" if vesicular_max else "")
+        + (" --both-looks" if both_looks else ""),
+        "carcinoma_looks": {"vesicular_max": list(looks)},
     }
     if ring_weight:
         training["ring"] = (

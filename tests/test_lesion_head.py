@@ -224,6 +224,28 @@ def test_window_cache_holds_the_1um_truth_and_refuses_an_old_format(tmp_path: Pa
         windows(320001, 2, tmp_path, 1)
 
 
+def test_windows_in_both_carcinoma_looks_are_the_same_windows_drawn_otherwise(tmp_path: Path) -> None:
+    """``--vesicular-max V --both-looks``: each slide's windows twice, cached per look; the same boxes and
+    truth, the lesions' pixels drawn otherwise."""
+    from export.train_lesion_head import cache_name, train_lesion_head, windows
+
+    plain = windows(320001, 1, tmp_path, 1)
+    both = windows(320001, 1, tmp_path, 1, looks=(0.0, 1.0))
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["320001-ves1.pkl", "320001.pkl"]
+    assert cache_name(320001, 1.0) == "320001-ves1.pkl" and cache_name(320001) == "320001.pkl"
+    assert len(both) == 2 * len(plain) > 0
+    ves = both[len(plain) :]
+    for a, b in zip(plain, ves, strict=True):
+        assert np.array_equal(a["t1"], b["t1"]) and a["img"].shape == b["img"].shape
+    lesion = [i for i, w in enumerate(plain) if w["t1"].any()]
+    assert lesion and all(not np.array_equal(plain[i]["img"], ves[i]["img"]) for i in lesion)
+    with pytest.raises(ValueError, match="second look"):
+        train_lesion_head(tmp_path / "out", cache=tmp_path, both_looks=True)
+    with pytest.raises(ValueError, match=r"vesicular_max must be in \[0, 1\]"):
+        train_lesion_head(tmp_path / "out", cache=tmp_path, vesicular_max=1.5)
+    assert not (tmp_path / "out").exists()
+
+
 def test_stroma_ring_is_the_truths_inner_edge_only() -> None:
     """``--ring-weight``'s ring: the truth's pixels within ``ring_um`` of its edge, none outside the truth,
     none deep inside it, and the window's border is not an edge."""
@@ -465,3 +487,11 @@ def test_reoutline_glass_fill_switch() -> None:
     assert st_on["glass_filled"] == 1
     assert on[0].geometry.area > off[0].geometry.area and on[0].geometry.contains(off[0].geometry.buffer(-0.5))
     assert on[0].area_mm2 == pytest.approx(on[0].geometry.area * (PX_UM / 1000) ** 2)
+
+
+def test_bench_analysis_takes_the_lesion_head_of_a_model_root_that_has_one(tmp_path: Path) -> None:
+    from bench.analysis import lesion_head_dir
+
+    assert lesion_head_dir(None) is None and lesion_head_dir(tmp_path) is None  # the committed head
+    (tmp_path / "lesion_head").mkdir()
+    assert lesion_head_dir(tmp_path) == tmp_path / "lesion_head"
