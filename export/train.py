@@ -64,6 +64,28 @@ def _data(kind: str, split: str, data_dir: Path, seed: int, workers: int, wide: 
     return cached(data_dir / f"{kind}-{split}-seed{seed}.npz", lambda: classifier_data(split, seed, workers=workers))
 
 
+class StackedRows:
+    """Rows of several arrays indexed as if stacked, without the stacked copy: the autofocus fine-tune
+    with every content set holds 11 GB of float16 inputs, and ``np.concatenate`` needs twice that at
+    once (more than a 24 GB machine has). ``rows[idx]`` gathers the rows at positions ``idx`` in order."""
+
+    def __init__(self, parts: list[torch.Tensor]) -> None:
+        self.parts = parts
+        self.starts = torch.tensor(np.cumsum([0] + [len(p) for p in parts]), dtype=torch.int64)
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def __getitem__(self, idx: torch.Tensor) -> torch.Tensor:
+        part = torch.bucketize(idx, self.starts[1:], right=True)
+        out = torch.empty((len(idx), *self.parts[0].shape[1:]), dtype=self.parts[0].dtype, device=self.parts[0].device)
+        for k, p in enumerate(self.parts):
+            sel = part == k
+            if bool(sel.any()):
+                out[sel] = p[idx[sel] - self.starts[k]]
+        return out
+
+
 def _concat(a: dict[str, Any], b: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
     """A training set with another split's samples appended (the keys training reads)."""
     return {k: np.concatenate([a[k], b[k]]) for k in keys}
@@ -246,12 +268,14 @@ def train_autofocus(
     t0 = time.time()
     pre = AutofocusPreprocess(wide=wide)
     train = _sign_known(_data("autofocus", "train", data_dir, seed, workers, wide))
+    x_parts = [train.pop("x")]
     splits = ["train"]
     wanted = {"far": far, "edge": edge, "small": small, "optics": optics, "content": content, "tissue": tissue}
     for split, flag in EXTRA_TRAIN_SPLITS.items():  # a fixed order: the same flags give the same data
         if wanted.get(flag):
             extra = _sign_known(_data("autofocus", split, data_dir, seed, workers, wide))
-            train = _concat(train, extra, ("x", "defocus_um", "content", "sign_known"))
+            x_parts.append(extra.pop("x"))  # stacked lazily (StackedRows): no second copy of the inputs
+            train = _concat(train, extra, ("defocus_um", "content", "sign_known"))
             splits.append(split)
     val = _data("autofocus", "val", data_dir, seed, workers, wide)
     held = _data("autofocus", "heldout", data_dir, seed, workers, wide)
@@ -269,7 +293,8 @@ def train_autofocus(
         init_result.update({k: ckpt["result"][k] for k in ("train_splits", "wide") if k in ckpt["result"]})
         init_result["checkpoint"] = Path(init).name
     model.to(device)
-    x = torch.from_numpy(train["x"]).to(device)  # float16, converted per batch
+    x = StackedRows([torch.from_numpy(p).to(device) for p in x_parts])  # float16, converted per batch
+    del x_parts
     d = torch.from_numpy(train["defocus_um"]).to(device)
     c = torch.from_numpy(train["content"]).to(device)
     sk = torch.from_numpy(train["sign_known"]).to(device)

@@ -176,3 +176,15 @@ def test_a_folder_fine_tune_records_its_command(monkeypatch: pytest.MonkeyPatch)
     ((kw,),) = [seen]
     assert kw["tissue"] and kw["content"] and kw["init"] == Path(folder)
     assert "--tissue" in kw["command"] and folder in kw["command"]
+
+
+def test_stacked_rows_gather_what_the_stacked_array_holds() -> None:
+    import torch
+
+    parts = [np.arange(n * 6, dtype=np.float16).reshape(n, 2, 3) + 100 * k for k, n in enumerate((4, 1, 7))]
+    rows = train.StackedRows([torch.from_numpy(p) for p in parts])
+    whole = np.concatenate(parts)
+    assert len(rows) == len(whole) == 12
+    idx = torch.tensor([11, 0, 4, 5, 3, 4, 10])
+    assert np.array_equal(rows[idx].numpy(), whole[idx.numpy()])
+    assert np.array_equal(rows[torch.randperm(12)[:0]].numpy(), whole[:0])
