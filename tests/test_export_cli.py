@@ -81,3 +81,12 @@ def test_recorded_command_retrains_with_the_same_sets(
     wanted = {EXTRA_TRAIN_SPLITS[s] for s in splits if s != "train"}
     assert {f for f in AUTOFOCUS_FLAGS if kw[f]} == wanted
     assert kw["wide"] == 512 and kw["out"] == Path("out/models/af.pt")
+
+
+def test_a_folder_fine_tune_records_its_command(calls: list[tuple[str, dict[str, Any]]]) -> None:
+    folder = str(Path(__file__).resolve().parents[1] / "runtime" / "ml" / "builtin" / "autofocus_v3")
+    argv = ["train-autofocus", "--wide", "512", "--content", "--tissue", "--init", folder, "--epochs", "4"]
+    assert cli.main(argv) == 0
+    ((_, kw),) = calls
+    assert kw["tissue"] and kw["content"] and kw["init"] == Path(folder)
+    assert "--tissue" in kw["command"] and folder in kw["command"]

@@ -162,22 +162,6 @@ def test_an_autofocus_model_folder_is_fine_tuned_only_with_its_own_inputs_and_he
         train._recover_init_folder(builtin / "autofocus", True, (10, 64, 64))
 
 
-def test_a_folder_fine_tune_records_its_command(monkeypatch: pytest.MonkeyPatch) -> None:
-    seen: list[dict[str, Any]] = []
-
-    def fn(data_dir: Path, out: Path, seed: int = 0, **kw: Any) -> dict[str, Any]:
-        seen.append(kw)
-        return {"heldout_metrics": {}}
-
-    monkeypatch.setattr(train, "train_autofocus", fn)
-    folder = str(Path(__file__).resolve().parents[1] / "runtime" / "ml" / "builtin" / "autofocus_v3")
-    argv = ["train-autofocus", "--wide", "512", "--content", "--tissue", "--init", folder, "--epochs", "4"]
-    assert cli.main(argv) == 0
-    ((kw,),) = [seen]
-    assert kw["tissue"] and kw["content"] and kw["init"] == Path(folder)
-    assert "--tissue" in kw["command"] and folder in kw["command"]
-
-
 def test_stacked_rows_gather_what_the_stacked_array_holds() -> None:
     import torch
 
