@@ -71,7 +71,8 @@ class StackedRows:
 
     def __init__(self, parts: list[torch.Tensor]) -> None:
         self.parts = parts
-        self.starts = torch.tensor(np.cumsum([0] + [len(p) for p in parts]), dtype=torch.int64)
+        # on the parts' device: the batch indices are there too (training with --device cuda)
+        self.starts = torch.tensor(np.cumsum([0] + [len(p) for p in parts]), dtype=torch.int64, device=parts[0].device)
 
     def __len__(self) -> int:
         return int(self.starts[-1])
