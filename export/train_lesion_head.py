@@ -41,6 +41,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from export.train_tumour import vesicular_suffix
 from hw_sim.lesions import HELD_OUT_SEEDS
 
 WINDOW = 224  # the exported input (px at 1 µm); the runtime centres a lesion's window on it
@@ -304,7 +305,7 @@ def read_cache(f: Path) -> list[dict[str, Any]]:
 
 def cache_name(seed: int, vesicular_max: float = 0.0) -> str:
     """A slide's window-cache file name: ``<seed>.pkl`` in the default look, ``<seed>-ves<V>.pkl`` in another."""
-    return f"{seed}" + (f"-ves{vesicular_max:g}" if vesicular_max else "") + ".pkl"
+    return f"{seed}{vesicular_suffix(vesicular_max)}.pkl"
 
 
 def _cached_windows(job: tuple[int, int, str, float]) -> list[dict[str, Any]]:

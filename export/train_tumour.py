@@ -174,9 +174,15 @@ def _other(seed: int, images: int) -> dict[str, Any]:
     return {"patches": np.concatenate([tex, pho])}
 
 
+def vesicular_suffix(vesicular_max: float) -> str:
+    """The cache-name suffix of a carcinoma look (empty for the default look); the lesion head's window
+    cache names its looks the same way (:func:`export.train_lesion_head.cache_name`)."""
+    return f"-ves{vesicular_max:g}" if vesicular_max else ""
+
+
 def look_suffix(size_um: float, vesicular_max: float) -> str:
     """The cache-name suffix of a slide size and carcinoma look (empty for the defaults)."""
-    return ("" if size_um == SLIDE_UM else f"-{size_um:g}um") + (f"-ves{vesicular_max:g}" if vesicular_max else "")
+    return ("" if size_um == SLIDE_UM else f"-{size_um:g}um") + vesicular_suffix(vesicular_max)
 
 
 def load_grids(
