@@ -15,6 +15,7 @@ that region count, so this is the head's own false-tumour rate, not the slide's.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
 import cv2
@@ -61,10 +62,11 @@ def windows(im: npt.NDArray[np.uint8], size: int, scale: float) -> npt.NDArray[n
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    p.add_argument("--model", type=Path, default=None, help="lesion-head model folder (default: the committed one)")
 
 
 def run(a: argparse.Namespace) -> int:
-    head = load_lesion_head(backend="ort_cpu")
+    head = load_lesion_head(a.model, backend="ort_cpu")
     rows: list[dict[str, Any]] = []
     for name, im in unseen_images().items():
         for scale in SCALES:

@@ -495,3 +495,13 @@ def test_bench_analysis_takes_the_lesion_head_of_a_model_root_that_has_one(tmp_p
     assert lesion_head_dir(None) is None and lesion_head_dir(tmp_path) is None  # the committed head
     (tmp_path / "lesion_head").mkdir()
     assert lesion_head_dir(tmp_path) == tmp_path / "lesion_head"
+
+
+def test_bench_lesion_head_scores_the_folder_it_is_given(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from bench.__main__ import main as bench_main
+    from runtime.errors import run_cli
+
+    assert run_cli(bench_main, ["lesion-head", "--model", str(tmp_path / "none")]) == 1  # as `python -m bench` runs
+    out = capsys.readouterr()
+    assert f"model folder {tmp_path / 'none'} does not exist" in out.err and "Traceback" not in out.err
+    assert "lesion_head_unseen" not in out.out
