@@ -27,7 +27,11 @@ slides), so no region forms and the lesion is missed whole. Each region of the m
 :func:`~runtime.analysis.lesions.find_lesions` judges it) is shown to the head; where the head finds
 tumour touching it (at least ``CANDIDATE_MIN_UM2``), that outline becomes a lesion whose detection
 score is the map's peak (below every lesion found at the threshold, so an operating point above it
-drops them first). Without the head nothing is added.
+drops them first). Without the head nothing is added. The two settings belong to the pair of models (how
+faint a tumour model draws a small lesion is that model's): a head folder may name them in its model.json,
+``"faint_regions": {"threshold": T, "min_um2": A}`` (written by ``python -m export.fit_faint --write``,
+with the figures it was chosen on); a folder without them uses ``CANDIDATE_THRESHOLD`` and
+``CANDIDATE_MIN_UM2``.
 """
 
 from __future__ import annotations
@@ -110,6 +114,7 @@ class LesionHead:
             raise ModelFolderError(f"{folder.path / 'model.json'}: key 'preprocess' is invalid: {err!r}") from None
         if self.cell < 1 or self.size % self.cell:
             raise ModelFolderError(f"{folder.path / 'model.json'}: 'preprocess' cell must divide size, got {pre}")
+        self.faint_threshold, self.faint_min_um2 = faint_settings(folder)
         self.folder = folder
         self.backend = backend
         self._output = folder.output_names[0]
@@ -125,6 +130,24 @@ class LesionHead:
         self.calls += 1
         out: F32 = np.asarray(self.backend.run(np.ascontiguousarray(x))[self._output], np.float32)[:, 0]
         return out
+
+
+def faint_settings(folder: ModelFolder) -> tuple[float, float]:
+    """The faint-region threshold and minimum outline (µm²) :func:`confirm_faint` uses with this head: its
+    model.json's ``"faint_regions"`` where present, else ``CANDIDATE_THRESHOLD`` and ``CANDIDATE_MIN_UM2``."""
+    spec = folder.meta.get("faint_regions")
+    if spec is None:
+        return CANDIDATE_THRESHOLD, CANDIDATE_MIN_UM2
+    where = f"{folder.path / 'model.json'}: key 'faint_regions'"
+    if not isinstance(spec, dict):
+        raise ModelFolderError(f"{where} must be an object with 'threshold' and 'min_um2', got {spec!r}")
+    try:
+        threshold, min_um2 = float(spec["threshold"]), float(spec.get("min_um2", CANDIDATE_MIN_UM2))
+    except (KeyError, TypeError, ValueError) as err:
+        raise ModelFolderError(f"{where} is invalid: {err!r}") from None
+    if not 0.0 < threshold < 1.0 or not min_um2 >= 0.0:
+        raise ModelFolderError(f"{where}: threshold must be in (0, 1) and min_um2 >= 0, got {spec!r}")
+    return threshold, min_um2
 
 
 def load_lesion_head(
@@ -395,13 +418,17 @@ def confirm_faint(
     head: LesionHead,
     *,
     threshold: float = 0.5,
-    low: float = CANDIDATE_THRESHOLD,
-    min_um2: float = CANDIDATE_MIN_UM2,
+    low: float | None = None,
+    min_um2: float | None = None,
 ) -> tuple[list[Lesion], dict[str, Any]]:
     """``lesions`` and, after them, each faint region of the map (:func:`faint_regions`) in which the
     head finds at least ``min_um2`` of tumour (module docstring), outlined by the head, scored by the map's peak; stats
-    (candidates, added, model calls, seconds)."""
+    (candidates, added, model calls, seconds). ``low`` and ``min_um2``: the head's own settings
+    (:func:`faint_settings`) unless given."""
     from runtime.analysis.lesions import Lesion
+
+    low = head.faint_threshold if low is None else low
+    min_um2 = head.faint_min_um2 if min_um2 is None else min_um2
 
     t0 = time.perf_counter()
     px_um = result.pixel_size_um

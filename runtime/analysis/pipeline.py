@@ -635,14 +635,20 @@ def analyze_source(
 
 
 def slide_lesions(
-    result: GridResult, models: ModelSet, source: SlideSource | None, *, threshold: float = 0.5
+    result: GridResult,
+    models: ModelSet,
+    source: SlideSource | None,
+    *,
+    threshold: float = 0.5,
+    faint_threshold: float | None = None,
 ) -> list[Any]:
     """The slide's lesions as the tumour model's outline fit draws them, then, with a lesion head and
     a ``source`` to read, each re-outlined from a 1 µm read of its window or mosaic of windows
     (:func:`runtime.analysis.lesion_head.reoutline`: never a lesion more or fewer), and the map's faint
     regions where the head finds tumour added after them (:func:`runtime.analysis.lesion_head.confirm_faint`).
     Its counts go to ``result.stats`` (``lesion_head_calls``, ``lesion_head_windows``, ``lesion_head_reoutlined``,
-    ``lesion_head_glass_filled``, ``lesion_head_added``, ``lesion_head_s``)."""
+    ``lesion_head_glass_filled``, ``lesion_head_added``, ``lesion_head_s``). ``faint_threshold``: the faint
+    regions' threshold (default: the head's own, :func:`runtime.analysis.lesion_head.faint_settings`)."""
     from runtime.analysis import lesions
 
     found = lesions.model_lesions(result, models.tumour, threshold=threshold)  # with the model's outline fit
@@ -651,7 +657,7 @@ def slide_lesions(
     from runtime.analysis.lesion_head import confirm_faint, reoutline
 
     found, st = reoutline(source, found, models.lesion_head, result.pixel_size_um)
-    found, faint = confirm_faint(source, result, found, models.lesion_head, threshold=threshold)
+    found, faint = confirm_faint(source, result, found, models.lesion_head, threshold=threshold, low=faint_threshold)
     result.stats["lesion_head_calls"] = st["calls"] + faint["calls"]
     result.stats["lesion_head_windows"] = st["windows"] + faint["calls"]  # one window per faint region
     result.stats["lesion_head_reoutlined"] = st["reoutlined"]
