@@ -3,6 +3,7 @@ lesion polygons have the right area, and the offline ``python -m runtime analyze
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import math
@@ -24,7 +25,7 @@ from runtime.analysis.pipeline import (
     analyze_source,
     baseline_models,
 )
-from runtime.analysis.summary import summarize
+from runtime.analysis.summary import slide_score, summarize
 from runtime.config import AnalysisConfig
 
 PX = 0.5
@@ -136,6 +137,22 @@ def test_lesion_polygons_of_a_synthetic_grid_have_the_right_area() -> None:
     assert summ["nuclei_count"] is None
 
 
+def test_slide_score_is_the_slide_models_or_the_strongest_lesions() -> None:
+    """A slide on which a lesion was found contains tumour: its score is at least that lesion's peak; with no
+    lesion, or a stronger slide model, it is the slide model's (reported apart as ``slide_model_score``)."""
+    prob = np.zeros((40, 40), np.float32)
+    prob[10:14, 10:14] = 0.9
+    r = dataclasses.replace(_grid(prob), slide_score=0.2)
+    found = find_lesions(r)
+    assert len(found) == 1 and found[0].max_probability > 0.2
+    assert slide_score(r, found) == pytest.approx(found[0].max_probability)
+    summ = summarize(r, found, {"tumour": "t"})
+    assert summ["slide_score"] == pytest.approx(found[0].max_probability, abs=1e-6)
+    assert summ["slide_model_score"] == pytest.approx(0.2) and summ["max_patch_probability"] == pytest.approx(0.9)
+    assert slide_score(r, []) == 0.2
+    assert slide_score(dataclasses.replace(r, slide_score=0.97), found) == 0.97
+
+
 def test_nothing_above_threshold_is_no_lesion() -> None:
     r = _grid(np.full((10, 10), 0.3, np.float32))
     assert find_lesions(r) == []
@@ -191,7 +208,7 @@ def test_offline_analyze_writes_every_output(tmp_path: Path, small_slide: list[n
     assert summ["nuclei_count"] > 100
     # The same analysis as on the in-memory levels: the TIFF path reads the same pixels.
     direct = analyze_source(ArraySource(small_slide, PX), baseline_models(), subdivide=AnalysisConfig().subdivide)
-    assert summ["slide_score"] == pytest.approx(direct.slide_score, abs=1e-6)
+    assert summ["slide_model_score"] == pytest.approx(direct.slide_score, abs=1e-6)
     assert summ["nuclei_count"] == len(direct.nuclei)
 
 

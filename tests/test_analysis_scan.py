@@ -84,7 +84,7 @@ def test_scan_with_analysis_writes_it_and_publishes_analysis_ready(tmp_path: Pat
     # Fed row by row during the scan == the same analysis of the finished mosaic offline.
     with MosaicStore.open(folder / "mosaic.zarr") as store:
         offline = analyze_source(MosaicSource(store), baseline_models(), subdivide=AnalysisConfig().subdivide)
-    assert a["slide_score"] == pytest.approx(offline.slide_score, abs=1e-6)
+    assert a["slide_model_score"] == pytest.approx(offline.slide_score, abs=1e-6)
     assert a["nuclei_count"] == len(offline.nuclei)
     assert a["patches"] == int(np.sum(offline.analysed))
 

@@ -97,7 +97,7 @@ def _assert_same_as_the_whole_slide(summary: dict[str, Any], mosaic: Path, model
         store.close()
     assert summary["nuclei_count"] == len(whole.nuclei) > 50
     assert summary["patches"] == whole.stats["patches"]
-    assert summary["slide_score"] == pytest.approx(whole.slide_score, abs=score_tol)
+    assert summary["slide_model_score"] == pytest.approx(whole.slide_score, abs=score_tol)
 
 
 def test_feeding_too_far_behind_moves_to_a_thread_at_normal_priority(mosaic: Path, tmp_path: Path) -> None:
