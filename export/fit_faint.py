@@ -14,9 +14,9 @@ This renders bench-style slides of training-range seeds (``bench.analysis.render
 ``ROOT`` (``tumour``, ``lesion_head``; no nuclei, the grid of ``[analysis] subdivide``) once per slide
 and, for each threshold of ``--lows``, outlines the lesions as the runtime does (the map's lesions,
 re-outlined by the head, then the faint regions it confirms) and scores them with the bench's
-functions: sensitivity at <= 0.5 false positives per slide, false positives, head calls, Dice. The
-choice is the highest threshold (fewest head calls) whose sensitivity is the best of the list; with
-``--both-looks`` each slide is also drawn in the ``--vesicular-max`` look and the two looks' slides are
+functions: sensitivity at <= 0.5 false positives per slide, false positives, head calls, Dice over all the
+slides. The choice is the highest threshold (fewest head calls) whose sensitivity is the best of the list;
+with ``--both-looks`` each slide is also drawn in the ``--vesicular-max`` look and the two looks' slides are
 scored together. ``--write`` stores it in ``ROOT/lesion_head/model.json`` under ``"faint_regions"``
 (threshold, minimum outline, the rows it was chosen on, the command); the head's ONNX file is untouched.
 About 10 minutes on 2 CPU cores for 64 slides in one look.
@@ -110,7 +110,9 @@ def summarise(per_low: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
                 "lesions": int(fr["lesions"]),
                 "false_positives": sum(1 for p in per for d in p["detections"] if not d["hits"]),
                 "head_calls": sum(p["head_calls"] for p in per),
-                "dice_pooled": round(2 * inter / both, 4) if both else None,
+                # Pooled over every slide: a tumour-free slide's false lesions count against it (bench
+                # analysis's dice_pooled is over the tumour slides only).
+                "dice_all_slides": round(2 * inter / both, 4) if both else None,
             }
         )
     return rows
