@@ -132,7 +132,7 @@ def write_choice(head_dir: Path, row: dict[str, Any], info: dict[str, Any]) -> N
     meta = json.loads(path.read_text(encoding="utf-8"))
     meta["faint_regions"] = {"threshold": row["threshold"], "min_um2": CANDIDATE_MIN_UM2, **info}
     tmp = path.with_suffix(".json.partial")
-    tmp.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    tmp.write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     tmp.replace(path)
 
 

@@ -40,8 +40,7 @@ def slide_score(result: GridResult, lesions: list[Lesion]) -> float:
     the lesion head's confirmation of faint regions) does find. On training-range bench slides (seeds
     340000-340063 in both carcinoma looks, 350000-350095), the slide AUC of this score against the slide
     model's alone: 0.991 vs 0.969, 0.967 vs 0.968, 0.995 vs 0.998 with the both-looks models; 0.966 vs
-    0.945, 0.944 vs 0.922, 0.979 vs 0.978 with the stop-28 ones (``/work/notes/auc41b.py`` in the stop-41
-    notes)."""
+    0.945, 0.944 vs 0.922, 0.979 vs 0.978 with the stop-28 ones (README, "The both-looks head adopted")."""
     return max(result.slide_score, max((les.max_probability for les in lesions), default=0.0))
 
 
