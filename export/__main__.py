@@ -86,6 +86,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 help="v2, with --content: add train_tissue, fields of the real H&E images licensed for training "
                 "(export.content_mix.TRAINING_TISSUE, from $WSI_TRAINING_TISSUE_DIR or out/training-tissue)",
             )
+            t.add_argument(
+                "--resume",
+                action="store_true",
+                help="continue an interrupted run of the same arguments from its last finished epoch "
+                "(the state in OUT.partial, written after every epoch)",
+            )
         else:
             t.add_argument("--hard", action="store_true", help="add the faint-stain / tinted-glass set (train_hard)")
             t.add_argument(
@@ -293,7 +299,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.lr:
             kw["lr"] = args.lr
         kw.update(init=args.init, far=args.far, wide=args.wide, edge=args.edge, small=args.small, optics=args.optics)
-        kw.update(content=args.content, device=args.device, tissue=args.tissue)
+        kw.update(content=args.content, device=args.device, tissue=args.tissue, resume=args.resume)
         if args.init is not None and args.init.is_dir():  # a folder's fine-tune: the exact command goes into model.json
             kw["command"] = _command_line(argv)
         r = train.train_autofocus(args.data, out, args.seed, workers=args.workers, **kw)

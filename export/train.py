@@ -245,6 +245,7 @@ def train_autofocus(
     device: str = "cpu",
     tissue: bool = False,
     command: str | None = None,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """``init``: fine-tune from this checkpoint, or from an autofocus model folder (its weights recovered
     from the ONNX graph, :func:`export.calibrate.recover_autofocus`; BatchNorm stays folded);
@@ -257,7 +258,13 @@ def train_autofocus(
     objectives of every family) and the magnitude head; ``tissue`` (with ``content``): add
     ``train_tissue``, fields of the real training tissue images (export.content_mix.TRAINING_TISSUE);
     ``command``: the command line, recorded in the result; ``device``: a torch device ("cuda" trains
-    on a GPU; the data are rendered on the CPU either way)."""
+    on a GPU; the data are rendered on the CPU either way).
+
+    After every epoch the run's state (weights, optimiser, schedule, random streams, history) is
+    written to ``<out>.partial`` (:func:`epoch_state_path`), replaced atomically and removed when the
+    checkpoint is written. ``resume``: continue from that file where an earlier run of the same
+    plan stopped (a lease that ran out, a killed job); the result is the one an uninterrupted run
+    gives. A ``.partial`` of another plan is refused with a ValueError naming what differs."""
     if (edge or small or optics or content or tissue) and not wide:
         raise ValueError(
             "the train_edge, train_small, train_optics, train_content and train_tissue sets exist for the v2 model "
@@ -306,8 +313,24 @@ def train_autofocus(
     g = torch.Generator().manual_seed(seed)
     bce = nn.BCEWithLogitsLoss()
     t1 = time.time()
-    history = []
-    for epoch in range(epochs):
+    history: list[dict[str, Any]] = []
+    plan = {
+        "seed": seed,
+        "epochs": epochs,
+        "batch": batch,
+        "lr": lr,
+        "train_splits": splits,
+        "train_samples": n,
+        "wide": wide,
+        "magnitude_head": content,
+        "init": None if init is None else str(init),
+    }
+    state_path = epoch_state_path(out)
+    first = 0
+    if resume and state_path.exists():
+        first, history = _restore_epoch_state(state_path, plan, model, opt, sched, g, device)
+        print(f"resumed from {state_path} after epoch {first - 1}", flush=True)
+    for epoch in range(first, epochs):
         model.train()
         if init_folder is not None:  # folded BatchNorm: keep the identity statistics
             for mod in model.modules():
@@ -341,6 +364,7 @@ def train_autofocus(
         vm = autofocus_metrics(vt["true"], vt["pred"])
         history.append({"epoch": epoch, "loss": total / (n // batch), **{f"val_{k}": v for k, v in vm.items()}})
         print(json.dumps(history[-1]), flush=True)
+        _save_epoch_state(state_path, plan, epoch, history, model, opt, sched, g)
     train_s = time.time() - t1
     hp, hc = predict_autofocus(model, held["x"], device=device)
     ht = aggregate_tiles(held["defocus_um"], held["field"], hp, hc)
@@ -364,6 +388,7 @@ def train_autofocus(
         "history": history,
         "data_seconds": round(data_s, 1),
         "train_seconds": round(train_s, 1),
+        "resumed_after_epoch": first - 1 if first else None,
         "macs_per_crop": count_macs(model.cpu(), pre.input_shape),
         "machine": f"{platform.machine()} {platform.processor() or ''} threads={torch.get_num_threads()}".strip()
         + (f" {torch.cuda.get_device_name()}" if device.startswith("cuda") else ""),
@@ -384,7 +409,73 @@ def train_autofocus(
         },
         out,
     )
+    state_path.unlink(missing_ok=True)
     return result
+
+
+def epoch_state_path(out: Path) -> Path:
+    """Where a training run keeps its state between epochs: ``<out>.partial`` beside the checkpoint."""
+    return out.with_name(out.name + ".partial")
+
+
+def _save_epoch_state(
+    path: Path,
+    plan: dict[str, Any],
+    epoch: int,
+    history: list[dict[str, Any]],
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    sched: torch.optim.lr_scheduler.LRScheduler,
+    g: torch.Generator,
+) -> None:
+    """Everything the next epoch depends on, written whole or not at all (tmp file + rename)."""
+    state = {
+        "plan": plan,
+        "epoch": epoch,
+        "history": history,
+        "state_dict": model.state_dict(),
+        "optimizer": opt.state_dict(),
+        "scheduler": sched.state_dict(),
+        "generator": g.get_state(),
+        "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+
+
+def _restore_epoch_state(
+    path: Path,
+    plan: dict[str, Any],
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    sched: torch.optim.lr_scheduler.LRScheduler,
+    g: torch.Generator,
+    device: str,
+) -> tuple[int, list[dict[str, Any]]]:
+    """Load ``path`` into the run; returns the first epoch still to train and the history so far."""
+    state = torch.load(path, map_location=device, weights_only=False)
+    saved: dict[str, Any] = state["plan"]
+    differ = [
+        f"{k} {saved.get(k)!r} != {plan.get(k)!r}"
+        for k in sorted(plan.keys() | saved.keys())
+        if plan.get(k) != saved.get(k)
+    ]
+    if differ:
+        raise ValueError(
+            f"{path}: saved by a run of other arguments ({'; '.join(differ)}); "
+            "give the same ones, or delete it to start over"
+        )
+    model.load_state_dict(state["state_dict"])
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    g.set_state(state["generator"].cpu())
+    torch.set_rng_state(state["torch_rng"].cpu())
+    if state["cuda_rng"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda_rng"]])
+    return int(state["epoch"]) + 1, list(state["history"])
 
 
 # --------------------------------------------------------------------------- classifier
