@@ -58,7 +58,7 @@ TARGETS = {
 }
 
 
-def _config_subdivide() -> int:
+def default_subdivide() -> int:
     """The runtime's default ``[analysis] subdivide``: the bench measures what a scan runs."""
     from runtime.config import AnalysisConfig
 
@@ -93,7 +93,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--subdivide",
         type=int,
         nargs="+",
-        default=[_config_subdivide()],
+        default=[default_subdivide()],
         help="tumour grid cells per patch side (default: [analysis] subdivide's default); several: one run each",
     )
     p.add_argument(

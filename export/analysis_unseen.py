@@ -29,6 +29,8 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
+from runtime.ml.model_folder import write_model_json
+
 U8 = npt.NDArray[np.uint8]
 PATCH = 64
 
@@ -100,5 +102,5 @@ def record_unseen(folder: Path, seed: int = EVAL_SEED) -> dict[str, Any]:
     path = Path(folder) / "model.json"
     meta = json.loads(path.read_text(encoding="utf-8"))
     meta["unseen_content"] = {"what": (__doc__ or "").split("\n\n")[1].strip().replace("\n", " "), **result}
-    path.write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    write_model_json(folder, meta)
     return result

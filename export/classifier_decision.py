@@ -44,7 +44,7 @@ import numpy as np
 
 from export.datasets import CLASSIFIER_DATA, ClassifierJob, _run, cached, classifier_data, render_classifier_config
 from runtime.ml.backends import select_backend
-from runtime.ml.model_folder import default_model_dir, load_model_folder
+from runtime.ml.model_folder import default_model_dir, load_model_folder, write_model_json
 from runtime.ml.tasks import ClassifierDecision, TileClassifierModel, dihedral
 
 TRANSFORMS = (1, 2, 4, 8)
@@ -185,9 +185,9 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(record, indent=1))
     if args.write:
         meta_path = Path(folder_dir) / "model.json"
-        meta = json.loads(meta_path.read_text())
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
         meta["decision"] = record
-        meta_path.write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        write_model_json(folder_dir, meta)
         load_model_folder(folder_dir, "classifier")  # still a valid folder
         print(f"wrote decision to {meta_path}")
     return 0

@@ -33,6 +33,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from runtime.ml.model_folder import write_model_json
+
 DEFAULT_LOWS = (0.35, 0.3, 0.25, 0.2, 0.15)
 # What each slide's scoring keeps per threshold (bench.analysis.score_slide's keys and the head's calls).
 SCORED = ("seed", "tumour", "n_truth", "detections", "truth_mm2", "pred_mm2", "intersection_mm2", "head_calls")
@@ -70,13 +72,13 @@ def _models(root: str | None) -> Any:
 def score_slide_at(job: Job) -> dict[str, dict[str, Any]]:
     """One slide rendered and analysed once, its lesions outlined at each faint threshold and scored
     (``bench.analysis.score_slide``), keyed by threshold."""
-    from bench.analysis import PX_UM, ArraySource, render_slide, score_slide
+    from bench.analysis import PX_UM, ArraySource, default_subdivide, render_slide, score_slide
     from runtime.analysis.pipeline import analyze_source, slide_lesions
 
     models = _models(job.root)
     slide = render_slide(job.seed, job.index, job.size_um, held_out=False, vesicular_max=job.vesicular_max)
     src = ArraySource(slide.levels, PX_UM)
-    res = analyze_source(src, models, nuclei=False, subdivide=_subdivide())
+    res = analyze_source(src, models, nuclei=False, subdivide=default_subdivide())
     out = {}
     for low in job.lows:
         found = slide_lesions(res, models, src, faint_threshold=low)
@@ -84,13 +86,6 @@ def score_slide_at(job: Job) -> dict[str, dict[str, Any]]:
         scored["head_calls"] = int(res.stats.get("lesion_head_calls", 0))
         out[f"{low:g}"] = {k: scored[k] for k in SCORED}
     return out
-
-
-def _subdivide() -> int:
-    """The runtime's default ``[analysis] subdivide`` (what a scan runs)."""
-    from runtime.config import AnalysisConfig
-
-    return int(AnalysisConfig().subdivide)
 
 
 def summarise(per_low: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
@@ -131,9 +126,7 @@ def write_choice(head_dir: Path, row: dict[str, Any], info: dict[str, Any]) -> N
     path = head_dir / "model.json"
     meta = json.loads(path.read_text(encoding="utf-8"))
     meta["faint_regions"] = {"threshold": row["threshold"], "min_um2": CANDIDATE_MIN_UM2, **info}
-    tmp = path.with_suffix(".json.partial")
-    tmp.write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    tmp.replace(path)
+    write_model_json(head_dir, meta)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

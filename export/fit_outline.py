@@ -36,6 +36,8 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
+from runtime.ml.model_folder import write_model_json
+
 LEVELS = np.round(np.arange(0.10, 0.951, 0.01), 3)
 BASE_THRESHOLD = 0.5
 
@@ -176,9 +178,7 @@ def write_fit(model_dir: Path, subdivide: int, coef: Sequence[float], info: dict
     path = model_dir / "model.json"
     meta = json.loads(path.read_text(encoding="utf-8"))
     meta.setdefault("outline", {})[str(subdivide)] = {"coef": [round(float(c), 6) for c in coef], **info}
-    tmp = path.with_suffix(".json.partial")
-    tmp.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(path)
+    write_model_json(model_dir, meta)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

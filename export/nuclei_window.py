@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from runtime.errors import run_cli
+from runtime.ml.model_folder import write_model_json
 
 DEFAULT_SIZE = 320
 PARITY_ATOL = 1e-3
@@ -114,7 +115,7 @@ def rewindow_folder(src: Path, out: Path, size: int, held: dict[str, Any] | None
             "parity_max_abs_diff": diff,
             "command": f"python -m export.nuclei_window {src.as_posix()} {out.as_posix()} --size {size}",
         }
-        (staged / "model.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        write_model_json(staged, meta)
         if held is None:  # the source's figures stay, saying which window they were measured with
             meta["heldout_metrics"] = dict(folder.meta.get("heldout_metrics") or {}, window=old_size)
         else:
@@ -123,7 +124,7 @@ def rewindow_folder(src: Path, out: Path, size: int, held: dict[str, Any] | None
             metrics["heldout_slide_seeds"] = folder.meta.get("heldout_metrics", {}).get("heldout_slide_seeds")
             metrics["window"] = size
             meta["heldout_metrics"] = metrics
-            (staged / "model.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+            write_model_json(staged, meta)
         load_model_folder(staged, "nuclei")
         if out.exists():
             shutil.rmtree(out)

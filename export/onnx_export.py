@@ -7,7 +7,6 @@ a folder that is written is a folder whose ONNX computes what was trained.
 
 from __future__ import annotations
 
-import json
 import platform
 import shutil
 import sys
@@ -22,7 +21,7 @@ from torch import nn
 
 from export.datasets import EXTRA_TRAIN_SPLITS
 from export.models import AutofocusNet, TileClassifier
-from runtime.ml.model_folder import load_model_folder, sha256_file
+from runtime.ml.model_folder import load_model_folder, sha256_file, write_model_json
 from runtime.ml.preprocess import AutofocusPreprocess, ClassifierPreprocess
 
 OPSET = 17
@@ -152,7 +151,7 @@ def export_model(
         "versions": versions(),
         **(extra or {}),
     }
-    (tmp / "model.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    write_model_json(tmp, meta)
     load_model_folder(tmp, spec["task"])  # the runtime's own checks, before the folder replaces anything
     if out_dir.exists():
         shutil.rmtree(out_dir)

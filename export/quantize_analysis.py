@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from runtime.errors import run_cli
+from runtime.ml.model_folder import write_model_json
 
 # Training-range seeds (the nuclei model's; below the held-out 900000+). Slide i is bench.analysis.slide_kind(i):
 # tumour, benign, small, benign, ...: three slides of large lesions, whose most confident patches set the
@@ -243,10 +244,10 @@ def quantize_folder(
             + (f" --seeds {' '.join(map(str, seeds))}" if tuple(seeds) != CALIBRATION_SEEDS else ""),
             "use": "ONNX Runtime CPU; TensorRT and ONNX Runtime CUDA take the float folder",
         }
-        (staged / "model.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        write_model_json(staged, meta)
         if task == "nuclei":  # content the simulator never drew
             meta["parity"]["ihc"] = ihc_detections(folder.onnx_path.parent, staged)
-            (staged / "model.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+            write_model_json(staged, meta)
         if task == "tumour" and "unseen_content" in meta:  # the int8 model's own figures on content never drawn
             from export.analysis_unseen import record_unseen
 

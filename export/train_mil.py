@@ -50,6 +50,7 @@ from export.train_tumour import (
     look_suffix,
     val_slides_mask,
 )
+from runtime.ml.model_folder import write_model_json
 
 HIDDEN: Final = 64
 ATTN: Final = 32
@@ -230,7 +231,7 @@ def second_heldout(tumour_dir: Path, mil_dir: Path, data_dir: Path, workers: int
     path = Path(mil_dir) / "model.json"
     meta = json.loads(path.read_text(encoding="utf-8"))
     meta["heldout_metrics_second"] = result
-    path.write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    write_model_json(mil_dir, meta)
     return result
 
 

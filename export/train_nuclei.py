@@ -34,6 +34,7 @@ from export.analysis_metrics import f1_report, match_points
 from export.models import count_macs
 from export.train import seed_everything
 from runtime.analysis.nuclei import find_peaks
+from runtime.ml.model_folder import write_model_json
 
 STRIDE: Final = 2
 HALO: Final = 16  # px at 0.5 µm/px: 8 µm, more than the largest nucleus radius (6.5 µm)
@@ -262,7 +263,7 @@ def train_nuclei(
     print(json.dumps(metrics), flush=True)
     # The metrics go into model.json afterwards (the ONNX and its sha256 are unchanged).
     meta = dict(folder.meta, heldout_metrics=metrics)
-    (out / "model.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    write_model_json(out, meta)
     load_model_folder(out, "nuclei")
     if window != NUCLEI_PX:
         from export.nuclei_window import rewindow_folder

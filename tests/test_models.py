@@ -18,7 +18,13 @@ from runtime.ml.backends import (
     OrtBackend,
     select_backend,
 )
-from runtime.ml.model_folder import ModelFolderError, builtin_autofocus_dir, default_model_dir, load_model_folder
+from runtime.ml.model_folder import (
+    ModelFolderError,
+    builtin_autofocus_dir,
+    default_model_dir,
+    load_model_folder,
+    write_model_json,
+)
 from runtime.ml.tasks import AutofocusModel, TileClassifierModel, load_models
 
 # ---------------------------------------------------------------------------- committed models
@@ -358,3 +364,17 @@ def test_export_parity_and_folder(tmp_path: Path) -> None:
     with pytest.raises(ParityError, match="differ beyond atol"):
         export_model(spec["model"], spec, tmp_path / "bad", samples, {}, {}, atol=-1.0)
     assert not (tmp_path / "bad").exists()
+
+
+def test_model_json_is_rewritten_whole_in_the_exporters_form(tmp_path: Path) -> None:
+    """``write_model_json``: a copied builtin folder with one key changed still loads, keeps its µ
+    unescaped, ends with a newline and leaves no temporary file behind."""
+    folder = tmp_path / "af"
+    shutil.copytree(default_model_dir("autofocus"), folder)
+    meta = json.loads((folder / "model.json").read_text(encoding="utf-8"))
+    meta["note"] = "pixel 0.25 µm"
+    path = write_model_json(folder, meta)
+    text = path.read_text(encoding="utf-8")
+    assert "0.25 µm" in text and "\\u00b5" not in text and text.endswith("}\n")
+    assert sorted(p.name for p in folder.iterdir()) == ["model.json", "model.onnx"]
+    assert load_model_folder(folder, "autofocus").meta["note"] == "pixel 0.25 µm"

@@ -46,6 +46,7 @@ if TYPE_CHECKING:
         default_model_dir,
         load_model_folder,
         sha256_file,
+        write_model_json,
     )
     from runtime.ml.preprocess import AutofocusPreprocess, ClassifierPreprocess, PreprocessError
     from runtime.ml.tasks import AutofocusModel, TileClass, TileClassifierModel, load_configured_models, load_models
@@ -71,6 +72,7 @@ else:
             "default_model_dir",
             "load_model_folder",
             "sha256_file",
+            "write_model_json",
         ),
         "preprocess": ("AutofocusPreprocess", "ClassifierPreprocess", "PreprocessError"),
         "tasks": ("AutofocusModel", "TileClass", "TileClassifierModel", "load_configured_models", "load_models"),
@@ -103,4 +105,5 @@ __all__ = [
     "load_models",
     "select_backend",
     "sha256_file",
+    "write_model_json",
 ]

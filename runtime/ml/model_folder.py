@@ -61,6 +61,17 @@ class ModelFolder:
         return ClassifierPreprocess.from_dict(self.meta["preprocess"])
 
 
+def write_model_json(folder: Path | str, meta: dict[str, Any]) -> Path:
+    """Write ``folder/model.json`` whole or not at all (a temporary file renamed over it), in the one
+    form every exporter writes: indented, non-ASCII (µ) kept as it is, a newline at the end. Returns
+    its path. Callers that change a few keys read the file, change them and pass the whole dict."""
+    path = Path(folder) / "model.json"
+    tmp = path.with_name("model.json.partial")
+    tmp.write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
 def default_model_dir(task: str) -> Path:
     """The committed model for ``task`` (runtime/ml/builtin/<task>)."""
     if task not in TASKS:
