@@ -70,18 +70,19 @@ def _models(root: str | None) -> Any:
 
 
 def score_slide_at(job: Job) -> dict[str, dict[str, Any]]:
-    """One slide rendered and analysed once, its lesions outlined at each faint threshold and scored
-    (``bench.analysis.score_slide``), keyed by threshold."""
+    """One slide rendered, analysed and its lesions re-outlined by the head once; at each faint threshold
+    the faint regions added and the whole scored (``bench.analysis.score_slide``), keyed by threshold."""
     from bench.analysis import PX_UM, ArraySource, default_subdivide, render_slide, score_slide
-    from runtime.analysis.pipeline import analyze_source, slide_lesions
+    from runtime.analysis.pipeline import analyze_source, head_outlined, slide_lesions
 
     models = _models(job.root)
     slide = render_slide(job.seed, job.index, job.size_um, held_out=False, vesicular_max=job.vesicular_max)
     src = ArraySource(slide.levels, PX_UM)
     res = analyze_source(src, models, nuclei=False, subdivide=default_subdivide())
+    outlined = head_outlined(res, models, src)  # the same at every threshold: read and re-outlined once
     out = {}
     for low in job.lows:
-        found = slide_lesions(res, models, src, faint_threshold=low)
+        found = slide_lesions(res, models, src, faint_threshold=low, outlined=outlined)
         scored = score_slide(slide, res, found)
         scored["head_calls"] = int(res.stats.get("lesion_head_calls", 0))
         out[f"{low:g}"] = {k: scored[k] for k in SCORED}

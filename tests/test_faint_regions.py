@@ -15,7 +15,7 @@ import pytest
 from bench.analysis import PX_UM, ArraySource, render_slide
 from export.fit_faint import choose, main
 from runtime.analysis.lesion_head import CANDIDATE_MIN_UM2, CANDIDATE_THRESHOLD, load_lesion_head
-from runtime.analysis.pipeline import analyze_source, load_models, slide_lesions
+from runtime.analysis.pipeline import analyze_source, head_outlined, load_models, slide_lesions
 from runtime.ml.model_folder import ModelFolderError, default_model_dir
 
 
@@ -61,6 +61,10 @@ def test_faint_lesion_is_added_at_the_heads_threshold_only(tmp_path: Path) -> No
     found = slide_lesions(res, with_lower, src)
     assert len(found) == 1 and found[0].geometry.intersects(s.tumour[0]) and res.stats["lesion_head_added"] == 1
     assert slide_lesions(res, with_lower, src, faint_threshold=0.35) == []
+    # the re-outlined lesions computed once and passed in give what slide_lesions computes itself
+    outlined = head_outlined(res, with_lower, src)
+    assert slide_lesions(res, with_lower, src, outlined=outlined) == found
+    assert slide_lesions(res, with_lower, src, faint_threshold=0.35, outlined=outlined) == []
 
 
 def test_choice_is_the_highest_threshold_of_the_best_sensitivity() -> None:

@@ -634,6 +634,24 @@ def analyze_source(
 # --------------------------------------------------------------------------- outputs
 
 
+def head_outlined(
+    result: GridResult, models: ModelSet, source: SlideSource | None, *, threshold: float = 0.5
+) -> tuple[list[Any], dict[str, Any]]:
+    """The slide's lesions as the tumour model's outline fit draws them, then, with a lesion head and
+    a ``source`` to read, each re-outlined from a 1 µm read of its window or mosaic of windows
+    (:func:`runtime.analysis.lesion_head.reoutline`: never a lesion more or fewer); and the re-outline's
+    stats (empty without a head). The first step of :func:`slide_lesions`, which does not depend on
+    the faint threshold: a caller trying several thresholds runs it once."""
+    from runtime.analysis import lesions
+
+    found = lesions.model_lesions(result, models.tumour, threshold=threshold)  # with the model's outline fit
+    if models.lesion_head is None or source is None:
+        return found, {}
+    from runtime.analysis.lesion_head import reoutline
+
+    return reoutline(source, found, models.lesion_head, result.pixel_size_um)
+
+
 def slide_lesions(
     result: GridResult,
     models: ModelSet,
@@ -641,22 +659,20 @@ def slide_lesions(
     *,
     threshold: float = 0.5,
     faint_threshold: float | None = None,
+    outlined: tuple[list[Any], dict[str, Any]] | None = None,
 ) -> list[Any]:
-    """The slide's lesions as the tumour model's outline fit draws them, then, with a lesion head and
-    a ``source`` to read, each re-outlined from a 1 µm read of its window or mosaic of windows
-    (:func:`runtime.analysis.lesion_head.reoutline`: never a lesion more or fewer), and the map's faint
-    regions where the head finds tumour added after them (:func:`runtime.analysis.lesion_head.confirm_faint`).
+    """The slide's lesions (:func:`head_outlined`), and the map's faint regions where the head finds
+    tumour added after them (:func:`runtime.analysis.lesion_head.confirm_faint`).
     Its counts go to ``result.stats`` (``lesion_head_calls``, ``lesion_head_windows``, ``lesion_head_reoutlined``,
     ``lesion_head_glass_filled``, ``lesion_head_added``, ``lesion_head_s``). ``faint_threshold``: the faint
-    regions' threshold (default: the head's own, :func:`runtime.analysis.lesion_head.faint_settings`)."""
-    from runtime.analysis import lesions
-
-    found = lesions.model_lesions(result, models.tumour, threshold=threshold)  # with the model's outline fit
+    regions' threshold (default: the head's own, :func:`runtime.analysis.lesion_head.faint_settings`).
+    ``outlined``: :func:`head_outlined`'s answer for the same result, models and threshold, if the caller
+    has it (it is not computed again)."""
+    found, st = outlined if outlined is not None else head_outlined(result, models, source, threshold=threshold)
     if models.lesion_head is None or source is None:
         return found
-    from runtime.analysis.lesion_head import confirm_faint, reoutline
+    from runtime.analysis.lesion_head import confirm_faint
 
-    found, st = reoutline(source, found, models.lesion_head, result.pixel_size_um)
     found, faint = confirm_faint(source, result, found, models.lesion_head, threshold=threshold, low=faint_threshold)
     result.stats["lesion_head_calls"] = st["calls"] + faint["calls"]
     result.stats["lesion_head_windows"] = st["windows"] + faint["calls"]  # one window per faint region
