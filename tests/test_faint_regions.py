@@ -109,3 +109,36 @@ def test_fit_faint_refuses_bad_arguments(extra: list[str], message: str, capsys:
         main(["--slides", "1", "--workers", "1", *extra])
     text = capsys.readouterr().err + str(err.value)
     assert message in text, text
+
+
+def test_a_map_lesion_the_head_finds_no_tumour_in_is_vetoed() -> None:
+    """A blob painted at 0.9 on the map over benign tissue forms a lesion that the head, reading the slide
+    there, finds no tumour in: the analysis drops it (without the veto it stays, with the map's outline);
+    the slide's true lesion stays."""
+    from runtime.analysis import lesions
+    from runtime.analysis.lesion_head import reoutline
+
+    s = render_slide(330000, 2, 500.0, held_out=False)  # training-range seed: one ~4,100 µm² lesion
+    src = ArraySource(s.levels, PX_UM)
+    models = load_models(None, None, None)
+    models = dataclasses.replace(models, lesion_head=load_lesion_head(default_model_dir("lesion_head"), "ort_cpu"))
+    res = analyze_source(src, models, nuclei=False, subdivide=2)
+    cell = res.cell_px
+    x0, y0, x1, y1 = s.tumour[0].bounds
+    near = np.zeros(res.probability.shape, bool)
+    near[max(0, int(y0 // cell) - 3) : int(y1 // cell) + 4, max(0, int(x0 // cell) - 3) : int(x1 // cell) + 4] = True
+    calm = res.analysed & (res.probability < 0.1) & ~near
+    ys, xs = np.nonzero(calm[1:-1, 1:-1] & calm[:-2, 1:-1] & calm[2:, 1:-1] & calm[1:-1, :-2] & calm[1:-1, 2:])
+    assert ys.size, "no benign tissue away from the lesion to paint on"
+    r, c = ys[ys.size // 2] + 1, xs[ys.size // 2] + 1
+    res.probability[r - 1 : r + 2, c - 1 : c + 2] = 0.9
+    fake = s.tumour[0].__class__([((c - 1) * cell, (r - 1) * cell), ((c + 2) * cell, (r - 1) * cell),
+                                  ((c + 2) * cell, (r + 2) * cell), ((c - 1) * cell, (r + 2) * cell)])  # fmt: skip
+    drawn = lesions.model_lesions(res, models.tumour)
+    assert any(les.geometry.intersects(fake) for les in drawn)  # the map draws it
+    kept, st = reoutline(src, drawn, models.lesion_head, res.pixel_size_um)
+    assert any(les.geometry.intersects(fake) for les in kept) and st["vetoed"] == 0
+    found = slide_lesions(res, models, src)
+    assert not any(les.geometry.intersects(fake) for les in found)
+    assert any(les.geometry.intersects(s.tumour[0]) for les in found)
+    assert res.stats["lesion_head_vetoed"] >= 1

@@ -639,9 +639,10 @@ def head_outlined(
 ) -> tuple[list[Any], dict[str, Any]]:
     """The slide's lesions as the tumour model's outline fit draws them, then, with a lesion head and
     a ``source`` to read, each re-outlined from a 1 µm read of its window or mosaic of windows
-    (:func:`runtime.analysis.lesion_head.reoutline`: never a lesion more or fewer); and the re-outline's
-    stats (empty without a head). The first step of :func:`slide_lesions`, which does not depend on
-    the faint threshold: a caller trying several thresholds runs it once."""
+    (:func:`runtime.analysis.lesion_head.reoutline`), a lesion in which the head finds less than its
+    ``min_um2`` of tumour dropped (the head's veto); and the re-outline's stats (empty without a head).
+    The first step of :func:`slide_lesions`, which does not depend on the faint threshold: a caller
+    trying several thresholds runs it once."""
     from runtime.analysis import lesions
 
     found = lesions.model_lesions(result, models.tumour, threshold=threshold)  # with the model's outline fit
@@ -649,7 +650,8 @@ def head_outlined(
         return found, {}
     from runtime.analysis.lesion_head import reoutline
 
-    return reoutline(source, found, models.lesion_head, result.pixel_size_um)
+    head = models.lesion_head
+    return reoutline(source, found, head, result.pixel_size_um, veto_min_um2=head.faint_min_um2)
 
 
 def slide_lesions(
@@ -677,6 +679,7 @@ def slide_lesions(
     result.stats["lesion_head_calls"] = st["calls"] + faint["calls"]
     result.stats["lesion_head_windows"] = st["windows"] + faint["calls"]  # one window per faint region
     result.stats["lesion_head_reoutlined"] = st["reoutlined"]
+    result.stats["lesion_head_vetoed"] = st["vetoed"]
     result.stats["lesion_head_glass_filled"] = st["glass_filled"]
     result.stats["lesion_head_added"] = faint["added"]
     result.stats["lesion_head_s"] = st["s"] + faint["s"]
