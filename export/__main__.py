@@ -65,6 +65,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         t.add_argument("--out", type=Path, default=None)
         t.add_argument("--device", default="cpu", help="torch device to train on (cpu, cuda)")
         t.add_argument(
+            "--resume",
+            action="store_true",
+            help="continue an interrupted run of the same arguments from its last finished epoch "
+            "(the state in OUT.partial, written after every epoch)",
+        )
+        t.add_argument(
             "--content",
             action="store_true",
             help="add train_content: stains, textures, photographs and (autofocus) objectives of every "
@@ -85,12 +91,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                 action="store_true",
                 help="v2, with --content: add train_tissue, fields of the real H&E images licensed for training "
                 "(export.content_mix.TRAINING_TISSUE, from $WSI_TRAINING_TISSUE_DIR or out/training-tissue)",
-            )
-            t.add_argument(
-                "--resume",
-                action="store_true",
-                help="continue an interrupted run of the same arguments from its last finished epoch "
-                "(the state in OUT.partial, written after every epoch)",
             )
         else:
             t.add_argument("--hard", action="store_true", help="add the faint-stain / tinted-glass set (train_hard)")
@@ -313,6 +313,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             kw["lr"] = args.lr
         kw.update(content=args.content, device=args.device, init=args.init, extra_splits=tuple(args.extra))
         kw["threads"] = args.threads
+        kw["resume"] = args.resume
         if args.init is not None or args.extra:  # the exact command goes into model.json
             kw["command"] = _command_line(argv)
         r = train.train_classifier(args.data, out, args.seed, workers=args.workers, hard=args.hard, **kw)

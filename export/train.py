@@ -531,6 +531,7 @@ def train_classifier(
     extra_splits: tuple[str, ...] = (),
     command: str | None = None,
     threads: int = 2,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """``hard``: add the faint-stain / tinted-glass training set (``train_hard``); the held-out
     metrics then cover ``heldout_hard`` as well. ``content``: add ``train_content`` (tissue in
@@ -539,7 +540,8 @@ def train_classifier(
     training splits (``train_artifacts``, ``train_folds``, ...). ``init``: a classifier model folder
     to fine-tune every layer of (weights recovered from its ONNX, whose BatchNorm is folded into the
     convolutions: the BatchNorm layers stay the identity, in eval mode, their affine part trained).
-    ``command``: recorded as the command that made the checkpoint. ``threads``: torch CPU threads."""
+    ``command``: recorded as the command that made the checkpoint. ``threads``: torch CPU threads.
+    ``resume``: continue from ``<out>.partial`` as :func:`train_autofocus` does (state after every epoch)."""
     seed_everything(seed, threads)
     t0 = time.time()
     train = _data("classifier", "train", data_dir, seed, workers)
@@ -585,8 +587,22 @@ def train_classifier(
     g = torch.Generator().manual_seed(seed)
     ce = nn.CrossEntropyLoss(weight=weight)
     t1 = time.time()
-    history = []
-    for epoch in range(epochs):
+    history: list[dict[str, Any]] = []
+    plan = {
+        "seed": seed,
+        "epochs": epochs,
+        "batch": batch,
+        "lr": lr,
+        "train_splits": splits,
+        "train_samples": n,
+        "init": None if init is None else str(init),
+    }
+    state_path = epoch_state_path(out)
+    first = 0
+    if resume and state_path.exists():
+        first, history = _restore_epoch_state(state_path, plan, model, opt, sched, g, device)
+        print(f"resumed from {state_path} after epoch {first - 1}", flush=True)
+    for epoch in range(first, epochs):
         model.train()
         if init is not None:  # folded BatchNorm: keep the identity statistics
             for mod in model.modules():
@@ -608,6 +624,7 @@ def train_classifier(
             {"epoch": epoch, "loss": total / (n // batch), "val_accuracy": float(np.mean(vp == val["label"]))}
         )
         print(json.dumps(history[-1]), flush=True)
+        _save_epoch_state(state_path, plan, epoch, history, model, opt, sched, g)
     train_s = time.time() - t1
     hp = predict_classifier(model, held["x"], device=device).argmax(1)
     rep = classification_report(held["label"], hp)
@@ -626,6 +643,7 @@ def train_classifier(
         "history": history,
         "data_seconds": round(data_s, 1),
         "train_seconds": round(train_s, 1),
+        "resumed_after_epoch": first - 1 if first else None,
         "macs_per_window": count_macs(model.cpu(), (3, 64, 64)),
     }
     if init_meta is not None:
@@ -640,4 +658,5 @@ def train_classifier(
     model.cpu()
     out.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"state_dict": model.state_dict(), "arch": "TileClassifier", "result": result}, out)
+    state_path.unlink(missing_ok=True)
     return result

@@ -1,5 +1,5 @@
-"""A training run that is stopped (a GPU lease running out, a killed job) resumes from its last
-finished epoch and ends where an uninterrupted run of the same arguments ends."""
+"""A training run (autofocus or classifier) that is stopped (a GPU lease running out, a killed job)
+resumes from its last finished epoch and ends where an uninterrupted run of the same arguments ends."""
 
 from __future__ import annotations
 
@@ -96,3 +96,44 @@ def test_resume_reaches_training_from_the_command_line(monkeypatch: pytest.Monke
     assert got["resume"] is True
     assert cli.main(["train-autofocus", "--out", "x.pt"]) == 0
     assert got["resume"] is False
+
+
+def test_the_classifier_resumes_too(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tiny = {
+        k: dataclasses.replace(s, configs=1, slides=1, tiles_per_slide=12) for k, s in datasets.CLASSIFIER_DATA.items()
+    }
+    monkeypatch.setattr(datasets, "CLASSIFIER_DATA", tiny)
+    monkeypatch.setattr(train, "CLASSIFIER_DATA", tiny)
+    data = tmp_path / "data"
+    whole = train.train_classifier(data, tmp_path / "whole.pt", epochs=3, batch=8, workers=1, threads=1)
+    out = tmp_path / "cut.pt"
+    real = train.predict_classifier
+    seen = [0]
+
+    def predict(*a: Any, **kw: Any) -> Any:
+        seen[0] += 1
+        if seen[0] == 2:
+            raise Stop
+        return real(*a, **kw)
+
+    with monkeypatch.context() as m:
+        m.setattr(train, "predict_classifier", predict)
+        with pytest.raises(Stop):
+            train.train_classifier(data, out, epochs=3, batch=8, workers=1, threads=1)
+    resumed = train.train_classifier(data, out, epochs=3, batch=8, workers=1, threads=1, resume=True)
+    assert resumed["resumed_after_epoch"] == 0
+    assert [h["loss"] for h in resumed["history"]] == [h["loss"] for h in whole["history"]]
+    a, b = _weights(tmp_path / "whole.pt"), _weights(out)
+    assert all(np.array_equal(a[k], b[k]) for k in a) and not train.epoch_state_path(out).exists()
+
+
+def test_resume_reaches_classifier_training_from_the_command_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    got: dict[str, Any] = {}
+
+    def record(*a: Any, **kw: Any) -> dict[str, Any]:
+        got.update(kw)
+        return {"heldout_metrics": {}}
+
+    monkeypatch.setattr(train, "train_classifier", record)
+    assert cli.main(["train-classifier", "--resume", "--out", "x.pt"]) == 0
+    assert got["resume"] is True
