@@ -313,23 +313,10 @@ def train_autofocus(
     g = torch.Generator().manual_seed(seed)
     bce = nn.BCEWithLogitsLoss()
     t1 = time.time()
-    history: list[dict[str, Any]] = []
-    plan = {
-        "seed": seed,
-        "epochs": epochs,
-        "batch": batch,
-        "lr": lr,
-        "train_splits": splits,
-        "train_samples": n,
-        "wide": wide,
-        "magnitude_head": content,
-        "init": None if init is None else str(init),
-    }
-    state_path = epoch_state_path(out)
-    first = 0
-    if resume and state_path.exists():
-        first, history = _restore_epoch_state(state_path, plan, model, opt, sched, g, device)
-        print(f"resumed from {state_path} after epoch {first - 1}", flush=True)
+    # What a saved state must match to be resumed (--resume): the arguments that shape the run.
+    plan = dict(seed=seed, epochs=epochs, batch=batch, lr=lr, splits=splits, n=n, init=init)
+    plan.update(wide=wide, magnitude=content)
+    state_path, first, history = _start_epochs(out, plan, resume, model, opt, sched, g, device)
     for epoch in range(first, epochs):
         model.train()
         if init_folder is not None:  # folded BatchNorm: keep the identity statistics
@@ -444,6 +431,27 @@ def _save_epoch_state(
     tmp = path.with_name(path.name + ".tmp")
     torch.save(state, tmp)
     tmp.replace(path)
+
+
+def _start_epochs(
+    out: Path,
+    plan: dict[str, Any],
+    resume: bool,
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    sched: torch.optim.lr_scheduler.LRScheduler,
+    g: torch.Generator,
+    device: str,
+) -> tuple[Path, int, list[dict[str, Any]]]:
+    """Where the run keeps its state, the first epoch to train and the history so far: from the state an
+    earlier run of the same ``plan`` left (``resume``), else epoch 0 and none."""
+    plan = {k: str(v) if isinstance(v, Path) else v for k, v in plan.items()}  # comparable once saved and loaded
+    state_path = epoch_state_path(out)
+    if not (resume and state_path.exists()):
+        return state_path, 0, []
+    first, history = _restore_epoch_state(state_path, plan, model, opt, sched, g, device)
+    print(f"resumed from {state_path} after epoch {first - 1}", flush=True)
+    return state_path, first, history
 
 
 def _restore_epoch_state(
@@ -587,21 +595,8 @@ def train_classifier(
     g = torch.Generator().manual_seed(seed)
     ce = nn.CrossEntropyLoss(weight=weight)
     t1 = time.time()
-    history: list[dict[str, Any]] = []
-    plan = {
-        "seed": seed,
-        "epochs": epochs,
-        "batch": batch,
-        "lr": lr,
-        "train_splits": splits,
-        "train_samples": n,
-        "init": None if init is None else str(init),
-    }
-    state_path = epoch_state_path(out)
-    first = 0
-    if resume and state_path.exists():
-        first, history = _restore_epoch_state(state_path, plan, model, opt, sched, g, device)
-        print(f"resumed from {state_path} after epoch {first - 1}", flush=True)
+    plan = dict(seed=seed, epochs=epochs, batch=batch, lr=lr, splits=splits, n=n, init=init)
+    state_path, first, history = _start_epochs(out, plan, resume, model, opt, sched, g, device)
     for epoch in range(first, epochs):
         model.train()
         if init is not None:  # folded BatchNorm: keep the identity statistics

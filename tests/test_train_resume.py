@@ -84,17 +84,18 @@ def test_the_state_of_other_arguments_is_refused_by_name(
     assert out.exists() and not train.epoch_state_path(out).exists()
 
 
-def test_resume_reaches_training_from_the_command_line(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("kind", ["autofocus", "classifier"])
+def test_resume_reaches_training_from_the_command_line(kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
     got: dict[str, Any] = {}
 
     def record(*a: Any, **kw: Any) -> dict[str, Any]:
         got.update(kw)
         return {"heldout_metrics": {}}
 
-    monkeypatch.setattr(train, "train_autofocus", record)
-    assert cli.main(["train-autofocus", "--resume", "--out", "x.pt"]) == 0
+    monkeypatch.setattr(train, f"train_{kind}", record)
+    assert cli.main([f"train-{kind}", "--resume", "--out", "x.pt"]) == 0
     assert got["resume"] is True
-    assert cli.main(["train-autofocus", "--out", "x.pt"]) == 0
+    assert cli.main([f"train-{kind}", "--out", "x.pt"]) == 0
     assert got["resume"] is False
 
 
@@ -126,14 +127,3 @@ def test_the_classifier_resumes_too(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     a, b = _weights(tmp_path / "whole.pt"), _weights(out)
     assert all(np.array_equal(a[k], b[k]) for k in a) and not train.epoch_state_path(out).exists()
 
-
-def test_resume_reaches_classifier_training_from_the_command_line(monkeypatch: pytest.MonkeyPatch) -> None:
-    got: dict[str, Any] = {}
-
-    def record(*a: Any, **kw: Any) -> dict[str, Any]:
-        got.update(kw)
-        return {"heldout_metrics": {}}
-
-    monkeypatch.setattr(train, "train_classifier", record)
-    assert cli.main(["train-classifier", "--resume", "--out", "x.pt"]) == 0
-    assert got["resume"] is True
