@@ -445,7 +445,6 @@ def _start_epochs(
 ) -> tuple[Path, int, list[dict[str, Any]]]:
     """Where the run keeps its state, the first epoch to train and the history so far: from the state an
     earlier run of the same ``plan`` left (``resume``), else epoch 0 and none."""
-    plan = {k: str(v) if isinstance(v, Path) else v for k, v in plan.items()}  # comparable once saved and loaded
     state_path = epoch_state_path(out)
     if not (resume and state_path.exists()):
         return state_path, 0, []
@@ -465,7 +464,8 @@ def _restore_epoch_state(
 ) -> tuple[int, list[dict[str, Any]]]:
     """Load ``path`` into the run; returns the first epoch still to train and the history so far."""
     state = torch.load(path, map_location=device, weights_only=False)
-    saved: dict[str, Any] = state["plan"]
+    # Paths compared as text (an --init checkpoint or folder): the saved plan is the trainer's own dict.
+    plan, saved = ({k: str(v) if isinstance(v, Path) else v for k, v in d.items()} for d in (plan, state["plan"]))
     differ = [
         f"{k} {saved.get(k)!r} != {plan.get(k)!r}"
         for k in sorted(plan.keys() | saved.keys())

@@ -69,6 +69,24 @@ def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(
     assert resumed["heldout_metrics"] == whole["heldout_metrics"]
 
 
+def test_a_fine_tune_from_a_checkpoint_resumes(
+    tiny_data: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``init`` is a path: the saved state's copy of it must still match once loaded again."""
+    data = tmp_path / "data"
+    init = tmp_path / "init.pt"
+    train.train_autofocus(data, init, epochs=1, batch=16, workers=1)
+    whole = train.train_autofocus(data, tmp_path / "whole.pt", epochs=2, batch=16, workers=1, init=init)
+    out = tmp_path / "cut.pt"
+    with monkeypatch.context() as m:
+        _stop_at_validation(m, call=2)
+        with pytest.raises(Stop):
+            train.train_autofocus(data, out, epochs=2, batch=16, workers=1, init=init)
+    resumed = train.train_autofocus(data, out, epochs=2, batch=16, workers=1, init=init, resume=True)
+    assert resumed["resumed_after_epoch"] == 0
+    assert [h["loss"] for h in resumed["history"]] == [h["loss"] for h in whole["history"]]
+
+
 def test_the_state_of_other_arguments_is_refused_by_name(
     tiny_data: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

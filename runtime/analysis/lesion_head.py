@@ -350,15 +350,24 @@ def reoutline(
     """``lesions`` with each one re-outlined by ``head`` (module docstring; ``max_area_um2``: only those
     below it, None: all of them; a lesion needing more than ``max_windows`` windows keeps its outline),
     and each new outline below ``glass_fill_max_um2`` (None: none) completed across glass (:func:`glass_fill`);
-    the same lesions in the same order, and stats (lesions re-outlined, kept, vetoed, glass-filled, model calls,
-    windows, seconds). ``veto_min_um2``: a lesion the head reads and finds less than this much tumour touching
-    (none included) is dropped instead of kept (the head's veto, module docstring); None: never dropped."""
+    the same lesions in the same order (less those vetoed), and stats (lesions re-outlined, kept, vetoed,
+    glass-filled, model calls, windows, seconds). ``veto_min_um2``: a lesion the head reads and finds less
+    than this much tumour touching (none included) is dropped instead of kept (the head's veto, module
+    docstring); None: never dropped."""
     t0 = time.perf_counter()
     px_um2 = pixel_size_um**2
     mm2 = (pixel_size_um / 1000.0) ** 2
     out: list[Lesion | None] = list(lesions)
-    stats: dict[str, float] = {"candidates": 0, "reoutlined": 0, "kept": 0, "vetoed": 0, "glass_filled": 0}
-    stats.update(calls=0, windows=0, s=0.0)
+    stats = {
+        "candidates": 0,
+        "reoutlined": 0,
+        "kept": 0,
+        "vetoed": 0,
+        "glass_filled": 0,
+        "calls": 0,
+        "windows": 0,
+        "s": 0.0,
+    }
     for i, les in enumerate(lesions):
         if max_area_um2 is not None and les.geometry.area * px_um2 >= max_area_um2:
             continue

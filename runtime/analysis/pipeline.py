@@ -666,8 +666,9 @@ def slide_lesions(
     """The slide's lesions (:func:`head_outlined`), and the map's faint regions where the head finds
     tumour added after them (:func:`runtime.analysis.lesion_head.confirm_faint`).
     Its counts go to ``result.stats`` (``lesion_head_calls``, ``lesion_head_windows``, ``lesion_head_reoutlined``,
-    ``lesion_head_glass_filled``, ``lesion_head_added``, ``lesion_head_s``). ``faint_threshold``: the faint
-    regions' threshold (default: the head's own, :func:`runtime.analysis.lesion_head.faint_settings`).
+    ``lesion_head_vetoed``, ``lesion_head_glass_filled``, ``lesion_head_added``, ``lesion_head_s``).
+    ``faint_threshold``: the faint regions' threshold (default: the head's own,
+    :func:`runtime.analysis.lesion_head.faint_settings`).
     ``outlined``: :func:`head_outlined`'s answer for the same result, models and threshold, if the caller
     has it (it is not computed again)."""
     found, st = outlined if outlined is not None else head_outlined(result, models, source, threshold=threshold)
